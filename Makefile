@@ -1,0 +1,51 @@
+# One target per habit; CI (.ci/run) calls the same targets.
+# Every target that needs the virtual environment installs it first (idempotent).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Keep LaminDB state inside the project, never in ~/.lamin.
+export LAMIN_SETTINGS_DIR ?= $(CURDIR)/.lamin/settings
+export LAMIN_CACHE_DIR ?= $(CURDIR)/.lamin/cache
+
+.PHONY: install demo test test-fast lint format typecheck bench bench-quick clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU build on local disk (an unpinned torch pulls CUDA).
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,lint,types,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m lamin_lightning._demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) benchmarks/run.py
+
+bench-quick: install
+	$(PY) benchmarks/run.py --quick
+
+clean:
+	rm -rf .lamin .pytest_cache .mypy_cache .ruff_cache benchmarks/results

@@ -1,0 +1,67 @@
+"""Asynchronous LaminDB checkpoint persistence for PyTorch Lightning.
+
+A drop-in for ``lamindb.integrations.lightning``: change
+``from lamindb.integrations import lightning as ll`` to
+``import lamin_lightning as ll``. Checkpoints are written locally as before and
+persisted in the background, bounded, ordered and retried.
+
+Importing this package does not import lamindb; the LaminDB layer
+(:class:`Checkpoint`, :class:`SaveConfigCallback`, :func:`save_lightning_features`)
+loads on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lamin_lightning._callback import (
+    ArtifactPublishingModelCheckpoint,
+    CheckpointSnapshot,
+    PersistenceError,
+)
+from lamin_lightning._events import (
+    ArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactKind,
+    ArtifactObserver,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._pipeline import PendingJob
+from lamin_lightning._retry import PermanentError, RetryPolicy, TransientError
+from lamin_lightning._stats import PersistenceStats
+
+if TYPE_CHECKING:
+    from lamin_lightning._lamin import Checkpoint, SaveConfigCallback, save_lightning_features
+
+_LAMIN_EXPORTS = frozenset({"Checkpoint", "SaveConfigCallback", "save_lightning_features"})
+
+__all__ = [
+    "ArtifactEvent",
+    "ArtifactFailedEvent",
+    "ArtifactKind",
+    "ArtifactObserver",
+    "ArtifactPublishingModelCheckpoint",
+    "ArtifactRemovedEvent",
+    "ArtifactSavedEvent",
+    "Checkpoint",
+    "CheckpointSnapshot",
+    "PendingJob",
+    "PermanentError",
+    "PersistenceError",
+    "PersistenceStats",
+    "RetryPolicy",
+    "SaveConfigCallback",
+    "TransientError",
+    "save_lightning_features",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAMIN_EXPORTS:
+        from lamin_lightning import _lamin
+
+        return getattr(_lamin, name)
+    raise AttributeError(f"module 'lamin_lightning' has no attribute {name!r}")

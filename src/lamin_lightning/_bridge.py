@@ -1,0 +1,243 @@
+"""The one place where synchronous code and the pipeline's event loop meet.
+
+- :class:`PersistencePipeline` is the synchronous facade the callback uses: it
+  runs :class:`~lamin_lightning._pipeline.AsyncPipeline` on an anyio event loop
+  in a thread of its own (a blocking portal) and forwards calls to it.
+- :class:`ThreadLane` is a dedicated thread the event loop hands blocking calls
+  to. The pipeline owns its lanes, so it knows every thread that touched the
+  storage backend and can run a finalizer on each (closing Django connections,
+  say) when it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import anyio
+import anyio.from_thread
+from anyio.from_thread import BlockingPortal
+
+from lamin_lightning._pipeline import AsyncPipeline, JobSpec, PendingJob
+from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._stats import PersistenceStats, StatsRecorder
+
+log = logging.getLogger("lamin_lightning")
+
+T = TypeVar("T")
+
+
+class _Outcome:
+    __slots__ = ("error", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class ThreadLane:
+    """A dedicated thread that runs blocking calls one at a time for the event loop."""
+
+    def __init__(
+        self, name: str, portal: BlockingPortal, finalizer: Callable[[], None] | None
+    ) -> None:
+        self._portal = portal
+        self._finalizer = finalizer
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], anyio.Event, _Outcome] | None] = (
+            queue.SimpleQueue()
+        )
+        # Daemon: a storage call that hangs forever must not keep the process alive.
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The lane's thread."""
+        return self._thread
+
+    def _main(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                fn, done, outcome = item
+                try:
+                    outcome.value = fn()
+                except BaseException as error:
+                    outcome.error = error
+                # Non-blocking hand-back; fails fast once the loop is gone.
+                with contextlib.suppress(RuntimeError):
+                    self._portal.start_task_soon(_set_event, done)
+        finally:
+            if self._finalizer is not None:
+                try:
+                    self._finalizer()
+                except Exception:
+                    log.exception("thread finalizer failed on %s", self._thread.name)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on this lane's thread and return its result (or raise its error)."""
+        done = anyio.Event()
+        outcome = _Outcome()
+        self._queue.put((fn, done, outcome))
+        # If this await is cancelled the call still finishes on the lane; its result is dropped.
+        await done.wait()
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """Ask the thread to finish its queue, run the finalizer and exit."""
+        self._queue.put(None)
+
+
+async def _set_event(event: anyio.Event) -> None:
+    event.set()
+
+
+class PersistencePipeline:
+    """Synchronous facade of the bounded, ordered persistence pipeline.
+
+    Args:
+        max_workers: Transfers that may run at once.
+        max_pending: Jobs that may be admitted and unfinished at once; a
+            submission beyond blocks until a job finishes.
+        retry: Retry policy for transfers and commits.
+        deliver: Called with each event, in submission order, on the delivery thread.
+        thread_finalizer: Called on every pipeline-owned thread as it exits.
+        stats: Where to count; pass one recorder to several pipelines to accumulate.
+        name: Prefix of the thread names.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_workers: int,
+        max_pending: int,
+        retry: RetryPolicy,
+        deliver: Callable[[Any], None],
+        thread_finalizer: Callable[[], None] | None = None,
+        stats: StatsRecorder | None = None,
+        name: str = "lamin-lightning",
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self._max_workers = max_workers
+        self._max_pending = max_pending
+        self._retry = retry
+        self._deliver = deliver
+        self._thread_finalizer = thread_finalizer
+        self._name = name
+        self._stats = stats if stats is not None else StatsRecorder()
+        self._portal_cm: contextlib.AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._core: AsyncPipeline | None = None
+        self._run_future: Future[None] | None = None
+        self._lanes: list[ThreadLane] = []
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """Whether the pipeline is started and not stopped."""
+        return self._core is not None
+
+    @property
+    def stats(self) -> PersistenceStats:
+        """A frozen snapshot of the counters."""
+        return self._stats.snapshot()
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """Threads this pipeline owns (workers, committer, delivery)."""
+        return [lane.thread for lane in self._lanes]
+
+    def start(self) -> None:
+        """Start the event loop and the threads. Idempotent."""
+        with self._lock:
+            if self._core is not None:
+                return
+            self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"{self._name}-loop")
+            portal = self._portal_cm.__enter__()
+            self._portal = portal
+
+            def lane(role: str) -> ThreadLane:
+                return ThreadLane(f"{self._name}-{role}", portal, self._thread_finalizer)
+
+            workers = [lane(f"worker-{i}") for i in range(self._max_workers)]
+            committer, deliverer = lane("committer"), lane("delivery")
+            self._lanes = [*workers, committer, deliverer]
+            core = AsyncPipeline(
+                max_pending=self._max_pending,
+                retry=self._retry,
+                deliver=self._deliver,
+                workers=workers,
+                committer=committer,
+                deliverer=deliverer,
+                stats=self._stats,
+            )
+            self._run_future, _ = portal.start_task(core.run, name=f"{self._name}-core")
+            self._core = core
+
+    def _require(self) -> tuple[BlockingPortal, AsyncPipeline]:
+        if self._portal is None or self._core is None:
+            raise RuntimeError("the persistence pipeline is not running; call start() first")
+        return self._portal, self._core
+
+    def submit(self, spec: JobSpec) -> int:
+        """Admit a job, blocking while ``max_pending`` jobs are outstanding."""
+        portal, core = self._require()
+        return portal.call(core.admit, spec)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every admitted job finished; False if ``timeout`` seconds passed first."""
+        if self._core is None or self._portal is None:
+            return True
+        return self._portal.call(self._core.wait_idle, timeout)
+
+    def pending(self) -> list[PendingJob]:
+        """Jobs admitted and not finished, in submission order."""
+        if self._core is None or self._portal is None:
+            return []
+        return self._portal.call(self._core.pending)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Flush (up to ``timeout``), then stop the loop and the threads.
+
+        Returns whether everything was flushed. Jobs not finished by then are
+        abandoned; a transfer stuck in storage keeps its (daemon) thread until it returns.
+        """
+        with self._lock:
+            if self._core is None or self._portal is None:
+                return True
+            flushed = False
+            try:
+                flushed = self._portal.call(self._core.wait_idle, timeout)
+                if not flushed:
+                    keys = [job.key for job in self._portal.call(self._core.pending)]
+                    log.warning(
+                        "persistence did not finish within %ss; unpersisted keys: %s",
+                        timeout,
+                        ", ".join(keys),
+                    )
+                self._portal.call(self._core.close)
+                if self._run_future is not None:
+                    with contextlib.suppress(Exception):
+                        self._run_future.result(timeout=5)
+            finally:
+                assert self._portal_cm is not None
+                with contextlib.suppress(Exception):
+                    self._portal_cm.__exit__(None, None, None)
+                for lane in self._lanes:
+                    lane.stop()
+                for lane in self._lanes:
+                    lane.thread.join(timeout=2 if flushed else 0.2)
+                self._core = None
+                self._portal = None
+                self._portal_cm = None
+                self._run_future = None
+            return flushed

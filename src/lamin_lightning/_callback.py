@@ -1,0 +1,807 @@
+"""ArtifactPublishingModelCheckpoint: the generic Lightning layer.
+
+Owns everything Lightning-specific: which hook stages a file, when jobs are
+submitted, the metadata snapshot taken on the training thread, flushing at
+teardown, and rank zero only. How a file is persisted is left to subclasses,
+which override the ``save_*`` hooks (called on worker threads), and
+:meth:`commit_checkpoint_artifact` / :meth:`remove_checkpoint_artifact`
+(called on the committer thread, in submission order).
+
+Threads:
+
+==================================================  ===============================
+hook                                                thread
+==================================================  ===============================
+``resolve_artifact_key``, ``collect_*`` snapshots   training thread (at submission)
+``save_checkpoint_artifact``,                       a worker (up to ``max_workers``
+``save_config_artifact``, ``save_hparams_artifact``  at once, any order, retried)
+``commit_checkpoint_artifact``,                     the committer (one thread,
+``remove_checkpoint_artifact``,                     submission order, retried)
+``resolve_artifact_storage_uri``
+``on_artifact_saved/removed/failed``, observers     the delivery thread (one thread,
+                                                    submission order)
+==================================================  ===============================
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lamin_lightning._bridge import PersistencePipeline
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactKind,
+    ArtifactObserver,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._pipeline import JobSpec, PendingJob
+from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._staging import (
+    detach_before_rewrite,
+    release_staged,
+    stage_file,
+    staging_root,
+)
+from lamin_lightning._stats import PersistenceStats, StatsRecorder
+
+log = logging.getLogger("lamin_lightning")
+
+OnError = Literal["raise", "warn"]
+_ON_ERROR_VALUES = ("raise", "warn")
+
+DEFAULT_MAX_WORKERS = 2
+DEFAULT_MAX_PENDING = 4
+DEFAULT_FLUSH_TIMEOUT = 900.0
+
+
+class PersistenceError(RuntimeError):
+    """Raised on the training thread when persisting one or more files failed.
+
+    Attributes:
+        failures: The failed events, in submission order.
+    """
+
+    def __init__(self, failures: list[ArtifactFailedEvent]) -> None:
+        self.failures = list(failures)
+        lines = [
+            f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
+            f"{type(f.error).__name__}: {f.error}"
+            for f in self.failures
+        ]
+        super().__init__(
+            f"{len(self.failures)} checkpoint artifact(s) could not be persisted; the local"
+            " files are kept:\n"
+            + "\n".join(lines)
+            + "\nFix the cause and persist them again, or pass on_error='warn' to only warn."
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """What a checkpoint job knows about training, frozen at submission.
+
+    Background threads read this, never the live trainer.
+
+    Attributes:
+        key: The artifact key of this checkpoint.
+        local_path: The path Lightning wrote.
+        staged_path: The staged name of the same bytes, read by the upload.
+        size_bytes: File size.
+        global_step: ``trainer.global_step`` at save time.
+        epoch: ``trainer.current_epoch`` at save time.
+        monitor: The monitored metric, or None.
+        mode: ``"min"`` or ``"max"``.
+        save_weights_only: Whether the file holds weights only.
+        score: The callback's ``current_score`` at save time, as a float.
+        is_best: Whether this file is Lightning's ``best_model_path``.
+        best_key: Key of ``best_model_path``, or None.
+        last_key: Key of ``last_model_path``, or None.
+        ranking: Keys of ``best_k_models``, best first.
+        scores: Score of every key in ``ranking``.
+        feature_values: Extra values collected on the training thread for the
+            concrete layer (see ``collect_checkpoint_feature_values``).
+    """
+
+    key: str
+    local_path: Path
+    staged_path: Path
+    size_bytes: int
+    global_step: int
+    epoch: int
+    monitor: str | None
+    mode: str
+    save_weights_only: bool
+    score: float | None
+    is_best: bool
+    best_key: str | None
+    last_key: str | None
+    ranking: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)
+    feature_values: Mapping[Any, Any] | None = None
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _validate_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _validate_retry(value: Any) -> RetryPolicy:
+    if value is None:
+        return RetryPolicy()
+    if isinstance(value, RetryPolicy):
+        return value
+    if isinstance(value, Mapping):
+        return RetryPolicy(**value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return RetryPolicy(attempts=value)
+    raise ValueError(
+        "retry must be a lamin_lightning.RetryPolicy, a mapping of its fields"
+        f" (attempts, initial_backoff, max_backoff, jitter, transient_errors) or an int"
+        f" number of attempts, got {value!r}"
+    )
+
+
+def _validate_flush_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(
+            f"flush_timeout must be a number of seconds >= 0, or None to wait"
+            f" without limit, got {value!r}"
+        )
+    if math.isinf(value):
+        return None
+    return float(value)
+
+
+class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that persists its files in the background and reports each step.
+
+    Drop-in for ``lamindb.integrations.lightning.ArtifactPublishingModelCheckpoint``
+    with the same properties and hooks. The difference: ``_save_checkpoint`` returns
+    once Lightning has written the local file and the job is admitted; persisting
+    happens on threads the callback owns, bounded, ordered and retried.
+
+    Args:
+        *args: Passed to ``ModelCheckpoint``.
+        artifact_observers: Observers notified of saved, removed and failed artifacts.
+        max_workers: Transfers (uploads) that may run at once. Default 2.
+        max_pending: Files that may be queued or in flight at once. A checkpoint
+            beyond waits on the training thread (backpressure); that wait is counted as
+            ``training_stall_seconds``. Each pending file keeps a hard link (or copy)
+            of its checkpoint on local disk. Default 4.
+        retry: A :class:`RetryPolicy`, a mapping of its fields, or a number of attempts.
+        flush_timeout: Seconds ``teardown`` waits for outstanding persistence before
+            it gives up and names what was not persisted; None waits without limit.
+            Default 900.
+        on_error: ``"raise"`` raises :class:`PersistenceError` on the training thread
+            at the next save or at teardown when persisting failed; ``"warn"`` warns.
+        **kwargs: Passed to ``ModelCheckpoint``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        artifact_observers: list[ArtifactObserver] | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        retry: RetryPolicy | Mapping[str, Any] | int | None = None,
+        flush_timeout: float | None = DEFAULT_FLUSH_TIMEOUT,
+        on_error: OnError = "raise",
+        **kwargs: Any,
+    ) -> None:
+        dirpath = kwargs.get("dirpath", args[0] if args else None)
+        if dirpath is not None and "://" in str(dirpath) and not str(dirpath).startswith("file://"):
+            raise ValueError(
+                f"dirpath={str(dirpath)!r} is remote; lamin-lightning stages local files and"
+                " persists them itself. Pass a local dirpath (or none) and let the"
+                " callback upload."
+            )
+        self.max_workers = _validate_int("max_workers", max_workers, 1)
+        self.max_pending = _validate_int("max_pending", max_pending, 1)
+        self.retry = _validate_retry(retry)
+        self.flush_timeout = _validate_flush_timeout(flush_timeout)
+        if on_error not in _ON_ERROR_VALUES:
+            raise ValueError(f"on_error must be one of {_ON_ERROR_VALUES}, got {on_error!r}")
+        self.on_error: OnError = on_error
+        if artifact_observers is not None and not isinstance(artifact_observers, list | tuple):
+            raise ValueError(
+                "artifact_observers must be a list of observers, got"
+                f" {type(artifact_observers).__name__}"
+            )
+        super().__init__(*args, **kwargs)
+        self._artifact_observers: list[ArtifactObserver] = []
+        for observer in artifact_observers or []:
+            self.add_artifact_observer(observer)
+        self._latest_artifacts: dict[ArtifactKind, Any | None] = {
+            "checkpoint": None,
+            "config": None,
+            "hparams": None,
+        }
+        self._last_artifact_event: AnyArtifactEvent | None = None
+        self._stats_recorder = StatsRecorder()
+        self._hparams_submitted = False
+        self._init_runtime()
+
+    # -- runtime state: created lazily, dropped when pickled ------------------------------
+
+    def _init_runtime(self) -> None:
+        self._pipeline: PersistencePipeline | None = None
+        self._state_lock: threading.Lock | None = None
+        self._unreported_failures: list[ArtifactFailedEvent] = []
+        self._persisted: dict[str, Any] = {}
+        self._storage_uris: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_pipeline", "_state_lock"):
+            state[name] = None
+        state["_persisted"] = {}
+        state["_storage_uris"] = {}
+        state["_unreported_failures"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ArtifactPublishingModelCheckpoint:
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__getstate__().items():
+            setattr(clone, name, copy.deepcopy(value, memo))
+        return clone
+
+    @property
+    def _lock(self) -> threading.Lock:
+        if self._state_lock is None:
+            self._state_lock = threading.Lock()
+        return self._state_lock
+
+    # -- reference surface ----------------------------------------------------------------
+
+    @property
+    def last_checkpoint_artifact(self) -> Any | None:
+        """The most recently saved checkpoint artifact (updated as events are delivered)."""
+        return self._latest_artifacts["checkpoint"]
+
+    @property
+    def last_config_artifact(self) -> Any | None:
+        """The most recently saved config artifact."""
+        return self._latest_artifacts["config"]
+
+    @property
+    def last_hparams_artifact(self) -> Any | None:
+        """The most recently saved hparams artifact."""
+        return self._latest_artifacts["hparams"]
+
+    @property
+    def last_artifact_event(self) -> AnyArtifactEvent | None:
+        """The last lifecycle event delivered by this callback."""
+        return self._last_artifact_event
+
+    def get_last_artifact(self, kind: ArtifactKind) -> Any | None:
+        """The most recently saved artifact of ``kind``."""
+        if kind not in self._latest_artifacts:
+            raise ValueError(f"kind must be one of {tuple(self._latest_artifacts)}, got {kind!r}")
+        return self._latest_artifacts[kind]
+
+    def add_artifact_observer(self, observer: ArtifactObserver) -> None:
+        """Register an observer; it needs ``on_artifact_saved`` or ``on_artifact_removed``."""
+        if not any(
+            callable(getattr(observer, name, None))
+            for name in ("on_artifact_saved", "on_artifact_removed", "on_artifact_failed")
+        ):
+            raise TypeError(
+                f"{observer!r} is not an artifact observer: define on_artifact_saved,"
+                " on_artifact_removed and optionally on_artifact_failed"
+            )
+        self._artifact_observers.append(observer)
+
+    def remove_artifact_observer(self, observer: ArtifactObserver) -> None:
+        """Unregister an observer added before."""
+        self._artifact_observers.remove(observer)
+
+    def resolve_artifact_storage_uri(self, artifact: Any) -> str:
+        """Where ``artifact``'s bytes live. Called on the committer thread."""
+        raise NotImplementedError
+
+    def resolve_artifact_key(
+        self, trainer: pl.Trainer, filepath: Path | str, kind: ArtifactKind
+    ) -> str:
+        """The logical key of a file. Called on the training thread at submission."""
+        raise NotImplementedError
+
+    def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+        """Hook after an artifact was saved and committed. Delivery thread."""
+        del event
+
+    def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
+        """Hook after an evicted checkpoint was removed. Delivery thread."""
+        del event
+
+    def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
+        """Hook after persisting a file failed for good. Delivery thread."""
+        del event
+
+    def save_checkpoint_artifact(
+        self,
+        trainer: pl.Trainer,
+        filepath: Path | str,
+        *,
+        feature_values: dict[Any, Any] | None = None,
+    ) -> Any:
+        """Persist a checkpoint file; return the persisted artifact. Worker thread.
+
+        ``filepath`` is the staged file (same base name as Lightning's). The event
+        is emitted by the pipeline after the commit, not by this method.
+        """
+        del trainer, filepath, feature_values
+        raise NotImplementedError
+
+    def save_config_artifact(self, trainer: pl.Trainer, config_path: Path | str) -> Any:
+        """Persist a LightningCLI config file; return the artifact. Worker thread."""
+        del trainer, config_path
+        raise NotImplementedError
+
+    def save_hparams_artifact(self, trainer: pl.Trainer, hparams_path: Path | str) -> Any | None:
+        """Persist ``hparams.yaml``; return the artifact or None. Worker thread."""
+        del trainer, hparams_path
+        raise NotImplementedError
+
+    # -- extension points of this package -------------------------------------------------
+
+    def collect_checkpoint_feature_values(
+        self, trainer: pl.Trainer, snapshot: CheckpointSnapshot
+    ) -> dict[Any, Any] | None:
+        """Values to annotate the checkpoint with, read from the live trainer. Training thread."""
+        del trainer, snapshot
+        return None
+
+    def commit_checkpoint_artifact(
+        self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: Any
+    ) -> None:
+        """Order-dependent bookkeeping after a checkpoint was saved. Committer thread.
+
+        Runs strictly in submission order, so flags such as "best" or "last" and
+        ranks can be set from ``snapshot`` without racing other checkpoints. Must be
+        idempotent: it is retried on transient errors.
+        """
+        del trainer, snapshot, artifact
+
+    def remove_checkpoint_artifact(
+        self, trainer: pl.Trainer, key: str, artifact: Any | None
+    ) -> Any | None:
+        """Delete the persisted artifact of an evicted checkpoint. Committer thread.
+
+        ``artifact`` is what this callback saved under ``key`` in this process, or
+        None if it saved nothing (the save was cancelled, failed, or happened in
+        another process). Return the deleted artifact, or None. Must be idempotent.
+        """
+        del trainer, key
+        return artifact
+
+    def thread_finalizer(self) -> None:
+        """Called on each pipeline thread as it exits (close per-thread connections here)."""
+
+    # -- public async controls ------------------------------------------------------------
+
+    @property
+    def persistence_stats(self) -> PersistenceStats:
+        """Counters of the persistence pipeline (cumulative over stages)."""
+        return self._stats_recorder.snapshot()
+
+    def pending_artifacts(self) -> list[PendingJob]:
+        """Jobs admitted and not finished yet, in submission order."""
+        return self._pipeline.pending() if self._pipeline is not None else []
+
+    def flush(self, timeout: float | None = None, *, progress: bool = True) -> bool:
+        """Wait until every submitted file is persisted (or failed).
+
+        Shows a progress bar when the wait takes longer than a second. Returns False
+        if ``timeout`` seconds passed first; the keys still pending are then logged
+        and available from :meth:`pending_artifacts`.
+        """
+        pipeline = self._pipeline
+        if pipeline is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first = 1.0 if timeout is None else min(1.0, timeout)
+        if pipeline.flush(first):
+            return True
+        bar = _progress_bar(len(pipeline.pending()), enabled=progress)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                step = 0.25 if remaining is None else min(0.25, remaining)
+                done = pipeline.flush(step)
+                if bar is not None:
+                    bar.n = max(0, bar.total - len(pipeline.pending()))
+                    bar.refresh()
+                if done:
+                    return True
+        finally:
+            if bar is not None:
+                bar.close()
+        keys = [job.key for job in pipeline.pending()]
+        log.warning(
+            "flush timed out after %ss; not yet persisted: %s", timeout, ", ".join(keys) or "-"
+        )
+        return False
+
+    # -- Lightning hooks ------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+        if trainer.is_global_zero:
+            self._ensure_pipeline()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._shutdown(raise_errors=True)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        except Exception:
+            log.exception("saving a checkpoint on exception failed")
+        try:
+            self._shutdown(raise_errors=False)
+        except Exception:
+            log.exception("flushing checkpoint persistence after an exception failed")
+
+    @override
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self._surface_failures()
+        if trainer.is_global_zero:
+            detach_before_rewrite(filepath)
+        super()._save_checkpoint(trainer, filepath)
+        if not trainer.is_global_zero:
+            return
+        self._submit_hparams_once(trainer)
+        self._submit_checkpoint(trainer, filepath)
+
+    @override
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        key = (
+            self.resolve_artifact_key(trainer, filepath, "checkpoint")
+            if trainer.is_global_zero
+            else ""
+        )
+        super()._remove_checkpoint(trainer, filepath)
+        if not trainer.is_global_zero:
+            return
+        self._submit(
+            JobSpec(
+                operation="remove",
+                key=key,
+                commit=partial(self._commit_removal, trainer, key, Path(filepath)),
+                fail=partial(self._fail, trainer, "checkpoint", key, Path(filepath), "remove"),
+                payload={"kind": "checkpoint", "local_path": str(filepath)},
+            )
+        )
+
+    # -- submission (training thread) -----------------------------------------------------
+
+    def _ensure_pipeline(self) -> PersistencePipeline:
+        if self._pipeline is None:
+            pipeline = PersistencePipeline(
+                max_workers=self.max_workers,
+                max_pending=self.max_pending,
+                retry=self.retry,
+                deliver=self._deliver,
+                thread_finalizer=self.thread_finalizer,
+                stats=self._stats_recorder,
+            )
+            pipeline.start()
+            self._pipeline = pipeline
+        return self._pipeline
+
+    def _submit(self, spec: JobSpec) -> None:
+        self._ensure_pipeline().submit(spec)
+
+    def _staging_root(self, filepath: str | Path) -> Path:
+        return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
+
+    def _key_or_none(self, trainer: pl.Trainer, path: str | None) -> str | None:
+        return self.resolve_artifact_key(trainer, path, "checkpoint") if path else None
+
+    def _snapshot(
+        self, trainer: pl.Trainer, filepath: str, staged: Path, size: int
+    ) -> CheckpointSnapshot:
+        scored = [(path, _as_float(score)) for path, score in self.best_k_models.items()]
+        reverse = self.mode == "max"
+        ordered = sorted(
+            (item for item in scored if item[1] is not None),
+            key=lambda item: item[1],  # type: ignore[arg-type, return-value]
+            reverse=reverse,
+        )
+        keys = {path: self.resolve_artifact_key(trainer, path, "checkpoint") for path, _ in ordered}
+        return CheckpointSnapshot(
+            key=self.resolve_artifact_key(trainer, filepath, "checkpoint"),
+            local_path=Path(filepath),
+            staged_path=staged,
+            size_bytes=size,
+            global_step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            monitor=self.monitor,
+            mode=self.mode,
+            save_weights_only=self.save_weights_only,
+            score=_as_float(self.current_score),
+            is_best=self.best_model_path == str(filepath),
+            best_key=self._key_or_none(trainer, self.best_model_path),
+            last_key=self._key_or_none(trainer, self.last_model_path),
+            ranking=tuple(keys[path] for path, _ in ordered),
+            scores={keys[path]: score for path, score in ordered if score is not None},
+        )
+
+    def _submit_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        staged, size, _ = stage_file(filepath, self._staging_root(filepath))
+        snapshot = self._snapshot(trainer, filepath, staged, size)
+        values = self.collect_checkpoint_feature_values(trainer, snapshot)
+        if values is not None:
+            snapshot = CheckpointSnapshot(**{**snapshot.__dict__, "feature_values": values})
+        self._submit(
+            JobSpec(
+                operation="save",
+                key=snapshot.key,
+                transfer=partial(
+                    self.save_checkpoint_artifact, trainer, staged, feature_values=values
+                ),
+                commit=partial(self._commit_checkpoint, trainer, snapshot),
+                fail=partial(
+                    self._fail, trainer, "checkpoint", snapshot.key, Path(filepath), "save"
+                ),
+                discard=partial(release_staged, staged),
+                size_bytes=size,
+                payload={"kind": "checkpoint", "local_path": str(filepath), "staged": str(staged)},
+            )
+        )
+
+    def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
+        """Stage a config or hparams file and submit its save. Training thread, rank zero.
+
+        Used by :class:`SaveConfigCallback`; the save runs ``save_config_artifact``
+        or ``save_hparams_artifact`` in the background.
+        """
+        if kind == "checkpoint":
+            raise ValueError("checkpoints are submitted by Lightning's own save hooks")
+        key = self.resolve_artifact_key(trainer, path, kind)
+        staged, size, _ = stage_file(path, self._staging_root(path))
+        hook: Callable[[pl.Trainer, Path], Any] = (
+            self.save_config_artifact if kind == "config" else self.save_hparams_artifact
+        )
+        self._submit(
+            JobSpec(
+                operation="save",
+                key=key,
+                transfer=partial(hook, trainer, staged),
+                commit=partial(self._commit_file, trainer, kind, key, Path(path), staged),
+                fail=partial(self._fail, trainer, kind, key, Path(path), "save"),
+                discard=partial(release_staged, staged),
+                size_bytes=size,
+                payload={"kind": kind, "local_path": str(path), "staged": str(staged)},
+            )
+        )
+
+    def hparams_path(self, trainer: pl.Trainer) -> Path | None:
+        """Where the first logger wrote ``hparams.yaml``, if anywhere. Training thread."""
+        if not trainer.loggers:
+            return None
+        log_dir = getattr(trainer.loggers[0], "log_dir", None)
+        if log_dir is None:
+            return None
+        path = Path(log_dir) / "hparams.yaml"
+        return path if path.exists() else None
+
+    def _submit_hparams_once(self, trainer: pl.Trainer) -> None:
+        if self._hparams_submitted:
+            return
+        path = self.hparams_path(trainer)
+        if path is not None:
+            self.submit_file(trainer, path, "hparams")
+            self._hparams_submitted = True
+
+    # -- committer thread -----------------------------------------------------------------
+
+    def _storage_uri(self, key: str, artifact: Any) -> str:
+        uri = self.resolve_artifact_storage_uri(artifact)
+        self._storage_uris[key] = uri
+        return uri
+
+    def _commit_checkpoint(
+        self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: Any
+    ) -> ArtifactSavedEvent:
+        self.commit_checkpoint_artifact(trainer, snapshot, artifact)
+        self._persisted[snapshot.key] = artifact
+        uri = self._storage_uri(snapshot.key, artifact)
+        release_staged(snapshot.staged_path)
+        return ArtifactSavedEvent(
+            kind="checkpoint",
+            key=snapshot.key,
+            local_path=snapshot.local_path,
+            trainer=trainer,
+            artifact=artifact,
+            storage_uri=uri,
+        )
+
+    def _commit_file(
+        self,
+        trainer: pl.Trainer,
+        kind: ArtifactKind,
+        key: str,
+        local_path: Path,
+        staged: Path,
+        artifact: Any,
+    ) -> ArtifactSavedEvent | None:
+        release_staged(staged)
+        if artifact is None:
+            return None
+        return ArtifactSavedEvent(
+            kind=kind,
+            key=key,
+            local_path=local_path,
+            trainer=trainer,
+            artifact=artifact,
+            storage_uri=self._storage_uri(key, artifact),
+        )
+
+    def _commit_removal(
+        self, trainer: pl.Trainer, key: str, local_path: Path, _: Any
+    ) -> ArtifactRemovedEvent:
+        known = self._persisted.get(key)
+        uri = self._storage_uris.get(key) if known is not None else None
+        removed = self.remove_checkpoint_artifact(trainer, key, known)
+        self._persisted.pop(key, None)
+        self._storage_uris.pop(key, None)
+        if removed is not None and uri is None:
+            uri = self.resolve_artifact_storage_uri(removed)
+        return ArtifactRemovedEvent(
+            kind="checkpoint",
+            key=key,
+            local_path=local_path,
+            trainer=trainer,
+            artifact=removed,
+            storage_uri=uri if removed is not None else None,
+        )
+
+    def _fail(
+        self,
+        trainer: pl.Trainer,
+        kind: ArtifactKind,
+        key: str,
+        local_path: Path,
+        operation: Literal["save", "remove"],
+        error: BaseException,
+        attempts: int,
+    ) -> ArtifactFailedEvent:
+        event = ArtifactFailedEvent(
+            kind=kind,
+            key=key,
+            local_path=local_path,
+            trainer=trainer,
+            error=error,
+            attempts=attempts,
+            operation=operation,
+        )
+        with self._lock:
+            self._unreported_failures.append(event)
+        return event
+
+    # -- delivery thread ------------------------------------------------------------------
+
+    def _deliver(self, event: AnyArtifactEvent) -> None:
+        if isinstance(event, ArtifactSavedEvent):
+            self._latest_artifacts[event.kind] = event.artifact
+            hook, method = self.on_artifact_saved, "on_artifact_saved"
+        elif isinstance(event, ArtifactRemovedEvent):
+            hook, method = self.on_artifact_removed, "on_artifact_removed"  # type: ignore[assignment]
+        else:
+            hook, method = self.on_artifact_failed, "on_artifact_failed"  # type: ignore[assignment]
+        self._last_artifact_event = event
+        try:
+            hook(event)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("%s.%s raised for %r", type(self).__name__, method, event.key)
+        for observer in tuple(self._artifact_observers):
+            callback = getattr(observer, method, None)
+            if not callable(callback):
+                continue
+            try:
+                callback(event)
+            except Exception:
+                log.exception("observer %r raised in %s for %r", observer, method, event.key)
+
+    # -- shutdown and errors (training thread) --------------------------------------------
+
+    def _take_failures(self) -> list[ArtifactFailedEvent]:
+        with self._lock:
+            failures, self._unreported_failures = self._unreported_failures, []
+        return failures
+
+    def _surface_failures(self) -> None:
+        failures = self._take_failures()
+        if not failures:
+            return
+        error = PersistenceError(failures)
+        if self.on_error == "raise":
+            raise error
+        rank_zero_warn(str(error), category=UserWarning)
+
+    def _shutdown(self, *, raise_errors: bool) -> None:
+        pipeline = self._pipeline
+        if pipeline is None:
+            return
+        try:
+            flushed = self.flush(self.flush_timeout)
+            if not flushed:
+                keys = [job.key for job in pipeline.pending()]
+                warnings.warn(
+                    f"lamin-lightning: persistence did not finish within flush_timeout="
+                    f"{self.flush_timeout}s; not persisted: {', '.join(keys)}. Their local"
+                    f" files are kept under {self._staging_root(self.dirpath or '.')}.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        finally:
+            pipeline.stop(timeout=0)
+            self._pipeline = None
+        if raise_errors:
+            self._surface_failures()
+        else:
+            for failure in self._take_failures():
+                log.error(
+                    "not persisted: %s %r (%s: %s)",
+                    failure.operation,
+                    failure.key,
+                    type(failure.error).__name__,
+                    failure.error,
+                )
+
+
+def _progress_bar(total: int, *, enabled: bool) -> Any:
+    if not enabled or total <= 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with lightning
+        return None
+    return tqdm(
+        total=total, desc="lamin-lightning: persisting checkpoints", unit="file", leave=False
+    )

@@ -1,0 +1,1 @@
+"""LaminDB layer: placeholder until the LaminDB issue lands."""

@@ -1,0 +1,360 @@
+"""The asynchronous core of the persistence pipeline.
+
+Knows nothing of Lightning or LaminDB: it runs jobs made of plain callables.
+Every method here runs on the pipeline's event-loop thread, so the job
+bookkeeping needs no locks; blocking work is handed to executors (dedicated
+threads, see ``_bridge``).
+
+A job goes through three stages:
+
+1. *transfer* (``JobSpec.transfer``), on one of ``max_workers`` worker threads,
+   concurrently and in any order, retried;
+2. *commit* (``JobSpec.commit``), on the single committer thread, strictly in
+   submission order, retried;
+3. *delivery* of the event the commit returned, on the single delivery thread,
+   in submission order.
+
+A job whose transfer or commit fails for good gets ``JobSpec.fail`` called in
+its commit slot instead, so its failed event keeps its place in the stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, Protocol, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from lamin_lightning._retry import AttemptsExhausted, RetryPolicy, call_with_retries
+from lamin_lightning._stats import StatsRecorder
+
+log = logging.getLogger("lamin_lightning")
+
+T = TypeVar("T")
+
+Operation = Literal["save", "remove"]
+
+
+class Executor(Protocol):
+    """Runs a blocking callable on a thread of its own and awaits the result."""
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the executor's thread; raise what it raised."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to do for one file. Immutable: it crosses threads.
+
+    Attributes:
+        operation: ``"save"`` uploads a file, ``"remove"`` deletes what a save stored.
+        key: The logical key; used for cancellation, supersession and reporting.
+        commit: Called on the committer thread in submission order with the
+            transfer's result (None for a job without transfer). Returns the
+            event to deliver, or None for no event.
+        fail: Called on the committer thread, in the job's slot, with the last
+            error and the number of attempts, when the job failed for good.
+            Returns the event to deliver.
+        transfer: Called on a worker thread; its result is passed to ``commit``.
+        discard: Called on the committer thread when the job was cancelled or
+            superseded before its transfer started (to clean up staged files).
+        size_bytes: Size of the file, for the byte counters.
+        payload: Anything the submitter wants to find again (for example in
+            :meth:`AsyncPipeline.pending`); the pipeline does not look at it.
+    """
+
+    operation: Operation
+    key: str
+    commit: Callable[[Any], Any]
+    fail: Callable[[BaseException, int], Any]
+    transfer: Callable[[], Any] | None = None
+    discard: Callable[[], None] | None = None
+    size_bytes: int = 0
+    payload: Any = None
+
+
+class JobState(enum.Enum):
+    """Where a job is in its life; changed only on the event-loop thread."""
+
+    QUEUED = "queued"
+    TRANSFERRING = "transferring"
+    TRANSFERRED = "transferred"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+
+class _Job:
+    __slots__ = (
+        "admitted_at",
+        "attempts",
+        "error",
+        "result",
+        "seq",
+        "spec",
+        "state",
+        "transferred",
+    )
+
+    def __init__(self, seq: int, spec: JobSpec, admitted_at: float) -> None:
+        self.seq = seq
+        self.spec = spec
+        self.admitted_at = admitted_at
+        self.state = JobState.QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.attempts = 0
+        self.transferred = anyio.Event()
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A job admitted and not yet finished, as reported by a flush that timed out."""
+
+    seq: int
+    operation: Operation
+    key: str
+    state: str
+    payload: Any
+
+
+class AsyncPipeline:
+    """Bounded, ordered, retrying job runner. Use it through ``_bridge.PersistencePipeline``."""
+
+    def __init__(
+        self,
+        *,
+        max_pending: int,
+        retry: RetryPolicy,
+        deliver: Callable[[Any], None],
+        workers: Sequence[Executor],
+        committer: Executor,
+        deliverer: Executor,
+        stats: StatsRecorder,
+    ) -> None:
+        self._retry = retry
+        self._deliver_fn = deliver
+        self._workers = list(workers)
+        self._committer = committer
+        self._deliverer = deliverer
+        self._stats = stats
+        self._slots = anyio.Semaphore(max_pending)
+        self._next_seq = 0
+        self._outstanding: dict[int, _Job] = {}
+        self._queued_saves: dict[str, _Job] = {}
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._closed = False
+        self._cancel_scope: anyio.CancelScope | None = None
+        self._worker_send: MemoryObjectSendStream[Executor]
+        self._worker_recv: MemoryObjectReceiveStream[Executor]
+        self._commit_send: MemoryObjectSendStream[_Job]
+        self._commit_recv: MemoryObjectReceiveStream[_Job]
+        self._deliver_send: MemoryObjectSendStream[tuple[_Job, Any]]
+        self._deliver_recv: MemoryObjectReceiveStream[tuple[_Job, Any]]
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the committer and delivery loops until :meth:`close`."""
+        self._worker_send, self._worker_recv = anyio.create_memory_object_stream[Executor](
+            len(self._workers)
+        )
+        for worker in self._workers:
+            self._worker_send.send_nowait(worker)
+        self._commit_send, self._commit_recv = anyio.create_memory_object_stream[_Job](math.inf)
+        self._deliver_send, self._deliver_recv = anyio.create_memory_object_stream[
+            tuple[_Job, Any]
+        ](math.inf)
+        with anyio.CancelScope() as scope:
+            self._cancel_scope = scope
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(self._commit_loop)
+                tg.start_soon(self._deliver_loop)
+                task_status.started()
+                await anyio.sleep_forever()
+
+    async def close(self) -> None:
+        """Stop everything now; jobs still outstanding are abandoned (not delivered)."""
+        self._closed = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    # -- admission ---------------------------------------------------------------
+
+    async def admit(self, spec: JobSpec) -> int:
+        """Admit a job, waiting for a free slot; return its sequence number."""
+        if self._closed:
+            raise RuntimeError("the persistence pipeline is stopped; no new jobs are accepted")
+        # Cancel before waiting: the slot we wait for may be the one we free.
+        previous = self._queued_saves.pop(spec.key, None)
+        if previous is not None:
+            state = JobState.CANCELLED if spec.operation == "remove" else JobState.SUPERSEDED
+            self._drop(previous, state)
+        started = anyio.current_time()
+        if self._slots.value == 0:
+            self._stats.add(admission_waits=1)
+        await self._slots.acquire()
+        waited = anyio.current_time() - started
+        self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
+        self._stats.record_max("max_training_stall_seconds", waited)
+        if self._stopped():
+            self._slots.release()
+            self._stats.add(pending=-1)
+            raise RuntimeError("the persistence pipeline stopped while a job waited for admission")
+
+        seq = self._next_seq
+        self._next_seq += 1
+        job = _Job(seq, spec, anyio.current_time())
+        self._outstanding[seq] = job
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._commit_send.send_nowait(job)
+        assert self._task_group is not None
+        if spec.transfer is None:
+            job.state = JobState.TRANSFERRED
+            job.transferred.set()
+        else:
+            if spec.operation == "save":
+                self._queued_saves[spec.key] = job
+            self._task_group.start_soon(self._transfer, job)
+        return seq
+
+    def _stopped(self) -> bool:
+        return self._closed
+
+    def _drop(self, job: _Job, state: JobState) -> None:
+        """Cancel or supersede a job whose transfer has not started."""
+        job.state = state
+        job.transferred.set()
+        counter = "cancelled" if state is JobState.CANCELLED else "superseded"
+        self._stats.add(**{counter: 1})
+        log.debug("%s save of %r (job %d)", counter, job.spec.key, job.seq)
+        self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        if self._outstanding.pop(job.seq, None) is None:
+            return
+        self._slots.release()
+        self._stats.add(pending=-1)
+        if not self._outstanding:
+            self._idle.set()
+
+    # -- the three stages ----------------------------------------------------------
+
+    def _on_retry(self, job: _Job, error: BaseException, attempt: int) -> None:
+        self._stats.add(retried=1)
+        log.warning(
+            "persisting %r failed on attempt %d (%s: %s); retrying",
+            job.spec.key,
+            attempt,
+            type(error).__name__,
+            error,
+        )
+
+    async def _transfer(self, job: _Job) -> None:
+        transfer = job.spec.transfer
+        assert transfer is not None
+        worker = await self._worker_recv.receive()
+        try:
+            if job.state is not JobState.QUEUED:
+                return  # cancelled or superseded while waiting for a worker
+            if self._queued_saves.get(job.spec.key) is job:
+                del self._queued_saves[job.spec.key]
+            job.state = JobState.TRANSFERRING
+            self._stats.add(in_flight=1)
+            try:
+                job.result = await call_with_retries(
+                    self._retry, partial(worker.run, transfer), partial(self._on_retry, job)
+                )
+            except AttemptsExhausted as exhausted:
+                job.error, job.attempts = exhausted.error, exhausted.attempts
+            finally:
+                self._stats.add(in_flight=-1)
+            job.state = JobState.TRANSFERRED
+        finally:
+            self._worker_send.send_nowait(worker)
+            job.transferred.set()
+
+    async def _commit_loop(self) -> None:
+        async for job in self._commit_recv:
+            await job.transferred.wait()
+            spec = job.spec
+            if job.state in (JobState.CANCELLED, JobState.SUPERSEDED):
+                if spec.discard is not None:
+                    await self._guarded(self._committer, spec.discard, "discard", spec.key)
+                continue
+            event: Any = None
+            if job.error is None:
+                try:
+                    event = await call_with_retries(
+                        self._retry,
+                        partial(self._committer.run, partial(spec.commit, job.result)),
+                        partial(self._on_retry, job),
+                    )
+                except AttemptsExhausted as exhausted:
+                    job.error, job.attempts = exhausted.error, exhausted.attempts
+            if job.error is not None:
+                log.error(
+                    "persisting %r failed after %d attempt(s): %s: %s",
+                    spec.key,
+                    job.attempts,
+                    type(job.error).__name__,
+                    job.error,
+                )
+                event = await self._guarded(
+                    self._committer, partial(spec.fail, job.error, job.attempts), "fail", spec.key
+                )
+            self._deliver_send.send_nowait((job, event))
+
+    async def _deliver_loop(self) -> None:
+        async for job, event in self._deliver_recv:
+            if event is not None:
+                await self._guarded(
+                    self._deliverer, partial(self._deliver_fn, event), "deliver", ""
+                )
+            latency = anyio.current_time() - job.admitted_at
+            if job.error is not None:
+                self._stats.add(failed=1, persistence_latency_seconds=latency)
+            elif job.spec.operation == "save":
+                self._stats.add(
+                    saved=1, bytes_saved=job.spec.size_bytes, persistence_latency_seconds=latency
+                )
+            else:
+                self._stats.add(removed=1, persistence_latency_seconds=latency)
+            self._stats.record_max("max_persistence_latency_seconds", latency)
+            self._finish(job)
+
+    @staticmethod
+    async def _guarded(executor: Executor, fn: Callable[[], T], what: str, key: str) -> T | None:
+        """Run a hook that must not stop the pipeline; log what it raises."""
+        try:
+            return await executor.run(fn)
+        except Exception:
+            log.exception("lamin-lightning %s hook failed%s", what, f" for {key!r}" if key else "")
+            return None
+
+    # -- waiting and reporting -------------------------------------------------------
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until every admitted job finished; False if ``timeout`` passed first."""
+        with anyio.move_on_after(timeout):
+            while self._outstanding:
+                await self._idle.wait()
+            return True
+        return False
+
+    def pending(self) -> list[PendingJob]:
+        """Jobs admitted and not finished, in submission order."""
+        return [
+            PendingJob(j.seq, j.spec.operation, j.spec.key, j.state.value, j.spec.payload)
+            for j in sorted(self._outstanding.values(), key=lambda j: j.seq)
+        ]

@@ -1,0 +1,90 @@
+"""Persistence statistics: a frozen snapshot and the counters behind it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PersistenceStats:
+    """A consistent snapshot of the persistence pipeline's counters.
+
+    Attributes:
+        submitted: Jobs admitted so far.
+        pending: Jobs admitted and not yet finished (queued, in flight or committing).
+        in_flight: Transfers running right now (at most ``max_workers``).
+        saved: Saves committed and delivered.
+        removed: Removals committed and delivered.
+        failed: Jobs that failed for good (each produced an ``ArtifactFailedEvent``).
+        retried: Retries made, over all jobs.
+        cancelled: Unstarted saves cancelled by the removal of their file.
+        superseded: Unstarted saves replaced by a newer save of the same key.
+        bytes_saved: Bytes of files whose save was committed.
+        admission_waits: Submissions that had to wait for a free slot.
+        training_stall_seconds: Total time submitters waited for admission.
+        max_training_stall_seconds: Longest single admission wait.
+        persistence_latency_seconds: Total time from admission to delivered event.
+        max_persistence_latency_seconds: Longest admission-to-event time of one job.
+    """
+
+    submitted: int = 0
+    pending: int = 0
+    in_flight: int = 0
+    saved: int = 0
+    removed: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    superseded: int = 0
+    bytes_saved: int = 0
+    admission_waits: int = 0
+    training_stall_seconds: float = 0.0
+    max_training_stall_seconds: float = 0.0
+    persistence_latency_seconds: float = 0.0
+    max_persistence_latency_seconds: float = 0.0
+
+    @property
+    def finished(self) -> int:
+        """Jobs that reached a final state (saved, removed, failed, cancelled, superseded)."""
+        return self.saved + self.removed + self.failed + self.cancelled + self.superseded
+
+    @property
+    def mean_persistence_latency_seconds(self) -> float:
+        """Mean admission-to-event time over delivered jobs."""
+        delivered = self.saved + self.removed + self.failed
+        return self.persistence_latency_seconds / delivered if delivered else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters as a flat dict, for loggers."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+class StatsRecorder:
+    """Thread-safe mutable counters; :meth:`snapshot` returns a frozen copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = PersistenceStats()
+
+    def add(self, **deltas: float) -> None:
+        """Add each delta to the counter of that name."""
+        with self._lock:
+            current = self._stats
+            updated: dict[str, Any] = {
+                name: getattr(current, name) + delta for name, delta in deltas.items()
+            }
+            self._stats = replace(current, **updated)
+
+    def record_max(self, name: str, value: float) -> None:
+        """Raise counter ``name`` to ``value`` if it is larger."""
+        with self._lock:
+            if value > getattr(self._stats, name):
+                updated: dict[str, Any] = {name: value}
+                self._stats = replace(self._stats, **updated)
+
+    def snapshot(self) -> PersistenceStats:
+        """The current counters, frozen."""
+        with self._lock:
+            return self._stats

@@ -1,0 +1,390 @@
+"""Test helpers: an in-memory store with fault injection, and a recording observer.
+
+Use them to test your own observers and subclasses without a database::
+
+    from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+    from lamin_lightning import RetryPolicy
+
+    store = MemoryStore()
+    store.fail_next(2)                      # the next two storage calls fail transiently
+    observer = RecordingObserver()
+    callback = MemoryCheckpoint(store, dirpath=tmp_path, artifact_observers=[observer],
+                                retry=RetryPolicy.no_delay())
+    trainer = Trainer(callbacks=[callback], ...)
+    trainer.fit(model)
+    assert store.keys() == {...}
+
+Faults apply to the store's storage calls (``put`` and ``delete``): transient
+failures (``fail_next``, ``fail_randomly``), permanent failures (``fail_always``),
+latency (``latency``), and hangs (``hang`` / ``release``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lamin_lightning._callback import ArtifactPublishingModelCheckpoint, CheckpointSnapshot
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactKind,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._retry import PermanentError, is_testing, set_testing
+
+__all__ = [
+    "MemoryCheckpoint",
+    "MemoryStore",
+    "RecordingObserver",
+    "StoredArtifact",
+    "is_testing",
+    "no_retry_delays",
+    "set_testing",
+]
+
+
+@contextmanager
+def no_retry_delays() -> Iterator[None]:
+    """Within the block, retries happen without backoff sleeps."""
+    previous = is_testing()
+    set_testing(True)
+    try:
+        yield
+    finally:
+        set_testing(previous)
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """What the memory store holds for one key.
+
+    Attributes:
+        key: The artifact key.
+        kind: ``checkpoint``, ``config`` or ``hparams``.
+        sha256: Hash of the bytes read from the file when it was put.
+        size: Number of bytes.
+        version: 1 for the first put of a key, then counting up.
+        feature_values: Values passed to the save.
+        data: The bytes, if the store keeps them (``MemoryStore(keep_bytes=True)``).
+    """
+
+    key: str
+    kind: str
+    sha256: str
+    size: int
+    version: int
+    feature_values: dict[Any, Any] = field(default_factory=dict)
+    data: bytes | None = None
+
+
+class MemoryStore:
+    """A thread-safe in-memory artifact store with fault injection.
+
+    Args:
+        keep_bytes: Keep the files' bytes (for small test files); by default
+            only their hash and size are kept.
+        latency: Seconds every storage call takes (simulated with a wait).
+    """
+
+    def __init__(self, *, keep_bytes: bool = False, latency: float = 0.0) -> None:
+        self.keep_bytes = keep_bytes
+        self.latency = latency
+        self._init_sync()
+        self._objects: dict[str, StoredArtifact] = {}
+        self._versions: dict[str, int] = {}
+        self.flags: dict[str, dict[str, Any]] = {}
+        self.calls = 0
+        self.failures_injected = 0
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self.history: list[tuple[str, str]] = []
+        self._fail_next = 0
+        self._transient_error: Callable[[], BaseException] = lambda: ConnectionError(
+            "injected transient failure"
+        )
+        self._permanent_error: Callable[[], BaseException] | None = None
+        self._fail_rate = 0.0
+        self._rng = random.Random(0)
+
+    def _init_sync(self) -> None:
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._released.set()
+        self._hanging = threading.Condition(self._lock)
+        self._hung = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_lock", "_released", "_hanging", "_transient_error", "_permanent_error"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_sync()
+        self._transient_error = lambda: ConnectionError("injected transient failure")
+        self._permanent_error = None
+
+    # -- fault injection --------------------------------------------------------
+
+    def fail_next(self, count: int, error: Callable[[], BaseException] | None = None) -> None:
+        """Make the next ``count`` storage calls raise a transient error (ConnectionError)."""
+        with self._lock:
+            self._fail_next = count
+            if error is not None:
+                self._transient_error = error
+
+    def fail_randomly(self, rate: float, *, seed: int = 0) -> None:
+        """Make each storage call fail transiently with probability ``rate``."""
+        with self._lock:
+            self._fail_rate = rate
+            self._rng = random.Random(seed)
+
+    def fail_always(self, error: Callable[[], BaseException] | None = None) -> None:
+        """Make every storage call raise a permanent error until :meth:`heal`."""
+        with self._lock:
+            self._permanent_error = error or (lambda: PermanentError("injected permanent failure"))
+
+    def heal(self) -> None:
+        """Stop injecting failures."""
+        with self._lock:
+            self._fail_next = 0
+            self._fail_rate = 0.0
+            self._permanent_error = None
+
+    def hang(self) -> None:
+        """Make storage calls block until :meth:`release`."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """Let blocked storage calls (and later ones) proceed."""
+        self._released.set()
+
+    def wait_until_hanging(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Block until ``count`` storage calls are blocked in :meth:`hang`."""
+        with self._hanging:
+            return self._hanging.wait_for(lambda: self._hung >= count, timeout)
+
+    # -- storage calls ----------------------------------------------------------
+
+    @contextmanager
+    def _call(self, operation: str, key: str) -> Iterator[None]:
+        with self._lock:
+            self.calls += 1
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            if not self._released.is_set():
+                with self._hanging:
+                    self._hung += 1
+                    self._hanging.notify_all()
+                self._released.wait()
+                with self._hanging:
+                    self._hung -= 1
+            if self.latency:
+                time.sleep(self.latency)
+            with self._lock:
+                error: BaseException | None = None
+                if self._permanent_error is not None:
+                    error = self._permanent_error()
+                elif self._fail_next > 0:
+                    self._fail_next -= 1
+                    error = self._transient_error()
+                elif self._fail_rate and self._rng.random() < self._fail_rate:
+                    error = self._transient_error()
+                if error is not None:
+                    self.failures_injected += 1
+                    raise error
+            yield
+            with self._lock:
+                self.history.append((operation, key))
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+    def put(
+        self,
+        key: str,
+        path: str | Path,
+        *,
+        kind: str = "checkpoint",
+        feature_values: dict[Any, Any] | None = None,
+    ) -> StoredArtifact:
+        """Store the file at ``path`` under ``key``, streaming it; return the record."""
+        with self._call("put", key):
+            digest = hashlib.sha256()
+            size = 0
+            chunks: list[bytes] = []
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if self.keep_bytes:
+                        chunks.append(chunk)
+            with self._lock:
+                version = self._versions.get(key, 0) + 1
+                self._versions[key] = version
+                record = StoredArtifact(
+                    key=key,
+                    kind=kind,
+                    sha256=digest.hexdigest(),
+                    size=size,
+                    version=version,
+                    feature_values=dict(feature_values or {}),
+                    data=b"".join(chunks) if self.keep_bytes else None,
+                )
+                self._objects[key] = record
+            return record
+
+    def delete(self, key: str) -> StoredArtifact | None:
+        """Delete what is stored under ``key``; return it, or None if nothing was."""
+        with self._call("delete", key), self._lock:
+            self.flags.pop(key, None)
+            return self._objects.pop(key, None)
+
+    # -- inspection ----------------------------------------------------------------
+
+    def get(self, key: str) -> StoredArtifact | None:
+        """The record under ``key``, or None."""
+        with self._lock:
+            return self._objects.get(key)
+
+    def keys(self, kind: str | None = None) -> set[str]:
+        """Stored keys, optionally only those of one kind."""
+        with self._lock:
+            return {k for k, v in self._objects.items() if kind is None or v.kind == kind}
+
+    def set_flags(self, key: str, **values: Any) -> None:
+        """Record order-dependent metadata (best, last, rank) for ``key``."""
+        with self._lock:
+            self.flags.setdefault(key, {}).update(values)
+
+
+class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
+    """An :class:`ArtifactPublishingModelCheckpoint` that persists into a :class:`MemoryStore`.
+
+    Keys are ``{key_prefix}/{file name}`` for checkpoints and ``hparams.yaml``,
+    and ``{file name}`` for configs. After each commit the store's ``flags`` hold
+    ``is_best_model``, ``is_last_model`` and ``model_rank`` for every stored
+    checkpoint, computed from the submission snapshot.
+
+    Args:
+        store: The store to persist into (a new one if omitted).
+        key_prefix: Prefix of checkpoint keys.
+        **kwargs: Passed to :class:`ArtifactPublishingModelCheckpoint`.
+    """
+
+    def __init__(
+        self, store: MemoryStore | None = None, *, key_prefix: str = "checkpoints", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.store = store if store is not None else MemoryStore()
+        self.key_prefix = key_prefix.rstrip("/")
+
+    def resolve_artifact_key(
+        self, trainer: pl.Trainer, filepath: Path | str, kind: ArtifactKind
+    ) -> str:
+        """``{key_prefix}/{name}`` for checkpoints and hparams, ``{name}`` for configs."""
+        name = Path(filepath).name
+        return name if kind == "config" else f"{self.key_prefix}/{name}"
+
+    def resolve_artifact_storage_uri(self, artifact: StoredArtifact) -> str:
+        """``memory://{key}?version={version}``."""
+        return f"memory://{artifact.key}?version={artifact.version}"
+
+    def save_checkpoint_artifact(
+        self,
+        trainer: pl.Trainer,
+        filepath: Path | str,
+        *,
+        feature_values: dict[Any, Any] | None = None,
+    ) -> StoredArtifact:
+        """Put the checkpoint into the store."""
+        key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+        return self.store.put(key, filepath, kind="checkpoint", feature_values=feature_values)
+
+    def save_config_artifact(self, trainer: pl.Trainer, config_path: Path | str) -> StoredArtifact:
+        """Put the config into the store."""
+        key = self.resolve_artifact_key(trainer, config_path, "config")
+        return self.store.put(key, config_path, kind="config")
+
+    def save_hparams_artifact(
+        self, trainer: pl.Trainer, hparams_path: Path | str
+    ) -> StoredArtifact | None:
+        """Put ``hparams.yaml`` into the store."""
+        if not Path(hparams_path).exists():
+            return None
+        key = self.resolve_artifact_key(trainer, hparams_path, "hparams")
+        return self.store.put(key, hparams_path, kind="hparams")
+
+    def commit_checkpoint_artifact(
+        self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: StoredArtifact
+    ) -> None:
+        """Set best/last/rank flags on every stored checkpoint from the snapshot."""
+        ranks = {key: rank for rank, key in enumerate(snapshot.ranking)}
+        for key in self.store.keys(kind="checkpoint") | {snapshot.key}:
+            self.store.set_flags(
+                key,
+                is_best_model=key == snapshot.best_key,
+                is_last_model=key == snapshot.key,
+                model_rank=ranks.get(key),
+            )
+
+    def remove_checkpoint_artifact(
+        self, trainer: pl.Trainer, key: str, artifact: Any | None
+    ) -> StoredArtifact | None:
+        """Delete the key from the store."""
+        return self.store.delete(key)
+
+
+class RecordingObserver:
+    """An observer that records every event it receives, in order, thread-safely."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.events: list[AnyArtifactEvent] = []
+        self.threads: set[str] = set()
+
+    def _record(self, event: AnyArtifactEvent) -> None:
+        with self._cond:
+            self.events.append(event)
+            self.threads.add(threading.current_thread().name)
+            self._cond.notify_all()
+
+    def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+        """Record a saved event."""
+        self._record(event)
+
+    def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
+        """Record a removed event."""
+        self._record(event)
+
+    def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
+        """Record a failed event."""
+        self._record(event)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until at least ``count`` events arrived."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.events) >= count, timeout)
+
+    def of_type(self, cls: type[Any]) -> list[Any]:
+        """The events of one class, in order."""
+        with self._cond:
+            return [e for e in self.events if isinstance(e, cls)]
+
+    def keys(self, cls: type[Any] | None = None) -> list[str]:
+        """Keys of the events (of one class), in order."""
+        with self._cond:
+            return [e.key for e in self.events if cls is None or isinstance(e, cls)]
