@@ -250,6 +250,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         self._last_artifact_event: AnyArtifactEvent | None = None
         self._stats_recorder = StatsRecorder()
         self._hparams_submitted = False
+        self._trainer: pl.Trainer | None = None
         self._init_runtime()
 
     # -- runtime state: created lazily, dropped when pickled ------------------------------

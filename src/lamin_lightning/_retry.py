@@ -132,7 +132,7 @@ class RetryPolicy:
 
     def is_transient(self, error: BaseException) -> bool:
         """Whether ``error`` is worth retrying under this policy."""
-        if isinstance(error, PermanentError | _NEVER_TRANSIENT):
+        if isinstance(error, (PermanentError, *_NEVER_TRANSIENT)):
             return False
         if isinstance(error, TransientError):
             return True

@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "RecordingObserver",
     "StoredArtifact",
     "is_testing",
+    "local_instance",
     "no_retry_delays",
     "set_testing",
 ]
@@ -388,3 +389,53 @@ class RecordingObserver:
         """Keys of the events (of one class), in order."""
         with self._cond:
             return [e.key for e in self.events if cls is None or isinstance(e, cls)]
+
+
+@contextmanager
+def local_instance(root: str | Path | None = None) -> Iterator[Path]:
+    """Create, connect and finally disconnect an isolated, offline, local LaminDB instance.
+
+    The instance (SQLite database and storage) lives under ``root`` (a new
+    temporary folder if omitted, deleted afterwards). LaminDB's settings and
+    cache go to ``root/settings`` and ``root/cache`` unless ``LAMIN_SETTINGS_DIR``
+    and ``LAMIN_CACHE_DIR`` are set; they must be set before lamindb is first
+    imported, so use this helper before importing lamindb (or set them yourself).
+    The instance never contacts LaminDB's hub. Yields the storage folder.
+
+    Example (a pytest fixture)::
+
+        @pytest.fixture(scope="session")
+        def lamin(tmp_path_factory):
+            with local_instance(tmp_path_factory.mktemp("lamin")) as storage:
+                yield storage
+    """
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    owned = root is None
+    base = Path(tempfile.mkdtemp(prefix="lamin-lightning-")) if root is None else Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    for var, sub in (("LAMIN_SETTINGS_DIR", "settings"), ("LAMIN_CACHE_DIR", "cache")):
+        if var not in os.environ:
+            if "lamindb_setup" in sys.modules:
+                raise RuntimeError(
+                    f"{var} is not set and lamindb is already imported, so its settings would"
+                    f" go to ~/.lamin; set {var} before importing lamindb"
+                )
+            os.environ[var] = str(base / sub)
+    import lamindb_setup
+
+    storage = base / "storage"
+    lamindb_setup.init(storage=str(storage))
+    from lamin_lightning._lamin import ensure_offline_safe
+
+    ensure_offline_safe()
+    try:
+        yield storage
+    finally:
+        with suppress(Exception):
+            lamindb_setup.disconnect()
+        if owned:
+            shutil.rmtree(base, ignore_errors=True)
