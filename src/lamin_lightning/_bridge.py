@@ -3,6 +3,11 @@
 - :class:`PersistencePipeline` is the synchronous facade the callback uses: it
   runs :class:`~lamin_lightning._pipeline.AsyncPipeline` on an anyio event loop
   in a thread of its own (a blocking portal) and forwards calls to it.
+  Submission never waits for the event loop: the submitter takes a slot from a
+  thread semaphore (waiting only when ``max_pending`` jobs are outstanding) and
+  puts the job on an intake queue; an intake thread hands jobs to the loop in
+  order. A portal round trip costs tens of milliseconds when background threads
+  hold the GIL, and the training thread must not pay it.
 - :class:`ThreadLane` is a dedicated thread the event loop hands blocking calls
   to. The pipeline owns its lanes, so it knows every thread that touched the
   storage backend and can run a finalizer on each (closing Django connections,
@@ -15,6 +20,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -140,6 +146,12 @@ class PersistencePipeline:
         self._run_future: Future[None] | None = None
         self._lanes: list[ThreadLane] = []
         self._lock = threading.Lock()
+        self._slots = threading.Semaphore(max_pending)
+        self._intake: queue.SimpleQueue[tuple[JobSpec, float] | None] = queue.SimpleQueue()
+        self._intake_thread: threading.Thread | None = None
+        self._intake_cond = threading.Condition()
+        self._submitted = 0
+        self._admitted = 0
 
     @property
     def running(self) -> bool:
@@ -172,7 +184,7 @@ class PersistencePipeline:
             committer, deliverer = lane("committer"), lane("delivery")
             self._lanes = [*workers, committer, deliverer]
             core = AsyncPipeline(
-                max_pending=self._max_pending,
+                release_slot=self._slots.release,
                 retry=self._retry,
                 deliver=self._deliver,
                 workers=workers,
@@ -182,22 +194,62 @@ class PersistencePipeline:
             )
             self._run_future, _ = portal.start_task(core.run, name=f"{self._name}-core")
             self._core = core
+            self._intake_thread = threading.Thread(
+                target=self._intake_main,
+                args=(portal, core),
+                name=f"{self._name}-intake",
+                daemon=True,
+            )
+            self._intake_thread.start()
 
     def _require(self) -> tuple[BlockingPortal, AsyncPipeline]:
         if self._portal is None or self._core is None:
             raise RuntimeError("the persistence pipeline is not running; call start() first")
         return self._portal, self._core
 
-    def submit(self, spec: JobSpec) -> int:
-        """Admit a job, blocking while ``max_pending`` jobs are outstanding."""
-        portal, core = self._require()
-        return portal.call(core.admit, spec)
+    def _intake_main(self, portal: BlockingPortal, core: AsyncPipeline) -> None:
+        while (item := self._intake.get()) is not None:
+            spec, submitted_at = item
+            try:
+                portal.call(core.admit, spec, submitted_at)
+            except Exception:
+                log.exception("could not admit the job for %r", spec.key)
+            with self._intake_cond:
+                self._admitted += 1
+                self._intake_cond.notify_all()
+
+    def submit(self, spec: JobSpec) -> None:
+        """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding.
+
+        The time spent blocked is counted as training stall.
+        """
+        self._require()
+        started = time.monotonic()
+        if not self._slots.acquire(blocking=False):
+            self._stats.add(admission_waits=1)
+            self._slots.acquire()
+        submitted_at = time.monotonic()
+        waited = submitted_at - started
+        self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
+        self._stats.record_max("max_training_stall_seconds", waited)
+        with self._intake_cond:
+            self._submitted += 1
+        self._intake.put((spec, submitted_at))
+
+    def _wait_intake(self, timeout: float | None) -> bool:
+        with self._intake_cond:
+            target = self._submitted
+            return self._intake_cond.wait_for(lambda: self._admitted >= target, timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every admitted job finished; False if ``timeout`` seconds passed first."""
         if self._core is None or self._portal is None:
             return True
-        return self._portal.call(self._core.wait_idle, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_intake(timeout):
+            return False
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._portal.call(self._core.wait_idle, remaining)
 
     def pending(self) -> list[PendingJob]:
         """Jobs admitted and not finished, in submission order."""
@@ -216,7 +268,7 @@ class PersistencePipeline:
                 return True
             flushed = False
             try:
-                flushed = self._portal.call(self._core.wait_idle, timeout)
+                flushed = self.flush(timeout)
                 if not flushed:
                     keys = [job.key for job in self._portal.call(self._core.pending)]
                     log.warning(
@@ -232,6 +284,9 @@ class PersistencePipeline:
                 assert self._portal_cm is not None
                 with contextlib.suppress(Exception):
                     self._portal_cm.__exit__(None, None, None)
+                self._intake.put(None)
+                if self._intake_thread is not None:
+                    self._intake_thread.join(timeout=2)
                 for lane in self._lanes:
                     lane.stop()
                 for lane in self._lanes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -131,7 +132,7 @@ class AsyncPipeline:
     def __init__(
         self,
         *,
-        max_pending: int,
+        release_slot: Callable[[], None],
         retry: RetryPolicy,
         deliver: Callable[[Any], None],
         workers: Sequence[Executor],
@@ -145,7 +146,7 @@ class AsyncPipeline:
         self._committer = committer
         self._deliverer = deliverer
         self._stats = stats
-        self._slots = anyio.Semaphore(max_pending)
+        self._release_slot = release_slot
         self._next_seq = 0
         self._outstanding: dict[int, _Job] = {}
         self._queued_saves: dict[str, _Job] = {}
@@ -191,30 +192,24 @@ class AsyncPipeline:
 
     # -- admission ---------------------------------------------------------------
 
-    async def admit(self, spec: JobSpec) -> int:
-        """Admit a job, waiting for a free slot; return its sequence number."""
+    async def admit(self, spec: JobSpec, submitted_at: float) -> int:
+        """Admit a job whose slot the submitter already holds; return its sequence number.
+
+        ``submitted_at`` is the ``time.monotonic()`` of the submission; latencies count
+        from it.
+        """
         if self._closed:
+            self._release_slot()
+            self._stats.add(pending=-1)
             raise RuntimeError("the persistence pipeline is stopped; no new jobs are accepted")
-        # Cancel before waiting: the slot we wait for may be the one we free.
         previous = self._queued_saves.pop(spec.key, None)
         if previous is not None:
             state = JobState.CANCELLED if spec.operation == "remove" else JobState.SUPERSEDED
             self._drop(previous, state)
-        started = anyio.current_time()
-        if self._slots.value == 0:
-            self._stats.add(admission_waits=1)
-        await self._slots.acquire()
-        waited = anyio.current_time() - started
-        self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
-        self._stats.record_max("max_training_stall_seconds", waited)
-        if self._stopped():
-            self._slots.release()
-            self._stats.add(pending=-1)
-            raise RuntimeError("the persistence pipeline stopped while a job waited for admission")
 
         seq = self._next_seq
         self._next_seq += 1
-        job = _Job(seq, spec, anyio.current_time())
+        job = _Job(seq, spec, submitted_at)
         self._outstanding[seq] = job
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._commit_send.send_nowait(job)
@@ -228,9 +223,6 @@ class AsyncPipeline:
             self._task_group.start_soon(self._transfer, job)
         return seq
 
-    def _stopped(self) -> bool:
-        return self._closed
-
     def _drop(self, job: _Job, state: JobState) -> None:
         """Cancel or supersede a job whose transfer has not started."""
         job.state = state
@@ -243,7 +235,7 @@ class AsyncPipeline:
     def _finish(self, job: _Job) -> None:
         if self._outstanding.pop(job.seq, None) is None:
             return
-        self._slots.release()
+        self._release_slot()
         self._stats.add(pending=-1)
         if not self._outstanding:
             self._idle.set()
@@ -321,7 +313,7 @@ class AsyncPipeline:
                 await self._guarded(
                     self._deliverer, partial(self._deliver_fn, event), "deliver", ""
                 )
-            latency = anyio.current_time() - job.admitted_at
+            latency = time.monotonic() - job.admitted_at
             if job.error is not None:
                 self._stats.add(failed=1, persistence_latency_seconds=latency)
             elif job.spec.operation == "save":

@@ -1,0 +1,216 @@
+"""The demo: the same training, checkpointed by LaminDB's synchronous callback and by ours.
+
+Run with ``make demo`` (or ``lamin-lightning demo``). Creates a local LaminDB
+instance under ``demo_output/`` (fresh each time), trains a small model on CPU
+twice with the same data and settings and ~100 MB checkpoints, once with
+``lamindb.integrations.lightning.Checkpoint`` and once with
+``lamin_lightning.Checkpoint``, and prints what training waited for, the
+artifacts and how to get the best model back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _prepare_environment(root: Path) -> None:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    if "lamindb_setup" in sys.modules:  # pragma: no cover - only when imported oddly
+        raise RuntimeError("run the demo in a fresh process: lamindb is already imported")
+    os.environ["LAMIN_SETTINGS_DIR"] = str(root / "lamin-settings")
+    os.environ["LAMIN_CACHE_DIR"] = str(root / "lamin-cache")
+
+
+def _timed(cls: type) -> type:
+    """Subclass a checkpoint callback to measure how long training waits in it.
+
+    The stall of one checkpoint is the time spent in ``_save_checkpoint`` (and in
+    ``_remove_checkpoint`` for the file it evicts) minus Lightning's own local
+    ``trainer.save_checkpoint``, which both callbacks share.
+    """
+
+    class Timed(cls):  # type: ignore[misc]
+        stalls: list[float]
+        local_saves: list[float]
+
+        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+            if not hasattr(self, "stalls"):
+                self.stalls, self.local_saves = [], []
+            original = trainer.save_checkpoint
+            local = [0.0]
+
+            def save(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    local[0] += time.perf_counter() - started
+
+            trainer.save_checkpoint = save
+            started = time.perf_counter()
+            try:
+                super()._save_checkpoint(trainer, filepath)
+            finally:
+                del trainer.save_checkpoint
+            self.stalls.append(time.perf_counter() - started - local[0])
+            self.local_saves.append(local[0])
+
+        def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
+            started = time.perf_counter()
+            super()._remove_checkpoint(trainer, filepath)
+            if getattr(self, "stalls", None):
+                self.stalls[-1] += time.perf_counter() - started
+
+    Timed.__name__ = f"Timed{cls.__name__}"
+    return Timed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; return the exit code."""
+    parser = argparse.ArgumentParser(prog="lamin-lightning demo", description=__doc__)
+    parser.add_argument("--root", type=Path, default=Path("demo_output"))
+    parser.add_argument("--width", type=int, default=5000, help="Linear(width, width): ~100 MB")
+    parser.add_argument("--checkpoints", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    root = args.root.resolve()
+    _prepare_environment(root)
+
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lamin_lightning as ll
+    from lamin_lightning.testing import local_instance
+
+    steps_per_ckpt = 4
+    max_steps = steps_per_ckpt * args.checkpoints
+    torch.manual_seed(0)
+    features = torch.randn(256, args.width)
+    targets = torch.randn(256, 1)
+
+    class DemoModel(pl.LightningModule):
+        def __init__(self, width: int, lr: float = 1e-3) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.body = torch.nn.Linear(width, width)
+            self.head = torch.nn.Linear(width, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.head(torch.relu(self.body(x))), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
+
+    with local_instance(root) as storage:
+        import lamindb as ln
+        from lamindb.integrations import lightning as reference
+
+        ll.save_lightning_features()
+        ln.track()
+        results = {}
+        callbacks = {}
+        for name, cls in (
+            ("lamindb (sync)", reference.Checkpoint),
+            ("lamin-lightning", ll.Checkpoint),
+        ):
+            torch.manual_seed(0)
+            model = DemoModel(args.width)
+            callback = _timed(cls)(
+                dirpath=str(root / "runs" / name.split()[0]),
+                monitor="train_loss",
+                save_top_k=3,
+                every_n_train_steps=steps_per_ckpt,
+            )
+            trainer = pl.Trainer(
+                max_steps=max_steps,
+                callbacks=[callback],
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            loader = DataLoader(TensorDataset(features, targets), batch_size=32, shuffle=False)
+            print(f"training with {name} ...", flush=True)
+            started = time.perf_counter()
+            trainer.fit(model, loader)
+            fit_seconds = time.perf_counter() - started
+            results[name] = {
+                "fit": fit_seconds,
+                "stall": statistics.median(callback.stalls),
+                "local": statistics.median(callback.local_saves),
+                "count": len(callback.stalls),
+            }
+            callbacks[name] = callback
+
+        size_mb = Path(callbacks["lamin-lightning"].best_model_path).stat().st_size / 1e6
+        print()
+        print(
+            f"Same data, same settings, {results['lamin-lightning']['count']} checkpoints of"
+            f" {size_mb:.0f} MB, CPU, local SQLite instance at {storage}"
+        )
+        print()
+        header = f"{'callback':<18}{'fit time':>10}{'torch.save':>14}{'stall/ckpt':>14}"
+        print(header)
+        print("-" * len(header))
+        for name, row in results.items():
+            print(
+                f"{name:<18}{row['fit']:>9.2f}s{row['local'] * 1e3:>12.0f}ms"
+                f"{row['stall'] * 1e3:>12.1f}ms"
+            )
+        sync, ours = results["lamindb (sync)"], results["lamin-lightning"]
+        print()
+        print(
+            f"Training waited {sync['stall'] / max(ours['stall'], 1e-9):,.0f}x less per checkpoint"
+            f" (median stall beyond torch.save: {sync['stall'] * 1e3:.0f} ms -> "
+            f"{ours['stall'] * 1e3:.1f} ms); fit time {ours['fit'] / sync['fit']:.2f}x."
+        )
+        ours_cb = callbacks["lamin-lightning"]
+        stats = ours_cb.persistence_stats
+        print(
+            f"lamin-lightning persisted {stats.saved} files, removed {stats.removed} evicted,"
+            f" {stats.failed} failed, {stats.retried} retries,"
+            f" mean latency {stats.mean_persistence_latency_seconds:.2f}s;"
+            f" {stats.admission_waits} checkpoints waited for a free slot"
+            f" ({stats.training_stall_seconds:.2f}s in all)."
+        )
+        print()
+        prefix = ours_cb.checkpoint_key_prefix
+        print(f"Artifacts under {prefix}/:")
+        for artifact in ln.Artifact.filter(key__startswith=prefix + "/").order_by("key"):
+            values = artifact.features.get_values()
+            shown = {
+                k: (round(v, 4) if isinstance(v, float) else v)
+                for k, v in values.items()
+                if k in ("is_best_model", "is_last_model", "model_rank", "score")
+            }
+            print(f"  {artifact.key.removeprefix(prefix + '/'):<28} {shown}")
+        print()
+        print("Get the best model back:")
+        print('  is_best = ln.Feature.filter(name="is_best_model").one()')
+        print(
+            f"  best = ln.Artifact.filter(is_best == True, key__startswith={prefix + '/'!r}).one()"
+        )
+        print("  trainer.fit(model, ckpt_path=best.cache())")
+        is_best = ln.Feature.filter(name="is_best_model").one()
+        best = ln.Artifact.filter(is_best == True, key__startswith=prefix + "/").one()  # noqa: E712
+        print(f"  -> {best.key} (score {best.features.get_values().get('score')})")
+        if not best.key.endswith(Path(ours_cb.best_model_path).name):
+            print("error: the best artifact does not match Lightning's best_model_path")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
