@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
 
     with local_instance(root) as storage:
-        import lamindb as ln
         from lamindb.integrations import lightning as reference
+
+        import lamindb as ln
 
         ll.save_lightning_features()
         ln.track()
