@@ -210,8 +210,16 @@ class PersistencePipeline:
     def _intake_main(self, portal: BlockingPortal, core: AsyncPipeline) -> None:
         while (item := self._intake.get()) is not None:
             spec, submitted_at = item
+            size: int | None = None
+            error: BaseException | None = None
+            if spec.prepare is not None:
+                try:
+                    size = spec.prepare()
+                except Exception as prepare_error:
+                    log.error("could not stage %r: %s", spec.key, prepare_error)
+                    error = prepare_error
             try:
-                portal.call(core.admit, spec, submitted_at)
+                portal.call(core.admit, spec, submitted_at, size, error)
             except Exception:
                 log.exception("could not admit the job for %r", spec.key)
             with self._intake_cond:

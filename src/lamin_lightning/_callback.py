@@ -54,9 +54,9 @@ from lamin_lightning._events import (
 from lamin_lightning._pipeline import JobSpec, PendingJob
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import (
+    Stager,
     detach_before_rewrite,
     release_staged,
-    stage_file,
     staging_root,
 )
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
@@ -103,7 +103,6 @@ class CheckpointSnapshot:
         key: The artifact key of this checkpoint.
         local_path: The path Lightning wrote.
         staged_path: The staged name of the same bytes, read by the upload.
-        size_bytes: File size.
         global_step: ``trainer.global_step`` at save time.
         epoch: ``trainer.current_epoch`` at save time.
         monitor: The monitored metric, or None.
@@ -122,7 +121,6 @@ class CheckpointSnapshot:
     key: str
     local_path: Path
     staged_path: Path
-    size_bytes: int
     global_step: int
     epoch: int
     monitor: str | None
@@ -261,6 +259,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         self._unreported_failures: list[ArtifactFailedEvent] = []
         self._persisted: dict[str, Any] = {}
         self._storage_uris: dict[str, str] = {}
+        self._stagers: dict[Path, Stager] = {}
+        self._staging_done: dict[str, threading.Event] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -268,6 +268,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             state[name] = None
         state["_persisted"] = {}
         state["_storage_uris"] = {}
+        state["_stagers"] = {}
+        state["_staging_done"] = {}
         state["_unreported_failures"] = []
         return state
 
@@ -491,6 +493,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         self._surface_failures()
         if trainer.is_global_zero:
+            self._await_staging(filepath)
             detach_before_rewrite(filepath)
         super()._save_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
@@ -505,6 +508,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero
             else ""
         )
+        if trainer.is_global_zero:
+            self._await_staging(filepath)
         super()._remove_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
@@ -540,12 +545,36 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
     def _staging_root(self, filepath: str | Path) -> Path:
         return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
 
+    def _plan_staging(self, filepath: str | Path) -> tuple[Path, Callable[[], int]]:
+        """Name the staged copy now; stage it later, on the pipeline's intake thread."""
+        root = self._staging_root(filepath)
+        stager = self._stagers.get(root)
+        if stager is None:
+            stager = self._stagers[root] = Stager(root)
+        staged = stager.plan(filepath)
+        done = threading.Event()
+        if len(self._staging_done) > 256:
+            self._staging_done = {p: e for p, e in self._staging_done.items() if not e.is_set()}
+        self._staging_done[str(filepath)] = done
+
+        def prepare() -> int:
+            try:
+                return stager.stage(filepath, staged)[1]
+            finally:
+                done.set()
+
+        return staged, prepare
+
+    def _await_staging(self, filepath: str | Path) -> None:
+        """Before Lightning removes or rewrites a file, make sure it has been staged."""
+        done = self._staging_done.pop(str(filepath), None)
+        if done is not None and not done.wait(timeout=self.flush_timeout):
+            log.warning("staging %s did not finish; removing or rewriting it anyway", filepath)
+
     def _key_or_none(self, trainer: pl.Trainer, path: str | None) -> str | None:
         return self.resolve_artifact_key(trainer, path, "checkpoint") if path else None
 
-    def _snapshot(
-        self, trainer: pl.Trainer, filepath: str, staged: Path, size: int
-    ) -> CheckpointSnapshot:
+    def _snapshot(self, trainer: pl.Trainer, filepath: str, staged: Path) -> CheckpointSnapshot:
         scored = [(path, _as_float(score)) for path, score in self.best_k_models.items()]
         reverse = self.mode == "max"
         ordered = sorted(
@@ -558,7 +587,6 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             key=self.resolve_artifact_key(trainer, filepath, "checkpoint"),
             local_path=Path(filepath),
             staged_path=staged,
-            size_bytes=size,
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
             monitor=self.monitor,
@@ -573,8 +601,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         )
 
     def _submit_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        staged, size, _ = stage_file(filepath, self._staging_root(filepath))
-        snapshot = self._snapshot(trainer, filepath, staged, size)
+        staged, prepare = self._plan_staging(filepath)
+        snapshot = self._snapshot(trainer, filepath, staged)
         values = self.collect_checkpoint_feature_values(trainer, snapshot)
         if values is not None:
             snapshot = CheckpointSnapshot(**{**snapshot.__dict__, "feature_values": values})
@@ -590,7 +618,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                     self._fail, trainer, "checkpoint", snapshot.key, Path(filepath), "save"
                 ),
                 discard=partial(release_staged, staged),
-                size_bytes=size,
+                prepare=prepare,
                 payload={"kind": "checkpoint", "local_path": str(filepath), "staged": str(staged)},
             )
         )
@@ -604,7 +632,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         if kind == "checkpoint":
             raise ValueError("checkpoints are submitted by Lightning's own save hooks")
         key = self.resolve_artifact_key(trainer, path, kind)
-        staged, size, _ = stage_file(path, self._staging_root(path))
+        staged, prepare = self._plan_staging(path)
         hook: Callable[[pl.Trainer, Path], Any] = (
             self.save_config_artifact if kind == "config" else self.save_hparams_artifact
         )
@@ -616,7 +644,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 commit=partial(self._commit_file, trainer, kind, key, Path(path), staged),
                 fail=partial(self._fail, trainer, kind, key, Path(path), "save"),
                 discard=partial(release_staged, staged),
-                size_bytes=size,
+                prepare=prepare,
                 payload={"kind": kind, "local_path": str(path), "staged": str(staged)},
             )
         )

@@ -68,6 +68,9 @@ class JobSpec:
         discard: Called on the committer thread when the job was cancelled or
             superseded before its transfer started (to clean up staged files).
         size_bytes: Size of the file, for the byte counters.
+        prepare: Called on the pipeline's intake thread before the job is admitted
+            (staging the file); returns the file's size in bytes, which then replaces
+            ``size_bytes``. If it raises, the job fails at once, in its slot.
         payload: Anything the submitter wants to find again (for example in
             :meth:`AsyncPipeline.pending`); the pipeline does not look at it.
     """
@@ -79,6 +82,7 @@ class JobSpec:
     transfer: Callable[[], Any] | None = None
     discard: Callable[[], None] | None = None
     size_bytes: int = 0
+    prepare: Callable[[], int] | None = None
     payload: Any = None
 
 
@@ -99,6 +103,7 @@ class _Job:
         "error",
         "result",
         "seq",
+        "size",
         "spec",
         "state",
         "transferred",
@@ -108,6 +113,7 @@ class _Job:
         self.seq = seq
         self.spec = spec
         self.admitted_at = admitted_at
+        self.size = spec.size_bytes
         self.state = JobState.QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
@@ -192,11 +198,18 @@ class AsyncPipeline:
 
     # -- admission ---------------------------------------------------------------
 
-    async def admit(self, spec: JobSpec, submitted_at: float) -> int:
+    async def admit(
+        self,
+        spec: JobSpec,
+        submitted_at: float,
+        size: int | None = None,
+        error: BaseException | None = None,
+    ) -> int:
         """Admit a job whose slot the submitter already holds; return its sequence number.
 
         ``submitted_at`` is the ``time.monotonic()`` of the submission; latencies count
-        from it.
+        from it. ``size`` and ``error`` are the outcome of ``spec.prepare``: a job whose
+        preparation failed goes straight to its failed event.
         """
         if self._closed:
             self._release_slot()
@@ -210,11 +223,17 @@ class AsyncPipeline:
         seq = self._next_seq
         self._next_seq += 1
         job = _Job(seq, spec, submitted_at)
+        if size is not None:
+            job.size = size
         self._outstanding[seq] = job
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._commit_send.send_nowait(job)
         assert self._task_group is not None
-        if spec.transfer is None:
+        if error is not None:
+            job.error, job.attempts = error, 1
+            job.state = JobState.TRANSFERRED
+            job.transferred.set()
+        elif spec.transfer is None:
             job.state = JobState.TRANSFERRED
             job.transferred.set()
         else:
@@ -317,9 +336,7 @@ class AsyncPipeline:
             if job.error is not None:
                 self._stats.add(failed=1, persistence_latency_seconds=latency)
             elif job.spec.operation == "save":
-                self._stats.add(
-                    saved=1, bytes_saved=job.spec.size_bytes, persistence_latency_seconds=latency
-                )
+                self._stats.add(saved=1, bytes_saved=job.size, persistence_latency_seconds=latency)
             else:
                 self._stats.add(removed=1, persistence_latency_seconds=latency)
             self._stats.record_max("max_persistence_latency_seconds", latency)

@@ -46,27 +46,59 @@ def link_is_safe(dirpath: Path) -> bool:
     return _same_device(Path(tempfile.gettempdir()), dirpath)
 
 
-def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str]:
-    """Give ``path`` a second name under ``root``; return (staged path, size, method).
+class Stager:
+    """Stages files under one root; remembers per directory whether linking is safe.
 
-    The staged file keeps the original base name inside a unique folder, so a
-    key derived from the name is the same for the staged file.
+    The callback plans a staged name on the training thread (no syscall) and stages
+    on the pipeline's intake thread: every syscall releases the GIL, and getting it
+    back can take a switch interval (5 ms) while background threads run Python code.
+    The training thread waits for a file's staging only before it removes or
+    rewrites that file (normally long done).
     """
-    source = Path(path)
-    size = source.stat().st_size
-    with _counter_lock:
-        unique = f"{os.getpid()}-{next(_counter):06d}"
-    folder = root / "staged" / unique
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / source.name
-    if size >= SMALL_FILE_BYTES and link_is_safe(source.parent):
-        try:
-            os.link(source, staged)
-            return staged, size, "link"
-        except OSError:
-            pass
-    shutil.copyfile(source, staged)
-    return staged, size, "copy"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._staged_dir: Path | None = None
+        self._link_safe: dict[Path, bool] = {}
+
+    def plan(self, path: str | os.PathLike[str]) -> Path:
+        """Choose the staged name of ``path`` without touching the filesystem."""
+        with _counter_lock:
+            unique = f"{os.getpid()}-{next(_counter):06d}"
+        return self.root / "staged" / unique / Path(path).name
+
+    def stage(
+        self, path: str | os.PathLike[str], staged: Path | None = None
+    ) -> tuple[Path, int, str]:
+        """Give ``path`` a second name under the root; return (staged path, size, method).
+
+        The staged file keeps the original base name inside a unique folder, so a
+        key derived from the name is the same for the staged file.
+        """
+        source = Path(path)
+        staged = staged if staged is not None else self.plan(source)
+        size = source.stat().st_size
+        if self._staged_dir is None:
+            self._staged_dir = self.root / "staged"
+            self._staged_dir.mkdir(parents=True, exist_ok=True)
+        staged.parent.mkdir()
+        if size >= SMALL_FILE_BYTES:
+            safe = self._link_safe.get(source.parent)
+            if safe is None:
+                safe = self._link_safe[source.parent] = link_is_safe(source.parent)
+            if safe:
+                try:
+                    os.link(source, staged)
+                    return staged, size, "link"
+                except OSError:
+                    self._link_safe[source.parent] = False
+        shutil.copyfile(source, staged)
+        return staged, size, "copy"
+
+
+def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str]:
+    """Stage one file under ``root`` (see :class:`Stager`)."""
+    return Stager(root).stage(path)
 
 
 def release_staged(staged: Path) -> None:
