@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(
             f"Training waited {sync['stall'] / max(ours['stall'], 1e-9):,.0f}x less per checkpoint"
-            f" (median stall beyond Lightning's own local write and removal: {sync['stall'] * 1e3:.0f} ms -> "
+            f" (median stall beyond Lightning's own local write and removal:"
+            f" {sync['stall'] * 1e3:.0f} ms -> "
             f"{ours['stall'] * 1e3:.1f} ms); fit time {ours['fit'] / sync['fit']:.2f}x."
         )
         ours_cb = callbacks["lamin-lightning"]
