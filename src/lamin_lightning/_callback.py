@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import threading
 import time
 import warnings
@@ -493,8 +494,12 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         self._surface_failures()
         if trainer.is_global_zero:
+            # Move an older file of this name aside (a rename) instead of letting
+            # Lightning rewrite it: the rewrite would free its blocks on this thread,
+            # or rewrite in place the inode a queued upload still reads.
             self._await_staging(filepath)
-            detach_before_rewrite(filepath)
+            if os.path.exists(filepath) and not self._stager(filepath).trash(filepath):
+                detach_before_rewrite(filepath)
         super()._save_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
@@ -508,8 +513,13 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero
             else ""
         )
+        stager: Stager | None = None
         if trainer.is_global_zero:
             self._await_staging(filepath)
+            stager = self._stager(filepath)
+            # A rename now, the deletion on the intake thread (Lightning's own removal
+            # below then finds nothing to do).
+            stager.trash(filepath)
         super()._remove_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
@@ -519,6 +529,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 key=key,
                 commit=partial(self._commit_removal, trainer, key, Path(filepath)),
                 fail=partial(self._fail, trainer, "checkpoint", key, Path(filepath), "remove"),
+                prepare=partial(_empty_trash, stager) if stager is not None else None,
                 payload={"kind": "checkpoint", "local_path": str(filepath)},
             )
         )
@@ -545,12 +556,16 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
     def _staging_root(self, filepath: str | Path) -> Path:
         return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
 
-    def _plan_staging(self, filepath: str | Path) -> tuple[Path, Callable[[], int]]:
-        """Name the staged copy now; stage it later, on the pipeline's intake thread."""
+    def _stager(self, filepath: str | Path) -> Stager:
         root = self._staging_root(filepath)
         stager = self._stagers.get(root)
         if stager is None:
             stager = self._stagers[root] = Stager(root)
+        return stager
+
+    def _plan_staging(self, filepath: str | Path) -> tuple[Path, Callable[[], int]]:
+        """Name the staged copy now; stage it later, on the pipeline's intake thread."""
+        stager = self._stager(filepath)
         staged = stager.plan(filepath)
         done = threading.Event()
         if len(self._staging_done) > 256:
@@ -562,6 +577,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 return stager.stage(filepath, staged)[1]
             finally:
                 done.set()
+                stager.empty_trash()
 
         return staged, prepare
 
@@ -811,6 +827,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         finally:
             pipeline.stop(timeout=0)
             self._pipeline = None
+            for stager in self._stagers.values():
+                stager.empty_trash()
         if raise_errors:
             self._surface_failures()
         else:
@@ -834,3 +852,8 @@ def _progress_bar(total: int, *, enabled: bool) -> Any:
     return tqdm(
         total=total, desc="lamin-lightning: persisting checkpoints", unit="file", leave=False
     )
+
+
+def _empty_trash(stager: Stager) -> int:
+    stager.empty_trash()
+    return 0
