@@ -68,6 +68,15 @@ class StatsRecorder:
         self._lock = threading.Lock()
         self._stats = PersistenceStats()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A lock cannot be pickled or deep-copied; the callback owning this recorder must be
+        # (ddp_spawn, LightningCLI). Keep the counters, make a fresh lock.
+        return {"stats": self.snapshot()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self._stats = state["stats"]
+
     def add(self, **deltas: float) -> None:
         """Add each delta to the counter of that name."""
         with self._lock:

@@ -357,6 +357,17 @@ class RecordingObserver:
         self.events: list[AnyArtifactEvent] = []
         self.threads: set[str] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Observers travel with the callback when it is pickled or deep-copied
+        # (ddp_spawn, LightningCLI); a Condition cannot.
+        with self._cond:
+            return {"events": list(self.events), "threads": set(self.threads)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._cond = threading.Condition()
+        self.events = state["events"]
+        self.threads = state["threads"]
+
     def _record(self, event: AnyArtifactEvent) -> None:
         with self._cond:
             self.events.append(event)

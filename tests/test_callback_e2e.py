@@ -1,0 +1,643 @@
+"""The Lightning layer end to end on CPU, persisting into a MemoryStore.
+
+Every fit is a real ``Trainer.fit`` of a tiny model. Concurrency is controlled
+with the store's hang()/wait_until_hanging()/release() and callbacks that run at
+known points of the training loop; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+from helpers import (
+    TinyModel,
+    checkpoint_files,
+    loader,
+    make_trainer,
+    sha256_file,
+    staged_files,
+)
+from lamin_lightning import (
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    PermanentError,
+    PersistenceError,
+    RetryPolicy,
+)
+from lamin_lightning._staging import Stager
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*defined a `validation_step` but have no.*"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+]
+
+TIMEOUT = 10.0
+HOLD = 0.5
+
+# ``score`` logged at training step i (the checkpoint after step i+1 sees it).
+# Checkpoints every 2 steps see 1, 3, 2, 5, 1, 4, 6, 0.5: with top-2 (max) that
+# saves, evicts, skips and evicts again.
+UP_AND_DOWN = [0, 1, 0, 3, 0, 2, 0, 5, 0, 1, 0, 4, 0, 6, 0, 0.5]
+
+
+def key(name: str) -> str:
+    return f"checkpoints/{name}"
+
+
+def keys_of(paths: Any) -> set[str]:
+    return {key(Path(p).name) for p in paths}
+
+
+class HashingCheckpoint(MemoryCheckpoint):
+    """Records (key, sha256 of the bytes Lightning just wrote) after every local save."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: list[tuple[str, str]] = []
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.written.append((key(Path(filepath).name), sha256_file(filepath)))
+
+    def hashes(self, k: str) -> list[str]:
+        return [digest for written_key, digest in self.written if written_key == k]
+
+
+class Probe(pl.Callback):
+    """Runs a function at a named hook (other callbacks' hooks run before the checkpoint's)."""
+
+    def __init__(self, **hooks: Any) -> None:
+        self.hooks = hooks
+        self.seen: dict[str, Any] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if "on_train_batch_end" in self.hooks:
+            self.hooks["on_train_batch_end"](trainer, self.seen)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "on_train_end" in self.hooks:
+            self.hooks["on_train_end"](trainer, self.seen)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if "on_exception" in self.hooks:
+            self.hooks["on_exception"](trainer, self.seen)
+
+
+def pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("lamin-lightning-")]
+
+
+# -- the main guarantee ----------------------------------------------------------------------
+
+
+def test_fit_persists_exactly_what_lightning_kept_in_order_with_matching_flags(
+    tmp_path: Path,
+) -> None:
+    """After fit the store holds exactly Lightning's top-k + last; events ordered; flags match."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore(latency=0.01)
+    store.fail_randomly(0.25, seed=3)
+    observer = RecordingObserver()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=2,
+        every_n_train_steps=2,
+        save_last=True,
+        artifact_observers=[observer],
+        retry=RetryPolicy.no_delay(attempts=30),
+        max_workers=2,
+        max_pending=4,
+    )
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(TinyModel(scores=UP_AND_DOWN), loader(16))
+
+    kept = checkpoint_files(dirpath)
+    assert kept == {"epoch=0-step=8.ckpt", "epoch=0-step=14.ckpt", "last.ckpt"}
+    assert store.keys(kind="checkpoint") == {key(name) for name in kept}
+    for name in kept:
+        assert store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
+
+    events = observer.events
+    stats = callback.persistence_stats
+    saved = [e for e in events if isinstance(e, ArtifactSavedEvent)]
+    removed = [e for e in events if isinstance(e, ArtifactRemovedEvent)]
+    assert not [e for e in events if isinstance(e, ArtifactFailedEvent)]
+    assert stats.retried > 0, "the store's random failures did not trigger"
+    # Exactly once: every finished job delivered once, no saved version delivered twice.
+    assert (stats.saved, stats.removed) == (len(saved), len(removed))
+    assert stats.finished == stats.submitted
+    assert stats.pending == 0
+    assert len({e.storage_uri for e in saved}) == len(saved)
+    assert len({e.key for e in removed}) == len(removed)
+    # A key's removal comes after each of its saves, and nothing follows it.
+    for removal in removed:
+        position = events.index(removal)
+        assert any(e.key == removal.key for e in saved[:position])
+        assert all(e.key != removal.key for e in events[position + 1 :])
+    assert {e.key for e in removed} == {key(f"epoch=0-step={s}.ckpt") for s in (2, 4, 6, 12)}
+    # Retries were idempotent: one version per top-k key.
+    for name in kept - {"last.ckpt"}:
+        assert store.get(key(name)).version == 1  # type: ignore[union-attr]
+
+    # Order-dependent metadata ends as Lightning's final state.
+    flags = store.flags
+    assert set(flags) == store.keys(kind="checkpoint")
+    assert {k for k, f in flags.items() if f["is_best_model"]} == keys_of(
+        [callback.best_model_path]
+    )
+    assert {k for k, f in flags.items() if f["is_last_model"]} == keys_of(
+        [callback.last_model_path]
+    )
+    ranking = sorted(callback.best_k_models, key=lambda p: -float(callback.best_k_models[p]))
+    assert [key(Path(p).name) for p in ranking] == sorted(
+        (k for k, f in flags.items() if f["model_rank"] is not None),
+        key=lambda k: flags[k]["model_rank"],
+    )
+    assert flags[key("last.ckpt")]["model_rank"] is None
+
+    assert observer.threads == {"lamin-lightning-delivery"}
+    assert staged_files(dirpath) == []
+    assert callback.last_checkpoint_artifact == store.get(key("last.ckpt"))
+
+
+def test_a_slow_store_does_not_stall_training(tmp_path: Path) -> None:
+    """With 0.5 s per upload and room in the queue, a save costs training far less than 0.5 s."""
+
+    class TimedCheckpoint(MemoryCheckpoint):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.overheads: list[float] = []
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            local: list[float] = []
+            save_locally = trainer.save_checkpoint
+
+            def timed_local_write(*args: Any, **kwargs: Any) -> None:
+                start = time.perf_counter()
+                save_locally(*args, **kwargs)
+                local.append(time.perf_counter() - start)
+
+            trainer.save_checkpoint = timed_local_write  # type: ignore[method-assign]
+            start = time.perf_counter()
+            try:
+                super()._save_checkpoint(trainer, filepath)
+            finally:
+                del trainer.save_checkpoint
+            self.overheads.append(time.perf_counter() - start - sum(local))
+
+    store = MemoryStore(latency=0.5)
+    callback = TimedCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        max_workers=4,
+        max_pending=8,
+        retry=RetryPolicy.no_delay(),
+    )
+    make_trainer(tmp_path, [callback], max_steps=6).fit(TinyModel(), loader(6))
+
+    stats = callback.persistence_stats
+    assert len(callback.overheads) == 6
+    assert max(callback.overheads) < 0.1, callback.overheads
+    assert stats.max_training_stall_seconds < 0.1
+    assert stats.admission_waits == 0
+    assert stats.saved == 6
+    assert stats.max_persistence_latency_seconds >= 0.5  # the latency was real
+    assert store.keys(kind="checkpoint") == keys_of(checkpoint_files(tmp_path / "ckpt"))
+
+
+def test_an_exception_mid_fit_flushes_and_reaches_the_caller(tmp_path: Path) -> None:
+    """An error in training_step still persists everything submitted and is raised unchanged."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+
+    def at_exception(trainer: pl.Trainer, seen: dict[str, Any]) -> None:
+        # Runs before the checkpoint callback's on_exception: nothing is persisted yet.
+        seen["hanging"] = store.wait_until_hanging(2)
+        seen["pending"] = [job.key for job in callback.pending_artifacts()]
+        seen["stored"] = store.keys()
+        store.release()
+
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=2,
+        max_pending=8,
+        retry=RetryPolicy.no_delay(),
+    )
+    probe = Probe(on_exception=at_exception)
+    trainer = make_trainer(tmp_path, [callback, probe], max_steps=20)
+    with pytest.raises(RuntimeError, match=r"^boom at step 7$"):
+        trainer.fit(TinyModel(fail_at_step=7), loader(20))
+
+    expected = {key(f"epoch=0-step={s}.ckpt") for s in (2, 4, 6)}
+    assert probe.seen["hanging"]
+    assert set(probe.seen["pending"]) == expected
+    assert probe.seen["stored"] == set()
+    assert store.keys(kind="checkpoint") == expected == keys_of(checkpoint_files(dirpath))
+    assert callback.persistence_stats.pending == 0
+    assert pool_threads() == []
+    assert staged_files(dirpath) == []
+
+
+def test_validate_fit_test_in_one_process_restart_the_pool_lazily(tmp_path: Path) -> None:
+    """validate, fit and test with one trainer and callback each run (and stop) their own pool."""
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        save_top_k=-1,
+        every_n_train_steps=2,
+        retry=RetryPolicy.no_delay(),
+    )
+    alive: dict[str, int] = {}
+
+    class ThreadProbe(pl.Callback):
+        def on_validation_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            alive.setdefault("validate", len(pool_threads()))
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            alive["fit"] = len(pool_threads())
+
+        def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            alive["test"] = len(pool_threads())
+
+    model = TinyModel()
+    trainer = make_trainer(tmp_path, [callback, ThreadProbe()], max_steps=4)
+    trainer.validate(model, loader(2))
+    assert pool_threads() == []
+    trainer.fit(model, loader(4))
+    assert pool_threads() == []
+    trainer.test(model, loader(2))
+    assert pool_threads() == []
+
+    # Each stage ran a full pool (workers, committer, delivery, ...) and stopped it.
+    assert set(alive) == {"validate", "fit", "test"}
+    assert alive["validate"] == alive["fit"] == alive["test"] >= callback.max_workers + 2
+    assert store.keys(kind="checkpoint") == {key("epoch=0-step=2.ckpt"), key("epoch=0-step=4.ckpt")}
+    assert callback.persistence_stats.saved == 2
+
+
+# -- nothing lost ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [4, 512], ids=["small-file-copied", "large-file-linked"])
+def test_eviction_and_overwrite_while_uploads_hang_lose_nothing(
+    tmp_path: Path, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evicting and rewriting files whose uploads are in flight or queued stores the right bytes."""
+    dirpath = tmp_path / "ckpt"
+    methods: list[str] = []
+    real_stage = Stager.stage
+
+    def recording_stage(self: Stager, *args: Any, **kwargs: Any) -> tuple[Path, int, str]:
+        staged, size, method = real_stage(self, *args, **kwargs)
+        methods.append(method)
+        return staged, size, method
+
+    monkeypatch.setattr(Stager, "stage", recording_stage)
+    store = MemoryStore()
+    store.hang()
+    first = key("epoch=0-step=2.ckpt")
+
+    def at_train_end(trainer: pl.Trainer, seen: dict[str, Any]) -> None:
+        # Every save and eviction has happened; the first uploads are still stuck.
+        seen["hanging"] = store.wait_until_hanging(2)
+        seen["states"] = {(job.key, job.state) for job in callback.pending_artifacts()}
+        seen["first_on_disk"] = (dirpath / "epoch=0-step=2.ckpt").exists()
+        seen["last_now"] = sha256_file(dirpath / "last.ckpt")
+        store.release()
+
+    callback = HashingCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=2,
+        every_n_train_steps=2,
+        save_last=True,
+        max_workers=2,
+        max_pending=64,
+        retry=RetryPolicy.no_delay(),
+    )
+    observer = RecordingObserver()
+    callback.add_artifact_observer(observer)
+    probe = Probe(on_train_end=at_train_end)
+    model = TinyModel(width=width, scores=UP_AND_DOWN)
+    make_trainer(tmp_path, [callback, probe], max_epochs=1).fit(model, loader(16, width))
+
+    # The race really happened: both first uploads were in flight when their files changed.
+    assert probe.seen["hanging"]
+    assert (first, "transferring") in probe.seen["states"]
+    assert (key("last.ckpt"), "transferring") in probe.seen["states"]
+    assert not probe.seen["first_on_disk"]
+    assert probe.seen["last_now"] != callback.hashes(key("last.ckpt"))[0]
+    assert set(methods) == ({"link"} if width == 512 else {"copy"})
+
+    stats = callback.persistence_stats
+    assert stats.cancelled >= 1  # evicted before its upload started
+    assert stats.superseded >= 1  # last.ckpt rewritten before its upload started
+
+    # Every upload read the bytes Lightning wrote at that step, in order.
+    saved = observer.of_type(ArtifactSavedEvent)
+    for k in {e.key for e in saved}:
+        uploaded = [e.artifact.sha256 for e in saved if e.key == k]
+        written = callback.hashes(k)
+        if k in (first, key("last.ckpt")):  # in flight while Lightning evicted/rewrote it
+            assert uploaded[0] == written[0]
+        remaining = iter(written)
+        assert all(digest in remaining for digest in uploaded), (k, uploaded, written)
+    # The final state is the final bytes.
+    kept = checkpoint_files(dirpath)
+    assert store.keys(kind="checkpoint") == {key(name) for name in kept}
+    for name in kept:
+        stored = store.get(key(name))
+        assert stored is not None
+        assert stored.sha256 == callback.hashes(key(name))[-1] == sha256_file(dirpath / name)
+    assert store.get(first) is None
+    assert staged_files(dirpath) == []
+
+
+def test_a_file_evicted_before_it_was_staged_is_still_persisted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning deleting a file whose staging is still pending waits for it: nothing fails."""
+    dirpath = tmp_path / "ckpt"
+    first = dirpath / "epoch=0-step=1.ckpt"
+    deleted = threading.Event()
+    real_stage = Stager.stage
+    held: list[bool] = []
+
+    def held_back_stage(self: Stager, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == first:
+            # Hold the first file's staging until Lightning deleted the file, for at most
+            # HOLD seconds. A callback that waits for staging before deleting never lets
+            # the deletion happen first, so the hold runs out and staging finds the file.
+            held.append(deleted.wait(HOLD))
+        return real_stage(self, path, *args, **kwargs)
+
+    class SignallingCheckpoint(HashingCheckpoint):
+        def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._remove_checkpoint(trainer, filepath)
+            if Path(filepath) == first:
+                deleted.set()
+
+    monkeypatch.setattr(Stager, "stage", held_back_stage)
+    observer = RecordingObserver()
+    callback = SignallingCheckpoint(
+        MemoryStore(),
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+        retry=RetryPolicy.no_delay(),
+    )
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(scores=[1.0, 2.0]), loader(2))
+
+    assert held == [False]  # staging ran before the deletion
+    assert not first.exists()
+    assert observer.of_type(ArtifactFailedEvent) == []
+    assert callback.persistence_stats.failed == 0
+    saved_first = [e for e in observer.of_type(ArtifactSavedEvent) if e.key == key(first.name)]
+    if saved_first:  # uploaded before its removal (else cancelled by it): the right bytes
+        assert saved_first[0].artifact.sha256 == callback.hashes(key(first.name))[0]
+    assert observer.keys(ArtifactRemovedEvent) == [key(first.name)]
+    assert store_keys(callback) == {key("epoch=0-step=2.ckpt")}
+    assert staged_files(dirpath) == []
+
+
+def store_keys(callback: MemoryCheckpoint) -> set[str]:
+    return callback.store.keys(kind="checkpoint")
+
+
+# -- errors reach the user ---------------------------------------------------------------------
+
+
+def failing_callback(store: MemoryStore, dirpath: Path, **kwargs: Any) -> MemoryCheckpoint:
+    store.fail_always()
+    return MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_top_k=-1,
+        retry=RetryPolicy.no_delay(),
+        **kwargs,
+    )
+
+
+def test_on_error_raise_raises_persistence_error_at_teardown(tmp_path: Path) -> None:
+    """A permanently failing store makes fit raise PersistenceError naming the key; file kept."""
+    dirpath = tmp_path / "ckpt"
+    observer = RecordingObserver()
+    callback = failing_callback(
+        MemoryStore(),
+        dirpath,
+        every_n_train_steps=4,
+        on_error="raise",
+        artifact_observers=[observer],
+    )
+    with pytest.raises(PersistenceError) as info:
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+
+    failed_key = key("epoch=0-step=4.ckpt")
+    assert [f.key for f in info.value.failures] == [failed_key]
+    assert info.value.failures[0].attempts == 1
+    assert isinstance(info.value.failures[0].error, PermanentError)
+    assert failed_key in str(info.value)
+    assert observer.keys(ArtifactFailedEvent) == [failed_key]
+    kept = staged_files(dirpath)
+    assert [p.name for p in kept] == ["epoch=0-step=4.ckpt"]
+    assert sha256_file(kept[0]) == sha256_file(dirpath / "epoch=0-step=4.ckpt")
+    assert pool_threads() == []
+
+
+def test_on_error_raise_raises_at_the_next_save(tmp_path: Path) -> None:
+    """A failure delivered before the next save is raised by that save, on the training thread."""
+    dirpath = tmp_path / "ckpt"
+    observer = RecordingObserver()
+
+    def after_batch(trainer: pl.Trainer, seen: dict[str, Any]) -> None:
+        if trainer.global_step == 3:
+            seen["failed"] = observer.wait_for(1)
+
+    callback = failing_callback(
+        MemoryStore(), dirpath, every_n_train_steps=2, artifact_observers=[observer]
+    )
+    probe = Probe(on_train_batch_end=after_batch)
+    trainer = make_trainer(tmp_path, [callback, probe], max_steps=8)
+    with pytest.raises(PersistenceError, match=r"epoch=0-step=2\.ckpt") as info:
+        trainer.fit(TinyModel(), loader(8))
+
+    assert probe.seen["failed"]
+    assert [f.key for f in info.value.failures] == [key("epoch=0-step=2.ckpt")]
+    assert trainer.global_step == 4
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt"}  # step 4 never written
+
+
+def test_on_error_warn_warns_and_fit_returns(tmp_path: Path) -> None:
+    """on_error='warn' turns the failure into a UserWarning naming the key; the file is kept."""
+    dirpath = tmp_path / "ckpt"
+    callback = failing_callback(MemoryStore(), dirpath, every_n_train_steps=4, on_error="warn")
+    with pytest.warns(UserWarning, match=r"checkpoints/epoch=0-step=4\.ckpt"):
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+    assert callback.persistence_stats.failed == 1
+    assert [p.name for p in staged_files(dirpath)] == ["epoch=0-step=4.ckpt"]
+
+
+def test_teardown_flush_timeout_warns_with_the_unpersisted_keys(tmp_path: Path) -> None:
+    """A teardown flush that times out warns with the keys not persisted and does not hang fit."""
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        save_top_k=-1,
+        every_n_train_steps=2,
+        flush_timeout=0.2,
+        retry=RetryPolicy.no_delay(),
+    )
+    try:
+        with pytest.warns(UserWarning, match=r"flush_timeout.*epoch=0-step=2\.ckpt"):
+            make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+        assert store.keys() == set()
+        assert [p.name for p in staged_files(tmp_path / "ckpt")] == ["epoch=0-step=2.ckpt"]
+    finally:
+        store.release()
+        for thread in pool_threads():  # the abandoned upload's worker ends once released
+            thread.join(TIMEOUT)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_workers": 0}, "max_workers"),
+        ({"max_pending": -1}, "max_pending"),
+        ({"on_error": "boom"}, "on_error"),
+        ({"flush_timeout": -1}, "flush_timeout"),
+        ({"retry": "x"}, "retry"),
+        ({"dirpath": "s3://bucket/x"}, "dirpath"),
+    ],
+)
+def test_invalid_knobs_raise_value_error_naming_the_parameter(
+    kwargs: dict[str, Any], name: str
+) -> None:
+    """Each invalid async knob raises ValueError whose message names it."""
+    with pytest.raises(ValueError, match=name):
+        MemoryCheckpoint(MemoryStore(), **kwargs)
+
+
+def test_callback_is_picklable_and_deep_copyable_before_setup(tmp_path: Path) -> None:
+    """pickle and deepcopy round trips keep the knobs, and the copy still persists."""
+    original = MemoryCheckpoint(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        save_top_k=-1,
+        every_n_train_steps=2,
+        max_workers=3,
+        max_pending=7,
+        retry={"attempts": 2, "initial_backoff": 0.0, "max_backoff": 0.0, "jitter": 0.0},
+        flush_timeout=12.5,
+        on_error="warn",
+        artifact_observers=[RecordingObserver()],
+    )
+    knobs = ("max_workers", "max_pending", "retry", "flush_timeout", "on_error", "save_top_k")
+    for clone in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
+        assert isinstance(clone, MemoryCheckpoint)
+        assert clone is not original
+        for name in knobs:
+            assert getattr(clone, name) == getattr(original, name), name
+        assert clone.dirpath == original.dirpath
+        assert clone.retry == RetryPolicy(attempts=2, initial_backoff=0, max_backoff=0, jitter=0)
+
+    clone = copy.deepcopy(original)
+    clone.dirpath = str(tmp_path / "clone")
+    make_trainer(tmp_path, [clone], max_steps=2).fit(TinyModel(), loader(2))
+    assert clone.store.keys() == {key("epoch=0-step=2.ckpt")}
+    assert original.store.keys() == set()
+    assert original.persistence_stats.submitted == 0
+
+
+# -- observers ------------------------------------------------------------------------------------
+
+
+class SavedAndRemovedOnly:
+    """An observer from the reference API: no on_artifact_failed."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+        self.events.append(event)
+
+    def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
+        self.events.append(event)
+
+
+class Exploding:
+    def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+        raise RuntimeError("observer exploded")
+
+
+def test_observers_without_on_artifact_failed_and_raising_observers_are_tolerated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Observers lacking on_artifact_failed work; a raising observer is logged and isolated."""
+    store = MemoryStore()
+    store.fail_next(1)  # the first upload fails for good (one attempt only)
+    minimal, recording, exploding, removed_later = (
+        SavedAndRemovedOnly(),
+        RecordingObserver(),
+        Exploding(),
+        RecordingObserver(),
+    )
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        save_top_k=-1,
+        every_n_train_steps=2,
+        retry=RetryPolicy.no_delay(attempts=1),
+        on_error="warn",
+        artifact_observers=[exploding, minimal],
+    )
+    callback.add_artifact_observer(recording)
+    callback.add_artifact_observer(removed_later)
+    callback.remove_artifact_observer(removed_later)
+    with pytest.raises(TypeError, match="not an artifact observer"):
+        callback.add_artifact_observer(object())  # type: ignore[arg-type]
+
+    with (
+        caplog.at_level(logging.ERROR, logger="lamin_lightning"),
+        pytest.warns(UserWarning, match=r"epoch=0-step=2\.ckpt"),
+    ):
+        make_trainer(tmp_path, [callback], max_steps=6).fit(TinyModel(), loader(6))
+
+    step = [key(f"epoch=0-step={s}.ckpt") for s in (2, 4, 6)]
+    assert recording.keys() == step
+    assert isinstance(recording.events[0], ArtifactFailedEvent)
+    assert [e.key for e in minimal.events] == step[1:]
+    assert removed_later.events == []
+    raised = [r for r in caplog.records if "raised in on_artifact_saved" in r.getMessage()]
+    assert len(raised) == 2
+    assert all("observer exploded" in str(r.exc_info[1]) for r in raised if r.exc_info)
+    assert "on_artifact_failed" not in caplog.text

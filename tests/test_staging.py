@@ -1,0 +1,142 @@
+"""Staging: a second name for the bytes Lightning wrote, safe against rewrite and removal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import sha256_file
+from lamin_lightning import _staging
+from lamin_lightning._staging import (
+    SMALL_FILE_BYTES,
+    detach_before_rewrite,
+    link_is_safe,
+    release_staged,
+    stage_file,
+    staging_root,
+)
+
+
+def write(path: Path, size: int, fill: bytes = b"a") -> Path:
+    path.write_bytes(fill * size)
+    return path
+
+
+def test_staging_root_is_inside_the_checkpoint_directory(tmp_path: Path) -> None:
+    """Staged files live under {dirpath}/.lamin-lightning."""
+    assert staging_root(tmp_path) == tmp_path / ".lamin-lightning"
+
+
+def test_small_files_are_copied_and_keep_their_name(tmp_path: Path) -> None:
+    """A small file is copied into a unique folder under its own base name."""
+    source = write(tmp_path / "hparams.yaml", 100)
+    root = staging_root(tmp_path)
+    first, size, method = stage_file(source, root)
+    second, _, _ = stage_file(source, root)
+    assert (size, method) == (100, "copy")
+    assert first.name == second.name == "hparams.yaml"
+    assert first != second
+    assert first.parent.parent == root / "staged"
+    assert first.read_bytes() == source.read_bytes()
+    assert os.stat(first).st_ino != os.stat(source).st_ino
+    source.write_bytes(b"rewritten in place")  # loggers do this
+    assert first.read_bytes() == b"a" * 100
+
+
+def test_large_files_are_hard_linked_and_survive_rename_over_and_removal(tmp_path: Path) -> None:
+    """A large file is hard-linked; renaming over or deleting the original keeps its bytes."""
+    if not link_is_safe(tmp_path):
+        pytest.skip("tmp_path is not on the temp dir's filesystem")
+    source = write(tmp_path / "last.ckpt", SMALL_FILE_BYTES, b"1")
+    staged, size, method = stage_file(source, staging_root(tmp_path))
+    assert (size, method) == (SMALL_FILE_BYTES, "link")
+    assert os.stat(staged).st_ino == os.stat(source).st_ino
+    before = sha256_file(source)
+
+    replacement = write(tmp_path / "tmp-new", SMALL_FILE_BYTES, b"2")
+    os.replace(replacement, source)  # how Lightning rewrites last.ckpt
+    assert sha256_file(staged) == before
+    source.unlink()  # top-k eviction
+    assert sha256_file(staged) == before
+
+
+def test_copy_is_used_when_rewrites_would_go_through_the_linked_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where Lightning would rewrite in place (cross-device move), staging copies instead."""
+    monkeypatch.setattr(_staging, "link_is_safe", lambda dirpath: False)
+    source = write(tmp_path / "last.ckpt", SMALL_FILE_BYTES, b"1")
+    staged, _, method = stage_file(source, staging_root(tmp_path))
+    assert method == "copy"
+    with open(source, "r+b") as handle:  # shutil.move across devices rewrites in place
+        handle.write(b"2" * SMALL_FILE_BYTES)
+    assert staged.read_bytes() == b"1" * SMALL_FILE_BYTES
+
+
+def test_copy_is_used_where_hard_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem without hard links falls back to a copy."""
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(_staging, "link_is_safe", lambda dirpath: True)
+    monkeypatch.setattr(_staging.os, "link", no_links)
+    source = write(tmp_path / "big.ckpt", SMALL_FILE_BYTES, b"x")
+    staged, _, method = stage_file(source, staging_root(tmp_path))
+    assert method == "copy"
+    assert staged.read_bytes() == source.read_bytes()
+
+
+def test_link_is_safe_compares_the_temp_dir_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linking is safe only when the temp dir and the checkpoint dir share a device."""
+    real_stat = os.stat
+
+    class FakeStat:
+        def __init__(self, dev: int) -> None:
+            self.st_dev = dev
+
+    other = tmp_path / "other-device"
+    other.mkdir()
+
+    def fake_stat(path: object, *args: object, **kwargs: object) -> object:
+        if Path(str(path)) == other:
+            return FakeStat(real_stat(tmp_path).st_dev + 1)
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_staging.os, "stat", fake_stat)
+    monkeypatch.setattr(_staging.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert link_is_safe(tmp_path) is True
+    assert link_is_safe(other) is False
+    assert link_is_safe(tmp_path / "missing") is False
+
+
+def test_release_staged_removes_file_and_folder_and_is_idempotent(tmp_path: Path) -> None:
+    """release_staged deletes the staged file and its unique folder; twice is harmless."""
+    source = write(tmp_path / "a.ckpt", 10)
+    staged, _, _ = stage_file(source, staging_root(tmp_path))
+    release_staged(staged)
+    assert not staged.exists()
+    assert not staged.parent.exists()
+    release_staged(staged)
+    assert source.exists()
+
+
+def test_detach_before_rewrite_unlinks_only_shared_inodes(tmp_path: Path) -> None:
+    """A path whose inode a staged link shares is unlinked; a lone file or missing path is left."""
+    lone = write(tmp_path / "lone.ckpt", 10)
+    detach_before_rewrite(lone)
+    assert lone.exists()
+    detach_before_rewrite(tmp_path / "missing.ckpt")
+
+    shared = write(tmp_path / "last.ckpt", 10, b"s")
+    link = tmp_path / "link"
+    os.link(shared, link)
+    detach_before_rewrite(shared)
+    assert not shared.exists()
+    assert link.read_bytes() == b"s" * 10
