@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
+from weakref import proxy
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
@@ -54,6 +56,7 @@ from lamin_lightning._events import (
 )
 from lamin_lightning._pipeline import JobSpec, PendingJob
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._snapshot import Snapshotter, write_atomically
 from lamin_lightning._staging import (
     Stager,
     detach_before_rewrite,
@@ -204,6 +207,15 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             Default 900.
         on_error: ``"raise"`` raises :class:`PersistenceError` on the training thread
             at the next save or at teardown when persisting failed; ``"warn"`` warns.
+        async_write: Take Lightning's local ``torch.save`` off the training thread too:
+            the training thread copies the checkpoint's tensors into reusable host
+            buffers (pinned for accelerator tensors) and the file is written in the
+            background, to a temporary name that is renamed once complete. Needs the
+            default ``TorchCheckpointIO`` and a single-device or DDP strategy; otherwise
+            the callback warns and writes synchronously.
+        max_snapshots: With ``async_write``, how many host snapshots may exist at once
+            (each holds a full copy of the checkpoint's tensors). A checkpoint that finds
+            none free waits, and the wait is counted as training stall. Default 1.
         **kwargs: Passed to ``ModelCheckpoint``.
     """
 
@@ -216,6 +228,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         retry: RetryPolicy | Mapping[str, Any] | int | None = None,
         flush_timeout: float | None = DEFAULT_FLUSH_TIMEOUT,
         on_error: OnError = "raise",
+        async_write: bool = False,
+        max_snapshots: int = 1,
         **kwargs: Any,
     ) -> None:
         dirpath = kwargs.get("dirpath", args[0] if args else None)
@@ -232,6 +246,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         if on_error not in _ON_ERROR_VALUES:
             raise ValueError(f"on_error must be one of {_ON_ERROR_VALUES}, got {on_error!r}")
         self.on_error: OnError = on_error
+        if not isinstance(async_write, bool):
+            raise ValueError(f"async_write must be True or False, got {async_write!r}")
+        self.async_write = async_write
+        self.max_snapshots = _validate_int("max_snapshots", max_snapshots, 1)
         if artifact_observers is not None and not isinstance(artifact_observers, list | tuple):
             raise ValueError(
                 "artifact_observers must be a list of observers, got"
@@ -262,6 +280,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         self._storage_uris: dict[str, str] = {}
         self._stagers: dict[Path, Stager] = {}
         self._staging_done: dict[str, threading.Event] = {}
+        self._snapshotter: Snapshotter | None = None
+        self._async_write_refused = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -271,6 +291,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         state["_storage_uris"] = {}
         state["_stagers"] = {}
         state["_staging_done"] = {}
+        state["_snapshotter"] = None
         state["_unreported_failures"] = []
         return state
 
@@ -500,11 +521,72 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             self._await_staging(filepath)
             if os.path.exists(filepath) and not self._stager(filepath).trash(filepath):
                 detach_before_rewrite(filepath)
-        super()._save_checkpoint(trainer, filepath)
+        write: Callable[[], None] | None = None
+        if self.async_write and self._async_write_supported(trainer):
+            write = self._snapshot_for_async_write(trainer, filepath)
+        else:
+            super()._save_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
         self._submit_hparams_once(trainer)
-        self._submit_checkpoint(trainer, filepath)
+        self._submit_checkpoint(trainer, filepath, write=write)
+
+    def _async_write_supported(self, trainer: pl.Trainer) -> bool:
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        strategy = trainer.strategy
+        supported = type(strategy.checkpoint_io) is TorchCheckpointIO and isinstance(
+            strategy, SingleDeviceStrategy | DDPStrategy
+        )
+        if not supported and not self._async_write_refused:
+            self._async_write_refused = True
+            rank_zero_warn(
+                f"async_write=True needs the default TorchCheckpointIO and a single-device or"
+                f" DDP strategy; this trainer has {type(strategy).__name__} with"
+                f" {type(strategy.checkpoint_io).__name__}. Writing checkpoints synchronously."
+            )
+        return supported
+
+    def _snapshot_for_async_write(
+        self, trainer: pl.Trainer, filepath: str
+    ) -> Callable[[], None] | None:
+        """Do what ``ModelCheckpoint._save_checkpoint`` does, but write later.
+
+        Returns the write to run in the background (rank zero), or None.
+        """
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        write: Callable[[], None] | None = None
+        if trainer.is_global_zero:
+            if self._snapshotter is None:
+                self._snapshotter = Snapshotter(self.max_snapshots)
+            snapshotter = self._snapshotter
+            slot, waited = snapshotter.acquire()
+            if waited:
+                self._stats_recorder.add(admission_waits=1, training_stall_seconds=waited)
+                self._stats_recorder.record_max("max_training_stall_seconds", waited)
+            try:
+                host = snapshotter.snapshot(checkpoint, slot)
+            except BaseException:
+                snapshotter.release(slot)
+                raise
+            scratch = self._staging_root(filepath) / "writing"
+
+            def write_snapshot() -> None:
+                try:
+                    write_atomically(host, filepath, scratch, torch.save)
+                finally:
+                    snapshotter.release(slot)
+
+            write = write_snapshot
+        del checkpoint
+        trainer.strategy.barrier("Trainer.save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+        return write
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -563,8 +645,13 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             stager = self._stagers[root] = Stager(root)
         return stager
 
-    def _plan_staging(self, filepath: str | Path) -> tuple[Path, Callable[[], int]]:
-        """Name the staged copy now; stage it later, on the pipeline's intake thread."""
+    def _plan_staging(
+        self, filepath: str | Path, write: Callable[[], None] | None = None
+    ) -> tuple[Path, Callable[[], int]]:
+        """Name the staged copy now; stage it later, on the pipeline's intake thread.
+
+        ``write``, if given, writes the file first (``async_write``).
+        """
         stager = self._stager(filepath)
         staged = stager.plan(filepath)
         done = threading.Event()
@@ -574,6 +661,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
 
         def prepare() -> int:
             try:
+                if write is not None:
+                    write()
                 return stager.stage(filepath, staged)[1]
             finally:
                 done.set()
@@ -616,8 +705,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             scores={keys[path]: score for path, score in ordered if score is not None},
         )
 
-    def _submit_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        staged, prepare = self._plan_staging(filepath)
+    def _submit_checkpoint(
+        self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None = None
+    ) -> None:
+        staged, prepare = self._plan_staging(filepath, write)
         snapshot = self._snapshot(trainer, filepath, staged)
         values = self.collect_checkpoint_feature_values(trainer, snapshot)
         if values is not None:

@@ -1,0 +1,143 @@
+"""Host snapshots of checkpoints, for writing them off the training thread.
+
+With ``async_write=True`` the training thread only copies the checkpoint's
+tensors into host buffers (reused from one checkpoint to the next; pinned when
+the tensors live on an accelerator, so the copy never needs a second buffer on
+the device) and copies the small Python structure around them. Serialisation
+and the local write happen later on the pipeline's intake thread, into a
+temporary file that is fsynced and renamed into place: a file is complete or
+absent, never torn.
+
+At most ``max_snapshots`` snapshots exist at once; a checkpoint that finds none
+free waits (and the wait is counted as training stall).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TensorPath = tuple[Any, ...]
+
+
+class SnapshotSlot:
+    """One set of reusable host buffers, keyed by the tensor's place in the checkpoint."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.buffers: dict[TensorPath, torch.Tensor] = {}
+
+    def host_copy(self, where: TensorPath, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy ``tensor`` into this slot's buffer for ``where`` (allocated on first use)."""
+        source = tensor.detach()
+        buffer = self.buffers.get(where)
+        if (
+            buffer is None
+            or buffer.shape != source.shape
+            or buffer.dtype != source.dtype
+            or buffer.layout != source.layout
+        ):
+            pin = source.device.type != "cpu" and torch.cuda.is_available()
+            if source.layout is not torch.strided or source.is_quantized:
+                # Rare tensor kinds: a plain copy, not worth a reusable buffer.
+                return source.to("cpu", copy=True)
+            buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=pin)
+            self.buffers[where] = buffer
+        buffer.copy_(source, non_blocking=source.device.type != "cpu")
+        return buffer
+
+
+def _copy_tree(value: Any, slot: SnapshotSlot, where: TensorPath, seen: dict[int, Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return slot.host_copy(where, value)
+    identity = id(value)
+    if identity in seen:
+        return seen[identity]
+    if isinstance(value, dict):
+        result: dict[Any, Any] = type(value)() if type(value) is not dict else {}
+        seen[identity] = result
+        for key, item in value.items():
+            result[key] = _copy_tree(item, slot, (*where, key), seen)
+        return result
+    if isinstance(value, list):
+        items: list[Any] = []
+        seen[identity] = items
+        items.extend(_copy_tree(item, slot, (*where, i), seen) for i, item in enumerate(value))
+        return items
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_copy_tree(item, slot, (*where, i), seen) for i, item in enumerate(value))
+    if isinstance(value, str | int | float | bool | bytes | type(None)):
+        return value
+    copied = copy.deepcopy(value)
+    seen[identity] = copied
+    return copied
+
+
+class Snapshotter:
+    """Hands out snapshot slots and takes host snapshots of checkpoint dicts.
+
+    Args:
+        max_snapshots: How many snapshots may exist at once (each holds one
+            checkpoint's tensors in host memory).
+    """
+
+    def __init__(self, max_snapshots: int) -> None:
+        self._free: queue.SimpleQueue[SnapshotSlot] = queue.SimpleQueue()
+        for index in range(max_snapshots):
+            self._free.put(SnapshotSlot(index))
+
+    def acquire(self) -> tuple[SnapshotSlot, float]:
+        """Take a free slot, waiting if none is free; return it and the seconds waited."""
+        try:
+            return self._free.get_nowait(), 0.0
+        except queue.Empty:
+            started = time.monotonic()
+            slot = self._free.get()
+            return slot, time.monotonic() - started
+
+    def release(self, slot: SnapshotSlot) -> None:
+        """Give a slot back once its snapshot has been written."""
+        self._free.put(slot)
+
+    @staticmethod
+    def snapshot(checkpoint: dict[str, Any], slot: SnapshotSlot) -> dict[str, Any]:
+        """A deep copy of ``checkpoint`` whose tensors live in ``slot``'s host buffers.
+
+        After this returns, training may change its tensors freely: the snapshot
+        does not share storage with them.
+        """
+        result = _copy_tree(checkpoint, slot, (), {})
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies are done
+        return result  # type: ignore[no-any-return]
+
+
+def write_atomically(
+    payload: Any, target: str | os.PathLike[str], scratch: Path, save: Callable[[Any, Any], None]
+) -> int:
+    """Write ``payload`` with ``save(payload, handle)`` to ``target``: temp file, fsync, rename.
+
+    The temporary file lives in ``scratch`` (on the same filesystem as ``target``).
+    Returns the size of the written file.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    temporary = scratch / f".{Path(target).name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        size = temporary.stat().st_size
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return size
