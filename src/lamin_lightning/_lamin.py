@@ -497,7 +497,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     @override
     def _init_runtime(self) -> None:
         super()._init_runtime()
-        self._uncommitted_uids: set[str] = set()
+        # Artifacts our workers are saving and the committer has not committed, by id().
+        self._uncommitted: dict[int, Any] = {}
         annotator = getattr(self, "_annotator", None)
         if annotator is not None:
             annotator.reset_runtime()
@@ -507,6 +508,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         state = super().__getstate__()
         state["_trainer"] = None
         state["_run"] = None
+        state["_uncommitted"] = {}
         return state
 
     # -- setup ------------------------------------------------------------------------------
@@ -634,9 +636,11 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             skip_hash_lookup=True,
         )
         # Registered before the record exists, so that a commit replacing an older
-        # artifact of this key never mistakes this newer, uncommitted one for it.
+        # artifact of this key never mistakes this newer, uncommitted one for it. By
+        # object, not uid: concurrent new versions of one key get the same provisional
+        # uid, and lamindb may change the uid during save().
         with self._lock:
-            self._uncommitted_uids.add(artifact.uid)
+            self._uncommitted[id(artifact)] = artifact
         try:
             artifact.save()
         except BaseException:
@@ -646,17 +650,24 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
 
     def _settle(self, artifact: Any) -> None:
         with self._lock:
-            self._uncommitted_uids.discard(artifact.uid)
+            self._uncommitted.pop(id(artifact), None)
 
     def _others_under_key(self, key: str, exclude_id: int | None = None) -> list[Any]:
         """Committed artifacts stored under ``key`` (not those our workers are still saving)."""
+        # A versioned save sets the id inside its transaction, so a visible row has it;
+        # a first version's autocommit INSERT is visible a moment before its id is set,
+        # and its uid does not change: exclude by id, else by uid.
         with self._lock:
-            in_flight = list(self._uncommitted_uids)
+            in_flight = list(self._uncommitted.values())
         query = _ln().Artifact.filter(key=key)
         if exclude_id is not None:
             query = query.exclude(id=exclude_id)
-        if in_flight:
-            query = query.exclude(uid__in=in_flight)
+        ids = [a.id for a in in_flight if a.id is not None]
+        uids = [a.uid for a in in_flight if a.id is None]
+        if ids:
+            query = query.exclude(id__in=ids)
+        if uids:
+            query = query.exclude(uid__in=uids)
         return list(query)
 
     @override

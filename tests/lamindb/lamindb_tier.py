@@ -1,0 +1,190 @@
+"""Helpers of the LaminDB tier: network guard, a tiny model with hparams, queries."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class NetworkBlockedError(OSError):
+    """Raised by the tier's socket guard for any non-loopback address."""
+
+
+def _check_address(address: Any) -> None:
+    if isinstance(address, str | bytes):  # AF_UNIX
+        return
+    host = address[0] if isinstance(address, tuple) and address else address
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host in LOOPBACK_HOSTS:
+        return
+    raise NetworkBlockedError(
+        f"the LaminDB tier is offline: connection to {address!r} blocked"
+        " (something tried to reach the network, e.g. LaminDB's hub)"
+    )
+
+
+def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every non-loopback, non-unix connection raise NetworkBlockedError (all threads)."""
+    original_connect = socket.socket.connect
+    original_connect_ex = socket.socket.connect_ex
+    original_create_connection = socket.create_connection
+
+    def connect(self: socket.socket, address: Any) -> None:
+        _check_address(address)
+        return original_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        _check_address(address)
+        return original_connect_ex(self, address)
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        _check_address(address)
+        return original_create_connection(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+
+
+# -- a tiny model and datamodule ------------------------------------------------------------
+
+
+class TierModel(pl.LightningModule):
+    """One linear layer; logs ``score`` at training step i as ``scores[i % len(scores)]``.
+
+    Also logs ``tier_metric`` = 10 * ``score``. The checkpoint saved after step i
+    (``every_n_train_steps=1``, file ``step={i + 1}``) sees the values of step i.
+
+    Saves its constructor arguments as hparams (``lr``, ``width``, ``hidden_tag``).
+    """
+
+    def __init__(
+        self,
+        lr: float = 0.01,
+        width: int = 4,
+        hidden_tag: str = "tiny",
+        scores: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["scores"])
+        self.layer = nn.Linear(width, width)
+        self.scores = list(scores) if scores is not None else [1.0]
+        self.training_steps_run = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.training_steps_run += 1
+        (x,) = batch
+        score = self.scores[self.global_step % len(self.scores)]
+        self.log("score", float(score), on_step=True, on_epoch=False)
+        self.log("tier_metric", 10.0 * float(score), on_step=True, on_epoch=False)
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class TierData(pl.LightningDataModule):
+    """``n`` deterministic single-sample batches; saves ``batch_size`` and ``n`` as hparams."""
+
+    def __init__(self, n: int = 4, width: int = 4, batch_size: int = 1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        generator = torch.Generator().manual_seed(0)
+        data = torch.randn(self.hparams.n, self.hparams.width, generator=generator)
+        return DataLoader(TensorDataset(data), batch_size=self.hparams.batch_size)
+
+
+def make_trainer(root: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    """A quiet single-process CPU trainer rooted at ``root`` (no logger unless given)."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "default_root_dir": str(root),
+        "callbacks": callbacks,
+        "max_steps": 2,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def fit(
+    callback: pl.Callback,
+    root: Path,
+    *,
+    steps: int = 2,
+    model: pl.LightningModule | None = None,
+    datamodule: pl.LightningDataModule | None = None,
+    extra_callbacks: Sequence[pl.Callback] = (),
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """Fit (default: a TierModel) for ``steps`` steps with ``callback``; return the trainer."""
+    model = model if model is not None else TierModel()
+    datamodule = datamodule if datamodule is not None else TierData(n=steps)
+    trainer = make_trainer(root, [callback, *extra_callbacks], max_steps=steps, **trainer_kwargs)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+
+def artifacts_under(ln: Any, prefix: str) -> dict[str, Any]:
+    """Artifacts whose key starts with ``prefix + "/"``, by key (asserts keys are unique)."""
+    found = list(ln.Artifact.filter(key__startswith=prefix.rstrip("/") + "/"))
+    by_key: dict[str, Any] = {}
+    for artifact in found:
+        assert artifact.key not in by_key, f"two artifacts under key {artifact.key!r}"
+        by_key[artifact.key] = artifact
+    return by_key
+
+
+def artifact_features(ln: Any, artifact: Any) -> dict[str, list[Any]]:
+    """Every feature value linked to ``artifact``: name -> list of values (duplicates visible)."""
+    rows = ln.models.ArtifactJsonValue.filter(artifact_id=artifact.id).values_list(
+        "jsonvalue__feature__name", "jsonvalue__value"
+    )
+    values: dict[str, list[Any]] = {}
+    for name, value in rows:
+        values.setdefault(name, []).append(value)
+    return values
+
+
+def run_features(ln: Any, run: Any) -> dict[str, list[Any]]:
+    """Every feature value linked to ``run``: name -> list of values."""
+    rows = ln.models.RunJsonValue.filter(run_id=run.id).values_list(
+        "jsonvalue__feature__name", "jsonvalue__value"
+    )
+    values: dict[str, list[Any]] = {}
+    for name, value in rows:
+        values.setdefault(name, []).append(value)
+    return values
+
+
+def single(values: dict[str, list[Any]]) -> dict[str, Any]:
+    """``{name: value}`` from :func:`artifact_features`, asserting one value per feature."""
+    for name, found in values.items():
+        assert len(found) == 1, f"feature {name!r} has {len(found)} values: {found}"
+    return {name: found[0] for name, found in values.items()}
+
+
+def stored_path(artifact: Any) -> Path:
+    """The local file where ``artifact``'s bytes live in the instance's storage."""
+    return Path(str(artifact.path))

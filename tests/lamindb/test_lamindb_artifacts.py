@@ -1,0 +1,337 @@
+"""Artifacts on a real instance: descriptions, kinds, runs, overwrites and observer events.
+
+Where a test needs a deterministic sequence of commits it flushes the pipeline at
+the start of every training batch (``FlushEachStep``): every checkpoint submitted
+in step n is persisted before step n+1 saves anything, without sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from lamindb_tier import TierModel, artifacts_under, fit, stored_path
+from lightning.pytorch.loggers import CSVLogger
+
+import lamin_lightning as ll
+from lamin_lightning import (
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    PermanentError,
+)
+from lamin_lightning.testing import RecordingObserver
+
+pytestmark = [
+    pytest.mark.lamindb,
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
+]
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class FlushEachStep(pl.Callback):
+    """Flushes ``callback`` at every batch start: step n's saves commit before step n+1's."""
+
+    def __init__(self, callback: ll.Checkpoint) -> None:
+        self.callback = callback
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        assert self.callback.flush(timeout=60)
+
+
+class SwitchRunOnTrainStart(pl.Callback):
+    """Makes another run the context run once training starts (after every setup)."""
+
+    def __init__(self, ln: Any, run: Any) -> None:
+        self.ln, self.run = ln, run
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ln.context._run = self.run
+
+
+def test_descriptions_kinds_and_run_links_match_reference(
+    ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """Descriptions, kinds, run links (run at setup) and hparams-once match the reference."""
+    later_run = ln.Run(transform=ln.context.transform).save()
+    observer = RecordingObserver()
+    callback = ll.Checkpoint(every_n_train_steps=1, save_top_k=-1, artifact_observers=[observer])
+    logger = CSVLogger(save_dir=str(tmp_path), name="ours")
+    fit(
+        callback,
+        tmp_path,
+        steps=3,
+        logger=logger,
+        extra_callbacks=[SwitchRunOnTrainStart(ln, later_run)],
+    )
+    ln.context._run = fresh_run  # undo the switch (monkeypatch restores the original)
+
+    prefix = callback.checkpoint_key_prefix
+    assert prefix == f"{tmp_path.name}/ours/{fresh_run.uid}/checkpoints"
+    stored = artifacts_under(ln, prefix)
+    checkpoints = {k: a for k, a in stored.items() if k.endswith(".ckpt")}
+    assert set(checkpoints) == {f"{prefix}/epoch=0-step={n}.ckpt" for n in (1, 2, 3)}
+    for artifact in checkpoints.values():
+        assert (artifact.description, artifact.kind) == ("model checkpoint", "model")
+        assert artifact.run_id == fresh_run.id  # the run at setup, not the later one
+    hparams = stored[f"{prefix}/hparams.yaml"]
+    assert (hparams.description, hparams.kind) == ("Lightning run hyperparameters", "config")
+    assert hparams.run_id == fresh_run.id
+    assert stored_path(hparams).read_text() == (Path(logger.log_dir) / "hparams.yaml").read_text()
+    # hparams.yaml once per run, although three checkpoints were saved.
+    assert [e.kind for e in observer.of_type(ArtifactSavedEvent)].count("hparams") == 1
+    assert ln.Artifact.filter(key=f"{prefix}/hparams.yaml").count() == 1
+
+    # The reference, same settings, in the same run: same descriptions and kinds.
+    from lamindb.integrations import lightning as reference
+
+    ref = reference.Checkpoint(every_n_train_steps=1, save_top_k=-1)
+    fit(ref, tmp_path, steps=3, logger=CSVLogger(save_dir=str(tmp_path), name="ref"))
+    ref_stored = artifacts_under(ln, ref.checkpoint_key_prefix)
+    assert {k.rsplit("/", 1)[1] for k in ref_stored} == {k.rsplit("/", 1)[1] for k in stored}
+    for key, artifact in ref_stored.items():
+        ours = stored[f"{prefix}/{key.rsplit('/', 1)[1]}"]
+        assert (artifact.description, artifact.kind) == (ours.description, ours.kind)
+        assert artifact.run_id == ours.run_id == fresh_run.id
+
+
+class WatchingCheckpoint(ll.Checkpoint):
+    """Records, on the worker thread, how many other artifacts hold a key once its new save is
+    stored (uploaded and registered) and before the committer has run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.existing_before_commit: list[tuple[str, int]] = []
+
+    def save_checkpoint_artifact(self, trainer: pl.Trainer, filepath: Any, **kwargs: Any) -> Any:
+        import lamindb as ln
+
+        key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+        artifact = super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+        others = ln.Artifact.filter(key=key).exclude(id=artifact.id).count()
+        self.existing_before_commit.append((Path(filepath).name, others))
+        return artifact
+
+
+def test_overwritten_key_keeps_old_artifact_until_new_one_commits(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """A re-saved key keeps its committed artifact until the new one commits; one remains."""
+    callback = WatchingCheckpoint(
+        dirpath=tmp_path / "ckpts", save_last=True, every_n_train_steps=1, save_top_k=1
+    )
+    fit(callback, tmp_path, steps=3, extra_callbacks=[FlushEachStep(callback)])
+
+    last_saves = [n for name, n in callback.existing_before_commit if name == "last.ckpt"]
+    # First save: nothing under the key yet; later ones: the previous artifact still exists.
+    assert last_saves == [0, 1, 1]
+    key = f"{callback.checkpoint_key_prefix}/last.ckpt"
+    remaining = list(ln.Artifact.filter(key=key))
+    assert len(remaining) == 1
+    assert sha256(stored_path(remaining[0])) == sha256(Path(callback.dirpath) / "last.ckpt")
+
+
+class FailSecondLastSave(ll.Checkpoint):
+    """The second (and any later) save of last.ckpt fails permanently; records the first's bytes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_calls = 0
+        self.first_last_sha: str | None = None
+
+    def save_checkpoint_artifact(self, trainer: pl.Trainer, filepath: Any, **kwargs: Any) -> Any:
+        if Path(filepath).name == "last.ckpt":
+            self.last_calls += 1
+            if self.last_calls >= 2:
+                raise PermanentError("injected: storage rejected the new last.ckpt")
+            self.first_last_sha = sha256(filepath)
+        return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+
+def test_failed_overwrite_keeps_previous_artifact_and_reports_failure(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """A failed re-save keeps the committed artifact and its file; one failed event, 1 try."""
+    observer = RecordingObserver()
+    callback = FailSecondLastSave(
+        dirpath=tmp_path / "ckpts",
+        save_last=True,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+        on_error="warn",
+    )
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        fit(callback, tmp_path, steps=2, extra_callbacks=[FlushEachStep(callback)])
+
+    assert callback.last_calls == 2
+    key = f"{callback.checkpoint_key_prefix}/last.ckpt"
+    remaining = list(ln.Artifact.filter(key=key))
+    assert len(remaining) == 1
+    assert stored_path(remaining[0]).exists()
+    assert sha256(stored_path(remaining[0])) == callback.first_last_sha
+    failures = observer.of_type(ArtifactFailedEvent)
+    assert [(f.key, f.operation, f.attempts) for f in failures] == [(key, "save", 1)]
+    assert isinstance(failures[0].error, PermanentError)
+    # The failed save did not disturb the rest: the step-2 checkpoint is stored.
+    assert f"{callback.checkpoint_key_prefix}/epoch=0-step=2.ckpt" in artifacts_under(
+        ln, callback.checkpoint_key_prefix
+    )
+
+
+class RecordingSubmissions(ll.Checkpoint):
+    """Records, on the training thread, the order in which Lightning saves and removes files."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitted: list[tuple[str, str]] = []
+        self.training_thread: str | None = None
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.training_thread = threading.current_thread().name
+        self.submitted.append(("saved", self.resolve_artifact_key(trainer, filepath, "checkpoint")))
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+        super()._remove_checkpoint(trainer, filepath)
+        self.submitted.append(("removed", key))
+
+
+def test_observers_get_real_artifacts_in_submission_order(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Observers get real artifacts, storage_uri == str(path), removals, in submission order."""
+    observer = RecordingObserver()
+    callback = RecordingSubmissions(
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+    )
+    # score seen by the checkpoint after step n: 4, 2, 3, 1, 5, 0 (min): evicts 3 times.
+    model = TierModel(scores=[4, 2, 3, 1, 5, 0])
+    trainer = fit(
+        callback, tmp_path, steps=6, model=model, extra_callbacks=[FlushEachStep(callback)]
+    )
+
+    events = observer.events
+    kinds = {ArtifactSavedEvent: "saved", ArtifactRemovedEvent: "removed"}
+    assert [(kinds[type(e)], e.key) for e in events] == callback.submitted
+    assert sum(1 for kind, _ in callback.submitted if kind == "removed") == 3
+    assert observer.threads.isdisjoint({callback.training_thread})
+
+    saved_uri: dict[str, str] = {}
+    for event in events:
+        assert event.local_path == Path(callback.dirpath) / event.key.rsplit("/", 1)[1]
+        assert event.trainer is not None
+        if isinstance(event, ArtifactSavedEvent):
+            assert isinstance(event.artifact, ln.Artifact)
+            assert event.artifact.key == event.key
+            assert event.storage_uri == str(event.artifact.path)
+            saved_uri[event.key] = event.storage_uri
+        else:
+            # The artifact saved under that key, now deleted: record and stored file.
+            assert isinstance(event.artifact, ln.Artifact)
+            assert event.artifact.key == event.key
+            assert event.storage_uri == saved_uri[event.key]
+            assert not ln.Artifact.filter(id=event.artifact.id).exists()
+            assert not Path(event.storage_uri).exists()
+    kept = {callback.resolve_artifact_key(trainer, p, "checkpoint") for p in callback.best_k_models}
+    assert set(artifacts_under(ln, callback.checkpoint_key_prefix)) == kept
+    for key in kept:
+        assert Path(saved_uri[key]).exists()
+
+
+class RacingLastSaves:
+    """Wraps ``ln.Artifact.save``: the 2nd and 3rd saves of last.ckpt meet at a barrier (so
+    both were constructed as the same new version of the key), then the earlier-submitted
+    one fails once with a transient "database is locked" error (after the later one is stored)
+    and is retried."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.racing: list[Path] = []
+        self.provisional_uids: list[str] = []
+        self.failed: Path | None = None
+        self.later_saved = threading.Event()
+        self.first_racing_started = threading.Event()
+
+    def __call__(self, artifact: Any, *args: Any, **kwargs: Any) -> Any:
+        from django.db.utils import OperationalError
+
+        # Only inserts: a versioned save also re-saves the previous head (is_latest=False).
+        if artifact._state.adding and (artifact.key or "").endswith("/last.ckpt"):
+            with self.lock:
+                self.calls += 1
+                number = self.calls
+            if number in (2, 3):
+                staged = Path(artifact._local_filepath)
+                with self.lock:
+                    self.racing.append(staged)
+                    self.provisional_uids.append(artifact.uid)
+                self.first_racing_started.set()
+                self.barrier.wait()
+                # Staged folders are numbered in submission order.
+                if staged == min(self.racing, key=lambda p: p.parent.name):
+                    # Fail once the later save is stored, so that the retry builds a
+                    # newer version than the later save's.
+                    assert self.later_saved.wait(timeout=60)
+                    self.failed = staged
+                    raise OperationalError("database is locked (injected)")
+                saved = self.original(artifact, *args, **kwargs)
+                self.later_saved.set()
+                return saved
+        return self.original(artifact, *args, **kwargs)
+
+
+class StageTheRace(pl.Callback):
+    """Before step 2: step 1's last.ckpt is committed. Before step 3: step 2's save of it
+    is inside ``save()`` (so step 3's save cannot supersede it before it starts)."""
+
+    def __init__(self, callback: ll.Checkpoint, racing: RacingLastSaves) -> None:
+        self.callback, self.racing = callback, racing
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 1:
+            assert self.callback.flush(timeout=60)
+        elif trainer.global_step == 2:
+            assert self.racing.first_racing_started.wait(timeout=60)
+
+
+def test_concurrent_resaves_of_a_key_never_delete_the_newer_upload(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committing a re-saved key never deletes a later, still uncommitted save of that key."""
+    racing = RacingLastSaves(ln.Artifact.save)
+    monkeypatch.setattr(ln.Artifact, "save", lambda self, *a, **k: racing(self, *a, **k))
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=1,
+        max_workers=2,
+        retry=ll.RetryPolicy.no_delay(),
+    )
+    fit(callback, tmp_path, steps=3, extra_callbacks=[StageTheRace(callback, racing)])
+
+    assert racing.calls == 4  # step 1, the two racing saves, the retry
+    assert len(set(racing.provisional_uids)) == 1  # the situation that broke uid tracking
+    stats = callback.persistence_stats
+    assert (stats.failed, stats.retried) == (0, 1)
+    key = f"{callback.checkpoint_key_prefix}/last.ckpt"
+    remaining = list(ln.Artifact.filter(key=key))
+    assert len(remaining) == 1
+    assert sha256(stored_path(remaining[0])) == sha256(Path(callback.dirpath) / "last.ckpt")

@@ -1,0 +1,130 @@
+"""LightningCLI: every async knob settable from YAML, and the config saved as a run input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lamindb_tier import TierData, TierModel
+from lightning.pytorch.cli import LightningCLI
+
+import lamin_lightning as ll
+from lamin_lightning import RetryPolicy
+
+pytestmark = [
+    pytest.mark.lamindb,
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+]
+
+
+def _config(tmp_path: Path, name: str, callback: dict[str, Any]) -> Path:
+    root = tmp_path / name
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            "callbacks": [callback],
+        },
+        "model": {"lr": 0.02},
+        "data": {"n": 2},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run_cli(config: Path, save_config_callback: type) -> LightningCLI:
+    return LightningCLI(
+        TierModel,
+        TierData,
+        args=["fit", "--config", str(config)],
+        save_config_callback=save_config_callback,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def test_cli_yaml_sets_knobs_and_config_is_saved_as_run_input(
+    ln: Any, fresh_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """YAML sets every async knob; config saved at {base_prefix}/config.yaml as run input."""
+    monkeypatch.setattr(sys, "argv", ["lamin-lightning-tier"])  # not pytest's arguments
+    config = _config(
+        tmp_path,
+        "ours",
+        {
+            "class_path": "lamin_lightning.Checkpoint",
+            "init_args": {
+                "dirpath": str(tmp_path / "ours-ckpts"),
+                "monitor": "score",
+                "every_n_train_steps": 1,
+                "max_workers": 2,
+                "max_pending": 3,
+                "retry": {
+                    "attempts": 2,
+                    "initial_backoff": 0.0,
+                    "max_backoff": 0.0,
+                    "jitter": 0.0,
+                },
+                "flush_timeout": 60,
+                "on_error": "warn",
+            },
+        },
+    )
+    cli = _run_cli(config, ll.SaveConfigCallback)
+
+    callbacks = [cb for cb in cli.trainer.callbacks if isinstance(cb, ll.Checkpoint)]
+    assert len(callbacks) == 1
+    callback = callbacks[0]
+    assert (callback.max_workers, callback.max_pending) == (2, 3)
+    assert type(callback.retry) is RetryPolicy
+    assert callback.retry == RetryPolicy(
+        attempts=2, initial_backoff=0.0, max_backoff=0.0, jitter=0.0
+    )
+    assert callback.flush_timeout == 60.0
+    assert callback.on_error == "warn"
+    assert callback.monitor == "score"
+
+    assert callback.base_prefix == f"{tmp_path}/ours-ckpts/{fresh_run.uid}"
+    key = f"{callback.base_prefix}/config.yaml"
+    artifacts = list(ln.Artifact.filter(key=key))
+    assert len(artifacts) == 1
+    artifact = artifacts[0]
+    assert (artifact.description, artifact.kind) == ("Lightning CLI config", "config")
+    assert artifact in list(fresh_run.input_artifacts.all())
+    local = tmp_path / "ours" / "config.yaml"
+    assert Path(str(artifact.path)).read_text() == local.read_text()
+    assert callback.last_config_artifact is not None
+    assert callback.last_config_artifact.id == artifact.id
+    # The checkpoint of the same CLI run is there too (save_top_k=1).
+    checkpoints = ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix + "/")
+    assert checkpoints.count() == 1
+
+    # The reference's CLI integration, same run, its own dirpath: same layout and metadata.
+    from lamindb.integrations import lightning as reference
+
+    ref_config = _config(
+        tmp_path,
+        "ref",
+        {
+            "class_path": "lamindb.integrations.lightning.Checkpoint",
+            "init_args": {"dirpath": str(tmp_path / "ref-ckpts"), "monitor": "score"},
+        },
+    )
+    ref_cli = _run_cli(ref_config, reference.SaveConfigCallback)
+    ref_callback = next(
+        cb for cb in ref_cli.trainer.callbacks if isinstance(cb, reference.Checkpoint)
+    )
+    ref_artifact = ln.Artifact.filter(key=f"{ref_callback.base_prefix}/config.yaml").one()
+    assert ref_callback.base_prefix == f"{tmp_path}/ref-ckpts/{fresh_run.uid}"
+    assert (ref_artifact.description, ref_artifact.kind) == (artifact.description, artifact.kind)
+    assert ref_artifact.run_id == artifact.run_id
+    assert ref_artifact in list(fresh_run.input_artifacts.all())

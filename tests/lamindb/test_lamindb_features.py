@@ -1,0 +1,181 @@
+"""Features on a real instance: the lightning feature set, auto, user and hparam features.
+
+The feature values are compared with what the reference callback writes for the same
+training, in the same instance, each in a run of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lamindb_tier import TierData, TierModel, artifact_features, fit, run_features, single
+from lightning.pytorch.loggers import CSVLogger
+
+import lamin_lightning as ll
+
+pytestmark = [
+    pytest.mark.lamindb,
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+]
+
+LIGHTNING_DTYPES = {
+    "is_best_model": "bool",
+    "is_last_model": "bool",
+    "score": "float",
+    "model_rank": "int",
+    "save_weights_only": "bool",
+    "monitor": "str",
+    "mode": "str",
+    "logger_name": "str",
+    "logger_version": "str",
+    "max_epochs": "int",
+    "max_steps": "int",
+    "precision": "str",
+    "accumulate_grad_batches": "int",
+    "gradient_clip_val": "float",
+}
+ARTIFACT_AUTO = {
+    "is_best_model",
+    "is_last_model",
+    "score",
+    "model_rank",
+    "save_weights_only",
+    "monitor",
+    "mode",
+}
+
+# User features of this module: name -> dtype.
+USER_FEATURES = {
+    "tier_project": str,  # run, static
+    "tier_tag": str,  # artifact, static
+    "tier_metric": float,  # artifact, None: from the logged metric of that name
+    "current_epoch": int,  # artifact, None: from the trainer attribute of that name
+    "lr": float,  # model hparam
+    "batch_size": int,  # datamodule hparam
+}
+
+
+def lightning_features(ln: Any) -> list[tuple[str, str]]:
+    feature_type = ln.Feature.filter(name="lamindb.lightning", is_type=True).one()
+    return sorted(ln.Feature.filter(type=feature_type).values_list("name", "_dtype_str"))
+
+
+def test_save_lightning_features_is_idempotent_and_compatible_after_reference(ln: Any) -> None:
+    """Ours made the 14 typed features; repeating it, or the reference's after, adds none."""
+    from lamindb.integrations.lightning import save_lightning_features as reference_save
+
+    expected = sorted(LIGHTNING_DTYPES.items())
+    assert lightning_features(ln) == expected
+    ll.save_lightning_features()
+    ll.save_lightning_features()
+    reference_save()
+    ll.save_lightning_features()
+    assert ln.Feature.filter(name="lamindb.lightning", is_type=True).count() == 1
+    assert lightning_features(ln) == expected
+    for name in LIGHTNING_DTYPES:
+        assert ln.Feature.filter(name=name).count() == 1, name
+
+
+def test_save_lightning_features_is_compatible_after_reference_first(
+    fresh_process_report: dict[str, Any],
+) -> None:
+    """After the reference's save_lightning_features, ours adds nothing and uses its features."""
+    assert fresh_process_report["type_records"] == 1
+    assert [tuple(f) for f in fresh_process_report["features"]] == sorted(LIGHTNING_DTYPES.items())
+    assert set(fresh_process_report["checkpoint_features"]) == ARTIFACT_AUTO
+
+
+@pytest.fixture(scope="module")
+def user_features(ln: Any) -> None:
+    for name, dtype in USER_FEATURES.items():
+        if not ln.Feature.filter(name=name).exists():
+            ln.Feature(name=name, dtype=dtype).save()
+
+
+def _train(callback: Any, tmp_path: Path, logger_name: str) -> Any:
+    # Scores seen by the checkpoints after steps 1, 2, 3: 3, 1, 2 (min, top 1):
+    # step 1 saved, step 2 saved (evicts step 1), step 3 not saved.
+    return fit(
+        callback,
+        tmp_path,
+        steps=3,
+        model=TierModel(lr=0.05, scores=[3, 1, 2]),
+        datamodule=TierData(n=3, batch_size=1),
+        logger=CSVLogger(save_dir=str(tmp_path), name=logger_name),
+    )
+
+
+def _checkpoint_arguments() -> dict[str, Any]:
+    return {
+        "monitor": "score",
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+        "features": {
+            "run": {"tier_project": "lamin-lightning"},
+            "artifact": {"tier_tag": "static", "tier_metric": None, "current_epoch": None},
+        },
+    }
+
+
+def test_auto_user_and_hparam_features_match_reference(
+    ln: Any,
+    user_features: None,
+    fresh_run: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Auto, user and hparam features on checkpoints and on the run equal the reference's."""
+    callback = ll.Checkpoint(**_checkpoint_arguments())
+    _train(callback, tmp_path, "ours")
+
+    stored = list(ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix + "/"))
+    checkpoints = [a for a in stored if a.key.endswith(".ckpt")]
+    assert [a.key.rsplit("/", 1)[1] for a in checkpoints] == ["epoch=0-step=2.ckpt"]
+    ours_artifact = single(artifact_features(ln, checkpoints[0]))
+    assert ours_artifact == {
+        "is_best_model": True,
+        "is_last_model": True,
+        "score": 1.0,
+        "model_rank": 0,
+        "save_weights_only": False,
+        "monitor": "score",
+        "mode": "min",
+        "tier_tag": "static",
+        "tier_metric": 10.0,
+        "current_epoch": 0,
+    }
+    ours_run = single(run_features(ln, fresh_run))
+    assert ours_run == {
+        "logger_name": "ours",
+        "logger_version": "version_0",
+        "max_epochs": -1,
+        "max_steps": 3,
+        "precision": "32-true",
+        "accumulate_grad_batches": 1,
+        "monitor": "score",
+        "mode": "min",
+        "tier_project": "lamin-lightning",
+        "lr": 0.05,  # model hparam with a feature
+        "batch_size": 1,  # datamodule hparam with a feature
+        # width, hidden_tag, n: hparams without a feature of that name, not recorded
+    }
+    # The hparams.yaml artifact carries no checkpoint features.
+    hparams = [a for a in stored if a.key.endswith("hparams.yaml")]
+    assert len(hparams) == 1 and artifact_features(ln, hparams[0]) == {}
+
+    # The reference, same training and features, in a run of its own.
+    from lamindb.integrations import lightning as reference
+
+    reference_run = ln.Run(transform=ln.context.transform).save()
+    monkeypatch.setattr(ln.context, "_run", reference_run)
+    ref = reference.Checkpoint(**_checkpoint_arguments())
+    _train(ref, tmp_path, "ref")
+    ref_checkpoints = list(
+        ln.Artifact.filter(key__startswith=ref.checkpoint_key_prefix + "/", suffix=".ckpt")
+    )
+    assert len(ref_checkpoints) == 1
+    assert single(artifact_features(ln, ref_checkpoints[0])) == ours_artifact
+    assert single(run_features(ln, reference_run)) == {**ours_run, "logger_name": "ref"}

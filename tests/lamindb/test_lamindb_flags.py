@@ -1,0 +1,158 @@
+"""is_best_model / is_last_model / model_rank / score and top-k eviction on a real instance.
+
+The fits here do not flush between steps: saves, evictions and the ``last.ckpt``
+rewrites overlap in the background (``max_workers=2``), and the flags must still
+end as Lightning's final state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single
+
+import lamin_lightning as ll
+from lamin_lightning import ArtifactSavedEvent, CheckpointSnapshot
+from lamin_lightning.testing import RecordingObserver
+
+pytestmark = [
+    pytest.mark.lamindb,
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
+]
+
+# Score seen by the checkpoint after step n (n = 1..10): up and down, all distinct.
+UP_AND_DOWN = [5.0, 3.0, 4.0, 1.0, 6.0, 2.0, 7.0, 0.5, 8.0, 2.5]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_flags_ranks_and_kept_set_equal_lightning_state(
+    mode: str, ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Flags, ranks, scores and kept set equal Lightning's final state; evicted are deleted."""
+    observer = RecordingObserver()
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        mode=mode,  # type: ignore[arg-type]
+        save_top_k=3,
+        every_n_train_steps=1,
+        save_last=True,
+        max_workers=2,
+        artifact_observers=[observer],
+    )
+    trainer = fit(callback, tmp_path, steps=len(UP_AND_DOWN), model=TierModel(scores=UP_AND_DOWN))
+    assert callback.persistence_stats.failed == 0
+
+    def key(path: str) -> str:
+        return callback.resolve_artifact_key(trainer, path, "checkpoint")
+
+    prefix = callback.checkpoint_key_prefix
+    stored = artifacts_under(ln, prefix)
+    kept = {key(p) for p in callback.best_k_models} | {key(callback.last_model_path)}
+    assert set(stored) == kept
+    assert len(callback.best_k_models) == 3
+
+    values = {k: single(artifact_features(ln, a)) for k, a in stored.items()}
+    best = [k for k, v in values.items() if v["is_best_model"] is True]
+    assert best == [key(callback.best_model_path)]
+    last = [k for k, v in values.items() if v["is_last_model"] is True]
+    assert last == [key(callback.last_model_path)] == [f"{prefix}/last.ckpt"]
+
+    ranked = sorted(
+        callback.best_k_models.items(), key=lambda item: float(item[1]), reverse=mode == "max"
+    )
+    for rank, (path, score) in enumerate(ranked):
+        assert values[key(path)]["model_rank"] == rank
+        assert values[key(path)]["score"] == pytest.approx(float(score))
+    # last.ckpt: Lightning's current_score at its save, which (as in the reference) is the
+    # score of the latest top-k save, not the last step's; no rank (it is not in top-k).
+    assert values[f"{prefix}/last.ckpt"]["score"] == pytest.approx(float(callback.current_score))
+    assert float(callback.current_score) != UP_AND_DOWN[-1]
+    assert "model_rank" not in values[f"{prefix}/last.ckpt"]
+
+    # Every file persisted and later evicted is gone: record and stored bytes.
+    evicted = {e.key: e.storage_uri for e in observer.of_type(ArtifactSavedEvent)}
+    evicted = {k: uri for k, uri in evicted.items() if k not in kept}
+    assert evicted, "the sequence should have persisted checkpoints that were later evicted"
+    for evicted_key, uri in evicted.items():
+        assert not ln.Artifact.filter(key=evicted_key).exists()
+        assert not Path(uri).exists()
+
+
+def _commit_queries(
+    callback: ll.Checkpoint, trainer: Any, ln: Any, tmp_path: Path, name: str, score: float
+) -> int:
+    """Save one checkpoint via the callback's hooks on this thread; count commit's queries."""
+    path = tmp_path / "extra" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(name.encode() * 64)
+    key = callback.resolve_artifact_key(trainer, path, "checkpoint")
+    prefix = callback.checkpoint_key_prefix
+    scores = dict(
+        ln.models.ArtifactJsonValue.filter(
+            artifact__key__startswith=prefix + "/", jsonvalue__feature__name="score"
+        ).values_list("artifact__key", "jsonvalue__value")
+    )
+    scores[key] = score
+    ranking = tuple(sorted(scores, key=lambda k: scores[k]))  # mode min, save_top_k=-1
+    snapshot = CheckpointSnapshot(
+        key=key,
+        local_path=path,
+        staged_path=path,
+        global_step=trainer.global_step,
+        epoch=trainer.current_epoch,
+        monitor="score",
+        mode="min",
+        save_weights_only=False,
+        score=score,
+        is_best=ranking[0] == key,
+        best_key=ranking[0],
+        last_key=None,
+        ranking=ranking,
+        scores=scores,
+    )
+    values = callback.collect_checkpoint_feature_values(trainer, snapshot)
+    snapshot = CheckpointSnapshot(**{**snapshot.__dict__, "feature_values": values})
+    artifact = callback.save_checkpoint_artifact(trainer, path)
+    with CaptureQueriesContext(connection) as queries:
+        callback.commit_checkpoint_artifact(trainer, snapshot, artifact)
+    return len(queries.captured_queries)
+
+
+def test_commit_query_count_does_not_grow_with_stored_checkpoints(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """A commit costs as many queries with 50 checkpoints under the prefix as with 5."""
+    # Set up realistically: a real fit stores 5 checkpoints (save_top_k=-1, mode min) and
+    # leaves the callback with its trainer and its committer-side state. Afterwards the
+    # test thread plays worker and committer, calling the same hooks the pipeline calls
+    # (save_checkpoint_artifact, then commit_checkpoint_artifact), so the queries of one
+    # commit are captured on this thread's connection.
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts", monitor="score", save_top_k=-1, every_n_train_steps=1
+    )
+    trainer = fit(callback, tmp_path, steps=5, model=TierModel(scores=[10, 11, 12, 13, 14]))
+    prefix = callback.checkpoint_key_prefix
+    assert len(artifacts_under(ln, prefix)) == 5
+
+    # Each measured checkpoint is the new best: every stored rank shifts (worst case).
+    with_5 = _commit_queries(callback, trainer, ln, tmp_path, "best-at-5.ckpt", 5.0)
+    for n in range(44):
+        _commit_queries(callback, trainer, ln, tmp_path, f"filler-{n:02d}.ckpt", 20.0 + n)
+    assert len(artifacts_under(ln, prefix)) == 50
+    with_50 = _commit_queries(callback, trainer, ln, tmp_path, "best-at-50.ckpt", 4.0)
+
+    assert with_5 > 0
+    assert with_50 <= with_5 + 2, (with_5, with_50)
+    # The commits did what they claim: the last one is best and ranks follow the scores.
+    values = {k: single(artifact_features(ln, a)) for k, a in artifacts_under(ln, prefix).items()}
+    assert len(values) == 51
+    ordered = sorted(values, key=lambda k: values[k]["score"])
+    assert [values[k]["model_rank"] for k in ordered] == list(range(51))
+    assert [k for k in values if values[k]["is_best_model"]] == [f"{prefix}/best-at-50.ckpt"]
