@@ -111,7 +111,7 @@ def ensure_offline_safe() -> None:
     """
     import lamindb_setup
 
-    if not lamindb_setup.settings._instance_exists:
+    if not lamindb_setup.settings.is_configured:
         return
     instance = lamindb_setup.settings.instance
     if getattr(instance, "_is_on_hub", None) is None and not instance.storage.type_is_cloud:
@@ -121,7 +121,7 @@ def ensure_offline_safe() -> None:
 def _require_instance() -> Any:
     import lamindb_setup
 
-    if not lamindb_setup.settings._instance_exists:
+    if not lamindb_setup.settings.is_configured:
         raise LaminSetupError(
             "lamin_lightning.Checkpoint needs a LaminDB instance, and none is connected."
             " Create one with `lamin init --storage ./lamin-data` (or"
@@ -425,6 +425,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         retry: Retry policy (:class:`RetryPolicy`, a mapping of its fields, or attempts).
         flush_timeout: Seconds ``teardown`` waits for persistence (None: no limit).
         on_error: ``"raise"`` or ``"warn"`` when persisting fails.
+        async_write: Also write the local file in the background, from a host snapshot.
+        max_snapshots: Host snapshots that may exist at once with ``async_write``.
 
     Example::
 
@@ -463,6 +465,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         retry: RetryPolicy | Mapping[str, Any] | int | None = None,
         flush_timeout: float | None = DEFAULT_FLUSH_TIMEOUT,
         on_error: OnError = "raise",
+        async_write: bool = False,
+        max_snapshots: int = 1,
     ) -> None:
         self._annotator = _Annotator(features)
         self._original_dirpath = dirpath
@@ -487,6 +491,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             retry=retry,
             flush_timeout=flush_timeout,
             on_error=on_error,
+            async_write=async_write,
+            max_snapshots=max_snapshots,
         )
         self._run_uid_is_version = run_uid_is_version
         self._key_is_virtual = key_is_virtual
@@ -519,7 +525,11 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self._trainer = trainer
         if trainer.is_global_zero:
             ln = _require_instance()
-            self._run = ln.context.run
+            run = ln.context.run
+            if run is not self._run:
+                # Run-level features are written once per run.
+                self._run_values_collected = False
+            self._run = run
             self._annotator.setup(ln, trainer, pl_module, self._run)
         if self.save_last:
             warnings.warn(
