@@ -32,20 +32,36 @@ from lamin_lightning._retry import PermanentError, RetryPolicy, TransientError
 from lamin_lightning._stats import PersistenceStats
 
 if TYPE_CHECKING:
-    from lamin_lightning._lamin import Checkpoint, SaveConfigCallback, save_lightning_features
+    from lamin_lightning._lamin import (
+        ArtifactPublisher,
+        Checkpoint,
+        LaminArtifactPublisher,
+        SaveConfigCallback,
+        save_lightning_features,
+    )
 
-_LAMIN_EXPORTS = frozenset({"Checkpoint", "SaveConfigCallback", "save_lightning_features"})
+_LAMIN_EXPORTS = frozenset(
+    {
+        "ArtifactPublisher",
+        "Checkpoint",
+        "LaminArtifactPublisher",
+        "SaveConfigCallback",
+        "save_lightning_features",
+    }
+)
 
 __all__ = [
     "ArtifactEvent",
     "ArtifactFailedEvent",
     "ArtifactKind",
     "ArtifactObserver",
+    "ArtifactPublisher",
     "ArtifactPublishingModelCheckpoint",
     "ArtifactRemovedEvent",
     "ArtifactSavedEvent",
     "Checkpoint",
     "CheckpointSnapshot",
+    "LaminArtifactPublisher",
     "PendingJob",
     "PermanentError",
     "PersistenceError",

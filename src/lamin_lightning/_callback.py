@@ -75,6 +75,18 @@ DEFAULT_MAX_PENDING = 4
 DEFAULT_FLUSH_TIMEOUT = 900.0
 
 
+_pipeline_call = threading.local()
+
+
+def _as_pipeline_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a ``save_*`` hook marked as called by the pipeline (see ``called_by_pipeline``)."""
+    _pipeline_call.active = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _pipeline_call.active = False
+
+
 class PersistenceError(RuntimeError):
     """Raised on the training thread when persisting one or more files failed.
 
@@ -434,6 +446,23 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         del trainer, key
         return artifact
 
+    @staticmethod
+    def called_by_pipeline() -> bool:
+        """Whether the current ``save_*`` hook call comes from the background pipeline.
+
+        Lets a ``save_*`` override behave like the synchronous reference when user
+        code calls it directly: annotate and emit the saved event itself.
+        """
+        return bool(getattr(_pipeline_call, "active", False))
+
+    def emit_artifact_event(self, event: AnyArtifactEvent) -> None:
+        """Deliver an event to the ``on_artifact_*`` hooks and observers now, on this thread.
+
+        For direct (synchronous) calls of the ``save_*`` hooks; the pipeline delivers
+        its own events on the delivery thread.
+        """
+        self._deliver(event)
+
     def thread_finalizer(self) -> None:
         """Called on each pipeline thread as it exits (close per-thread connections here)."""
 
@@ -718,7 +747,11 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 operation="save",
                 key=snapshot.key,
                 transfer=partial(
-                    self.save_checkpoint_artifact, trainer, staged, feature_values=values
+                    _as_pipeline_call,
+                    self.save_checkpoint_artifact,
+                    trainer,
+                    staged,
+                    feature_values=values,
                 ),
                 commit=partial(self._commit_checkpoint, trainer, snapshot),
                 fail=partial(
@@ -747,7 +780,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             JobSpec(
                 operation="save",
                 key=key,
-                transfer=partial(hook, trainer, staged),
+                transfer=partial(_as_pipeline_call, hook, trainer, staged),
                 commit=partial(self._commit_file, trainer, kind, key, Path(path), staged),
                 fail=partial(self._fail, trainer, kind, key, Path(path), "save"),
                 discard=partial(release_staged, staged),

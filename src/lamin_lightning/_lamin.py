@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback as _LightningSaveConfigCallback
@@ -37,7 +37,7 @@ from lamin_lightning._callback import (
     CheckpointSnapshot,
     OnError,
 )
-from lamin_lightning._events import ArtifactKind, ArtifactObserver
+from lamin_lightning._events import ArtifactKind, ArtifactObserver, ArtifactSavedEvent
 from lamin_lightning._retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -163,6 +163,75 @@ def save_lightning_features() -> None:
     for name, dtype in LIGHTNING_FEATURES.items():
         if name not in existing:
             ln.Feature(name=name, dtype=dtype, type=feature_type).save()
+
+
+class ArtifactPublisher(Protocol):
+    """How a :class:`Checkpoint` creates artifacts and names their storage location.
+
+    The same protocol as the reference's; assign an implementation to
+    ``checkpoint._artifact_publisher`` to persist elsewhere. ``create_artifact`` is
+    called on worker threads and must be thread-safe.
+    """
+
+    def create_artifact(
+        self,
+        local_path: Path | str,
+        *,
+        key: str,
+        description: str,
+        kind: str | None = None,
+        key_is_virtual: bool = True,
+        add_as_input_to_run: bool = False,
+        skip_hash_lookup: bool = False,
+    ) -> Any:
+        """Persist ``local_path`` under ``key``; return the artifact."""
+        ...
+
+    def storage_uri(self, artifact: Any) -> str:
+        """Where ``artifact``'s bytes live."""
+        ...
+
+
+class LaminArtifactPublisher:
+    """The default publisher: a ``lamindb.Artifact`` per file."""
+
+    def create_artifact(
+        self,
+        local_path: Path | str,
+        *,
+        key: str,
+        description: str,
+        kind: str | None = None,
+        key_is_virtual: bool = True,
+        add_as_input_to_run: bool = False,
+        skip_hash_lookup: bool = False,
+        run: Any = None,
+    ) -> Any:
+        """Create and save the artifact; record it as a run input if asked."""
+        ln = _ln()
+        kwargs: dict[str, Any] = {
+            "key": key,
+            "description": description,
+            "key_is_virtual": key_is_virtual,
+        }
+        if kind is not None:
+            kwargs["kind"] = kind
+        if add_as_input_to_run:
+            kwargs["run"] = False
+        elif run is not None:
+            kwargs["run"] = run
+        if skip_hash_lookup:
+            kwargs["skip_hash_lookup"] = True
+        artifact = ln.Artifact(local_path, **kwargs).save()
+        if add_as_input_to_run:
+            from lamindb.models._lineage import track_run_inputs
+
+            track_run_inputs(artifact, is_run_input=run if run is not None else True)
+        return artifact
+
+    def storage_uri(self, artifact: Any) -> str:
+        """``str(artifact.path)``."""
+        return str(artifact.path)
 
 
 def _metric_value(value: Any) -> Any:
@@ -498,6 +567,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self._key_is_virtual = key_is_virtual
         self._run: Any = None
         self._run_values_pending: dict[Any, Any] | None = None
+        self._artifact_publisher: ArtifactPublisher = LaminArtifactPublisher()
         self._run_values_collected = False
 
     @override
@@ -597,8 +667,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
 
     @override
     def resolve_artifact_storage_uri(self, artifact: Any) -> str:
-        """``str(artifact.path)``: where the bytes live. Committer thread."""
-        return str(artifact.path)
+        """Where the bytes live (``str(artifact.path)`` by default). Committer thread."""
+        return self._artifact_publisher.storage_uri(artifact)
 
     @override
     def hparams_path(self, trainer: pl.Trainer) -> Path | None:
@@ -635,6 +705,17 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def _create_artifact(
         self, path: Path | str, *, key: str, description: str, kind: str, run: Any
     ) -> Any:
+        publisher = self._artifact_publisher
+        if type(publisher) is not LaminArtifactPublisher:
+            return publisher.create_artifact(
+                path,
+                key=key,
+                description=description,
+                kind=kind,
+                key_is_virtual=self._key_is_virtual,
+                add_as_input_to_run=run is False,
+                skip_hash_lookup=True,
+            )
         ln = _ln()
         artifact = ln.Artifact(
             path,
@@ -680,6 +761,36 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             query = query.exclude(uid__in=uids)
         return list(query)
 
+    def _finish_direct_call(
+        self,
+        trainer: pl.Trainer,
+        kind: ArtifactKind,
+        key: str,
+        filepath: Path | str,
+        artifact: Any,
+        feature_values: dict[Any, Any] | None = None,
+    ) -> None:
+        """A ``save_*`` hook called directly by user code: finish like the reference does.
+
+        Annotate, remove older artifacts of the key, and emit the saved event now.
+        """
+        self._settle(artifact)
+        if feature_values:
+            artifact.features.add_values(feature_values)
+        if kind == "checkpoint":
+            for old in self._others_under_key(key, exclude_id=artifact.id):
+                self._delete_artifact(old, keep_path=str(artifact.path))
+        self.emit_artifact_event(
+            ArtifactSavedEvent(
+                kind=kind,
+                key=key,
+                local_path=Path(filepath),
+                trainer=trainer,
+                artifact=artifact,
+                storage_uri=self.resolve_artifact_storage_uri(artifact),
+            )
+        )
+
     @override
     def save_checkpoint_artifact(
         self,
@@ -690,14 +801,18 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     ) -> Any:
         """Hash and copy the checkpoint into storage and create its artifact. Worker thread.
 
-        Features are annotated afterwards, on the committer thread (serially: LaminDB
-        creates shared value records that concurrent writers would race on).
+        Called by the pipeline, features are annotated afterwards, on the committer
+        thread (serially: LaminDB creates shared value records that concurrent writers
+        would race on). Called directly, it annotates ``feature_values``, replaces an
+        older artifact of the key and emits the saved event, like the reference.
         """
-        del feature_values
         key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
-        return self._create_artifact(
+        artifact = self._create_artifact(
             filepath, key=key, description="model checkpoint", kind="model", run=self._run
         )
+        if not self.called_by_pipeline():
+            self._finish_direct_call(trainer, "checkpoint", key, filepath, artifact, feature_values)
+        return artifact
 
     @override
     def save_config_artifact(self, trainer: pl.Trainer, config_path: Path | str) -> Any:
@@ -711,6 +826,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             from lamindb.models._lineage import track_run_inputs
 
             track_run_inputs(artifact, is_run_input=run)
+        if not self.called_by_pipeline():
+            self._finish_direct_call(trainer, "config", key, config_path, artifact)
         return artifact
 
     @override
@@ -719,13 +836,16 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         if not Path(hparams_path).exists():
             return None
         key = self.resolve_artifact_key(trainer, hparams_path, "hparams")
-        return self._create_artifact(
+        artifact = self._create_artifact(
             hparams_path,
             key=key,
             description="Lightning run hyperparameters",
             kind="config",
             run=self._run,
         )
+        if not self.called_by_pipeline():
+            self._finish_direct_call(trainer, "hparams", key, hparams_path, artifact)
+        return artifact
 
     # -- committer thread --------------------------------------------------------------------------
 
