@@ -1,32 +1,103 @@
 """Run every benchmark in this folder (``bench_*.py``), in one process each.
 
-Usage: ``python benchmarks/run.py [--quick]``. Each script prints its own table
-of ratios measured side by side and writes JSON into ``benchmarks/results/``.
+Usage: ``python benchmarks/run.py [--quick] [name ...]``. Each script prints its own table
+of ratios measured side by side and writes JSON (and pictures) into
+``benchmarks/results/``; at the end this prints one table of every scenario's target and
+result, read back from the JSON files the scripts wrote in this run. Names select
+scripts (``run.py training drain`` runs ``bench_training.py`` and ``bench_drain.py``).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+def _rows(document: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The summary rows of one results file (older files without rows get one derived)."""
+    if "rows" in document:
+        return list(document["rows"])
+    rows = []
+    target = document.get("target_ours_over_plain")
+    for latency, entry in (document.get("summary", {}).get("by_latency") or {}).items():
+        rows.append(
+            {
+                "scenario": f"{name}: fit ours/plain, store latency {latency}s",
+                "target": f"<= {target}",
+                "measured": f"{entry.get('ours_over_plain', float('nan')):.3f}",
+                "passed": entry.get("meets_target"),
+            }
+        )
+    if not rows and "target_met" in document:
+        rows.append(
+            {
+                "scenario": name,
+                "target": "(script)",
+                "measured": "",
+                "passed": document["target_met"],
+            }
+        )
+    return rows
+
+
+def _summary(results: Path, since: float) -> bool:
+    """Print every row written since ``since``; return whether all targets were met."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(results.glob("*.json")):
+        if path.stat().st_mtime < since:
+            continue
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows.extend(_rows(document, path.stem))
+    if not rows:
+        return True
+    keys = ("scenario", "target", "measured")
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    header = "  ".join(f"{k:<{w}}" for k, w in zip(keys, widths, strict=True)) + "  result"
+    print()
+    print("Summary (every ratio measured side by side within one script's run)")
+    print(header)
+    print("-" * len(header))
+    met = True
+    for row in rows:
+        passed = row.get("passed")
+        verdict = "-" if passed is None else ("pass" if passed else "MISS")
+        met = met and passed is not False
+        cells = "  ".join(f"{row[k]!s:<{w}}" for k, w in zip(keys, widths, strict=True))
+        print(f"{cells}  {verdict}")
+    return met
 
 
 def main(argv: list[str]) -> int:
     """Run the benchmark scripts; return non-zero if any failed."""
     here = Path(__file__).resolve().parent
+    options = [a for a in argv if a.startswith("-")]
+    names = [a for a in argv if not a.startswith("-")]
     scripts = sorted(here.glob("bench_*.py"))
+    if names:
+        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in names]
     if not scripts:
         print("no benchmarks found", file=sys.stderr)
         return 1
+    started_all = time.time()
     failed = []
     for script in scripts:
-        print(f"\n=== {script.name} {' '.join(argv)}", flush=True)
+        print(f"\n=== {script.name} {' '.join(options)}", flush=True)
         started = time.perf_counter()
-        code = subprocess.call([sys.executable, str(script), *argv])
+        code = subprocess.call([sys.executable, str(script), *options])
         print(f"=== {script.name}: exit {code} after {time.perf_counter() - started:.0f}s")
         if code:
             failed.append(script.name)
+    met = _summary(here / "results", started_all)
+    print(f"\nall benchmarks: {time.time() - started_all:.0f}s")
+    if not met:
+        print("some targets were missed: see each script's output for the profile")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

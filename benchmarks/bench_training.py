@@ -1,0 +1,528 @@
+"""Scenarios 1, 4 and 6: training stall, fit time, peak memory and the timeline picture.
+
+The same CPU training three times, each arm in a fresh process with its own LaminDB
+settings and local SQLite instance (``lamin_lightning.testing.local_instance``), all
+else equal: a Linear(8192, 8192) model trained with SGD, so each checkpoint is ~268 MB,
+``CHECKPOINTS`` checkpoints (one every ``--every`` steps), ``monitor="train_loss"``,
+``save_top_k=3`` (so older checkpoints are evicted), ``ln.track()`` run.
+
+- ``plain``: Lightning's ``ModelCheckpoint`` (local files, no persistence);
+- ``reference``: ``lamindb.integrations.lightning.Checkpoint`` (synchronous);
+- ``ours``: ``lamin_lightning.Checkpoint`` (defaults: 2 workers, 4 pending).
+
+Measured in each arm:
+
+1. *Stall* per checkpoint: time in ``_save_checkpoint`` (and ``_remove_checkpoint`` for
+   the file it evicts) minus Lightning's own local save and local removal, which every
+   arm pays alike (median over checkpoints). And the wall time of ``trainer.fit``,
+   which for ``ours`` includes the flush at teardown (the last checkpoint is persisted
+   after training ended, so that part cannot overlap training).
+4. Peak RSS during ``fit`` (VmHWM reset right before it).
+6. Spans of training steps and persistence work on every thread: drawn into
+   ``results/timeline.png``.
+
+Torch runs one intra-op thread: on this 2-core machine one core trains (standing in for
+the accelerator that does the work in real training) and one is left for whatever the
+host does besides, which is where background persistence runs. Arms rotate their order
+between repeats; ratios are medians of per-repeat (paired) ratios.
+
+Targets: ours' stall <= 2% of the reference's; ours' fit / plain fit <= 1.05; ours'
+peak RSS - plain's <= 64 MB (no checkpoint bytes held in memory).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_training.py           # 10 checkpoints, 2 repeats
+    .venv/bin/python benchmarks/bench_training.py --quick   # 3 checkpoints, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    RESULTS,
+    Recorder,
+    Row,
+    block_network,
+    emit_result,
+    instrument,
+    isolate_lamin,
+    peak_rss_bytes,
+    print_rows,
+    quiet,
+    reset_peak_rss,
+    rss_bytes,
+    run_child,
+    smoke,
+    spans_as_json,
+    step_clock,
+    write_result,
+)
+
+WIDTH = 8192
+BATCH = 8
+ARMS = ("plain", "reference", "ours")
+LABELS = {
+    "plain": "Lightning ModelCheckpoint (no persistence)",
+    "reference": "lamindb.integrations.lightning.Checkpoint (synchronous)",
+    "ours": "lamin_lightning.Checkpoint (asynchronous)",
+}
+STALL_TARGET = 0.02
+FIT_TARGET = 1.05
+MEMORY_TARGET_MB = 64.0
+
+
+# -- one arm, in a fresh process ---------------------------------------------------------------
+
+
+def run_arm(arm: str, root: Path, checkpoints: int, every: int, width: int) -> dict[str, Any]:
+    isolate_lamin(root / "lamin")
+    block_network()
+    os.environ["TQDM_DISABLE"] = "1"
+    quiet()
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lamin_lightning as ll
+    from lamin_lightning.testing import local_instance
+
+    quiet()
+    torch.set_num_threads(1)
+    steps = checkpoints * every
+
+    class Wide(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(width, width)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.layer(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            # One batch, seen at every step, and a small step size: the loss falls at every
+            # step, so every checkpoint is a new best, is written, and evicts the oldest.
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    with local_instance(root / "instance"):
+        from lamindb.integrations import lightning as reference_ll
+
+        import lamindb as ln
+
+        ln.settings.verbosity = "error"
+        ll.save_lightning_features()
+        ln.track()
+        recorder = Recorder()
+        base = {"plain": ModelCheckpoint, "reference": reference_ll.Checkpoint}.get(
+            arm, ll.Checkpoint
+        )
+        callback = instrument(base, recorder)(
+            dirpath=str(root / "checkpoints"),
+            monitor="train_loss",
+            save_top_k=3,
+            every_n_train_steps=every,
+        )
+        clock = step_clock(recorder)
+        torch.manual_seed(0)
+        model = Wide()
+        x, y = torch.randn(BATCH, width), torch.randn(BATCH, width)
+        data = DataLoader(TensorDataset(x.repeat(steps, 1), y.repeat(steps, 1)), batch_size=BATCH)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback, clock],
+            default_root_dir=str(root),
+            log_every_n_steps=1,
+        )
+        rss_before = rss_bytes()
+        peak_reset = reset_peak_rss()
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        trainer.fit(model, data)
+        fit = time.perf_counter() - started
+        peak = peak_rss_bytes()
+        assert clock.train_end is not None
+        files = sorted((root / "checkpoints").glob("*.ckpt"))
+        result: dict[str, Any] = {
+            "arm": arm,
+            "fit_s": fit,
+            "train_s": clock.train_end - started,
+            "tail_s": started + fit - clock.train_end,
+            "stalls_s": callback.stalls,
+            "local_saves_s": callback.local_saves,
+            "checkpoints": len(callback.stalls),
+            "checkpoint_bytes": files[-1].stat().st_size if files else 0,
+            "rss_before_fit_bytes": rss_before,
+            "peak_rss_bytes": peak,
+            "peak_rss_reset": peak_reset,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg()[0],
+            "step_median_s": statistics.median(
+                s.end - s.start for s in recorder.spans if s.label == "step"
+            ),
+            "spans": spans_as_json(recorder.spans, started),
+        }
+        if arm != "plain":
+            prefix = callback.checkpoint_key_prefix
+            result["artifacts"] = ln.Artifact.filter(key__startswith=prefix + "/").count()
+        if arm == "ours":
+            result["persistence_stats"] = callback.persistence_stats.as_dict()
+    return result
+
+
+# -- the parent: arms side by side, summary, picture ---------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 checkpoints, once")
+    parser.add_argument("--checkpoints", type=int, default=None, help="default 10")
+    parser.add_argument(
+        "--every", type=int, default=None, help="training steps between checkpoints (default 4)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="default 2")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help=f"Linear(width, width) (default {WIDTH}: 268 MB checkpoints; 4096 with --quick)",
+    )
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    checkpoints = args.checkpoints or (3 if args.quick else 10)
+    every = args.every or (2 if args.quick else 4)
+    width = args.width or (4096 if args.quick else WIDTH)
+    if args.arm:
+        assert args.root is not None
+        emit_result(run_arm(args.arm, args.root, checkpoints, every, width))
+        return 0
+
+    repeats = args.repeats or (1 if args.quick else 2)
+    tmp = Path(tempfile.mkdtemp(prefix="lamin-bench-training-"))
+    runs: list[dict[str, Any]] = []
+    try:
+        for repeat in range(repeats):
+            order = ARMS[repeat % 3 :] + ARMS[: repeat % 3]
+            for arm in order:
+                root = tmp / f"{arm}-{repeat}"
+                result = run_child(
+                    [
+                        str(Path(__file__).resolve()),
+                        "--arm",
+                        arm,
+                        "--root",
+                        str(root),
+                        "--checkpoints",
+                        str(checkpoints),
+                        "--every",
+                        str(every),
+                        "--width",
+                        str(width),
+                    ],
+                    timeout=900,
+                )
+                shutil.rmtree(root, ignore_errors=True)
+                result["repeat"] = repeat
+                runs.append(result)
+                print(
+                    f"  repeat {repeat} {arm:9s}: fit {result['fit_s']:6.2f}s"
+                    f" (tail {result['tail_s']:4.2f}s)"
+                    f"  stall median {statistics.median(result['stalls_s']) * 1e3:7.1f} ms"
+                    f"  torch.save median {statistics.median(result['local_saves_s']):.2f}s"
+                    f"  step {result['step_median_s'] * 1e3:4.0f} ms"
+                    f"  peak RSS {result['peak_rss_bytes'] / 2**20:6.0f} MiB"
+                    f"  load {result['loadavg_before']:.1f}",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = summarize(runs, repeats)
+    rows = report(summary, runs, checkpoints, args.quick)
+    png = draw_timeline([r for r in runs if r["repeat"] == 0], RESULTS / "timeline.png")
+    path = write_result(
+        "training",
+        {
+            "config": {
+                "model": f"Linear({width}, {width}), SGD",
+                "batch_size": BATCH,
+                "checkpoints": checkpoints,
+                "every_n_train_steps": every,
+                "save_top_k": 3,
+                "monitor": "train_loss",
+                "repeats": repeats,
+                "torch_threads": 1,
+                "ours": "lamin_lightning.Checkpoint defaults (max_workers=2, max_pending=4)",
+            },
+            "summary": summary,
+            "timeline": str(png.relative_to(RESULTS.parent)) if png else None,
+            "runs": runs,
+        },
+        rows,
+    )
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _median_stall(run: dict[str, Any]) -> float:
+    return float(statistics.median(run["stalls_s"]))
+
+
+def summarize(runs: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    def arm_runs(arm: str) -> list[dict[str, Any]]:
+        return [r for r in runs if r["arm"] == arm]
+
+    def paired(arm: str, other: str, field: Any) -> float:
+        ratios = []
+        for repeat in range(repeats):
+            mine = next(r for r in runs if r["arm"] == arm and r["repeat"] == repeat)
+            theirs = next(r for r in runs if r["arm"] == other and r["repeat"] == repeat)
+            ratios.append(field(mine, theirs))
+        return float(statistics.median(ratios))
+
+    summary: dict[str, Any] = {}
+    for arm in ARMS:
+        mine = arm_runs(arm)
+        summary[arm] = {
+            "fit_s": statistics.median(r["fit_s"] for r in mine),
+            "tail_s": statistics.median(r["tail_s"] for r in mine),
+            "stall_median_s": statistics.median(_median_stall(r) for r in mine),
+            "stall_max_s": max(max(r["stalls_s"]) for r in mine),
+            "local_save_median_s": statistics.median(
+                statistics.median(r["local_saves_s"]) for r in mine
+            ),
+            "peak_rss_mib": statistics.median(r["peak_rss_bytes"] for r in mine) / 2**20,
+            "step_median_s": statistics.median(r["step_median_s"] for r in mine),
+        }
+    summary["stall_ours_over_reference"] = paired(
+        "ours", "reference", lambda a, b: _median_stall(a) / _median_stall(b)
+    )
+    summary["fit_ours_over_plain"] = paired("ours", "plain", lambda a, b: a["fit_s"] / b["fit_s"])
+    summary["fit_reference_over_plain"] = paired(
+        "reference", "plain", lambda a, b: a["fit_s"] / b["fit_s"]
+    )
+    summary["train_ours_over_plain"] = paired(
+        "ours", "plain", lambda a, b: a["train_s"] / b["train_s"]
+    )
+    summary["peak_rss_ours_minus_plain_mib"] = paired(
+        "ours", "plain", lambda a, b: (a["peak_rss_bytes"] - b["peak_rss_bytes"]) / 2**20
+    )
+    summary["peak_rss_reference_minus_plain_mib"] = paired(
+        "reference", "plain", lambda a, b: (a["peak_rss_bytes"] - b["peak_rss_bytes"]) / 2**20
+    )
+    return summary
+
+
+def report(
+    summary: dict[str, Any], runs: list[dict[str, Any]], checkpoints: int, quick: bool
+) -> list[Row]:
+    size_mb = max(r["checkpoint_bytes"] for r in runs) / 1e6
+    print()
+    print(
+        f"{checkpoints} checkpoints of {size_mb:.0f} MB, save_top_k=3, local SQLite instance,"
+        f" CPU (1 torch thread); medians over {len({r['repeat'] for r in runs})} repeat(s)"
+    )
+    for arm in ARMS:
+        written = {r["checkpoints"] for r in runs if r["arm"] == arm}
+        if written != {checkpoints}:
+            print(f"warning: {arm} wrote {sorted(written)} checkpoints, not {checkpoints}")
+    header = (
+        f"{'arm':<10}{'fit':>9}{'tail':>8}{'torch.save':>12}{'stall/ckpt':>13}{'max stall':>11}"
+        f"{'peak RSS':>11}"
+    )
+    print(header)
+    for arm in ARMS:
+        s = summary[arm]
+        print(
+            f"{arm:<10}{s['fit_s']:>8.2f}s{s['tail_s']:>7.2f}s{s['local_save_median_s']:>11.2f}s"
+            f"{s['stall_median_s'] * 1e3:>10.1f} ms{s['stall_max_s'] * 1e3:>8.0f} ms"
+            f"{s['peak_rss_mib']:>7.0f} MiB"
+        )
+    ours_stats = [r.get("persistence_stats", {}) for r in runs if r["arm"] == "ours"]
+    for stats in ours_stats:
+        print(
+            f"ours persistence_stats: saved {stats.get('saved', 0):.0f}, removed"
+            f" {stats.get('removed', 0):.0f}, failed {stats.get('failed', 0):.0f}, retried"
+            f" {stats.get('retried', 0):.0f}, admission waits"
+            f" {stats.get('admission_waits', 0):.0f}"
+            f" ({stats.get('training_stall_seconds', 0):.2f}s)"
+        )
+    stall = summary["stall_ours_over_reference"]
+    fit = summary["fit_ours_over_plain"]
+    memory = summary["peak_rss_ours_minus_plain_mib"]
+    rows = [
+        Row(
+            "1 stall per ckpt: ours / reference",
+            f"<= {STALL_TARGET:.2f}",
+            f"{stall:.4f} ({summary['ours']['stall_median_s'] * 1e3:.1f} ms vs"
+            f" {summary['reference']['stall_median_s'] * 1e3:.0f} ms)",
+            stall <= STALL_TARGET,
+        ),
+        Row(
+            "1 fit time: ours / plain",
+            f"<= {FIT_TARGET:.2f}",
+            f"{fit:.3f} ({summary['ours']['fit_s']:.1f}s vs {summary['plain']['fit_s']:.1f}s;"
+            f" reference {summary['fit_reference_over_plain']:.3f})",
+            fit <= FIT_TARGET,
+        ),
+        Row(
+            "1 training loop (no flush): ours / plain",
+            "(info)",
+            f"{summary['train_ours_over_plain']:.3f}; ours' flush after training"
+            f" {summary['ours']['tail_s']:.2f}s",
+            None,
+        ),
+        Row(
+            "4 peak RSS: ours - plain",
+            f"<= {MEMORY_TARGET_MB:.0f} MB",
+            f"{memory:+.0f} MiB (reference {summary['peak_rss_reference_minus_plain_mib']:+.0f})",
+            memory * 2**20 / 1e6 <= MEMORY_TARGET_MB,
+        ),
+    ]
+    rows = smoke(rows, quick)
+    print()
+    print_rows(rows)
+    return rows
+
+
+# -- the picture ---------------------------------------------------------------------------------
+
+COLORS = {
+    "step": "#7fc97f",
+    "local save": "#9e9e9e",
+    "local remove": "#9e9e9e",
+    "in callback": "#d62728",
+    "stage": "#fdb462",
+    "transfer": "#1f77b4",
+    "commit": "#9467bd",
+    "remove": "#8c564b",
+}
+LEGEND = {
+    "step": "training step",
+    "local save": "Lightning's local save / removal",
+    "in callback": "training waits on persistence",
+    "stage": "staging (hard link)",
+    "transfer": "hash + copy into storage + artifact record",
+    "commit": "features, flags, ranks (commit)",
+    "remove": "delete evicted artifact",
+}
+
+
+def _lane(thread: str) -> str:
+    if thread == "MainThread":
+        return "training thread"
+    if thread.startswith("lamin-lightning-"):
+        return thread.removeprefix("lamin-lightning-").replace("-", " ")
+    return thread
+
+
+def draw_timeline(runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Stacked timelines, one panel per arm, shared time axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        print("matplotlib missing: no timeline picture")
+        return None
+    by_arm = {r["arm"]: r for r in runs}
+    arms = [a for a in ARMS if a in by_arm]
+    lanes: dict[str, list[str]] = {}
+    for arm in arms:
+        names = {_lane(s["thread"]) for s in by_arm[arm]["spans"]}
+        ordered = ["training thread", *sorted(n for n in names if n != "training thread")]
+        lanes[arm] = ordered
+    fig, axes = plt.subplots(
+        len(arms),
+        1,
+        sharex=True,
+        figsize=(12, 1.3 + 0.55 * sum(len(v) for v in lanes.values())),
+        dpi=110,
+        gridspec_kw={"height_ratios": [len(lanes[a]) + 0.8 for a in arms]},
+    )
+    if len(arms) == 1:
+        axes = [axes]
+    x_max = max(r["fit_s"] for r in runs) * 1.02
+    for ax, arm in zip(axes, arms, strict=True):
+        run = by_arm[arm]
+        order = lanes[arm]
+        for span in run["spans"]:
+            lane = order.index(_lane(span["thread"]))
+            y = len(order) - 1 - lane
+            width = max(span["end"] - span["start"], x_max / 2000)
+            ax.broken_barh(
+                [(span["start"], width)],
+                (y - 0.38, 0.76),
+                facecolors=COLORS.get(span["label"], "#cccccc"),
+                edgecolor="none",
+            )
+        ax.axvline(run["fit_s"], color="black", lw=0.8, ls="--")
+        ax.set_yticks(range(len(order)))
+        ax.set_yticklabels(list(reversed(order)), fontsize=8)
+        ax.set_ylim(-0.6, len(order) - 0.4)
+        stall = statistics.median(run["stalls_s"]) * 1e3
+        ax.set_title(
+            f"{LABELS[arm]}: fit {run['fit_s']:.1f} s, training waits {stall:.1f} ms"
+            " per checkpoint beyond the local save",
+            fontsize=9,
+            loc="left",
+        )
+        ax.text(run["fit_s"], len(order) - 0.5, " fit returns", fontsize=7, va="top", ha="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlim(0, x_max)
+    axes[-1].set_xlabel("seconds since trainer.fit() started")
+    size = max(r["checkpoint_bytes"] for r in runs) / 1e6
+    fig.suptitle(
+        f"{by_arm[arms[0]]['checkpoints']} checkpoints of {size:.0f} MB (save_top_k=3), local"
+        " LaminDB instance, CPU: where the time goes",
+        fontsize=11,
+    )
+    used = {s["label"] for r in runs for s in r["spans"]}
+    handles = [
+        Patch(color=COLORS[label], label=text)
+        for label, text in LEGEND.items()
+        if label in used or (label == "local save" and "local remove" in used)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def redraw(json_path: Path = RESULTS / "training.json") -> Path | None:
+    """Redraw the timeline from a previous run's JSON (for tweaking the picture)."""
+    document = json.loads(json_path.read_text())
+    return draw_timeline(
+        [r for r in document["runs"] if r["repeat"] == 0], RESULTS / "timeline.png"
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--redraw"]:
+        print(redraw())
+        sys.exit(0)
+    sys.exit(main())
