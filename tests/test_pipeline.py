@@ -525,6 +525,49 @@ def test_newer_save_supersedes_an_unstarted_older_save() -> None:
     assert stats.saved == 2
 
 
+def test_transfers_of_one_key_never_overtake_each_other() -> None:
+    """A newer save of a key whose older save is uploading waits for it, even with idle workers."""
+    started, release, first = gate()
+    other_done = threading.Event()
+    order: list[str] = []
+    with running(max_workers=3) as (pipe, rec):
+        pipe.submit(rec.job("last", transfer=lambda: (first() and order.append("v1")) or "v1"))
+        assert started.wait(TIMEOUT)
+        pipe.submit(rec.job("last", transfer=lambda: order.append("v2") or "v2", tag="v2"))
+        pipe.submit(rec.job("other", transfer=lambda: other_done.set() or "other"))
+        # "other" was admitted after v2 and has already been uploaded by a free worker;
+        # v2 still waits for v1 instead of racing it.
+        assert other_done.wait(TIMEOUT)
+        assert ("last", "queued") in {(job.key, job.state) for job in pipe.pending()}
+        assert order == []
+        release.set()
+        assert pipe.flush(TIMEOUT)
+        stats = pipe.stats
+
+    assert order == ["v1", "v2"]
+    assert rec.delivered == [("saved", "last"), ("saved", "last"), ("saved", "other")]
+    assert stats.superseded == 0
+
+
+def test_a_save_superseded_while_waiting_for_its_key_keeps_the_order() -> None:
+    """v1 uploading, v2 waiting behind it, v3 supersedes v2: v3 still waits for v1."""
+    started, release, first = gate()
+    order: list[str] = []
+    with running(max_workers=3) as (pipe, rec):
+        pipe.submit(rec.job("last", transfer=lambda: (first() and order.append("v1")) or "v1"))
+        assert started.wait(TIMEOUT)
+        pipe.submit(rec.job("last", transfer=lambda: order.append("v2") or "v2", tag="v2"))
+        pipe.submit(rec.job("last", transfer=lambda: order.append("v3") or "v3", tag="v3"))
+        assert admitted(pipe, "last", "v3")
+        assert wait_until(lambda: pipe.stats.superseded == 1)
+        assert order == []
+        release.set()
+        assert pipe.flush(TIMEOUT)
+
+    assert order == ["v1", "v3"]
+    assert rec.discarded == ["last"]
+
+
 # -- flush, stop and reporting ----------------------------------------------------------------
 
 
@@ -546,6 +589,64 @@ def test_flush_that_times_out_returns_false_and_pending_names_the_keys() -> None
         release.set()
         assert pipe.flush(TIMEOUT) is True
         assert pipe.pending() == []
+
+
+def test_jobs_still_being_staged_are_named_by_pending_flush_and_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job whose preparation (staging) has not finished is pending and named on timeout."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_prepare() -> int:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        return 42
+
+    rec = Recorder()
+    pipe = PersistencePipeline(
+        max_workers=1, max_pending=4, retry=RetryPolicy.no_delay(), deliver=rec.deliver
+    )
+    pipe.start()
+    try:
+        spec = rec.job("staging.ckpt")
+        pipe.submit(
+            JobSpec(
+                operation="save",
+                key=spec.key,
+                commit=spec.commit,
+                fail=spec.fail,
+                transfer=spec.transfer,
+                prepare=slow_prepare,
+                payload=spec.payload,
+            )
+        )
+        assert entered.wait(TIMEOUT)
+        assert [(job.key, job.state) for job in pipe.pending()] == [("staging.ckpt", "staging")]
+        assert pipe.flush(timeout=0.05) is False
+        release.set()
+        assert pipe.flush(TIMEOUT) is True
+        assert pipe.pending() == []
+        assert pipe.stats.bytes_saved == 42
+
+        release.clear()
+        entered.clear()
+        pipe.submit(
+            JobSpec(
+                operation="save",
+                key="stuck-in-staging.ckpt",
+                commit=spec.commit,
+                fail=spec.fail,
+                transfer=spec.transfer,
+                prepare=slow_prepare,
+            )
+        )
+        assert entered.wait(TIMEOUT)
+        with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
+            assert pipe.stop(timeout=0.05) is False
+    finally:
+        release.set()
+    assert "stuck-in-staging.ckpt" in caplog.text
+    assert rec.delivered == [("saved", "staging.ckpt")]
 
 
 def test_stop_that_times_out_logs_the_unpersisted_keys(caplog: pytest.LogCaptureFixture) -> None:

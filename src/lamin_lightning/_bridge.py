@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -152,6 +153,9 @@ class PersistencePipeline:
         self._intake_cond = threading.Condition()
         self._submitted = 0
         self._admitted = 0
+        # Submitted, not yet admitted (being staged), in submission order; read and popped
+        # on the event loop so that pending() sees each job exactly once.
+        self._waiting: collections.deque[JobSpec] = collections.deque()
 
     @property
     def running(self) -> bool:
@@ -173,6 +177,8 @@ class PersistencePipeline:
         with self._lock:
             if self._core is not None:
                 return
+            with self._intake_cond:
+                self._waiting.clear()  # jobs a previous run abandoned before admission
             self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"{self._name}-loop")
             portal = self._portal_cm.__enter__()
             self._portal = portal
@@ -219,12 +225,32 @@ class PersistencePipeline:
                     log.error("could not stage %r: %s", spec.key, prepare_error)
                     error = prepare_error
             try:
-                portal.call(core.admit, spec, submitted_at, size, error)
+                portal.call(self._admit, core, spec, submitted_at, size, error)
             except Exception:
                 log.exception("could not admit the job for %r", spec.key)
             with self._intake_cond:
                 self._admitted += 1
                 self._intake_cond.notify_all()
+
+    async def _admit(
+        self,
+        core: AsyncPipeline,
+        spec: JobSpec,
+        submitted_at: float,
+        size: int | None,
+        error: BaseException | None,
+    ) -> int:
+        try:
+            return await core.admit(spec, submitted_at, size, error)
+        finally:
+            with self._intake_cond:
+                self._waiting.popleft()
+
+    def _pending_now(self, core: AsyncPipeline) -> list[PendingJob]:
+        with self._intake_cond:
+            waiting = list(self._waiting)
+        staging = [PendingJob(-1, s.operation, s.key, "staging", s.payload) for s in waiting]
+        return [*core.pending(), *staging]
 
     def submit(self, spec: JobSpec) -> None:
         """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding.
@@ -242,6 +268,7 @@ class PersistencePipeline:
         self._stats.record_max("max_training_stall_seconds", waited)
         with self._intake_cond:
             self._submitted += 1
+            self._waiting.append(spec)
         self._intake.put((spec, submitted_at))
 
     def _wait_intake(self, timeout: float | None) -> bool:
@@ -260,10 +287,14 @@ class PersistencePipeline:
         return self._portal.call(self._core.wait_idle, remaining)
 
     def pending(self) -> list[PendingJob]:
-        """Jobs admitted and not finished, in submission order."""
+        """Jobs submitted and not finished, in submission order.
+
+        Jobs still being staged (not admitted yet) come last, with state ``"staging"``
+        and ``seq`` -1.
+        """
         if self._core is None or self._portal is None:
             return []
-        return self._portal.call(self._core.pending)
+        return self._portal.call(self._pending_now, self._core)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Flush (up to ``timeout``), then stop the loop and the threads.
@@ -278,7 +309,7 @@ class PersistencePipeline:
             try:
                 flushed = self.flush(timeout)
                 if not flushed:
-                    keys = [job.key for job in self._portal.call(self._core.pending)]
+                    keys = [job.key for job in self._portal.call(self._pending_now, self._core)]
                     log.warning(
                         "persistence did not finish within %ss; unpersisted keys: %s",
                         timeout,

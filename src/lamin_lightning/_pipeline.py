@@ -99,6 +99,7 @@ class JobState(enum.Enum):
 class _Job:
     __slots__ = (
         "admitted_at",
+        "after",
         "attempts",
         "error",
         "result",
@@ -119,11 +120,13 @@ class _Job:
         self.error: BaseException | None = None
         self.attempts = 0
         self.transferred = anyio.Event()
+        # The previous job with a transfer for the same key: ours starts after it ended.
+        self.after: _Job | None = None
 
 
 @dataclass(frozen=True)
 class PendingJob:
-    """A job admitted and not yet finished, as reported by a flush that timed out."""
+    """A job submitted and not yet finished, as reported by a flush that timed out."""
 
     seq: int
     operation: Operation
@@ -156,6 +159,9 @@ class AsyncPipeline:
         self._next_seq = 0
         self._outstanding: dict[int, _Job] = {}
         self._queued_saves: dict[str, _Job] = {}
+        # Per key, the last admitted job with a transfer: transfers of one key run one at
+        # a time, in submission order, so the last submitted bytes are the last written.
+        self._last_transfer: dict[str, _Job] = {}
         self._idle = anyio.Event()
         self._idle.set()
         self._closed = False
@@ -239,6 +245,8 @@ class AsyncPipeline:
         else:
             if spec.operation == "save":
                 self._queued_saves[spec.key] = job
+            job.after = self._last_transfer.get(spec.key)
+            self._last_transfer[spec.key] = job
             self._task_group.start_soon(self._transfer, job)
         return seq
 
@@ -246,6 +254,12 @@ class AsyncPipeline:
         """Cancel or supersede a job whose transfer has not started."""
         job.state = state
         job.transferred.set()
+        if self._last_transfer.get(job.spec.key) is job:
+            # Whoever comes next for this key waits for what this job waited for.
+            if job.after is None:
+                del self._last_transfer[job.spec.key]
+            else:
+                self._last_transfer[job.spec.key] = job.after
         counter = "cancelled" if state is JobState.CANCELLED else "superseded"
         self._stats.add(**{counter: 1})
         log.debug("%s save of %r (job %d)", counter, job.spec.key, job.seq)
@@ -254,6 +268,8 @@ class AsyncPipeline:
     def _finish(self, job: _Job) -> None:
         if self._outstanding.pop(job.seq, None) is None:
             return
+        if self._last_transfer.get(job.spec.key) is job:
+            del self._last_transfer[job.spec.key]
         self._release_slot()
         self._stats.add(pending=-1)
         if not self._outstanding:
@@ -274,6 +290,12 @@ class AsyncPipeline:
     async def _transfer(self, job: _Job) -> None:
         transfer = job.spec.transfer
         assert transfer is not None
+        if job.after is not None:
+            # An earlier transfer of the same key is queued or running: never overtake it
+            # (a store would keep whichever write finished last). Wait without a worker;
+            # meanwhile this job can still be cancelled or superseded.
+            await job.after.transferred.wait()
+            job.after = None
         worker = await self._worker_recv.receive()
         try:
             if job.state is not JobState.QUEUED:
