@@ -185,6 +185,9 @@ def fit_once(variant: str, latency: float, steps: int, every: int, root: Path) -
         # CPU other threads of the process used meanwhile (the pipeline's, for "ours").
         "other_threads_cpu_s": (clock.process_cpu_end - proc_cpu)
         - (clock.thread_cpu_end - thread_cpu),
+        # Wall time the training thread spent not computing (waiting on storage, on the
+        # GIL or a core, or on the final flush): less sensitive to the machine's speed.
+        "off_cpu_s": wall - (clock.thread_cpu_end - thread_cpu),
         "saves": len(callback.save_seconds),
         "save_total_s": sum(callback.save_seconds),
         "save_max_s": max(callback.save_seconds, default=0.0),
@@ -223,6 +226,7 @@ def summarize(runs: list[dict[str, Any]], latencies: list[float]) -> tuple[dict[
             "save_total_s": median(plain, "save_total_s"),
             "save_max_s": median(plain, "save_max_s"),
             "train_thread_cpu_s": median(plain, "train_thread_cpu_s"),
+            "off_cpu_s": median(plain, "off_cpu_s"),
             "train_thread_cpu_spread_s": [
                 min(r["train_thread_cpu_s"] for r in plain),
                 max(r["train_thread_cpu_s"] for r in plain),
@@ -251,6 +255,8 @@ def summarize(runs: list[dict[str, Any]], latencies: list[float]) -> tuple[dict[
             "ours_admission_waits": median(ours, "admission_waits"),
             "ours_train_thread_cpu_s": median(ours, "train_thread_cpu_s"),
             "ours_other_threads_cpu_s": median(ours, "other_threads_cpu_s"),
+            "ours_off_cpu_s": median(ours, "off_cpu_s"),
+            "sync_off_cpu_s": median(sync, "off_cpu_s"),
             "sync_save_total_s": median(sync, "save_total_s"),
             "sync_save_max_s": median(sync, "save_max_s"),
             "ours_over_plain_paired": paired(ours),
@@ -336,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             f" {entry['ours_train_over_plain_train']:17.3f} {entry['ours_tail_s']:9.2f}s"
             f" {entry['ours_save_total_s']:6.2f}|{entry['sync_save_total_s']:5.2f}s"
             f" {entry['ours_other_threads_cpu_s']:12.2f}s"
+        )
+    for latency in args.latencies:
+        entry = summary["by_latency"][str(latency)]
+        print(
+            f"latency {latency:.1f}s: training thread off CPU (fit wall - its CPU time):"
+            f" plain {plain['off_cpu_s']:.2f}s, ours {entry['ours_off_cpu_s']:.2f}s"
+            f" (tail {entry['ours_tail_s']:.2f}s), sync {entry['sync_off_cpu_s']:.2f}s"
         )
     print(
         f"machine speed: the same plain training took {low:.2f}-{high:.2f}s of training-thread"
