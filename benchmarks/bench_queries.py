@@ -55,8 +55,9 @@ TARGET_GROWTH = 2
 WINDOW = 5
 
 
-def _count_queries(fn: Any, sink: list[int]) -> Any:
-    """Run ``fn`` and append the number of queries this thread's connection made."""
+def _count_queries(fn: Any, sink: list[int], last: list[str] | None = None) -> Any:
+    """Run ``fn`` and append the number of queries this thread's connection made; keep the
+    SQL of the latest call in ``last``."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -67,6 +68,22 @@ def _count_queries(fn: Any, sink: list[int]) -> Any:
     finally:
         context.__exit__(None, None, None)
         sink.append(len(context.captured_queries))
+        if last is not None:
+            last[:] = [q["sql"] for q in context.captured_queries]
+
+
+def _shape(sql: str) -> str:
+    """A query's statement and table, for grouping (``SELECT "lamindb_artifact"``...)."""
+    words = sql.split()
+    verb = words[0].upper() if words else "?"
+    table = next((w.strip('"') for w in words if w.startswith('"') and "." not in w), "")
+    for marker in (" FROM ", " INTO ", "UPDATE "):
+        if marker in sql:
+            rest = sql.split(marker, 1)[1].split()
+            if rest:
+                table = rest[0].strip('"')
+            break
+    return f"{verb} {table}"
 
 
 def _model(pl: Any, torch: Any, scores: list[float]) -> Any:
@@ -137,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     block_network()
     quiet()
     ours_commit: list[int] = []
+    last_commit_sql: list[str] = []
     ours_transfer: list[int] = []
     reference: list[int] = []
     try:
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 def commit_checkpoint_artifact(self, *a: Any, **k: Any) -> None:
                     parent = super().commit_checkpoint_artifact
-                    _count_queries(lambda: parent(*a, **k), ours_commit)
+                    _count_queries(lambda: parent(*a, **k), ours_commit, last_commit_sql)
 
             class CountingReference(reference_ll.Checkpoint):  # type: ignore[misc]
                 def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
@@ -209,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         mine = f"{at[n]:.0f}" if n in at else "-"
         moved = f"{transfer_at[n]:.0f}" if n in transfer_at else "-"
         print(f"{n:>7} {mine:>12} {moved:>14} {ref:>17}")
+    shapes: dict[str, int] = {}
+    for sql in last_commit_sql:
+        shapes[_shape(sql)] = shapes.get(_shape(sql), 0) + 1
+    print(
+        f"the last commit ({steps} stored), {len(last_commit_sql)} queries: "
+        + ", ".join(f"{n} x {shape}" for shape, n in sorted(shapes.items(), key=lambda i: -i[1]))
+    )
     rows = [
         Row(
             f"3 queries per commit, {points[0]} -> {points[-1]} stored",
@@ -244,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 "window": WINDOW,
             },
             "ours_commit_at": at,
+            "last_commit_queries": last_commit_sql,
             "ours_transfer_at": transfer_at,
             "reference_at": reference_at,
             "ours_fit_s": ours_fit,

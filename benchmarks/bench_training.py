@@ -420,7 +420,7 @@ COLORS = {
 LEGEND = {
     "step": "training step",
     "local save": "Lightning's local save / removal",
-    "in callback": "training waits on persistence",
+    "in callback": "training waits in the callback (beyond the local save)",
     "stage": "staging (hard link)",
     "transfer": "hash + copy into storage + artifact record",
     "commit": "features, flags, ranks (commit)",
