@@ -56,7 +56,7 @@ from lamin_lightning._events import (
 )
 from lamin_lightning._pipeline import JobSpec, PendingJob
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._snapshot import Snapshotter, write_atomically
+from lamin_lightning._snapshot import SnapshotSlot, Snapshotter, write_atomically
 from lamin_lightning._staging import (
     Stager,
     detach_before_rewrite,
@@ -557,8 +557,13 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
-        self._submit_hparams_once(trainer)
-        self._submit_checkpoint(trainer, filepath, write=write)
+        try:
+            self._submit_hparams_once(trainer)
+            self._submit_checkpoint(trainer, filepath, write=write)
+        except BaseException:
+            if isinstance(write, _HostWrite):
+                write.abandon()  # or its snapshot slot would stay taken: the next save hangs
+            raise
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -577,15 +582,13 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             )
         return supported
 
-    def _snapshot_for_async_write(
-        self, trainer: pl.Trainer, filepath: str
-    ) -> Callable[[], None] | None:
+    def _snapshot_for_async_write(self, trainer: pl.Trainer, filepath: str) -> _HostWrite | None:
         """Do what ``ModelCheckpoint._save_checkpoint`` does, but write later.
 
         Returns the write to run in the background (rank zero), or None.
         """
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
-        write: Callable[[], None] | None = None
+        write: _HostWrite | None = None
         if trainer.is_global_zero:
             if self._snapshotter is None:
                 self._snapshotter = Snapshotter(self.max_snapshots)
@@ -600,21 +603,19 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 snapshotter.release(slot)
                 raise
             scratch = self._staging_root(filepath) / "writing"
-
-            def write_snapshot() -> None:
-                try:
-                    write_atomically(host, filepath, scratch, torch.save)
-                finally:
-                    snapshotter.release(slot)
-
-            write = write_snapshot
+            write = _HostWrite(snapshotter, slot, host, filepath, scratch)
         del checkpoint
-        trainer.strategy.barrier("Trainer.save_checkpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+        try:
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+        except BaseException:
+            if write is not None:
+                write.abandon()
+            raise
         return write
 
     @override
@@ -976,6 +977,52 @@ def _progress_bar(total: int, *, enabled: bool) -> Any:
     return tqdm(
         total=total, desc="lamin-lightning: persisting checkpoints", unit="file", leave=False
     )
+
+
+class _HostWrite:
+    """The background write of one host snapshot (``async_write``); frees its slot once.
+
+    Called on the intake thread, it writes the file and gives the slot back. If the
+    save fails on the training thread before the job is submitted, :meth:`abandon`
+    gives the slot back instead (a slot never freed would block every later save);
+    a write abandoned that way refuses to run, since its buffers may be reused.
+    """
+
+    def __init__(
+        self,
+        snapshotter: Snapshotter,
+        slot: SnapshotSlot,
+        host: dict[str, Any],
+        filepath: str,
+        scratch: Path,
+    ) -> None:
+        self._snapshotter = snapshotter
+        self._slot = slot
+        self._host: dict[str, Any] | None = host
+        self._filepath = filepath
+        self._scratch = scratch
+        self._lock = threading.Lock()
+        self._state: Literal["pending", "writing", "abandoned"] = "pending"
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._state != "pending":
+                raise RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
+            self._state = "writing"
+        try:
+            write_atomically(self._host, self._filepath, self._scratch, torch.save)
+        finally:
+            self._host = None
+            self._snapshotter.release(self._slot)
+
+    def abandon(self) -> None:
+        """Give the slot back if the write has not started (it then never runs)."""
+        with self._lock:
+            if self._state != "pending":
+                return
+            self._state = "abandoned"
+        self._host = None
+        self._snapshotter.release(self._slot)
 
 
 def _empty_trash(stager: Stager) -> int:

@@ -1,0 +1,631 @@
+"""async_write benchmark: does taking the local ``torch.save`` off the training thread pay?
+
+Checkpoints of ~268 MB (one ``Linear(8192, 8192)`` trained with SGD without
+momentum, so the optimizer adds no state) on CPU. Arms, each in a fresh
+subprocess (so each has its own peak RSS), order rotated between repeats:
+
+- ``none``: no checkpointing (``enable_checkpointing=False``): the baseline loop.
+- ``plain``: Lightning's ``ModelCheckpoint``: a synchronous ``torch.save`` (into
+  memory, then written to the file) on the training thread.
+- ``async``: ours (``MemoryCheckpoint``) with ``async_write=True``, persisting into
+  a store whose ``put`` does not read the file, so persistence costs ~nothing and
+  what is measured is the local write: a host snapshot on the training thread,
+  serialisation + write + fsync + rename on the intake thread.
+- ``sync`` (only with ``--arms ... sync``): the same with ``async_write=False``
+  (Lightning's write, then our staging).
+
+Reported per arm (medians over checkpoints, then over repeats):
+
+- ``stall``: time the training thread spent inside ``_save_checkpoint`` per
+  checkpoint (for ``plain`` and ``sync`` that is the synchronous save);
+- ``snapshot``: for ``async``, the part of the stall spent copying tensors into the
+  host buffers (a device-to-host copy when the model is on a GPU), and ``slot
+  wait``: waiting for a free snapshot slot (the previous write still running);
+- ``bg write``: for ``async``, time of one background write (intake thread);
+- ``loop``: wall time from the end of the warm-up steps to ``on_train_end``,
+  and its ratio to ``none`` (paired by repeat, median);
+- ``peak RSS``: ``ru_maxrss`` of the arm's process, and its overhead over ``none``.
+
+Targets (checked for ``async``): stall <= 25% of ``plain``'s; loop / none <= 1.10;
+peak RSS overhead <= one snapshot + 32 MiB.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_async_write.py            # 8 checkpoints, 2 repeats
+    .venv/bin/python benchmarks/bench_async_write.py --quick    # 3 checkpoints, 1 repeat
+    .venv/bin/python benchmarks/bench_async_write.py --arms none plain async sync
+
+Results go to ``benchmarks/results/async_write.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results" / "async_write.json"
+WIDTH = 8192
+ARMS = ("none", "plain", "async", "sync")
+DEFAULT_ARMS = ("none", "plain", "async")
+STALL_TARGET = 0.25
+LOOP_TARGET = 1.10
+RSS_SLACK_BYTES = 32 << 20
+MIB = 1 << 20
+
+
+# -- child: one fit of one arm ------------------------------------------------------------------
+
+
+def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One fit of ``arm`` in this process; returns its measurements."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    import lamin_lightning._callback as callback_module
+    from lamin_lightning import RetryPolicy
+    from lamin_lightning._snapshot import Snapshotter
+    from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, StoredArtifact
+
+    torch.set_num_threads(args.torch_threads)
+    if args.no_crc:
+        torch.serialization.set_crc32_options(False)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    on_gpu = torch.cuda.is_available() and not args.cpu
+
+    class BenchModel(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(WIDTH, WIDTH)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            (x,) = batch
+            return self.layer(x).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+        def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+            # Lightning's default frees the gradients (a fresh 268 MB tensor, page-faulted
+            # in, every step); --keep-grads zeroes them in place instead (diagnostics).
+            optimizer.zero_grad(set_to_none=not args.keep_grads)
+
+    class NoReadStore(MemoryStore):
+        """Records a put without reading the file: persistence costs ~nothing."""
+
+        def put(
+            self,
+            key: str,
+            path: str | Path,
+            *,
+            kind: str = "checkpoint",
+            feature_values: dict[Any, Any] | None = None,
+        ) -> StoredArtifact:
+            with self._call("put", key), self._lock:
+                version = self._versions.get(key, 0) + 1
+                self._versions[key] = version
+                record = StoredArtifact(
+                    key=key, kind=kind, sha256="", size=os.path.getsize(path), version=version
+                )
+                self._objects[key] = record
+                return record
+
+    class Batches(Dataset[tuple[Any]]):
+        """``steps`` batches, cycling through 4 random ones (little memory at any length)."""
+
+        def __init__(self, steps: int, batch: int) -> None:
+            self.steps = steps
+            self.base = torch.randn(4, batch, WIDTH)
+
+        def __len__(self) -> int:
+            return self.steps
+
+        def __getitem__(self, index: int) -> tuple[Any]:
+            return (self.base[index % len(self.base)],)
+
+    stalls: list[float] = []
+
+    class TimedPlain(ModelCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            start = time.perf_counter()
+            super()._save_checkpoint(trainer, filepath)
+            stalls.append(time.perf_counter() - start)
+
+    class TimedOurs(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            start = time.perf_counter()
+            super()._save_checkpoint(trainer, filepath)
+            stalls.append(time.perf_counter() - start)
+
+    snapshot_copies: list[float] = []
+    slot_waits: list[float] = []
+    writes: list[float] = []
+    snapshot_bytes: list[int] = []
+    original_snapshot = Snapshotter.snapshot
+    original_acquire = Snapshotter.acquire
+    original_write = callback_module.write_atomically
+
+    def timed_snapshot(checkpoint: dict[str, Any], slot: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        result = original_snapshot(checkpoint, slot)
+        snapshot_copies.append(time.perf_counter() - start)
+        snapshot_bytes.append(sum(b.numel() * b.element_size() for b in slot.buffers.values()))
+        return result
+
+    def timed_acquire(self: Snapshotter) -> Any:
+        slot, waited = original_acquire(self)
+        slot_waits.append(waited)
+        return slot, waited
+
+    def timed_write(*write_args: Any) -> int:
+        start = time.perf_counter()
+        size = original_write(*write_args)
+        writes.append(time.perf_counter() - start)
+        return size
+
+    Snapshotter.snapshot = staticmethod(timed_snapshot)  # type: ignore[method-assign]
+    Snapshotter.acquire = timed_acquire  # type: ignore[method-assign]
+    callback_module.write_atomically = timed_write  # type: ignore[assignment]
+
+    def process_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    step_times: list[tuple[float, float]] = []
+
+    class Clock(pl.Callback):
+        """Wall and CPU time of the timed loop; its hooks run on the training thread."""
+
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.end: float | None = None
+            self.thread_cpu = 0.0
+            self.process_cpu = 0.0
+            self.thread_user = 0.0
+            self.thread_system = 0.0
+
+        def user_system(self) -> tuple[float, float]:
+            import psutil
+
+            native = threading.get_native_id()
+            for thread in psutil.Process().threads():
+                if thread.id == native:
+                    return thread.user_time, thread.system_time
+            return 0.0, 0.0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *rest: Any) -> None:
+            self.batch_started = (time.perf_counter(), time.thread_time())
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *rest: Any) -> None:
+            started, cpu_started = self.batch_started
+            # Per step (wall, training-thread CPU), from batch start to the end of the other
+            # callbacks' batch-end hooks (checkpoint callbacks run after this one).
+            step_times.append((time.perf_counter() - started, time.thread_time() - cpu_started))
+            if trainer.global_step == args.warmup:
+                self.start = time.perf_counter()
+                self.thread_cpu = -time.thread_time()
+                self.process_cpu = -process_cpu()
+                user, system = self.user_system()
+                self.thread_user, self.thread_system = -user, -system
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.end = time.perf_counter()
+            self.thread_cpu += time.thread_time()
+            self.process_cpu += process_cpu()
+            user, system = self.user_system()
+            self.thread_user += user
+            self.thread_system += system
+
+    root = Path(tempfile.mkdtemp(prefix=f"bench-async-write-{arm}-", dir=args.workdir))
+    dirpath = root / "ckpt"
+    common: dict[str, Any] = {
+        "dirpath": dirpath,
+        "save_top_k": -1,
+        "every_n_train_steps": args.every,
+    }
+    store = NoReadStore()
+    callbacks: list[pl.Callback] = []
+    if arm == "plain":
+        callbacks.append(TimedPlain(**common))
+    elif arm in ("async", "sync"):
+        callbacks.append(
+            TimedOurs(
+                store,
+                async_write=arm == "async",
+                max_pending=args.checkpoints + 1,
+                retry=RetryPolicy.no_delay(),
+                **common,
+            )
+        )
+    clock = Clock()
+    steps = args.checkpoints * args.every + args.tail
+    torch.manual_seed(0)
+    model = BenchModel()
+    data = DataLoader(Batches(steps, args.batch), batch_size=None)
+    trainer = pl.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=arm != "none",
+        callbacks=[*callbacks, clock],
+        default_root_dir=str(root),
+    )
+    rss_samples: list[int] = []
+    sampling = threading.Event()
+
+    def sample_rss() -> None:
+        import psutil
+
+        process = psutil.Process()
+        while not sampling.wait(0.02):
+            rss_samples.append(process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample_rss, name="rss-sampler", daemon=True)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    sampler.start()
+    try:
+        trainer.fit(model, data)
+    finally:
+        sampling.set()
+        sampler.join()
+    fit_wall = time.perf_counter() - started
+    assert clock.start is not None and clock.end is not None
+    files = sorted(dirpath.glob("*.ckpt")) if dirpath.exists() else []
+    result: dict[str, Any] = {
+        "arm": arm,
+        "device": "cuda" if on_gpu else "cpu",
+        "loop_s": clock.end - clock.start,
+        # CPU of the training thread in the loop: its own work, whatever else ran on the
+        # machine (the spread between identical runs shows how much the machine varied).
+        "loop_thread_cpu_s": clock.thread_cpu,
+        # The same split into user and kernel time (page faults, memory management, I/O).
+        "loop_thread_user_s": clock.thread_user,
+        "loop_thread_system_s": clock.thread_system,
+        # CPU of every other thread of the process meanwhile (the background write, ...).
+        "loop_other_cpu_s": clock.process_cpu - clock.thread_cpu,
+        "fit_wall_s": fit_wall,
+        "tail_s": fit_wall - (clock.end - started),
+        "stalls_s": stalls,
+        "steps_s": step_times,
+        "stall_median_s": statistics.median(stalls) if stalls else 0.0,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_sampled_bytes": max(rss_samples, default=0),
+        "files": len(files),
+        "checkpoint_bytes": files[-1].stat().st_size if files else 0,
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": os.getloadavg()[0],
+    }
+    if arm == "async":
+        stats = callbacks[0].persistence_stats  # type: ignore[attr-defined]
+        result.update(
+            snapshot_copies_s=snapshot_copies,
+            snapshot_copy_median_s=statistics.median(snapshot_copies),
+            slot_waits_s=slot_waits,
+            writes_s=writes,
+            write_median_s=statistics.median(writes),
+            snapshot_bytes=max(snapshot_bytes),
+            admission_waits=stats.admission_waits,
+            training_stall_seconds=stats.training_stall_seconds,
+            saved=stats.saved,
+            failed=stats.failed,
+            leftovers=sorted(p.name for p in (dirpath / ".lamin-lightning").rglob("*.tmp")),
+        )
+        if stats.saved != args.checkpoints or stats.failed:
+            raise RuntimeError(f"async: saved {stats.saved}, failed {stats.failed}")
+    if arm != "none" and len(files) != args.checkpoints:
+        raise RuntimeError(f"{arm}: {len(files)} files, expected {args.checkpoints}")
+    if arm in ("async", "sync") and len(store.keys()) != args.checkpoints:
+        raise RuntimeError(f"{arm}: persisted {len(store.keys())} of {args.checkpoints}")
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+# -- parent: run the arms in subprocesses, summarise --------------------------------------------
+
+
+def spawn(arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        arm,
+        "--checkpoints",
+        str(args.checkpoints),
+        "--every",
+        str(args.every),
+        "--tail",
+        str(args.tail),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--torch-threads",
+        str(args.torch_threads),
+    ]
+    for flag in ("cpu", "keep_grads", "no_crc"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
+    if args.workdir:
+        command += ["--workdir", str(args.workdir)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"arm {arm} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])  # type: ignore[no-any-return]
+
+
+def median_of(runs: list[dict[str, Any]], field: str) -> float:
+    return statistics.median(run[field] for run in runs)
+
+
+def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, Any]:
+    by_arm = {arm: [r for r in runs if r["arm"] == arm] for arm in arms}
+    none_by_repeat = {r["repeat"]: r for r in by_arm["none"]}
+    none_rss = median_of(by_arm["none"], "peak_rss_bytes")
+    summary: dict[str, Any] = {}
+    for arm, group in by_arm.items():
+        entry: dict[str, Any] = {
+            "loop_s": median_of(group, "loop_s"),
+            "fit_wall_s": median_of(group, "fit_wall_s"),
+            "tail_s": median_of(group, "tail_s"),
+            "loop_over_none": statistics.median(
+                r["loop_s"] / none_by_repeat[r["repeat"]]["loop_s"] for r in group
+            ),
+            "loop_thread_cpu_s": median_of(group, "loop_thread_cpu_s"),
+            "loop_thread_cpu_over_none": statistics.median(
+                r["loop_thread_cpu_s"] / none_by_repeat[r["repeat"]]["loop_thread_cpu_s"]
+                for r in group
+            ),
+            "loop_other_cpu_s": median_of(group, "loop_other_cpu_s"),
+            "peak_rss_bytes": median_of(group, "peak_rss_bytes"),
+            "peak_rss_overhead_bytes": median_of(group, "peak_rss_bytes") - none_rss,
+        }
+        if arm != "none":
+            entry["stall_median_s"] = statistics.median(s for r in group for s in r["stalls_s"])
+            entry["stall_first_s"] = statistics.median(r["stalls_s"][0] for r in group)
+            entry["stall_max_s"] = statistics.median(max(r["stalls_s"]) for r in group)
+        if arm == "async":
+            entry["snapshot_copy_median_s"] = statistics.median(
+                s for r in group for s in r["snapshot_copies_s"]
+            )
+            entry["snapshot_copy_first_s"] = statistics.median(
+                r["snapshot_copies_s"][0] for r in group
+            )
+            entry["slot_wait_median_s"] = statistics.median(
+                s for r in group for s in r["slot_waits_s"]
+            )
+            entry["slot_wait_max_s"] = max(max(r["slot_waits_s"]) for r in group)
+            entry["write_median_s"] = statistics.median(s for r in group for s in r["writes_s"])
+            entry["snapshot_bytes"] = max(r["snapshot_bytes"] for r in group)
+        summary[arm] = entry
+    return summary
+
+
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
+    ours = summary["async"]
+    rss_limit = ours["snapshot_bytes"] + RSS_SLACK_BYTES
+    checks: dict[str, Any] = {}
+    if "plain" in summary:
+        stall_ratio = ours["stall_median_s"] / summary["plain"]["stall_median_s"]
+        checks["stall_over_plain"] = {
+            "value": stall_ratio,
+            "target": STALL_TARGET,
+            "met": stall_ratio <= STALL_TARGET,
+        }
+    return checks | {
+        "loop_over_none": {
+            "value": ours["loop_over_none"],
+            "target": LOOP_TARGET,
+            "met": ours["loop_over_none"] <= LOOP_TARGET,
+        },
+        "peak_rss_overhead_bytes": {
+            "value": ours["peak_rss_overhead_bytes"],
+            "target": rss_limit,
+            "met": ours["peak_rss_overhead_bytes"] <= rss_limit,
+        },
+    }
+
+
+def print_table(
+    summary: dict[str, Any], checks: dict[str, Any], runs: list[dict[str, Any]], args: Any
+) -> None:
+    size = max(r["checkpoint_bytes"] for r in runs)
+    device = runs[0]["device"]
+    print()
+    print(
+        f"{args.checkpoints} checkpoints of {size / 1e6:.0f} MB every {args.every} steps"
+        f" (batch {args.batch}, {args.torch_threads} torch thread(s), {device}),"
+        f" median of {args.repeats} repeat(s)"
+    )
+    header = (
+        f"{'arm':>6} {'stall':>8} {'1st stall':>9} {'snapshot':>9} {'slot wait':>9}"
+        f" {'bg write':>9} {'loop':>8} {'loop/none':>9} {'cpu/none':>8} {'bg cpu':>7}"
+        f" {'tail':>6} {'peak RSS':>9} {'RSS over none':>13}"
+    )
+    print(header)
+    for arm, entry in summary.items():
+
+        def ms(field: str, e: dict[str, Any] = entry) -> str:
+            return f"{e[field] * 1e3:7.0f}ms" if field in e else f"{'-':>9}"
+
+        print(
+            f"{arm:>6} {ms('stall_median_s'):>8} {ms('stall_first_s'):>9}"
+            f" {ms('snapshot_copy_median_s'):>9} {ms('slot_wait_median_s'):>9}"
+            f" {ms('write_median_s'):>9} {entry['loop_s']:7.2f}s {entry['loop_over_none']:9.3f}"
+            f" {entry['loop_thread_cpu_over_none']:8.3f} {entry['loop_other_cpu_s']:6.2f}s"
+            f" {entry['tail_s']:5.2f}s {entry['peak_rss_bytes'] / MIB:6.0f}MiB"
+            f" {entry['peak_rss_overhead_bytes'] / MIB:10.0f}MiB"
+        )
+    ours = summary["async"]
+    copy_kind = "device-to-host copy" if device == "cuda" else "host copy"
+    print(
+        f"async stall {ours['stall_median_s'] * 1e3:.0f} ms, of which {copy_kind}"
+        f" {ours['snapshot_copy_median_s'] * 1e3:.0f} ms (first checkpoint"
+        f" {ours['snapshot_copy_first_s'] * 1e3:.0f} ms: buffers allocated); one snapshot ="
+        f" {ours['snapshot_bytes'] / MIB:.0f} MiB"
+    )
+    print(
+        "loop/none: wall time of the timed loop over no checkpointing (the target);"
+        " cpu/none: the same for the training thread's CPU time (insensitive to other"
+        " processes); bg cpu: CPU of the other threads of the process in the loop"
+    )
+    for name, check in checks.items():
+        value, target = check["value"], check["target"]
+        if name == "peak_rss_overhead_bytes":
+            text = f"{value / MIB:.0f} MiB <= {target / MIB:.0f} MiB (one snapshot + 32 MiB)"
+        else:
+            text = f"{value:.3f} <= {target}"
+        print(f"target {name}: {text}: {'met' if check['met'] else 'MISSED'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 checkpoints, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="default 2 (quick: 1)")
+    parser.add_argument("--checkpoints", type=int, default=None, help="default 8 (quick: 3)")
+    parser.add_argument("--every", type=int, default=8, help="steps between checkpoints")
+    parser.add_argument("--tail", type=int, default=None, help="steps after the last checkpoint")
+    parser.add_argument("--warmup", type=int, default=2, help="steps not timed (< --every)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1, as in bench_foundation: on a small shared"
+        " machine two OpenMP threads make every arm swing with the load of other processes;"
+        " with all cores busy training, any background write competes with it for CPU)",
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=None,
+        help="default: none plain async (add sync for ours without async_write)",
+    )
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even if a GPU exists")
+    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--keep-grads",
+        action="store_true",
+        help="diagnostics: zero gradients in place instead of freeing them every step",
+    )
+    parser.add_argument(
+        "--no-crc",
+        action="store_true",
+        help="diagnostics: torch.save without CRC32 (every arm; torch.load still reads it)",
+    )
+    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.checkpoints is None:
+        args.checkpoints = 3 if args.quick else 8
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 2
+    if args.tail is None:
+        args.tail = max(1, args.every // 2)
+    if not 0 < args.warmup < args.every:
+        parser.error("--warmup must be between 1 and --every - 1")
+
+    if args.child:
+        print("RESULT " + json.dumps(run_arm(args.child, args)), flush=True)
+        return 0
+
+    arms = tuple(args.arms) if args.arms else DEFAULT_ARMS
+    for needed in ("none", "async"):
+        if needed not in arms:
+            parser.error(f"--arms must include {needed}")
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(arms)
+        for arm in arms[shift:] + arms[:shift]:
+            run = spawn(arm, args)
+            run["repeat"] = repeat
+            runs.append(run)
+            extra = (
+                f" snapshot {statistics.median(run['snapshot_copies_s']) * 1e3:4.0f}ms"
+                f" bg write {run['write_median_s'] * 1e3:4.0f}ms"
+                if arm == "async"
+                else ""
+            )
+            print(
+                f"  repeat {repeat} {arm:>5}: loop {run['loop_s']:6.2f}s"
+                f" (training thread cpu {run['loop_thread_cpu_s']:6.2f}s ="
+                f" user {run['loop_thread_user_s']:5.2f}s"
+                f" + system {run['loop_thread_system_s']:5.2f}s,"
+                f" other threads {run['loop_other_cpu_s']:5.2f}s)"
+                f"  stall {run['stall_median_s'] * 1e3:5.0f}ms{extra}"
+                f"  peak RSS {run['peak_rss_bytes'] / MIB:5.0f}MiB"
+                f"  load {run['loadavg_1min_before']:.1f}->{run['loadavg_1min_after']:.1f}",
+                flush=True,
+            )
+    summary = summarize(runs, arms)
+    checks = targets(summary)
+    print_table(summary, checks, runs, args)
+    print(f"total {time.perf_counter() - started:.0f}s")
+
+    import torch
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps(
+            {
+                "benchmark": "async_write",
+                "targets": checks,
+                "targets_met": all(c["met"] for c in checks.values()),
+                "config": {
+                    "model": f"Linear({WIDTH}, {WIDTH}), SGD without momentum",
+                    "checkpoints": args.checkpoints,
+                    "every_n_train_steps": args.every,
+                    "warmup_steps": args.warmup,
+                    "tail_steps": args.tail,
+                    "batch_size": args.batch,
+                    "torch_threads": args.torch_threads,
+                    "repeats": args.repeats,
+                    "arms": list(arms),
+                    "keep_grads": args.keep_grads,
+                    "no_crc": args.no_crc,
+                    "store": "MemoryStore subclass whose put does not read the file",
+                    "rss_slack_bytes": RSS_SLACK_BYTES,
+                },
+                "machine": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "device": runs[0]["device"],
+                },
+                "summary": summary,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

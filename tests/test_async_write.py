@@ -1,0 +1,807 @@
+"""``async_write=True``: the local ``torch.save`` runs off the training thread.
+
+The training thread only snapshots the checkpoint's tensors into reusable host
+buffers; the intake thread serialises and writes the file (temp name, fsync,
+rename), then stages it and admits the persistence job. Concurrency is driven
+with gates on the background write (``lamin_lightning._callback.write_atomically``
+monkeypatched to wait on a semaphore or event that the test or the training
+thread opens at a known point); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+import lamin_lightning._callback as callback_module
+from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file, staged_files
+from lamin_lightning import (
+    ArtifactFailedEvent,
+    ArtifactSavedEvent,
+    PersistenceError,
+    RetryPolicy,
+)
+from lamin_lightning._snapshot import SnapshotSlot, Snapshotter
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*defined a `validation_step` but have no.*"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
+]
+
+TIMEOUT = 20.0
+# ``score`` logged at training step i; the checkpoint after step i+1 sees it. With
+# top-1 (max) the best improves at steps 1, 2, 4, 6, 7 and not at 3, 5, 8.
+UP_AND_DOWN = [1.0, 2.0, 0.5, 3.0, 1.5, 4.0, 5.0, 0.0]
+REFUSAL = "async_write=True needs"
+
+
+def key(name: str) -> str:
+    return f"checkpoints/{name}"
+
+
+def keys_of(paths: Any) -> set[str]:
+    return {key(Path(p).name) for p in paths}
+
+
+def writing_dir(dirpath: Path) -> Path:
+    return dirpath / ".lamin-lightning" / "writing"
+
+
+def leftovers_in_writing(dirpath: Path) -> list[str]:
+    folder = writing_dir(dirpath)
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+
+
+class MomentumModel(TinyModel):
+    """TinyModel with SGD momentum, so the optimizer state holds tensors too."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class StepCountingModel(TinyModel):
+    """Counts the training steps it actually ran (to see where a resumed fit started)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps_run = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+
+class OnTrainEnd(pl.Callback):
+    """Runs ``fn`` at on_train_end (other callbacks' hooks run before the checkpoint's)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fn()
+
+
+class WriteGate:
+    """Wraps ``write_atomically``: each background write waits for one permit first.
+
+    Records the thread every write ran on. A write that gets no permit within
+    ``TIMEOUT`` proceeds anyway and is recorded in ``timed_out`` (a test that then
+    asserts ``timed_out == []`` fails instead of hanging).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.permits = threading.Semaphore(0)
+        self.opened = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.threads: list[str] = []
+        self.timed_out: list[str] = []
+        self.finished: list[str] = []
+        original = callback_module.write_atomically
+
+        def gated(payload: Any, target: Any, scratch: Path, save: Any) -> int:
+            self.threads.append(threading.current_thread().name)
+            self.entered.release()
+            if not self.opened.is_set() and not self.permits.acquire(timeout=TIMEOUT):
+                self.timed_out.append(Path(target).name)
+            size = original(payload, target, scratch, save)
+            self.finished.append(Path(target).name)
+            return size
+
+        monkeypatch.setattr(callback_module, "write_atomically", gated)
+
+    def allow(self, count: int = 1) -> None:
+        """Let ``count`` more writes proceed."""
+        for _ in range(count):
+            self.permits.release()
+
+    def open(self) -> None:
+        """Let every write proceed from now on."""
+        self.opened.set()
+        self.allow(64)
+
+
+class CountingSnapshotter(Snapshotter):
+    """A Snapshotter that counts slots in use and keeps every host buffer it handed out.
+
+    ``on_acquired`` (a class attribute, set by a test before the fit) is called each
+    time a slot was acquired; its results are recorded in ``acquired``, in order.
+    """
+
+    instances: list[CountingSnapshotter] = []
+    on_acquired: Callable[[], Any] | None = None
+
+    def __init__(self, max_snapshots: int) -> None:
+        super().__init__(max_snapshots)
+        self.lock = threading.Lock()
+        self.alive = 0
+        self.max_alive = 0
+        self.waits: list[float] = []
+        self.acquired: list[Any] = []
+        self.acquiring = threading.Semaphore(0)
+        # Keeping the tensors alive keeps their addresses distinct: fresh allocations per
+        # checkpoint would show up as new addresses instead of reusing freed ones.
+        self.buffers: dict[int, torch.Tensor] = {}
+        CountingSnapshotter.instances.append(self)
+
+    def acquire(self) -> tuple[SnapshotSlot, float]:
+        self.acquiring.release()
+        slot, waited = super().acquire()
+        hook = type(self).on_acquired
+        with self.lock:
+            self.alive += 1
+            self.max_alive = max(self.max_alive, self.alive)
+            self.waits.append(waited)
+            self.acquired.append(hook() if hook is not None else None)
+        return slot, waited
+
+    def release(self, slot: SnapshotSlot) -> None:
+        with self.lock:
+            self.alive -= 1
+        super().release(slot)
+
+    def snapshot(self, checkpoint: dict[str, Any], slot: SnapshotSlot) -> dict[str, Any]:  # type: ignore[override]
+        result = super().snapshot(checkpoint, slot)
+        with self.lock:
+            self.buffers.update((t.data_ptr(), t) for t in _tensors(result) if t.numel())
+        return result
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+@pytest.fixture
+def counting_snapshotter(monkeypatch: pytest.MonkeyPatch) -> type[CountingSnapshotter]:
+    """Makes the callback create :class:`CountingSnapshotter` instances."""
+    monkeypatch.setattr(CountingSnapshotter, "instances", [])
+    monkeypatch.setattr(CountingSnapshotter, "on_acquired", None)
+    monkeypatch.setattr(callback_module, "Snapshotter", CountingSnapshotter)
+    return CountingSnapshotter
+
+
+def async_callback(
+    store: MemoryStore, dirpath: Path, cls: type[MemoryCheckpoint] = MemoryCheckpoint, **kwargs: Any
+) -> MemoryCheckpoint:
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "save_top_k": -1,
+        "every_n_train_steps": 1,
+        "async_write": True,
+        "retry": RetryPolicy.no_delay(),
+    }
+    options.update(kwargs)
+    return cls(store, **options)
+
+
+# -- what is written -----------------------------------------------------------------------------
+
+
+def test_files_hold_the_state_at_save_time_although_training_mutates_it_right_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights and optimizer state changed after _save_checkpoint returns never reach the file."""
+    dirpath = tmp_path / "ckpt"
+    gate = WriteGate(monkeypatch)
+
+    class MutatingCheckpoint(MemoryCheckpoint):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.expected: dict[str, dict[str, Any]] = {}
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            module = trainer.lightning_module
+            optimizer = trainer.optimizers[0]
+            weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            momenta = {
+                i: optimizer.state[p]["momentum_buffer"].clone()
+                for i, p in enumerate(module.parameters())
+                if optimizer.state.get(p, {}).get("momentum_buffer") is not None
+            }
+            super()._save_checkpoint(trainer, filepath)
+            with torch.no_grad():
+                for parameter in module.parameters():
+                    parameter.add_(1.0)
+                for state in optimizer.state.values():
+                    state["momentum_buffer"].add_(1.0)
+            self.expected[Path(filepath).name] = {"weights": weights, "momenta": momenta}
+            gate.allow()  # the write may run now, after the mutation
+
+    callback = MutatingCheckpoint(
+        MemoryStore(),
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        async_write=True,
+        retry=RetryPolicy.no_delay(),
+    )
+    make_trainer(tmp_path, [callback], max_steps=4).fit(MomentumModel(), loader(4))
+
+    assert gate.timed_out == []
+    assert len(gate.finished) == 4
+    assert set(callback.expected) == checkpoint_files(dirpath)
+    for name, expected in callback.expected.items():
+        written = load(dirpath / name)
+        assert set(written["state_dict"]) == set(expected["weights"])
+        for param, tensor in expected["weights"].items():
+            assert torch.equal(written["state_dict"][param], tensor), (name, param)
+        state = written["optimizer_states"][0]["state"]
+        assert {i: s["momentum_buffer"] for i, s in state.items()}.keys() == expected[
+            "momenta"
+        ].keys()
+        for index, tensor in expected["momenta"].items():
+            assert torch.equal(state[index]["momentum_buffer"], tensor), (name, index)
+        assert callback.store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
+    assert all(expected["momenta"] for expected in callback.expected.values())
+
+
+def test_the_training_thread_does_not_write_and_persistence_starts_on_the_complete_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file when _save_checkpoint returns; written on another thread; flush waits; full hash."""
+    dirpath = tmp_path / "ckpt"
+    gate = WriteGate(monkeypatch)
+    training_thread: list[str] = []
+
+    class ObservingCheckpoint(MemoryCheckpoint):
+        at_return: dict[str, bool] = {}
+        after_flush: dict[str, tuple[bool, str | None, str | None]] = {}
+        seen_by_store: dict[str, tuple[str, int]] = {}
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            training_thread.append(threading.current_thread().name)
+            super()._save_checkpoint(trainer, filepath)
+            name = Path(filepath).name
+            self.at_return[name] = os.path.exists(filepath)
+            gate.allow()
+            assert self.flush(TIMEOUT)
+            stored = self.store.get(key(name))
+            self.after_flush[name] = (
+                os.path.exists(filepath),
+                sha256_file(filepath) if os.path.exists(filepath) else None,
+                stored.sha256 if stored is not None else None,
+            )
+
+        def save_checkpoint_artifact(
+            self, trainer: pl.Trainer, filepath: Path | str, **kwargs: Any
+        ) -> Any:
+            artifact = super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+            local = self.dirpath and Path(self.dirpath) / Path(filepath).name
+            self.seen_by_store[Path(filepath).name] = (
+                artifact.sha256,
+                os.path.getsize(local) if local and os.path.exists(local) else -1,
+            )
+            return artifact
+
+    callback = ObservingCheckpoint(
+        MemoryStore(),
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        async_write=True,
+        retry=RetryPolicy.no_delay(),
+    )
+    make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(width=512), loader(3, 512))
+
+    names = {f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)}
+    assert checkpoint_files(dirpath) == names
+    assert gate.timed_out == []
+    assert callback.at_return == dict.fromkeys(names, False)
+    assert set(training_thread) == {threading.current_thread().name}
+    assert gate.threads and not set(gate.threads) & set(training_thread)
+    for name in names:
+        exists, local_hash, stored_hash = callback.after_flush[name]
+        assert exists
+        assert stored_hash == local_hash == sha256_file(dirpath / name)
+        assert callback.seen_by_store[name] == (local_hash, os.path.getsize(dirpath / name))
+    assert leftovers_in_writing(dirpath) == []
+    assert staged_files(dirpath) == []
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_write_failing_midway_leaves_no_torn_file_and_reaches_the_user(
+    on_error: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    counting_snapshotter: type[CountingSnapshotter],
+) -> None:
+    """A write that dies halfway: no file, no temp file, a failed event in its slot, then raised."""
+    dirpath = tmp_path / "ckpt"
+    failing_name = "epoch=0-step=3.ckpt"
+    original = callback_module.write_atomically
+    partial_sizes: list[int] = []
+    written_to: list[Path] = []
+    target_visible_while_writing: list[bool] = []
+
+    def half_then_raise(payload: Any, handle: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = buffer.getvalue()
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        partial_sizes.append(os.fstat(handle.fileno()).st_size)
+        written_to.append(Path(handle.name))
+        target_visible_while_writing.append((dirpath / failing_name).exists())
+        raise OSError(28, "No space left on device (injected)")
+
+    def write(payload: Any, target: Any, scratch: Path, save: Any) -> int:
+        if Path(target).name == failing_name:
+            save = half_then_raise
+        return original(payload, target, scratch, save)
+
+    monkeypatch.setattr(callback_module, "write_atomically", write)
+    observer = RecordingObserver()
+    callback = async_callback(
+        MemoryStore(), dirpath, on_error=on_error, artifact_observers=[observer]
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=3)
+    if on_error == "raise":
+        with pytest.raises(PersistenceError, match=r"epoch=0-step=3\.ckpt") as info:
+            trainer.fit(TinyModel(), loader(3))
+        assert [f.key for f in info.value.failures] == [key(failing_name)]
+        assert isinstance(info.value.failures[0].error, OSError)
+    else:
+        with pytest.warns(UserWarning, match=r"epoch=0-step=3\.ckpt.*No space left"):
+            trainer.fit(TinyModel(), loader(3))
+
+    assert partial_sizes and partial_sizes[0] > 0  # the write really died halfway
+    # Written under a temporary name in the scratch folder: the target never held half a file.
+    assert [p.parent for p in written_to] == [writing_dir(dirpath)]
+    assert written_to[0].name != failing_name
+    assert target_visible_while_writing == [False]
+    assert not (dirpath / failing_name).exists()
+    assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert leftovers_in_writing(dirpath) == []
+    assert [type(e) for e in observer.events] == [
+        ArtifactSavedEvent,
+        ArtifactSavedEvent,
+        ArtifactFailedEvent,
+    ]
+    failed = observer.events[-1]
+    assert failed.key == key(failing_name) and failed.operation == "save"
+    assert isinstance(failed.error, OSError)
+    assert callback.store.keys(kind="checkpoint") == keys_of(checkpoint_files(dirpath))
+    assert callback.persistence_stats.failed == 1
+    assert counting_snapshotter.instances[0].alive == 0  # the failed write gave its slot back
+
+
+# -- bounded host memory -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_snapshots", [1, 2])
+def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is_counted(
+    max_snapshots: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    counting_snapshotter: type[CountingSnapshotter],
+) -> None:
+    """With the first write held, save number max_snapshots+1 blocks until it is let go."""
+    dirpath = tmp_path / "ckpt"
+    gate = WriteGate(monkeypatch)
+    returned: list[str] = []
+    # At each slot acquisition: had the held first write finished?
+    counting_snapshotter.on_acquired = lambda: "epoch=0-step=1.ckpt" in gate.finished
+
+    class Recording(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            returned.append(Path(filepath).name)
+
+    callback = Recording(
+        MemoryStore(),
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=max_snapshots,
+        max_pending=8,
+        retry=RetryPolicy.no_delay(),
+    )
+    steps = max_snapshots + 2
+    errors: list[BaseException] = []
+
+    def run_fit() -> None:
+        try:
+            make_trainer(tmp_path, [callback], max_steps=steps).fit(TinyModel(), loader(steps))
+        except BaseException as error:
+            errors.append(error)
+
+    fitting = threading.Thread(target=run_fit, name="fit")
+    fitting.start()
+    try:
+        # The first write is held. Saves 1..max_snapshots got a slot; the next is acquiring.
+        assert gate.entered.acquire(timeout=TIMEOUT)
+        snapshotter = counting_snapshotter.instances[0]
+        for _ in range(max_snapshots + 1):
+            assert snapshotter.acquiring.acquire(timeout=TIMEOUT)
+        assert gate.finished == []
+        blocked_save_returned = len(returned) > max_snapshots
+        with snapshotter.lock:
+            alive_while_held = snapshotter.alive
+    finally:
+        gate.open()
+        fitting.join(TIMEOUT)
+    assert not fitting.is_alive()
+    assert errors == []
+    assert gate.timed_out == []
+
+    assert not blocked_save_returned
+    assert alive_while_held == max_snapshots
+    # The first max_snapshots saves found a free slot; the next got one only once the held
+    # write had finished.
+    assert snapshotter.acquired[: max_snapshots + 1] == [False] * max_snapshots + [True]
+    assert snapshotter.max_alive == max_snapshots
+    assert snapshotter.alive == 0
+    assert returned == [f"epoch=0-step={s}.ckpt" for s in range(1, steps + 1)]
+    stats = callback.persistence_stats
+    waited = [w for w in snapshotter.waits if w > 0]
+    assert snapshotter.waits[max_snapshots] > 0
+    assert stats.admission_waits == len(waited)
+    assert stats.training_stall_seconds >= sum(waited) - 1e-9
+    assert stats.max_training_stall_seconds >= max(waited)
+    # Buffers are reused: one set of host tensors per slot, whatever the number of saves.
+    tensors_per_checkpoint = sum(
+        1 for t in _tensors(load(dirpath / "epoch=0-step=1.ckpt")) if t.numel()
+    )
+    assert len(snapshotter.buffers) == max_snapshots * tensors_per_checkpoint
+    assert callback.store.keys(kind="checkpoint") == keys_of(checkpoint_files(dirpath))
+    assert len(checkpoint_files(dirpath)) == steps
+
+
+# -- eviction and overwrite ----------------------------------------------------------------------
+
+
+class AwaitRecording(MemoryCheckpoint):
+    """Lets a held write go when Lightning is about to remove or overwrite its file.
+
+    Records which files were still being written at that moment, and the hash of
+    the file right after ``_await_staging`` returned (what a removal or overwrite
+    then moves aside).
+    """
+
+    def __init__(self, gate: WriteGate, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+        self.pending_at_await: list[str] = []
+        self.after_await: dict[str, list[str | None]] = {}
+        self.staged_hashes: dict[str, list[str]] = {}
+
+    def _await_staging(self, filepath: str | Path) -> None:
+        done = self._staging_done.get(str(filepath))
+        name = Path(filepath).name
+        if done is not None and not done.is_set():
+            self.pending_at_await.append(name)
+            self.gate.allow()
+        super()._await_staging(filepath)
+        if done is not None:  # the file was written by an earlier save of this callback
+            self.after_await.setdefault(name, []).append(
+                sha256_file(filepath) if os.path.exists(filepath) else None
+            )
+
+    def save_checkpoint_artifact(
+        self, trainer: pl.Trainer, filepath: Path | str, **kwargs: Any
+    ) -> Any:
+        artifact = super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+        self.staged_hashes.setdefault(Path(filepath).name, []).append(artifact.sha256)
+        return artifact
+
+
+def test_top1_eviction_waits_for_pending_writes_and_persists_exactly_the_kept_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evicting a file still being written waits for it; store = kept set; events once, ordered."""
+    dirpath = tmp_path / "ckpt"
+    gate = WriteGate(monkeypatch)
+    observer = RecordingObserver()
+    callback = AwaitRecording(
+        gate,
+        MemoryStore(),
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=2,
+        artifact_observers=[observer],
+        retry=RetryPolicy.no_delay(),
+    )
+    steps = len(UP_AND_DOWN)
+    make_trainer(tmp_path, [callback, OnTrainEnd(gate.open)], max_steps=steps).fit(
+        TinyModel(scores=UP_AND_DOWN), loader(steps)
+    )
+
+    assert gate.timed_out == []
+    kept = checkpoint_files(dirpath)
+    assert kept == {Path(callback.best_model_path).name} == {"epoch=0-step=7.ckpt"}
+    assert callback.store.keys(kind="checkpoint") == keys_of(kept)
+    saved_names = ["epoch=0-step=1.ckpt", *(f"epoch=0-step={s}.ckpt" for s in (2, 4, 6, 7))]
+    evicted = saved_names[:-1]
+    # Every eviction found its file still being written, waited, and then moved a complete file.
+    assert callback.pending_at_await == evicted
+    for name in evicted:
+        [digest] = callback.after_await[name]
+        assert digest is not None
+        assert callback.staged_hashes.get(name, [digest]) == [digest]
+    assert callback.staged_hashes["epoch=0-step=7.ckpt"] == [
+        sha256_file(dirpath / "epoch=0-step=7.ckpt")
+    ]
+    assert callback.store.get(key("epoch=0-step=7.ckpt")).sha256 == sha256_file(  # type: ignore[union-attr]
+        dirpath / "epoch=0-step=7.ckpt"
+    )
+
+    events = observer.events
+    assert not [e for e in events if isinstance(e, ArtifactFailedEvent)]
+    identities = [(type(e).__name__, e.key) for e in events]
+    assert len(identities) == len(set(identities)), identities
+    assert [k for kind, k in identities if kind == "ArtifactRemovedEvent"] == [
+        key(n) for n in evicted
+    ]
+    for index, (kind, k) in enumerate(identities):
+        if kind == "ArtifactSavedEvent" and ("ArtifactRemovedEvent", k) in identities:
+            assert index < identities.index(("ArtifactRemovedEvent", k)), identities
+    assert key("epoch=0-step=7.ckpt") in [
+        e.key for e in events if isinstance(e, ArtifactSavedEvent)
+    ]
+    assert leftovers_in_writing(dirpath) == []
+    assert staged_files(dirpath) == []
+
+
+def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """last.ckpt overwritten each step while its previous write is held: stored = final file."""
+    dirpath = tmp_path / "ckpt"
+    gate = WriteGate(monkeypatch)
+    store = MemoryStore(keep_bytes=True)
+    callback = AwaitRecording(
+        gate,
+        store,
+        dirpath=dirpath,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=2,
+        retry=RetryPolicy.no_delay(),
+    )
+    steps = 5
+    make_trainer(tmp_path, [callback, OnTrainEnd(gate.open)], max_steps=steps).fit(
+        TinyModel(), loader(steps)
+    )
+
+    assert gate.timed_out == []
+    assert checkpoint_files(dirpath) == {"last.ckpt"}
+    # Every rewrite found the previous write still held, and waited for it.
+    assert callback.pending_at_await == ["last.ckpt"] * (steps - 1)
+    assert all(digest is not None for digest in callback.after_await["last.ckpt"])
+    final = dirpath / "last.ckpt"
+    stored = store.get(key("last.ckpt"))
+    assert stored is not None and stored.data is not None
+    assert stored.sha256 == sha256_file(final)
+    assert load(io.BytesIO(stored.data))["global_step"] == steps  # type: ignore[arg-type]
+    # Every upload saw a complete file, never a torn one.
+    for digest in callback.staged_hashes["last.ckpt"]:
+        assert digest in callback.after_await["last.ckpt"] or digest == sha256_file(final)
+    assert callback.persistence_stats.failed == 0
+    assert leftovers_in_writing(dirpath) == []
+    assert staged_files(dirpath) == []
+
+
+# -- resume and fallback -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_fit_resumes_from_a_file_written_in_the_background(which: str, tmp_path: Path) -> None:
+    """A new Trainer resumes from a best/last file written with async_write; steps continue."""
+    dirpath = tmp_path / "ckpt"
+    first = async_callback(
+        MemoryStore(),
+        dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+    )
+    make_trainer(tmp_path, [first], max_steps=5).fit(TinyModel(scores=UP_AND_DOWN), loader(5))
+    path = first.best_model_path if which == "best" else first.last_model_path
+    saved = load(path)
+    expected_start = {"best": 4, "last": 5}[which]
+    assert saved["global_step"] == expected_start
+
+    second = async_callback(MemoryStore(), tmp_path / "resumed", save_top_k=1)
+    model = StepCountingModel(scores=UP_AND_DOWN)
+    trainer = make_trainer(tmp_path, [second], max_steps=8)
+    trainer.fit(model, loader(8), ckpt_path=path)
+
+    assert trainer.global_step == 8
+    assert model.steps_run == 8 - expected_start
+    assert second.store.keys(kind="checkpoint") == keys_of(checkpoint_files(tmp_path / "resumed"))
+
+
+class RecordingIO(TorchCheckpointIO):
+    """A custom CheckpointIO plugin (async_write does not support it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves: list[tuple[str, str]] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, **kwargs: Any) -> None:
+        self.saves.append((Path(path).name, threading.current_thread().name))
+        super().save_checkpoint(checkpoint, path, **kwargs)
+
+
+def test_an_unsupported_checkpoint_io_warns_once_and_writes_synchronously(
+    tmp_path: Path,
+) -> None:
+    """A custom CheckpointIO: one warning, the file written on the training thread, persisted."""
+    dirpath = tmp_path / "ckpt"
+
+    class Recording(MemoryCheckpoint):
+        at_return: dict[str, bool] = {}
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            self.at_return[Path(filepath).name] = os.path.exists(filepath)
+
+    io_plugin = RecordingIO()
+    callback = Recording(
+        MemoryStore(),
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        async_write=True,
+        retry=RetryPolicy.no_delay(),
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=3, plugins=[io_plugin])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyModel(), loader(3))
+
+    refusals = [w for w in caught if REFUSAL in str(w.message)]
+    assert len(refusals) == 1, [str(w.message) for w in caught]
+    assert "RecordingIO" in str(refusals[0].message)
+    names = {f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)}
+    assert callback.at_return == dict.fromkeys(names, True)
+    assert {name for name, _ in io_plugin.saves} == names
+    assert {thread for _, thread in io_plugin.saves} == {threading.current_thread().name}
+    assert callback.store.keys(kind="checkpoint") == keys_of(names)
+    for name in names:
+        assert callback.store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
+    assert not writing_dir(dirpath).exists()
+
+
+def test_an_error_after_the_snapshot_gives_its_slot_back_so_the_next_fit_does_not_hang(
+    tmp_path: Path,
+) -> None:
+    """A save that fails after taking a host snapshot frees it: a later fit saves normally."""
+
+    class FailingOnce(MemoryCheckpoint):
+        calls = 0
+
+        def collect_checkpoint_feature_values(self, trainer: pl.Trainer, snapshot: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:  # after the snapshot was taken, before the job is submitted
+                raise RuntimeError("feature collection failed")
+            return None
+
+    dirpath = tmp_path / "ckpt"
+    callback = async_callback(MemoryStore(), dirpath, cls=FailingOnce, max_snapshots=1)
+    with pytest.raises(RuntimeError, match="feature collection failed"):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+
+    errors: list[BaseException] = []
+
+    def second_fit() -> None:
+        try:
+            make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+        except BaseException as error:
+            errors.append(error)
+
+    fitting = threading.Thread(target=second_fit, name="second-fit", daemon=True)
+    fitting.start()
+    fitting.join(TIMEOUT)
+    assert not fitting.is_alive(), "the second fit hangs waiting for a leaked snapshot slot"
+    assert errors == []
+    assert callback.store.keys(kind="checkpoint") == keys_of(checkpoint_files(dirpath))
+    assert "epoch=0-step=2.ckpt" in checkpoint_files(dirpath)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_snapshots_are_pinned_host_copies_taken_before_training_moves_on(
+    tmp_path: Path, counting_snapshotter: type[CountingSnapshotter]
+) -> None:
+    """GPU: pinned host buffers, no second device copy, and the file holds the save-time state."""
+    dirpath = tmp_path / "ckpt"
+    busy = torch.randn(4096, 4096, device="cuda")
+
+    class GpuCheckpoint(MemoryCheckpoint):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.expected: dict[str, dict[str, torch.Tensor]] = {}
+            self.device_growth: list[int] = []
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            module = trainer.lightning_module
+            self.expected[Path(filepath).name] = {
+                k: v.detach().clone() for k, v in module.state_dict().items()
+            }
+            # Queue GPU work ahead of the device-to-host copies: a snapshot that returned
+            # before its copies finished would hand the writer stale host memory.
+            for _ in range(20):
+                busy.copy_(busy @ busy / busy.shape[0])
+            torch.cuda.reset_peak_memory_stats()
+            allocated = torch.cuda.memory_allocated()
+            super()._save_checkpoint(trainer, filepath)
+            self.device_growth.append(torch.cuda.max_memory_allocated() - allocated)
+            with torch.no_grad():
+                for parameter in module.parameters():
+                    parameter.add_(1.0)
+
+    callback = GpuCheckpoint(
+        MemoryStore(),
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        async_write=True,
+        retry=RetryPolicy.no_delay(),
+    )
+    model = MomentumModel(width=1024)
+    make_trainer(tmp_path, [callback], max_steps=3, accelerator="gpu").fit(model, loader(3, 1024))
+
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    snapshotter = counting_snapshotter.instances[0]
+    assert snapshotter.buffers
+    # The weight and its momentum buffer live on the GPU: their host buffers are pinned.
+    from_device = [b for b in snapshotter.buffers.values() if b.shape == (1024, 1024)]
+    assert len(from_device) == 2
+    assert all(b.device.type == "cpu" and b.is_pinned() for b in from_device)
+    assert max(callback.device_growth) < parameter_bytes // 4, callback.device_growth
+    assert set(callback.expected) == checkpoint_files(dirpath)
+    for name, expected in callback.expected.items():
+        written = load(dirpath / name)["state_dict"]
+        for param, tensor in expected.items():
+            assert torch.equal(written[param], tensor.cpu()), (name, param)
