@@ -503,7 +503,7 @@ def print_table(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 checkpoints, one repeat")
-    parser.add_argument("--repeats", type=int, default=None, help="default 2 (quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 1")
     parser.add_argument("--checkpoints", type=int, default=None, help="default 8 (quick: 3)")
     parser.add_argument("--every", type=int, default=8, help="steps between checkpoints")
     parser.add_argument("--tail", type=int, default=None, help="steps after the last checkpoint")
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoints is None:
         args.checkpoints = 3 if args.quick else 8
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 2
+        args.repeats = 1  # 2+ for steadier numbers; keeps make bench under 15 min
     if args.tail is None:
         args.tail = max(1, args.every // 2)
     if not 0 < args.warmup < args.every:
