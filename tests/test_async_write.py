@@ -805,3 +805,29 @@ def test_on_a_gpu_snapshots_are_pinned_host_copies_taken_before_training_moves_o
         written = load(dirpath / name)["state_dict"]
         for param, tensor in expected.items():
             assert torch.equal(written[param], tensor.cpu()), (name, param)
+
+
+def test_a_cpu_checkpoint_on_a_machine_with_a_gpu_never_touches_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Snapshotting CPU tensors neither synchronises CUDA nor pins memory, even with a GPU."""
+    touched: list[str] = []
+
+    def synchronize(device: Any = None) -> None:
+        touched.append(f"synchronize({device})")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    snapshotter = Snapshotter(1)
+    slot, _ = snapshotter.acquire()
+    weights = torch.randn(64, 64)
+    checkpoint = {"state_dict": {"w": weights}, "epoch": 3, "nested": [torch.ones(2)]}
+
+    expected = weights.clone()
+    host = snapshotter.snapshot(checkpoint, slot)
+    weights.add_(1.0)
+
+    assert touched == []  # a CUDA context costs ~100+ MiB of host RSS and device memory
+    assert not any(b.is_pinned() for b in slot.buffers.values())
+    assert torch.equal(host["state_dict"]["w"], expected)
+    assert host["epoch"] == 3 and torch.equal(host["nested"][0], torch.ones(2))

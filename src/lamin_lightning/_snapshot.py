@@ -34,10 +34,17 @@ class SnapshotSlot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.buffers: dict[TensorPath, torch.Tensor] = {}
+        # CUDA devices with device-to-host copies in flight into this slot.
+        self.cuda_devices: set[torch.device] = set()
 
     def host_copy(self, where: TensorPath, tensor: torch.Tensor) -> torch.Tensor:
-        """Copy ``tensor`` into this slot's buffer for ``where`` (allocated on first use)."""
+        """Copy ``tensor`` into this slot's buffer for ``where`` (allocated on first use).
+
+        Copies from CUDA go into pinned memory without blocking (see ``cuda_devices``);
+        every other copy is synchronous.
+        """
         source = tensor.detach()
+        on_cuda = source.device.type == "cuda"
         buffer = self.buffers.get(where)
         if (
             buffer is None
@@ -45,13 +52,14 @@ class SnapshotSlot:
             or buffer.dtype != source.dtype
             or buffer.layout != source.layout
         ):
-            pin = source.device.type != "cpu" and torch.cuda.is_available()
             if source.layout is not torch.strided or source.is_quantized:
                 # Rare tensor kinds: a plain copy, not worth a reusable buffer.
                 return source.to("cpu", copy=True)
-            buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=pin)
+            buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=on_cuda)
             self.buffers[where] = buffer
-        buffer.copy_(source, non_blocking=source.device.type != "cpu")
+        buffer.copy_(source, non_blocking=on_cuda)
+        if on_cuda:
+            self.cuda_devices.add(source.device)
         return buffer
 
 
@@ -114,9 +122,12 @@ class Snapshotter:
         After this returns, training may change its tensors freely: the snapshot
         does not share storage with them.
         """
+        slot.cuda_devices.clear()
         result = _copy_tree(checkpoint, slot, (), {})
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies are done
+        # Wait for the non-blocking device-to-host copies. Only devices copied from: a CPU
+        # checkpoint never touches CUDA (a context would cost host and device memory).
+        for device in slot.cuda_devices:
+            torch.cuda.synchronize(device)
         return result  # type: ignore[no-any-return]
 
 
