@@ -31,8 +31,9 @@ peak RSS overhead <= one snapshot + 32 MiB.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_async_write.py            # 8 checkpoints, 2 repeats
-    .venv/bin/python benchmarks/bench_async_write.py --quick    # 3 checkpoints, 1 repeat
+    .venv/bin/python benchmarks/bench_async_write.py            # 8 checkpoints, 1 repeat
+    .venv/bin/python benchmarks/bench_async_write.py --quick    # 3 checkpoints
+    .venv/bin/python benchmarks/bench_async_write.py --repeats 2   # steadier (paired) ratios
     .venv/bin/python benchmarks/bench_async_write.py --arms none plain async sync
 
 Results go to ``benchmarks/results/async_write.json``.
