@@ -234,6 +234,20 @@ class LaminArtifactPublisher:
         return str(artifact.path)
 
 
+def _logger_layout(trainer: pl.Trainer) -> tuple[Path, str, str] | None:
+    """(save_dir, name, version) of the first logger, as the reference derives them.
+
+    Avoids ``trainer.log_dir``, which broadcasts and special-cases two logger types.
+    """
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    save_dir = Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
+    version = logger.version
+    version_str = version if isinstance(version, str) else f"version_{version}"
+    return save_dir, str(logger.name).rstrip("/"), version_str.rstrip("/")
+
+
 def _metric_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
@@ -628,14 +642,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         if self._original_dirpath is not None:
             prefix = str(self._original_dirpath).rstrip("/")
             return f"{prefix}/{run_uid}" if run_uid else prefix
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
-            name = str(logger.name).rstrip("/")
-            version = logger.version
-            version_str = (version if isinstance(version, str) else f"version_{version}").rstrip(
-                "/"
-            )
+        layout = _logger_layout(trainer)
+        if layout is not None:
+            save_dir, name, version_str = layout
             return f"{save_dir.name}/{name}/{run_uid or version_str}"
         return run_uid or ""
 
@@ -679,10 +688,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             logger = trainer.loggers[0]
             log_dir = getattr(logger, "log_dir", None)
             if log_dir is None:
-                save_dir = Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
-                version = logger.version
-                version_str = version if isinstance(version, str) else f"version_{version}"
-                log_dir = save_dir / str(logger.name).rstrip("/") / version_str.rstrip("/")
+                save_dir, name, version_str = _logger_layout(trainer)  # type: ignore[misc]
+                log_dir = save_dir / name / version_str
             path = Path(log_dir) / "hparams.yaml"
         return path if path.exists() else None
 
@@ -961,12 +968,10 @@ class SaveConfigCallback(_LightningSaveConfigCallback):
 
     @staticmethod
     def _config_path_for(trainer: pl.Trainer, filename: str) -> Path:
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
-            version = logger.version
-            version_str = version if isinstance(version, str) else f"version_{version}"
-            return save_dir / str(logger.name).rstrip("/") / version_str.rstrip("/") / filename
+        layout = _logger_layout(trainer)
+        if layout is not None:
+            save_dir, name, version_str = layout
+            return save_dir / name / version_str / filename
         return Path(trainer.default_root_dir) / filename
 
     def _config_path(self, trainer: pl.Trainer) -> Path:
