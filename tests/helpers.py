@@ -8,14 +8,16 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+T = TypeVar("T")
 
 
 class TinyModel(pl.LightningModule):
@@ -115,3 +117,123 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         idle.wait(0.002)
     return True
+
+
+# -- consistency checks after faults ----------------------------------------------------------
+
+
+def lightning_kept_paths(callback: Any) -> list[Path]:
+    """Lightning's kept set of a ``ModelCheckpoint``: ``best_k_models`` plus ``last_model_path``.
+
+    Without a monitor Lightning tracks no ``best_k_models``: ``best_model_path`` is the
+    newest file, and with ``save_top_k=-1`` it keeps every file it wrote (then the
+    kept set is every ``*.ckpt`` in ``dirpath``).
+    """
+    paths = [Path(p) for p in callback.best_k_models]
+    if callback.monitor is None:
+        if callback.best_model_path:
+            paths.append(Path(callback.best_model_path))
+        if callback.save_top_k == -1 and callback.dirpath:
+            paths.extend(sorted(Path(callback.dirpath).glob("*.ckpt")))
+    if callback.last_model_path:
+        paths.append(Path(callback.last_model_path))
+    return list(dict.fromkeys(paths))
+
+
+def assert_store_kept_set_persisted(
+    store: Any, callback: Any, *, missing: Collection[str] = ()
+) -> None:
+    """The store-backed twin of ``lamindb_tier.assert_kept_set_persisted``.
+
+    The checkpoints in the :class:`~lamin_lightning.testing.MemoryStore` are exactly
+    Lightning's kept set (``best_k_models`` plus ``last_model_path``), keyed by
+    ``callback.resolve_artifact_key``, each holding the bytes of the local file when
+    that still exists. ``missing``: keys of the kept set known to have failed; they
+    must be absent from the store and their local file must be kept.
+    """
+    trainer = callback._trainer
+    expected = {
+        callback.resolve_artifact_key(trainer, path, "checkpoint"): path
+        for path in lightning_kept_paths(callback)
+    }
+    unknown = set(missing) - set(expected)
+    assert not unknown, f"missing keys {sorted(unknown)} are not in Lightning's kept set"
+    stored = store.keys(kind="checkpoint")
+    want = set(expected) - set(missing)
+    assert stored == want, (
+        f"store holds {len(stored)} checkpoint(s), Lightning kept {len(want)};"
+        f" extra: {sorted(stored - want)}, absent: {sorted(want - stored)}"
+    )
+    for key, path in expected.items():
+        if key in missing:
+            assert path.exists(), f"{path} failed to persist and must be kept locally"
+            continue
+        record = store.get(key)
+        assert record is not None
+        if path.exists():
+            assert record.sha256 == sha256_file(path), f"{key}: stored bytes differ from {path}"
+
+
+# -- ordering checks ------------------------------------------------------------------------
+
+
+def recording_submissions(cls: type[T]) -> type[T]:
+    """A subclass of the checkpoint callback ``cls`` that records, on global rank zero,
+    ``(operation, key)`` of every checkpoint save and removal Lightning hands it, in
+    order, into ``callback.submissions``."""
+
+    class Recording(cls):  # type: ignore[valid-type, misc]
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            if trainer.is_global_zero:
+                key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+                self.__dict__.setdefault("submissions", []).append(("save", key))
+
+        def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._remove_checkpoint(trainer, filepath)
+            if trainer.is_global_zero:
+                key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+                self.__dict__.setdefault("submissions", []).append(("remove", key))
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{cls.__name__}"
+    return Recording  # type: ignore[return-value]
+
+
+def event_operation(event: Any) -> str:
+    """``"save"`` or ``"remove"``: what the job behind ``event`` did (or tried to do)."""
+    from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent
+
+    if isinstance(event, ArtifactFailedEvent):
+        return event.operation
+    return "remove" if isinstance(event, ArtifactRemovedEvent) else "save"
+
+
+def assert_events_follow_submissions(
+    events: Sequence[Any], submissions: Sequence[tuple[str, str]], stats: Any
+) -> None:
+    """Checkpoint events came in submission order, one per delivered job.
+
+    Every removal is delivered; the only submissions without an event are saves
+    that a removal cancelled or a newer save of the same key superseded, and their
+    number equals ``stats.cancelled + stats.superseded``.
+    """
+    delivered = [(event_operation(e), e.key) for e in events if e.kind == "checkpoint"]
+    position = 0
+    skipped: list[tuple[str, str]] = []
+    for index, item in enumerate(delivered):
+        while position < len(submissions) and submissions[position] != item:
+            skipped.append(submissions[position])
+            position += 1
+        assert position < len(submissions), (
+            f"event {index} {item} is out of submission order (or delivered twice);"
+            f" events: {delivered}; submissions: {list(submissions)}"
+        )
+        position += 1
+    skipped.extend(submissions[position:])
+    removals = [s for s in submissions if s[0] == "remove"]
+    assert [d for d in delivered if d[0] == "remove"] == removals, "a removal was not delivered"
+    assert all(op == "save" for op, _ in skipped), skipped
+    assert len(skipped) == stats.cancelled + stats.superseded, (
+        f"{len(skipped)} saves without an event, but stats count"
+        f" {stats.cancelled} cancelled + {stats.superseded} superseded"
+    )

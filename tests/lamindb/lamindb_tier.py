@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +188,73 @@ def single(values: dict[str, list[Any]]) -> dict[str, Any]:
 def stored_path(artifact: Any) -> Path:
     """The local file where ``artifact``'s bytes live in the instance's storage."""
     return Path(str(artifact.path))
+
+
+# -- consistency after faults ------------------------------------------------------------------
+
+
+def assert_checkpoint_keys_persisted(
+    ln: Any,
+    prefix: str,
+    expected: dict[str, Path],
+    *,
+    missing: Collection[str] = (),
+) -> dict[str, Any]:
+    """The checkpoint artifacts (kind "model") under ``prefix + "/"`` are exactly the keys of
+    ``expected`` (less ``missing``), one artifact per key (trashed ones counted too), each
+    stored file present (and, on local storage, hashing to its record's hash), the record's
+    hash equal to the local file's if that still exists. ``missing`` keys must keep their
+    local file. Returns the artifacts by key.
+    """
+    from lamindb_setup.core.hashing import hash_file
+
+    unknown = set(missing) - set(expected)
+    assert not unknown, f"missing keys {sorted(unknown)} are not among the expected keys"
+    # .objects: no default filter, so trashed (not permanently deleted) duplicates count too.
+    rows = list(ln.Artifact.objects.filter(key__startswith=prefix.rstrip("/") + "/", kind="model"))
+    keys = [a.key for a in rows]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    assert not duplicates, f"more than one artifact under {duplicates}"
+    want = set(expected) - set(missing)
+    assert set(keys) == want, (
+        f"{len(keys)} checkpoint artifact(s) under {prefix!r}, expected {len(want)};"
+        f" extra: {sorted(set(keys) - want)}, absent: {sorted(want - set(keys))}"
+    )
+    for key in missing:
+        assert expected[key].exists(), f"{expected[key]} failed to persist and must be kept"
+    by_key = {a.key: a for a in rows}
+    for key, artifact in by_key.items():
+        stored = artifact.path  # a Path, or a UPath on cloud storage
+        assert stored.exists(), f"{key}: stored file {stored} is gone"
+        if isinstance(stored, Path):
+            size, digest, _ = hash_file(stored)
+            assert (artifact.size, artifact.hash) == (size, digest), f"{key}: stored bytes corrupt"
+        local = expected[key]
+        if local.exists():
+            assert hash_file(local)[1] == artifact.hash, f"{key}: stored bytes differ from {local}"
+    return by_key
+
+
+def kept_set_keys(callback: Any, trainer: Any = None) -> dict[str, Path]:
+    """Lightning's kept set of ``callback`` (``best_k_models`` plus ``last_model_path``, see
+    ``helpers.lightning_kept_paths``), by the key ``callback.resolve_artifact_key`` gives."""
+    # tests/helpers.py, on the path through tests/conftest.py
+    from helpers import lightning_kept_paths
+
+    trainer = trainer if trainer is not None else callback._trainer
+    paths = lightning_kept_paths(callback)
+    return {callback.resolve_artifact_key(trainer, p, "checkpoint"): p for p in paths}
+
+
+def assert_kept_set_persisted(
+    ln: Any, callback: Any, *, missing: Collection[str] = ()
+) -> dict[str, Any]:
+    """The checkpoint artifacts under ``callback.checkpoint_key_prefix + "/"`` are exactly
+    Lightning's kept set, without duplicates, with the bytes of the local files.
+
+    ``missing``: keys of the kept set known to have failed (absent, local file kept).
+    Call it after the fit (the teardown flush) returned. Returns the artifacts by key.
+    """
+    return assert_checkpoint_keys_persisted(
+        ln, callback.checkpoint_key_prefix, kept_set_keys(callback), missing=missing
+    )
