@@ -6,8 +6,8 @@ A drop-in for ``lamindb.integrations.lightning``: change
 persisted in the background, bounded, ordered and retried.
 
 Importing this package does not import lamindb; the LaminDB layer
-(:class:`Checkpoint`, :class:`SaveConfigCallback`, :func:`save_lightning_features`)
-loads on first use.
+(:class:`Checkpoint`, :class:`SaveConfigCallback`, :func:`save_lightning_features`,
+:func:`checkpoint_path`) loads on first use.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ if TYPE_CHECKING:
         SaveConfigCallback,
         save_lightning_features,
     )
+    from lamin_lightning._resume import checkpoint_path
 
+_RESUME_EXPORTS = frozenset({"checkpoint_path"})
 _LAMIN_EXPORTS = frozenset(
     {
         "ArtifactPublisher",
@@ -69,6 +71,7 @@ __all__ = [
     "RetryPolicy",
     "SaveConfigCallback",
     "TransientError",
+    "checkpoint_path",
     "save_lightning_features",
 ]
 
@@ -76,6 +79,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name in _RESUME_EXPORTS:
+        from lamin_lightning import _resume
+
+        return getattr(_resume, name)
     if name in _LAMIN_EXPORTS:
         from lamin_lightning import _lamin
 
