@@ -10,13 +10,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export LAMIN_SETTINGS_DIR ?= $(CURDIR)/.lamin/settings
 export LAMIN_CACHE_DIR ?= $(CURDIR)/.lamin/cache
 
-.PHONY: install demo test test-fast lint format typecheck bench bench-quick clean
+.PHONY: install demo test test-fast lint format typecheck bench bench-quick docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk (an unpinned torch pulls CUDA).
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,lint,types,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,lint,types,bench,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,12 +31,12 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 format: install
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks examples
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -47,5 +47,9 @@ bench: install
 bench-quick: install
 	$(PY) benchmarks/run.py --quick
 
+# The documentation site, strictly (a warning fails the build), into site/. Offline.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf .lamin .pytest_cache .mypy_cache .ruff_cache benchmarks/results
+	rm -rf .lamin .pytest_cache .mypy_cache .ruff_cache benchmarks/results site
