@@ -26,9 +26,13 @@ hook                                                thread
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
+import hashlib
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -54,6 +58,7 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
+from lamin_lightning._outbox import Outbox, OutboxBusyError
 from lamin_lightning._pipeline import JobSpec, PendingJob
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._snapshot import SnapshotSlot, Snapshotter, write_atomically
@@ -64,6 +69,7 @@ from lamin_lightning._staging import (
     staging_root,
 )
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
+from lamin_lightning._telemetry import log_persistence_stats
 
 log = logging.getLogger("lamin_lightning")
 
@@ -105,8 +111,17 @@ class PersistenceError(RuntimeError):
             f"{len(self.failures)} checkpoint artifact(s) could not be persisted; the local"
             " files are kept:\n"
             + "\n".join(lines)
-            + "\nFix the cause and persist them again, or pass on_error='warn' to only warn."
+            + "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
+            " `lamin-lightning flush DIRPATH` or start training again with the same dirpath."
+            " Pass on_error='warn' to only warn."
         )
+
+
+class CheckpointDirectoryError(OSError):
+    """The checkpoint directory cannot hold checkpoints: not writable, or too full.
+
+    Raised at ``setup``, before the first training step, instead of hours later.
+    """
 
 
 @dataclass(frozen=True)
@@ -173,10 +188,15 @@ def _validate_retry(value: Any) -> RetryPolicy:
         return RetryPolicy()
     if isinstance(value, RetryPolicy):
         return value
-    if isinstance(value, Mapping):
-        return RetryPolicy(**value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return RetryPolicy(attempts=value)
+    if isinstance(value, Mapping) or (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            return RetryPolicy(**value) if isinstance(value, Mapping) else RetryPolicy(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"retry={value!r} is not a valid retry policy: {error}. Pass a number of"
+                " attempts >= 1 or a mapping of RetryPolicy fields (attempts, initial_backoff,"
+                " max_backoff, jitter, transient_errors)"
+            ) from error
     raise ValueError(
         "retry must be a lamin_lightning.RetryPolicy, a mapping of its fields"
         f" (attempts, initial_backoff, max_backoff, jitter, transient_errors) or an int"
@@ -187,7 +207,7 @@ def _validate_retry(value: Any) -> RetryPolicy:
 def _validate_flush_timeout(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(
             f"flush_timeout must be a number of seconds >= 0, or None to wait"
             f" without limit, got {value!r}"
@@ -228,6 +248,12 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         max_snapshots: With ``async_write``, how many host snapshots may exist at once
             (each holds a full copy of the checkpoint's tensors). A checkpoint that finds
             none free waits, and the wait is counted as training stall. Default 1.
+        log_stats: At each checkpoint, right after its job is admitted, send the
+            persistence stats to every logger of the trainer (``logger.log_metrics`` at
+            ``trainer.global_step``, rank zero): ``lamin_lightning/pending``,
+            ``lamin_lightning/training_stall_seconds``,
+            ``lamin_lightning/persistence_latency_seconds``, ``lamin_lightning/retried``,
+            ``lamin_lightning/failed``. Never waits on persistence. Default False.
         **kwargs: Passed to ``ModelCheckpoint``.
     """
 
@@ -242,6 +268,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         on_error: OnError = "raise",
         async_write: bool = False,
         max_snapshots: int = 1,
+        log_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         dirpath = kwargs.get("dirpath", args[0] if args else None)
@@ -262,6 +289,9 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             raise ValueError(f"async_write must be True or False, got {async_write!r}")
         self.async_write = async_write
         self.max_snapshots = _validate_int("max_snapshots", max_snapshots, 1)
+        if not isinstance(log_stats, bool):
+            raise ValueError(f"log_stats must be True or False, got {log_stats!r}")
+        self.log_stats = log_stats
         if artifact_observers is not None and not isinstance(artifact_observers, list | tuple):
             raise ValueError(
                 "artifact_observers must be a list of observers, got"
@@ -270,7 +300,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._artifact_observers: list[ArtifactObserver] = []
         for observer in artifact_observers or []:
-            self.add_artifact_observer(observer)
+            try:
+                self.add_artifact_observer(observer)
+            except TypeError as error:
+                raise TypeError(f"artifact_observers: {error}") from None
         self._latest_artifacts: dict[ArtifactKind, Any | None] = {
             "checkpoint": None,
             "config": None,
@@ -294,6 +327,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         self._staging_done: dict[str, threading.Event] = {}
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
+        self._outbox: Outbox | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -305,6 +339,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         state["_staging_done"] = {}
         state["_snapshotter"] = None
         state["_unreported_failures"] = []
+        state["_outbox"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -491,7 +526,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         first = 1.0 if timeout is None else min(1.0, timeout)
         if pipeline.flush(first):
             return True
-        bar = _progress_bar(len(pipeline.pending()), enabled=progress)
+        pending = pipeline.pending()
+        sizes = {_job_id(job): _job_bytes(job) for job in pending}
+        total_bytes = sum(sizes.values())
+        bar = _progress_bar(total_bytes, enabled=progress, unit="B", files=len(pending))
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -500,7 +538,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 step = 0.25 if remaining is None else min(0.25, remaining)
                 done = pipeline.flush(step)
                 if bar is not None:
-                    bar.n = max(0, bar.total - len(pipeline.pending()))
+                    left = {_job_id(job) for job in pipeline.pending()}
+                    finished = [job_id for job_id in sizes if job_id not in left]
+                    bar.n = sum(sizes[job_id] for job_id in finished)
+                    bar.set_postfix_str(f"{len(finished)}/{len(sizes)} files", refresh=False)
                     bar.refresh()
                 if done:
                     return True
@@ -520,7 +561,11 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self._trainer = trainer
         if trainer.is_global_zero:
+            self._open_outbox(pl_module)
             self._ensure_pipeline()
+            from lamin_lightning._recovery import recover_at_setup
+
+            recover_at_setup(self, trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -564,6 +609,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             if isinstance(write, _HostWrite):
                 write.abandon()  # or its snapshot slot would stay taken: the next save hangs
             raise
+        if self.log_stats:
+            log_persistence_stats(trainer, self.persistence_stats)
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -626,7 +673,13 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             else ""
         )
         stager: Stager | None = None
+        job_id: str | None = None
         if trainer.is_global_zero:
+            # Journaled before the file goes: a crash in between leaves a removal to replay,
+            # never an artifact whose checkpoint Lightning already dropped.
+            job_id = self._journal(
+                trainer, operation="remove", kind="checkpoint", key=key, local_path=filepath
+            )
             self._await_staging(filepath)
             stager = self._stager(filepath)
             # A rename now, the deletion on the intake thread (Lightning's own removal
@@ -643,7 +696,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 fail=partial(self._fail, trainer, "checkpoint", key, Path(filepath), "remove"),
                 prepare=partial(_empty_trash, stager) if stager is not None else None,
                 payload={"kind": "checkpoint", "local_path": str(filepath)},
-            )
+            ),
+            job_id,
         )
 
     # -- submission (training thread) -----------------------------------------------------
@@ -662,8 +716,124 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             self._pipeline = pipeline
         return self._pipeline
 
-    def _submit(self, spec: JobSpec) -> None:
-        self._ensure_pipeline().submit(spec)
+    def _submit(self, spec: JobSpec, job_id: str | None = None) -> None:
+        pipeline = self._ensure_pipeline()
+        if job_id is not None and self._outbox is not None:
+            spec = settling(spec, self._outbox, job_id)
+        pipeline.submit(spec)
+
+    # -- the durable outbox (guarantee 8) -------------------------------------------------
+
+    def outbox_context(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What a replay of this callback's jobs needs beyond the job itself. Training thread.
+
+        Must be JSON-serialisable. Subclasses add what their ``recovery_job`` reads
+        (the run, the key prefix, the database).
+        """
+        return {}
+
+    def recovery_job(self, entry: dict[str, Any], trainer: pl.Trainer | None) -> JobSpec:
+        """Rebuild the job of an outbox entry (after a crash), without live training state.
+
+        ``trainer`` is the trainer of the run that replays it (at ``setup``), or None
+        (``lamin-lightning flush``). The job must be idempotent: the crash may have
+        happened after the original job committed. Subclasses that persist implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot replay outbox entries; implement recovery_job()"
+        )
+
+    @classmethod
+    def recovery_instance(cls) -> ArtifactPublishingModelCheckpoint:
+        """An instance that can rebuild jobs outside training (``lamin-lightning flush``)."""
+        return cls()
+
+    def on_recovery_finished(self) -> None:
+        """Called after a replay at ``setup``: drop caches the replay may have outdated."""
+
+    def _outbox_root(self) -> Path:
+        return self._staging_root(self.dirpath or ".")
+
+    def _open_outbox(self, pl_module: pl.LightningModule) -> None:
+        """Open (and lock) this callback's journal; fail now if the directory is unusable."""
+        if self._outbox is not None:
+            return
+        root = self._outbox_root()
+        digest = hashlib.sha1(self.state_key.encode("utf-8")).hexdigest()[:12]
+        try:
+            for attempt in range(16):
+                suffix = f"-{attempt}" if attempt else ""
+                outbox = Outbox(root / f"outbox-{digest}{suffix}.jsonl")
+                try:
+                    outbox.open()
+                except OutboxBusyError:
+                    continue  # an identical callback in this trainer holds it
+                self._outbox = outbox
+                break
+            else:
+                raise CheckpointDirectoryError(
+                    f"every outbox journal for this callback under {root} is in use; is another"
+                    " training process writing checkpoints to the same dirpath?"
+                )
+        except OSError as error:
+            if isinstance(error, CheckpointDirectoryError):
+                raise
+            raise CheckpointDirectoryError(
+                error.errno,
+                f"lamin-lightning cannot write to the checkpoint directory {self.dirpath!s}"
+                f" ({type(error).__name__}: {error.strerror or error}). Pass a writable"
+                " dirpath, or fix its permissions or free space.",
+            ) from error
+        self._check_free_space(pl_module)
+
+    def _check_free_space(self, pl_module: pl.LightningModule) -> None:
+        needed = _state_bytes(pl_module)
+        try:
+            free = shutil.disk_usage(self._outbox_root()).free
+        except OSError:
+            return
+        if free < needed:
+            self._close_outbox()
+            raise CheckpointDirectoryError(
+                errno.ENOSPC,
+                f"the checkpoint directory {self.dirpath!s} has {free / 2**20:.1f} MiB free, but"
+                f" one checkpoint of this model needs at least {needed / 2**20:.1f} MiB (its"
+                " parameters and buffers). Free space or pass another dirpath.",
+            )
+
+    def _close_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            outbox.close()
+
+    def _journal(
+        self,
+        trainer: pl.Trainer,
+        *,
+        operation: Literal["save", "remove"],
+        kind: ArtifactKind,
+        key: str,
+        local_path: str | Path,
+        staged: Path | None = None,
+        snapshot: CheckpointSnapshot | None = None,
+    ) -> str | None:
+        """Write the job durably into the outbox (fsync) before it is admitted."""
+        outbox = self._outbox
+        if outbox is None:
+            return None
+        entry = {
+            "v": 1,
+            "op": operation,
+            "kind": kind,
+            "key": key,
+            "local_path": os.path.abspath(local_path),
+            "staged": str(staged) if staged is not None else None,
+            "publisher": _class_path(type(self)),
+            "context": self.outbox_context(trainer),
+            "snapshot": _snapshot_record(snapshot) if snapshot is not None else None,
+            "time": time.time(),
+        }
+        return outbox.append(entry)
 
     def _staging_root(self, filepath: str | Path) -> Path:
         return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
@@ -743,6 +913,15 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         values = self.collect_checkpoint_feature_values(trainer, snapshot)
         if values is not None:
             snapshot = CheckpointSnapshot(**{**snapshot.__dict__, "feature_values": values})
+        job_id = self._journal(
+            trainer,
+            operation="save",
+            kind="checkpoint",
+            key=snapshot.key,
+            local_path=filepath,
+            staged=staged,
+            snapshot=snapshot,
+        )
         self._submit(
             JobSpec(
                 operation="save",
@@ -761,7 +940,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 discard=partial(release_staged, staged),
                 prepare=prepare,
                 payload={"kind": "checkpoint", "local_path": str(filepath), "staged": str(staged)},
-            )
+            ),
+            job_id,
         )
 
     def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
@@ -774,6 +954,9 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             raise ValueError("checkpoints are submitted by Lightning's own save hooks")
         key = self.resolve_artifact_key(trainer, path, kind)
         staged, prepare = self._plan_staging(path)
+        job_id = self._journal(
+            trainer, operation="save", kind=kind, key=key, local_path=path, staged=staged
+        )
         hook: Callable[[pl.Trainer, Path], Any] = (
             self.save_config_artifact if kind == "config" else self.save_hparams_artifact
         )
@@ -787,7 +970,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 discard=partial(release_staged, staged),
                 prepare=prepare,
                 payload={"kind": kind, "local_path": str(path), "staged": str(staged)},
-            )
+            ),
+            job_id,
         )
 
     def hparams_path(self, trainer: pl.Trainer) -> Path | None:
@@ -937,6 +1121,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
     def _shutdown(self, *, raise_errors: bool) -> None:
         pipeline = self._pipeline
         if pipeline is None:
+            self._close_outbox()
             return
         try:
             flushed = self.flush(self.flush_timeout)
@@ -954,6 +1139,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             self._pipeline = None
             for stager in self._stagers.values():
                 stager.empty_trash()
+            self._close_outbox()
         if raise_errors:
             self._surface_failures()
         else:
@@ -967,16 +1153,25 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 )
 
 
-def _progress_bar(total: int, *, enabled: bool) -> Any:
+def _progress_bar(total: int, *, enabled: bool, unit: str = "file", files: int = 0) -> Any:
+    """A tqdm bar (as Lightning uses) over files, or over bytes with ``unit="B"``."""
     if not enabled or total <= 0:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with lightning
         return None
-    return tqdm(
-        total=total, desc="lamin-lightning: persisting checkpoints", unit="file", leave=False
+    bar = tqdm(
+        total=total,
+        desc="lamin-lightning: persisting checkpoints",
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        leave=False,
     )
+    if files:
+        bar.set_postfix_str(f"0/{files} files")
+    return bar
 
 
 class _HostWrite:
@@ -1023,6 +1218,135 @@ class _HostWrite:
             self._state = "abandoned"
         self._host = None
         self._snapshotter.release(self._slot)
+
+
+def _job_id(job: PendingJob) -> tuple[str, str]:
+    payload = job.payload if isinstance(job.payload, Mapping) else {}
+    return (job.key, str(payload.get("outbox_id") or payload.get("staged") or job.seq))
+
+
+def _job_bytes(job: PendingJob) -> int:
+    """Bytes a pending job still has to upload (its staged file), 0 when unknown."""
+    payload = job.payload if isinstance(job.payload, Mapping) else {}
+    if job.operation != "save":
+        return 0
+    for name in ("staged", "local_path"):
+        path = payload.get(name)
+        if path:
+            try:
+                return os.stat(path).st_size
+            except OSError:
+                continue
+    return 0
+
+
+def settling(spec: JobSpec, outbox: Outbox, job_id: str) -> JobSpec:
+    """``spec``, with its outbox entry marked finished once it committed or was dropped.
+
+    Marked after the commit (a crash in between replays it, idempotently) and never on
+    failure: a failed job stays in the outbox for a later flush.
+    """
+    commit, discard = spec.commit, spec.discard
+    status = "saved" if spec.operation == "save" else "removed"
+
+    def commit_and_settle(result: Any) -> Any:
+        event = commit(result)
+        outbox.settle(job_id, status)
+        return event
+
+    def discard_and_settle() -> None:
+        try:
+            if discard is not None:
+                discard()
+        finally:
+            outbox.settle(job_id, "dropped")
+
+    return dataclasses.replace(spec, commit=commit_and_settle, discard=discard_and_settle)
+
+
+def _class_path(cls: type) -> str:
+    """``module:qualname`` of the nearest importable class (``__main__`` is not)."""
+    for klass in cls.__mro__:
+        if klass.__module__ != "__main__" and "<locals>" not in klass.__qualname__:
+            return f"{klass.__module__}:{klass.__qualname__}"
+    return f"{cls.__module__}:{cls.__qualname__}"  # pragma: no cover
+
+
+def _feature_name(key: Any) -> str:
+    return str(getattr(key, "name", key))
+
+
+def _snapshot_record(snapshot: CheckpointSnapshot) -> dict[str, Any]:
+    """A checkpoint snapshot as JSON-ready data (feature objects become their names)."""
+    values = snapshot.feature_values or {}
+    return {
+        "global_step": snapshot.global_step,
+        "epoch": snapshot.epoch,
+        "monitor": snapshot.monitor,
+        "mode": snapshot.mode,
+        "save_weights_only": snapshot.save_weights_only,
+        "score": snapshot.score,
+        "is_best": snapshot.is_best,
+        "best_key": snapshot.best_key,
+        "last_key": snapshot.last_key,
+        "ranking": list(snapshot.ranking),
+        "scores": dict(snapshot.scores),
+        "features": [
+            [_feature_name(k), _json_value(v), not isinstance(k, str)] for k, v in values.items()
+        ],
+    }
+
+
+def snapshot_from_record(
+    record: dict[str, Any], *, key: str, local_path: Path, staged_path: Path
+) -> CheckpointSnapshot:
+    """The inverse of the outbox's snapshot record (feature values keyed by name)."""
+    return CheckpointSnapshot(
+        key=key,
+        local_path=local_path,
+        staged_path=staged_path,
+        global_step=int(record.get("global_step", 0)),
+        epoch=int(record.get("epoch", 0)),
+        monitor=record.get("monitor"),
+        mode=record.get("mode", "min"),
+        save_weights_only=bool(record.get("save_weights_only", False)),
+        score=record.get("score"),
+        is_best=bool(record.get("is_best", False)),
+        best_key=record.get("best_key"),
+        last_key=record.get("last_key"),
+        ranking=tuple(record.get("ranking", ())),
+        scores=dict(record.get("scores", {})),
+        feature_values={name: value for name, value, _ in record.get("features", [])} or None,
+    )
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except Exception:
+            pass
+    return str(value)
+
+
+def _state_bytes(pl_module: pl.LightningModule) -> int:
+    """Bytes of a module's parameters and buffers: a lower bound of its checkpoint size."""
+    total = 0
+    try:
+        for tensor in (*pl_module.parameters(), *pl_module.buffers()):
+            total += tensor.numel() * tensor.element_size()
+    except Exception:  # pragma: no cover - an exotic module: skip the check
+        return 0
+    return total
 
 
 def _empty_trash(stager: Stager) -> int:

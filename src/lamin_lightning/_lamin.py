@@ -22,6 +22,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
@@ -36,9 +37,18 @@ from lamin_lightning._callback import (
     ArtifactPublishingModelCheckpoint,
     CheckpointSnapshot,
     OnError,
+    snapshot_from_record,
 )
-from lamin_lightning._events import ArtifactKind, ArtifactObserver, ArtifactSavedEvent
+from lamin_lightning._events import (
+    ArtifactKind,
+    ArtifactObserver,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._pipeline import JobSpec
+from lamin_lightning._recovery import entry_file, recovered_failure
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._staging import release_staged
 
 if TYPE_CHECKING:
     from lightning.fabric.utilities.types import _PATH
@@ -90,6 +100,12 @@ _ARTIFACT_FEATURES: Final = frozenset(
     }
 )
 _FLAG_FEATURES: Final = ("is_best_model", "is_last_model", "model_rank")
+# kind of file -> (artifact description, artifact kind), as the reference writes them.
+_DESCRIPTIONS: Final[dict[str, tuple[str, str]]] = {
+    "checkpoint": ("model checkpoint", "model"),
+    "config": ("Lightning CLI config", "config"),
+    "hparams": ("Lightning run hyperparameters", "config"),
+}
 
 
 def _ln() -> Any:
@@ -257,6 +273,11 @@ class _Annotator:
     and flag/rank diffs at commit."""
 
     def __init__(self, features: Mapping[Any, Mapping[str, Any]] | None) -> None:
+        if features is not None and not isinstance(features, Mapping):
+            raise ValueError(
+                f"features must be a mapping such as {{'run': {{'project': 'x'}}, 'artifact':"
+                f" {{'val_loss': None}}}}, got {type(features).__name__}: {features!r}"
+            )
         features = dict(features or {})
         invalid = set(features) - {"run", "artifact"}
         if invalid:
@@ -302,6 +323,16 @@ class _Annotator:
                 )
         if run is not None and self.run_values:
             run.features.add_values(self.run_values)
+        self.discover_auto(ln)
+        hparams = self._hparam_sources(pl_module, getattr(trainer, "datamodule", None))
+        self.hparam_names = (
+            set(ln.Feature.filter(name__in=sorted(hparams)).values_list("name", flat=True))
+            if hparams
+            else set()
+        )
+
+    def discover_auto(self, ln: Any) -> None:
+        """Find the features ``save_lightning_features()`` created (one query each)."""
         self.auto = {}
         feature_type = ln.Feature.filter(name=FEATURE_TYPE_NAME, is_type=True).one_or_none()
         if feature_type is not None:
@@ -309,12 +340,6 @@ class _Annotator:
                 f.name: f
                 for f in ln.Feature.filter(name__in=sorted(LIGHTNING_FEATURES), type=feature_type)
             }
-        hparams = self._hparam_sources(pl_module, getattr(trainer, "datamodule", None))
-        self.hparam_names = (
-            set(ln.Feature.filter(name__in=sorted(hparams)).values_list("name", flat=True))
-            if hparams
-            else set()
-        )
 
     @staticmethod
     def _hparam_sources(*sources: Any) -> set[str]:
@@ -510,6 +535,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         on_error: ``"raise"`` or ``"warn"`` when persisting fails.
         async_write: Also write the local file in the background, from a host snapshot.
         max_snapshots: Host snapshots that may exist at once with ``async_write``.
+        log_stats: At each checkpoint, send the persistence stats to the trainer's loggers
+            (``lamin_lightning/pending``, ``.../training_stall_seconds``,
+            ``.../persistence_latency_seconds``, ``.../retried``, ``.../failed``).
 
     Example::
 
@@ -550,6 +578,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         on_error: OnError = "raise",
         async_write: bool = False,
         max_snapshots: int = 1,
+        log_stats: bool = False,
     ) -> None:
         self._annotator = _Annotator(features)
         self._original_dirpath = dirpath
@@ -576,6 +605,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             on_error=on_error,
             async_write=async_write,
             max_snapshots=max_snapshots,
+            log_stats=log_stats,
         )
         self._run_uid_is_version = run_uid_is_version
         self._key_is_virtual = key_is_virtual
@@ -589,6 +619,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         super()._init_runtime()
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
+        self._outbox_context: dict[str, Any] | None = None
+        self._replay_state: dict[str, Any] = {}
         annotator = getattr(self, "_annotator", None)
         if annotator is not None:
             annotator.reset_runtime()
@@ -599,6 +631,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         state["_trainer"] = None
         state["_run"] = None
         state["_uncommitted"] = {}
+        state["_outbox_context"] = None
+        state["_replay_state"] = {}
         return state
 
     # -- setup ------------------------------------------------------------------------------
@@ -614,6 +648,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
                 # Run-level features are written once per run.
                 self._run_values_collected = False
             self._run = run
+            self._outbox_context = None
             self._annotator.setup(ln, trainer, pl_module, self._run)
         if self.save_last:
             warnings.warn(
@@ -759,7 +794,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             in_flight = list(self._uncommitted.values())
         query = _ln().Artifact.filter(key=key)
         if exclude_id is not None:
-            query = query.exclude(id=exclude_id)
+            # Only older rows: a newer one is a later save of the key still in flight (its
+            # own commit replaces this one), even from a publisher whose saves we do not track.
+            query = query.filter(id__lt=exclude_id)
         ids = [a.id for a in in_flight if a.id is not None]
         uids = [a.uid for a in in_flight if a.id is None]
         if ids:
@@ -905,6 +942,183 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             self._delete_artifact(candidate)
             removed = candidate
         return removed
+
+    # -- the outbox: what a replay needs, and the replay itself ------------------------------
+
+    @override
+    def outbox_context(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The instance, run and key prefix of this callback's jobs (cached per setup)."""
+        context = self._outbox_context
+        if context is None:
+            import lamindb_setup
+
+            run_uid = self._run.uid if self._run is not None else None
+            context = self._outbox_context = {
+                "instance": lamindb_setup.settings.instance.slug,
+                "run_uid": run_uid,
+                "checkpoint_key_prefix": self.checkpoint_key_prefix,
+                "key_is_virtual": self._key_is_virtual,
+            }
+        return context
+
+    @classmethod
+    @override
+    def recovery_instance(cls) -> Checkpoint:
+        """A Checkpoint connected to the current instance, to replay jobs outside training."""
+        _require_instance()
+        return cls()
+
+    @override
+    def on_recovery_finished(self) -> None:
+        self._annotator.reset_runtime()
+        self._replay_state = {}
+
+    @override
+    def recovery_job(self, entry: dict[str, Any], trainer: pl.Trainer | None) -> JobSpec:
+        """Rebuild a journaled save or removal; idempotent by key and content hash."""
+        context = entry.get("context") or {}
+        wanted = context.get("instance")
+        ln = _require_instance()
+        current = ln.setup.settings.instance.slug
+        if wanted and wanted != current:
+            raise LaminSetupError(
+                f"the outbox entry for {entry.get('key')!r} belongs to LaminDB instance"
+                f" {wanted!r}, but {current!r} is connected; connect {wanted!r}"
+                f" (`lamin connect {wanted}`) and flush again"
+            )
+        key = str(entry["key"])
+        fail = partial(recovered_failure, entry, trainer)
+        if entry.get("op") == "remove":
+            return JobSpec(
+                operation="remove",
+                key=key,
+                commit=partial(self._replay_removal, entry, trainer),
+                fail=fail,
+                payload={"kind": entry.get("kind"), "local_path": entry.get("local_path")},
+            )
+        return JobSpec(
+            operation="save",
+            key=key,
+            transfer=partial(self._replay_transfer, entry),
+            commit=partial(self._replay_commit, entry, trainer),
+            fail=fail,
+            payload={
+                "kind": entry.get("kind"),
+                "local_path": entry.get("local_path"),
+                "staged": entry.get("staged"),
+            },
+        )
+
+    def _replay_run(self, context: Mapping[str, Any]) -> Any:
+        uid = context.get("run_uid")
+        if not uid:
+            return None
+        runs = self._replay_state.setdefault("runs", {})
+        if uid not in runs:
+            runs[uid] = _ln().Run.filter(uid=uid).one_or_none()
+        return runs[uid]
+
+    def _replay_annotator(self, prefix: str) -> _Annotator:
+        annotators = self._replay_state.setdefault("annotators", {})
+        annotator = annotators.get(prefix)
+        if annotator is None:
+            annotator = annotators[prefix] = _Annotator(None)
+            annotator.discover_auto(_ln())
+        return annotator  # type: ignore[no-any-return]
+
+    def _replay_transfer(self, entry: dict[str, Any]) -> Any:
+        """Worker thread: the committed artifact of this key and content if there is one,
+        else a new artifact."""
+        from lamindb_setup.core.hashing import hash_file
+
+        ln = _ln()
+        key, kind = str(entry["key"]), entry.get("kind", "checkpoint")
+        path = entry_file(entry)
+        _, digest, _ = hash_file(path)
+        existing = ln.Artifact.filter(key=key, hash=digest).order_by("-id").first()
+        if existing is not None:
+            return existing
+        run = self._replay_run(entry.get("context") or {})
+        description, lamin_kind = _DESCRIPTIONS[kind]
+        artifact = self._create_artifact(
+            path,
+            key=key,
+            description=description,
+            kind=lamin_kind,
+            run=False if kind == "config" else run,
+        )
+        if kind == "config" and run is not None:
+            from lamindb.models._lineage import track_run_inputs
+
+            track_run_inputs(artifact, is_run_input=run)
+        return artifact
+
+    def _replay_commit(
+        self, entry: dict[str, Any], trainer: pl.Trainer | None, artifact: Any
+    ) -> ArtifactSavedEvent:
+        """Committer thread: annotate, replace older artifacts of the key, set flags."""
+        ln = _ln()
+        key, kind = str(entry["key"]), entry.get("kind", "checkpoint")
+        record = entry.get("snapshot")
+        context = entry.get("context") or {}
+        if kind == "checkpoint":
+            prefix = str(context.get("checkpoint_key_prefix") or key.rsplit("/", 1)[0])
+            annotator = self._replay_annotator(prefix)
+            plain: dict[Any, Any] = {}
+            for name, value, is_auto in (record or {}).get("features", []):
+                if name in _FLAG_FEATURES:
+                    continue
+                target = annotator.auto.get(name) if is_auto else name
+                if target is not None:
+                    plain[target] = value
+            if plain:
+                artifact.features.add_values(plain)
+            for old in self._others_under_key(key, exclude_id=artifact.id):
+                annotator.forget(key)
+                self._delete_artifact(old, keep_path=str(artifact.path))
+            if record is not None:
+                snapshot = snapshot_from_record(
+                    record,
+                    key=key,
+                    local_path=Path(str(entry.get("local_path"))),
+                    staged_path=Path(str(entry.get("staged"))),
+                )
+                annotator.apply_flags(ln, prefix, snapshot, artifact)
+        self._settle(artifact)
+        if entry.get("staged"):
+            release_staged(Path(entry["staged"]))
+        return ArtifactSavedEvent(
+            kind=kind,
+            key=key,
+            local_path=Path(str(entry.get("local_path"))),
+            trainer=trainer,
+            artifact=artifact,
+            storage_uri=self.resolve_artifact_storage_uri(artifact),
+            recovered=True,
+        )
+
+    def _replay_removal(
+        self, entry: dict[str, Any], trainer: pl.Trainer | None, _: Any
+    ) -> ArtifactRemovedEvent:
+        """Committer thread: delete whatever is stored under the evicted key."""
+        key = str(entry["key"])
+        context = entry.get("context") or {}
+        prefix = str(context.get("checkpoint_key_prefix") or key.rsplit("/", 1)[0])
+        self._replay_annotator(prefix).forget(key)
+        removed = None
+        for candidate in self._others_under_key(key):
+            uri = self.resolve_artifact_storage_uri(candidate)
+            self._delete_artifact(candidate)
+            removed = (candidate, uri)
+        return ArtifactRemovedEvent(
+            kind="checkpoint",
+            key=key,
+            local_path=Path(str(entry.get("local_path"))),
+            trainer=trainer,
+            artifact=removed[0] if removed else None,
+            storage_uri=removed[1] if removed else None,
+            recovered=True,
+        )
 
     @override
     def thread_finalizer(self) -> None:

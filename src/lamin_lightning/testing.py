@@ -28,12 +28,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
-from lamin_lightning._callback import ArtifactPublishingModelCheckpoint, CheckpointSnapshot
+from lamin_lightning._callback import (
+    ArtifactPublishingModelCheckpoint,
+    CheckpointSnapshot,
+    snapshot_from_record,
+)
 from lamin_lightning._events import (
     AnyArtifactEvent,
     ArtifactFailedEvent,
@@ -41,7 +46,10 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
+from lamin_lightning._pipeline import JobSpec
+from lamin_lightning._recovery import entry_file, recovered_failure
 from lamin_lightning._retry import PermanentError, is_testing, set_testing
+from lamin_lightning._staging import release_staged
 
 __all__ = [
     "MemoryCheckpoint",
@@ -272,6 +280,14 @@ class MemoryStore:
             self.flags.setdefault(key, {}).update(values)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
     """An :class:`ArtifactPublishingModelCheckpoint` that persists into a :class:`MemoryStore`.
 
@@ -347,6 +363,57 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
     ) -> StoredArtifact | None:
         """Delete the key from the store."""
         return self.store.delete(key)
+
+    def recovery_job(self, entry: dict[str, Any], trainer: pl.Trainer | None) -> JobSpec:
+        """Replay a journaled job into this callback's store, idempotently (by key and hash)."""
+        key = str(entry["key"])
+        local_path = Path(str(entry.get("local_path")))
+        fail = partial(recovered_failure, entry, trainer)
+        if entry.get("op") == "remove":
+
+            def remove(_: Any) -> ArtifactRemovedEvent:
+                removed = self.store.delete(key)
+                return ArtifactRemovedEvent(
+                    kind="checkpoint",
+                    key=key,
+                    local_path=local_path,
+                    trainer=trainer,
+                    artifact=removed,
+                    storage_uri=self.resolve_artifact_storage_uri(removed) if removed else None,
+                    recovered=True,
+                )
+
+            return JobSpec(operation="remove", key=key, commit=remove, fail=fail)
+        kind = entry.get("kind", "checkpoint")
+
+        def transfer() -> StoredArtifact:
+            path = entry_file(entry)
+            existing = self.store.get(key)
+            if existing is not None and existing.sha256 == _sha256(path):
+                return existing
+            return self.store.put(key, path, kind=kind)
+
+        def commit(artifact: StoredArtifact) -> ArtifactSavedEvent:
+            record = entry.get("snapshot")
+            if kind == "checkpoint" and record is not None:
+                staged = Path(str(entry.get("staged")))
+                snapshot = snapshot_from_record(
+                    record, key=key, local_path=local_path, staged_path=staged
+                )
+                self.commit_checkpoint_artifact(trainer, snapshot, artifact)  # type: ignore[arg-type]
+            if entry.get("staged"):
+                release_staged(Path(entry["staged"]))
+            return ArtifactSavedEvent(
+                kind=kind,
+                key=key,
+                local_path=local_path,
+                trainer=trainer,
+                artifact=artifact,
+                storage_uri=self.resolve_artifact_storage_uri(artifact),
+                recovered=True,
+            )
+
+        return JobSpec(operation="save", key=key, transfer=transfer, commit=commit, fail=fail)
 
 
 class RecordingObserver:

@@ -1,0 +1,389 @@
+"""Replaying the outbox: finish, after a crash, the jobs a training process had admitted.
+
+Two entry points, one mechanism:
+
+- :func:`recover_at_setup`: the next ``setup`` with the same checkpoint directory
+  replays the unfinished jobs through the callback's own pipeline, before the first
+  training step, in their original order and under their original keys.
+- :func:`flush_directory`: ``lamin-lightning flush DIR``, outside training.
+
+Each entry names the callback class that wrote it (``publisher``); that class's
+:meth:`~lamin_lightning.ArtifactPublishingModelCheckpoint.recovery_job` rebuilds the
+job from the entry alone. Replays are idempotent (the crash may have come after
+the commit); their events carry ``recovered=True``. A replay that fails stays in
+the outbox; an entry whose file is gone for good is dropped with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._outbox import (
+    Outbox,
+    OutboxBusyError,
+    is_locked,
+    journal_paths,
+    read_pending,
+)
+from lamin_lightning._pipeline import JobSpec
+from lamin_lightning._retry import PermanentError
+from lamin_lightning._staging import STAGING_DIRNAME
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lamin_lightning._callback import ArtifactPublishingModelCheckpoint
+
+log = logging.getLogger("lamin_lightning")
+
+
+class LostFileError(PermanentError):
+    """Neither the staged copy nor the local file of a journaled save exists any more."""
+
+
+class OutboxInUseError(RuntimeError):
+    """A running training process holds the outbox of this directory."""
+
+
+def outbox_root(dirpath: str | os.PathLike[str]) -> Path:
+    """The ``.lamin-lightning`` folder of a checkpoint directory (or the folder itself)."""
+    path = Path(dirpath)
+    return path if path.name == STAGING_DIRNAME else path / STAGING_DIRNAME
+
+
+def entry_file(entry: dict[str, Any]) -> Path:
+    """The file a save entry persists: its staged copy if it exists, else the local file."""
+    for candidate in (entry.get("staged"), entry.get("local_path")):
+        if candidate and os.path.isfile(candidate):
+            return Path(candidate)
+    raise LostFileError(
+        f"cannot persist {entry.get('key')!r}: neither its staged copy"
+        f" ({entry.get('staged')}) nor its local file ({entry.get('local_path')}) exists"
+    )
+
+
+def entry_size(entry: dict[str, Any]) -> int:
+    """Bytes a save entry will upload (0 when unknown)."""
+    if entry.get("op") != "save":
+        return 0
+    try:
+        return entry_file(entry).stat().st_size
+    except (OSError, LostFileError):
+        return 0
+
+
+def recovered_failure(
+    entry: dict[str, Any], trainer: Any, error: BaseException, attempts: int
+) -> ArtifactFailedEvent:
+    """The failed event of a replayed job."""
+    return ArtifactFailedEvent(
+        kind=entry.get("kind", "checkpoint"),
+        key=str(entry.get("key")),
+        local_path=Path(str(entry.get("local_path"))),
+        trainer=trainer,
+        error=error,
+        attempts=attempts,
+        operation=entry.get("op", "save"),
+        recovered=True,
+    )
+
+
+def _publisher_class(entry: dict[str, Any]) -> type[ArtifactPublishingModelCheckpoint]:
+    module_name, _, qualname = str(entry.get("publisher", "")).partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
+
+
+class _Builders:
+    """One callback instance per publisher class, to rebuild jobs (``recovery_job``)."""
+
+    def __init__(self, owner: ArtifactPublishingModelCheckpoint | None) -> None:
+        self._owner = owner
+        self._made: dict[type, ArtifactPublishingModelCheckpoint] = {}
+
+    def get(self, entry: dict[str, Any]) -> ArtifactPublishingModelCheckpoint:
+        cls = _publisher_class(entry)
+        if self._owner is not None and isinstance(self._owner, cls):
+            return self._owner
+        made = self._made.get(cls)
+        if made is None:
+            made = self._made[cls] = cls.recovery_instance()
+        return made
+
+    def finalizers(self) -> list[Callable[[], None]]:
+        return [b.thread_finalizer for b in self._made.values()]
+
+
+def _recovery_spec(
+    builders: _Builders, outbox: Outbox, entry: dict[str, Any], trainer: Any
+) -> JobSpec | None:
+    """The replay job of one entry, which settles the entry in ``outbox`` when it is done."""
+    job_id = entry["id"]
+    try:
+        spec = builders.get(entry).recovery_job(entry, trainer)
+    except Exception as error:
+        log.error(
+            "cannot replay %s %r from %s (%s: %s); it stays in the outbox",
+            entry.get("op"),
+            entry.get("key"),
+            outbox.path,
+            type(error).__name__,
+            error,
+        )
+        return None
+    commit, discard, fail = spec.commit, spec.discard, spec.fail
+    status = "saved" if spec.operation == "save" else "removed"
+
+    def commit_and_settle(result: Any) -> Any:
+        event = commit(result)
+        outbox.settle(job_id, status)
+        return event
+
+    def discard_and_settle() -> None:
+        try:
+            if discard is not None:
+                discard()
+        finally:
+            outbox.settle(job_id, "dropped")
+
+    def fail_and_maybe_settle(error: BaseException, attempts: int) -> Any:
+        if isinstance(error, LostFileError):
+            log.error("lamin-lightning: %s; dropping it from the outbox", error)
+            outbox.settle(job_id, "lost")
+        else:
+            log.warning(
+                "lamin-lightning: could not replay %s %r (%s: %s); it stays in the outbox"
+                " for a later `lamin-lightning flush`",
+                entry.get("op"),
+                entry.get("key"),
+                type(error).__name__,
+                error,
+            )
+        return fail(error, attempts)
+
+    return dataclasses.replace(
+        spec,
+        commit=commit_and_settle,
+        discard=discard_and_settle,
+        fail=fail_and_maybe_settle,
+        size_bytes=entry_size(entry),
+        payload={**(spec.payload or {}), "recovered": True, "outbox_id": job_id},
+    )
+
+
+def _open_others(root: Path, skip: Path | None) -> tuple[list[Outbox], list[Path]]:
+    """Open every other journal under ``root`` that nobody holds; also list the busy ones."""
+    opened: list[Outbox] = []
+    busy: list[Path] = []
+    for path in journal_paths(root):
+        if skip is not None and path == skip:
+            continue
+        outbox = Outbox(path)
+        try:
+            outbox.open()
+        except OutboxBusyError:
+            busy.append(path)
+            continue
+        if outbox.pending():
+            opened.append(outbox)
+        else:
+            outbox.close()
+    return opened, busy
+
+
+def recover_at_setup(callback: ArtifactPublishingModelCheckpoint, trainer: pl.Trainer) -> int:
+    """Replay what earlier runs left in this directory's outbox, through ``callback``'s pipeline.
+
+    Blocks until the replays finished (or ``flush_timeout``), with a progress bar.
+    Returns how many jobs were replayed. Replays that fail are logged and warned
+    about, not raised: they stay in the outbox for a later ``lamin-lightning flush``.
+    """
+    own = callback._outbox
+    if own is None:
+        return 0
+    others, _ = _open_others(own.path.parent, own.path)
+    work = [(own, entry) for entry in own.pending()]
+    for outbox in others:
+        work.extend((outbox, entry) for entry in outbox.pending())
+    if not work:
+        for outbox in others:
+            outbox.close()
+        return 0
+    log.warning(
+        "lamin-lightning: replaying %d unfinished persistence job(s) from %s before training",
+        len(work),
+        own.path.parent,
+    )
+    builders = _Builders(callback)
+    try:
+        pipeline = callback._ensure_pipeline()
+        for outbox, entry in work:
+            spec = _recovery_spec(builders, outbox, entry, trainer)
+            if spec is not None:
+                pipeline.submit(spec)
+        callback.flush(callback.flush_timeout)
+    finally:
+        for outbox in others:
+            outbox.close()
+        for builder in builders._made.values():
+            builder.thread_finalizer()
+    callback.on_recovery_finished()
+    return len(work)
+
+
+@dataclass
+class FlushReport:
+    """What ``lamin-lightning flush`` did.
+
+    Attributes:
+        events: The events of the replayed jobs, in order.
+        remaining: Entries still pending afterwards (failed, timed out, or not replayable).
+        busy: Journals another process holds (a training run still going).
+    """
+
+    events: list[AnyArtifactEvent] = field(default_factory=list)
+    remaining: list[dict[str, Any]] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)
+
+    @property
+    def saved(self) -> int:
+        """Saves committed."""
+        return sum(isinstance(e, ArtifactSavedEvent) for e in self.events)
+
+    @property
+    def removed(self) -> int:
+        """Removals committed."""
+        return sum(isinstance(e, ArtifactRemovedEvent) for e in self.events)
+
+    @property
+    def failed(self) -> int:
+        """Jobs that failed again."""
+        return sum(isinstance(e, ArtifactFailedEvent) for e in self.events)
+
+
+def pending_entries(dirpath: str | os.PathLike[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """Unfinished jobs of every journal in a checkpoint directory, without locking."""
+    return [
+        (path, entry)
+        for path in journal_paths(outbox_root(dirpath))
+        for entry in read_pending(path)
+    ]
+
+
+def journal_in_use(path: Path) -> bool:
+    """Whether a process holds this journal right now."""
+    return is_locked(path)
+
+
+def flush_directory(
+    dirpath: str | os.PathLike[str],
+    *,
+    timeout: float | None = None,
+    progress: bool = True,
+    max_workers: int = 2,
+    on_event: Callable[[AnyArtifactEvent], None] | None = None,
+) -> FlushReport:
+    """Persist what the outbox of ``dirpath`` still holds (``lamin-lightning flush``).
+
+    Raises :class:`OutboxInUseError` if a training process holds one of its journals
+    and nothing else could be done.
+    """
+    from lamin_lightning._bridge import PersistencePipeline
+    from lamin_lightning._callback import _progress_bar
+    from lamin_lightning._retry import RetryPolicy
+
+    root = outbox_root(dirpath)
+    report = FlushReport()
+    outboxes, report.busy = _open_others(root, None)
+    if report.busy and not outboxes:
+        raise OutboxInUseError(
+            f"a running training process holds the outbox in {root}"
+            f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
+            " to finish, or stop it first."
+        )
+    work = [(outbox, entry) for outbox in outboxes for entry in outbox.pending()]
+    if not work:
+        for outbox in outboxes:
+            outbox.close()
+        return report
+    builders = _Builders(None)
+    lock = threading.Lock()
+
+    def deliver(event: AnyArtifactEvent) -> None:
+        with lock:
+            report.events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    def finalize() -> None:
+        for finalizer in builders.finalizers():
+            finalizer()
+
+    pipeline = PersistencePipeline(
+        max_workers=max_workers,
+        max_pending=max(4, 2 * max_workers),
+        retry=RetryPolicy(),
+        deliver=deliver,
+        thread_finalizer=finalize,
+        name="lamin-lightning-flush",
+    )
+    pipeline.start()
+    total_bytes = sum(entry_size(entry) for _, entry in work)
+    bar = _progress_bar(total_bytes, enabled=progress, unit="B", files=len(work))
+    sizes: dict[str, int] = {}
+    submitted = 0
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for outbox, entry in work:
+            spec = _recovery_spec(builders, outbox, entry, None)
+            if spec is None:
+                continue
+            sizes[entry["id"]] = spec.size_bytes
+            pipeline.submit(spec)  # waits for a slot: bounded like training
+            submitted += 1
+            _update_bar(bar, pipeline, sizes, submitted, total_bytes)
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            done = pipeline.flush(0.25 if remaining is None else min(0.25, remaining))
+            _update_bar(bar, pipeline, sizes, submitted, total_bytes)
+            if done:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        pipeline.stop(timeout=0)
+        for outbox in outboxes:
+            report.remaining.extend(outbox.pending())
+            outbox.close()
+    return report
+
+
+def _update_bar(
+    bar: Any, pipeline: Any, sizes: dict[str, int], submitted: int, total_bytes: int
+) -> None:
+    if bar is None:
+        return
+    pending = {(job.payload or {}).get("outbox_id") for job in pipeline.pending()}
+    done = [job_id for job_id in list(sizes)[:submitted] if job_id not in pending]
+    bar.n = min(total_bytes, sum(sizes[job_id] for job_id in done))
+    bar.set_postfix_str(f"{len(done)}/{len(sizes)} files", refresh=False)
+    bar.refresh()

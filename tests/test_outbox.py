@@ -1,0 +1,337 @@
+"""The durable outbox (guarantee 8): the journal itself, and replay at the next setup.
+
+Store-backed (``MemoryCheckpoint``): the replay mechanism is the same for every
+publisher; the LaminDB tier (``tests/lamindb/test_lamindb_outbox.py``) covers
+crashes of real processes, ``lamin-lightning flush`` and idempotency by hash.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
+from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, ArtifactSavedEvent
+from lamin_lightning._callback import CheckpointDirectoryError
+from lamin_lightning._outbox import (
+    COMPACT_AFTER_LINES,
+    Outbox,
+    OutboxBusyError,
+    is_locked,
+    journal_paths,
+    read_pending,
+)
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+
+# -- the journal ----------------------------------------------------------------------------
+
+
+def test_an_appended_job_is_on_disk_before_append_returns(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    assert outbox.open() == []
+    job_id = outbox.append({"op": "save", "key": "k1"})
+    # A separate reader (another process would see the same) finds it, pending.
+    assert [(e["id"], e["key"]) for e in read_pending(outbox.path)] == [(job_id, "k1")]
+    outbox.settle(job_id, "saved")
+    assert read_pending(outbox.path) == []
+    outbox.close()
+    assert not outbox.path.exists(), "an empty journal is deleted on close"
+
+
+def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "outbox-a.jsonl"
+    outbox = Outbox(path)
+    outbox.open()
+    first = outbox.append({"op": "save", "key": "k1"})
+    outbox.close()
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('{"t":"job","id":"x","entry":{"op":"sa')  # killed mid-write
+    assert [e["id"] for e in read_pending(path)] == [first]
+    reopened = Outbox(path)
+    assert [e["key"] for e in reopened.open()] == ["k1"]
+    reopened.close()
+
+
+def test_settling_a_job_makes_earlier_failed_jobs_of_its_key_moot(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    failed_save = outbox.append({"op": "save", "key": "k1"})
+    other = outbox.append({"op": "save", "key": "k2"})
+    removal = outbox.append({"op": "remove", "key": "k1"})
+    outbox.settle(removal, "removed")
+    assert [e["id"] for e in outbox.pending()] == [other]
+    assert failed_save not in {e["id"] for e in read_pending(outbox.path)}
+    outbox.close()
+
+
+def test_the_journal_is_compacted_and_keeps_what_is_pending(tmp_path: Path) -> None:
+    path = tmp_path / "outbox-a.jsonl"
+    outbox = Outbox(path)
+    outbox.open()
+    kept = outbox.append({"op": "save", "key": "kept"})
+    for i in range(5 * COMPACT_AFTER_LINES):
+        outbox.settle(outbox.append({"op": "save", "key": f"k{i}"}), "saved")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= COMPACT_AFTER_LINES + 3, f"journal not compacted: {len(lines)} lines"
+    assert [e["id"] for e in read_pending(path)] == [kept]
+    # Still locked after the swap: nobody else can take it.
+    assert is_locked(path)
+    outbox.close()
+    assert [e["id"] for e in read_pending(path)] == [kept]
+
+
+def test_one_holder_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "outbox-a.jsonl"
+    first = Outbox(path)
+    first.open()
+    first.append({"op": "save", "key": "k"})
+    assert is_locked(path)
+    with pytest.raises(OutboxBusyError):
+        Outbox(path).open()
+    first.close()
+    assert not is_locked(path)
+    second = Outbox(path)
+    assert [e["key"] for e in second.open()] == ["k"]
+    second.close()
+
+
+# -- through Lightning ----------------------------------------------------------------------
+
+
+class _JournalProbe(MemoryCheckpoint):
+    """Reads the journal from disk the moment ``_save_checkpoint`` returns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[str, list[str]]] = []
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero and self._outbox is not None:
+            keys = [e["key"] for e in read_pending(self._outbox.path)]
+            self.seen.append((self.resolve_artifact_key(trainer, filepath, "checkpoint"), keys))
+
+
+def test_every_save_is_journaled_before_save_checkpoint_returns(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.hang()  # nothing can finish: only the journal knows about the jobs
+    callback = _JournalProbe(
+        store, dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, flush_timeout=0.2
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=3)
+    try:
+        with pytest.warns(UserWarning, match="flush_timeout"):
+            trainer.fit(TinyModel(), loader())
+    finally:
+        store.release()
+    assert len(callback.seen) == 3
+    for key, journaled in callback.seen:
+        assert key in journaled
+    # Teardown timed out: the journal still holds every job for a later replay.
+    pending = [
+        e["key"]
+        for path in journal_paths(tmp_path / "ckpt" / ".lamin-lightning")
+        for e in read_pending(path)
+    ]
+    assert pending == [key for key, _ in callback.seen]
+
+
+def _kept_set_matches_store(dirpath: Path, store: MemoryStore, prefix: str = "checkpoints") -> None:
+    files = checkpoint_files(dirpath)
+    assert store.keys(kind="checkpoint") == {f"{prefix}/{name}" for name in files}
+    for name in files:
+        stored = store.get(f"{prefix}/{name}")
+        assert stored is not None and stored.sha256 == sha256_file(dirpath / name)
+
+
+def test_the_next_setup_replays_unfinished_jobs_in_order(tmp_path: Path) -> None:
+    """Storage hangs past flush_timeout; the next run in the same dirpath finishes the jobs."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    first = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        flush_timeout=0.2,
+        max_pending=32,
+    )
+    model = TinyModel(scores=[5, 3, 4, 1, 2, 6])
+    try:
+        with pytest.warns(UserWarning, match="not persisted"):
+            make_trainer(tmp_path, [first], max_steps=6).fit(model, loader())
+    finally:
+        # The hung transfers now finish on their (abandoned) threads: they store bytes
+        # whose commit never ran, exactly like a crash after the upload.
+        store.release()
+    journal = journal_paths(dirpath / ".lamin-lightning")
+    assert len(journal) == 1
+    pending = read_pending(journal[0])
+    ops = [e["op"] for e in pending]
+    assert ops.count("save") >= 4 and ops.count("remove") == ops.count("save") - 2  # two kept
+
+    observer = RecordingObserver()
+    second = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+    )
+    make_trainer(tmp_path, [second]).validate(TinyModel(), loader())
+
+    _kept_set_matches_store(dirpath, store)
+    events = observer.events
+    assert events and all(e.recovered for e in events)
+    # In the original order, each key's save before its removal.
+    assert [e.key for e in events if isinstance(e, ArtifactSavedEvent | ArtifactRemovedEvent)] == [
+        e["key"] for e in pending if e["key"] in {ev.key for ev in events}
+    ]
+    assert not journal_paths(dirpath / ".lamin-lightning"), "the journal is gone once empty"
+    # The flags end as the last submitted state.
+    last_save = [e for e in pending if e["op"] == "save"][-1]["snapshot"]
+    best = [k for k, f in store.flags.items() if f.get("is_best_model")]
+    assert best == [last_save["best_key"]]
+    ranked = sorted(
+        (f["model_rank"], k) for k, f in store.flags.items() if f.get("model_rank") is not None
+    )
+    assert [k for _, k in ranked] == last_save["ranking"]
+
+
+def test_a_failed_job_stays_in_the_outbox_until_a_later_setup_persists_it(
+    tmp_path: Path,
+) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    first = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=2, on_error="warn"
+    )
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [first], max_steps=4).fit(TinyModel(), loader())
+    assert first.persistence_stats.failed == 2
+    pending = [e for p in journal_paths(dirpath / ".lamin-lightning") for e in read_pending(p)]
+    assert sorted(e["key"] for e in pending) == sorted(
+        f"checkpoints/{n}" for n in checkpoint_files(dirpath)
+    )
+    assert store.keys(kind="checkpoint") == set()
+
+    store.heal()
+    observer = RecordingObserver()
+    second = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=2,
+        artifact_observers=[observer],
+    )
+    make_trainer(tmp_path, [second]).validate(TinyModel(), loader())
+    _kept_set_matches_store(dirpath, store)
+    assert [type(e) for e in observer.events] == [ArtifactSavedEvent, ArtifactSavedEvent]
+    assert not journal_paths(dirpath / ".lamin-lightning")
+
+
+def test_a_replay_that_fails_again_warns_and_does_not_block_training(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    first = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=2, on_error="warn")
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [first], max_steps=2).fit(TinyModel(), loader())
+    observer = RecordingObserver()
+    second = MemoryCheckpoint(
+        store, dirpath=dirpath, every_n_train_steps=2, artifact_observers=[observer]
+    )
+    make_trainer(tmp_path, [second]).validate(TinyModel(), loader())  # does not raise
+    failed = observer.of_type(ArtifactFailedEvent)
+    assert len(failed) == 1 and failed[0].recovered
+    assert (
+        len([e for p in journal_paths(dirpath / ".lamin-lightning") for e in read_pending(p)]) == 1
+    )
+
+
+def test_a_journaled_file_that_is_gone_is_dropped_with_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    first = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=2, on_error="warn")
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [first], max_steps=2).fit(TinyModel(), loader())
+    store.heal()
+    shutil.rmtree(dirpath / ".lamin-lightning" / "staged")
+    for name in checkpoint_files(dirpath):
+        (dirpath / name).unlink()
+    second = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=2)
+    make_trainer(tmp_path, [second]).validate(TinyModel(), loader())
+    assert "neither its staged copy" in caplog.text
+    assert not journal_paths(dirpath / ".lamin-lightning")
+
+
+# -- the checkpoint directory is checked at setup (fault 6) ------------------------------------
+
+
+class _CountingModel(TinyModel):
+    steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_unwritable_checkpoint_directory_fails_at_setup(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoint directory should be")
+    callback = MemoryCheckpoint(dirpath=blocker / "ckpt", every_n_train_steps=1)
+    model = _CountingModel()
+    _CountingModel.steps = 0
+    with pytest.raises(CheckpointDirectoryError, match=r"cannot write to the checkpoint directory"):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(model, loader())
+    assert _CountingModel.steps == 0, "the error must come before the first training step"
+
+
+def test_a_full_checkpoint_directory_fails_at_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lamin_lightning._callback as generic
+
+    real = shutil.disk_usage
+
+    def almost_full(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 1, 1)
+
+    monkeypatch.setattr(generic.shutil, "disk_usage", almost_full)
+    callback = MemoryCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    _CountingModel.steps = 0
+    with pytest.raises(CheckpointDirectoryError, match="MiB free") as raised:
+        make_trainer(tmp_path, [callback], max_steps=2).fit(_CountingModel(), loader())
+    assert raised.value.errno == errno.ENOSPC
+    assert _CountingModel.steps == 0
+
+
+def test_status_lists_pending_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lamin_lightning._cli import main
+
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=2, on_error="warn")
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader())
+    assert main(["status", str(dirpath)]) == 0
+    out = capsys.readouterr().out
+    assert "1 job(s) pending" in out and "checkpoints/epoch=0-step=2.ckpt" in out
+    assert main(["status", "--json", str(dirpath)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["key"] for e in listed] == ["checkpoints/epoch=0-step=2.ckpt"]
+    assert listed[0]["in_use"] is False
