@@ -1130,7 +1130,9 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
                 warnings.warn(
                     f"lamin-lightning: persistence did not finish within flush_timeout="
                     f"{self.flush_timeout}s; not persisted: {', '.join(keys)}. Their local"
-                    f" files are kept under {self._staging_root(self.dirpath or '.')}.",
+                    f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
+                    " jobs stay in its outbox: run `lamin-lightning flush"
+                    f" {self.dirpath or '.'}`, or start training again with this dirpath.",
                     UserWarning,
                     stacklevel=2,
                 )

@@ -1,0 +1,121 @@
+"""A training process of its own for the outbox tests: killed, terminated or rerun.
+
+Uses the tier's instance (LAMIN_SETTINGS_DIR/LAMIN_CACHE_DIR inherited from the test)
+with non-loopback network blocked. Checkpoint uploads go through a gate:
+
+- ``--mode block``: the first ``--let-through`` checkpoint uploads pass; the next one
+  writes ``--marker`` and blocks forever (the test then kills the process).
+- ``--mode slow``: every checkpoint upload writes ``--marker`` and takes 0.3 s longer.
+- ``--mode plain``: no gate.
+
+At the end (if it gets there) it writes ``--report``: the key prefix, Lightning's kept
+set (file names) and the events it saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning.pytorch as pl
+import pytest
+from lamindb_tier import TierData, TierModel, block_network, make_trainer
+
+import lamin_lightning as ll
+from lamin_lightning._lamin import LaminArtifactPublisher
+
+SCORES = [5.0, 4.0, 6.0, 3.0, 7.0, 2.0, 8.0, 1.0, 9.0, 0.5]
+
+
+class Gate(LaminArtifactPublisher):
+    def __init__(self, mode: str, marker: Path, let_through: int) -> None:
+        self.mode, self.marker, self.let_through = mode, marker, let_through
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("key", "")).endswith(".ckpt"):
+            with self.lock:
+                n, self.count = self.count, self.count + 1
+            if self.mode == "block" and n >= self.let_through:
+                self.marker.write_text(str(n))
+                threading.Event().wait()  # a transfer in flight, forever
+            if self.mode == "slow":
+                self.marker.write_text(str(n))
+                time.sleep(0.3)  # latency injection: storage is slow, not broken
+        return super().create_artifact(local_path, **kwargs)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def _record(self, event: Any) -> None:
+        self.seen.append(
+            {"type": type(event).__name__, "key": event.key, "recovered": event.recovered}
+        )
+
+    on_artifact_saved = on_artifact_removed = on_artifact_failed = _record
+
+
+class Prefix(pl.Callback):
+    def __init__(self, callback: ll.Checkpoint, path: Path) -> None:
+        self.callback, self.path = callback, path
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.path.write_text(self.callback.checkpoint_key_prefix)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dirpath", type=Path, required=True)
+    parser.add_argument("--mode", choices=["block", "slow", "plain"], default="plain")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--let-through", type=int, default=2)
+    parser.add_argument("--marker", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+
+    guard = pytest.MonkeyPatch()
+    block_network(guard)
+    observer = Events()
+    callback = ll.Checkpoint(
+        dirpath=args.dirpath,
+        monitor="score",
+        save_top_k=2,
+        save_last=True,
+        every_n_train_steps=1,
+        max_pending=4,
+        flush_timeout=120,
+        artifact_observers=[observer],
+    )
+    callback._artifact_publisher = Gate(args.mode, args.marker, args.let_through)
+    trainer = make_trainer(
+        args.dirpath.parent,
+        [callback, Prefix(callback, args.report.with_suffix(".prefix"))],
+        max_steps=args.steps,
+    )
+    model = TierModel(scores=SCORES)
+    trainer.fit(
+        model,
+        datamodule=TierData(n=args.steps),
+        ckpt_path="last" if args.resume else None,
+    )
+    kept = sorted({Path(p).name for p in callback.best_k_models} | {"last.ckpt"})
+    args.report.write_text(
+        json.dumps(
+            {"prefix": callback.checkpoint_key_prefix, "kept": kept, "events": observer.seen}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

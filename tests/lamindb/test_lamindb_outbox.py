@@ -1,0 +1,269 @@
+"""Crash safety on a real instance (issue 5, faults 3, 4 and 5; guarantee 8).
+
+Training runs in a process of its own (``outbox_train.py``) that the test kills
+(SIGKILL) or terminates (SIGTERM) while an upload is in flight; then the set is
+completed by ``lamin-lightning flush`` or by rerunning the script. After each, the
+checkpoint artifacts under the prefix are exactly Lightning's kept set, one per key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lamindb_tier import (
+    TierData,
+    TierModel,
+    assert_checkpoint_keys_persisted,
+    fit,
+    make_trainer,
+)
+
+import lamin_lightning as ll
+from lamin_lightning._lamin import LaminArtifactPublisher
+from lamin_lightning._outbox import journal_paths, read_pending
+from lamin_lightning.testing import RecordingObserver
+
+SCRIPT = Path(__file__).parent / "outbox_train.py"
+
+
+def _start(tmp_path: Path, mode: str, *extra: str, steps: int = 8) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dirpath",
+            str(tmp_path / "ckpt"),
+            "--mode",
+            mode,
+            "--steps",
+            str(steps),
+            "--marker",
+            str(tmp_path / "marker"),
+            "--report",
+            str(tmp_path / "report.json"),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_marker(proc: subprocess.Popen[str], marker: Path, timeout: float = 240) -> None:
+    """Wait until the training process reports an upload in flight (or dies)."""
+    deadline = time.monotonic() + timeout
+    done = threading.Event()
+    while not marker.exists():
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"training exited ({proc.returncode}) before an upload started:\n{out}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no upload started in time")
+        done.wait(0.05)
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lamin_lightning._cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _on_disk(dirpath: Path, prefix: str) -> dict[str, Path]:
+    """Lightning's kept set after a crash: the checkpoint files it left, by key."""
+    return {f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt")}
+
+
+def _pending(dirpath: Path) -> list[dict[str, Any]]:
+    return [e for p in journal_paths(dirpath / ".lamin-lightning") for e in read_pending(p)]
+
+
+def _kill_mid_upload(tmp_path: Path) -> str:
+    proc = _start(tmp_path, "block")
+    try:
+        _wait_for_marker(proc, tmp_path / "marker")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    prefix = (tmp_path / "report.prefix").read_text()
+    pending = _pending(tmp_path / "ckpt")
+    assert pending, "the killed run left nothing in the outbox"
+    assert any(e["op"] == "save" for e in pending)
+    return prefix
+
+
+def test_sigkill_mid_upload_then_cli_flush_completes_the_set(ln: Any, tmp_path: Path) -> None:
+    prefix = _kill_mid_upload(tmp_path)
+    dirpath = tmp_path / "ckpt"
+
+    status = _cli("status", str(dirpath))
+    assert status.returncode == 0, status.stderr
+    assert "job(s) pending" in status.stdout and "held by" not in status.stdout
+
+    flushed = _cli("flush", "--no-progress", str(dirpath))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert "0 still pending" in flushed.stdout
+
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert _pending(dirpath) == []
+    assert "nothing pending" in _cli("status", str(dirpath)).stdout
+    # Flushing again is a no-op.
+    again = _cli("flush", "--no-progress", str(dirpath))
+    assert again.returncode == 0 and "saved 0" in again.stdout
+
+
+def test_sigkill_mid_upload_then_rerunning_the_script_completes_the_set(
+    ln: Any, tmp_path: Path
+) -> None:
+    prefix = _kill_mid_upload(tmp_path)
+    (tmp_path / "marker").unlink()
+    rerun = _start(tmp_path, "plain", "--resume", steps=12)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["prefix"] == prefix
+    recovered = [e for e in report["events"] if e["recovered"]]
+    assert recovered, "the rerun replayed nothing"
+    # Replays come first, before any event of the new training.
+    assert report["events"][: len(recovered)] == recovered
+    dirpath = tmp_path / "ckpt"
+    expected = {f"{prefix}/{name}": dirpath / name for name in report["kept"]}
+    assert_checkpoint_keys_persisted(ln, prefix, expected)
+    assert _pending(dirpath) == []
+
+
+def test_sigterm_runs_lightnings_handling_and_our_flush_completes(ln: Any, tmp_path: Path) -> None:
+    proc = _start(tmp_path, "slow", steps=40)
+    try:
+        _wait_for_marker(proc, tmp_path / "marker")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != -signal.SIGTERM, "Lightning's SIGTERM handling did not run"
+    print(f"SIGTERM: exit code {proc.returncode}; tail of output:\n{out[-1500:]}")
+    dirpath = tmp_path / "ckpt"
+    prefix = (tmp_path / "report.prefix").read_text()
+    assert _pending(dirpath) == [], f"the flush at exit left jobs in the outbox:\n{out[-3000:]}"
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+
+
+class _Hang(LaminArtifactPublisher):
+    """Checkpoint uploads block until released; counts those that finished afterwards."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.cond = threading.Condition()
+        self.blocked = 0
+        self.finished = 0
+
+    def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
+        with self.cond:
+            self.blocked += 1
+            self.cond.notify_all()
+        self.released.wait()
+        try:
+            return super().create_artifact(local_path, **kwargs)
+        finally:
+            with self.cond:
+                self.finished += 1
+                self.cond.notify_all()
+
+
+def test_hanging_storage_teardown_names_keys_and_a_later_flush_completes(
+    ln: Any, tmp_path: Path
+) -> None:
+    dirpath = tmp_path / "ckpt"
+    callback = ll.Checkpoint(
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        flush_timeout=1.0,
+        max_pending=16,
+    )
+    hang = _Hang()
+    callback._artifact_publisher = hang
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match=r"flush_timeout=1\.0s; not persisted: .*step=") as caught:
+        fit(callback, tmp_path, steps=4, model=TierModel(scores=[5, 4, 6, 3]))
+    assert time.monotonic() - started < 60
+    (message,) = [str(w.message) for w in caught if "flush_timeout" in str(w.message)]
+    assert f"lamin-lightning flush {dirpath}" in message
+    for path in dirpath.glob("*.ckpt"):
+        assert path.name in message
+    # The stuck uploads finish after teardown gave up on them (like a slow process exit).
+    with hang.cond:
+        blocked = hang.blocked
+    hang.released.set()
+    with hang.cond:
+        assert hang.cond.wait_for(lambda: hang.finished >= blocked, timeout=120)
+    assert _pending(dirpath), "teardown must leave the unpersisted jobs in the outbox"
+
+    flushed = _cli("flush", "--no-progress", str(dirpath))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    prefix = callback.checkpoint_key_prefix
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert _pending(dirpath) == []
+
+
+def test_a_crash_after_commit_before_the_journal_marked_it_is_not_duplicated(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit lands but no job is marked finished; the next setup replays them all."""
+    from lamin_lightning._outbox import Outbox
+
+    dirpath = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        patch.setattr(Outbox, "settle", lambda self, job_id, status: None)
+        first = ll.Checkpoint(dirpath=dirpath, monitor="score", save_top_k=2, every_n_train_steps=1)
+        fit(first, tmp_path, steps=5, model=TierModel(scores=[5, 4, 6, 3, 2]))
+    prefix = first.checkpoint_key_prefix
+    before = assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert len(_pending(dirpath)) >= 5
+
+    observer = RecordingObserver()
+    second = ll.Checkpoint(
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+    )
+    # A run that trains no step: only its setup (the replay) and teardown happen.
+    make_trainer(tmp_path, [second], max_steps=0).fit(TierModel(), datamodule=TierData(n=1))
+    after = assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert {k: a.id for k, a in after.items()} == {k: a.id for k, a in before.items()}, (
+        "a replay re-created artifacts that were already committed"
+    )
+    assert observer.events and all(e.recovered for e in observer.events)
+    assert _pending(dirpath) == []
+
+
+def test_status_shows_a_journal_held_by_a_running_process(ln: Any, tmp_path: Path) -> None:
+    proc = _start(tmp_path, "block")
+    try:
+        _wait_for_marker(proc, tmp_path / "marker")
+        status = _cli("status", str(tmp_path / "ckpt"))
+        assert "held by a running training process" in status.stdout
+        flushed = _cli("flush", "--no-progress", str(tmp_path / "ckpt"))
+        assert flushed.returncode == 3 and "running training process" in flushed.stderr
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert os.path.isdir(tmp_path / "ckpt")
