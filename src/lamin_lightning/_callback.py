@@ -328,6 +328,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
         self._outbox: Outbox | None = None
+        self._set_up = False
+        self._deferred_files: list[tuple[Path, ArtifactKind]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -340,6 +342,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         state["_snapshotter"] = None
         state["_unreported_failures"] = []
         state["_outbox"] = None
+        state["_set_up"] = False
+        state["_deferred_files"] = []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -566,6 +570,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             from lamin_lightning._recovery import recover_at_setup
 
             recover_at_setup(self, trainer)
+            self._set_up = True
+            deferred, self._deferred_files = self._deferred_files, []
+            for path, kind in deferred:
+                self.submit_file(trainer, path, kind)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -952,6 +960,11 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         """
         if kind == "checkpoint":
             raise ValueError("checkpoints are submitted by Lightning's own save hooks")
+        if not self._set_up:
+            # Other callbacks' setup runs before ours (Lightning moves checkpoint callbacks
+            # last): submit once our setup opened the outbox, so the job is journaled too.
+            self._deferred_files.append((Path(path), kind))
+            return
         key = self.resolve_artifact_key(trainer, path, kind)
         staged, prepare = self._plan_staging(path)
         job_id = self._journal(
@@ -1119,6 +1132,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         rank_zero_warn(str(error), category=UserWarning)
 
     def _shutdown(self, *, raise_errors: bool) -> None:
+        self._set_up = False
         pipeline = self._pipeline
         if pipeline is None:
             self._close_outbox()
