@@ -190,6 +190,25 @@ def stored_path(artifact: Any) -> Path:
     return Path(str(artifact.path))
 
 
+def storage_file(location: Any) -> Any:
+    """Where bytes live in storage, on every backend of the tier: an artifact's stored file,
+    or a storage URI (``ArtifactSavedEvent.storage_uri``: a local path or ``s3://...``), as a
+    path object with ``exists()``, ``read_bytes()`` and ``read_text()``. S3 URIs resolve
+    against ``AWS_ENDPOINT_URL_S3`` (the session's moto server)."""
+    from upath import UPath
+
+    if isinstance(location, str | Path):
+        return UPath(str(location))
+    return location.path
+
+
+def stored_sha256(location: Any) -> str:
+    """SHA-256 of the stored bytes of an artifact or at a storage URI (see :func:`storage_file`)."""
+    import hashlib
+
+    return hashlib.sha256(storage_file(location).read_bytes()).hexdigest()
+
+
 # -- consistency after faults ------------------------------------------------------------------
 
 

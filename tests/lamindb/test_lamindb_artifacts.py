@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lamindb_tier import TierModel, artifacts_under, fit, stored_path
+from lamindb_tier import TierModel, artifacts_under, fit, storage_file, stored_sha256
 from lightning.pytorch.loggers import CSVLogger
 
 import lamin_lightning as ll
@@ -28,6 +28,7 @@ from lamin_lightning.testing import RecordingObserver
 
 pytestmark = [
     pytest.mark.lamindb,
+    pytest.mark.contract,
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
@@ -86,7 +87,7 @@ def test_descriptions_kinds_and_run_links_match_reference(
     hparams = stored[f"{prefix}/hparams.yaml"]
     assert (hparams.description, hparams.kind) == ("Lightning run hyperparameters", "config")
     assert hparams.run_id == fresh_run.id
-    assert stored_path(hparams).read_text() == (Path(logger.log_dir) / "hparams.yaml").read_text()
+    assert storage_file(hparams).read_text() == (Path(logger.log_dir) / "hparams.yaml").read_text()
     # hparams.yaml once per run, although three checkpoints were saved.
     assert [e.kind for e in observer.of_type(ArtifactSavedEvent)].count("hparams") == 1
     assert ln.Artifact.filter(key=f"{prefix}/hparams.yaml").count() == 1
@@ -137,7 +138,7 @@ def test_overwritten_key_keeps_old_artifact_until_new_one_commits(
     key = f"{callback.checkpoint_key_prefix}/last.ckpt"
     remaining = list(ln.Artifact.filter(key=key))
     assert len(remaining) == 1
-    assert sha256(stored_path(remaining[0])) == sha256(Path(callback.dirpath) / "last.ckpt")
+    assert stored_sha256(remaining[0]) == sha256(Path(callback.dirpath) / "last.ckpt")
 
 
 class FailSecondLastSave(ll.Checkpoint):
@@ -176,8 +177,8 @@ def test_failed_overwrite_keeps_previous_artifact_and_reports_failure(
     key = f"{callback.checkpoint_key_prefix}/last.ckpt"
     remaining = list(ln.Artifact.filter(key=key))
     assert len(remaining) == 1
-    assert stored_path(remaining[0]).exists()
-    assert sha256(stored_path(remaining[0])) == callback.first_last_sha
+    assert storage_file(remaining[0]).exists()
+    assert stored_sha256(remaining[0]) == callback.first_last_sha
     failures = observer.of_type(ArtifactFailedEvent)
     assert [(f.key, f.operation, f.attempts) for f in failures] == [(key, "save", 1)]
     assert isinstance(failures[0].error, PermanentError)
@@ -245,11 +246,11 @@ def test_observers_get_real_artifacts_in_submission_order(
             assert event.artifact.key == event.key
             assert event.storage_uri == saved_uri[event.key]
             assert not ln.Artifact.filter(id=event.artifact.id).exists()
-            assert not Path(event.storage_uri).exists()
+            assert not storage_file(event.storage_uri).exists()
     kept = {callback.resolve_artifact_key(trainer, p, "checkpoint") for p in callback.best_k_models}
     assert set(artifacts_under(ln, callback.checkpoint_key_prefix)) == kept
     for key in kept:
-        assert Path(saved_uri[key]).exists()
+        assert storage_file(saved_uri[key]).exists()
 
 
 class OverlappingLastSaves:
@@ -306,4 +307,4 @@ def test_concurrent_resaves_of_a_key_never_delete_the_newer_upload(
     key = f"{callback.checkpoint_key_prefix}/last.ckpt"
     remaining = list(ln.Artifact.filter(key=key))
     assert len(remaining) == 1
-    assert sha256(stored_path(remaining[0])) == sha256(Path(callback.dirpath) / "last.ckpt")
+    assert stored_sha256(remaining[0]) == sha256(Path(callback.dirpath) / "last.ckpt")

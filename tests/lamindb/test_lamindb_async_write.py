@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single, stored_path
+from lamindb_tier import (
+    TierModel,
+    artifact_features,
+    artifacts_under,
+    fit,
+    single,
+    stored_sha256,
+)
 
 import lamin_lightning as ll
 import lamin_lightning._callback as callback_module
@@ -18,6 +25,7 @@ from lamin_lightning.testing import RecordingObserver
 
 pytestmark = [
     pytest.mark.lamindb,
+    pytest.mark.contract,
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
@@ -75,7 +83,7 @@ def test_async_write_persists_lightning_kept_set_with_flags_from_background_writ
     assert {p.name for p in dirpath.glob("*.ckpt")} == {Path(p).name for p in kept_paths}
     assert set(stored) == {key(p) for p in kept_paths}
     for path in kept_paths:
-        assert sha256(stored_path(stored[key(path)])) == sha256(path)
+        assert stored_sha256(stored[key(path)]) == sha256(path)
     last = torch.load(callback.last_model_path, map_location="cpu", weights_only=False)
     assert last["global_step"] == len(UP_AND_DOWN)
 

@@ -19,6 +19,7 @@ from lamin_lightning.testing import RecordingObserver
 
 pytestmark = [
     pytest.mark.lamindb,
+    pytest.mark.contract,
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
 ]

@@ -120,6 +120,7 @@ def _checkpoint_arguments() -> dict[str, Any]:
     }
 
 
+@pytest.mark.contract
 def test_auto_user_and_hparam_features_match_reference(
     ln: Any,
     user_features: None,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
-from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single
+from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single, storage_file
 
 import lamin_lightning as ll
 from lamin_lightning import ArtifactSavedEvent, CheckpointSnapshot
@@ -21,6 +21,7 @@ from lamin_lightning.testing import RecordingObserver
 
 pytestmark = [
     pytest.mark.lamindb,
+    pytest.mark.contract,
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
@@ -82,7 +83,7 @@ def test_flags_ranks_and_kept_set_equal_lightning_state(
     assert evicted, "the sequence should have persisted checkpoints that were later evicted"
     for evicted_key, uri in evicted.items():
         assert not ln.Artifact.filter(key=evicted_key).exists()
-        assert not Path(uri).exists()
+        assert not storage_file(uri).exists()
 
 
 def _commit_queries(

@@ -19,6 +19,7 @@ import lamin_lightning as ll
 
 pytestmark = [
     pytest.mark.lamindb,
+    pytest.mark.contract,
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 

@@ -14,6 +14,7 @@ import lamin_lightning as ll
 
 pytestmark = [
     pytest.mark.lamindb,
+    pytest.mark.contract,
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
 ]
