@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export LAMIN_SETTINGS_DIR ?= $(CURDIR)/.lamin/settings
 export LAMIN_CACHE_DIR ?= $(CURDIR)/.lamin/cache
 
-.PHONY: install demo test test-fast lint format typecheck bench bench-quick docs clean
+.PHONY: install demo test test-default test-postgres test-s3 postgresql test-fast lint format typecheck bench bench-quick docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,25 @@ install: $(STAMP)
 demo: install
 	$(PY) -m lamin_lightning._demo
 
-test: install
+# The whole suite (LaminDB tier on SQLite + local storage), then the tier's contract tests
+# on PostgreSQL + local storage and on SQLite + S3 (moto). One pytest process per backend:
+# lamindb holds one instance per process. The servers are started and stopped by the tests.
+test: test-default test-postgres test-s3
+
+test-default: install
 	$(PY) -m pytest -q
+
+test-postgres: install postgresql
+	LAMIN_LIGHTNING_TIER_BACKEND=postgres $(PY) -m pytest -q -m contract tests/lamindb
+
+test-s3: install
+	LAMIN_LIGHTNING_TIER_BACKEND=s3 $(PY) -m pytest -q -m contract tests/lamindb
+
+# The PostgreSQL server binaries for test-postgres: installed (as root) only when missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 \
+	  || { echo "pg_ctl not found: installing PostgreSQL (apt-get install -y postgresql)"; \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
