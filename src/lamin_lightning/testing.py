@@ -506,13 +506,27 @@ def local_instance(root: str | Path | None = None) -> Iterator[Path]:
     import lamindb_setup
 
     storage = base / "storage"
-    lamindb_setup.init(storage=str(storage))
+    # lamindb-setup writes a ".lamin/current_instance" marker into the working
+    # directory; keep it inside ``base``, not in the caller's project.
+    previous = os.getcwd()
+    os.chdir(base)
+    try:
+        lamindb_setup.init(storage=str(storage))
+    finally:
+        os.chdir(previous)
     from lamin_lightning._lamin import ensure_offline_safe
 
     ensure_offline_safe()
+    # Child processes (a DDP launch, `lamin-lightning flush`) find the instance this way.
+    previous_slug = os.environ.get("LAMIN_CURRENT_INSTANCE")
+    os.environ["LAMIN_CURRENT_INSTANCE"] = lamindb_setup.settings.instance.slug
     try:
         yield storage
     finally:
+        if previous_slug is None:
+            os.environ.pop("LAMIN_CURRENT_INSTANCE", None)
+        else:
+            os.environ["LAMIN_CURRENT_INSTANCE"] = previous_slug
         with suppress(Exception):
             lamindb_setup.disconnect()
         if owned:
