@@ -12,9 +12,9 @@ Usage: ``python ddp_fit.py STRATEGY BACKEND ROOT [--async-write]``
 
 Each rank's callback writes its report at the end of its own ``teardown`` (after the
 teardown flush): its rank and pid, how many transfers and removals this process ran,
-whether lamindb was imported in this process, whether it ever had a pipeline, its
-persistence stats, how long its teardown took, and (rank zero) Lightning's kept set with
-the key of each file. Non-loopback network is blocked in every rank, so a call to
+whether lamindb was imported in this process, whether it ever had a pipeline or an
+outbox journal open, its persistence stats, how long its teardown took, and (rank zero)
+Lightning's kept set with the key of each file. Non-loopback network is blocked in every rank, so a call to
 LaminDB's hub fails loudly.
 """
 
@@ -59,6 +59,7 @@ class Reporting:
                 "transfers": 0,
                 "removals": 0,
                 "pool_seen": False,
+                "outbox_seen": False,
                 "lock": threading.Lock(),
             }
         return counters
@@ -84,6 +85,8 @@ class Reporting:
         super()._save_checkpoint(trainer, filepath)  # type: ignore[misc]
         if getattr(self, "_pipeline", None) is not None:
             self._counters()["pool_seen"] = True
+        if getattr(self, "_outbox", None) is not None:
+            self._counters()["outbox_seen"] = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         started = time.monotonic()
@@ -104,6 +107,7 @@ class Reporting:
             "transfers": counters["transfers"],
             "removals": counters["removals"],
             "pool_seen": counters["pool_seen"],
+            "outbox_seen": counters["outbox_seen"],
             "lamindb_imported": lamindb_imported,
             "teardown_seconds": teardown_seconds,
             "stats": cb.persistence_stats.as_dict(),

@@ -5,7 +5,8 @@ and the artifact set is complete.
 Each fit runs ``ddp_fit.py`` in a subprocess with a timeout (``ddp`` relaunches the
 script for rank 1; a deadlock shows up as the timeout). The subprocess uses this
 session's instance: it inherits ``LAMIN_SETTINGS_DIR``/``LAMIN_CACHE_DIR``, set by
-``conftest.py`` before the instance was created. Network is blocked in every rank, so
+``conftest.py`` before the instance was created, and runs in a folder whose
+``.lamin/current_instance`` marker names the instance. Network is blocked in every rank, so
 the callback's setup must keep lamindb from asking its hub about the instance.
 """
 
@@ -30,7 +31,16 @@ TIMEOUT = 300
 
 def run_ddp(root: Path, strategy: str, backend: str, *extra: str) -> dict[int, dict[str, Any]]:
     """Run ``ddp_fit.py`` and return the report of each rank (asserting exactly two)."""
+    import lamindb_setup
+    from lamindb_setup.core._settings_store import write_local_current_instance
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
+    # lamindb 2.x finds the current instance through a marker in the working directory
+    # (``.lamin/current_instance``, written where the instance was created: the repository,
+    # shared with any other test session running there). Give the subprocess a working
+    # directory of its own whose marker names this session's instance; its settings come
+    # from the inherited LAMIN_SETTINGS_DIR.
+    write_local_current_instance(root, lamindb_setup.settings.instance.slug)
     env["PYTHONWARNINGS"] = "ignore"
     started = time.monotonic()
     try:
@@ -40,8 +50,7 @@ def run_ddp(root: Path, strategy: str, backend: str, *extra: str) -> dict[int, d
             text=True,
             timeout=TIMEOUT,
             env=env,
-            # Same cwd as this process: lamindb 2.x finds the current instance through a
-            # marker in the working directory (``.lamin/current_instance``) it was created in.
+            cwd=root,
             check=False,
         )
     except subprocess.TimeoutExpired as expired:
@@ -68,7 +77,7 @@ def assert_only_rank_zero_persisted(reports: dict[int, dict[str, Any]], backend:
     # Rank zero did the work, and its teardown flush left nothing behind.
     assert zero["transfers"] >= len(zero["kept"]), zero
     assert zero["removals"] > 0, "the scores should make Lightning evict checkpoints"
-    assert zero["pool_seen"]
+    assert zero["pool_seen"] and zero["outbox_seen"]
     stats = zero["stats"]
     assert stats["failed"] == 0 and stats["pending"] == 0
     assert (
@@ -78,7 +87,7 @@ def assert_only_rank_zero_persisted(reports: dict[int, dict[str, Any]], backend:
     assert zero["pipeline_threads"] == []
     # Rank one never persisted, never had a pool, never waited on one.
     assert (other["transfers"], other["removals"]) == (0, 0), other
-    assert not other["pool_seen"]
+    assert not other["pool_seen"] and not other["outbox_seen"]
     assert other["pipeline_threads"] == []
     assert other["stats"]["submitted"] == 0
     assert other["stats"]["training_stall_seconds"] == 0
