@@ -14,8 +14,8 @@ Each rank's callback writes its report at the end of its own ``teardown`` (after
 teardown flush): its rank and pid, how many transfers and removals this process ran,
 whether lamindb was imported in this process, whether it ever had a pipeline or an
 outbox journal open, its persistence stats, how long its teardown took, and (rank zero)
-Lightning's kept set with the key of each file. Non-loopback network is blocked in every rank, so a call to
-LaminDB's hub fails loudly.
+Lightning's kept set with the key of each file. Non-loopback network is blocked in every
+rank, so a call to LaminDB's hub fails loudly.
 """
 
 from __future__ import annotations
