@@ -171,16 +171,26 @@ def _postgres_instance(root: Path, db_url: str) -> Iterator[Path]:
     from lamin_lightning._lamin import ensure_offline_safe
 
     storage = root / "storage"
-    lamindb_setup.init(storage=str(storage), db=db_url)
-    ensure_offline_safe()
+    # As local_instance does: lamindb-setup writes a ".lamin/current_instance" marker into
+    # the working directory, so init inside ``root``, not in the project (where concurrent
+    # sessions would find it); child processes find the instance by LAMIN_CURRENT_INSTANCE.
+    previous = os.getcwd()
+    os.chdir(root)
     try:
-        yield storage
+        lamindb_setup.init(storage=str(storage), db=db_url)
     finally:
-        from django.db import connections
+        os.chdir(previous)
+    ensure_offline_safe()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAMIN_CURRENT_INSTANCE", lamindb_setup.settings.instance.slug)
+        try:
+            yield storage
+        finally:
+            from django.db import connections
 
-        with suppress(Exception):
-            lamindb_setup.disconnect()
-        connections.close_all()
+            with suppress(Exception):
+                lamindb_setup.disconnect()
+            connections.close_all()
 
 
 @pytest.fixture(scope="session")
