@@ -335,3 +335,37 @@ def test_status_lists_pending_jobs(tmp_path: Path, capsys: pytest.CaptureFixture
     listed = json.loads(capsys.readouterr().out)
     assert [e["key"] for e in listed] == ["checkpoints/epoch=0-step=2.ckpt"]
     assert listed[0]["in_use"] is False
+
+
+def test_a_journal_write_error_when_settling_never_fails_the_committed_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    job_id = outbox.append({"op": "save", "key": "k1"})
+
+    def disk_full(record: dict[str, Any], *, sync: bool) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outbox, "_write", disk_full)
+    outbox.settle(job_id, "saved")  # must not raise
+    assert "will be replayed" in caplog.text
+    monkeypatch.undo()
+    outbox.close()
+    assert [e["id"] for e in read_pending(outbox.path)] == [job_id]
+
+
+def test_staged_names_never_repeat_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itertools
+
+    import lamin_lightning._staging as staging
+    from lamin_lightning._staging import Stager
+
+    monkeypatch.setattr(staging, "_counter", itertools.count())
+    first = {Stager(tmp_path).plan("a.ckpt") for _ in range(3)}
+    # A restarted process (same PID, counter from zero) must not reuse a kept folder.
+    monkeypatch.setattr(staging, "_counter", itertools.count())
+    second = {Stager(tmp_path).plan("a.ckpt") for _ in range(3)}
+    assert not first & second

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -328,6 +327,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
         self._outbox: Outbox | None = None
+        self._foreign_outboxes: list[Outbox] = []
         self._set_up = False
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
 
@@ -342,6 +342,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         state["_snapshotter"] = None
         state["_unreported_failures"] = []
         state["_outbox"] = None
+        state["_foreign_outboxes"] = []
         state["_set_up"] = False
         state["_deferred_files"] = []
         return state
@@ -756,8 +757,8 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         """An instance that can rebuild jobs outside training (``lamin-lightning flush``)."""
         return cls()
 
-    def on_recovery_finished(self) -> None:
-        """Called after a replay at ``setup``: drop caches the replay may have outdated."""
+    def before_recovery(self) -> None:
+        """Called at ``setup`` before replays are queued: drop caches they will outdate."""
 
     def _outbox_root(self) -> Path:
         return self._staging_root(self.dirpath or ".")
@@ -766,8 +767,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         """Open (and lock) this callback's journal; fail now if the directory is unusable."""
         if self._outbox is not None:
             return
+        from lamin_lightning._recovery import outbox_digest
+
         root = self._outbox_root()
-        digest = hashlib.sha1(self.state_key.encode("utf-8")).hexdigest()[:12]
+        digest = outbox_digest(self)
         try:
             for attempt in range(16):
                 suffix = f"-{attempt}" if attempt else ""
@@ -811,8 +814,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
 
     def _close_outbox(self) -> None:
         outbox, self._outbox = self._outbox, None
-        if outbox is not None:
-            outbox.close()
+        foreign, self._foreign_outboxes = self._foreign_outboxes, []
+        for journal in (outbox, *foreign):
+            if journal is not None:
+                journal.close()
 
     def _journal(
         self,

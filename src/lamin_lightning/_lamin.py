@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -969,7 +969,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         return cls()
 
     @override
-    def on_recovery_finished(self) -> None:
+    def before_recovery(self) -> None:
         self._annotator.reset_runtime()
         self._replay_state = {}
 
@@ -1072,11 +1072,24 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
                 if target is not None:
                     plain[target] = value
             if plain:
-                artifact.features.add_values(plain)
+                try:
+                    artifact.features.add_values(plain)
+                except Exception as error:
+                    if self.retry.is_transient(error):
+                        raise
+                    # A value that no longer validates (a record gone, say): keep the
+                    # checkpoint, without that annotation, rather than never finishing.
+                    log.warning(
+                        "replaying %r: could not annotate %s (%s: %s)",
+                        key,
+                        sorted(str(getattr(k, "name", k)) for k in plain),
+                        type(error).__name__,
+                        error,
+                    )
             for old in self._others_under_key(key, exclude_id=artifact.id):
                 annotator.forget(key)
                 self._delete_artifact(old, keep_path=str(artifact.path))
-            if record is not None:
+            if record is not None and not self._newer_under(prefix, artifact, entry):
                 snapshot = snapshot_from_record(
                     record,
                     key=key,
@@ -1095,6 +1108,25 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             artifact=artifact,
             storage_uri=self.resolve_artifact_storage_uri(artifact),
             recovered=True,
+        )
+
+    def _newer_under(self, prefix: str, artifact: Any, entry: dict[str, Any]) -> bool:
+        """Whether a checkpoint submitted after this entry is already stored under ``prefix``.
+
+        Then its snapshot, not this older one, holds the best/last/rank flags: replaying
+        an old failed save must not move them back in time.
+        """
+        when = entry.get("time")
+        if not isinstance(when, int | float):
+            return False
+        submitted = datetime.fromtimestamp(float(when), tz=timezone.utc)
+        return bool(
+            _ln()
+            .Artifact.filter(
+                key__startswith=prefix.rstrip("/") + "/", kind="model", created_at__gt=submitted
+            )
+            .exclude(id=artifact.id)
+            .exists()
         )
 
     def _replay_removal(

@@ -99,6 +99,8 @@ def read_pending(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def is_locked(path: str | os.PathLike[str]) -> bool:
     """Whether some process holds the journal at ``path`` (never modifies it)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return False  # type: ignore[unreachable]
     try:
         handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError:
@@ -152,6 +154,10 @@ class Outbox:
                         raise OutboxBusyError(
                             f"{self.path} is in use by another process or callback"
                         ) from busy
+                    if not _same_file(handle, self.path):
+                        # We locked a journal its holder just replaced (compaction):
+                        # the live one is held by someone else.
+                        raise OutboxBusyError(f"{self.path} is in use by another process")
                 handle.seek(0)
                 lines = handle.read().splitlines()
                 self._pending = _parse(iter(lines), self.path)
@@ -172,9 +178,10 @@ class Outbox:
                 return
             try:
                 if not self._pending:
-                    with contextlib.suppress(OSError):
-                        self.path.unlink()
-                else:
+                    if _same_file(handle, self.path):
+                        with contextlib.suppress(OSError):
+                            self.path.unlink()
+                elif fcntl is not None:
                     self._compact()
             finally:
                 handle = self._handle or handle
@@ -206,7 +213,20 @@ class Outbox:
 
         Jobs commit in submission order, so an earlier job still pending here has
         failed; the later job of its key (a newer save, or the removal) makes it moot.
+        Never raises: a job that cannot be marked stays pending, and its replay is
+        idempotent, while an error here would turn a committed job into a failed one.
         """
+        try:
+            self._settle(job_id, status)
+        except OSError as error:
+            log.warning(
+                "could not mark job %s finished in %s (%s); it will be replayed, idempotently",
+                job_id,
+                self.path,
+                error,
+            )
+
+    def _settle(self, job_id: str, status: str) -> None:
         with self._lock:
             if self._handle is None or job_id not in self._pending:
                 return
@@ -222,7 +242,11 @@ class Outbox:
                 del self._pending[other_id]
             self._write({"t": "done", "id": job_id, "status": status}, sync=False)
             del self._pending[job_id]
-            if self._lines > COMPACT_AFTER_LINES and self._lines > 2 * len(self._pending) + 8:
+            if (
+                fcntl is not None  # Windows cannot replace an open file
+                and self._lines > COMPACT_AFTER_LINES
+                and self._lines > 2 * len(self._pending) + 8
+            ):
                 self._compact()
 
     # -- internals (hold self._lock) -------------------------------------------------------
@@ -267,6 +291,14 @@ class Outbox:
         self._lines = len(self._pending)
         with contextlib.suppress(OSError):
             handle.close()
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    """Whether ``handle`` is still the file at ``path`` (not one replaced or deleted)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -17,6 +17,7 @@ the outbox; an entry whose file is gone for good is dropped with an error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
 import os
@@ -34,6 +35,8 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._outbox import (
+    JOURNAL_PREFIX,
+    JOURNAL_SUFFIX,
     Outbox,
     OutboxBusyError,
     is_locked,
@@ -188,12 +191,17 @@ def _recovery_spec(
     )
 
 
-def _open_others(root: Path, skip: Path | None) -> tuple[list[Outbox], list[Path]]:
-    """Open every other journal under ``root`` that nobody holds; also list the busy ones."""
+def _open_others(
+    root: Path, own: Path | None, skip: set[str] | None = None
+) -> tuple[list[Outbox], list[Path]]:
+    """Open every other journal under ``root`` that nobody holds; also list the busy ones.
+
+    ``skip``: digests of journals to leave alone (other callbacks of the same trainer).
+    """
     opened: list[Outbox] = []
     busy: list[Path] = []
     for path in journal_paths(root):
-        if skip is not None and path == skip:
+        if (own is not None and path == own) or journal_digest(path) in (skip or ()):
             continue
         outbox = Outbox(path)
         try:
@@ -208,44 +216,58 @@ def _open_others(root: Path, skip: Path | None) -> tuple[list[Outbox], list[Path
     return opened, busy
 
 
-def recover_at_setup(callback: ArtifactPublishingModelCheckpoint, trainer: pl.Trainer) -> int:
-    """Replay what earlier runs left in this directory's outbox, through ``callback``'s pipeline.
+def journal_digest(path: Path) -> str:
+    """The callback digest in a journal's name (``outbox-<digest>[-n].jsonl``)."""
+    return path.name[len(JOURNAL_PREFIX) :].split("-", 1)[0].removesuffix(JOURNAL_SUFFIX)
 
-    Blocks until the replays finished (or ``flush_timeout``), with a progress bar.
-    Returns how many jobs were replayed. Replays that fail are logged and warned
-    about, not raised: they stay in the outbox for a later ``lamin-lightning flush``.
+
+def recover_at_setup(callback: ArtifactPublishingModelCheckpoint, trainer: pl.Trainer) -> int:
+    """Queue what earlier runs left in this directory's outbox into ``callback``'s pipeline.
+
+    The replays are submitted before any job of the new run, so they commit first, in
+    their original order (the pipeline commits in submission order); training does
+    not wait for them beyond the usual backpressure, and on DDP the other ranks are
+    not kept waiting at the post-setup barrier. Journals of other callbacks found in
+    the directory are replayed too, except those of this trainer's other checkpoint
+    callbacks (each replays its own); they stay locked until ``callback`` shuts
+    down, so nobody replays them twice. Returns how many jobs were queued. Replays
+    that fail are warned about, not raised: they stay in the outbox.
     """
     own = callback._outbox
     if own is None:
         return 0
-    others, _ = _open_others(own.path.parent, own.path)
+    siblings = {
+        outbox_digest(other)
+        for other in getattr(trainer, "callbacks", [])
+        if other is not callback and hasattr(other, "recovery_job")
+    }
+    others, _ = _open_others(own.path.parent, own.path, skip=siblings)
     work = [(own, entry) for entry in own.pending()]
     for outbox in others:
         work.extend((outbox, entry) for entry in outbox.pending())
+    callback._foreign_outboxes.extend(others)
     if not work:
-        for outbox in others:
-            outbox.close()
         return 0
     log.warning(
-        "lamin-lightning: replaying %d unfinished persistence job(s) from %s before training",
+        "lamin-lightning: replaying %d unfinished persistence job(s) from %s before the new ones",
         len(work),
         own.path.parent,
     )
+    # Caches the live commits use are rebuilt by the first live commit, which runs on the
+    # committer after the replays (submission order).
+    callback.before_recovery()
     builders = _Builders(callback)
-    try:
-        pipeline = callback._ensure_pipeline()
-        for outbox, entry in work:
-            spec = _recovery_spec(builders, outbox, entry, trainer)
-            if spec is not None:
-                pipeline.submit(spec)
-        callback.flush(callback.flush_timeout)
-    finally:
-        for outbox in others:
-            outbox.close()
-        for builder in builders._made.values():
-            builder.thread_finalizer()
-    callback.on_recovery_finished()
+    pipeline = callback._ensure_pipeline()
+    for outbox, entry in work:
+        spec = _recovery_spec(builders, outbox, entry, trainer)
+        if spec is not None:
+            pipeline.submit(spec)
     return len(work)
+
+
+def outbox_digest(callback: Any) -> str:
+    """The digest that names a callback's journal: its ``state_key``, hashed."""
+    return hashlib.sha1(str(callback.state_key).encode("utf-8")).hexdigest()[:12]
 
 
 @dataclass

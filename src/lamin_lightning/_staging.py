@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 STAGING_DIRNAME = ".lamin-lightning"
@@ -64,8 +65,10 @@ class Stager:
 
     def plan(self, path: str | os.PathLike[str]) -> Path:
         """Choose the staged name of ``path`` without touching the filesystem."""
+        # Unique across processes and restarts (a container's trainer is often PID 1
+        # every time): the outbox keeps these names across a crash.
         with _counter_lock:
-            unique = f"{os.getpid()}-{next(_counter):06d}"
+            unique = f"{os.getpid()}-{next(_counter):06d}-{uuid.uuid4().hex[:12]}"
         return self.root / "staged" / unique / Path(path).name
 
     def stage(
@@ -110,7 +113,7 @@ class Stager:
             except OSError:
                 return False
         with _counter_lock:
-            unique = f"{os.getpid()}-{next(_counter):06d}"
+            unique = f"{os.getpid()}-{next(_counter):06d}-{uuid.uuid4().hex[:12]}"
         try:
             os.replace(path, self._trash_dir / f"{unique}-{Path(path).name}")
         except OSError:

@@ -274,3 +274,43 @@ def test_status_shows_a_journal_held_by_a_running_process(ln: Any, tmp_path: Pat
         proc.kill()
         proc.wait(timeout=60)
     assert os.path.isdir(tmp_path / "ckpt")
+
+
+class _FailOnce(LaminArtifactPublisher):
+    """Fails one checkpoint's upload permanently (a validation error), once."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.failed = name, False
+
+    def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("key", "")).endswith(self.name) and not self.failed:
+            self.failed = True
+            raise ValueError(f"injected permanent failure for {self.name}")
+        return super().create_artifact(local_path, **kwargs)
+
+
+def test_replaying_an_old_failed_save_does_not_move_the_flags_back(ln: Any, tmp_path: Path) -> None:
+    from lamindb_tier import artifact_features
+
+    dirpath = tmp_path / "ckpt"
+    first = ll.Checkpoint(
+        dirpath=dirpath, monitor="score", save_top_k=-1, every_n_train_steps=1, on_error="warn"
+    )
+    first._artifact_publisher = _FailOnce("step=2.ckpt")
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        fit(first, tmp_path, steps=4, model=TierModel(scores=[4, 1, 3, 2]))
+    prefix = first.checkpoint_key_prefix
+    assert [e["key"].rsplit("/", 1)[1] for e in _pending(dirpath)] == ["epoch=0-step=2.ckpt"]
+
+    second = ll.Checkpoint(
+        dirpath=dirpath, monitor="score", save_top_k=-1, every_n_train_steps=1, on_error="warn"
+    )
+    make_trainer(tmp_path, [second], max_steps=0).fit(TierModel(), datamodule=TierData(n=1))
+    stored = assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert _pending(dirpath) == []
+    last = {
+        k.rsplit("/", 1)[1]
+        for k, a in stored.items()
+        if artifact_features(ln, a).get("is_last_model") == [True]
+    }
+    assert last == {"epoch=0-step=4.ckpt"}, "the replay of step 2 moved is_last_model back"
