@@ -369,3 +369,20 @@ def test_staged_names_never_repeat_across_restarts(
     monkeypatch.setattr(staging, "_counter", itertools.count())
     second = {Stager(tmp_path).plan("a.ckpt") for _ in range(3)}
     assert not first & second
+
+
+def test_outbox_false_skips_the_journal_but_still_checks_the_directory(tmp_path: Path) -> None:
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, outbox=False)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader())
+    _kept_set_matches_store(dirpath, store)
+    assert not journal_paths(dirpath / ".lamin-lightning")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    unwritable = MemoryCheckpoint(dirpath=blocker / "ckpt", outbox=False)
+    with pytest.raises(CheckpointDirectoryError):
+        make_trainer(tmp_path, [unwritable], max_steps=1).fit(TinyModel(), loader())
+    with pytest.raises(ValueError, match="outbox must be True or False"):
+        MemoryCheckpoint(outbox="yes")  # type: ignore[arg-type]

@@ -253,6 +253,12 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             ``lamin_lightning/training_stall_seconds``,
             ``lamin_lightning/persistence_latency_seconds``, ``lamin_lightning/retried``,
             ``lamin_lightning/failed``. Never waits on persistence. Default False.
+        outbox: Journal every job durably next to the checkpoints before
+            ``_save_checkpoint`` returns, so that the next ``setup`` in this dirpath, or
+            ``lamin-lightning flush``, finishes what a crash interrupted. One synchronous
+            write of about 1.5 kB per job: 0.3 ms on an idle disk, tens of ms while
+            uploads keep the disk busy. ``False`` skips the journal (no crash recovery);
+            the directory is still checked at ``setup``. Default True.
         **kwargs: Passed to ``ModelCheckpoint``.
     """
 
@@ -268,6 +274,7 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         async_write: bool = False,
         max_snapshots: int = 1,
         log_stats: bool = False,
+        outbox: bool = True,
         **kwargs: Any,
     ) -> None:
         dirpath = kwargs.get("dirpath", args[0] if args else None)
@@ -291,6 +298,9 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         if not isinstance(log_stats, bool):
             raise ValueError(f"log_stats must be True or False, got {log_stats!r}")
         self.log_stats = log_stats
+        if not isinstance(outbox, bool):
+            raise ValueError(f"outbox must be True or False, got {outbox!r}")
+        self.outbox = outbox
         if artifact_observers is not None and not isinstance(artifact_observers, list | tuple):
             raise ValueError(
                 "artifact_observers must be a list of observers, got"
@@ -772,6 +782,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         root = self._outbox_root()
         digest = outbox_digest(self)
         try:
+            if not self.outbox:
+                _probe_writable(root)
+                self._check_free_space(pl_module)
+                return
             for attempt in range(16):
                 suffix = f"-{attempt}" if attempt else ""
                 outbox = Outbox(root / f"outbox-{digest}{suffix}.jsonl")
@@ -1339,6 +1353,17 @@ def snapshot_from_record(
         scores=dict(record.get("scores", {})),
         feature_values={name: value for name, value, _ in record.get("features", [])} or None,
     )
+
+
+def _probe_writable(root: Path) -> None:
+    """Create ``root`` and write (and remove) a file in it; raise OSError if that fails."""
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".probe-{os.getpid()}-{threading.get_ident()}"
+    with open(probe, "wb") as handle:
+        handle.write(b"lamin-lightning")
+        handle.flush()
+        os.fsync(handle.fileno())
+    probe.unlink()
 
 
 def _json_value(value: Any) -> Any:

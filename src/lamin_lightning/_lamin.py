@@ -538,6 +538,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         log_stats: At each checkpoint, send the persistence stats to the trainer's loggers
             (``lamin_lightning/pending``, ``.../training_stall_seconds``,
             ``.../persistence_latency_seconds``, ``.../retried``, ``.../failed``).
+        outbox: Journal every job durably next to the checkpoints, for crash recovery
+            (the next ``setup`` in this dirpath, or ``lamin-lightning flush``). Default True.
 
     Example::
 
@@ -579,6 +581,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         async_write: bool = False,
         max_snapshots: int = 1,
         log_stats: bool = False,
+        outbox: bool = True,
     ) -> None:
         self._annotator = _Annotator(features)
         self._original_dirpath = dirpath
@@ -606,6 +609,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             async_write=async_write,
             max_snapshots=max_snapshots,
             log_stats=log_stats,
+            outbox=outbox,
         )
         self._run_uid_is_version = run_uid_is_version
         self._key_is_virtual = key_is_virtual
