@@ -26,7 +26,6 @@ hook                                                thread
 from __future__ import annotations
 
 import copy
-import dataclasses
 import errno
 import logging
 import math
@@ -57,7 +56,7 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
-from lamin_lightning._outbox import Outbox, OutboxBusyError
+from lamin_lightning._outbox import Outbox, OutboxBusyError, settling
 from lamin_lightning._pipeline import JobSpec, PendingJob
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._snapshot import SnapshotSlot, Snapshotter, write_atomically
@@ -543,23 +542,10 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
             return True
         pending = pipeline.pending()
         sizes = {_job_id(job): _job_bytes(job) for job in pending}
-        total_bytes = sum(sizes.values())
-        bar = _progress_bar(total_bytes, enabled=progress, unit="B", files=len(pending))
+        bar = _progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(pending))
         try:
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                step = 0.25 if remaining is None else min(0.25, remaining)
-                done = pipeline.flush(step)
-                if bar is not None:
-                    left = {_job_id(job) for job in pipeline.pending()}
-                    finished = [job_id for job_id in sizes if job_id not in left]
-                    bar.n = sum(sizes[job_id] for job_id in finished)
-                    bar.set_postfix_str(f"{len(finished)}/{len(sizes)} files", refresh=False)
-                    bar.refresh()
-                if done:
-                    return True
+            if drain_with_progress(pipeline, bar, sizes, deadline):
+                return True
         finally:
             if bar is not None:
                 bar.close()
@@ -777,29 +763,12 @@ class ArtifactPublishingModelCheckpoint(ModelCheckpoint):
         """Open (and lock) this callback's journal; fail now if the directory is unusable."""
         if self._outbox is not None:
             return
-        from lamin_lightning._recovery import outbox_digest
-
         root = self._outbox_root()
-        digest = outbox_digest(self)
         try:
-            if not self.outbox:
-                _probe_writable(root)
-                self._check_free_space(pl_module)
-                return
-            for attempt in range(16):
-                suffix = f"-{attempt}" if attempt else ""
-                outbox = Outbox(root / f"outbox-{digest}{suffix}.jsonl")
-                try:
-                    outbox.open()
-                except OutboxBusyError:
-                    continue  # an identical callback in this trainer holds it
-                self._outbox = outbox
-                break
+            if self.outbox:
+                self._outbox = _open_journal(root, self)
             else:
-                raise CheckpointDirectoryError(
-                    f"every outbox journal for this callback under {root} is in use; is another"
-                    " training process writing checkpoints to the same dirpath?"
-                )
+                _probe_writable(root)
         except OSError as error:
             if isinstance(error, CheckpointDirectoryError):
                 raise
@@ -1255,6 +1224,29 @@ class _HostWrite:
         self._snapshotter.release(self._slot)
 
 
+def drain_with_progress(
+    pipeline: PersistencePipeline,
+    bar: Any,
+    sizes: Mapping[tuple[str, str], int],
+    deadline: float | None,
+) -> bool:
+    """Wait for ``pipeline`` to finish (False at ``deadline``), advancing ``bar`` over
+    ``sizes`` (bytes by :func:`_job_id`) as jobs leave it."""
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        done = pipeline.flush(0.25 if remaining is None else min(0.25, remaining))
+        if bar is not None:
+            left = {_job_id(job) for job in pipeline.pending()}
+            finished = [job_id for job_id in sizes if job_id not in left]
+            bar.n = sum(sizes[job_id] for job_id in finished)
+            bar.set_postfix_str(f"{len(finished)}/{len(sizes)} files", refresh=False)
+            bar.refresh()
+        if done:
+            return True
+
+
 def _job_id(job: PendingJob) -> tuple[str, str]:
     payload = job.payload if isinstance(job.payload, Mapping) else {}
     return (job.key, str(payload.get("outbox_id") or payload.get("staged") or job.seq))
@@ -1273,30 +1265,6 @@ def _job_bytes(job: PendingJob) -> int:
             except OSError:
                 continue
     return 0
-
-
-def settling(spec: JobSpec, outbox: Outbox, job_id: str) -> JobSpec:
-    """``spec``, with its outbox entry marked finished once it committed or was dropped.
-
-    Marked after the commit (a crash in between replays it, idempotently) and never on
-    failure: a failed job stays in the outbox for a later flush.
-    """
-    commit, discard = spec.commit, spec.discard
-    status = "saved" if spec.operation == "save" else "removed"
-
-    def commit_and_settle(result: Any) -> Any:
-        event = commit(result)
-        outbox.settle(job_id, status)
-        return event
-
-    def discard_and_settle() -> None:
-        try:
-            if discard is not None:
-                discard()
-        finally:
-            outbox.settle(job_id, "dropped")
-
-    return dataclasses.replace(spec, commit=commit_and_settle, discard=discard_and_settle)
 
 
 def _class_path(cls: type) -> str:
@@ -1352,6 +1320,25 @@ def snapshot_from_record(
         ranking=tuple(record.get("ranking", ())),
         scores=dict(record.get("scores", {})),
         feature_values={name: value for name, value, _ in record.get("features", [])} or None,
+    )
+
+
+def _open_journal(root: Path, callback: ArtifactPublishingModelCheckpoint) -> Outbox:
+    """Open and lock the journal named after ``callback`` (the first free one of its name)."""
+    from lamin_lightning._recovery import outbox_digest
+
+    digest = outbox_digest(callback)
+    for attempt in range(16):
+        suffix = f"-{attempt}" if attempt else ""
+        outbox = Outbox(root / f"outbox-{digest}{suffix}.jsonl")
+        try:
+            outbox.open()
+        except OutboxBusyError:
+            continue  # an identical callback in this trainer holds it
+        return outbox
+    raise CheckpointDirectoryError(
+        f"every outbox journal for this callback under {root} is in use; is another"
+        " training process writing checkpoints to the same dirpath?"
     )
 
 

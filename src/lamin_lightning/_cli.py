@@ -21,14 +21,15 @@ def _describe(entry: dict[str, Any]) -> str:
 
 
 def _status(dirpath: Path, as_json: bool) -> int:
-    from lamin_lightning._recovery import journal_in_use, outbox_root, pending_entries
+    from lamin_lightning._outbox import is_locked
+    from lamin_lightning._recovery import outbox_root, pending_entries
 
     if not dirpath.is_dir():
         print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
         return 2
     entries = pending_entries(dirpath)
     journals = sorted({path for path, _ in entries})
-    in_use = {path: journal_in_use(path) for path in journals}
+    in_use = {path: is_locked(path) for path in journals}
     if as_json:
         print(
             json.dumps(

@@ -25,6 +25,7 @@ training process that is still running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from lamin_lightning._pipeline import JobSpec
 
 try:  # POSIX
     import fcntl
@@ -324,3 +327,27 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def settling(spec: JobSpec, outbox: Outbox, job_id: str) -> JobSpec:
+    """``spec``, with its outbox entry marked finished once it committed or was dropped.
+
+    Marked after the commit (a crash in between replays it, idempotently) and never on
+    failure: a failed job stays in the outbox for a later flush.
+    """
+    commit, discard = spec.commit, spec.discard
+    status = "saved" if spec.operation == "save" else "removed"
+
+    def commit_and_settle(result: Any) -> Any:
+        event = commit(result)
+        outbox.settle(job_id, status)
+        return event
+
+    def discard_and_settle() -> None:
+        try:
+            if discard is not None:
+                discard()
+        finally:
+            outbox.settle(job_id, "dropped")
+
+    return dataclasses.replace(spec, commit=commit_and_settle, discard=discard_and_settle)

@@ -39,9 +39,9 @@ from lamin_lightning._outbox import (
     JOURNAL_SUFFIX,
     Outbox,
     OutboxBusyError,
-    is_locked,
     journal_paths,
     read_pending,
+    settling,
 )
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._retry import PermanentError
@@ -151,20 +151,7 @@ def _recovery_spec(
             error,
         )
         return None
-    commit, discard, fail = spec.commit, spec.discard, spec.fail
-    status = "saved" if spec.operation == "save" else "removed"
-
-    def commit_and_settle(result: Any) -> Any:
-        event = commit(result)
-        outbox.settle(job_id, status)
-        return event
-
-    def discard_and_settle() -> None:
-        try:
-            if discard is not None:
-                discard()
-        finally:
-            outbox.settle(job_id, "dropped")
+    fail = spec.fail
 
     def fail_and_maybe_settle(error: BaseException, attempts: int) -> Any:
         if isinstance(error, LostFileError):
@@ -182,9 +169,7 @@ def _recovery_spec(
         return fail(error, attempts)
 
     return dataclasses.replace(
-        spec,
-        commit=commit_and_settle,
-        discard=discard_and_settle,
+        settling(spec, outbox, job_id),
         fail=fail_and_maybe_settle,
         size_bytes=entry_size(entry),
         payload={**(spec.payload or {}), "recovered": True, "outbox_id": job_id},
@@ -309,11 +294,6 @@ def pending_entries(dirpath: str | os.PathLike[str]) -> list[tuple[Path, dict[st
     ]
 
 
-def journal_in_use(path: Path) -> bool:
-    """Whether a process holds this journal right now."""
-    return is_locked(path)
-
-
 def flush_directory(
     dirpath: str | os.PathLike[str],
     *,
@@ -328,7 +308,7 @@ def flush_directory(
     and nothing else could be done.
     """
     from lamin_lightning._bridge import PersistencePipeline
-    from lamin_lightning._callback import _progress_bar
+    from lamin_lightning._callback import _progress_bar, drain_with_progress
     from lamin_lightning._retry import RetryPolicy
 
     root = outbox_root(dirpath)
@@ -367,28 +347,19 @@ def flush_directory(
         name="lamin-lightning-flush",
     )
     pipeline.start()
-    total_bytes = sum(entry_size(entry) for _, entry in work)
-    bar = _progress_bar(total_bytes, enabled=progress, unit="B", files=len(work))
-    sizes: dict[str, int] = {}
-    submitted = 0
+    specs = [
+        spec
+        for outbox, entry in work
+        if (spec := _recovery_spec(builders, outbox, entry, None)) is not None
+    ]
+    # Bytes by job, keyed the way _job_id names a pending job.
+    sizes = {(spec.key, spec.payload["outbox_id"]): spec.size_bytes for spec in specs}
+    bar = _progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(sizes))
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for outbox, entry in work:
-            spec = _recovery_spec(builders, outbox, entry, None)
-            if spec is None:
-                continue
-            sizes[entry["id"]] = spec.size_bytes
+        for spec in specs:
             pipeline.submit(spec)  # waits for a slot: bounded like training
-            submitted += 1
-            _update_bar(bar, pipeline, sizes, submitted, total_bytes)
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            done = pipeline.flush(0.25 if remaining is None else min(0.25, remaining))
-            _update_bar(bar, pipeline, sizes, submitted, total_bytes)
-            if done:
-                break
+        drain_with_progress(pipeline, bar, sizes, deadline)
     finally:
         if bar is not None:
             bar.close()
@@ -397,15 +368,3 @@ def flush_directory(
             report.remaining.extend(outbox.pending())
             outbox.close()
     return report
-
-
-def _update_bar(
-    bar: Any, pipeline: Any, sizes: dict[str, int], submitted: int, total_bytes: int
-) -> None:
-    if bar is None:
-        return
-    pending = {(job.payload or {}).get("outbox_id") for job in pipeline.pending()}
-    done = [job_id for job_id in list(sizes)[:submitted] if job_id not in pending]
-    bar.n = min(total_bytes, sum(sizes[job_id] for job_id in done))
-    bar.set_postfix_str(f"{len(done)}/{len(sizes)} files", refresh=False)
-    bar.refresh()
