@@ -126,10 +126,14 @@ def running(
 
 def admitted(pipe: PersistencePipeline, key: str, tag: str | None = None) -> bool:
     """Wait until the job ``key`` (with ``tag``) is admitted: submission hands jobs to an
-    intake thread, so ``submit`` may return before the pipeline has seen the job."""
+    intake thread, so ``submit`` may return before the pipeline has seen the job. A job
+    still being staged is listed by ``pending()`` too, but not admitted yet."""
     return wait_until(
         lambda: any(
-            job.key == key and (tag is None or job.payload["tag"] == tag) for job in pipe.pending()
+            job.key == key
+            and job.state != "staging"
+            and (tag is None or job.payload["tag"] == tag)
+            for job in pipe.pending()
         )
     )
 
