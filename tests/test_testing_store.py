@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, ArtifactSavedEvent
-from lamin_lightning._retry import PermanentError
+from lamin_lightning import PermanentError
 from lamin_lightning.testing import MemoryStore, RecordingObserver
 
 

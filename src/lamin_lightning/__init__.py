@@ -14,10 +14,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lamin_lightning._callback import (
-    ArtifactPublishingModelCheckpoint,
-    CheckpointSnapshot,
+from lamin_lightning._callback import ArtifactPublishingModelCheckpoint
+from lamin_lightning._errors import (
+    CheckpointDirectoryError,
+    LaminLightningError,
+    LaminSetupError,
+    LostFileError,
+    OutboxInUseError,
+    PermanentError,
     PersistenceError,
+    TransientError,
+    UnknownStoreError,
 )
 from lamin_lightning._events import (
     ArtifactEvent,
@@ -27,9 +34,12 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
 from lamin_lightning._pipeline import PendingJob
-from lamin_lightning._retry import PermanentError, RetryPolicy, TransientError
+from lamin_lightning._replay import FlushReport, flush_directory
+from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._stats import PersistenceStats
+from lamin_lightning.store import ArtifactStore, register_store
 
 if TYPE_CHECKING:
     from lamin_lightning._lamin import (
@@ -61,9 +71,17 @@ __all__ = [
     "ArtifactPublishingModelCheckpoint",
     "ArtifactRemovedEvent",
     "ArtifactSavedEvent",
+    "ArtifactStore",
     "Checkpoint",
+    "CheckpointDirectoryError",
     "CheckpointSnapshot",
+    "FlushReport",
+    "JobRecord",
     "LaminArtifactPublisher",
+    "LaminLightningError",
+    "LaminSetupError",
+    "LostFileError",
+    "OutboxInUseError",
     "PendingJob",
     "PermanentError",
     "PersistenceError",
@@ -71,7 +89,10 @@ __all__ = [
     "RetryPolicy",
     "SaveConfigCallback",
     "TransientError",
+    "UnknownStoreError",
     "checkpoint_path",
+    "flush_directory",
+    "register_store",
     "save_lightning_features",
 ]
 

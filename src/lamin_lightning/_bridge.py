@@ -156,6 +156,7 @@ class PersistencePipeline:
         # Submitted, not yet admitted (being staged), in submission order; read and popped
         # on the event loop so that pending() sees each job exactly once.
         self._waiting: collections.deque[JobSpec] = collections.deque()
+        self._escalated: list[BaseException] = []
 
     @property
     def running(self) -> bool:
@@ -197,6 +198,7 @@ class PersistencePipeline:
                 committer=committer,
                 deliverer=deliverer,
                 stats=self._stats,
+                escalate=self._escalate,
             )
             self._run_future, _ = portal.start_task(core.run, name=f"{self._name}-core")
             self._core = core
@@ -221,12 +223,12 @@ class PersistencePipeline:
             if spec.prepare is not None:
                 try:
                     size = spec.prepare()
-                except Exception as prepare_error:
+                except BaseException as prepare_error:  # this thread must keep going
                     log.error("could not stage %r: %s", spec.key, prepare_error)
                     error = prepare_error
             try:
                 portal.call(self._admit, core, spec, submitted_at, size, error)
-            except Exception:
+            except BaseException:
                 log.exception("could not admit the job for %r", spec.key)
             with self._intake_cond:
                 self._admitted += 1
@@ -252,16 +254,19 @@ class PersistencePipeline:
         staging = [PendingJob(-1, s.operation, s.key, "staging", s.payload) for s in waiting]
         return [*core.pending(), *staging]
 
-    def submit(self, spec: JobSpec) -> None:
+    def submit(self, spec: JobSpec, timeout: float | None = None) -> bool:
         """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding.
 
-        The time spent blocked is counted as training stall.
+        The time spent blocked is counted as training stall. Returns False, without
+        submitting, if no slot freed within ``timeout`` seconds. Raises RuntimeError if
+        the pipeline stopped meanwhile (a slot would never free).
         """
         self._require()
         started = time.monotonic()
         if not self._slots.acquire(blocking=False):
             self._stats.add(admission_waits=1)
-            self._slots.acquire()
+            if not self._wait_for_slot(started, timeout):
+                return False
         submitted_at = time.monotonic()
         waited = submitted_at - started
         self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
@@ -270,6 +275,31 @@ class PersistencePipeline:
             self._submitted += 1
             self._waiting.append(spec)
         self._intake.put((spec, submitted_at))
+        return True
+
+    def _wait_for_slot(self, started: float, timeout: float | None) -> bool:
+        deadline = None if timeout is None else started + timeout
+        while True:
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait > 0 and self._slots.acquire(timeout=wait):
+                return True
+            run = self._run_future
+            if self._core is None or (run is not None and run.done()):
+                # The loop is gone: no job will ever finish and free a slot.
+                raise RuntimeError("the persistence pipeline stopped; the job was not submitted")
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _escalate(self, error: BaseException) -> None:
+        with self._intake_cond:
+            self._escalated.append(error)
+
+    def take_escalated(self) -> list[BaseException]:
+        """Errors (SystemExit, ...) raised by hooks on pipeline threads, to re-raise on the
+        caller's thread; each is returned once. No event-loop round trip."""
+        with self._intake_cond:
+            taken, self._escalated = self._escalated, []
+        return taken
 
     def _wait_intake(self, timeout: float | None) -> bool:
         with self._intake_cond:

@@ -7,85 +7,127 @@ import datetime
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from lamin_lightning._jobs import encode
+
+if TYPE_CHECKING:
+    from lamin_lightning._jobs import JobRecord
 
 
-def _describe(entry: dict[str, Any]) -> str:
-    when = entry.get("time")
+EXIT_OK = 0
+EXIT_PENDING = 1
+EXIT_USAGE = 2
+EXIT_IN_USE = 3
+EXIT_UNANNOTATED = 4
+EXIT_CODES = """exit codes:
+  0  everything persisted (flush) / nothing pending (status)
+  1  jobs still pending: failed again, refused, or not reached before --timeout
+  2  DIR is not a directory (or, for status, holds no outbox)
+  3  a running training process holds the outbox (flush)
+  4  every job persisted, but some feature annotations could not be restored (flush)"""
+
+
+def _describe(record: JobRecord) -> str:
     stamp = (
-        datetime.datetime.fromtimestamp(float(when)).isoformat(timespec="seconds")
-        if isinstance(when, int | float)
+        datetime.datetime.fromtimestamp(record.submitted_at).isoformat(timespec="seconds")
+        if record.submitted_at
         else "?"
     )
-    return f"{stamp}  {entry.get('op', '?'):6}  {entry.get('kind', '?'):10}  {entry.get('key')}"
+    return f"{stamp}  {record.op:6}  {record.kind:10}  {record.key}"
 
 
 def _status(dirpath: Path, as_json: bool) -> int:
-    from lamin_lightning._outbox import is_locked
-    from lamin_lightning._recovery import outbox_root, pending_entries
+    from lamin_lightning._journal import is_locked, journal_paths, read_pending
+    from lamin_lightning._staging import STAGING_DIRNAME
 
     if not dirpath.is_dir():
         print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
-        return 2
-    entries = pending_entries(dirpath)
-    journals = sorted({path for path, _ in entries})
+        return EXIT_USAGE
+    root = dirpath if dirpath.name == STAGING_DIRNAME else dirpath / STAGING_DIRNAME
+    journals = journal_paths(root)
+    if not journals:
+        print(f"lamin-lightning: no outbox in {dirpath}", file=sys.stderr)
+        return EXIT_USAGE
+    entries = [(path, record) for path in journals for _, record in read_pending(path)]
     in_use = {path: is_locked(path) for path in journals}
     if as_json:
         print(
             json.dumps(
                 [
-                    {**entry, "journal": str(path), "in_use": in_use[path]}
-                    for path, entry in entries
+                    {**encode(record), "journal": str(path), "in_use": in_use[path]}
+                    for path, record in entries
                 ],
                 indent=2,
                 default=str,
             )
         )
-        return 0
+        return EXIT_PENDING if entries else EXIT_OK
     if not entries:
-        print(f"nothing pending in {outbox_root(dirpath)}")
-        return 0
-    print(f"{len(entries)} job(s) pending in {outbox_root(dirpath)}:")
-    for path, entry in entries:
+        print(f"nothing pending in {root}")
+        return EXIT_OK
+    print(f"{len(entries)} job(s) pending in {root}:")
+    for path, record in entries:
         busy = "  (held by a running training process)" if in_use[path] else ""
-        print(f"  {_describe(entry)}{busy}")
+        print(f"  {_describe(record)}{busy}")
     print(f"run `lamin-lightning flush {dirpath}` to persist them")
-    return 0
+    return EXIT_PENDING
 
 
 def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: int) -> int:
-    from lamin_lightning._recovery import OutboxInUseError, flush_directory
+    from lamin_lightning._errors import OutboxInUseError
+    from lamin_lightning._replay import flush_directory
 
     if not dirpath.is_dir():
         print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         report = flush_directory(
             dirpath, timeout=timeout, progress=progress, max_workers=max_workers
         )
     except OutboxInUseError as error:
         print(f"lamin-lightning: {error}", file=sys.stderr)
-        return 3
+        return EXIT_IN_USE
     for event in report.events:
         outcome = type(event).__name__.removeprefix("Artifact").removesuffix("Event").lower()
         detail = ""
         failure = getattr(event, "error", None)
         if failure is not None:
             detail = f"  ({type(failure).__name__}: {failure})"
+        missing = getattr(event, "unannotated_features", ())
+        if missing:
+            detail = f"  (not annotated: {', '.join(missing)})"
         print(f"{outcome:8} {event.key}{detail}")
+    for record in report.dropped:
+        print(f"{'dropped':8} {record.key}  (a later job of this key replaced it)")
+    for record, why in report.refused:
+        print(f"{'refused':8} {record.key}  ({type(why).__name__}: {why})", file=sys.stderr)
     print(
-        f"saved {report.saved}, removed {report.removed}, failed {report.failed};"
-        f" {len(report.remaining)} still pending"
+        f"saved {report.saved}, removed {report.removed}, failed {report.failed},"
+        f" dropped {len(report.dropped)}; {len(report.remaining)} still pending"
     )
     for path in report.busy:
         print(f"skipped {path}: held by a running training process", file=sys.stderr)
-    return 1 if report.remaining or report.failed else 0
+    if report.remaining or report.failed:
+        return EXIT_PENDING
+    if report.unannotated:
+        names = sorted({n for e in report.unannotated for n in e.unannotated_features})
+        print(
+            f"lamin-lightning: {len(report.unannotated)} checkpoint(s) persisted without the"
+            f" feature(s) {', '.join(names)}: they no longer validate in this instance",
+            file=sys.stderr,
+        )
+        return EXIT_UNANNOTATED
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lamin-lightning`` console script."""
     parser = argparse.ArgumentParser(
-        prog="lamin-lightning", description="Asynchronous LaminDB checkpointing for Lightning."
+        prog="lamin-lightning",
+        description="Asynchronous LaminDB checkpointing for Lightning.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     flush = commands.add_parser(
@@ -93,12 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         help="persist the checkpoints a crashed or timed-out training run left in DIR's outbox",
         description="Replay the unfinished jobs of DIR's outbox into the connected LaminDB"
         " instance, in their original order and under their original keys. Idempotent.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     flush.add_argument("dirpath", type=Path, metavar="DIR", help="the checkpoint directory")
     flush.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
     flush.add_argument("--max-workers", type=int, default=2, help="uploads at once (default 2)")
     flush.add_argument("--no-progress", action="store_true", help="no progress bar")
-    status = commands.add_parser("status", help="list the jobs pending in DIR's outbox")
+    status = commands.add_parser(
+        "status",
+        help="list the jobs pending in DIR's outbox",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     status.add_argument("dirpath", type=Path, metavar="DIR", help="the checkpoint directory")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     commands.add_parser(

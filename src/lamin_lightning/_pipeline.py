@@ -16,6 +16,11 @@ A job goes through three stages:
 
 A job whose transfer or commit fails for good gets ``JobSpec.fail`` called in
 its commit slot instead, so its failed event keeps its place in the stream.
+
+No exception from a job or a hook stops the pipeline, ``BaseException`` included
+(a ``SystemExit`` raised by user code in a hook, a test framework's failure): the job
+fails in its slot, the hook's error is logged, and a non-``Exception`` error is kept
+for the owner to re-raise on its own thread (the ``escalate`` callback).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from lamin_lightning._retry import AttemptsExhausted, RetryPolicy, call_with_retries
+from lamin_lightning._errors import AttemptsExhausted
+from lamin_lightning._retry import RetryPolicy, call_with_retries
 from lamin_lightning._stats import StatsRecorder
 
 log = logging.getLogger("lamin_lightning")
@@ -67,6 +73,9 @@ class JobSpec:
         transfer: Called on a worker thread; its result is passed to ``commit``.
         discard: Called on the committer thread when the job was cancelled or
             superseded before its transfer started (to clean up staged files).
+        abandon: Called on the committer thread with the transfer's result when the
+            transfer worked but the job then failed for good (to delete what the
+            transfer created, so no uncommitted artifact is left behind).
         size_bytes: Size of the file, for the byte counters.
         prepare: Called on the pipeline's intake thread before the job is admitted
             (staging the file); returns the file's size in bytes, which then replaces
@@ -81,6 +90,7 @@ class JobSpec:
     fail: Callable[[BaseException, int], Any]
     transfer: Callable[[], Any] | None = None
     discard: Callable[[], None] | None = None
+    abandon: Callable[[Any], None] | None = None
     size_bytes: int = 0
     prepare: Callable[[], int] | None = None
     payload: Any = None
@@ -148,7 +158,9 @@ class AsyncPipeline:
         committer: Executor,
         deliverer: Executor,
         stats: StatsRecorder,
+        escalate: Callable[[BaseException], None] | None = None,
     ) -> None:
+        self._escalate_fn = escalate
         self._retry = retry
         self._deliver_fn = deliver
         self._workers = list(workers)
@@ -312,6 +324,8 @@ class AsyncPipeline:
                 job.error, job.attempts = exhausted.error, exhausted.attempts
             finally:
                 self._stats.add(in_flight=-1)
+            if job.error is not None:
+                self._escalate(job.error)
             job.state = JobState.TRANSFERRED
         finally:
             self._worker_send.send_nowait(worker)
@@ -335,6 +349,13 @@ class AsyncPipeline:
                     )
                 except AttemptsExhausted as exhausted:
                     job.error, job.attempts = exhausted.error, exhausted.attempts
+                    self._escalate(exhausted.error)
+                    if spec.abandon is not None and job.result is not None:
+                        # The transfer created something the commit never finished:
+                        # delete it, or it would linger beside the key's real artifact.
+                        await self._guarded(
+                            self._committer, partial(spec.abandon, job.result), "abandon", spec.key
+                        )
             if job.error is not None:
                 log.error(
                     "persisting %r failed after %d attempt(s): %s: %s",
@@ -364,14 +385,28 @@ class AsyncPipeline:
             self._stats.record_max("max_persistence_latency_seconds", latency)
             self._finish(job)
 
-    @staticmethod
-    async def _guarded(executor: Executor, fn: Callable[[], T], what: str, key: str) -> T | None:
-        """Run a hook that must not stop the pipeline; log what it raises."""
+    async def _guarded(
+        self, executor: Executor, fn: Callable[[], T], what: str, key: str
+    ) -> T | None:
+        """Run a hook that must not stop the pipeline; log what it raises (BaseException too)."""
         try:
             return await executor.run(fn)
-        except Exception:
-            log.exception("lamin-lightning %s hook failed%s", what, f" for {key!r}" if key else "")
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as error:
+            log.error(
+                "lamin-lightning %s hook failed%s",
+                what,
+                f" for {key!r}" if key else "",
+                exc_info=error,
+            )
+            self._escalate(error)
             return None
+
+    def _escalate(self, error: BaseException) -> None:
+        """Hand a non-``Exception`` error (SystemExit, KeyboardInterrupt) to the owner."""
+        if not isinstance(error, Exception) and self._escalate_fn is not None:
+            self._escalate_fn(error)
 
     # -- waiting and reporting -------------------------------------------------------
 

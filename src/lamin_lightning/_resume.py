@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from lamin_lightning._lamin import FEATURE_TYPE_NAME, LaminSetupError, _require_instance
+from lamin_lightning._errors import LaminSetupError
+from lamin_lightning._lamin_features import FEATURE_TYPE_NAME
+from lamin_lightning._lamin_features import require_instance as _require_instance
 
 _WHICH_FEATURE = {"best": "is_best_model", "last": "is_last_model"}
 _SHOWN = 5

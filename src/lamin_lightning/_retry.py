@@ -17,6 +17,8 @@ from typing import TypeVar
 import anyio
 import tenacity
 
+from lamin_lightning._errors import AttemptsExhausted, PermanentError, TransientError
+
 T = TypeVar("T")
 
 _testing = False
@@ -39,14 +41,6 @@ _NEVER_TRANSIENT = (
     IsADirectoryError,
     NotADirectoryError,
 )
-
-
-class TransientError(Exception):
-    """Raise (or subclass) this in a persistence hook to ask for a retry."""
-
-
-class PermanentError(Exception):
-    """Raise (or subclass) this in a persistence hook to fail at once, without retrying."""
 
 
 def set_testing(enabled: bool = True) -> None:
@@ -150,15 +144,6 @@ class RetryPolicy:
         return float(base) + (random.uniform(0, self.jitter) if self.jitter else 0.0)
 
 
-class AttemptsExhausted(Exception):
-    """Internal marker carrying the last error and how many attempts were made."""
-
-    def __init__(self, error: BaseException, attempts: int) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.attempts = attempts
-
-
 def _outcome_error(state: tenacity.RetryCallState) -> BaseException:
     error = state.outcome.exception() if state.outcome is not None else None
     return error if error is not None else RuntimeError("unknown error")
@@ -189,6 +174,10 @@ async def call_with_retries(
             attempt = attempt_ctx.retry_state.attempt_number
             with attempt_ctx:
                 return await call()
-    except Exception as error:
+    except anyio.get_cancelled_exc_class():
+        raise
+    except BaseException as error:
+        # BaseException too: a SystemExit from a user's hook fails this job (never
+        # retried: it is not transient), not the pipeline.
         raise AttemptsExhausted(error, max(attempt, 1)) from error
     raise AssertionError("unreachable: tenacity neither returned nor raised")  # pragma: no cover

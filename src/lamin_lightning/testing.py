@@ -16,7 +16,13 @@ Use them to test your own observers and subclasses without a database::
 
 Faults apply to the store's storage calls (``put`` and ``delete``): transient
 failures (``fail_next``, ``fail_randomly``), permanent failures (``fail_always``),
-latency (``latency``), and hangs (``hang`` / ``release``).
+latency (``latency``), and hangs (``hang`` / ``release``); ``fail_commits`` makes
+commits fail, ``reject_feature`` makes one feature's annotation fail for good.
+
+``MemoryStore`` implements the store protocol (:mod:`lamin_lightning.store`) with one
+commit path for live jobs and replays, like the LaminDB store: the contract suite runs
+the same scenarios against both. It lives in one process: to replay a journal into
+it, pass it to ``flush_directory(..., stores={"memory": store})``.
 """
 
 from __future__ import annotations
@@ -27,18 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
-from lamin_lightning._callback import (
-    ArtifactPublishingModelCheckpoint,
-    CheckpointSnapshot,
-    snapshot_from_record,
-)
+from lamin_lightning._callback import ArtifactPublishingModelCheckpoint
+from lamin_lightning._errors import PermanentError, UnknownStoreError
 from lamin_lightning._events import (
     AnyArtifactEvent,
     ArtifactFailedEvent,
@@ -46,10 +48,8 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
-from lamin_lightning._pipeline import JobSpec
-from lamin_lightning._recovery import entry_file, recovered_failure
-from lamin_lightning._retry import PermanentError, is_testing, set_testing
-from lamin_lightning._staging import release_staged
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
+from lamin_lightning._retry import is_testing, set_testing
 
 __all__ = [
     "MemoryCheckpoint",
@@ -125,6 +125,10 @@ class MemoryStore:
         self._permanent_error: Callable[[], BaseException] | None = None
         self._fail_rate = 0.0
         self._rng = random.Random(0)
+        self._fail_commits = 0
+        self._rejected: set[str] = set()
+        # What each key held after its last successful commit (restored by abandon()).
+        self._committed: dict[str, StoredArtifact] = {}
 
     def _init_sync(self) -> None:
         self._lock = threading.Lock()
@@ -165,12 +169,24 @@ class MemoryStore:
         with self._lock:
             self._permanent_error = error or (lambda: PermanentError("injected permanent failure"))
 
+    def fail_commits(self, count: int) -> None:
+        """Make the next ``count`` checkpoint commits raise a transient error (ConnectionError)."""
+        with self._lock:
+            self._fail_commits = count
+
+    def reject_feature(self, name: str) -> None:
+        """Make annotating the feature ``name`` fail for good (as a deleted feature would)."""
+        with self._lock:
+            self._rejected.add(name)
+
     def heal(self) -> None:
         """Stop injecting failures."""
         with self._lock:
             self._fail_next = 0
             self._fail_rate = 0.0
             self._permanent_error = None
+            self._fail_commits = 0
+            self._rejected.clear()
 
     def hang(self) -> None:
         """Make storage calls block until :meth:`release`."""
@@ -260,6 +276,7 @@ class MemoryStore:
         """Delete what is stored under ``key``; return it, or None if nothing was."""
         with self._call("delete", key), self._lock:
             self.flags.pop(key, None)
+            self._committed.pop(key, None)
             return self._objects.pop(key, None)
 
     # -- inspection ----------------------------------------------------------------
@@ -278,6 +295,100 @@ class MemoryStore:
         """Record order-dependent metadata (best, last, rank) for ``key``."""
         with self._lock:
             self.flags.setdefault(key, {}).update(values)
+
+    # -- the store protocol: one path for live jobs and replays ---------------------
+
+    def transfer(self, record: JobRecord, path: Path) -> StoredArtifact:
+        """Put the file under ``record.key``, unless the same bytes are already stored there."""
+        existing = self.get(record.key)
+        if existing is not None and existing.sha256 == _sha256(path):
+            return existing
+        return self.put(record.key, path, kind=record.kind)
+
+    def commit(
+        self, record: JobRecord, artifact: StoredArtifact, *, replay: bool, set_flags: bool
+    ) -> tuple[str, ...]:
+        """Commit a checkpoint: annotate its features, then set the flags of its prefix."""
+        if record.kind != "checkpoint" or record.checkpoint is None:
+            self._mark_committed(record.key, artifact)
+            return ()
+        return self.commit_checkpoint(
+            record.checkpoint, artifact, replay=replay, set_flags=set_flags
+        )
+
+    def _mark_committed(self, key: str, artifact: StoredArtifact) -> None:
+        with self._lock:
+            current = self._objects.get(key)
+            if current is not None and current.version == artifact.version:
+                self._committed[key] = current
+
+    def commit_checkpoint(
+        self,
+        snapshot: CheckpointSnapshot,
+        artifact: StoredArtifact,
+        *,
+        replay: bool,
+        set_flags: bool,
+    ) -> tuple[str, ...]:
+        """Annotate (a rejected feature fails a live commit, and is skipped by a replay),
+        then make best/last/rank under the checkpoint's prefix equal the snapshot."""
+        with self._lock:
+            if self._fail_commits > 0:
+                self._fail_commits -= 1
+                self.failures_injected += 1
+                raise ConnectionError("injected commit failure")
+            rejected = sorted(set(snapshot.feature_values or {}) & self._rejected)
+        if rejected and not replay:
+            raise PermanentError(f"feature {rejected[0]!r} rejected by the store")
+        with self._lock:
+            current = self._objects.get(snapshot.key)
+            if current is not None and current.version == artifact.version:
+                values = {
+                    k: v for k, v in (snapshot.feature_values or {}).items() if k not in rejected
+                }
+                self._objects[snapshot.key] = replace(current, feature_values=values)
+        if set_flags:
+            self._set_prefix_flags(snapshot)
+        self._mark_committed(snapshot.key, artifact)
+        return tuple(rejected)
+
+    def _set_prefix_flags(self, snapshot: CheckpointSnapshot) -> None:
+        prefix = _prefix(snapshot.key)
+        ranks = {key: rank for rank, key in enumerate(snapshot.ranking)}
+        stored = {k for k in self.keys(kind="checkpoint") if _prefix(k) == prefix}
+        for key in stored | {snapshot.key}:
+            self.set_flags(
+                key,
+                is_best_model=key == snapshot.best_key,
+                is_last_model=key == snapshot.key,
+                model_rank=ranks.get(key),
+            )
+
+    def remove(self, record: JobRecord, known: Any | None) -> tuple[Any, str] | None:
+        """Delete what is stored under the key."""
+        del known
+        removed = self.delete(record.key)
+        return (removed, self.storage_uri(removed)) if removed is not None else None
+
+    def abandon(self, record: JobRecord, artifact: StoredArtifact) -> None:
+        """Delete ``artifact`` if it is still what the key holds (a failed commit's upload)."""
+        with self._lock:
+            current = self._objects.get(record.key)
+            if current is None or current.version != artifact.version:
+                return
+            del self._objects[record.key]
+            self.flags.pop(record.key, None)
+            previous = self._committed.get(record.key)
+            if previous is not None:
+                self._objects[record.key] = previous
+
+    @staticmethod
+    def storage_uri(artifact: StoredArtifact) -> str:
+        """``memory://{key}?version={version}``."""
+        return f"memory://{artifact.key}?version={artifact.version}"
+
+    def finalize_thread(self) -> None:
+        """Nothing per thread."""
 
 
 def _sha256(path: Path) -> str:
@@ -318,7 +429,7 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
 
     def resolve_artifact_storage_uri(self, artifact: StoredArtifact) -> str:
         """``memory://{key}?version={version}``."""
-        return f"memory://{artifact.key}?version={artifact.version}"
+        return self.store.storage_uri(artifact)
 
     def save_checkpoint_artifact(
         self,
@@ -345,18 +456,17 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         key = self.resolve_artifact_key(trainer, hparams_path, "hparams")
         return self.store.put(key, hparams_path, kind="hparams")
 
+    store_name = "memory"
+
+    def replay_store(self) -> MemoryStore:
+        """This callback's store: replays at ``setup`` go where the live jobs went."""
+        return self.store
+
     def commit_checkpoint_artifact(
         self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: StoredArtifact
     ) -> None:
-        """Set best/last/rank flags on every stored checkpoint from the snapshot."""
-        ranks = {key: rank for rank, key in enumerate(snapshot.ranking)}
-        for key in self.store.keys(kind="checkpoint") | {snapshot.key}:
-            self.store.set_flags(
-                key,
-                is_best_model=key == snapshot.best_key,
-                is_last_model=key == snapshot.key,
-                model_rank=ranks.get(key),
-            )
+        """The store's commit: annotate, then set best/last/rank flags under the prefix."""
+        self.store.commit_checkpoint(snapshot, artifact, replay=False, set_flags=True)
 
     def remove_checkpoint_artifact(
         self, trainer: pl.Trainer, key: str, artifact: Any | None
@@ -364,56 +474,27 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         """Delete the key from the store."""
         return self.store.delete(key)
 
-    def recovery_job(self, entry: dict[str, Any], trainer: pl.Trainer | None) -> JobSpec:
-        """Replay a journaled job into this callback's store, idempotently (by key and hash)."""
-        key = str(entry["key"])
-        local_path = Path(str(entry.get("local_path")))
-        fail = partial(recovered_failure, entry, trainer)
-        if entry.get("op") == "remove":
+    def abandon_checkpoint_artifact(
+        self, trainer: pl.Trainer, key: str, artifact: StoredArtifact
+    ) -> None:
+        """Delete an upload whose commit failed for good."""
+        self.store.abandon(_removal(key), artifact)
 
-            def remove(_: Any) -> ArtifactRemovedEvent:
-                removed = self.store.delete(key)
-                return ArtifactRemovedEvent(
-                    kind="checkpoint",
-                    key=key,
-                    local_path=local_path,
-                    trainer=trainer,
-                    artifact=removed,
-                    storage_uri=self.resolve_artifact_storage_uri(removed) if removed else None,
-                    recovered=True,
-                )
 
-            return JobSpec(operation="remove", key=key, commit=remove, fail=fail)
-        kind = entry.get("kind", "checkpoint")
+def _removal(key: str) -> JobRecord:
+    return JobRecord(op="remove", kind="checkpoint", key=key, local_path="", store="memory")
 
-        def transfer() -> StoredArtifact:
-            path = entry_file(entry)
-            existing = self.store.get(key)
-            if existing is not None and existing.sha256 == _sha256(path):
-                return existing
-            return self.store.put(key, path, kind=kind)
 
-        def commit(artifact: StoredArtifact) -> ArtifactSavedEvent:
-            record = entry.get("snapshot")
-            if kind == "checkpoint" and record is not None:
-                staged = Path(str(entry.get("staged")))
-                snapshot = snapshot_from_record(
-                    record, key=key, local_path=local_path, staged_path=staged
-                )
-                self.commit_checkpoint_artifact(trainer, snapshot, artifact)  # type: ignore[arg-type]
-            if entry.get("staged"):
-                release_staged(Path(entry["staged"]))
-            return ArtifactSavedEvent(
-                kind=kind,
-                key=key,
-                local_path=local_path,
-                trainer=trainer,
-                artifact=artifact,
-                storage_uri=self.resolve_artifact_storage_uri(artifact),
-                recovered=True,
-            )
+def _prefix(key: str) -> str:
+    return key.rsplit("/", 1)[0] if "/" in key else ""
 
-        return JobSpec(operation="save", key=key, transfer=transfer, commit=commit, fail=fail)
+
+def replay_store(record: JobRecord) -> MemoryStore:
+    """The registry's factory for ``"memory"``: there is no store to find outside a process."""
+    raise UnknownStoreError(
+        f"{record.key!r} was journaled for a MemoryStore, which lives only in the process that"
+        " made it; replay it with flush_directory(dirpath, stores={'memory': store})"
+    )
 
 
 class RecordingObserver:
@@ -514,7 +595,7 @@ def local_instance(root: str | Path | None = None) -> Iterator[Path]:
         lamindb_setup.init(storage=str(storage))
     finally:
         os.chdir(previous)
-    from lamin_lightning._lamin import ensure_offline_safe
+    from lamin_lightning._lamin_features import ensure_offline_safe
 
     ensure_offline_safe()
     # Child processes (a DDP launch, `lamin-lightning flush`) find the instance this way.

@@ -12,7 +12,7 @@ from lamindb_tier import NetworkBlockedError, TierModel, artifacts_under, fit
 
 import lamin_lightning as ll
 from lamin_lightning import ArtifactFailedEvent
-from lamin_lightning._lamin import LaminSetupError
+from lamin_lightning import LaminSetupError
 from lamin_lightning.testing import RecordingObserver
 
 pytestmark = [
@@ -30,7 +30,7 @@ def test_no_instance_fails_at_setup_with_lamin_init_hint(
     fresh_process_report: dict[str, Any],
 ) -> None:
     """Without an instance, fit fails at setup with a `lamin init` hint, before training."""
-    assert fresh_process_report["error_type"] == "lamin_lightning._lamin.LaminSetupError"
+    assert fresh_process_report["error_type"] == "lamin_lightning._errors.LaminSetupError"
     assert "lamin init" in fresh_process_report["error_message"]
     assert fresh_process_report["training_steps_run"] == 0
 

@@ -20,7 +20,7 @@ from django.db import transaction
 from lamindb_tier import TierData, TierModel, fit
 
 import lamin_lightning as ll
-from lamin_lightning._lamin import LaminSetupError
+from lamin_lightning import LaminSetupError
 
 pytestmark = [
     pytest.mark.lamindb,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -152,3 +152,49 @@ def write_atomically(
         temporary.unlink(missing_ok=True)
         raise
     return size
+
+
+class HostWrite:
+    """The background write of one host snapshot (``async_write``); frees its slot once.
+
+    Called on the intake thread, it writes the file and gives the slot back. If the
+    save fails on the training thread before the job is submitted, :meth:`abandon`
+    gives the slot back instead (a slot never freed would block every later save);
+    a write abandoned that way refuses to run, since its buffers may be reused.
+    """
+
+    def __init__(
+        self,
+        snapshotter: Snapshotter,
+        slot: SnapshotSlot,
+        host: dict[str, Any],
+        filepath: str,
+        scratch: Path,
+    ) -> None:
+        self._snapshotter = snapshotter
+        self._slot = slot
+        self._host: dict[str, Any] | None = host
+        self._filepath = filepath
+        self._scratch = scratch
+        self._lock = threading.Lock()
+        self._state: Literal["pending", "writing", "abandoned"] = "pending"
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._state != "pending":
+                raise RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
+            self._state = "writing"
+        try:
+            write_atomically(self._host, self._filepath, self._scratch, torch.save)
+        finally:
+            self._host = None
+            self._snapshotter.release(self._slot)
+
+    def abandon(self) -> None:
+        """Give the slot back if the write has not started (it then never runs)."""
+        with self._lock:
+            if self._state != "pending":
+                return
+            self._state = "abandoned"
+        self._host = None
+        self._snapshotter.release(self._slot)

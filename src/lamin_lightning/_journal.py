@@ -1,21 +1,27 @@
 """The durable outbox: a journal of admitted jobs that survives a crash.
 
 Knows nothing of Lightning or LaminDB. Each callback journals every job it
-admits into a JSON-lines file next to its checkpoints
+admits (a :class:`~lamin_lightning._jobs.JobRecord`) into a JSON-lines file
 (``{dirpath}/.lamin-lightning/outbox-<id>.jsonl``) *before* the job is admitted,
-and fsyncs it, so a job that ``_save_checkpoint`` accepted is on disk even if the
+durably, so a job that ``_save_checkpoint`` accepted is on disk even if the
 process is killed the next instant. When a job is finished for good (committed,
 cancelled, superseded, or made obsolete by a later job of the same key) a
 ``done`` line follows; a job that failed stays pending, for a later replay.
 
 Lines::
 
-    {"t": "job", "id": "<hex>", "entry": {...}}      # admitted (fsynced)
-    {"t": "done", "id": "<hex>", "status": "saved"}  # finished (flushed)
+    {"t": "job", "id": "<hex>", "entry": {...}}      # admitted (durable)
+    {"t": "done", "id": "<hex>", "status": "saved"}  # finished
+    {"t": "flags", "prefix": "...", "at": 1.7e9}     # newest committed checkpoint save
 
-A torn last line (a crash mid-write) is ignored. The file is compacted (rewritten
-with only the pending jobs, then renamed over) once finished lines dominate, so
-it does not grow with the length of training.
+The ``flags`` line (also carried by the ``done`` line of a checkpoint save) records
+when the newest *committed* checkpoint of a prefix was submitted: a replayed older
+save then leaves the flags and ranks of that prefix alone.
+
+A torn last line (a crash or a full disk mid-write) is ignored when read, and cut
+off before the next append, so it never swallows the next job. The file is
+compacted (rewritten with only the pending jobs, then renamed over) once finished
+lines dominate, so it does not grow with the length of training.
 
 One process at a time may hold a journal: :meth:`Outbox.open` takes an exclusive,
 non-blocking ``flock``, so a ``lamin-lightning flush`` never replays the jobs of a
@@ -25,7 +31,6 @@ training process that is still running.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -35,7 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from lamin_lightning._pipeline import JobSpec
+from lamin_lightning._errors import OutboxInUseError
+from lamin_lightning._jobs import JobRecord, decode, encode
 
 try:  # POSIX
     import fcntl
@@ -47,10 +53,6 @@ log = logging.getLogger("lamin_lightning")
 JOURNAL_PREFIX = "outbox-"
 JOURNAL_SUFFIX = ".jsonl"
 COMPACT_AFTER_LINES = 64
-
-
-class OutboxBusyError(RuntimeError):
-    """Another process (or callback) holds this journal."""
 
 
 def journal_paths(root: str | os.PathLike[str]) -> list[Path]:
@@ -67,37 +69,66 @@ def journal_paths(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
-def _parse(lines: Iterator[str], path: Path) -> dict[str, dict[str, Any]]:
-    pending: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: ignoring a torn or corrupt journal line", path, number)
-            continue
-        kind = record.get("t")
-        if kind == "job" and isinstance(record.get("entry"), dict):
-            pending[str(record["id"])] = record["entry"]
-        elif kind == "done":
-            pending.pop(str(record.get("id")), None)
-    return pending
+class _State:
+    """What a journal's lines say: pending entries (raw, by id) and the flags marks."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.flags_at: dict[str, float] = {}
+
+    def mark(self, prefix: Any, at: Any) -> None:
+        if isinstance(prefix, str) and isinstance(at, int | float):
+            self.flags_at[prefix] = max(float(at), self.flags_at.get(prefix, 0.0))
+
+    def read(self, lines: Iterator[str], path: Path) -> _State:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: ignoring a torn or corrupt journal line", path, number)
+                continue
+            kind = item.get("t") if isinstance(item, dict) else None
+            if kind == "job" and isinstance(item.get("entry"), dict):
+                self.pending[str(item["id"])] = item["entry"]
+            elif kind == "done":
+                self.pending.pop(str(item.get("id")), None)
+                self.mark(item.get("prefix"), item.get("at"))
+            elif kind == "flags":
+                self.mark(item.get("prefix"), item.get("at"))
+        return self
+
+    def records(self, path: Path) -> list[tuple[str, JobRecord]]:
+        """Pending entries decoded, in admission order; undecodable ones are logged."""
+        out = []
+        for job_id, entry in self.pending.items():
+            try:
+                out.append((job_id, decode(entry)))
+            except (ValueError, TypeError) as error:
+                log.error(
+                    "%s: cannot read job %s (%s); it stays in the journal", path, job_id, error
+                )
+        return out
 
 
-def read_pending(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The unfinished jobs of a journal, in admission order, without locking it.
-
-    Each entry carries its journal id under ``"id"``.
-    """
+def read_journal(
+    path: str | os.PathLike[str],
+) -> tuple[list[tuple[str, JobRecord]], dict[str, float]]:
+    """The pending records (with their ids) and flags marks of a journal, without locking it."""
     path = Path(path)
     try:
         with path.open(encoding="utf-8") as handle:
-            pending = _parse(iter(handle), path)
+            state = _State().read(iter(handle), path)
     except FileNotFoundError:
-        return []
-    return [{**entry, "id": job_id} for job_id, entry in pending.items()]
+        return [], {}
+    return state.records(path), state.flags_at
+
+
+def read_pending(path: str | os.PathLike[str]) -> list[tuple[str, JobRecord]]:
+    """The unfinished jobs of a journal, in admission order, without locking it."""
+    return read_journal(path)[0]
 
 
 def is_locked(path: str | os.PathLike[str]) -> bool:
@@ -127,8 +158,12 @@ class Outbox:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._handle: IO[str] | None = None
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._state = _State()
         self._lines = 0
+        # Bytes of the journal known to end with a complete line; a failed write leaves
+        # the file longer than this, and the next write cuts it back first.
+        self._good_size = 0
+        self._torn = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -137,16 +172,16 @@ class Outbox:
         """Whether this outbox holds its journal."""
         return self._handle is not None
 
-    def open(self) -> list[dict[str, Any]]:
-        """Create or open the journal, lock it, and return its pending entries.
+    def open(self) -> list[tuple[str, JobRecord]]:
+        """Create or open the journal, lock it, and return its pending records.
 
-        Raises :class:`OutboxBusyError` if another holder has it, and ``OSError`` if
-        the folder is not writable or the disk is full (a line is written and fsynced
-        right away, so the problem shows now rather than at the first checkpoint).
+        Raises :class:`OutboxInUseError` if another holder has it, and ``OSError`` if
+        the folder is not writable or the disk is full (a line is written right away,
+        so the problem shows now rather than at the first checkpoint).
         """
         with self._lock:
             if self._handle is not None:
-                return self._entries()
+                return self._state.records(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+", encoding="utf-8", opener=_open_synced)  # noqa: SIM115
             try:
@@ -154,24 +189,32 @@ class Outbox:
                     try:
                         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError as busy:
-                        raise OutboxBusyError(
+                        raise OutboxInUseError(
                             f"{self.path} is in use by another process or callback"
                         ) from busy
                     if not _same_file(handle, self.path):
                         # We locked a journal its holder just replaced (compaction):
                         # the live one is held by someone else.
-                        raise OutboxBusyError(f"{self.path} is in use by another process")
+                        raise OutboxInUseError(f"{self.path} is in use by another process")
                 handle.seek(0)
-                lines = handle.read().splitlines()
-                self._pending = _parse(iter(lines), self.path)
+                text = handle.read()
+                lines = text.splitlines()
+                self._state = _State().read(iter(lines), self.path)
                 self._lines = len(lines)
                 self._handle = handle
-                self._write({"t": "open", "pid": os.getpid()}, sync=True)
+                raw = text.encode("utf-8")
+                self._good_size = len(raw)
+                # A torn last line (a crash mid-write): cut it off, or the next line
+                # would be glued onto it and lost with it.
+                self._torn = bool(raw) and not raw.endswith(b"\n")
+                if self._torn:
+                    self._good_size = raw.rfind(b"\n") + 1
+                self._write({"t": "open", "pid": os.getpid()})
             except BaseException:
                 self._handle = None
                 handle.close()
                 raise
-            return self._entries()
+            return self._state.records(self.path)
 
     def close(self) -> None:
         """Compact, release the lock and close. Deletes the journal if nothing is pending."""
@@ -180,7 +223,7 @@ class Outbox:
             if handle is None:
                 return
             try:
-                if not self._pending:
+                if not self._state.pending:
                     if _same_file(handle, self.path):
                         with contextlib.suppress(OSError):
                             self.path.unlink()
@@ -194,21 +237,24 @@ class Outbox:
 
     # -- records ---------------------------------------------------------------------
 
-    def _entries(self) -> list[dict[str, Any]]:
-        return [{**entry, "id": job_id} for job_id, entry in self._pending.items()]
-
-    def pending(self) -> list[dict[str, Any]]:
-        """Unfinished entries, in admission order, each with its ``"id"``."""
+    def pending(self) -> list[tuple[str, JobRecord]]:
+        """Unfinished records with their ids, in admission order."""
         with self._lock:
-            return self._entries()
+            return self._state.records(self.path)
 
-    def append(self, entry: dict[str, Any]) -> str:
-        """Journal a job durably (write + fsync); return its id."""
+    def flags_at(self, prefix: str) -> float:
+        """Submission time of the newest committed checkpoint save under ``prefix`` (0 if none)."""
+        with self._lock:
+            return self._state.flags_at.get(prefix, 0.0)
+
+    def append(self, record: JobRecord) -> str:
+        """Journal a job durably; return its id."""
         job_id = uuid.uuid4().hex
+        entry = encode(record)
         with self._lock:
             self._require()
-            self._write({"t": "job", "id": job_id, "entry": entry}, sync=True)
-            self._pending[job_id] = entry
+            self._write({"t": "job", "id": job_id, "entry": entry})
+            self._state.pending[job_id] = entry
         return job_id
 
     def settle(self, job_id: str, status: str) -> None:
@@ -231,24 +277,35 @@ class Outbox:
 
     def _settle(self, job_id: str, status: str) -> None:
         with self._lock:
-            if self._handle is None or job_id not in self._pending:
+            pending = self._state.pending
+            if self._handle is None or job_id not in pending:
                 return
-            key = self._pending[job_id].get("key")
+            entry = pending[job_id]
+            key = entry.get("key")
             moot = []
-            for other_id, entry in self._pending.items():
+            for other_id, other in pending.items():
                 if other_id == job_id:
                     break
-                if entry.get("key") == key:
+                if other.get("key") == key:
                     moot.append(other_id)
             for other_id in moot:
-                self._write({"t": "done", "id": other_id, "status": "obsolete"}, sync=False)
-                del self._pending[other_id]
-            self._write({"t": "done", "id": job_id, "status": status}, sync=False)
-            del self._pending[job_id]
+                self._write({"t": "done", "id": other_id, "status": "obsolete"})
+                del pending[other_id]
+            done: dict[str, Any] = {"t": "done", "id": job_id, "status": status}
+            if (
+                status == "saved"
+                and entry.get("kind") == "checkpoint"
+                and entry.get("op") == "save"
+            ):
+                prefix = str(key).rsplit("/", 1)[0] if "/" in str(key) else ""
+                done.update(prefix=prefix, at=entry.get("time"))
+                self._state.mark(prefix, entry.get("time"))
+            self._write(done)
+            del pending[job_id]
             if (
                 fcntl is not None  # Windows cannot replace an open file
                 and self._lines > COMPACT_AFTER_LINES
-                and self._lines > 2 * len(self._pending) + 8
+                and self._lines > 2 * len(pending) + 8
             ):
                 self._compact()
 
@@ -259,36 +316,39 @@ class Outbox:
             raise RuntimeError(f"the outbox {self.path} is not open")
         return self._handle
 
-    def _write(self, record: dict[str, Any], *, sync: bool) -> None:
+    def _write(self, item: dict[str, Any]) -> None:
         handle = self._require()
-        data = memoryview(
-            (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
-        )
+        fd = handle.fileno()
+        if self._torn:
+            # An earlier write failed part-way (ENOSPC, EFBIG): cut the torn line off.
+            os.ftruncate(fd, self._good_size)
+            self._torn = False
+        data = memoryview(_line(item))
         # One write(2) on an O_APPEND|O_DSYNC descriptor: appended atomically and durable
         # when it returns. One syscall, not write + fsync: on the training thread each
         # syscall gives up the GIL, and getting it back from busy background threads can
         # take a switch interval (5 ms).
-        fd = handle.fileno()
-        while data:
-            data = data[os.write(fd, data) :]
-        if sync and not _O_DSYNC:  # pragma: no cover - platforms without O_DSYNC
-            os.fsync(fd)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            if not _O_DSYNC:  # pragma: no cover - platforms without O_DSYNC
+                os.fsync(fd)
+        except BaseException:
+            self._torn = True
+            raise
+        self._good_size += len(data.obj)  # type: ignore[arg-type]
         self._lines += 1
 
     def _compact(self) -> None:
-        """Rewrite the journal with only the pending jobs, atomically."""
+        """Rewrite the journal with only the pending jobs and the flags marks, atomically."""
         handle = self._require()
         temp = self.path.with_name(self.path.name + ".tmp")
-        with temp.open("w", encoding="utf-8") as out:
-            for job_id, entry in self._pending.items():
-                out.write(
-                    json.dumps(
-                        {"t": "job", "id": job_id, "entry": entry},
-                        separators=(",", ":"),
-                        default=str,
-                    )
-                    + "\n"
-                )
+        with temp.open("wb") as out:
+            size = 0
+            for prefix, at in self._state.flags_at.items():
+                size += out.write(_line({"t": "flags", "prefix": prefix, "at": at}))
+            for job_id, entry in self._state.pending.items():
+                size += out.write(_line({"t": "job", "id": job_id, "entry": entry}))
             out.flush()
             os.fsync(out.fileno())
         # Keep holding the lock across the swap: lock the new file before the rename
@@ -299,9 +359,15 @@ class Outbox:
         os.replace(temp, self.path)
         _fsync_dir(self.path.parent)
         self._handle = new_handle
-        self._lines = len(self._pending)
+        self._lines = len(self._state.pending) + len(self._state.flags_at)
+        self._good_size = size
+        self._torn = False
         with contextlib.suppress(OSError):
             handle.close()
+
+
+def _line(item: dict[str, Any]) -> bytes:
+    return (json.dumps(item, separators=(",", ":"), default=str) + "\n").encode("utf-8")
 
 
 _O_DSYNC = getattr(os, "O_DSYNC", 0)
@@ -327,27 +393,3 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def settling(spec: JobSpec, outbox: Outbox, job_id: str) -> JobSpec:
-    """``spec``, with its outbox entry marked finished once it committed or was dropped.
-
-    Marked after the commit (a crash in between replays it, idempotently) and never on
-    failure: a failed job stays in the outbox for a later flush.
-    """
-    commit, discard = spec.commit, spec.discard
-    status = "saved" if spec.operation == "save" else "removed"
-
-    def commit_and_settle(result: Any) -> Any:
-        event = commit(result)
-        outbox.settle(job_id, status)
-        return event
-
-    def discard_and_settle() -> None:
-        try:
-            if discard is not None:
-                discard()
-        finally:
-            outbox.settle(job_id, "dropped")
-
-    return dataclasses.replace(spec, commit=commit_and_settle, discard=discard_and_settle)

@@ -1,0 +1,84 @@
+"""Every error lamin-lightning raises, under one base: :class:`LaminLightningError`.
+
+Each public error also derives from the builtin a caller would expect (a setup problem
+is a ``ValueError``, as the synchronous reference raises; a directory problem an
+``OSError``), so ``except ValueError`` written for the reference keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamin_lightning._events import ArtifactFailedEvent
+
+
+class LaminLightningError(Exception):
+    """Base of every error lamin-lightning raises."""
+
+
+class TransientError(LaminLightningError):
+    """Raise (or subclass) this in a persistence hook to ask for a retry."""
+
+
+class PermanentError(LaminLightningError):
+    """Raise (or subclass) this in a persistence hook to fail at once, without retrying."""
+
+
+class PersistenceError(LaminLightningError, RuntimeError):
+    """Raised on the training thread when persisting one or more files failed.
+
+    Attributes:
+        failures: The failed events, in submission order.
+    """
+
+    def __init__(self, failures: list[ArtifactFailedEvent]) -> None:
+        self.failures = list(failures)
+        lines = [
+            f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
+            f"{type(f.error).__name__}: {f.error}"
+            for f in self.failures
+        ]
+        super().__init__(
+            f"{len(self.failures)} checkpoint artifact(s) could not be persisted; the local"
+            " files are kept:\n"
+            + "\n".join(lines)
+            + "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
+            " `lamin-lightning flush DIRPATH` or start training again with the same dirpath."
+            " Pass on_error='warn' to only warn."
+        )
+
+
+class CheckpointDirectoryError(LaminLightningError, OSError):
+    """The checkpoint directory cannot hold checkpoints: not writable, or too full.
+
+    Raised at ``setup``, before the first training step, instead of hours later.
+    """
+
+
+class LaminSetupError(LaminLightningError, ValueError):
+    """LaminDB is not ready for checkpointing (no instance, missing features, ...).
+
+    A ``ValueError``, as the synchronous reference raises for the same problems.
+    """
+
+
+class OutboxInUseError(LaminLightningError, RuntimeError):
+    """Another process (or callback) holds this outbox: a training run still going."""
+
+
+class LostFileError(PermanentError):
+    """Neither the staged copy nor the local file of a journaled save exists any more."""
+
+
+class UnknownStoreError(LaminLightningError, LookupError):
+    """An outbox names a store that no installed package registers."""
+
+
+class AttemptsExhausted(Exception):
+    """Internal marker carrying the last error and how many attempts were made."""
+
+    def __init__(self, error: BaseException, attempts: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts

@@ -1,0 +1,251 @@
+"""The job record: what one persistence job is, frozen at submission, and its JSON codec.
+
+A record describes a job completely: what to do (``op``), to which file (``kind``,
+``key``, the local and staged paths), where (``store``: a name in the store registry,
+and the store's ``context``), and for a checkpoint the metadata Lightning had at
+submission (:class:`CheckpointSnapshot`). The outbox journals records; the pipeline
+job of a live save and of a replay is built from a record the same way
+(``_replay.build_job``).
+
+The codec writes version 2 and reads version 1 (journals written by lamin-lightning
+0.1.0, which named a callback class instead of a store).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lamin_lightning._errors import LostFileError
+from lamin_lightning._events import ArtifactKind
+
+Operation = Literal["save", "remove"]
+
+RECORD_VERSION = 2
+
+# v1 journals named the class that wrote them; these are the classes this package shipped.
+_V1_PUBLISHERS = {
+    "lamin_lightning._lamin:Checkpoint": "lamindb",
+    "lamin_lightning.testing:MemoryCheckpoint": "memory",
+}
+
+
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """What a checkpoint job knows about training, frozen at submission.
+
+    Background threads read this, never the live trainer; it is journaled as is.
+
+    Attributes:
+        key: The artifact key of this checkpoint.
+        local_path: The path Lightning wrote.
+        staged_path: The staged name of the same bytes, read by the upload.
+        global_step: ``trainer.global_step`` at save time.
+        epoch: ``trainer.current_epoch`` at save time.
+        monitor: The monitored metric, or None.
+        mode: ``"min"`` or ``"max"``.
+        save_weights_only: Whether the file holds weights only.
+        score: The callback's ``current_score`` at save time, as a float.
+        is_best: Whether this file is Lightning's ``best_model_path``.
+        best_key: Key of ``best_model_path``, or None.
+        last_key: Key of ``last_model_path``, or None.
+        ranking: Keys of ``best_k_models``, best first.
+        scores: Score of every key in ``ranking``.
+        feature_values: Feature values to annotate the checkpoint with, by feature
+            name (JSON values), collected on the training thread.
+        auto_features: Which names in ``feature_values`` are features that
+            ``save_lightning_features()`` created (the ``lamindb.lightning`` type).
+    """
+
+    key: str
+    local_path: Path
+    staged_path: Path
+    global_step: int
+    epoch: int
+    monitor: str | None
+    mode: str
+    save_weights_only: bool
+    score: float | None
+    is_best: bool
+    best_key: str | None
+    last_key: str | None
+    ranking: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)
+    feature_values: Mapping[str, Any] | None = None
+    auto_features: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One persistence job, complete: the live job and its replay are built from it.
+
+    Attributes:
+        op: ``"save"`` persists a file, ``"remove"`` deletes what saves stored under ``key``.
+        kind: Which file: checkpoint, config or hparams.
+        key: The artifact key, resolved at submission.
+        local_path: The absolute path Lightning wrote.
+        staged_path: The staged second name of the bytes (saves), or None.
+        store: Name of the store in the registry (:mod:`lamin_lightning.store`).
+        context: What the store needs beyond the record (JSON): instance, run, prefix.
+        checkpoint: The checkpoint's metadata at submission (checkpoint saves only).
+        submitted_at: Wall-clock time of the submission.
+        version: The codec version the record was read from.
+    """
+
+    op: Operation
+    kind: ArtifactKind
+    key: str
+    local_path: str
+    staged_path: str | None = None
+    store: str = "lamindb"
+    context: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointSnapshot | None = None
+    submitted_at: float = 0.0
+    version: int = RECORD_VERSION
+
+    @property
+    def prefix(self) -> str:
+        """The key's folder: checkpoints whose flags and ranks belong together."""
+        return self.key.rsplit("/", 1)[0] if "/" in self.key else ""
+
+    def file(self) -> Path:
+        """The file a save persists: its staged copy if it exists, else the local file."""
+        for candidate in (self.staged_path, self.local_path):
+            if candidate and os.path.isfile(candidate):
+                return Path(candidate)
+        raise LostFileError(
+            f"cannot persist {self.key!r}: neither its staged copy ({self.staged_path})"
+            f" nor its local file ({self.local_path}) exists"
+        )
+
+    def size(self) -> int:
+        """Bytes a save will upload (0 for a removal or a lost file)."""
+        if self.op != "save":
+            return 0
+        try:
+            return self.file().stat().st_size
+        except (OSError, LostFileError):
+            return 0
+
+
+# -- codec ------------------------------------------------------------------------------------
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as JSON data: numbers and tensors of one element become numbers."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return json_value(item())
+        except Exception:
+            pass
+    return str(value)
+
+
+def _encode_snapshot(snapshot: CheckpointSnapshot) -> dict[str, Any]:
+    return {
+        "global_step": snapshot.global_step,
+        "epoch": snapshot.epoch,
+        "monitor": snapshot.monitor,
+        "mode": snapshot.mode,
+        "save_weights_only": snapshot.save_weights_only,
+        "score": snapshot.score,
+        "is_best": snapshot.is_best,
+        "best_key": snapshot.best_key,
+        "last_key": snapshot.last_key,
+        "ranking": list(snapshot.ranking),
+        "scores": dict(snapshot.scores),
+        "features": [
+            [name, json_value(value), name in snapshot.auto_features]
+            for name, value in (snapshot.feature_values or {}).items()
+        ],
+    }
+
+
+def _decode_snapshot(
+    data: Mapping[str, Any], *, key: str, local_path: str, staged_path: str | None
+) -> CheckpointSnapshot:
+    features = [(str(n), v, bool(a)) for n, v, a in data.get("features", [])]
+    return CheckpointSnapshot(
+        key=key,
+        local_path=Path(local_path),
+        staged_path=Path(staged_path or local_path),
+        global_step=int(data.get("global_step", 0)),
+        epoch=int(data.get("epoch", 0)),
+        monitor=data.get("monitor"),
+        mode=str(data.get("mode", "min")),
+        save_weights_only=bool(data.get("save_weights_only", False)),
+        score=data.get("score"),
+        is_best=bool(data.get("is_best", False)),
+        best_key=data.get("best_key"),
+        last_key=data.get("last_key"),
+        ranking=tuple(data.get("ranking", ())),
+        scores={str(k): float(v) for k, v in dict(data.get("scores", {})).items()},
+        feature_values={name: value for name, value, _ in features} or None,
+        auto_features=frozenset(name for name, _, auto in features if auto),
+    )
+
+
+def encode(record: JobRecord) -> dict[str, Any]:
+    """The record as JSON data (always the current version)."""
+    return {
+        "v": RECORD_VERSION,
+        "op": record.op,
+        "kind": record.kind,
+        "key": record.key,
+        "local_path": record.local_path,
+        "staged": record.staged_path,
+        "store": record.store,
+        "context": json_value(dict(record.context)),
+        "snapshot": _encode_snapshot(record.checkpoint) if record.checkpoint else None,
+        "time": record.submitted_at,
+    }
+
+
+def decode(data: Mapping[str, Any]) -> JobRecord:
+    """A record from JSON data of version 1 or 2; ``ValueError`` if it is not one."""
+    version = data.get("v", 1)
+    if version not in (1, RECORD_VERSION):
+        raise ValueError(f"unknown journal record version {version!r}")
+    op, kind, key = data.get("op"), data.get("kind", "checkpoint"), data.get("key")
+    if op not in ("save", "remove") or kind not in ("checkpoint", "config", "hparams"):
+        raise ValueError(f"not a job record: op={op!r}, kind={kind!r}")
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"not a job record: key={key!r}")
+    local_path = str(data.get("local_path") or "")
+    staged = data.get("staged")
+    context = dict(data.get("context") or {})
+    if version == 1:
+        publisher = str(data.get("publisher", ""))
+        store = _V1_PUBLISHERS.get(publisher) or ("lamindb" if "instance" in context else "")
+        if not store:
+            store = f"unregistered:{publisher}"
+        if "checkpoint_key_prefix" in context:
+            context.setdefault("prefix", context.pop("checkpoint_key_prefix"))
+    else:
+        store = str(data.get("store", ""))
+    snapshot = data.get("snapshot")
+    when = data.get("time")
+    return JobRecord(
+        op=op,
+        kind=kind,
+        key=key,
+        local_path=local_path,
+        staged_path=str(staged) if staged else None,
+        store=store,
+        context=context,
+        checkpoint=_decode_snapshot(snapshot, key=key, local_path=local_path, staged_path=staged)
+        if isinstance(snapshot, Mapping) and kind == "checkpoint"
+        else None,
+        submitted_at=float(when) if isinstance(when, int | float) else 0.0,
+        version=int(version),
+    )

@@ -1,0 +1,496 @@
+"""The LaminDB store: one transfer, commit and removal path for live jobs and replays.
+
+Worker threads create artifacts (hash and copy into storage, one record each); the
+committer thread, in submission order, annotates features, replaces older artifacts
+of the key (only once the new one is committed), and makes ``is_best_model`` /
+``is_last_model`` / ``model_rank`` under the checkpoint's prefix equal the record's
+snapshot. Flags and ranks are applied as a diff against what is stored, with bulk
+queries, so a commit costs the same number of queries whether 5 or 500 checkpoints
+are stored under the prefix. Each prefix keeps its own state: committing under one
+never touches another's flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from lamin_lightning._errors import LaminSetupError
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
+from lamin_lightning._lamin_features import (
+    DESCRIPTIONS,
+    FLAG_FEATURES,
+    _ln,
+    discover_auto,
+    require_instance,
+)
+from lamin_lightning._retry import RetryPolicy
+
+log = logging.getLogger("lamin_lightning")
+
+
+class ArtifactPublisher(Protocol):
+    """How a :class:`Checkpoint` creates artifacts and names their storage location.
+
+    The same protocol as the reference's; assign an implementation to
+    ``checkpoint._artifact_publisher`` to persist elsewhere. ``create_artifact`` is
+    called on worker threads and must be thread-safe.
+    """
+
+    def create_artifact(
+        self,
+        local_path: Path | str,
+        *,
+        key: str,
+        description: str,
+        kind: str | None = None,
+        key_is_virtual: bool = True,
+        add_as_input_to_run: bool = False,
+        skip_hash_lookup: bool = False,
+    ) -> Any:
+        """Persist ``local_path`` under ``key``; return the artifact."""
+        ...
+
+    def storage_uri(self, artifact: Any) -> str:
+        """Where ``artifact``'s bytes live."""
+        ...
+
+
+class LaminArtifactPublisher:
+    """The default publisher: a ``lamindb.Artifact`` per file."""
+
+    def create_artifact(
+        self,
+        local_path: Path | str,
+        *,
+        key: str,
+        description: str,
+        kind: str | None = None,
+        key_is_virtual: bool = True,
+        add_as_input_to_run: bool = False,
+        skip_hash_lookup: bool = False,
+        run: Any = None,
+    ) -> Any:
+        """Create and save the artifact; record it as a run input if asked."""
+        ln = _ln()
+        kwargs: dict[str, Any] = {
+            "key": key,
+            "description": description,
+            "key_is_virtual": key_is_virtual,
+        }
+        if kind is not None:
+            kwargs["kind"] = kind
+        if add_as_input_to_run:
+            kwargs["run"] = False
+        elif run is not None:
+            kwargs["run"] = run
+        if skip_hash_lookup:
+            kwargs["skip_hash_lookup"] = True
+        artifact = ln.Artifact(local_path, **kwargs).save()
+        if add_as_input_to_run:
+            from lamindb.models._lineage import track_run_inputs
+
+            track_run_inputs(artifact, is_run_input=run if run is not None else True)
+        return artifact
+
+    def storage_uri(self, artifact: Any) -> str:
+        """``str(artifact.path)``."""
+        return str(artifact.path)
+
+
+class _PrefixFlags:
+    """What this store knows of the flags under one prefix (committer thread only)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.loaded = False
+        self.key_to_id: dict[str, int] = {}
+        self.state: dict[int, dict[str, Any]] = {}
+
+    def load(self, ln: Any, auto: Mapping[str, Any], exclude_ids: list[int]) -> None:
+        """Every committed checkpoint under the prefix and its flags (two queries, once)."""
+        if self.loaded:
+            return
+        self.loaded = True
+        rows = ln.Artifact.filter(key__startswith=self.prefix + "/", kind="model")
+        if exclude_ids:
+            rows = rows.exclude(id__in=exclude_ids)
+        for artifact_id, key in rows.order_by("id").values_list("id", "key"):
+            self.key_to_id[key] = artifact_id  # the newest artifact of a key wins
+        feature_ids = {auto[n].id: n for n in FLAG_FEATURES if n in auto}
+        if not feature_ids or not self.key_to_id:
+            return
+        links = ln.models.ArtifactJsonValue.filter(
+            artifact_id__in=list(self.key_to_id.values()),
+            jsonvalue__feature_id__in=list(feature_ids),
+        ).values_list("artifact_id", "jsonvalue__feature_id", "jsonvalue__value")
+        for artifact_id, feature_id, value in links:
+            self.state.setdefault(artifact_id, {})[feature_ids[feature_id]] = value
+
+    def forget(self, key: str) -> None:
+        artifact_id = self.key_to_id.pop(key, None)
+        if artifact_id is not None:
+            self.state.pop(artifact_id, None)
+
+
+class LaminStore:
+    """Persists job records as LaminDB artifacts: the ``"lamindb"`` store.
+
+    Args:
+        publisher: Returns the publisher to create artifacts with (looked up at each
+            call: a Checkpoint's ``_artifact_publisher`` may be replaced by the user).
+        retry: Tells transient errors (retried by the pipeline) from permanent ones.
+    """
+
+    name = "lamindb"
+
+    def __init__(
+        self,
+        *,
+        publisher: Callable[[], ArtifactPublisher] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        default = LaminArtifactPublisher()
+        self._publisher = publisher if publisher is not None else (lambda: default)
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._lock = threading.Lock()
+        # Artifacts our workers are saving and the committer has not committed, by id().
+        self._uncommitted: dict[int, Any] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was read from the database (at each ``setup``: it may have changed)."""
+        self._flags: dict[str, _PrefixFlags] = {}
+        self._auto: dict[str, Any] | None = None
+        self._value_ids: dict[tuple[int, Any], int] = {}
+        self._runs: dict[str, Any] = {}
+
+    # -- worker threads ----------------------------------------------------------------------
+
+    def create(
+        self,
+        path: Path | str,
+        *,
+        key: str,
+        kind: str,
+        run: Any,
+        key_is_virtual: bool,
+    ) -> Any:
+        """Hash and copy ``path`` into storage and save its artifact record (no lookup by hash)."""
+        description, lamin_kind = DESCRIPTIONS[kind]
+        publisher = self._publisher()
+        if type(publisher) is not LaminArtifactPublisher:
+            return publisher.create_artifact(
+                path,
+                key=key,
+                description=description,
+                kind=lamin_kind,
+                key_is_virtual=key_is_virtual,
+                add_as_input_to_run=run is False,
+                skip_hash_lookup=True,
+            )
+        artifact = _ln().Artifact(
+            path,
+            key=key,
+            description=description,
+            kind=lamin_kind,
+            run=run,
+            key_is_virtual=key_is_virtual,
+            skip_hash_lookup=True,
+        )
+        # Registered before the record exists, so that a commit replacing an older
+        # artifact of this key never mistakes this newer, uncommitted one for it. By
+        # object, not uid: concurrent new versions of one key get the same provisional
+        # uid, and lamindb may change the uid during save().
+        with self._lock:
+            self._uncommitted[id(artifact)] = artifact
+        try:
+            artifact.save()
+        except BaseException:
+            self.settle(artifact)
+            raise
+        return artifact
+
+    def transfer(self, record: JobRecord, path: Path) -> Any:
+        """The committed artifact of this key and content if there is one, else a new one."""
+        from lamindb_setup.core.hashing import hash_file
+
+        _, digest, _ = hash_file(path)
+        existing = _ln().Artifact.filter(key=record.key, hash=digest).order_by("-id").first()
+        if existing is not None:
+            return existing
+        run = self._run_of(record.context)
+        artifact = self.create(
+            path,
+            key=record.key,
+            kind=record.kind,
+            run=False if record.kind == "config" else run,
+            key_is_virtual=bool(record.context.get("key_is_virtual", True)),
+        )
+        if record.kind == "config" and run is not None:
+            from lamindb.models._lineage import track_run_inputs
+
+            track_run_inputs(artifact, is_run_input=run)
+        return artifact
+
+    def _run_of(self, context: Mapping[str, Any]) -> Any:
+        uid = context.get("run_uid")
+        if not uid:
+            return None
+        with self._lock:
+            if uid in self._runs:
+                return self._runs[uid]
+        run = _ln().Run.filter(uid=uid).one_or_none()
+        with self._lock:
+            self._runs[uid] = run
+        return run
+
+    # -- committer thread --------------------------------------------------------------------
+
+    def settle(self, artifact: Any) -> None:
+        """``artifact`` is committed (or gone): stop excluding it from queries."""
+        with self._lock:
+            self._uncommitted.pop(id(artifact), None)
+
+    def commit(
+        self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
+    ) -> tuple[str, ...]:
+        """Commit a transferred artifact (checkpoints: features, replacement, flags)."""
+        if record.kind != "checkpoint" or record.checkpoint is None:
+            self.settle(artifact)
+            return ()
+        return self.commit_checkpoint(
+            record.checkpoint, artifact, replay=replay, set_flags=set_flags
+        )
+
+    def commit_checkpoint(
+        self, snapshot: CheckpointSnapshot, artifact: Any, *, replay: bool, set_flags: bool
+    ) -> tuple[str, ...]:
+        """Annotate, replace older artifacts of the key, then set flags and ranks.
+
+        A live commit whose annotation fails for good deletes the artifact and raises
+        (nothing half-annotated is left); a replay keeps it, annotates every feature
+        that still validates and returns the names of those that do not.
+        """
+        ln = _ln()
+        unannotated = self._annotate(ln, snapshot, artifact, replay=replay)
+        # Only now that the new artifact is committed, remove what it replaces.
+        prefix = _prefix(snapshot.key)
+        for old in self.others_under_key(snapshot.key, exclude_id=artifact.id):
+            self._flags_of(prefix).forget(snapshot.key)
+            _delete(old, keep_path=str(artifact.path))
+        if set_flags:
+            self._apply_flags(ln, prefix, snapshot, artifact)
+        self.settle(artifact)
+        return unannotated
+
+    def _annotate(
+        self, ln: Any, snapshot: CheckpointSnapshot, artifact: Any, *, replay: bool
+    ) -> tuple[str, ...]:
+        auto = self._auto_features(ln)
+        plain: dict[Any, Any] = {}
+        for feature, value in (snapshot.feature_values or {}).items():
+            # By name (as journaled), or a feature object from a caller's own snapshot.
+            name = feature if isinstance(feature, str) else str(getattr(feature, "name", feature))
+            if name in FLAG_FEATURES or value is None:
+                continue  # flags are written by _apply_flags, from the snapshot
+            if not isinstance(feature, str):
+                target: Any = feature
+            else:
+                target = auto.get(name) if name in snapshot.auto_features else name
+            if target is not None:
+                plain[target] = value
+        if not plain:
+            return ()
+        try:
+            artifact.features.add_values(plain)  # idempotent: safe to retry
+            return ()
+        except Exception as error:
+            if self._retry.is_transient(error):
+                raise
+            if not replay:
+                # A value LaminDB rejects: do not leave an unannotated artifact behind.
+                self.settle(artifact)
+                _delete(artifact)
+                raise
+        # A replay: a feature deleted or changed since the crash. Keep the checkpoint and
+        # every annotation that still validates; name the others.
+        failed: list[str] = []
+        for target, value in plain.items():
+            name = str(getattr(target, "name", target))
+            try:
+                artifact.features.add_values({target: value})
+            except Exception as error:
+                if self._retry.is_transient(error):
+                    raise
+                log.warning(
+                    "replaying %r: could not annotate feature %r (%s: %s); the checkpoint"
+                    " and its other annotations are kept",
+                    snapshot.key,
+                    name,
+                    type(error).__name__,
+                    error,
+                )
+                failed.append(name)
+        return tuple(failed)
+
+    def _auto_features(self, ln: Any) -> dict[str, Any]:
+        if self._auto is None:
+            self._auto = discover_auto(ln)
+        return self._auto
+
+    def _flags_of(self, prefix: str) -> _PrefixFlags:
+        flags = self._flags.get(prefix)
+        if flags is None:
+            flags = self._flags[prefix] = _PrefixFlags(prefix)
+        return flags
+
+    def _apply_flags(
+        self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any
+    ) -> None:
+        """Make is_best_model / is_last_model / model_rank under ``prefix`` equal the snapshot."""
+        auto = self._auto_features(ln)
+        names = [n for n in FLAG_FEATURES if n in auto]
+        if not names:
+            return
+        flags = self._flags_of(prefix)
+        with self._lock:
+            in_flight = [a.id for a in self._uncommitted.values() if a.id is not None]
+        flags.load(ln, auto, [i for i in in_flight if i != artifact.id])
+        flags.key_to_id[snapshot.key] = artifact.id
+        ranks = {key: rank for rank, key in enumerate(snapshot.ranking)}
+        changed: dict[int, dict[str, Any]] = {}
+        for key, artifact_id in flags.key_to_id.items():
+            want = {
+                "is_best_model": key == snapshot.best_key,
+                "is_last_model": key == snapshot.key,
+                "model_rank": ranks.get(key),
+            }
+            want = {n: want[n] for n in names}
+            have = flags.state.get(artifact_id, {})
+            if want != {n: have.get(n) for n in names}:
+                changed[artifact_id] = want
+        if not changed:
+            return
+        link_model = ln.models.ArtifactJsonValue
+        link_model.objects.filter(
+            artifact_id__in=list(changed), jsonvalue__feature_id__in=[auto[n].id for n in names]
+        ).delete()
+        links = [
+            link_model(artifact_id=artifact_id, jsonvalue_id=self._value_id(ln, auto[n], value))
+            for artifact_id, values in changed.items()
+            for n, value in values.items()
+            if value is not None
+        ]
+        link_model.objects.bulk_create(links, ignore_conflicts=True)
+        for artifact_id, values in changed.items():
+            flags.state[artifact_id] = {n: v for n, v in values.items() if v is not None}
+
+    def _value_id(self, ln: Any, feature: Any, value: Any) -> int:
+        cache_key = (feature.id, value if not isinstance(value, bool) else ("bool", value))
+        found = self._value_ids.get(cache_key)
+        if found is None:
+            record, _ = ln.models.JsonValue.get_or_create(feature, value)
+            found = self._value_ids[cache_key] = record.id
+        return found
+
+    def remove(self, record: JobRecord, known: Any | None) -> tuple[Any, str] | None:
+        """Delete what is stored under an evicted key; return (artifact, storage URI)."""
+        return self.remove_key(record.key, known)
+
+    def remove_key(self, key: str, known: Any | None) -> tuple[Any, str] | None:
+        """Delete ``known`` (or every committed artifact under ``key``).
+
+        Returns the last deleted artifact and where its bytes were, or None.
+        """
+        self._flags_of(_prefix(key)).forget(key)
+        removed = None
+        for candidate in [known] if known is not None else self.others_under_key(key):
+            uri = self.storage_uri(candidate)
+            _delete(candidate)
+            removed = (candidate, uri)
+        return removed
+
+    def abandon(self, record: JobRecord, artifact: Any) -> None:
+        """Delete an artifact whose commit failed for good (best effort)."""
+        del record
+        self.abandon_artifact(artifact)
+
+    def abandon_artifact(self, artifact: Any) -> None:
+        """Delete ``artifact`` if it was created by a transfer and never committed."""
+        if artifact is None or getattr(artifact, "id", None) is None:
+            return
+        self.settle(artifact)
+        try:
+            _delete(artifact)
+        except Exception as error:
+            log.warning(
+                "could not delete the uncommitted artifact %r of %r (%s: %s)",
+                getattr(artifact, "uid", None),
+                getattr(artifact, "key", None),
+                type(error).__name__,
+                error,
+            )
+
+    def storage_uri(self, artifact: Any) -> str:
+        """Where ``artifact``'s bytes live (as the publisher says)."""
+        return self._publisher().storage_uri(artifact)
+
+    def others_under_key(self, key: str, exclude_id: int | None = None) -> list[Any]:
+        """Committed artifacts stored under ``key`` (not those our workers are still saving)."""
+        # A versioned save sets the id inside its transaction, so a visible row has it;
+        # a first version's autocommit INSERT is visible a moment before its id is set,
+        # and its uid does not change: exclude by id, else by uid.
+        with self._lock:
+            in_flight = list(self._uncommitted.values())
+        query = _ln().Artifact.filter(key=key)
+        if exclude_id is not None:
+            # Only older rows: a newer one is a later save of the key still in flight (its
+            # own commit replaces this one), even from a publisher whose saves we do not track.
+            query = query.filter(id__lt=exclude_id)
+        ids = [a.id for a in in_flight if a.id is not None]
+        uids = [a.uid for a in in_flight if a.id is None]
+        if ids:
+            query = query.exclude(id__in=ids)
+        if uids:
+            query = query.exclude(uid__in=uids)
+        return list(query)
+
+    def finalize_thread(self) -> None:
+        """Close this thread's Django connection."""
+        close_connections()
+
+
+def close_connections() -> None:
+    """Close the calling thread's Django connections (idle PostgreSQL backends pile up)."""
+    try:
+        from django.db import connections
+    except ImportError:  # pragma: no cover
+        return
+    connections.close_all()
+
+
+def _prefix(key: str) -> str:
+    return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def _delete(artifact: Any, *, keep_path: str | None = None) -> None:
+    same_place = keep_path is not None and str(artifact.path) == keep_path
+    artifact.delete(permanent=True, storage=not same_place)
+
+
+def replay_store(record: JobRecord) -> LaminStore:
+    """The registry's factory: a store on the connected instance, if it is the record's."""
+    ln = require_instance()
+    wanted = record.context.get("instance")
+    current = ln.setup.settings.instance.slug
+    if wanted and wanted != current:
+        raise LaminSetupError(
+            f"the outbox entry for {record.key!r} belongs to LaminDB instance {wanted!r}, but"
+            f" {current!r} is connected; connect {wanted!r} (`lamin connect {wanted}`) and"
+            " flush again"
+        )
+    return LaminStore()

@@ -1,0 +1,85 @@
+"""The asynchronous knobs: defaults and validation, once, at construction.
+
+Every error names the parameter and says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from lamin_lightning._retry import RetryPolicy
+
+OnError = Literal["raise", "warn"]
+ON_ERROR_VALUES = ("raise", "warn")
+
+DEFAULT_MAX_WORKERS = 2
+DEFAULT_MAX_PENDING = 4
+DEFAULT_FLUSH_TIMEOUT = 900.0
+
+
+def as_float(value: Any) -> float | None:
+    """A score or metric as a float (tensors of one element too), or None."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def validate_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_retry(value: Any) -> RetryPolicy:
+    if value is None:
+        return RetryPolicy()
+    if isinstance(value, RetryPolicy):
+        return value
+    if isinstance(value, Mapping) or (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            return RetryPolicy(**value) if isinstance(value, Mapping) else RetryPolicy(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"retry={value!r} is not a valid retry policy: {error}. Pass a number of"
+                " attempts >= 1 or a mapping of RetryPolicy fields (attempts, initial_backoff,"
+                " max_backoff, jitter, transient_errors)"
+            ) from error
+    raise ValueError(
+        "retry must be a lamin_lightning.RetryPolicy, a mapping of its fields"
+        f" (attempts, initial_backoff, max_backoff, jitter, transient_errors) or an int"
+        f" number of attempts, got {value!r}"
+    )
+
+
+def validate_flush_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(
+            f"flush_timeout must be a number of seconds >= 0, or None to wait"
+            f" without limit, got {value!r}"
+        )
+    if math.isinf(value):
+        return None
+    return float(value)
+
+
+def validate_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; otherwise a ValueError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def validate_on_error(value: Any) -> OnError:
+    """``"raise"`` or ``"warn"``; otherwise a ValueError naming ``on_error``."""
+    if value not in ON_ERROR_VALUES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_VALUES}, got {value!r}")
+    return value  # type: ignore[no-any-return]

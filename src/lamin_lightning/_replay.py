@@ -1,0 +1,416 @@
+"""Records to pipeline jobs: one builder for live saves and replays, and ``flush DIR``.
+
+:func:`build_job` turns a :class:`~lamin_lightning._jobs.JobRecord` and a store into
+the pipeline's job the same way whether the record was just submitted or read back
+from an outbox after a crash: transfer, commit, removal, failure, abandon and discard
+all come from the record; only ``recovered`` (on the events) and whether flags may
+still move (``set_flags``) differ. Imports no callback.
+
+:func:`flush_directory` is ``lamin-lightning flush DIR``: it replays the unfinished
+records of a checkpoint directory's outboxes into their stores, chosen from the store
+registry by the name each record carries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lamin_lightning._errors import LostFileError, OutboxInUseError
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._jobs import JobRecord
+from lamin_lightning._journal import Outbox, journal_paths, read_pending
+from lamin_lightning._pipeline import JobSpec
+from lamin_lightning._progress import drain_with_progress, progress_bar
+from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._staging import STAGING_DIRNAME, release_staged
+from lamin_lightning.store import ArtifactStore, StoreResolver
+
+log = logging.getLogger("lamin_lightning")
+
+Outcome = Callable[[JobRecord, AnyArtifactEvent], None]
+"""Told of each job's event on the committer thread, before it is delivered."""
+
+
+@dataclass(frozen=True)
+class Settle:
+    """Where a job's record is journaled, to mark it finished there."""
+
+    outbox: Outbox
+    job_id: str
+
+    def __call__(self, status: str) -> None:
+        self.outbox.settle(self.job_id, status)
+
+
+def build_job(
+    record: JobRecord,
+    store: ArtifactStore,
+    *,
+    trainer: Any = None,
+    recovered: bool = False,
+    set_flags: bool = True,
+    settle: Callable[[str], None] | None = None,
+    known: Callable[[str], Any] | None = None,
+    outcome: Outcome | None = None,
+    prepare: Callable[[], int] | None = None,
+) -> JobSpec:
+    """The pipeline job of ``record``, persisted into ``store``.
+
+    Args:
+        record: The job.
+        store: Where it goes.
+        trainer: Put on the events (None outside training).
+        recovered: Whether this is a replay (marks the events; a replay keeps an
+            artifact whose annotation fails, a live commit raises).
+        set_flags: Whether the commit may move best/last/rank flags.
+        settle: Marks the journaled record finished (with a status).
+        known: What this process saved under a key (for removals).
+        outcome: Told of every event on the committer thread.
+        prepare: Stages the file on the intake thread (live saves); returns its size.
+    """
+
+    def settled(status: str) -> None:
+        if settle is not None:
+            settle(status)
+
+    def told(event: AnyArtifactEvent) -> AnyArtifactEvent:
+        if outcome is not None:
+            outcome(record, event)
+        return event
+
+    def fail(error: BaseException, attempts: int) -> ArtifactFailedEvent:
+        if isinstance(error, LostFileError):
+            log.error("lamin-lightning: %s; dropping it from the outbox", error)
+            settled("lost")
+        elif recovered:
+            log.warning(
+                "lamin-lightning: could not replay %s %r (%s: %s); it stays in the outbox",
+                record.op,
+                record.key,
+                type(error).__name__,
+                error,
+            )
+        event = ArtifactFailedEvent(
+            kind=record.kind,
+            key=record.key,
+            local_path=Path(record.local_path),
+            trainer=trainer,
+            error=error,
+            attempts=attempts,
+            operation=record.op,
+            recovered=recovered,
+        )
+        told(event)
+        return event
+
+    if record.op == "remove":
+
+        def remove(_: Any) -> ArtifactRemovedEvent:
+            removed = store.remove(record, known(record.key) if known is not None else None)
+            event = ArtifactRemovedEvent(
+                kind=record.kind,
+                key=record.key,
+                local_path=Path(record.local_path),
+                trainer=trainer,
+                artifact=removed[0] if removed else None,
+                storage_uri=removed[1] if removed else None,
+                recovered=recovered,
+            )
+            told(event)
+            settled("removed")
+            return event
+
+        return JobSpec(
+            operation="remove",
+            key=record.key,
+            commit=remove,
+            fail=fail,
+            prepare=prepare,
+            payload=record,
+        )
+
+    def transfer() -> Any:
+        return store.transfer(record, record.file())
+
+    def commit(artifact: Any) -> ArtifactSavedEvent | None:
+        unannotated = store.commit(record, artifact, replay=recovered, set_flags=set_flags)
+        if record.staged_path:
+            release_staged(Path(record.staged_path))
+        if artifact is None:  # a hook that persisted nothing (hparams file gone)
+            settled("saved")
+            return None
+        event = ArtifactSavedEvent(
+            kind=record.kind,
+            key=record.key,
+            local_path=Path(record.local_path),
+            trainer=trainer,
+            artifact=artifact,
+            storage_uri=store.storage_uri(artifact),
+            recovered=recovered,
+            unannotated_features=tuple(unannotated),
+        )
+        told(event)
+        settled("saved")
+        return event
+
+    def discard() -> None:
+        if record.staged_path:
+            release_staged(Path(record.staged_path))
+        settled("dropped")
+
+    def abandon(artifact: Any) -> None:
+        store.abandon(record, artifact)
+
+    return JobSpec(
+        operation="save",
+        key=record.key,
+        transfer=transfer,
+        commit=commit,
+        fail=fail,
+        discard=discard,
+        abandon=abandon,
+        size_bytes=0 if prepare is not None else record.size(),
+        prepare=prepare,
+        payload=record,
+    )
+
+
+# -- outboxes of a directory ------------------------------------------------------------------
+
+
+def outbox_root(dirpath: str | os.PathLike[str]) -> Path:
+    """The ``.lamin-lightning`` folder of a checkpoint directory (or the folder itself)."""
+    path = Path(dirpath)
+    return path if path.name == STAGING_DIRNAME else path / STAGING_DIRNAME
+
+
+def open_unheld(
+    root: Path, skip: Callable[[Path], bool] = lambda _: False
+) -> tuple[list[Outbox], list[Path]]:
+    """Open every journal under ``root`` that nobody holds and that has pending jobs;
+    also list those another holder has. ``skip`` leaves journals alone."""
+    opened: list[Outbox] = []
+    busy: list[Path] = []
+    for path in journal_paths(root):
+        if skip(path):
+            continue
+        outbox = Outbox(path)
+        try:
+            outbox.open()
+        except OutboxInUseError:
+            busy.append(path)
+            continue
+        if outbox.pending():
+            opened.append(outbox)
+        else:
+            outbox.close()
+    return opened, busy
+
+
+Pending = tuple[Outbox, str, JobRecord]
+"""A journaled job not finished yet: its outbox, its id there, and its record."""
+
+
+def pending_in(outboxes: list[Outbox]) -> list[Pending]:
+    """Every pending job of ``outboxes``, in journal order."""
+    return [(outbox, job_id, record) for outbox in outboxes for job_id, record in outbox.pending()]
+
+
+def replay_jobs(
+    pending: list[Pending],
+    store_for: Callable[[JobRecord], ArtifactStore],
+    *,
+    trainer: Any = None,
+    outcome: Outcome | None = None,
+) -> tuple[list[JobSpec], list[tuple[JobRecord, BaseException]]]:
+    """The replay job of every pending record, in journal order, and the records that
+    cannot be replayed here (with why: an unknown store, another instance)."""
+    specs: list[JobSpec] = []
+    refused: list[tuple[JobRecord, BaseException]] = []
+    for outbox, job_id, record in pending:
+        try:
+            store = store_for(record)
+        except Exception as error:
+            log.error(
+                "cannot replay %s %r from %s (%s: %s); it stays in the outbox",
+                record.op,
+                record.key,
+                outbox.path,
+                type(error).__name__,
+                error,
+            )
+            refused.append((record, error))
+            continue
+        # A replayed save moves flags only if no newer checkpoint of its prefix
+        # committed meanwhile: it must not turn the flags back in time.
+        fresh = record.submitted_at >= outbox.flags_at(record.prefix)
+        specs.append(
+            build_job(
+                record,
+                store,
+                trainer=trainer,
+                recovered=True,
+                set_flags=fresh,
+                settle=Settle(outbox, job_id),
+                outcome=outcome,
+            )
+        )
+    return specs, refused
+
+
+def pending_records(dirpath: str | os.PathLike[str]) -> list[tuple[Path, JobRecord]]:
+    """Unfinished jobs of every journal in a checkpoint directory, without locking."""
+    return [
+        (path, record)
+        for path in journal_paths(outbox_root(dirpath))
+        for _, record in read_pending(path)
+    ]
+
+
+# -- lamin-lightning flush ----------------------------------------------------------------------
+
+
+@dataclass
+class FlushReport:
+    """What ``lamin-lightning flush`` did; every pending job is in exactly one list.
+
+    Attributes:
+        events: The events of the replayed jobs, in order (saved, removed, failed).
+        dropped: Jobs a later job of the same key made moot during the replay.
+        remaining: Jobs still pending afterwards (failed, refused, or not reached
+            before the timeout).
+        refused: Of ``remaining``, those that cannot be replayed here, with why.
+        busy: Journals another process holds (a training run still going).
+    """
+
+    events: list[AnyArtifactEvent] = field(default_factory=list)
+    dropped: list[JobRecord] = field(default_factory=list)
+    remaining: list[JobRecord] = field(default_factory=list)
+    refused: list[tuple[JobRecord, BaseException]] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)
+
+    @property
+    def saved(self) -> int:
+        """Saves committed."""
+        return sum(isinstance(e, ArtifactSavedEvent) for e in self.events)
+
+    @property
+    def removed(self) -> int:
+        """Removals committed."""
+        return sum(isinstance(e, ArtifactRemovedEvent) for e in self.events)
+
+    @property
+    def failed(self) -> int:
+        """Jobs that failed again."""
+        return sum(isinstance(e, ArtifactFailedEvent) for e in self.events)
+
+    @property
+    def unannotated(self) -> list[ArtifactSavedEvent]:
+        """Saves committed without some of their feature annotations."""
+        return [
+            e for e in self.events if isinstance(e, ArtifactSavedEvent) and e.unannotated_features
+        ]
+
+
+def flush_directory(
+    dirpath: str | os.PathLike[str],
+    *,
+    timeout: float | None = None,
+    progress: bool = True,
+    max_workers: int = 2,
+    on_event: Callable[[AnyArtifactEvent], None] | None = None,
+    stores: Mapping[str, ArtifactStore] | None = None,
+    retry: RetryPolicy | None = None,
+) -> FlushReport:
+    """Persist what the outboxes of ``dirpath`` still hold (``lamin-lightning flush``).
+
+    ``timeout`` bounds the whole call, submission included. ``stores`` replaces the
+    registry's store for the names it holds (a test's :class:`MemoryStore`, say).
+    Raises :class:`OutboxInUseError` if a training process holds every journal.
+    """
+    from lamin_lightning._bridge import PersistencePipeline
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    root = outbox_root(dirpath)
+    report = FlushReport()
+    outboxes, report.busy = open_unheld(root)
+    if report.busy and not outboxes:
+        raise OutboxInUseError(
+            f"a running training process holds the outbox in {root}"
+            f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
+            " to finish, or stop it first."
+        )
+    work = pending_in(outboxes)
+    if not work:
+        for outbox in outboxes:
+            outbox.close()
+        return report
+    resolver = StoreResolver(stores)
+    lock = threading.Lock()
+    with_event: set[int] = set()
+
+    def record_outcome(record: JobRecord, _: AnyArtifactEvent) -> None:
+        with_event.add(id(record))
+
+    def deliver(event: AnyArtifactEvent) -> None:
+        with lock:
+            report.events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    pipeline = PersistencePipeline(
+        max_workers=max_workers,
+        max_pending=max(4, 2 * max_workers),
+        retry=retry if retry is not None else RetryPolicy(),
+        deliver=deliver,
+        thread_finalizer=resolver.finalize_thread,
+        name="lamin-lightning-flush",
+    )
+    pipeline.start()
+    bar = None
+    try:
+        specs, report.refused = replay_jobs(work, resolver, outcome=record_outcome)
+        sizes = {id(spec.payload): spec.size_bytes for spec in specs}
+        bar = progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(specs))
+        for spec in specs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pipeline.submit(spec, timeout=left):  # bounded like training
+                break
+        drain_with_progress(pipeline, bar, sizes, deadline)
+    finally:
+        if bar is not None:
+            bar.close()
+        pipeline.stop(timeout=0)
+        after = {(o.path, job_id) for o in outboxes for job_id, _ in o.pending()}
+        for outbox in outboxes:
+            outbox.close()
+    for outbox, job_id, record in work:
+        if (outbox.path, job_id) in after:
+            report.remaining.append(record)
+        elif id(record) not in with_event:
+            report.dropped.append(record)
+    return report
+
+
+__all__ = [
+    "FlushReport",
+    "Settle",
+    "build_job",
+    "flush_directory",
+    "open_unheld",
+    "outbox_root",
+    "pending_records",
+    "replay_jobs",
+]

@@ -1,0 +1,256 @@
+"""The reference's extension surface of the generic callback: hooks, observers, last artifacts.
+
+:class:`ArtifactHooks` is the part of
+:class:`~lamin_lightning.ArtifactPublishingModelCheckpoint` that user code overrides
+or reads, as in ``lamindb.integrations.lightning``: the ``save_*`` and
+``resolve_*`` override points, the ``on_artifact_*`` hooks, the observers, and the
+``last_*_artifact`` properties. It also delivers events: on the delivery thread, in
+submission order, each hook and observer isolated from the others. An exception
+from any of them is logged; a ``BaseException`` that is not an ``Exception``
+(``SystemExit``, ``KeyboardInterrupt``) is kept and re-raised on the training thread
+at the next save or at teardown, after the pipeline has flushed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactKind,
+    ArtifactObserver,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lamin_lightning._jobs import CheckpointSnapshot
+
+log = logging.getLogger("lamin_lightning")
+
+_pipeline_call = threading.local()
+
+
+def as_pipeline_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a ``save_*`` hook marked as called by the pipeline (see ``called_by_pipeline``)."""
+    _pipeline_call.active = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _pipeline_call.active = False
+
+
+_OBSERVER_METHODS = ("on_artifact_saved", "on_artifact_removed", "on_artifact_failed")
+
+
+class ArtifactHooks:
+    """Override points, lifecycle hooks and observers of the generic callback."""
+
+    _artifact_observers: list[ArtifactObserver]
+    _latest_artifacts: dict[ArtifactKind, Any | None]
+    _last_artifact_event: AnyArtifactEvent | None
+    _escalated: collections.deque[BaseException]
+
+    def _init_surface(
+        self, observers: list[ArtifactObserver] | tuple[ArtifactObserver, ...]
+    ) -> None:
+        self._artifact_observers = []
+        for observer in observers:
+            try:
+                self.add_artifact_observer(observer)
+            except TypeError as error:
+                raise TypeError(f"artifact_observers: {error}") from None
+        self._latest_artifacts = {"checkpoint": None, "config": None, "hparams": None}
+        self._last_artifact_event = None
+        self._escalated = collections.deque()
+
+    # -- what the reference exposes ----------------------------------------------------------
+
+    @property
+    def last_checkpoint_artifact(self) -> Any | None:
+        """The most recently saved checkpoint artifact (updated as events are delivered)."""
+        return self._latest_artifacts["checkpoint"]
+
+    @property
+    def last_config_artifact(self) -> Any | None:
+        """The most recently saved config artifact."""
+        return self._latest_artifacts["config"]
+
+    @property
+    def last_hparams_artifact(self) -> Any | None:
+        """The most recently saved hparams artifact."""
+        return self._latest_artifacts["hparams"]
+
+    @property
+    def last_artifact_event(self) -> AnyArtifactEvent | None:
+        """The last lifecycle event delivered by this callback."""
+        return self._last_artifact_event
+
+    def get_last_artifact(self, kind: ArtifactKind) -> Any | None:
+        """The most recently saved artifact of ``kind``."""
+        if kind not in self._latest_artifacts:
+            raise ValueError(f"kind must be one of {tuple(self._latest_artifacts)}, got {kind!r}")
+        return self._latest_artifacts[kind]
+
+    def add_artifact_observer(self, observer: ArtifactObserver) -> None:
+        """Register an observer; it needs ``on_artifact_saved`` or ``on_artifact_removed``."""
+        if not any(callable(getattr(observer, name, None)) for name in _OBSERVER_METHODS):
+            raise TypeError(
+                f"{observer!r} is not an artifact observer: define on_artifact_saved,"
+                " on_artifact_removed and optionally on_artifact_failed"
+            )
+        self._artifact_observers.append(observer)
+
+    def remove_artifact_observer(self, observer: ArtifactObserver) -> None:
+        """Unregister an observer added before."""
+        self._artifact_observers.remove(observer)
+
+    def resolve_artifact_storage_uri(self, artifact: Any) -> str:
+        """Where ``artifact``'s bytes live. Called on the committer thread."""
+        raise NotImplementedError
+
+    def resolve_artifact_key(
+        self, trainer: pl.Trainer, filepath: Path | str, kind: ArtifactKind
+    ) -> str:
+        """The logical key of a file. Called on the training thread at submission."""
+        raise NotImplementedError
+
+    def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+        """Hook after an artifact was saved and committed. Delivery thread."""
+        del event
+
+    def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
+        """Hook after an evicted checkpoint was removed. Delivery thread."""
+        del event
+
+    def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
+        """Hook after persisting a file failed for good. Delivery thread."""
+        del event
+
+    def save_checkpoint_artifact(
+        self,
+        trainer: pl.Trainer,
+        filepath: Path | str,
+        *,
+        feature_values: dict[Any, Any] | None = None,
+    ) -> Any:
+        """Persist a checkpoint file; return the persisted artifact. Worker thread.
+
+        ``filepath`` is the staged file (same base name as Lightning's). The event
+        is emitted by the pipeline after the commit, not by this method.
+        """
+        del trainer, filepath, feature_values
+        raise NotImplementedError
+
+    def save_config_artifact(self, trainer: pl.Trainer, config_path: Path | str) -> Any:
+        """Persist a LightningCLI config file; return the artifact. Worker thread."""
+        del trainer, config_path
+        raise NotImplementedError
+
+    def save_hparams_artifact(self, trainer: pl.Trainer, hparams_path: Path | str) -> Any | None:
+        """Persist ``hparams.yaml``; return the artifact or None. Worker thread."""
+        del trainer, hparams_path
+        raise NotImplementedError
+
+    # -- extension points of this package ----------------------------------------------------
+
+    def collect_checkpoint_feature_values(
+        self, trainer: pl.Trainer, snapshot: CheckpointSnapshot
+    ) -> dict[Any, Any] | None:
+        """Values to annotate the checkpoint with, read from the live trainer. Training thread.
+
+        Keys are feature names, or feature objects (taken by their ``name``); values
+        are frozen as JSON data at submission, so a replay annotates the same values.
+        """
+        del trainer, snapshot
+        return None
+
+    def commit_checkpoint_artifact(
+        self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: Any
+    ) -> None:
+        """Order-dependent bookkeeping after a checkpoint was saved. Committer thread.
+
+        Runs strictly in submission order, so flags such as "best" or "last" and
+        ranks can be set from ``snapshot`` without racing other checkpoints. Must be
+        idempotent: it is retried on transient errors.
+        """
+        del trainer, snapshot, artifact
+
+    def remove_checkpoint_artifact(
+        self, trainer: pl.Trainer, key: str, artifact: Any | None
+    ) -> Any | None:
+        """Delete the persisted artifact of an evicted checkpoint. Committer thread.
+
+        ``artifact`` is what this callback saved under ``key`` in this process, or
+        None if it saved nothing (the save was cancelled, failed, or happened in
+        another process). Return the deleted artifact, or None. Must be idempotent.
+        """
+        del trainer, key
+        return artifact
+
+    def abandon_checkpoint_artifact(self, trainer: pl.Trainer, key: str, artifact: Any) -> None:
+        """Delete an artifact whose save failed for good after it was transferred.
+
+        Committer thread. Called when the commit exhausted its retries, so that no
+        uncommitted artifact lingers under ``key``. Best effort; must be idempotent.
+        """
+        del trainer, key, artifact
+
+    @staticmethod
+    def called_by_pipeline() -> bool:
+        """Whether the current ``save_*`` hook call comes from the background pipeline.
+
+        Lets a ``save_*`` override behave like the synchronous reference when user
+        code calls it directly: annotate and emit the saved event itself.
+        """
+        return bool(getattr(_pipeline_call, "active", False))
+
+    def emit_artifact_event(self, event: AnyArtifactEvent) -> None:
+        """Deliver an event to the ``on_artifact_*`` hooks and observers now, on this thread.
+
+        For direct (synchronous) calls of the ``save_*`` hooks; the pipeline delivers
+        its own events on the delivery thread.
+        """
+        self._deliver(event)
+
+    def thread_finalizer(self) -> None:
+        """Called on each pipeline thread as it exits (close per-thread connections here)."""
+
+    # -- delivery thread -----------------------------------------------------------------------
+
+    def _deliver(self, event: AnyArtifactEvent) -> None:
+        if isinstance(event, ArtifactSavedEvent):
+            self._latest_artifacts[event.kind] = event.artifact
+            method = "on_artifact_saved"
+        elif isinstance(event, ArtifactRemovedEvent):
+            method = "on_artifact_removed"
+        else:
+            method = "on_artifact_failed"
+        self._last_artifact_event = event
+        self._isolated(getattr(self, method), event, f"{type(self).__name__}.{method} raised")
+        for observer in tuple(self._artifact_observers):
+            callback = getattr(observer, method, None)
+            if callable(callback):
+                self._isolated(callback, event, f"observer {observer!r} raised in {method}")
+
+    def _isolated(self, hook: Any, event: AnyArtifactEvent, what: str) -> None:
+        try:
+            hook(event)
+        except Exception:
+            log.exception("%s for %r", what, event.key)
+        except BaseException as error:  # SystemExit, KeyboardInterrupt: for the training thread
+            log.error("%s %s for %r", what, type(error).__name__, event.key)
+            self._escalated.append(error)
+
+    def _take_escalated(self) -> list[BaseException]:
+        taken = []
+        while self._escalated:  # deque appends and pops are thread-safe
+            taken.append(self._escalated.popleft())
+        return taken

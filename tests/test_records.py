@@ -1,0 +1,196 @@
+"""The job record and the journal that stores it: codec, versions, registry, torn tails.
+
+A record is the whole description of a job: these tests prove it survives the journal
+unchanged, that journals written by version 1 still replay, that a journal never
+decides which code runs, and that a write cut short by a full disk never swallows
+the job appended after it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lamin_lightning import JobRecord, UnknownStoreError, flush_directory
+from lamin_lightning._jobs import CheckpointSnapshot, decode, encode
+from lamin_lightning._journal import Outbox, read_journal, read_pending
+from lamin_lightning.store import StoreResolver
+from lamin_lightning.testing import MemoryStore
+
+
+def _snapshot(key: str = "ckpts/a.ckpt") -> CheckpointSnapshot:
+    return CheckpointSnapshot(
+        key=key,
+        local_path=Path("/data/a.ckpt"),
+        staged_path=Path("/data/.lamin-lightning/staged/x/a.ckpt"),
+        global_step=7,
+        epoch=1,
+        monitor="val_loss",
+        mode="min",
+        save_weights_only=False,
+        score=0.25,
+        is_best=True,
+        best_key=key,
+        last_key=key,
+        ranking=(key, "ckpts/b.ckpt"),
+        scores={key: 0.25, "ckpts/b.ckpt": 0.5},
+        feature_values={"score": 0.25, "project": "x"},
+        auto_features=frozenset({"score"}),
+    )
+
+
+def test_a_checkpoint_record_round_trips_through_json_unchanged() -> None:
+    """encode -> JSON text -> decode gives back an equal record, snapshot and features included."""
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key="ckpts/a.ckpt",
+        local_path="/data/a.ckpt",
+        staged_path="/data/.lamin-lightning/staged/x/a.ckpt",
+        store="lamindb",
+        context={"instance": "me/inst", "prefix": "ckpts", "run_uid": None},
+        checkpoint=_snapshot(),
+        submitted_at=1700000000.5,
+    )
+    assert decode(json.loads(json.dumps(encode(record)))) == record
+
+
+def test_a_version_1_entry_decodes_with_its_store_and_prefix() -> None:
+    """A line journaled by 0.1.0 (a class path, no store) still replays into the right store."""
+    entry = {
+        "v": 1,
+        "op": "save",
+        "kind": "checkpoint",
+        "key": "p/checkpoints/a.ckpt",
+        "local_path": "/d/a.ckpt",
+        "staged": "/d/.lamin-lightning/staged/1/a.ckpt",
+        "publisher": "lamin_lightning._lamin:Checkpoint",
+        "context": {"instance": "me/i", "run_uid": "r1", "checkpoint_key_prefix": "p/checkpoints"},
+        "snapshot": {
+            "score": 1.0,
+            "ranking": ["p/checkpoints/a.ckpt"],
+            "features": [["x", 1, False]],
+        },
+        "time": 12.0,
+    }
+    record = decode(entry)
+    assert record.store == "lamindb"
+    assert record.context["prefix"] == "p/checkpoints"
+    assert record.checkpoint is not None and record.checkpoint.feature_values == {"x": 1}
+    assert (
+        decode(
+            {**entry, "publisher": "lamin_lightning.testing:MemoryCheckpoint", "context": {}}
+        ).store
+        == "memory"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"v": 9, "op": "save", "key": "k"}, {"op": "upload", "key": "k"}, {"op": "save", "key": ""}],
+)
+def test_entries_that_are_not_records_are_refused(bad: dict[str, object]) -> None:
+    """Unknown versions, operations or empty keys raise ValueError instead of half-decoding."""
+    with pytest.raises(ValueError):
+        decode(bad)
+
+
+def test_a_journal_naming_unknown_code_never_imports_it(tmp_path: Path) -> None:
+    """A v1 line naming a class of another module is refused by name; the module is not imported."""
+    module = "lamin_lightning_test_never_imported"
+    record = decode(
+        {"v": 1, "op": "remove", "kind": "checkpoint", "key": "k", "publisher": f"{module}:Evil"}
+    )
+    with pytest.raises(UnknownStoreError, match="no installed package registers"):
+        StoreResolver()(record)
+    assert module not in sys.modules
+
+
+def test_a_memory_record_needs_its_store_passed_to_flush(tmp_path: Path) -> None:
+    """Replaying a memory-store journal without the store leaves the job pending, refused."""
+    outbox = Outbox(tmp_path / ".lamin-lightning" / "outbox-a.jsonl")
+    outbox.open()
+    outbox.append(
+        JobRecord(op="remove", kind="checkpoint", key="k", local_path="/x", store="memory")
+    )
+    outbox.close()
+    report = flush_directory(tmp_path, progress=False)
+    assert [r.key for r in report.remaining] == ["k"]
+    assert isinstance(report.refused[0][1], UnknownStoreError)
+    store = MemoryStore()
+    assert flush_directory(tmp_path, progress=False, stores={"memory": store}).remaining == []
+
+
+def _record(key: str) -> JobRecord:
+    return JobRecord(op="remove", kind="checkpoint", key=key, local_path="/x", store="memory")
+
+
+def test_a_torn_tail_is_cut_before_the_next_append(tmp_path: Path) -> None:
+    """A journal ending in half a line (a crash mid-write) gets its next job on a line of its own."""
+    path = tmp_path / "outbox-a.jsonl"
+    outbox = Outbox(path)
+    outbox.open()
+    first = outbox.append(_record("k1"))
+    outbox.close()
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('{"t":"job","id":"x","entry":{"op":"sa')  # killed mid-write
+    reopened = Outbox(path)
+    assert [r.key for _, r in reopened.open()] == ["k1"]
+    second = reopened.append(_record("k2"))
+    assert [(i, r.key) for i, r in read_pending(path)] == [(first, "k1"), (second, "k2")]
+    reopened.close()
+
+
+SHORT_WRITE = textwrap.dedent(
+    """
+    import errno, json, resource, signal, sys
+    from lamin_lightning import JobRecord
+    from lamin_lightning._journal import Outbox
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    path = sys.argv[1]
+    outbox = Outbox(path)
+    outbox.open()
+    record = lambda key: JobRecord(op="remove", kind="checkpoint", key=key, local_path="/x" * 40)
+    first = outbox.append(record("k1"))
+    size = outbox.path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 60, hard))  # the next line is cut short
+    try:
+        outbox.append(record("k2"))
+        print(json.dumps({"error": None}))
+        sys.exit(1)
+    except OSError as error:
+        torn = errno.errorcode.get(error.errno)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+    third = outbox.append(record("k3"))
+    print(json.dumps({"error": torn, "ids": [first, third]}))
+    """
+)
+
+
+def test_a_write_cut_short_by_a_full_disk_does_not_swallow_the_next_job(tmp_path: Path) -> None:
+    """A real short write (file size limit, as a full disk) leaves half a line; the next job is
+    journaled intact after it, and the failed job is not half-recorded."""
+    path = tmp_path / "outbox-a.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", SHORT_WRITE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] == "EFBIG"
+    pending, _ = read_journal(path)
+    assert [(job_id, record.key) for job_id, record in pending] == [
+        (result["ids"][0], "k1"),
+        (result["ids"][1], "k3"),
+    ]
+    assert path.read_bytes().endswith(b"\n")

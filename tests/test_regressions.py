@@ -1,0 +1,338 @@
+"""Defects of the one-job-record redesign issue, each reproduced against the in-memory store.
+
+Each test failed on 12ec151 and names what it proves. The LaminDB twins (a real
+instance, a real SIGKILL) are in ``tests/lamindb/test_lamindb_regressions.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import TinyModel, loader, make_trainer
+from lamin_lightning import (
+    ArtifactFailedEvent,
+    ArtifactSavedEvent,
+    JobRecord,
+    RetryPolicy,
+    flush_directory,
+)
+from lamin_lightning._jobs import CheckpointSnapshot
+from lamin_lightning._journal import Outbox
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+
+# -- journals written by hand: what a crashed process leaves ---------------------------------
+
+
+def _journal(dirpath: Path) -> Outbox:
+    outbox = Outbox(dirpath / ".lamin-lightning" / "outbox-test.jsonl")
+    outbox.open()
+    return outbox
+
+
+def _save(
+    dirpath: Path,
+    name: str,
+    *,
+    at: float,
+    ranking: tuple[str, ...] = (),
+    best: str | None = None,
+    features: dict[str, Any] | None = None,
+    staged: bool = True,
+) -> JobRecord:
+    """A journaled checkpoint save whose staged file exists, as Lightning saw it at ``at``."""
+    local = dirpath / name
+    local.write_bytes(name.encode() * 100)
+    staged_path = dirpath / ".lamin-lightning" / "staged" / f"{at}" / name
+    if staged:
+        staged_path.parent.mkdir(parents=True)
+        staged_path.write_bytes(local.read_bytes())
+    key = f"ckpts/{name}"
+    keys = tuple(f"ckpts/{n}" for n in ranking)
+    snapshot = CheckpointSnapshot(
+        key=key,
+        local_path=local,
+        staged_path=staged_path,
+        global_step=int(at),
+        epoch=0,
+        monitor="score",
+        mode="min",
+        save_weights_only=False,
+        score=at,
+        is_best=best == name,
+        best_key=f"ckpts/{best}" if best else None,
+        last_key=key,
+        ranking=keys,
+        scores={k: float(i) for i, k in enumerate(keys)},
+        feature_values=features,
+    )
+    return JobRecord(
+        op="save",
+        kind="checkpoint",
+        key=key,
+        local_path=str(local),
+        staged_path=str(staged_path),
+        store="memory",
+        checkpoint=snapshot,
+        submitted_at=at,
+    )
+
+
+def _remove(dirpath: Path, name: str, at: float) -> JobRecord:
+    return JobRecord(
+        op="remove",
+        kind="checkpoint",
+        key=f"ckpts/{name}",
+        local_path=str(dirpath / name),
+        store="memory",
+        submitted_at=at,
+    )
+
+
+def _flags(store: MemoryStore) -> dict[str, tuple[bool, bool, int | None]]:
+    return {
+        k: (f["is_best_model"], f["is_last_model"], f["model_rank"]) for k, f in store.flags.items()
+    }
+
+
+def test_a_replay_leaves_the_flags_of_the_last_submitted_state(tmp_path: Path) -> None:
+    """Saves a, b, c (top-2 by score) and the eviction of a, replayed after a crash: the
+    flags are exactly Lightning's view at the last save, every kept file ranked."""
+    outbox = _journal(tmp_path)
+    outbox.append(_save(tmp_path, "a.ckpt", at=1, ranking=("a.ckpt",), best="a.ckpt"))
+    outbox.append(_save(tmp_path, "b.ckpt", at=2, ranking=("b.ckpt", "a.ckpt"), best="b.ckpt"))
+    outbox.append(_remove(tmp_path, "a.ckpt", at=3))
+    outbox.append(_save(tmp_path, "c.ckpt", at=3, ranking=("b.ckpt", "c.ckpt"), best="b.ckpt"))
+    outbox.close()
+    store = MemoryStore()
+    report = flush_directory(tmp_path, progress=False, stores={"memory": store})
+    assert report.remaining == [] and report.failed == 0
+    assert store.keys() == {"ckpts/b.ckpt", "ckpts/c.ckpt"}
+    assert _flags(store) == {"ckpts/b.ckpt": (True, False, 0), "ckpts/c.ckpt": (False, True, 1)}
+
+
+def test_an_old_failed_save_replayed_after_newer_commits_leaves_the_flags_alone(
+    tmp_path: Path,
+) -> None:
+    """A save that failed while a newer one committed is replayed later without moving the
+    flags back in time: they stay those of the newer, committed save."""
+    store = MemoryStore()
+    outbox = _journal(tmp_path)
+    old = outbox.append(_save(tmp_path, "a.ckpt", at=1, ranking=("a.ckpt",), best="a.ckpt"))
+    newer = _save(tmp_path, "b.ckpt", at=2, ranking=("b.ckpt", "a.ckpt"), best="b.ckpt")
+    newer_id = outbox.append(newer)
+    # The newer save committed (in the crashed process); its line is settled.
+    artifact = store.transfer(newer, Path(str(newer.staged_path)))
+    store.commit(newer, artifact, replay=False, set_flags=True)
+    outbox.settle(newer_id, "saved")
+    assert old in {i for i, _ in outbox.pending()}
+    outbox.close()
+    flush_directory(tmp_path, progress=False, stores={"memory": store})
+    assert store.keys() == {"ckpts/a.ckpt", "ckpts/b.ckpt"}
+    assert _flags(store)["ckpts/b.ckpt"] == (True, True, 0)
+    assert store.flags.get("ckpts/a.ckpt", {}).get("is_last_model") in (None, False)
+
+
+def test_a_replay_whose_annotation_fails_keeps_the_other_annotations(tmp_path: Path) -> None:
+    """A feature rejected since the crash: the checkpoint and its other features persist, the
+    event names the feature, and the report lists the save as unannotated."""
+    outbox = _journal(tmp_path)
+    outbox.append(
+        _save(tmp_path, "a.ckpt", at=1, ranking=("a.ckpt",), features={"good": 1, "gone": 2})
+    )
+    outbox.close()
+    store = MemoryStore()
+    store.reject_feature("gone")
+    report = flush_directory(tmp_path, progress=False, stores={"memory": store})
+    assert report.remaining == []
+    [event] = report.unannotated
+    assert event.unannotated_features == ("gone",)
+    stored = store.get("ckpts/a.ckpt")
+    assert stored is not None and stored.feature_values == {"good": 1}
+
+
+def test_a_superseded_replay_releases_its_staged_file(tmp_path: Path) -> None:
+    """Two replayed saves of one key: the older, superseded before it started, releases its
+    staged file; nothing is left under staged/ and the report names it dropped."""
+    outbox = _journal(tmp_path)
+    outbox.append(_save(tmp_path, "blocker.ckpt", at=1))
+    first = _save(tmp_path, "last.ckpt", at=2)
+    outbox.append(first)
+    (tmp_path / "second").mkdir()
+    second = _save(tmp_path / "second", "last.ckpt", at=3)
+    outbox.append(second)
+    outbox.close()
+    store = MemoryStore()
+    store.hang()  # the blocker's upload holds the only worker: last.ckpt's first save waits
+    done: dict[str, Any] = {}
+    flusher = threading.Thread(
+        target=lambda: done.update(
+            report=flush_directory(
+                tmp_path, progress=False, max_workers=1, stores={"memory": store}
+            )
+        )
+    )
+    flusher.start()
+    assert store.wait_until_hanging(1, timeout=30)
+    store.release()
+    flusher.join(timeout=60)
+    report = done["report"]
+    assert [r.key for r in report.dropped] == ["ckpts/last.ckpt"]
+    assert report.dropped[0].staged_path == first.staged_path
+    assert not Path(str(first.staged_path)).exists()
+    assert not any((tmp_path / ".lamin-lightning" / "staged").rglob("*.ckpt"))
+    assert store.get("ckpts/last.ckpt").sha256 is not None  # type: ignore[union-attr]
+
+
+def test_flush_honours_its_timeout_while_submitting_and_reports_every_job(tmp_path: Path) -> None:
+    """Storage hangs, more jobs than slots: flush returns near its timeout (submission
+    included) and each job is either in the events, dropped, or still pending."""
+    outbox = _journal(tmp_path)
+    records = [_save(tmp_path, f"s{i}.ckpt", at=i) for i in range(8)]
+    for record in records:
+        outbox.append(record)
+    outbox.close()
+    store = MemoryStore()
+    store.hang()
+    started = time.monotonic()
+    try:
+        report = flush_directory(
+            tmp_path, progress=False, timeout=1.0, max_workers=1, stores={"memory": store}
+        )
+    finally:
+        store.release()
+    assert time.monotonic() - started < 15  # not blocked behind the hanging uploads
+    accounted = [e.key for e in report.events] + [r.key for r in report.dropped]
+    accounted += [r.key for r in report.remaining]
+    assert sorted(accounted) == sorted(r.key for r in records)
+    assert len(report.remaining) == len(records)
+
+
+# -- live training ------------------------------------------------------------------------------
+
+
+def test_a_commit_that_exhausts_its_retries_leaves_no_orphan(tmp_path: Path) -> None:
+    """The commit of last.ckpt's second save fails for good: the store is back to the first
+    save (no second, uncommitted version lingers), and the failure is reported."""
+    store = MemoryStore()
+    observer = RecordingObserver()
+    saved: list[int] = []
+
+    class FailSecondCommit(MemoryCheckpoint):
+        def commit_checkpoint_artifact(self, trainer: Any, snapshot: Any, artifact: Any) -> None:
+            saved.append(artifact.version)
+            if len(saved) == 2:
+                raise ConnectionError("database went away")
+            super().commit_checkpoint_artifact(trainer, snapshot, artifact)
+
+    callback = FailSecondCommit(
+        store,
+        dirpath=tmp_path / "ckpt",
+        filename="last",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        enable_version_counter=False,
+        retry=RetryPolicy.no_delay(attempts=1),
+        on_error="warn",
+        max_workers=1,
+        artifact_observers=[observer],
+    )
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+    kinds = [type(e) for e in observer.events if e.kind == "checkpoint"]
+    assert kinds == [ArtifactSavedEvent, ArtifactFailedEvent]
+    stored = store.get("ckpts/last.ckpt") or store.get("checkpoints/last.ckpt")
+    assert stored is not None and stored.version == 1
+
+
+def test_a_second_fit_under_a_new_prefix_leaves_the_first_prefixs_flags(tmp_path: Path) -> None:
+    """One callback, two fits, two key prefixes: the first prefix's best/last/rank survive."""
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        key_prefix="run1",
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+    )
+    make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(scores=[3, 1, 2]), loader(3))
+    first = {k: v for k, v in _flags(store).items() if k.startswith("run1/")}
+    assert any(best for best, _, _ in first.values())
+    callback.key_prefix = "run2"
+    make_trainer(tmp_path / "2", [callback], max_steps=3).fit(
+        TinyModel(scores=[0.5, 0.3, 0.4]), loader(3)
+    )
+    assert {k: v for k, v in _flags(store).items() if k.startswith("run1/")} == first
+    assert [k for k, (_, last, _) in _flags(store).items() if last and k.startswith("run2/")]
+
+
+class _ExitingObserver(RecordingObserver):
+    def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+        super().on_artifact_saved(event)
+        if len(self.events) == 1:
+            raise SystemExit("observer asked to exit")
+
+
+def test_system_exit_in_an_observer_never_stops_the_pipeline(tmp_path: Path) -> None:
+    """An observer raising SystemExit: every checkpoint still persists and is delivered, and
+    the SystemExit reaches the training thread (fit raises it), nothing hangs."""
+    store = MemoryStore()
+    observer = _ExitingObserver()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        max_pending=1,
+        flush_timeout=60,
+        artifact_observers=[observer],
+    )
+    gate = threading.Event()
+
+    class Gate(RecordingObserver):
+        def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+            gate.set()
+
+    callback.add_artifact_observer(Gate())
+    with pytest.raises(SystemExit, match="observer asked to exit"):
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+    assert gate.is_set()
+    assert observer.events  # delivered before and after the SystemExit
+    assert len(store.keys(kind="checkpoint")) == len(observer.events)
+    assert callback._pipeline is None  # stopped cleanly: no thread left behind
+
+
+def test_system_exit_in_a_save_hook_fails_the_job_not_the_pipeline(tmp_path: Path) -> None:
+    """A save hook raising SystemExit: that job fails in its slot, the others persist, and
+    the SystemExit is re-raised on the training thread after the pipeline flushed."""
+    store = MemoryStore()
+    observer = RecordingObserver()
+
+    class ExitOnce(MemoryCheckpoint):
+        calls = 0
+
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            ExitOnce.calls += 1
+            if ExitOnce.calls == 1:
+                raise SystemExit("hook asked to exit")
+            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+    callback = ExitOnce(
+        store,
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        max_workers=1,
+        on_error="warn",
+        flush_timeout=60,
+        artifact_observers=[observer],
+    )
+    with pytest.raises(SystemExit, match="hook asked to exit"):
+        make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(3))
+    assert isinstance(observer.events[0], ArtifactFailedEvent)
+    assert all(isinstance(e, ArtifactSavedEvent) for e in observer.events[1:])
