@@ -53,7 +53,12 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, json_value
-from lamin_lightning._local_write import HostWrite, Snapshotter
+from lamin_lightning._local_write import (
+    HostWrite,
+    Snapshotter,
+    async_write_supported,
+    snapshot_checkpoint,
+)
 from lamin_lightning._options import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -67,13 +72,13 @@ from lamin_lightning._options import (
     validate_retry,
 )
 from lamin_lightning._pipeline import PendingJob
-from lamin_lightning._progress import drain_with_progress, job_bytes, progress_bar
+from lamin_lightning._progress import flush_with_progress
 from lamin_lightning._replay import open_unheld, pending_in
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import staging_root
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
 from lamin_lightning._submit import Submitter
-from lamin_lightning._surface import ArtifactHooks, as_pipeline_call
+from lamin_lightning._surface import ArtifactHooks, HookStore
 from lamin_lightning._telemetry import log_persistence_stats
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
@@ -270,26 +275,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         and available from :meth:`pending_artifacts`.
         """
         pipeline = self._pipeline
-        if pipeline is None:
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        first = 1.0 if timeout is None else min(1.0, timeout)
-        if pipeline.flush(first):
-            return True
-        pending = pipeline.pending()
-        sizes = {id(job.payload): job_bytes(job) for job in pending}
-        bar = progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(pending))
-        try:
-            if drain_with_progress(pipeline, bar, sizes, deadline):
-                return True
-        finally:
-            if bar is not None:
-                bar.close()
-        keys = [job.key for job in pipeline.pending()]
-        log.warning(
-            "flush timed out after %ss; not yet persisted: %s", timeout, ", ".join(keys) or "-"
-        )
-        return False
+        return pipeline is None or flush_with_progress(pipeline, timeout, progress=progress)
 
     # -- Lightning hooks ------------------------------------------------------------------
 
@@ -352,20 +338,10 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             log_persistence_stats(trainer, self.persistence_stats)
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
-        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-        strategy = trainer.strategy
-        supported = type(strategy.checkpoint_io) is TorchCheckpointIO and isinstance(
-            strategy, SingleDeviceStrategy | DDPStrategy
-        )
+        supported, why = async_write_supported(trainer)
         if not supported and not self._async_write_refused:
             self._async_write_refused = True
-            rank_zero_warn(
-                f"async_write=True needs the default TorchCheckpointIO and a single-device or"
-                f" DDP strategy; this trainer has {type(strategy).__name__} with"
-                f" {type(strategy.checkpoint_io).__name__}. Writing checkpoints synchronously."
-            )
+            rank_zero_warn(why)
         return supported
 
     def _snapshot_for_async_write(self, trainer: pl.Trainer, filepath: str) -> HostWrite | None:
@@ -373,24 +349,16 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
 
         Returns the write to run in the background (rank zero), or None.
         """
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
-        write: HostWrite | None = None
-        if trainer.is_global_zero:
-            if self._snapshotter is None:
-                self._snapshotter = Snapshotter(self.max_snapshots)
-            snapshotter = self._snapshotter
-            slot, waited = snapshotter.acquire()
-            if waited:
-                self._stats_recorder.add(admission_waits=1, training_stall_seconds=waited)
-                self._stats_recorder.record_max("max_training_stall_seconds", waited)
-            try:
-                host = snapshotter.snapshot(checkpoint, slot)
-            except BaseException:
-                snapshotter.release(slot)
-                raise
-            scratch = self._staging_root(filepath) / "writing"
-            write = HostWrite(snapshotter, slot, host, filepath, scratch)
-        del checkpoint
+        if self._snapshotter is None:
+            self._snapshotter = Snapshotter(self.max_snapshots)
+        write = snapshot_checkpoint(
+            trainer,
+            self._snapshotter,
+            filepath,
+            weights_only=self.save_weights_only,
+            scratch=self._staging_root(filepath) / "writing",
+            stats=self._stats_recorder,
+        )
         try:
             trainer.strategy.barrier("Trainer.save_checkpoint")
             self._last_global_step_saved = trainer.global_step
@@ -460,7 +428,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
     ) -> None:
         self._ensure_submitter().submit(
             record,
-            _HookStore(self, trainer),
+            HookStore(self, trainer),
             trainer=trainer,
             prepare=prepare,
             known=self._persisted.get,
@@ -651,48 +619,6 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
                     type(failure.error).__name__,
                     failure.error,
                 )
-
-
-class _HookStore:
-    """The store of live jobs: the callback's own override points, called as the reference does."""
-
-    def __init__(self, callback: ArtifactPublishingModelCheckpoint, trainer: pl.Trainer) -> None:
-        self._callback = callback
-        self._trainer = trainer
-
-    def transfer(self, record: JobRecord, path: Path) -> Any:
-        cb, trainer = self._callback, self._trainer
-        if record.kind == "checkpoint":
-            values = record.checkpoint.feature_values if record.checkpoint else None
-            return as_pipeline_call(
-                cb.save_checkpoint_artifact, trainer, path, feature_values=dict(values or {})
-            )
-        if record.kind == "config":
-            return as_pipeline_call(cb.save_config_artifact, trainer, path)
-        return as_pipeline_call(cb.save_hparams_artifact, trainer, path)
-
-    def commit(
-        self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
-    ) -> tuple[str, ...]:
-        del replay, set_flags  # a live job: every flag moves, every annotation must hold
-        if record.kind == "checkpoint" and record.checkpoint is not None:
-            self._callback.commit_checkpoint_artifact(self._trainer, record.checkpoint, artifact)
-        return ()
-
-    def remove(self, record: JobRecord, known: Any | None) -> tuple[Any, str] | None:
-        cb = self._callback
-        removed = cb.remove_checkpoint_artifact(self._trainer, record.key, known)
-        return (removed, cb.resolve_artifact_storage_uri(removed)) if removed is not None else None
-
-    def abandon(self, record: JobRecord, artifact: Any) -> None:
-        if record.kind == "checkpoint":
-            self._callback.abandon_checkpoint_artifact(self._trainer, record.key, artifact)
-
-    def storage_uri(self, artifact: Any) -> str:
-        return self._callback.resolve_artifact_storage_uri(artifact)
-
-    def finalize_thread(self) -> None:
-        self._callback.thread_finalizer()
 
 
 def _with_features(snapshot: CheckpointSnapshot, values: Mapping[Any, Any]) -> CheckpointSnapshot:

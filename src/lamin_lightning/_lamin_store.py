@@ -292,7 +292,8 @@ class LaminStore:
     ) -> tuple[str, ...]:
         auto = self._auto_features(ln)
         plain: dict[Any, Any] = {}
-        for feature, value in (snapshot.feature_values or {}).items():
+        values: Mapping[Any, Any] = snapshot.feature_values or {}
+        for feature, value in values.items():
             # By name (as journaled), or a feature object from a caller's own snapshot.
             name = feature if isinstance(feature, str) else str(getattr(feature, "name", feature))
             if name in FLAG_FEATURES or value is None:

@@ -198,3 +198,49 @@ class HostWrite:
             self._state = "abandoned"
         self._host = None
         self._snapshotter.release(self._slot)
+
+
+def async_write_supported(trainer: Any) -> tuple[bool, str]:
+    """Whether ``trainer`` saves through the default ``torch.save`` path; else why not."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO and isinstance(
+        strategy, SingleDeviceStrategy | DDPStrategy
+    ):
+        return True, ""
+    return False, (
+        f"async_write=True needs the default TorchCheckpointIO and a single-device or"
+        f" DDP strategy; this trainer has {type(strategy).__name__} with"
+        f" {type(strategy.checkpoint_io).__name__}. Writing checkpoints synchronously."
+    )
+
+
+def snapshot_checkpoint(
+    trainer: Any,
+    snapshotter: Snapshotter,
+    filepath: str,
+    *,
+    weights_only: bool,
+    scratch: Path,
+    stats: Any,
+) -> HostWrite | None:
+    """Dump the trainer's checkpoint into a host snapshot; return its background write.
+
+    Every rank dumps (strategies gather inside); only rank zero snapshots and writes.
+    A wait for a free snapshot slot is counted as training stall in ``stats``.
+    """
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+    if not trainer.is_global_zero:
+        return None
+    slot, waited = snapshotter.acquire()
+    if waited:
+        stats.add(admission_waits=1, training_stall_seconds=waited)
+        stats.record_max("max_training_stall_seconds", waited)
+    try:
+        host = snapshotter.snapshot(checkpoint, slot)
+    except BaseException:
+        snapshotter.release(slot)
+        raise
+    return HostWrite(snapshotter, slot, host, filepath, scratch)

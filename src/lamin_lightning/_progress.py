@@ -6,6 +6,7 @@ identified by its payload (the job record) object, so the bar counts each job on
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lamin_lightning._bridge import PersistencePipeline
     from lamin_lightning._pipeline import PendingJob
+
+log = logging.getLogger("lamin_lightning")
 
 
 def progress_bar(total: int, *, enabled: bool, unit: str = "file", files: int = 0) -> Any:
@@ -63,3 +66,27 @@ def drain_with_progress(
             bar.refresh()
         if done:
             return True
+
+
+def flush_with_progress(
+    pipeline: PersistencePipeline, timeout: float | None, *, progress: bool
+) -> bool:
+    """Wait for ``pipeline`` to finish; show a bar over bytes and files after a second.
+
+    Returns False if ``timeout`` passed first, after logging the keys still pending.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if pipeline.flush(1.0 if timeout is None else min(1.0, timeout)):
+        return True
+    pending = pipeline.pending()
+    sizes = {id(job.payload): job_bytes(job) for job in pending}
+    bar = progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(pending))
+    try:
+        if drain_with_progress(pipeline, bar, sizes, deadline):
+            return True
+    finally:
+        if bar is not None:
+            bar.close()
+    keys = [job.key for job in pipeline.pending()]
+    log.warning("flush timed out after %ss; not yet persisted: %s", timeout, ", ".join(keys) or "-")
+    return False

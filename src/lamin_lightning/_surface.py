@@ -31,7 +31,7 @@ from lamin_lightning._events import (
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lamin_lightning._jobs import CheckpointSnapshot
+    from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
 
 log = logging.getLogger("lamin_lightning")
 
@@ -254,3 +254,45 @@ class ArtifactHooks:
         while self._escalated:  # deque appends and pops are thread-safe
             taken.append(self._escalated.popleft())
         return taken
+
+
+class HookStore:
+    """The store of live jobs: the callback's own override points, called as the reference does."""
+
+    def __init__(self, callback: ArtifactHooks, trainer: pl.Trainer) -> None:
+        self._callback = callback
+        self._trainer = trainer
+
+    def transfer(self, record: JobRecord, path: Path) -> Any:
+        cb, trainer = self._callback, self._trainer
+        if record.kind == "checkpoint":
+            values = record.checkpoint.feature_values if record.checkpoint else None
+            return as_pipeline_call(
+                cb.save_checkpoint_artifact, trainer, path, feature_values=dict(values or {})
+            )
+        if record.kind == "config":
+            return as_pipeline_call(cb.save_config_artifact, trainer, path)
+        return as_pipeline_call(cb.save_hparams_artifact, trainer, path)
+
+    def commit(
+        self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
+    ) -> tuple[str, ...]:
+        del replay, set_flags  # a live job: every flag moves, every annotation must hold
+        if record.kind == "checkpoint" and record.checkpoint is not None:
+            self._callback.commit_checkpoint_artifact(self._trainer, record.checkpoint, artifact)
+        return ()
+
+    def remove(self, record: JobRecord, known: Any | None) -> tuple[Any, str] | None:
+        cb = self._callback
+        removed = cb.remove_checkpoint_artifact(self._trainer, record.key, known)
+        return (removed, cb.resolve_artifact_storage_uri(removed)) if removed is not None else None
+
+    def abandon(self, record: JobRecord, artifact: Any) -> None:
+        if record.kind == "checkpoint":
+            self._callback.abandon_checkpoint_artifact(self._trainer, record.key, artifact)
+
+    def storage_uri(self, artifact: Any) -> str:
+        return self._callback.resolve_artifact_storage_uri(artifact)
+
+    def finalize_thread(self) -> None:
+        self._callback.thread_finalizer()
