@@ -218,6 +218,7 @@ class LaminStore:
         """The committed artifact of this key and content if there is one, else a new one."""
         from lamindb_setup.core.hashing import hash_file
 
+        _check_instance(record)
         _, digest, _ = hash_file(path)
         existing = _ln().Artifact.filter(key=record.key, hash=digest).order_by("-id").first()
         if existing is not None:
@@ -400,6 +401,7 @@ class LaminStore:
 
     def remove(self, record: JobRecord, known: Any | None) -> tuple[Any, str] | None:
         """Delete what is stored under an evicted key; return (artifact, storage URI)."""
+        _check_instance(record)
         return self.remove_key(record.key, known)
 
     def remove_key(self, key: str, known: Any | None) -> tuple[Any, str] | None:
@@ -483,8 +485,8 @@ def _delete(artifact: Any, *, keep_path: str | None = None) -> None:
     artifact.delete(permanent=True, storage=not same_place)
 
 
-def replay_store(record: JobRecord) -> LaminStore:
-    """The registry's factory: a store on the connected instance, if it is the record's."""
+def _check_instance(record: JobRecord) -> None:
+    """Refuse (permanently: the job stays journaled) a record of another instance."""
     ln = require_instance()
     wanted = record.context.get("instance")
     current = ln.setup.settings.instance.slug
@@ -494,4 +496,9 @@ def replay_store(record: JobRecord) -> LaminStore:
             f" {current!r} is connected; connect {wanted!r} (`lamin connect {wanted}`) and"
             " flush again"
         )
+
+
+def replay_store(record: JobRecord) -> LaminStore:
+    """The registry's factory: a store on the connected instance, if it is the record's."""
+    _check_instance(record)
     return LaminStore()
