@@ -323,7 +323,8 @@ class Outbox:
             # An earlier write failed part-way (ENOSPC, EFBIG): cut the torn line off.
             os.ftruncate(fd, self._good_size)
             self._torn = False
-        data = memoryview(_line(item))
+        line = _line(item)
+        data = memoryview(line)
         # One write(2) on an O_APPEND|O_DSYNC descriptor: appended atomically and durable
         # when it returns. One syscall, not write + fsync: on the training thread each
         # syscall gives up the GIL, and getting it back from busy background threads can
@@ -336,7 +337,7 @@ class Outbox:
         except BaseException:
             self._torn = True
             raise
-        self._good_size += len(data.obj)  # type: ignore[arg-type]
+        self._good_size += len(line)
         self._lines += 1
 
     def _compact(self) -> None:

@@ -439,12 +439,12 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         feature_values: dict[Any, Any] | None = None,
     ) -> StoredArtifact:
         """Put the checkpoint into the store."""
-        key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+        key = self.resolve_artifact_key(trainer=trainer, filepath=filepath, kind="checkpoint")
         return self.store.put(key, filepath, kind="checkpoint", feature_values=feature_values)
 
     def save_config_artifact(self, trainer: pl.Trainer, config_path: Path | str) -> StoredArtifact:
         """Put the config into the store."""
-        key = self.resolve_artifact_key(trainer, config_path, "config")
+        key = self.resolve_artifact_key(trainer=trainer, filepath=config_path, kind="config")
         return self.store.put(key, config_path, kind="config")
 
     def save_hparams_artifact(
@@ -453,7 +453,7 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         """Put ``hparams.yaml`` into the store."""
         if not Path(hparams_path).exists():
             return None
-        key = self.resolve_artifact_key(trainer, hparams_path, "hparams")
+        key = self.resolve_artifact_key(trainer=trainer, filepath=hparams_path, kind="hparams")
         return self.store.put(key, hparams_path, kind="hparams")
 
     store_name = "memory"
