@@ -234,7 +234,10 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
                 deliver=self._deliver,
                 thread_finalizer=self.thread_finalizer,
                 stats=self._stats_recorder,
-                staging_timeout=self.flush_timeout,
+                # Lightning must not delete or rewrite a file before it is staged, or its
+                # upload is lost: wait for the staging, whatever flush_timeout says (only a
+                # hung disk can make this wait long, and then Lightning's write hangs too).
+                staging_timeout=None,
             )
         return self._submitter
 

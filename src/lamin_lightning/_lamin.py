@@ -38,6 +38,7 @@ from lamin_lightning._lamin_store import (
     LaminStore,
     close_connections,
 )
+from lamin_lightning._legacy import Callback
 from lamin_lightning._options import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArtifactPublisher",
+    "Callback",
     "Checkpoint",
     "LaminArtifactPublisher",
     "LaminSetupError",

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -68,6 +69,7 @@ class Submitter:
             stats=stats,
         )
         self._staging_timeout = staging_timeout
+        self._stats = stats
         self.pipeline: PersistencePipeline | None = None
         self.outbox: Outbox | None = None
         self.foreign: list[Outbox] = []
@@ -212,7 +214,12 @@ class Submitter:
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
         done = self._staging_done.pop(str(filepath), None)
-        if done is not None and not done.wait(timeout=self._staging_timeout):
+        if done is None:
+            return
+        started = time.monotonic()
+        finished = done.wait(timeout=self._staging_timeout)
+        self._stats.add(training_stall_seconds=time.monotonic() - started)
+        if not finished:
             log.warning("staging %s did not finish; removing or rewriting it anyway", filepath)
 
     def move_aside(self, root: Path, filepath: str | Path) -> None:
