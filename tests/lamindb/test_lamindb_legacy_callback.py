@@ -1,4 +1,4 @@
-"""The reference's deprecated ``Callback(path, key)``: same warning, same artifacts, in the background."""
+"""The reference's deprecated ``Callback(path, key)``, saving in the background."""
 
 from __future__ import annotations
 
