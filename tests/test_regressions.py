@@ -336,3 +336,41 @@ def test_system_exit_in_a_save_hook_fails_the_job_not_the_pipeline(tmp_path: Pat
         make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(3))
     assert isinstance(observer.events[0], ArtifactFailedEvent)
     assert all(isinstance(e, ArtifactSavedEvent) for e in observer.events[1:])
+
+
+def test_a_rerun_without_dirpath_finishes_the_previous_logger_versions_outbox(
+    tmp_path: Path,
+) -> None:
+    """Without a dirpath each run checkpoints into a new logger version: the rerun replays
+    what the previous version's outbox still holds, and that outbox ends empty."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    store = MemoryStore()
+    store.hang()
+    first = MemoryCheckpoint(store, every_n_train_steps=1, save_top_k=-1, max_workers=1)
+
+    stuck = threading.Event()
+
+    def give_up(*_: Any) -> None:
+        assert store.wait_until_hanging(1, timeout=30)
+        first.flush_timeout = 0  # teardown gives up: the jobs stay journaled, as in a crash
+        stuck.set()
+
+    first.on_train_end = give_up  # type: ignore[method-assign]
+    logger = CSVLogger(tmp_path, name="lg")
+    with pytest.warns(UserWarning, match="did not finish"):
+        make_trainer(tmp_path, [first], logger=logger, max_steps=3).fit(TinyModel(), loader(3))
+    assert stuck.is_set()
+    version_0 = tmp_path / "lg" / "version_0" / "checkpoints"
+    kept = sorted(p.name for p in version_0.glob("*.ckpt"))
+    assert len(kept) == 3
+    assert list((version_0 / ".lamin-lightning").glob("outbox-*.jsonl"))
+    store.release()
+
+    second = MemoryCheckpoint(store, every_n_train_steps=1, save_top_k=-1)
+    logger = CSVLogger(tmp_path, name="lg")
+    make_trainer(tmp_path, [second], logger=logger, max_steps=1).fit(TinyModel(), loader(1))
+    assert logger.version == 1
+    stored = store.keys(kind="checkpoint")
+    assert {f"checkpoints/{name}" for name in kept} <= stored
+    assert not list((version_0 / ".lamin-lightning").glob("outbox-*.jsonl"))

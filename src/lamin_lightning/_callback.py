@@ -175,6 +175,9 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
                 f" {type(artifact_observers).__name__}"
             )
         super().__init__(*args, **kwargs)
+        # Lightning picks the dirpath at setup when the user gives none (a new logger
+        # version each run): then earlier versions' outboxes are ours to finish too.
+        self._user_dirpath = dirpath is not None
         self._init_surface(artifact_observers or [])
         self._stats_recorder = StatsRecorder()
         self._hparams_submitted = False
@@ -518,6 +521,11 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
     def _replay_unfinished(self, trainer: pl.Trainer) -> int:
         """Queue what earlier runs left in this directory's outboxes, before any new job.
 
+        Without a ``dirpath`` of the user's, each run checkpoints into a new logger
+        version, so the outboxes of the sibling versions under the same logger root
+        (``{save_dir}/{name}/*/checkpoints``) are replayed too; one that another live
+        process holds is left to it, with a warning naming ``lamin-lightning flush``.
+
         The replays commit first, in their original order (the pipeline commits in
         submission order); training does not wait for them beyond the usual
         backpressure. Journals of this trainer's other checkpoint callbacks are left
@@ -533,10 +541,20 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             for other in getattr(trainer, "callbacks", [])
             if other is not self and isinstance(other, ArtifactPublishingModelCheckpoint)
         }
-        others, _ = open_unheld(
-            own.path.parent,
-            skip=lambda path: path == own.path or _digest_of(path) in siblings,
-        )
+
+        def skip(path: Path) -> bool:
+            return path == own.path or _digest_of(path) in siblings
+
+        others, _ = open_unheld(own.path.parent, skip=skip)
+        for root in self._sibling_version_roots(own.path.parent):
+            opened, busy = open_unheld(root, skip=skip)
+            others.extend(opened)
+            for path in busy:
+                rank_zero_warn(
+                    f"lamin-lightning: {path} holds unfinished persistence jobs of an earlier"
+                    " run that another process still holds; once it ends, run"
+                    f" `lamin-lightning flush {root.parent}`."
+                )
         submitter.foreign.extend(others)
         work = pending_in([own, *others])
         if not work:
@@ -544,11 +562,22 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         log.warning(
             "lamin-lightning: replaying %d unfinished persistence job(s) from %s first",
             len(work),
-            own.path.parent,
+            ", ".join(sorted({str(outbox.path.parent) for outbox, _, _ in work})),
         )
         mine = self.replay_store()
         resolver = StoreResolver({self.store_name: mine} if mine is not None else None)
         return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
+
+    def _sibling_version_roots(self, own_root: Path) -> list[Path]:
+        """Outbox folders of the other logger versions, when Lightning chose the dirpath."""
+        if self._user_dirpath:
+            return []
+        checkpoints = own_root.parent  # {save_dir}/{name}/{version}/checkpoints
+        if checkpoints.name != "checkpoints":
+            return []
+        logger_root = checkpoints.parent.parent
+        pattern = f"*/{checkpoints.name}/{own_root.name}"
+        return sorted(root for root in logger_root.glob(pattern) if root != own_root)
 
     # -- committer thread -----------------------------------------------------------------
 
