@@ -2,7 +2,7 @@
 
 Every admitted job is appended to ``{dirpath}/.lamin-lightning/outbox-*.jsonl`` and
 fsynced before ``_save_checkpoint`` returns (guarantee 8). This measures that append,
-with an entry the size of a real checkpoint job (snapshot, features, ranking), in the
+with a record the size of a real checkpoint job (snapshot, features, ranking), in the
 same folder as a local ``torch.save`` of a small checkpoint, and prints both side by
 side: the journal must be a small fraction of the local write it accompanies.
 
@@ -24,38 +24,49 @@ from pathlib import Path
 
 import torch
 
-from lamin_lightning._outbox import Outbox
+from lamin_lightning import CheckpointSnapshot, JobRecord
+from lamin_lightning._jobs import encode
+from lamin_lightning._journal import Outbox
 
-ENTRY = {
-    "v": 1,
-    "op": "save",
-    "kind": "checkpoint",
-    "key": "lightning_logs/7KqTb2Zt/checkpoints/epoch=3-step=400.ckpt",
-    "local_path": "/data/run/checkpoints/epoch=3-step=400.ckpt",
-    "staged": "/data/run/checkpoints/.lamin-lightning/staged/1-000004-0123456789ab/x.ckpt",
-    "publisher": "lamin_lightning._lamin:Checkpoint",
-    "context": {
+PREFIX = "lightning_logs/7KqTb2Zt/checkpoints"
+KEY = f"{PREFIX}/epoch=3-step=400.ckpt"
+LOCAL = "/data/run/checkpoints/epoch=3-step=400.ckpt"
+STAGED = "/data/run/checkpoints/.lamin-lightning/staged/1-000004-0123456789ab/x.ckpt"
+RANKING = tuple(f"{PREFIX}/epoch={i}.ckpt" for i in range(5))
+
+RECORD = JobRecord(
+    op="save",
+    kind="checkpoint",
+    key=KEY,
+    local_path=LOCAL,
+    staged_path=STAGED,
+    store="lamindb",
+    context={
         "instance": "anonymous/storage",
         "run_uid": "7KqTb2ZtWm1aQx9P",
-        "checkpoint_key_prefix": "lightning_logs/7KqTb2Zt/checkpoints",
+        "prefix": PREFIX,
         "key_is_virtual": True,
     },
-    "snapshot": {
-        "global_step": 400,
-        "epoch": 3,
-        "monitor": "val_loss",
-        "mode": "min",
-        "save_weights_only": False,
-        "score": 0.123,
-        "is_best": True,
-        "best_key": "lightning_logs/7KqTb2Zt/checkpoints/epoch=3-step=400.ckpt",
-        "last_key": "lightning_logs/7KqTb2Zt/checkpoints/epoch=3-step=400.ckpt",
-        "ranking": [f"lightning_logs/7KqTb2Zt/checkpoints/epoch={i}.ckpt" for i in range(5)],
-        "scores": {f"k{i}": 0.1 * i for i in range(5)},
-        "features": [[f"feature_{i}", float(i), True] for i in range(12)],
-    },
-    "time": 0.0,
-}
+    checkpoint=CheckpointSnapshot(
+        key=KEY,
+        local_path=Path(LOCAL),
+        staged_path=Path(STAGED),
+        global_step=400,
+        epoch=3,
+        monitor="val_loss",
+        mode="min",
+        save_weights_only=False,
+        score=0.123,
+        is_best=True,
+        best_key=KEY,
+        last_key=KEY,
+        ranking=RANKING,
+        scores={key: 0.1 * i for i, key in enumerate(RANKING)},
+        feature_values={f"feature_{i}": float(i) for i in range(12)},
+        auto_features=frozenset(f"feature_{i}" for i in range(12)),
+    ),
+    submitted_at=0.0,
+)
 
 
 def main() -> None:
@@ -75,7 +86,7 @@ def main() -> None:
             started = time.perf_counter()
             torch.save(model.state_dict(), root / f"step={i}.ckpt")
             saved = time.perf_counter()
-            job_id = outbox.append(ENTRY)
+            job_id = outbox.append(RECORD)
             appended = time.perf_counter()
             saves.append(saved - started)
             appends.append(appended - saved)
@@ -86,7 +97,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     append_ms = statistics.median(appends) * 1e3
     save_ms = statistics.median(saves) * 1e3
-    print(f"{count} jobs, entry of {len(json.dumps(ENTRY))} bytes, medians:")
+    print(f"{count} jobs, entry of {len(json.dumps(encode(RECORD)))} bytes, medians:")
     print(f"  journal append (O_DSYNC write) {append_ms:8.3f} ms")
     print(f"  local torch.save of 0.26 MB      {save_ms:8.3f} ms")
     print(f"  append / small local save        {append_ms / save_ms:8.3f}")

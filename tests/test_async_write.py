@@ -2,19 +2,28 @@
 
 The training thread only snapshots the checkpoint's tensors into reusable host
 buffers; the intake thread serialises and writes the file (temp name, fsync,
-rename), then stages it and admits the persistence job. Concurrency is driven
-with gates on the background write (``lamin_lightning._callback.write_atomically``
-monkeypatched to wait on a semaphore or event that the test or the training
-thread opens at a known point); nothing sleeps to synchronise.
+rename), then stages it and admits the persistence job.
+
+Everything is observed from outside the package: concurrency is driven by a Lightning
+callback (:class:`WriteGate`) that adds an object to each checkpoint in
+``on_save_checkpoint``; serialising the checkpoint (the background write) pickles that
+object, which waits for a permit that the test or the training thread gives at a known
+point. A write that dies midway hits a real limit (``RLIMIT_FSIZE``, like a full disk);
+the host buffers a snapshot copies into are seen through a ``TorchFunctionMode`` on the
+training thread. Nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import resource
+import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +31,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.overrides import TorchFunctionMode
 
-import lamin_lightning._callback as callback_module
 from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file, staged_files
 from lamin_lightning import (
     ArtifactFailedEvent,
@@ -31,7 +40,7 @@ from lamin_lightning import (
     PersistenceError,
     RetryPolicy,
 )
-from lamin_lightning._snapshot import SnapshotSlot, Snapshotter
+from lamin_lightning._local_write import Snapshotter
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 pytestmark = [
@@ -46,6 +55,8 @@ TIMEOUT = 20.0
 # top-1 (max) the best improves at steps 1, 2, 4, 6, 7 and not at 3, 5, 8.
 UP_AND_DOWN = [1.0, 2.0, 0.5, 3.0, 1.5, 4.0, 5.0, 0.0]
 REFUSAL = "async_write=True needs"
+# The key under which the test callbacks below put their object into a checkpoint.
+PROBE_KEY = "test_async_write_probe"
 
 
 def key(name: str) -> str:
@@ -65,7 +76,7 @@ def leftovers_in_writing(dirpath: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path | io.BytesIO) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
 
 
@@ -98,33 +109,59 @@ class OnTrainEnd(pl.Callback):
         self.fn()
 
 
-class WriteGate:
-    """Wraps ``write_atomically``: each background write waits for one permit first.
+class OnSerialise:
+    """Calls ``fn`` when the checkpoint holding it is serialised, i.e. while the file is written.
 
-    Records the thread every write ran on. A write that gets no permit within
-    ``TIMEOUT`` proceeds anyway and is recorded in ``timed_out`` (a test that then
-    asserts ``timed_out == []`` fails instead of hanging).
+    A host snapshot keeps this very object (``__deepcopy__``), so ``fn`` runs on the
+    thread that writes the file, in the middle of ``torch.save``. In the file it is the
+    string ``label``.
     """
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, fn: Callable[[], None], label: str) -> None:
+        self.fn = fn
+        self.label = label
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OnSerialise:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        self.fn()
+        return (str, (self.label,))
+
+
+class WriteGate(pl.Callback):
+    """Holds background checkpoint writes: each waits for one permit while it serialises.
+
+    Add it to the trainer's callbacks. Records the thread every write ran on and the
+    step of each write that went through. A write that gets no permit within
+    ``TIMEOUT`` proceeds anyway and is recorded in ``timed_out`` (a test that then
+    asserts ``timed_out == []`` fails instead of hanging). ``dumping`` is released on
+    the training thread each time Lightning assembles a checkpoint (right before the
+    callback takes its host snapshot).
+    """
+
+    def __init__(self) -> None:
         self.permits = threading.Semaphore(0)
         self.opened = threading.Event()
         self.entered = threading.Semaphore(0)
+        self.dumping = threading.Semaphore(0)
         self.threads: list[str] = []
         self.timed_out: list[str] = []
-        self.finished: list[str] = []
-        original = callback_module.write_atomically
+        self.passed: list[str] = []
 
-        def gated(payload: Any, target: Any, scratch: Path, save: Any) -> int:
-            self.threads.append(threading.current_thread().name)
-            self.entered.release()
-            if not self.opened.is_set() and not self.permits.acquire(timeout=TIMEOUT):
-                self.timed_out.append(Path(target).name)
-            size = original(payload, target, scratch, save)
-            self.finished.append(Path(target).name)
-            return size
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        label = f"step={trainer.global_step}"
+        checkpoint[PROBE_KEY] = OnSerialise(lambda: self._through(label), label)
+        self.dumping.release()
 
-        monkeypatch.setattr(callback_module, "write_atomically", gated)
+    def _through(self, label: str) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.entered.release()
+        if not self.opened.is_set() and not self.permits.acquire(timeout=TIMEOUT):
+            self.timed_out.append(label)
+        self.passed.append(label)
 
     def allow(self, count: int = 1) -> None:
         """Let ``count`` more writes proceed."""
@@ -137,49 +174,25 @@ class WriteGate:
         self.allow(64)
 
 
-class CountingSnapshotter(Snapshotter):
-    """A Snapshotter that counts slots in use and keeps every host buffer it handed out.
+class HostCopies(TorchFunctionMode):
+    """While active (on the training thread), records where checkpoint tensors are copied.
 
-    ``on_acquired`` (a class attribute, set by a test before the fit) is called each
-    time a slot was acquired; its results are recorded in ``acquired``, in order.
+    Every destination of ``Tensor.copy_`` is kept alive by its address: if a snapshot
+    allocated fresh buffers each time, they would show up as new addresses instead of
+    reusing freed ones.
     """
 
-    instances: list[CountingSnapshotter] = []
-    on_acquired: Callable[[], Any] | None = None
-
-    def __init__(self, max_snapshots: int) -> None:
-        super().__init__(max_snapshots)
-        self.lock = threading.Lock()
-        self.alive = 0
-        self.max_alive = 0
-        self.waits: list[float] = []
-        self.acquired: list[Any] = []
-        self.acquiring = threading.Semaphore(0)
-        # Keeping the tensors alive keeps their addresses distinct: fresh allocations per
-        # checkpoint would show up as new addresses instead of reusing freed ones.
+    def __init__(self) -> None:
+        super().__init__()
         self.buffers: dict[int, torch.Tensor] = {}
-        CountingSnapshotter.instances.append(self)
+        self.sources: dict[int, torch.device] = {}
 
-    def acquire(self) -> tuple[SnapshotSlot, float]:
-        self.acquiring.release()
-        slot, waited = super().acquire()
-        hook = type(self).on_acquired
-        with self.lock:
-            self.alive += 1
-            self.max_alive = max(self.max_alive, self.alive)
-            self.waits.append(waited)
-            self.acquired.append(hook() if hook is not None else None)
-        return slot, waited
-
-    def release(self, slot: SnapshotSlot) -> None:
-        with self.lock:
-            self.alive -= 1
-        super().release(slot)
-
-    def snapshot(self, checkpoint: dict[str, Any], slot: SnapshotSlot) -> dict[str, Any]:  # type: ignore[override]
-        result = super().snapshot(checkpoint, slot)
-        with self.lock:
-            self.buffers.update((t.data_ptr(), t) for t in _tensors(result) if t.numel())
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.copy_ and args[0].numel():
+            destination, source = args[0], args[1]
+            self.buffers[destination.data_ptr()] = destination
+            self.sources[destination.data_ptr()] = source.device
         return result
 
 
@@ -192,15 +205,6 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, list | tuple):
         for item in value:
             yield from _tensors(item)
-
-
-@pytest.fixture
-def counting_snapshotter(monkeypatch: pytest.MonkeyPatch) -> type[CountingSnapshotter]:
-    """Makes the callback create :class:`CountingSnapshotter` instances."""
-    monkeypatch.setattr(CountingSnapshotter, "instances", [])
-    monkeypatch.setattr(CountingSnapshotter, "on_acquired", None)
-    monkeypatch.setattr(callback_module, "Snapshotter", CountingSnapshotter)
-    return CountingSnapshotter
 
 
 def async_callback(
@@ -221,11 +225,11 @@ def async_callback(
 
 
 def test_files_hold_the_state_at_save_time_although_training_mutates_it_right_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Weights and optimizer state changed after _save_checkpoint returns never reach the file."""
     dirpath = tmp_path / "ckpt"
-    gate = WriteGate(monkeypatch)
+    gate = WriteGate()
 
     class MutatingCheckpoint(MemoryCheckpoint):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -258,10 +262,10 @@ def test_files_hold_the_state_at_save_time_although_training_mutates_it_right_af
         async_write=True,
         retry=RetryPolicy.no_delay(),
     )
-    make_trainer(tmp_path, [callback], max_steps=4).fit(MomentumModel(), loader(4))
+    make_trainer(tmp_path, [callback, gate], max_steps=4).fit(MomentumModel(), loader(4))
 
     assert gate.timed_out == []
-    assert len(gate.finished) == 4
+    assert gate.passed == [f"step={s}" for s in range(1, 5)]
     assert set(callback.expected) == checkpoint_files(dirpath)
     for name, expected in callback.expected.items():
         written = load(dirpath / name)
@@ -279,11 +283,11 @@ def test_files_hold_the_state_at_save_time_although_training_mutates_it_right_af
 
 
 def test_the_training_thread_does_not_write_and_persistence_starts_on_the_complete_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """No file when _save_checkpoint returns; written on another thread; flush waits; full hash."""
     dirpath = tmp_path / "ckpt"
-    gate = WriteGate(monkeypatch)
+    gate = WriteGate()
     training_thread: list[str] = []
 
     class ObservingCheckpoint(MemoryCheckpoint):
@@ -324,7 +328,7 @@ def test_the_training_thread_does_not_write_and_persistence_starts_on_the_comple
         async_write=True,
         retry=RetryPolicy.no_delay(),
     )
-    make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(width=512), loader(3, 512))
+    make_trainer(tmp_path, [callback, gate], max_steps=3).fit(TinyModel(width=512), loader(3, 512))
 
     names = {f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)}
     assert checkpoint_files(dirpath) == names
@@ -341,57 +345,96 @@ def test_the_training_thread_does_not_write_and_persistence_starts_on_the_comple
     assert staged_files(dirpath) == []
 
 
+@contextmanager
+def file_size_limit_restored() -> Iterator[None]:
+    """Let a test lower ``RLIMIT_FSIZE`` from any thread; restore it (and SIGXFSZ) on exit.
+
+    A write past the limit then fails as on a full disk (EFBIG) instead of killing the
+    process with SIGXFSZ.
+    """
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+class FailWriteMidway(pl.Callback):
+    """Makes the background write of the checkpoint of one step fail midway, for real.
+
+    When that checkpoint is serialised (its temporary file is open, still empty), this
+    lowers the process's file size limit to ``limit`` bytes: the file takes ``limit``
+    bytes and the next write fails, as on a full disk. It keeps the temporary file open,
+    to see afterwards how much was written and that it was removed.
+    """
+
+    def __init__(self, dirpath: Path, step: int, limit: int) -> None:
+        self.dirpath, self.step, self.limit = dirpath, step, limit
+        self.written_to: list[Path] = []
+        self.target_visible_while_writing: list[bool] = []
+        self.descriptors: list[int] = []
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.global_step == self.step:
+            checkpoint[PROBE_KEY] = OnSerialise(self._writing, f"step={self.step}")
+
+    def _writing(self) -> None:
+        temporary = sorted(writing_dir(self.dirpath).iterdir())
+        self.written_to.extend(temporary)
+        self.descriptors.extend(os.open(path, os.O_RDONLY) for path in temporary)
+        name = f"epoch=0-step={self.step}.ckpt"
+        self.target_visible_while_writing.append((self.dirpath / name).exists())
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, hard))
+
+    def partial_files(self) -> list[os.stat_result]:
+        """What the temporary files held when the write died (they are deleted by now)."""
+        try:
+            return [os.fstat(fd) for fd in self.descriptors]
+        finally:
+            for fd in self.descriptors:
+                os.close(fd)
+            self.descriptors = []
+
+
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
 def test_a_write_failing_midway_leaves_no_torn_file_and_reaches_the_user(
-    on_error: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    counting_snapshotter: type[CountingSnapshotter],
+    on_error: str, tmp_path: Path
 ) -> None:
     """A write that dies halfway: no file, no temp file, a failed event in its slot, then raised."""
     dirpath = tmp_path / "ckpt"
     failing_name = "epoch=0-step=3.ckpt"
-    original = callback_module.write_atomically
-    partial_sizes: list[int] = []
-    written_to: list[Path] = []
-    target_visible_while_writing: list[bool] = []
-
-    def half_then_raise(payload: Any, handle: Any) -> None:
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        data = buffer.getvalue()
-        handle.write(data[: len(data) // 2])
-        handle.flush()
-        partial_sizes.append(os.fstat(handle.fileno()).st_size)
-        written_to.append(Path(handle.name))
-        target_visible_while_writing.append((dirpath / failing_name).exists())
-        raise OSError(28, "No space left on device (injected)")
-
-    def write(payload: Any, target: Any, scratch: Path, save: Any) -> int:
-        if Path(target).name == failing_name:
-            save = half_then_raise
-        return original(payload, target, scratch, save)
-
-    monkeypatch.setattr(callback_module, "write_atomically", write)
+    limit = 256 << 10  # a checkpoint of TinyModel(width=512) is just over 1 MiB
+    midway = FailWriteMidway(dirpath, step=3, limit=limit)
     observer = RecordingObserver()
+    # No outbox: the second fit below must not replay the failed job (not the subject here).
     callback = async_callback(
-        MemoryStore(), dirpath, on_error=on_error, artifact_observers=[observer]
+        MemoryStore(), dirpath, on_error=on_error, artifact_observers=[observer], outbox=False
     )
-    trainer = make_trainer(tmp_path, [callback], max_steps=3)
-    if on_error == "raise":
-        with pytest.raises(PersistenceError, match=r"epoch=0-step=3\.ckpt") as info:
-            trainer.fit(TinyModel(), loader(3))
-        assert [f.key for f in info.value.failures] == [key(failing_name)]
-        assert isinstance(info.value.failures[0].error, OSError)
-    else:
-        with pytest.warns(UserWarning, match=r"epoch=0-step=3\.ckpt.*No space left"):
-            trainer.fit(TinyModel(), loader(3))
+    trainer = make_trainer(tmp_path, [callback, midway], max_steps=3)
+    # torch reports a failed write of its own as RuntimeError, Python's file writes as
+    # OSError: the user sees the write's own error, whichever it is.
+    with file_size_limit_restored():
+        if on_error == "raise":
+            with pytest.raises(PersistenceError, match=r"epoch=0-step=3\.ckpt") as info:
+                trainer.fit(TinyModel(width=512), loader(3, 512))
+            assert [f.key for f in info.value.failures] == [key(failing_name)]
+            assert isinstance(info.value.failures[0].error, RuntimeError | OSError)
+        else:
+            with pytest.warns(UserWarning, match=r"epoch=0-step=3\.ckpt.*(RuntimeError|OSError)"):
+                trainer.fit(TinyModel(width=512), loader(3, 512))
 
-    assert partial_sizes and partial_sizes[0] > 0  # the write really died halfway
+    partial = midway.partial_files()
+    assert [p.st_size for p in partial] == [limit]  # the write really died halfway
+    assert [p.st_nlink for p in partial] == [0]  # and its temporary file was removed
     # Written under a temporary name in the scratch folder: the target never held half a file.
-    assert [p.parent for p in written_to] == [writing_dir(dirpath)]
-    assert written_to[0].name != failing_name
-    assert target_visible_while_writing == [False]
+    assert [p.parent for p in midway.written_to] == [writing_dir(dirpath)]
+    assert midway.written_to[0].name != failing_name
+    assert midway.target_visible_while_writing == [False]
     assert not (dirpath / failing_name).exists()
     assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
     assert leftovers_in_writing(dirpath) == []
@@ -402,10 +445,29 @@ def test_a_write_failing_midway_leaves_no_torn_file_and_reaches_the_user(
     ]
     failed = observer.events[-1]
     assert failed.key == key(failing_name) and failed.operation == "save"
-    assert isinstance(failed.error, OSError)
+    assert isinstance(failed.error, RuntimeError | OSError)
     assert callback.store.keys(kind="checkpoint") == keys_of(checkpoint_files(dirpath))
     assert callback.persistence_stats.failed == 1
-    assert counting_snapshotter.instances[0].alive == 0  # the failed write gave its slot back
+
+    # The failed write gave its snapshot slot back (max_snapshots=1): the next save of
+    # the same callback gets it, instead of waiting forever.
+    errors: list[BaseException] = []
+
+    def next_fit() -> None:
+        try:
+            make_trainer(tmp_path, [callback], max_steps=1).fit(
+                TinyModel(width=512), loader(1, 512)
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    fitting = threading.Thread(target=next_fit, name="next-fit", daemon=True)
+    fitting.start()
+    fitting.join(TIMEOUT)
+    assert not fitting.is_alive(), "the next save waits for the snapshot slot of the failed write"
+    assert errors == []
+    stored = callback.store.get(key("epoch=0-step=1.ckpt"))
+    assert stored is not None and stored.sha256 == sha256_file(dirpath / "epoch=0-step=1.ckpt")
 
 
 # -- bounded host memory -------------------------------------------------------------------------
@@ -413,22 +475,25 @@ def test_a_write_failing_midway_leaves_no_torn_file_and_reaches_the_user(
 
 @pytest.mark.parametrize("max_snapshots", [1, 2])
 def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is_counted(
-    max_snapshots: int,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    counting_snapshotter: type[CountingSnapshotter],
+    max_snapshots: int, tmp_path: Path
 ) -> None:
     """With the first write held, save number max_snapshots+1 blocks until it is let go."""
     dirpath = tmp_path / "ckpt"
-    gate = WriteGate(monkeypatch)
-    returned: list[str] = []
-    # At each slot acquisition: had the held first write finished?
-    counting_snapshotter.on_acquired = lambda: "epoch=0-step=1.ckpt" in gate.finished
+    first_file = dirpath / "epoch=0-step=1.ckpt"
+    gate = WriteGate()
+    copies = HostCopies()
+    # Per save, in order: its file name, whether the held first write had finished when
+    # the save returned, and the seconds the training thread spent in it.
+    returned: list[tuple[str, bool, float]] = []
 
     class Recording(MemoryCheckpoint):
         def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-            super()._save_checkpoint(trainer, filepath)
-            returned.append(Path(filepath).name)
+            started = time.perf_counter()
+            with copies:
+                super()._save_checkpoint(trainer, filepath)
+            returned.append(
+                (Path(filepath).name, first_file.exists(), time.perf_counter() - started)
+            )
 
     callback = Recording(
         MemoryStore(),
@@ -445,22 +510,22 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
 
     def run_fit() -> None:
         try:
-            make_trainer(tmp_path, [callback], max_steps=steps).fit(TinyModel(), loader(steps))
+            make_trainer(tmp_path, [callback, gate], max_steps=steps).fit(
+                TinyModel(), loader(steps)
+            )
         except BaseException as error:
             errors.append(error)
 
     fitting = threading.Thread(target=run_fit, name="fit")
     fitting.start()
     try:
-        # The first write is held. Saves 1..max_snapshots got a slot; the next is acquiring.
+        # The first write is held. Saves 1..max_snapshots took a snapshot and returned;
+        # save max_snapshots+1 is being assembled, about to wait for a free snapshot.
         assert gate.entered.acquire(timeout=TIMEOUT)
-        snapshotter = counting_snapshotter.instances[0]
         for _ in range(max_snapshots + 1):
-            assert snapshotter.acquiring.acquire(timeout=TIMEOUT)
-        assert gate.finished == []
-        blocked_save_returned = len(returned) > max_snapshots
-        with snapshotter.lock:
-            alive_while_held = snapshotter.alive
+            assert gate.dumping.acquire(timeout=TIMEOUT)
+        first_written_while_held = first_file.exists()
+        returned_while_held = [name for name, _, _ in returned]
     finally:
         gate.open()
         fitting.join(TIMEOUT)
@@ -468,27 +533,28 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
     assert errors == []
     assert gate.timed_out == []
 
-    assert not blocked_save_returned
-    assert alive_while_held == max_snapshots
-    # The first max_snapshots saves found a free slot; the next got one only once the held
-    # write had finished.
-    assert snapshotter.acquired[: max_snapshots + 1] == [False] * max_snapshots + [True]
-    assert snapshotter.max_alive == max_snapshots
-    assert snapshotter.alive == 0
-    assert returned == [f"epoch=0-step={s}.ckpt" for s in range(1, steps + 1)]
+    names = [f"epoch=0-step={s}.ckpt" for s in range(1, steps + 1)]
+    assert not first_written_while_held
+    # Exactly max_snapshots snapshots existed while the first write was held: the next
+    # save had not returned.
+    assert returned_while_held == names[:max_snapshots]
+    # The first max_snapshots saves returned while the first write was still held; the
+    # next one returned only once it had finished.
+    assert [done for _, done, _ in returned[: max_snapshots + 1]] == [False] * max_snapshots + [
+        True
+    ]
+    assert [name for name, _, _ in returned] == names
+    # The wait is training stall, counted in the stats (and no longer than the saves took).
     stats = callback.persistence_stats
-    waited = [w for w in snapshotter.waits if w > 0]
-    assert snapshotter.waits[max_snapshots] > 0
-    assert stats.admission_waits == len(waited)
-    assert stats.training_stall_seconds >= sum(waited) - 1e-9
-    assert stats.max_training_stall_seconds >= max(waited)
+    inside = [seconds for _, _, seconds in returned]
+    assert 1 <= stats.admission_waits <= steps - max_snapshots
+    assert 0 < stats.max_training_stall_seconds <= max(inside)
+    assert stats.max_training_stall_seconds <= stats.training_stall_seconds <= sum(inside)
     # Buffers are reused: one set of host tensors per slot, whatever the number of saves.
-    tensors_per_checkpoint = sum(
-        1 for t in _tensors(load(dirpath / "epoch=0-step=1.ckpt")) if t.numel()
-    )
-    assert len(snapshotter.buffers) == max_snapshots * tensors_per_checkpoint
+    tensors_per_checkpoint = sum(1 for t in _tensors(load(first_file)) if t.numel())
+    assert len(copies.buffers) == max_snapshots * tensors_per_checkpoint
     assert callback.store.keys(kind="checkpoint") == keys_of(checkpoint_files(dirpath))
-    assert len(checkpoint_files(dirpath)) == steps
+    assert checkpoint_files(dirpath) == set(names)
 
 
 # -- eviction and overwrite ----------------------------------------------------------------------
@@ -497,44 +563,57 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
 class AwaitRecording(MemoryCheckpoint):
     """Lets a held write go when Lightning is about to remove or overwrite its file.
 
-    Records which files were still being written at that moment, and the hash of
-    the file right after ``_await_staging`` returned (what a removal or overwrite
-    then moves aside).
+    Lightning removes an evicted file with ``_remove_checkpoint`` and overwrites one by
+    saving to the same path again. If this callback saved that path before and its file
+    is not on disk yet (its write is held by the gate), the file is recorded in
+    ``pending_at_await`` and one write may go: the callback must now wait for it before
+    it moves the file aside. Every upload is loaded from the file the store read, to
+    record which step's complete checkpoint it was (None: not a complete checkpoint).
     """
 
     def __init__(self, gate: WriteGate, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = gate
+        self.saved_paths: set[str] = set()
         self.pending_at_await: list[str] = []
-        self.after_await: dict[str, list[str | None]] = {}
-        self.staged_hashes: dict[str, list[str]] = {}
+        self.uploads: dict[str, list[tuple[str, int | None]]] = {}
 
-    def _await_staging(self, filepath: str | Path) -> None:
-        done = self._staging_done.get(str(filepath))
-        name = Path(filepath).name
-        if done is not None and not done.is_set():
-            self.pending_at_await.append(name)
+    def _let_pending_write_go(self, filepath: str) -> None:
+        if filepath in self.saved_paths and not os.path.exists(filepath):
+            self.pending_at_await.append(Path(filepath).name)
             self.gate.allow()
-        super()._await_staging(filepath)
-        if done is not None:  # the file was written by an earlier save of this callback
-            self.after_await.setdefault(name, []).append(
-                sha256_file(filepath) if os.path.exists(filepath) else None
-            )
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self._let_pending_write_go(filepath)
+        super()._save_checkpoint(trainer, filepath)
+        self.saved_paths.add(filepath)
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self._let_pending_write_go(filepath)
+        super()._remove_checkpoint(trainer, filepath)
 
     def save_checkpoint_artifact(
         self, trainer: pl.Trainer, filepath: Path | str, **kwargs: Any
     ) -> Any:
         artifact = super().save_checkpoint_artifact(trainer, filepath, **kwargs)
-        self.staged_hashes.setdefault(Path(filepath).name, []).append(artifact.sha256)
+        try:
+            step: int | None = load(filepath)["global_step"]
+        except Exception:  # a torn or missing file
+            step = None
+        self.uploads.setdefault(Path(filepath).name, []).append((artifact.sha256, step))
         return artifact
 
 
+def step_of(name: str) -> int:
+    return int(name.removesuffix(".ckpt").rsplit("step=", 1)[1])
+
+
 def test_top1_eviction_waits_for_pending_writes_and_persists_exactly_the_kept_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Evicting a file still being written waits for it; store = kept set; events once, ordered."""
     dirpath = tmp_path / "ckpt"
-    gate = WriteGate(monkeypatch)
+    gate = WriteGate()
     observer = RecordingObserver()
     callback = AwaitRecording(
         gate,
@@ -550,7 +629,7 @@ def test_top1_eviction_waits_for_pending_writes_and_persists_exactly_the_kept_fi
         retry=RetryPolicy.no_delay(),
     )
     steps = len(UP_AND_DOWN)
-    make_trainer(tmp_path, [callback, OnTrainEnd(gate.open)], max_steps=steps).fit(
+    make_trainer(tmp_path, [callback, gate, OnTrainEnd(gate.open)], max_steps=steps).fit(
         TinyModel(scores=UP_AND_DOWN), loader(steps)
     )
 
@@ -560,14 +639,13 @@ def test_top1_eviction_waits_for_pending_writes_and_persists_exactly_the_kept_fi
     assert callback.store.keys(kind="checkpoint") == keys_of(kept)
     saved_names = ["epoch=0-step=1.ckpt", *(f"epoch=0-step={s}.ckpt" for s in (2, 4, 6, 7))]
     evicted = saved_names[:-1]
-    # Every eviction found its file still being written, waited, and then moved a complete file.
+    # Every eviction found its file still being written, and the callback waited for it:
+    # an evicted file uploaded (not cancelled) was the complete checkpoint of its step.
     assert callback.pending_at_await == evicted
     for name in evicted:
-        [digest] = callback.after_await[name]
-        assert digest is not None
-        assert callback.staged_hashes.get(name, [digest]) == [digest]
-    assert callback.staged_hashes["epoch=0-step=7.ckpt"] == [
-        sha256_file(dirpath / "epoch=0-step=7.ckpt")
+        assert [step for _, step in callback.uploads.get(name, [])] in ([], [step_of(name)])
+    assert callback.uploads["epoch=0-step=7.ckpt"] == [
+        (sha256_file(dirpath / "epoch=0-step=7.ckpt"), 7)
     ]
     assert callback.store.get(key("epoch=0-step=7.ckpt")).sha256 == sha256_file(  # type: ignore[union-attr]
         dirpath / "epoch=0-step=7.ckpt"
@@ -591,11 +669,11 @@ def test_top1_eviction_waits_for_pending_writes_and_persists_exactly_the_kept_fi
 
 
 def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """last.ckpt overwritten each step while its previous write is held: stored = final file."""
     dirpath = tmp_path / "ckpt"
-    gate = WriteGate(monkeypatch)
+    gate = WriteGate()
     store = MemoryStore(keep_bytes=True)
     callback = AwaitRecording(
         gate,
@@ -609,7 +687,7 @@ def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
         retry=RetryPolicy.no_delay(),
     )
     steps = 5
-    make_trainer(tmp_path, [callback, OnTrainEnd(gate.open)], max_steps=steps).fit(
+    make_trainer(tmp_path, [callback, gate, OnTrainEnd(gate.open)], max_steps=steps).fit(
         TinyModel(), loader(steps)
     )
 
@@ -617,15 +695,17 @@ def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
     assert checkpoint_files(dirpath) == {"last.ckpt"}
     # Every rewrite found the previous write still held, and waited for it.
     assert callback.pending_at_await == ["last.ckpt"] * (steps - 1)
-    assert all(digest is not None for digest in callback.after_await["last.ckpt"])
     final = dirpath / "last.ckpt"
     stored = store.get(key("last.ckpt"))
     assert stored is not None and stored.data is not None
     assert stored.sha256 == sha256_file(final)
-    assert load(io.BytesIO(stored.data))["global_step"] == steps  # type: ignore[arg-type]
-    # Every upload saw a complete file, never a torn one.
-    for digest in callback.staged_hashes["last.ckpt"]:
-        assert digest in callback.after_await["last.ckpt"] or digest == sha256_file(final)
+    assert load(io.BytesIO(stored.data))["global_step"] == steps
+    # Every upload saw a complete file, never a torn one, in the order of the rewrites.
+    uploaded = callback.uploads["last.ckpt"]
+    uploaded_steps = [step for _, step in uploaded]
+    assert None not in uploaded_steps
+    assert uploaded_steps == sorted(set(uploaded_steps)) and uploaded_steps[-1] == steps
+    assert uploaded[-1][0] == sha256_file(final)
     assert callback.persistence_stats.failed == 0
     assert leftovers_in_writing(dirpath) == []
     assert staged_files(dirpath) == []
@@ -752,11 +832,12 @@ def test_an_error_after_the_snapshot_gives_its_slot_back_so_the_next_fit_does_no
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_snapshots_are_pinned_host_copies_taken_before_training_moves_on(
-    tmp_path: Path, counting_snapshotter: type[CountingSnapshotter]
+    tmp_path: Path,
 ) -> None:
     """GPU: pinned host buffers, no second device copy, and the file holds the save-time state."""
     dirpath = tmp_path / "ckpt"
     busy = torch.randn(4096, 4096, device="cuda")
+    copies = HostCopies()
 
     class GpuCheckpoint(MemoryCheckpoint):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -775,7 +856,8 @@ def test_on_a_gpu_snapshots_are_pinned_host_copies_taken_before_training_moves_o
                 busy.copy_(busy @ busy / busy.shape[0])
             torch.cuda.reset_peak_memory_stats()
             allocated = torch.cuda.memory_allocated()
-            super()._save_checkpoint(trainer, filepath)
+            with copies:
+                super()._save_checkpoint(trainer, filepath)
             self.device_growth.append(torch.cuda.max_memory_allocated() - allocated)
             with torch.no_grad():
                 for parameter in module.parameters():
@@ -793,10 +875,13 @@ def test_on_a_gpu_snapshots_are_pinned_host_copies_taken_before_training_moves_o
     make_trainer(tmp_path, [callback], max_steps=3, accelerator="gpu").fit(model, loader(3, 1024))
 
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    snapshotter = counting_snapshotter.instances[0]
-    assert snapshotter.buffers
+    assert copies.buffers
     # The weight and its momentum buffer live on the GPU: their host buffers are pinned.
-    from_device = [b for b in snapshotter.buffers.values() if b.shape == (1024, 1024)]
+    from_device = [
+        b
+        for address, b in copies.buffers.items()
+        if b.shape == (1024, 1024) and copies.sources[address].type == "cuda"
+    ]
     assert len(from_device) == 2
     assert all(b.device.type == "cpu" and b.is_pinned() for b in from_device)
     assert max(callback.device_growth) < parameter_bytes // 4, callback.device_growth

@@ -9,24 +9,65 @@ from __future__ import annotations
 
 import errno
 import json
+import resource
 import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
-from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, ArtifactSavedEvent
-from lamin_lightning._callback import CheckpointDirectoryError
-from lamin_lightning._outbox import (
+from lamin_lightning import (
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    CheckpointDirectoryError,
+    JobRecord,
+    OutboxInUseError,
+)
+from lamin_lightning._journal import (
     COMPACT_AFTER_LINES,
     Outbox,
-    OutboxBusyError,
     is_locked,
     journal_paths,
     read_pending,
 )
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+
+
+def _job(op: str, key: str) -> JobRecord:
+    """A minimal job record (the journal only needs what it settles by: op, kind, key)."""
+    return JobRecord(op=op, kind="checkpoint", key=key, local_path=f"/ckpt/{key}")  # type: ignore[arg-type]
+
+
+def _pending_keys(path: Path) -> list[str]:
+    return [record.key for _, record in read_pending(path)]
+
+
+def _pending_ids(path: Path) -> list[str]:
+    return [job_id for job_id, _ in read_pending(path)]
+
+
+@contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """Writes that would grow any file of this process past ``limit`` bytes fail (EFBIG).
+
+    A real condition, like a full disk: the kernel refuses the write. SIGXFSZ (which
+    would kill the process) is ignored meanwhile; both are restored on exit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
 
 # -- the journal ----------------------------------------------------------------------------
 
@@ -34,9 +75,9 @@ from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObse
 def test_an_appended_job_is_on_disk_before_append_returns(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox-a.jsonl")
     assert outbox.open() == []
-    job_id = outbox.append({"op": "save", "key": "k1"})
+    job_id = outbox.append(_job("save", "k1"))
     # A separate reader (another process would see the same) finds it, pending.
-    assert [(e["id"], e["key"]) for e in read_pending(outbox.path)] == [(job_id, "k1")]
+    assert [(i, r.key) for i, r in read_pending(outbox.path)] == [(job_id, "k1")]
     outbox.settle(job_id, "saved")
     assert read_pending(outbox.path) == []
     outbox.close()
@@ -47,25 +88,25 @@ def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
     path = tmp_path / "outbox-a.jsonl"
     outbox = Outbox(path)
     outbox.open()
-    first = outbox.append({"op": "save", "key": "k1"})
+    first = outbox.append(_job("save", "k1"))
     outbox.close()
     with path.open("a", encoding="utf-8") as handle:
         handle.write('{"t":"job","id":"x","entry":{"op":"sa')  # killed mid-write
-    assert [e["id"] for e in read_pending(path)] == [first]
+    assert _pending_ids(path) == [first]
     reopened = Outbox(path)
-    assert [e["key"] for e in reopened.open()] == ["k1"]
+    assert [r.key for _, r in reopened.open()] == ["k1"]
     reopened.close()
 
 
 def test_settling_a_job_makes_earlier_failed_jobs_of_its_key_moot(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox-a.jsonl")
     outbox.open()
-    failed_save = outbox.append({"op": "save", "key": "k1"})
-    other = outbox.append({"op": "save", "key": "k2"})
-    removal = outbox.append({"op": "remove", "key": "k1"})
+    failed_save = outbox.append(_job("save", "k1"))
+    other = outbox.append(_job("save", "k2"))
+    removal = outbox.append(_job("remove", "k1"))
     outbox.settle(removal, "removed")
-    assert [e["id"] for e in outbox.pending()] == [other]
-    assert failed_save not in {e["id"] for e in read_pending(outbox.path)}
+    assert [i for i, _ in outbox.pending()] == [other]
+    assert failed_save not in set(_pending_ids(outbox.path))
     outbox.close()
 
 
@@ -73,30 +114,30 @@ def test_the_journal_is_compacted_and_keeps_what_is_pending(tmp_path: Path) -> N
     path = tmp_path / "outbox-a.jsonl"
     outbox = Outbox(path)
     outbox.open()
-    kept = outbox.append({"op": "save", "key": "kept"})
+    kept = outbox.append(_job("save", "kept"))
     for i in range(5 * COMPACT_AFTER_LINES):
-        outbox.settle(outbox.append({"op": "save", "key": f"k{i}"}), "saved")
+        outbox.settle(outbox.append(_job("save", f"k{i}")), "saved")
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= COMPACT_AFTER_LINES + 3, f"journal not compacted: {len(lines)} lines"
-    assert [e["id"] for e in read_pending(path)] == [kept]
+    assert _pending_ids(path) == [kept]
     # Still locked after the swap: nobody else can take it.
     assert is_locked(path)
     outbox.close()
-    assert [e["id"] for e in read_pending(path)] == [kept]
+    assert _pending_ids(path) == [kept]
 
 
 def test_one_holder_at_a_time(tmp_path: Path) -> None:
     path = tmp_path / "outbox-a.jsonl"
     first = Outbox(path)
     first.open()
-    first.append({"op": "save", "key": "k"})
+    first.append(_job("save", "k"))
     assert is_locked(path)
-    with pytest.raises(OutboxBusyError):
+    with pytest.raises(OutboxInUseError):
         Outbox(path).open()
     first.close()
     assert not is_locked(path)
     second = Outbox(path)
-    assert [e["key"] for e in second.open()] == ["k"]
+    assert [r.key for _, r in second.open()] == ["k"]
     second.close()
 
 
@@ -113,7 +154,7 @@ class _JournalProbe(MemoryCheckpoint):
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero and self._outbox is not None:
-            keys = [e["key"] for e in read_pending(self._outbox.path)]
+            keys = _pending_keys(self._outbox.path)
             self.seen.append((self.resolve_artifact_key(trainer, filepath, "checkpoint"), keys))
 
 
@@ -134,9 +175,9 @@ def test_every_save_is_journaled_before_save_checkpoint_returns(tmp_path: Path) 
         assert key in journaled
     # Teardown timed out: the journal still holds every job for a later replay.
     pending = [
-        e["key"]
+        key
         for path in journal_paths(tmp_path / "ckpt" / ".lamin-lightning")
-        for e in read_pending(path)
+        for key in _pending_keys(path)
     ]
     assert pending == [key for key, _ in callback.seen]
 
@@ -173,8 +214,8 @@ def test_the_next_setup_replays_unfinished_jobs_in_order(tmp_path: Path) -> None
         store.release()
     journal = journal_paths(dirpath / ".lamin-lightning")
     assert len(journal) == 1
-    pending = read_pending(journal[0])
-    ops = [e["op"] for e in pending]
+    pending = [record for _, record in read_pending(journal[0])]
+    ops = [r.op for r in pending]
     assert ops.count("save") >= 4 and ops.count("remove") == ops.count("save") - 2  # two kept
 
     observer = RecordingObserver()
@@ -191,19 +232,22 @@ def test_the_next_setup_replays_unfinished_jobs_in_order(tmp_path: Path) -> None
     _kept_set_matches_store(dirpath, store)
     events = observer.events
     assert events and all(e.recovered for e in events)
-    # In the original order, each key's save before its removal.
+    # In the original order, the last job of each key: a save evicted before the crash is
+    # moot (its removal alone replays, as a live removal cancels its unstarted save).
+    last = {r.key: i for i, r in enumerate(pending)}
     assert [e.key for e in events if isinstance(e, ArtifactSavedEvent | ArtifactRemovedEvent)] == [
-        e["key"] for e in pending if e["key"] in {ev.key for ev in events}
+        r.key for i, r in enumerate(pending) if last[r.key] == i
     ]
     assert not journal_paths(dirpath / ".lamin-lightning"), "the journal is gone once empty"
     # The flags end as the last submitted state.
-    last_save = [e for e in pending if e["op"] == "save"][-1]["snapshot"]
+    last_save = [r for r in pending if r.op == "save"][-1].checkpoint
+    assert last_save is not None
     best = [k for k, f in store.flags.items() if f.get("is_best_model")]
-    assert best == [last_save["best_key"]]
+    assert best == [last_save.best_key]
     ranked = sorted(
         (f["model_rank"], k) for k, f in store.flags.items() if f.get("model_rank") is not None
     )
-    assert [k for _, k in ranked] == last_save["ranking"]
+    assert [k for _, k in ranked] == list(last_save.ranking)
 
 
 def test_a_failed_job_stays_in_the_outbox_until_a_later_setup_persists_it(
@@ -218,10 +262,8 @@ def test_a_failed_job_stays_in_the_outbox_until_a_later_setup_persists_it(
     with pytest.warns(UserWarning, match="could not be persisted"):
         make_trainer(tmp_path, [first], max_steps=4).fit(TinyModel(), loader())
     assert first.persistence_stats.failed == 2
-    pending = [e for p in journal_paths(dirpath / ".lamin-lightning") for e in read_pending(p)]
-    assert sorted(e["key"] for e in pending) == sorted(
-        f"checkpoints/{n}" for n in checkpoint_files(dirpath)
-    )
+    pending = [key for p in journal_paths(dirpath / ".lamin-lightning") for key in _pending_keys(p)]
+    assert sorted(pending) == sorted(f"checkpoints/{n}" for n in checkpoint_files(dirpath))
     assert store.keys(kind="checkpoint") == set()
 
     store.heal()
@@ -299,22 +341,25 @@ def test_an_unwritable_checkpoint_directory_fails_at_setup(tmp_path: Path) -> No
     assert _CountingModel.steps == 0, "the error must come before the first training step"
 
 
-def test_a_full_checkpoint_directory_fails_at_setup(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import lamin_lightning._callback as generic
+class _LargerThanTheDiskModel(_CountingModel):
+    """A model whose state is larger than the whole disk of the checkpoint directory.
 
-    real = shutil.disk_usage
+    Its buffer is an expanded view of one element: it has ``size`` bytes of elements
+    (what a checkpoint of it needs) without allocating them.
+    """
 
-    def almost_full(path: Any) -> Any:
-        usage = real(path)
-        return type(usage)(usage.total, usage.total - 1, 1)
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.register_buffer("huge", torch.zeros((), dtype=torch.uint8).expand(size))
 
-    monkeypatch.setattr(generic.shutil, "disk_usage", almost_full)
+
+def test_a_full_checkpoint_directory_fails_at_setup(tmp_path: Path) -> None:
+    # The real free space of the real disk is too small for one checkpoint of the model.
+    size = 2 * shutil.disk_usage(tmp_path).total
     callback = MemoryCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
     _CountingModel.steps = 0
     with pytest.raises(CheckpointDirectoryError, match="MiB free") as raised:
-        make_trainer(tmp_path, [callback], max_steps=2).fit(_CountingModel(), loader())
+        make_trainer(tmp_path, [callback], max_steps=2).fit(_LargerThanTheDiskModel(size), loader())
     assert raised.value.errno == errno.ENOSPC
     assert _CountingModel.steps == 0
 
@@ -328,31 +373,29 @@ def test_status_lists_pending_jobs(tmp_path: Path, capsys: pytest.CaptureFixture
     callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=2, on_error="warn")
     with pytest.warns(UserWarning):
         make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader())
-    assert main(["status", str(dirpath)]) == 0
+    pending = 1  # the documented exit status of `status` while jobs are pending
+    assert main(["status", str(dirpath)]) == pending
     out = capsys.readouterr().out
     assert "1 job(s) pending" in out and "checkpoints/epoch=0-step=2.ckpt" in out
-    assert main(["status", "--json", str(dirpath)]) == 0
+    assert main(["status", "--json", str(dirpath)]) == pending
     listed = json.loads(capsys.readouterr().out)
     assert [e["key"] for e in listed] == ["checkpoints/epoch=0-step=2.ckpt"]
     assert listed[0]["in_use"] is False
 
 
 def test_a_journal_write_error_when_settling_never_fails_the_committed_job(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     outbox = Outbox(tmp_path / "outbox-a.jsonl")
     outbox.open()
-    job_id = outbox.append({"op": "save", "key": "k1"})
+    job_id = outbox.append(_job("save", "k1"))
 
-    def disk_full(record: dict[str, Any], *, sync: bool) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(outbox, "_write", disk_full)
-    outbox.settle(job_id, "saved")  # must not raise
+    # The journal cannot grow any more (like a full disk): the "done" line fails to write.
+    with _file_size_limit(outbox.path.stat().st_size):
+        outbox.settle(job_id, "saved")  # must not raise
     assert "will be replayed" in caplog.text
-    monkeypatch.undo()
     outbox.close()
-    assert [e["id"] for e in read_pending(outbox.path)] == [job_id]
+    assert _pending_ids(outbox.path) == [job_id]
 
 
 def test_staged_names_never_repeat_across_restarts(

@@ -587,7 +587,9 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
                 self._persisted[record.key] = event.artifact
         elif isinstance(event, ArtifactRemovedEvent):
             self._persisted.pop(record.key, None)
-        else:
+        elif not event.recovered:
+            # A replay that fails again is warned about and stays in the outbox: it is an
+            # earlier run's job, and must not fail this one.
             with self._lock:
                 self._unreported_failures.append(event)
 

@@ -239,7 +239,16 @@ def replay_jobs(
     cannot be replayed here (with why: an unknown store, another instance)."""
     specs: list[JobSpec] = []
     refused: list[tuple[JobRecord, BaseException]] = []
+    # Per journal, only the last job of a key matters: a later save replaces an earlier
+    # one, a later removal deletes it. Settle the moot ones without replaying them (a
+    # save evicted before the crash may have no file left to upload).
+    last = {(outbox.path, record.key): job_id for outbox, job_id, record in pending}
     for outbox, job_id, record in pending:
+        if last[(outbox.path, record.key)] != job_id:
+            if record.staged_path:
+                release_staged(Path(record.staged_path))
+            outbox.settle(job_id, "obsolete")
+            continue
         try:
             store = store_for(record)
         except Exception as error:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lamindb_tier import (
@@ -19,7 +21,6 @@ from lamindb_tier import (
 )
 
 import lamin_lightning as ll
-import lamin_lightning._callback as callback_module
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, ArtifactSavedEvent
 from lamin_lightning.testing import RecordingObserver
 
@@ -39,18 +40,43 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class _OnSerialise:
+    """Calls ``fn`` when the checkpoint holding it is serialised, i.e. while its file is written.
+
+    A host snapshot keeps this very object (``__deepcopy__``), so ``fn`` runs on the thread
+    that writes the file. In the file it is a string.
+    """
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _OnSerialise:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        self.fn()
+        return (str, ("writer probe",))
+
+
+class WriterThreads(pl.Callback):
+    """Records, for every checkpoint file written, the thread that wrote it."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["test_writer_probe"] = _OnSerialise(
+            lambda: self.threads.append(threading.current_thread().name)
+        )
+
+
 def test_async_write_persists_lightning_kept_set_with_flags_from_background_written_files(
-    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ln: Any, no_run: None, tmp_path: Path
 ) -> None:
     """Files written off the training thread: artifacts = Lightning's kept set, bytes and flags."""
-    writers: list[str] = []
-    original = callback_module.write_atomically
-
-    def recording_write(payload: Any, target: Any, scratch: Path, save: Any) -> int:
-        writers.append(threading.current_thread().name)
-        return original(payload, target, scratch, save)
-
-    monkeypatch.setattr(callback_module, "write_atomically", recording_write)
+    writer_threads = WriterThreads()
     observer = RecordingObserver()
     dirpath = tmp_path / "ckpts"
     callback = ll.Checkpoint(
@@ -64,7 +90,14 @@ def test_async_write_persists_lightning_kept_set_with_flags_from_background_writ
         max_workers=2,
         artifact_observers=[observer],
     )
-    trainer = fit(callback, tmp_path, steps=len(UP_AND_DOWN), model=TierModel(scores=UP_AND_DOWN))
+    trainer = fit(
+        callback,
+        tmp_path,
+        steps=len(UP_AND_DOWN),
+        model=TierModel(scores=UP_AND_DOWN),
+        extra_callbacks=[writer_threads],
+    )
+    writers = writer_threads.threads
 
     stats = callback.persistence_stats
     assert stats.failed == 0 and not observer.of_type(ArtifactFailedEvent)

@@ -29,11 +29,15 @@ from lamindb_tier import (
 )
 
 import lamin_lightning as ll
+from lamin_lightning import JobRecord
+from lamin_lightning._journal import journal_paths, read_pending
 from lamin_lightning._lamin import LaminArtifactPublisher
-from lamin_lightning._outbox import journal_paths, read_pending
 from lamin_lightning.testing import RecordingObserver
 
 SCRIPT = Path(__file__).parent / "outbox_train.py"
+# ``lamin-lightning status`` exits 1 while jobs are pending, 2 where there is no outbox.
+STATUS_PENDING = 1
+STATUS_NO_OUTBOX = 2
 
 
 def _start(tmp_path: Path, mode: str, *extra: str, steps: int = 8) -> subprocess.Popen[str]:
@@ -88,8 +92,8 @@ def _on_disk(dirpath: Path, prefix: str) -> dict[str, Path]:
     return {f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt")}
 
 
-def _pending(dirpath: Path) -> list[dict[str, Any]]:
-    return [e for p in journal_paths(dirpath / ".lamin-lightning") for e in read_pending(p)]
+def _pending(dirpath: Path) -> list[JobRecord]:
+    return [r for p in journal_paths(dirpath / ".lamin-lightning") for _, r in read_pending(p)]
 
 
 def _kill_mid_upload(tmp_path: Path) -> str:
@@ -103,7 +107,7 @@ def _kill_mid_upload(tmp_path: Path) -> str:
     prefix = (tmp_path / "report.prefix").read_text()
     pending = _pending(tmp_path / "ckpt")
     assert pending, "the killed run left nothing in the outbox"
-    assert any(e["op"] == "save" for e in pending)
+    assert any(r.op == "save" for r in pending)
     return prefix
 
 
@@ -112,7 +116,7 @@ def test_sigkill_mid_upload_then_cli_flush_completes_the_set(ln: Any, tmp_path: 
     dirpath = tmp_path / "ckpt"
 
     status = _cli("status", str(dirpath))
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == STATUS_PENDING, status.stderr
     assert "job(s) pending" in status.stdout and "held by" not in status.stdout
 
     flushed = _cli("flush", "--no-progress", str(dirpath))
@@ -121,7 +125,9 @@ def test_sigkill_mid_upload_then_cli_flush_completes_the_set(ln: Any, tmp_path: 
 
     assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
     assert _pending(dirpath) == []
-    assert "nothing pending" in _cli("status", str(dirpath)).stdout
+    # The flush deleted the emptied journals: `status` finds no outbox (exit status 2).
+    after = _cli("status", str(dirpath))
+    assert after.returncode == STATUS_NO_OUTBOX and "no outbox" in after.stderr
     # Flushing again is a no-op.
     again = _cli("flush", "--no-progress", str(dirpath))
     assert again.returncode == 0 and "saved 0" in again.stdout
@@ -233,7 +239,7 @@ def test_a_crash_after_commit_before_the_journal_marked_it_is_not_duplicated(
     ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every commit lands but no job is marked finished; the next setup replays them all."""
-    from lamin_lightning._outbox import Outbox
+    from lamin_lightning._journal import Outbox
 
     dirpath = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
@@ -300,7 +306,7 @@ def test_replaying_an_old_failed_save_does_not_move_the_flags_back(ln: Any, tmp_
     with pytest.warns(UserWarning, match="could not be persisted"):
         fit(first, tmp_path, steps=4, model=TierModel(scores=[4, 1, 3, 2]))
     prefix = first.checkpoint_key_prefix
-    assert [e["key"].rsplit("/", 1)[1] for e in _pending(dirpath)] == ["epoch=0-step=2.ckpt"]
+    assert [r.key.rsplit("/", 1)[1] for r in _pending(dirpath)] == ["epoch=0-step=2.ckpt"]
 
     second = ll.Checkpoint(
         dirpath=dirpath, monitor="score", save_top_k=-1, every_n_train_steps=1, on_error="warn"

@@ -13,9 +13,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from lamindb_tier import TierData, TierModel
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 import lamin_lightning as ll
-from lamin_lightning import _callback
 from lamin_lightning._telemetry import LOGGED_FIELDS, METRIC_PREFIX
 
 pytestmark = [
@@ -27,22 +27,29 @@ pytestmark = [
 STEPS = 3
 
 
+class QueryCountingCSVLogger(CSVLogger):
+    """A CSVLogger that counts the database queries made on the calling thread while it
+    logs the callback's stats (the ``lamin_lightning/`` metrics), once per such call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queries_while_logging_stats: list[int] = []
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if not any(name.startswith(METRIC_PREFIX) for name in metrics):
+            super().log_metrics(metrics, step)
+            return
+        with CaptureQueriesContext(connection) as captured:
+            super().log_metrics(metrics, step)
+        self.queries_while_logging_stats.append(len(captured.captured_queries))
+
+
 def test_cli_yaml_log_stats_sends_checkpoint_stats_to_the_csv_logger(
     ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each checkpoint adds a metrics.csv row of our metrics, with no database query on the
     training thread while logging them."""
     monkeypatch.setattr(sys, "argv", ["lamin-lightning-tier"])  # not pytest's arguments
-    queries_while_logging: list[int] = []
-    log_persistence_stats = _callback.log_persistence_stats
-
-    def counting(trainer: Any, stats: Any) -> Any:
-        with CaptureQueriesContext(connection) as captured:
-            result = log_persistence_stats(trainer, stats)
-        queries_while_logging.append(len(captured.captured_queries))
-        return result
-
-    monkeypatch.setattr(_callback, "log_persistence_stats", counting)
     config = {
         "trainer": {
             "accelerator": "cpu",
@@ -53,7 +60,7 @@ def test_cli_yaml_log_stats_sends_checkpoint_stats_to_the_csv_logger(
             "enable_model_summary": False,
             "default_root_dir": str(tmp_path),
             "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "class_path": f"{__name__}.QueryCountingCSVLogger",
                 "init_args": {"save_dir": str(tmp_path / "logs"), "name": "telemetry"},
             },
             "callbacks": [
@@ -80,7 +87,9 @@ def test_cli_yaml_log_stats_sends_checkpoint_stats_to_the_csv_logger(
     assert callback.log_stats is True
     stats = callback.persistence_stats
     assert (stats.saved, stats.failed) == (STEPS + 1, 0)  # the checkpoints and hparams.yaml
-    assert queries_while_logging == [0] * STEPS
+    logger = cli.trainer.logger
+    assert isinstance(logger, QueryCountingCSVLogger)
+    assert logger.queries_while_logging_stats == [0] * STEPS
 
     with open(Path(cli.trainer.logger.log_dir) / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
