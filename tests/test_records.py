@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,7 +132,7 @@ def _record(key: str) -> JobRecord:
 
 
 def test_a_torn_tail_is_cut_before_the_next_append(tmp_path: Path) -> None:
-    """A journal ending in half a line (a crash mid-write) gets its next job on a line of its own."""
+    """A journal ending in half a line (a crash mid-write) gets its next job on a new line."""
     path = tmp_path / "outbox-a.jsonl"
     outbox = Outbox(path)
     outbox.open()
@@ -194,3 +195,43 @@ def test_a_write_cut_short_by_a_full_disk_does_not_swallow_the_next_job(tmp_path
         (result["ids"][1], "k3"),
     ]
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_the_training_thread_never_fsyncs_the_journal_and_uploads_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends only write into the page cache; every fsync of the journal runs on a pipeline
+    thread, and a job's upload starts only once the lines before it are synced."""
+    import os
+    import threading
+
+    from helpers import TinyModel, loader, make_trainer
+    from lamin_lightning.testing import MemoryCheckpoint
+
+    journal_syncs: list[tuple[str, int]] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
+            journal_syncs.append((threading.current_thread().name, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    uploads: list[tuple[int, int]] = []
+
+    class Recording(MemoryStore):
+        def put(self, key: str, path: Any, **kwargs: Any) -> Any:
+            if key.endswith(".ckpt"):
+                journal = next((tmp_path / "ckpt" / ".lamin-lightning").glob("outbox-*.jsonl"))
+                synced = max((size for _, size in journal_syncs), default=0)
+                uploads.append((synced, journal.stat().st_size))
+            return super().put(key, path, **kwargs)
+
+    callback = MemoryCheckpoint(
+        Recording(), dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1
+    )
+    make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+    training = threading.main_thread().name
+    assert journal_syncs and all(name != training for name, _ in journal_syncs)
+    assert len(uploads) == 4
+    assert all(synced > 0 for synced, _ in uploads)

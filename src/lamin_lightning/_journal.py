@@ -2,9 +2,15 @@
 
 Knows nothing of Lightning or LaminDB. Each callback journals every job it
 admits (a :class:`~lamin_lightning._jobs.JobRecord`) into a JSON-lines file
-(``{dirpath}/.lamin-lightning/outbox-<id>.jsonl``) *before* the job is admitted,
-durably, so a job that ``_save_checkpoint`` accepted is on disk even if the
-process is killed the next instant. When a job is finished for good (committed,
+(``{dirpath}/.lamin-lightning/outbox-<id>.jsonl``) *before* the job is admitted.
+
+Durability, precisely: the training thread's append is one ``write(2)`` into the page
+cache, which survives the death of the process (SIGKILL, OOM, preemption), exactly
+like the checkpoint Lightning just wrote (``torch.save`` does not fsync either). The
+fsync runs off the training thread (:meth:`Outbox.sync`, grouped: one ``fdatasync``
+covers every line written before it), before the job's upload or removal starts. A
+kernel crash or power loss can lose the newest lines, with the newest checkpoints;
+a line whose file did not survive is dropped at replay with an error naming it. When a job is finished for good (committed,
 cancelled, superseded, or made obsolete by a later job of the same key) a
 ``done`` line follows; a job that failed stays pending, for a later replay.
 
@@ -163,6 +169,8 @@ class Outbox:
         # Bytes of the journal known to end with a complete line; a failed write leaves
         # the file longer than this, and the next write cuts it back first.
         self._good_size = 0
+        self._synced_size = 0
+        self._sync_lock = threading.Lock()
         self._torn = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -183,7 +191,7 @@ class Outbox:
             if self._handle is not None:
                 return self._state.records(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8", opener=_open_synced)  # noqa: SIM115
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
             try:
                 if fcntl is not None:
                     try:
@@ -210,6 +218,8 @@ class Outbox:
                 if self._torn:
                     self._good_size = raw.rfind(b"\n") + 1
                 self._write({"t": "open", "pid": os.getpid()})
+                os.fsync(handle.fileno())  # a full disk shows now, not at the first checkpoint
+                self._synced_size = self._good_size
             except BaseException:
                 self._handle = None
                 handle.close()
@@ -248,7 +258,7 @@ class Outbox:
             return self._state.flags_at.get(prefix, 0.0)
 
     def append(self, record: JobRecord) -> str:
-        """Journal a job durably; return its id."""
+        """Journal a job (one write into the page cache); return its id. See :meth:`sync`."""
         job_id = uuid.uuid4().hex
         entry = encode(record)
         with self._lock:
@@ -256,6 +266,31 @@ class Outbox:
             self._write({"t": "job", "id": job_id, "entry": entry})
             self._state.pending[job_id] = entry
         return job_id
+
+    def sync(self) -> None:
+        """Make every line written so far durable (fdatasync). Off the training thread.
+
+        Grouped: a caller whose lines an fsync in progress already covers waits for it
+        instead of starting another. Never raises: a failed fsync is logged and the
+        job goes on (its line is in the page cache, safe against a process crash).
+        """
+        with self._lock:
+            needed = self._good_size
+        with self._sync_lock:
+            with self._lock:
+                if self._synced_size >= needed or self._handle is None:
+                    return
+                target = self._good_size
+                fd = os.dup(self._handle.fileno())
+            try:
+                os.fdatasync(fd)
+            except OSError as error:
+                log.warning("could not fsync the outbox %s (%s)", self.path, error)
+                return
+            finally:
+                os.close(fd)
+            with self._lock:
+                self._synced_size = max(self._synced_size, target)
 
     def settle(self, job_id: str, status: str) -> None:
         """Mark a job finished, and with it every earlier pending job of the same key.
@@ -325,15 +360,12 @@ class Outbox:
             self._torn = False
         line = _line(item)
         data = memoryview(line)
-        # One write(2) on an O_APPEND|O_DSYNC descriptor: appended atomically and durable
-        # when it returns. One syscall, not write + fsync: on the training thread each
-        # syscall gives up the GIL, and getting it back from busy background threads can
-        # take a switch interval (5 ms).
+        # One write(2) on an O_APPEND descriptor: appended atomically, into the page cache.
+        # No fsync here: on the training thread it would wait for a disk that uploads and
+        # other jobs keep busy (tens of ms); sync() does it in the background.
         try:
             while data:
                 data = data[os.write(fd, data) :]
-            if not _O_DSYNC:  # pragma: no cover - platforms without O_DSYNC
-                os.fsync(fd)
         except BaseException:
             self._torn = True
             raise
@@ -354,7 +386,7 @@ class Outbox:
             os.fsync(out.fileno())
         # Keep holding the lock across the swap: lock the new file before the rename
         # makes it visible, then release the old one.
-        new_handle = open(temp, "a+", encoding="utf-8", opener=_open_synced)  # noqa: SIM115
+        new_handle = open(temp, "a+", encoding="utf-8")  # noqa: SIM115
         if fcntl is not None:
             fcntl.flock(new_handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(temp, self.path)
@@ -362,6 +394,7 @@ class Outbox:
         self._handle = new_handle
         self._lines = len(self._state.pending) + len(self._state.flags_at)
         self._good_size = size
+        self._synced_size = size  # fsynced above
         self._torn = False
         with contextlib.suppress(OSError):
             handle.close()
@@ -371,12 +404,6 @@ def _line(item: dict[str, Any]) -> bytes:
     return (json.dumps(item, separators=(",", ":"), default=str) + "\n").encode("utf-8")
 
 
-_O_DSYNC = getattr(os, "O_DSYNC", 0)
-
-
-def _open_synced(path: str, flags: int) -> int:
-    """``open()``'s opener for journals: every write is durable when it returns."""
-    return os.open(path, flags | _O_DSYNC, 0o644)
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:

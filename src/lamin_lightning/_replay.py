@@ -53,6 +53,10 @@ class Settle:
     def __call__(self, status: str) -> None:
         self.outbox.settle(self.job_id, status)
 
+    def sync(self) -> None:
+        """Make the journaled record durable (grouped fsync), before its job touches storage."""
+        self.outbox.sync()
+
 
 def build_job(
     record: JobRecord,
@@ -84,6 +88,13 @@ def build_job(
     def settled(status: str) -> None:
         if settle is not None:
             settle(status)
+
+    def durable() -> None:
+        # The journal line reached the page cache on the training thread; fsync it here,
+        # off that thread, before storage changes (a removal's commit, a save's upload).
+        sync = getattr(settle, "sync", None)
+        if sync is not None:
+            sync()
 
     def told(event: AnyArtifactEvent) -> AnyArtifactEvent:
         if outcome is not None:
@@ -118,6 +129,7 @@ def build_job(
     if record.op == "remove":
 
         def remove(_: Any) -> ArtifactRemovedEvent:
+            durable()
             removed = store.remove(record, known(record.key) if known is not None else None)
             event = ArtifactRemovedEvent(
                 kind=record.kind,
@@ -142,6 +154,7 @@ def build_job(
         )
 
     def transfer() -> Any:
+        durable()
         return store.transfer(record, record.file())
 
     def commit(artifact: Any) -> ArtifactSavedEvent | None:
