@@ -130,9 +130,7 @@ def admitted(pipe: PersistencePipeline, key: str, tag: str | None = None) -> boo
     still being staged is listed by ``pending()`` too, but not admitted yet."""
     return wait_until(
         lambda: any(
-            job.key == key
-            and job.state != "staging"
-            and (tag is None or job.payload["tag"] == tag)
+            job.key == key and job.state != "staging" and (tag is None or job.payload["tag"] == tag)
             for job in pipe.pending()
         )
     )

@@ -10,8 +10,8 @@ import pytest
 
 from lamin_lightning import PermanentError, RetryPolicy, TransientError
 from lamin_lightning._bridge import PersistencePipeline
-from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._errors import AttemptsExhausted
+from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._retry import call_with_retries
 from lamin_lightning.testing import is_testing, no_retry_delays, set_testing
 

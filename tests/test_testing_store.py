@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, ArtifactSavedEvent
-from lamin_lightning import PermanentError
+from lamin_lightning import (
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    PermanentError,
+)
 from lamin_lightning.testing import MemoryStore, RecordingObserver
 
 

@@ -10,9 +10,11 @@ like the checkpoint Lightning just wrote (``torch.save`` does not fsync either).
 fsync runs off the training thread (:meth:`Outbox.sync`, grouped: one ``fdatasync``
 covers every line written before it), before the job's upload or removal starts. A
 kernel crash or power loss can lose the newest lines, with the newest checkpoints;
-a line whose file did not survive is dropped at replay with an error naming it. When a job is finished for good (committed,
-cancelled, superseded, or made obsolete by a later job of the same key) a
-``done`` line follows; a job that failed stays pending, for a later replay.
+a line whose file did not survive is dropped at replay with an error naming it.
+
+When a job is finished for good (committed, cancelled, superseded, or made obsolete
+by a later job of the same key) a ``done`` line follows; a job that failed stays
+pending, for a later replay.
 
 Lines::
 
@@ -402,8 +404,6 @@ class Outbox:
 
 def _line(item: dict[str, Any]) -> bytes:
     return (json.dumps(item, separators=(",", ":"), default=str) + "\n").encode("utf-8")
-
-
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:

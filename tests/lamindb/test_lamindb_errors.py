@@ -11,8 +11,7 @@ import pytest
 from lamindb_tier import NetworkBlockedError, TierModel, artifacts_under, fit
 
 import lamin_lightning as ll
-from lamin_lightning import ArtifactFailedEvent
-from lamin_lightning import LaminSetupError
+from lamin_lightning import ArtifactFailedEvent, LaminSetupError
 from lamin_lightning.testing import RecordingObserver
 
 pytestmark = [
