@@ -79,7 +79,7 @@ from lamin_lightning._staging import staging_root
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
 from lamin_lightning._submit import Submitter
 from lamin_lightning._surface import ArtifactHooks, HookStore
-from lamin_lightning._telemetry import log_persistence_stats
+from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
 log = logging.getLogger("lamin_lightning")
@@ -307,7 +307,11 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._shutdown(raise_errors=True)
+        try:
+            self._shutdown(raise_errors=True)
+        finally:
+            if self.log_stats:  # the final values, after the flush (loggers finalize next)
+                log_final_persistence_stats(trainer, self.persistence_stats, stage)
 
     @override
     def on_exception(

@@ -1,4 +1,9 @@
-"""The ``lamin-lightning`` command: ``flush DIR``, ``status DIR`` and ``demo``."""
+"""The ``lamin-lightning`` command: ``flush DIR``, ``status DIR`` and ``demo``.
+
+``status`` answers in a fraction of a second: this module and the modules ``status``
+reads (the records and the journal) import neither torch, Lightning, anyio nor lamindb;
+``flush`` and ``demo`` import what they need when they run.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lamin_lightning import __version__
 from lamin_lightning._jobs import encode
 
 if TYPE_CHECKING:
@@ -23,7 +29,7 @@ EXIT_UNANNOTATED = 4
 EXIT_CODES = """exit codes:
   0  everything persisted (flush) / nothing pending (status)
   1  jobs still pending: failed again, refused, or not reached before --timeout
-  2  DIR is not a directory (or, for status, holds no outbox)
+  2  DIR is not a directory (or, for status, has no .lamin-lightning folder at all)
   3  a running training process holds the outbox (flush)
   4  every job persisted, but some feature annotations could not be restored (flush)"""
 
@@ -46,9 +52,10 @@ def _status(dirpath: Path, as_json: bool) -> int:
         return EXIT_USAGE
     root = dirpath if dirpath.name == STAGING_DIRNAME else dirpath / STAGING_DIRNAME
     journals = journal_paths(root)
-    if not journals:
+    if not journals and not root.is_dir():
         print(f"lamin-lightning: no outbox in {dirpath}", file=sys.stderr)
         return EXIT_USAGE
+    # A working folder without journals: every job finished (emptied journals are deleted).
     entries = [(path, record) for path in journals for _, record in read_pending(path)]
     in_use = {path: is_locked(path) for path in journals}
     if as_json:
@@ -121,15 +128,21 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lamin-lightning`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``lamin-lightning`` (``demo``'s own options: ``_demo.build_parser``)."""
     parser = argparse.ArgumentParser(
         prog="lamin-lightning",
         description="Asynchronous LaminDB checkpointing for Lightning.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"lamin-lightning {__version__}",
+        help="print the version and exit",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     flush = commands.add_parser(
         "flush",
         help="persist the checkpoints a crashed or timed-out training run left in DIR's outbox",
@@ -138,23 +151,60 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    flush.add_argument("dirpath", type=Path, metavar="DIR", help="the checkpoint directory")
-    flush.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
-    flush.add_argument("--max-workers", type=int, default=2, help="uploads at once (default 2)")
-    flush.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flush.add_argument(
+        "dirpath",
+        type=Path,
+        metavar="DIR",
+        help="the checkpoint directory (the callback's dirpath)",
+    )
+    flush.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up after SECONDS; what is not persisted by then stays pending (default: wait)",
+    )
+    flush.add_argument(
+        "--max-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="uploads at once (default %(default)s)",
+    )
+    flush.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (for logs and scripts)"
+    )
     status = commands.add_parser(
         "status",
         help="list the jobs pending in DIR's outbox",
+        description="List the jobs DIR's outbox still holds (checkpoints not yet persisted)."
+        " Reads the outbox only: no LaminDB instance needed.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    status.add_argument("dirpath", type=Path, metavar="DIR", help="the checkpoint directory")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "dirpath",
+        type=Path,
+        metavar="DIR",
+        help="the checkpoint directory (the callback's dirpath)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the pending jobs as a JSON list (one object per job record)",
+    )
     commands.add_parser(
         "demo",
-        help="train twice, with LaminDB's synchronous callback and with ours, and compare",
+        help="train twice, with LaminDB's synchronous callback and with ours, and compare"
+        " (options: `lamin-lightning demo --help`)",
         add_help=False,
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lamin-lightning`` console script."""
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from lamin_lightning._demo import main as demo

@@ -6,6 +6,9 @@ twice with the same data and settings and ~100 MB checkpoints, once with
 ``lamindb.integrations.lightning.Checkpoint`` and once with
 ``lamin_lightning.Checkpoint``, and prints what training waited for, the
 artifacts and how to get the best model back.
+
+The demo marks the folder it creates; a rerun deletes only what an earlier demo
+wrote there, and a non-empty folder the demo did not create is refused.
 """
 
 from __future__ import annotations
@@ -19,13 +22,67 @@ import time
 from pathlib import Path
 from typing import Any
 
+MARKER = ".lamin-lightning-demo"
+# Everything the demo writes under its root (besides MARKER): LaminDB's settings and
+# cache, the instance's storage, lamindb-setup's current-instance marker, the checkpoints.
+DEMO_ENTRIES = ("lamin-settings", "lamin-cache", "storage", ".lamin", "runs")
+
+
+class ForeignRootError(Exception):
+    """The demo's ``--root`` holds files the demo did not create."""
+
+
+def _made_by_demo(root: Path, entries: set[str]) -> bool:
+    """Whether a demo created ``root``: it carries the marker, or (demos before the marker)
+    holds nothing but the demo's entries and LaminDB settings naming ``root/storage``."""
+    if (root / MARKER).is_file():
+        return True
+    settings = root / "lamin-settings"
+    if not entries <= set(DEMO_ENTRIES) or not settings.is_dir():
+        return False
+    storage = str(root / "storage")
+    return any(
+        path.is_file() and storage in path.read_text(errors="replace")
+        for path in settings.rglob("instance--*.env")
+    )
+
+
+def _claim_root(root: Path) -> None:
+    """Make ``root`` the demo's folder, emptied of an earlier demo's output.
+
+    Deletes only the entries a demo creates (``DEMO_ENTRIES``), and only in a folder a
+    demo created; anything else in it stays. Raises ``ForeignRootError`` for a file or
+    a non-empty folder the demo did not create.
+    """
+    fix = "pass --root a new or empty folder (the demo creates it)"
+    if root.exists() and not root.is_dir():
+        raise ForeignRootError(f"{root} is not a folder; {fix}")
+    if root.is_dir():
+        entries = {path.name for path in root.iterdir()}
+        if entries and not _made_by_demo(root, entries):
+            raise ForeignRootError(
+                f"{root} is not empty and was not created by the demo (no {MARKER} file);"
+                f" the demo replaces the files it creates there on every run, so it only"
+                f" uses its own folder: {fix}"
+            )
+        for name in DEMO_ENTRIES:
+            path = root / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text(
+        "Created by `lamin-lightning demo`. Each run deletes and recreates "
+        + ", ".join(DEMO_ENTRIES)
+        + " here, nothing else.\n"
+    )
+
 
 def _prepare_environment(root: Path) -> None:
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
     if "lamindb_setup" in sys.modules:  # pragma: no cover - only when imported oddly
         raise RuntimeError("run the demo in a fresh process: lamindb is already imported")
+    _claim_root(root)
     os.environ["LAMIN_SETTINGS_DIR"] = str(root / "lamin-settings")
     os.environ["LAMIN_CACHE_DIR"] = str(root / "lamin-cache")
 
@@ -89,16 +146,48 @@ def _timed(cls: type) -> type:
     return Timed
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``lamin-lightning demo``."""
+    parser = argparse.ArgumentParser(
+        prog="lamin-lightning demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("demo_output"),
+        metavar="DIR",
+        help="the demo's folder: LaminDB instance, settings and checkpoints (default"
+        " %(default)s); created if absent, an earlier demo's output there is replaced, a"
+        " non-empty folder the demo did not create is refused",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=5000,
+        help="the model's Linear(width, width) layer; the default %(default)s makes ~100 MB"
+        " checkpoints",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        default=8,
+        help="checkpoints each of the two trainings writes (default %(default)s)",
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the exit code."""
-    parser = argparse.ArgumentParser(prog="lamin-lightning demo", description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path("demo_output"))
-    parser.add_argument("--width", type=int, default=5000, help="Linear(width, width): ~100 MB")
-    parser.add_argument("--checkpoints", type=int, default=8)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     root = args.root.resolve()
-    _prepare_environment(root)
+    try:
+        _prepare_environment(root)
+    except ForeignRootError as error:
+        print(f"lamin-lightning demo: {error}", file=sys.stderr)
+        return 2
 
     import lightning.pytorch as pl
     import torch

@@ -7,6 +7,7 @@ at submission without a database call (reading the live trainer into JSON values
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
     from lamin_lightning._jobs import CheckpointSnapshot
+
+log = logging.getLogger("lamin_lightning")
 
 FEATURE_TYPE_NAME: Final = "lamindb.lightning"
 _FEATURE_TYPE_DTYPE: Final = "__lamindb_lightning__"
@@ -77,20 +80,58 @@ def _ln() -> Any:
     return lamindb
 
 
-def ensure_offline_safe() -> None:
-    """Keep a local instance from asking LaminDB's hub about itself.
+def _may_be_on_hub(instance: Any) -> bool:
+    """Whether LaminHub may know ``instance``: anything but a local instance without an account.
 
-    lamindb asks the hub whether the instance is registered when it tracks a run
-    or registers a file; offline that call crashes. For an instance whose storage
-    is local, the answer cannot matter, so record it as "not on the hub".
+    Only an account can register an instance on the hub, so an instance owned by
+    ``anonymous`` whose storage and database are local, and that carries nothing the
+    hub hands out (an API URL, a storage registered on the hub, hub-managed access),
+    is not on it. Everything else may be, and only the hub can tell.
     """
+    storage = getattr(instance, "storage", None)
+    return bool(
+        getattr(instance, "_is_on_hub", None) is not None  # already known: leave it
+        or getattr(instance, "owner", None) != "anonymous"  # a hub account's instance
+        or instance.is_remote  # cloud storage or a remote database
+        or getattr(instance, "is_managed_by_hub", True)  # has an API URL
+        or getattr(instance, "_fine_grained_access", False)
+        or getattr(storage, "_uuid", None) is not None  # its storage is registered
+    )
+
+
+_told_not_on_hub = False
+
+
+def ensure_offline_safe() -> None:
+    """Keep a local instance without a hub account from asking LaminDB's hub about itself.
+
+    lamindb asks the hub whether the instance is registered (``is_on_hub``) when it
+    tracks a run or registers a file; offline that call crashes. Where the answer is
+    known without asking (see ``_may_be_on_hub``), record it in lamindb's private
+    ``InstanceSettings._is_on_hub``, and log so once per process. An instance that is,
+    or may be, on the hub is left alone: lamindb asks the hub, as it always does.
+
+    The log line is INFO, not a warning: "not on the hub" is the true answer, nothing
+    the user should act on, and a warning in every local run (an error under
+    ``-W error``) would only teach users to ignore warnings.
+    """
+    global _told_not_on_hub
     import lamindb_setup
 
     if not lamindb_setup.settings.is_configured:
         return
     instance = lamindb_setup.settings.instance
-    if getattr(instance, "_is_on_hub", None) is None and not instance.storage.type_is_cloud:
-        instance._is_on_hub = False
+    if _may_be_on_hub(instance):
+        return
+    instance._is_on_hub = False
+    if not _told_not_on_hub:
+        _told_not_on_hub = True
+        log.info(
+            "LaminDB instance %s is local and has no hub account (owner 'anonymous'), so it"
+            " is not on LaminHub; lamin_lightning recorded that (InstanceSettings._is_on_hub"
+            " = False) so that lamindb does not ask the hub, which fails offline",
+            instance.slug,
+        )
 
 
 def require_instance() -> Any:

@@ -2,11 +2,14 @@
 
 :func:`checkpoint_path` finds the checkpoint artifact flagged ``is_best_model``
 or ``is_last_model`` under a key prefix or of a run, caches it locally and
-returns the path for ``trainer.fit(ckpt_path=...)``. lamindb is imported on call.
+returns the path for ``trainer.fit(ckpt_path=...)``; it records that artifact as an
+input of the active run (the run that resumes), so the lineage reads "trained from".
+lamindb is imported on call.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +19,8 @@ from lamin_lightning._lamin_features import require_instance as _require_instanc
 
 _WHICH_FEATURE = {"best": "is_best_model", "last": "is_last_model"}
 _SHOWN = 5
+
+log = logging.getLogger("lamin_lightning")
 
 
 def checkpoint_path(
@@ -30,6 +35,12 @@ def checkpoint_path(
     (``kind="model"``) whose feature ``is_best_model`` (``which="best"``) or
     ``is_last_model`` (``which="last"``) is True, as set by
     :class:`lamin_lightning.Checkpoint` after :func:`save_lightning_features`.
+
+    The artifact is recorded as an input of the active run (``ln.context.run``), the
+    one that resumes from it: call ``ln.track()`` *before* this function. Without an
+    active run nothing is recorded, and a warning says so. Nothing is recorded either
+    when the active run created the checkpoint itself (LaminDB keeps lineage acyclic)
+    or when ``ln.settings.track_run_inputs`` is False.
 
     Args:
         prefix: A key prefix: the callback's ``checkpoint_key_prefix`` or its
@@ -51,6 +62,7 @@ def checkpoint_path(
 
     Example::
 
+        ln.track()  # first: the checkpoint becomes an input of this run
         path = ll.checkpoint_path(callback.checkpoint_key_prefix, which="last")
         trainer.fit(model, datamodule, ckpt_path=path)
     """
@@ -110,7 +122,30 @@ def checkpoint_path(
             " prefix (one Checkpoint callback, one run), or load the artifact you mean"
             " yourself with ln.Artifact.get(uid).cache()"
         )
-    return Path(str(found[0].cache()))
+    artifact = found[0]
+    path = Path(str(artifact.cache(is_run_input=False)))
+    _record_as_run_input(ln, artifact)
+    return path
+
+
+def _record_as_run_input(ln: Any, artifact: Any) -> None:
+    """Record ``artifact`` as an input of the active run, or warn that there is none."""
+    if not ln.settings.track_run_inputs:
+        return  # turned off for this session: lamindb's own cache() would not record either
+    run = ln.context.run
+    if run is None:
+        log.warning(
+            "lamin-lightning: checkpoint_path() found %r (uid %s), but no LaminDB run is"
+            " active, so it is not recorded as an input of the run that resumes from it."
+            " Call ln.track() before checkpoint_path()",
+            artifact.key,
+            artifact.uid,
+        )
+        return
+    from lamindb.models._lineage import track_run_inputs
+
+    # Skipped by lamindb when ``run`` created the artifact (resuming inside the same run).
+    track_run_inputs(artifact, is_run_input=run)
 
 
 def _flag_feature(ln: Any, name: str) -> Any:

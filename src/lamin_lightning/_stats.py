@@ -25,8 +25,12 @@ class PersistenceStats:
         admission_waits: Submissions that had to wait for a free slot.
         training_stall_seconds: Total time submitters waited for admission.
         max_training_stall_seconds: Longest single admission wait.
-        persistence_latency_seconds: Total time from admission to delivered event.
+        persistence_latency_seconds: Total time from admission to delivered event, over
+            all delivered jobs (cumulative; see ``mean_persistence_latency_seconds``).
         max_persistence_latency_seconds: Longest admission-to-event time of one job.
+        last_persistence_latency_seconds: Admission-to-event time of the job delivered
+            last (0.0 before the first). At a checkpoint this is usually an earlier
+            checkpoint's: the one just admitted is still pending.
     """
 
     submitted: int = 0
@@ -44,6 +48,7 @@ class PersistenceStats:
     max_training_stall_seconds: float = 0.0
     persistence_latency_seconds: float = 0.0
     max_persistence_latency_seconds: float = 0.0
+    last_persistence_latency_seconds: float = 0.0
 
     @property
     def finished(self) -> int:
@@ -57,8 +62,14 @@ class PersistenceStats:
         return self.persistence_latency_seconds / delivered if delivered else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        """The counters as a flat dict, for loggers."""
-        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+        """The counters, then ``finished`` and ``mean_persistence_latency_seconds``, as a
+        flat dict of floats, for loggers."""
+        counters = {f.name: float(getattr(self, f.name)) for f in fields(self)}
+        return {
+            **counters,
+            "finished": float(self.finished),
+            "mean_persistence_latency_seconds": self.mean_persistence_latency_seconds,
+        }
 
 
 class StatsRecorder:
@@ -78,12 +89,19 @@ class StatsRecorder:
         self._stats = state["stats"]
 
     def add(self, **deltas: float) -> None:
-        """Add each delta to the counter of that name."""
+        """Add each delta to the counter of that name.
+
+        A ``persistence_latency_seconds`` delta is one delivered job's latency (the
+        pipeline adds it once per job, as it delivers the job's event): it also becomes
+        ``last_persistence_latency_seconds``, in the same snapshot.
+        """
         with self._lock:
             current = self._stats
             updated: dict[str, Any] = {
                 name: getattr(current, name) + delta for name, delta in deltas.items()
             }
+            if "persistence_latency_seconds" in deltas:
+                updated["last_persistence_latency_seconds"] = deltas["persistence_latency_seconds"]
             self._stats = replace(current, **updated)
 
     def record_max(self, name: str, value: float) -> None:

@@ -1,9 +1,11 @@
-"""Persistence stats as logger metrics (``log_stats=True``): one row per checkpoint.
+"""Persistence stats as logger metrics (``log_stats=True``): a row per checkpoint, one at the end.
 
-Called on the training thread, right after a checkpoint's job was admitted. It
-reads the stats snapshot (a lock held for a copy) and hands numbers to the
-trainer's loggers: no database, storage or pool call, so it never waits on
-persistence.
+:func:`log_persistence_stats` is called on the training thread, right after a
+checkpoint's job was admitted; :func:`log_final_persistence_stats` at the end of
+``fit``, once everything is flushed, so the last row shows what the run ended with
+(pending 0, every latency counted) rather than the state at the last checkpoint. Both
+read the stats snapshot (a lock held for a copy) and hand numbers to the trainer's
+loggers: no database, storage or pool call, so they never wait on persistence.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ if TYPE_CHECKING:
 
 METRIC_PREFIX: Final = "lamin_lightning/"
 
-# The PersistenceStats fields sent to the loggers, in this order.
+# The PersistenceStats values sent to the loggers, in this order: cumulative counters,
+# then the per-job latencies (the last delivered job's, and the mean over all delivered).
 LOGGED_FIELDS: Final = (
     "pending",
     "training_stall_seconds",
     "persistence_latency_seconds",
+    "last_persistence_latency_seconds",
+    "mean_persistence_latency_seconds",
     "retried",
     "failed",
 )
@@ -44,3 +49,18 @@ def log_persistence_stats(trainer: pl.Trainer, stats: PersistenceStats) -> dict[
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
     return metrics
+
+
+def log_final_persistence_stats(
+    trainer: pl.Trainer, stats: PersistenceStats, stage: str
+) -> dict[str, float] | None:
+    """At teardown, after the flush: the final stats, once more, at ``trainer.global_step``.
+
+    Logged only for ``fit`` (the stage that saves checkpoints), on global rank zero, and
+    only when this callback submitted anything; otherwise nothing is logged and None is
+    returned. Lightning finalizes the loggers after the callbacks' ``teardown``, so the
+    row is written (a CSV logger's ``metrics.csv`` included).
+    """
+    if stage != "fit" or not trainer.is_global_zero or stats.submitted == 0:
+        return None
+    return log_persistence_stats(trainer, stats)

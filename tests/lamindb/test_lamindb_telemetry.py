@@ -89,18 +89,28 @@ def test_cli_yaml_log_stats_sends_checkpoint_stats_to_the_csv_logger(
     assert (stats.saved, stats.failed) == (STEPS + 1, 0)  # the checkpoints and hparams.yaml
     logger = cli.trainer.logger
     assert isinstance(logger, QueryCountingCSVLogger)
-    assert logger.queries_while_logging_stats == [0] * STEPS
+    # Each checkpoint's row, then the final one at teardown: no query for any of them.
+    assert logger.queries_while_logging_stats == [0] * (STEPS + 1)
 
     with open(Path(cli.trainer.logger.log_dir) / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     ours = [r for r in rows if r.get(f"{METRIC_PREFIX}pending")]
-    assert [int(r["step"]) for r in ours] == list(range(1, STEPS + 1))
+    # One row per checkpoint, then the final values at teardown, at the last step.
+    assert [int(r["step"]) for r in ours] == [*range(1, STEPS + 1), STEPS]
+    final = {name: float(ours[-1][f"{METRIC_PREFIX}{name}"]) for name in LOGGED_FIELDS}
+    assert final == pytest.approx({name: float(getattr(stats, name)) for name in LOGGED_FIELDS})
+    assert final["pending"] == 0.0
+    ours = ours[:-1]
     assert any(r.get("score") for r in rows)  # the model's own metrics are there too
     for name in LOGGED_FIELDS:
         values = [float(r[f"{METRIC_PREFIX}{name}"]) for r in ours]
         if name == "pending":
             # At least the checkpoint just admitted; never more than were submitted.
             assert all(1 <= v <= n + 1 for n, v in enumerate(values, start=1)), values
+        elif name in ("last_persistence_latency_seconds", "mean_persistence_latency_seconds"):
+            # One job's latency, and the mean: not cumulative, at most the longest one.
+            longest = stats.max_persistence_latency_seconds
+            assert all(0.0 <= v <= longest for v in values), (name, values)
         else:
             # Cumulative counters: non-decreasing, bounded by the final stats.
             assert values == sorted(values), (name, values)
