@@ -551,7 +551,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             return path == own.path or _digest_of(path) in siblings
 
         others, _ = open_unheld(own.path.parent, skip=skip)
-        for root in self._sibling_version_roots(own.path.parent):
+        for root in self._sibling_version_roots(trainer, own.path.parent):
             opened, busy = open_unheld(root, skip=skip)
             others.extend(opened)
             for path in busy:
@@ -573,16 +573,24 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         resolver = StoreResolver({self.store_name: mine} if mine is not None else None)
         return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
 
-    def _sibling_version_roots(self, own_root: Path) -> list[Path]:
-        """Outbox folders of the other logger versions, when Lightning chose the dirpath."""
-        if self._user_dirpath:
+    def _sibling_version_roots(self, trainer: pl.Trainer, own_root: Path) -> list[Path]:
+        """Outbox folders of the other versions of this trainer's logger, when Lightning
+        chose the dirpath (``{save_dir}/{name}/{version}/checkpoints``); else none."""
+        if self._user_dirpath or not trainer.loggers:
             return []
-        checkpoints = own_root.parent  # {save_dir}/{name}/{version}/checkpoints
-        if checkpoints.name != "checkpoints":
+        logger = trainer.loggers[0]
+        save_dir = getattr(logger, "save_dir", None) or trainer.default_root_dir
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        logger_root = Path(save_dir) / str(logger.name)
+        if Path(self.dirpath or "").resolve() != (logger_root / version / "checkpoints").resolve():
             return []
-        logger_root = checkpoints.parent.parent
-        pattern = f"*/{checkpoints.name}/{own_root.name}"
-        return sorted(root for root in logger_root.glob(pattern) if root != own_root)
+        own = own_root.resolve()
+        roots = []
+        for root in sorted(logger_root.glob(f"*/checkpoints/{own_root.name}")):
+            resolved = root.resolve()  # a symlinked version folder is not a sibling
+            if resolved != own and resolved.parent.parent.parent == logger_root.resolve():
+                roots.append(root)
+        return roots
 
     # -- committer thread -----------------------------------------------------------------
 

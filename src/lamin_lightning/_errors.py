@@ -75,6 +75,19 @@ class UnknownStoreError(LaminLightningError, LookupError):
     """An outbox names a store that no installed package registers."""
 
 
+class NotSetUpError(LaminLightningError, RuntimeError, AssertionError):
+    """Something that needs ``setup`` was asked for before it (an ``AssertionError`` too,
+    as the reference raises)."""
+
+
+class UnknownKindError(LaminLightningError, ValueError, KeyError):
+    """An artifact kind other than checkpoint, config or hparams (a ``KeyError`` too, as
+    the reference raises)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class AttemptsExhausted(Exception):
     """Internal marker carrying the last error and how many attempts were made."""
 

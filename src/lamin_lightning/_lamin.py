@@ -21,7 +21,7 @@ from lightning.pytorch.cli import SaveConfigCallback as _LightningSaveConfigCall
 from typing_extensions import override
 
 from lamin_lightning._callback import ArtifactPublishingModelCheckpoint
-from lamin_lightning._errors import LaminSetupError
+from lamin_lightning._errors import LaminSetupError, NotSetUpError
 from lamin_lightning._events import ArtifactKind, ArtifactObserver, ArtifactSavedEvent
 from lamin_lightning._jobs import CheckpointSnapshot
 from lamin_lightning._lamin_features import (
@@ -276,7 +276,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def base_prefix(self) -> str:
         """Prefix of every key this callback writes; available after ``setup``."""
         if self._trainer is None:
-            raise RuntimeError("base_prefix is only available after setup() (once fit() started)")
+            raise NotSetUpError("base_prefix is only available after setup() (once fit() started)")
         return self._base_prefix(self._trainer)
 
     @property

@@ -413,7 +413,11 @@ class LaminStore:
         removed = None
         for candidate in [known] if known is not None else self.others_under_key(key):
             uri = self.storage_uri(candidate)
-            _delete(candidate)
+            # Delete a fresh copy: Django clears the id of the instance it deletes, and
+            # the candidate is what observers get (with its id, as from the reference).
+            victim = _ln().Artifact.filter(id=candidate.id).first() if candidate.id else None
+            if victim is not None:
+                _delete(victim)
             removed = (candidate, uri)
         return removed
 

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamin_lightning._errors import UnknownKindError
 from lamin_lightning._events import (
     AnyArtifactEvent,
     ArtifactFailedEvent,
@@ -96,7 +97,9 @@ class ArtifactHooks:
     def get_last_artifact(self, kind: ArtifactKind) -> Any | None:
         """The most recently saved artifact of ``kind``."""
         if kind not in self._latest_artifacts:
-            raise ValueError(f"kind must be one of {tuple(self._latest_artifacts)}, got {kind!r}")
+            raise UnknownKindError(
+                f"kind must be one of {tuple(self._latest_artifacts)}, got {kind!r}"
+            )
         return self._latest_artifacts[kind]
 
     def add_artifact_observer(self, observer: ArtifactObserver) -> None:
