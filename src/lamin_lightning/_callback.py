@@ -73,7 +73,7 @@ from lamin_lightning._options import (
 )
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
-from lamin_lightning._replay import open_unheld, pending_in
+from lamin_lightning._replay import pending_in, unfinished
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import staging_root
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
@@ -524,73 +524,42 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             self._hparams_submitted = True
 
     def _replay_unfinished(self, trainer: pl.Trainer) -> int:
-        """Queue what earlier runs left in this directory's outboxes, before any new job.
+        """Queue what earlier runs left behind (see :func:`_replay.unfinished`), first.
 
-        Without a ``dirpath`` of the user's, each run checkpoints into a new logger
-        version, so the outboxes of the sibling versions under the same logger root
-        (``{save_dir}/{name}/*/checkpoints``) are replayed too; one that another live
-        process holds is left to it, with a warning naming ``lamin-lightning flush``.
-
-        The replays commit first, in their original order (the pipeline commits in
-        submission order); training does not wait for them beyond the usual
-        backpressure. Journals of this trainer's other checkpoint callbacks are left
-        to them; foreign journals stay locked until this callback shuts down, so
-        nobody replays them twice. Replays that fail stay in the outbox, warned about.
+        The replays commit before any new job, in their original order (the pipeline
+        commits in submission order); training does not wait for them beyond the usual
+        backpressure. Replays that fail stay in the outbox, warned about.
         """
         submitter = self._ensure_submitter()
         own = submitter.outbox
         if own is None:
             return 0
-        siblings = {
-            _journal_digest(other)
-            for other in getattr(trainer, "callbacks", [])
-            if other is not self and isinstance(other, ArtifactPublishingModelCheckpoint)
-        }
-
-        def skip(path: Path) -> bool:
-            return path == own.path or _digest_of(path) in siblings
-
-        others, _ = open_unheld(own.path.parent, skip=skip)
-        for root in self._sibling_version_roots(trainer, own.path.parent):
-            opened, busy = open_unheld(root, skip=skip)
-            others.extend(opened)
-            for path in busy:
-                rank_zero_warn(
-                    f"lamin-lightning: {path} holds unfinished persistence jobs of an earlier"
-                    " run that another process still holds; once it ends, run"
-                    f" `lamin-lightning flush {root.parent}`."
-                )
+        layout = None
+        if not self._user_dirpath and trainer.loggers:
+            logger = trainer.loggers[0]
+            version = logger.version
+            layout = (
+                Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
+                / str(logger.name),
+                version if isinstance(version, str) else f"version_{version}",
+            )
+        others = unfinished(
+            own,
+            skip_digests={
+                _journal_digest(other)
+                for other in getattr(trainer, "callbacks", [])
+                if other is not self and isinstance(other, ArtifactPublishingModelCheckpoint)
+            },
+            dirpath=Path(self.dirpath or "."),
+            logger_layout=layout,
+        )
         submitter.foreign.extend(others)
         work = pending_in([own, *others])
         if not work:
             return 0
-        log.warning(
-            "lamin-lightning: replaying %d unfinished persistence job(s) from %s first",
-            len(work),
-            ", ".join(sorted({str(outbox.path.parent) for outbox, _, _ in work})),
-        )
         mine = self.replay_store()
         resolver = StoreResolver({self.store_name: mine} if mine is not None else None)
         return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
-
-    def _sibling_version_roots(self, trainer: pl.Trainer, own_root: Path) -> list[Path]:
-        """Outbox folders of the other versions of this trainer's logger, when Lightning
-        chose the dirpath (``{save_dir}/{name}/{version}/checkpoints``); else none."""
-        if self._user_dirpath or not trainer.loggers:
-            return []
-        logger = trainer.loggers[0]
-        save_dir = getattr(logger, "save_dir", None) or trainer.default_root_dir
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        logger_root = Path(save_dir) / str(logger.name)
-        if Path(self.dirpath or "").resolve() != (logger_root / version / "checkpoints").resolve():
-            return []
-        own = own_root.resolve()
-        roots = []
-        for root in sorted(logger_root.glob(f"*/checkpoints/{own_root.name}")):
-            resolved = root.resolve()  # a symlinked version folder is not a sibling
-            if resolved != own and resolved.parent.parent.parent == logger_root.resolve():
-                roots.append(root)
-        return roots
 
     # -- committer thread -----------------------------------------------------------------
 
@@ -685,11 +654,6 @@ def _class_path(cls: type) -> str:
 def _journal_digest(callback: Any) -> str:
     """The digest that names a callback's journal: its ``state_key``, hashed."""
     return hashlib.sha1(str(callback.state_key).encode("utf-8")).hexdigest()[:12]
-
-
-def _digest_of(path: Path) -> str:
-    """The callback digest in a journal's name (``outbox-<digest>[-n].jsonl``)."""
-    return path.name.removeprefix("outbox-").removesuffix(".jsonl").split("-", 1)[0]
 
 
 def _state_bytes(pl_module: pl.LightningModule) -> int:

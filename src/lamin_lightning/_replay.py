@@ -241,6 +241,71 @@ def pending_in(outboxes: list[Outbox]) -> list[Pending]:
     return [(outbox, job_id, record) for outbox in outboxes for job_id, record in outbox.pending()]
 
 
+def unfinished(
+    own: Outbox,
+    *,
+    skip_digests: set[str],
+    dirpath: Path,
+    logger_layout: tuple[Path, str] | None,
+) -> list[Outbox]:
+    """Open the journals whose jobs a callback holding ``own`` finishes at ``setup``.
+
+    Those of its own checkpoint folder, except journals of the trainer's other
+    checkpoint callbacks (``skip_digests``: each finishes its own). And where Lightning
+    chose the dirpath (``logger_layout``: the logger's root ``{save_dir}/{name}`` and
+    this run's version), each run checkpoints into a new version, so the journals of
+    the sibling versions (``{root}/*/checkpoints``) too; one another live process holds
+    is left to it, with a warning naming ``lamin-lightning flush``. The journals opened
+    stay locked until the caller closes them, so nobody replays them twice.
+    """
+
+    def skip(path: Path) -> bool:
+        return path == own.path or _digest_of(path) in skip_digests
+
+    opened, _ = open_unheld(own.path.parent, skip=skip)
+    for root in _sibling_version_roots(own.path.parent, dirpath, logger_layout):
+        found, busy = open_unheld(root, skip=skip)
+        opened.extend(found)
+        for path in busy:
+            log.warning(
+                "lamin-lightning: %s holds unfinished persistence jobs of an earlier run that"
+                " another process still holds; once it ends, run `lamin-lightning flush %s`",
+                path,
+                root.parent,
+            )
+    pending = [o for o in (own, *opened) if o.pending()]
+    if pending:
+        log.warning(
+            "lamin-lightning: replaying the unfinished persistence jobs of %s first",
+            ", ".join(sorted({str(o.path.parent) for o in pending})),
+        )
+    return opened
+
+
+def _sibling_version_roots(
+    own_root: Path, dirpath: Path, logger_layout: tuple[Path, str] | None
+) -> list[Path]:
+    """Outbox folders of the logger's other versions, if ``dirpath`` is Lightning's choice
+    for this version (``{root}/{version}/checkpoints``); else none."""
+    if logger_layout is None:
+        return []
+    logger_root, version = logger_layout
+    if dirpath.resolve() != (logger_root / version / "checkpoints").resolve():
+        return []
+    own, root_resolved = own_root.resolve(), logger_root.resolve()
+    return [
+        root
+        for root in sorted(logger_root.glob(f"*/checkpoints/{own_root.name}"))
+        # a symlinked version folder is not a sibling
+        if root.resolve() != own and root.resolve().parent.parent.parent == root_resolved
+    ]
+
+
+def _digest_of(path: Path) -> str:
+    """The callback digest in a journal's name (``outbox-<digest>[-n].jsonl``)."""
+    return path.name.removeprefix("outbox-").removesuffix(".jsonl").split("-", 1)[0]
+
+
 def replay_jobs(
     pending: list[Pending],
     store_for: Callable[[JobRecord], ArtifactStore],
@@ -435,4 +500,5 @@ __all__ = [
     "outbox_root",
     "pending_records",
     "replay_jobs",
+    "unfinished",
 ]
