@@ -9,6 +9,8 @@
 - :class:`MotoServer` and :class:`LatencyProxy`: an S3-compatible server on 127.0.0.1 and a
   TCP proxy in front of it that delays every byte by a fixed one-way latency; both run as
   child processes that are stopped by PID.
+- :class:`DiskLoad` and :class:`CpuLoad`: a competing process that writes and fsyncs
+  64 MiB files in a loop, and one that keeps a core busy; children stopped by PID.
 - :func:`run_child`: run a script in a fresh process and read its ``RESULT:`` line.
 - :func:`machine`, :func:`write_result`, :func:`print_rows`: the common JSON and table.
 """
@@ -21,6 +23,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -432,6 +435,83 @@ class LatencyProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+class DiskLoad:
+    """A competing writer on the disk: ``_disk_writer.py`` in a child process, writing
+    ``size_mib`` MiB files into ``folder`` and fsyncing each, in a loop, until the context
+    exits (stopped by PID). Put ``folder`` on the filesystem under test (the checkpoints').
+
+    After exit, :attr:`stats` holds what it did: rounds, bytes, MiB/s, fsync durations.
+    """
+
+    def __init__(self, folder: Path, size_mib: int = 64) -> None:
+        self.folder = folder
+        self.size_mib = size_mib
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stats: dict[str, Any] = {}
+        self._stats_path = folder / "disk-load-stats.json"
+
+    def __enter__(self) -> DiskLoad:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._stats_path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "_disk_writer.py"),
+                "--dir",
+                str(self.folder),
+                "--size-mib",
+                str(self.size_mib),
+                "--stats",
+                str(self._stats_path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        # It finishes its current 4 MiB write, or its fsync, before it exits: allow for a
+        # slow disk before SIGKILL.
+        stop_process(self.proc, timeout=30)
+        self.proc = None
+        with suppress(OSError, ValueError):
+            self.stats = json.loads(self._stats_path.read_text())
+        self._stats_path.unlink(missing_ok=True)
+
+    def summary(self) -> dict[str, Any]:
+        """Rounds, MiB/s and the median fsync of a 64 MiB file while it ran (for JSON)."""
+        fsyncs = self.stats.get("fsync_s") or []
+        return {
+            "rounds": self.stats.get("rounds", 0),
+            "mib_per_s": self.stats.get("mib_per_s", 0.0),
+            "fsync_median_s": statistics.median(fsyncs) if fsyncs else None,
+            "fsync_max_s": max(fsyncs) if fsyncs else None,
+        }
+
+
+class CpuLoad:
+    """One other CPU-bound process (a Python busy loop) for as long as the context lasts;
+    stopped by PID on exit."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> CpuLoad:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

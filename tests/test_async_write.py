@@ -15,13 +15,17 @@ training thread. Nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import ctypes
 import io
+import mmap
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -709,6 +713,118 @@ def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
     assert callback.persistence_stats.failed == 0
     assert leftovers_in_writing(dirpath) == []
     assert staged_files(dirpath) == []
+
+
+# -- how the background write spares the CPU ------------------------------------------------------
+
+
+def test_background_files_skip_zip_checksums_while_a_concurrent_torch_save_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """Our file: no CRC-32, loads equal; a torch.save on the training thread meanwhile: CRCs."""
+    dirpath = tmp_path / "ckpt"
+    gate = WriteGate()
+    concurrent = tmp_path / "saved-by-the-user.pt"
+    user_state = {"x": torch.arange(10_000)}
+    expected: dict[str, torch.Tensor] = {}
+
+    def save_while_the_background_write_is_mid_archive() -> None:
+        # The write of the checkpoint is inside torch's zip writer, held by the gate.
+        assert gate.entered.acquire(timeout=TIMEOUT)
+        torch.save(user_state, concurrent)
+        gate.open()
+
+    class Remembering(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            state = trainer.lightning_module.state_dict()
+            expected.update({k: v.detach().clone() for k, v in state.items()})
+            super()._save_checkpoint(trainer, filepath)
+
+    callback = async_callback(MemoryStore(), dirpath, cls=Remembering)
+    make_trainer(
+        tmp_path,
+        [callback, gate, OnTrainEnd(save_while_the_background_write_is_mid_archive)],
+        max_steps=1,
+    ).fit(TinyModel(width=64), loader(1, 64))
+
+    assert gate.timed_out == []
+    (name,) = checkpoint_files(dirpath)
+    with zipfile.ZipFile(dirpath / name) as archive:
+        assert {entry.CRC for entry in archive.infolist()} == {0}
+    written = load(dirpath / name)
+    assert written["global_step"] == 1
+    assert all(torch.equal(written["state_dict"][k], v) for k, v in expected.items())
+    assert torch.serialization.get_crc32_options() is True
+    with zipfile.ZipFile(concurrent) as archive:
+        assert archive.testzip() is None  # every checksum present and right
+        assert 0 not in {entry.CRC for entry in archive.infolist()}
+    assert torch.equal(load(concurrent)["x"], user_state["x"])
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on, from ``/proc/mounts`` ("" if unknown)."""
+    best, kind = "", ""
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            if str(path).startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def _resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (``mincore`` on a read-only mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as handle:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle.fileno(), 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vector = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        return sum(byte & 1 for byte in vector) / pages
+    finally:
+        libc.munmap(address, size)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc/mounts")
+def test_a_file_written_in_the_background_does_not_stay_in_the_page_cache(tmp_path: Path) -> None:
+    """Written and fsynced, the checkpoint's pages leave the page cache before anyone reads it."""
+    if _filesystem_type(tmp_path) in ("tmpfs", "ramfs", ""):
+        pytest.skip(f"{tmp_path} is in memory (or unknown): there is no page cache to leave")
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()  # the upload, which reads the file, waits until the file has been checked
+    resident: dict[str, float] = {}
+
+    def check_the_written_file() -> None:
+        assert store.wait_until_hanging(timeout=TIMEOUT)
+        (name,) = checkpoint_files(dirpath)
+        resident[name] = _resident_fraction(dirpath / name)
+        store.release()
+
+    callback = async_callback(store, dirpath)
+    make_trainer(tmp_path, [callback, OnTrainEnd(check_the_written_file)], max_steps=1).fit(
+        TinyModel(width=512), loader(1, 512)
+    )
+
+    (name,) = checkpoint_files(dirpath)
+    assert (dirpath / name).stat().st_size > 1 << 20
+    assert resident == {name: 0.0}
+    assert store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
 
 
 # -- resume and fallback -------------------------------------------------------------------------
