@@ -74,6 +74,16 @@ def _summary(results: Path, since: float) -> bool:
     return met
 
 
+NEEDS_CUDA = frozenset({"bench_fsdp_sharded.py"})
+"""Scripts that run only where CUDA is available (they exit with status 2 elsewhere)."""
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device (asked in a child: this process stays torch-free)."""
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.call([sys.executable, "-c", probe]) == 0
+
+
 def main(argv: list[str]) -> int:
     """Run the benchmark scripts; return non-zero if any failed."""
     here = Path(__file__).resolve().parent
@@ -85,6 +95,10 @@ def main(argv: list[str]) -> int:
     if not scripts:
         print("no benchmarks found", file=sys.stderr)
         return 1
+    if any(s.name in NEEDS_CUDA for s in scripts) and not _cuda_available():
+        skipped = [s.name for s in scripts if s.name in NEEDS_CUDA]
+        print(f"skipping {', '.join(skipped)}: no CUDA device on this machine")
+        scripts = [s for s in scripts if s.name not in NEEDS_CUDA]
     started_all = time.time()
     failed = []
     for script in scripts:

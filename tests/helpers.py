@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lamin_lightning._staging import staging_root
+
 T = TypeVar("T")
 
 
@@ -100,7 +102,7 @@ def checkpoint_files(dirpath: Path) -> set[str]:
 
 def staged_files(dirpath: Path) -> list[Path]:
     """Files left in the staging area of ``dirpath``."""
-    root = dirpath / ".lamin-lightning" / "staged"
+    root = staging_root(dirpath) / "staged"
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 

@@ -45,6 +45,7 @@ from lamin_lightning import (
     RetryPolicy,
 )
 from lamin_lightning._local_write import Snapshotter
+from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 pytestmark = [
@@ -72,7 +73,7 @@ def keys_of(paths: Any) -> set[str]:
 
 
 def writing_dir(dirpath: Path) -> Path:
-    return dirpath / ".lamin-lightning" / "writing"
+    return staging_root(dirpath) / "writing"
 
 
 def leftovers_in_writing(dirpath: Path) -> list[str]:
@@ -675,11 +676,22 @@ def test_top1_eviction_waits_for_pending_writes_and_persists_exactly_the_kept_fi
 def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
     tmp_path: Path,
 ) -> None:
-    """last.ckpt overwritten each step while its previous write is held: stored = final file."""
+    """last.ckpt overwritten each step while its previous write is held: stored = final file.
+
+    The rewrites never wait for the held writes: each background write replaces the
+    file atomically, after the previous one was staged.
+    """
+
+    class HoldingAll(AwaitRecording):
+        def _let_pending_write_go(self, filepath: str) -> None:
+            if filepath in self.saved_paths and not os.path.exists(filepath):
+                self.pending_at_await.append(Path(filepath).name)  # recorded, not let go
+
     dirpath = tmp_path / "ckpt"
     gate = WriteGate()
     store = MemoryStore(keep_bytes=True)
-    callback = AwaitRecording(
+    steps = 5
+    callback = HoldingAll(
         gate,
         store,
         dirpath=dirpath,
@@ -687,17 +699,17 @@ def test_last_ckpt_rewritten_while_its_write_is_pending_stores_the_final_file(
         save_last=True,
         every_n_train_steps=1,
         async_write=True,
-        max_snapshots=2,
+        max_snapshots=steps,
+        max_pending=2 * steps,
         retry=RetryPolicy.no_delay(),
     )
-    steps = 5
     make_trainer(tmp_path, [callback, gate, OnTrainEnd(gate.open)], max_steps=steps).fit(
         TinyModel(), loader(steps)
     )
 
     assert gate.timed_out == []
     assert checkpoint_files(dirpath) == {"last.ckpt"}
-    # Every rewrite found the previous write still held, and waited for it.
+    # Every rewrite found the previous write still held, and went on without it.
     assert callback.pending_at_await == ["last.ckpt"] * (steps - 1)
     final = dirpath / "last.ckpt"
     stored = store.get(key("last.ckpt"))

@@ -310,6 +310,9 @@ def test_validate_fit_test_in_one_process_restart_the_pool_lazily(tmp_path: Path
             alive.setdefault("validate", len(pool_threads()))
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            alive["fit start"] = len(pool_threads())
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
             alive["fit"] = len(pool_threads())
 
         def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -324,9 +327,12 @@ def test_validate_fit_test_in_one_process_restart_the_pool_lazily(tmp_path: Path
     trainer.test(model, loader(2))
     assert pool_threads() == []
 
-    # Each stage ran a full pool (workers, committer, delivery, ...) and stopped it.
-    assert set(alive) == {"validate", "fit", "test"}
-    assert alive["validate"] == alive["fit"] == alive["test"] >= callback.max_workers + 2
+    # Threads start with the first job: none for validate and test (nothing to persist),
+    # none at the start of fit; a full pool (workers, committer, delivery, ...) once fit
+    # saved, stopped at teardown.
+    assert set(alive) == {"validate", "fit start", "fit", "test"}
+    assert alive["validate"] == alive["fit start"] == alive["test"] == 0
+    assert alive["fit"] >= callback.max_workers + 2
     assert store.keys(kind="checkpoint") == {key("epoch=0-step=2.ckpt"), key("epoch=0-step=4.ckpt")}
     assert callback.persistence_stats.saved == 2
 

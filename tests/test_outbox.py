@@ -36,6 +36,7 @@ from lamin_lightning._journal import (
     journal_paths,
     read_pending,
 )
+from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 
@@ -176,7 +177,7 @@ def test_every_save_is_journaled_before_save_checkpoint_returns(tmp_path: Path) 
     # Teardown timed out: the journal still holds every job for a later replay.
     pending = [
         key
-        for path in journal_paths(tmp_path / "ckpt" / ".lamin-lightning")
+        for path in journal_paths(staging_root(tmp_path / "ckpt"))
         for key in _pending_keys(path)
     ]
     assert pending == [key for key, _ in callback.seen]
@@ -212,7 +213,7 @@ def test_the_next_setup_replays_unfinished_jobs_in_order(tmp_path: Path) -> None
         # The hung transfers now finish on their (abandoned) threads: they store bytes
         # whose commit never ran, exactly like a crash after the upload.
         store.release()
-    journal = journal_paths(dirpath / ".lamin-lightning")
+    journal = journal_paths(staging_root(dirpath))
     assert len(journal) == 1
     pending = [record for _, record in read_pending(journal[0])]
     ops = [r.op for r in pending]
@@ -238,7 +239,7 @@ def test_the_next_setup_replays_unfinished_jobs_in_order(tmp_path: Path) -> None
     assert [e.key for e in events if isinstance(e, ArtifactSavedEvent | ArtifactRemovedEvent)] == [
         r.key for i, r in enumerate(pending) if last[r.key] == i
     ]
-    assert not journal_paths(dirpath / ".lamin-lightning"), "the journal is gone once empty"
+    assert not journal_paths(staging_root(dirpath)), "the journal is gone once empty"
     # The flags end as the last submitted state.
     last_save = [r for r in pending if r.op == "save"][-1].checkpoint
     assert last_save is not None
@@ -262,7 +263,7 @@ def test_a_failed_job_stays_in_the_outbox_until_a_later_setup_persists_it(
     with pytest.warns(UserWarning, match="could not be persisted"):
         make_trainer(tmp_path, [first], max_steps=4).fit(TinyModel(), loader())
     assert first.persistence_stats.failed == 2
-    pending = [key for p in journal_paths(dirpath / ".lamin-lightning") for key in _pending_keys(p)]
+    pending = [key for p in journal_paths(staging_root(dirpath)) for key in _pending_keys(p)]
     assert sorted(pending) == sorted(f"checkpoints/{n}" for n in checkpoint_files(dirpath))
     assert store.keys(kind="checkpoint") == set()
 
@@ -278,7 +279,7 @@ def test_a_failed_job_stays_in_the_outbox_until_a_later_setup_persists_it(
     make_trainer(tmp_path, [second]).validate(TinyModel(), loader())
     _kept_set_matches_store(dirpath, store)
     assert [type(e) for e in observer.events] == [ArtifactSavedEvent, ArtifactSavedEvent]
-    assert not journal_paths(dirpath / ".lamin-lightning")
+    assert not journal_paths(staging_root(dirpath))
 
 
 def test_a_replay_that_fails_again_warns_and_does_not_block_training(tmp_path: Path) -> None:
@@ -295,9 +296,7 @@ def test_a_replay_that_fails_again_warns_and_does_not_block_training(tmp_path: P
     make_trainer(tmp_path, [second]).validate(TinyModel(), loader())  # does not raise
     failed = observer.of_type(ArtifactFailedEvent)
     assert len(failed) == 1 and failed[0].recovered
-    assert (
-        len([e for p in journal_paths(dirpath / ".lamin-lightning") for e in read_pending(p)]) == 1
-    )
+    assert len([e for p in journal_paths(staging_root(dirpath)) for e in read_pending(p)]) == 1
 
 
 def test_a_journaled_file_that_is_gone_is_dropped_with_an_error(
@@ -310,13 +309,13 @@ def test_a_journaled_file_that_is_gone_is_dropped_with_an_error(
     with pytest.warns(UserWarning):
         make_trainer(tmp_path, [first], max_steps=2).fit(TinyModel(), loader())
     store.heal()
-    shutil.rmtree(dirpath / ".lamin-lightning" / "staged")
+    shutil.rmtree(staging_root(dirpath) / "staged")
     for name in checkpoint_files(dirpath):
         (dirpath / name).unlink()
     second = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=2)
     make_trainer(tmp_path, [second]).validate(TinyModel(), loader())
     assert "neither its staged copy" in caplog.text
-    assert not journal_paths(dirpath / ".lamin-lightning")
+    assert not journal_paths(staging_root(dirpath))
 
 
 # -- the checkpoint directory is checked at setup (fault 6) ------------------------------------
@@ -420,7 +419,7 @@ def test_outbox_false_skips_the_journal_but_still_checks_the_directory(tmp_path:
     callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, outbox=False)
     make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader())
     _kept_set_matches_store(dirpath, store)
-    assert not journal_paths(dirpath / ".lamin-lightning")
+    assert not journal_paths(staging_root(dirpath))
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -20,6 +20,7 @@ import pytest
 from lamin_lightning import JobRecord, UnknownStoreError, flush_directory
 from lamin_lightning._jobs import CheckpointSnapshot, decode, encode
 from lamin_lightning._journal import Outbox, read_journal, read_pending
+from lamin_lightning._staging import staging_root
 from lamin_lightning.store import StoreResolver
 from lamin_lightning.testing import MemoryStore
 
@@ -222,7 +223,7 @@ def test_the_training_thread_never_fsyncs_the_journal_and_uploads_wait_for_it(
     class Recording(MemoryStore):
         def put(self, key: str, path: Any, **kwargs: Any) -> Any:
             if key.endswith(".ckpt"):
-                journal = next((tmp_path / "ckpt" / ".lamin-lightning").glob("outbox-*.jsonl"))
+                journal = next(staging_root(tmp_path / "ckpt").glob("outbox-*.jsonl"))
                 synced = max((size for _, size in journal_syncs), default=0)
                 uploads.append((synced, journal.stat().st_size))
             return super().put(key, path, **kwargs)

@@ -23,6 +23,7 @@ from lamin_lightning import (
 )
 from lamin_lightning._jobs import CheckpointSnapshot
 from lamin_lightning._journal import Outbox
+from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 # -- journals written by hand: what a crashed process leaves ---------------------------------
@@ -364,7 +365,7 @@ def test_a_rerun_without_dirpath_finishes_the_previous_logger_versions_outbox(
     version_0 = tmp_path / "lg" / "version_0" / "checkpoints"
     kept = sorted(p.name for p in version_0.glob("*.ckpt"))
     assert len(kept) == 3
-    assert list((version_0 / ".lamin-lightning").glob("outbox-*.jsonl"))
+    assert list(staging_root(version_0).glob("outbox-*.jsonl"))
     store.release()
 
     second = MemoryCheckpoint(store, every_n_train_steps=1, save_top_k=-1)
@@ -373,4 +374,4 @@ def test_a_rerun_without_dirpath_finishes_the_previous_logger_versions_outbox(
     assert logger.version == 1
     stored = store.keys(kind="checkpoint")
     assert {f"checkpoints/{name}" for name in kept} <= stored
-    assert not list((version_0 / ".lamin-lightning").glob("outbox-*.jsonl"))
+    assert not list(staging_root(version_0).glob("outbox-*.jsonl"))

@@ -16,6 +16,7 @@ from lamin_lightning._staging import (
     release_staged,
     stage_file,
     staging_root,
+    working_folders,
 )
 
 
@@ -24,9 +25,20 @@ def write(path: Path, size: int, fill: bytes = b"a") -> Path:
     return path
 
 
-def test_staging_root_is_inside_the_checkpoint_directory(tmp_path: Path) -> None:
-    """Staged files live under {dirpath}/.lamin-lightning."""
-    assert staging_root(tmp_path) == tmp_path / ".lamin-lightning"
+def test_the_working_folder_sits_beside_the_checkpoint_directory(tmp_path: Path) -> None:
+    """Staging and outbox live in .{name}.lamin-lightning next to dirpath, never inside it;
+    recovery looks there first and in the folder earlier versions used inside dirpath."""
+    dirpath = tmp_path / "ckpts"
+    assert staging_root(dirpath) == tmp_path / ".ckpts.lamin-lightning"
+    assert staging_root(str(dirpath) + "/") == tmp_path / ".ckpts.lamin-lightning"
+    assert working_folders(dirpath) == [
+        tmp_path / ".ckpts.lamin-lightning",
+        dirpath / ".lamin-lightning",
+    ]
+    assert working_folders(tmp_path / ".ckpts.lamin-lightning") == [
+        tmp_path / ".ckpts.lamin-lightning"
+    ]
+    assert working_folders(dirpath / ".lamin-lightning") == [dirpath / ".lamin-lightning"]
 
 
 def test_small_files_are_copied_and_keep_their_name(tmp_path: Path) -> None:

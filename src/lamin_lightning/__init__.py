@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamin_lightning._errors import (
     CheckpointDirectoryError,
+    CheckpointIOError,
     LaminLightningError,
     LaminSetupError,
     LostFileError,
@@ -84,6 +85,7 @@ __all__ = [
     "ArtifactStore",
     "Checkpoint",
     "CheckpointDirectoryError",
+    "CheckpointIOError",
     "CheckpointSnapshot",
     "FlushReport",
     "JobRecord",

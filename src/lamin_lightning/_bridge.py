@@ -254,19 +254,34 @@ class PersistencePipeline:
         staging = [PendingJob(-1, s.operation, s.key, "staging", s.payload) for s in waiting]
         return [*core.pending(), *staging]
 
-    def submit(self, spec: JobSpec, timeout: float | None = None) -> bool:
+    def submit(
+        self,
+        spec: JobSpec,
+        timeout: float | None = None,
+        *,
+        stop_waiting: Callable[[], BaseException | None] | None = None,
+    ) -> bool:
         """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding.
 
         The time spent blocked is counted as training stall. Returns False, without
         submitting, if no slot freed within ``timeout`` seconds. Raises RuntimeError if
-        the pipeline stopped meanwhile (a slot would never free).
+        the pipeline stopped meanwhile (a slot would never free). ``stop_waiting`` is
+        asked a few times a second while blocked: an exception it returns is raised
+        (a SIGTERM the trainer received ends the wait so the process can exit).
         """
         self._require()
         started = time.monotonic()
         if not self._slots.acquire(blocking=False):
             self._stats.add(admission_waits=1)
-            if not self._wait_for_slot(started, timeout):
+            try:
+                acquired = self._wait_for_slot(started, timeout, stop_waiting)
+            finally:
+                waited = time.monotonic() - started
+                self._stats.add(training_stall_seconds=waited)
+                self._stats.record_max("max_training_stall_seconds", waited)
+            if not acquired:
                 return False
+            started = time.monotonic()  # counted above
         submitted_at = time.monotonic()
         waited = submitted_at - started
         self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
@@ -277,12 +292,21 @@ class PersistencePipeline:
         self._intake.put((spec, submitted_at))
         return True
 
-    def _wait_for_slot(self, started: float, timeout: float | None) -> bool:
+    def _wait_for_slot(
+        self,
+        started: float,
+        timeout: float | None,
+        stop_waiting: Callable[[], BaseException | None] | None,
+    ) -> bool:
         deadline = None if timeout is None else started + timeout
+        step = 1.0 if stop_waiting is None else 0.2
         while True:
-            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            wait = step if deadline is None else min(step, deadline - time.monotonic())
             if wait > 0 and self._slots.acquire(timeout=wait):
                 return True
+            reason = stop_waiting() if stop_waiting is not None else None
+            if reason is not None:
+                raise reason
             run = self._run_future
             if self._core is None or (run is not None and run.done()):
                 # The loop is gone: no job will ever finish and free a slot.

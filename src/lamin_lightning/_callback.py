@@ -33,16 +33,19 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lamin_lightning._checkpoint_io import WriteTracker
+from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
+from lamin_lightning._checkpoint_io import release as release_checkpoint_io
 from lamin_lightning._errors import PersistenceError
 from lamin_lightning._events import (
     AnyArtifactEvent,
@@ -52,11 +55,18 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
+from lamin_lightning._evictions import (
+    Evictions,
+    lightning_state,
+    put_right,
+    set_lightning_state,
+)
 from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, json_value
 from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
     async_write_supported,
+    name_taken,
     snapshot_checkpoint,
 )
 from lamin_lightning._options import (
@@ -80,6 +90,7 @@ from lamin_lightning._stats import PersistenceStats, StatsRecorder
 from lamin_lightning._submit import Submitter
 from lamin_lightning._surface import ArtifactHooks, HookStore
 from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
+from lamin_lightning._write_io import saving_to_snapshots
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
 log = logging.getLogger("lamin_lightning")
@@ -155,12 +166,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         **kwargs: Any,
     ) -> None:
         dirpath = kwargs.get("dirpath", args[0] if args else None)
-        if dirpath is not None and "://" in str(dirpath) and not str(dirpath).startswith("file://"):
-            raise ValueError(
-                f"dirpath={str(dirpath)!r} is remote; lamin-lightning stages local files and"
-                " persists them itself. Pass a local dirpath (or none) and let the"
-                " callback upload."
-            )
+        refuse_remote_dirpath(dirpath)
         self.max_workers = validate_int("max_workers", max_workers, 1)
         self.max_pending = validate_int("max_pending", max_pending, 1)
         self.retry = validate_retry(retry)
@@ -196,6 +202,10 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         self._async_write_refused = False
         self._set_up = False
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
+        self._io_writes: WriteTracker | None = None
+        self._evictions = Evictions()
+        self._save_depth = 0  # inside Lightning's save hooks (which surface failures first)
+        self._saving_on_exception = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -288,16 +298,23 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning derives a dirpath from a logger or default_root_dir at setup: refused
+        # as in the constructor, before Lightning touches it and before any step runs.
+        refuse_remote_dirpath(_derived_dirpath_root(self, trainer), "derived at setup")
         super().setup(trainer, pl_module, stage)
+        refuse_remote_dirpath(self.dirpath, "derived at setup")
         self._trainer = trainer
+        # Every rank: a CheckpointIO we cannot follow is refused everywhere, not on one rank.
+        self._io_writes = compose_checkpoint_io(trainer.strategy)
         if trainer.is_global_zero:
+            # Nothing is created here: the journal at the first job, the pipeline's
+            # threads with the first job (a replay's, or the first save's).
             submitter = self._ensure_submitter()
             root = self._staging_root(self.dirpath or ".")
             submitter.open_outbox(
                 root, _journal_digest(self), enabled=self.outbox, dirpath=self.dirpath
             )
             submitter.check_free_space(root, _state_bytes(pl_module), self.dirpath)
-            submitter.ensure_pipeline()
             self._replay_unfinished(trainer)
             self._set_up = True
             deferred, self._deferred_files = self._deferred_files, []
@@ -310,6 +327,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         try:
             self._shutdown(raise_errors=True)
         finally:
+            release_checkpoint_io(trainer.strategy, self._io_writes)
             if self.log_stats:  # the final values, after the flush (loggers finalize next)
                 log_final_persistence_stats(trainer, self.persistence_stats, stage)
 
@@ -317,34 +335,102 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        # The emergency checkpoint is written whatever failed before; those failures are
+        # reported after it (by the shutdown below), never instead of it.
+        self._saving_on_exception = True
         try:
             super().on_exception(trainer, pl_module, exception)
         except Exception:
             log.exception("saving a checkpoint on exception failed")
+        finally:
+            self._saving_on_exception = False
         try:
-            self._shutdown(raise_errors=False)
+            # Ctrl+C: stop now (Lightning ignores a second Ctrl+C while this runs, so a
+            # wait could not be cut short); what is pending stays journaled, with its
+            # local files, for the next setup or `lamin-lightning flush`. SIGTERM (a
+            # preemption) waits up to flush_timeout, documented to fit the grace period.
+            self._shutdown(raise_errors=False, wait=not isinstance(exception, KeyboardInterrupt))
         except Exception:
             log.exception("flushing checkpoint persistence after an exception failed")
 
     @override
+    def _save_topk_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        with self._lightning_save(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    @override
+    def _save_last_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        with self._lightning_save(trainer):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @contextmanager
+    def _lightning_save(self, trainer: pl.Trainer) -> Iterator[None]:
+        """Around Lightning's choice of a checkpoint, its state update, save and evictions.
+
+        Before Lightning changes its state for this save: its state is put right for
+        background writes that failed, then earlier failures are raised (``on_error=
+        "raise"``), so ``best_model_path`` and friends never name a file never written.
+        """
+        if self._save_depth == 0:
+            self._put_state_right(trainer)
+            if not self._saving_on_exception:
+                self._surface_failures()
+        self._save_depth += 1
+        self._evictions.save_started(self)
+        try:
+            yield
+        finally:
+            self._save_depth -= 1
+            self._evictions.save_finished()
+
+    @override
+    def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+        # A checkpoint still being written in the background (async_write) takes its name.
+        taken = trainer.is_global_zero and (self._fs.exists(filepath) or name_taken(filepath))
+        return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
+
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        self._surface_failures()
-        if trainer.is_global_zero:
-            self._ensure_submitter().move_aside(self._staging_root(filepath), filepath)
+        if self._save_depth == 0 and not self._saving_on_exception:
+            self._surface_failures()  # a direct call; Lightning's save hooks did it already
+        self._evictions.saving()
+        background = self.async_write and self._async_write_supported(trainer)
+        put_back: Callable[[bool], None] | None = None
+        if trainer.is_global_zero and not background:
+            # A background write replaces the file atomically, after the previous one was
+            # staged (its job comes first on the intake thread): nothing to move.
+            put_back = self._ensure_submitter().move_aside(self._staging_root(filepath), filepath)
         write: HostWrite | None = None
-        if self.async_write and self._async_write_supported(trainer):
-            write = self._snapshot_for_async_write(trainer, filepath)
-        else:
-            super()._save_checkpoint(trainer, filepath)
+        written: Callable[[], None] | None = None  # waits for a CheckpointIO still writing
+        try:
+            if background:
+                write = self._save_in_background(trainer, filepath)
+            else:
+                since = self._io_writes.mark() if self._io_writes is not None else 0
+                super()._save_checkpoint(trainer, filepath)
+                if self._io_writes is not None:
+                    written = self._io_writes.waiter(filepath, since)
+        except BaseException:
+            if put_back is not None:
+                put_back(False)  # the rewrite failed: the previous file stays
+            raise
+        if put_back is not None:
+            put_back(True)
         if not trainer.is_global_zero:
             return
         try:
             self._submit_hparams_once(trainer)
-            self._submit_checkpoint(trainer, filepath, write=write)
+            self._submit_checkpoint(trainer, filepath, write=write or written)
         except BaseException:
             if write is not None:
                 write.abandon()  # or its snapshot slot would stay taken: the next save hangs
             raise
+        if write is not None:
+            self._evictions.wrote(self, filepath, write)
         if self.log_stats:
             log_persistence_stats(trainer, self.persistence_stats)
 
@@ -355,33 +441,39 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             rank_zero_warn(why)
         return supported
 
-    def _snapshot_for_async_write(self, trainer: pl.Trainer, filepath: str) -> HostWrite | None:
-        """Do what ``ModelCheckpoint._save_checkpoint`` does, but write later.
-
-        Returns the write to run in the background (rank zero), or None.
-        """
+    def _save_in_background(self, trainer: pl.Trainer, filepath: str) -> HostWrite | None:
+        """Lightning's own save (``trainer.save_checkpoint``), with a host snapshot taken
+        where its CheckpointIO would write; return the write to run in the background
+        (rank zero), or None."""
         if self._snapshotter is None:
             self._snapshotter = Snapshotter(self.max_snapshots)
-        write = snapshot_checkpoint(
-            trainer,
-            self._snapshotter,
-            filepath,
-            weights_only=self.save_weights_only,
-            scratch=self._staging_root(filepath) / "writing",
-            stats=self._stats_recorder,
-        )
-        try:
-            trainer.strategy.barrier("Trainer.save_checkpoint")
-            self._last_global_step_saved = trainer.global_step
-            self._last_checkpoint_saved = filepath
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.after_save_checkpoint(proxy(self))
-        except BaseException:
-            if write is not None:
-                write.abandon()
-            raise
-        return write
+        snapshotter, scratch = self._snapshotter, self._staging_root(filepath) / "writing"
+
+        def take(checkpoint: dict[str, Any], path: str) -> HostWrite:
+            return snapshot_checkpoint(
+                checkpoint, snapshotter, path, scratch=scratch, stats=self._stats_recorder
+            )
+
+        with saving_to_snapshots(trainer.strategy, take) as io:
+            try:
+                super()._save_checkpoint(trainer, filepath)
+            except BaseException:
+                if io.write is not None:
+                    io.write.abandon()
+                raise
+        return io.write
+
+    def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
+        """Undo, in Lightning's state, the saves whose background write failed (see
+        :mod:`lamin_lightning._evictions`); evict what that leaves beyond ``save_top_k``."""
+        evict = put_right(self, self._evictions.take_failed()) if trainer.is_global_zero else []
+        if other_ranks and self.async_write and trainer.world_size > 1:
+            shared = trainer.strategy.broadcast((lightning_state(self), evict))
+            set_lightning_state(self, shared[0])
+            evict = shared[1]
+        for path in evict:
+            self._remove_checkpoint(trainer, path)
+        return len(evict)
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -389,15 +481,22 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             super()._remove_checkpoint(trainer, filepath)
             return
         submitter = self._ensure_submitter()
-        record = self._record(trainer, "remove", "checkpoint", filepath)
+        root = self._staging_root(filepath)
+        # Evicted in favour of a checkpoint still being written (async_write): removed
+        # once that exists, kept if it never will (the record says so for a replay).
+        after = self._evictions.replacement_for(filepath)
+        record = self._record(trainer, "remove", "checkpoint", filepath, after=after)
         # Journaled before the file goes: a crash in between leaves a removal to replay,
         # never an artifact whose checkpoint Lightning already dropped.
         settle = submitter.journal(record)
-        # A rename now, the deletion on the intake thread (Lightning's own removal
-        # below then finds nothing to do).
-        empty_trash = submitter.trash_for_removal(self._staging_root(filepath), filepath)
-        super()._remove_checkpoint(trainer, filepath)
-        self._submit_record(trainer, record, prepare=empty_trash, journaled=settle)
+        if after is not None:
+            remove = submitter.remove_once_written(root, filepath, after)
+        else:
+            # A rename now, the deletion on the intake thread (Lightning's own removal
+            # below then finds nothing to do).
+            remove = submitter.trash_for_removal(root, filepath)
+            super()._remove_checkpoint(trainer, filepath)
+        self._submit_record(trainer, record, prepare=remove, journaled=settle)
 
     # -- submission (training thread) -----------------------------------------------------
 
@@ -416,6 +515,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         *,
         staged: Path | None = None,
         snapshot: CheckpointSnapshot | None = None,
+        after: str | None = None,
     ) -> JobRecord:
         return JobRecord(
             op=op,
@@ -427,6 +527,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             context=self.store_context(trainer),
             checkpoint=snapshot,
             submitted_at=time.time(),
+            after=os.path.abspath(after) if after is not None else None,
         )
 
     def _submit_record(
@@ -531,9 +632,9 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
         backpressure. Replays that fail stay in the outbox, warned about.
         """
         submitter = self._ensure_submitter()
-        own = submitter.outbox
-        if own is None:
+        if not self.outbox:
             return 0
+        own = submitter.outbox
         layout = None
         if not self._user_dirpath and trainer.loggers:
             logger = trainer.loggers[0]
@@ -545,6 +646,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             )
         others = unfinished(
             own,
+            root=self._staging_root(self.dirpath or "."),
             skip_digests={
                 _journal_digest(other)
                 for other in getattr(trainer, "callbacks", [])
@@ -554,7 +656,7 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             logger_layout=layout,
         )
         submitter.foreign.extend(others)
-        work = pending_in([own, *others])
+        work = pending_in([*([own] if own is not None else []), *others])
         if not work:
             return 0
         mine = self.replay_store()
@@ -601,24 +703,35 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             raise error
         rank_zero_warn(str(error), category=UserWarning)
 
-    def _shutdown(self, *, raise_errors: bool) -> None:
+    def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
         self._set_up = False
         submitter = self._submitter
         if submitter is None:
             return
         pipeline = submitter.pipeline
         try:
-            if pipeline is not None and not self.flush(self.flush_timeout):
+            timeout = self.flush_timeout if wait else 0
+            if wait and pipeline is not None:
+                started = time.monotonic()
+                submitter.submit_interrupted(timeout)
+                if timeout is not None:
+                    timeout = max(0.0, timeout - (time.monotonic() - started))
+            if pipeline is not None and not self.flush(timeout):
                 keys = [job.key for job in pipeline.pending()]
+                why = f"within flush_timeout={self.flush_timeout}s" if wait else "(interrupted)"
                 warnings.warn(
-                    f"lamin-lightning: persistence did not finish within flush_timeout="
-                    f"{self.flush_timeout}s; not persisted: {', '.join(keys)}. Their local"
+                    f"lamin-lightning: persistence did not finish {why};"
+                    f" not persisted: {', '.join(keys)}. Their local"
                     f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
                     " jobs stay in its outbox: run `lamin-lightning flush"
                     f" {self.dirpath or '.'}`, or start training again with this dirpath.",
                     UserWarning,
                     stacklevel=2,
                 )
+            elif self._trainer is not None and self._put_state_right(
+                self._trainer, other_ranks=False
+            ):
+                self.flush(self.flush_timeout)  # the evictions that put it right
         finally:
             escalated = self._take_all_escalated()
             submitter.stop()
@@ -635,6 +748,29 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
                     type(failure.error).__name__,
                     failure.error,
                 )
+
+
+def _derived_dirpath_root(callback: ModelCheckpoint, trainer: pl.Trainer) -> Any:
+    """Where Lightning's ``setup`` will put the dirpath it derives (None if it has one)."""
+    if callback.dirpath is not None:
+        return None
+    if trainer.loggers:
+        return trainer.loggers[0].save_dir or trainer.default_root_dir
+    return trainer.default_root_dir
+
+
+def refuse_remote_dirpath(dirpath: Any, origin: str = "") -> None:
+    """Raise ValueError if ``dirpath`` is a remote (fsspec) location: we stage local files."""
+    if dirpath is None:
+        return
+    text = str(dirpath)
+    if "://" in text and not text.startswith("file://"):
+        how = f" ({origin})" if origin else ""
+        raise ValueError(
+            f"dirpath={text!r}{how} is remote; lamin-lightning stages local files and"
+            " persists them itself. Pass a local dirpath (or a local default_root_dir) and"
+            " let the callback upload."
+        )
 
 
 def _with_features(snapshot: CheckpointSnapshot, values: Mapping[Any, Any]) -> CheckpointSnapshot:

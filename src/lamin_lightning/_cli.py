@@ -29,7 +29,8 @@ EXIT_UNANNOTATED = 4
 EXIT_CODES = """exit codes:
   0  everything persisted (flush) / nothing pending (status)
   1  jobs still pending: failed again, refused, or not reached before --timeout
-  2  DIR is not a directory (or, for status, has no .lamin-lightning folder at all)
+  2  DIR is not a directory (or, for status, has no working folder: .NAME.lamin-lightning
+     beside it, or .lamin-lightning inside it as earlier versions wrote)
   3  a running training process holds the outbox (flush)
   4  every job persisted, but some feature annotations could not be restored (flush)"""
 
@@ -45,16 +46,18 @@ def _describe(record: JobRecord) -> str:
 
 def _status(dirpath: Path, as_json: bool) -> int:
     from lamin_lightning._journal import is_locked, journal_paths, read_pending
-    from lamin_lightning._staging import STAGING_DIRNAME
+    from lamin_lightning._staging import working_folders
 
-    if not dirpath.is_dir():
-        print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
+    # DIR itself may be gone (deleted checkpoints): its working folder beside it is enough.
+    roots = [root for root in working_folders(dirpath) if root.is_dir()]
+    journals = [path for root in roots for path in journal_paths(root)]
+    if not roots:
+        if dirpath.is_dir():
+            print(f"lamin-lightning: no outbox in {dirpath}", file=sys.stderr)
+        else:
+            print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    root = dirpath if dirpath.name == STAGING_DIRNAME else dirpath / STAGING_DIRNAME
-    journals = journal_paths(root)
-    if not journals and not root.is_dir():
-        print(f"lamin-lightning: no outbox in {dirpath}", file=sys.stderr)
-        return EXIT_USAGE
+    root = roots[0]
     # A working folder without journals: every job finished (emptied journals are deleted).
     entries = [(path, record) for path in journals for _, record in read_pending(path)]
     in_use = {path: is_locked(path) for path in journals}
@@ -84,8 +87,9 @@ def _status(dirpath: Path, as_json: bool) -> int:
 def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: int) -> int:
     from lamin_lightning._errors import OutboxInUseError
     from lamin_lightning._replay import flush_directory
+    from lamin_lightning._staging import working_folders
 
-    if not dirpath.is_dir():
+    if not dirpath.is_dir() and not any(root.is_dir() for root in working_folders(dirpath)):
         print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -63,6 +63,14 @@ class LaminSetupError(LaminLightningError, ValueError):
     """
 
 
+class CheckpointIOError(LaminLightningError, ValueError):
+    """The trainer's CheckpointIO writes in the background in a way we cannot follow.
+
+    Raised at ``setup``: staging a checkpoint before its writer finished would persist
+    a partial file. The message names the CheckpointIO and what to use instead.
+    """
+
+
 class OutboxInUseError(LaminLightningError, RuntimeError):
     """Another process (or callback) holds this outbox: a training run still going."""
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from lamin_lightning._errors import LostFileError
 from lamin_lightning._events import ArtifactKind
+from lamin_lightning._staging import tree_size
 
 Operation = Literal["save", "remove"]
 
@@ -93,6 +94,10 @@ class JobRecord:
         checkpoint: The checkpoint's metadata at submission (checkpoint saves only).
         submitted_at: Wall-clock time of the submission.
         version: The codec version the record was read from.
+        after: For a removal: the local path of the checkpoint saved in the evicted
+            one's place while that was still being written (``async_write``). The
+            removal happens only if that file was written: while the evicted file is
+            still on disk and its replacement is not, it is kept, locally and in the store.
     """
 
     op: Operation
@@ -105,6 +110,17 @@ class JobRecord:
     checkpoint: CheckpointSnapshot | None = None
     submitted_at: float = 0.0
     version: int = RECORD_VERSION
+    after: str | None = None
+
+    def replacement_lost(self) -> bool:
+        """Whether this removal must not happen: the evicted file is still on disk and the
+        checkpoint written in its place (:attr:`after`) never was."""
+        return (
+            self.op == "remove"
+            and self.after is not None
+            and os.path.lexists(self.local_path)
+            and not os.path.lexists(self.after)
+        )
 
     @property
     def prefix(self) -> str:
@@ -112,9 +128,10 @@ class JobRecord:
         return self.key.rsplit("/", 1)[0] if "/" in self.key else ""
 
     def file(self) -> Path:
-        """The file a save persists: its staged copy if it exists, else the local file."""
+        """The file (or folder) a save persists: its staged copy if it exists, else the
+        local one."""
         for candidate in (self.staged_path, self.local_path):
-            if candidate and os.path.isfile(candidate):
+            if candidate and (os.path.isfile(candidate) or os.path.isdir(candidate)):
                 return Path(candidate)
         raise LostFileError(
             f"cannot persist {self.key!r}: neither its staged copy ({self.staged_path})"
@@ -122,11 +139,11 @@ class JobRecord:
         )
 
     def size(self) -> int:
-        """Bytes a save will upload (0 for a removal or a lost file)."""
+        """Bytes a save will upload, all files of a folder (0 for a removal or a lost file)."""
         if self.op != "save":
             return 0
         try:
-            return self.file().stat().st_size
+            return tree_size(self.file())
         except (OSError, LostFileError):
             return 0
 
@@ -208,6 +225,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         "context": json_value(dict(record.context)),
         "snapshot": _encode_snapshot(record.checkpoint) if record.checkpoint else None,
         "time": record.submitted_at,
+        **({"after": record.after} if record.after else {}),
     }
 
 
@@ -248,4 +266,5 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         else None,
         submitted_at=float(when) if isinstance(when, int | float) else 0.0,
         version=int(version),
+        after=str(data["after"]) if data.get("after") else None,
     )

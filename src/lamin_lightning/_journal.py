@@ -2,7 +2,7 @@
 
 Knows nothing of Lightning or LaminDB. Each callback journals every job it
 admits (a :class:`~lamin_lightning._jobs.JobRecord`) into a JSON-lines file
-(``{dirpath}/.lamin-lightning/outbox-<id>.jsonl``) *before* the job is admitted.
+(``outbox-<id>.jsonl`` in the working folder beside ``dirpath``) *before* the job is admitted.
 
 Durability, precisely: the training thread's append is one ``write(2)`` into the page
 cache, which survives the death of the process (SIGKILL, OOM, preemption), exactly
@@ -64,7 +64,7 @@ COMPACT_AFTER_LINES = 64
 
 
 def journal_paths(root: str | os.PathLike[str]) -> list[Path]:
-    """The journals under a staging root (``{dirpath}/.lamin-lightning``), oldest first."""
+    """The journals in a working folder (see ``_staging.staging_root``), oldest first."""
     folder = Path(root)
     try:
         found = [
@@ -182,12 +182,13 @@ class Outbox:
         """Whether this outbox holds its journal."""
         return self._handle is not None
 
-    def open(self) -> list[tuple[str, JobRecord]]:
+    def open(self, *, sync: bool = True) -> list[tuple[str, JobRecord]]:
         """Create or open the journal, lock it, and return its pending records.
 
         Raises :class:`OutboxInUseError` if another holder has it, and ``OSError`` if
         the folder is not writable or the disk is full (a line is written right away,
-        so the problem shows now rather than at the first checkpoint).
+        so the problem shows now rather than at the first checkpoint). ``sync=False``
+        leaves that line's fsync to the next :meth:`sync` (off the training thread).
         """
         with self._lock:
             if self._handle is not None:
@@ -220,8 +221,9 @@ class Outbox:
                 if self._torn:
                     self._good_size = raw.rfind(b"\n") + 1
                 self._write({"t": "open", "pid": os.getpid()})
-                os.fsync(handle.fileno())  # a full disk shows now, not at the first checkpoint
-                self._synced_size = self._good_size
+                if sync:
+                    os.fsync(handle.fileno())  # a full disk shows now, not at a checkpoint
+                    self._synced_size = self._good_size
             except BaseException:
                 self._handle = None
                 handle.close()
@@ -321,7 +323,9 @@ class Outbox:
             key = entry.get("key")
             moot = []
             for other_id, other in pending.items():
-                if other_id == job_id:
+                # A removal kept because its replacement was never written did nothing:
+                # the key's earlier jobs still count.
+                if other_id == job_id or status == "kept":
                     break
                 if other.get("key") == key:
                     moot.append(other_id)

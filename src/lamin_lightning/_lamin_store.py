@@ -208,7 +208,7 @@ class LaminStore:
         with self._lock:
             self._uncommitted[id(artifact)] = artifact
         try:
-            artifact.save()
+            artifact.save(**_upload_options(Path(path)))
         except BaseException:
             self.settle(artifact)
             raise
@@ -216,10 +216,11 @@ class LaminStore:
 
     def transfer(self, record: JobRecord, path: Path) -> Any:
         """The committed artifact of this key and content if there is one, else a new one."""
-        from lamindb_setup.core.hashing import hash_file
+        from lamindb_setup.core.hashing import hash_dir, hash_file
 
         _check_instance(record)
-        _, digest, _ = hash_file(path)
+        # A folder checkpoint is hashed as lamindb hashes a folder artifact.
+        digest = hash_dir(path)[1] if path.is_dir() else hash_file(path)[1]
         existing = _ln().Artifact.filter(key=record.key, hash=digest).order_by("-id").first()
         if existing is not None:
             return existing
@@ -469,6 +470,32 @@ class LaminStore:
     def finalize_thread(self) -> None:
         """Close this thread's Django connection."""
         close_connections()
+
+
+# s3fs's defaults, which lamindb keeps: one file's upload holds up to this many parts
+# of this size in memory at once (read before they are sent).
+_PARTS_IN_FLIGHT = 10
+_PART_BYTES = 50 << 20
+_UPLOAD_MEMORY = _PARTS_IN_FLIGHT * _PART_BYTES
+
+
+def _upload_options(path: Path) -> dict[str, Any]:
+    """``Artifact.save`` options bounding a folder upload's memory to one file's.
+
+    lamindb uploads every file of a folder at once (fsspec's batch is the open-file
+    limit / 8, thousands), each holding up to ``_UPLOAD_MEMORY`` bytes: a folder of
+    large shards would hold most of itself in memory. Files in flight are limited so
+    that together they hold at most what one large file does; small files still go
+    many at a time.
+    """
+    # LaminDB prints "... uploading NAME: 0.0% ... 100.0%" per file from the worker
+    # threads, which floods a training console: our progress bar and log say it once.
+    quiet: dict[str, Any] = {"print_progress": False}
+    if not path.is_dir():
+        return quiet
+    largest = max((f.stat().st_size for f in path.rglob("*") if f.is_file()), default=0)
+    per_file = min(max(largest, 1), _UPLOAD_MEMORY)
+    return {**quiet, "store_kwargs": {"batch_size": max(1, _UPLOAD_MEMORY // per_file)}}
 
 
 def close_connections() -> None:

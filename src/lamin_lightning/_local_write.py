@@ -232,6 +232,7 @@ def write_atomically(
     Returns the size of the written file.
     """
     scratch.mkdir(parents=True, exist_ok=True)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)  # as Lightning's CheckpointIO does
     temporary = scratch / f".{Path(target).name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(temporary, "wb") as handle:
@@ -271,6 +272,25 @@ class HostWrite:
         self._scratch = scratch
         self._lock = threading.Lock()
         self._state: Literal["pending", "writing", "abandoned"] = "pending"
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        """Why the write failed (or was abandoned); None while pending and once written."""
+        # Taken until the file exists (or the write failed): Lightning's version counter
+        # must see the name now, on the training thread (see :func:`name_taken`).
+        _take_name(filepath)
+
+    @property
+    def filepath(self) -> str:
+        """The path this write creates."""
+        return self._filepath
+
+    def done(self) -> bool:
+        """Whether the write finished (written, failed or abandoned)."""
+        return self._done.is_set()
+
+    def failed(self) -> bool:
+        """Whether the write finished without creating its file."""
+        return self._done.is_set() and self.error is not None
 
     def __call__(self) -> None:
         with self._lock:
@@ -279,9 +299,14 @@ class HostWrite:
             self._state = "writing"
         try:
             write_atomically(self._host, self._filepath, self._scratch, save_snapshot)
+        except BaseException as error:
+            self.error = error
+            raise
         finally:
             self._host = None
             self._snapshotter.release(self._slot)
+            _release_name(self._filepath)
+            self._done.set()
 
     def abandon(self) -> None:
         """Give the slot back if the write has not started (it then never runs)."""
@@ -290,7 +315,43 @@ class HostWrite:
                 return
             self._state = "abandoned"
         self._host = None
+        self.error = RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
         self._snapshotter.release(self._slot)
+        _release_name(self._filepath)
+        self._done.set()
+
+
+# -- names being written ------------------------------------------------------------------
+
+_names_lock = threading.Lock()
+_names_taken: dict[str, int] = {}
+
+
+def _take_name(filepath: str | os.PathLike[str]) -> None:
+    name = os.path.abspath(filepath)
+    with _names_lock:
+        _names_taken[name] = _names_taken.get(name, 0) + 1
+
+
+def _release_name(filepath: str | os.PathLike[str]) -> None:
+    name = os.path.abspath(filepath)
+    with _names_lock:
+        left = _names_taken.get(name, 0) - 1
+        if left > 0:
+            _names_taken[name] = left
+        else:
+            _names_taken.pop(name, None)
+
+
+def name_taken(filepath: str | os.PathLike[str]) -> bool:
+    """Whether a background write of this process is creating ``filepath`` right now.
+
+    Lightning picks a checkpoint's name (``-v1``, ``last-v1``) by what exists on disk;
+    a file still being written counts as existing, for every callback of this process.
+    """
+    name = os.path.abspath(filepath)
+    with _names_lock:
+        return name in _names_taken
 
 
 def async_write_supported(trainer: Any) -> tuple[bool, str]:
@@ -311,22 +372,18 @@ def async_write_supported(trainer: Any) -> tuple[bool, str]:
 
 
 def snapshot_checkpoint(
-    trainer: Any,
+    checkpoint: dict[str, Any],
     snapshotter: Snapshotter,
     filepath: str,
     *,
-    weights_only: bool,
     scratch: Path,
     stats: Any,
-) -> HostWrite | None:
-    """Dump the trainer's checkpoint into a host snapshot; return its background write.
+) -> HostWrite:
+    """Copy ``checkpoint`` (as Lightning assembled it) into a host snapshot; return its write.
 
-    Every rank dumps (strategies gather inside); only rank zero snapshots and writes.
-    A wait for a free snapshot slot is counted as training stall in ``stats``.
+    Runs on the training thread, where the CheckpointIO would have written the file (rank
+    zero). A wait for a free snapshot slot is counted as training stall in ``stats``.
     """
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
-    if not trainer.is_global_zero:
-        return None
     slot, waited = snapshotter.acquire()
     if waited:
         stats.add(admission_waits=1, training_stall_seconds=waited)

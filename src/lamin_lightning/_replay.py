@@ -34,7 +34,7 @@ from lamin_lightning._journal import Outbox, journal_paths, read_pending
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._progress import drain_with_progress, progress_bar
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import STAGING_DIRNAME, release_staged
+from lamin_lightning._staging import STAGING_DIRNAME, release_staged, working_folders
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
 log = logging.getLogger("lamin_lightning")
@@ -128,7 +128,18 @@ def build_job(
 
     if record.op == "remove":
 
-        def remove(_: Any) -> ArtifactRemovedEvent:
+        def remove(_: Any) -> ArtifactRemovedEvent | None:
+            if record.replacement_lost():
+                # Its replacement was never written (async_write): the evicted checkpoint
+                # stays, locally and in the store, as after a failed synchronous save.
+                log.warning(
+                    "lamin-lightning: keeping %r: the checkpoint saved in its place (%s) was"
+                    " never written",
+                    record.key,
+                    record.after,
+                )
+                settled("kept")
+                return None
             durable()
             removed = store.remove(record, known(record.key) if known is not None else None)
             event = ArtifactRemovedEvent(
@@ -203,10 +214,14 @@ def build_job(
 # -- outboxes of a directory ------------------------------------------------------------------
 
 
-def outbox_root(dirpath: str | os.PathLike[str]) -> Path:
-    """The ``.lamin-lightning`` folder of a checkpoint directory (or the folder itself)."""
-    path = Path(dirpath)
-    return path if path.name == STAGING_DIRNAME else path / STAGING_DIRNAME
+def outbox_roots(dirpath: str | os.PathLike[str]) -> list[Path]:
+    """The working folders whose journals belong to checkpoint folder ``dirpath``.
+
+    Beside it (``.{name}.lamin-lightning``), and inside it (``.lamin-lightning``, where
+    earlier versions kept it: their journals still replay); or ``dirpath`` itself if it
+    names a working folder.
+    """
+    return working_folders(dirpath)
 
 
 def open_unheld(
@@ -242,8 +257,9 @@ def pending_in(outboxes: list[Outbox]) -> list[Pending]:
 
 
 def unfinished(
-    own: Outbox,
+    own: Outbox | None,
     *,
+    root: Path,
     skip_digests: set[str],
     dirpath: Path,
     logger_layout: tuple[Path, str] | None,
@@ -260,20 +276,23 @@ def unfinished(
     """
 
     def skip(path: Path) -> bool:
-        return path == own.path or _digest_of(path) in skip_digests
+        return (own is not None and path == own.path) or _digest_of(path) in skip_digests
 
-    opened, _ = open_unheld(own.path.parent, skip=skip)
-    for root in _sibling_version_roots(own.path.parent, dirpath, logger_layout):
-        found, busy = open_unheld(root, skip=skip)
+    opened: list[Outbox] = []
+    for folder in dict.fromkeys([root, *outbox_roots(dirpath)]):
+        found, _ = open_unheld(folder, skip=skip)
+        opened.extend(found)
+    for folder in _sibling_version_roots(dirpath, logger_layout):
+        found, busy = open_unheld(folder, skip=skip)
         opened.extend(found)
         for path in busy:
             log.warning(
                 "lamin-lightning: %s holds unfinished persistence jobs of an earlier run that"
                 " another process still holds; once it ends, run `lamin-lightning flush %s`",
                 path,
-                root.parent,
+                _checkpoint_folder_of(folder),
             )
-    pending = [o for o in (own, *opened) if o.pending()]
+    pending = [o for o in (own, *opened) if o is not None and o.pending()]
     if pending:
         log.warning(
             "lamin-lightning: replaying the unfinished persistence jobs of %s first",
@@ -282,23 +301,31 @@ def unfinished(
     return opened
 
 
-def _sibling_version_roots(
-    own_root: Path, dirpath: Path, logger_layout: tuple[Path, str] | None
-) -> list[Path]:
-    """Outbox folders of the logger's other versions, if ``dirpath`` is Lightning's choice
-    for this version (``{root}/{version}/checkpoints``); else none."""
+def _sibling_version_roots(dirpath: Path, logger_layout: tuple[Path, str] | None) -> list[Path]:
+    """Working folders of the logger's other versions, if ``dirpath`` is Lightning's choice
+    for this version (``{root}/{version}/checkpoints``); else none. Both layouts: beside
+    ``checkpoints`` and (earlier versions) inside it."""
     if logger_layout is None:
         return []
     logger_root, version = logger_layout
     if dirpath.resolve() != (logger_root / version / "checkpoints").resolve():
         return []
-    own, root_resolved = own_root.resolve(), logger_root.resolve()
-    return [
-        root
-        for root in sorted(logger_root.glob(f"*/checkpoints/{own_root.name}"))
+    root_resolved = logger_root.resolve()
+    own = (logger_root / version).resolve()
+    found: list[Path] = []
+    for folder in sorted(logger_root.glob("*/checkpoints")):
         # a symlinked version folder is not a sibling
-        if root.resolve() != own and root.resolve().parent.parent.parent == root_resolved
-    ]
+        if folder.resolve().parent == own or folder.resolve().parent.parent != root_resolved:
+            continue
+        found.extend(root for root in outbox_roots(folder) if root.is_dir())
+    return found
+
+
+def _checkpoint_folder_of(root: Path) -> Path:
+    """The checkpoint folder a working folder belongs to (for messages)."""
+    if root.name == STAGING_DIRNAME:
+        return root.parent
+    return root.parent / root.name[1 : -len(".lamin-lightning")]
 
 
 def _digest_of(path: Path) -> str:
@@ -320,8 +347,24 @@ def replay_jobs(
     # Per journal, only the last job of a key matters: a later save replaces an earlier
     # one, a later removal deletes it. Settle the moot ones without replaying them (a
     # save evicted before the crash may have no file left to upload).
-    last = {(outbox.path, record.key): job_id for outbox, job_id, record in pending}
+    # A removal whose replacement was never written (async_write, killed mid-write) is
+    # not replayed, and does not make the evicted checkpoint's own save moot.
+    kept = {(o.path, job_id) for o, job_id, record in pending if record.replacement_lost()}
+    last = {
+        (outbox.path, record.key): job_id
+        for outbox, job_id, record in pending
+        if (outbox.path, job_id) not in kept
+    }
     for outbox, job_id, record in pending:
+        if (outbox.path, job_id) in kept:
+            log.warning(
+                "lamin-lightning: keeping %r: the checkpoint saved in its place (%s) was never"
+                " written",
+                record.key,
+                record.after,
+            )
+            outbox.settle(job_id, "kept")
+            continue
         if last[(outbox.path, record.key)] != job_id:
             if record.staged_path:
                 release_staged(Path(record.staged_path))
@@ -361,7 +404,8 @@ def pending_records(dirpath: str | os.PathLike[str]) -> list[tuple[Path, JobReco
     """Unfinished jobs of every journal in a checkpoint directory, without locking."""
     return [
         (path, record)
-        for path in journal_paths(outbox_root(dirpath))
+        for root in outbox_roots(dirpath)
+        for path in journal_paths(root)
         for _, record in read_pending(path)
     ]
 
@@ -430,12 +474,16 @@ def flush_directory(
     from lamin_lightning._bridge import PersistencePipeline
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    root = outbox_root(dirpath)
+    roots = outbox_roots(dirpath)
     report = FlushReport()
-    outboxes, report.busy = open_unheld(root)
+    outboxes: list[Outbox] = []
+    for root in roots:
+        found, busy = open_unheld(root)
+        outboxes.extend(found)
+        report.busy.extend(busy)
     if report.busy and not outboxes:
         raise OutboxInUseError(
-            f"a running training process holds the outbox in {root}"
+            f"a running training process holds the outbox in {report.busy[0].parent}"
             f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
             " to finish, or stop it first."
         )
@@ -497,7 +545,7 @@ __all__ = [
     "build_job",
     "flush_directory",
     "open_unheld",
-    "outbox_root",
+    "outbox_roots",
     "pending_records",
     "replay_jobs",
     "unfinished",

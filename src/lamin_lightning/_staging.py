@@ -2,7 +2,8 @@
 
 Lightning removes evicted checkpoints and rewrites ``last.ckpt`` while their
 uploads may still be queued. A staged file is a second name for the same bytes,
-inside ``{dirpath}/.lamin-lightning/staged/``, removed once the job finished.
+in the working folder beside ``dirpath`` (``{parent}/.{name}.lamin-lightning/staged/``,
+see :func:`staging_root`), removed once the job finished.
 
 - Same filesystem as the system temp dir: Lightning rewrites a path by renaming
   a temp file onto it (a new inode), so a hard link keeps the old bytes. Link.
@@ -24,6 +25,8 @@ import uuid
 from pathlib import Path
 
 STAGING_DIRNAME = ".lamin-lightning"
+"""The working folder's name inside a checkpoint folder, where versions before 0.3 kept it."""
+WORKING_SUFFIX = ".lamin-lightning"
 SMALL_FILE_BYTES = 1 << 20
 
 _counter = itertools.count()
@@ -31,8 +34,39 @@ _counter_lock = threading.Lock()
 
 
 def staging_root(dirpath: str | os.PathLike[str]) -> Path:
-    """The folder that holds this project's files next to the checkpoints."""
-    return Path(dirpath) / STAGING_DIRNAME
+    """The working folder (staging, outbox) of the checkpoints in ``dirpath``.
+
+    It sits beside ``dirpath``, named from it (``ckpts`` -> ``.ckpts.lamin-lightning``),
+    never inside it: the checkpoint folder stays exactly as Lightning leaves it (code
+    that lists it or loads every file in it finds only checkpoints). Beside, not
+    elsewhere, so that it is on the same filesystem (a staged hard link needs that) and
+    recovery finds it from ``dirpath`` alone.
+    """
+    folder = Path(os.path.abspath(dirpath))
+    if not folder.name:  # the filesystem's root has no parent to sit in
+        return folder / STAGING_DIRNAME
+    return folder.parent / f".{folder.name}{WORKING_SUFFIX}"
+
+
+def is_working_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a working folder itself (rather than a checkpoint folder)."""
+    name = Path(path).name
+    return name == STAGING_DIRNAME or (
+        name.startswith(".")
+        and name.endswith(WORKING_SUFFIX)
+        and len(name) > len(WORKING_SUFFIX) + 1
+    )
+
+
+def working_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """Where recovery looks for the journals of a checkpoint folder, current layout first.
+
+    ``path`` is a checkpoint folder (its working folder beside it, and the one inside
+    it that earlier versions wrote), or a working folder itself.
+    """
+    if is_working_folder(path):
+        return [Path(path)]
+    return [staging_root(path), Path(path) / STAGING_DIRNAME]
 
 
 def _same_device(a: Path, b: Path) -> bool:
@@ -77,33 +111,61 @@ class Stager:
         """Give ``path`` a second name under the root; return (staged path, size, method).
 
         The staged file keeps the original base name inside a unique folder, so a
-        key derived from the name is the same for the staged file.
+        key derived from the name is the same for the staged file. A folder is staged
+        as a folder of the same tree, a link (or copy) per file; its size is the total
+        of its files, and its method ``"link"`` only if every file was linked.
         """
         source = Path(path)
         staged = staged if staged is not None else self.plan(source)
-        size = source.stat().st_size
         if self._staged_dir is None:
             self._staged_dir = self.root / "staged"
             self._staged_dir.mkdir(parents=True, exist_ok=True)
         staged.parent.mkdir()
+        if source.is_dir():
+            # A folder checkpoint (sharded strategies): the same tree, file by file. Its
+            # folder stays put (the parent's device decides whether links are safe).
+            return self._stage_tree(source, staged)
+        size = source.stat().st_size
+        return staged, size, self._stage_one(source, staged, size, source.parent)
+
+    def _stage_one(self, source: Path, staged: Path, size: int, folder: Path) -> str:
+        """Link (large files, where safe) or copy ``source`` to ``staged``; return how."""
         if size >= SMALL_FILE_BYTES:
-            safe = self._link_safe.get(source.parent)
+            safe = self._link_safe.get(folder)
             if safe is None:
-                safe = self._link_safe[source.parent] = link_is_safe(source.parent)
+                safe = self._link_safe[folder] = link_is_safe(folder)
             if safe:
                 try:
                     os.link(source, staged)
-                    return staged, size, "link"
+                    return "link"
                 except OSError:
-                    self._link_safe[source.parent] = False
+                    self._link_safe[folder] = False
         shutil.copyfile(source, staged)
-        return staged, size, "copy"
+        return "copy"
+
+    def _stage_tree(self, source: Path, staged: Path) -> tuple[Path, int, str]:
+        """Stage every file under the folder ``source`` into ``staged``; total bytes."""
+        total = 0
+        methods: set[str] = set()
+        staged.mkdir()
+        for folder, subdirs, files in os.walk(source):
+            subdirs.sort()
+            relative = Path(folder).relative_to(source)
+            target = staged / relative
+            for name in subdirs:
+                (target / name).mkdir()
+            for name in sorted(files):
+                file = Path(folder) / name
+                size = file.stat().st_size
+                methods.add(self._stage_one(file, target / name, size, source.parent))
+                total += size
+        return staged, total, "link" if methods == {"link"} else "copy"
 
     def trash(self, path: str | os.PathLike[str]) -> bool:
         """Move ``path`` out of the checkpoint directory by renaming it; delete it later.
 
         Freeing the blocks of a large file takes ~100 ms; a rename takes microseconds.
-        Used for files Lightning is about to remove or overwrite. Returns False (and
+        Used for files (and folders) Lightning is about to remove or overwrite. Returns False (and
         leaves the file where it is) if ``path`` does not exist or cannot be renamed.
         """
         if self._trash_dir is None:
@@ -129,7 +191,10 @@ class Stager:
             return
         for entry in entries:
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)  # a folder checkpoint
+                else:
+                    os.unlink(entry.path)
 
 
 def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str]:
@@ -138,8 +203,10 @@ def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str
 
 
 def release_staged(staged: Path) -> None:
-    """Remove a staged file and its unique folder."""
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a staged file (or folder) and its unique folder."""
+    if staged.is_dir() and not staged.is_symlink():
+        shutil.rmtree(staged, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
         staged.unlink()
     with contextlib.suppress(OSError):
         staged.parent.rmdir()
@@ -149,10 +216,27 @@ def detach_before_rewrite(path: str | os.PathLike[str]) -> None:
     """Unlink ``path`` if another name (a staged link) shares its inode.
 
     Lightning then writes a fresh inode instead of possibly rewriting the one a
-    queued upload still reads, whatever filesystem the temp dir is on.
+    queued upload still reads, whatever filesystem the temp dir is on. For a folder
+    checkpoint, every file under it (shard writers truncate files in place).
     """
+    if os.path.isdir(path) and not os.path.islink(path):
+        for folder, _, files in os.walk(path):
+            for name in files:
+                detach_before_rewrite(os.path.join(folder, name))
+        return
     try:
         if os.stat(path).st_nlink > 1:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def tree_size(path: str | os.PathLike[str]) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if not os.path.isdir(path):
+        return os.stat(path).st_size
+    return sum(
+        os.stat(os.path.join(folder, name)).st_size
+        for folder, _, files in os.walk(path)
+        for name in files
+    )

@@ -11,6 +11,7 @@ pipeline's threads.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import CheckpointDirectoryError, OutboxInUseError
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox
+from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import Stager, detach_before_rewrite, staging_root
@@ -72,9 +74,11 @@ class Submitter:
         self._stats = stats
         self.pipeline: PersistencePipeline | None = None
         self.outbox: Outbox | None = None
+        self._outbox_plan: tuple[Path, str, Any] | None = None  # where to create it
         self.foreign: list[Outbox] = []
         self._stagers: dict[Path, Stager] = {}
         self._staging_done: dict[str, threading.Event] = {}
+        self._unadmitted: list[JobSpec] = []  # journaled, kept from admission by an interrupt
 
     # -- pipeline ---------------------------------------------------------------------------
 
@@ -98,18 +102,45 @@ class Submitter:
         journaled: Settle | None = None,
     ) -> None:
         """Journal ``record`` (unless ``journaled`` says where it already is) and submit its job."""
-        pipeline = self.ensure_pipeline()
-        settle = journaled if journaled is not None else self.journal(record)
-        spec = build_job(
-            record,
-            store,
-            trainer=trainer,
-            settle=settle,
-            known=known,
-            outcome=outcome,
-            prepare=prepare,
-        )
-        pipeline.submit(spec)
+        spec: JobSpec | None = None
+        try:
+            pipeline = self.ensure_pipeline()
+            settle = journaled if journaled is not None else self.journal(record)
+            spec = build_job(
+                record,
+                store,
+                trainer=trainer,
+                settle=settle,
+                known=known,
+                outcome=outcome,
+                prepare=prepare,
+            )
+            pipeline.submit(spec, stop_waiting=partial(_sigterm_received, trainer))
+        except BaseException:
+            # Not admitted (Ctrl+C, SIGTERM, a full disk): its staging will never run, so
+            # Lightning must not wait for it. A journaled job stays in the outbox, with its
+            # local file: the next setup or `lamin-lightning flush` persists it, or the
+            # flush at exit (see submit_interrupted).
+            self._staging_done.pop(os.path.abspath(record.local_path), threading.Event()).set()
+            if spec is not None:
+                self._unadmitted.append(spec)
+            raise
+
+    def submit_interrupted(self, timeout: float | None) -> None:
+        """Admit the jobs an interrupt kept out (SIGTERM ended their wait for a slot), so
+        the flush at exit persists them too; within ``timeout`` seconds (None: no limit).
+
+        Lightning has stopped: nothing rewrites or removes their files any more.
+        """
+        specs, self._unadmitted = self._unadmitted, []
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for spec in specs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pipeline.submit(spec, timeout=left):
+                return  # still journaled: the next setup or a flush persists them
 
     def replay(
         self,
@@ -129,28 +160,28 @@ class Submitter:
     # -- the outbox -------------------------------------------------------------------------
 
     def open_outbox(self, root: Path, digest: str, *, enabled: bool, dirpath: Any) -> None:
-        """Open (and lock) this callback's journal; fail now if the directory is unusable."""
+        """Check the working folder is usable; open this callback's journal if one exists.
+
+        Creates nothing: a journal is created at the first job (:meth:`journal`). An
+        existing one (an earlier run's, same callback) is opened and locked now, so its
+        jobs replay first. Raises CheckpointDirectoryError if the folder is unusable.
+        """
+        self._outbox_plan = (root, digest, dirpath) if enabled else None
         if self.outbox is not None:
             return
         try:
+            _check_writable(root)
+            if dirpath is not None:
+                _check_writable(Path(dirpath))
             if enabled:
-                self.outbox = _open_journal(root, digest)
-            else:
-                _probe_writable(root)
+                self.outbox = _open_journal(root, digest, create=False)
         except OSError as error:
-            if isinstance(error, CheckpointDirectoryError):
-                raise
-            raise CheckpointDirectoryError(
-                error.errno,
-                f"lamin-lightning cannot write to the checkpoint directory {dirpath!s}"
-                f" ({type(error).__name__}: {error.strerror or error}). Pass a writable"
-                " dirpath, or fix its permissions or free space.",
-            ) from error
+            raise _directory_error(error, root, dirpath) from error
 
     def check_free_space(self, root: Path, needed: int, dirpath: Any) -> None:
         """Raise CheckpointDirectoryError if ``root`` has less than ``needed`` bytes free."""
         try:
-            free = shutil.disk_usage(root).free
+            free = shutil.disk_usage(_existing_ancestor(root)).free
         except OSError:
             return
         if free < needed:
@@ -166,12 +197,22 @@ class Submitter:
         """Write ``record`` durably into the outbox before its job is admitted."""
         outbox = self.outbox
         if outbox is None:
-            return None
+            if self._outbox_plan is None:
+                return None
+            root, digest, dirpath = self._outbox_plan
+            try:
+                # Its first line is fsynced with the first job's, off the training thread.
+                outbox = _open_journal(root, digest, create=True, sync=False)
+            except OSError as error:
+                raise _directory_error(error, root, dirpath) from error
+            assert outbox is not None  # create=True opens one or raises
+            self.outbox = outbox
         return Settle(outbox, outbox.append(record))
 
     def close_outbox(self) -> None:
         """Release this callback's journal and the foreign ones it replayed."""
         outbox, self.outbox = self.outbox, None
+        self._outbox_plan = None
         foreign, self.foreign = self.foreign, []
         for journal in (outbox, *foreign):
             if journal is not None:
@@ -198,7 +239,7 @@ class Submitter:
         done = threading.Event()
         if len(self._staging_done) > 256:
             self._staging_done = {p: e for p, e in self._staging_done.items() if not e.is_set()}
-        self._staging_done[str(filepath)] = done
+        self._staging_done[os.path.abspath(filepath)] = done
 
         def prepare() -> int:
             try:
@@ -213,7 +254,7 @@ class Submitter:
 
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
-        done = self._staging_done.pop(str(filepath), None)
+        done = self._staging_done.pop(os.path.abspath(filepath), None)
         if done is None:
             return
         started = time.monotonic()
@@ -222,15 +263,60 @@ class Submitter:
         if not finished:
             log.warning("staging %s did not finish; removing or rewriting it anyway", filepath)
 
-    def move_aside(self, root: Path, filepath: str | Path) -> None:
+    def move_aside(self, root: Path, filepath: str | Path) -> Callable[[bool], None]:
         """Move an existing file out of Lightning's way before it is rewritten (a rename).
 
         The rewrite would free its blocks on the training thread, or rewrite in place
-        the inode a queued upload still reads.
+        the inode a queued upload still reads. Returns ``done(rewritten)``, to call once
+        Lightning's write returned or raised: a failed rewrite (a full disk) puts the
+        previous file back, so the checkpoint to resume from is never lost; a rewrite
+        that worked sends it to the trash (deleted off the training thread).
         """
         self.await_staging(filepath)
-        if os.path.exists(filepath) and not self.stager(root).trash(filepath):
+        if not os.path.lexists(filepath):
+            return _nothing_aside
+        with _aside_lock:
+            aside = root / "aside" / f"{os.getpid()}-{next(_aside_counter)}-{Path(filepath).name}"
+        try:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(filepath, aside)
+        except OSError:
             detach_before_rewrite(filepath)
+            return _nothing_aside
+        stager = self.stager(root)
+
+        def done(rewritten: bool) -> None:
+            if not rewritten and not os.path.lexists(filepath):
+                try:
+                    os.replace(aside, filepath)
+                    return
+                except OSError as error:
+                    log.error("could not put %s back after its rewrite failed: %s", filepath, error)
+            if not stager.trash(aside) and os.path.isdir(aside):
+                shutil.rmtree(aside, ignore_errors=True)
+            elif os.path.lexists(aside):
+                aside.unlink(missing_ok=True)
+
+        return done
+
+    def remove_once_written(
+        self, root: Path, filepath: str | Path, replacement: str | Path
+    ) -> Callable[[], int]:
+        """Lightning's removal of ``filepath``, for the intake thread, once ``replacement``
+        (written in the background, by an earlier job) exists; none if it was never written.
+
+        The jobs' preparations run one at a time in submission order, so the
+        replacement's write, and the staging of ``filepath``, are finished by then.
+        """
+        stager = self.stager(root)
+
+        def remove() -> int:
+            if os.path.lexists(replacement):
+                stager.trash(filepath)
+            stager.empty_trash()
+            return 0
+
+        return remove
 
     def trash_for_removal(self, root: Path, filepath: str | Path) -> Callable[[], int]:
         """Move a file Lightning removes aside now; return the deletion, for the intake."""
@@ -249,6 +335,7 @@ class Submitter:
     def stop(self) -> None:
         """Stop the pipeline (abandoning what is left), empty the trash, release the outbox."""
         pipeline, self.pipeline = self.pipeline, None
+        self._unadmitted = []  # journaled: the next setup or a flush persists them
         try:
             if pipeline is not None:
                 pipeline.stop(timeout=0)
@@ -258,31 +345,76 @@ class Submitter:
             self.close_outbox()
 
 
-def _open_journal(root: Path, digest: str) -> Outbox:
-    """Open and lock the journal named ``digest`` (the first free one of that name)."""
+_aside_lock = threading.Lock()
+_aside_counter = itertools.count()
+
+
+def _nothing_aside(rewritten: bool) -> None:
+    """``move_aside``'s answer when nothing was moved."""
+
+
+def _open_journal(root: Path, digest: str, *, create: bool, sync: bool = True) -> Outbox | None:
+    """Open and lock the journal named ``digest`` (the first free one of that name).
+
+    ``create=False``: only an existing one (None if there is none free).
+    """
     for attempt in range(16):
         suffix = f"-{attempt}" if attempt else ""
         outbox = Outbox(root / f"outbox-{digest}{suffix}.jsonl")
+        if not create and not outbox.path.exists():
+            continue
         try:
-            outbox.open()
+            outbox.open(sync=sync)
         except OutboxInUseError:
             continue  # an identical callback in this trainer holds it
         return outbox
+    if not create:
+        return None
     raise CheckpointDirectoryError(
         f"every outbox journal for this callback under {root} is in use; is another"
         " training process writing checkpoints to the same dirpath?"
     )
 
 
-def _probe_writable(root: Path) -> None:
-    """Create ``root`` and write (and remove) a file in it; raise OSError if that fails."""
-    root.mkdir(parents=True, exist_ok=True)
-    probe = root / f".probe-{os.getpid()}-{threading.get_ident()}"
-    with open(probe, "wb") as handle:
-        handle.write(b"lamin-lightning")
-        handle.flush()
-        os.fsync(handle.fileno())
-    probe.unlink()
+def _check_writable(root: Path) -> None:
+    """Raise OSError unless ``root`` is, or can be created as, a writable folder.
+
+    Creates nothing (``setup`` alone leaves no file behind).
+    """
+    folder = _existing_ancestor(root)
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def _sigterm_received(trainer: Any) -> BaseException | None:
+    """Lightning's SIGTERMException once the trainer received SIGTERM (ends a wait)."""
+    if not getattr(trainer, "received_sigterm", False):
+        return None
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return SIGTERMException()
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    folder = Path(os.path.abspath(path))
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _directory_error(error: OSError, root: Path, dirpath: Any) -> CheckpointDirectoryError:
+    if isinstance(error, CheckpointDirectoryError):
+        return error
+    return CheckpointDirectoryError(
+        error.errno,
+        f"lamin-lightning cannot write to the checkpoint directory {dirpath!s} or to its"
+        f" working folder {root} beside it ({type(error).__name__}: {error.strerror or error})."
+        " Pass a dirpath that you (and the folder that holds it) can write to, or fix its"
+        " permissions or free space.",
+    )
 
 
 __all__ = ["Submitter", "staging_root"]

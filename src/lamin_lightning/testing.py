@@ -56,6 +56,7 @@ __all__ = [
     "MemoryStore",
     "RecordingObserver",
     "StoredArtifact",
+    "content_sha256",
     "is_testing",
     "local_instance",
     "no_retry_delays",
@@ -85,7 +86,11 @@ class StoredArtifact:
         size: Number of bytes.
         version: 1 for the first put of a key, then counting up.
         feature_values: Values passed to the save.
-        data: The bytes, if the store keeps them (``MemoryStore(keep_bytes=True)``).
+        data: The bytes, if the store keeps them (``MemoryStore(keep_bytes=True)``;
+            files only).
+        files: For a folder (a sharded checkpoint), the relative paths of its files,
+            sorted; empty for a file. ``sha256`` and ``size`` then cover the whole tree
+            (see :func:`content_sha256`).
     """
 
     key: str
@@ -95,6 +100,7 @@ class StoredArtifact:
     version: int
     feature_values: dict[Any, Any] = field(default_factory=dict)
     data: bytes | None = None
+    files: tuple[str, ...] = ()
 
 
 class MemoryStore:
@@ -246,8 +252,10 @@ class MemoryStore:
         kind: str = "checkpoint",
         feature_values: dict[Any, Any] | None = None,
     ) -> StoredArtifact:
-        """Store the file at ``path`` under ``key``, streaming it; return the record."""
+        """Store the file (or folder) at ``path`` under ``key``, streaming it; return the record."""
         with self._call("put", key):
+            if Path(path).is_dir():
+                return self._put_folder(key, Path(path), kind, feature_values)
             digest = hashlib.sha256()
             size = 0
             chunks: list[bytes] = []
@@ -271,6 +279,26 @@ class MemoryStore:
                 )
                 self._objects[key] = record
             return record
+
+    def _put_folder(
+        self, key: str, path: Path, kind: str, feature_values: dict[Any, Any] | None
+    ) -> StoredArtifact:
+        files = _tree_files(path)
+        size = sum((path / name).stat().st_size for name in files)
+        with self._lock:
+            version = self._versions.get(key, 0) + 1
+            self._versions[key] = version
+            record = StoredArtifact(
+                key=key,
+                kind=kind,
+                sha256=content_sha256(path),
+                size=size,
+                version=version,
+                feature_values=dict(feature_values or {}),
+                files=tuple(files),
+            )
+            self._objects[key] = record
+        return record
 
     def delete(self, key: str) -> StoredArtifact | None:
         """Delete what is stored under ``key``; return it, or None if nothing was."""
@@ -301,7 +329,7 @@ class MemoryStore:
     def transfer(self, record: JobRecord, path: Path) -> StoredArtifact:
         """Put the file under ``record.key``, unless the same bytes are already stored there."""
         existing = self.get(record.key)
-        if existing is not None and existing.sha256 == _sha256(path):
+        if existing is not None and existing.sha256 == content_sha256(path):
             return existing
         return self.put(record.key, path, kind=record.kind)
 
@@ -396,6 +424,23 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def _tree_files(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file under ``folder``, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def content_sha256(path: str | Path) -> str:
+    """What :class:`MemoryStore` records as ``sha256``: of a file, its bytes; of a folder,
+    each file's relative path and sha256, in path order (equal trees hash equal)."""
+    path = Path(path)
+    if not path.is_dir():
+        return _sha256(path)
+    digest = hashlib.sha256(b"folder\0")
+    for name in _tree_files(path):
+        digest.update(f"{name}\0{_sha256(path / name)}\n".encode())
     return digest.hexdigest()
 
 

@@ -217,11 +217,13 @@ def test_two_checkpoint_callbacks_share_no_pool_state_and_resume_restores_both(
     trainer = make_trainer(tmp_path, [best, periodic, probe], max_steps=4)
     trainer.fit(TierModel(scores=SCORES), datamodule=TierData(n=8))
 
-    for (best_pool, best_stats), (periodic_pool, periodic_stats) in probe.seen:
-        assert best_pool is not None and periodic_pool is not None
+    # Pipelines start with a callback's first job (the periodic one saves every 2 steps).
+    started = [row for row in probe.seen if all(pool is not None for pool, _ in row)]
+    assert started, "both pipelines ran during the fit"
+    for (best_pool, best_stats), (periodic_pool, periodic_stats) in started:
         assert best_pool is not periodic_pool
         assert best_stats is not periodic_stats
-    assert len({id(p[0][0]) for p in probe.seen}) == 1  # one pipeline per callback per fit
+    assert len({id(row[0][0]) for row in started}) == 1  # one pipeline per callback per fit
     for callback in (best, periodic):
         stats = callback.persistence_stats
         observer = callback._artifact_observers[0]

@@ -32,6 +32,7 @@ import lamin_lightning as ll
 from lamin_lightning import JobRecord
 from lamin_lightning._journal import journal_paths, read_pending
 from lamin_lightning._lamin import LaminArtifactPublisher
+from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import RecordingObserver
 
 SCRIPT = Path(__file__).parent / "outbox_train.py"
@@ -92,7 +93,7 @@ def _on_disk(dirpath: Path, prefix: str) -> dict[str, Path]:
 
 
 def _pending(dirpath: Path) -> list[JobRecord]:
-    return [r for p in journal_paths(dirpath / ".lamin-lightning") for _, r in read_pending(p)]
+    return [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
 
 
 def _kill_mid_upload(tmp_path: Path) -> str:

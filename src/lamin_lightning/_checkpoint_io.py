@@ -1,0 +1,284 @@
+"""Composition with a CheckpointIO that writes after ``save_checkpoint`` returns.
+
+Lightning's ``AsyncCheckpointIO`` hands each write to a thread pool and returns at
+once: when ``ModelCheckpoint._save_checkpoint`` returns, the file may not exist yet.
+Staging it then would persist a partial file or none. At ``setup`` the callback
+wraps the trainer's CheckpointIO twice (:func:`compose`):
+
+- outside, so that each ``save_checkpoint`` call begins a :class:`_Write` for its
+  path, on the training thread, before the write is handed to the pool;
+- inside ``AsyncCheckpointIO`` (around the CheckpointIO that really writes), so that
+  the pool's thread finishes that write, with its error if it failed.
+
+The callback then gives the staging step, which runs on the pipeline's intake
+thread, a wait for the writes its save began (:meth:`WriteTracker.waiter`): nothing
+is staged or hashed before its writer finished, and the training thread never
+waits for a write. A strategy that does not save through its CheckpointIO (FSDP's
+sharded checkpoints) begins no write: its files exist when the save returns.
+
+A CheckpointIO that looks asynchronous but is not Lightning's (its class name says
+``Async``, or it holds an executor) is refused at ``setup`` with
+:class:`~lamin_lightning.CheckpointIOError`: we cannot tell when its writes finish.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from typing_extensions import override
+
+from lamin_lightning._errors import CheckpointIOError
+
+SYNCHRONOUS_ATTRIBUTE = "lamin_lightning_synchronous"
+"""Set this attribute to True on a CheckpointIO to declare that it writes before returning."""
+
+_ASYNC_HINTS = ("_executor", "executor", "_futures", "futures", "_pending_writes")
+
+
+class _Write:
+    """One ``save_checkpoint`` call: finished once the file is written (or failed)."""
+
+    __slots__ = ("claimed", "done", "error", "path", "seq")
+
+    def __init__(self, path: str, seq: int) -> None:
+        self.path = path
+        self.seq = seq
+        self.claimed = False
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class WriteTracker:
+    """The writes begun through the wrapped CheckpointIO and not finished, per path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._pending: dict[str, list[_Write]] = {}
+        self._last_seq = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a pickled trainer (ddp_spawn) starts with no writes in flight
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def mark(self) -> int:
+        """A position: :meth:`waiter` considers only writes begun after it."""
+        with self._lock:
+            return self._last_seq
+
+    def begin(self, path: Any) -> _Write:
+        """A write of ``path`` is handed to the CheckpointIO (training thread)."""
+        with self._lock:
+            seq = self._last_seq = next(self._seq)
+            write = _Write(_normal(path), seq)
+            self._pending.setdefault(write.path, []).append(write)
+        return write
+
+    def drop(self, write: _Write) -> None:
+        """Forget ``write`` if no writer took it (its ``save_checkpoint`` raised first)."""
+        with self._lock:
+            if not write.claimed:
+                self._remove(write)
+                write.done.set()
+
+    def claim(self, path: Any) -> _Write | None:
+        """The writer thread starts writing ``path``: the oldest write not yet taken."""
+        with self._lock:
+            for write in self._pending.get(_normal(path), ()):
+                if not write.claimed:
+                    write.claimed = True
+                    return write
+        return None
+
+    def finish(self, write: _Write | None, error: BaseException | None) -> None:
+        """The writer thread finished ``write`` (``error``: it failed)."""
+        if write is None:
+            return
+        with self._lock:
+            write.error = error
+            self._remove(write)
+        write.done.set()
+
+    def _remove(self, write: _Write) -> None:
+        writes = self._pending.get(write.path, [])
+        if write in writes:
+            writes.remove(write)
+        if not writes:
+            self._pending.pop(write.path, None)
+
+    def waiter(self, path: Any, since: int = 0) -> Callable[[], None] | None:
+        """A wait for the unfinished writes of ``path`` begun after ``since``; None if none.
+
+        The wait raises the error of a write that failed. It runs on the pipeline's
+        intake thread, before the file is staged.
+        """
+        with self._lock:
+            writes = [w for w in self._pending.get(_normal(path), ()) if w.seq > since]
+        if not writes:
+            return None
+
+        def wait() -> None:
+            for write in writes:
+                write.done.wait()
+                if write.error is not None:
+                    raise write.error
+
+        return wait
+
+
+class _TrackingCheckpointIO(_WrappingCheckpointIO):
+    """Outside the trainer's CheckpointIO: begins a write at each ``save_checkpoint``."""
+
+    def __init__(self, checkpoint_io: CheckpointIO, tracker: WriteTracker) -> None:
+        super().__init__(checkpoint_io)
+        self.tracker = tracker
+
+    @override
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        write = self.tracker.begin(_path_argument(args, kwargs))
+        try:
+            super().save_checkpoint(*args, **kwargs)
+        except BaseException:
+            self.tracker.drop(write)
+            raise
+
+    @override
+    def teardown(self) -> None:
+        assert self.checkpoint_io is not None
+        self.checkpoint_io.teardown()
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes of the wrapped CheckpointIO (``_error``, ...) stay reachable.
+        if name.startswith("__") or name in ("_checkpoint_io", "tracker"):
+            raise AttributeError(name)
+        return getattr(self._checkpoint_io, name)
+
+
+class _WriteNotifier(CheckpointIO):
+    """Inside ``AsyncCheckpointIO``: finishes each write on the thread that wrote it."""
+
+    def __init__(self, checkpoint_io: CheckpointIO, tracker: WriteTracker) -> None:
+        self.checkpoint_io = checkpoint_io
+        self.tracker = tracker
+
+    @override
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        write = self.tracker.claim(_path_argument(args, kwargs))
+        try:
+            self.checkpoint_io.save_checkpoint(*args, **kwargs)
+        except BaseException as error:
+            self.tracker.finish(write, error)
+            raise
+        self.tracker.finish(write, None)
+
+    @override
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.checkpoint_io.load_checkpoint(*args, **kwargs)
+
+    @override
+    def remove_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self.checkpoint_io.remove_checkpoint(*args, **kwargs)
+
+    @override
+    def teardown(self) -> None:
+        self.checkpoint_io.teardown()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("checkpoint_io", "tracker"):
+            raise AttributeError(name)
+        return getattr(self.checkpoint_io, name)
+
+
+def compose(strategy: Any) -> WriteTracker | None:
+    """Follow the writes of ``strategy``'s CheckpointIO if it writes after returning.
+
+    Returns the tracker (None for a CheckpointIO that writes before returning).
+    Raises CheckpointIOError for one that writes later in a way we cannot follow.
+    """
+    io = strategy.checkpoint_io  # Lightning's property completes a wrapper's chain
+    if isinstance(io, _TrackingCheckpointIO):
+        return io.tracker  # validate -> fit, or a second callback of ours
+    layers = list(_chain(io))
+    for layer in layers:
+        if not isinstance(layer, AsyncCheckpointIO) and _looks_asynchronous(layer):
+            raise CheckpointIOError(_refusal(layer))
+    asynchronous = [layer for layer in layers if isinstance(layer, AsyncCheckpointIO)]
+    if not asynchronous:
+        return None
+    innermost = asynchronous[-1]
+    writer = innermost.checkpoint_io
+    if writer is None:  # pragma: no cover - the strategy's property always sets one
+        return None
+    tracker = WriteTracker()
+    innermost._checkpoint_io = _WriteNotifier(writer, tracker)
+    strategy.checkpoint_io = _TrackingCheckpointIO(io, tracker)
+    return tracker
+
+
+def release(strategy: Any, tracker: WriteTracker | None) -> None:
+    """Give ``strategy`` back the CheckpointIO :func:`compose` wrapped (if still wrapped)."""
+    outer = getattr(strategy, "_checkpoint_io", None)
+    if tracker is None or not isinstance(outer, _TrackingCheckpointIO):
+        return
+    if outer.tracker is not tracker:
+        return
+    original = outer.checkpoint_io
+    for layer in _chain(original):
+        if isinstance(layer, AsyncCheckpointIO) and isinstance(layer.checkpoint_io, _WriteNotifier):
+            layer._checkpoint_io = layer.checkpoint_io.checkpoint_io
+    strategy.checkpoint_io = original
+
+
+def _chain(io: Any) -> Iterator[Any]:
+    """``io`` and every CheckpointIO it wraps, outermost first."""
+    seen: set[int] = set()
+    while io is not None and id(io) not in seen:
+        seen.add(id(io))
+        yield io
+        inner = getattr(io, "checkpoint_io", None)
+        io = inner if isinstance(inner, CheckpointIO) else None
+
+
+def _looks_asynchronous(io: Any) -> bool:
+    if getattr(io, SYNCHRONOUS_ATTRIBUTE, False):
+        return False
+    if "async" in type(io).__name__.lower():
+        return True
+    return any(hasattr(io, name) for name in _ASYNC_HINTS)
+
+
+def _refusal(io: Any) -> str:
+    name = f"{type(io).__module__}.{type(io).__qualname__}"
+    return (
+        f"the trainer's CheckpointIO {name} looks like it writes checkpoints in the"
+        " background, and lamin-lightning cannot tell when such a write has finished:"
+        " persisting a checkpoint before its writer finished would store a partial file."
+        " lamin-lightning composes with Lightning's AsyncCheckpointIO: wrap a synchronous"
+        " CheckpointIO in it instead (Trainer(plugins=[AsyncCheckpointIO(YourIO())])), or"
+        " pass async_write=True to the callback. If"
+        f" {type(io).__qualname__} writes before save_checkpoint returns, set"
+        f" `{SYNCHRONOUS_ATTRIBUTE} = True` on it."
+    )
+
+
+def _path_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``path`` argument of ``save_checkpoint(checkpoint, path, storage_options=None)``."""
+    if "path" in kwargs:
+        return kwargs["path"]
+    return args[1] if len(args) > 1 else None
+
+
+def _normal(path: Any) -> str:
+    return os.path.abspath(os.fspath(path)) if path is not None else ""
+
+
+__all__ = ["SYNCHRONOUS_ATTRIBUTE", "WriteTracker", "compose", "release"]

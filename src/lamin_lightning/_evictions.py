@@ -1,0 +1,170 @@
+"""Evictions that wait for their replacement, and Lightning's state put right (``async_write``).
+
+Lightning evicts the previous best or last checkpoint right after it saved the new one,
+and updates its state (``best_k_models``, ``best_model_path``, ``last_model_path``,
+``kth_best_model_path``) before it saves. With ``async_write`` the new file exists only
+once its background write finished, so:
+
+- an eviction decided while its replacement is being written is deferred to the
+  pipeline's intake thread, after that write, and dropped if the write failed (the
+  removal's record names the replacement: a replay after a crash drops it the same way);
+- once a write is known to have failed, Lightning's state is put back as if that save
+  had never happened: the failed path leaves it, the checkpoints it would have evicted
+  and that are still on disk come back, with their scores, and the best and k-th best
+  are ranked again (checkpoints beyond ``save_top_k`` then are evicted as Lightning would).
+
+:class:`Evictions` keeps what that needs on the training thread (rank zero).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lamin_lightning._local_write import HostWrite
+
+
+@dataclass(frozen=True)
+class _Before:
+    """Lightning's state when a save began, before Lightning changed it for that save."""
+
+    best_k_models: dict[str, Any]
+    best_model_path: str
+    last_model_path: str
+
+
+@dataclass
+class _Replacement:
+    """A checkpoint written in the background and the files evicted in its favour."""
+
+    path: str
+    write: HostWrite
+    before: _Before
+    evicted: list[str] = field(default_factory=list)
+
+
+def _state_of(callback: Any) -> _Before:
+    return _Before(dict(callback.best_k_models), callback.best_model_path, callback.last_model_path)
+
+
+class Evictions:
+    """Background writes of one callback, and the evictions that wait for them."""
+
+    def __init__(self) -> None:
+        self._before: _Before | None = None
+        self._current: _Replacement | None = None
+        self._writes: list[_Replacement] = []
+
+    def save_started(self, callback: Any) -> None:
+        """Lightning is about to choose and save a checkpoint: remember its state now."""
+        self._before = _state_of(callback)
+        self._current = None
+
+    def save_finished(self) -> None:
+        """The save (and the evictions Lightning made for it) are done."""
+        self._before = None
+        self._current = None
+
+    def saving(self) -> None:
+        """A new file is being saved: evictions from now on are made in its favour."""
+        self._current = None
+
+    def wrote(self, callback: Any, path: str, write: HostWrite) -> None:
+        """``path`` is being written in the background by ``write``."""
+        before = self._before if self._before is not None else _state_of(callback)
+        self._current = _Replacement(path, write, before)
+        self._writes = [w for w in self._writes if not w.write.done() or w.write.failed()]
+        self._writes.append(self._current)
+
+    def replacement_for(self, evicted: str) -> str | None:
+        """The file whose background write ``evicted``'s removal must wait for, if any."""
+        current = self._current
+        if current is None or os.path.abspath(current.path) == os.path.abspath(evicted):
+            return None
+        if current.write.done() and not current.write.failed():
+            return None  # written already: the removal need not wait
+        current.evicted.append(evicted)
+        return current.path
+
+    def take_failed(self) -> list[_Replacement]:
+        """Forget finished writes; return those that failed, oldest first."""
+        failed = [w for w in self._writes if w.write.failed()]
+        self._writes = [w for w in self._writes if not w.write.done()]
+        return failed
+
+
+def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
+    """Put ``callback``'s Lightning state back as if the ``failed`` saves never happened.
+
+    Returns the checkpoints to evict now (beyond ``save_top_k`` once the kept ones came
+    back), for the caller to remove as Lightning would.
+    """
+    if not failed:
+        return []
+    for replacement in failed:
+        path = replacement.path
+        if os.path.exists(path):
+            continue  # a rewrite of the same name: the previous file is still there
+        callback.best_k_models.pop(path, None)
+        before = replacement.before
+        for evicted in replacement.evicted:
+            if os.path.exists(evicted) and evicted in before.best_k_models:
+                callback.best_k_models.setdefault(evicted, before.best_k_models[evicted])
+        if callback.last_model_path == path:
+            previous = before.last_model_path
+            callback.last_model_path = previous if previous and os.path.exists(previous) else ""
+        if callback.best_model_path == path and callback.monitor is None:
+            previous = before.best_model_path
+            callback.best_model_path = previous if previous and os.path.exists(previous) else ""
+    return _rank(callback) if callback.monitor is not None else []
+
+
+def _rank(callback: Any) -> list[str]:
+    """Recompute best and k-th best from ``best_k_models`` as Lightning does; trim to top k."""
+    scores = callback.best_k_models
+    worse = max if callback.mode == "min" else min
+    better = min if callback.mode == "min" else max
+    evict: list[str] = []
+    while callback.save_top_k > 0 and len(scores) > callback.save_top_k:
+        worst = worse(scores, key=scores.get)
+        scores.pop(worst)
+        evict.append(worst)
+    if not scores:
+        callback.best_model_path, callback.best_model_score = "", None
+        callback.kth_best_model_path = ""
+        callback.kth_value = torch.tensor(float("inf") if callback.mode == "min" else float("-inf"))
+        return evict
+    callback.best_model_path = better(scores, key=scores.get)
+    callback.best_model_score = scores[callback.best_model_path]
+    k = callback.save_top_k if callback.save_top_k > 0 else len(scores)
+    if len(scores) == k:
+        callback.kth_best_model_path = worse(scores, key=scores.get)
+        callback.kth_value = scores[callback.kth_best_model_path]
+    return evict
+
+
+_SHARED = (
+    "best_k_models",
+    "best_model_path",
+    "best_model_score",
+    "kth_best_model_path",
+    "kth_value",
+    "last_model_path",
+)
+
+
+def lightning_state(callback: Any) -> dict[str, Any]:
+    """The part of Lightning's state :func:`put_right` changes (to send to other ranks)."""
+    return {name: getattr(callback, name) for name in _SHARED}
+
+
+def set_lightning_state(callback: Any, state: dict[str, Any]) -> None:
+    """Take over rank zero's :func:`lightning_state`."""
+    for name in _SHARED:
+        setattr(callback, name, state[name])
+
+
+__all__ = ["Evictions", "lightning_state", "put_right", "set_lightning_state"]

@@ -1,0 +1,109 @@
+"""A training process for ``test_lamindb_lightning_view.py``, killed mid background write.
+
+Uses the tier's instance (LAMIN_SETTINGS_DIR/LAMIN_CACHE_DIR inherited from the test)
+with non-loopback network blocked. Trains ``ll.Checkpoint(async_write=True,
+monitor="score", mode="max", save_top_k=1)`` on rising scores: step 2 evicts step 1.
+The background write of step 2's checkpoint hangs forever (a full disk that never
+answers). Once step 1's checkpoint is committed and Lightning has evicted it (at the
+start of the third batch), the process writes ``--ready`` (the key prefix, atomically)
+and freezes; the test then kills it (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning.pytorch as pl
+import pytest
+from lamindb_tier import TierData, TierModel, block_network, make_trainer
+
+import lamin_lightning as ll
+
+
+class _HangWhenWritten:
+    """In a checkpoint: its background write (which serialises this) hangs forever."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _HangWhenWritten:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class Saved:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def on_artifact_saved(self, event: Any) -> None:
+        if event.kind == "checkpoint":
+            self.event.set()
+
+    def on_artifact_removed(self, event: Any) -> None:
+        del event
+
+    def on_artifact_failed(self, event: Any) -> None:
+        del event
+
+
+class Freeze(pl.Callback):
+    def __init__(self, callback: ll.Checkpoint, saved: Saved, ready: Path) -> None:
+        self.callback, self.saved, self.ready = callback, saved, ready
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.global_step == 2:
+            checkpoint["hang_when_written"] = _HangWhenWritten()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step < 2:
+            return
+        committed = self.saved.event.wait(timeout=300)
+        view = {
+            "prefix": self.callback.checkpoint_key_prefix,
+            "committed": committed,
+            "best_model_path": self.callback.best_model_path,
+        }
+        partial = self.ready.with_suffix(".partial")
+        partial.write_text(json.dumps(view))
+        partial.replace(self.ready)
+        threading.Event().wait()  # frozen until the test kills this process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dirpath", type=Path, required=True)
+    parser.add_argument("--ready", type=Path, required=True)
+    args = parser.parse_args()
+    guard = pytest.MonkeyPatch()
+    block_network(guard)
+    saved = Saved()
+    callback = ll.Checkpoint(
+        dirpath=args.dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=2,
+        artifact_observers=[saved],
+    )
+    trainer = make_trainer(
+        args.dirpath.parent, [callback, Freeze(callback, saved, args.ready)], max_steps=4
+    )
+    trainer.fit(TierModel(scores=[1.0, 2.0, 3.0, 4.0]), datamodule=TierData(n=4))
+    raise SystemExit("the training process was not frozen (nor killed)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Issue 12 items 4 and 5 on a real instance: the artifacts are what Lightning keeps.
+
+- ``async_write`` with ``filename="model"``: names versioned as Lightning does while the
+  writes are pending; artifacts equal the kept files, by content.
+- A background write that finds the disk full keeps the checkpoint it would have
+  evicted, locally and as an artifact.
+- SIGKILL while a replacement is written in the background: ``lamin-lightning flush``
+  keeps the evicted checkpoint's artifact (its replacement was never written).
+- A rewrite of ``last.ckpt`` that finds the disk full keeps the previous one, locally
+  and as an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lamindb_tier import TierModel, artifacts_under, fit, stored_sha256
+
+import lamin_lightning as ll
+from helpers import sha256_file
+from test_async_write import OnTrainEnd, WriteGate
+from test_lightning_view import FullDiskIO, background_disk_full_at
+
+pytestmark = [
+    pytest.mark.lamindb,
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*exists and is not empty.*"),
+    pytest.mark.filterwarnings("ignore:.*could not be persisted.*"),
+]
+
+SCRIPT = Path(__file__).parent / "async_write_crash.py"
+
+
+def _assert_artifacts_are_the_files(ln: Any, callback: Any, dirpath: Path) -> None:
+    prefix = callback.checkpoint_key_prefix
+    stored = artifacts_under(ln, prefix)
+    files = {p.name: p for p in dirpath.glob("*.ckpt")}
+    assert set(stored) == {f"{prefix}/{name}" for name in files}
+    for name, path in files.items():
+        assert stored_sha256(stored[f"{prefix}/{name}"]) == sha256_file(path)
+
+
+def test_async_write_names_and_artifacts_match_lightning_while_writes_are_pending(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """filename="model", top-3, writes held: model, model-v1, model-v2, each an artifact."""
+    dirpath = tmp_path / "ckpts"
+    gate = WriteGate()
+    callback = ll.Checkpoint(
+        dirpath=dirpath,
+        filename="model",
+        monitor="score",
+        mode="max",
+        save_top_k=3,
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=8,
+        max_pending=16,
+    )
+    fit(
+        callback,
+        tmp_path,
+        steps=3,
+        model=TierModel(scores=[1.0, 2.0, 3.0]),
+        extra_callbacks=[gate, OnTrainEnd(gate.open)],
+    )
+    assert gate.timed_out == []
+    assert {p.name for p in dirpath.glob("*.ckpt")} == {
+        "model.ckpt",
+        "model-v1.ckpt",
+        "model-v2.ckpt",
+    }
+    _assert_artifacts_are_the_files(ln, callback, dirpath)
+
+
+def test_a_full_disk_in_a_background_write_keeps_the_previous_artifact(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Top-1: step 2's background write fails (ENOSPC); step 1 stays, file and artifact."""
+    dirpath = tmp_path / "ckpts"
+    background_disk_full_at(monkeypatch, step=2)
+    callback = ll.Checkpoint(
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        async_write=True,
+        on_error="warn",
+    )
+    with pytest.warns(UserWarning, match="No space left"):
+        fit(callback, tmp_path, steps=2, model=TierModel(scores=[1.0, 2.0]))
+    assert {p.name for p in dirpath.glob("*.ckpt")} == {"epoch=0-step=1.ckpt"}
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=1.ckpt")
+    _assert_artifacts_are_the_files(ln, callback, dirpath)
+
+
+def test_a_failed_rewrite_of_last_ckpt_keeps_the_previous_artifact(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """ENOSPC while last.ckpt is rewritten (synchronously): the previous one stays."""
+    dirpath = tmp_path / "ckpts"
+    callback = ll.Checkpoint(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=1)
+    with pytest.raises(OSError, match="No space left"):
+        fit(callback, tmp_path, steps=3, plugins=[FullDiskIO(step=2)])
+    assert {p.name for p in dirpath.glob("*.ckpt")} == {"last.ckpt"}
+    _assert_artifacts_are_the_files(ln, callback, dirpath)
+
+
+def test_a_replay_after_sigkill_mid_write_keeps_the_checkpoint_whose_replacement_was_lost(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Killed while step 2 (which evicted step 1) was being written: the flush keeps step 1."""
+    dirpath = tmp_path / "ckpts"
+    ready = tmp_path / "ready.json"
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--dirpath", str(dirpath), "--ready", str(ready)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            tick = threading.Event()
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"training did not freeze:\n{log_path.read_text()[-6000:]}")
+                tick.wait(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+    view = json.loads(ready.read_text())
+    assert view["committed"], view
+    assert Path(view["best_model_path"]).name == "epoch=0-step=2.ckpt"  # Lightning evicted 1
+
+    flushed = subprocess.run(
+        [sys.executable, "-m", "lamin_lightning._cli", "flush", str(dirpath)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert flushed.returncode in (0, 1, 2, 3, 4), flushed.stderr
+    prefix = view["prefix"]
+    stored = artifacts_under(ln, prefix)
+    kept = dirpath / "epoch=0-step=1.ckpt"
+    assert kept.exists() and not (dirpath / "epoch=0-step=2.ckpt").exists()
+    assert set(stored) == {f"{prefix}/epoch=0-step=1.ckpt"}
+    assert stored_sha256(stored[f"{prefix}/epoch=0-step=1.ckpt"]) == sha256_file(kept)

@@ -1,0 +1,249 @@
+"""Folder checkpoints and a CheckpointIO that writes after it returns, on the in-memory store.
+
+Each fit ends with the store holding exactly Lightning's kept set, by content (a folder
+hashed over its tree), with best/last/rank flags equal to Lightning's view.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+from checkpoint_forms import (
+    FOLDER_FILES,
+    FolderCheckpointIO,
+    GatedCheckpointIO,
+    OpenGate,
+)
+from helpers import TinyModel, lightning_kept_paths, loader, make_trainer
+from lamin_lightning import ArtifactFailedEvent, CheckpointIOError
+from lamin_lightning._replay import flush_directory
+from lamin_lightning._staging import (
+    SMALL_FILE_BYTES,
+    Stager,
+    detach_before_rewrite,
+    release_staged,
+    staging_root,
+    tree_size,
+)
+from lamin_lightning.testing import (
+    MemoryCheckpoint,
+    MemoryStore,
+    RecordingObserver,
+    content_sha256,
+)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*save_last is not necessary.*"),
+    pytest.mark.filterwarnings("ignore:.*AsyncCheckpointIO.*experimental.*"),
+]
+
+SCORES = [5.0, 3.0, 4.0, 1.0, 2.0, 6.0]
+
+
+def _tree(root: Path) -> Path:
+    """A folder with a large file, a small one and a nested one."""
+    root.mkdir()
+    (root / "big.bin").write_bytes(b"b" * (SMALL_FILE_BYTES + 10))
+    (root / "small.json").write_text("{}")
+    (root / "sub").mkdir()
+    (root / "sub" / "shard.bin").write_bytes(b"s" * 100)
+    return root
+
+
+def test_a_folder_is_staged_file_by_file_and_survives_its_removal(tmp_path: Path) -> None:
+    """Staging a folder gives every file a second name (large: link, small: copy), reports
+    the tree's bytes, survives Lightning's rmtree, and is released as a whole."""
+    source = _tree(tmp_path / "epoch=0.ckpt")
+    want = content_sha256(source)
+    stager = Stager(staging_root(tmp_path / "ckpts"))
+    staged, size, _ = stager.stage(source)
+    assert staged.name == "epoch=0.ckpt" and staged.is_dir()
+    assert size == tree_size(source) == SMALL_FILE_BYTES + 10 + 2 + 100
+    big, small = staged / "big.bin", staged / "small.json"
+    assert os.stat(small).st_ino != os.stat(source / "small.json").st_ino
+    if os.stat(big).st_ino == os.stat(source / "big.bin").st_ino:
+        # A link: a shard writer truncating in place must not reach it.
+        detach_before_rewrite(source)
+        assert os.stat(big).st_nlink == 1 and not (source / "big.bin").exists()
+    shutil.rmtree(source)
+    assert content_sha256(staged) == want
+    release_staged(staged)
+    assert not staged.exists() and not staged.parent.exists()
+
+
+def test_a_folder_moved_to_the_trash_is_deleted_with_it(tmp_path: Path) -> None:
+    """Eviction renames a folder checkpoint aside; emptying the trash deletes the tree."""
+    source = _tree(tmp_path / "step=1.ckpt")
+    stager = Stager(staging_root(tmp_path / "ckpts"))
+    assert stager.trash(source)
+    assert not source.exists()
+    stager.empty_trash()
+    assert list((stager.root / "trash").iterdir()) == []
+
+
+def _folder_callback(store: MemoryStore, dirpath: Path, **kwargs: Any) -> MemoryCheckpoint:
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "monitor": "score",
+        "mode": "min",
+        "save_top_k": 2,
+        "save_last": True,
+        "every_n_train_steps": 1,
+    }
+    options.update(kwargs)
+    return MemoryCheckpoint(store, **options)
+
+
+def assert_store_equals_lightning(store: MemoryStore, callback: MemoryCheckpoint) -> None:
+    """Store keys are the kept set, each with the local file's (or folder's) content, and
+    best/last/rank flags equal Lightning's ``best_model_path``, newest save and ranking."""
+    trainer = callback._trainer
+
+    def key(path: Any) -> str:
+        return callback.resolve_artifact_key(trainer, path, "checkpoint")
+
+    kept = {key(p): p for p in lightning_kept_paths(callback)}
+    assert store.keys(kind="checkpoint") == set(kept)
+    for k, path in kept.items():
+        stored = store.get(k)
+        assert stored is not None and path.exists()
+        assert stored.sha256 == content_sha256(path), f"{k}: stored content differs"
+    flags = {k: store.flags[k] for k in kept}
+    assert [k for k, f in flags.items() if f["is_best_model"]] == [key(callback.best_model_path)]
+    newest = callback._last_checkpoint_saved  # last.ckpt with save_last
+    assert [k for k, f in flags.items() if f["is_last_model"]] == [key(newest)]
+    ranked = sorted(callback.best_k_models.items(), key=lambda item: float(item[1]))
+    assert {k: f["model_rank"] for k, f in flags.items() if f["model_rank"] is not None} == {
+        key(path): rank for rank, (path, _) in enumerate(ranked)
+    }
+
+
+def test_folder_checkpoints_persist_as_folders_with_lightnings_flags(tmp_path: Path) -> None:
+    """A CheckpointIO writing folders: top-k eviction, last.ckpt rewrites, every byte counted;
+    the store holds the kept folders, whole, with Lightning's flags."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath)
+    trainer = make_trainer(tmp_path, [callback], max_steps=6, plugins=[FolderCheckpointIO()])
+    trainer.fit(TinyModel(scores=SCORES), loader(6))
+
+    stats = callback.persistence_stats
+    assert stats.failed == 0 and stats.removed > 0
+    assert_store_equals_lightning(store, callback)
+    for key in store.keys(kind="checkpoint"):
+        assert store.get(key).files == FOLDER_FILES  # type: ignore[union-attr]
+    assert sorted(p.name for p in dirpath.iterdir()) == sorted(
+        Path(p).name for p in lightning_kept_paths(callback)
+    )
+    # Progress and counters cover every file of a folder.
+    assert stats.bytes_saved >= sum(tree_size(p) for p in lightning_kept_paths(callback))
+    assert not any((staging_root(dirpath) / "staged").rglob("*.pt")), "staged trees left"
+
+
+def test_folder_jobs_replay_from_the_outbox(tmp_path: Path) -> None:
+    """Storage hangs past flush_timeout; `flush` later persists the journaled folders."""
+    store = MemoryStore()
+    store.hang()
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, flush_timeout=0.2, max_pending=32)
+    try:
+        with pytest.warns(UserWarning, match="not persisted"):
+            make_trainer(tmp_path, [callback], max_steps=6, plugins=[FolderCheckpointIO()]).fit(
+                TinyModel(scores=SCORES), loader(6)
+            )
+    finally:
+        store.release()
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining
+    assert_store_equals_lightning(store, callback)
+
+
+def test_async_checkpoint_io_is_staged_only_once_written(tmp_path: Path) -> None:
+    """Lightning's AsyncCheckpointIO: the first write is held until training went on (so
+    the training thread never waited for it); every checkpoint persists, nothing fails."""
+    store = MemoryStore()
+    gated = GatedCheckpointIO()
+    callback = _folder_callback(store, tmp_path / "ckpts")
+    trainer = make_trainer(
+        tmp_path,
+        [OpenGate(gated), callback],
+        max_steps=6,
+        plugins=[AsyncCheckpointIO(gated)],
+    )
+    trainer.fit(TinyModel(scores=SCORES), loader(6))
+
+    assert gated.first_write_waited is True, "training waited for the background write"
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
+    # The trainer's CheckpointIO is given back as it was.
+    assert type(trainer.strategy.checkpoint_io) is AsyncCheckpointIO
+    assert trainer.strategy.checkpoint_io.checkpoint_io is gated
+
+
+def test_a_failed_background_write_fails_its_job_with_the_writes_error(tmp_path: Path) -> None:
+    """A write that fails under AsyncCheckpointIO after the save returned fails its job
+    with that error (ENOSPC), not with a staging error about a missing file."""
+
+    class FailingFirstWrite(GatedCheckpointIO):
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            first = self.writes == 0
+            super().save_checkpoint(checkpoint, path, storage_options)
+            if first:
+                Path(path).unlink()
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = MemoryStore()
+    observer = RecordingObserver()
+    gated = FailingFirstWrite()
+    callback = _folder_callback(
+        store, tmp_path / "ckpts", save_last=False, artifact_observers=[observer]
+    )
+    trainer = make_trainer(
+        tmp_path, [OpenGate(gated), callback], max_steps=2, plugins=[AsyncCheckpointIO(gated)]
+    )
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=SCORES), loader(2))
+    assert gated.first_write_waited is True
+    assert observer.wait_for(1)
+    failed = observer.of_type(ArtifactFailedEvent)
+    assert failed and failed[0].key == "checkpoints/epoch=0-step=1.ckpt"
+    assert isinstance(failed[0].error, OSError) and failed[0].error.errno == errno.ENOSPC
+    assert store.get("checkpoints/epoch=0-step=1.ckpt") is None
+
+
+class HomeGrownAsyncIO(TorchCheckpointIO):
+    """A CheckpointIO of its own making that writes in a thread pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._executor = None
+
+
+def test_a_checkpoint_io_we_cannot_follow_is_refused_at_setup(tmp_path: Path) -> None:
+    """An unknown asynchronous CheckpointIO fails setup, naming it and the fix; one that
+    declares itself synchronous is accepted."""
+    callback = _folder_callback(MemoryStore(), tmp_path / "ckpts")
+    trainer = make_trainer(tmp_path, [callback], max_steps=1, plugins=[HomeGrownAsyncIO()])
+    with pytest.raises(CheckpointIOError, match="HomeGrownAsyncIO") as raised:
+        trainer.fit(TinyModel(scores=SCORES), loader(1))
+    assert isinstance(raised.value, ValueError)
+    assert "AsyncCheckpointIO" in str(raised.value) and "async_write" in str(raised.value)
+    assert trainer.global_step == 0
+
+    declared = HomeGrownAsyncIO()
+    declared.lamin_lightning_synchronous = True  # type: ignore[attr-defined]
+    store = MemoryStore()
+    callback = _folder_callback(store, tmp_path / "again", save_last=False)
+    make_trainer(tmp_path, [callback], max_steps=2, plugins=[declared]).fit(
+        TinyModel(scores=SCORES), loader(2)
+    )
+    assert_store_equals_lightning(store, callback)

@@ -1,0 +1,435 @@
+"""Every checkpoint exactly as Lightning sees it (issue 12, items 4 to 8), against MemoryStore.
+
+Each test failed before the fix and compares, where it can, with plain Lightning's
+``ModelCheckpoint`` in the same scenario: the files it keeps are the files we keep,
+locally and in the store.
+
+- ``async_write``: a name being written in the background is taken (``-v1``,
+  ``last-v1``); a background write that fails (ENOSPC) never costs the checkpoint it
+  would have replaced, and Lightning's state is put right; a replay never removes a
+  checkpoint whose replacement was never written; saving goes through
+  ``trainer.save_checkpoint`` and the strategy.
+- A rewrite of ``last.ckpt`` that fails keeps the previous file.
+- ``on_error="raise"`` never leaves ``best_model_path`` naming a file never written.
+- The emergency checkpoint (``save_on_exception``) is written despite earlier failures.
+
+A full disk is injected (OSError ENOSPC from the writer); background writes are held
+by :class:`WriteGate` (released at ``on_train_end``); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
+from lamin_lightning import JobRecord, PersistenceError, RetryPolicy, _local_write, flush_directory
+from lamin_lightning._journal import Outbox
+from lamin_lightning._staging import staging_root
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+from test_async_write import OnTrainEnd, WriteGate
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    pytest.mark.filterwarnings("ignore:.*exists and is not empty.*"),
+    pytest.mark.filterwarnings("ignore:.*could not be persisted.*"),
+]
+
+
+def key(name: str) -> str:
+    return f"checkpoints/{name}"
+
+
+def steps_of(dirpath: Path) -> dict[str, int]:
+    """Each checkpoint file left in ``dirpath`` and the step it holds."""
+    return {
+        name: torch.load(dirpath / name, map_location="cpu", weights_only=False)["global_step"]
+        for name in checkpoint_files(dirpath)
+    }
+
+
+def assert_store_equals_files(store: MemoryStore, dirpath: Path) -> None:
+    names = checkpoint_files(dirpath)
+    assert store.keys(kind="checkpoint") == {key(n) for n in names}
+    for name in names:
+        assert store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
+
+
+def full_disk() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDiskIO(TorchCheckpointIO):
+    """Lightning's writer on a disk that is full when the checkpoint of ``step`` is written."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, **kwargs: Any) -> None:
+        if checkpoint["global_step"] == self.step:
+            raise full_disk()
+        super().save_checkpoint(checkpoint, path, **kwargs)
+
+
+def background_disk_full_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The background write (async_write) of the checkpoint of ``step`` finds the disk full."""
+    real = _local_write.save_snapshot
+
+    def save(payload: Any, handle: Any) -> None:
+        if payload["global_step"] == step:
+            raise full_disk()
+        real(payload, handle)
+
+    monkeypatch.setattr(_local_write, "save_snapshot", save)
+
+
+def held_async(store: MemoryStore, dirpath: Path, **kwargs: Any) -> MemoryCheckpoint:
+    """Ours with async_write, room for every snapshot (a held write never blocks a save)."""
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "every_n_train_steps": 1,
+        "async_write": True,
+        "max_snapshots": 8,
+        "max_pending": 16,
+        "retry": RetryPolicy.no_delay(),
+    }
+    options.update(kwargs)
+    return MemoryCheckpoint(store, **options)
+
+
+# -- item 4: a name being written is taken ---------------------------------------------------
+
+
+def test_async_write_versions_names_as_lightning_does_while_writes_are_pending(
+    tmp_path: Path,
+) -> None:
+    """filename="model", top-3: model, model-v1, model-v2 (and the evicted one's name
+    reused) as plain Lightning, although no file exists yet when the next name is chosen."""
+    scores = [1.0, 2.0, 3.0, 0.5, 4.0]
+    options: dict[str, Any] = {
+        "filename": "model",
+        "monitor": "score",
+        "mode": "max",
+        "save_top_k": 3,
+        "every_n_train_steps": 1,
+    }
+    plain_dir = tmp_path / "plain"
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=plain_dir, **options)], max_steps=5).fit(
+        TinyModel(scores=scores), loader(5)
+    )
+    assert checkpoint_files(plain_dir) == {"model.ckpt", "model-v1.ckpt", "model-v2.ckpt"}
+
+    dirpath = tmp_path / "ours"
+    gate = WriteGate()
+    store = MemoryStore()
+    ours = held_async(store, dirpath, **options)
+    make_trainer(tmp_path, [ours, gate, OnTrainEnd(gate.open)], max_steps=5).fit(
+        TinyModel(scores=scores), loader(5)
+    )
+
+    assert gate.timed_out == []
+    assert steps_of(dirpath) == steps_of(plain_dir)
+    assert {Path(p).name for p in ours.best_k_models} == checkpoint_files(dirpath)
+    assert_store_equals_files(store, dirpath)
+
+
+def test_a_second_callback_gets_last_v1_while_the_first_last_ckpt_is_being_written(
+    tmp_path: Path,
+) -> None:
+    """Two callbacks saving last in one folder: last.ckpt and last-v1.ckpt, as Lightning."""
+    first: dict[str, Any] = {"save_top_k": 0, "save_last": True, "every_n_train_steps": 1}
+    second = {**first, "monitor": "score", "mode": "max"}  # another state key
+    plain_dir = tmp_path / "plain"
+    make_trainer(
+        tmp_path,
+        [ModelCheckpoint(dirpath=plain_dir, **first), ModelCheckpoint(dirpath=plain_dir, **second)],
+        max_steps=3,
+    ).fit(TinyModel(scores=[1.0, 2.0, 3.0]), loader(3))
+    assert checkpoint_files(plain_dir) == {"last.ckpt", "last-v1.ckpt"}
+
+    dirpath = tmp_path / "ours"
+    gate = WriteGate()
+    stores = MemoryStore(), MemoryStore()
+    callbacks = [held_async(stores[0], dirpath, **first), held_async(stores[1], dirpath, **second)]
+    make_trainer(tmp_path, [*callbacks, gate, OnTrainEnd(gate.open)], max_steps=3).fit(
+        TinyModel(scores=[1.0, 2.0, 3.0]), loader(3)
+    )
+
+    assert gate.timed_out == []
+    assert steps_of(dirpath) == steps_of(plain_dir)
+    assert [Path(c.last_model_path).name for c in callbacks] == ["last.ckpt", "last-v1.ckpt"]
+    for store, name in zip(stores, ["last.ckpt", "last-v1.ckpt"], strict=True):
+        assert store.keys(kind="checkpoint") == {key(name)}
+        assert store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
+
+
+# -- item 4: a failed background write never costs the previous checkpoint -------------------
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_background_write_that_finds_the_disk_full_keeps_the_checkpoint_it_replaced(
+    on_error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Top-1: step 2's write fails (ENOSPC). Step 1 stays, locally and in the store, and
+    Lightning's state names it again, as after plain Lightning's failed save."""
+    options: dict[str, Any] = {
+        "monitor": "score",
+        "mode": "max",
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+    }
+    plain_dir = tmp_path / "plain"
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(
+            tmp_path,
+            [ModelCheckpoint(dirpath=plain_dir, **options)],
+            max_steps=2,
+            plugins=[FullDiskIO(step=2)],
+        ).fit(TinyModel(scores=[1.0, 2.0]), loader(2))
+    assert checkpoint_files(plain_dir) == {"epoch=0-step=1.ckpt"}
+
+    dirpath = tmp_path / "ours"
+    background_disk_full_at(monkeypatch, step=2)
+    store = MemoryStore()
+    ours = held_async(store, dirpath, on_error=on_error, **options)
+    trainer = make_trainer(tmp_path, [ours], max_steps=2)
+    if on_error == "raise":
+        with pytest.raises(PersistenceError, match="No space left"):
+            trainer.fit(TinyModel(scores=[1.0, 2.0]), loader(2))
+    else:
+        with pytest.warns(UserWarning, match="No space left"):
+            trainer.fit(TinyModel(scores=[1.0, 2.0]), loader(2))
+
+    assert steps_of(dirpath) == steps_of(plain_dir) == {"epoch=0-step=1.ckpt": 1}
+    assert_store_equals_files(store, dirpath)
+    kept = str(dirpath / "epoch=0-step=1.ckpt")
+    assert ours.best_model_path == kept == ours.kth_best_model_path
+    assert {p: float(s) for p, s in ours.best_k_models.items()} == {kept: 1.0}
+    assert float(ours.best_model_score) == 1.0  # type: ignore[arg-type]
+
+
+def test_a_replay_never_removes_a_checkpoint_whose_replacement_was_never_written(
+    tmp_path: Path,
+) -> None:
+    """Killed while b was written in the background: a's journaled eviction is not replayed;
+    a stays in the store and on disk, and b's lost save is dropped."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    a, b = dirpath / "a.ckpt", dirpath / "b.ckpt"
+    a.write_bytes(b"a" * 100)
+    store = MemoryStore()
+    saved_a = JobRecord(op="save", kind="checkpoint", key=key("a.ckpt"), local_path=str(a))
+    store.commit(saved_a, store.transfer(saved_a, a), replay=False, set_flags=True)
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    outbox.append(
+        JobRecord(
+            op="save", kind="checkpoint", key=key("b.ckpt"), local_path=str(b), store="memory"
+        )
+    )
+    outbox.append(
+        JobRecord(
+            op="remove",
+            kind="checkpoint",
+            key=key("a.ckpt"),
+            local_path=str(a),
+            store="memory",
+            after=str(b),
+        )
+    )
+    outbox.close()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert store.keys() == {key("a.ckpt")}
+    assert a.exists() and not b.exists()
+    assert report.removed == 0 and report.remaining == []
+    assert [r.key for r in report.dropped] == [key("a.ckpt")]
+
+
+# -- item 5: a failed rewrite keeps the previous file -----------------------------------------
+
+
+def test_a_rewrite_of_last_ckpt_that_finds_the_disk_full_keeps_the_previous_one(
+    tmp_path: Path,
+) -> None:
+    """ENOSPC while Lightning rewrites last.ckpt: the previous last.ckpt stays (to resume
+    from), locally and in the store, as with plain Lightning."""
+    options: dict[str, Any] = {"save_top_k": 0, "save_last": True, "every_n_train_steps": 1}
+    plain_dir = tmp_path / "plain"
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(
+            tmp_path,
+            [ModelCheckpoint(dirpath=plain_dir, **options)],
+            max_steps=3,
+            plugins=[FullDiskIO(step=2)],
+        ).fit(TinyModel(), loader(3))
+    assert steps_of(plain_dir) == {"last.ckpt": 1}
+
+    dirpath = tmp_path / "ours"
+    store = MemoryStore()
+    ours = MemoryCheckpoint(store, dirpath=dirpath, retry=RetryPolicy.no_delay(), **options)
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(tmp_path, [ours], max_steps=3, plugins=[FullDiskIO(step=2)]).fit(
+            TinyModel(), loader(3)
+        )
+
+    assert steps_of(dirpath) == steps_of(plain_dir)
+    assert_store_equals_files(store, dirpath)
+    assert ours.last_model_path == str(dirpath / "last.ckpt")
+
+
+# -- item 6: Lightning's state never names a file never written -------------------------------
+
+
+class Flushing(pl.Callback):
+    """Before each batch, waits for ``callback``'s persistence: earlier failures are known."""
+
+    def __init__(self, callback: MemoryCheckpoint) -> None:
+        self.callback = callback
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        assert self.callback.flush(10.0)
+
+
+def test_on_error_raise_leaves_best_model_path_on_a_file_that_exists(tmp_path: Path) -> None:
+    """Step 1's upload failed; step 2 raises it before Lightning moves its state to a file
+    it then never writes: best_model_path is step 1, and test(ckpt_path="best") loads it."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_next(1)
+    ours = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        retry=1,
+    )
+    model = TinyModel(scores=[1.0, 2.0, 3.0])
+    trainer = make_trainer(tmp_path, [ours, Flushing(ours)], max_steps=3)
+    with pytest.raises(PersistenceError, match=r"step=1\.ckpt"):
+        trainer.fit(model, loader(3))
+
+    assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt"}
+    assert ours.best_model_path == str(dirpath / "epoch=0-step=1.ckpt")
+    assert all(Path(p).exists() for p in ours.best_k_models)
+    assert trainer.global_step == 2  # the failure stopped the run at the next save
+    make_trainer(tmp_path, [ours]).test(model, loader(1), ckpt_path=ours.best_model_path)
+
+
+# -- item 7: the emergency checkpoint is always written ---------------------------------------
+
+
+def test_the_checkpoint_on_exception_is_written_and_persisted_despite_an_earlier_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """save_on_exception with an unreported failure: the emergency checkpoint is written and
+    persisted; the earlier failure is logged after it; the training error propagates."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_next(1)  # the upload of the checkpoint of step 2
+    ours = MemoryCheckpoint(
+        store, dirpath=dirpath, every_n_train_steps=2, save_on_exception=True, retry=1
+    )
+    with (
+        caplog.at_level(logging.ERROR, logger="lamin_lightning"),
+        pytest.raises(RuntimeError, match="boom at step 3"),
+    ):
+        make_trainer(tmp_path, [ours, Flushing(ours)], max_steps=4).fit(
+            TinyModel(fail_at_step=3), loader(4)
+        )
+
+    emergency = "epoch=0-step=3.ckpt"
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt", emergency}
+    stored = store.get(key(emergency))
+    assert stored is not None and stored.sha256 == sha256_file(dirpath / emergency)
+    assert store.keys(kind="checkpoint") == {key(emergency)}
+    assert any(
+        "not persisted" in r.getMessage() and "step=2" in r.getMessage() for r in caplog.records
+    )
+
+
+# -- item 8: async_write saves through Lightning's save path ----------------------------------
+
+
+class RecordingStrategy(SingleDeviceStrategy):
+    def __init__(self, calls: list[tuple[str, str]]) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self.calls = calls
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, *args: Any, **kw: Any
+    ) -> None:
+        self.calls.append(("strategy", Path(filepath).name))
+        super().save_checkpoint(checkpoint, filepath, *args, **kw)
+
+
+class RecordingTrainer(pl.Trainer):
+    def __init__(self, calls: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls = calls
+
+    def save_checkpoint(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("trainer", Path(filepath).name))
+        super().save_checkpoint(filepath, *args, **kwargs)
+
+
+def test_async_write_saves_through_the_trainer_and_the_strategy(tmp_path: Path) -> None:
+    """Overrides of Trainer.save_checkpoint and the strategy's save_checkpoint see every
+    save; the file is still written in the background (absent when the save returns)."""
+    dirpath = tmp_path / "ckpt"
+    calls: list[tuple[str, str]] = []
+    at_return: dict[str, bool] = {}
+
+    class Observing(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            at_return[Path(filepath).name] = os.path.exists(filepath)
+
+    gate = WriteGate()
+    ours = Observing(
+        MemoryStore(),
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=4,
+        retry=RetryPolicy.no_delay(),
+    )
+    options = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "max_steps": 3,
+    }
+    trainer = RecordingTrainer(
+        calls,
+        strategy=RecordingStrategy(calls),
+        callbacks=[ours, gate, OnTrainEnd(gate.open)],
+        **options,
+    )
+    trainer.fit(TinyModel(), loader(3))
+
+    names = [f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)]
+    assert calls == [(who, n) for n in names for who in ("trainer", "strategy")]
+    assert at_return == dict.fromkeys(names, False)
+    assert gate.timed_out == [] and threading.current_thread().name not in gate.threads
+    assert checkpoint_files(dirpath) == set(names)
+    assert_store_equals_files(ours.store, dirpath)

@@ -1,0 +1,277 @@
+"""Where our working files live, and what ``setup`` alone does (issue 12, items 8 and 9).
+
+- The checkpoint folder holds exactly what plain Lightning leaves there: staging and
+  outbox live beside it, and recovery still finds journals where earlier versions
+  wrote them (inside it).
+- An fsspec ``dirpath`` Lightning derives at ``setup`` is refused before any step.
+- ``setup`` alone creates no file and starts no thread.
+- Ctrl+C or SIGTERM while training waits for a free slot: the job stays journaled with
+  its local file, Lightning stops, and the next fit (or ``flush``) persists it.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from helpers import TinyModel, loader, make_trainer, sha256_file
+from lamin_lightning._jobs import JobRecord
+from lamin_lightning._journal import Outbox, journal_paths, read_pending
+from lamin_lightning._staging import STAGING_DIRNAME, staging_root
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+
+TIMEOUT = 60.0
+
+
+def _tree(root: Path) -> set[str]:
+    """Every path under ``root``, relative to it."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("lamin-lightning")]
+
+
+def _pending_keys(dirpath: Path) -> list[str]:
+    return [r.key for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
+
+
+# -- the checkpoint folder is Lightning's ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"save_top_k": 2, "monitor": "score", "save_last": True},
+        {"save_top_k": -1, "save_last": "link"},
+        {"filename": "model", "save_top_k": 3, "monitor": "score"},
+    ],
+    ids=["top2-last", "all-last-link", "fixed-name-versions"],
+)
+def test_the_checkpoint_folder_holds_exactly_what_plain_lightning_leaves(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """Same run, plain ModelCheckpoint and ours: the same names in dirpath, nothing else;
+    our staging and outbox sit beside it."""
+    plain_dir, ours_dir = tmp_path / "plain" / "ckpt", tmp_path / "ours" / "ckpt"
+    plain = ModelCheckpoint(dirpath=plain_dir, every_n_train_steps=1, **options)
+    scores = [0.5, 0.4, 0.6, 0.3, 0.7]
+    make_trainer(tmp_path / "plain", [plain], max_steps=5).fit(TinyModel(scores=scores), loader(5))
+    store = MemoryStore()
+    ours = MemoryCheckpoint(store, dirpath=ours_dir, every_n_train_steps=1, **options)
+    make_trainer(tmp_path / "ours", [ours], max_steps=5).fit(TinyModel(scores=scores), loader(5))
+
+    assert _tree(plain_dir)  # Lightning kept something
+    assert _tree(ours_dir) == _tree(plain_dir)
+    assert STAGING_DIRNAME not in os.listdir(ours_dir)
+    assert staging_root(ours_dir) == tmp_path / "ours" / ".ckpt.lamin-lightning"
+    files = {p.name for p in ours_dir.glob("*.ckpt") if not p.is_symlink()}  # as the reference
+    assert {Path(k).name for k in store.keys(kind="checkpoint")} == files
+
+
+def test_a_journal_where_earlier_versions_kept_it_still_replays(tmp_path: Path) -> None:
+    """An outbox inside dirpath (``.lamin-lightning``, the old layout) is replayed by the
+    next setup, and its journal ends empty."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    old_file = dirpath / "old.ckpt"
+    old_file.write_bytes(b"a checkpoint an earlier version left unpersisted")
+    outbox = Outbox(dirpath / STAGING_DIRNAME / "outbox-earlier.jsonl")
+    outbox.open()
+    outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key="ckpt/old.ckpt",
+            local_path=str(old_file),
+            store="memory",
+            submitted_at=time.time(),
+        )
+    )
+    outbox.close()
+
+    store = MemoryStore()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1)
+    make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
+
+    stored = store.get("ckpt/old.ckpt")
+    assert stored is not None and stored.sha256 == sha256_file(old_file)
+    assert journal_paths(dirpath / STAGING_DIRNAME) == []
+
+
+# -- remote dirpath, setup -----------------------------------------------------------------------
+
+
+class _CountingModel(TinyModel):
+    steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("root", ["memory://bucket/run", "s3://bucket/run"])
+def test_a_remote_dirpath_derived_at_setup_is_refused_before_any_step(
+    tmp_path: Path, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``default_root_dir`` remote, no dirpath: the same refusal as in the constructor, at
+    setup; no local folder named after the URL appears."""
+    monkeypatch.chdir(tmp_path)
+    _CountingModel.steps = 0
+    callback = MemoryCheckpoint(MemoryStore(), every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, default_root_dir=root)
+    with pytest.raises(ValueError, match=r"is remote; lamin-lightning stages local files"):
+        trainer.fit(_CountingModel(), loader(2))
+    assert _CountingModel.steps == 0
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_setup_alone_creates_no_file_and_starts_no_thread(tmp_path: Path) -> None:
+    """``setup`` then nothing (as direct callers do): no file anywhere under the root, no
+    pipeline thread; the first save starts them, ``teardown`` stops them."""
+    before = set(_pool_threads())
+    callback = MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    trainer = make_trainer(tmp_path / "root", [callback], max_steps=1)
+    model = TinyModel()
+    trainer.strategy.connect(model)
+    callback.setup(trainer, model, "fit")
+    assert not (tmp_path / "ckpt").exists()
+    assert not staging_root(tmp_path / "ckpt").exists()
+    assert set(_pool_threads()) == before
+    callback.teardown(trainer, model, "fit")
+    assert set(_pool_threads()) == before
+
+
+# -- interrupts while training waits for a slot -------------------------------------------------
+
+
+@contextmanager
+def _sigint_restored() -> Iterator[None]:
+    """Lightning ignores SIGINT after a KeyboardInterrupt; give pytest its handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+class _WhenWaiting(pl.Callback):
+    """Once the training thread waits for a free slot, run ``act`` (from another thread);
+    if training has not stopped ``TIMEOUT`` seconds later, say so and unblock storage."""
+
+    def __init__(self, callback: MemoryCheckpoint, store: MemoryStore, act: Callable[[], None]):
+        self.callback, self.store, self.act = callback, store, act
+        self.acted = threading.Event()
+        self.stopped = threading.Event()
+        self.problems: list[str] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        if not self.store.wait_until_hanging(1, timeout=TIMEOUT):
+            self.problems.append("the first upload never started")
+            self.store.release()
+            return
+        deadline = time.monotonic() + TIMEOUT
+        while self.callback.persistence_stats.admission_waits < 1:
+            if time.monotonic() > deadline:
+                self.problems.append("training never waited for a slot")
+                self.store.release()
+                return
+            time.sleep(0.01)  # polls a condition; nothing is timed by it
+        try:
+            self.act()
+        except Exception as error:
+            self.problems.append(repr(error))
+            self.store.release()  # or training would wait forever
+            return
+        self.acted.set()
+        if not self.stopped.wait(TIMEOUT):
+            # Storage still hangs: training must stop anyway, not wait for flush_timeout.
+            self.problems.append(f"training did not stop within {TIMEOUT}s of the interrupt")
+            self.store.release()
+
+
+def _interrupted_then_resumed(
+    tmp_path: Path, act: Callable[[], None], expected: type[BaseException], flush_timeout: float
+) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        every_n_train_steps=1,
+        save_top_k=-1,
+        save_last=True,
+        max_pending=1,
+        flush_timeout=flush_timeout,
+    )
+    probe = _WhenWaiting(callback, store, act)
+    trainer = make_trainer(tmp_path, [callback, probe], max_steps=4)
+    with pytest.raises(expected):
+        trainer.fit(TinyModel(), loader(4))
+    probe.stopped.set()
+    assert probe.problems == [] and probe.acted.is_set()
+    # The save that waited (last.ckpt of step 1) is journaled, its local file kept.
+    pending = sorted(Path(key).name for key in _pending_keys(dirpath))
+    assert pending == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    assert (dirpath / "last.ckpt").is_file()
+    store.release()
+
+    # The same callback fits again, rewriting last.ckpt: nothing waits for the staging of
+    # the interrupted save (it never ran); the earlier jobs are persisted first.
+    finished = threading.Event()
+    again = make_trainer(tmp_path, [callback], max_steps=2)
+
+    def fit_again() -> None:
+        again.fit(TinyModel(), loader(2))
+        finished.set()
+
+    runner = threading.Thread(target=fit_again, daemon=True)
+    runner.start()
+    runner.join(TIMEOUT)
+    assert finished.is_set(), "the next fit hung"
+    stored = {Path(key).name for key in store.keys(kind="checkpoint")}
+    assert {"epoch=0-step=1.ckpt", "last.ckpt"} <= stored
+    assert _pending_keys(dirpath) == []
+
+
+def test_ctrl_c_during_a_backpressure_wait_journals_the_job_and_lets_lightning_stop(
+    tmp_path: Path,
+) -> None:
+    with _sigint_restored():
+        # No flush wait at all (Lightning ignores further Ctrl+C meanwhile).
+        _interrupted_then_resumed(tmp_path, _thread.interrupt_main, SystemExit, 3600)
+
+
+def test_sigterm_during_a_backpressure_wait_on_hung_storage_ends_the_wait(
+    tmp_path: Path,
+) -> None:
+    """Storage hangs; SIGTERM (a preemption) ends the wait for a slot; Lightning raises its
+    SIGTERMException after a flush bounded by flush_timeout; the job stays journaled."""
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def sigterm() -> None:
+        # Lightning's handler replaced the default one for the fit (else this kills pytest).
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        # The flush at exit waits up to flush_timeout (set below the grace period).
+        _interrupted_then_resumed(tmp_path, sigterm, SIGTERMException, 1.0)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
