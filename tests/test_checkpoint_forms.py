@@ -24,7 +24,7 @@ from checkpoint_forms import (
 )
 from helpers import TinyModel, lightning_kept_paths, loader, make_trainer
 from lamin_lightning import ArtifactFailedEvent, CheckpointIOError
-from lamin_lightning._replay import flush_directory
+from lamin_lightning._flush import flush_directory
 from lamin_lightning._staging import (
     SMALL_FILE_BYTES,
     Stager,

@@ -19,9 +19,12 @@ by :class:`WriteGate` (released at ``on_train_end``); nothing sleeps to synchron
 
 from __future__ import annotations
 
+import _thread
 import errno
+import json
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,13 +35,15 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
 from lamin_lightning import JobRecord, PersistenceError, RetryPolicy, _local_write, flush_directory
 from lamin_lightning._journal import Outbox
 from lamin_lightning._staging import staging_root
-from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, content_sha256
 from test_async_write import OnTrainEnd, WriteGate
+from test_working_folder import _pending_keys, _WhenWaiting
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -433,3 +438,235 @@ def test_async_write_saves_through_the_trainer_and_the_strategy(tmp_path: Path) 
     assert gate.timed_out == [] and threading.current_thread().name not in gate.threads
     assert checkpoint_files(dirpath) == set(names)
     assert_store_equals_files(ours.store, dirpath)
+
+
+class PartialWriteIO(TorchCheckpointIO):
+    """Writes part of the checkpoint of ``step`` (a torn file, or a folder with only its
+    first file, as a full disk leaves them), then raises ENOSPC; others whole."""
+
+    def __init__(self, step: int, *, folder: bool) -> None:
+        super().__init__()
+        self.step, self.folder = step, folder
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, **kwargs: Any) -> None:
+        from checkpoint_forms import FolderCheckpointIO
+
+        if checkpoint["global_step"] == self.step:
+            if self.folder:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / "meta.json").write_text("{}")
+            else:
+                Path(path).write_bytes(b"PK\x03\x04 torn")
+            raise full_disk()
+        if self.folder:
+            FolderCheckpointIO().save_checkpoint(checkpoint, path)
+        else:
+            super().save_checkpoint(checkpoint, path, **kwargs)
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_a_rewrite_of_last_ckpt_torn_by_a_full_disk_keeps_the_previous_one(
+    tmp_path: Path, folder: bool
+) -> None:
+    """The rewrite of last.ckpt writes partway, then ENOSPC: what it left goes, the previous
+    last.ckpt (step 1) comes back whole, and it is what the store holds."""
+    dirpath = tmp_path / "ours"
+    store = MemoryStore()
+    ours = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        retry=RetryPolicy.no_delay(),
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+    )
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(
+            tmp_path, [ours], max_steps=3, plugins=[PartialWriteIO(step=2, folder=folder)]
+        ).fit(TinyModel(), loader(3))
+
+    last = dirpath / "last.ckpt"
+    if folder:
+        assert sorted(p.name for p in last.iterdir()) == ["meta.json", "state.pt", "weights.pt"]
+        assert json.loads((last / "meta.json").read_text())["global_step"] == 1
+        assert store.get(key("last.ckpt")).sha256 == content_sha256(last)  # type: ignore[union-attr]
+    else:
+        assert steps_of(dirpath) == {"last.ckpt": 1}
+        assert_store_equals_files(store, dirpath)
+
+
+# -- async_write and save_last="link"; interrupts (issue 12, items 4 and 9) -------------------
+
+
+@pytest.mark.parametrize("symlinks", [True, False], ids=["symlink", "copy"])
+def test_async_write_links_last_ckpt_into_a_folder_that_does_not_exist_yet(
+    symlinks: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_last="link" into a fresh dirpath while the first checkpoint is still being
+    written: last.ckpt links to it (or, where links are refused, is a copy made once the
+    write finished), as with plain Lightning."""
+    gate = WriteGate()
+    ours_running = threading.Event()
+    symlink = os.symlink
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        if ours_running.is_set():
+            gate.allow()  # the write of the file to copy may go on now
+        raise OSError(errno.EPERM, "symbolic links are not allowed here")
+
+    if not symlinks:
+        monkeypatch.setattr(os, "symlink", refused)
+    options: dict[str, Any] = {"every_n_train_steps": 1, "save_last": "link"}
+    plain_dir = tmp_path / "plain"
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=plain_dir, **options)], max_steps=2).fit(
+        TinyModel(), loader(2)
+    )
+    assert steps_of(plain_dir) == {"epoch=0-step=2.ckpt": 2, "last.ckpt": 2}
+
+    dirpath = tmp_path / "ours"
+    ours = held_async(MemoryStore(), dirpath, **options)
+    ours_running.set()
+    # Each write waits for a permit: every link is made before its file is written.
+    make_trainer(tmp_path, [ours, gate, OnTrainEnd(gate.open)], max_steps=2).fit(
+        TinyModel(), loader(2)
+    )
+
+    assert gate.timed_out == []
+    assert steps_of(dirpath) == steps_of(plain_dir)
+    last = dirpath / "last.ckpt"
+    assert last.is_symlink() == (plain_dir / "last.ckpt").is_symlink() == symlinks
+    assert ours.last_model_path == str(last)
+    assert os.symlink is (symlink if symlinks else refused)
+
+
+def test_a_failed_background_write_that_reused_an_evicted_name_gives_it_its_score_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """filename="model", top-3, mode max, scores 1 to 4: the score-4 save reuses model.ckpt
+    (the score-1 checkpoint it evicts) and its write fails (ENOSPC). model.ckpt still holds
+    the score-1 checkpoint: that is its score again, and the best is model-v2 (3.0)."""
+    scores = [1.0, 2.0, 3.0, 4.0]
+    options: dict[str, Any] = {
+        "filename": "model",
+        "monitor": "score",
+        "mode": "max",
+        "save_top_k": 3,
+        "every_n_train_steps": 1,
+    }
+    plain_dir = tmp_path / "plain"
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(
+            tmp_path,
+            [ModelCheckpoint(dirpath=plain_dir, **options)],
+            max_steps=4,
+            plugins=[FullDiskIO(step=4)],
+        ).fit(TinyModel(scores=scores), loader(4))
+
+    dirpath = tmp_path / "ours"
+    background_disk_full_at(monkeypatch, step=4)
+    store = MemoryStore()
+    ours = held_async(store, dirpath, on_error="warn", **options)
+    with pytest.warns(UserWarning, match="No space left"):
+        make_trainer(tmp_path, [ours], max_steps=4).fit(TinyModel(scores=scores), loader(4))
+
+    files = {"model.ckpt": 1, "model-v1.ckpt": 2, "model-v2.ckpt": 3}
+    assert steps_of(dirpath) == steps_of(plain_dir) == files
+    assert {Path(p).name: float(s) for p, s in ours.best_k_models.items()} == {
+        "model.ckpt": 1.0,
+        "model-v1.ckpt": 2.0,
+        "model-v2.ckpt": 3.0,
+    }
+    assert ours.best_model_path == str(dirpath / "model-v2.ckpt")
+    assert float(ours.best_model_score) == 3.0  # type: ignore[arg-type]
+    assert ours.kth_best_model_path == str(dirpath / "model.ckpt")
+    assert float(ours.kth_value) == 1.0
+
+
+def test_a_failed_background_write_puts_the_last_ckpt_link_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_last="link", top-2: step 3's write fails (ENOSPC). last.ckpt links to step 2's
+    checkpoint again, as after plain Lightning's failed save, never to a missing file."""
+    scores = [3.0, 2.0, 1.0]
+    options: dict[str, Any] = {
+        "monitor": "score",
+        "save_top_k": 2,
+        "save_last": "link",
+        "every_n_train_steps": 1,
+    }
+    plain_dir = tmp_path / "plain"
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(
+            tmp_path,
+            [ModelCheckpoint(dirpath=plain_dir, **options)],
+            max_steps=3,
+            plugins=[FullDiskIO(step=3)],
+        ).fit(TinyModel(scores=scores), loader(3))
+
+    dirpath = tmp_path / "ours"
+    background_disk_full_at(monkeypatch, step=3)
+    ours = held_async(MemoryStore(), dirpath, on_error="warn", **options)
+    with pytest.warns(UserWarning, match="No space left"):
+        make_trainer(tmp_path, [ours], max_steps=3).fit(TinyModel(scores=scores), loader(3))
+
+    last = dirpath / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=2.ckpt"
+    assert steps_of(dirpath) == steps_of(plain_dir)
+    assert steps_of(dirpath) == {"epoch=0-step=1.ckpt": 1, "epoch=0-step=2.ckpt": 2, "last.ckpt": 2}
+    assert ours.last_model_path == str(last)
+
+
+@pytest.mark.parametrize("interrupt", ["sigterm", "ctrl_c"])
+def test_an_interrupted_backpressure_wait_keeps_the_async_checkpoint_and_its_job(
+    interrupt: str, tmp_path: Path
+) -> None:
+    """async_write, max_pending=1, hung storage: SIGTERM or Ctrl+C while last.ckpt waits
+    for a slot. Its snapshot is written (Lightning's state names the file), its job stays
+    journaled, and the next fit in this dirpath persists it."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        every_n_train_steps=1,
+        save_top_k=-1,
+        save_last=True,
+        max_pending=1,
+        flush_timeout=1.0,
+        async_write=True,
+    )
+
+    def sigterm() -> None:
+        # Lightning's handler replaced the default one for the fit (else this kills pytest).
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    act, expected = (
+        (sigterm, SIGTERMException)
+        if interrupt == "sigterm"
+        else (_thread.interrupt_main, SystemExit)
+    )
+    probe = _WhenWaiting(callback, store, act)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(expected):
+            make_trainer(tmp_path, [callback, probe], max_steps=4).fit(TinyModel(), loader(4))
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    probe.stopped.set()
+    assert probe.problems == [] and probe.acted.is_set()
+    last = dirpath / "last.ckpt"
+    assert callback.last_model_path == str(last)
+    assert steps_of(dirpath) == {"epoch=0-step=1.ckpt": 1, "last.ckpt": 1}
+    assert sorted(Path(k).name for k in _pending_keys(dirpath)) == [
+        "epoch=0-step=1.ckpt",
+        "last.ckpt",
+    ]
+    store.release()
+
+    again = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, save_top_k=-1)
+    make_trainer(tmp_path, [again], max_steps=1).fit(TinyModel(), loader(1))
+    assert store.get(key("last.ckpt")).sha256 == sha256_file(last)  # type: ignore[union-attr]
+    assert _pending_keys(dirpath) == []

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 
-from helpers import TinyModel, loader, make_trainer
+from helpers import TinyModel, loader, make_trainer, sha256_file
 from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactSavedEvent,
@@ -375,3 +376,46 @@ def test_a_rerun_without_dirpath_finishes_the_previous_logger_versions_outbox(
     stored = store.keys(kind="checkpoint")
     assert {f"checkpoints/{name}" for name in kept} <= stored
     assert not list(staging_root(version_0).glob("outbox-*.jsonl"))
+
+
+def test_a_replayed_save_never_staged_persists_the_bytes_it_was_submitted_with(
+    tmp_path: Path,
+) -> None:
+    """Killed before last.ckpt was staged: at the next setup the replay stages the local file
+    at once, so the new run's rewrite of last.ckpt (before the replay's upload reads it)
+    changes neither what the replay persists nor whether it persists."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    outbox = Outbox(staging_root(dirpath) / "outbox-earlier.jsonl")
+    outbox.open()
+    record = _save(dirpath, "last.ckpt", at=1, staged=False)
+    old = sha256_file(dirpath / "last.ckpt")
+    outbox.append(record)
+    outbox.close()
+
+    store = MemoryStore()
+    store.hang()  # the replay's upload waits until training has rewritten last.ckpt
+    observer = RecordingObserver()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=1,
+        enable_version_counter=False,  # rewrite last.ckpt, as a resumed run does
+        artifact_observers=[observer],
+    )
+    rewritten: list[bool] = []
+
+    class ReleaseAfterRewrite(pl.Callback):
+        def on_train_end(self, *args: Any) -> None:
+            rewritten.append(sha256_file(dirpath / "last.ckpt") != old)
+            store.release()
+
+    make_trainer(tmp_path, [callback, ReleaseAfterRewrite()], max_steps=1).fit(
+        TinyModel(), loader(1)
+    )
+    assert rewritten == [True]  # before the replay's upload could read it
+    replayed = [e for e in observer.events if e.recovered]
+    assert [type(e).__name__ for e in replayed] == ["ArtifactSavedEvent"]
+    assert replayed[0].artifact.sha256 == old

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +154,43 @@ def test_detach_before_rewrite_unlinks_only_shared_inodes(tmp_path: Path) -> Non
     detach_before_rewrite(shared)
     assert not shared.exists()
     assert link.read_bytes() == b"s" * 10
+
+
+def test_a_staging_cut_short_leaves_no_staged_copy_so_a_replay_uses_the_local_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging a folder (or copying a file) stops partway, as a crash stops it: no staged
+    path exists, so the journaled record persists the whole local checkpoint, never the
+    part that was staged; releasing the staged name removes the partial tree too."""
+    from lamin_lightning._jobs import JobRecord
+
+    source = tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
+    source.mkdir(parents=True)
+    for name in ("a.pt", "b.pt", "c.pt"):
+        write(source / name, 10)
+    stager = _staging.Stager(staging_root(tmp_path / "ckpt"))
+    staged = stager.plan(source)
+    real = _staging.Stager._stage_one
+    calls: list[str] = []
+
+    def stage_one(self: Any, file: Path, target: Path, size: int, folder: Path) -> str:
+        calls.append(file.name)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "the process died here")
+        return real(self, file, target, size, folder)
+
+    monkeypatch.setattr(_staging.Stager, "_stage_one", stage_one)
+    with pytest.raises(OSError, match="died here"):
+        stager.stage(source, staged)
+    assert not staged.exists()
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key="ckpt/epoch=0-step=1.ckpt",
+        local_path=str(source),
+        staged_path=str(staged),
+        store="memory",
+    )
+    assert record.file() == source
+    release_staged(staged)
+    assert not staged.parent.exists()

@@ -275,3 +275,24 @@ def test_sigterm_during_a_backpressure_wait_on_hung_storage_ends_the_wait(
         _interrupted_then_resumed(tmp_path, sigterm, SIGTERMException, 1.0)
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+def test_status_and_flush_find_the_outbox_through_a_symlinked_dirpath(tmp_path: Path) -> None:
+    """Lightning resolves a symlinked dirpath, so the working folder sits beside the real
+    folder; the link the user passed still finds it."""
+    from lamin_lightning._flush import flush_directory
+    from lamin_lightning._staging import working_folders
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert staging_root(real) in working_folders(link)
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(store, dirpath=link, every_n_train_steps=1, flush_timeout=0)
+    with pytest.warns(UserWarning, match="did not finish"):
+        make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
+    store.release()
+    report = flush_directory(link, progress=False, stores={"memory": store})
+    assert report.saved == 1 and report.remaining == []

@@ -43,6 +43,7 @@ from lamin_lightning.store import ArtifactStore, register_store
 
 if TYPE_CHECKING:
     from lamin_lightning._callback import ArtifactPublishingModelCheckpoint
+    from lamin_lightning._flush import FlushReport, flush_directory
     from lamin_lightning._lamin import (
         ArtifactPublisher,
         Checkpoint,
@@ -51,25 +52,24 @@ if TYPE_CHECKING:
         save_lightning_features,
     )
     from lamin_lightning._pipeline import PendingJob
-    from lamin_lightning._replay import FlushReport, flush_directory
     from lamin_lightning._resume import checkpoint_path
     from lamin_lightning._retry import RetryPolicy
 
 # Names whose module imports Lightning and torch (_callback), anyio and tenacity
-# (_pipeline, _retry, _replay) or lamindb (_lamin, _resume): loaded on first use.
+# (_pipeline, _retry, _flush) or lamindb (_lamin, _resume): loaded on first use.
 _LAZY: dict[str, str] = {
     "ArtifactPublisher": "lamin_lightning._lamin",
     "ArtifactPublishingModelCheckpoint": "lamin_lightning._callback",
     # The reference's deprecated Callback(path, key): reachable, as there, but not in __all__.
     "Callback": "lamin_lightning._lamin",
     "Checkpoint": "lamin_lightning._lamin",
-    "FlushReport": "lamin_lightning._replay",
+    "FlushReport": "lamin_lightning._flush",
     "LaminArtifactPublisher": "lamin_lightning._lamin",
     "PendingJob": "lamin_lightning._pipeline",
     "RetryPolicy": "lamin_lightning._retry",
     "SaveConfigCallback": "lamin_lightning._lamin",
     "checkpoint_path": "lamin_lightning._resume",
-    "flush_directory": "lamin_lightning._replay",
+    "flush_directory": "lamin_lightning._flush",
     "save_lightning_features": "lamin_lightning._lamin",
 }
 

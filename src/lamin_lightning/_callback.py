@@ -1,5 +1,13 @@
 """ArtifactPublishingModelCheckpoint: the generic Lightning layer.
 
+Built in layers, one concern each: :mod:`~lamin_lightning._surface` (the reference's
+hooks and observers), :mod:`~lamin_lightning._submission` (job records built and
+submitted, replay at ``setup``, the public controls), :mod:`~lamin_lightning._reporting`
+(outcomes, failures, shutdown), :mod:`~lamin_lightning._lightning_view` (Lightning's
+state stays true; ``async_write`` inside Lightning's save path), and this module: the
+constructor and Lightning's hooks (``setup``, ``teardown``, ``on_exception``, save and
+removal of a checkpoint).
+
 Owns everything Lightning-specific: which hook stages a file, when jobs are
 submitted, the metadata snapshot (the job record) taken on the training thread,
 flushing at teardown, and rank zero only. How a file is persisted is left to
@@ -27,76 +35,53 @@ hook                                                thread
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import os
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lamin_lightning._checkpoint_io import WriteTracker
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
-from lamin_lightning._errors import PersistenceError
 from lamin_lightning._events import (
-    AnyArtifactEvent,
     ArtifactFailedEvent,
     ArtifactKind,
     ArtifactObserver,
-    ArtifactRemovedEvent,
-    ArtifactSavedEvent,
 )
 from lamin_lightning._evictions import (
     Evictions,
-    lightning_state,
-    put_right,
-    set_lightning_state,
 )
-from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, json_value
+from lamin_lightning._lightning_view import LightningViewCheckpoint
 from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
-    async_write_supported,
-    name_taken,
-    snapshot_checkpoint,
 )
 from lamin_lightning._options import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_WORKERS,
     OnError,
-    as_float,
     validate_bool,
     validate_flush_timeout,
     validate_int,
     validate_on_error,
     validate_retry,
 )
-from lamin_lightning._pipeline import PendingJob
-from lamin_lightning._progress import flush_with_progress
-from lamin_lightning._replay import pending_in, unfinished
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import staging_root
-from lamin_lightning._stats import PersistenceStats, StatsRecorder
+from lamin_lightning._stats import StatsRecorder
+from lamin_lightning._submission import _journal_digest
 from lamin_lightning._submit import Submitter
-from lamin_lightning._surface import ArtifactHooks, HookStore
 from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
-from lamin_lightning._write_io import saving_to_snapshots
-from lamin_lightning.store import ArtifactStore, StoreResolver
 
 log = logging.getLogger("lamin_lightning")
 
 
-class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
+class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     """A ``ModelCheckpoint`` that persists its files in the background and reports each step.
 
     Drop-in for ``lamindb.integrations.lightning.ArtifactPublishingModelCheckpoint``
@@ -141,13 +126,6 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             ``False`` skips the journal (no crash recovery); the directory is still
             checked at ``setup``. Default True.
         **kwargs: Passed to ``ModelCheckpoint``.
-    """
-
-    store_name: ClassVar[str] = ""
-    """Name of the store that replays this callback's records (see :mod:`lamin_lightning.store`).
-
-    Empty: the records are journaled but only a store registered under the class's
-    name can replay them; subclasses that persist set it and :meth:`replay_store`.
     """
 
     def __init__(
@@ -225,74 +203,9 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             setattr(clone, name, copy.deepcopy(value, memo))
         return clone
 
-    @property
-    def _lock(self) -> threading.Lock:
-        if self._state_lock is None:
-            self._state_lock = threading.Lock()
-        return self._state_lock
-
-    @property
-    def _pipeline(self) -> Any:
-        return self._submitter.pipeline if self._submitter is not None else None
-
-    @property
-    def _outbox(self) -> Any:
-        return self._submitter.outbox if self._submitter is not None else None
-
-    def _ensure_submitter(self) -> Submitter:
-        if self._submitter is None:
-            self._submitter = Submitter(
-                max_workers=self.max_workers,
-                max_pending=self.max_pending,
-                retry=self.retry,
-                deliver=self._deliver,
-                thread_finalizer=self.thread_finalizer,
-                stats=self._stats_recorder,
-                # Lightning must not delete or rewrite a file before it is staged, or its
-                # upload is lost: wait for the staging, whatever flush_timeout says (only a
-                # hung disk can make this wait long, and then Lightning's write hangs too).
-                staging_timeout=None,
-            )
-        return self._submitter
-
     # -- replay after a crash ----------------------------------------------------------------
 
-    def store_context(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """What the store needs to replay this callback's jobs beyond the record. Training thread.
-
-        Must be JSON-serialisable (the instance, the run, the key prefix, ...).
-        """
-        del trainer
-        return {}
-
-    def replay_store(self) -> ArtifactStore | None:
-        """The store that replays records named :attr:`store_name` at this callback's ``setup``.
-
-        None: use the registry's store of that name.
-        """
-        return None
-
     # -- public async controls ------------------------------------------------------------
-
-    @property
-    def persistence_stats(self) -> PersistenceStats:
-        """Counters of the persistence pipeline (cumulative over stages)."""
-        return self._stats_recorder.snapshot()
-
-    def pending_artifacts(self) -> list[PendingJob]:
-        """Jobs admitted and not finished yet, in submission order."""
-        pipeline = self._pipeline
-        return pipeline.pending() if pipeline is not None else []
-
-    def flush(self, timeout: float | None = None, *, progress: bool = True) -> bool:
-        """Wait until every submitted file is persisted (or failed).
-
-        Shows a progress bar when the wait takes longer than a second. Returns False
-        if ``timeout`` seconds passed first; the keys still pending are then logged
-        and available from :meth:`pending_artifacts`.
-        """
-        pipeline = self._pipeline
-        return pipeline is None or flush_with_progress(pipeline, timeout, progress=progress)
 
     # -- Lightning hooks ------------------------------------------------------------------
 
@@ -354,46 +267,6 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             log.exception("flushing checkpoint persistence after an exception failed")
 
     @override
-    def _save_topk_checkpoint(
-        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
-    ) -> None:
-        with self._lightning_save(trainer):
-            super()._save_topk_checkpoint(trainer, monitor_candidates)
-
-    @override
-    def _save_last_checkpoint(
-        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
-    ) -> None:
-        with self._lightning_save(trainer):
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-
-    @contextmanager
-    def _lightning_save(self, trainer: pl.Trainer) -> Iterator[None]:
-        """Around Lightning's choice of a checkpoint, its state update, save and evictions.
-
-        Before Lightning changes its state for this save: its state is put right for
-        background writes that failed, then earlier failures are raised (``on_error=
-        "raise"``), so ``best_model_path`` and friends never name a file never written.
-        """
-        if self._save_depth == 0:
-            self._put_state_right(trainer)
-            if not self._saving_on_exception:
-                self._surface_failures()
-        self._save_depth += 1
-        self._evictions.save_started(self)
-        try:
-            yield
-        finally:
-            self._save_depth -= 1
-            self._evictions.save_finished()
-
-    @override
-    def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
-        # A checkpoint still being written in the background (async_write) takes its name.
-        taken = trainer.is_global_zero and (self._fs.exists(filepath) or name_taken(filepath))
-        return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
-
-    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if self._save_depth == 0 and not self._saving_on_exception:
             self._surface_failures()  # a direct call; Lightning's save hooks did it already
@@ -422,58 +295,26 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
             put_back(True)
         if not trainer.is_global_zero:
             return
+        unadmitted = self._ensure_submitter().kept_out
         try:
             self._submit_hparams_once(trainer)
             self._submit_checkpoint(trainer, filepath, write=write or written)
         except BaseException:
-            if write is not None:
+            if write is None:
+                raise
+            if self._ensure_submitter().kept_out > unadmitted:
+                # Journaled, then kept from admission (SIGTERM or Ctrl+C in a wait for a
+                # slot): Lightning's state names the file, so it is written here and now,
+                # as Lightning would have written it; the flush at exit, the next setup
+                # or `lamin-lightning flush` persists it.
+                _write_now(write)
+            else:
                 write.abandon()  # or its snapshot slot would stay taken: the next save hangs
             raise
         if write is not None:
             self._evictions.wrote(self, filepath, write)
         if self.log_stats:
             log_persistence_stats(trainer, self.persistence_stats)
-
-    def _async_write_supported(self, trainer: pl.Trainer) -> bool:
-        supported, why = async_write_supported(trainer)
-        if not supported and not self._async_write_refused:
-            self._async_write_refused = True
-            rank_zero_warn(why)
-        return supported
-
-    def _save_in_background(self, trainer: pl.Trainer, filepath: str) -> HostWrite | None:
-        """Lightning's own save (``trainer.save_checkpoint``), with a host snapshot taken
-        where its CheckpointIO would write; return the write to run in the background
-        (rank zero), or None."""
-        if self._snapshotter is None:
-            self._snapshotter = Snapshotter(self.max_snapshots)
-        snapshotter, scratch = self._snapshotter, self._staging_root(filepath) / "writing"
-
-        def take(checkpoint: dict[str, Any], path: str) -> HostWrite:
-            return snapshot_checkpoint(
-                checkpoint, snapshotter, path, scratch=scratch, stats=self._stats_recorder
-            )
-
-        with saving_to_snapshots(trainer.strategy, take) as io:
-            try:
-                super()._save_checkpoint(trainer, filepath)
-            except BaseException:
-                if io.write is not None:
-                    io.write.abandon()
-                raise
-        return io.write
-
-    def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
-        """Undo, in Lightning's state, the saves whose background write failed (see
-        :mod:`lamin_lightning._evictions`); evict what that leaves beyond ``save_top_k``."""
-        evict = put_right(self, self._evictions.take_failed()) if trainer.is_global_zero else []
-        if other_ranks and self.async_write and trainer.world_size > 1:
-            shared = trainer.strategy.broadcast((lightning_state(self), evict))
-            set_lightning_state(self, shared[0])
-            evict = shared[1]
-        for path in evict:
-            self._remove_checkpoint(trainer, path)
-        return len(evict)
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -500,254 +341,17 @@ class ArtifactPublishingModelCheckpoint(ArtifactHooks, ModelCheckpoint):
 
     # -- submission (training thread) -----------------------------------------------------
 
-    def _staging_root(self, filepath: str | Path) -> Path:
-        return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
-
-    def _key(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> str:
-        return self.resolve_artifact_key(trainer=trainer, filepath=path, kind=kind)
-
-    def _record(
-        self,
-        trainer: pl.Trainer,
-        op: Literal["save", "remove"],
-        kind: ArtifactKind,
-        path: str | Path,
-        *,
-        staged: Path | None = None,
-        snapshot: CheckpointSnapshot | None = None,
-        after: str | None = None,
-    ) -> JobRecord:
-        return JobRecord(
-            op=op,
-            kind=kind,
-            key=snapshot.key if snapshot is not None else self._key(trainer, path, kind),
-            local_path=os.path.abspath(path),
-            staged_path=str(staged) if staged is not None else None,
-            store=self.store_name or _class_path(type(self)),
-            context=self.store_context(trainer),
-            checkpoint=snapshot,
-            submitted_at=time.time(),
-            after=os.path.abspath(after) if after is not None else None,
-        )
-
-    def _submit_record(
-        self,
-        trainer: pl.Trainer,
-        record: JobRecord,
-        *,
-        prepare: Callable[[], int] | None,
-        journaled: Any = None,
-    ) -> None:
-        self._ensure_submitter().submit(
-            record,
-            HookStore(self, trainer),
-            trainer=trainer,
-            prepare=prepare,
-            known=self._persisted.get,
-            outcome=self._on_outcome,
-            journaled=journaled,
-        )
-
-    def _snapshot(self, trainer: pl.Trainer, filepath: str, staged: Path) -> CheckpointSnapshot:
-        scored = [(path, as_float(score)) for path, score in self.best_k_models.items()]
-        ordered = sorted(
-            (item for item in scored if item[1] is not None),
-            key=lambda item: item[1],  # type: ignore[arg-type, return-value]
-            reverse=self.mode == "max",
-        )
-        keys = {path: self._key(trainer, path, "checkpoint") for path, _ in ordered}
-        best, last = self.best_model_path, self.last_model_path
-        return CheckpointSnapshot(
-            key=self._key(trainer, filepath, "checkpoint"),
-            local_path=Path(filepath),
-            staged_path=staged,
-            global_step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            monitor=self.monitor,
-            mode=self.mode,
-            save_weights_only=self.save_weights_only,
-            score=as_float(self.current_score),
-            is_best=best == str(filepath),
-            best_key=self._key(trainer, best, "checkpoint") if best else None,
-            last_key=self._key(trainer, last, "checkpoint") if last else None,
-            ranking=tuple(keys[path] for path, _ in ordered),
-            scores={keys[path]: score for path, score in ordered if score is not None},
-        )
-
-    def _submit_checkpoint(
-        self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None = None
-    ) -> None:
-        staged, prepare = self._ensure_submitter().plan_staging(
-            self._staging_root(filepath), filepath, write
-        )
-        snapshot = self._snapshot(trainer, filepath, staged)
-        values = self.collect_checkpoint_feature_values(trainer, snapshot)
-        if values:
-            snapshot = _with_features(snapshot, values)
-        record = self._record(
-            trainer, "save", "checkpoint", filepath, staged=staged, snapshot=snapshot
-        )
-        self._submit_record(trainer, record, prepare=prepare)
-
-    def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
-        """Stage a config or hparams file and submit its save. Training thread, rank zero.
-
-        Used by :class:`SaveConfigCallback`; the save runs ``save_config_artifact``
-        or ``save_hparams_artifact`` in the background.
-        """
-        if kind == "checkpoint":
-            raise ValueError("checkpoints are submitted by Lightning's own save hooks")
-        if not self._set_up:
-            # Other callbacks' setup runs before ours (Lightning moves checkpoint callbacks
-            # last): submit once our setup opened the outbox, so the job is journaled too.
-            self._deferred_files.append((Path(path), kind))
-            return
-        staged, prepare = self._ensure_submitter().plan_staging(self._staging_root(path), path)
-        record = self._record(trainer, "save", kind, path, staged=staged)
-        self._submit_record(trainer, record, prepare=prepare)
-
-    def hparams_path(self, trainer: pl.Trainer) -> Path | None:
-        """Where the first logger wrote ``hparams.yaml``, if anywhere. Training thread."""
-        if not trainer.loggers:
-            return None
-        log_dir = getattr(trainer.loggers[0], "log_dir", None)
-        if log_dir is None:
-            return None
-        path = Path(log_dir) / "hparams.yaml"
-        return path if path.exists() else None
-
-    def _submit_hparams_once(self, trainer: pl.Trainer) -> None:
-        if self._hparams_submitted:
-            return
-        path = self.hparams_path(trainer)
-        if path is not None:
-            self.submit_file(trainer, path, "hparams")
-            self._hparams_submitted = True
-
-    def _replay_unfinished(self, trainer: pl.Trainer) -> int:
-        """Queue what earlier runs left behind (see :func:`_replay.unfinished`), first.
-
-        The replays commit before any new job, in their original order (the pipeline
-        commits in submission order); training does not wait for them beyond the usual
-        backpressure. Replays that fail stay in the outbox, warned about.
-        """
-        submitter = self._ensure_submitter()
-        if not self.outbox:
-            return 0
-        own = submitter.outbox
-        layout = None
-        if not self._user_dirpath and trainer.loggers:
-            logger = trainer.loggers[0]
-            version = logger.version
-            layout = (
-                Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
-                / str(logger.name),
-                version if isinstance(version, str) else f"version_{version}",
-            )
-        others = unfinished(
-            own,
-            root=self._staging_root(self.dirpath or "."),
-            skip_digests={
-                _journal_digest(other)
-                for other in getattr(trainer, "callbacks", [])
-                if other is not self and isinstance(other, ArtifactPublishingModelCheckpoint)
-            },
-            dirpath=Path(self.dirpath or "."),
-            logger_layout=layout,
-        )
-        submitter.foreign.extend(others)
-        work = pending_in([*([own] if own is not None else []), *others])
-        if not work:
-            return 0
-        mine = self.replay_store()
-        resolver = StoreResolver({self.store_name: mine} if mine is not None else None)
-        return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
-
     # -- committer thread -----------------------------------------------------------------
-
-    def _on_outcome(self, record: JobRecord, event: AnyArtifactEvent) -> None:
-        if isinstance(event, ArtifactSavedEvent):
-            if record.kind == "checkpoint":
-                self._persisted[record.key] = event.artifact
-        elif isinstance(event, ArtifactRemovedEvent):
-            self._persisted.pop(record.key, None)
-        elif not event.recovered:
-            # A replay that fails again is warned about and stays in the outbox: it is an
-            # earlier run's job, and must not fail this one.
-            with self._lock:
-                self._unreported_failures.append(event)
 
     # -- shutdown and errors (training thread) --------------------------------------------
 
-    def _take_failures(self) -> list[ArtifactFailedEvent]:
-        with self._lock:
-            failures, self._unreported_failures = self._unreported_failures, []
-        return failures
 
-    def _take_all_escalated(self) -> list[BaseException]:
-        pipeline = self._pipeline
-        from_pipeline = pipeline.take_escalated() if pipeline is not None else []
-        return [*from_pipeline, *self._take_escalated()]
-
-    def _surface_failures(self) -> None:
-        escalated = self._take_all_escalated()
-        if escalated:
-            # A hook or observer raised SystemExit (or similar): it asked to stop. The
-            # pipeline survived it; the training thread is where it belongs.
-            raise escalated[0]
-        failures = self._take_failures()
-        if not failures:
-            return
-        error = PersistenceError(failures)
-        if self.on_error == "raise":
-            raise error
-        rank_zero_warn(str(error), category=UserWarning)
-
-    def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
-        self._set_up = False
-        submitter = self._submitter
-        if submitter is None:
-            return
-        pipeline = submitter.pipeline
-        try:
-            timeout = self.flush_timeout if wait else 0
-            if wait and pipeline is not None:
-                started = time.monotonic()
-                submitter.submit_interrupted(timeout)
-                if timeout is not None:
-                    timeout = max(0.0, timeout - (time.monotonic() - started))
-            if pipeline is not None and not self.flush(timeout):
-                keys = [job.key for job in pipeline.pending()]
-                why = f"within flush_timeout={self.flush_timeout}s" if wait else "(interrupted)"
-                warnings.warn(
-                    f"lamin-lightning: persistence did not finish {why};"
-                    f" not persisted: {', '.join(keys)}. Their local"
-                    f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
-                    " jobs stay in its outbox: run `lamin-lightning flush"
-                    f" {self.dirpath or '.'}`, or start training again with this dirpath.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            elif self._trainer is not None and self._put_state_right(
-                self._trainer, other_ranks=False
-            ):
-                self.flush(self.flush_timeout)  # the evictions that put it right
-        finally:
-            escalated = self._take_all_escalated()
-            submitter.stop()
-        if raise_errors:
-            if escalated:
-                raise escalated[0]
-            self._surface_failures()
-        else:
-            for failure in self._take_failures():
-                log.error(
-                    "not persisted: %s %r (%s: %s)",
-                    failure.operation,
-                    failure.key,
-                    type(failure.error).__name__,
-                    failure.error,
-                )
+def _write_now(write: HostWrite) -> None:
+    """Run a background write on the training thread; log (never raise) its failure."""
+    try:
+        write()
+    except Exception as error:
+        log.error("could not write %s: %s: %s", write.filepath, type(error).__name__, error)
 
 
 def _derived_dirpath_root(callback: ModelCheckpoint, trainer: pl.Trainer) -> Any:
@@ -771,25 +375,6 @@ def refuse_remote_dirpath(dirpath: Any, origin: str = "") -> None:
             " persists them itself. Pass a local dirpath (or a local default_root_dir) and"
             " let the callback upload."
         )
-
-
-def _with_features(snapshot: CheckpointSnapshot, values: Mapping[Any, Any]) -> CheckpointSnapshot:
-    """``snapshot`` with feature values frozen as JSON, by name (feature objects by ``name``)."""
-    named = {str(getattr(k, "name", k)): json_value(v) for k, v in values.items()}
-    auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
-    return CheckpointSnapshot(
-        **{**snapshot.__dict__, "feature_values": named, "auto_features": auto}
-    )
-
-
-def _class_path(cls: type) -> str:
-    """``module:qualname`` of a class, for records of a callback that names no store."""
-    return f"unregistered:{cls.__module__}:{cls.__qualname__}"
-
-
-def _journal_digest(callback: Any) -> str:
-    """The digest that names a callback's journal: its ``state_key``, hashed."""
-    return hashlib.sha1(str(callback.state_key).encode("utf-8")).hexdigest()[:12]
 
 
 def _state_bytes(pl_module: pl.LightningModule) -> int:

@@ -86,7 +86,7 @@ def _status(dirpath: Path, as_json: bool) -> int:
 
 def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: int) -> int:
     from lamin_lightning._errors import OutboxInUseError
-    from lamin_lightning._replay import flush_directory
+    from lamin_lightning._flush import flush_directory
     from lamin_lightning._staging import working_folders
 
     if not dirpath.is_dir() and not any(root.is_dir() for root in working_folders(dirpath)):

@@ -34,6 +34,7 @@ class _Before:
     best_k_models: dict[str, Any]
     best_model_path: str
     last_model_path: str
+    last_saved: str  # Lightning's ``_last_checkpoint_saved`` (what ``save_last="link"`` links)
 
 
 @dataclass
@@ -44,10 +45,18 @@ class _Replacement:
     write: HostWrite
     before: _Before
     evicted: list[str] = field(default_factory=list)
+    # Links (``save_last="link"``) made to ``path`` while it was written: (link, previous
+    # target of that link or None), to put back if the write fails.
+    links: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 def _state_of(callback: Any) -> _Before:
-    return _Before(dict(callback.best_k_models), callback.best_model_path, callback.last_model_path)
+    return _Before(
+        dict(callback.best_k_models),
+        callback.best_model_path,
+        callback.last_model_path,
+        getattr(callback, "_last_checkpoint_saved", ""),
+    )
 
 
 class Evictions:
@@ -89,6 +98,20 @@ class Evictions:
         current.evicted.append(evicted)
         return current.path
 
+    def write_of(self, path: str) -> HostWrite | None:
+        """The latest background write of ``path`` this callback still tracks, if any."""
+        for replacement in reversed(self._writes):
+            if os.path.abspath(replacement.path) == os.path.abspath(path):
+                return replacement.write
+        return None
+
+    def linked(self, target: str, link: str, previous: str | None) -> None:
+        """``link`` now points to ``target`` (being written); it pointed to ``previous``."""
+        for replacement in reversed(self._writes):
+            if os.path.abspath(replacement.path) == os.path.abspath(target):
+                replacement.links.append((link, previous))
+                return
+
     def take_failed(self) -> list[_Replacement]:
         """Forget finished writes; return those that failed, oldest first."""
         failed = [w for w in self._writes if w.write.failed()]
@@ -106,13 +129,24 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
         return []
     for replacement in failed:
         path = replacement.path
-        if os.path.exists(path):
-            continue  # a rewrite of the same name: the previous file is still there
-        callback.best_k_models.pop(path, None)
         before = replacement.before
         for evicted in replacement.evicted:
             if os.path.exists(evicted) and evicted in before.best_k_models:
                 callback.best_k_models.setdefault(evicted, before.best_k_models[evicted])
+        _put_links_back(callback, replacement)
+        if getattr(callback, "_last_checkpoint_saved", None) == path and not os.path.exists(path):
+            previous = before.last_saved
+            callback._last_checkpoint_saved = previous if os.path.exists(previous or "") else ""
+        if os.path.exists(path):
+            # A rewrite of a name in use (last.ckpt, or top-k reusing the name of the
+            # checkpoint it evicted): the file still holds what it held before this save,
+            # with the score it had then, or is no top-k checkpoint at all.
+            if path in before.best_k_models:
+                callback.best_k_models[path] = before.best_k_models[path]
+            else:
+                callback.best_k_models.pop(path, None)
+            continue
+        callback.best_k_models.pop(path, None)
         if callback.last_model_path == path:
             previous = before.last_model_path
             callback.last_model_path = previous if previous and os.path.exists(previous) else ""
@@ -120,6 +154,22 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
             previous = before.best_model_path
             callback.best_model_path = previous if previous and os.path.exists(previous) else ""
     return _rank(callback) if callback.monitor is not None else []
+
+
+def _put_links_back(callback: Any, replacement: _Replacement) -> None:
+    """Links made to the never-written file point where they pointed before (or go)."""
+    for link, previous in reversed(replacement.links):
+        if not os.path.islink(link):
+            continue  # replaced since (a later save, a copy): not ours to change
+        target = os.path.join(os.path.dirname(link), os.readlink(link))
+        if os.path.abspath(target) != os.path.abspath(replacement.path):
+            continue
+        os.remove(link)
+        if previous is not None and os.path.exists(previous):
+            os.symlink(os.path.relpath(previous, os.path.dirname(link)), link)
+        elif callback.last_model_path == link:
+            before = replacement.before.last_model_path
+            callback.last_model_path = before if before != link and os.path.exists(before) else ""
 
 
 def _rank(callback: Any) -> list[str]:

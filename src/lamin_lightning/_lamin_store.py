@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from lamin_lightning._errors import LaminSetupError
+from lamin_lightning._errors import LaminSetupError, TransientError
 from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
 from lamin_lightning._lamin_features import (
     DESCRIPTIONS,
@@ -159,6 +159,7 @@ class LaminStore:
         self._lock = threading.Lock()
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
+        self._reused: set[int] = set()  # of those, committed ones a transfer found again
         self.reset()
 
     def reset(self) -> None:
@@ -215,7 +216,20 @@ class LaminStore:
         return artifact
 
     def transfer(self, record: JobRecord, path: Path) -> Any:
-        """The committed artifact of this key and content if there is one, else a new one."""
+        """The committed artifact of this key and content if there is one, else a new one.
+
+        A database integrity error (a version of this key committed or replaced by the
+        committer while this worker saved the next one) is retried: the next attempt
+        looks the key up afresh.
+        """
+        try:
+            return self._transfer(record, path)
+        except Exception as error:
+            if type(error).__name__ == "IntegrityError":
+                raise TransientError(f"{type(error).__name__}: {error}") from error
+            raise
+
+    def _transfer(self, record: JobRecord, path: Path) -> Any:
         from lamindb_setup.core.hashing import hash_dir, hash_file
 
         _check_instance(record)
@@ -223,6 +237,12 @@ class LaminStore:
         digest = hash_dir(path)[1] if path.is_dir() else hash_file(path)[1]
         existing = _ln().Artifact.filter(key=record.key, hash=digest).order_by("-id").first()
         if existing is not None:
+            # Reused (a replay of a save committed before a crash, or the same bytes saved
+            # again): in flight until its commit, so that the commit of an earlier job of
+            # this key does not delete it as an older version meanwhile.
+            with self._lock:
+                self._uncommitted[id(existing)] = existing
+                self._reused.add(id(existing))
             return existing
         run = self._run_of(record.context)
         artifact = self.create(
@@ -256,6 +276,7 @@ class LaminStore:
         """``artifact`` is committed (or gone): stop excluding it from queries."""
         with self._lock:
             self._uncommitted.pop(id(artifact), None)
+            self._reused.discard(id(artifact))
 
     def commit(
         self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
@@ -281,7 +302,14 @@ class LaminStore:
         unannotated = self._annotate(ln, snapshot, artifact, replay=replay)
         # Only now that the new artifact is committed, remove what it replaces.
         prefix = _prefix(snapshot.key)
-        for old in self.others_under_key(snapshot.key, exclude_id=artifact.id):
+        with self._lock:
+            reused = id(artifact) in self._reused
+            self._reused.discard(id(artifact))
+        # Commits run in submission order: a reused (older) artifact replaces every other
+        # committed one of its key, newer rows included; a new one only older rows.
+        for old in self.others_under_key(
+            snapshot.key, exclude_id=artifact.id, older_only=not reused
+        ):
             self._flags_of(prefix).forget(snapshot.key)
             _delete(old, keep_path=str(artifact.path))
         if set_flags:
@@ -431,7 +459,11 @@ class LaminStore:
         """Delete ``artifact`` if it was created by a transfer and never committed."""
         if artifact is None or getattr(artifact, "id", None) is None:
             return
+        with self._lock:
+            reused = id(artifact) in self._reused
         self.settle(artifact)
+        if reused:
+            return  # committed before (found again by its hash): not ours to delete
         try:
             _delete(artifact)
         except Exception as error:
@@ -447,7 +479,9 @@ class LaminStore:
         """Where ``artifact``'s bytes live (as the publisher says)."""
         return self._publisher().storage_uri(artifact)
 
-    def others_under_key(self, key: str, exclude_id: int | None = None) -> list[Any]:
+    def others_under_key(
+        self, key: str, exclude_id: int | None = None, *, older_only: bool = True
+    ) -> list[Any]:
         """Committed artifacts stored under ``key`` (not those our workers are still saving)."""
         # A versioned save sets the id inside its transaction, so a visible row has it;
         # a first version's autocommit INSERT is visible a moment before its id is set,
@@ -455,10 +489,12 @@ class LaminStore:
         with self._lock:
             in_flight = list(self._uncommitted.values())
         query = _ln().Artifact.filter(key=key)
-        if exclude_id is not None:
+        if exclude_id is not None and older_only:
             # Only older rows: a newer one is a later save of the key still in flight (its
             # own commit replaces this one), even from a publisher whose saves we do not track.
             query = query.filter(id__lt=exclude_id)
+        elif exclude_id is not None:
+            query = query.exclude(id=exclude_id)
         ids = [a.id for a in in_flight if a.id is not None]
         uids = [a.uid for a in in_flight if a.id is None]
         if ids:

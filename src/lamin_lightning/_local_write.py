@@ -254,7 +254,9 @@ class HostWrite:
     Called on the intake thread, it writes the file and gives the slot back. If the
     save fails on the training thread before the job is submitted, :meth:`abandon`
     gives the slot back instead (a slot never freed would block every later save);
-    a write abandoned that way refuses to run, since its buffers may be reused.
+    a write abandoned that way refuses to run, since its buffers may be reused. A write
+    runs once: a later call (the job's, after the training thread wrote the file itself)
+    waits for that run and returns, or raises its error again.
     """
 
     def __init__(
@@ -271,7 +273,7 @@ class HostWrite:
         self._filepath = filepath
         self._scratch = scratch
         self._lock = threading.Lock()
-        self._state: Literal["pending", "writing", "abandoned"] = "pending"
+        self._state: Literal["pending", "writing", "ran", "abandoned"] = "pending"
         self._done = threading.Event()
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
@@ -292,11 +294,22 @@ class HostWrite:
         """Whether the write finished without creating its file."""
         return self._done.is_set() and self.error is not None
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the write finished; return whether it did within ``timeout``."""
+        return self._done.wait(timeout)
+
     def __call__(self) -> None:
         with self._lock:
-            if self._state != "pending":
-                raise RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
-            self._state = "writing"
+            state = self._state
+            if state == "pending":
+                self._state = "writing"
+        if state == "abandoned":
+            raise RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
+        if state != "pending":  # run (or running) on another thread already: its outcome
+            self._done.wait()
+            if self.error is not None:
+                raise self.error
+            return
         try:
             write_atomically(self._host, self._filepath, self._scratch, save_snapshot)
         except BaseException as error:
@@ -306,6 +319,8 @@ class HostWrite:
             self._host = None
             self._snapshotter.release(self._slot)
             _release_name(self._filepath)
+            with self._lock:
+                self._state = "ran"
             self._done.set()
 
     def abandon(self) -> None:

@@ -1,4 +1,4 @@
-"""Records to pipeline jobs: one builder for live saves and replays, and ``flush DIR``.
+"""Records to pipeline jobs: one builder for live saves and replays; the outboxes of a folder.
 
 :func:`build_job` turns a :class:`~lamin_lightning._jobs.JobRecord` and a store into
 the pipeline's job the same way whether the record was just submitted or read back
@@ -6,19 +6,19 @@ from an outbox after a crash: transfer, commit, removal, failure, abandon and di
 all come from the record; only ``recovered`` (on the events) and whether flags may
 still move (``set_flags``) differ. Imports no callback.
 
-:func:`flush_directory` is ``lamin-lightning flush DIR``: it replays the unfinished
-records of a checkpoint directory's outboxes into their stores, chosen from the store
-registry by the name each record carries.
+:func:`unfinished` finds, at ``setup``, the journals a callback finishes first (its
+own folder's, in both layouts, and those of sibling logger versions);
+:func:`replay_jobs` turns their pending records into jobs, each into the store its
+record names (chosen from the registry). ``lamin-lightning flush DIR`` is
+:mod:`lamin_lightning._flush`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,8 @@ from lamin_lightning._events import (
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, journal_paths, read_pending
 from lamin_lightning._pipeline import JobSpec
-from lamin_lightning._progress import drain_with_progress, progress_bar
-from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import STAGING_DIRNAME, release_staged, working_folders
-from lamin_lightning.store import ArtifactStore, StoreResolver
+from lamin_lightning._staging import STAGING_DIRNAME, Stager, release_staged, working_folders
+from lamin_lightning.store import ArtifactStore
 
 log = logging.getLogger("lamin_lightning")
 
@@ -383,6 +381,7 @@ def replay_jobs(
             )
             refused.append((record, error))
             continue
+        _pin_local_file(record)
         # A replayed save moves flags only if no newer checkpoint of its prefix
         # committed meanwhile: it must not turn the flags back in time.
         fresh = record.submitted_at >= outbox.flags_at(record.prefix)
@@ -400,6 +399,26 @@ def replay_jobs(
     return specs, refused
 
 
+def _pin_local_file(record: JobRecord) -> None:
+    """Stage now the local file of a replayed save that was never staged (the process died
+    first), under the record's staged name: a link, on the caller's thread.
+
+    Training resumes while replays are queued, and Lightning may rewrite the file
+    (``last.ckpt``) before the replay reads it: the replay must persist the bytes the
+    job was submitted with, never the newer ones (which a later job persists).
+    """
+    if record.op != "save" or not record.staged_path or not os.path.lexists(record.local_path):
+        return
+    staged = Path(record.staged_path)
+    if staged.exists():
+        return
+    release_staged(staged)  # what a staging cut short left
+    try:
+        Stager(staged.parent.parent.parent).stage(record.local_path, staged)
+    except OSError as error:
+        log.warning("could not stage %s for its replay (%s); it is read in place", staged, error)
+
+
 def pending_records(dirpath: str | os.PathLike[str]) -> list[tuple[Path, JobRecord]]:
     """Unfinished jobs of every journal in a checkpoint directory, without locking."""
     return [
@@ -410,140 +429,9 @@ def pending_records(dirpath: str | os.PathLike[str]) -> list[tuple[Path, JobReco
     ]
 
 
-# -- lamin-lightning flush ----------------------------------------------------------------------
-
-
-@dataclass
-class FlushReport:
-    """What ``lamin-lightning flush`` did; every pending job is in exactly one list.
-
-    Attributes:
-        events: The events of the replayed jobs, in order (saved, removed, failed).
-        dropped: Jobs a later job of the same key made moot during the replay.
-        remaining: Jobs still pending afterwards (failed, refused, or not reached
-            before the timeout).
-        refused: Of ``remaining``, those that cannot be replayed here, with why.
-        busy: Journals another process holds (a training run still going).
-    """
-
-    events: list[AnyArtifactEvent] = field(default_factory=list)
-    dropped: list[JobRecord] = field(default_factory=list)
-    remaining: list[JobRecord] = field(default_factory=list)
-    refused: list[tuple[JobRecord, BaseException]] = field(default_factory=list)
-    busy: list[Path] = field(default_factory=list)
-
-    @property
-    def saved(self) -> int:
-        """Saves committed."""
-        return sum(isinstance(e, ArtifactSavedEvent) for e in self.events)
-
-    @property
-    def removed(self) -> int:
-        """Removals committed."""
-        return sum(isinstance(e, ArtifactRemovedEvent) for e in self.events)
-
-    @property
-    def failed(self) -> int:
-        """Jobs that failed again."""
-        return sum(isinstance(e, ArtifactFailedEvent) for e in self.events)
-
-    @property
-    def unannotated(self) -> list[ArtifactSavedEvent]:
-        """Saves committed without some of their feature annotations."""
-        return [
-            e for e in self.events if isinstance(e, ArtifactSavedEvent) and e.unannotated_features
-        ]
-
-
-def flush_directory(
-    dirpath: str | os.PathLike[str],
-    *,
-    timeout: float | None = None,
-    progress: bool = True,
-    max_workers: int = 2,
-    on_event: Callable[[AnyArtifactEvent], None] | None = None,
-    stores: Mapping[str, ArtifactStore] | None = None,
-    retry: RetryPolicy | None = None,
-) -> FlushReport:
-    """Persist what the outboxes of ``dirpath`` still hold (``lamin-lightning flush``).
-
-    ``timeout`` bounds the whole call, submission included. ``stores`` replaces the
-    registry's store for the names it holds (a test's :class:`MemoryStore`, say).
-    Raises :class:`OutboxInUseError` if a training process holds every journal.
-    """
-    from lamin_lightning._bridge import PersistencePipeline
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    roots = outbox_roots(dirpath)
-    report = FlushReport()
-    outboxes: list[Outbox] = []
-    for root in roots:
-        found, busy = open_unheld(root)
-        outboxes.extend(found)
-        report.busy.extend(busy)
-    if report.busy and not outboxes:
-        raise OutboxInUseError(
-            f"a running training process holds the outbox in {report.busy[0].parent}"
-            f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
-            " to finish, or stop it first."
-        )
-    work = pending_in(outboxes)
-    if not work:
-        for outbox in outboxes:
-            outbox.close()
-        return report
-    resolver = StoreResolver(stores)
-    lock = threading.Lock()
-    with_event: set[int] = set()
-
-    def record_outcome(record: JobRecord, _: AnyArtifactEvent) -> None:
-        with_event.add(id(record))
-
-    def deliver(event: AnyArtifactEvent) -> None:
-        with lock:
-            report.events.append(event)
-        if on_event is not None:
-            on_event(event)
-
-    pipeline = PersistencePipeline(
-        max_workers=max_workers,
-        max_pending=max(4, 2 * max_workers),
-        retry=retry if retry is not None else RetryPolicy(),
-        deliver=deliver,
-        thread_finalizer=resolver.finalize_thread,
-        name="lamin-lightning-flush",
-    )
-    pipeline.start()
-    bar = None
-    try:
-        specs, report.refused = replay_jobs(work, resolver, outcome=record_outcome)
-        sizes = {id(spec.payload): spec.size_bytes for spec in specs}
-        bar = progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(specs))
-        for spec in specs:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not pipeline.submit(spec, timeout=left):  # bounded like training
-                break
-        drain_with_progress(pipeline, bar, sizes, deadline)
-    finally:
-        if bar is not None:
-            bar.close()
-        pipeline.stop(timeout=0)
-        after = {(o.path, job_id) for o in outboxes for job_id, _ in o.pending()}
-        for outbox in outboxes:
-            outbox.close()
-    for outbox, job_id, record in work:
-        if (outbox.path, job_id) in after:
-            report.remaining.append(record)
-        elif id(record) not in with_event:
-            report.dropped.append(record)
-    return report
-
-
 __all__ = [
-    "FlushReport",
     "Settle",
     "build_job",
-    "flush_directory",
     "open_unheld",
     "outbox_roots",
     "pending_records",

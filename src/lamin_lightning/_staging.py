@@ -66,7 +66,13 @@ def working_folders(path: str | os.PathLike[str]) -> list[Path]:
     """
     if is_working_folder(path):
         return [Path(path)]
-    return [staging_root(path), Path(path) / STAGING_DIRNAME]
+    folders = [staging_root(path), Path(path) / STAGING_DIRNAME]
+    # Lightning resolves a symlinked dirpath: the callback's working folder sits beside
+    # the real folder, and the link is what the user passes to `status` or `flush`.
+    real = Path(os.path.realpath(path))
+    if real != Path(os.path.abspath(path)):
+        folders.insert(1, staging_root(real))
+    return folders
 
 
 def _same_device(a: Path, b: Path) -> bool:
@@ -121,12 +127,18 @@ class Stager:
             self._staged_dir = self.root / "staged"
             self._staged_dir.mkdir(parents=True, exist_ok=True)
         staged.parent.mkdir()
+        # Built under a temporary name and renamed once complete: a staged copy that
+        # exists is whole (a replay after a crash mid-copy uses the local file instead).
+        partial = staged.parent / f".partial-{staged.name}"
         if source.is_dir():
             # A folder checkpoint (sharded strategies): the same tree, file by file. Its
             # folder stays put (the parent's device decides whether links are safe).
-            return self._stage_tree(source, staged)
-        size = source.stat().st_size
-        return staged, size, self._stage_one(source, staged, size, source.parent)
+            _, size, method = self._stage_tree(source, partial)
+        else:
+            size = source.stat().st_size
+            method = self._stage_one(source, partial, size, source.parent)
+        os.replace(partial, staged)
+        return staged, size, method
 
     def _stage_one(self, source: Path, staged: Path, size: int, folder: Path) -> str:
         """Link (large files, where safe) or copy ``source`` to ``staged``; return how."""
@@ -208,6 +220,11 @@ def release_staged(staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError, IsADirectoryError):
         staged.unlink()
+    partial = staged.parent / f".partial-{staged.name}"  # a staging cut short by a crash
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        partial.unlink()
     with contextlib.suppress(OSError):
         staged.parent.rmdir()
 

@@ -10,6 +10,7 @@ pipeline's threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -125,6 +126,11 @@ class Submitter:
             if spec is not None:
                 self._unadmitted.append(spec)
             raise
+
+    @property
+    def kept_out(self) -> int:
+        """How many journaled jobs an interrupt kept from admission (see :meth:`submit`)."""
+        return len(self._unadmitted)
 
     def submit_interrupted(self, timeout: float | None) -> None:
         """Admit the jobs an interrupt kept out (SIGTERM ended their wait for a slot), so
@@ -286,7 +292,11 @@ class Submitter:
         stager = self.stager(root)
 
         def done(rewritten: bool) -> None:
-            if not rewritten and not os.path.lexists(filepath):
+            if not rewritten:
+                # What the failed rewrite left (a file or folder written partway, as a full
+                # disk leaves it) goes; the previous checkpoint comes back.
+                if os.path.lexists(filepath) and not stager.trash(filepath):
+                    _remove(filepath)
                 try:
                     os.replace(aside, filepath)
                     return
@@ -386,6 +396,15 @@ def _check_writable(root: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def _remove(path: str | os.PathLike[str]) -> None:
+    """Delete a file, link or folder (best effort)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _sigterm_received(trainer: Any) -> BaseException | None:

@@ -277,3 +277,32 @@ def assert_kept_set_persisted(
     return assert_checkpoint_keys_persisted(
         ln, callback.checkpoint_key_prefix, kept_set_keys(callback), missing=missing
     )
+
+
+def held_uploads() -> Any:
+    """A LaminArtifactPublisher whose checkpoint uploads block until ``released`` is set;
+    ``blocked`` and ``finished`` count them (``cond`` is notified on each change)."""
+    import threading
+
+    from lamin_lightning._lamin import LaminArtifactPublisher
+
+    class HeldUploads(LaminArtifactPublisher):
+        def __init__(self) -> None:
+            self.released = threading.Event()
+            self.cond = threading.Condition()
+            self.blocked = 0
+            self.finished = 0
+
+        def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
+            with self.cond:
+                self.blocked += 1
+                self.cond.notify_all()
+            self.released.wait()
+            try:
+                return super().create_artifact(local_path, **kwargs)
+            finally:
+                with self.cond:
+                    self.finished += 1
+                    self.cond.notify_all()
+
+    return HeldUploads()

@@ -12,20 +12,18 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lamindb_tier import TierModel, artifact_features, fit, single
+from lamindb_tier import TierModel, artifact_features, fit, held_uploads, single
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 import lamin_lightning as ll
 from checkpoint_forms import FolderCheckpointIO, GatedCheckpointIO, OpenGate, tree
 from helpers import lightning_kept_paths
 from lamin_lightning import flush_directory
-from lamin_lightning._lamin import LaminArtifactPublisher
 
 pytestmark = [
     pytest.mark.lamindb,
@@ -119,28 +117,6 @@ def test_folder_checkpoints_become_folder_artifacts(ln: Any, no_run: None, tmp_p
     assert all(a.n_files == 3 for a in by_key.values())
 
 
-class _HeldUploads(LaminArtifactPublisher):
-    """Uploads block until released; counts those that finished afterwards."""
-
-    def __init__(self) -> None:
-        self.released = threading.Event()
-        self.cond = threading.Condition()
-        self.blocked = 0
-        self.finished = 0
-
-    def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
-        with self.cond:
-            self.blocked += 1
-            self.cond.notify_all()
-        self.released.wait()
-        try:
-            return super().create_artifact(local_path, **kwargs)
-        finally:
-            with self.cond:
-                self.finished += 1
-                self.cond.notify_all()
-
-
 def test_folder_jobs_left_in_the_outbox_are_flushed_without_duplicates(
     ln: Any, no_run: None, tmp_path: Path
 ) -> None:
@@ -149,7 +125,7 @@ def test_folder_jobs_left_in_the_outbox_are_flushed_without_duplicates(
     callback = _callback(tmp_path)
     callback.flush_timeout = 1.0
     callback.max_pending = 32  # every job of the fit admitted while uploads are held
-    held = _HeldUploads()
+    held = held_uploads()
     callback._artifact_publisher = held
     with pytest.warns(UserWarning, match="not persisted"):
         fit(

@@ -25,6 +25,7 @@ from lamindb_tier import (
     TierModel,
     assert_checkpoint_keys_persisted,
     fit,
+    held_uploads,
     make_trainer,
 )
 
@@ -176,28 +177,6 @@ def test_sigterm_runs_lightnings_handling_and_our_flush_completes(ln: Any, tmp_p
     assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
 
 
-class _Hang(LaminArtifactPublisher):
-    """Checkpoint uploads block until released; counts those that finished afterwards."""
-
-    def __init__(self) -> None:
-        self.released = threading.Event()
-        self.cond = threading.Condition()
-        self.blocked = 0
-        self.finished = 0
-
-    def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
-        with self.cond:
-            self.blocked += 1
-            self.cond.notify_all()
-        self.released.wait()
-        try:
-            return super().create_artifact(local_path, **kwargs)
-        finally:
-            with self.cond:
-                self.finished += 1
-                self.cond.notify_all()
-
-
 def test_hanging_storage_teardown_names_keys_and_a_later_flush_completes(
     ln: Any, tmp_path: Path
 ) -> None:
@@ -210,7 +189,7 @@ def test_hanging_storage_teardown_names_keys_and_a_later_flush_completes(
         flush_timeout=1.0,
         max_pending=16,
     )
-    hang = _Hang()
+    hang = held_uploads()
     callback._artifact_publisher = hang
     started = time.monotonic()
     with pytest.warns(UserWarning, match=r"flush_timeout=1\.0s; not persisted: .*step=") as caught:

@@ -1,0 +1,162 @@
+"""``lamin-lightning flush DIR``: persist what a directory's outboxes still hold.
+
+Outside training: opens every journal of the checkpoint directory that no running
+process holds, replays its pending jobs through a pipeline of its own (in journal
+order, under their original keys, into the store each record names), bounded by one
+end-to-end timeout, and reports every job exactly once (:class:`FlushReport`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lamin_lightning._errors import OutboxInUseError
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._jobs import JobRecord
+from lamin_lightning._journal import Outbox
+from lamin_lightning._progress import drain_with_progress, progress_bar
+from lamin_lightning._replay import open_unheld, outbox_roots, pending_in, replay_jobs
+from lamin_lightning._retry import RetryPolicy
+from lamin_lightning.store import ArtifactStore, StoreResolver
+
+log = logging.getLogger("lamin_lightning")
+
+
+@dataclass
+class FlushReport:
+    """What ``lamin-lightning flush`` did; every pending job is in exactly one list.
+
+    Attributes:
+        events: The events of the replayed jobs, in order (saved, removed, failed).
+        dropped: Jobs a later job of the same key made moot during the replay.
+        remaining: Jobs still pending afterwards (failed, refused, or not reached
+            before the timeout).
+        refused: Of ``remaining``, those that cannot be replayed here, with why.
+        busy: Journals another process holds (a training run still going).
+    """
+
+    events: list[AnyArtifactEvent] = field(default_factory=list)
+    dropped: list[JobRecord] = field(default_factory=list)
+    remaining: list[JobRecord] = field(default_factory=list)
+    refused: list[tuple[JobRecord, BaseException]] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)
+
+    @property
+    def saved(self) -> int:
+        """Saves committed."""
+        return sum(isinstance(e, ArtifactSavedEvent) for e in self.events)
+
+    @property
+    def removed(self) -> int:
+        """Removals committed."""
+        return sum(isinstance(e, ArtifactRemovedEvent) for e in self.events)
+
+    @property
+    def failed(self) -> int:
+        """Jobs that failed again."""
+        return sum(isinstance(e, ArtifactFailedEvent) for e in self.events)
+
+    @property
+    def unannotated(self) -> list[ArtifactSavedEvent]:
+        """Saves committed without some of their feature annotations."""
+        return [
+            e for e in self.events if isinstance(e, ArtifactSavedEvent) and e.unannotated_features
+        ]
+
+
+def flush_directory(
+    dirpath: str | os.PathLike[str],
+    *,
+    timeout: float | None = None,
+    progress: bool = True,
+    max_workers: int = 2,
+    on_event: Callable[[AnyArtifactEvent], None] | None = None,
+    stores: Mapping[str, ArtifactStore] | None = None,
+    retry: RetryPolicy | None = None,
+) -> FlushReport:
+    """Persist what the outboxes of ``dirpath`` still hold (``lamin-lightning flush``).
+
+    ``timeout`` bounds the whole call, submission included. ``stores`` replaces the
+    registry's store for the names it holds (a test's :class:`MemoryStore`, say).
+    Raises :class:`OutboxInUseError` if a training process holds every journal.
+    """
+    from lamin_lightning._bridge import PersistencePipeline
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    roots = outbox_roots(dirpath)
+    report = FlushReport()
+    outboxes: list[Outbox] = []
+    for root in roots:
+        found, busy = open_unheld(root)
+        outboxes.extend(found)
+        report.busy.extend(busy)
+    if report.busy and not outboxes:
+        raise OutboxInUseError(
+            f"a running training process holds the outbox in {report.busy[0].parent}"
+            f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
+            " to finish, or stop it first."
+        )
+    work = pending_in(outboxes)
+    if not work:
+        for outbox in outboxes:
+            outbox.close()
+        return report
+    resolver = StoreResolver(stores)
+    lock = threading.Lock()
+    with_event: set[int] = set()
+
+    def record_outcome(record: JobRecord, _: AnyArtifactEvent) -> None:
+        with_event.add(id(record))
+
+    def deliver(event: AnyArtifactEvent) -> None:
+        with lock:
+            report.events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    pipeline = PersistencePipeline(
+        max_workers=max_workers,
+        max_pending=max(4, 2 * max_workers),
+        retry=retry if retry is not None else RetryPolicy(),
+        deliver=deliver,
+        thread_finalizer=resolver.finalize_thread,
+        name="lamin-lightning-flush",
+    )
+    pipeline.start()
+    bar = None
+    try:
+        specs, report.refused = replay_jobs(work, resolver, outcome=record_outcome)
+        sizes = {id(spec.payload): spec.size_bytes for spec in specs}
+        bar = progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(specs))
+        for spec in specs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pipeline.submit(spec, timeout=left):  # bounded like training
+                break
+        drain_with_progress(pipeline, bar, sizes, deadline)
+    finally:
+        if bar is not None:
+            bar.close()
+        pipeline.stop(timeout=0)
+        after = {(o.path, job_id) for o in outboxes for job_id, _ in o.pending()}
+        for outbox in outboxes:
+            outbox.close()
+    for outbox, job_id, record in work:
+        if (outbox.path, job_id) in after:
+            report.remaining.append(record)
+        elif id(record) not in with_event:
+            report.dropped.append(record)
+    return report
+
+
+__all__ = ["FlushReport", "flush_directory"]

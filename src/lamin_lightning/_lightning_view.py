@@ -1,0 +1,167 @@
+"""The Lightning-view layer of the generic callback: Lightning's state stays true.
+
+:class:`LightningViewCheckpoint` wraps Lightning's choice of a checkpoint
+(``_save_topk_checkpoint``, ``_save_last_checkpoint``): earlier failures surface
+before Lightning updates its state, so ``best_model_path`` and friends never name a
+file never written; a name being written in the background (``async_write``) counts
+as taken for Lightning's version counter; a background save goes through Lightning's
+own save path (``trainer.save_checkpoint`` -> strategy -> CheckpointIO) with a host
+snapshot where the file would be written; and Lightning's state is put right when a
+background write failed (see :mod:`lamin_lightning._evictions`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lamin_lightning._evictions import (
+    Evictions,
+    lightning_state,
+    put_right,
+    set_lightning_state,
+)
+from lamin_lightning._local_write import (
+    HostWrite,
+    Snapshotter,
+    async_write_supported,
+    name_taken,
+    snapshot_checkpoint,
+)
+from lamin_lightning._reporting import ReportingCheckpoint
+from lamin_lightning._write_io import saving_to_snapshots
+
+log = logging.getLogger("lamin_lightning")
+
+
+class LightningViewCheckpoint(ReportingCheckpoint):
+    """Keeps Lightning's view of the checkpoint folder true (see the module docstring)."""
+
+    _snapshotter: Snapshotter | None
+    _async_write_refused: bool
+    _evictions: Evictions
+    _save_depth: int
+    _saving_on_exception: bool
+
+    @override
+    def _save_topk_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        with self._lightning_save(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    @override
+    def _save_last_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        with self._lightning_save(trainer):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @contextmanager
+    def _lightning_save(self, trainer: pl.Trainer) -> Iterator[None]:
+        """Around Lightning's choice of a checkpoint, its state update, save and evictions.
+
+        Before Lightning changes its state for this save: its state is put right for
+        background writes that failed, then earlier failures are raised (``on_error=
+        "raise"``), so ``best_model_path`` and friends never name a file never written.
+        """
+        if self._save_depth == 0:
+            self._put_state_right(trainer)
+            if not self._saving_on_exception:
+                self._surface_failures()
+        self._save_depth += 1
+        self._evictions.save_started(self)
+        try:
+            yield
+        finally:
+            self._save_depth -= 1
+            self._evictions.save_finished()
+
+    @override
+    def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+        # A checkpoint still being written in the background (async_write) takes its name.
+        taken = trainer.is_global_zero and (self._fs.exists(filepath) or name_taken(filepath))
+        return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
+
+    def _async_write_supported(self, trainer: pl.Trainer) -> bool:
+        supported, why = async_write_supported(trainer)
+        if not supported and not self._async_write_refused:
+            self._async_write_refused = True
+            rank_zero_warn(why)
+        return supported
+
+    def _save_in_background(self, trainer: pl.Trainer, filepath: str) -> HostWrite | None:
+        """Lightning's own save (``trainer.save_checkpoint``), with a host snapshot taken
+        where its CheckpointIO would write; return the write to run in the background
+        (rank zero), or None."""
+        if self._snapshotter is None:
+            self._snapshotter = Snapshotter(self.max_snapshots)
+        snapshotter, scratch = self._snapshotter, self._staging_root(filepath) / "writing"
+
+        def take(checkpoint: dict[str, Any], path: str) -> HostWrite:
+            # The folder now, on the training thread, as Lightning's CheckpointIO makes it:
+            # a link to the file (save_last="link") is made before the file is written.
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            return snapshot_checkpoint(
+                checkpoint, snapshotter, path, scratch=scratch, stats=self._stats_recorder
+            )
+
+        with saving_to_snapshots(trainer.strategy, take) as io:
+            try:
+                super()._save_checkpoint(trainer, filepath)
+            except BaseException:
+                if io.write is not None:
+                    io.write.abandon()
+                raise
+        return io.write
+
+    def _link_checkpoint(  # type: ignore[override]  # Lightning's is a staticmethod
+        self, trainer: pl.Trainer, filepath: str, linkpath: str
+    ) -> None:
+        """Lightning's link (``save_last="link"``) to a file that may still be written.
+
+        The link is made at once (a link to a file not yet there); where links are not
+        allowed, Lightning's fallback copy waits for the write (none if it failed). If the
+        write fails, the link is put back where it pointed (see :func:`put_right`).
+        """
+        write = self._evictions.write_of(filepath) if trainer.is_global_zero else None
+        if write is None or os.path.abspath(filepath) == os.path.abspath(linkpath):
+            super()._link_checkpoint(trainer, filepath, linkpath)
+            return
+        previous = None
+        if os.path.islink(linkpath):
+            previous = os.path.join(os.path.dirname(linkpath), os.readlink(linkpath))
+            os.remove(linkpath)
+        elif os.path.isfile(linkpath):
+            os.remove(linkpath)
+        elif os.path.isdir(linkpath):
+            shutil.rmtree(linkpath)
+        try:
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), linkpath)
+        except OSError:
+            write.wait()
+            if not write.failed():
+                shutil.copy(filepath, linkpath)
+        else:
+            self._evictions.linked(filepath, linkpath, previous)
+        trainer.strategy.barrier()
+
+    def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
+        """Undo, in Lightning's state, the saves whose background write failed (see
+        :mod:`lamin_lightning._evictions`); evict what that leaves beyond ``save_top_k``."""
+        evict = put_right(self, self._evictions.take_failed()) if trainer.is_global_zero else []
+        if other_ranks and self.async_write and trainer.world_size > 1:
+            shared = trainer.strategy.broadcast((lightning_state(self), evict))
+            set_lightning_state(self, shared[0])
+            evict = shared[1]
+        for path in evict:
+            self._remove_checkpoint(trainer, path)
+        return len(evict)

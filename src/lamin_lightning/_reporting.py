@@ -1,0 +1,108 @@
+"""The reporting layer of the generic callback: outcomes, failures, shutdown.
+
+:class:`ReportingCheckpoint` records what each job's outcome means for training
+(what this process persisted under a key, failures still to report), raises or warns
+them on the training thread according to ``on_error`` (re-raising a ``BaseException``
+a hook or observer raised on a pipeline thread), and shuts the pipeline down at
+``teardown`` or after an exception: flush within ``flush_timeout``, then stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lamin_lightning._errors import PersistenceError
+from lamin_lightning._events import (
+    ArtifactFailedEvent,
+)
+from lamin_lightning._submission import SubmittingCheckpoint
+
+log = logging.getLogger("lamin_lightning")
+
+
+class ReportingCheckpoint(SubmittingCheckpoint):
+    """Turns job outcomes into what training sees (see the module docstring)."""
+
+    def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
+        """Undo, in Lightning's state, saves that were never written; return evictions made.
+
+        Nothing to undo here: only background writes (``async_write``) can fail after
+        Lightning chose a file (see :mod:`lamin_lightning._lightning_view`).
+        """
+        del trainer, other_ranks
+        return 0
+
+    def _take_failures(self) -> list[ArtifactFailedEvent]:
+        with self._lock:
+            failures, self._unreported_failures = self._unreported_failures, []
+        return failures
+
+    def _take_all_escalated(self) -> list[BaseException]:
+        pipeline = self._pipeline
+        from_pipeline = pipeline.take_escalated() if pipeline is not None else []
+        return [*from_pipeline, *self._take_escalated()]
+
+    def _surface_failures(self) -> None:
+        escalated = self._take_all_escalated()
+        if escalated:
+            # A hook or observer raised SystemExit (or similar): it asked to stop. The
+            # pipeline survived it; the training thread is where it belongs.
+            raise escalated[0]
+        failures = self._take_failures()
+        if not failures:
+            return
+        error = PersistenceError(failures)
+        if self.on_error == "raise":
+            raise error
+        rank_zero_warn(str(error), category=UserWarning)
+
+    def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
+        self._set_up = False
+        submitter = self._submitter
+        if submitter is None:
+            return
+        pipeline = submitter.pipeline
+        try:
+            timeout = self.flush_timeout if wait else 0
+            if wait and pipeline is not None:
+                started = time.monotonic()
+                submitter.submit_interrupted(timeout)
+                if timeout is not None:
+                    timeout = max(0.0, timeout - (time.monotonic() - started))
+            if pipeline is not None and not self.flush(timeout):
+                keys = [job.key for job in pipeline.pending()]
+                why = f"within flush_timeout={self.flush_timeout}s" if wait else "(interrupted)"
+                warnings.warn(
+                    f"lamin-lightning: persistence did not finish {why};"
+                    f" not persisted: {', '.join(keys)}. Their local"
+                    f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
+                    " jobs stay in its outbox: run `lamin-lightning flush"
+                    f" {self.dirpath or '.'}`, or start training again with this dirpath.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            elif self._trainer is not None and self._put_state_right(
+                self._trainer, other_ranks=False
+            ):
+                self.flush(self.flush_timeout)  # the evictions that put it right
+        finally:
+            escalated = self._take_all_escalated()
+            submitter.stop()
+        if raise_errors:
+            if escalated:
+                raise escalated[0]
+            self._surface_failures()
+        else:
+            for failure in self._take_failures():
+                log.error(
+                    "not persisted: %s %r (%s: %s)",
+                    failure.operation,
+                    failure.key,
+                    type(failure.error).__name__,
+                    failure.error,
+                )

@@ -1,0 +1,338 @@
+"""The submitting layer of the generic callback: job records, built and submitted.
+
+:class:`SubmittingCheckpoint` holds what a callback needs at run time (its
+:class:`~lamin_lightning._submit.Submitter`: pipeline, outbox, staging) and turns
+Lightning's files into job records on the training thread: keys, the checkpoint's
+metadata and feature values frozen at submission, config and hparams files, and, at
+``setup``, the replay of what earlier runs left unfinished. The public controls
+(``flush``, ``persistence_stats``, ``pending_artifacts``) live here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactFailedEvent,
+    ArtifactKind,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+)
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, json_value
+from lamin_lightning._options import OnError, as_float
+from lamin_lightning._pipeline import PendingJob
+from lamin_lightning._progress import flush_with_progress
+from lamin_lightning._replay import pending_in, unfinished
+from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._staging import staging_root
+from lamin_lightning._stats import PersistenceStats, StatsRecorder
+from lamin_lightning._submit import Submitter
+from lamin_lightning._surface import ArtifactHooks, HookStore
+from lamin_lightning.store import ArtifactStore, StoreResolver
+
+log = logging.getLogger("lamin_lightning")
+
+
+class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
+    """Builds and submits the job records of one callback (see the module docstring)."""
+
+    store_name: ClassVar[str] = ""
+    """Name of the store that replays this callback's records (see :mod:`lamin_lightning.store`).
+
+    Empty: the records are journaled but only a store registered under the class's
+    name can replay them; subclasses that persist set it and :meth:`replay_store`.
+    """
+
+    # Knobs (set by the constructor of ArtifactPublishingModelCheckpoint).
+    max_workers: int
+    max_pending: int
+    retry: RetryPolicy
+    flush_timeout: float | None
+    on_error: OnError
+    async_write: bool
+    max_snapshots: int
+    log_stats: bool
+    outbox: bool
+    # Run-time state (see ArtifactPublishingModelCheckpoint._init_runtime).
+    _user_dirpath: bool
+    _stats_recorder: StatsRecorder
+    _hparams_submitted: bool
+    _trainer: pl.Trainer | None
+    _submitter: Submitter | None
+    _state_lock: threading.Lock | None
+    _unreported_failures: list[ArtifactFailedEvent]
+    _persisted: dict[str, Any]
+    _set_up: bool
+    _deferred_files: list[tuple[Path, ArtifactKind]]
+
+    @property
+    def _lock(self) -> threading.Lock:
+        if self._state_lock is None:
+            self._state_lock = threading.Lock()
+        return self._state_lock
+
+    @property
+    def _pipeline(self) -> Any:
+        return self._submitter.pipeline if self._submitter is not None else None
+
+    @property
+    def _outbox(self) -> Any:
+        return self._submitter.outbox if self._submitter is not None else None
+
+    def _ensure_submitter(self) -> Submitter:
+        if self._submitter is None:
+            self._submitter = Submitter(
+                max_workers=self.max_workers,
+                max_pending=self.max_pending,
+                retry=self.retry,
+                deliver=self._deliver,
+                thread_finalizer=self.thread_finalizer,
+                stats=self._stats_recorder,
+                # Lightning must not delete or rewrite a file before it is staged, or its
+                # upload is lost: wait for the staging, whatever flush_timeout says (only a
+                # hung disk can make this wait long, and then Lightning's write hangs too).
+                staging_timeout=None,
+            )
+        return self._submitter
+
+    def store_context(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What the store needs to replay this callback's jobs beyond the record. Training thread.
+
+        Must be JSON-serialisable (the instance, the run, the key prefix, ...).
+        """
+        del trainer
+        return {}
+
+    def replay_store(self) -> ArtifactStore | None:
+        """The store that replays records named :attr:`store_name` at this callback's ``setup``.
+
+        None: use the registry's store of that name.
+        """
+        return None
+
+    @property
+    def persistence_stats(self) -> PersistenceStats:
+        """Counters of the persistence pipeline (cumulative over stages)."""
+        return self._stats_recorder.snapshot()
+
+    def pending_artifacts(self) -> list[PendingJob]:
+        """Jobs admitted and not finished yet, in submission order."""
+        pipeline = self._pipeline
+        return pipeline.pending() if pipeline is not None else []
+
+    def flush(self, timeout: float | None = None, *, progress: bool = True) -> bool:
+        """Wait until every submitted file is persisted (or failed).
+
+        Shows a progress bar when the wait takes longer than a second. Returns False
+        if ``timeout`` seconds passed first; the keys still pending are then logged
+        and available from :meth:`pending_artifacts`.
+        """
+        pipeline = self._pipeline
+        return pipeline is None or flush_with_progress(pipeline, timeout, progress=progress)
+
+    def _staging_root(self, filepath: str | Path) -> Path:
+        return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
+
+    def _key(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> str:
+        return self.resolve_artifact_key(trainer=trainer, filepath=path, kind=kind)
+
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        op: Literal["save", "remove"],
+        kind: ArtifactKind,
+        path: str | Path,
+        *,
+        staged: Path | None = None,
+        snapshot: CheckpointSnapshot | None = None,
+        after: str | None = None,
+    ) -> JobRecord:
+        return JobRecord(
+            op=op,
+            kind=kind,
+            key=snapshot.key if snapshot is not None else self._key(trainer, path, kind),
+            local_path=os.path.abspath(path),
+            staged_path=str(staged) if staged is not None else None,
+            store=self.store_name or _class_path(type(self)),
+            context=self.store_context(trainer),
+            checkpoint=snapshot,
+            submitted_at=time.time(),
+            after=os.path.abspath(after) if after is not None else None,
+        )
+
+    def _submit_record(
+        self,
+        trainer: pl.Trainer,
+        record: JobRecord,
+        *,
+        prepare: Callable[[], int] | None,
+        journaled: Any = None,
+    ) -> None:
+        self._ensure_submitter().submit(
+            record,
+            HookStore(self, trainer),
+            trainer=trainer,
+            prepare=prepare,
+            known=self._persisted.get,
+            outcome=self._on_outcome,
+            journaled=journaled,
+        )
+
+    def _snapshot(self, trainer: pl.Trainer, filepath: str, staged: Path) -> CheckpointSnapshot:
+        scored = [(path, as_float(score)) for path, score in self.best_k_models.items()]
+        ordered = sorted(
+            (item for item in scored if item[1] is not None),
+            key=lambda item: item[1],  # type: ignore[arg-type, return-value]
+            reverse=self.mode == "max",
+        )
+        keys = {path: self._key(trainer, path, "checkpoint") for path, _ in ordered}
+        best, last = self.best_model_path, self.last_model_path
+        return CheckpointSnapshot(
+            key=self._key(trainer, filepath, "checkpoint"),
+            local_path=Path(filepath),
+            staged_path=staged,
+            global_step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            monitor=self.monitor,
+            mode=self.mode,
+            save_weights_only=self.save_weights_only,
+            score=as_float(self.current_score),
+            is_best=best == str(filepath),
+            best_key=self._key(trainer, best, "checkpoint") if best else None,
+            last_key=self._key(trainer, last, "checkpoint") if last else None,
+            ranking=tuple(keys[path] for path, _ in ordered),
+            scores={keys[path]: score for path, score in ordered if score is not None},
+        )
+
+    def _submit_checkpoint(
+        self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None = None
+    ) -> None:
+        staged, prepare = self._ensure_submitter().plan_staging(
+            self._staging_root(filepath), filepath, write
+        )
+        snapshot = self._snapshot(trainer, filepath, staged)
+        values = self.collect_checkpoint_feature_values(trainer, snapshot)
+        if values:
+            snapshot = _with_features(snapshot, values)
+        record = self._record(
+            trainer, "save", "checkpoint", filepath, staged=staged, snapshot=snapshot
+        )
+        self._submit_record(trainer, record, prepare=prepare)
+
+    def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
+        """Stage a config or hparams file and submit its save. Training thread, rank zero.
+
+        Used by :class:`SaveConfigCallback`; the save runs ``save_config_artifact``
+        or ``save_hparams_artifact`` in the background.
+        """
+        if kind == "checkpoint":
+            raise ValueError("checkpoints are submitted by Lightning's own save hooks")
+        if not self._set_up:
+            # Other callbacks' setup runs before ours (Lightning moves checkpoint callbacks
+            # last): submit once our setup opened the outbox, so the job is journaled too.
+            self._deferred_files.append((Path(path), kind))
+            return
+        staged, prepare = self._ensure_submitter().plan_staging(self._staging_root(path), path)
+        record = self._record(trainer, "save", kind, path, staged=staged)
+        self._submit_record(trainer, record, prepare=prepare)
+
+    def hparams_path(self, trainer: pl.Trainer) -> Path | None:
+        """Where the first logger wrote ``hparams.yaml``, if anywhere. Training thread."""
+        if not trainer.loggers:
+            return None
+        log_dir = getattr(trainer.loggers[0], "log_dir", None)
+        if log_dir is None:
+            return None
+        path = Path(log_dir) / "hparams.yaml"
+        return path if path.exists() else None
+
+    def _submit_hparams_once(self, trainer: pl.Trainer) -> None:
+        if self._hparams_submitted:
+            return
+        path = self.hparams_path(trainer)
+        if path is not None:
+            self.submit_file(trainer, path, "hparams")
+            self._hparams_submitted = True
+
+    def _replay_unfinished(self, trainer: pl.Trainer) -> int:
+        """Queue what earlier runs left behind (see :func:`_replay.unfinished`), first.
+
+        The replays commit before any new job, in their original order (the pipeline
+        commits in submission order); training does not wait for them beyond the usual
+        backpressure. Replays that fail stay in the outbox, warned about.
+        """
+        submitter = self._ensure_submitter()
+        if not self.outbox:
+            return 0
+        own = submitter.outbox
+        layout = None
+        if not self._user_dirpath and trainer.loggers:
+            logger = trainer.loggers[0]
+            version = logger.version
+            layout = (
+                Path(getattr(logger, "save_dir", None) or trainer.default_root_dir)
+                / str(logger.name),
+                version if isinstance(version, str) else f"version_{version}",
+            )
+        others = unfinished(
+            own,
+            root=self._staging_root(self.dirpath or "."),
+            skip_digests={
+                _journal_digest(other)
+                for other in getattr(trainer, "callbacks", [])
+                if other is not self and isinstance(other, SubmittingCheckpoint)
+            },
+            dirpath=Path(self.dirpath or "."),
+            logger_layout=layout,
+        )
+        submitter.foreign.extend(others)
+        work = pending_in([*([own] if own is not None else []), *others])
+        if not work:
+            return 0
+        mine = self.replay_store()
+        resolver = StoreResolver({self.store_name: mine} if mine is not None else None)
+        return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
+
+    # -- committer thread ---------------------------------------------------------------
+
+    def _on_outcome(self, record: JobRecord, event: AnyArtifactEvent) -> None:
+        if isinstance(event, ArtifactSavedEvent):
+            if record.kind == "checkpoint":
+                self._persisted[record.key] = event.artifact
+        elif isinstance(event, ArtifactRemovedEvent):
+            self._persisted.pop(record.key, None)
+        elif not event.recovered:
+            # A replay that fails again is warned about and stays in the outbox: it is an
+            # earlier run's job, and must not fail this one.
+            with self._lock:
+                self._unreported_failures.append(event)
+
+
+def _with_features(snapshot: CheckpointSnapshot, values: Mapping[Any, Any]) -> CheckpointSnapshot:
+    """``snapshot`` with feature values frozen as JSON, by name (feature objects by ``name``)."""
+    named = {str(getattr(k, "name", k)): json_value(v) for k, v in values.items()}
+    auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
+    return CheckpointSnapshot(
+        **{**snapshot.__dict__, "feature_values": named, "auto_features": auto}
+    )
+
+
+def _class_path(cls: type) -> str:
+    """``module:qualname`` of a class, for records of a callback that names no store."""
+    return f"unregistered:{cls.__module__}:{cls.__qualname__}"
+
+
+def _journal_digest(callback: Any) -> str:
+    """The digest that names a callback's journal: its ``state_key``, hashed."""
+    return hashlib.sha1(str(callback.state_key).encode("utf-8")).hexdigest()[:12]
