@@ -89,6 +89,27 @@ class FullDiskIO(TorchCheckpointIO):
         super().save_checkpoint(checkpoint, path, **kwargs)
 
 
+def plain_run_on_a_full_disk(
+    tmp_path: Path,
+    options: dict[str, Any],
+    *,
+    steps: int,
+    full_at: int,
+    scores: list[float] | None = None,
+) -> Path:
+    """Plain Lightning's ModelCheckpoint on a disk that is full at step ``full_at``: the
+    folder it leaves (what ours must leave too)."""
+    plain_dir = tmp_path / "plain"
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(
+            tmp_path,
+            [ModelCheckpoint(dirpath=plain_dir, **options)],
+            max_steps=steps,
+            plugins=[FullDiskIO(step=full_at)],
+        ).fit(TinyModel(scores=scores), loader(steps))
+    return plain_dir
+
+
 def background_disk_full_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The background write (async_write) of the checkpoint of ``step`` finds the disk full."""
     real = _local_write.save_snapshot
@@ -196,14 +217,7 @@ def test_a_background_write_that_finds_the_disk_full_keeps_the_checkpoint_it_rep
         "save_top_k": 1,
         "every_n_train_steps": 1,
     }
-    plain_dir = tmp_path / "plain"
-    with pytest.raises(OSError, match="No space left"):
-        make_trainer(
-            tmp_path,
-            [ModelCheckpoint(dirpath=plain_dir, **options)],
-            max_steps=2,
-            plugins=[FullDiskIO(step=2)],
-        ).fit(TinyModel(scores=[1.0, 2.0]), loader(2))
+    plain_dir = plain_run_on_a_full_disk(tmp_path, options, steps=2, full_at=2, scores=[1.0, 2.0])
     assert checkpoint_files(plain_dir) == {"epoch=0-step=1.ckpt"}
 
     dirpath = tmp_path / "ours"
@@ -274,14 +288,7 @@ def test_a_rewrite_of_last_ckpt_that_finds_the_disk_full_keeps_the_previous_one(
     """ENOSPC while Lightning rewrites last.ckpt: the previous last.ckpt stays (to resume
     from), locally and in the store, as with plain Lightning."""
     options: dict[str, Any] = {"save_top_k": 0, "save_last": True, "every_n_train_steps": 1}
-    plain_dir = tmp_path / "plain"
-    with pytest.raises(OSError, match="No space left"):
-        make_trainer(
-            tmp_path,
-            [ModelCheckpoint(dirpath=plain_dir, **options)],
-            max_steps=3,
-            plugins=[FullDiskIO(step=2)],
-        ).fit(TinyModel(), loader(3))
+    plain_dir = plain_run_on_a_full_disk(tmp_path, options, steps=3, full_at=2, scores=None)
     assert steps_of(plain_dir) == {"last.ckpt": 1}
 
     dirpath = tmp_path / "ours"
@@ -553,14 +560,7 @@ def test_a_failed_background_write_that_reused_an_evicted_name_gives_it_its_scor
         "save_top_k": 3,
         "every_n_train_steps": 1,
     }
-    plain_dir = tmp_path / "plain"
-    with pytest.raises(OSError, match="No space left"):
-        make_trainer(
-            tmp_path,
-            [ModelCheckpoint(dirpath=plain_dir, **options)],
-            max_steps=4,
-            plugins=[FullDiskIO(step=4)],
-        ).fit(TinyModel(scores=scores), loader(4))
+    plain_dir = plain_run_on_a_full_disk(tmp_path, options, steps=4, full_at=4, scores=scores)
 
     dirpath = tmp_path / "ours"
     background_disk_full_at(monkeypatch, step=4)
@@ -594,14 +594,7 @@ def test_a_failed_background_write_puts_the_last_ckpt_link_back(
         "save_last": "link",
         "every_n_train_steps": 1,
     }
-    plain_dir = tmp_path / "plain"
-    with pytest.raises(OSError, match="No space left"):
-        make_trainer(
-            tmp_path,
-            [ModelCheckpoint(dirpath=plain_dir, **options)],
-            max_steps=3,
-            plugins=[FullDiskIO(step=3)],
-        ).fit(TinyModel(scores=scores), loader(3))
+    plain_dir = plain_run_on_a_full_disk(tmp_path, options, steps=3, full_at=3, scores=scores)
 
     dirpath = tmp_path / "ours"
     background_disk_full_at(monkeypatch, step=3)

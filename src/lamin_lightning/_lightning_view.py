@@ -37,6 +37,7 @@ from lamin_lightning._local_write import (
     snapshot_checkpoint,
 )
 from lamin_lightning._reporting import ReportingCheckpoint
+from lamin_lightning._staging import remove_path
 from lamin_lightning._write_io import saving_to_snapshots
 
 log = logging.getLogger("lamin_lightning")
@@ -139,11 +140,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         previous = None
         if os.path.islink(linkpath):
             previous = os.path.join(os.path.dirname(linkpath), os.readlink(linkpath))
-            os.remove(linkpath)
-        elif os.path.isfile(linkpath):
-            os.remove(linkpath)
-        elif os.path.isdir(linkpath):
-            shutil.rmtree(linkpath)
+        remove_path(linkpath)
         try:
             os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), linkpath)
         except OSError:

@@ -202,11 +202,16 @@ class Stager:
         except FileNotFoundError:
             return
         for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)  # a folder checkpoint
-                else:
-                    os.unlink(entry.path)
+            remove_path(entry.path)
+
+
+def remove_path(path: str | os.PathLike[str]) -> None:
+    """Delete a file, a link or a folder (a folder checkpoint) at ``path``; best effort."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str]:
@@ -216,15 +221,8 @@ def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str
 
 def release_staged(staged: Path) -> None:
     """Remove a staged file (or folder) and its unique folder."""
-    if staged.is_dir() and not staged.is_symlink():
-        shutil.rmtree(staged, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-        staged.unlink()
-    partial = staged.parent / f".partial-{staged.name}"  # a staging cut short by a crash
-    if partial.is_dir() and not partial.is_symlink():
-        shutil.rmtree(partial, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        partial.unlink()
+    remove_path(staged)
+    remove_path(staged.parent / f".partial-{staged.name}")  # a staging cut short by a crash
     with contextlib.suppress(OSError):
         staged.parent.rmdir()
 

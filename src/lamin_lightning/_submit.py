@@ -10,7 +10,6 @@ pipeline's threads.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
@@ -30,7 +29,7 @@ from lamin_lightning._journal import Outbox
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import Stager, detach_before_rewrite, staging_root
+from lamin_lightning._staging import Stager, detach_before_rewrite, remove_path, staging_root
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning.store import ArtifactStore
 
@@ -296,16 +295,14 @@ class Submitter:
                 # What the failed rewrite left (a file or folder written partway, as a full
                 # disk leaves it) goes; the previous checkpoint comes back.
                 if os.path.lexists(filepath) and not stager.trash(filepath):
-                    _remove(filepath)
+                    remove_path(filepath)
                 try:
                     os.replace(aside, filepath)
                     return
                 except OSError as error:
                     log.error("could not put %s back after its rewrite failed: %s", filepath, error)
-            if not stager.trash(aside) and os.path.isdir(aside):
-                shutil.rmtree(aside, ignore_errors=True)
-            elif os.path.lexists(aside):
-                aside.unlink(missing_ok=True)
+            if not stager.trash(aside):
+                remove_path(aside)
 
         return done
 
@@ -396,15 +393,6 @@ def _check_writable(root: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
-
-
-def _remove(path: str | os.PathLike[str]) -> None:
-    """Delete a file, link or folder (best effort)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 def _sigterm_received(trainer: Any) -> BaseException | None:
