@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import _thread
+import gc
 import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +154,43 @@ def test_setup_alone_creates_no_file_and_starts_no_thread(tmp_path: Path) -> Non
     assert set(_pool_threads()) == before
     callback.teardown(trainer, model, "fit")
     assert set(_pool_threads()) == before
+
+
+def test_a_callback_collected_without_teardown_stops_its_threads(tmp_path: Path) -> None:
+    """``setup``, a save (threads start), then the callback and its trainer dropped
+    without ``teardown``: once collected, its pipeline threads end and its outbox journal
+    is released (another callback can open it), with the checkpoint persisted."""
+    before = set(_pool_threads())
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path / "root", [callback], max_steps=1)
+    model = TinyModel()
+    trainer.strategy.connect(model)
+    callback.setup(trainer, model, "fit")
+    callback._save_checkpoint(trainer, str(dirpath / "direct.ckpt"))  # a direct call
+    assert callback.flush(TIMEOUT)
+    started = set(_pool_threads()) - before
+    assert started, "the first job starts the pipeline's threads"
+    collected = threading.Event()
+    weakref.finalize(callback, collected.set)
+
+    del callback, trainer, model
+    # A pipeline thread may hold the last job a moment after flush returned (until its
+    # loop drops it): collect until the callback goes, within TIMEOUT.
+    deadline = time.monotonic() + TIMEOUT
+    while not collected.is_set() and time.monotonic() < deadline:
+        gc.collect()
+        collected.wait(0.05)
+
+    assert collected.is_set(), "nothing but the caller may keep a callback alive"
+    stopping = set(_pool_threads()) - before  # the pipeline's, and the one stopping them
+    for thread in stopping:
+        thread.join(TIMEOUT)
+    assert [t.name for t in started | stopping if t.is_alive()] == []
+    assert store.keys(kind="checkpoint") == {"checkpoints/direct.ckpt"}
+    # The outbox was closed: its journal, all done, is gone, and no lock is held.
+    assert journal_paths(staging_root(dirpath)) == []
 
 
 # -- interrupts while training waits for a slot -------------------------------------------------

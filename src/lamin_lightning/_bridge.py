@@ -78,6 +78,9 @@ class ThreadLane:
                 # Non-blocking hand-back; fails fast once the loop is gone.
                 with contextlib.suppress(RuntimeError):
                     self._portal.start_task_soon(_set_event, done)
+                # Hold nothing while waiting: a result can name the trainer, and a callback
+                # dropped without teardown must be collectable (its threads stop then).
+                del item, fn, done, outcome
         finally:
             if self._finalizer is not None:
                 try:
@@ -233,6 +236,7 @@ class PersistencePipeline:
             with self._intake_cond:
                 self._admitted += 1
                 self._intake_cond.notify_all()
+            del item, spec, error  # hold nothing while waiting (see ThreadLane._main)
 
     async def _admit(
         self,

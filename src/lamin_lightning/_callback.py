@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     def __init__(
         self,
         *args: Any,
-        artifact_observers: list[ArtifactObserver] | None = None,
+        artifact_observers: Iterable[ArtifactObserver] | None = None,
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_pending: int = DEFAULT_MAX_PENDING,
         retry: RetryPolicy | Mapping[str, Any] | int | None = None,
@@ -154,16 +154,21 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self.max_snapshots = validate_int("max_snapshots", max_snapshots, 1)
         self.log_stats = validate_bool("log_stats", log_stats)
         self.outbox = validate_bool("outbox", outbox)
-        if artifact_observers is not None and not isinstance(artifact_observers, list | tuple):
+        # Any iterable of observers, as the reference takes (a generator is read once,
+        # here); a string or a single observer is a mistake worth naming.
+        given: object = artifact_observers
+        if given is not None and (
+            isinstance(given, str | bytes) or not isinstance(given, Iterable)
+        ):
             raise ValueError(
-                "artifact_observers must be a list of observers, got"
-                f" {type(artifact_observers).__name__}"
+                "artifact_observers must be a list (or any iterable) of observers, got"
+                f" {type(artifact_observers).__name__}; pass [observer]"
             )
         super().__init__(*args, **kwargs)
         # Lightning picks the dirpath at setup when the user gives none (a new logger
         # version each run): then earlier versions' outboxes are ours to finish too.
         self._user_dirpath = dirpath is not None
-        self._init_surface(artifact_observers or [])
+        self._init_surface(list(artifact_observers or []))
         self._stats_recorder = StatsRecorder()
         self._hparams_submitted = False
         self._trainer: pl.Trainer | None = None

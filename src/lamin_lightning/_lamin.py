@@ -11,7 +11,7 @@ journaled jobs after a crash.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -155,7 +155,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         enable_version_counter: bool = True,
         run_uid_is_version: bool = True,
         key_is_virtual: bool = True,
-        artifact_observers: list[ArtifactObserver] | None = None,
+        artifact_observers: Iterable[ArtifactObserver] | None = None,
         filename: str | None = None,
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_pending: int = DEFAULT_MAX_PENDING,
@@ -468,8 +468,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self._store.abandon_artifact(artifact)
 
     @override
-    def thread_finalizer(self) -> None:
-        """Close this thread's Django connection."""
+    @staticmethod
+    def thread_finalizer() -> None:
+        """Close this thread's Django connection (also once the callback is collected)."""
         close_connections()
 
 

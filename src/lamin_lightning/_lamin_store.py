@@ -153,6 +153,7 @@ class LaminStore:
         publisher: Callable[[], ArtifactPublisher] | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        _quiet_on_pipeline_threads()
         default = LaminArtifactPublisher()
         self._publisher = publisher if publisher is not None else (lambda: default)
         self._retry = retry if retry is not None else RetryPolicy()
@@ -545,6 +546,24 @@ def close_connections() -> None:
 
 def _prefix(key: str) -> str:
     return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+class _PipelineThreadsQuiet(logging.Filter):
+    """LaminDB's info and success lines logged on our pipeline's threads ("✓ deleted
+    PATH" for every evicted checkpoint) stay off the training console, where our progress
+    bar and log speak for persistence; its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.threadName or ""
+        return record.levelno >= logging.WARNING or not name.startswith("lamin-lightning")
+
+
+def _quiet_on_pipeline_threads() -> None:
+    """Install :class:`_PipelineThreadsQuiet` on LaminDB's logger, once per process."""
+    from lamindb_setup import logger
+
+    if not any(isinstance(f, _PipelineThreadsQuiet) for f in logger.filters):
+        logger.addFilter(_PipelineThreadsQuiet())
 
 
 def _delete(artifact: Any, *, keep_path: str | None = None) -> None:

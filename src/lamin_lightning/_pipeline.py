@@ -333,57 +333,66 @@ class AsyncPipeline:
 
     async def _commit_loop(self) -> None:
         async for job in self._commit_recv:
-            await job.transferred.wait()
-            spec = job.spec
-            if job.state in (JobState.CANCELLED, JobState.SUPERSEDED):
-                if spec.discard is not None:
-                    await self._guarded(self._committer, spec.discard, "discard", spec.key)
-                continue
-            event: Any = None
-            if job.error is None:
-                try:
-                    event = await call_with_retries(
-                        self._retry,
-                        partial(self._committer.run, partial(spec.commit, job.result)),
-                        partial(self._on_retry, job),
+            await self._commit(job)
+            # Hold nothing while waiting for the next job: a job's event names its trainer,
+            # and a callback dropped without teardown must be collectable (and its
+            # threads stopped then).
+            del job
+
+    async def _commit(self, job: _Job) -> None:
+        await job.transferred.wait()
+        spec = job.spec
+        if job.state in (JobState.CANCELLED, JobState.SUPERSEDED):
+            if spec.discard is not None:
+                await self._guarded(self._committer, spec.discard, "discard", spec.key)
+            return
+        event: Any = None
+        if job.error is None:
+            try:
+                event = await call_with_retries(
+                    self._retry,
+                    partial(self._committer.run, partial(spec.commit, job.result)),
+                    partial(self._on_retry, job),
+                )
+            except AttemptsExhausted as exhausted:
+                job.error, job.attempts = exhausted.error, exhausted.attempts
+                self._escalate(exhausted.error)
+                if spec.abandon is not None and job.result is not None:
+                    # The transfer created something the commit never finished:
+                    # delete it, or it would linger beside the key's real artifact.
+                    await self._guarded(
+                        self._committer, partial(spec.abandon, job.result), "abandon", spec.key
                     )
-                except AttemptsExhausted as exhausted:
-                    job.error, job.attempts = exhausted.error, exhausted.attempts
-                    self._escalate(exhausted.error)
-                    if spec.abandon is not None and job.result is not None:
-                        # The transfer created something the commit never finished:
-                        # delete it, or it would linger beside the key's real artifact.
-                        await self._guarded(
-                            self._committer, partial(spec.abandon, job.result), "abandon", spec.key
-                        )
-            if job.error is not None:
-                log.error(
-                    "persisting %r failed after %d attempt(s): %s: %s",
-                    spec.key,
-                    job.attempts,
-                    type(job.error).__name__,
-                    job.error,
-                )
-                event = await self._guarded(
-                    self._committer, partial(spec.fail, job.error, job.attempts), "fail", spec.key
-                )
-            self._deliver_send.send_nowait((job, event))
+        if job.error is not None:
+            log.error(
+                "persisting %r failed after %d attempt(s): %s: %s",
+                spec.key,
+                job.attempts,
+                type(job.error).__name__,
+                job.error,
+            )
+            event = await self._guarded(
+                self._committer, partial(spec.fail, job.error, job.attempts), "fail", spec.key
+            )
+        self._deliver_send.send_nowait((job, event))
 
     async def _deliver_loop(self) -> None:
         async for job, event in self._deliver_recv:
-            if event is not None:
-                await self._guarded(
-                    self._deliverer, partial(self._deliver_fn, event), "deliver", ""
-                )
-            latency = time.monotonic() - job.admitted_at
-            if job.error is not None:
-                self._stats.add(failed=1, persistence_latency_seconds=latency)
-            elif job.spec.operation == "save":
-                self._stats.add(saved=1, bytes_saved=job.size, persistence_latency_seconds=latency)
-            else:
-                self._stats.add(removed=1, persistence_latency_seconds=latency)
-            self._stats.record_max("max_persistence_latency_seconds", latency)
-            self._finish(job)
+            await self._deliver_one(job, event)
+            del job, event  # hold nothing while waiting (see _commit_loop)
+
+    async def _deliver_one(self, job: _Job, event: Any) -> None:
+        if event is not None:
+            await self._guarded(self._deliverer, partial(self._deliver_fn, event), "deliver", "")
+        latency = time.monotonic() - job.admitted_at
+        if job.error is not None:
+            self._stats.add(failed=1, persistence_latency_seconds=latency)
+        elif job.spec.operation == "save":
+            self._stats.add(saved=1, bytes_saved=job.size, persistence_latency_seconds=latency)
+        else:
+            self._stats.add(removed=1, persistence_latency_seconds=latency)
+        self._stats.record_max("max_persistence_latency_seconds", latency)
+        self._finish(job)
 
     async def _guarded(
         self, executor: Executor, fn: Callable[[], T], what: str, key: str

@@ -11,10 +11,12 @@ metadata and feature values frozen at submission, config and hparams files, and,
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -37,7 +39,7 @@ from lamin_lightning._replay import pending_in, unfinished
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import staging_root
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
-from lamin_lightning._submit import Submitter
+from lamin_lightning._submit import Submitter, stop_collected
 from lamin_lightning._surface import ArtifactHooks, HookStore
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
@@ -92,18 +94,22 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
 
     def _ensure_submitter(self) -> Submitter:
         if self._submitter is None:
+            # The pipeline's threads hold the callback weakly: a callback dropped without
+            # teardown (a direct setup() caller) is collected, and its threads stop then.
             self._submitter = Submitter(
                 max_workers=self.max_workers,
                 max_pending=self.max_pending,
                 retry=self.retry,
-                deliver=self._deliver,
-                thread_finalizer=self.thread_finalizer,
+                deliver=_weakly(self._deliver),
+                thread_finalizer=_weakly(self.thread_finalizer),
                 stats=self._stats_recorder,
                 # Lightning must not delete or rewrite a file before it is staged, or its
                 # upload is lost: wait for the staging, whatever flush_timeout says (only a
                 # hung disk can make this wait long, and then Lightning's write hangs too).
                 staging_timeout=None,
             )
+            stop = weakref.finalize(self, stop_collected, self._submitter, self.flush_timeout)
+            stop.atexit = False  # at exit, Python stops the (daemon) threads itself
         return self._submitter
 
     def store_context(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -336,3 +342,17 @@ def _class_path(cls: type) -> str:
 def _journal_digest(callback: Any) -> str:
     """The digest that names a callback's journal: its ``state_key``, hashed."""
     return hashlib.sha1(str(callback.state_key).encode("utf-8")).hexdigest()[:12]
+
+
+def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, holding its object weakly (a no-op once that is collected); a plain
+    function (a ``staticmethod`` hook) as it is."""
+    if not inspect.ismethod(method):
+        return method
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
+
+    return call

@@ -352,6 +352,24 @@ class Submitter:
             self.close_outbox()
 
 
+def stop_collected(submitter: Submitter, timeout: float | None) -> None:
+    """Stop the pipeline of a callback collected without ``teardown``, off the collecting
+    thread (which may be one of the pipeline's own): admitted jobs finish within
+    ``timeout`` (what is left stays journaled), then its threads end and its outbox is
+    released."""
+
+    if submitter.pipeline is None and submitter.outbox is None:
+        return  # torn down already: nothing runs, nothing is held
+
+    def stop() -> None:
+        pipeline = submitter.pipeline
+        if pipeline is not None and not pipeline.flush(timeout):
+            log.warning("a collected callback left jobs unpersisted; they stay journaled")
+        submitter.stop()
+
+    threading.Thread(target=stop, name="lamin-lightning-collected", daemon=True).start()
+
+
 _aside_lock = threading.Lock()
 _aside_counter = itertools.count()
 
@@ -424,4 +442,4 @@ def _directory_error(error: OSError, root: Path, dirpath: Any) -> CheckpointDire
     )
 
 
-__all__ = ["Submitter", "staging_root"]
+__all__ = ["Submitter", "staging_root", "stop_collected"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,15 +60,10 @@ class ArtifactHooks:
     _last_artifact_event: AnyArtifactEvent | None
     _escalated: collections.deque[BaseException]
 
-    def _init_surface(
-        self, observers: list[ArtifactObserver] | tuple[ArtifactObserver, ...]
-    ) -> None:
+    def _init_surface(self, observers: list[ArtifactObserver]) -> None:
         self._artifact_observers = []
         for observer in observers:
-            try:
-                self.add_artifact_observer(observer)
-            except TypeError as error:
-                raise TypeError(f"artifact_observers: {error}") from None
+            self.add_artifact_observer(observer)
         self._latest_artifacts = {"checkpoint": None, "config": None, "hparams": None}
         self._last_artifact_event = None
         self._escalated = collections.deque()
@@ -103,11 +99,17 @@ class ArtifactHooks:
         return self._latest_artifacts[kind]
 
     def add_artifact_observer(self, observer: ArtifactObserver) -> None:
-        """Register an observer; it needs ``on_artifact_saved`` or ``on_artifact_removed``."""
+        """Register an observer; each of its ``on_artifact_saved``, ``on_artifact_removed``
+        and ``on_artifact_failed`` is called, the ones it lacks skipped (as the reference
+        does). An object with none of them is registered too, with a warning: it would
+        never hear of anything."""
         if not any(callable(getattr(observer, name, None)) for name in _OBSERVER_METHODS):
-            raise TypeError(
-                f"{observer!r} is not an artifact observer: define on_artifact_saved,"
-                " on_artifact_removed and optionally on_artifact_failed"
+            warnings.warn(
+                f"artifact observer {observer!r} has none of on_artifact_saved,"
+                " on_artifact_removed, on_artifact_failed: it is registered but will never"
+                " be called; define one of them",
+                UserWarning,
+                stacklevel=2,
             )
         self._artifact_observers.append(observer)
 

@@ -7,6 +7,7 @@ on local storage it checks nothing else prints either.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +30,43 @@ def test_uploads_print_nothing_to_the_console(
     assert callback.persistence_stats.saved == 3
     out, err = capfd.readouterr()
     assert "uploading" not in out + err, (out + err)[-2000:]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.threadName or "", record.levelno, record.getMessage()))
+
+
+@pytest.mark.contract
+def test_removals_print_nothing_to_the_console(ln: Any, no_run: None, tmp_path: Path) -> None:
+    """Top-1: each new checkpoint evicts the previous one, whose artifact LaminDB deletes,
+    logging "✓ deleted PATH" on our committer thread: that line never reaches LaminDB's
+    console handler (its handler is bound to the stdout of its import, so this test reads
+    what reaches the logger's handlers). Its lines on the training thread still do."""
+    from lamindb_setup import logger
+
+    collect = _Collect()
+    logger.addHandler(collect)
+    verbosity = ln.settings.verbosity
+    ln.settings.verbosity = "info"  # LaminDB's success and info lines are created
+    try:
+        callback = ll.Checkpoint(
+            dirpath=tmp_path / "ckpt",
+            every_n_train_steps=1,
+            save_top_k=1,
+            monitor="step",
+            mode="max",
+        )
+        fit(callback, tmp_path, steps=4, model=TierModel(), enable_progress_bar=False)
+        logger.success("a line of the training thread")
+    finally:
+        ln.settings.verbosity = verbosity
+        logger.removeHandler(collect)
+    assert callback.persistence_stats.removed == 3
+    ours = [line for line in collect.lines if line[0].startswith("lamin-lightning")]
+    assert [line for line in ours if line[1] < logging.WARNING] == []  # its warnings pass
+    assert any("a line of the training thread" in line[2] for line in collect.lines)
