@@ -74,7 +74,7 @@ def _summary(results: Path, since: float) -> bool:
     return met
 
 
-NEEDS_CUDA = frozenset({"bench_fsdp_sharded.py"})
+NEEDS_CUDA = frozenset({"bench_fsdp_sharded.py", "bench_async_write_cuda.py"})
 """Scripts that run only where CUDA is available (they exit with status 2 elsewhere)."""
 
 
