@@ -1044,3 +1044,52 @@ def test_a_cpu_checkpoint_on_a_machine_with_a_gpu_never_touches_cuda(
     assert not any(b.is_pinned() for b in slot.buffers.values())
     assert torch.equal(host["state_dict"]["w"], expected)
     assert host["epoch"] == 3 and torch.equal(host["nested"][0], torch.ones(2))
+
+
+def test_a_large_host_snapshot_is_copied_on_several_threads_and_equals_its_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one torch thread (training on one core), the host copy of a large checkpoint
+    is split in pieces copied by several threads: every tensor of the snapshot equals its
+    source (odd sizes, a non-contiguous view, several dtypes), and training may then
+    change the source freely."""
+    from lamin_lightning import _local_write
+
+    monkeypatch.setattr(_local_write, "_COPY_PIECE_BYTES", 4096)  # many pieces
+    monkeypatch.setattr(_local_write, "_COPY_PARALLEL_MIN_BYTES", 1)
+    started: list[str] = []
+    real_thread = threading.Thread
+
+    def counting_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+        started.append(kwargs.get("name", ""))
+        return real_thread(*args, **kwargs)
+
+    monkeypatch.setattr(_local_write.threading, "Thread", counting_thread)
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(1001, 37, generator=generator)
+    checkpoint = {
+        "state_dict": {
+            "w": weights,
+            "b": torch.randn(4099, generator=generator).to(torch.bfloat16),
+            "t": weights.t(),  # not contiguous: copied as it is
+            "i": torch.arange(10_007, dtype=torch.int64),
+        },
+        "global_step": 3,
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        snapshotter = Snapshotter(1)
+        slot, _ = snapshotter.acquire()
+        snapshot = snapshotter.snapshot(checkpoint, slot)
+    finally:
+        torch.set_num_threads(threads)
+    if (os.cpu_count() or 1) > 1:
+        assert "lamin-snapshot-copy" in started
+    for name, tensor in checkpoint["state_dict"].items():  # type: ignore[attr-defined]
+        copy = snapshot["state_dict"][name]
+        assert copy.dtype == tensor.dtype and torch.equal(copy, tensor), name
+        assert copy.data_ptr() != tensor.data_ptr(), name
+    weights.add_(1.0)  # training moves on: the snapshot keeps what it copied
+    assert not torch.equal(snapshot["state_dict"]["w"], weights)
+    assert snapshot["global_step"] == 3

@@ -401,14 +401,17 @@ def test_staged_names_never_repeat_across_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import itertools
+    import uuid
 
     import lamin_lightning._staging as staging
     from lamin_lightning._staging import Stager
 
     monkeypatch.setattr(staging, "_counter", itertools.count())
     first = {Stager(tmp_path).plan("a.ckpt") for _ in range(3)}
-    # A restarted process (same PID, counter from zero) must not reuse a kept folder.
+    # A restarted process (same PID, counter from zero, its token drawn again at import)
+    # must not reuse a kept folder.
     monkeypatch.setattr(staging, "_counter", itertools.count())
+    monkeypatch.setattr(staging, "_TOKEN", uuid.uuid4().hex[:12])
     second = {Stager(tmp_path).plan("a.ckpt") for _ in range(3)}
     assert not first & second
 

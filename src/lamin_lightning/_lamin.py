@@ -10,6 +10,7 @@ journaled jobs after a crash.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -207,6 +208,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         super()._init_runtime()
         self._store_context: dict[str, Any] | None = None
         self._lamin: LaminStore | None = None
+        self._prefix_cache: tuple[pl.Trainer, str] | None = None
 
     @override
     def __getstate__(self) -> dict[str, Any]:
@@ -215,6 +217,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         state["_run"] = None
         state["_store_context"] = None
         state["_lamin"] = None
+        state["_prefix_cache"] = None
         return state
 
     @property
@@ -229,6 +232,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the instance, validate user features and find the auto-features (rank zero)."""
         self._trainer = trainer
+        self._prefix_cache = None
         if trainer.is_global_zero:
             ln = require_instance()
             run = ln.context.run
@@ -262,6 +266,17 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         return str(run.uid) if run is not None else None
 
     def _base_prefix(self, trainer: pl.Trainer) -> str:
+        # Fixed from setup on (the run is read then, the logger's version is chosen by
+        # then): computed once per setup, not for each of the keys of every checkpoint.
+        cached = self._prefix_cache
+        if cached is not None and cached[0] is trainer:
+            return cached[1]
+        prefix = self._compute_base_prefix(trainer)
+        if self._set_up:
+            self._prefix_cache = (trainer, prefix)
+        return prefix
+
+    def _compute_base_prefix(self, trainer: pl.Trainer) -> str:
         run_uid = self._active_run_uid()
         if self._original_dirpath is not None:
             prefix = str(self._original_dirpath).rstrip("/")
@@ -307,15 +322,15 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def hparams_path(self, trainer: pl.Trainer) -> Path | None:
         """``hparams.yaml`` in the first logger's log dir (no broadcast: rank zero only)."""
         if not trainer.loggers:
-            path = Path(trainer.default_root_dir) / "hparams.yaml"
+            log_dir: Any = trainer.default_root_dir
         else:
             logger = trainer.loggers[0]
             log_dir = getattr(logger, "log_dir", None)
             if log_dir is None:
                 save_dir, name, version_str = logger_layout(trainer)  # type: ignore[misc]
                 log_dir = save_dir / name / version_str
-            path = Path(log_dir) / "hparams.yaml"
-        return path if path.exists() else None
+        path = os.path.join(log_dir, "hparams.yaml")  # checked at every save until found
+        return Path(path) if os.path.exists(path) else None
 
     # -- the store: what a replay needs, and which store replays -----------------------------
 

@@ -31,6 +31,17 @@ SMALL_FILE_BYTES = 1 << 20
 
 _counter = itertools.count()
 _counter_lock = threading.Lock()
+# Drawn once per process: random bytes per name (uuid4) would be a syscall on the
+# training thread, which lets go of the GIL (see :func:`_unique`).
+_TOKEN = uuid.uuid4().hex[:12]
+
+
+def _unique() -> str:
+    """A name part unique across processes and restarts (a container's trainer is often
+    PID 1 every time, so the pid alone is not): pid, counter, per-process random token."""
+    with _counter_lock:
+        number = next(_counter)
+    return f"{os.getpid()}-{number:06d}-{_TOKEN}"
 
 
 def staging_root(dirpath: str | os.PathLike[str]) -> Path:
@@ -107,9 +118,7 @@ class Stager:
         """Choose the staged name of ``path`` without touching the filesystem."""
         # Unique across processes and restarts (a container's trainer is often PID 1
         # every time): the outbox keeps these names across a crash.
-        with _counter_lock:
-            unique = f"{os.getpid()}-{next(_counter):06d}-{uuid.uuid4().hex[:12]}"
-        return self.root / "staged" / unique / Path(path).name
+        return self.root / "staged" / _unique() / Path(path).name
 
     def stage(
         self, path: str | os.PathLike[str], staged: Path | None = None
@@ -186,10 +195,9 @@ class Stager:
                 self._trash_dir.mkdir(parents=True, exist_ok=True)
             except OSError:
                 return False
-        with _counter_lock:
-            unique = f"{os.getpid()}-{next(_counter):06d}-{uuid.uuid4().hex[:12]}"
         try:
-            os.replace(path, self._trash_dir / f"{unique}-{Path(path).name}")
+            name = f"{_unique()}-{os.path.basename(os.fspath(path))}"
+            os.replace(path, os.path.join(self._trash_dir, name))
         except OSError:
             return False
         return True
