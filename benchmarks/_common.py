@@ -158,7 +158,7 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
     ``commit`` and ``remove``.
     """
     rec = recorder if recorder is not None else Recorder()
-    is_ours = hasattr(cls, "commit_checkpoint_artifact") and hasattr(cls, "_plan_staging")
+    is_ours = hasattr(cls, "commit_checkpoint_artifact") and hasattr(cls, "_ensure_submitter")
 
     class Instrumented(cls):  # type: ignore[misc, valid-type]
         def _bench_init(self) -> None:
@@ -223,14 +223,25 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
                 with rec.span("remove"):
                     return super().remove_checkpoint_artifact(*args, **kwargs)
 
-            def _plan_staging(self, *args: Any, **kwargs: Any) -> Any:
-                staged, prepare = super()._plan_staging(*args, **kwargs)
+            def _ensure_submitter(self) -> Any:
+                # Staging runs on the intake thread: time the preparation each planned
+                # staging returns (the Submitter plans it; one wrapper per submitter).
+                submitter = super()._ensure_submitter()
+                if not getattr(submitter, "_bench_timed", False):
+                    plan = submitter.plan_staging
 
-                def timed_prepare() -> int:
-                    with rec.span("stage"):
-                        return prepare()  # type: ignore[no-any-return]
+                    def plan_staging(*args: Any, **kwargs: Any) -> Any:
+                        staged, prepare = plan(*args, **kwargs)
 
-                return staged, timed_prepare
+                        def timed_prepare() -> int:
+                            with rec.span("stage"):
+                                return prepare()  # type: ignore[no-any-return]
+
+                        return staged, timed_prepare
+
+                    submitter.plan_staging = plan_staging
+                    submitter._bench_timed = True
+                return submitter
 
     Instrumented.__name__ = Instrumented.__qualname__ = f"Instrumented{cls.__name__}"
     return Instrumented
