@@ -182,6 +182,7 @@ class LaminStore:
         key_is_virtual: bool,
     ) -> Any:
         """Hash and copy ``path`` into storage and save its artifact record (no lookup by hash)."""
+        immediate_transactions()
         description, lamin_kind = DESCRIPTIONS[kind]
         publisher = self._publisher()
         if type(publisher) is not LaminArtifactPublisher:
@@ -283,6 +284,7 @@ class LaminStore:
         self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
     ) -> tuple[str, ...]:
         """Commit a transferred artifact (checkpoints: features, replacement, flags)."""
+        immediate_transactions()
         if record.kind != "checkpoint" or record.checkpoint is None:
             self.settle(artifact)
             return ()
@@ -299,6 +301,7 @@ class LaminStore:
         (nothing half-annotated is left); a replay keeps it, annotates every feature
         that still validates and returns the names of those that do not.
         """
+        immediate_transactions()
         ln = _ln()
         unannotated = self._annotate(ln, snapshot, artifact, replay=replay)
         # Only now that the new artifact is committed, remove what it replaces.
@@ -439,6 +442,7 @@ class LaminStore:
 
         Returns the last deleted artifact and where its bytes were, or None.
         """
+        immediate_transactions()
         self._flags_of(_prefix(key)).forget(key)
         removed = None
         for candidate in [known] if known is not None else self.others_under_key(key):
@@ -460,6 +464,7 @@ class LaminStore:
         """Delete ``artifact`` if it was created by a transfer and never committed."""
         if artifact is None or getattr(artifact, "id", None) is None:
             return
+        immediate_transactions()
         with self._lock:
             reused = id(artifact) in self._reused
         self.settle(artifact)
@@ -533,6 +538,27 @@ def _upload_options(path: Path) -> dict[str, Any]:
     largest = max((f.stat().st_size for f in path.rglob("*") if f.is_file()), default=0)
     per_file = min(max(largest, 1), _UPLOAD_MEMORY)
     return {**quiet, "store_kwargs": {"batch_size": max(1, _UPLOAD_MEMORY // per_file)}}
+
+
+def immediate_transactions() -> None:
+    """On SQLite, make this pipeline thread's transactions take the write lock as they begin.
+
+    LaminDB's transactions begin DEFERRED: one that has read and then writes must upgrade
+    its lock, and when another connection (a worker saving the next artifact while the
+    committer commits) holds the write lock, SQLite refuses at once ("database is
+    locked", no busy wait: waiting could deadlock). BEGIN IMMEDIATE waits for the lock
+    up front, within the busy timeout, so our threads queue instead of failing. Only
+    our own threads' connections change (Django keeps one per thread); Django reads the
+    mode from its settings again at every reconnect, hence a call per operation.
+    """
+    if not threading.current_thread().name.startswith("lamin-lightning"):
+        return  # the training thread's connection is the user's
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        return
+    connection.ensure_connection()
+    connection.transaction_mode = "IMMEDIATE"
 
 
 def close_connections() -> None:

@@ -34,6 +34,7 @@ class ConcurrentCheckpoint(ll.Checkpoint):
         self.save_threads: set[str] = set()
         self.opened: dict[str, bool] = {}
         self.finalized: dict[str, bool] = {}
+        self.modes: dict[str, tuple[str, str | None]] = {}
 
     def save_checkpoint_artifact(self, trainer: pl.Trainer, filepath: Any, **kwargs: Any) -> Any:
         with self.lock:
@@ -47,6 +48,10 @@ class ConcurrentCheckpoint(ll.Checkpoint):
 
         with self.lock:
             self.opened[threading.current_thread().name] = connection.connection is not None
+            self.modes[threading.current_thread().name] = (
+                connection.vendor,
+                connection.transaction_mode,
+            )
         return artifact
 
     def thread_finalizer(self) -> None:
@@ -86,3 +91,11 @@ def test_concurrent_background_saves_on_sqlite_and_threads_end_with_closed_conne
     assert callback.save_threads <= set(callback.finalized)
     assert "lamin-lightning-committer" in callback.finalized
     assert all(callback.finalized.values()), callback.finalized
+    # On SQLite our threads' transactions begin IMMEDIATE (they queue for the write lock
+    # instead of failing an upgrade with "database is locked"); the training thread's
+    # connection, the user's, is left as Django configured it.
+    from django.db import connection
+
+    expected = "IMMEDIATE" if connection.vendor == "sqlite" else None
+    assert {mode for _, mode in callback.modes.values()} == {expected}, callback.modes
+    assert connection.transaction_mode is None
