@@ -13,6 +13,7 @@ from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
+    JobRecord,
     PermanentError,
 )
 from lamin_lightning.testing import MemoryStore, RecordingObserver
@@ -162,3 +163,22 @@ def test_recording_observer_records_in_order_and_waits(tmp_path: Path) -> None:
     assert observer.keys() == ["a", "a", "b"]
     assert observer.keys(ArtifactSavedEvent) == ["a"]
     assert observer.threads == {threading.current_thread().name}
+
+
+def test_a_failed_commit_of_an_upload_that_ran_ahead_brings_the_committed_version_back(
+    tmp_path: Path,
+) -> None:
+    """Transfers run ahead of commits: v2 of a key is uploaded before v1 is committed. v1's
+    commit still makes it the committed version, so abandoning v2 (its commit failed) leaves
+    v1 under the key, as a real store keeps it."""
+    store = MemoryStore()
+    first, second = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    record = JobRecord(op="save", kind="config", key="k/last.ckpt", local_path="", store="memory")
+    v1 = store.transfer(record, first)
+    v2 = store.transfer(record, second)
+    store.commit(record, v1, replay=False, set_flags=False)
+    store.abandon(record, v2)
+    kept = store.get("k/last.ckpt")
+    assert kept is not None and kept.version == 1 and kept.sha256 == v1.sha256

@@ -345,10 +345,16 @@ class MemoryStore:
         )
 
     def _mark_committed(self, key: str, artifact: StoredArtifact) -> None:
+        """``artifact`` is the key's committed version now, even when a newer upload (not
+        committed yet: transfers run ahead of commits) already holds the key; a failed
+        commit of that upload then brings this one back."""
         with self._lock:
             current = self._objects.get(key)
             if current is not None and current.version == artifact.version:
-                self._committed[key] = current
+                artifact = current  # with the features its commit annotated
+            previous = self._committed.get(key)
+            if previous is None or previous.version <= artifact.version:
+                self._committed[key] = artifact
 
     def commit_checkpoint(
         self,
@@ -368,16 +374,16 @@ class MemoryStore:
             rejected = sorted(set(snapshot.feature_values or {}) & self._rejected)
         if rejected and not replay:
             raise PermanentError(f"feature {rejected[0]!r} rejected by the store")
+        values = {k: v for k, v in (snapshot.feature_values or {}).items() if k not in rejected}
+        annotated = replace(artifact, feature_values=values)
         with self._lock:
             current = self._objects.get(snapshot.key)
             if current is not None and current.version == artifact.version:
-                values = {
-                    k: v for k, v in (snapshot.feature_values or {}).items() if k not in rejected
-                }
-                self._objects[snapshot.key] = replace(current, feature_values=values)
+                annotated = replace(current, feature_values=values)
+                self._objects[snapshot.key] = annotated
         if set_flags:
             self._set_prefix_flags(snapshot)
-        self._mark_committed(snapshot.key, artifact)
+        self._mark_committed(snapshot.key, annotated)
         return tuple(rejected)
 
     def _set_prefix_flags(self, snapshot: CheckpointSnapshot) -> None:
