@@ -586,7 +586,7 @@ def traced_names(ours: MemoryCheckpoint, monkeypatch: pytest.MonkeyPatch) -> lis
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open defect: flaky under load (1 of 8 loaded suite runs, 2026-12-01; never alone):"
+    reason="open defect: flaky under load (1 of 15 loaded suite runs, 2026-12-01; never alone):"
     " the names"
     " ours chose were model.ckpt=step 2, model-v1.ckpt=step 3 and step 4 failed writing"
     " model-v2.ckpt, against plain Lightning's model/-v1/-v2 = steps 1/2/3",
