@@ -74,6 +74,10 @@ def _summary(results: Path, since: float) -> bool:
     return met
 
 
+OWN_TARGET = frozenset({"bench_upload.py"})
+"""Scripts too slow for ``make bench`` (kept under 20 minutes): they run only when named
+(``run.py upload``, ``make bench-upload``); ``--quick`` runs them too."""
+
 NEEDS_CUDA = frozenset({"bench_fsdp_sharded.py", "bench_async_write_cuda.py"})
 """Scripts that run only where CUDA is available (they exit with status 2 elsewhere)."""
 
@@ -92,6 +96,10 @@ def main(argv: list[str]) -> int:
     scripts = sorted(here.glob("bench_*.py"))
     if names:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in names]
+    elif "--quick" not in options:
+        left_out = [s.name for s in scripts if s.name in OWN_TARGET]
+        print(f"not running {', '.join(left_out)} (its own target: make bench-upload)")
+        scripts = [s for s in scripts if s.name not in OWN_TARGET]
     if not scripts:
         print("no benchmarks found", file=sys.stderr)
         return 1
