@@ -657,3 +657,31 @@ def spans_as_json(spans: Sequence[Span], origin: float) -> list[dict[str, Any]]:
         }
         for s in spans
     ]
+
+
+def no_read_store(sizes: list[int] | None = None) -> Any:
+    """A ``MemoryStore`` whose ``put`` records the file without reading it, so persistence
+    costs ~nothing and a benchmark measures the local write alone; each put's file size
+    is appended to ``sizes`` if given. Imported lazily: this module stays torch-free."""
+    from lamin_lightning.testing import MemoryStore, StoredArtifact
+
+    class NoReadStore(MemoryStore):
+        def put(
+            self,
+            key: str,
+            path: str | Path,
+            *,
+            kind: str = "checkpoint",
+            feature_values: dict[Any, Any] | None = None,
+        ) -> StoredArtifact:
+            size = os.path.getsize(path)
+            if sizes is not None:
+                sizes.append(size)
+            with self._call("put", key), self._lock:
+                version = self._versions.get(key, 0) + 1
+                self._versions[key] = version
+                record = StoredArtifact(key=key, kind=kind, sha256="", size=size, version=version)
+                self._objects[key] = record
+                return record
+
+    return NoReadStore()

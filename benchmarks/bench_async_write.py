@@ -70,7 +70,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CpuLoad, thread_cpu_seconds
+from _common import CpuLoad, no_read_store, thread_cpu_seconds
 
 RESULTS = Path(__file__).parent / "results" / "async_write.json"
 RESULTS_CPU_LOAD = RESULTS.with_name("async_write_cpu_load.json")
@@ -98,7 +98,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     import lamin_lightning._local_write as local_write
     from lamin_lightning import RetryPolicy
     from lamin_lightning._local_write import Snapshotter
-    from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, StoredArtifact
+    from lamin_lightning.testing import MemoryCheckpoint
 
     torch.set_num_threads(args.torch_threads)
     if args.no_crc:
@@ -124,26 +124,6 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
             # Lightning's default frees the gradients (a fresh 268 MB tensor, page-faulted
             # in, every step); --keep-grads zeroes them in place instead (diagnostics).
             optimizer.zero_grad(set_to_none=not args.keep_grads)
-
-    class NoReadStore(MemoryStore):
-        """Records a put without reading the file: persistence costs ~nothing."""
-
-        def put(
-            self,
-            key: str,
-            path: str | Path,
-            *,
-            kind: str = "checkpoint",
-            feature_values: dict[Any, Any] | None = None,
-        ) -> StoredArtifact:
-            with self._call("put", key), self._lock:
-                version = self._versions.get(key, 0) + 1
-                self._versions[key] = version
-                record = StoredArtifact(
-                    key=key, kind=kind, sha256="", size=os.path.getsize(path), version=version
-                )
-                self._objects[key] = record
-                return record
 
     class Batches(Dataset[tuple[Any]]):
         """``steps`` batches, cycling through 4 random ones (little memory at any length)."""
@@ -270,7 +250,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
         "save_top_k": -1,
         "every_n_train_steps": args.every,
     }
-    store = NoReadStore()
+    store = no_read_store()
     callbacks: list[pl.Callback] = []
     if arm == "plain":
         callbacks.append(TimedPlain(**common))

@@ -77,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Row,
     emit_result,
+    no_read_store,
     peak_rss_bytes,
     print_rows,
     quiet,
@@ -391,7 +392,7 @@ def fit_stall(arm: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
 
     from lamin_lightning import RetryPolicy
     from lamin_lightning._local_write import Snapshotter
-    from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, StoredArtifact
+    from lamin_lightning.testing import MemoryCheckpoint
 
     quiet()
     on_cuda = not args.cpu_smoke
@@ -408,27 +409,6 @@ def fit_stall(arm: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
         checkpoints = args.repeats + 1
         steps = checkpoints * args.every
         file_sizes: list[int] = []
-
-        class NoReadStore(MemoryStore):
-            """Records a put without reading the file: persistence costs ~nothing."""
-
-            def put(
-                self,
-                key: str,
-                path: str | Path,
-                *,
-                kind: str = "checkpoint",
-                feature_values: dict[Any, Any] | None = None,
-            ) -> StoredArtifact:
-                with self._call("put", key), self._lock:
-                    version = self._versions.get(key, 0) + 1
-                    self._versions[key] = version
-                    file_sizes.append(os.path.getsize(path))
-                    record = StoredArtifact(
-                        key=key, kind=kind, sha256="", size=file_sizes[-1], version=version
-                    )
-                    self._objects[key] = record
-                    return record
 
         class Stack(pl.LightningModule):
             def __init__(self) -> None:
@@ -508,7 +488,7 @@ def fit_stall(arm: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
         Snapshotter.acquire = timed_acquire  # type: ignore[method-assign]
 
         callback = Timed(
-            NoReadStore(),
+            no_read_store(file_sizes),
             dirpath=root / "ckpt",
             async_write=arm == "async",
             max_snapshots=1,

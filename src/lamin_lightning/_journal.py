@@ -39,18 +39,17 @@ training process that is still running.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._jobs import JobRecord, decode, encode
+from lamin_lightning._staging import unique_name
 
 try:  # POSIX
     import fcntl
@@ -58,20 +57,6 @@ except ImportError:  # pragma: no cover - Windows: no cross-process exclusion
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("lamin_lightning")
-
-# Job ids: a random token drawn once per process, then a counter. Drawing random bytes
-# per job (uuid4) is a syscall that lets go of the GIL on the training thread, and
-# getting it back can take a switch interval while pipeline threads run Python.
-_JOB_TOKEN = uuid.uuid4().hex[:16]
-_job_counter = itertools.count()
-_job_counter_lock = threading.Lock()
-
-
-def _next_job_id() -> str:
-    """An id unique across processes and restarts (token, pid after a fork, counter)."""
-    with _job_counter_lock:
-        number = next(_job_counter)
-    return f"{_JOB_TOKEN}-{os.getpid():x}-{number:x}"
 
 
 JOURNAL_PREFIX = "outbox-"
@@ -279,7 +264,7 @@ class Outbox:
 
     def append(self, record: JobRecord) -> str:
         """Journal a job (one write into the page cache); return its id. See :meth:`sync`."""
-        job_id = _next_job_id()
+        job_id = unique_name()  # no uuid4: see unique_name
         entry = encode(record)
         with self._lock:
             self._require()

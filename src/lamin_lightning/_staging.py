@@ -32,11 +32,11 @@ SMALL_FILE_BYTES = 1 << 20
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 # Drawn once per process: random bytes per name (uuid4) would be a syscall on the
-# training thread, which lets go of the GIL (see :func:`_unique`).
+# training thread, which lets go of the GIL; getting it back can take a switch interval.
 _TOKEN = uuid.uuid4().hex[:12]
 
 
-def _unique() -> str:
+def unique_name() -> str:
     """A name part unique across processes and restarts (a container's trainer is often
     PID 1 every time, so the pid alone is not): pid, counter, per-process random token."""
     with _counter_lock:
@@ -116,9 +116,8 @@ class Stager:
 
     def plan(self, path: str | os.PathLike[str]) -> Path:
         """Choose the staged name of ``path`` without touching the filesystem."""
-        # Unique across processes and restarts (a container's trainer is often PID 1
-        # every time): the outbox keeps these names across a crash.
-        return self.root / "staged" / _unique() / Path(path).name
+        # The outbox keeps these names across a crash (see unique_name).
+        return self.root / "staged" / unique_name() / Path(path).name
 
     def stage(
         self, path: str | os.PathLike[str], staged: Path | None = None
@@ -196,7 +195,7 @@ class Stager:
             except OSError:
                 return False
         try:
-            name = f"{_unique()}-{os.path.basename(os.fspath(path))}"
+            name = f"{unique_name()}-{os.path.basename(os.fspath(path))}"
             os.replace(path, os.path.join(self._trash_dir, name))
         except OSError:
             return False
