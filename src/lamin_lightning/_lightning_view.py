@@ -89,7 +89,10 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     @override
     def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
         # A checkpoint still being written in the background (async_write) takes its name.
-        taken = trainer.is_global_zero and (self._fs.exists(filepath) or name_taken(filepath))
+        # The names in flight are looked at first: a write goes from "in flight, no file"
+        # to "file, in flight" to "file"; looking at the disk first could see no file yet,
+        # then a write no longer in flight, and hand its name out again.
+        taken = trainer.is_global_zero and (name_taken(filepath) or self._fs.exists(filepath))
         return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
