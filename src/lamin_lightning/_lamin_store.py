@@ -210,6 +210,7 @@ class LaminStore:
         # uid, and lamindb may change the uid during save().
         with self._lock:
             self._uncommitted[id(artifact)] = artifact
+        share_storage_filesystem()
         try:
             artifact.save(**_upload_options(Path(path)))
         except BaseException:
@@ -538,6 +539,28 @@ def _upload_options(path: Path) -> dict[str, Any]:
     largest = max((f.stat().st_size for f in path.rglob("*") if f.is_file()), default=0)
     per_file = min(max(largest, 1), _UPLOAD_MEMORY)
     return {**quiet, "store_kwargs": {"batch_size": max(1, _UPLOAD_MEMORY // per_file)}}
+
+
+_share_lock = threading.Lock()
+
+
+def share_storage_filesystem() -> None:
+    """Make the default storage's paths share one fsspec filesystem across our workers.
+
+    fsspec caches a filesystem per thread, and lamindb builds each artifact's storage
+    path from ``settings.storage.root``: a root whose filesystem was never created gives
+    every path a new one, so each worker thread built its own S3 client on its first
+    upload (a fresh session, its own connections; creating a client holds fsspec's one
+    IO loop for 0.1-0.3 s, stalling every other transfer). Created once on the root,
+    it is inherited by every path joined to it, as one shared ``s3fs`` is used from many
+    threads. Its connection pool is botocore's (``max_pool_connections``, 10 by
+    default) for all workers together; see docs/tuning.md.
+    """
+    root = _ln().settings.storage.root
+    if getattr(root, "protocol", "") in ("", "file", "local"):
+        return
+    with _share_lock:
+        root.fs  # noqa: B018  # created once and cached on the root (UPath._fs_cached)
 
 
 def immediate_transactions() -> None:

@@ -199,3 +199,33 @@ def test_s3_uploads_overlap_with_four_workers_and_order_still_holds(
     for evicted_key, uri in evicted.items():
         assert not ln.Artifact.filter(key=evicted_key).exists()
         assert not storage_file(uri).exists()
+
+
+def test_workers_share_one_s3_filesystem_for_the_default_storage(
+    ln: Any, no_run: None, tmp_path: Path, slow_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsspec caches a filesystem per thread: each worker used to build its own S3 client
+    on its first upload, holding fsspec's IO loop (and every other transfer) while it did.
+    The storage root's filesystem is created once and every worker's upload uses it."""
+    import s3fs
+
+    created_on: list[str] = []
+    real_init = s3fs.S3FileSystem.__init__
+
+    def spied_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        created_on.append(threading.current_thread().name)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "__init__", spied_init)
+    callback = TimedCheckpoint(
+        dirpath=tmp_path / "ckpts",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        max_workers=WORKERS,
+        max_pending=2 * WORKERS,
+    )
+    fit(callback, tmp_path, steps=8)
+    threads = {thread for *_, thread in callback.transfers}
+    assert callback.persistence_stats.saved == 8 and len(threads) >= 2, callback.transfers
+    on_workers = [name for name in created_on if name.startswith("lamin-lightning")]
+    assert len(on_workers) <= 1, f"S3 filesystems created on worker threads: {on_workers}"
