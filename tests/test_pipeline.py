@@ -6,6 +6,7 @@ callables; nothing here sleeps to synchronise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -812,3 +813,39 @@ def test_pipeline_restarts_after_stop_and_rejects_bad_bounds() -> None:
         PersistencePipeline(max_workers=0, max_pending=1, retry=RetryPolicy(), deliver=print)
     with pytest.raises(ValueError, match="max_pending"):
         PersistencePipeline(max_workers=1, max_pending=0, retry=RetryPolicy(), deliver=print)
+
+
+def test_held_jobs_reach_the_intake_on_release_in_submission_order() -> None:
+    """hold(): submitted jobs are admitted and counted but not handed to the intake thread
+    (which stages them) until release(); then they run in submission order."""
+    prepared: list[str] = []
+
+    def preparing(spec: JobSpec) -> JobSpec:
+        def prepare() -> int:
+            prepared.append(spec.key)
+            return 0
+
+        return dataclasses.replace(spec, prepare=prepare)
+
+    with running() as (pipe, rec):
+        pipe.hold()
+        for key in ("a", "b", "c"):
+            assert pipe.submit(preparing(rec.job(key)))
+        assert pipe._intake.empty() and prepared == []
+        assert pipe.stats.submitted == 3 and [j.key for j in pipe.pending()] == ["a", "b", "c"]
+        pipe.release()
+        assert pipe.flush(TIMEOUT)
+    assert prepared == ["a", "b", "c"]
+    assert rec.delivered == [("saved", "a"), ("saved", "b"), ("saved", "c")]
+
+
+def test_a_wait_for_a_slot_hands_the_held_jobs_over_first() -> None:
+    """max_pending=1: the first job is held and holds the only slot; the second submission
+    waits for a slot, so it releases the first (else it would wait forever)."""
+    with running(max_pending=1) as (pipe, rec):
+        pipe.hold()
+        assert pipe.submit(rec.job("first"))
+        assert pipe.submit(rec.job("second"), timeout=TIMEOUT)
+        pipe.release()
+        assert pipe.flush(TIMEOUT)
+    assert rec.delivered == [("saved", "first"), ("saved", "second")]

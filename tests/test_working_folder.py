@@ -335,3 +335,61 @@ def test_status_and_flush_find_the_outbox_through_a_symlinked_dirpath(tmp_path: 
     store.release()
     report = flush_directory(link, progress=False, stores={"memory": store})
     assert report.saved == 1 and report.remaining == []
+
+
+def test_the_jobs_of_one_save_hook_reach_the_pipeline_threads_when_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save and the eviction it causes are submitted one after the other in Lightning's
+    hook; the pipeline's threads start on them once the hook hands them over (they would
+    compete with the rest of the hook for the GIL), and a max_pending of 1 still works."""
+    from lamin_lightning._bridge import PersistencePipeline
+    from lamin_lightning._staging import Stager
+    from lamin_lightning._submit import Submitter
+
+    order: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+    real_submit, real_release = Submitter.submit, PersistencePipeline.release
+    real_stage = Stager.stage
+
+    def submit(self: Any, record: Any, *args: Any, **kwargs: Any) -> None:
+        with lock:
+            order.append(("submit", record.op, Path(record.local_path).name))
+        real_submit(self, record, *args, **kwargs)
+
+    def release(self: Any) -> None:
+        with lock:
+            order.append(("release",))
+        real_release(self)
+
+    def stage(self: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            order.append(("stage", Path(path).name))
+        return real_stage(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Submitter, "submit", submit)
+    monkeypatch.setattr(PersistencePipeline, "release", release)
+    monkeypatch.setattr(Stager, "stage", stage)
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        max_pending=1,
+    )
+    make_trainer(tmp_path, [callback], max_steps=3).fit(
+        TinyModel(scores=[1.0, 2.0, 3.0]), loader(3)
+    )
+
+    with lock:
+        seen = list(order)
+    saves = [i for i, item in enumerate(seen) if item[:2] == ("submit", "save")]
+    kept = store.keys(kind="checkpoint")
+    assert len(saves) == 3 and [Path(k).name for k in kept] == ["epoch=0-step=3.ckpt"]
+    for index in saves:
+        name = seen[index][2]
+        staged_at = seen.index(("stage", name), index)
+        assert ("release",) in seen[index:staged_at], seen

@@ -160,6 +160,9 @@ class PersistencePipeline:
         # on the event loop so that pending() sees each job exactly once.
         self._waiting: collections.deque[JobSpec] = collections.deque()
         self._escalated: list[BaseException] = []
+        # Submitted while held (see hold): not yet handed to the intake thread.
+        self._held: list[tuple[JobSpec, float]] | None = None
+        self._held_lock = threading.Lock()
 
     @property
     def running(self) -> bool:
@@ -276,6 +279,7 @@ class PersistencePipeline:
         self._require()
         started = time.monotonic()
         if not self._slots.acquire(blocking=False):
+            self.release()  # a held job must reach the intake to ever free a slot
             self._stats.add(admission_waits=1)
             try:
                 acquired = self._wait_for_slot(started, timeout, stop_waiting)
@@ -293,8 +297,32 @@ class PersistencePipeline:
         with self._intake_cond:
             self._submitted += 1
             self._waiting.append(spec)
+        with self._held_lock:
+            if self._held is not None:
+                self._held.append((spec, submitted_at))
+                return True
         self._intake.put((spec, submitted_at))
         return True
+
+    def hold(self) -> None:
+        """Keep jobs submitted from now on from the intake thread until :meth:`release`.
+
+        Lightning's save hook submits a save and the removal it causes, one after the
+        other: waking the pipeline's threads at the first would have them compete with
+        the rest of the hook for the GIL. Held jobs are admitted, journaled and counted
+        as pending as usual; whatever waits for the pipeline (a free slot, a flush)
+        releases them first, so a hold never blocks progress.
+        """
+        with self._held_lock:
+            if self._held is None:
+                self._held = []
+
+    def release(self) -> None:
+        """Hand the held jobs to the intake thread, in submission order; stop holding."""
+        with self._held_lock:
+            held, self._held = self._held, None
+        for item in held or ():
+            self._intake.put(item)
 
     def _wait_for_slot(
         self,
@@ -338,6 +366,7 @@ class PersistencePipeline:
         """Wait until every admitted job finished; False if ``timeout`` seconds passed first."""
         if self._core is None or self._portal is None:
             return True
+        self.release()
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_intake(timeout):
             return False

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -51,6 +51,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _evictions: Evictions
     _save_depth: int
     _saving_on_exception: bool
+    _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
 
     @override
     def _save_topk_checkpoint(
@@ -81,10 +82,20 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         self._save_depth += 1
         self._evictions.save_started(self)
         try:
-            yield
+            with self._holding_jobs(trainer):
+                yield
         finally:
             self._save_depth -= 1
             self._evictions.save_finished()
+
+    def _holding_jobs(self, trainer: pl.Trainer) -> AbstractContextManager[None]:
+        """The hook's jobs reach the pipeline's threads together, when it returns (see
+        :meth:`Submitter.holding`). Not with a write the training thread may wait for
+        (``async_write``, a CheckpointIO that writes after it returns): those run on
+        the pipeline's intake thread."""
+        if not trainer.is_global_zero or self.async_write or self._io_writes is not None:
+            return nullcontext()
+        return self._ensure_submitter().holding()
 
     @override
     def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:

@@ -17,7 +17,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class Submitter:
         self._stagers: dict[Path, Stager] = {}
         self._staging_done: dict[str, threading.Event] = {}
         self._unadmitted: list[JobSpec] = []  # journaled, kept from admission by an interrupt
+        self._holding = False  # see holding()
 
     # -- pipeline ---------------------------------------------------------------------------
 
@@ -89,6 +91,26 @@ class Submitter:
             pipeline.start()
             self.pipeline = pipeline
         return self.pipeline
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hand the jobs submitted inside to the pipeline's threads together, at the end.
+
+        Around one Lightning save hook (a save, the removal it causes, ``last.ckpt``):
+        the pipeline's threads wake once, after the hook, instead of competing with it
+        for the GIL (see :meth:`PersistencePipeline.hold`). A wait inside for one of
+        those jobs (its staging, a free slot) hands them over first.
+        """
+        if self._holding:  # nested: the outer one hands them over
+            yield
+            return
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self.pipeline is not None:
+                self.pipeline.release()
 
     def submit(
         self,
@@ -105,6 +127,8 @@ class Submitter:
         spec: JobSpec | None = None
         try:
             pipeline = self.ensure_pipeline()
+            if self._holding:
+                pipeline.hold()
             settle = journaled if journaled is not None else self.journal(record)
             spec = build_job(
                 record,
@@ -260,8 +284,10 @@ class Submitter:
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
         done = self._staging_done.pop(os.path.abspath(filepath), None)
-        if done is None:
+        if done is None or done.is_set():
             return
+        if self.pipeline is not None:
+            self.pipeline.release()  # its job may be held (see holding)
         started = time.monotonic()
         finished = done.wait(timeout=self._staging_timeout)
         self._stats.add(training_stall_seconds=time.monotonic() - started)
