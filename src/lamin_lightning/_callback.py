@@ -186,6 +186,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._set_up = False
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
+        self._staging_roots: dict[str, Path] = {}  # by checkpoint folder
         self._evictions = Evictions()
         self._save_depth = 0  # inside Lightning's save hooks (which surface failures first)
         self._saving_on_exception = False

@@ -407,8 +407,12 @@ class Outbox:
             handle.close()
 
 
+# One encoder for every line (json.dumps builds one per call with these options).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, check_circular=False)
+
+
 def _line(item: dict[str, Any]) -> bytes:
-    return (json.dumps(item, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+    return (_ENCODER.encode(item) + "\n").encode("utf-8")
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:

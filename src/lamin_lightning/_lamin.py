@@ -209,6 +209,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self._store_context: dict[str, Any] | None = None
         self._lamin: LaminStore | None = None
         self._prefix_cache: tuple[pl.Trainer, str] | None = None
+        # resolve_artifact_key's answers (about ten per checkpoint, on the training thread)
+        self._key_cache: dict[tuple[str, str, str], str] = {}
+        self._hparams_probe: str | None = None  # where hparams.yaml is looked for
 
     @override
     def __getstate__(self) -> dict[str, Any]:
@@ -218,6 +221,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         state["_store_context"] = None
         state["_lamin"] = None
         state["_prefix_cache"] = None
+        state["_key_cache"] = {}
+        state["_hparams_probe"] = None
         return state
 
     @property
@@ -233,6 +238,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         """Check the instance, validate user features and find the auto-features (rank zero)."""
         self._trainer = trainer
         self._prefix_cache = None
+        self._key_cache = {}
+        self._hparams_probe = None
         if trainer.is_global_zero:
             ln = require_instance()
             run = ln.context.run
@@ -306,12 +313,20 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     ) -> str:
         """The key of a file: checkpoints and hparams under ``checkpoints/``. Training thread."""
         base = self._base_prefix(trainer)
+        cache = self._key_cache
+        known = cache.get((base, kind, str(filepath)))
+        if known is not None:
+            return known
         if kind in ("checkpoint", "hparams"):
             prefix = f"{base}/checkpoints" if base else "checkpoints"
         else:
             prefix = base
         name = Path(filepath).name
-        return f"{prefix}/{name}" if prefix else name
+        key = f"{prefix}/{name}" if prefix else name
+        if len(cache) > 4096:
+            cache.clear()
+        cache[(base, kind, str(filepath))] = key
+        return key
 
     @override
     def resolve_artifact_storage_uri(self, artifact: Any) -> str:
@@ -321,16 +336,20 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     @override
     def hparams_path(self, trainer: pl.Trainer) -> Path | None:
         """``hparams.yaml`` in the first logger's log dir (no broadcast: rank zero only)."""
-        if not trainer.loggers:
-            log_dir: Any = trainer.default_root_dir
-        else:
-            logger = trainer.loggers[0]
-            log_dir = getattr(logger, "log_dir", None)
-            if log_dir is None:
-                save_dir, name, version_str = logger_layout(trainer)  # type: ignore[misc]
-                log_dir = save_dir / name / version_str
-        path = os.path.join(log_dir, "hparams.yaml")  # checked at every save until found
-        return Path(path) if os.path.exists(path) else None
+        path = self._hparams_probe if self._trainer is trainer else None
+        if path is None:
+            if not trainer.loggers:
+                log_dir: Any = trainer.default_root_dir
+            else:
+                logger = trainer.loggers[0]
+                log_dir = getattr(logger, "log_dir", None)
+                if log_dir is None:
+                    save_dir, name, version_str = logger_layout(trainer)  # type: ignore[misc]
+                    log_dir = save_dir / name / version_str
+            path = os.path.join(log_dir, "hparams.yaml")
+            if self._trainer is trainer:  # fixed from setup on, as the key prefix
+                self._hparams_probe = path
+        return Path(path) if os.path.exists(path) else None  # at every save until found
 
     # -- the store: what a replay needs, and which store replays -----------------------------
 

@@ -314,12 +314,15 @@ class FeatureValues:
         self._put(values, "save_weights_only", snapshot.save_weights_only)
         self._put(values, "monitor", snapshot.monitor)
         self._put(values, "mode", snapshot.mode)
-        metrics = trainer.callback_metrics
+        metrics = None  # Lightning recomputes callback_metrics at each read: only if needed
         for name, value in self.artifact_values.items():
             if value is not None:
                 values[name] = value
             elif hasattr(trainer, name):
                 values[name] = _metric_value(getattr(trainer, name))
-            elif name in metrics:
-                values[name] = float(_metric_value(metrics[name]))
+            else:
+                if metrics is None:
+                    metrics = trainer.callback_metrics
+                if name in metrics:
+                    values[name] = float(_metric_value(metrics[name]))
         return values

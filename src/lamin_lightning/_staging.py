@@ -36,12 +36,28 @@ _counter_lock = threading.Lock()
 _TOKEN = uuid.uuid4().hex[:12]
 
 
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid, _TOKEN
+    _pid = os.getpid()
+    _TOKEN = uuid.uuid4().hex[:12]
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forked)
+
+
 def unique_name() -> str:
     """A name part unique across processes and restarts (a container's trainer is often
-    PID 1 every time, so the pid alone is not): pid, counter, per-process random token."""
+    PID 1 every time, so the pid alone is not): pid, counter, per-process random token.
+
+    The pid is read once per process (and again in a forked child), not per name.
+    """
     with _counter_lock:
         number = next(_counter)
-    return f"{os.getpid()}-{number:06d}-{_TOKEN}"
+    return f"{_pid}-{number:06d}-{_TOKEN}"
 
 
 def staging_root(dirpath: str | os.PathLike[str]) -> Path:
@@ -110,14 +126,17 @@ class Stager:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._staged_prefix = f"{root / 'staged'}{os.sep}"
         self._staged_dir: Path | None = None
         self._trash_dir: Path | None = None
         self._link_safe: dict[Path, bool] = {}
 
     def plan(self, path: str | os.PathLike[str]) -> Path:
         """Choose the staged name of ``path`` without touching the filesystem."""
-        # The outbox keeps these names across a crash (see unique_name).
-        return self.root / "staged" / unique_name() / Path(path).name
+        # The outbox keeps these names across a crash (see unique_name). One Path, built
+        # from a string (this runs on the training thread at every save).
+        name = os.path.basename(os.path.normpath(path))
+        return Path(f"{self._staged_prefix}{unique_name()}{os.sep}{name}")
 
     def stage(
         self, path: str | os.PathLike[str], staged: Path | None = None

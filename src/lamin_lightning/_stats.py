@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -73,11 +73,18 @@ class PersistenceStats:
 
 
 class StatsRecorder:
-    """Thread-safe mutable counters; :meth:`snapshot` returns a frozen copy."""
+    """Thread-safe mutable counters; :meth:`snapshot` returns a frozen copy.
 
-    def __init__(self) -> None:
+    Counted in a plain dict (``add`` runs on the training thread at every submission,
+    and a frozen dataclass copied per change cost tens of microseconds there); the
+    frozen snapshot is built when asked for, once per change.
+    """
+
+    def __init__(self, stats: PersistenceStats | None = None) -> None:
         self._lock = threading.Lock()
-        self._stats = PersistenceStats()
+        start = stats if stats is not None else PersistenceStats()
+        self._counts: dict[str, Any] = {f.name: getattr(start, f.name) for f in fields(start)}
+        self._frozen: PersistenceStats | None = start
 
     def __getstate__(self) -> dict[str, Any]:
         # A lock cannot be pickled or deep-copied; the callback owning this recorder must be
@@ -85,8 +92,7 @@ class StatsRecorder:
         return {"stats": self.snapshot()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._lock = threading.Lock()
-        self._stats = state["stats"]
+        self.__init__(state["stats"])  # type: ignore[misc]
 
     def add(self, **deltas: float) -> None:
         """Add each delta to the counter of that name.
@@ -96,22 +102,25 @@ class StatsRecorder:
         ``last_persistence_latency_seconds``, in the same snapshot.
         """
         with self._lock:
-            current = self._stats
-            updated: dict[str, Any] = {
-                name: getattr(current, name) + delta for name, delta in deltas.items()
-            }
+            counts = self._counts
+            for name, delta in deltas.items():
+                if name not in counts:
+                    raise TypeError(f"PersistenceStats has no counter {name!r}")
+                counts[name] += delta
             if "persistence_latency_seconds" in deltas:
-                updated["last_persistence_latency_seconds"] = deltas["persistence_latency_seconds"]
-            self._stats = replace(current, **updated)
+                counts["last_persistence_latency_seconds"] = deltas["persistence_latency_seconds"]
+            self._frozen = None
 
     def record_max(self, name: str, value: float) -> None:
         """Raise counter ``name`` to ``value`` if it is larger."""
         with self._lock:
-            if value > getattr(self._stats, name):
-                updated: dict[str, Any] = {name: value}
-                self._stats = replace(self._stats, **updated)
+            if value > self._counts[name]:
+                self._counts[name] = value
+                self._frozen = None
 
     def snapshot(self) -> PersistenceStats:
         """The current counters, frozen."""
         with self._lock:
-            return self._stats
+            if self._frozen is None:
+                self._frozen = PersistenceStats(**self._counts)
+            return self._frozen

@@ -72,6 +72,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _hparams_submitted: bool
     _trainer: pl.Trainer | None
     _submitter: Submitter | None
+    _staging_roots: dict[str, Path]
     _state_lock: threading.Lock | None
     _unreported_failures: list[ArtifactFailedEvent]
     _persisted: dict[str, Any]
@@ -148,7 +149,11 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         return pipeline is None or flush_with_progress(pipeline, timeout, progress=progress)
 
     def _staging_root(self, filepath: str | Path) -> Path:
-        return staging_root(self.dirpath if self.dirpath else Path(filepath).parent)
+        folder = str(self.dirpath) if self.dirpath else os.path.dirname(os.path.abspath(filepath))
+        root = self._staging_roots.get(folder)
+        if root is None:
+            root = self._staging_roots[folder] = staging_root(folder)
+        return root
 
     def _key(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> str:
         return self.resolve_artifact_key(trainer=trainer, filepath=path, kind=kind)
