@@ -6,6 +6,7 @@ instance, a real SIGKILL) are in ``tests/lamindb/test_lamindb_regressions.py``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,32 @@ def test_a_replay_leaves_the_flags_of_the_last_submitted_state(tmp_path: Path) -
     assert report.remaining == [] and report.failed == 0
     assert store.keys() == {"ckpts/b.ckpt", "ckpts/c.ckpt"}
     assert _flags(store) == {"ckpts/b.ckpt": (True, False, 0), "ckpts/c.ckpt": (False, True, 1)}
+
+
+def test_an_eviction_journaled_last_whose_file_never_left_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed between journaling the eviction of a and moving a.ckpt out of the folder: the
+    replay keeps a's artifact (its file is there, and the last.ckpt saved before counts it
+    as kept), warning why. Evicted earlier, with a later job journaled, it goes."""
+    outbox = _journal(tmp_path)
+    outbox.append(_save(tmp_path, "a.ckpt", at=1, ranking=("a.ckpt",), best="a.ckpt"))
+    outbox.append(_save(tmp_path, "b.ckpt", at=2, ranking=("b.ckpt", "a.ckpt"), best="b.ckpt"))
+    outbox.append(_remove(tmp_path, "a.ckpt", at=3))
+    outbox.close()
+    store = MemoryStore()
+    with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
+        report = flush_directory(tmp_path, progress=False, stores={"memory": store})
+    assert report.remaining == [] and report.failed == 0
+    assert store.keys() == {"ckpts/a.ckpt", "ckpts/b.ckpt"}
+    assert "before the file left the folder" in caplog.text
+
+    (tmp_path / "a.ckpt").unlink()  # moved aside before the crash: the removal replays
+    outbox = _journal(tmp_path)
+    outbox.append(_remove(tmp_path, "a.ckpt", at=4))
+    outbox.close()
+    flush_directory(tmp_path, progress=False, stores={"memory": store})
+    assert store.keys() == {"ckpts/b.ckpt"}
 
 
 def test_an_old_failed_save_replayed_after_newer_commits_leaves_the_flags_alone(

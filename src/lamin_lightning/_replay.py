@@ -130,12 +130,7 @@ def build_job(
             if record.replacement_lost():
                 # Its replacement was never written (async_write): the evicted checkpoint
                 # stays, locally and in the store, as after a failed synchronous save.
-                log.warning(
-                    "lamin-lightning: keeping %r: the checkpoint saved in its place (%s) was"
-                    " never written",
-                    record.key,
-                    record.after,
-                )
+                _warn_replacement_lost(record)
                 settled("kept")
                 return None
             durable()
@@ -347,7 +342,14 @@ def replay_jobs(
     # save evicted before the crash may have no file left to upload).
     # A removal whose replacement was never written (async_write, killed mid-write) is
     # not replayed, and does not make the evicted checkpoint's own save moot.
-    kept = {(o.path, job_id) for o, job_id, record in pending if record.replacement_lost()}
+    # A removal journaled last, whose file is still in the folder: the process died between
+    # the two (see _never_moved_aside). Any later job line means it went on past the move.
+    newest = {o.path: job_id for o, job_id, _ in pending}
+    kept = {
+        (o.path, job_id)
+        for o, job_id, record in pending
+        if record.replacement_lost() or (newest[o.path] == job_id and _never_moved_aside(record))
+    }
     last = {
         (outbox.path, record.key): job_id
         for outbox, job_id, record in pending
@@ -355,12 +357,16 @@ def replay_jobs(
     }
     for outbox, job_id, record in pending:
         if (outbox.path, job_id) in kept:
-            log.warning(
-                "lamin-lightning: keeping %r: the checkpoint saved in its place (%s) was never"
-                " written",
-                record.key,
-                record.after,
-            )
+            if record.replacement_lost():
+                _warn_replacement_lost(record)
+            else:
+                log.warning(
+                    "lamin-lightning: keeping %r: its removal was journaled but the process"
+                    " ended before the file left the folder (%s); the file and its artifact"
+                    " both stay",
+                    record.key,
+                    record.local_path,
+                )
             outbox.settle(job_id, "kept")
             continue
         if last[(outbox.path, record.key)] != job_id:
@@ -397,6 +403,23 @@ def replay_jobs(
             )
         )
     return specs, refused
+
+
+def _warn_replacement_lost(record: JobRecord) -> None:
+    log.warning(
+        "lamin-lightning: keeping %r: the checkpoint saved in its place (%s) was never written",
+        record.key,
+        record.after,
+    )
+
+
+def _never_moved_aside(record: JobRecord) -> bool:
+    """A removal (the last job line of its journal) whose file is still in the folder: it
+    was journaled right before the file was to leave, and the process died in between.
+    Replayed, it would delete an artifact whose checkpoint is in the folder, which
+    Lightning, resumed from the last ``last.ckpt`` (saved before that eviction), still
+    counts as kept."""
+    return record.op == "remove" and record.after is None and os.path.lexists(record.local_path)
 
 
 def _pin_local_file(record: JobRecord) -> None:

@@ -7,6 +7,8 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
   writes ``--marker`` and blocks forever (the test then kills the process).
 - ``--mode slow``: every checkpoint upload writes ``--marker`` and takes 0.3 s longer.
 - ``--mode plain``: no gate.
+- ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
+  time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
 
 At the end (if it gets there) it writes ``--report``: the key prefix, Lightning's kept
 set (file names) and the events it saw.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -53,6 +57,45 @@ class Gate(LaminArtifactPublisher):
         return super().create_artifact(local_path, **kwargs)
 
 
+def kill_points() -> dict[str, tuple[type, str]]:
+    """Each step of a job, as the method that ends it (the process dies right after)."""
+    from lamin_lightning._journal import Outbox
+    from lamin_lightning._lamin_store import LaminStore
+    from lamin_lightning._staging import Stager
+    from lamin_lightning._submit import Submitter
+
+    return {
+        "journaled": (Outbox, "append"),  # training thread: the job's line, not admitted yet
+        # an eviction's line, before the file is moved aside (Lightning's removal)
+        "journaled_removal": (Outbox, "append"),
+        "staged": (Stager, "stage"),  # intake: the staged link, no transfer yet
+        "transferred": (LaminStore, "create"),  # worker: uploaded and recorded, not committed
+        "committed": (LaminStore, "commit_checkpoint"),  # committed, the journal not marked
+        "settled": (Outbox, "settle"),  # the journal marks the job finished
+        # training thread: the evicted file moved aside, its removal not yet admitted
+        "trashed": (Submitter, "trash_for_removal"),
+    }
+
+
+def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
+    owner, name = kill_points()[step]
+    real = getattr(owner, name)
+    count = [0]
+    lock = threading.Lock()
+
+    def ended(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if step == "journaled_removal" and args[1].op != "remove":
+            return result
+        with lock:
+            count[0] += 1
+            if count[0] == after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    guard.setattr(owner, name, ended)
+
+
 class Events:
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
@@ -82,10 +125,14 @@ def main() -> None:
     parser.add_argument("--marker", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill-at", choices=sorted(kill_points()), default=None)
+    parser.add_argument("--kill-after", type=int, default=1)
     args = parser.parse_args()
 
     guard = pytest.MonkeyPatch()
     block_network(guard)
+    if args.kill_at:
+        kill_at(guard, args.kill_at, args.kill_after)
     observer = Events()
     callback = ll.Checkpoint(
         dirpath=args.dirpath,

@@ -154,6 +154,71 @@ def test_sigkill_mid_upload_then_rerunning_the_script_completes_the_set(
     assert _pending(dirpath) == []
 
 
+KILL_STEPS = [
+    ("journaled", 4),
+    ("journaled_removal", 1),
+    ("journaled_removal", 2),
+    ("staged", 3),
+    ("transferred", 3),
+    ("committed", 3),
+    ("settled", 3),
+    ("trashed", 1),
+    ("trashed", 2),
+]
+
+
+def _killed_at(tmp_path: Path, step: str, after: int) -> str:
+    """Run training until it SIGKILLs itself right after the ``after``-th time a job reached
+    ``step``; return the key prefix."""
+    killed = _start(tmp_path, "plain", "--kill-at", step, "--kill-after", str(after))
+    out, _ = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {step} #{after}:\n{out}"
+    assert not (tmp_path / "report.json").exists()
+    return (tmp_path / "report.prefix").read_text()
+
+
+@pytest.mark.parametrize(("step", "after"), KILL_STEPS)
+def test_sigkill_at_each_step_of_a_job_then_a_flush_makes_the_store_equal_the_folder(
+    ln: Any, tmp_path: Path, step: str, after: int
+) -> None:
+    """SIGKILL right after a job reaches each of its steps (journal line written, staged,
+    uploaded and recorded, committed, marked finished; an eviction journaled, an evicted
+    file moved aside). `lamin-lightning flush` then leaves the store exactly as the
+    checkpoint folder: one artifact per file, bytes equal, none for a file that is gone,
+    no job pending."""
+    prefix = _killed_at(tmp_path, step, after)
+    dirpath = tmp_path / "ckpt"
+    flushed = _cli("flush", "--no-progress", str(dirpath))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert _pending(dirpath) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "after"), KILL_STEPS)
+def test_sigkill_at_each_step_of_a_job_then_the_rerun_completes_the_set(
+    ln: Any, tmp_path: Path, step: str, after: int
+) -> None:
+    """The same crashes, then the script again, resumed from last.ckpt: it replays what was
+    left first, then trains on; the store ends equal to the folder, which holds
+    Lightning's kept set. (A crash can leave a file Lightning no longer tracks: resumed
+    from an older last.ckpt, it writes that step again under a -v1 name; the file stays,
+    as with plain Lightning, and so does its artifact.)"""
+    prefix = _killed_at(tmp_path, step, after)
+    rerun = _start(tmp_path, "plain", "--resume", steps=12)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["prefix"] == prefix
+    dirpath = tmp_path / "ckpt"
+    on_disk = _on_disk(dirpath, prefix)
+    assert {f"{prefix}/{name}" for name in report["kept"]} <= set(on_disk)
+    assert_checkpoint_keys_persisted(ln, prefix, on_disk)
+    assert _pending(dirpath) == []
+    failed = [e for e in report["events"] if e["type"] == "ArtifactFailedEvent"]
+    assert failed == [], failed
+
+
 def test_sigterm_runs_lightnings_handling_and_our_flush_completes(ln: Any, tmp_path: Path) -> None:
     proc = _start(tmp_path, "slow", steps=40)
     try:
