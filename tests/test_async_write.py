@@ -480,9 +480,20 @@ def test_a_write_failing_midway_leaves_no_torn_file_and_reaches_the_user(
 
 @pytest.mark.parametrize("max_snapshots", [1, 2])
 def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is_counted(
-    max_snapshots: int, tmp_path: Path
+    max_snapshots: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the first write held, save number max_snapshots+1 blocks until it is let go."""
+    # Set when a save finds no free snapshot slot, right before it blocks for one (while
+    # the first write is held, no slot can free up in between).
+    blocking = threading.Event()
+    real_acquire = Snapshotter.acquire
+
+    def acquire(self: Snapshotter) -> Any:
+        if self._free.empty():
+            blocking.set()
+        return real_acquire(self)
+
+    monkeypatch.setattr(Snapshotter, "acquire", acquire)
     dirpath = tmp_path / "ckpt"
     first_file = dirpath / "epoch=0-step=1.ckpt"
     gate = WriteGate()
@@ -529,6 +540,8 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
         assert gate.entered.acquire(timeout=TIMEOUT)
         for _ in range(max_snapshots + 1):
             assert gate.dumping.acquire(timeout=TIMEOUT)
+        # Assembled is not yet waiting: let go of the first write only once it waits.
+        assert blocking.wait(timeout=TIMEOUT)
         first_written_while_held = first_file.exists()
         returned_while_held = [name for name, _, _ in returned]
     finally:
