@@ -239,6 +239,12 @@ class LaminStore:
         # A folder checkpoint is hashed as lamindb hashes a folder artifact.
         digest = hash_dir(path)[1] if path.is_dir() else hash_file(path)[1]
         existing = _ln().Artifact.filter(key=record.key, hash=digest).order_by("-id").first()
+        if existing is not None and getattr(existing, "_storage_ongoing", False):
+            # lamindb saves the record, uploads, then marks it complete: this one's upload
+            # was cut short (the process died). Reusing it would commit a record whose
+            # file is missing or partial; it goes, and the file is uploaded afresh.
+            _drop_interrupted(existing)
+            existing = None
         if existing is not None:
             # Reused (a replay of a save committed before a crash, or the same bytes saved
             # again): in flight until its commit, so that the commit of an earlier job of
@@ -613,6 +619,17 @@ def _quiet_on_pipeline_threads() -> None:
 
     if not any(isinstance(f, _PipelineThreadsQuiet) for f in logger.filters):
         logger.addFilter(_PipelineThreadsQuiet())
+
+
+def _drop_interrupted(artifact: Any) -> None:
+    """Delete the record of an upload that never completed, and what it left in storage."""
+    try:
+        stored = artifact.path
+        if stored.exists():
+            stored.unlink()
+    except Exception as error:  # best effort: the record must go either way
+        log.warning("could not remove the partial upload of %r: %s", artifact.key, error)
+    artifact.delete(permanent=True, storage=False)
 
 
 def _delete(artifact: Any, *, keep_path: str | None = None) -> None:
