@@ -45,6 +45,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from typing_extensions import override
 
+from lamin_lightning._aside import put_back_in as put_back_leftovers
 from lamin_lightning._checkpoint_io import WriteTracker
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
@@ -234,11 +235,23 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 root, _journal_digest(self), enabled=self.outbox, dirpath=self.dirpath
             )
             submitter.check_free_space(root, _state_bytes(pl_module), self.dirpath)
+            if self.dirpath:  # a crash mid-rewrite: the previous checkpoint comes back
+                put_back_leftovers(self.dirpath)
             self._replay_unfinished(trainer)
             self._set_up = True
             deferred, self._deferred_files = self._deferred_files, []
             for path, kind in deferred:
                 self.submit_file(trainer, path, kind)
+
+    @override
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        # Lightning resolves ckpt_path="last" with this, before setup: a last.ckpt whose
+        # rewrite a crash cut short is put back first, or the run would start over.
+        folder = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
+        # Every rank (they may share the folder; restorers take turns, see _aside).
+        if folder and "://" not in str(folder):
+            put_back_leftovers(folder)
+        return super()._find_last_checkpoints(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -32,7 +32,12 @@ from lamin_lightning._events import (
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, journal_paths, read_pending
 from lamin_lightning._pipeline import JobSpec
-from lamin_lightning._staging import STAGING_DIRNAME, Stager, release_staged, working_folders
+from lamin_lightning._staging import (
+    Stager,
+    checkpoint_folder_of,
+    release_staged,
+    working_folders,
+)
 from lamin_lightning.store import ArtifactStore
 
 log = logging.getLogger("lamin_lightning")
@@ -283,7 +288,7 @@ def unfinished(
                 "lamin-lightning: %s holds unfinished persistence jobs of an earlier run that"
                 " another process still holds; once it ends, run `lamin-lightning flush %s`",
                 path,
-                _checkpoint_folder_of(folder),
+                checkpoint_folder_of(folder),
             )
     pending = [o for o in (own, *opened) if o is not None and o.pending()]
     if pending:
@@ -312,13 +317,6 @@ def _sibling_version_roots(dirpath: Path, logger_layout: tuple[Path, str] | None
             continue
         found.extend(root for root in outbox_roots(folder) if root.is_dir())
     return found
-
-
-def _checkpoint_folder_of(root: Path) -> Path:
-    """The checkpoint folder a working folder belongs to (for messages)."""
-    if root.name == STAGING_DIRNAME:
-        return root.parent
-    return root.parent / root.name[1 : -len(".lamin-lightning")]
 
 
 def _digest_of(path: Path) -> str:

@@ -102,6 +102,13 @@ def working_folders(path: str | os.PathLike[str]) -> list[Path]:
     return folders
 
 
+def checkpoint_folder_of(root: Path) -> Path:
+    """The checkpoint folder a working folder belongs to (the inverse of :func:`staging_root`)."""
+    if root.name == STAGING_DIRNAME:
+        return root.parent
+    return root.parent / root.name[1 : -len(WORKING_SUFFIX)]
+
+
 def _same_device(a: Path, b: Path) -> bool:
     try:
         return os.stat(a).st_dev == os.stat(b).st_dev

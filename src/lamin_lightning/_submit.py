@@ -11,7 +11,6 @@ pipeline's threads.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lamin_lightning import _aside
 from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import CheckpointDirectoryError, OutboxInUseError
 from lamin_lightning._jobs import JobRecord
@@ -301,16 +301,16 @@ class Submitter:
         the inode a queued upload still reads. Returns ``done(rewritten)``, to call once
         Lightning's write returned or raised: a failed rewrite (a full disk) puts the
         previous file back, so the checkpoint to resume from is never lost; a rewrite
-        that worked sends it to the trash (deleted off the training thread).
+        that worked sends it to the trash (deleted off the training thread). A crash
+        in between leaves it aside, under this process's lock: the next ``setup``, a
+        ``ckpt_path="last"`` lookup or ``lamin-lightning flush`` puts it back
+        (:mod:`lamin_lightning._aside`).
         """
         self.await_staging(filepath)
         if not os.path.lexists(filepath):
             return _nothing_aside
-        with _aside_lock:
-            aside = root / "aside" / f"{os.getpid()}-{next(_aside_counter)}-{Path(filepath).name}"
         try:
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(filepath, aside)
+            aside = _aside.move_aside(root, filepath)
         except OSError:
             detach_before_rewrite(filepath)
             return _nothing_aside
@@ -373,8 +373,9 @@ class Submitter:
             if pipeline is not None:
                 pipeline.stop(timeout=0)
         finally:
-            for stager in self._stagers.values():
+            for root, stager in self._stagers.items():
                 stager.empty_trash()
+                _aside.release(root)
             self.close_outbox()
 
 
@@ -394,10 +395,6 @@ def stop_collected(submitter: Submitter, timeout: float | None) -> None:
         submitter.stop()
 
     threading.Thread(target=stop, name="lamin-lightning-collected", daemon=True).start()
-
-
-_aside_lock = threading.Lock()
-_aside_counter = itertools.count()
 
 
 def _nothing_aside(rewritten: bool) -> None:

@@ -74,10 +74,14 @@ def kill_points() -> dict[str, tuple[type, str]]:
         "settled": (Outbox, "settle"),  # the journal marks the job finished
         # training thread: the evicted file moved aside, its removal not yet admitted
         "trashed": (Submitter, "trash_for_removal"),
+        # training thread: last.ckpt moved aside for its rewrite, the new one not written
+        "moved_aside": (Submitter, "move_aside"),
     }
 
 
 def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
+    from lamin_lightning._submit import _nothing_aside
+
     owner, name = kill_points()[step]
     real = getattr(owner, name)
     count = [0]
@@ -86,6 +90,8 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
     def ended(*args: Any, **kwargs: Any) -> Any:
         result = real(*args, **kwargs)
         if step == "journaled_removal" and args[1].op != "remove":
+            return result
+        if step == "moved_aside" and result is _nothing_aside:  # nothing there to move
             return result
         with lock:
             count[0] += 1
@@ -114,6 +120,7 @@ class Prefix(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.path.write_text(self.callback.checkpoint_key_prefix)
+        self.start_step = trainer.global_step  # > 0: resumed from a checkpoint
 
 
 def main() -> None:
@@ -145,9 +152,10 @@ def main() -> None:
         artifact_observers=[observer],
     )
     callback._artifact_publisher = Gate(args.mode, args.marker, args.let_through)
+    prefix = Prefix(callback, args.report.with_suffix(".prefix"))
     trainer = make_trainer(
         args.dirpath.parent,
-        [callback, Prefix(callback, args.report.with_suffix(".prefix"))],
+        [callback, prefix],
         max_steps=args.steps,
     )
     model = TierModel(scores=SCORES)
@@ -159,7 +167,12 @@ def main() -> None:
     kept = sorted({Path(p).name for p in callback.best_k_models} | {"last.ckpt"})
     args.report.write_text(
         json.dumps(
-            {"prefix": callback.checkpoint_key_prefix, "kept": kept, "events": observer.seen}
+            {
+                "prefix": callback.checkpoint_key_prefix,
+                "kept": kept,
+                "events": observer.seen,
+                "start_step": prefix.start_step,
+            }
         )
     )
 

@@ -156,14 +156,17 @@ def test_sigkill_mid_upload_then_rerunning_the_script_completes_the_set(
 
 # Steps reached on the training thread, where the kill lands at a known point of the
 # save. (Killing when a pipeline thread reaches a step lands anywhere in the training
-# thread's save, including the windows guarantees.md section 8 names, e.g. a rewrite's
-# previous file moved aside: not restored yet, see the closing note.)
+# thread's save, including the window guarantees.md section 8 names: a file Lightning
+# wrote whose journal line was not written yet.) "moved_aside": last.ckpt is out of the
+# folder for its rewrite, the new one not written; the flush puts it back.
 KILL_STEPS = [
     ("journaled", 4),
     ("journaled_removal", 1),
     ("journaled_removal", 2),
     ("trashed", 1),
     ("trashed", 2),
+    ("moved_aside", 1),
+    ("moved_aside", 3),
 ]
 
 
@@ -181,9 +184,10 @@ def _killed_at(tmp_path: Path, step: str, after: int) -> str:
 def test_sigkill_at_each_step_of_a_job_then_a_flush_makes_the_store_equal_the_folder(
     ln: Any, tmp_path: Path, step: str, after: int
 ) -> None:
-    """SIGKILL right after a job reaches each of its steps (journal line written, staged,
-    uploaded and recorded, committed, marked finished; an eviction journaled, an evicted
-    file moved aside). `lamin-lightning flush` then leaves the store exactly as the
+    """SIGKILL right after each step of a save on the training thread (a job's journal
+    line written, an eviction journaled, an evicted file moved to the trash, last.ckpt
+    moved aside for its rewrite); the pipeline's jobs are wherever they are at that
+    moment. `lamin-lightning flush` then leaves the store exactly as the
     checkpoint folder: one artifact per file, bytes equal, none for a file that is gone,
     no job pending."""
     prefix = _killed_at(tmp_path, step, after)
@@ -195,7 +199,7 @@ def test_sigkill_at_each_step_of_a_job_then_a_flush_makes_the_store_equal_the_fo
 
 
 # The rerun trains 12 more steps per case: a subset of the steps (the flush test has all).
-RERUN_STEPS = [("journaled_removal", 1), ("trashed", 2)]
+RERUN_STEPS = [("journaled_removal", 1), ("trashed", 2), ("moved_aside", 2)]
 
 
 @pytest.mark.slow
@@ -214,6 +218,7 @@ def test_sigkill_at_each_step_of_a_job_then_the_rerun_completes_the_set(
     assert rerun.returncode == 0, out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["prefix"] == prefix
+    assert report["start_step"] > 0, "the rerun started over: no last.ckpt to resume from"
     dirpath = tmp_path / "ckpt"
     on_disk = _on_disk(dirpath, prefix)
     assert {f"{prefix}/{name}" for name in report["kept"]} <= set(on_disk)

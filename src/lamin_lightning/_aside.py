@@ -1,0 +1,310 @@
+"""A checkpoint moved out of Lightning's way while Lightning rewrites it, and its return
+after a crash.
+
+Before a synchronous rewrite of a file (``last.ckpt``), the previous file is renamed into
+``{working folder}/aside/``; once the rewrite returned it goes to the trash, and if the
+rewrite raised it comes back. A process killed between the rename and the end of the
+write leaves it there, and the checkpoint folder without it (or with the new file cut
+short). :func:`put_back_leftovers` repairs that, at ``_find_last_checkpoints`` (so that
+``ckpt_path="last"`` finds it), at ``setup`` and in ``lamin-lightning flush``.
+
+Whose file is it? Each process that moves files aside holds an exclusive ``flock`` on its
+own lock file there (``{owner}.lock``, ``owner`` = pid and a per-process random token, as
+in every aside name) for as long as it lives. An entry whose owner's lock can be taken
+belongs to a process that ended; one whose lock is held is mid-rewrite in a live process
+and is left alone. Without ``fcntl`` (Windows) nothing can tell, and nothing is put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+from lamin_lightning import _staging
+from lamin_lightning._staging import Stager, checkpoint_folder_of, remove_path, working_folders
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("lamin_lightning")
+
+ASIDE_DIRNAME = "aside"
+_LOCK_SUFFIX = ".lock"
+_RESTORING = "restoring.lock"
+
+_counter = itertools.count()
+_lock = threading.Lock()
+_held: dict[str, int] = {}
+"""Aside folder -> this process's open, locked lock file there (kept for its lifetime)."""
+
+
+def _forked() -> None:
+    # The child's copies of the parent's lock descriptors would keep the parent's locks
+    # after the parent died: close them (the parent's own descriptors keep its locks).
+    for fd in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forked)
+
+
+def _owner() -> str:
+    return f"{_staging._pid}-{_staging._TOKEN}"
+
+
+def _hold(folder: Path) -> str:
+    """This process's owner name in ``folder``, its lock file created and locked once."""
+    key = str(folder)
+    owner = _owner()
+    if key in _held:
+        return owner
+    with _lock:
+        if key not in _held:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / f"{owner}{_LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:
+                    os.close(fd)
+                    raise
+            _held[key] = fd
+    return owner
+
+
+def move_aside(root: Path, filepath: str | os.PathLike[str]) -> Path:
+    """Rename ``filepath`` into ``root``'s aside folder, under this process's lock; return
+    where it went. Raises OSError if it could not be moved (it is then where it was)."""
+    folder = root / ASIDE_DIRNAME
+    owner = _hold(folder)
+    aside = folder / f"{owner}-{next(_counter)}-{os.path.basename(os.fspath(filepath))}"
+    os.replace(filepath, aside)
+    return aside
+
+
+def release(root: Path) -> None:
+    """Give up this process's lock file in ``root``'s aside folder (the callback stops);
+    kept if something of ours is still aside (a rewrite that never returned)."""
+    folder = root / ASIDE_DIRNAME
+    with _lock:
+        fd = _held.get(str(folder))
+        if fd is None:
+            return
+        owner = _owner()
+        try:
+            mine = [e for e in os.listdir(folder) if e.startswith(f"{owner}-")]
+        except OSError:
+            return
+        if mine:
+            return
+        del _held[str(folder)]
+        with contextlib.suppress(OSError):
+            os.unlink(folder / f"{owner}{_LOCK_SUFFIX}")
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
+    """:func:`put_back_leftovers` for every working folder of checkpoint folder
+    ``dirpath`` (or of ``dirpath`` itself, a working folder)."""
+    return [
+        path
+        for root in working_folders(dirpath)
+        for path in put_back_leftovers(root, checkpoint_folder_of(root))
+    ]
+
+
+def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:
+    """Return to ``checkpoint_folder`` what processes that ended left in ``root``'s aside
+    folder; return the checkpoints put back.
+
+    - The checkpoint is missing (killed before the rewrite wrote it): put back.
+    - It is there but cut short (not a complete zip, as ``torch.save`` writes, where the
+      previous one is): replaced by the previous one.
+    - It is there, complete: the rewrite finished; the previous one is deleted.
+
+    Several leftovers of one name (crashes in a row): the newest (by modification time)
+    is considered first. Never overwrites a file that appears meanwhile.
+    """
+    folder = root / ASIDE_DIRNAME
+    if fcntl is None:  # pragma: no cover - Windows: whose file it is cannot be told
+        return []  # type: ignore[unreachable]
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    entries: dict[str, list[str]] = {}
+    for name in names:
+        if name == _RESTORING:
+            continue
+        if name.endswith(_LOCK_SUFFIX):  # an owner, with or without entries left
+            entries.setdefault(name[: -len(_LOCK_SUFFIX)], [])
+        else:
+            entries.setdefault(_parse(name)[0], []).append(name)
+    entries.pop(_owner(), None)
+    if not entries:
+        return []
+    put_back: list[Path] = []
+    stager = Stager(root)
+    # One restorer at a time (the ranks of one run look at once): a second one waits,
+    # then finds nothing left, rather than listing the folder before the first is done.
+    with _restoring(folder), contextlib.ExitStack() as held:
+        leftovers = [
+            name
+            for owner, mine in entries.items()
+            if held.enter_context(_dead_owner(folder, owner))
+            for name in mine
+        ]
+        for name in sorted(leftovers, key=lambda n: _mtime(folder / n), reverse=True):
+            restored = _settle(folder / name, checkpoint_folder / _parse(name)[1], stager)
+            if restored is not None:
+                put_back.append(restored)
+    stager.empty_trash()
+    return put_back
+
+
+@contextlib.contextmanager
+def _restoring(folder: Path):  # type: ignore[no-untyped-def]
+    try:
+        fd = os.open(folder / _RESTORING, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _parse(name: str) -> tuple[str, str]:
+    """An aside entry's owner and the checkpoint's name.
+
+    ``{pid}-{token}-{n}-{name}``; entries of versions before 0.4 (``{pid}-{n}-{name}``)
+    get the owner ``{pid}-{n}``, whose lock file never exists: their process ended.
+    """
+    parts = name.split("-", 3)
+    if len(parts) == 4 and len(parts[1]) == len(_staging._TOKEN) and not parts[1].isdigit():
+        return f"{parts[0]}-{parts[1]}", parts[3]
+    parts = name.split("-", 2)
+    return "-".join(parts[:2]), parts[-1]
+
+
+@contextlib.contextmanager
+def _dead_owner(folder: Path, owner: str):  # type: ignore[no-untyped-def]
+    """Whether ``owner`` has ended (its lock file can be locked, or is gone); holds that
+    lock meanwhile, so that two restorers never work on the same entries, and removes the
+    lock file afterwards."""
+    path = folder / f"{owner}{_LOCK_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        yield True
+        return
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False  # alive: a rewrite of its may be running right now
+            return
+        yield True
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _settle(aside: Path, target: Path, stager: Stager) -> Path | None:
+    """Put one leftover back, or delete it (see :func:`put_back_leftovers`)."""
+    if not os.path.lexists(aside):
+        return None
+    if os.path.lexists(target):
+        if not (_cut_short(target) and _complete(aside)):
+            log.info("lamin-lightning: deleting %s: %s was rewritten after it", aside, target)
+            remove_path(aside)
+            return None
+        if not stager.trash(target):
+            log.error("lamin-lightning: %s is cut short and could not be replaced", target)
+            return None
+        log.warning(
+            "lamin-lightning: %s was cut short by a crash while being rewritten; the previous"
+            " checkpoint is put back",
+            target,
+        )
+    else:
+        log.warning(
+            "lamin-lightning: putting %s back: a crash interrupted its rewrite (it was kept in %s)",
+            target,
+            aside.parent,
+        )
+    if _place(aside, target):
+        return target
+    log.error(
+        "lamin-lightning: could not put %s back; the previous checkpoint is %s", target, aside
+    )
+    return None
+
+
+def _place(aside: Path, target: Path) -> bool:
+    """Move ``aside`` to ``target`` without overwriting anything there meanwhile."""
+    if os.path.isdir(aside) and not os.path.islink(aside):
+        try:
+            os.rename(aside, target)  # fails onto a non-empty folder
+        except OSError:
+            return False
+        return True
+    try:
+        os.link(aside, target, follow_symlinks=False)  # fails if the target exists
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        if os.path.lexists(target):  # a filesystem without hard links
+            return False
+        try:
+            os.rename(aside, target)
+        except OSError:
+            return False
+        return True
+    with contextlib.suppress(OSError):
+        os.unlink(aside)
+    return True
+
+
+def _cut_short(path: Path) -> bool:
+    """A file that is not a complete zip archive (``torch.save``'s format)."""
+    return os.path.isfile(path) and not _is_zip(path)
+
+
+def _complete(path: Path) -> bool:
+    return os.path.isfile(path) and _is_zip(path)
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False

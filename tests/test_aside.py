@@ -1,0 +1,199 @@
+"""A checkpoint moved aside for its rewrite comes back after a crash (issue 12, item 5).
+
+Before a synchronous rewrite (``last.ckpt``) the previous file is renamed into the
+working folder's ``aside/``. A process that dies before the rewrite is done leaves it
+there: the checkpoint folder lacks ``last.ckpt`` (or holds it cut short) while the store
+holds the previous one. ``setup``, Lightning's ``ckpt_path="last"`` lookup and
+``lamin-lightning flush`` put it back; what a live process has aside is left alone.
+
+The crashed processes here are real ones: a child moves the file aside through the same
+function the callback uses, optionally writes the new file, and exits without cleaning up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TinyModel, loader, make_trainer, sha256_file
+from lamin_lightning import _aside
+from lamin_lightning._flush import flush_directory
+from lamin_lightning._staging import staging_root
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from lamin_lightning import _aside
+    root, target, then = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    _aside.move_aside(root, target)
+    if then == "truncated":
+        Path(target).write_bytes(b"PK\\x03\\x04 cut short")
+    elif then == "complete":
+        import torch
+        torch.save({"new": 1}, target)
+    elif then == "wait":
+        print("moved", flush=True)
+        sys.stdin.read()
+    os._exit(0)  # no cleanup, as a crash
+    """
+)
+
+
+def _crash_mid_rewrite(dirpath: Path, name: str = "last.ckpt", then: str = "") -> None:
+    """A process moves ``dirpath/name`` aside for its rewrite, maybe writes, and dies."""
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(staging_root(dirpath)), str(dirpath / name), then],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _aside_entries(dirpath: Path) -> list[str]:
+    folder = staging_root(dirpath) / _aside.ASIDE_DIRNAME
+    return (
+        sorted(n for n in os.listdir(folder) if not n.endswith(".lock")) if folder.exists() else []
+    )
+
+
+@pytest.fixture
+def last(tmp_path: Path) -> Path:
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    torch.save({"step": 1}, dirpath / "last.ckpt")
+    return dirpath / "last.ckpt"
+
+
+def test_a_checkpoint_whose_rewrite_a_crash_cut_short_before_it_was_written_is_put_back(
+    last: Path,
+) -> None:
+    digest = sha256_file(last)
+    _crash_mid_rewrite(last.parent)
+    assert not last.exists() and len(_aside_entries(last.parent)) == 1
+
+    assert _aside.put_back_in(last.parent) == [last]
+    assert sha256_file(last) == digest
+    assert _aside_entries(last.parent) == []
+    # Nothing left to do: a second look changes nothing.
+    assert _aside.put_back_in(last.parent) == []
+    assert sha256_file(last) == digest
+
+
+def test_a_rewrite_cut_short_mid_write_gives_way_to_the_previous_checkpoint(last: Path) -> None:
+    digest = sha256_file(last)
+    _crash_mid_rewrite(last.parent, then="truncated")
+    assert sha256_file(last) != digest
+
+    assert _aside.put_back_in(last.parent) == [last]
+    assert sha256_file(last) == digest
+    assert torch.load(last, weights_only=True) == {"step": 1}
+    assert _aside_entries(last.parent) == []
+
+
+def test_a_rewrite_that_finished_before_the_crash_is_kept_and_the_previous_file_deleted(
+    last: Path,
+) -> None:
+    _crash_mid_rewrite(last.parent, then="complete")
+    assert _aside.put_back_in(last.parent) == []
+    assert torch.load(last, weights_only=True) == {"new": 1}
+    assert _aside_entries(last.parent) == []
+
+
+def test_what_a_live_process_has_aside_is_left_alone_until_it_ends(last: Path) -> None:
+    digest = sha256_file(last)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(staging_root(last.parent)), str(last), "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "moved"
+        # Mid-rewrite in a live process: putting it back would race its write.
+        assert _aside.put_back_in(last.parent) == []
+        assert not last.exists() and len(_aside_entries(last.parent)) == 1
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()  # it exits, without putting anything back
+        child.wait(timeout=60)
+    assert _aside.put_back_in(last.parent) == [last]
+    assert sha256_file(last) == digest
+
+
+def test_of_several_leftovers_of_one_name_the_newest_comes_back(last: Path) -> None:
+    _crash_mid_rewrite(last.parent)
+    torch.save({"step": 2}, last)
+    os.utime(last, (os.stat(last).st_atime, os.stat(last).st_mtime + 10))
+    newest = sha256_file(last)
+    _crash_mid_rewrite(last.parent)
+    assert len(_aside_entries(last.parent)) == 2
+
+    assert _aside.put_back_in(last.parent) == [last]
+    assert sha256_file(last) == newest
+    assert _aside_entries(last.parent) == []
+
+
+def test_a_leftover_named_as_before_version_0_4_is_put_back(last: Path) -> None:
+    folder = staging_root(last.parent) / _aside.ASIDE_DIRNAME
+    folder.mkdir(parents=True)
+    digest = sha256_file(last)
+    os.replace(last, folder / "4242-0-last.ckpt")
+    assert _aside.put_back_in(last.parent) == [last]
+    assert sha256_file(last) == digest
+
+
+def test_looking_for_leftovers_creates_nothing(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    assert _aside.put_back_in(dirpath) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_the_callbacks_own_rewrites_leave_no_aside_folder_behind(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    callback = MemoryCheckpoint(
+        MemoryStore(), dirpath=dirpath, save_last=True, every_n_train_steps=1
+    )
+    make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader())
+    assert (dirpath / "last.ckpt").exists()
+    assert not (staging_root(dirpath) / _aside.ASIDE_DIRNAME).exists()
+
+
+def test_ckpt_path_last_resumes_from_a_last_ckpt_a_crash_left_aside(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    first = MemoryCheckpoint(store, dirpath=dirpath, save_last=True, every_n_train_steps=1)
+    make_trainer(tmp_path, [first], max_steps=3).fit(TinyModel(), loader())
+    _crash_mid_rewrite(dirpath)
+    assert not (dirpath / "last.ckpt").exists()
+
+    again = MemoryCheckpoint(store, dirpath=dirpath, save_last=True, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, [again], max_steps=5)
+    model = TinyModel()
+    trainer.fit(model, loader(), ckpt_path="last")
+    # Resumed at step 3 (not started over): two more steps, and the file is Lightning's.
+    assert trainer.global_step == 5
+    assert torch.load(dirpath / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert _aside_entries(dirpath) == []
+
+
+def test_flush_puts_a_leftover_back_before_replaying(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_last=True, every_n_train_steps=1)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader())
+    digest = sha256_file(dirpath / "last.ckpt")
+    _crash_mid_rewrite(dirpath)
+
+    flush_directory(dirpath, progress=False, stores={"memory": store})
+    assert sha256_file(dirpath / "last.ckpt") == digest
+    assert _aside_entries(dirpath) == []
