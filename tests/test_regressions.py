@@ -446,3 +446,30 @@ def test_a_replayed_save_never_staged_persists_the_bytes_it_was_submitted_with(
     replayed = [e for e in observer.events if e.recovered]
     assert [type(e).__name__ for e in replayed] == ["ArtifactSavedEvent"]
     assert replayed[0].artifact.sha256 == old
+
+
+def test_a_scores_float_is_read_once_per_score_object_not_at_every_save() -> None:
+    """Lightning keeps the same score tensors in ``best_k_models`` from save to save; each
+    ``item()`` of a CUDA tensor waits for the device. The snapshot reads each score once."""
+
+    class Score:
+        def __init__(self, value: float) -> None:
+            self.value, self.reads = value, 0
+
+        def item(self) -> float:
+            self.reads += 1
+            return self.value
+
+    callback = MemoryCheckpoint(MemoryStore(), monitor="score", save_top_k=3)
+    scores = [Score(float(n)) for n in range(3)]
+    callback.best_k_models = {f"/c/{n}.ckpt": s for n, s in enumerate(scores)}
+    for _ in range(5):
+        assert [callback._score(s) for s in scores] == [0.0, 1.0, 2.0]
+    assert [s.reads for s in scores] == [1, 1, 1]
+    # A new object under a known value is read (an id can be reused once one is freed).
+    fresh = Score(7.0)
+    assert callback._score(fresh) == 7.0 and fresh.reads == 1
+    # What Lightning no longer holds is forgotten: the memo stays small.
+    for n in range(200):
+        callback._score(Score(float(n)))
+    assert len(callback._score_floats) <= 66

@@ -142,7 +142,10 @@ class Stager:
         """Choose the staged name of ``path`` without touching the filesystem."""
         # The outbox keeps these names across a crash (see unique_name). One Path, built
         # from a string (this runs on the training thread at every save).
-        name = os.path.basename(os.path.normpath(path))
+        text = os.fspath(path)
+        name = text.rpartition(os.sep)[2]
+        if not name or name in (".", ".."):  # "dir/", "a/..": rare, the general way
+            name = os.path.basename(os.path.normpath(text))
         return Path(f"{self._staged_prefix}{unique_name()}{os.sep}{name}")
 
     def stage(

@@ -70,6 +70,8 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _user_dirpath: bool
     _stats_recorder: StatsRecorder
     _hparams_submitted: bool
+    _no_hparams_trainer: Any
+    _score_floats: dict[int, tuple[Any, float | None]]
     _trainer: pl.Trainer | None
     _submitter: Submitter | None
     _staging_roots: dict[str, Path]
@@ -200,8 +202,24 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             journaled=journaled,
         )
 
+    def _score(self, score: Any) -> float | None:
+        """``as_float(score)``, remembered per score object: Lightning keeps the same
+        tensors in ``best_k_models`` from save to save, and a tensor's ``item()`` is slow
+        on the training thread (the dispatcher's code is out of the cache by then)."""
+        floats = self._score_floats
+        known = floats.get(id(score))
+        if known is not None and known[0] is score:
+            return known[1]
+        value = as_float(score)
+        if len(floats) > 64:  # top-k scores and the current one; the rest is stale
+            live = {id(v) for v in self.best_k_models.values()}
+            for key in [k for k in floats if k not in live]:
+                del floats[key]
+        floats[id(score)] = (score, value)
+        return value
+
     def _snapshot(self, trainer: pl.Trainer, filepath: str, staged: Path) -> CheckpointSnapshot:
-        scored = [(path, as_float(score)) for path, score in self.best_k_models.items()]
+        scored = [(path, self._score(score)) for path, score in self.best_k_models.items()]
         ordered = sorted(
             (item for item in scored if item[1] is not None),
             key=lambda item: item[1],  # type: ignore[arg-type, return-value]
@@ -218,7 +236,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             monitor=self.monitor,
             mode=self.mode,
             save_weights_only=self.save_weights_only,
-            score=as_float(self.current_score),
+            score=self._score(self.current_score),
             is_best=best == str(filepath),
             best_key=self._key(trainer, best, "checkpoint") if best else None,
             last_key=self._key(trainer, last, "checkpoint") if last else None,
@@ -269,7 +287,10 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         return path if path.exists() else None
 
     def _submit_hparams_once(self, trainer: pl.Trainer) -> None:
-        if self._hparams_submitted:
+        if self._hparams_submitted or self._no_hparams_trainer is trainer:
+            return
+        if not trainer.loggers:  # none for this fit: no need to look at every save
+            self._no_hparams_trainer = trainer
             return
         path = self.hparams_path(trainer)
         if path is not None:

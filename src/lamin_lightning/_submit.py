@@ -10,6 +10,7 @@ pipeline's threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -78,7 +79,7 @@ class Submitter:
         self._outbox_plan: tuple[Path, str, Any] | None = None  # where to create it
         self.foreign: list[Outbox] = []
         self._stagers: dict[Path, Stager] = {}
-        self._staging_done: dict[str, threading.Event] = {}
+        self._staging_done: dict[str, _Done] = {}
         self._unadmitted: list[JobSpec] = []  # journaled, kept from admission by an interrupt
         self._holding = False  # see holding()
 
@@ -145,7 +146,9 @@ class Submitter:
             # Lightning must not wait for it. A journaled job stays in the outbox, with its
             # local file: the next setup or `lamin-lightning flush` persists it, or the
             # flush at exit (see submit_interrupted).
-            self._staging_done.pop(os.path.abspath(record.local_path), threading.Event()).set()
+            done = self._staging_done.pop(os.path.abspath(record.local_path), None)
+            if done is not None:
+                done.set()
             if spec is not None:
                 self._unadmitted.append(spec)
             raise
@@ -265,7 +268,7 @@ class Submitter:
         """
         stager = self.stager(root)
         staged = stager.plan(filepath)
-        done = threading.Event()
+        done = _Done()
         if len(self._staging_done) > 256:
             self._staging_done = {p: e for p, e in self._staging_done.items() if not e.is_set()}
         self._staging_done[os.path.abspath(filepath)] = done
@@ -395,6 +398,30 @@ def stop_collected(submitter: Submitter, timeout: float | None) -> None:
         submitter.stop()
 
     threading.Thread(target=stop, name="lamin-lightning-collected", daemon=True).start()
+
+
+class _Done:
+    """A one-shot signal, as ``threading.Event`` but one lock (no ``Condition``): one is
+    made per save on the training thread. Set once; waited on by the training thread."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # set already
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            return False
+        self.set()  # set again, for any other waiter
+        return True
 
 
 def _nothing_aside(rewritten: bool) -> None:
