@@ -197,3 +197,17 @@ def test_flush_puts_a_leftover_back_before_replaying(tmp_path: Path) -> None:
     flush_directory(dirpath, progress=False, stores={"memory": store})
     assert sha256_file(dirpath / "last.ckpt") == digest
     assert _aside_entries(dirpath) == []
+
+
+def test_a_folder_checkpoint_whose_rewrite_a_crash_cut_short_is_put_back(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    folder = dirpath / "last.ckpt"
+    folder.mkdir(parents=True)
+    for n in range(3):
+        (folder / f"shard-{n}.distcp").write_bytes(bytes([n]) * 1000)
+    _crash_mid_rewrite(dirpath)
+    assert not folder.exists()
+
+    assert _aside.put_back_in(dirpath) == [folder]
+    assert sorted(p.name for p in folder.iterdir()) == [f"shard-{n}.distcp" for n in range(3)]
+    assert (folder / "shard-2.distcp").read_bytes() == bytes([2]) * 1000
