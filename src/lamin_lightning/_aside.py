@@ -64,22 +64,20 @@ def _owner() -> str:
 
 
 def _hold(folder: Path) -> str:
-    """This process's owner name in ``folder``, its lock file created and locked once."""
+    """This process's owner name in ``folder``, its lock file created and locked once.
+    Called with ``_lock`` held."""
     key = str(folder)
     owner = _owner()
-    if key in _held:
-        return owner
-    with _lock:
-        if key not in _held:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder / f"{owner}{_LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                except OSError:
-                    os.close(fd)
-                    raise
-            _held[key] = fd
+    if key not in _held:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f"{owner}{_LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                os.close(fd)
+                raise
+        _held[key] = fd
     return owner
 
 
@@ -87,9 +85,12 @@ def move_aside(root: Path, filepath: str | os.PathLike[str]) -> Path:
     """Rename ``filepath`` into ``root``'s aside folder, under this process's lock; return
     where it went. Raises OSError if it could not be moved (it is then where it was)."""
     folder = root / ASIDE_DIRNAME
-    owner = _hold(folder)
-    aside = folder / f"{owner}-{next(_counter)}-{os.path.basename(os.fspath(filepath))}"
-    os.replace(filepath, aside)
+    # Under _lock: a callback of this process that stops (release) cannot give up the lock
+    # file between our taking it and the rename.
+    with _lock:
+        owner = _hold(folder)
+        aside = folder / f"{owner}-{next(_counter)}-{os.path.basename(os.fspath(filepath))}"
+        os.replace(filepath, aside)
     return aside
 
 
