@@ -211,3 +211,32 @@ def test_a_folder_checkpoint_whose_rewrite_a_crash_cut_short_is_put_back(tmp_pat
     assert _aside.put_back_in(dirpath) == [folder]
     assert sorted(p.name for p in folder.iterdir()) == [f"shard-{n}.distcp" for n in range(3)]
     assert (folder / "shard-2.distcp").read_bytes() == bytes([2]) * 1000
+
+
+def test_status_names_a_checkpoint_a_crash_left_aside_until_flush_puts_it_back(
+    tmp_path: Path,
+) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_last=True, every_n_train_steps=1)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader())
+    _crash_mid_rewrite(dirpath)
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lamin_lightning._cli", "status", str(dirpath)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    before = status()
+    assert before.returncode == 1, before.stdout + before.stderr
+    assert f"{dirpath / 'last.ckpt'} is missing or cut short" in before.stdout
+    assert _aside.leftovers_in(dirpath) == [dirpath / "last.ckpt"]
+    # Looking changed nothing: the file is still aside.
+    assert not (dirpath / "last.ckpt").exists()
+
+    flush_directory(dirpath, progress=False, stores={"memory": store})
+    after = status()
+    assert after.returncode == 0 and "nothing pending" in after.stdout, after.stdout

@@ -117,6 +117,47 @@ def release(root: Path) -> None:
         folder.rmdir()
 
 
+def leftovers_in(dirpath: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoints of ``dirpath`` that processes that ended left aside (what
+    :func:`put_back_in` would settle); changes nothing."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return []  # type: ignore[unreachable]
+    found: list[Path] = []
+    for root in working_folders(dirpath):
+        folder = root / ASIDE_DIRNAME
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        dead: dict[str, bool] = {}
+        for name in names:
+            if name.endswith(_LOCK_SUFFIX):
+                continue
+            owner, checkpoint = _parse(name)
+            if owner not in dead:
+                dead[owner] = owner != _owner() and _has_ended(folder, owner)
+            if dead[owner]:
+                found.append(checkpoint_folder_of(root) / checkpoint)
+    return found
+
+
+def _has_ended(folder: Path, owner: str) -> bool:
+    """Whether ``owner``'s lock is free (or gone); the lock is let go at once."""
+    try:
+        fd = os.open(folder / f"{owner}{_LOCK_SUFFIX}", os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing lets go of the lock too
+    return True
+
+
 def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
     """:func:`put_back_leftovers` for every working folder of checkpoint folder
     ``dirpath`` (or of ``dirpath`` itself, a working folder)."""

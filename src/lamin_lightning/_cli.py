@@ -29,6 +29,7 @@ EXIT_UNANNOTATED = 4
 EXIT_CODES = """exit codes:
   0  everything persisted (flush) / nothing pending (status)
   1  jobs still pending: failed again, refused, or not reached before --timeout
+     (status: or a checkpoint whose rewrite a crash interrupted waits aside)
   2  DIR is not a directory (or, for status, has no working folder: .NAME.lamin-lightning
      beside it, or .lamin-lightning inside it as earlier versions wrote)
   3  a running training process holds the outbox (flush)
@@ -45,6 +46,7 @@ def _describe(record: JobRecord) -> str:
 
 
 def _status(dirpath: Path, as_json: bool) -> int:
+    from lamin_lightning._aside import leftovers_in
     from lamin_lightning._journal import is_locked, journal_paths, read_pending
     from lamin_lightning._staging import working_folders
 
@@ -73,9 +75,16 @@ def _status(dirpath: Path, as_json: bool) -> int:
             )
         )
         return EXIT_PENDING if entries else EXIT_OK
+    aside = leftovers_in(dirpath)
+    for path in aside:
+        print(
+            f"{path} is missing or cut short: a crash interrupted its rewrite, and the"
+            " previous checkpoint waits aside (the next fit or `lamin-lightning flush`"
+            " puts it back)"
+        )
     if not entries:
-        print(f"nothing pending in {root}")
-        return EXIT_OK
+        print(f"no job pending in {root}" if aside else f"nothing pending in {root}")
+        return EXIT_PENDING if aside else EXIT_OK
     print(f"{len(entries)} job(s) pending in {root}:")
     for path, record in entries:
         busy = "  (held by a running training process)" if in_use[path] else ""
