@@ -236,3 +236,50 @@ def test_the_training_thread_never_fsyncs_the_journal_and_uploads_wait_for_it(
     assert journal_syncs and all(name != training for name, _ in journal_syncs)
     assert len(uploads) == 4
     assert all(synced > 0 for synced, _ in uploads)
+
+
+def test_a_snapshot_with_its_feature_values_is_the_snapshot_the_constructor_builds() -> None:
+    """The snapshot rebuilt with feature values (copied without ``__init__``, on the training
+    thread) equals, encodes and stays frozen as one built field by field."""
+    import dataclasses
+
+    from lamin_lightning._submission import _with_features
+
+    class Feature:
+        name = "lr"
+
+    base = dataclasses.replace(_snapshot(), feature_values={}, auto_features=frozenset())
+    values = {"score": 0.25, Feature(): 0.1}
+    copied = _with_features(base, values)
+    built = dataclasses.replace(
+        base, feature_values={"score": 0.25, "lr": 0.1}, auto_features=frozenset({"lr"})
+    )
+    assert copied == built and type(copied) is CheckpointSnapshot
+    assert encode(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key=base.key,
+            local_path="/a",
+            staged_path=None,
+            store="memory",
+            context={},
+            checkpoint=copied,
+            submitted_at=1.0,
+        )
+    ) == encode(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key=base.key,
+            local_path="/a",
+            staged_path=None,
+            store="memory",
+            context={},
+            checkpoint=built,
+            submitted_at=1.0,
+        )
+    )
+    assert base.feature_values == {}  # the original is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copied.score = 1.0  # type: ignore[misc]

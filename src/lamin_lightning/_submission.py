@@ -355,9 +355,11 @@ def _with_features(snapshot: CheckpointSnapshot, values: Mapping[Any, Any]) -> C
     """``snapshot`` with feature values frozen as JSON, by name (feature objects by ``name``)."""
     named = {str(getattr(k, "name", k)): json_value(v) for k, v in values.items()}
     auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
-    return CheckpointSnapshot(
-        **{**snapshot.__dict__, "feature_values": named, "auto_features": auto}
-    )
+    # A copy with two fields changed, without the frozen dataclass's __init__ (one
+    # object.__setattr__ per field, at every save on the training thread).
+    copy = object.__new__(CheckpointSnapshot)
+    copy.__dict__.update(snapshot.__dict__, feature_values=named, auto_features=auto)
+    return copy
 
 
 def _class_path(cls: type) -> str:
