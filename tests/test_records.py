@@ -255,31 +255,23 @@ def test_a_snapshot_with_its_feature_values_is_the_snapshot_the_constructor_buil
         base, feature_values={"score": 0.25, "lr": 0.1}, auto_features=frozenset({"lr"})
     )
     assert copied == built and type(copied) is CheckpointSnapshot
-    assert encode(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key=base.key,
-            local_path="/a",
-            staged_path=None,
-            store="memory",
-            context={},
-            checkpoint=copied,
-            submitted_at=1.0,
+
+    def line(snapshot: CheckpointSnapshot) -> Any:
+        return encode(
+            JobRecord(
+                op="save",
+                kind="checkpoint",
+                key=base.key,
+                local_path="/a",
+                staged_path=None,
+                store="memory",
+                context={},
+                checkpoint=snapshot,
+                submitted_at=1.0,
+            )
         )
-    ) == encode(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key=base.key,
-            local_path="/a",
-            staged_path=None,
-            store="memory",
-            context={},
-            checkpoint=built,
-            submitted_at=1.0,
-        )
-    )
+
+    assert line(copied) == line(built)
     assert base.feature_values == {}  # the original is untouched
     with pytest.raises(dataclasses.FrozenInstanceError):
         copied.score = 1.0  # type: ignore[misc]
