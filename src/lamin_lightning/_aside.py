@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from lamin_lightning import _staging
+from lamin_lightning._journal import is_locked
 from lamin_lightning._staging import Stager, checkpoint_folder_of, remove_path, working_folders
 
 try:  # POSIX
@@ -125,37 +126,29 @@ def leftovers_in(dirpath: str | os.PathLike[str]) -> list[Path]:
     found: list[Path] = []
     for root in working_folders(dirpath):
         folder = root / ASIDE_DIRNAME
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
-            continue
-        dead: dict[str, bool] = {}
-        for name in names:
-            if name.endswith(_LOCK_SUFFIX):
-                continue
-            owner, checkpoint = _parse(name)
-            if owner not in dead:
-                dead[owner] = owner != _owner() and _has_ended(folder, owner)
-            if dead[owner]:
-                found.append(checkpoint_folder_of(root) / checkpoint)
+        for owner, mine in _by_owner(folder).items():
+            if mine and not is_locked(folder / f"{owner}{_LOCK_SUFFIX}"):
+                found.extend(checkpoint_folder_of(root) / _parse(name)[1] for name in mine)
     return found
 
 
-def _has_ended(folder: Path, owner: str) -> bool:
-    """Whether ``owner``'s lock is free (or gone); the lock is let go at once."""
+def _by_owner(folder: Path) -> dict[str, list[str]]:
+    """The entries of an aside folder by owner, every owner with a lock file included,
+    this process's own left out (live by definition)."""
     try:
-        fd = os.open(folder / f"{owner}{_LOCK_SUFFIX}", os.O_RDWR)
-    except FileNotFoundError:
-        return True
+        names = sorted(os.listdir(folder))
     except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing lets go of the lock too
-    return True
+        return {}
+    entries: dict[str, list[str]] = {}
+    for name in names:
+        if name == _RESTORING:
+            continue
+        if name.endswith(_LOCK_SUFFIX):  # an owner, with or without entries left
+            entries.setdefault(name[: -len(_LOCK_SUFFIX)], [])
+        else:
+            entries.setdefault(_parse(name)[0], []).append(name)
+    entries.pop(_owner(), None)
+    return entries
 
 
 def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
@@ -183,19 +176,7 @@ def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:
     folder = root / ASIDE_DIRNAME
     if fcntl is None:  # pragma: no cover - Windows: whose file it is cannot be told
         return []  # type: ignore[unreachable]
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    entries: dict[str, list[str]] = {}
-    for name in names:
-        if name == _RESTORING:
-            continue
-        if name.endswith(_LOCK_SUFFIX):  # an owner, with or without entries left
-            entries.setdefault(name[: -len(_LOCK_SUFFIX)], [])
-        else:
-            entries.setdefault(_parse(name)[0], []).append(name)
-    entries.pop(_owner(), None)
+    entries = _by_owner(folder)
     if not entries:
         return []
     put_back: list[Path] = []

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lamin_lightning._aside import put_back_leftovers
+from lamin_lightning._aside import put_back_in
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._events import (
     AnyArtifactEvent,
@@ -29,7 +29,6 @@ from lamin_lightning._journal import Outbox
 from lamin_lightning._progress import drain_with_progress, progress_bar
 from lamin_lightning._replay import open_unheld, outbox_roots, pending_in, replay_jobs
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import checkpoint_folder_of
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
 log = logging.getLogger("lamin_lightning")
@@ -99,9 +98,8 @@ def flush_directory(
     roots = outbox_roots(dirpath)
     report = FlushReport()
     outboxes: list[Outbox] = []
+    put_back_in(dirpath)  # a crash mid-rewrite left the previous checkpoint aside
     for root in roots:
-        # A crash mid-rewrite left the previous checkpoint aside: back into the folder first.
-        put_back_leftovers(root, checkpoint_folder_of(root))
         found, busy = open_unheld(root)
         outboxes.extend(found)
         report.busy.extend(busy)
