@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,10 +114,7 @@ def test_settling_a_job_makes_earlier_failed_jobs_of_its_key_moot(tmp_path: Path
 
 
 def test_the_journal_is_compacted_and_keeps_what_is_pending(tmp_path: Path) -> None:
-    path = tmp_path / "outbox-a.jsonl"
-    outbox = Outbox(path)
-    outbox.open()
-    kept = outbox.append(_job("save", "kept"))
+    path, outbox, kept = _open_with_a_pending_job(tmp_path)
     for i in range(5 * COMPACT_AFTER_LINES):
         outbox.settle(outbox.append(_job("save", f"k{i}")), "saved")
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -125,6 +124,83 @@ def test_the_journal_is_compacted_and_keeps_what_is_pending(tmp_path: Path) -> N
     assert is_locked(path)
     outbox.close()
     assert _pending_ids(path) == [kept]
+
+
+def _open_with_a_pending_job(tmp_path: Path) -> tuple[Path, Outbox, str]:
+    path = tmp_path / "outbox-a.jsonl"
+    outbox = Outbox(path)
+    outbox.open()
+    return path, outbox, outbox.append(_job("save", "kept"))
+
+
+@contextmanager
+def _compaction_held_in_its_fsync(
+    monkeypatch: pytest.MonkeyPatch, outbox: Outbox
+) -> Iterator[threading.Event]:
+    """Start a compaction on another thread (a settle, as the committer makes it) and
+    hold it inside its first fsync, as a disk a competing writer keeps busy would.
+    Yields once it is held; lets it go on leaving."""
+    while outbox._lines <= COMPACT_AFTER_LINES - 2:  # just short of compacting
+        outbox.settle(outbox.append(_job("save", "filler")), "saved")
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread() is committer and not entered.is_set():
+            entered.set()
+            release.wait(60)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    committer = threading.Thread(
+        target=lambda: outbox.settle(outbox.append(_job("save", "filler")), "saved")
+    )
+    committer.start()
+    try:
+        assert entered.wait(60), "the settle did not compact the journal"
+        yield release
+    finally:
+        release.set()
+        committer.join(60)
+    assert not committer.is_alive()
+
+
+def test_an_append_during_a_compactions_fsync_does_not_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The training thread appends under the journal's lock; a compaction (the committer
+    # thread) fsyncs, which under disk load takes tens of ms: never under that lock.
+    path, outbox, kept = _open_with_a_pending_job(tmp_path)
+    appended: list[str] = []
+    with _compaction_held_in_its_fsync(monkeypatch, outbox):
+        training = threading.Thread(
+            target=lambda: appended.append(outbox.append(_job("save", "late")))
+        )
+        training.start()
+        training.join(30)
+        assert appended, "an append waited for the compaction's fsync"
+    # The line appended mid-compaction was carried over into the compacted journal.
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) < COMPACT_AFTER_LINES // 2, f"journal not compacted: {len(lines)} lines"
+    assert _pending_ids(path) == [kept, appended[0]]
+    assert is_locked(path)
+    outbox.sync()
+    outbox.close()
+    assert _pending_keys(path) == ["kept", "late"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_close_during_a_compaction_wins_and_the_compaction_stops_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, outbox, kept = _open_with_a_pending_job(tmp_path)
+    with _compaction_held_in_its_fsync(monkeypatch, outbox):
+        late = outbox.append(_job("save", "late"))
+        outbox.close()  # compacts under the lock itself, with its own temporary file
+    assert _pending_ids(path) == [kept, late]
+    assert not is_locked(path)
+    # The stale compaction left nothing behind, and did not replace the closed journal.
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_one_holder_at_a_time(tmp_path: Path) -> None:

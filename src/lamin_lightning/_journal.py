@@ -174,6 +174,10 @@ class Outbox:
         self._good_size = 0
         self._synced_size = 0
         self._sync_lock = threading.Lock()
+        # Whether the folder entry of the journal is durable (False from a compaction's
+        # rename until its directory fsync): sync() makes it so before it reports.
+        self._dir_synced = True
+        self._compact_lock = threading.Lock()
         self._torn = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -283,10 +287,12 @@ class Outbox:
             needed = self._good_size
         with self._sync_lock:
             with self._lock:
-                if self._synced_size >= needed or self._handle is None:
+                handle = self._handle
+                if handle is None or (self._synced_size >= needed and self._dir_synced):
                     return
                 target = self._good_size
-                fd = os.dup(self._handle.fileno())
+                dir_synced = self._dir_synced
+                fd = os.dup(handle.fileno())
             try:
                 os.fdatasync(fd)
             except OSError as error:
@@ -294,8 +300,12 @@ class Outbox:
                 return
             finally:
                 os.close(fd)
+            if not dir_synced:
+                _fsync_dir(self.path.parent)  # a compaction's rename (see _compact_unlocked)
             with self._lock:
-                self._synced_size = max(self._synced_size, target)
+                if self._handle is handle:
+                    self._synced_size = max(self._synced_size, target)
+                    self._dir_synced = True
 
     def settle(self, job_id: str, status: str) -> None:
         """Mark a job finished, and with it every earlier pending job of the same key.
@@ -344,12 +354,13 @@ class Outbox:
                 self._state.mark(prefix, entry.get("time"))
             self._write(done)
             del pending[job_id]
-            if (
+            compact = (
                 fcntl is not None  # Windows cannot replace an open file
                 and self._lines > COMPACT_AFTER_LINES
                 and self._lines > 2 * len(pending) + 8
-            ):
-                self._compact()
+            )
+        if compact:
+            self._compact_unlocked()
 
     # -- internals (hold self._lock) -------------------------------------------------------
 
@@ -379,6 +390,88 @@ class Outbox:
         self._good_size += len(line)
         self._lines += 1
 
+    def _compact_unlocked(self) -> None:
+        """:meth:`_compact`, with its writes and fsyncs outside ``self._lock``.
+
+        The training thread appends under that lock: it must never wait for a disk a
+        competing writer keeps busy. The pending jobs are taken under the lock, written
+        and fsynced without it; the lines appended meanwhile are copied over (from the
+        page cache) and fsynced too, until none came; only then, under the lock, the new
+        file replaces the old. The folder's fsync follows without the lock; until it is
+        done, :meth:`sync` does it before it reports a line durable.
+        """
+        if not self._compact_lock.acquire(blocking=False):
+            return  # one compaction at a time; the next settle tries again
+        # Not _compact's temporary name: close() may compact meanwhile, under the lock.
+        temp = self.path.with_name(self.path.name + ".compacting")
+        swapped = None
+        try:
+            with self._lock:
+                handle = self._handle
+                if handle is None or self._torn:
+                    return  # closed, or a torn line the next write cuts off first
+                lines = [
+                    _line({"t": "flags", "prefix": p, "at": at})
+                    for p, at in self._state.flags_at.items()
+                ]
+                lines += [
+                    _line({"t": "job", "id": job_id, "entry": entry})
+                    for job_id, entry in self._state.pending.items()
+                ]
+                copied = self._good_size
+            count = len(lines)
+            with temp.open("wb") as out:
+                size = sum(out.write(line) for line in lines)
+                while True:
+                    out.flush()
+                    os.fsync(out.fileno())
+                    with self._lock:
+                        if self._handle is not handle:
+                            return  # closed (or compacted) meanwhile: this copy is stale
+                        end = self._good_size
+                        if end == copied:
+                            self._swap(temp, size, count)
+                            swapped = self._handle
+                            break
+                    # Lines appended since: whole lines, up to the last complete one.
+                    tail = os.pread(handle.fileno(), end - copied, copied)
+                    size += out.write(tail)
+                    count += tail.count(b"\n")
+                    copied = end
+            _fsync_dir(self.path.parent)
+            with self._lock:
+                if self._handle is swapped:
+                    self._dir_synced = True
+        except OSError as error:
+            log.warning("could not compact the outbox %s (%s); it stays as it is", self.path, error)
+        finally:
+            if swapped is None:
+                with contextlib.suppress(OSError):
+                    temp.unlink()  # stopped short: the journal stays as it was
+            self._compact_lock.release()
+
+    def _swap(self, temp: Path, size: int, count: int) -> None:
+        """Make the complete, fsynced ``temp`` the journal (holds ``self._lock``)."""
+        old = self._require()
+        # Keep holding the lock across the swap: lock the new file before the rename
+        # makes it visible, then release the old one.
+        new_handle = open(temp, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            if fcntl is not None:
+                fcntl.flock(new_handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(temp, self.path)
+        except BaseException:
+            new_handle.close()
+            raise
+        self._handle = new_handle
+        self._lines = count
+        self._good_size = size
+        self._synced_size = size  # fsynced before the swap
+        self._dir_synced = False  # until the folder's fsync (see sync)
+        self._torn = False
+        with contextlib.suppress(OSError):
+            old.close()
+
     def _compact(self) -> None:
         """Rewrite the journal with only the pending jobs and the flags marks, atomically."""
         handle = self._require()
@@ -402,6 +495,7 @@ class Outbox:
         self._lines = len(self._state.pending) + len(self._state.flags_at)
         self._good_size = size
         self._synced_size = size  # fsynced above
+        self._dir_synced = True
         self._torn = False
         with contextlib.suppress(OSError):
             handle.close()
