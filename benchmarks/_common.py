@@ -150,13 +150,17 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
     The stall of one checkpoint is the time the training thread spends in
     ``_save_checkpoint`` (and in ``_remove_checkpoint`` for the file it evicts) minus
     Lightning's own local work that every callback shares: ``trainer.save_checkpoint``
-    and ``strategy.remove_checkpoint`` (the same definition as ``lamin_lightning._demo``).
+    and ``strategy.remove_checkpoint``; plus, for ``lamin_lightning``, its own work around
+    Lightning's choice of the checkpoint (``_lightning_save``: failures surfaced, the
+    hook's jobs held and released). The same definition as ``lamin_lightning._demo``.
 
     With a ``recorder``, spans are recorded for a timeline: on the training thread
     ``local save`` / ``local remove`` and ``in callback`` (the rest of the call); on the
     pipeline's threads, for ``lamin_lightning`` callbacks, ``stage``, ``transfer``,
     ``commit`` and ``remove``.
     """
+    from lamin_lightning._demo import timed_around_lightnings_choice
+
     rec = recorder if recorder is not None else Recorder()
     is_ours = hasattr(cls, "commit_checkpoint_artifact") and hasattr(cls, "_ensure_submitter")
 
@@ -208,6 +212,13 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
                 cursor = max(cursor, e)
             if end > cursor:
                 rec.add("in callback", cursor, end)
+
+        if hasattr(cls, "_lightning_save"):
+
+            def _lightning_save(self, trainer: Any) -> Any:
+                # Our work around Lightning's choice (failures surfaced, jobs held and
+                # released) is training-thread time too: added to the checkpoint's stall.
+                return timed_around_lightnings_choice(self, super()._lightning_save(trainer))
 
         if is_ours:
 

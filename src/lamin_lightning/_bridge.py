@@ -350,6 +350,10 @@ class PersistencePipeline:
         with self._intake_cond:
             self._escalated.append(error)
 
+    def has_escalated(self) -> bool:
+        """Whether errors wait for :meth:`take_escalated` (a read without the lock)."""
+        return bool(self._escalated)
+
     def take_escalated(self) -> list[BaseException]:
         """Errors (SystemExit, ...) raised by hooks on pipeline threads, to re-raise on the
         caller's thread; each is returned once. No event-loop round trip."""

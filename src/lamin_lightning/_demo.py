@@ -19,6 +19,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,36 @@ def _prepare_environment(root: Path) -> None:
     os.environ["LAMIN_CACHE_DIR"] = str(root / "lamin-cache")
 
 
+@contextmanager
+def timed_around_lightnings_choice(callback: Any, inner: Any) -> Iterator[None]:
+    """Enter and exit ``inner`` (``lamin_lightning``'s work around Lightning's choice of a
+    checkpoint: failures surfaced, the hook's jobs held, then released to the pipeline)
+    and add the time to the latest checkpoint's stall in ``callback.stalls``."""
+    started = time.perf_counter()
+    inner.__enter__()
+    ours = time.perf_counter() - started
+    try:
+        yield
+    except BaseException as error:
+        if not inner.__exit__(type(error), error, error.__traceback__):
+            raise
+        return
+    started = time.perf_counter()
+    inner.__exit__(None, None, None)
+    ours += time.perf_counter() - started
+    stalls = getattr(callback, "stalls", None)
+    if stalls:
+        stalls[-1] += ours
+
+
 def _timed(cls: type) -> type:
     """Subclass a checkpoint callback to measure how long training waits in it.
 
     The stall of one checkpoint is the time spent in ``_save_checkpoint`` (and in
     ``_remove_checkpoint`` for the file it evicts) minus Lightning's own local work
-    that both callbacks share: ``trainer.save_checkpoint`` and the local file removal.
+    that both callbacks share: ``trainer.save_checkpoint`` and the local file removal;
+    plus, for ``lamin_lightning``, its work around Lightning's choice of the checkpoint
+    (``_lightning_save``; see :func:`timed_around_lightnings_choice`).
     """
 
     class Timed(cls):  # type: ignore[misc]
@@ -141,6 +167,11 @@ def _timed(cls: type) -> type:
                 del strategy.remove_checkpoint
             if getattr(self, "stalls", None):
                 self.stalls[-1] += time.perf_counter() - started - local[0]
+
+        if hasattr(cls, "_lightning_save"):
+
+            def _lightning_save(self, trainer: Any) -> Any:
+                return timed_around_lightnings_choice(self, super()._lightning_save(trainer))
 
     Timed.__name__ = f"Timed{cls.__name__}"
     return Timed

@@ -68,14 +68,19 @@ class Evictions:
         self._writes: list[_Replacement] = []
 
     def save_started(self, callback: Any) -> None:
-        """Lightning is about to choose and save a checkpoint: remember its state now."""
-        self._before = _state_of(callback)
+        """Lightning is about to choose and save a checkpoint: remember its state now
+        (``callback`` None: nothing will be written in the background, nothing to keep)."""
+        self._before = _state_of(callback) if callback is not None else None
         self._current = None
 
     def save_finished(self) -> None:
         """The save (and the evictions Lightning made for it) are done."""
         self._before = None
         self._current = None
+
+    def has_writes(self) -> bool:
+        """Whether background writes are remembered (finished ones until taken)."""
+        return bool(self._writes)
 
     def saving(self) -> None:
         """A new file is being saved: evictions from now on are made in its favour."""

@@ -168,6 +168,19 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
+_context_cache: list[Any] = [None, None]  # [context, its JSON]: a callback's is fixed
+
+
+def _context_json(context: Mapping[str, Any]) -> dict[str, Any]:
+    """``json_value(context)``, remembered for the last context (equal, not only the same)."""
+    cached, encoded = _context_cache
+    if cached is not None and (cached is context or cached == context):
+        return encoded  # type: ignore[no-any-return]
+    encoded = json_value(dict(context))
+    _context_cache[:] = [dict(context), encoded]
+    return encoded  # type: ignore[no-any-return]
+
+
 def _encode_snapshot(snapshot: CheckpointSnapshot) -> dict[str, Any]:
     return {
         "global_step": snapshot.global_step,
@@ -222,7 +235,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         "local_path": record.local_path,
         "staged": record.staged_path,
         "store": record.store,
-        "context": json_value(dict(record.context)),
+        "context": _context_json(record.context),
         "snapshot": _encode_snapshot(record.checkpoint) if record.checkpoint else None,
         "time": record.submitted_at,
         **({"after": record.after} if record.after else {}),

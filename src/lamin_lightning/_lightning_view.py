@@ -64,6 +64,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     def _save_last_checkpoint(
         self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
     ) -> None:
+        if not self.save_last:  # Lightning's returns at once: nothing to wrap
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
         with self._lightning_save(trainer):
             super()._save_last_checkpoint(trainer, monitor_candidates)
 
@@ -76,11 +79,14 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         "raise"``), so ``best_model_path`` and friends never name a file never written.
         """
         if self._save_depth == 0:
-            self._put_state_right(trainer)
+            # Only background writes fail after Lightning chose a file.
+            if self.async_write or self._evictions.has_writes():
+                self._put_state_right(trainer)
             if not self._saving_on_exception:
                 self._surface_failures()
         self._save_depth += 1
-        self._evictions.save_started(self)
+        # Lightning's state before its choice, for putting it right: background writes only.
+        self._evictions.save_started(self if self.async_write else None)
         try:
             with self._holding_jobs(trainer):
                 yield

@@ -48,6 +48,13 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         return [*from_pipeline, *self._take_escalated()]
 
     def _surface_failures(self) -> None:
+        pipeline = self._pipeline
+        if not (
+            self._unreported_failures
+            or self._escalated
+            or (pipeline is not None and pipeline.has_escalated())
+        ):
+            return  # the common case, at every save: three reads, no lock
         escalated = self._take_all_escalated()
         if escalated:
             # A hook or observer raised SystemExit (or similar): it asked to stop. The

@@ -60,6 +60,22 @@ def unique_name() -> str:
     return f"{_pid}-{number:06d}-{_TOKEN}"
 
 
+def absolute(path: str | os.PathLike[str]) -> str:
+    """``os.path.abspath(path)``, without its Python-level ``normpath`` for a path that
+    is already absolute and normal (Lightning's checkpoint paths: training thread)."""
+    text = os.fspath(path)
+    if (
+        os.sep == "/"
+        and text[:1] == "/"
+        and "//" not in text
+        and "/./" not in text
+        and "/../" not in text
+        and not text.endswith(("/", "/.", "/.."))
+    ):
+        return text
+    return os.path.abspath(text)
+
+
 def staging_root(dirpath: str | os.PathLike[str]) -> Path:
     """The working folder (staging, outbox) of the checkpoints in ``dirpath``.
 

@@ -37,7 +37,7 @@ from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
 from lamin_lightning._replay import pending_in, unfinished
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import staging_root
+from lamin_lightning._staging import absolute, staging_root
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
 from lamin_lightning._submit import Submitter, stop_collected
 from lamin_lightning._surface import ArtifactHooks, HookStore
@@ -175,13 +175,13 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             op=op,
             kind=kind,
             key=snapshot.key if snapshot is not None else self._key(trainer, path, kind),
-            local_path=os.path.abspath(path),
+            local_path=absolute(path),
             staged_path=str(staged) if staged is not None else None,
             store=self.store_name or _class_path(type(self)),
             context=self.store_context(trainer),
             checkpoint=snapshot,
             submitted_at=time.time(),
-            after=os.path.abspath(after) if after is not None else None,
+            after=absolute(after) if after is not None else None,
         )
 
     def _submit_record(

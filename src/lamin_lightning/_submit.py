@@ -31,7 +31,13 @@ from lamin_lightning._journal import Outbox
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import Stager, detach_before_rewrite, remove_path, staging_root
+from lamin_lightning._staging import (
+    Stager,
+    absolute,
+    detach_before_rewrite,
+    remove_path,
+    staging_root,
+)
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning.store import ArtifactStore
 
@@ -146,7 +152,7 @@ class Submitter:
             # Lightning must not wait for it. A journaled job stays in the outbox, with its
             # local file: the next setup or `lamin-lightning flush` persists it, or the
             # flush at exit (see submit_interrupted).
-            done = self._staging_done.pop(os.path.abspath(record.local_path), None)
+            done = self._staging_done.pop(absolute(record.local_path), None)
             if done is not None:
                 done.set()
             if spec is not None:
@@ -271,7 +277,7 @@ class Submitter:
         done = _Done()
         if len(self._staging_done) > 256:
             self._staging_done = {p: e for p, e in self._staging_done.items() if not e.is_set()}
-        self._staging_done[os.path.abspath(filepath)] = done
+        self._staging_done[absolute(filepath)] = done
 
         def prepare() -> int:
             try:
@@ -286,7 +292,7 @@ class Submitter:
 
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
-        done = self._staging_done.pop(os.path.abspath(filepath), None)
+        done = self._staging_done.pop(absolute(filepath), None)
         if done is None or done.is_set():
             return
         if self.pipeline is not None:
