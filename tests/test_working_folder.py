@@ -140,20 +140,25 @@ def test_a_remote_dirpath_derived_at_setup_is_refused_before_any_step(
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_setup_alone_creates_no_file_and_starts_no_thread(tmp_path: Path) -> None:
-    """``setup`` then nothing (as direct callers do): no file anywhere under the root, no
-    pipeline thread; the first save starts them, ``teardown`` stops them."""
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_setup_alone_creates_no_file_and_teardown_stops_what_it_started(
+    tmp_path: Path, stage: str
+) -> None:
+    """``setup`` then nothing (as direct callers do): no file anywhere under the root.
+    For a fit the pipeline's threads start at setup (the first checkpoint must not wait
+    for them), for other stages with a first job; ``teardown`` stops them."""
     before = set(_pool_threads())
     callback = MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ckpt", every_n_train_steps=1)
     trainer = make_trainer(tmp_path / "root", [callback], max_steps=1)
     model = TinyModel()
     trainer.strategy.connect(model)
-    callback.setup(trainer, model, "fit")
+    callback.setup(trainer, model, stage)
     assert not (tmp_path / "ckpt").exists()
     assert not staging_root(tmp_path / "ckpt").exists()
+    assert bool(set(_pool_threads()) - before) == (stage == "fit")
+    callback.teardown(trainer, model, stage)
     assert set(_pool_threads()) == before
-    callback.teardown(trainer, model, "fit")
-    assert set(_pool_threads()) == before
+    assert not staging_root(tmp_path / "ckpt").exists()
 
 
 def test_a_callback_collected_without_teardown_stops_its_threads(tmp_path: Path) -> None:

@@ -229,8 +229,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # Every rank: a CheckpointIO we cannot follow is refused everywhere, not on one rank.
         self._io_writes = compose_checkpoint_io(trainer.strategy)
         if trainer.is_global_zero:
-            # Nothing is created here: the journal at the first job, the pipeline's
-            # threads with the first job (a replay's, or the first save's).
+            # No file is created here (the journal comes with the first job). The
+            # pipeline's threads start now for a fit, so that the first checkpoint does
+            # not wait for them (~30 ms); other stages start them with a first job.
             submitter = self._ensure_submitter()
             root = self._staging_root(self.dirpath or ".")
             submitter.open_outbox(
@@ -239,6 +240,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             submitter.check_free_space(root, _state_bytes(pl_module), self.dirpath)
             if self.dirpath:  # a crash mid-rewrite: the previous checkpoint comes back
                 put_back_leftovers(self.dirpath)
+            if stage == "fit":
+                submitter.ensure_pipeline()
             self._replay_unfinished(trainer)
             self._set_up = True
             deferred, self._deferred_files = self._deferred_files, []
