@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -507,3 +508,37 @@ def test_outbox_false_skips_the_journal_but_still_checks_the_directory(tmp_path:
         make_trainer(tmp_path, [unwritable], max_steps=1).fit(TinyModel(), loader())
     with pytest.raises(ValueError, match="outbox must be True or False"):
         MemoryCheckpoint(outbox="yes")  # type: ignore[arg-type]
+
+
+def test_appends_racing_compactions_lose_no_line(tmp_path: Path) -> None:
+    # The training thread appends while the committer settles (and so compacts): whatever
+    # the interleaving, the journal on disk says exactly what is pending, in order.
+    path, outbox, kept = _open_with_a_pending_job(tmp_path)
+    appended: list[str] = []
+    ready: queue.Queue[str | None] = queue.Queue()
+
+    def training() -> None:
+        for i in range(40 * COMPACT_AFTER_LINES):
+            job = outbox.append(_job("save", f"k{i}"))
+            appended.append(job)
+            if i % 7:  # every seventh stays pending
+                ready.put(job)
+        ready.put(None)
+
+    def committer() -> None:
+        while (job := ready.get()) is not None:
+            outbox.settle(job, "saved")
+
+    threads = [threading.Thread(target=training), threading.Thread(target=committer)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads)
+    expected = [kept] + [job for i, job in enumerate(appended) if not i % 7]
+    assert [i for i, _ in outbox.pending()] == expected
+    assert _pending_ids(path) == expected  # what a crash now would replay
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) < len(appended), "the journal was never compacted"
+    outbox.close()
+    assert _pending_ids(path) == expected
