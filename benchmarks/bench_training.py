@@ -14,7 +14,8 @@ Measured in each arm:
 
 1. *Stall* per checkpoint: time in ``_save_checkpoint`` (and ``_remove_checkpoint`` for
    the file it evicts) minus Lightning's own local save and local removal, which every
-   arm pays alike (median over checkpoints). And the wall time of ``trainer.fit``,
+   arm pays alike, plus, for ``ours``, its work around Lightning's choice of the
+   checkpoint (``_lightning_save``) (median over checkpoints). And the wall time of ``trainer.fit``,
    which for ``ours`` includes the flush at teardown (the last checkpoint is persisted
    after training ended, so that part cannot overlap training).
 4. Peak RSS during ``fit`` (VmHWM reset right before it).
