@@ -174,7 +174,7 @@ _context_cache: list[Any] = [None, None]  # [context, its JSON]: a callback's is
 def _context_json(context: Mapping[str, Any]) -> dict[str, Any]:
     """``json_value(context)``, remembered for the last context (equal, not only the same)."""
     cached, encoded = _context_cache
-    if cached is not None and (cached is context or cached == context):
+    if cached is not None and cached == context:  # a copy: a context changed in place misses
         return encoded  # type: ignore[no-any-return]
     encoded = json_value(dict(context))
     _context_cache[:] = [dict(context), encoded]

@@ -410,14 +410,7 @@ class Outbox:
                 handle = self._handle
                 if handle is None or self._torn:
                     return  # closed, or a torn line the next write cuts off first
-                lines = [
-                    _line({"t": "flags", "prefix": p, "at": at})
-                    for p, at in self._state.flags_at.items()
-                ]
-                lines += [
-                    _line({"t": "job", "id": job_id, "entry": entry})
-                    for job_id, entry in self._state.pending.items()
-                ]
+                lines = self._compacted_lines()
                 copied = self._good_size
             count = len(lines)
             with temp.open("wb") as out:
@@ -473,32 +466,29 @@ class Outbox:
             old.close()
 
     def _compact(self) -> None:
-        """Rewrite the journal with only the pending jobs and the flags marks, atomically."""
-        handle = self._require()
+        """Rewrite the journal with only the pending jobs and the flags marks, atomically,
+        under ``self._lock`` throughout (at :meth:`close`; see :meth:`_compact_unlocked`)."""
+        lines = self._compacted_lines()
         temp = self.path.with_name(self.path.name + ".tmp")
         with temp.open("wb") as out:
-            size = 0
-            for prefix, at in self._state.flags_at.items():
-                size += out.write(_line({"t": "flags", "prefix": prefix, "at": at}))
-            for job_id, entry in self._state.pending.items():
-                size += out.write(_line({"t": "job", "id": job_id, "entry": entry}))
+            size = sum(out.write(line) for line in lines)
             out.flush()
             os.fsync(out.fileno())
-        # Keep holding the lock across the swap: lock the new file before the rename
-        # makes it visible, then release the old one.
-        new_handle = open(temp, "a+", encoding="utf-8")  # noqa: SIM115
-        if fcntl is not None:
-            fcntl.flock(new_handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.replace(temp, self.path)
+        self._swap(temp, size, len(lines))
         _fsync_dir(self.path.parent)
-        self._handle = new_handle
-        self._lines = len(self._state.pending) + len(self._state.flags_at)
-        self._good_size = size
-        self._synced_size = size  # fsynced above
         self._dir_synced = True
-        self._torn = False
-        with contextlib.suppress(OSError):
-            handle.close()
+
+    def _compacted_lines(self) -> list[bytes]:
+        """What a compacted journal holds: the flags marks, then the pending jobs."""
+        lines = [
+            _line({"t": "flags", "prefix": prefix, "at": at})
+            for prefix, at in self._state.flags_at.items()
+        ]
+        lines += [
+            _line({"t": "job", "id": job_id, "entry": entry})
+            for job_id, entry in self._state.pending.items()
+        ]
+        return lines
 
 
 # One encoder for every line (json.dumps builds one per call with these options).
