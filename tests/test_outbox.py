@@ -14,6 +14,8 @@ import queue
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -542,3 +544,54 @@ def test_appends_racing_compactions_lose_no_line(tmp_path: Path) -> None:
     assert len(lines) < len(appended), "the journal was never compacted"
     outbox.close()
     assert _pending_ids(path) == expected
+
+
+_KILLED_MID_COMPACTION = """
+import os, sys, threading
+from lamin_lightning._journal import COMPACT_AFTER_LINES, Outbox
+from lamin_lightning import JobRecord
+
+def job(key):
+    return JobRecord(op="save", kind="checkpoint", key=key, local_path="/ckpt/" + key)
+
+outbox = Outbox(sys.argv[1])
+outbox.open()
+outbox.append(job("kept"))
+while outbox._lines <= COMPACT_AFTER_LINES - 2:  # just short of compacting
+    outbox.settle(outbox.append(job("filler")), "saved")
+real_fsync = os.fsync
+
+def held_fsync(fd):
+    real_fsync(fd)
+    sys.stdout.write("in compaction\\n")
+    sys.stdout.flush()
+    threading.Event().wait()  # until SIGKILL
+
+os.fsync = held_fsync
+outbox.settle(outbox.append(job("last")), "saved")
+"""
+
+
+def test_sigkill_mid_compaction_keeps_the_journal_and_the_next_holder_clears_the_rest(
+    tmp_path: Path,
+) -> None:
+    # Killed after the compaction's new file was written and fsynced, before its rename:
+    # the journal is the old one, whole; the next holder removes the unfinished new file.
+    path = tmp_path / "outbox-a.jsonl"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_MID_COMPACTION, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "in compaction\n"
+        assert (tmp_path / "outbox-a.jsonl.compacting").exists()
+    finally:
+        child.kill()
+        child.wait(60)
+    assert _pending_keys(path) == ["kept"]
+    outbox = Outbox(path)
+    assert [record.key for _, record in outbox.open()] == ["kept"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    outbox.close()

@@ -62,6 +62,8 @@ log = logging.getLogger("lamin_lightning")
 JOURNAL_PREFIX = "outbox-"
 JOURNAL_SUFFIX = ".jsonl"
 COMPACT_AFTER_LINES = 64
+# The new files of a compaction: at close (under the lock), and off the lock (settles).
+_COMPACTION_SUFFIXES = (".tmp", ".compacting")
 
 
 def journal_paths(root: str | os.PathLike[str]) -> list[Path]:
@@ -212,6 +214,11 @@ class Outbox:
                         # We locked a journal its holder just replaced (compaction):
                         # the live one is held by someone else.
                         raise OutboxInUseError(f"{self.path} is in use by another process")
+                    # A compaction the previous holder was killed in left its new file
+                    # unfinished (the journal itself is whole: the rename never happened).
+                    for suffix in _COMPACTION_SUFFIXES:
+                        with contextlib.suppress(OSError):
+                            self.path.with_name(self.path.name + suffix).unlink()
                 handle.seek(0)
                 text = handle.read()
                 lines = text.splitlines()
@@ -403,7 +410,7 @@ class Outbox:
         if not self._compact_lock.acquire(blocking=False):
             return  # one compaction at a time; the next settle tries again
         # Not _compact's temporary name: close() may compact meanwhile, under the lock.
-        temp = self.path.with_name(self.path.name + ".compacting")
+        temp = self.path.with_name(self.path.name + _COMPACTION_SUFFIXES[1])
         swapped = None
         try:
             with self._lock:
@@ -469,7 +476,7 @@ class Outbox:
         """Rewrite the journal with only the pending jobs and the flags marks, atomically,
         under ``self._lock`` throughout (at :meth:`close`; see :meth:`_compact_unlocked`)."""
         lines = self._compacted_lines()
-        temp = self.path.with_name(self.path.name + ".tmp")
+        temp = self.path.with_name(self.path.name + _COMPACTION_SUFFIXES[0])
         with temp.open("wb") as out:
             size = sum(out.write(line) for line in lines)
             out.flush()
