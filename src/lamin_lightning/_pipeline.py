@@ -199,14 +199,28 @@ class AsyncPipeline:
         self._deliver_send, self._deliver_recv = anyio.create_memory_object_stream[
             tuple[_Job, Any]
         ](math.inf)
-        with anyio.CancelScope() as scope:
-            self._cancel_scope = scope
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                tg.start_soon(self._commit_loop)
-                tg.start_soon(self._deliver_loop)
-                task_status.started()
-                await anyio.sleep_forever()
+        try:
+            with anyio.CancelScope() as scope:
+                self._cancel_scope = scope
+                async with anyio.create_task_group() as tg:
+                    self._task_group = tg
+                    tg.start_soon(self._commit_loop)
+                    tg.start_soon(self._deliver_loop)
+                    task_status.started()
+                    await anyio.sleep_forever()
+        finally:
+            # Every task has ended: close the streams, or each one left open warns when
+            # collected (a ResourceWarning that fails a user's warnings-as-errors tests).
+            self._closed = True
+            for stream in (
+                self._worker_send,
+                self._worker_recv,
+                self._commit_send,
+                self._commit_recv,
+                self._deliver_send,
+                self._deliver_recv,
+            ):
+                stream.close()
 
     async def close(self) -> None:
         """Stop everything now; jobs still outstanding are abandoned (not delivered)."""
