@@ -113,6 +113,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             key itself (False).
         artifact_observers: Observers of saved, removed and failed artifacts.
         filename: ``ModelCheckpoint``'s file name template (an addition).
+        save_on_exception: ``ModelCheckpoint``'s emergency checkpoint when training
+            raises (an addition); written and persisted despite earlier failures.
         max_workers: Uploads that may run at once.
         max_pending: Checkpoints that may be queued or in flight; beyond, training waits.
         retry: Retry policy (:class:`RetryPolicy`, a mapping of its fields, or attempts).
@@ -158,6 +160,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         key_is_virtual: bool = True,
         artifact_observers: Iterable[ArtifactObserver] | None = None,
         filename: str | None = None,
+        save_on_exception: bool = False,
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_pending: int = DEFAULT_MAX_PENDING,
         retry: RetryPolicy | Mapping[str, Any] | int | None = None,
@@ -185,6 +188,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             every_n_epochs=every_n_epochs,
             save_on_train_epoch_end=save_on_train_epoch_end,
             enable_version_counter=enable_version_counter,
+            save_on_exception=save_on_exception,
             artifact_observers=artifact_observers,
             max_workers=max_workers,
             max_pending=max_pending,
