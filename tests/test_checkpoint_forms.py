@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from checkpoint_forms import (
@@ -22,7 +23,7 @@ from checkpoint_forms import (
     GatedCheckpointIO,
     OpenGate,
 )
-from helpers import TinyModel, lightning_kept_paths, loader, make_trainer
+from helpers import TinyModel, checkpoint_files, lightning_kept_paths, loader, make_trainer
 from lamin_lightning import ArtifactFailedEvent, CheckpointIOError
 from lamin_lightning._flush import flush_directory
 from lamin_lightning._staging import (
@@ -246,4 +247,50 @@ def test_a_checkpoint_io_we_cannot_follow_is_refused_at_setup(tmp_path: Path) ->
     make_trainer(tmp_path, [callback], max_steps=2, plugins=[declared]).fit(
         TinyModel(scores=SCORES), loader(2)
     )
+    assert_store_equals_lightning(store, callback)
+
+
+class ArchivingCheckpointIO(TorchCheckpointIO):
+    """A user's CheckpointIO that moves evicted checkpoints into an archive folder."""
+
+    def __init__(self, archive: Path) -> None:
+        super().__init__()
+        self.archive = archive
+        self.removals: list[tuple[str, bool]] = []  # (name, whether the file was there)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        found = os.path.exists(path)
+        self.removals.append((os.path.basename(path), found))
+        if found:
+            self.archive.mkdir(exist_ok=True)
+            shutil.move(path, self.archive / os.path.basename(path))
+
+
+def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A user's ``remove_checkpoint`` is handed the evicted file, as ModelCheckpoint hands
+    it (only Lightning's own removal lets the callback move it aside first), and every
+    kept checkpoint still persists. Large files: their staged copies are hard links."""
+    seen = {}
+    for name in ("plain", "ours"):
+        io = ArchivingCheckpointIO(tmp_path / name / "archive")
+        options: dict[str, Any] = {
+            "dirpath": tmp_path / name / "ckpts",
+            "monitor": "score",
+            "save_top_k": 2,
+            "every_n_train_steps": 1,
+        }
+        store = MemoryStore()
+        callback = (
+            ModelCheckpoint(**options) if name == "plain" else MemoryCheckpoint(store, **options)
+        )
+        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, plugins=[io])
+        trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
+        archived = sorted(p.name for p in io.archive.iterdir())
+        seen[name] = (io.removals, archived, checkpoint_files(options["dirpath"]))
+    assert seen["ours"] == seen["plain"]
+    removals = seen["ours"][0]
+    assert len(removals) == 3 and all(found for _, found in removals)
+    assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)

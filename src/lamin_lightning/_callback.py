@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from typing_extensions import override
 
 from lamin_lightning._aside import put_back_in as put_back_leftovers
-from lamin_lightning._checkpoint_io import WriteTracker
+from lamin_lightning._checkpoint_io import WriteTracker, removes_as_lightning
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
 from lamin_lightning._events import (
@@ -193,6 +193,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._evictions = Evictions()
         self._save_depth = 0  # inside Lightning's save hooks (which surface failures first)
         self._saving_on_exception = False
+        self._plain_removal: tuple[Any, Any, bool] | None = None  # see _removes_as_lightning
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -264,6 +265,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         try:
             self._shutdown(raise_errors=True)
         finally:
+            self._plain_removal = None  # holds the strategy: not beyond the fit
             release_checkpoint_io(trainer.strategy, self._io_writes)
             if self.log_stats:  # the final values, after the flush (loggers finalize next)
                 log_final_persistence_stats(trainer, self.persistence_stats, stage)
@@ -356,12 +358,28 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         settle = submitter.journal(record)
         if after is not None:
             remove = submitter.remove_once_written(root, filepath, after)
-        else:
+        elif self._removes_as_lightning(trainer):
             # A rename now, the deletion on the intake thread (Lightning's own removal
             # below then finds nothing to do).
             remove = submitter.trash_for_removal(root, filepath)
             super()._remove_checkpoint(trainer, filepath)
+        else:
+            # A strategy or CheckpointIO of the user's removes it (or archives it): it
+            # finds the file, as with ModelCheckpoint. Staged first, so the save persists.
+            submitter.await_staging(filepath)
+            super()._remove_checkpoint(trainer, filepath)
+            remove = None
         self._submit_record(trainer, record, prepare=remove, journaled=settle)
+
+    def _removes_as_lightning(self, trainer: pl.Trainer) -> bool:
+        """:func:`removes_as_lightning` for the trainer's strategy, remembered per
+        strategy and CheckpointIO (read at every eviction, on the training thread)."""
+        strategy = trainer.strategy
+        io = strategy.checkpoint_io
+        known = self._plain_removal
+        if known is None or known[0] is not strategy or known[1] is not io:
+            known = self._plain_removal = (strategy, io, removes_as_lightning(strategy))
+        return known[2]
 
     # -- submission (training thread) -----------------------------------------------------
 

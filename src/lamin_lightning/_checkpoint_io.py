@@ -282,3 +282,22 @@ def _normal(path: Any) -> str:
 
 
 __all__ = ["SYNCHRONOUS_ATTRIBUTE", "WriteTracker", "compose", "release"]
+
+
+_OWN_CODE = ("lightning.", "lightning_fabric.", "pytorch_lightning.", "lamin_lightning.")
+
+
+def removes_as_lightning(strategy: Any) -> bool:
+    """Whether removing a checkpoint runs only Lightning's own code (and our wrappers):
+    the strategy's ``remove_checkpoint`` and that of every CheckpointIO in its chain.
+
+    Only then may the callback move an evicted file aside before Lightning's removal
+    (which finds nothing left to do). A user's strategy or CheckpointIO that overrides
+    ``remove_checkpoint`` (to archive evicted checkpoints, say) must find the file, as it
+    would with ``ModelCheckpoint``.
+    """
+    owners = [type(strategy), *(type(io) for io in _chain(strategy.checkpoint_io))]
+    return all(
+        str(getattr(owner.remove_checkpoint, "__module__", "")).startswith(_OWN_CODE)
+        for owner in owners
+    )
