@@ -750,3 +750,42 @@ def test_an_interrupted_backpressure_wait_keeps_the_async_checkpoint_and_its_job
     make_trainer(tmp_path, [again], max_steps=1).fit(TinyModel(), loader(1))
     assert store.get(key("last.ckpt")).sha256 == sha256_file(last)  # type: ignore[union-attr]
     assert _pending_keys(dirpath) == []
+
+
+def test_a_fit_resumed_from_a_model_checkpoint_run_keeps_its_state_as_lightning_does(
+    tmp_path: Path,
+) -> None:
+    """Swapping ModelCheckpoint for ours mid-run: the resumed callback takes the state
+    ModelCheckpoint wrote (Lightning keys it by class name), so top-k goes on evicting
+    exactly the files ModelCheckpoint itself would have; its own key, once written, wins."""
+    scores = [5.0, 3.0, 4.0, 1.0, 6.0, 2.0]
+    options: dict[str, Any] = {
+        "monitor": "score",
+        "save_top_k": 2,
+        "save_last": True,
+        "every_n_train_steps": 1,
+    }
+    outcome = {}
+    for name in ("plain", "ours"):
+        dirpath = tmp_path / name / "ckpts"
+        first = ModelCheckpoint(dirpath=dirpath, **options)
+        make_trainer(tmp_path / name, [first], max_steps=3).fit(TinyModel(scores=scores), loader(3))
+        store = MemoryStore()
+        second: ModelCheckpoint = (
+            ModelCheckpoint(dirpath=dirpath, **options)
+            if name == "plain"
+            else MemoryCheckpoint(store, dirpath=dirpath, **options)
+        )
+        trainer = make_trainer(tmp_path / name, [second], max_steps=6)
+        trainer.fit(TinyModel(scores=scores), loader(3), ckpt_path=str(dirpath / "last.ckpt"))
+        outcome[name] = (
+            checkpoint_files(dirpath),
+            sorted(Path(p).name for p in second.best_k_models),
+            Path(second.best_model_path).name,
+        )
+    assert outcome["ours"] == outcome["plain"]
+    assert len(outcome["ours"][1]) == 2
+    assert isinstance(second, MemoryCheckpoint) and second.persistence_stats.failed == 0
+    # Ours persisted what it saved; the first run's files it evicted are gone locally.
+    assert store.keys(kind="checkpoint") <= {key(n) for n in outcome["ours"][0]}
+    assert store.keys(kind="checkpoint") >= {key("last.ckpt")}

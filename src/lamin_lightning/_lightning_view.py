@@ -53,6 +53,22 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _saving_on_exception: bool
     _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
 
+    @property
+    @override
+    def _legacy_state_key(self) -> Any:
+        """Where Lightning looks for this callback's state in a checkpoint that holds none
+        under :attr:`state_key`: ``ModelCheckpoint``'s key for the same settings.
+
+        Lightning keys a callback's state by its class name, so a fit resumed with this
+        callback from a checkpoint written with ``ModelCheckpoint`` would start with empty
+        ``best_k_models`` and ``best_model_path`` (and keep every file it should evict).
+        A callback's own key still comes first. (Lightning's own fallback, the class,
+        is for checkpoints older than Lightning 1.5, older than this package.)
+        """
+        key = self.state_key
+        own = type(self).__qualname__
+        return "ModelCheckpoint" + key[len(own) :] if key.startswith(own) else key
+
     @override
     def _save_topk_checkpoint(
         self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
