@@ -98,6 +98,10 @@ class JobRecord:
             one's place while that was still being written (``async_write``). The
             removal happens only if that file was written: while the evicted file is
             still on disk and its replacement is not, it is kept, locally and in the store.
+        given_path: The path as Lightning passed it, where that differs from
+            ``local_path`` (a relative dirpath): events report it, as the reference does.
+            Not journaled: a replay, maybe in another working directory, reports
+            ``local_path``.
     """
 
     op: Operation
@@ -111,6 +115,12 @@ class JobRecord:
     submitted_at: float = 0.0
     version: int = RECORD_VERSION
     after: str | None = None
+    given_path: str | None = None
+
+    @property
+    def event_path(self) -> Path:
+        """The local path its events report (see :attr:`given_path`)."""
+        return Path(self.given_path or self.local_path)
 
     def replacement_lost(self) -> bool:
         """Whether this removal must not happen: the evicted file is still on disk and the

@@ -47,6 +47,7 @@ from lamin_lightning._options import (
     OnError,
 )
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._surface import pipeline_job_key
 
 if TYPE_CHECKING:
     from lightning.fabric.utilities.types import _PATH
@@ -399,7 +400,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def _save_file(
         self, trainer: pl.Trainer, path: Path | str, kind: ArtifactKind, run: Any
     ) -> Any:
-        key = self.resolve_artifact_key(trainer=trainer, filepath=path, kind=kind)
+        key = pipeline_job_key(path) or self.resolve_artifact_key(
+            trainer=trainer, filepath=path, kind=kind
+        )
         artifact = self._store.create(
             path, key=key, kind=kind, run=run, key_is_virtual=self._key_is_virtual
         )

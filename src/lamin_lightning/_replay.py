@@ -119,7 +119,7 @@ def build_job(
         event = ArtifactFailedEvent(
             kind=record.kind,
             key=record.key,
-            local_path=Path(record.local_path),
+            local_path=record.event_path,
             trainer=trainer,
             error=error,
             attempts=attempts,
@@ -143,7 +143,7 @@ def build_job(
             event = ArtifactRemovedEvent(
                 kind=record.kind,
                 key=record.key,
-                local_path=Path(record.local_path),
+                local_path=record.event_path,
                 trainer=trainer,
                 artifact=removed[0] if removed else None,
                 storage_uri=removed[1] if removed else None,
@@ -176,7 +176,7 @@ def build_job(
         event = ArtifactSavedEvent(
             kind=record.kind,
             key=record.key,
-            local_path=Path(record.local_path),
+            local_path=record.event_path,
             trainer=trainer,
             artifact=artifact,
             storage_uri=store.storage_uri(artifact),

@@ -171,17 +171,19 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         snapshot: CheckpointSnapshot | None = None,
         after: str | None = None,
     ) -> JobRecord:
+        local, given = absolute(path), os.fspath(path)
         return JobRecord(
             op=op,
             kind=kind,
             key=snapshot.key if snapshot is not None else self._key(trainer, path, kind),
-            local_path=absolute(path),
+            local_path=local,
             staged_path=str(staged) if staged is not None else None,
             store=self.store_name or _class_path(type(self)),
             context=self.store_context(trainer),
             checkpoint=snapshot,
             submitted_at=time.time(),
             after=absolute(after) if after is not None else None,
+            given_path=given if given != local else None,
         )
 
     def _submit_record(

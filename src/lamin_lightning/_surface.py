@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -47,6 +48,31 @@ def as_pipeline_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     finally:
         _pipeline_call.active = False
+
+
+def _job_call(record: JobRecord, path: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """:func:`as_pipeline_call` for the job ``record``, whose file the hook gets at ``path``
+    (its staged copy): see :func:`pipeline_job_key`."""
+    _pipeline_call.job = (os.fspath(path), record.key)
+    try:
+        return as_pipeline_call(fn, *args, **kwargs)
+    finally:
+        _pipeline_call.job = None
+
+
+def pipeline_job_key(path: str | os.PathLike[str]) -> str | None:
+    """The key the pipeline's current job resolved at submission, if ``path`` is the file
+    its ``save_*`` hook was handed; else None.
+
+    The hook gets the staged copy (same file name, another folder), but the key was
+    resolved on the training thread from Lightning's path: the artifact must get that
+    key, the one its events and flags name, whatever ``resolve_artifact_key`` makes of
+    the staged copy's folder.
+    """
+    job = getattr(_pipeline_call, "job", None)
+    if job is None or os.fspath(path) != job[0]:
+        return None
+    return str(job[1])
 
 
 _OBSERVER_METHODS = ("on_artifact_saved", "on_artifact_removed", "on_artifact_failed")
@@ -272,12 +298,17 @@ class HookStore:
         cb, trainer = self._callback, self._trainer
         if record.kind == "checkpoint":
             values = record.checkpoint.feature_values if record.checkpoint else None
-            return as_pipeline_call(
-                cb.save_checkpoint_artifact, trainer, path, feature_values=dict(values or {})
+            return _job_call(
+                record,
+                path,
+                cb.save_checkpoint_artifact,
+                trainer,
+                path,
+                feature_values=dict(values or {}),
             )
         if record.kind == "config":
-            return as_pipeline_call(cb.save_config_artifact, trainer, path)
-        return as_pipeline_call(cb.save_hparams_artifact, trainer, path)
+            return _job_call(record, path, cb.save_config_artifact, trainer, path)
+        return _job_call(record, path, cb.save_hparams_artifact, trainer, path)
 
     def commit(
         self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool

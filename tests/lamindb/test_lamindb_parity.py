@@ -1305,3 +1305,48 @@ def test_constructor_arguments_of_the_reference_are_accepted_alike(ln: Any) -> N
         assert [(p.name, p.kind) for p in ref_params.values()] == [
             (p.name, p.kind) for p in our_params.values()
         ], method
+
+
+@modules()
+def test_a_key_resolved_from_the_files_folder_and_relative_paths_in_events(
+    ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``resolve_artifact_key`` that reads the file's folder gets Lightning's path (ours
+    persists a staged copy elsewhere, under the key resolved at submission): artifact keys
+    equal event keys; events report Lightning's paths as given (relative to the working
+    directory under a logger with a relative ``save_dir``)."""
+    monkeypatch.chdir(tmp_path)
+    root = f"parity-folder/{tmp_path.name}"
+
+    class ByFolder(ll.Checkpoint):  # type: ignore[name-defined, misc]
+        def resolve_artifact_key(self, trainer: Any, filepath: Any, kind: str) -> str:
+            return f"{root}/{Path(filepath).parent.name}/{Path(filepath).name}"
+
+    observer = Recorder()
+    callback = ByFolder(monitor="score", every_n_train_steps=1, artifact_observers=[observer])
+    fit(
+        callback,
+        tmp_path,
+        steps=3,
+        model=TierModel(scores=[3, 2, 1]),
+        logger=CSVLogger(save_dir="logs", name="parity"),
+    )
+    folder = "logs/parity/version_0"
+    saved, removed = "ArtifactSavedEvent", "ArtifactRemovedEvent"
+    assert [(type(e).__name__, e.key, str(e.local_path)) for e in observer.events] == [
+        (saved, f"{root}/version_0/hparams.yaml", f"{folder}/hparams.yaml"),
+        *[
+            (
+                kind,
+                f"{root}/checkpoints/epoch=0-step={n}.ckpt",
+                f"{folder}/checkpoints/epoch=0-step={n}.ckpt",
+            )
+            for kind, n in ((saved, 1), (saved, 2), (removed, 1), (saved, 3), (removed, 2))
+        ],
+    ]
+    saved_events = [e for e in observer.events if isinstance(e, ll.ArtifactSavedEvent)]
+    assert all(e.artifact.key == e.key for e in saved_events)
+    assert set(artifacts_under(ln, root)) == {
+        f"{root}/version_0/hparams.yaml",
+        f"{root}/checkpoints/epoch=0-step=3.ckpt",
+    }
