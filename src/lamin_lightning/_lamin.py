@@ -491,7 +491,16 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     ) -> None:
         """Annotate features, replace older artifacts of the key, set flags and ranks."""
         if self._run_values_pending and self._run is not None:
-            self._run.features.add_values(self._run_values_pending)
+            try:
+                self._run.features.add_values(self._run_values_pending)
+            except Exception as error:
+                if not self.retry.is_transient(error):
+                    # Bad run values (a value of the wrong type) fail this checkpoint's
+                    # job, as the reference's first save raises; every later checkpoint
+                    # must not fail again for them (with on_error="warn", none would
+                    # ever persist).
+                    self._run_values_pending = None
+                raise
         self._run_values_pending = None
         self._store.commit_checkpoint(snapshot, artifact, replay=False, set_flags=True)
 

@@ -122,3 +122,38 @@ def test_network_is_blocked_for_non_loopback_addresses_in_every_thread() -> None
             pass
     with socket.socket(socket.AF_UNIX) as sock, pytest.raises(FileNotFoundError):
         sock.connect("/nonexistent/lamin-lightning-tier.sock")
+
+
+class _FloatHparamModel(TierModel):
+    """A TierModel with a float hparam whose feature (``tier_int_hparam``) is an int."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams["tier_int_hparam"] = 0.5
+
+
+def test_a_bad_run_value_fails_one_checkpoint_not_every_one(
+    ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """A run-level value of the wrong type fails the checkpoint whose commit first adds the
+    run's values (the reference's first save raises); later checkpoints persist. Before,
+    every later commit tried the same values again and failed too: with on_error="warn",
+    no checkpoint of the run was ever persisted."""
+    if not ln.Feature.filter(name="tier_int_hparam").exists():
+        ln.Feature(name="tier_int_hparam", dtype=int).save()
+    observer = RecordingObserver()
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        artifact_observers=[observer],
+        on_error="warn",
+    )
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        fit(callback, tmp_path, steps=3, model=_FloatHparamModel())
+    prefix = callback.checkpoint_key_prefix
+    failures = observer.of_type(ArtifactFailedEvent)
+    assert [(f.key, f.attempts) for f in failures] == [(f"{prefix}/epoch=0-step=1.ckpt", 1)]
+    assert "tier_int_hparam" in str(failures[0].error)
+    stored = {key for key in artifacts_under(ln, prefix) if key.endswith(".ckpt")}
+    assert stored == {f"{prefix}/epoch=0-step=2.ckpt", f"{prefix}/epoch=0-step=3.ckpt"}
