@@ -1,9 +1,10 @@
 """One knob table, true to the constructor: README, docs/tuning.md and the CLI example.
 
 The async knobs are the parameters of ``lamin_lightning.Checkpoint`` that the
-reference's ``lamindb.integrations.lightning.Checkpoint`` does not have (``filename``,
-Lightning's own argument, aside). The reference's signature is read from its source
-with ``ast``, so this module imports no lamindb (and needs no instance).
+reference's ``lamindb.integrations.lightning.Checkpoint`` does not have (``filename``
+and ``save_on_exception``, Lightning's own arguments, aside). The reference's
+signature is read from its source with ``ast``, so this module imports no lamindb
+(and needs no instance).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lamin_lightning
 
@@ -44,10 +46,11 @@ def _async_knobs() -> dict[str, Any]:
     """Each async knob of lamin_lightning.Checkpoint and its default, in signature order."""
     parameters = inspect.signature(lamin_lightning.Checkpoint.__init__).parameters
     reference = _reference_parameters()
+    lightnings = set(inspect.signature(ModelCheckpoint.__init__).parameters)
     return {
         name: p.default
         for name, p in parameters.items()
-        if name not in reference and name not in {"self", "filename"}
+        if name not in reference and name not in lightnings
     }
 
 
