@@ -1106,3 +1106,55 @@ def test_a_large_host_snapshot_is_copied_on_several_threads_and_equals_its_sourc
     weights.add_(1.0)  # training moves on: the snapshot keeps what it copied
     assert not torch.equal(snapshot["state_dict"]["w"], weights)
     assert snapshot["global_step"] == 3
+
+
+_BLOCKED_WRITER = """
+import sys, threading
+from pathlib import Path
+from lamin_lightning._local_write import write_atomically
+
+def save(payload, handle):
+    handle.write(payload)
+    handle.flush()
+    print("writing", flush=True)
+    threading.Event().wait()  # killed here, mid-write
+
+write_atomically(b"x" * 100_000, sys.argv[1], Path(sys.argv[2]), save)
+"""
+
+
+def test_a_write_killed_midway_leaves_a_temporary_file_the_next_holder_deletes(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL mid-write (a real child process) leaves a partial checkpoint in the working
+    folder's ``writing/``, which nothing else would ever delete; the next setup, a
+    ``ckpt_path="last"`` lookup or ``lamin-lightning flush`` deletes it. A write whose
+    process lives is never touched, however old, nor a fresh file nobody holds yet."""
+    import subprocess
+
+    from lamin_lightning import _local_write
+    from lamin_lightning._aside import put_back_in
+
+    dirpath = tmp_path / "ckpts"
+    dirpath.mkdir()
+    scratch = staging_root(dirpath) / _local_write.WRITING_DIRNAME
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_WRITER, str(dirpath / "last.ckpt"), str(scratch)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "writing\n"
+        (partial,) = scratch.iterdir()
+        assert partial.stat().st_size == 100_000
+        old = time.time() - 2 * _local_write.DEAD_WRITE_GRACE_SECONDS
+        os.utime(partial, (old, old))
+        assert put_back_in(dirpath) == [] and partial.exists()  # alive: left alone
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    fresh = scratch / ".epoch=0-step=1.ckpt.1.2.tmp"  # just created, not locked yet
+    fresh.write_bytes(b"y")
+    assert put_back_in(dirpath) == []  # nothing to put back; the dead write is deleted
+    assert sorted(scratch.iterdir()) == [fresh]
+    assert not (dirpath / "last.ckpt").exists()

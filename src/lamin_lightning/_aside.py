@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lamin_lightning import _staging
 from lamin_lightning._journal import is_locked
+from lamin_lightning._local_write import WRITING_DIRNAME, clear_dead_writes
 from lamin_lightning._staging import Stager, checkpoint_folder_of, remove_path, working_folders
 
 try:  # POSIX
@@ -153,12 +154,21 @@ def _by_owner(folder: Path) -> dict[str, list[str]]:
 
 def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
     """:func:`put_back_leftovers` for every working folder of checkpoint folder
-    ``dirpath`` (or of ``dirpath`` itself, a working folder)."""
-    return [
-        path
-        for root in working_folders(dirpath)
-        for path in put_back_leftovers(root, checkpoint_folder_of(root))
-    ]
+    ``dirpath`` (or of ``dirpath`` itself, a working folder); and deletes what background
+    writes of processes that ended left there (:func:`clear_dead_writes`)."""
+    put_back: list[Path] = []
+    for root in working_folders(dirpath):
+        put_back.extend(put_back_leftovers(root, checkpoint_folder_of(root)))
+        dead = clear_dead_writes(root / WRITING_DIRNAME)
+        if dead:
+            log.warning(
+                "lamin-lightning: deleted %d unfinished background write(s) that a process"
+                " which ended left in %s: %s",
+                len(dead),
+                root / WRITING_DIRNAME,
+                ", ".join(path.name for path in dead),
+            )
+    return put_back
 
 
 def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:

@@ -30,6 +30,7 @@ from lamin_lightning._evictions import (
     set_lightning_state,
 )
 from lamin_lightning._local_write import (
+    WRITING_DIRNAME,
     HostWrite,
     Snapshotter,
     async_write_supported,
@@ -141,7 +142,8 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         (rank zero), or None."""
         if self._snapshotter is None:
             self._snapshotter = Snapshotter(self.max_snapshots)
-        snapshotter, scratch = self._snapshotter, self._staging_root(filepath) / "writing"
+        snapshotter = self._snapshotter
+        scratch = self._staging_root(filepath) / WRITING_DIRNAME
 
         def take(checkpoint: dict[str, Any], path: str) -> HostWrite:
             # The folder now, on the training thread, as Lightning's CheckpointIO makes it:
