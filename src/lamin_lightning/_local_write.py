@@ -327,7 +327,7 @@ def write_atomically(
 WRITING_DIRNAME = "writing"
 """The working folder's subfolder for the temporary files of background writes."""
 
-DEAD_WRITE_GRACE_SECONDS = 60.0
+DEAD_WRITE_GRACE_SECONDS = 10.0
 """How long a temporary file nobody holds must be unmodified before it counts as the
 write of a process that ended: a live writer takes its lock right after it creates the
 file, and releases it only to rename the complete file (see :func:`write_atomically`)."""
