@@ -789,3 +789,54 @@ def test_a_fit_resumed_from_a_model_checkpoint_run_keeps_its_state_as_lightning_
     # Ours persisted what it saved; the first run's files it evicted are gone locally.
     assert store.keys(kind="checkpoint") <= {key(n) for n in outcome["ours"][0]}
     assert store.keys(kind="checkpoint") >= {key("last.ckpt")}
+
+
+def test_a_replay_keeps_a_checkpoint_whose_eviction_waited_for_a_write_that_finished(
+    tmp_path: Path,
+) -> None:
+    """Killed after b's background write finished but before the intake thread moved a
+    (evicted in favour of b) out of the folder: a is still there, and the last.ckpt on
+    disk may be older than the eviction and still count a as kept. The replay keeps a,
+    locally and in the store (as for a synchronous eviction cut short), and persists b:
+    the store holds exactly the files in the folder. Found by a randomized SIGKILL run,
+    where the replay deleted a's artifact and left its file."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    a, b = dirpath / "a.ckpt", dirpath / "b.ckpt"
+    a.write_bytes(b"a" * 100)
+    b.write_bytes(b"b" * 100)
+    store = MemoryStore()
+    saved_a = JobRecord(op="save", kind="checkpoint", key=key("a.ckpt"), local_path=str(a))
+    store.commit(saved_a, store.transfer(saved_a, a), replay=False, set_flags=True)
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    for record in (
+        JobRecord(
+            op="save", kind="checkpoint", key=key("b.ckpt"), local_path=str(b), store="memory"
+        ),
+        JobRecord(
+            op="remove",
+            kind="checkpoint",
+            key=key("a.ckpt"),
+            local_path=str(a),
+            store="memory",
+            after=str(b),
+        ),
+        # Training went on: the removal is not the journal's newest line.
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key=key("c.ckpt"),
+            local_path=str(dirpath / "c.ckpt"),
+            store="memory",
+        ),
+    ):
+        outbox.append(record)
+    (dirpath / "c.ckpt").write_bytes(b"c" * 100)
+    outbox.close()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert report.removed == 0 and report.remaining == []
+    assert a.exists() and b.exists()
+    assert_store_equals_files(store, dirpath)

@@ -346,7 +346,9 @@ def replay_jobs(
     kept = {
         (o.path, job_id)
         for o, job_id, record in pending
-        if record.replacement_lost() or (newest[o.path] == job_id and _never_moved_aside(record))
+        if record.replacement_lost()
+        or _never_removed_after_its_replacement(record)
+        or (newest[o.path] == job_id and _never_moved_aside(record))
     }
     last = {
         (outbox.path, record.key): job_id
@@ -357,6 +359,15 @@ def replay_jobs(
         if (outbox.path, job_id) in kept:
             if record.replacement_lost():
                 _warn_replacement_lost(record)
+            elif record.after is not None:
+                log.warning(
+                    "lamin-lightning: keeping %r: its removal waited for %s to be written,"
+                    " and the process ended before the file left the folder (%s); the"
+                    " file and its artifact both stay",
+                    record.key,
+                    record.after,
+                    record.local_path,
+                )
             else:
                 log.warning(
                     "lamin-lightning: keeping %r: its removal was journaled but the process"
@@ -418,6 +429,21 @@ def _never_moved_aside(record: JobRecord) -> bool:
     Lightning, resumed from the last ``last.ckpt`` (saved before that eviction), still
     counts as kept."""
     return record.op == "remove" and record.after is None and os.path.lexists(record.local_path)
+
+
+def _never_removed_after_its_replacement(record: JobRecord) -> bool:
+    """A removal that waited for its replacement's background write (``async_write``),
+    whose file is still in the folder: the replacement was written, but the process died
+    before the intake thread moved the evicted file out (training went on meanwhile, so
+    later job lines say nothing). As for :func:`_never_moved_aside`, the ``last.ckpt``
+    on disk may be older than the eviction (its own write was queued behind the
+    replacement's) and still count the file as kept: the file and its artifact stay."""
+    return (
+        record.op == "remove"
+        and record.after is not None
+        and os.path.lexists(record.local_path)
+        and os.path.lexists(record.after)
+    )
 
 
 def _pin_local_file(record: JobRecord) -> None:
