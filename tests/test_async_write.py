@@ -1128,33 +1128,39 @@ def test_a_write_killed_midway_leaves_a_temporary_file_the_next_holder_deletes(
 ) -> None:
     """SIGKILL mid-write (a real child process) leaves a partial checkpoint in the working
     folder's ``writing/``, which nothing else would ever delete; the next setup, a
-    ``ckpt_path="last"`` lookup or ``lamin-lightning flush`` deletes it. A write whose
-    process lives is never touched, however old, nor a fresh file nobody holds yet."""
+    ``ckpt_path="last"`` lookup or ``lamin-lightning flush`` deletes it at once. A write
+    whose process lives is never touched, however old; a file killed between its
+    creation and its lock (``.new``) only once it is older than the grace period."""
     import subprocess
 
-    from lamin_lightning import _local_write
+    from lamin_lightning import _staging
     from lamin_lightning._aside import put_back_in
 
     dirpath = tmp_path / "ckpts"
     dirpath.mkdir()
-    scratch = staging_root(dirpath) / _local_write.WRITING_DIRNAME
+    scratch = staging_root(dirpath) / _staging.WRITING_DIRNAME
     child = subprocess.Popen(
         [sys.executable, "-c", _BLOCKED_WRITER, str(dirpath / "last.ckpt"), str(scratch)],
         stdout=subprocess.PIPE,
         text=True,
     )
+    old = time.time() - 2 * _staging.DEAD_WRITE_GRACE_SECONDS
     try:
         assert child.stdout is not None and child.stdout.readline() == "writing\n"
         (partial,) = scratch.iterdir()
-        assert partial.stat().st_size == 100_000
-        old = time.time() - 2 * _local_write.DEAD_WRITE_GRACE_SECONDS
+        assert partial.name.endswith(".tmp") and partial.stat().st_size == 100_000
         os.utime(partial, (old, old))
         assert put_back_in(dirpath) == [] and partial.exists()  # alive: left alone
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    fresh = scratch / ".epoch=0-step=1.ckpt.1.2.tmp"  # just created, not locked yet
+    fresh = scratch / ".epoch=0-step=1.ckpt.1.2.new"  # created, not locked yet
     fresh.write_bytes(b"y")
-    assert put_back_in(dirpath) == []  # nothing to put back; the dead write is deleted
+    stale = scratch / ".epoch=0-step=2.ckpt.1.3.new"
+    stale.write_bytes(b"z")
+    os.utime(stale, (old, old))
+    partial_mtime_now = time.time()
+    os.utime(partial, (partial_mtime_now, partial_mtime_now))  # a .tmp goes at once
+    assert put_back_in(dirpath) == []  # nothing to put back; the dead writes are deleted
     assert sorted(scratch.iterdir()) == [fresh]
     assert not (dirpath / "last.ckpt").exists()

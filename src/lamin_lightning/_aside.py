@@ -28,8 +28,14 @@ from pathlib import Path
 
 from lamin_lightning import _staging
 from lamin_lightning._journal import is_locked
-from lamin_lightning._local_write import WRITING_DIRNAME, clear_dead_writes
-from lamin_lightning._staging import Stager, checkpoint_folder_of, remove_path, working_folders
+from lamin_lightning._staging import (
+    WRITING_DIRNAME,
+    Stager,
+    checkpoint_folder_of,
+    clear_dead_writes,
+    remove_path,
+    working_folders,
+)
 
 try:  # POSIX
     import fcntl

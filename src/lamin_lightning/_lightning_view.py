@@ -30,7 +30,6 @@ from lamin_lightning._evictions import (
     set_lightning_state,
 )
 from lamin_lightning._local_write import (
-    WRITING_DIRNAME,
     HostWrite,
     Snapshotter,
     async_write_supported,
@@ -38,7 +37,7 @@ from lamin_lightning._local_write import (
     snapshot_checkpoint,
 )
 from lamin_lightning._reporting import ReportingCheckpoint
-from lamin_lightning._staging import remove_path
+from lamin_lightning._staging import WRITING_DIRNAME, remove_path
 from lamin_lightning._write_io import saving_to_snapshots
 
 log = logging.getLogger("lamin_lightning")

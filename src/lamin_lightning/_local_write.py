@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import torch
 
+from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX
+
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -305,75 +307,27 @@ def write_atomically(
     """
     scratch.mkdir(parents=True, exist_ok=True)
     Path(target).parent.mkdir(parents=True, exist_ok=True)  # as Lightning's CheckpointIO does
-    temporary = scratch / f".{Path(target).name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    stem = scratch / f".{Path(target).name}.{os.getpid()}.{threading.get_ident()}"
+    claimed, temporary = Path(f"{stem}{CLAIMED_SUFFIX}"), Path(f"{stem}{WRITING_SUFFIX}")
     try:
-        with open(temporary, "wb") as handle:
+        with open(claimed, "wb") as handle:
             if fcntl is not None:
-                # Held while this process lives: a file nobody holds is a dead write's
-                # (see clear_dead_writes).
+                # Held until the file is renamed into place: a ``.tmp`` file nobody holds
+                # is the write of a process that ended (see clear_dead_writes). Locked
+                # before it takes that name, so none is ever unlocked while it is written.
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            os.replace(claimed, temporary)
             save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
             _drop_from_page_cache(handle.fileno())
-        size = temporary.stat().st_size
-        os.replace(temporary, target)
+            size = os.fstat(handle.fileno()).st_size
+            os.replace(temporary, target)
     except BaseException:
+        claimed.unlink(missing_ok=True)
         temporary.unlink(missing_ok=True)
         raise
     return size
-
-
-WRITING_DIRNAME = "writing"
-"""The working folder's subfolder for the temporary files of background writes."""
-
-DEAD_WRITE_GRACE_SECONDS = 10.0
-"""How long a temporary file nobody holds must be unmodified before it counts as the
-write of a process that ended: a live writer takes its lock right after it creates the
-file, and releases it only to rename the complete file (see :func:`write_atomically`)."""
-
-
-def clear_dead_writes(scratch: Path) -> list[Path]:
-    """Delete the temporary files of background writes whose process ended (a crash
-    mid-write) from ``scratch``; return them.
-
-    A SIGKILL mid-write leaves a partial checkpoint there, as large as the write got,
-    that nothing else would ever delete. A file whose writer lives is locked and left
-    alone; so is an unlocked one modified within :data:`DEAD_WRITE_GRACE_SECONDS`. The
-    checkpoint itself was never written: its journaled job is replayed as such (the
-    checkpoint it would have replaced is kept). Without ``fcntl`` (Windows) nothing can
-    tell, and nothing is deleted.
-    """
-    if fcntl is None:  # pragma: no cover - Windows
-        return []  # type: ignore[unreachable]
-    try:
-        entries = [
-            e for e in os.scandir(scratch) if e.name.startswith(".") and e.name.endswith(".tmp")
-        ]
-    except OSError:
-        return []
-    removed: list[Path] = []
-    for entry in entries:
-        try:
-            fd = os.open(entry.path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # its writer is alive
-            if time.time() - os.fstat(fd).st_mtime < DEAD_WRITE_GRACE_SECONDS:
-                continue  # just created: its writer may not have locked it yet
-            if not os.path.samestat(os.fstat(fd), os.stat(entry.path)):
-                continue  # replaced meanwhile
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
 
 
 class HostWrite:

@@ -21,8 +21,14 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 STAGING_DIRNAME = ".lamin-lightning"
 """The working folder's name inside a checkpoint folder, where versions before 0.3 kept it."""
@@ -307,3 +313,67 @@ def tree_size(path: str | os.PathLike[str]) -> int:
         for folder, _, files in os.walk(path)
         for name in files
     )
+
+
+# -- background writes' temporary files (async_write) ------------------------------------
+
+CLAIMED_SUFFIX, WRITING_SUFFIX = ".new", ".tmp"
+"""Suffixes of a background write's temporary file: created as ``.new``, then, once its
+writer holds its lock, renamed to ``.tmp``, the name it is written under."""
+
+WRITING_DIRNAME = "writing"
+"""The working folder's subfolder for the temporary files of background writes."""
+
+DEAD_WRITE_GRACE_SECONDS = 10.0
+"""How long a ``.new`` file (created, not yet locked: a writer renames it to ``.tmp``
+right after it takes its lock) must be unmodified before it counts as a dead write's."""
+
+
+def clear_dead_writes(scratch: Path) -> list[Path]:
+    """Delete the temporary files of background writes whose process ended (a crash
+    mid-write) from ``scratch``; return them.
+
+    A SIGKILL mid-write leaves a partial checkpoint there, as large as the write got,
+    that nothing else would ever delete. A ``.tmp`` file is locked by its writer from
+    its first moment until it is renamed into place: one nobody holds is deleted at
+    once. A ``.new`` file (killed between creating and locking it) only once unmodified
+    for :data:`DEAD_WRITE_GRACE_SECONDS`. The checkpoint itself was never written: its
+    journaled job is dropped at replay. Without ``fcntl`` (Windows) nothing can tell,
+    and nothing is deleted.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return []  # type: ignore[unreachable]
+    try:
+        entries = [
+            e
+            for e in os.scandir(scratch)
+            if e.name.startswith(".") and e.name.endswith((CLAIMED_SUFFIX, WRITING_SUFFIX))
+        ]
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is alive
+            stat = os.fstat(fd)
+            if (
+                entry.name.endswith(CLAIMED_SUFFIX)
+                and time.time() - stat.st_mtime < DEAD_WRITE_GRACE_SECONDS
+            ):
+                continue  # just created: its writer may be about to lock it
+            if not os.path.samestat(stat, os.stat(entry.path)):
+                continue  # replaced meanwhile
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
