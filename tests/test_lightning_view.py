@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
 from lamin_lightning import (
+    ArtifactFailedEvent,
     JobRecord,
     PersistenceError,
     RetryPolicy,
@@ -840,3 +841,34 @@ def test_a_replay_keeps_a_checkpoint_whose_eviction_waited_for_a_write_that_fini
     assert report.removed == 0 and report.remaining == []
     assert a.exists() and b.exists()
     assert_store_equals_files(store, dirpath)
+
+
+def test_a_replay_drops_a_save_whose_background_write_never_finished(tmp_path: Path) -> None:
+    """Killed mid-write (async_write, or a CheckpointIO that writes late): the save was
+    journaled, its file never appeared. The replay drops it with a warning (the checkpoint
+    never existed), where a lost file of a save written before the hook returned is still
+    a failure. Found by a randomized SIGKILL run, where `lamin-lightning flush` exited 1."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    store = MemoryStore()
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    for name, later in (("a.ckpt", True), ("b.ckpt", False)):
+        outbox.append(
+            JobRecord(
+                op="save",
+                kind="checkpoint",
+                key=key(name),
+                local_path=str(dirpath / name),
+                store="memory",
+                written_later=later,
+            )
+        )
+    outbox.close()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert [r.key for r in report.dropped] == [key("a.ckpt")]
+    failed = [e for e in report.events if isinstance(e, ArtifactFailedEvent)]
+    assert [e.key for e in failed] == [key("b.ckpt")]
+    assert report.remaining == [] and store.keys() == set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,6 +94,14 @@ def _status(dirpath: Path, as_json: bool) -> int:
     return EXIT_PENDING
 
 
+def _why_dropped(record: JobRecord) -> str:
+    if record.never_written():
+        return "the process ended before its background write finished: never written"
+    if record.op == "remove" and os.path.lexists(record.local_path):
+        return "kept: the process ended before the file left the folder"
+    return "a later job of this key replaced it"
+
+
 def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: int) -> int:
     from lamin_lightning._errors import OutboxInUseError
     from lamin_lightning._flush import flush_directory
@@ -119,7 +128,7 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
             detail = f"  (not annotated: {', '.join(missing)})"
         print(f"{outcome:8} {event.key}{detail}")
     for record in report.dropped:
-        print(f"{'dropped':8} {record.key}  (a later job of this key replaced it)")
+        print(f"{'dropped':8} {record.key}  ({_why_dropped(record)})")
     for record, why in report.refused:
         print(f"{'refused':8} {record.key}  ({type(why).__name__}: {why})", file=sys.stderr)
     print(

@@ -102,6 +102,10 @@ class JobRecord:
             ``local_path`` (a relative dirpath): events report it, as the reference does.
             Not journaled: a replay, maybe in another working directory, reports
             ``local_path``.
+        written_later: For a save: its file was written after Lightning's save hook
+            returned (``async_write``, or a CheckpointIO that writes late). A replay
+            that finds neither the file nor its staged copy drops the job: the process
+            ended before the write finished, and the checkpoint never existed.
     """
 
     op: Operation
@@ -116,11 +120,22 @@ class JobRecord:
     version: int = RECORD_VERSION
     after: str | None = None
     given_path: str | None = None
+    written_later: bool = False
 
     @property
     def event_path(self) -> Path:
         """The local path its events report (see :attr:`given_path`)."""
         return Path(self.given_path or self.local_path)
+
+    def never_written(self) -> bool:
+        """Whether this save's file was to be written after the hook returned and never
+        was: neither it nor its staged copy exists (see :attr:`written_later`)."""
+        return (
+            self.op == "save"
+            and self.written_later
+            and not (self.staged_path and os.path.lexists(self.staged_path))
+            and not os.path.lexists(self.local_path)
+        )
 
     def replacement_lost(self) -> bool:
         """Whether this removal must not happen: the evicted file is still on disk and the
@@ -249,6 +264,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         "snapshot": _encode_snapshot(record.checkpoint) if record.checkpoint else None,
         "time": record.submitted_at,
         **({"after": record.after} if record.after else {}),
+        **({"written_later": True} if record.written_later else {}),
     }
 
 
@@ -290,4 +306,5 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         submitted_at=float(when) if isinstance(when, int | float) else 0.0,
         version=int(version),
         after=str(data["after"]) if data.get("after") else None,
+        written_later=data.get("written_later") is True,
     )

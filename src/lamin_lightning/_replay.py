@@ -342,7 +342,10 @@ def replay_jobs(
     # not replayed, and does not make the evicted checkpoint's own save moot.
     # A removal journaled last, whose file is still in the folder: the process died between
     # the two (see _never_moved_aside). Any later job line means it went on past the move.
+    # A save whose write was to finish after the hook returned and never did (killed
+    # mid-write): the checkpoint never existed; dropped, not failed.
     newest = {o.path: job_id for o, job_id, _ in pending}
+    unwritten = {(o.path, job_id) for o, job_id, record in pending if record.never_written()}
     kept = {
         (o.path, job_id)
         for o, job_id, record in pending
@@ -353,9 +356,20 @@ def replay_jobs(
     last = {
         (outbox.path, record.key): job_id
         for outbox, job_id, record in pending
-        if (outbox.path, job_id) not in kept
+        if (outbox.path, job_id) not in kept and (outbox.path, job_id) not in unwritten
     }
     for outbox, job_id, record in pending:
+        if (outbox.path, job_id) in unwritten:
+            log.warning(
+                "lamin-lightning: dropping the save of %r: the process ended before its"
+                " background write finished, so %s was never written",
+                record.key,
+                record.local_path,
+            )
+            if record.staged_path:
+                release_staged(Path(record.staged_path))
+            outbox.settle(job_id, "lost")
+            continue
         if (outbox.path, job_id) in kept:
             if record.replacement_lost():
                 _warn_replacement_lost(record)

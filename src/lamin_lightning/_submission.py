@@ -170,6 +170,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         staged: Path | None = None,
         snapshot: CheckpointSnapshot | None = None,
         after: str | None = None,
+        written_later: bool = False,
     ) -> JobRecord:
         local, given = absolute(path), os.fspath(path)
         return JobRecord(
@@ -184,6 +185,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             submitted_at=time.time(),
             after=absolute(after) if after is not None else None,
             given_path=given if given != local else None,
+            written_later=written_later,
         )
 
     def _submit_record(
@@ -257,7 +259,13 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         if values:
             snapshot = _with_features(snapshot, values)
         record = self._record(
-            trainer, "save", "checkpoint", filepath, staged=staged, snapshot=snapshot
+            trainer,
+            "save",
+            "checkpoint",
+            filepath,
+            staged=staged,
+            snapshot=snapshot,
+            written_later=write is not None,
         )
         self._submit_record(trainer, record, prepare=prepare)
 
