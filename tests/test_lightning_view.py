@@ -74,6 +74,41 @@ def steps_of(dirpath: Path) -> dict[str, int]:
     }
 
 
+def _save(path: Path, **fields: Any) -> JobRecord:
+    """A pending save of ``path`` into the memory store."""
+    return JobRecord(
+        op="save",
+        kind="checkpoint",
+        key=key(path.name),
+        local_path=str(path),
+        store="memory",
+        **fields,
+    )
+
+
+def _evicted_for(evicted: Path, replacement: Path) -> tuple[JobRecord, JobRecord]:
+    """The save of ``replacement`` (written in the background) and the eviction of
+    ``evicted`` waiting for it, as ``async_write`` journals them."""
+    removal = JobRecord(
+        op="remove",
+        kind="checkpoint",
+        key=key(evicted.name),
+        local_path=str(evicted),
+        store="memory",
+        after=str(replacement),
+    )
+    return _save(replacement), removal
+
+
+def journal(dirpath: Path, *records: JobRecord) -> None:
+    """Leave ``records`` pending in a journal of ``dirpath``, as a killed process would."""
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    for record in records:
+        outbox.append(record)
+    outbox.close()
+
+
 def assert_store_equals_files(store: MemoryStore, dirpath: Path) -> None:
     names = checkpoint_files(dirpath)
     assert store.keys(kind="checkpoint") == {key(n) for n in names}
@@ -340,24 +375,7 @@ def test_a_replay_never_removes_a_checkpoint_whose_replacement_was_never_written
     store = MemoryStore()
     saved_a = JobRecord(op="save", kind="checkpoint", key=key("a.ckpt"), local_path=str(a))
     store.commit(saved_a, store.transfer(saved_a, a), replay=False, set_flags=True)
-    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
-    outbox.open()
-    outbox.append(
-        JobRecord(
-            op="save", kind="checkpoint", key=key("b.ckpt"), local_path=str(b), store="memory"
-        )
-    )
-    outbox.append(
-        JobRecord(
-            op="remove",
-            kind="checkpoint",
-            key=key("a.ckpt"),
-            local_path=str(a),
-            store="memory",
-            after=str(b),
-        )
-    )
-    outbox.close()
+    journal(dirpath, *_evicted_for(a, b))
 
     report = flush_directory(dirpath, progress=False, stores={"memory": store})
 
@@ -809,32 +827,9 @@ def test_a_replay_keeps_a_checkpoint_whose_eviction_waited_for_a_write_that_fini
     store = MemoryStore()
     saved_a = JobRecord(op="save", kind="checkpoint", key=key("a.ckpt"), local_path=str(a))
     store.commit(saved_a, store.transfer(saved_a, a), replay=False, set_flags=True)
-    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
-    outbox.open()
-    for record in (
-        JobRecord(
-            op="save", kind="checkpoint", key=key("b.ckpt"), local_path=str(b), store="memory"
-        ),
-        JobRecord(
-            op="remove",
-            kind="checkpoint",
-            key=key("a.ckpt"),
-            local_path=str(a),
-            store="memory",
-            after=str(b),
-        ),
-        # Training went on: the removal is not the journal's newest line.
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key=key("c.ckpt"),
-            local_path=str(dirpath / "c.ckpt"),
-            store="memory",
-        ),
-    ):
-        outbox.append(record)
     (dirpath / "c.ckpt").write_bytes(b"c" * 100)
-    outbox.close()
+    # Training went on: the removal is not the journal's newest line.
+    journal(dirpath, *_evicted_for(a, b), _save(dirpath / "c.ckpt"))
 
     report = flush_directory(dirpath, progress=False, stores={"memory": store})
 
@@ -851,20 +846,7 @@ def test_a_replay_drops_a_save_whose_background_write_never_finished(tmp_path: P
     dirpath = tmp_path / "ckpt"
     dirpath.mkdir()
     store = MemoryStore()
-    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
-    outbox.open()
-    for name, later in (("a.ckpt", True), ("b.ckpt", False)):
-        outbox.append(
-            JobRecord(
-                op="save",
-                kind="checkpoint",
-                key=key(name),
-                local_path=str(dirpath / name),
-                store="memory",
-                written_later=later,
-            )
-        )
-    outbox.close()
+    journal(dirpath, _save(dirpath / "a.ckpt", written_later=True), _save(dirpath / "b.ckpt"))
 
     report = flush_directory(dirpath, progress=False, stores={"memory": store})
 

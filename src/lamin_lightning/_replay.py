@@ -349,8 +349,7 @@ def replay_jobs(
     kept = {
         (o.path, job_id)
         for o, job_id, record in pending
-        if record.replacement_lost()
-        or _never_removed_after_its_replacement(record)
+        if _never_moved_after_its_replacement(record)
         or (newest[o.path] == job_id and _never_moved_aside(record))
     }
     last = {
@@ -445,19 +444,15 @@ def _never_moved_aside(record: JobRecord) -> bool:
     return record.op == "remove" and record.after is None and os.path.lexists(record.local_path)
 
 
-def _never_removed_after_its_replacement(record: JobRecord) -> bool:
+def _never_moved_after_its_replacement(record: JobRecord) -> bool:
     """A removal that waited for its replacement's background write (``async_write``),
-    whose file is still in the folder: the replacement was written, but the process died
-    before the intake thread moved the evicted file out (training went on meanwhile, so
-    later job lines say nothing). As for :func:`_never_moved_aside`, the ``last.ckpt``
-    on disk may be older than the eviction (its own write was queued behind the
-    replacement's) and still count the file as kept: the file and its artifact stay."""
-    return (
-        record.op == "remove"
-        and record.after is not None
-        and os.path.lexists(record.local_path)
-        and os.path.lexists(record.after)
-    )
+    whose file is still in the folder. Either the replacement was never written
+    (:meth:`JobRecord.replacement_lost`), or it was and the process died before the
+    intake thread moved the evicted file out (training went on meanwhile, so later job
+    lines say nothing). As for :func:`_never_moved_aside`, the ``last.ckpt`` on disk may
+    be older than the eviction (its own write was queued behind the replacement's) and
+    still count the file as kept: the file and its artifact stay."""
+    return record.op == "remove" and record.after is not None and os.path.lexists(record.local_path)
 
 
 def _pin_local_file(record: JobRecord) -> None:

@@ -18,6 +18,8 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,21 +43,13 @@ log = logging.getLogger("lamin_lightning")
 _pipeline_call = threading.local()
 
 
-def as_pipeline_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a ``save_*`` hook marked as called by the pipeline (see ``called_by_pipeline``)."""
-    _pipeline_call.active = True
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _pipeline_call.active = False
-
-
 def _job_call(record: JobRecord, path: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """:func:`as_pipeline_call` for the job ``record``, whose file the hook gets at ``path``
-    (its staged copy): see :func:`pipeline_job_key`."""
+    """Run the ``save_*`` hook ``fn`` for the pipeline's job ``record``, whose file it gets
+    at ``path`` (the staged copy): marked as called by the pipeline (see
+    ``called_by_pipeline`` and :func:`pipeline_job_key`)."""
     _pipeline_call.job = (os.fspath(path), record.key)
     try:
-        return as_pipeline_call(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
     finally:
         _pipeline_call.job = None
 
@@ -241,7 +235,7 @@ class ArtifactHooks:
         Lets a ``save_*`` override behave like the synchronous reference when user
         code calls it directly: annotate and emit the saved event itself.
         """
-        return bool(getattr(_pipeline_call, "active", False))
+        return getattr(_pipeline_call, "job", None) is not None
 
     def emit_artifact_event(self, event: AnyArtifactEvent) -> None:
         """Deliver an event to the ``on_artifact_*`` hooks and observers now, on this thread.
@@ -298,17 +292,14 @@ class HookStore:
         cb, trainer = self._callback, self._trainer
         if record.kind == "checkpoint":
             values = record.checkpoint.feature_values if record.checkpoint else None
-            return _job_call(
-                record,
-                path,
-                cb.save_checkpoint_artifact,
-                trainer,
-                path,
-                feature_values=dict(values or {}),
+            save: Callable[..., Any] = partial(
+                cb.save_checkpoint_artifact, feature_values=dict(values or {})
             )
-        if record.kind == "config":
-            return _job_call(record, path, cb.save_config_artifact, trainer, path)
-        return _job_call(record, path, cb.save_hparams_artifact, trainer, path)
+        elif record.kind == "config":
+            save = cb.save_config_artifact
+        else:
+            save = cb.save_hparams_artifact
+        return _job_call(record, path, save, trainer, path)
 
     def commit(
         self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
