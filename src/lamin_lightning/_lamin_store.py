@@ -180,8 +180,13 @@ class LaminStore:
         kind: str,
         run: Any,
         key_is_virtual: bool,
+        stats: dict[str, Any] | None = None,
     ) -> Any:
-        """Hash and copy ``path`` into storage and save its artifact record (no lookup by hash)."""
+        """Hash and copy ``path`` into storage and save its artifact record (no lookup by hash).
+
+        ``stats``: lamindb's size and hash of ``path`` (:func:`lamin_stats`), if the caller
+        computed them already: lamindb then does not read the file again to hash it.
+        """
         immediate_transactions()
         description, lamin_kind = DESCRIPTIONS[kind]
         publisher = self._publisher()
@@ -203,6 +208,7 @@ class LaminStore:
             run=run,
             key_is_virtual=key_is_virtual,
             skip_hash_lookup=True,
+            **_given_stats(stats),
         )
         # Registered before the record exists, so that a commit replacing an older
         # artifact of this key never mistakes this newer, uncommitted one for it. By
@@ -233,12 +239,9 @@ class LaminStore:
             raise
 
     def _transfer(self, record: JobRecord, path: Path) -> Any:
-        from lamindb_setup.core.hashing import hash_dir, hash_file
-
         _check_instance(record)
-        # A folder checkpoint is hashed as lamindb hashes a folder artifact.
-        digest = hash_dir(path)[1] if path.is_dir() else hash_file(path)[1]
-        existing = _ln().Artifact.filter(key=record.key, hash=digest).order_by("-id").first()
+        stats = lamin_stats(path)
+        existing = _ln().Artifact.filter(key=record.key, hash=stats["hash"]).order_by("-id").first()
         if existing is not None and getattr(existing, "_storage_ongoing", False):
             # lamindb saves the record, uploads, then marks it complete: this one's upload
             # was cut short (the process died). Reusing it would commit a record whose
@@ -260,6 +263,7 @@ class LaminStore:
             kind=record.kind,
             run=False if record.kind == "config" else run,
             key_is_virtual=bool(record.context.get("key_is_virtual", True)),
+            stats=stats,
         )
         if record.kind == "config" and run is not None:
             from lamindb.models._lineage import track_run_inputs
@@ -519,6 +523,31 @@ class LaminStore:
     def finalize_thread(self) -> None:
         """Close this thread's Django connection."""
         close_connections()
+
+
+def lamin_stats(path: Path) -> dict[str, Any]:
+    """lamindb's size and hash of a local file or folder, as ``Artifact(path)`` computes them."""
+    from lamindb_setup.core.hashing import hash_dir, hash_file
+
+    if path.is_dir():
+        size, digest, hash_type, n_files = hash_dir(path)
+        return {"size": size, "hash": digest, "hash_type": hash_type, "n_files": n_files}
+    size, digest, hash_type = hash_file(path)
+    return {"size": size, "hash": digest, "hash_type": hash_type}
+
+
+def stats_accepted() -> bool:
+    """Whether ``Artifact(path, _stats=...)`` may be given precomputed stats: the installed
+    lamindb takes them, and the user did not turn its hashing off."""
+    from lamindb.models import artifact as module
+
+    if not hasattr(module, "_validate_stats"):
+        return False
+    return not _ln().settings.creation.artifact_skip_size_hash
+
+
+def _given_stats(stats: dict[str, Any] | None) -> dict[str, Any]:
+    return {"_stats": stats} if stats is not None and stats_accepted() else {}
 
 
 # s3fs's defaults, which lamindb keeps: one file's upload holds up to this many parts

@@ -23,6 +23,7 @@ import pytest
 from lamindb_tier import (
     TierData,
     TierModel,
+    artifacts_under,
     assert_checkpoint_keys_persisted,
     fit,
     held_uploads,
@@ -33,6 +34,7 @@ import lamin_lightning as ll
 from lamin_lightning import JobRecord
 from lamin_lightning._journal import journal_paths, read_pending
 from lamin_lightning._lamin import LaminArtifactPublisher
+from lamin_lightning._lamin_store import lamin_stats
 from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import RecordingObserver
 
@@ -132,6 +134,52 @@ def test_sigkill_mid_upload_then_cli_flush_completes_the_set(ln: Any, tmp_path: 
     # Flushing again is a no-op.
     again = _cli("flush", "--no-progress", str(dirpath))
     assert again.returncode == 0 and "saved 0" in again.stdout
+
+
+def test_a_replay_reads_each_file_once_to_hash_it_and_stores_lamindbs_size_and_hash(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay hashes a file to find an artifact of the same content; a new artifact
+    is then given that hash, so lamindb does not read the file again (a large
+    checkpoint's hash reads 100 MiB of it)."""
+    from lamindb.models import artifact as module
+
+    prefix = _kill_mid_upload(tmp_path)
+    dirpath = tmp_path / "ckpt"
+    hashed_by_lamindb: list[str] = []
+    original = module.hash_file
+
+    def hash_file(path: Any, *args: Any, **kwargs: Any) -> Any:
+        hashed_by_lamindb.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "hash_file", hash_file)
+    before = set(artifacts_under(ln, prefix))
+    report = ll.flush_directory(dirpath, progress=False)
+    assert report.failed == 0 and not report.remaining, report
+
+    assert hashed_by_lamindb == []
+    after = artifacts_under(ln, prefix)
+    on_disk = _on_disk(dirpath, prefix)
+    created = sorted(set(after) - before)
+    assert set(created) & set(on_disk), f"the flush uploaded no kept checkpoint: {created}"
+    for key in set(created) & set(on_disk):
+        artifact = after[key]
+        stored = {"size": artifact.size, "hash": artifact.hash, "hash_type": artifact._hash_type}
+        assert stored == lamin_stats(on_disk[key]), key
+
+
+def test_a_replay_gives_lamindb_no_hash_where_the_user_turned_its_hashing_off(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lamin_lightning._lamin_store import _given_stats
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"weights")
+    stats = lamin_stats(path)
+    assert _given_stats(stats) == {"_stats": stats}
+    monkeypatch.setattr(ln.settings.creation, "artifact_skip_size_hash", True)
+    assert _given_stats(stats) == {}
 
 
 def test_sigkill_mid_upload_then_rerunning_the_script_completes_the_set(
