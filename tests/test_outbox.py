@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -595,3 +596,82 @@ def test_sigkill_mid_compaction_keeps_the_journal_and_the_next_holder_clears_the
     assert [record.key for _, record in outbox.open()] == ["kept"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     outbox.close()
+
+
+@pytest.mark.parametrize(
+    ("full_at", "what"),
+    [
+        (0, "save of .*step=1.ckpt"),  # the journal's file cannot be opened
+        (1, "save of .*step=1.ckpt"),  # the first line
+        (2, "save of .*step=2.ckpt"),
+        (3, "removal of .*step=1.ckpt"),  # the eviction of step 1 in favour of step 2
+    ],
+)
+def test_a_journal_line_a_full_disk_refuses_leaves_training_and_persistence_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full_at: int, what: str
+) -> None:
+    """Lightning wrote the checkpoint; only its journal line finds the disk full. As with
+    ModelCheckpoint, training goes on; the job is persisted unjournaled, with a warning
+    naming the file (before, the save hook raised, and the checkpoint in the folder
+    was never persisted: no line, so nothing to replay)."""
+    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    lines, opens = [0], [0]
+    real_write, real_open = Outbox._write, Outbox.open
+
+    def write(self: Outbox, item: dict[str, Any]) -> None:
+        if item.get("t") == "job":
+            lines[0] += 1
+            if lines[0] == full_at:
+                raise no_space
+        real_write(self, item)
+
+    def open_once(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+        opens[0] += 1
+        if full_at == 0 and opens[0] == 1:
+            raise no_space
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Outbox, "_write", write)
+    monkeypatch.setattr(Outbox, "open", open_once)
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, monitor="score", mode="min", save_top_k=1, every_n_train_steps=1
+    )
+    model = TinyModel(scores=[5.0, 4.0, 3.0, 2.0])
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(tmp_path, [callback], max_steps=4).fit(model, loader())
+    refused = [str(w.message) for w in caught if "could not journal" in str(w.message)]
+    assert len(refused) == 1
+    assert re.search(f"could not journal the {what} in its outbox", refused[0])
+
+    assert checkpoint_files(dirpath) == {"epoch=0-step=4.ckpt"}
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.removed, stats.failed) == (4, 3, 0)
+    _kept_set_matches_store(dirpath, store)
+    assert [
+        key for path in journal_paths(staging_root(dirpath)) for key in _pending_keys(path)
+    ] == []
+
+
+def test_a_compaction_at_close_that_finds_the_disk_full_keeps_the_journal_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing compacts a journal with pending jobs; on a full disk the compacted copy
+    cannot be written: close() must not raise (it runs at teardown, after an error
+    already), must leave no temporary file, and the journal keeps every pending job."""
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    pending = outbox.append(_job("save", "k1"))
+    outbox.settle(outbox.append(_job("save", "k2")), "saved")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    outbox.close()  # must not raise
+    monkeypatch.undo()
+
+    assert "could not compact the outbox" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outbox-a.jsonl"]
+    assert _pending_ids(outbox.path) == [pending]

@@ -254,7 +254,15 @@ class Outbox:
                         with contextlib.suppress(OSError):
                             self.path.unlink()
                 elif fcntl is not None:
-                    self._compact()
+                    try:
+                        self._compact()
+                    except OSError as error:
+                        # A full disk, say: the journal stays as it is, whole, uncompacted.
+                        log.warning(
+                            "could not compact the outbox %s (%s); it is kept as it is",
+                            self.path,
+                            error,
+                        )
             finally:
                 handle = self._handle or handle
                 self._handle = None
@@ -477,10 +485,15 @@ class Outbox:
         under ``self._lock`` throughout (at :meth:`close`; see :meth:`_compact_unlocked`)."""
         lines = self._compacted_lines()
         temp = self.path.with_name(self.path.name + _COMPACTION_SUFFIXES[0])
-        with temp.open("wb") as out:
-            size = sum(out.write(line) for line in lines)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with temp.open("wb") as out:
+                size = sum(out.write(line) for line in lines)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
         self._swap(temp, size, len(lines))
         _fsync_dir(self.path.parent)
         self._dir_synced = True

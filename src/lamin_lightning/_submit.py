@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -128,7 +129,7 @@ class Submitter:
         prepare: Callable[[], int] | None = None,
         known: Callable[[str], Any] | None = None,
         outcome: Outcome | None = None,
-        journaled: Settle | None = None,
+        journaled: Callable[[str], None] | None = None,
     ) -> None:
         """Journal ``record`` (unless ``journaled`` says where it already is) and submit its job."""
         spec: JobSpec | None = None
@@ -231,21 +232,33 @@ class Submitter:
                 " parameters and buffers). Free space or pass another dirpath.",
             )
 
-    def journal(self, record: JobRecord) -> Settle | None:
-        """Write ``record`` durably into the outbox before its job is admitted."""
-        outbox = self.outbox
-        if outbox is None:
-            if self._outbox_plan is None:
-                return None
-            root, digest, dirpath = self._outbox_plan
-            try:
-                # Its first line is fsynced with the first job's, off the training thread.
-                outbox = _open_journal(root, digest, create=True, sync=False)
-            except OSError as error:
-                raise _directory_error(error, root, dirpath) from error
-            assert outbox is not None  # create=True opens one or raises
-            self.outbox = outbox
-        return Settle(outbox, outbox.append(record))
+    def journal(self, record: JobRecord) -> Callable[[str], None] | None:
+        """Write ``record`` durably into the outbox before its job is admitted.
+
+        Returns what marks the record finished, None without an outbox. On a full disk
+        (the checkpoint itself was written: Lightning keeps training, as it would) the
+        job goes on unjournaled, with a warning: it is persisted as usual, only a crash
+        before that would leave it out of a replay.
+        """
+        try:
+            outbox = self.outbox
+            if outbox is None:
+                if self._outbox_plan is None:
+                    return None
+                root, digest, dirpath = self._outbox_plan
+                try:
+                    # Its first line is fsynced with the first job's, off the training thread.
+                    outbox = _open_journal(root, digest, create=True, sync=False)
+                except OSError as error:
+                    raise _directory_error(error, root, dirpath) from error
+                assert outbox is not None  # create=True opens one or raises
+                self.outbox = outbox
+            return Settle(outbox, outbox.append(record))
+        except OSError as error:
+            if error.errno not in _NO_SPACE:
+                raise
+            _warn_unjournaled(record, error)
+            return _unjournaled
 
     def close_outbox(self) -> None:
         """Release this callback's journal and the foreign ones it replayed."""
@@ -484,6 +497,27 @@ def _existing_ancestor(path: Path) -> Path:
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
     return folder
+
+
+# A journal line that cannot be written for want of space: the job goes on unjournaled.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _unjournaled(status: str) -> None:
+    """Marks finished a job whose record could not be journaled: nothing to mark."""
+
+
+def _warn_unjournaled(record: JobRecord, error: OSError) -> None:
+    what = "removal of" if record.op == "remove" else "save of"
+    warnings.warn(
+        f"lamin-lightning could not journal the {what} {record.local_path} in its outbox"
+        f" ({error.strerror or error}). It is persisted in the background as usual, but"
+        " not crash-safe: if this process dies before it is persisted, neither the next"
+        " setup nor `lamin-lightning flush` knows of it. Free space in the checkpoint"
+        " directory.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _directory_error(error: OSError, root: Path, dirpath: Any) -> CheckpointDirectoryError:
