@@ -96,7 +96,7 @@ def _status(dirpath: Path, as_json: bool) -> int:
 
 def _why_dropped(record: JobRecord) -> str:
     if record.never_written():
-        return "the process ended before its background write finished: never written"
+        return "its background write never finished (it failed, or the process ended first)"
     if record.op == "remove" and os.path.lexists(record.local_path):
         return "kept: the process ended before the file left the folder"
     return "a later job of this key replaced it"

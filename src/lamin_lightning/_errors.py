@@ -7,6 +7,7 @@ is a ``ValueError``, as the synchronous reference raises; a directory problem an
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class PersistenceError(LaminLightningError, RuntimeError):
         self.failures = list(failures)
         lines = [
             f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
-            f"{type(f.error).__name__}: {f.error}"
+            f"{type(f.error).__name__}: {f.error}{_never_written(f)}"
             for f in self.failures
         ]
         super().__init__(
@@ -47,6 +48,14 @@ class PersistenceError(LaminLightningError, RuntimeError):
             " `lamin-lightning flush DIRPATH` or start training again with the same dirpath."
             " Pass on_error='warn' to only warn."
         )
+
+
+def _never_written(failure: ArtifactFailedEvent) -> str:
+    """A note for a save whose file is not there (its background write failed, say):
+    "the local files are kept" does not hold for it."""
+    if failure.operation != "save" or os.path.lexists(failure.local_path):
+        return ""
+    return f" ({failure.local_path} does not exist: nothing of it to persist)"
 
 
 class CheckpointDirectoryError(LaminLightningError, OSError):

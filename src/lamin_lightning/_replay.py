@@ -360,8 +360,8 @@ def replay_jobs(
     for outbox, job_id, record in pending:
         if (outbox.path, job_id) in unwritten:
             log.warning(
-                "lamin-lightning: dropping the save of %r: the process ended before its"
-                " background write finished, so %s was never written",
+                "lamin-lightning: dropping the save of %r: its background write never"
+                " finished (it failed, or the process ended first), so %s was never written",
                 record.key,
                 record.local_path,
             )
