@@ -675,3 +675,41 @@ def test_a_compaction_at_close_that_finds_the_disk_full_keeps_the_journal_whole(
     assert "could not compact the outbox" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outbox-a.jsonl"]
     assert _pending_ids(outbox.path) == [pending]
+
+
+def test_a_save_the_full_disk_kept_out_of_the_outbox_and_then_failed_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its line refused, its staged copy too: the job fails, and since no journal holds
+    it, the report must not send the user to `lamin-lightning flush` for it."""
+    from lamin_lightning._staging import Stager
+
+    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_write, real_stage = Outbox._write, Stager.stage
+
+    def write(self: Outbox, item: dict[str, Any]) -> None:
+        if item.get("t") == "job" and "step=2.ckpt" in item["entry"]["local_path"]:
+            raise no_space
+        real_write(self, item)
+
+    def stage(self: Stager, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if "step=2.ckpt" in str(path):
+            raise no_space
+        return real_stage(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Outbox, "_write", write)
+    monkeypatch.setattr(Stager, "stage", stage)
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, on_error="warn"
+    )
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader())
+    (report,) = [str(w.message) for w in caught if "could not be persisted" in str(w.message)]
+    failed, *_ = [line for line in report.splitlines() if "step=" in line]
+    assert "step=2.ckpt" in failed and "not in the outbox" in failed
+    assert store.keys(kind="checkpoint") == {
+        "checkpoints/epoch=0-step=1.ckpt",
+        "checkpoints/epoch=0-step=3.ckpt",
+    }

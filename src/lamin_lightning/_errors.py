@@ -8,6 +8,7 @@ is a ``ValueError``, as the synchronous reference raises; a directory problem an
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,11 +34,13 @@ class PersistenceError(LaminLightningError, RuntimeError):
         failures: The failed events, in submission order.
     """
 
-    def __init__(self, failures: list[ArtifactFailedEvent]) -> None:
+    def __init__(
+        self, failures: list[ArtifactFailedEvent], unjournaled: Collection[str] = ()
+    ) -> None:
         self.failures = list(failures)
         lines = [
             f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
-            f"{type(f.error).__name__}: {f.error}{_never_written(f)}"
+            f"{type(f.error).__name__}: {f.error}{_never_written(f)}{_outside(f, unjournaled)}"
             for f in self.failures
         ]
         super().__init__(
@@ -48,6 +51,16 @@ class PersistenceError(LaminLightningError, RuntimeError):
             " `lamin-lightning flush DIRPATH` or start training again with the same dirpath."
             " Pass on_error='warn' to only warn."
         )
+
+
+def _outside(failure: ArtifactFailedEvent, unjournaled: Collection[str]) -> str:
+    """A note for a save a full disk kept out of the outbox: a flush will not find it."""
+    if failure.operation != "save" or os.path.abspath(failure.local_path) not in unjournaled:
+        return ""
+    return (
+        " (not in the outbox: the disk was full when it was saved, so neither"
+        " `lamin-lightning flush` nor the next setup knows of it)"
+    )
 
 
 def _never_written(failure: ArtifactFailedEvent) -> str:

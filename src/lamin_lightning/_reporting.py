@@ -63,7 +63,8 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         failures = self._take_failures()
         if not failures:
             return
-        error = PersistenceError(failures)
+        submitter = self._submitter
+        error = PersistenceError(failures, submitter.unjournaled if submitter else ())
         if self.on_error == "raise":
             raise error
         rank_zero_warn(str(error), category=UserWarning)

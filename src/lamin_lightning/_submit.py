@@ -88,6 +88,8 @@ class Submitter:
         self._stagers: dict[Path, Stager] = {}
         self._staging_done: dict[str, _Done] = {}
         self._unadmitted: list[JobSpec] = []  # journaled, kept from admission by an interrupt
+        # Absolute paths of saves whose journal line a full disk refused (see journal).
+        self.unjournaled: set[str] = set()
         self._holding = False  # see holding()
 
     # -- pipeline ---------------------------------------------------------------------------
@@ -258,6 +260,8 @@ class Submitter:
             if error.errno not in _NO_SPACE:
                 raise
             _warn_unjournaled(record, error)
+            if record.op == "save":
+                self.unjournaled.add(absolute(record.local_path))
             return _unjournaled
 
     def close_outbox(self) -> None:
