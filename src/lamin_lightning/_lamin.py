@@ -326,7 +326,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             prefix = f"{base}/checkpoints" if base else "checkpoints"
         else:
             prefix = base
-        name = Path(filepath).name
+        name = (kind == "checkpoint" and _below(self.dirpath, filepath)) or Path(filepath).name
         key = f"{prefix}/{name}" if prefix else name
         if len(cache) > 4096:
             cache.clear()
@@ -522,6 +522,24 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def thread_finalizer() -> None:
         """Close this thread's Django connection (also once the callback is collected)."""
         close_connections()
+
+
+def _below(dirpath: Any, filepath: Path | str) -> str | None:
+    """The "/"-separated path of a checkpoint in a subfolder of ``dirpath``, else None.
+
+    A "/" in a filename template makes one: a metric named ``val/loss`` with Lightning's
+    ``auto_insert_metric_name`` writes ``epoch=1-val/loss=0.43.ckpt``. Keyed by its base
+    name alone (``loss=0.43.ckpt``), as the reference does, checkpoints of different
+    epochs would share a key, each a new version of the last, and the eviction of one
+    would delete the artifact of another that Lightning keeps.
+    """
+    if not dirpath:
+        return None
+    relative = os.path.relpath(os.path.abspath(filepath), os.path.abspath(dirpath))
+    parts = Path(relative).parts
+    if len(parts) < 2 or parts[0] == os.pardir:
+        return None
+    return "/".join(parts)
 
 
 class SaveConfigCallback(_LightningSaveConfigCallback):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lamindb_tier import artifacts_under, fit
+from lamindb_tier import TierModel, artifacts_under, fit
 from lightning.pytorch.loggers import CSVLogger
 
 import lamin_lightning as ll
@@ -105,3 +105,45 @@ def test_key_layout_matches_reference(
         assert ours == ref.resolve_artifact_key(trainer, path, kind)
         if kind == "config":
             assert ours == (f"{expected_base}/config.yaml" if expected_base else "config.yaml")
+
+
+class _SlashMetricModel(TierModel):
+    """Logs its score as ``train/loss``: a metric name with "/" (common in Lightning)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", float(self.scores[self.global_step]), on_step=True)
+        return loss
+
+
+def test_a_metric_name_with_a_slash_in_the_filename_keys_each_checkpoint_apart(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """``{train/loss:.2f}`` with auto_insert_metric_name writes ``step=2-train/loss=0.43.ckpt``:
+    a subfolder per checkpoint, the same base name for equal rounded losses. Keyed by base
+    name, step 3's save replaced step 2's artifact, and step 3's eviction deleted it,
+    though Lightning keeps step 2's file. Each checkpoint now has its own key (its path
+    below dirpath), and the store equals Lightning's kept set."""
+    from lamindb_setup.core.hashing import hash_file
+
+    from helpers import lightning_kept_paths
+
+    dirpath = tmp_path / "ckpts"
+    callback = ll.Checkpoint(
+        dirpath=dirpath,
+        filename="{step}-{train/loss:.2f}",
+        monitor="train/loss",
+        mode="min",
+        save_top_k=2,
+        every_n_train_steps=1,
+    )
+    fit(callback, tmp_path, steps=4, model=_SlashMetricModel(scores=[0.9, 0.43, 0.431, 0.1]))
+    kept = sorted(p.relative_to(dirpath).as_posix() for p in lightning_kept_paths(callback))
+    assert kept == ["step=2-train/loss=0.43.ckpt", "step=4-train/loss=0.10.ckpt"]
+    prefix = callback.checkpoint_key_prefix
+    artifacts = artifacts_under(ln, prefix)
+    assert sorted(artifacts) == [f"{prefix}/{name}" for name in kept]
+    for name in kept:
+        assert artifacts[f"{prefix}/{name}"].hash == hash_file(dirpath / name)[1], name
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.removed, stats.failed) == (4, 2, 0)
