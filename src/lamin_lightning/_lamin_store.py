@@ -13,6 +13,7 @@ never touches another's flags.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -343,6 +344,16 @@ class LaminStore:
             name = feature if isinstance(feature, str) else str(getattr(feature, "name", feature))
             if name in FLAG_FEATURES or value is None:
                 continue  # flags are written by _apply_flags, from the snapshot
+            if isinstance(value, float) and not math.isfinite(value):
+                # JSON has no NaN or infinity (lamindb refuses them): the checkpoint
+                # persists without this value. Lightning ranks a NaN score as the worst.
+                log.warning(
+                    "%r: feature %r is %s, which lamindb cannot store; left out",
+                    snapshot.key,
+                    name,
+                    value,
+                )
+                continue
             if not isinstance(feature, str):
                 target: Any = feature
             else:

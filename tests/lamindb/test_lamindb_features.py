@@ -180,3 +180,41 @@ def test_auto_user_and_hparam_features_match_reference(
     assert len(ref_checkpoints) == 1
     assert single(artifact_features(ln, ref_checkpoints[0])) == ours_artifact
     assert single(run_features(ln, reference_run)) == {**ours_run, "logger_name": "ref"}
+
+
+def test_a_nan_or_infinite_score_persists_the_checkpoint_without_its_score(
+    ln: Any, no_run: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON has no NaN or infinity and lamindb refuses them (on SQLite a CHECK constraint):
+    the save failed, and with on_error="raise" training stopped. The checkpoint persists,
+    without a score, and its other features are there."""
+    import math
+
+    from lamindb_tier import artifacts_under
+
+    from helpers import lightning_kept_paths
+
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        mode="max",
+        save_top_k=-1,
+        every_n_train_steps=1,
+    )
+    scores = [0.5, math.nan, math.inf, -math.inf, 0.3]
+    fit(callback, tmp_path, steps=len(scores), model=TierModel(scores=scores))
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.failed) == (len(scores), 0)
+    artifacts = artifacts_under(ln, callback.checkpoint_key_prefix)
+    assert sorted(artifacts) == sorted(
+        f"{callback.checkpoint_key_prefix}/{p.name}" for p in lightning_kept_paths(callback)
+    )
+    for step, score in enumerate(scores, start=1):
+        (artifact,) = [a for k, a in artifacts.items() if k.endswith(f"-step={step}.ckpt")]
+        values = artifact_features(ln, artifact)
+        if math.isfinite(score):
+            assert values["score"] == [pytest.approx(score)]  # logged as float32
+        else:
+            assert "score" not in values, step
+        assert values["is_last_model"] == [step == len(scores)]
+    assert "which lamindb cannot store; left out" in caplog.text
