@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
+from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file, staged_files
 from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactRemovedEvent,
@@ -34,6 +34,7 @@ from lamin_lightning import (
     CheckpointDirectoryError,
     JobRecord,
     OutboxInUseError,
+    PermanentError,
 )
 from lamin_lightning._journal import (
     COMPACT_AFTER_LINES,
@@ -677,32 +678,64 @@ def test_a_compaction_at_close_that_finds_the_disk_full_keeps_the_journal_whole(
     assert _pending_ids(outbox.path) == [pending]
 
 
-def test_a_save_the_full_disk_kept_out_of_the_outbox_and_then_failed_is_reported_as_such(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Its line refused, its staged copy too: the job fails, and since no journal holds
-    it, the report must not send the user to `lamin-lightning flush` for it."""
-    from lamin_lightning._staging import Stager
-
-    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    real_write, real_stage = Outbox._write, Stager.stage
+def _refuse_the_journal_line_of(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    real_write = Outbox._write
 
     def write(self: Outbox, item: dict[str, Any]) -> None:
-        if item.get("t") == "job" and "step=2.ckpt" in item["entry"]["local_path"]:
-            raise no_space
+        if item.get("t") == "job" and item["entry"]["local_path"].endswith(name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(self, item)
 
-    def stage(self: Stager, path: Any, *args: Any, **kwargs: Any) -> Any:
-        if "step=2.ckpt" in str(path):
-            raise no_space
-        return real_stage(self, path, *args, **kwargs)
-
     monkeypatch.setattr(Outbox, "_write", write)
+
+
+def test_a_save_kept_out_of_the_outbox_whose_staged_copy_finds_the_disk_full_too_persists_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No journal line would let a flush retry it, so the job persists the file from the
+    checkpoint directory, and leaves no partial staged copy behind."""
+    from lamin_lightning._staging import Stager
+
+    _refuse_the_journal_line_of(monkeypatch, "step=2.ckpt")
+    real_stage = Stager.stage
+
+    def stage(self: Stager, path: Any, staged: Path, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("step=2.ckpt"):
+            staged.parent.mkdir(parents=True)
+            (staged.parent / f".partial-{staged.name}").write_bytes(b"half")  # as a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_stage(self, path, staged, *args, **kwargs)
+
     monkeypatch.setattr(Stager, "stage", stage)
     store = MemoryStore()
     dirpath = tmp_path / "ckpt"
-    callback = MemoryCheckpoint(
-        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, on_error="warn"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1)
+    with pytest.warns(UserWarning, match=r"could not journal the save of .*step=2\.ckpt"):
+        make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader())
+
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.failed) == (3, 0)
+    _kept_set_matches_store(dirpath, store)
+    assert "it is persisted from the checkpoint directory" in caplog.text
+    assert staged_files(dirpath) == []
+
+
+def test_a_save_the_full_disk_kept_out_of_the_outbox_and_then_failed_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its line refused, then its upload failed for good: since no journal holds it, the
+    report must not send the user to `lamin-lightning flush` for it."""
+    _refuse_the_journal_line_of(monkeypatch, "step=2.ckpt")
+
+    class FailsStep2(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            if str(filepath).endswith("step=2.ckpt"):
+                raise PermanentError("storage refused it")
+            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+    store = MemoryStore()
+    callback = FailsStep2(
+        store, dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1, on_error="warn"
     )
     with pytest.warns(UserWarning) as caught:
         make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader())

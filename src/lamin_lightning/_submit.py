@@ -140,6 +140,8 @@ class Submitter:
             if self._holding:
                 pipeline.hold()
             settle = journaled if journaled is not None else self.journal(record)
+            if settle is _unjournaled and prepare is not None and record.op == "save":
+                prepare = _staged_or_in_place(prepare, record)
             spec = build_job(
                 record,
                 store,
@@ -509,6 +511,35 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 def _unjournaled(status: str) -> None:
     """Marks finished a job whose record could not be journaled: nothing to mark."""
+
+
+def _staged_or_in_place(prepare: Callable[[], int], record: JobRecord) -> Callable[[], int]:
+    """``prepare``; if the staged copy finds the disk full as well, the job persists the
+    file from where Lightning wrote it (no journal line would let a flush retry it).
+
+    Lightning may evict or rewrite the file before its upload: the upload then fails, or
+    reads the newer file, which the newer job of the key replaces anyway.
+    """
+
+    def staged_or_in_place() -> int:
+        try:
+            return prepare()
+        except OSError as error:
+            if (
+                error.errno not in _NO_SPACE
+                or not record.staged_path
+                or not os.path.lexists(record.local_path)  # its own write failed
+            ):
+                raise
+            shutil.rmtree(Path(record.staged_path).parent, ignore_errors=True)
+            log.warning(
+                "could not stage %s either (%s): it is persisted from the checkpoint directory",
+                record.local_path,
+                error.strerror or error,
+            )
+            return record.size()
+
+    return staged_or_in_place
 
 
 def _warn_unjournaled(record: JobRecord, error: OSError) -> None:
