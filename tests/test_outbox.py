@@ -746,3 +746,41 @@ def test_a_save_the_full_disk_kept_out_of_the_outbox_and_then_failed_is_reported
         "checkpoints/epoch=0-step=1.ckpt",
         "checkpoints/epoch=0-step=3.ckpt",
     }
+
+
+@pytest.mark.parametrize(("steps", "outside"), [(1, True), (2, False)])
+def test_a_path_journaled_again_after_its_line_was_refused_is_reported_as_in_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int, outside: bool
+) -> None:
+    """last.ckpt's first line is refused; at step 2 it is saved again and journaled, so a
+    failure of it is one `lamin-lightning flush` can retry: no "not in the outbox" note.
+    """
+    real_write = Outbox._write
+    refused = [0]
+
+    def write(self: Outbox, item: dict[str, Any]) -> None:
+        if item.get("t") == "job" and not refused[0]:
+            refused[0] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(self, item)
+
+    class FailsEverything(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            raise PermanentError("storage refused it")
+
+    monkeypatch.setattr(Outbox, "_write", write)
+    callback = FailsEverything(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        on_error="warn",
+    )
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(tmp_path, [callback], max_steps=steps).fit(TinyModel(), loader())
+    reports = [str(w.message) for w in caught if "could not be persisted" in str(w.message)]
+    assert reports and all("last.ckpt" in report for report in reports)
+    # The last report is teardown's, of the last save of last.ckpt (an earlier one, at
+    # step 2's save, reported step 1's before step 2 was journaled: rightly noted).
+    assert ("not in the outbox" in reports[-1]) is outside

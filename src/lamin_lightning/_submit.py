@@ -257,7 +257,10 @@ class Submitter:
                     raise _directory_error(error, root, dirpath) from error
                 assert outbox is not None  # create=True opens one or raises
                 self.outbox = outbox
-            return Settle(outbox, outbox.append(record))
+            settle = Settle(outbox, outbox.append(record))
+            if self.unjournaled:  # saved again, journaled this time (a later fit, room again)
+                self.unjournaled.discard(absolute(record.local_path))
+            return settle
         except OSError as error:
             if error.errno not in _NO_SPACE:
                 raise
