@@ -254,15 +254,7 @@ class Outbox:
                         with contextlib.suppress(OSError):
                             self.path.unlink()
                 elif fcntl is not None:
-                    try:
-                        self._compact()
-                    except OSError as error:
-                        # A full disk, say: the journal stays as it is, whole, uncompacted.
-                        log.warning(
-                            "could not compact the outbox %s (%s); it is kept as it is",
-                            self.path,
-                            error,
-                        )
+                    self._compact()
             finally:
                 handle = self._handle or handle
                 self._handle = None
@@ -482,7 +474,10 @@ class Outbox:
 
     def _compact(self) -> None:
         """Rewrite the journal with only the pending jobs and the flags marks, atomically,
-        under ``self._lock`` throughout (at :meth:`close`; see :meth:`_compact_unlocked`)."""
+        under ``self._lock`` throughout (at :meth:`close`; see :meth:`_compact_unlocked`).
+
+        As there, a failure (a full disk) is logged and the journal stays as it is, whole.
+        """
         lines = self._compacted_lines()
         temp = self.path.with_name(self.path.name + _COMPACTION_SUFFIXES[0])
         try:
@@ -490,13 +485,14 @@ class Outbox:
                 size = sum(out.write(line) for line in lines)
                 out.flush()
                 os.fsync(out.fileno())
-        except BaseException:
+            self._swap(temp, size, len(lines))
+            _fsync_dir(self.path.parent)
+            self._dir_synced = True
+        except OSError as error:
+            log.warning("could not compact the outbox %s (%s); it stays as it is", self.path, error)
+        finally:
             with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        self._swap(temp, size, len(lines))
-        _fsync_dir(self.path.parent)
-        self._dir_synced = True
+                temp.unlink()  # left only if stopped short: swapped, it has the journal's name
 
     def _compacted_lines(self) -> list[bytes]:
         """What a compacted journal holds: the flags marks, then the pending jobs."""

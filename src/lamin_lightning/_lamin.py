@@ -535,11 +535,12 @@ def _below(dirpath: Any, filepath: Path | str) -> str | None:
     """
     if not dirpath:
         return None
-    relative = os.path.relpath(os.path.abspath(filepath), os.path.abspath(dirpath))
-    parts = Path(relative).parts
-    if len(parts) < 2 or parts[0] == os.pardir:
+    # Lightning joins its file names to its dirpath: a prefix test (training thread).
+    head = os.fspath(dirpath).rstrip(os.sep) + os.sep
+    text = os.fspath(filepath)
+    if not text.startswith(head) or os.sep not in text[len(head) :]:
         return None
-    return "/".join(parts)
+    return text[len(head) :].replace(os.sep, "/")
 
 
 class SaveConfigCallback(_LightningSaveConfigCallback):
