@@ -47,71 +47,171 @@ TensorPath = tuple[Any, ...]
 
 
 class SnapshotSlot:
-    """One set of reusable host buffers, keyed by the tensor's place in the checkpoint."""
+    """One set of reusable host buffers, keyed by a tensor's place in the checkpoint."""
 
     def __init__(self, index: int) -> None:
         self.index = index
+        # One byte buffer per storage, under the place of the first tensor that uses it.
         self.buffers: dict[TensorPath, torch.Tensor] = {}
         # CUDA devices with device-to-host copies in flight into this slot.
         self.cuda_devices: set[torch.device] = set()
         # Host-to-host copies not made yet: made together, on several cores, before
         # the snapshot is handed out (see :func:`_copy_in_parallel`).
         self.host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # This snapshot's storages already copied: (device, address, bytes) -> host bytes.
+        self.storages: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
     def host_copy(self, where: TensorPath, tensor: torch.Tensor) -> torch.Tensor:
-        """Copy ``tensor`` into this slot's buffer for ``where`` (allocated on first use).
+        """``tensor``, detached, on the host: a view of this slot's copy of its storage.
 
+        As ``torch.save`` does, a storage is copied whole and once: tensors that share it
+        (tied weights, views) share it in the snapshot too, with their offsets and
+        strides. Its buffer is allocated on first use and reused by later snapshots.
         Copies from CUDA go into pinned memory without blocking (see ``cuda_devices``);
-        every other copy is synchronous.
+        every other copy is made before the snapshot is handed out.
         """
         source = tensor.detach()
-        on_cuda = source.device.type == "cuda"
-        buffer = self.buffers.get(where)
         if (
-            buffer is None
-            or buffer.shape != source.shape
-            or buffer.dtype != source.dtype
-            or buffer.layout != source.layout
+            source.layout is not torch.strided
+            or source.is_quantized
+            or source.is_conj()
+            or source.is_neg()
+            or source.device.type == "meta"
         ):
-            if source.layout is not torch.strided or source.is_quantized:
-                # Rare tensor kinds: a plain copy, not worth a reusable buffer.
-                return source.to("cpu", copy=True)
-            buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=on_cuda)
-            self.buffers[where] = buffer
+            # Rare tensor kinds: a plain copy, not worth a reusable buffer.
+            return source.clone() if source.device.type == "meta" else source.to("cpu", copy=True)
+        on_cuda = source.device.type == "cuda"
+        storage = source.untyped_storage()
+        size = storage.nbytes()
+        identity = (source.device, storage.data_ptr(), size)
+        copied = self.storages.get(identity) if size else None
+        if copied is not None:  # a storage this snapshot copied already: share it
+            return _view(copied, source)
+        buffer = self.buffers.get(where)
+        whole = (
+            source.storage_offset() == 0
+            and source.is_contiguous()
+            and source.numel() * source.element_size() == size
+        )
+        if whole:  # the tensor is its storage (most are): a buffer of its shape
+            if (
+                buffer is None
+                or buffer.shape != source.shape
+                or buffer.dtype != source.dtype
+                or (on_cuda and not buffer.is_pinned())
+            ):
+                buffer = torch.empty(
+                    source.shape, dtype=source.dtype, device="cpu", pin_memory=on_cuda
+                )
+                self.buffers[where] = buffer
+            self._copy(buffer, source, on_cuda)
+            result = buffer
+        else:  # a view: its whole storage, as bytes
+            if (
+                buffer is None
+                or buffer.dtype != torch.uint8
+                or buffer.numel() != size
+                or (on_cuda and not buffer.is_pinned())
+            ):
+                buffer = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=on_cuda)
+                self.buffers[where] = buffer
+            self._copy(
+                buffer,
+                torch.empty(0, dtype=torch.uint8, device=source.device).set_(storage),
+                on_cuda,
+            )
+            result = _view(buffer, source)
+        if size:
+            self.storages[identity] = buffer
+        return result
+
+    def _copy(self, buffer: torch.Tensor, source: torch.Tensor, on_cuda: bool) -> None:
         if on_cuda:
             buffer.copy_(source, non_blocking=True)
             self.cuda_devices.add(source.device)
-        elif source.device.type == "cpu" and source.is_contiguous() and buffer.is_contiguous():
-            self.host_copies.append((buffer, source))
+        elif source.device.type == "cpu":
+            self.host_copies.append((buffer, source))  # both contiguous
         else:
             buffer.copy_(source)
-        return buffer
+
+
+def _view(copied: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``source``'s view (offset, shape, strides, dtype) of the host copy of its storage."""
+    return torch.empty(0, dtype=source.dtype).set_(
+        copied.untyped_storage(), source.storage_offset(), source.size(), source.stride()
+    )
+
+
+_ATOMIC = (str, int, float, bool, bytes, complex, type(None))
 
 
 def _copy_tree(value: Any, slot: SnapshotSlot, where: TensorPath, seen: dict[int, Any]) -> Any:
+    kind = type(value)
+    if kind is torch.Tensor:
+        return slot.host_copy(where, value)
+    if kind is torch.nn.Parameter:
+        copied = torch.nn.Parameter(slot.host_copy(where, value), value.requires_grad)
+        return copied
     if isinstance(value, torch.Tensor):
         return slot.host_copy(where, value)
+    if kind in _ATOMIC:
+        return value
     identity = id(value)
     if identity in seen:
         return seen[identity]
-    if isinstance(value, dict):
-        result: dict[Any, Any] = type(value)() if type(value) is not dict else {}
+    if kind is dict:
+        result: dict[Any, Any] = {}
         seen[identity] = result
         for key, item in value.items():
             result[key] = _copy_tree(item, slot, (*where, key), seen)
         return result
-    if isinstance(value, list):
+    if kind is list:
         items: list[Any] = []
         seen[identity] = items
         items.extend(_copy_tree(item, slot, (*where, i), seen) for i, item in enumerate(value))
         return items
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    if kind is tuple:
         return tuple(_copy_tree(item, slot, (*where, i), seen) for i, item in enumerate(value))
-    if isinstance(value, str | int | float | bool | bytes | type(None)):
+    if isinstance(value, dict | list | tuple):
+        # OrderedDict (a state_dict, with its _metadata), defaultdict, namedtuples, the
+        # user's own: rebuilt as pickle (so torch.save) sees them, tensors into the slot.
+        return _rebuild(value, slot, where, seen)
+    if isinstance(value, _ATOMIC):
         return value
     copied = copy.deepcopy(value)
     seen[identity] = copied
     return copied
+
+
+def _rebuild(value: Any, slot: SnapshotSlot, where: TensorPath, seen: dict[int, Any]) -> Any:
+    """A container subclass, copied through its pickle reduction (type, attributes such
+    as ``OrderedDict._metadata`` and ``defaultdict.default_factory``, and items kept),
+    ``__init__`` not called: what ``torch.load`` would give back."""
+    reduced = value.__reduce_ex__(2)  # torch.save's pickle protocol
+    if isinstance(reduced, str):  # a global: pickled by reference
+        return value
+    make, args, state, items, pairs = (*reduced, None, None, None)[:5]
+    result = make(*_copy_tree(args, slot, (*where, "__args__"), seen))
+    seen[id(value)] = result
+    if state is not None:
+        state = _copy_tree(state, slot, (*where, "__state__"), seen)
+        if hasattr(result, "__setstate__"):
+            result.__setstate__(state)
+        else:
+            slots = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slots = state
+            if state:
+                result.__dict__.update(state)
+            for name, item in (slots or {}).items():
+                setattr(result, name, item)
+    if items is not None:
+        for i, item in enumerate(items):
+            result.append(_copy_tree(item, slot, (*where, i), seen))
+    if pairs is not None:
+        for key, item in pairs:
+            result[key] = _copy_tree(item, slot, (*where, key), seen)
+    return result
 
 
 class Snapshotter:
@@ -149,7 +249,11 @@ class Snapshotter:
         """
         slot.cuda_devices.clear()
         slot.host_copies.clear()
-        result = _copy_tree(checkpoint, slot, (), {})
+        slot.storages.clear()
+        try:
+            result = _copy_tree(checkpoint, slot, (), {})
+        finally:
+            slot.storages.clear()
         copies, slot.host_copies = slot.host_copies, []
         _copy_in_parallel(copies)
         # Wait for the non-blocking device-to-host copies. Only devices copied from: a CPU
