@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,36 @@ def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
     reopened = Outbox(path)
     assert [r.key for _, r in reopened.open()] == ["k1"]
     reopened.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda raw: raw.replace(b'"k2"', b'"\xff2"'), id="a-byte-not-utf8"),
+        pytest.param(lambda raw: raw + b"\x00" * 300, id="a-tail-of-zeros"),
+    ],
+)
+def test_a_damaged_journal_line_spoils_only_itself(
+    tmp_path: Path, damage: Callable[[bytes], bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bad sector or a power loss (ext4 can leave an appended tail of zeros): the lines
+    # around the damage still count, and the journal stays usable. A byte that is not
+    # UTF-8 once made the whole outbox unreadable (UnicodeDecodeError at setup and flush).
+    path = tmp_path / "outbox-a.jsonl"
+    outbox = Outbox(path)
+    outbox.open()
+    for key in ("k1", "k2", "k3"):
+        outbox.append(_job("save", key))
+    outbox.close()
+    path.write_bytes(damage(path.read_bytes()))
+    intact = ["k1", "k3"] if b"\xff" in path.read_bytes() else ["k1", "k2", "k3"]
+    assert [r.key for _, r in read_pending(path)] == intact
+    assert "ignoring a torn or corrupt journal line" in caplog.text
+    reopened = Outbox(path)
+    assert [r.key for _, r in reopened.open()] == intact
+    reopened.append(_job("save", "k4"))
+    reopened.close()
+    assert [r.key for _, r in read_pending(path)] == [*intact, "k4"]
 
 
 def test_settling_a_job_makes_earlier_failed_jobs_of_its_key_moot(tmp_path: Path) -> None:

@@ -91,14 +91,16 @@ class _State:
         if isinstance(prefix, str) and isinstance(at, int | float):
             self.flags_at[prefix] = max(float(at), self.flags_at.get(prefix, 0.0))
 
-    def read(self, lines: Iterator[str], path: Path) -> _State:
+    def read(self, lines: Iterator[bytes], path: Path) -> _State:
         for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
+                # Lines are ASCII (escaped JSON): a byte that is not UTF-8 is damage
+                # (a bad sector, a power loss), and spoils only its own line.
+                item = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 log.warning("%s:%d: ignoring a torn or corrupt journal line", path, number)
                 continue
             kind = item.get("t") if isinstance(item, dict) else None
@@ -130,7 +132,7 @@ def read_journal(
     """The pending records (with their ids) and flags marks of a journal, without locking it."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open("rb") as handle:
             state = _State().read(iter(handle), path)
     except FileNotFoundError:
         return [], {}
@@ -219,13 +221,12 @@ class Outbox:
                     for suffix in _COMPACTION_SUFFIXES:
                         with contextlib.suppress(OSError):
                             self.path.with_name(self.path.name + suffix).unlink()
-                handle.seek(0)
-                text = handle.read()
-                lines = text.splitlines()
+                with open(self.path, "rb") as reader:  # bytes: see _State.read
+                    raw = reader.read()
+                lines = raw.splitlines()
                 self._state = _State().read(iter(lines), self.path)
                 self._lines = len(lines)
                 self._handle = handle
-                raw = text.encode("utf-8")
                 self._good_size = len(raw)
                 # A torn last line (a crash mid-write): cut it off, or the next line
                 # would be glued onto it and lost with it.
