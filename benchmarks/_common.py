@@ -169,6 +169,8 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
             if not hasattr(self, "stalls"):
                 self.stalls: list[float] = []
                 self.local_saves: list[float] = []
+                # Lightning's own removal of the file each checkpoint evicts (0: none).
+                self.local_removes: list[float] = []
                 self.recorder = rec
 
         def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
@@ -184,6 +186,7 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
             local_seconds = sum(e - s for s, e in local)
             self.stalls.append(end - start - local_seconds)
             self.local_saves.append(local_seconds)
+            self.local_removes.append(0.0)
             self._bench_spans(start, end, local, "local save")
 
         def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
@@ -197,8 +200,10 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
             finally:
                 end = time.perf_counter()
                 del strategy.remove_checkpoint
+            removed = sum(e - s for s, e in local)
             if self.stalls:
-                self.stalls[-1] += end - start - sum(e - s for s, e in local)
+                self.stalls[-1] += end - start - removed
+                self.local_removes[-1] += removed
             self._bench_spans(start, end, local, "local remove")
 
         def _bench_spans(

@@ -50,3 +50,41 @@ def test_the_stall_includes_our_work_around_lightnings_choice_of_a_checkpoint(
     make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(3))
     assert len(callback.stalls) == 3
     assert min(callback.stalls) >= 0.05, callback.stalls
+
+
+def test_lightnings_own_removal_is_kept_apart_per_checkpoint_and_ours_leaves_it_nothing(
+    tmp_path: Path,
+) -> None:
+    # The stall leaves Lightning's removal of an evicted file out; `local_removes` keeps
+    # it, per checkpoint, for the whole of the hook time besides torch.save. A plain
+    # ModelCheckpoint pays its removal on the training thread; ours renames the file and
+    # deletes it off the thread, so Lightning's removal finds nothing to do.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    slow = 0.05  # a duration to measure, not a synchronisation
+    removals: list[bool] = []  # whether the file was there when Lightning removed it
+
+    def slow_removal(strategy_remove: Any) -> Any:
+        def remove(filepath: str) -> None:
+            removals.append(Path(filepath).exists())
+            time.sleep(slow)
+            strategy_remove(filepath)
+
+        return remove
+
+    for cls, args in ((ModelCheckpoint, ()), (MemoryCheckpoint, (MemoryStore(),))):
+        removals.clear()
+        callback = instrument(cls)(
+            *args, dirpath=tmp_path / cls.__name__, every_n_train_steps=1, save_top_k=1
+        )
+        trainer = make_trainer(tmp_path, [callback], max_steps=3)
+        trainer.strategy.checkpoint_io.remove_checkpoint = slow_removal(
+            trainer.strategy.checkpoint_io.remove_checkpoint
+        )
+        trainer.fit(TinyModel(), loader(3))
+        assert len(callback.local_removes) == len(callback.stalls) == 3
+        assert callback.local_removes[0] == 0.0  # the first evicts nothing
+        assert min(callback.local_removes[1:]) >= slow, callback.local_removes
+        assert max(callback.stalls) < slow, callback.stalls  # kept out of the stall
+        # ModelCheckpoint removes the file itself; ours renamed it out of the way first.
+        assert removals == [cls is ModelCheckpoint] * 2, removals
