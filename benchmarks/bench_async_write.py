@@ -168,7 +168,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         result = original_snapshot(checkpoint, slot)
         snapshot_copies.append(time.perf_counter() - start)
-        snapshot_bytes.append(sum(b.numel() * b.element_size() for b in slot.buffers.values()))
+        snapshot_bytes.append(sum(b.numel() * b.element_size() for b in slot.buffers))
         return result
 
     def timed_acquire(self: Snapshotter) -> Any:

@@ -343,7 +343,7 @@ def measure_copies(size: int, args: argparse.Namespace) -> dict[str, Any]:
         host["state_dict"][first_weight], checkpoint["state_dict"][first_weight].cpu()
     ):
         raise AssertionError("the snapshot differs from the checkpoint")
-    pinned = all(b.is_pinned() for b in slot.buffers.values() if b.numel()) if on_cuda else False
+    pinned = all(b.is_pinned() for b in slot.buffers if b.numel()) if on_cuda else False
     snapshotter.release(slot)
     del host, slot, snapshotter, checkpoint
     free_memory(on_cuda)

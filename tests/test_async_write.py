@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -44,8 +45,9 @@ from lamin_lightning import (
     ArtifactSavedEvent,
     PersistenceError,
     RetryPolicy,
+    _local_write,
 )
-from lamin_lightning._local_write import Snapshotter
+from lamin_lightning._local_write import Snapshotter, save_snapshot
 from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
@@ -86,6 +88,13 @@ def load(path: str | Path | io.BytesIO) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
 
 
+def written(archive: Any) -> bytes:
+    """The file a snapshot becomes (as the background write writes it)."""
+    buffer = io.BytesIO()
+    save_snapshot(archive, buffer)
+    return buffer.getvalue()
+
+
 class MomentumModel(TinyModel):
     """TinyModel with SGD momentum, so the optimizer state holds tensors too."""
 
@@ -115,24 +124,60 @@ class OnTrainEnd(pl.Callback):
         self.fn()
 
 
-class OnSerialise:
-    """Calls ``fn`` when the checkpoint holding it is serialised, i.e. while the file is written.
+# Probes: an object in a checkpoint whose function runs while that checkpoint's file is
+# written. The checkpoint is pickled on the training thread (the host snapshot runs
+# torch.save's own pickling there) and its file written later, record by record: the
+# probe pickles as a string carrying a token, and the writer below runs the probe's
+# function when it meets the token in the archive's data.pkl, before the first storage.
+_PROBES: dict[str, Callable[[], None]] = {}
+_PROBES_LOCK = threading.Lock()
 
-    A host snapshot keeps this very object (``__deepcopy__``), so ``fn`` runs on the
-    thread that writes the file, in the middle of ``torch.save``. In the file it is the
-    string ``label``.
-    """
+
+class OnSerialise:
+    """Calls ``fn`` while the checkpoint holding it is written: on the thread that writes
+    the file, its temporary file open, before the first tensor's bytes. In the file it
+    is the string ``label`` (with a token)."""
 
     def __init__(self, fn: Callable[[], None], label: str) -> None:
-        self.fn = fn
-        self.label = label
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> OnSerialise:
-        return self
+        self.label = f"{label} {PROBE_KEY}-{uuid.uuid4().hex}"
+        with _PROBES_LOCK:
+            _PROBES[self.label] = fn
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        self.fn()
         return (str, (self.label,))
+
+
+def _probing(writer_type: Any) -> Any:
+    class ProbingWriter:
+        def __init__(self, *args: Any) -> None:
+            self._inner = writer_type(*args)
+            self._probes: list[Callable[[], None]] = []
+
+        def write_record(self, name: str, data: Any, size: int) -> None:
+            if name == "data.pkl" and isinstance(data, bytes) and PROBE_KEY.encode() in data:
+                with _PROBES_LOCK:
+                    found = [label for label in _PROBES if label.encode() in data]
+                    self._probes = [_PROBES.pop(label) for label in found]
+            elif self._probes and name.startswith("data/"):
+                probes, self._probes = self._probes, []
+                for probe in probes:
+                    probe()
+            self._inner.write_record(name, data, size)
+
+        def write_record_metadata(self, name: str, size: int) -> None:
+            self._inner.write_record_metadata(name, size)
+
+        def write_end_of_file(self) -> None:
+            probes, self._probes = self._probes, []
+            for probe in probes:  # an archive without storages: before its end
+                probe()
+            self._inner.write_end_of_file()
+
+    return ProbingWriter
+
+
+if _local_write._writer_type is not None:  # the background write's zip writer, probing
+    _local_write._writer_type = _probing(_local_write._writer_type)
 
 
 class WriteGate(pl.Callback):
@@ -1052,11 +1097,12 @@ def test_a_cpu_checkpoint_on_a_machine_with_a_gpu_never_touches_cuda(
     checkpoint = {"state_dict": {"w": weights}, "epoch": 3, "nested": [torch.ones(2)]}
 
     expected = weights.clone()
-    host = snapshotter.snapshot(checkpoint, slot)
+    archive = snapshotter.snapshot(checkpoint, slot)
     weights.add_(1.0)
 
     assert touched == []  # a CUDA context costs ~100+ MiB of host RSS and device memory
-    assert not any(b.is_pinned() for b in slot.buffers.values())
+    assert slot.buffers and not any(b.is_pinned() for b in slot.buffers)
+    host = load(io.BytesIO(written(archive)))
     assert torch.equal(host["state_dict"]["w"], expected)
     assert host["epoch"] == 3 and torch.equal(host["nested"][0], torch.ones(2))
 
@@ -1096,17 +1142,18 @@ def test_a_large_host_snapshot_is_copied_on_several_threads_and_equals_its_sourc
     try:
         snapshotter = Snapshotter(1)
         slot, _ = snapshotter.acquire()
-        snapshot = snapshotter.snapshot(checkpoint, slot)
+        archive = snapshotter.snapshot(checkpoint, slot)
     finally:
         torch.set_num_threads(threads)
     if (os.cpu_count() or 1) > 1:
         assert "lamin-snapshot-copy" in started
-    for name, tensor in checkpoint["state_dict"].items():  # type: ignore[attr-defined]
+    expected = {name: tensor.clone() for name, tensor in checkpoint["state_dict"].items()}  # type: ignore[attr-defined]
+    weights.add_(1.0)  # training moves on: the snapshot keeps what it copied
+    snapshot = load(io.BytesIO(written(archive)))
+    for name, tensor in expected.items():
         copy = snapshot["state_dict"][name]
         assert copy.dtype == tensor.dtype and torch.equal(copy, tensor), name
-        assert copy.data_ptr() != tensor.data_ptr(), name
-    weights.add_(1.0)  # training moves on: the snapshot keeps what it copied
-    assert not torch.equal(snapshot["state_dict"]["w"], weights)
+    assert snapshot["state_dict"]["t"].stride() == (1, 37)  # a view of w's storage, still
     assert snapshot["global_step"] == 3
 
 
@@ -1184,6 +1231,10 @@ class _Items(list):  # type: ignore[type-arg]
     pass
 
 
+class _TaggedTensor(torch.Tensor):
+    pass
+
+
 def _checkpoint_with_every_kind_of_container() -> dict[str, Any]:
     tied = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
     tied[1].weight = tied[0].weight  # tied weights: one storage, two names
@@ -1191,6 +1242,7 @@ def _checkpoint_with_every_kind_of_container() -> dict[str, Any]:
         torch.nn.Sequential(torch.nn.Linear(16, 4)), {torch.nn.Linear}, dtype=torch.qint8
     )
     base = torch.arange(40, dtype=torch.float32).reshape(8, 5)
+    log_alpha = torch.zeros(1, requires_grad=True)
     by_default: collections.defaultdict[str, list[torch.Tensor]] = collections.defaultdict(list)
     by_default["a"].append(torch.ones(3))
     return {
@@ -1204,20 +1256,29 @@ def _checkpoint_with_every_kind_of_container() -> dict[str, Any]:
             "pair": _Pair(torch.ones(4), 3),
             "counter": collections.Counter(a=2),
             "parameter": torch.nn.Parameter(torch.ones(2)),
+            "lazy": torch.nn.LazyLinear(4).state_dict(),  # uninitialized parameters
+            "log_alpha": log_alpha,  # requires_grad, leaf and not
+            "doubled": log_alpha * 2,
+            "subclass": torch.ones(3).as_subclass(_TaggedTensor),
+            "a tensor as a key": {torch.zeros(2): "value"},
         },
         "global_step": 12,
     }
 
 
-def test_a_host_snapshot_is_what_torch_save_writes_of_the_checkpoint_byte_for_byte() -> None:
-    """The snapshot keeps what pickling keeps: container types and their attributes
+def test_a_host_snapshot_is_what_torch_save_writes_of_the_checkpoint_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file from a snapshot is byte for byte the file torch.save writes of the
+    checkpoint at the moment of the snapshot (checksums off in both), although training
+    changes the checkpoint's tensors right after: container types and their attributes
     (a state_dict's _metadata, which some modules need to load; a defaultdict's factory;
-    a dict whose __init__ takes arguments), storages shared by tied weights and views
-    (one copy, as torch.save writes one). Its torch.save equals the checkpoint's, and it
-    stays so while training changes the checkpoint's tensors.
+    a dict whose __init__ takes arguments), tensor kinds (quantized, Parameter), storages
+    shared by tied weights and views (one copy, as torch.save writes one).
 
-    The first snapshot dropped all of it: attributes and subclasses lost, one copy per
-    tensor (a tied model's file twice the size), and a TypeError for such a dict.
+    The first snapshot copied the checkpoint's structure by hand: attributes and
+    subclasses lost, one copy per tensor (a tied model's file twice the size), and a
+    TypeError for such a dict.
     """
 
     def saved(value: Any) -> bytes:
@@ -1226,30 +1287,24 @@ def test_a_host_snapshot_is_what_torch_save_writes_of_the_checkpoint_byte_for_by
         return buffer.getvalue()
 
     checkpoint = _checkpoint_with_every_kind_of_container()
+    monkeypatch.setattr(torch.serialization, "get_crc32_options", lambda: False)
     expected = saved(checkpoint)
     slot, _ = Snapshotter(1).acquire()
-    snapshot = Snapshotter.snapshot(checkpoint, slot)
-
-    for tensor in (checkpoint["state_dict"]["0.weight"], checkpoint["views"]["base"]):
+    archive = Snapshotter.snapshot(checkpoint, slot)
+    (key,) = checkpoint["extra"]["a tensor as a key"]
+    for tensor in (checkpoint["state_dict"]["0.weight"], checkpoint["views"]["base"], key):
         with torch.no_grad():
             tensor.add_(1.0)  # training moves on
-    assert saved(snapshot) == expected
+    assert written(archive) == expected
+
+    snapshot = load(io.BytesIO(expected))
     state = snapshot["state_dict"]
     assert type(state) is collections.OrderedDict and state._metadata  # type: ignore[attr-defined]
     assert state["0.weight"].data_ptr() == state["1.weight"].data_ptr()
-    views = snapshot["views"]
-    assert views["rows"].untyped_storage().data_ptr() == views["base"].data_ptr()
-    assert views["t"].stride() == (1, 5)
-    extra = snapshot["extra"]
-    assert extra["default"].default_factory is list
-    assert (type(extra["tagged"]), extra["tagged"].tag) == (_Tagged, "n")
-    assert type(extra["items"]) is _Items and type(extra["pair"]) is _Pair
-    assert type(extra["parameter"]) is torch.nn.Parameter
-
     module = torch.ao.quantization.quantize_dynamic(
         torch.nn.Sequential(torch.nn.Linear(16, 4)), {torch.nn.Linear}, dtype=torch.qint8
     )
-    module.load_state_dict(load(io.BytesIO(saved(snapshot)))["quantized"])
+    module.load_state_dict(snapshot["quantized"])
 
 
 def test_a_tied_model_written_in_the_background_is_the_size_modelcheckpoint_writes(
@@ -1284,3 +1339,32 @@ def test_a_tied_model_written_in_the_background_is_the_size_modelcheckpoint_writ
     assert weights["layer.weight"].data_ptr() == weights["head.weight"].data_ptr()
     assert all(torch.equal(weights[k], v) for k, v in plain["state_dict"].items())
     assert ours["extra"].default_factory is list
+
+
+def test_what_torch_save_cannot_pickle_fails_that_save_on_the_training_thread_as_it_would(
+    tmp_path: Path,
+) -> None:
+    """A lambda in the checkpoint: ModelCheckpoint's torch.save raises at that save; so does
+    the snapshot (it runs torch.save's pickling), not a background write a step later.
+    Nothing of it is left: no file, no job, and the snapshot slot is free again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Unpicklable(TinyModel):
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            if self.trainer.global_step == 2:
+                checkpoint["oops"] = lambda: None
+
+    errors = {}
+    callbacks = {
+        "plain": ModelCheckpoint(dirpath=tmp_path / "plain", every_n_train_steps=1, save_top_k=-1),
+        "ours": async_callback(MemoryStore(), tmp_path / "ours"),
+    }
+    for name, callback in callbacks.items():
+        with pytest.raises(Exception) as raised:
+            make_trainer(tmp_path / name, [callback], max_steps=4).fit(Unpicklable(), loader(4))
+        errors[name] = (type(raised.value), checkpoint_files(Path(callback.dirpath)))
+    assert errors["ours"] == errors["plain"]
+    assert errors["ours"][1] == {"epoch=0-step=1.ckpt"}
+    ours = callbacks["ours"]
+    assert ours.pending_artifacts() == []
+    assert ours.store.keys(kind="checkpoint") == keys_of({"epoch=0-step=1.ckpt"})

@@ -1,11 +1,12 @@
 """Host snapshots of checkpoints, for writing them off the training thread.
 
-With ``async_write=True`` the training thread only copies the checkpoint's
-tensors into host buffers (reused from one checkpoint to the next; pinned when
-the tensors live on an accelerator, so the copy never needs a second buffer on
-the device) and copies the small Python structure around them. Serialisation
-and the local write happen later on the pipeline's intake thread, into a
-temporary file that is fsynced and renamed into place: a file is complete or
+With ``async_write=True`` the training thread runs ``torch.save``'s own pickling of
+the checkpoint (so the file holds exactly what ``torch.save`` would write at that
+moment, and what cannot be pickled fails there, as it would) and copies each tensor
+storage's bytes into host buffers (reused from one checkpoint to the next; pinned
+when the tensors live on an accelerator, so the copy never needs a second buffer on
+the device). Writing the archive happens later on the pipeline's intake thread, into
+a temporary file that is fsynced and renamed into place: a file is complete or
 absent, never torn.
 
 The background write shares the host's CPUs with training, so it does as little
@@ -23,13 +24,14 @@ free waits (and the wait is counted as training stall).
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
+import io
 import os
 import pickle
 import queue
 import threading
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -43,175 +45,141 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-TensorPath = tuple[Any, ...]
-
 
 class SnapshotSlot:
-    """One set of reusable host buffers, keyed by a tensor's place in the checkpoint."""
+    """One set of reusable host buffers: one per storage of a checkpoint, in the order
+    ``torch.save`` meets them (the order of its ``data/0``, ``data/1``, ... records)."""
 
     def __init__(self, index: int) -> None:
         self.index = index
-        # One byte buffer per storage, under the place of the first tensor that uses it.
-        self.buffers: dict[TensorPath, torch.Tensor] = {}
+        self.buffers: list[torch.Tensor] = []
         # CUDA devices with device-to-host copies in flight into this slot.
         self.cuda_devices: set[torch.device] = set()
         # Host-to-host copies not made yet: made together, on several cores, before
         # the snapshot is handed out (see :func:`_copy_in_parallel`).
         self.host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # This snapshot's storages already copied: (device, address, bytes) -> host bytes.
-        self.storages: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+        # This snapshot's copies, by source storage; and the buffers' addresses.
+        self._copied: dict[int, tuple[torch.UntypedStorage, torch.UntypedStorage]] = {}
+        self._own: set[int] = set()
+        self._used = 0
 
-    def host_copy(self, where: TensorPath, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``, detached, on the host: a view of this slot's copy of its storage.
+    def begin(self) -> None:
+        self.cuda_devices.clear()
+        self.host_copies.clear()
+        self._copied.clear()
+        self._own.clear()
+        self._used = 0
 
-        As ``torch.save`` does, a storage is copied whole and once: tensors that share it
-        (tied weights, views) share it in the snapshot too, with their offsets and
-        strides. Its buffer is allocated on first use and reused by later snapshots.
-        Copies from CUDA go into pinned memory without blocking (see ``cuda_devices``);
-        every other copy is made before the snapshot is handed out.
-        """
-        source = tensor.detach()
-        if (
-            source.layout is not torch.strided
-            or source.is_quantized
-            or source.is_conj()
-            or source.is_neg()
-            or source.device.type == "meta"
-        ):
-            # Rare tensor kinds: a plain copy, not worth a reusable buffer.
-            return source.clone() if source.device.type == "meta" else source.to("cpu", copy=True)
-        on_cuda = source.device.type == "cuda"
-        storage = source.untyped_storage()
+    def end(self) -> None:
+        del self.buffers[self._used :]  # a smaller checkpoint frees what it does not use
+        self._copied.clear()
+
+    def owns(self, storage: Any) -> bool:
+        """Whether ``storage`` is one of this snapshot's host copies."""
+        return storage.nbytes() == 0 or storage.data_ptr() in self._own
+
+    def host_storage(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        """This snapshot's host copy of ``storage``: made once per storage, so tensors
+        that share one (tied weights, views) share the copy, as ``torch.save`` writes
+        it once. Copies from CUDA go into pinned memory without blocking (see
+        ``cuda_devices``); copies on the host are made before the snapshot is handed
+        out. A copy of a device's storage carries the device for the file's location
+        tag (``_fake_device``, which ``torch.save`` reads), so it loads where it was."""
+        device = storage.device
         size = storage.nbytes()
-        identity = (source.device, storage.data_ptr(), size)
-        copied = self.storages.get(identity) if size else None
-        if copied is not None:  # a storage this snapshot copied already: share it
-            return _view(copied, source)
-        buffer = self.buffers.get(where)
-        whole = (
-            source.storage_offset() == 0
-            and source.is_contiguous()
-            and source.numel() * source.element_size() == size
-        )
-        if whole:  # the tensor is its storage (most are): a buffer of its shape
-            if (
-                buffer is None
-                or buffer.shape != source.shape
-                or buffer.dtype != source.dtype
-                or (on_cuda and not buffer.is_pinned())
-            ):
-                buffer = torch.empty(
-                    source.shape, dtype=source.dtype, device="cpu", pin_memory=on_cuda
-                )
-                self.buffers[where] = buffer
-            self._copy(buffer, source, on_cuda)
-            result = buffer
-        else:  # a view: its whole storage, as bytes
-            if (
-                buffer is None
-                or buffer.dtype != torch.uint8
-                or buffer.numel() != size
-                or (on_cuda and not buffer.is_pinned())
-            ):
+        identity = storage._cdata  # the storage itself, as torch.save tells them apart
+        known = self._copied.get(identity)
+        copied = known[1] if known is not None else None
+        if copied is None:
+            on_cuda = device.type == "cuda"
+            index = self._used
+            self._used += 1
+            buffer = self.buffers[index] if index < len(self.buffers) else None
+            if buffer is None or buffer.numel() != size or (on_cuda and not buffer.is_pinned()):
                 buffer = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=on_cuda)
-                self.buffers[where] = buffer
-            self._copy(
-                buffer,
-                torch.empty(0, dtype=torch.uint8, device=source.device).set_(storage),
-                on_cuda,
-            )
-            result = _view(buffer, source)
-        if size:
-            self.storages[identity] = buffer
-        return result
-
-    def _copy(self, buffer: torch.Tensor, source: torch.Tensor, on_cuda: bool) -> None:
-        if on_cuda:
-            buffer.copy_(source, non_blocking=True)
-            self.cuda_devices.add(source.device)
-        elif source.device.type == "cpu":
-            self.host_copies.append((buffer, source))  # both contiguous
-        else:
-            buffer.copy_(source)
-
-
-def _view(copied: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``source``'s view (offset, shape, strides, dtype) of the host copy of its storage."""
-    return torch.empty(0, dtype=source.dtype).set_(
-        copied.untyped_storage(), source.storage_offset(), source.size(), source.stride()
-    )
-
-
-_ATOMIC = (str, int, float, bool, bytes, complex, type(None))
-
-
-def _copy_tree(value: Any, slot: SnapshotSlot, where: TensorPath, seen: dict[int, Any]) -> Any:
-    kind = type(value)
-    if kind is torch.Tensor:
-        return slot.host_copy(where, value)
-    if kind is torch.nn.Parameter:
-        copied = torch.nn.Parameter(slot.host_copy(where, value), value.requires_grad)
+                if index < len(self.buffers):
+                    self.buffers[index] = buffer
+                else:
+                    self.buffers.append(buffer)
+            source = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+            if on_cuda:
+                buffer.copy_(source, non_blocking=True)
+                self.cuda_devices.add(device)
+            elif device.type == "cpu":
+                self.host_copies.append((buffer, source))  # both contiguous
+            else:
+                buffer.copy_(source)
+            copied = buffer.untyped_storage()
+            self._own.add(copied.data_ptr())
+            # The source is kept too: its address is never reused during this snapshot.
+            self._copied[identity] = (storage, copied)
+        copied._fake_device = None if device.type == "cpu" else device
         return copied
-    if isinstance(value, torch.Tensor):
-        return slot.host_copy(where, value)
-    if kind in _ATOMIC:
-        return value
-    identity = id(value)
-    if identity in seen:
-        return seen[identity]
-    if kind is dict:
-        result: dict[Any, Any] = {}
-        seen[identity] = result
-        for key, item in value.items():
-            result[key] = _copy_tree(item, slot, (*where, key), seen)
-        return result
-    if kind is list:
-        items: list[Any] = []
-        seen[identity] = items
-        items.extend(_copy_tree(item, slot, (*where, i), seen) for i, item in enumerate(value))
-        return items
-    if kind is tuple:
-        return tuple(_copy_tree(item, slot, (*where, i), seen) for i, item in enumerate(value))
-    if isinstance(value, dict | list | tuple):
-        # OrderedDict (a state_dict, with its _metadata), defaultdict, namedtuples, the
-        # user's own: rebuilt as pickle (so torch.save) sees them, tensors into the slot.
-        return _rebuild(value, slot, where, seen)
-    if isinstance(value, _ATOMIC):
-        return value
-    copied = copy.deepcopy(value)
-    seen[identity] = copied
-    return copied
 
 
-def _rebuild(value: Any, slot: SnapshotSlot, where: TensorPath, seen: dict[int, Any]) -> Any:
-    """A container subclass, copied through its pickle reduction (type, attributes such
-    as ``OrderedDict._metadata`` and ``defaultdict.default_factory``, and items kept),
-    ``__init__`` not called: what ``torch.load`` would give back."""
-    reduced = value.__reduce_ex__(2)  # torch.save's pickle protocol
-    if isinstance(reduced, str):  # a global: pickled by reference
-        return value
-    make, args, state, items, pairs = (*reduced, None, None, None)[:5]
-    result = make(*_copy_tree(args, slot, (*where, "__args__"), seen))
-    seen[id(value)] = result
-    if state is not None:
-        state = _copy_tree(state, slot, (*where, "__state__"), seen)
-        if hasattr(result, "__setstate__"):
-            result.__setstate__(state)
-        else:
-            slots = None
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slots = state
-            if state:
-                result.__dict__.update(state)
-            for name, item in (slots or {}).items():
-                setattr(result, name, item)
-    if items is not None:
-        for i, item in enumerate(items):
-            result.append(_copy_tree(item, slot, (*where, i), seen))
-    if pairs is not None:
-        for key, item in pairs:
-            result[key] = _copy_tree(item, slot, (*where, key), seen)
-    return result
+def _on_host(value: Any, slot: SnapshotSlot) -> Any:
+    """A tensor's reduction arguments with each storage in them replaced by its host copy."""
+    if isinstance(value, torch.storage.TypedStorage):
+        host = slot.host_storage(value._untyped_storage)
+        typed = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=host, dtype=value.dtype, _internal=True
+        )
+        typed._fake_device = host._fake_device
+        return typed
+    if isinstance(value, torch.UntypedStorage):
+        return slot.host_storage(value)
+    if type(value) is tuple:
+        return tuple(_on_host(item, slot) for item in value)
+    return value
+
+
+def _pickle_module(slot: SnapshotSlot) -> Any:
+    """``pickle`` for ``torch.save``'s own record writing, with a pickler that reduces each
+    tensor as ``torch.save`` does, its storage replaced by the slot's host copy."""
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if not isinstance(obj, torch.Tensor):
+                return NotImplemented
+            reduced = obj.__reduce_ex__(_PROTOCOL)  # type: ignore[no-untyped-call]
+            if not isinstance(reduced, tuple):
+                return NotImplemented
+            return (reduced[0], _on_host(reduced[1], slot), *reduced[2:])
+
+    return types.SimpleNamespace(Pickler=Pickler)
+
+
+class _Recorder:
+    """Stands in for ``torch.save``'s zip writer: keeps the records it would write, in
+    order. A storage that reaches it without a host copy (one pickled on its own, not
+    through a tensor) is copied here."""
+
+    def __init__(self, slot: SnapshotSlot) -> None:
+        self.slot = slot
+        self.records: list[tuple[str, Any, int]] = []
+
+    def write_record(self, name: str, data: Any, size: int) -> None:
+        if not isinstance(data, bytes | str) and not self.slot.owns(data):
+            data = self.slot.host_storage(data)
+        self.records.append((name, data, size))
+
+    def write_record_metadata(self, name: str, size: int) -> None:
+        self.records.append((name, None, size))
+
+
+class Archive:
+    """A checkpoint as ``torch.save`` writes it, taken on the training thread and written
+    later: the records of its zip archive in order (``data.pkl``, the pickled structure,
+    and each storage's bytes in host memory), or, where this torch's record writing is not
+    the one known here, the whole file's bytes."""
+
+    __slots__ = ("blob", "records")
+
+    def __init__(
+        self, records: list[tuple[str, Any, int]] | None = None, blob: bytes | None = None
+    ) -> None:
+        self.records = records or []
+        self.blob = blob
 
 
 class Snapshotter:
@@ -241,26 +209,32 @@ class Snapshotter:
         self._free.put(slot)
 
     @staticmethod
-    def snapshot(checkpoint: dict[str, Any], slot: SnapshotSlot) -> dict[str, Any]:
-        """A deep copy of ``checkpoint`` whose tensors live in ``slot``'s host buffers.
+    def snapshot(checkpoint: dict[str, Any], slot: SnapshotSlot) -> Archive:
+        """``checkpoint`` as ``torch.save`` writes it, its tensors' bytes in ``slot``.
 
-        After this returns, training may change its tensors freely: the snapshot
-        does not share storage with them.
+        ``torch.save``'s own pickling runs here, on the training thread: the file holds
+        what ``torch.save`` would write at this moment (types, attributes, shared
+        storages), and what it cannot pickle fails here, as it would. Only the storages'
+        bytes are copied, into the slot's host buffers. After this returns, training
+        may change the checkpoint freely.
         """
-        slot.cuda_devices.clear()
-        slot.host_copies.clear()
-        slot.storages.clear()
+        if _save_records is None:
+            whole = io.BytesIO()
+            torch.save(checkpoint, whole)
+            return Archive(blob=whole.getvalue())
+        slot.begin()
+        recorder = _Recorder(slot)
         try:
-            result = _copy_tree(checkpoint, slot, (), {})
+            _save_records(checkpoint, recorder, _pickle_module(slot), _PROTOCOL, False)
+            copies, slot.host_copies = slot.host_copies, []
+            _copy_in_parallel(copies)
+            # Wait for the non-blocking device-to-host copies. Only devices copied from: a
+            # CPU checkpoint never touches CUDA (a context costs host and device memory).
+            for device in slot.cuda_devices:
+                torch.cuda.synchronize(device)
         finally:
-            slot.storages.clear()
-        copies, slot.host_copies = slot.host_copies, []
-        _copy_in_parallel(copies)
-        # Wait for the non-blocking device-to-host copies. Only devices copied from: a CPU
-        # checkpoint never touches CUDA (a context would cost host and device memory).
-        for device in slot.cuda_devices:
-            torch.cuda.synchronize(device)
-        return result  # type: ignore[no-any-return]
+            slot.end()
+        return Archive(recorder.records)
 
 
 # A host copy is bound by memory bandwidth, which one core does not saturate (measured
@@ -320,26 +294,23 @@ def _copy_in_parallel(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         raise errors[0]
 
 
-def _private_zip_save() -> Callable[[Any, Any], None] | None:
-    """``torch.save``'s own zip writer with CRC-32 off for this one call, if this torch has it.
+def _known_record_writing() -> tuple[Any, Any, Any] | None:
+    """``torch.save``'s record writing (``torch.serialization._save``), its zip writer and
+    its storage alignment, if this torch has them as known here; else None.
 
-    ``torch.save`` reads the CRC switch from a process-wide setting
-    (``torch.serialization.set_crc32_options``); flipping it around a background save
-    would also strip the checksums of any ``torch.save`` another thread runs meanwhile.
-    Instead this builds the writer ``torch.save`` builds, with the switch passed in. Its
-    parts are private, so they are checked here once; ``None`` (write with ``torch.save``,
-    checksums included) where they differ.
+    They are private, so they are checked here once. Without them a snapshot is the
+    whole file's bytes from ``torch.save`` (:class:`Archive`), checksums included.
     """
     serialization = getattr(torch, "serialization", None)
     writer_type = getattr(torch._C, "PyTorchFileWriter", None)
     save_records = getattr(serialization, "_save", None)
     alignment = getattr(serialization, "_get_storage_alignment", None)
-    protocol = getattr(serialization, "DEFAULT_PROTOCOL", None)
-    if writer_type is None or save_records is None or alignment is None or protocol is None:
+    if writer_type is None or save_records is None or alignment is None:
         return None
     try:
         parameters = list(inspect.signature(save_records).parameters)
-    except (TypeError, ValueError):
+        writer_type(io.BytesIO(), False, alignment()).write_end_of_file()
+    except (TypeError, ValueError, RuntimeError):
         return None
     if parameters != [
         "obj",
@@ -349,41 +320,40 @@ def _private_zip_save() -> Callable[[Any, Any], None] | None:
         "_disable_byteorder_record",
     ]:
         return None
-
-    def save_without_crc(payload: Any, handle: Any) -> None:
-        try:
-            writer = writer_type(handle, False, alignment())
-        except TypeError:  # another constructor: nothing written yet
-            torch.save(payload, handle)
-            return
-        try:
-            save_records(payload, writer, pickle, protocol, False)
-        except BaseException:
-            # Finish the archive as torch.save does, so the writer never does it later from
-            # its destructor into a closed file; the first error is the one that counts.
-            with contextlib.suppress(Exception):
-                writer.write_end_of_file()
-            raise
-        writer.write_end_of_file()
-
-    return save_without_crc
+    return save_records, writer_type, alignment
 
 
-_save_without_crc = _private_zip_save()
+_PROTOCOL = getattr(torch.serialization, "DEFAULT_PROTOCOL", 2)
+_known = _known_record_writing()
+_save_records, _writer_type, _alignment = _known if _known is not None else (None, None, None)
 
 
-def save_snapshot(payload: Any, handle: Any) -> None:
-    """``torch.save(payload, handle)``, without the zip's CRC-32 checksums where possible.
+def save_snapshot(archive: Archive, handle: Any) -> None:
+    """Write ``archive`` to ``handle``: the file ``torch.save`` writes, without the zip's
+    CRC-32 checksums.
 
-    The file is the one ``torch.save`` writes with ``set_crc32_options(False)``:
     ``torch.load`` reads it (it never checks the checksums); ``unzip -t`` and Python's
     ``zipfile`` would report them wrong. Computing them costs about as much CPU as
-    writing the file, taken from training. Thread-safe: no process-wide setting changes.
+    writing the file, taken from training. No process-wide setting changes, so a
+    ``torch.save`` on another thread meanwhile keeps its checksums.
     """
-    if _save_without_crc is None:
-        torch.save(payload, handle)
-    else:
-        _save_without_crc(payload, handle)
+    if archive.blob is not None or _writer_type is None or _alignment is None:
+        handle.write(archive.blob)
+        return
+    writer = _writer_type(handle, False, _alignment())
+    try:
+        for name, data, size in archive.records:
+            if data is None:
+                writer.write_record_metadata(name, size)
+            else:
+                writer.write_record(name, data, size)
+    except BaseException:
+        # Finish the archive as torch.save does, so the writer never does it later from
+        # its destructor into a closed file; the first error is the one that counts.
+        with contextlib.suppress(Exception):
+            writer.write_end_of_file()
+        raise
+    writer.write_end_of_file()
 
 
 def _drop_from_page_cache(fd: int) -> None:
@@ -449,13 +419,13 @@ class HostWrite:
         self,
         snapshotter: Snapshotter,
         slot: SnapshotSlot,
-        host: dict[str, Any],
+        host: Archive,
         filepath: str,
         scratch: Path,
     ) -> None:
         self._snapshotter = snapshotter
         self._slot = slot
-        self._host: dict[str, Any] | None = host
+        self._host: Archive | None = host
         self._filepath = filepath
         self._scratch = scratch
         self._lock = threading.Lock()

@@ -19,23 +19,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import lightning.pytorch as pl
 import pytest
 from lamindb_tier import TierData, TierModel, block_network, make_trainer
 
 import lamin_lightning as ll
-
-
-class _HangWhenWritten:
-    """In a checkpoint: its background write (which serialises this) hangs forever."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _HangWhenWritten:
-        return self
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        threading.Event().wait()
-        raise AssertionError("unreachable")
+from test_async_write import OnSerialise
 
 
 class Saved:
@@ -61,7 +52,8 @@ class Freeze(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if trainer.global_step == 2:
-            checkpoint["hang_when_written"] = _HangWhenWritten()
+            # Its background write hangs forever (a full disk that never answers).
+            checkpoint["hang_when_written"] = OnSerialise(threading.Event().wait, "hang")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

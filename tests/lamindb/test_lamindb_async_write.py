@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from lamindb_tier import (
 import lamin_lightning as ll
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, ArtifactSavedEvent
 from lamin_lightning.testing import RecordingObserver
+from test_async_write import OnSerialise
 
 pytestmark = [
     pytest.mark.lamindb,
@@ -40,24 +40,6 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-class _OnSerialise:
-    """Calls ``fn`` when the checkpoint holding it is serialised, i.e. while its file is written.
-
-    A host snapshot keeps this very object (``__deepcopy__``), so ``fn`` runs on the thread
-    that writes the file. In the file it is a string.
-    """
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _OnSerialise:
-        return self
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        self.fn()
-        return (str, ("writer probe",))
-
-
 class WriterThreads(pl.Callback):
     """Records, for every checkpoint file written, the thread that wrote it."""
 
@@ -67,8 +49,8 @@ class WriterThreads(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["test_writer_probe"] = _OnSerialise(
-            lambda: self.threads.append(threading.current_thread().name)
+        checkpoint["test_writer_probe"] = OnSerialise(
+            lambda: self.threads.append(threading.current_thread().name), "writer probe"
         )
 
 
