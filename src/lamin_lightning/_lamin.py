@@ -370,6 +370,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
 
             context = self._store_context = {
                 "instance": lamindb_setup.settings.instance.slug,
+                # The default storage at setup: a replay in another process (whose
+                # default may be another) stores the checkpoint where this run would.
+                "storage": lamindb_setup.settings.storage.root_as_str,
                 "run_uid": self._run.uid if self._run is not None else None,
                 "prefix": self.checkpoint_key_prefix,
                 "key_is_virtual": self._key_is_virtual,

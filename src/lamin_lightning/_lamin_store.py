@@ -170,6 +170,7 @@ class LaminStore:
         self._auto: dict[str, Any] | None = None
         self._value_ids: dict[tuple[int, Any], int] = {}
         self._runs: dict[str, Any] = {}
+        self._storages: dict[str, Any] = {}
 
     # -- worker threads ----------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class LaminStore:
         run: Any,
         key_is_virtual: bool,
         stats: dict[str, Any] | None = None,
+        storage: Any = None,
     ) -> Any:
         """Hash and copy ``path`` into storage and save its artifact record (no lookup by hash).
 
@@ -210,6 +212,7 @@ class LaminStore:
             key_is_virtual=key_is_virtual,
             skip_hash_lookup=True,
             **_given_stats(stats),
+            **({"storage": storage} if storage is not None else {}),
         )
         # Registered before the record exists, so that a commit replacing an older
         # artifact of this key never mistakes this newer, uncommitted one for it. By
@@ -265,12 +268,39 @@ class LaminStore:
             run=False if record.kind == "config" else run,
             key_is_virtual=bool(record.context.get("key_is_virtual", True)),
             stats=stats,
+            storage=self._storage_of(record),
         )
         if record.kind == "config" and run is not None:
             from lamindb.models._lineage import track_run_inputs
 
             track_run_inputs(artifact, is_run_input=run)
         return artifact
+
+    def _storage_of(self, record: JobRecord) -> Any:
+        """The storage location the job's run stored into (its default at setup), where
+        that is not this process's default: None for the default, and for records
+        written before the location was recorded."""
+        root = record.context.get("storage")
+        if not isinstance(root, str) or not root:
+            return None
+        ln = _ln()
+        if root.rstrip("/") == ln.setup.settings.storage.root_as_str.rstrip("/"):
+            return None
+        with self._lock:
+            if root in self._storages:
+                return self._storages[root]
+        storage = ln.Storage.filter(root=root).one_or_none()
+        if storage is None and root.endswith("/"):
+            storage = ln.Storage.filter(root=root.rstrip("/")).one_or_none()
+        if storage is None:
+            raise LaminSetupError(
+                f"the outbox entry for {record.key!r} was to be stored in {root!r}, a"
+                f" storage location instance {ln.setup.settings.instance.slug!r} does not"
+                " have; register it (`ln.Storage(root=...).save()`) and flush again"
+            )
+        with self._lock:
+            self._storages[root] = storage
+        return storage
 
     def _run_of(self, context: Mapping[str, Any]) -> Any:
         uid = context.get("run_uid")

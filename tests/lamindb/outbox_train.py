@@ -134,7 +134,16 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", choices=sorted(kill_points()), default=None)
     parser.add_argument("--kill-after", type=int, default=1)
+    parser.add_argument("--storage", default=None, help="a storage location to store into")
     args = parser.parse_args()
+    if args.storage:  # this run's default storage, for this process only (as users do)
+        import lamindb
+        from lamin_lightning._lamin import ensure_offline_safe
+
+        ensure_offline_safe()  # as the callback's setup does, before any hub call
+        if lamindb.Storage.filter(root=args.storage).one_or_none() is None:
+            lamindb.Storage(root=args.storage).save()
+        lamindb.settings.storage = args.storage
 
     guard = pytest.MonkeyPatch()
     block_network(guard)

@@ -99,8 +99,8 @@ def _pending(dirpath: Path) -> list[JobRecord]:
     return [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
 
 
-def _kill_mid_upload(tmp_path: Path) -> str:
-    proc = _start(tmp_path, "block")
+def _kill_mid_upload(tmp_path: Path, *extra: str) -> str:
+    proc = _start(tmp_path, "block", *extra)
     try:
         _wait_for_marker(proc, tmp_path / "marker")
     finally:
@@ -167,6 +167,33 @@ def test_a_replay_reads_each_file_once_to_hash_it_and_stores_lamindbs_size_and_h
         artifact = after[key]
         stored = {"size": artifact.size, "hash": artifact.hash, "hash_type": artifact._hash_type}
         assert stored == lamin_stats(on_disk[key]), key
+
+
+def test_a_replay_stores_into_the_storage_location_its_run_stored_into(
+    ln: Any, tmp_path: Path
+) -> None:
+    """The training script made another storage location its default (for its process,
+    as `ln.settings.storage = ...` does) and was killed mid-upload; a flush from a
+    process whose default is the instance's first location stores the checkpoints where
+    the run would have, not in the flushing process's default."""
+    second = str(tmp_path / "second-storage")
+    prefix = _kill_mid_upload(tmp_path, "--storage", second)
+    dirpath = tmp_path / "ckpt"
+    default = ln.settings.storage.root_as_str
+    assert default.rstrip("/") != second
+    before = set(artifacts_under(ln, prefix))
+    report = ll.flush_directory(dirpath, progress=False)
+    assert report.failed == 0 and not report.remaining, report
+
+    assert ln.settings.storage.root_as_str == default
+    after = artifacts_under(ln, prefix)
+    created = sorted(set(after) - before)
+    assert created, "the flush stored nothing"
+    assert {after[key].storage.root for key in created} == {second}, created
+    on_disk = _on_disk(dirpath, prefix)
+    assert set(after) >= set(on_disk)
+    for key, path in on_disk.items():
+        assert Path(after[key].path).read_bytes() == path.read_bytes(), key
 
 
 def test_a_replay_gives_lamindb_no_hash_where_the_user_turned_its_hashing_off(
