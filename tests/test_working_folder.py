@@ -302,6 +302,49 @@ def test_ctrl_c_during_a_backpressure_wait_journals_the_job_and_lets_lightning_s
         _interrupted_then_resumed(tmp_path, _thread.interrupt_main, SystemExit, 3600)
 
 
+def test_ctrl_c_while_teardown_waits_for_storage_names_what_is_left_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    """Storage hangs and teardown waits for it (no flush_timeout); Ctrl+C ends the wait.
+    The warning names the unpersisted checkpoint and `lamin-lightning flush`, as when the
+    wait times out; a later flush persists it. Once, the interrupt left only a log line
+    saying the flush had not finished "within 0s"."""
+    from lamin_lightning._flush import flush_directory
+
+    store = MemoryStore()
+    store.hang()
+    dirpath = tmp_path / "ckpt"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, flush_timeout=None)
+    waiting = threading.Event()
+    real_flush = callback.flush
+
+    def flush(timeout: float | None = None, **kwargs: Any) -> bool:
+        waiting.set()  # teardown's wait for storage begins
+        return real_flush(timeout, **kwargs)
+
+    callback.flush = flush  # type: ignore[method-assign]
+
+    def interrupt_once_teardown_waits() -> None:
+        if waiting.wait(TIMEOUT) and store.wait_until_hanging(1, timeout=TIMEOUT):
+            _thread.interrupt_main()
+        else:
+            store.release()  # the test fails below instead of hanging
+
+    threading.Thread(target=interrupt_once_teardown_waits, daemon=True).start()
+    with (
+        _sigint_restored(),
+        pytest.warns(UserWarning, match="interrupted") as caught,
+        pytest.raises((SystemExit, KeyboardInterrupt)),
+    ):
+        make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
+    (message,) = [str(w.message) for w in caught if "did not finish" in str(w.message)]
+    assert "not persisted: checkpoints/epoch=0-step=1.ckpt" in message, message
+    assert f"lamin-lightning flush {dirpath}" in message, message
+    store.release()
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+    assert report.saved == 1 and report.remaining == [], report
+
+
 def test_sigterm_during_a_backpressure_wait_on_hung_storage_ends_the_wait(
     tmp_path: Path,
 ) -> None:

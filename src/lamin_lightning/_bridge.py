@@ -400,11 +400,11 @@ class PersistencePipeline:
             try:
                 flushed = self.flush(timeout)
                 if not flushed:
-                    keys = [job.key for job in self._portal.call(self._pending_now, self._core)]
+                    jobs = self._portal.call(self._pending_now, self._core)
                     log.warning(
-                        "persistence did not finish within %ss; unpersisted keys: %s",
-                        timeout,
-                        ", ".join(keys),
+                        "persistence stopped %s; abandoned here (the outbox keeps them): %s",
+                        f"after {timeout}s" if timeout else "before it finished",
+                        ", ".join(f"{job.operation} {job.key}" for job in jobs),
                     )
                 self._portal.call(self._core.close)
                 if self._run_future is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -69,6 +70,21 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             raise error
         rank_zero_warn(str(error), category=UserWarning)
 
+    def _warn_unfinished(self, pipeline: Any, why: str) -> None:
+        jobs = [
+            job.key if job.operation == "save" else f"{job.key} ({job.operation})"
+            for job in pipeline.pending()
+        ]
+        warnings.warn(
+            f"lamin-lightning: persistence did not finish {why};"
+            f" not persisted: {', '.join(jobs)}. Their local"
+            f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
+            " jobs stay in its outbox: run `lamin-lightning flush"
+            f" {self.dirpath or '.'}`, or start training again with this dirpath.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
         self._set_up = False
         submitter = self._submitter
@@ -82,18 +98,17 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 submitter.submit_interrupted(timeout)
                 if timeout is not None:
                     timeout = max(0.0, timeout - (time.monotonic() - started))
-            if pipeline is not None and not self.flush(timeout):
-                keys = [job.key for job in pipeline.pending()]
+            try:
+                finished = pipeline is None or self.flush(timeout)
+            except KeyboardInterrupt:
+                # Ctrl+C while teardown waits: the user still learns what is left and how
+                # to finish it, before the interrupt goes on.
+                if pipeline is not None:
+                    self._warn_unfinished(pipeline, "(interrupted)")
+                raise
+            if not finished:
                 why = f"within flush_timeout={self.flush_timeout}s" if wait else "(interrupted)"
-                warnings.warn(
-                    f"lamin-lightning: persistence did not finish {why};"
-                    f" not persisted: {', '.join(keys)}. Their local"
-                    f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
-                    " jobs stay in its outbox: run `lamin-lightning flush"
-                    f" {self.dirpath or '.'}`, or start training again with this dirpath.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+                self._warn_unfinished(pipeline, why)
             elif self._trainer is not None and self._put_state_right(
                 self._trainer, other_ranks=False
             ):
