@@ -1368,3 +1368,21 @@ def test_what_torch_save_cannot_pickle_fails_that_save_on_the_training_thread_as
     ours = callbacks["ours"]
     assert ours.pending_artifacts() == []
     assert ours.store.keys(kind="checkpoint") == keys_of({"epoch=0-step=1.ckpt"})
+
+
+def test_where_torchs_record_writing_is_not_the_known_one_a_snapshot_is_the_whole_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another torch, whose private record writing differs (checked at import): the
+    snapshot is torch.save's whole file, in memory, written as it is (checksums and all)."""
+    monkeypatch.setattr(_local_write, "_save_records", None)
+    checkpoint = _checkpoint_with_every_kind_of_container()
+    expected = io.BytesIO()
+    torch.save(checkpoint, expected)
+    slot, _ = Snapshotter(1).acquire()
+    archive = Snapshotter.snapshot(checkpoint, slot)
+    with torch.no_grad():
+        checkpoint["views"]["base"].add_(1.0)  # training moves on
+    assert archive.blob is not None and written(archive) == expected.getvalue()
+    with zipfile.ZipFile(io.BytesIO(written(archive))) as zipped:
+        assert zipped.testzip() is None
