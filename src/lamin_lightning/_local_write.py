@@ -117,6 +117,9 @@ class SnapshotSlot:
         return copied
 
 
+_STORAGES = (torch.storage.TypedStorage, torch.UntypedStorage)
+
+
 def _on_host(value: Any, slot: SnapshotSlot) -> Any:
     """A tensor's reduction arguments with each storage in them replaced by its host copy."""
     if isinstance(value, torch.storage.TypedStorage):
@@ -144,7 +147,12 @@ def _pickle_module(slot: SnapshotSlot) -> Any:
             reduced = obj.__reduce_ex__(_PROTOCOL)  # type: ignore[no-untyped-call]
             if not isinstance(reduced, tuple):
                 return NotImplemented
-            return (reduced[0], _on_host(reduced[1], slot), *reduced[2:])
+            args = reduced[1]
+            if args and isinstance(args[0], _STORAGES):  # a plain tensor: storage first
+                args = (_on_host(args[0], slot), *args[1:])
+            else:  # subclasses, quantized, sparse, ...: wherever a storage is
+                args = _on_host(args, slot)
+            return (reduced[0], args, *reduced[2:])
 
     return types.SimpleNamespace(Pickler=Pickler)
 
