@@ -54,3 +54,39 @@ def test_a_quick_flush_shows_no_bar(tmp_path: Path, capsys: pytest.CaptureFixtur
     trainer.fit(TinyModel(), loader())
     assert probe.result is True
     assert "persisting checkpoints" not in capsys.readouterr().err
+
+
+def test_files_that_fail_during_the_wait_are_shown_as_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bar counts jobs that left the pipeline; those that failed say so ("2 failed"),
+    instead of reading as persisted files."""
+    import threading
+
+    from lamin_lightning import _progress
+
+    shown = threading.Event()
+    real_bar = _progress.progress_bar
+
+    def bar(*args: Any, **kwargs: Any) -> Any:
+        made = real_bar(*args, **kwargs)
+        shown.set()
+        return made
+
+    monkeypatch.setattr(_progress, "progress_bar", bar)
+    store = MemoryStore()
+    store.hang()
+    store.fail_always()
+
+    def release_once_the_bar_shows() -> None:
+        shown.wait(60)
+        store.release()  # the failures come while the bar is up (or the test fails)
+
+    threading.Thread(target=release_once_the_bar_shows, daemon=True).start()
+    probe, trainer = _fit(tmp_path, store, timeout=60)
+    from lamin_lightning import PersistenceError
+
+    with pytest.raises(PersistenceError, match="could not be persisted"):
+        trainer.fit(TinyModel(), loader())
+    assert shown.is_set() and probe.result is True
+    assert "2/2 files, 2 failed" in capsys.readouterr().err

@@ -52,7 +52,9 @@ def drain_with_progress(
     deadline: float | None,
 ) -> bool:
     """Wait for ``pipeline`` to finish (False at ``deadline``), advancing ``bar`` over
-    ``sizes`` (bytes by ``id()`` of each job's payload) as jobs leave it."""
+    ``sizes`` (bytes by ``id()`` of each job's payload) as jobs leave it. Jobs that left
+    failed are counted apart: a finished file is not a persisted one."""
+    failed_before = pipeline.stats.failed
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
@@ -62,7 +64,9 @@ def drain_with_progress(
             left = {id(job.payload) for job in pipeline.pending()}
             finished = [job_id for job_id in sizes if job_id not in left]
             bar.n = sum(sizes[job_id] for job_id in finished)
-            bar.set_postfix_str(f"{len(finished)}/{len(sizes)} files", refresh=False)
+            failed = pipeline.stats.failed - failed_before
+            shown = f"{len(finished)}/{len(sizes)} files" + (f", {failed} failed" if failed else "")
+            bar.set_postfix_str(shown, refresh=False)
             bar.refresh()
         if done:
             return True
