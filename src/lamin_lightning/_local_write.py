@@ -230,19 +230,25 @@ class Snapshotter:
             whole = io.BytesIO()
             torch.save(checkpoint, whole)
             return Archive(blob=whole.getvalue())
-        slot.begin()
-        recorder = _Recorder(slot)
-        try:
-            _save_records(checkpoint, recorder, _pickle_module(slot), _PROTOCOL, False)
-            copies, slot.host_copies = slot.host_copies, []
-            _copy_in_parallel(copies)
-            # Wait for the non-blocking device-to-host copies. Only devices copied from: a
-            # CPU checkpoint never touches CUDA (a context costs host and device memory).
-            for device in slot.cuda_devices:
-                torch.cuda.synchronize(device)
-        finally:
-            slot.end()
-        return Archive(recorder.records)
+        return Archive(_record(checkpoint, slot, _save_records))
+
+
+def _record(checkpoint: Any, slot: SnapshotSlot, save_records: Any) -> list[tuple[str, Any, int]]:
+    """The records ``torch.save`` writes of ``checkpoint`` (``save_records``: its own
+    record writing), with every storage's bytes copied into ``slot``."""
+    slot.begin()
+    recorder = _Recorder(slot)
+    try:
+        save_records(checkpoint, recorder, _pickle_module(slot), _PROTOCOL, False)
+        copies, slot.host_copies = slot.host_copies, []
+        _copy_in_parallel(copies)
+        # Wait for the non-blocking device-to-host copies. Only devices copied from: a
+        # CPU checkpoint never touches CUDA (a context costs host and device memory).
+        for device in slot.cuda_devices:
+            torch.cuda.synchronize(device)
+    finally:
+        slot.end()
+    return recorder.records
 
 
 # A host copy is bound by memory bandwidth, which one core does not saturate (measured
@@ -317,8 +323,7 @@ def _known_record_writing() -> tuple[Any, Any, Any] | None:
         return None
     try:
         parameters = list(inspect.signature(save_records).parameters)
-        writer_type(io.BytesIO(), False, alignment()).write_end_of_file()
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError):
         return None
     if parameters != [
         "obj",
@@ -333,17 +338,9 @@ def _known_record_writing() -> tuple[Any, Any, Any] | None:
         numbers = torch.arange(6.0)
         ones = torch.ones(2, dtype=torch.int64)
         probe: dict[str, Any] = {"a": numbers, "b": [ones], "view": numbers[2:]}
-        slot = SnapshotSlot(-1)
-        recorder = _Recorder(slot)
-        slot.begin()
-        save_records(probe, recorder, _pickle_module(slot), _PROTOCOL, False)
-        for buffer, source in slot.host_copies:
-            buffer.copy_(source)
         whole = io.BytesIO()
-        writer = writer_type(whole, False, alignment())
-        for name, data, size in recorder.records:
-            writer.write_record(name, data, size)
-        writer.write_end_of_file()
+        records = _record(probe, SnapshotSlot(-1), save_records)
+        _write_records(writer_type(whole, False, alignment()), records)
         whole.seek(0)
         back = torch.load(whole, weights_only=True)
         if not (
@@ -358,8 +355,6 @@ def _known_record_writing() -> tuple[Any, Any, Any] | None:
 
 
 _PROTOCOL = getattr(torch.serialization, "DEFAULT_PROTOCOL", 2)
-_known = _known_record_writing()
-_save_records, _writer_type, _alignment = _known if _known is not None else (None, None, None)
 
 
 def save_snapshot(archive: Archive, handle: Any) -> None:
@@ -374,9 +369,13 @@ def save_snapshot(archive: Archive, handle: Any) -> None:
     if archive.blob is not None or _writer_type is None or _alignment is None:
         handle.write(archive.blob)
         return
-    writer = _writer_type(handle, False, _alignment())
+    _write_records(_writer_type(handle, False, _alignment()), archive.records)
+
+
+def _write_records(writer: Any, records: list[tuple[str, Any, int]]) -> None:
+    """Write ``records`` with ``writer`` (``torch.save``'s zip writer) and finish the archive."""
     try:
-        for name, data, size in archive.records:
+        for name, data, size in records:
             if data is None:
                 writer.write_record_metadata(name, size)
             else:
@@ -388,6 +387,11 @@ def save_snapshot(archive: Archive, handle: Any) -> None:
             writer.write_end_of_file()
         raise
     writer.write_end_of_file()
+
+
+# Checked once, at import, after everything the check uses is defined.
+_known = _known_record_writing()
+_save_records, _writer_type, _alignment = _known if _known is not None else (None, None, None)
 
 
 def _drop_from_page_cache(fd: int) -> None:
