@@ -507,6 +507,20 @@ def test_on_error_raise_raises_persistence_error_at_teardown(tmp_path: Path) -> 
     assert pool_threads() == []
 
 
+def test_the_persistence_error_gives_the_flush_command_for_this_dirpath(tmp_path: Path) -> None:
+    """The fix in the message is a command to paste: this run's dirpath, quoted for the
+    shell (a space in it), not a placeholder; the files it says are kept exist."""
+    dirpath = tmp_path / "my checkpoints"
+    callback = failing_callback(MemoryStore(), dirpath, every_n_train_steps=4, on_error="raise")
+    with pytest.raises(PersistenceError) as info:
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+
+    said = str(info.value)
+    assert f"run `lamin-lightning flush '{dirpath}'`" in said
+    assert "could not be persisted; the local files are kept:" in said
+    assert (dirpath / "epoch=0-step=4.ckpt").is_file()
+
+
 def test_on_error_raise_raises_at_the_next_save(tmp_path: Path) -> None:
     """A failure delivered before the next save is raised by that save, on the training thread."""
     dirpath = tmp_path / "ckpt"

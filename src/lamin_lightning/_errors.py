@@ -35,7 +35,10 @@ class PersistenceError(LaminLightningError, RuntimeError):
     """
 
     def __init__(
-        self, failures: list[ArtifactFailedEvent], unjournaled: Collection[str] = ()
+        self,
+        failures: list[ArtifactFailedEvent],
+        unjournaled: Collection[str] = (),
+        dirpath: str | os.PathLike[str] | None = None,
     ) -> None:
         self.failures = list(failures)
         lines = [
@@ -43,14 +46,23 @@ class PersistenceError(LaminLightningError, RuntimeError):
             f"{type(f.error).__name__}: {f.error}{_never_written(f)}{_outside(f, unjournaled)}"
             for f in self.failures
         ]
+        written = all(not _never_written(f) for f in self.failures)
+        folder = os.fspath(dirpath) if dirpath else "DIRPATH"
         super().__init__(
             f"{len(self.failures)} checkpoint artifact(s) could not be persisted; the local"
-            " files are kept:\n"
+            f" files {'are' if written else 'that were written are'} kept:\n"
             + "\n".join(lines)
             + "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
-            " `lamin-lightning flush DIRPATH` or start training again with the same dirpath."
-            " Pass on_error='warn' to only warn."
+            f" `lamin-lightning flush {shell_word(folder)}` or start training again with"
+            " the same dirpath. Pass on_error='warn' to only warn."
         )
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one shell word: quoted only where it needs it (a space, say)."""
+    import shlex
+
+    return text if text == "DIRPATH" else shlex.quote(text)
 
 
 def _outside(failure: ArtifactFailedEvent, unjournaled: Collection[str]) -> str:

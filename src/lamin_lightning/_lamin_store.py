@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -223,6 +224,9 @@ class LaminStore:
         share_storage_filesystem()
         try:
             artifact.save(**_upload_options(Path(path)))
+        except (FileNotFoundError, PermissionError) as error:
+            self.settle(artifact)
+            raise _naming_storage(error, artifact, path) from error
         except BaseException:
             self.settle(artifact)
             raise
@@ -676,11 +680,27 @@ def _prefix(key: str) -> str:
 class _PipelineThreadsQuiet(logging.Filter):
     """LaminDB's info and success lines logged on our pipeline's threads ("✓ deleted
     PATH" for every evicted checkpoint) stay off the training console, where our progress
-    bar and log speak for persistence; its warnings and errors pass."""
+    bar and log speak for persistence; its warnings and errors pass, but for "could not
+    upload artifact: Artifact(...)" at every failed attempt, which our own log line of
+    the failure (key, attempts, error) says better."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.threadName or ""
-        return record.levelno >= logging.WARNING or not name.startswith("lamin-lightning")
+        if not name.startswith("lamin-lightning"):
+            return True
+        if record.levelno > logging.WARNING:
+            return True
+        return record.levelno == logging.WARNING and not _is_upload_failure(record)
+
+
+def _is_upload_failure(record: logging.LogRecord) -> bool:
+    try:
+        return str(record.getMessage()).startswith(_UPLOAD_FAILURE)
+    except Exception:  # a message that cannot format: let it through
+        return False
+
+
+_UPLOAD_FAILURE = "could not upload artifact:"
 
 
 def _quiet_on_pipeline_threads() -> None:
@@ -689,6 +709,21 @@ def _quiet_on_pipeline_threads() -> None:
 
     if not any(isinstance(f, _PipelineThreadsQuiet) for f in logger.filters):
         logger.addFilter(_PipelineThreadsQuiet())
+
+
+def _naming_storage(error: OSError, artifact: Any, path: str | Path) -> OSError:
+    """``error`` (of the same type, so never retried) naming the storage location, where
+    the local file is there and so the missing or forbidden thing is in storage: a deleted
+    bucket reads "The specified bucket does not exist" without saying which."""
+    if not os.path.lexists(path):
+        return error
+    try:
+        root = artifact.storage.root
+    except Exception:  # the message only loses the location
+        return error
+    if str(root) in str(error):
+        return error
+    return type(error)(f"{error} (storage location {root})")
 
 
 def _drop_interrupted(artifact: Any) -> None:

@@ -10,6 +10,7 @@ a hook or observer raised on a pipeline thread), and shuts the pipeline down at
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lamin_lightning._errors import PersistenceError
+from lamin_lightning._errors import PersistenceError, shell_word
 from lamin_lightning._events import (
     ArtifactFailedEvent,
 )
@@ -65,7 +66,9 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         if not failures:
             return
         submitter = self._submitter
-        error = PersistenceError(failures, submitter.unjournaled if submitter else ())
+        error = PersistenceError(
+            failures, submitter.unjournaled if submitter else (), dirpath=self.dirpath
+        )
         if self.on_error == "raise":
             raise error
         rank_zero_warn(str(error), category=UserWarning)
@@ -80,7 +83,8 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             f" not persisted: {', '.join(jobs)}. Their local"
             f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
             " jobs stay in its outbox: run `lamin-lightning flush"
-            f" {self.dirpath or '.'}`, or start training again with this dirpath.",
+            f" {shell_word(os.fspath(self.dirpath or '.'))}`, or start training again with"
+            " this dirpath.",
             UserWarning,
             stacklevel=3,
         )

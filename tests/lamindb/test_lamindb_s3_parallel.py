@@ -13,6 +13,7 @@ that events, flags, ranks and the kept set are still those of submission order.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -229,3 +230,58 @@ def test_workers_share_one_s3_filesystem_for_the_default_storage(
     assert callback.persistence_stats.saved == 8 and len(threads) >= 2, callback.transfers
     on_workers = [name for name in created_on if name.startswith("lamin-lightning")]
     assert len(on_workers) <= 1, f"S3 filesystems created on worker threads: {on_workers}"
+
+
+@pytest.mark.filterwarnings("ignore:.*no run & transform got linked.*")
+def test_a_deleted_bucket_fails_once_naming_the_storage_location_and_lamindb_stays_quiet(
+    ln: Any,
+    tier_setup: TierSetup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The default storage's bucket is deleted before training: S3 says only "The specified
+    bucket does not exist". The failure names the storage location and is not retried (a
+    missing bucket does not come back by waiting); LaminDB's own "could not upload
+    artifact: Artifact(...)" line at the failed attempt stays off the console, where our
+    line of the failure says it."""
+    import boto3
+    from lamindb_setup import logger as lamindb_logger
+
+    assert tier_setup.moto is not None
+    bucket = f"gone-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=tier_setup.moto.url)
+    s3.create_bucket(Bucket=bucket)
+    root = use_s3_storage(f"s3://{bucket}/runs", tier_setup.moto.url)
+    try:
+        for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
+        s3.delete_bucket(Bucket=bucket)
+        lamindb_said = _Collect()
+        lamindb_logger.addHandler(lamindb_said)
+        callback = ll.Checkpoint(
+            dirpath=str(tmp_path / "ckpt"), retry=ll.RetryPolicy.no_delay(3), on_error="raise"
+        )
+        with pytest.raises(ll.PersistenceError) as info:
+            fit(callback, tmp_path, steps=1)
+    finally:
+        lamindb_logger.removeHandler(lamindb_said)
+        ln.settings.storage = tier_setup.artifact_storage
+
+    [failure] = info.value.failures
+    assert isinstance(failure.error, FileNotFoundError)
+    assert failure.attempts == 1
+    assert f"(storage location {root})" in str(info.value)
+    assert not [m for m in lamindb_said.messages if "could not upload artifact" in m]
+    assert f"storage location {root}" in caplog.text  # our own log line of it
+    assert (tmp_path / "ckpt" / "epoch=0-step=1.ckpt").is_file()
+
+
+class _Collect(logging.Handler):
+    """The messages that reach a logger's handlers (past its filters)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
