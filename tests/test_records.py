@@ -275,3 +275,42 @@ def test_a_snapshot_with_its_feature_values_is_the_snapshot_the_constructor_buil
     assert base.feature_values == {}  # the original is untouched
     with pytest.raises(dataclasses.FrozenInstanceError):
         copied.score = 1.0  # type: ignore[misc]
+
+
+def test_datetime_date_and_record_feature_values_survive_the_journal_as_themselves() -> None:
+    """A datetime and a date come back as themselves, a database record as a reference to
+    look it up by (never its ``str``); a user's mapping that only resembles the tagged form
+    stays a mapping."""
+    import dataclasses
+    import datetime
+
+    from lamin_lightning._jobs import RecordRef
+
+    class Label:  # a database record as the codec sees one: a Django ``_meta`` and a uid
+        _meta = object()
+        uid = "u1d"
+
+    look_alike = {"__lamin_lightning__": "date", "value": "2024-01-02"}
+    values = {
+        "when": datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+        "day": datetime.date(2024, 1, 2),
+        "label": Label(),
+        "mapping": look_alike,
+    }
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key="ckpts/a.ckpt",
+        local_path="/data/a.ckpt",
+        staged_path=None,
+        store="memory",
+        context={},
+        checkpoint=dataclasses.replace(_snapshot(), feature_values=values),
+        submitted_at=1.0,
+    )
+    decoded = decode(json.loads(json.dumps(encode(record))))
+    assert decoded.checkpoint is not None
+    assert decoded.checkpoint.feature_values == {
+        **values,
+        "label": RecordRef(f"{__name__}.{Label.__qualname__}", "u1d"),
+    }

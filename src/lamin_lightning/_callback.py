@@ -188,7 +188,6 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
         self._staging_roots: dict[str, Path] = {}  # by checkpoint folder
-        self._no_hparams_trainer: pl.Trainer | None = None  # a trainer without loggers
         self._score_floats: dict[int, tuple[Any, float | None]] = {}  # see _score
         self._evictions = Evictions()
         self._save_depth = 0  # inside Lightning's save hooks (which surface failures first)

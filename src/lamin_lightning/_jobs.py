@@ -13,6 +13,8 @@ The codec writes version 2 and reads version 1 (journals written by lamin-lightn
 
 from __future__ import annotations
 
+import datetime
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -193,6 +195,81 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
+def feature_value(value: Any) -> Any:
+    """A feature value as a job keeps it in memory: a ``datetime``, a ``date`` or a LaminDB
+    record as is, for LaminDB to validate as the reference passes it; anything else as
+    :func:`json_value` has it (a tensor or numpy scalar as a number)."""
+    if isinstance(value, datetime.date) or _is_record(value):
+        return value
+    return json_value(value)
+
+
+_TAG = "__lamin_lightning__"
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """A LaminDB record a journaled feature value named (its class and ``uid``): the store
+    looks it up again when a replay annotates the checkpoint."""
+
+    class_path: str
+    uid: str
+
+    def resolve(self) -> Any:
+        """The record; ``LookupError`` if its class or the record is gone."""
+        module, _, name = self.class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as error:
+            raise LookupError(f"record class {self.class_path} not found: {error}") from error
+        found = cls.filter(uid=self.uid).first()
+        if found is None:
+            raise LookupError(f"no {name} with uid {self.uid!r} (deleted since the save?)")
+        return found
+
+
+def _is_record(value: Any) -> bool:
+    """A database record (a Django model instance with a ``uid``: LaminDB's)."""
+    uid = getattr(value, "uid", None)
+    return getattr(value, "_meta", None) is not None and isinstance(uid, str)
+
+
+def _journal_feature_value(value: Any) -> Any:
+    """A feature value as JSON: a datetime, a date or a record tagged, so that a replay
+    annotates what the live save would have (not its ``str``)."""
+    if isinstance(value, datetime.datetime):
+        return {_TAG: "datetime", "value": value.isoformat()}
+    if isinstance(value, datetime.date):
+        return {_TAG: "date", "value": value.isoformat()}
+    if isinstance(value, RecordRef):
+        return {_TAG: "record", "class": value.class_path, "uid": value.uid}
+    if _is_record(value):
+        cls = type(value)
+        return {_TAG: "record", "class": f"{cls.__module__}.{cls.__qualname__}", "uid": value.uid}
+    if isinstance(value, Mapping) and _TAG in value:  # a user's: wrapped, never mistaken
+        return {_TAG: "mapping", "value": json_value(value)}
+    return json_value(value)
+
+
+def _decode_feature_value(value: Any) -> Any:
+    if not isinstance(value, Mapping) or _TAG not in value:
+        return value
+    tag, keys = value[_TAG], set(value)
+    try:
+        if keys == {_TAG, "value"}:
+            if tag == "datetime":
+                return datetime.datetime.fromisoformat(value["value"])
+            if tag == "date":
+                return datetime.date.fromisoformat(value["value"])
+            if tag == "mapping":
+                return value["value"]
+        if tag == "record" and keys == {_TAG, "class", "uid"}:
+            return RecordRef(str(value["class"]), str(value["uid"]))
+    except (TypeError, ValueError):
+        pass
+    return value
+
+
 _context_cache: list[Any] = [None, None]  # [context, its JSON]: a callback's is fixed
 
 
@@ -220,7 +297,7 @@ def _encode_snapshot(snapshot: CheckpointSnapshot) -> dict[str, Any]:
         "ranking": list(snapshot.ranking),
         "scores": dict(snapshot.scores),
         "features": [
-            [name, json_value(value), name in snapshot.auto_features]
+            [name, _journal_feature_value(value), name in snapshot.auto_features]
             for name, value in (snapshot.feature_values or {}).items()
         ],
     }
@@ -229,7 +306,7 @@ def _encode_snapshot(snapshot: CheckpointSnapshot) -> dict[str, Any]:
 def _decode_snapshot(
     data: Mapping[str, Any], *, key: str, local_path: str, staged_path: str | None
 ) -> CheckpointSnapshot:
-    features = [(str(n), v, bool(a)) for n, v, a in data.get("features", [])]
+    features = [(str(n), _decode_feature_value(v), bool(a)) for n, v, a in data.get("features", [])]
     return CheckpointSnapshot(
         key=key,
         local_path=Path(local_path),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lamin_lightning._errors import LaminSetupError, TransientError
-from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, RecordRef
 from lamin_lightning._lamin_features import (
     DESCRIPTIONS,
     FLAG_FEATURES,
@@ -378,6 +378,12 @@ class LaminStore:
             name = feature if isinstance(feature, str) else str(getattr(feature, "name", feature))
             if name in FLAG_FEATURES or value is None:
                 continue  # flags are written by _apply_flags, from the snapshot
+            if isinstance(value, RecordRef):  # a replay's: the record is looked up again
+                try:
+                    value = value.resolve()
+                except LookupError as error:
+                    log.warning("%r: feature %r is left out: %s", snapshot.key, name, error)
+                    continue
             if isinstance(value, float) and not math.isfinite(value):
                 # JSON has no NaN or infinity (lamindb refuses them): the checkpoint
                 # persists without this value. Lightning ranks a NaN score as the worst.

@@ -31,7 +31,7 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
-from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, json_value
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, feature_value
 from lamin_lightning._options import OnError, as_float
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
@@ -70,7 +70,6 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _user_dirpath: bool
     _stats_recorder: StatsRecorder
     _hparams_submitted: bool
-    _no_hparams_trainer: Any
     _score_floats: dict[int, tuple[Any, float | None]]
     _trainer: pl.Trainer | None
     _submitter: Submitter | None
@@ -297,10 +296,9 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         return path if path.exists() else None
 
     def _submit_hparams_once(self, trainer: pl.Trainer) -> None:
-        if self._hparams_submitted or self._no_hparams_trainer is trainer:
-            return
-        if not trainer.loggers:  # none for this fit: no need to look at every save
-            self._no_hparams_trainer = trainer
+        # Looked for at every save until found, as the reference does; without a logger
+        # too (the LaminDB callback then looks in ``default_root_dir``, as the reference).
+        if self._hparams_submitted:
             return
         path = self.hparams_path(trainer)
         if path is not None:
@@ -362,8 +360,9 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
 
 
 def _with_features(snapshot: CheckpointSnapshot, values: Mapping[Any, Any]) -> CheckpointSnapshot:
-    """``snapshot`` with feature values frozen as JSON, by name (feature objects by ``name``)."""
-    named = {str(getattr(k, "name", k)): json_value(v) for k, v in values.items()}
+    """``snapshot`` with feature values frozen (:func:`feature_value`), by name (feature
+    objects by ``name``)."""
+    named = {str(getattr(k, "name", k)): feature_value(v) for k, v in values.items()}
     auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
     # A copy with two fields changed, without the frozen dataclass's __init__ (one
     # object.__setattr__ per field, at every save on the training thread).

@@ -218,3 +218,94 @@ def test_a_nan_or_infinite_score_persists_the_checkpoint_without_its_score(
             assert "score" not in values, step
         assert values["is_last_model"] == [step == len(scores)]
     assert "which lamindb cannot store; left out" in caplog.text
+
+
+def test_a_record_datetime_and_date_feature_value_is_annotated_as_the_reference_does(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Static artifact feature values that JSON cannot hold as they are: a ULabel (a
+    categorical feature), a datetime and a date. They were journaled as their ``str`` and
+    LaminDB rejected every checkpoint ("term not validated", "expected datetime64"). Live,
+    LaminDB gets the values themselves, as from the reference; a replay gets them back from
+    the journal's tagged form, the record looked up by uid."""
+    import datetime
+    import json
+
+    from lamindb.integrations import lightning as reference
+
+    from lamin_lightning._jobs import JobRecord, RecordRef, decode, encode
+    from lamin_lightning._lamin_store import LaminStore
+    from lamin_lightning._submission import _with_features
+
+    label = ln.ULabel.filter(name="tier-mnist").first() or ln.ULabel(name="tier-mnist").save()
+    dtypes = {"tier_dataset": ln.ULabel, "tier_when": "datetime", "tier_day": "date"}
+    for name, dtype in dtypes.items():
+        if not ln.Feature.filter(name=name).exists():
+            ln.Feature(name=name, dtype=dtype).save()
+    values = {
+        "tier_dataset": label,
+        "tier_when": datetime.datetime(2024, 1, 2, 3, 4, 5),
+        "tier_day": datetime.date(2024, 1, 2),
+    }
+    expected = {
+        "tier_dataset": "tier-mnist",
+        "tier_when": datetime.datetime(2024, 1, 2, 3, 4, 5),
+        "tier_day": datetime.date(2024, 1, 2),
+    }
+
+    def annotated(artifact: Any) -> dict[str, Any]:
+        return {k: v for k, v in artifact.features.get_values().items() if k in values}
+
+    for side, module in (("ours", ll), ("reference", reference)):
+        callback = module.Checkpoint(dirpath=tmp_path / side, features={"artifact": values})
+        fit(callback, tmp_path, steps=1)
+        [artifact] = ln.Artifact.filter(
+            key__startswith=callback.checkpoint_key_prefix + "/", suffix=".ckpt"
+        )
+        assert annotated(artifact) == expected, side
+
+    # A replay: the journal's JSON, decoded, annotates a checkpoint the same way.
+    snapshot = _with_features(callback_snapshot(tmp_path), values)
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key=snapshot.key,
+        local_path=str(snapshot.local_path),
+        staged_path=None,
+        store="lamindb",
+        context={},
+        checkpoint=snapshot,
+        submitted_at=0.0,
+    )
+    replayed = decode(json.loads(json.dumps(encode(record))))
+    assert replayed.checkpoint is not None
+    assert replayed.checkpoint.feature_values == {
+        **values,
+        "tier_dataset": RecordRef(f"{type(label).__module__}.ULabel", label.uid),
+    }
+    artifact = ln.Artifact(str(snapshot.local_path), key=snapshot.key).save()
+    LaminStore()._annotate(ln, replayed.checkpoint, artifact, replay=True)
+    assert annotated(artifact) == expected
+
+
+def callback_snapshot(root: Path) -> Any:
+    """A checkpoint snapshot of a small file under ``root``."""
+    from lamin_lightning._jobs import CheckpointSnapshot
+
+    path = root / "replayed.ckpt"
+    path.write_bytes(b"replayed checkpoint")
+    return CheckpointSnapshot(
+        key="tier-replay/checkpoints/replayed.ckpt",
+        local_path=path,
+        staged_path=path,
+        global_step=1,
+        epoch=0,
+        monitor=None,
+        mode="min",
+        save_weights_only=False,
+        score=None,
+        is_best=True,
+        best_key=None,
+        last_key=None,
+        ranking=(),
+    )

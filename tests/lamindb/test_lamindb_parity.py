@@ -385,6 +385,28 @@ def test_cli_config_hparams_and_checkpoint_artifacts(
     assert callback.last_checkpoint_artifact.id == checkpoint.id
 
 
+def test_without_a_logger_the_hparams_yaml_in_default_root_dir_is_saved(
+    ll: ModuleType, ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """No logger: Lightning's log dir is ``default_root_dir`` (``trainer.log_dir``), and an
+    ``hparams.yaml`` there is saved once, keyed beside the checkpoints (it was skipped)."""
+    (tmp_path / "hparams.yaml").write_text("lr: 0.1\n")
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=-1)
+    fit(callback, tmp_path, steps=2)
+
+    prefix = callback.checkpoint_key_prefix
+    stored = artifacts_under(ln, prefix)
+    assert set(stored) == {
+        f"{prefix}/hparams.yaml",
+        f"{prefix}/epoch=0-step=1.ckpt",
+        f"{prefix}/epoch=0-step=2.ckpt",
+    }
+    hparams = stored[f"{prefix}/hparams.yaml"]
+    assert hparams.description == "Lightning run hyperparameters"
+    assert Path(str(hparams.path)).read_text() == "lr: 0.1\n"
+    assert callback.last_hparams_artifact.id == hparams.id
+
+
 # -- features ---------------------------------------------------------------------------------
 
 
