@@ -22,6 +22,7 @@ import pytest
 from helpers import (
     TinyModel,
     checkpoint_files,
+    lightning_kept_paths,
     loader,
     make_trainer,
     sha256_file,
@@ -696,3 +697,84 @@ def test_observers_without_on_artifact_failed_and_raising_observers_are_tolerate
     assert len(raised) == 2
     assert all("observer exploded" in str(r.exc_info[1]) for r in raised if r.exc_info)
     assert "on_artifact_failed" not in caplog.text
+
+
+class RaisingOnceOnLast(MemoryCheckpoint):
+    """Its feature hook raises once, for ``last.ckpt`` at step 2: after the staging of
+    that save was planned, before its job was submitted."""
+
+    raised = False
+
+    def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+        if snapshot.key.endswith("last.ckpt") and trainer.global_step == 2 and not self.raised:
+            self.raised = True
+            raise ValueError("feature lookup failed (once)")
+        return super().collect_checkpoint_feature_values(trainer, snapshot)
+
+
+def test_a_hook_raising_before_its_job_is_submitted_leaves_nothing_to_wait_for(
+    tmp_path: Path,
+) -> None:
+    """The failed save's planned staging was never undone: the next fit with the same
+    callback, rewriting ``last.ckpt``, waited for that staging forever."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    callback = RaisingOnceOnLast(
+        store, dirpath=dirpath, save_top_k=1, every_n_train_steps=1, save_last=True
+    )
+    with pytest.raises(ValueError, match="once"):
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(8))
+
+    outcome: list[BaseException | None] = []
+
+    def second_fit() -> None:
+        try:
+            make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(8))
+            outcome.append(None)
+        except BaseException as error:  # reported below, on the test's thread
+            outcome.append(error)
+
+    fit_thread = threading.Thread(target=second_fit, daemon=True)
+    fit_thread.start()
+    fit_thread.join(timeout=120)  # a guard against the hang, not a synchronisation
+    assert not fit_thread.is_alive(), "the second fit hangs"
+    assert outcome == [None]
+    assert store.keys(kind="checkpoint") == keys_of(lightning_kept_paths(callback))
+
+
+def test_flush_from_an_observer_raises_instead_of_waiting_for_itself(tmp_path: Path) -> None:
+    """An observer runs on the pipeline's delivery thread: its ``flush()`` waited for the
+    events that thread had yet to deliver, and training, once ``max_pending`` jobs were
+    outstanding, waited for it, forever. It raises now, naming the fix; training goes on."""
+    errors: list[BaseException] = []
+
+    class Flushing:
+        def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+            if errors:
+                return
+            try:
+                callback.flush()
+            except RuntimeError as error:
+                errors.append(error)
+
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        max_pending=1,
+        artifact_observers=[Flushing()],
+    )
+    fit_thread = threading.Thread(
+        target=make_trainer(tmp_path, [callback], max_steps=4).fit,
+        args=(TinyModel(), loader(4)),
+        daemon=True,
+    )
+    fit_thread.start()
+    fit_thread.join(timeout=120)  # a guard against the deadlock, not a synchronisation
+    assert not fit_thread.is_alive(), "training deadlocked"
+    [error] = errors
+    assert "flush() was called on the persistence pipeline's thread" in str(error)
+    assert "from the training thread" in str(error)
+    assert store.keys(kind="checkpoint") == keys_of(lightning_kept_paths(callback))

@@ -13,6 +13,7 @@ from helpers import sha256_file
 from lamin_lightning import _staging
 from lamin_lightning._staging import (
     SMALL_FILE_BYTES,
+    Stager,
     detach_before_rewrite,
     link_is_safe,
     release_staged,
@@ -194,3 +195,39 @@ def test_a_staging_cut_short_leaves_no_staged_copy_so_a_replay_uses_the_local_fi
     assert record.file() == source
     release_staged(staged)
     assert not staged.parent.exists()
+
+
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_a_staging_cut_short_by_a_full_disk_leaves_no_partial_copy(
+    form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy fails part-way (ENOSPC): its partial file (or tree) and its unique folder
+    go, instead of holding the space the disk was short of until someone looks."""
+    import shutil as shutil_module
+
+    source = tmp_path / ("model.ckpt" if form == "file" else "model.dcp")
+    if form == "file":
+        source.write_bytes(b"x" * 4096)
+    else:
+        source.mkdir()
+        for name in ("a.distcp", "b.distcp"):
+            (source / name).write_bytes(b"x" * 4096)
+    real_copy = shutil_module.copyfile
+    copies: list[str] = []
+
+    def copy_then_full(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        copies.append(str(dst))
+        if len(copies) == (1 if form == "file" else 2):
+            Path(dst).write_bytes(b"x" * 100)  # part of it, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr("lamin_lightning._staging.shutil.copyfile", copy_then_full)
+    root = tmp_path / "work"
+    stager = Stager(root)
+    with pytest.raises(OSError, match="No space left"):
+        stager.stage(source)
+
+    assert copies  # the failure was met in the copy
+    left = [p.relative_to(root).as_posix() for p in (root / "staged").rglob("*")]
+    assert left == []

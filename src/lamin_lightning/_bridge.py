@@ -367,9 +367,21 @@ class PersistencePipeline:
             return self._intake_cond.wait_for(lambda: self._admitted >= target, timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every admitted job finished; False if ``timeout`` seconds passed first."""
+        """Wait until every admitted job finished; False if ``timeout`` seconds passed first.
+
+        Raises ``RuntimeError`` on one of the pipeline's own threads (an artifact hook or
+        observer calling ``flush``): it would wait for itself, and training with it.
+        """
         if self._core is None or self._portal is None:
             return True
+        current = threading.current_thread()
+        if current is self._intake_thread or any(lane.thread is current for lane in self._lanes):
+            raise RuntimeError(
+                f"flush() was called on the persistence pipeline's thread {current.name!r}"
+                " (from an artifact hook or observer, which run there): it would wait for"
+                " itself. Call flush() from the training thread, for example in a Lightning"
+                " callback hook, or from your own thread."
+            )
         self.release()
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_intake(timeout):

@@ -189,14 +189,22 @@ class Stager:
         # Built under a temporary name and renamed once complete: a staged copy that
         # exists is whole (a replay after a crash mid-copy uses the local file instead).
         partial = staged.parent / f".partial-{staged.name}"
-        if source.is_dir():
-            # A folder checkpoint (sharded strategies): the same tree, file by file. Its
-            # folder stays put (the parent's device decides whether links are safe).
-            _, size, method = self._stage_tree(source, partial)
-        else:
-            size = source.stat().st_size
-            method = self._stage_one(source, partial, size, source.parent)
-        os.replace(partial, staged)
+        try:
+            if source.is_dir():
+                # A folder checkpoint (sharded strategies): the same tree, file by file. Its
+                # folder stays put (the parent's device decides whether links are safe).
+                _, size, method = self._stage_tree(source, partial)
+            else:
+                size = source.stat().st_size
+                method = self._stage_one(source, partial, size, source.parent)
+            os.replace(partial, staged)
+        except BaseException:
+            # A copy cut short (a full disk, say) is of no use to anyone: a replay reads
+            # the local file. Left behind, it held the space the disk was short of.
+            remove_path(partial)
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()
+            raise
         return staged, size, method
 
     def _stage_one(self, source: Path, staged: Path, size: int, folder: Path) -> str:

@@ -250,22 +250,27 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     def _submit_checkpoint(
         self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None = None
     ) -> None:
-        staged, prepare = self._ensure_submitter().plan_staging(
-            self._staging_root(filepath), filepath, write
-        )
-        snapshot = self._snapshot(trainer, filepath, staged)
-        values = self.collect_checkpoint_feature_values(trainer, snapshot)
-        if values:
-            snapshot = _with_features(snapshot, values)
-        record = self._record(
-            trainer,
-            "save",
-            "checkpoint",
-            filepath,
-            staged=staged,
-            snapshot=snapshot,
-            written_later=write is not None,
-        )
+        submitter = self._ensure_submitter()
+        staged, prepare = submitter.plan_staging(self._staging_root(filepath), filepath, write)
+        try:
+            snapshot = self._snapshot(trainer, filepath, staged)
+            values = self.collect_checkpoint_feature_values(trainer, snapshot)
+            if values:
+                snapshot = _with_features(snapshot, values)
+            record = self._record(
+                trainer,
+                "save",
+                "checkpoint",
+                filepath,
+                staged=staged,
+                snapshot=snapshot,
+                written_later=write is not None,
+            )
+        except BaseException:
+            # A hook of the user's raised (or Ctrl+C came): this staging will never run.
+            # A later rewrite or removal of the file must not wait for it.
+            submitter.drop_staging(filepath)
+            raise
         self._submit_record(trainer, record, prepare=prepare)
 
     def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
@@ -281,8 +286,13 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             # last): submit once our setup opened the outbox, so the job is journaled too.
             self._deferred_files.append((Path(path), kind))
             return
-        staged, prepare = self._ensure_submitter().plan_staging(self._staging_root(path), path)
-        record = self._record(trainer, "save", kind, path, staged=staged)
+        submitter = self._ensure_submitter()
+        staged, prepare = submitter.plan_staging(self._staging_root(path), path)
+        try:
+            record = self._record(trainer, "save", kind, path, staged=staged)
+        except BaseException:
+            submitter.drop_staging(path)
+            raise
         self._submit_record(trainer, record, prepare=prepare)
 
     def hparams_path(self, trainer: pl.Trainer) -> Path | None:

@@ -157,9 +157,7 @@ class Submitter:
             # Lightning must not wait for it. A journaled job stays in the outbox, with its
             # local file: the next setup or `lamin-lightning flush` persists it, or the
             # flush at exit (see submit_interrupted).
-            done = self._staging_done.pop(absolute(record.local_path), None)
-            if done is not None:
-                done.set()
+            self.drop_staging(record.local_path)
             if spec is not None:
                 self._unadmitted.append(spec)
             raise
@@ -311,6 +309,13 @@ class Submitter:
                 stager.empty_trash()
 
         return staged, prepare
+
+    def drop_staging(self, filepath: str | Path) -> None:
+        """Forget a planned staging that will never run (its job was never submitted), so
+        that nothing waits for it."""
+        done = self._staging_done.pop(absolute(filepath), None)
+        if done is not None:
+            done.set()
 
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
