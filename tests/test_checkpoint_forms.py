@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -294,3 +296,81 @@ def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_ch
     assert len(removals) == 3 and all(found for _, found in removals)
     assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+class FailingHeldWrite(TorchCheckpointIO):
+    """``torch.save``, but the ``nth`` write of a file named ``name`` waits for
+    :attr:`gate` and then fails as on a full disk, writing nothing."""
+
+    def __init__(self, name: str, nth: int) -> None:
+        super().__init__()
+        self.name, self.nth, self.seen = name, nth, 0
+        self.gate = threading.Event()
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        if Path(path).name == self.name or (self.name == "*" and Path(path).suffix == ".ckpt"):
+            self.seen += 1
+            if self.seen == self.nth:
+                assert self.gate.wait(60), "the gate never opened"
+                raise OSError(errno.ENOSPC, "No space left on device")
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class OpenAtTrainEnd(pl.Callback):
+    """Opens the held write once training ended: Lightning's saves (and evictions) in
+    its favour all returned while it was pending."""
+
+    def __init__(self, io: FailingHeldWrite) -> None:
+        self.io = io
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.io.gate.set()
+
+
+def test_an_async_checkpoint_io_write_that_fails_never_costs_the_checkpoint_it_replaced(
+    tmp_path: Path,
+) -> None:
+    """Top 1, each save better than the last: step 3's write (queued by AsyncCheckpointIO)
+    fails after Lightning evicted step 2 in its favour. Step 2 was removed at once, from
+    the folder and the store, leaving nothing; the eviction waits for its replacement
+    now, and is dropped, and Lightning's state names step 2 again."""
+    store = MemoryStore()
+    io = FailingHeldWrite("*", nth=3)
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
+    trainer = make_trainer(
+        tmp_path, [OpenAtTrainEnd(io), callback], max_steps=3, plugins=[AsyncCheckpointIO(io)]
+    )
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+
+    assert io.seen == 3
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt"}
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
+    assert set(callback.best_k_models) == {str(dirpath / "epoch=0-step=2.ckpt")}
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
+
+
+def test_an_async_checkpoint_io_rewrite_of_last_that_fails_keeps_the_previous_last(
+    tmp_path: Path,
+) -> None:
+    """``save_last=True``: the third rewrite of ``last.ckpt`` fails after the save returned.
+    The previous ``last.ckpt`` went to the trash as soon as Lightning's call returned, so
+    ``ckpt_path="last"`` found nothing; it waits aside now and comes back, as it does
+    when a rewrite fails on the training thread, and as ``ModelCheckpoint`` keeps it."""
+    import torch
+
+    store = MemoryStore()
+    io = FailingHeldWrite("last.ckpt", nth=3)
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=-1)
+    trainer = make_trainer(
+        tmp_path, [OpenAtTrainEnd(io), callback], max_steps=3, plugins=[AsyncCheckpointIO(io)]
+    )
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+
+    assert io.seen == 3
+    last = dirpath / "last.ckpt"
+    assert last.is_file()
+    assert torch.load(last, weights_only=False)["global_step"] == 2

@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from typing_extensions import override
 
 from lamin_lightning._aside import put_back_in as put_back_leftovers
-from lamin_lightning._checkpoint_io import WriteTracker, removes_as_lightning
+from lamin_lightning._checkpoint_io import PendingWrites, WriteTracker, removes_as_lightning
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
 from lamin_lightning._events import (
@@ -303,7 +303,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             # staged (its job comes first on the intake thread): nothing to move.
             put_back = self._ensure_submitter().move_aside(self._staging_root(filepath), filepath)
         write: HostWrite | None = None
-        written: Callable[[], None] | None = None  # waits for a CheckpointIO still writing
+        io_write: PendingWrites | None = None  # a CheckpointIO still writing the file
         try:
             if background:
                 write = self._save_in_background(trainer, filepath)
@@ -311,13 +311,19 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 since = self._io_writes.mark() if self._io_writes is not None else 0
                 super()._save_checkpoint(trainer, filepath)
                 if self._io_writes is not None:
-                    written = self._io_writes.waiter(filepath, since)
+                    io_write = self._io_writes.waiter(filepath, since)
         except BaseException:
             if put_back is not None:
                 put_back(False)  # the rewrite failed: the previous file stays
             raise
+        written: Callable[[], None] | None = io_write
         if put_back is not None:
-            put_back(True)
+            if io_write is None:
+                put_back(True)
+            else:
+                # Written later (AsyncCheckpointIO): the previous file stays aside until the
+                # rewrite is done, and comes back if it fails (or the process dies first).
+                written = _putting_back(io_write, put_back)
         if not trainer.is_global_zero:
             return
         unadmitted = self._ensure_submitter().kept_out
@@ -336,8 +342,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             else:
                 write.abandon()  # or its snapshot slot would stay taken: the next save hangs
             raise
-        if write is not None:
-            self._evictions.wrote(self, filepath, write)
+        if write is not None or io_write is not None:
+            # Evictions in this file's favour wait for it (and are dropped if it fails).
+            self._evictions.wrote(self, filepath, write or io_write)  # type: ignore[arg-type]
         if self.log_stats:
             log_persistence_stats(trainer, self.persistence_stats)
 
@@ -385,6 +392,23 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     # -- committer thread -----------------------------------------------------------------
 
     # -- shutdown and errors (training thread) --------------------------------------------
+
+
+def _putting_back(
+    written: Callable[[], None], put_back: Callable[[bool], None]
+) -> Callable[[], None]:
+    """``written`` (a wait for a CheckpointIO's write), then ``put_back`` with its outcome:
+    on the pipeline's intake thread, before the file is staged."""
+
+    def wait_then_put_back() -> None:
+        try:
+            written()
+        except BaseException:
+            put_back(False)
+            raise
+        put_back(True)
+
+    return wait_then_put_back
 
 
 def _write_now(write: HostWrite) -> None:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
@@ -115,7 +116,7 @@ class WriteTracker:
         if not writes:
             self._pending.pop(write.path, None)
 
-    def waiter(self, path: Any, since: int = 0) -> Callable[[], None] | None:
+    def waiter(self, path: Any, since: int = 0) -> PendingWrites | None:
         """A wait for the unfinished writes of ``path`` begun after ``since``; None if none.
 
         The wait raises the error of a write that failed. It runs on the pipeline's
@@ -123,16 +124,39 @@ class WriteTracker:
         """
         with self._lock:
             writes = [w for w in self._pending.get(_normal(path), ()) if w.seq > since]
-        if not writes:
-            return None
+        return PendingWrites(writes) if writes else None
 
-        def wait() -> None:
-            for write in writes:
-                write.done.wait()
-                if write.error is not None:
-                    raise write.error
 
-        return wait
+class PendingWrites:
+    """The writes of one file still in a CheckpointIO's hands: called, waits for them
+    (raising the error of one that failed); ``done()`` and ``failed()`` look without
+    waiting, as for an ``async_write`` (what evictions in their favour wait on)."""
+
+    def __init__(self, writes: list[_Write]) -> None:
+        self._writes = writes
+
+    def __call__(self) -> None:
+        for write in self._writes:
+            write.done.wait()
+            if write.error is not None:
+                raise write.error
+
+    def done(self) -> bool:
+        """Whether every write finished (written or failed)."""
+        return all(write.done.is_set() for write in self._writes)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every write finished; whether they did within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for write in self._writes:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not write.done.wait(left):
+                return False
+        return True
+
+    def failed(self) -> bool:
+        """Whether they finished and one failed."""
+        return self.done() and any(write.error is not None for write in self._writes)
 
 
 class _TrackingCheckpointIO(_WrappingCheckpointIO):

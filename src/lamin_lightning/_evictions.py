@@ -1,4 +1,5 @@
-"""Evictions that wait for their replacement, and Lightning's state put right (``async_write``).
+"""Evictions that wait for their replacement, and Lightning's state put right (``async_write``,
+or a CheckpointIO that writes after it returns, such as Lightning's ``AsyncCheckpointIO``).
 
 Lightning evicts the previous best or last checkpoint right after it saved the new one,
 and updates its state (``best_k_models``, ``best_model_path``, ``last_model_path``,
@@ -20,11 +21,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from lamin_lightning._local_write import HostWrite
+
+class BackgroundWrite(Protocol):
+    """A write that finishes after Lightning's save returned: an ``async_write``
+    (``HostWrite``) or a CheckpointIO's (``PendingWrites``)."""
+
+    def done(self) -> bool: ...
+
+    def failed(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class _Replacement:
     """A checkpoint written in the background and the files evicted in its favour."""
 
     path: str
-    write: HostWrite
+    write: BackgroundWrite
     before: _Before
     evicted: list[str] = field(default_factory=list)
     # Links (``save_last="link"``) made to ``path`` while it was written: (link, previous
@@ -86,7 +96,7 @@ class Evictions:
         """A new file is being saved: evictions from now on are made in its favour."""
         self._current = None
 
-    def wrote(self, callback: Any, path: str, write: HostWrite) -> None:
+    def wrote(self, callback: Any, path: str, write: BackgroundWrite) -> None:
         """``path`` is being written in the background by ``write``."""
         before = self._before if self._before is not None else _state_of(callback)
         self._current = _Replacement(path, write, before)
@@ -103,7 +113,7 @@ class Evictions:
         current.evicted.append(evicted)
         return current.path
 
-    def write_of(self, path: str) -> HostWrite | None:
+    def write_of(self, path: str) -> BackgroundWrite | None:
         """The latest background write of ``path`` this callback still tracks, if any."""
         for replacement in reversed(self._writes):
             if os.path.abspath(replacement.path) == os.path.abspath(path):

@@ -102,7 +102,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
                 self._surface_failures()
         self._save_depth += 1
         # Lightning's state before its choice, for putting it right: background writes only.
-        self._evictions.save_started(self if self.async_write else None)
+        self._evictions.save_started(
+            self if self.async_write or self._io_writes is not None else None
+        )
         try:
             with self._holding_jobs(trainer):
                 yield
