@@ -664,6 +664,40 @@ def test_async_write_links_last_ckpt_into_a_folder_that_does_not_exist_yet(
     assert os.symlink is (symlink if symlinks else refused)
 
 
+def test_last_ckpt_names_the_previous_checkpoint_until_the_new_one_is_written(
+    tmp_path: Path,
+) -> None:
+    """save_last="link", top 1: step 2's write is held. last.ckpt was linked to step 2 at
+    once, so a process killed meanwhile left a dangling link, and ``ckpt_path="last"``
+    started training afresh although step 1 was on disk. It names step 1 until step 2 is
+    written, then step 2, as plain Lightning's link does at every moment."""
+    gate = WriteGate()
+    dirpath = tmp_path / "ours"
+    ours = held_async(MemoryStore(), dirpath, save_last="link")
+    last = dirpath / "last.ckpt"
+    seen: dict[str, Any] = {}
+
+    class Look(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 1:  # step 1 saved: let its write go, and wait for it
+                gate.allow()
+                assert ours.flush(timeout=60)
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            # Step 2 saved, its write held (the gate opens after this).
+            seen["target"] = os.readlink(last) if last.is_symlink() else None
+            seen["loads"] = torch.load(last, weights_only=False)["global_step"]
+
+    make_trainer(tmp_path, [ours, gate, Look(), OnTrainEnd(gate.open)], max_steps=2).fit(
+        TinyModel(), loader(2)
+    )
+
+    assert gate.timed_out == []
+    assert seen == {"target": "epoch=0-step=1.ckpt", "loads": 1}
+    assert os.readlink(last) == "epoch=0-step=2.ckpt"
+    assert steps_of(dirpath) == {"epoch=0-step=2.ckpt": 2, "last.ckpt": 2}
+
+
 def test_a_failed_background_write_that_reused_an_evicted_name_gives_it_its_score_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -168,13 +169,22 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     ) -> None:
         """Lightning's link (``save_last="link"``) to a file that may still be written.
 
-        The link is made at once (a link to a file not yet there); where links are not
-        allowed, Lightning's fallback copy waits for the write (none if it failed). If the
-        write fails, the link is put back where it pointed (see :func:`put_right`).
+        To a file ``async_write`` still writes, the link (or, where links are not allowed,
+        Lightning's fallback copy) is made once it is written, by the thread that wrote it:
+        until then it names the previous checkpoint, which a process that dies meanwhile
+        resumes from (a link made at once would name a file that never comes). If the
+        write fails, the link stays where it was. For a CheckpointIO's write the link is
+        made at once, and put back if the write fails (see :func:`put_right`).
         """
         write = self._evictions.write_of(filepath) if trainer.is_global_zero else None
         if write is None or os.path.abspath(filepath) == os.path.abspath(linkpath):
             super()._link_checkpoint(trainer, filepath, linkpath)
+            return
+        then = getattr(write, "then", None)
+        if then is not None:
+            if not then(partial(_link_or_copy, filepath, linkpath)) and not write.failed():
+                _link_or_copy(filepath, linkpath)  # written already: the link is made now
+            trainer.strategy.barrier()
             return
         previous = None
         if os.path.islink(linkpath):
@@ -201,3 +211,13 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         for path in evict:
             self._remove_checkpoint(trainer, path)
         return len(evict)
+
+
+def _link_or_copy(target: str, link: str) -> None:
+    """Lightning's ``_link_checkpoint`` on one rank: ``link`` becomes a relative symlink to
+    ``target``, or a copy of it where links are not allowed."""
+    remove_path(link)
+    try:
+        os.symlink(os.path.relpath(target, os.path.dirname(link)), link)
+    except OSError:
+        shutil.copy(target, link)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 import pickle
 import queue
@@ -44,6 +45,8 @@ try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("lamin_lightning")
 
 
 class SnapshotSlot:
@@ -469,6 +472,7 @@ class HostWrite:
         self._lock = threading.Lock()
         self._state: Literal["pending", "writing", "ran", "abandoned"] = "pending"
         self._done = threading.Event()
+        self._then: list[Callable[[], None]] = []
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
         # Taken until the file exists (or the write failed): Lightning's version counter
@@ -491,6 +495,16 @@ class HostWrite:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the write finished; return whether it did within ``timeout``."""
         return self._done.wait(timeout)
+
+    def then(self, action: Callable[[], None]) -> bool:
+        """Run ``action`` once the file is written, on the thread that writes it, before
+        the write counts as done; never if the write fails. False if the write finished
+        already (the caller acts itself, or not, by :meth:`failed`)."""
+        with self._lock:
+            if self._state in ("pending", "writing"):
+                self._then.append(action)
+                return True
+        return False
 
     def __call__(self) -> None:
         with self._lock:
@@ -515,6 +529,13 @@ class HostWrite:
             _release_name(self._filepath)
             with self._lock:
                 self._state = "ran"
+                actions, self._then = self._then, []
+            if self.error is None:
+                for action in actions:
+                    try:
+                        action()
+                    except Exception:  # the file is written: an action's failure is its own
+                        log.exception("after writing %s", self._filepath)
             self._done.set()
 
     def abandon(self) -> None:
