@@ -646,12 +646,20 @@ def test_jobs_still_being_staged_are_named_by_pending_flush_and_stop(
             )
         )
         assert entered.wait(TIMEOUT)
+        intake = pipe._intake_thread
+        assert intake is not None
         with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
             assert pipe.stop(timeout=0.05) is False
     finally:
         release.set()
     assert "stuck-in-staging.ckpt" in caplog.text
     assert rec.delivered == [("saved", "staging.ckpt")]
+    # Its staging ends after the stop: no traceback ("This portal is not running") for it.
+    with caplog.at_level(logging.INFO, logger="lamin_lightning"):
+        intake.join(TIMEOUT)
+    assert not intake.is_alive()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "'stuck-in-staging.ckpt' was not admitted: persistence stopped" in caplog.text
 
 
 def test_stop_that_times_out_logs_the_unpersisted_keys(caplog: pytest.LogCaptureFixture) -> None:

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -250,7 +251,12 @@ class _WhenWaiting(pl.Callback):
 
 
 def _interrupted_then_resumed(
-    tmp_path: Path, act: Callable[[], None], expected: type[BaseException], flush_timeout: float
+    tmp_path: Path,
+    act: Callable[[], None],
+    expected: type[BaseException],
+    flush_timeout: float,
+    *,
+    warns: bool = False,
 ) -> None:
     dirpath = tmp_path / "ckpt"
     store = MemoryStore()
@@ -266,13 +272,20 @@ def _interrupted_then_resumed(
     )
     probe = _WhenWaiting(callback, store, act)
     trainer = make_trainer(tmp_path, [callback, probe], max_steps=4)
-    with pytest.raises(expected):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(expected):
+        warnings.simplefilter("always")
         trainer.fit(TinyModel(), loader(4))
     probe.stopped.set()
     assert probe.problems == [] and probe.acted.is_set()
     # The save that waited (last.ckpt of step 1) is journaled, its local file kept.
     pending = sorted(Path(key).name for key in _pending_keys(dirpath))
     assert pending == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    said = [str(w.message) for w in caught if "did not finish" in str(w.message)]
+    if warns:
+        # Every journaled job is named, the one whose wait the interrupt ended too.
+        (message,) = said
+        named = message.split("not persisted: ", 1)[1].split(". Their local", 1)[0]
+        assert sorted(Path(key).name for key in named.split(", ")) == pending, message
     assert (dirpath / "last.ckpt").is_file()
     store.release()
 
@@ -299,7 +312,7 @@ def test_ctrl_c_during_a_backpressure_wait_journals_the_job_and_lets_lightning_s
 ) -> None:
     with _sigint_restored():
         # No flush wait at all (Lightning ignores further Ctrl+C meanwhile).
-        _interrupted_then_resumed(tmp_path, _thread.interrupt_main, SystemExit, 3600)
+        _interrupted_then_resumed(tmp_path, _thread.interrupt_main, SystemExit, 3600, warns=True)
 
 
 def test_ctrl_c_while_teardown_waits_for_storage_names_what_is_left_and_the_fix(

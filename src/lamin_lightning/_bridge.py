@@ -153,6 +153,7 @@ class PersistencePipeline:
         self._slots = threading.Semaphore(max_pending)
         self._intake: queue.SimpleQueue[tuple[JobSpec, float] | None] = queue.SimpleQueue()
         self._intake_thread: threading.Thread | None = None
+        self._closing = False  # stop() began: the intake may find the event loop gone
         self._intake_cond = threading.Condition()
         self._submitted = 0
         self._admitted = 0
@@ -184,6 +185,7 @@ class PersistencePipeline:
         with self._lock:
             if self._core is not None:
                 return
+            self._closing = False
             with self._intake_cond:
                 self._waiting.clear()  # jobs a previous run abandoned before admission
             self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"{self._name}-loop")
@@ -235,7 +237,10 @@ class PersistencePipeline:
             try:
                 portal.call(self._admit, core, spec, submitted_at, size, error)
             except BaseException:
-                log.exception("could not admit the job for %r", spec.key)
+                if self._closing:  # stopped while it was staged (a Ctrl+C, a timeout)
+                    log.info("%r was not admitted: persistence stopped", spec.key)
+                else:
+                    log.exception("could not admit the job for %r", spec.key)
             with self._intake_cond:
                 self._admitted += 1
                 self._intake_cond.notify_all()
@@ -408,6 +413,7 @@ class PersistencePipeline:
         with self._lock:
             if self._core is None or self._portal is None:
                 return True
+            self._closing = True
             flushed = False
             try:
                 flushed = self.flush(timeout)

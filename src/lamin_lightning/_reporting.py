@@ -74,10 +74,16 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         rank_zero_warn(str(error), category=UserWarning)
 
     def _warn_unfinished(self, pipeline: Any, why: str) -> None:
+        # Admitted and not finished, then journaled but kept from admission (an interrupt
+        # ended their wait for a slot): all of them stay in the outbox.
+        submitter = self._submitter
+        kept_out = submitter.kept_out_jobs() if submitter is not None else []
         jobs = [
             job.key if job.operation == "save" else f"{job.key} ({job.operation})"
-            for job in pipeline.pending()
+            for job in [*pipeline.pending(), *kept_out]
         ]
+        if not jobs:
+            return  # finished meanwhile: nothing to name
         warnings.warn(
             f"lamin-lightning: persistence did not finish {why};"
             f" not persisted: {', '.join(jobs)}. Their local"

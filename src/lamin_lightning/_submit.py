@@ -167,6 +167,10 @@ class Submitter:
         """How many journaled jobs an interrupt kept from admission (see :meth:`submit`)."""
         return len(self._unadmitted)
 
+    def kept_out_jobs(self) -> list[JobSpec]:
+        """The journaled jobs an interrupt kept from admission, in submission order."""
+        return list(self._unadmitted)
+
     def submit_interrupted(self, timeout: float | None) -> None:
         """Admit the jobs an interrupt kept out (SIGTERM ended their wait for a slot), so
         the flush at exit persists them too; within ``timeout`` seconds (None: no limit).
