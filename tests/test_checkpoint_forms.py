@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from checkpoint_forms import (
@@ -299,19 +300,22 @@ def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_ch
 
 
 class FailingHeldWrite(TorchCheckpointIO):
-    """``torch.save``, but the ``nth`` write of a file named ``name`` waits for
-    :attr:`gate` and then fails as on a full disk, writing nothing."""
+    """``torch.save``, but the ``nth`` write of a file named ``name`` (``*``: any) fails
+    as on a full disk, writing nothing: ``held``, once :attr:`gate` opens; else at once."""
 
-    def __init__(self, name: str, nth: int) -> None:
+    def __init__(self, name: str, nth: int, *, held: bool = True) -> None:
         super().__init__()
-        self.name, self.nth, self.seen = name, nth, 0
+        self.name, self.nth, self.seen, self.held = name, nth, 0, held
         self.gate = threading.Event()
+        self.failed = threading.Event()
 
     def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
         if Path(path).name == self.name or (self.name == "*" and Path(path).suffix == ".ckpt"):
             self.seen += 1
             if self.seen == self.nth:
-                assert self.gate.wait(60), "the gate never opened"
+                if self.held:
+                    assert self.gate.wait(60), "the gate never opened"
+                self.failed.set()
                 raise OSError(errno.ENOSPC, "No space left on device")
         super().save_checkpoint(checkpoint, path, storage_options)
 
@@ -327,20 +331,66 @@ class OpenAtTrainEnd(pl.Callback):
         self.io.gate.set()
 
 
+class WaitsForTheFailure(Logger):
+    """A logger whose ``after_save_checkpoint`` (Lightning calls it inside the save, on the
+    training thread) waits, at its ``at_call``-th call, until the write has failed: the
+    failure is over before the callback looks at the write."""
+
+    def __init__(self, io: FailingHeldWrite, at_call: int) -> None:
+        super().__init__()
+        self.io, self.at_call, self.calls = io, at_call, 0
+
+    @property
+    def name(self) -> str:
+        return "waits"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: Any, step: Any = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.calls += 1
+        if self.calls == self.at_call:
+            assert self.io.failed.wait(60), "the write never failed"
+
+
+def _failing_io_trainer(
+    tmp_path: Path, callback: Any, io: FailingHeldWrite, failing_call: int
+) -> pl.Trainer:
+    """A trainer writing through ``AsyncCheckpointIO(io)``: a held failure ends after the
+    saves in its favour returned; a quick one before its save returned."""
+    extra: dict[str, Any] = {}
+    if not io.held:
+        extra["logger"] = WaitsForTheFailure(io, failing_call)
+    return make_trainer(
+        tmp_path,
+        [OpenAtTrainEnd(io), callback],
+        max_steps=3,
+        plugins=[AsyncCheckpointIO(io)],
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["fails-later", "fails-at-once"])
 def test_an_async_checkpoint_io_write_that_fails_never_costs_the_checkpoint_it_replaced(
-    tmp_path: Path,
+    held: bool, tmp_path: Path
 ) -> None:
     """Top 1, each save better than the last: step 3's write (queued by AsyncCheckpointIO)
-    fails after Lightning evicted step 2 in its favour. Step 2 was removed at once, from
-    the folder and the store, leaving nothing; the eviction waits for its replacement
-    now, and is dropped, and Lightning's state names step 2 again."""
+    fails, after Lightning evicted step 2 in its favour or before its save returned.
+    Step 2 was removed at once, from the folder and the store, leaving nothing; the
+    eviction waits for its replacement now, and is dropped, and Lightning's state names
+    step 2 again."""
     store = MemoryStore()
-    io = FailingHeldWrite("*", nth=3)
+    io = FailingHeldWrite("*", nth=3, held=held)
     dirpath = tmp_path / "ckpts"
     callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
-    trainer = make_trainer(
-        tmp_path, [OpenAtTrainEnd(io), callback], max_steps=3, plugins=[AsyncCheckpointIO(io)]
-    )
+    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
     with pytest.raises(OSError, match="No space left"):
         trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
 
@@ -351,8 +401,9 @@ def test_an_async_checkpoint_io_write_that_fails_never_costs_the_checkpoint_it_r
     assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["fails-later", "fails-at-once"])
 def test_an_async_checkpoint_io_rewrite_of_last_that_fails_keeps_the_previous_last(
-    tmp_path: Path,
+    held: bool, tmp_path: Path
 ) -> None:
     """``save_last=True``: the third rewrite of ``last.ckpt`` fails after the save returned.
     The previous ``last.ckpt`` went to the trash as soon as Lightning's call returned, so
@@ -361,12 +412,11 @@ def test_an_async_checkpoint_io_rewrite_of_last_that_fails_keeps_the_previous_la
     import torch
 
     store = MemoryStore()
-    io = FailingHeldWrite("last.ckpt", nth=3)
+    io = FailingHeldWrite("last.ckpt", nth=3, held=held)
     dirpath = tmp_path / "ckpts"
     callback = _folder_callback(store, dirpath, save_top_k=-1)
-    trainer = make_trainer(
-        tmp_path, [OpenAtTrainEnd(io), callback], max_steps=3, plugins=[AsyncCheckpointIO(io)]
-    )
+    # Saves per step: the top-k file, then last.ckpt; the third last.ckpt is the 6th.
+    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=6)
     with pytest.raises(OSError, match="No space left"):
         trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
 

@@ -315,6 +315,41 @@ def test_ctrl_c_during_a_backpressure_wait_journals_the_job_and_lets_lightning_s
         _interrupted_then_resumed(tmp_path, _thread.interrupt_main, SystemExit, 3600, warns=True)
 
 
+def test_ctrl_c_names_a_save_kept_from_admission_when_the_rest_finished(
+    tmp_path: Path,
+) -> None:
+    """Ctrl+C ends a save's wait for a slot (journaled, kept from admission); the upload it
+    waited for finishes before our ``on_exception`` looks. Nothing was named then, although
+    the kept-out save is not persisted: it is named now."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, every_n_train_steps=1, save_top_k=-1, max_pending=1
+    )
+
+    class FinishFirst(pl.Callback):  # its on_exception runs before the checkpoint's
+        def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: Any) -> None:
+            store.release()
+            assert callback.flush(timeout=TIMEOUT)  # the admitted upload is done
+
+    probe = _WhenWaiting(callback, store, _thread.interrupt_main)
+    with (
+        _sigint_restored(),
+        warnings.catch_warnings(record=True) as caught,
+        pytest.raises((SystemExit, KeyboardInterrupt)),
+    ):
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [FinishFirst(), callback, probe], max_steps=4).fit(
+            TinyModel(), loader(4)
+        )
+    probe.stopped.set()
+    assert probe.problems == [] and probe.acted.is_set()
+    assert sorted(Path(key).name for key in _pending_keys(dirpath)) == ["epoch=0-step=2.ckpt"]
+    said = [str(w.message) for w in caught if "did not finish" in str(w.message)]
+    assert len(said) == 1 and "not persisted: checkpoints/epoch=0-step=2.ckpt." in said[0], said
+
+
 def test_ctrl_c_while_teardown_waits_for_storage_names_what_is_left_and_the_fix(
     tmp_path: Path,
 ) -> None:

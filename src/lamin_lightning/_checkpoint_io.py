@@ -63,6 +63,9 @@ class WriteTracker:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._pending: dict[str, list[_Write]] = {}
+        # Every write begun since the last waiter() that is not known finished: a write
+        # that failed (or succeeded) before its save asked for it is still found.
+        self._begun: list[_Write] = []
         self._last_seq = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -82,6 +85,7 @@ class WriteTracker:
             seq = self._last_seq = next(self._seq)
             write = _Write(_normal(path), seq)
             self._pending.setdefault(write.path, []).append(write)
+            self._begun.append(write)
         return write
 
     def drop(self, write: _Write) -> None:
@@ -117,13 +121,17 @@ class WriteTracker:
             self._pending.pop(write.path, None)
 
     def waiter(self, path: Any, since: int = 0) -> PendingWrites | None:
-        """A wait for the unfinished writes of ``path`` begun after ``since``; None if none.
+        """The writes of ``path`` begun after ``since``, finished or not; None if none.
 
-        The wait raises the error of a write that failed. It runs on the pipeline's
-        intake thread, before the file is staged.
+        Their wait raises the error of a write that failed. It runs on the pipeline's
+        intake thread, before the file is staged. A write that finished (or failed)
+        before this call is included: a quick failure must not pass for a save that
+        wrote its file. Writes begun up to now and finished are forgotten here.
         """
+        name = _normal(path)
         with self._lock:
-            writes = [w for w in self._pending.get(_normal(path), ()) if w.seq > since]
+            writes = [w for w in self._begun if w.seq > since and w.path == name]
+            self._begun = [w for w in self._begun if not w.done.is_set()]
         return PendingWrites(writes) if writes else None
 
 

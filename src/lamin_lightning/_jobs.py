@@ -201,6 +201,8 @@ def feature_value(value: Any) -> Any:
     :func:`json_value` has it (a tensor or numpy scalar as a number)."""
     if isinstance(value, datetime.date) or _is_record(value):
         return value
+    if isinstance(value, list | tuple):  # several labels of a categorical feature
+        return [feature_value(v) for v in value]
     return json_value(value)
 
 
@@ -248,10 +250,14 @@ def _journal_feature_value(value: Any) -> Any:
         return {_TAG: "record", "class": f"{cls.__module__}.{cls.__qualname__}", "uid": value.uid}
     if isinstance(value, Mapping) and _TAG in value:  # a user's: wrapped, never mistaken
         return {_TAG: "mapping", "value": json_value(value)}
+    if isinstance(value, list | tuple):
+        return [_journal_feature_value(v) for v in value]
     return json_value(value)
 
 
 def _decode_feature_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode_feature_value(v) for v in value]
     if not isinstance(value, Mapping) or _TAG not in value:
         return value
     tag, keys = value[_TAG], set(value)

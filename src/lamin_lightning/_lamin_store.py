@@ -378,12 +378,11 @@ class LaminStore:
             name = feature if isinstance(feature, str) else str(getattr(feature, "name", feature))
             if name in FLAG_FEATURES or value is None:
                 continue  # flags are written by _apply_flags, from the snapshot
-            if isinstance(value, RecordRef):  # a replay's: the record is looked up again
-                try:
-                    value = value.resolve()
-                except LookupError as error:
-                    log.warning("%r: feature %r is left out: %s", snapshot.key, name, error)
-                    continue
+            try:  # a replay's records are looked up again
+                value = _resolve_records(value)
+            except LookupError as error:
+                log.warning("%r: feature %r is left out: %s", snapshot.key, name, error)
+                continue
             if isinstance(value, float) and not math.isfinite(value):
                 # JSON has no NaN or infinity (lamindb refuses them): the checkpoint
                 # persists without this value. Lightning ranks a NaN score as the worst.
@@ -715,6 +714,15 @@ def _quiet_on_pipeline_threads() -> None:
 
     if not any(isinstance(f, _PipelineThreadsQuiet) for f in logger.filters):
         logger.addFilter(_PipelineThreadsQuiet())
+
+
+def _resolve_records(value: Any) -> Any:
+    """``value`` with each :class:`RecordRef` (a replay's, in a list too) its record."""
+    if isinstance(value, RecordRef):
+        return value.resolve()
+    if isinstance(value, list) and any(isinstance(v, RecordRef) for v in value):
+        return [v.resolve() if isinstance(v, RecordRef) else v for v in value]
+    return value
 
 
 def _naming_storage(error: OSError, artifact: Any, path: str | Path) -> OSError:

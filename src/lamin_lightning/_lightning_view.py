@@ -97,7 +97,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         """
         if self._save_depth == 0:
             # Only background writes fail after Lightning chose a file.
-            if self.async_write or self._evictions.has_writes():
+            # Every rank alike (the state is broadcast): async_write and a CheckpointIO
+            # that writes late are the same on every rank, the writes known on rank zero.
+            if self.async_write or self._io_writes is not None or self._evictions.has_writes():
                 self._put_state_right(trainer)
             if not self._saving_on_exception:
                 self._surface_failures()
@@ -182,8 +184,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             return
         then = getattr(write, "then", None)
         if then is not None:
-            if not then(partial(_link_or_copy, filepath, linkpath)) and not write.failed():
-                _link_or_copy(filepath, linkpath)  # written already: the link is made now
+            then(partial(_link_or_copy, filepath, linkpath))  # now, if written already
             trainer.strategy.barrier()
             return
         previous = None
@@ -204,7 +205,8 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         """Undo, in Lightning's state, the saves whose background write failed (see
         :mod:`lamin_lightning._evictions`); evict what that leaves beyond ``save_top_k``."""
         evict = put_right(self, self._evictions.take_failed()) if trainer.is_global_zero else []
-        if other_ranks and self.async_write and trainer.world_size > 1:
+        late = self.async_write or self._io_writes is not None
+        if other_ranks and late and trainer.world_size > 1:
             shared = trainer.strategy.broadcast((lightning_state(self), evict))
             set_lightning_state(self, shared[0])
             evict = shared[1]

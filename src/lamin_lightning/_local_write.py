@@ -496,15 +496,18 @@ class HostWrite:
         """Wait until the write finished; return whether it did within ``timeout``."""
         return self._done.wait(timeout)
 
-    def then(self, action: Callable[[], None]) -> bool:
-        """Run ``action`` once the file is written, on the thread that writes it, before
-        the write counts as done; never if the write fails. False if the write finished
-        already (the caller acts itself, or not, by :meth:`failed`)."""
+    def then(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the file is written: on the thread that writes it, before
+        the write counts as done, or here and now if it is written already; never if the
+        write failed or was abandoned."""
         with self._lock:
             if self._state in ("pending", "writing"):
                 self._then.append(action)
-                return True
-        return False
+                return
+            # Finished: "ran" with its error (if any) set before the state changed.
+            written = self._state == "ran" and self.error is None
+        if written:
+            action()
 
     def __call__(self) -> None:
         with self._lock:

@@ -116,7 +116,9 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 if pipeline is not None:
                     self._warn_unfinished(pipeline, "(interrupted)")
                 raise
-            if not finished:
+            if pipeline is not None and (not finished or submitter.kept_out):
+                # Kept out: journaled saves an interrupt kept from admission (or a flush
+                # at exit could not admit in time); they are not persisted either.
                 why = f"within flush_timeout={self.flush_timeout}s" if wait else "(interrupted)"
                 self._warn_unfinished(pipeline, why)
             elif self._trainer is not None and self._put_state_right(

@@ -177,15 +177,15 @@ class Submitter:
 
         Lightning has stopped: nothing rewrites or removes their files any more.
         """
-        specs, self._unadmitted = self._unadmitted, []
         pipeline = self.pipeline
         if pipeline is None:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        for spec in specs:
+        while self._unadmitted:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not pipeline.submit(spec, timeout=left):
-                return  # still journaled: the next setup or a flush persists them
+            if not pipeline.submit(self._unadmitted[0], timeout=left):
+                return  # still journaled, and named: the next setup or a flush persists them
+            self._unadmitted.pop(0)
 
     def replay(
         self,

@@ -238,17 +238,25 @@ def test_a_record_datetime_and_date_feature_value_is_annotated_as_the_reference_
     from lamin_lightning._submission import _with_features
 
     label = ln.ULabel.filter(name="tier-mnist").first() or ln.ULabel(name="tier-mnist").save()
-    dtypes = {"tier_dataset": ln.ULabel, "tier_when": "datetime", "tier_day": "date"}
+    other = ln.ULabel.filter(name="tier-cifar").first() or ln.ULabel(name="tier-cifar").save()
+    dtypes = {
+        "tier_dataset": ln.ULabel,
+        "tier_datasets": ln.ULabel,
+        "tier_when": "datetime",
+        "tier_day": "date",
+    }
     for name, dtype in dtypes.items():
         if not ln.Feature.filter(name=name).exists():
             ln.Feature(name=name, dtype=dtype).save()
     values = {
         "tier_dataset": label,
+        "tier_datasets": [label, other],  # several labels of one categorical feature
         "tier_when": datetime.datetime(2024, 1, 2, 3, 4, 5),
         "tier_day": datetime.date(2024, 1, 2),
     }
     expected = {
         "tier_dataset": "tier-mnist",
+        "tier_datasets": {"tier-mnist", "tier-cifar"},
         "tier_when": datetime.datetime(2024, 1, 2, 3, 4, 5),
         "tier_day": datetime.date(2024, 1, 2),
     }
@@ -279,9 +287,11 @@ def test_a_record_datetime_and_date_feature_value_is_annotated_as_the_reference_
     )
     replayed = decode(json.loads(json.dumps(encode(record))))
     assert replayed.checkpoint is not None
+    ref = f"{type(label).__module__}.ULabel"
     assert replayed.checkpoint.feature_values == {
         **values,
-        "tier_dataset": RecordRef(f"{type(label).__module__}.ULabel", label.uid),
+        "tier_dataset": RecordRef(ref, label.uid),
+        "tier_datasets": [RecordRef(ref, label.uid), RecordRef(ref, other.uid)],
     }
     artifact = ln.Artifact(str(snapshot.local_path), key=snapshot.key).save()
     LaminStore()._annotate(ln, replayed.checkpoint, artifact, replay=True)
