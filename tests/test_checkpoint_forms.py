@@ -424,3 +424,51 @@ def test_an_async_checkpoint_io_rewrite_of_last_that_fails_keeps_the_previous_la
     last = dirpath / "last.ckpt"
     assert last.is_file()
     assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
+def test_a_hook_raising_during_an_async_checkpoint_io_rewrite_of_last_leaves_nothing_aside(
+    tmp_path: Path,
+) -> None:
+    """The previous ``last.ckpt`` waits aside for the rewrite's write; a feature hook raised
+    before that save's job was submitted, and the put-back went with the job: the file
+    stayed aside for the rest of the process. It is put back (or trashed) on its own now,
+    and the next fit with the same callback finds the folder in order."""
+
+    class RaisingOnceOnLast(MemoryCheckpoint):
+        raised = False
+
+        def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+            last = snapshot.key.endswith("last.ckpt")
+            if last and trainer.global_step == 2 and not self.raised:
+                self.raised = True
+                raise ValueError("feature lookup failed (once)")
+            return super().collect_checkpoint_feature_values(trainer, snapshot)
+
+    import torch
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = RaisingOnceOnLast(
+        store, dirpath=dirpath, save_top_k=1, every_n_train_steps=1, save_last=True
+    )
+
+    def fit() -> None:
+        trainer = make_trainer(
+            tmp_path, [callback], max_steps=4, plugins=[AsyncCheckpointIO(TorchCheckpointIO())]
+        )
+        trainer.fit(TinyModel(scores=SCORES), loader(4))
+
+    with pytest.raises(ValueError, match="once"):
+        fit()
+    fit()
+
+    aside = staging_root(dirpath) / "aside"
+    left = (
+        [p.name for p in aside.iterdir() if not p.name.endswith(".lock")] if aside.exists() else []
+    )
+    assert left == []
+    assert torch.load(dirpath / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert store.keys(kind="checkpoint") == {
+        callback.resolve_artifact_key(callback._trainer, p, "checkpoint")
+        for p in lightning_kept_paths(callback)
+    }

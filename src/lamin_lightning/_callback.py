@@ -187,6 +187,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._set_up = False
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
+        self._hparams_looked: pl.Trainer | None = None  # a fit without loggers, looked once
         self._staging_roots: dict[str, Path] = {}  # by checkpoint folder
         self._score_floats: dict[int, tuple[Any, float | None]] = {}  # see _score
         self._evictions = Evictions()
@@ -394,21 +395,23 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     # -- shutdown and errors (training thread) --------------------------------------------
 
 
-def _putting_back(
-    written: Callable[[], None], put_back: Callable[[bool], None]
-) -> Callable[[], None]:
+class _putting_back:  # used as a function
     """``written`` (a wait for a CheckpointIO's write), then ``put_back`` with its outcome:
-    on the pipeline's intake thread, before the file is staged."""
+    on the pipeline's intake thread, before the file is staged; on a thread of its own if
+    the save's job is never submitted (``finishes_alone``: see ``Submitter.abandon_staging``)."""
 
-    def wait_then_put_back() -> None:
+    finishes_alone = True
+
+    def __init__(self, written: Callable[[], None], put_back: Callable[[bool], None]) -> None:
+        self._written, self._put_back = written, put_back
+
+    def __call__(self) -> None:
         try:
-            written()
+            self._written()
         except BaseException:
-            put_back(False)
+            self._put_back(False)
             raise
-        put_back(True)
-
-    return wait_then_put_back
+        self._put_back(True)
 
 
 def _write_now(write: HostWrite) -> None:

@@ -78,6 +78,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _unreported_failures: list[ArtifactFailedEvent]
     _persisted: dict[str, Any]
     _set_up: bool
+    _hparams_looked: Any
     _deferred_files: list[tuple[Path, ArtifactKind]]
 
     @property
@@ -268,8 +269,9 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             )
         except BaseException:
             # A hook of the user's raised (or Ctrl+C came): this staging will never run.
-            # A later rewrite or removal of the file must not wait for it.
-            submitter.drop_staging(filepath)
+            # A later rewrite or removal of the file must not wait for it (but for a
+            # put-back of the previous file, which still has to happen).
+            submitter.abandon_staging(filepath, write)
             raise
         self._submit_record(trainer, record, prepare=prepare)
 
@@ -306,14 +308,18 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         return path if path.exists() else None
 
     def _submit_hparams_once(self, trainer: pl.Trainer) -> None:
-        # Looked for at every save until found, as the reference does; without a logger
-        # too (the LaminDB callback then looks in ``default_root_dir``, as the reference).
-        if self._hparams_submitted:
+        # Looked for at every save until found, as the reference does. Without a logger
+        # (the LaminDB callback then looks in ``default_root_dir``, as the reference), only
+        # at the first save of a fit: no logger writes it later, and a look that finds
+        # nothing costs the training thread ~0.1 ms (a failed stat, cold) at every save.
+        if self._hparams_submitted or self._hparams_looked is trainer:
             return
         path = self.hparams_path(trainer)
         if path is not None:
             self.submit_file(trainer, path, "hparams")
             self._hparams_submitted = True
+        elif not trainer.loggers:
+            self._hparams_looked = trainer
 
     def _replay_unfinished(self, trainer: pl.Trainer) -> int:
         """Queue what earlier runs left behind (see :func:`_replay.unfinished`), first.

@@ -321,6 +321,29 @@ class Submitter:
         if done is not None:
             done.set()
 
+    def abandon_staging(self, filepath: str | Path, write: Callable[[], None] | None) -> None:
+        """A planned staging whose job will never be submitted (a hook raised first).
+
+        Nothing waits for it, unless ``write`` must still finish on its own (it puts the
+        previous file back once a CheckpointIO's rewrite is done): then it runs on a
+        thread of its own, and a later rewrite or removal of the file waits for that.
+        """
+        if write is None or not getattr(write, "finishes_alone", False):
+            self.drop_staging(filepath)
+            return
+        done = self._staging_done.get(absolute(filepath))
+
+        def finish() -> None:
+            try:
+                write()
+            except BaseException as error:  # its own failure: the file was not rewritten
+                log.warning("the rewrite of %s did not finish: %s", filepath, error)
+            finally:
+                if done is not None:
+                    done.set()
+
+        threading.Thread(target=finish, name="lamin-lightning-put-back", daemon=True).start()
+
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
         done = self._staging_done.pop(absolute(filepath), None)
