@@ -8,6 +8,7 @@ is a ``ValueError``, as the synchronous reference raises; a directory problem an
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -47,22 +48,20 @@ class PersistenceError(LaminLightningError, RuntimeError):
             for f in self.failures
         ]
         written = all(not _never_written(f) for f in self.failures)
-        folder = os.fspath(dirpath) if dirpath else "DIRPATH"
+        folder = shell_word(os.fspath(dirpath)) if dirpath else "DIRPATH"
         super().__init__(
             f"{len(self.failures)} checkpoint artifact(s) could not be persisted; the local"
             f" files {'are' if written else 'that were written are'} kept:\n"
             + "\n".join(lines)
             + "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
-            f" `lamin-lightning flush {shell_word(folder)}` or start training again with"
+            f" `lamin-lightning flush {folder}` or start training again with"
             " the same dirpath. Pass on_error='warn' to only warn."
         )
 
 
 def shell_word(text: str) -> str:
     """``text`` as one shell word: quoted only where it needs it (a space, say)."""
-    import shlex
-
-    return text if text == "DIRPATH" else shlex.quote(text)
+    return shlex.quote(text)
 
 
 def _outside(failure: ArtifactFailedEvent, unjournaled: Collection[str]) -> str:

@@ -199,6 +199,8 @@ def feature_value(value: Any) -> Any:
     """A feature value as a job keeps it in memory: a ``datetime``, a ``date`` or a LaminDB
     record as is, for LaminDB to validate as the reference passes it; anything else as
     :func:`json_value` has it (a tensor or numpy scalar as a number)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value  # the common case (training thread): no attribute lookups that miss
     if isinstance(value, datetime.date) or _is_record(value):
         return value
     if isinstance(value, list | tuple):  # several labels of a categorical feature
@@ -243,11 +245,11 @@ def _journal_feature_value(value: Any) -> Any:
         return {_TAG: "datetime", "value": value.isoformat()}
     if isinstance(value, datetime.date):
         return {_TAG: "date", "value": value.isoformat()}
-    if isinstance(value, RecordRef):
-        return {_TAG: "record", "class": value.class_path, "uid": value.uid}
     if _is_record(value):
         cls = type(value)
-        return {_TAG: "record", "class": f"{cls.__module__}.{cls.__qualname__}", "uid": value.uid}
+        value = RecordRef(f"{cls.__module__}.{cls.__qualname__}", value.uid)
+    if isinstance(value, RecordRef):
+        return {_TAG: "record", "class": value.class_path, "uid": value.uid}
     if isinstance(value, Mapping) and _TAG in value:  # a user's: wrapped, never mistaken
         return {_TAG: "mapping", "value": json_value(value)}
     if isinstance(value, list | tuple):
