@@ -1,12 +1,14 @@
 """Run by ``test_lamindb_ddp.py``: one fit on 2 CPU processes (gloo), then a report per rank.
 
-Usage: ``python ddp_fit.py STRATEGY BACKEND ROOT [--async-write]``
+Usage: ``python ddp_fit.py STRATEGY BACKEND ROOT [--async-write] [--async-io-fails=N]``
 
 - STRATEGY: ``ddp`` (Lightning relaunches this script for rank 1) or ``ddp_spawn``
   (Lightning spawns both ranks; the callback is pickled to them).
 - BACKEND: ``lamindb`` (``lamin_lightning.Checkpoint`` on the instance named by
   ``LAMIN_SETTINGS_DIR``/``LAMIN_CACHE_DIR``, which the test created) or ``memory``
   (``MemoryCheckpoint`` into a ``MemoryStore`` living in rank zero).
+- ``--async-io-fails=N``: Lightning's ``AsyncCheckpointIO`` around a ``TorchCheckpointIO``
+  whose N-th write fails with ENOSPC (on rank zero, the only rank that writes).
 - ROOT: working folder; checkpoints go to ``ROOT/ckpts``, the logger to ``ROOT/logs``,
   reports to ``ROOT/reports/rank{R}-pid{P}.json``.
 
@@ -20,6 +22,7 @@ rank, so a call to LaminDB's hub fails loudly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -35,6 +38,7 @@ import lightning.pytorch as pl
 import pytest
 from lamindb_tier import TierData, TierModel, block_network
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 import lamin_lightning as ll
 from helpers import lightning_kept_paths, sha256_file
@@ -134,6 +138,20 @@ class Reporting:
         path.write_text(json.dumps(report, indent=1))
 
 
+class FailingIO(TorchCheckpointIO):
+    """Lightning's own CheckpointIO, but its ``fail_at``-th write finds the disk full."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at, self.writes = fail_at, 0
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
 class ReportingCheckpoint(Reporting, ll.Checkpoint):
     pass
 
@@ -145,6 +163,7 @@ class ReportingMemoryCheckpoint(Reporting, MemoryCheckpoint):
 def main(argv: list[str]) -> None:
     strategy, backend, root_arg = argv[:3]
     async_write = "--async-write" in argv
+    fails = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--async-io-fails=")]
     root = Path(root_arg)
     os.environ["DDP_FIT_REPORTS"] = str(root / "reports")
     knobs: dict[str, Any] = {
@@ -174,6 +193,7 @@ def main(argv: list[str]) -> None:
         num_sanity_val_steps=0,
         default_root_dir=str(root),
         callbacks=[callback],
+        plugins=[AsyncCheckpointIO(FailingIO(fails[0]))] if fails else None,
     )
     trainer.fit(TierModel(scores=SCORES), datamodule=TierData(n=2 * STEPS))
     print(f"DDP_FIT_DONE rank={trainer.global_rank} pid={os.getpid()}", flush=True)

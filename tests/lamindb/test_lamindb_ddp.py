@@ -31,6 +31,19 @@ TIMEOUT = 300
 
 def run_ddp(root: Path, strategy: str, backend: str, *extra: str) -> dict[int, dict[str, Any]]:
     """Run ``ddp_fit.py`` and return the report of each rank (asserting exactly two)."""
+    done, output = _run_ddp_script(root, strategy, backend, *extra)
+    assert done.returncode == 0, f"{strategy} fit failed ({done.returncode}):\n{output}"
+    reports = [json.loads(p.read_text()) for p in sorted((root / "reports").glob("*.json"))]
+    by_rank = {r["rank"]: r for r in reports}
+    assert sorted(by_rank) == [0, 1] and len(reports) == 2, output
+    assert by_rank[0]["pid"] != by_rank[1]["pid"]
+    return by_rank
+
+
+def _run_ddp_script(
+    root: Path, strategy: str, backend: str, *extra: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``ddp_fit.py`` within TIMEOUT (a deadlock fails the test); its process and output."""
     import lamindb_setup
     from lamindb_setup.core._settings_store import write_local_current_instance
 
@@ -63,13 +76,8 @@ def run_ddp(root: Path, strategy: str, backend: str, *extra: str) -> dict[int, d
     lines = f"{done.stdout}\n{done.stderr}".splitlines()
     rank_zero = [line for line in lines if not line.startswith("[rank1]")]
     output = "\n".join(rank_zero[-80:]) + "\n--- rank 1 ---\n" + "\n".join(lines[-20:])
-    assert done.returncode == 0, f"{strategy} fit failed ({done.returncode}):\n{output}"
     print(f"{strategy}/{backend}: {time.monotonic() - started:.1f}s")
-    reports = [json.loads(p.read_text()) for p in sorted((root / "reports").glob("*.json"))]
-    by_rank = {r["rank"]: r for r in reports}
-    assert sorted(by_rank) == [0, 1] and len(reports) == 2, output
-    assert by_rank[0]["pid"] != by_rank[1]["pid"]
-    return by_rank
+    return done, output
 
 
 def assert_only_rank_zero_persisted(reports: dict[int, dict[str, Any]], backend: str) -> None:
@@ -122,3 +130,29 @@ def test_ddp_with_async_write_and_the_test_store(tmp_path: Path) -> None:
     assert set(zero["store"]) == set(zero["kept"])
     for key, path in zero["kept"].items():
         assert zero["store"][key] == zero["local_sha256"][path], key
+
+
+def test_ddp_with_an_async_checkpoint_io_whose_write_fails_ends_and_a_flush_completes_the_set(
+    ln: Any, tmp_path: Path
+) -> None:
+    """Lightning's AsyncCheckpointIO, its 3rd write (rank zero) failing with ENOSPC: the
+    fit ends within the timeout (no rank waits for another forever) with the disk error,
+    and ``lamin-lightning flush`` then persists exactly the checkpoints left in dirpath,
+    each as written there (none for the file never written)."""
+    done, output = _run_ddp_script(tmp_path, "ddp", "lamindb", "--async-io-fails=3")
+    assert done.returncode != 0, output
+    assert "No space left on device" in output, output
+    dirpath = tmp_path / "ckpts"
+    flushed = subprocess.run(
+        [sys.executable, "-m", "lamin_lightning._cli", "flush", "--no-progress", str(dirpath)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    prefix = f"{dirpath}/checkpoints"  # no run in the subprocess
+    left = {f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt")}
+    assert len(left) >= 2, sorted(left)  # two written before the failure
+    assert_checkpoint_keys_persisted(ln, prefix, left)
