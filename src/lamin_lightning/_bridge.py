@@ -232,7 +232,9 @@ class PersistencePipeline:
                 try:
                     size = spec.prepare()
                 except BaseException as prepare_error:  # this thread must keep going
-                    log.error("could not stage %r: %s", spec.key, prepare_error)
+                    # The file's background write, its staging, or a removal's deletion.
+                    what = "write or stage" if spec.operation == "save" else "remove"
+                    log.error("could not %s %r: %s", what, spec.key, prepare_error)
                     error = prepare_error
             try:
                 portal.call(self._admit, core, spec, submitted_at, size, error)
