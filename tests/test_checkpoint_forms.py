@@ -43,6 +43,7 @@ from lamin_lightning.testing import (
     RecordingObserver,
     content_sha256,
 )
+from test_async_write import OnTrainEnd
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -472,3 +473,117 @@ def test_a_hook_raising_during_an_async_checkpoint_io_rewrite_of_last_leaves_not
         callback.resolve_artifact_key(callback._trainer, p, "checkpoint")
         for p in lightning_kept_paths(callback)
     }
+
+
+# -- save_last="link" with a CheckpointIO that writes after it returns ------------------------
+
+
+class HoldingIO(TorchCheckpointIO):
+    """Lightning's write, where the write of the file named ``hold`` (if any) waits for
+    ``gate`` (at most 60 s; ``timed_out`` then says so). ``written`` gets each file's name
+    once it is written, on the writer's thread."""
+
+    def __init__(self, hold: str | None = None) -> None:
+        super().__init__()
+        self.hold = hold
+        self.gate = threading.Event()
+        self.timed_out = False
+        self.written: list[str] = []
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        if Path(path).name == self.hold:
+            self.timed_out = not self.gate.wait(60)
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.written.append(Path(path).name)
+
+
+def test_an_async_checkpoint_io_link_names_the_previous_checkpoint_until_the_new_one_is_written(
+    tmp_path: Path,
+) -> None:
+    """AsyncCheckpointIO, save_last="link", top 1: step 2's write is held. The link was made
+    at once, to a file that did not exist yet: a process killed meanwhile left last.ckpt
+    dangling (its step 1 target evicted in the new file's favour), and ckpt_path="last"
+    started training afresh. It names step 1 until step 2 is written, then step 2."""
+    io = HoldingIO(hold="epoch=0-step=2.ckpt")
+    dirpath = tmp_path / "ckpts"
+    store = MemoryStore()
+    callback = _folder_callback(store, dirpath, save_top_k=1, save_last="link")
+    last = dirpath / "last.ckpt"
+    seen: dict[str, Any] = {}
+
+    def look() -> None:  # step 2 saved, its write held
+        seen["target"] = os.readlink(last) if last.is_symlink() else None
+        seen["exists"] = last.exists()
+        io.gate.set()
+
+    trainer = make_trainer(
+        tmp_path, [OnTrainEnd(look), callback], max_steps=2, plugins=[AsyncCheckpointIO(io)]
+    )
+    trainer.fit(TinyModel(scores=[5.0, 4.0]), loader(2))
+
+    assert not io.timed_out
+    assert seen == {"target": "epoch=0-step=1.ckpt", "exists": True}
+    assert os.readlink(last) == "epoch=0-step=2.ckpt"
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt", "last.ckpt"}
+    assert callback.persistence_stats.failed == 0
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
+
+
+def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncCheckpointIO, save_last="link", top 1, resumed from last.ckpt: the resumed fit's
+    first save is no top-k one, so Lightning writes a real last.ckpt; at the next save it
+    links last.ckpt to the new best. The link replaced the file before its job staged
+    it: the job failed (FileNotFoundError) and training stopped with PersistenceError,
+    or the job read the link's target instead. Staged first, its artifact holds step 3."""
+    import io as bytes_io
+
+    import torch
+
+    dirpath = tmp_path / "ckpts"
+    linked = threading.Event()  # the resumed fit asked for the link (step 4)
+
+    class Linking(MemoryCheckpoint):  # one class: the resumed fit restores its state
+        def _link_checkpoint(self, trainer: Any, filepath: str, linkpath: str) -> None:
+            super()._link_checkpoint(trainer, filepath, linkpath)
+            linked.set()
+
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "monitor": "score",
+        "every_n_train_steps": 1,
+        "save_top_k": 1,
+        "save_last": "link",
+    }
+    make_trainer(
+        tmp_path,
+        [Linking(MemoryStore(), **options)],
+        max_steps=2,
+        plugins=[AsyncCheckpointIO(TorchCheckpointIO())],
+    ).fit(TinyModel(scores=[5.0, 4.0]), loader(4))
+    linked.clear()
+
+    real_stage = Stager.stage
+    waited: list[bool] = []
+
+    def stage(self: Stager, path: Any, staged: Any = None) -> Any:
+        if Path(path).name == "last.ckpt":  # staged once the link was asked for
+            waited.append(linked.wait(60))
+        return real_stage(self, path, staged)
+
+    monkeypatch.setattr(Stager, "stage", stage)
+    store = MemoryStore(keep_bytes=True)
+    callback = Linking(store, **options)
+    io = HoldingIO()
+    make_trainer(tmp_path, [callback], max_steps=4, plugins=[AsyncCheckpointIO(io)]).fit(
+        TinyModel(scores=[5.0, 4.0, 6.0, 3.0]), loader(4), ckpt_path=str(dirpath / "last.ckpt")
+    )
+
+    assert io.written == ["last.ckpt", "epoch=0-step=4.ckpt"]
+    assert waited == [True]
+    assert callback.persistence_stats.failed == 0
+    stored = store.get("checkpoints/last.ckpt")
+    assert stored is not None and stored.data is not None
+    assert torch.load(bytes_io.BytesIO(stored.data), weights_only=False)["global_step"] == 3
+    assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=4.ckpt"

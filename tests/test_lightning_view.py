@@ -248,7 +248,7 @@ def test_a_write_finishing_between_the_two_looks_of_the_name_check_still_takes_i
     gates: dict[str, threading.Event] = {}  # each write's, by path: it may run once set
     finished: dict[str, threading.Event] = {}
     timed_out: list[str] = []
-    real_take, real_call = _local_write._take_name, _local_write.HostWrite.__call__
+    real_take, real_call = _local_write.take_name, _local_write.HostWrite.__call__
 
     def take(filepath: Any) -> None:  # a write is created (on the training thread)
         gates[os.path.abspath(filepath)] = threading.Event()
@@ -283,7 +283,7 @@ def test_a_write_finishing_between_the_two_looks_of_the_name_check_still_takes_i
         for gate in list(gates.values()):
             gate.set()
 
-    monkeypatch.setattr(_local_write, "_take_name", take)
+    monkeypatch.setattr(_local_write, "take_name", take)
     monkeypatch.setattr(_local_write.HostWrite, "__call__", call)
     monkeypatch.setattr(_lightning_view, "name_taken", after(_lightning_view.name_taken))
     real_exists = LocalFileSystem.exists
@@ -900,3 +900,81 @@ def test_a_replay_drops_a_save_whose_background_write_never_finished(tmp_path: P
     failed = [e for e in report.events if isinstance(e, ArtifactFailedEvent)]
     assert [e.key for e in failed] == [key("b.ckpt")]
     assert report.remaining == [] and store.keys() == set()
+
+
+def test_two_callbacks_linking_last_in_one_folder_name_their_links_as_lightning_does(
+    tmp_path: Path,
+) -> None:
+    """async_write, save_last="link", two callbacks in one folder, every write held until
+    training ends: the first callback's link is made once its file is written, and its
+    name was free meanwhile, so the second callback took last.ckpt too (one link for
+    both). As with ModelCheckpoint, the second takes last-v1.ckpt, each its own file."""
+    scores = [3.0, 1.0, 2.0]
+
+    def fit(folder: Path, make: Any, *extra: pl.Callback) -> tuple[Any, Any]:
+        low = make(dirpath=folder, monitor="score", mode="min", save_last="link")
+        high = make(dirpath=folder, monitor="score", mode="max", save_last="link")
+        make_trainer(tmp_path, [*extra, low, high], max_steps=3).fit(
+            TinyModel(scores=scores), loader(3)
+        )
+        return low, high
+
+    plain = fit(tmp_path / "plain", lambda **kw: ModelCheckpoint(every_n_train_steps=1, **kw))
+    gate = WriteGate()
+    store = MemoryStore()
+    ours = fit(
+        tmp_path / "ours",
+        lambda **kw: held_async(store, kw.pop("dirpath"), **kw),
+        gate,
+        OnTrainEnd(gate.open),
+    )
+
+    assert gate.timed_out == []
+    names = [(Path(c.last_model_path).name, Path(c._last_checkpoint_saved).name) for c in plain]
+    assert names[0][0] == "last.ckpt" and names[1][0] == "last-v1.ckpt"
+    assert [(Path(c.last_model_path).name, Path(c._last_checkpoint_saved).name) for c in ours] == (
+        names
+    )
+    for folder, callbacks in ((tmp_path / "plain", plain), (tmp_path / "ours", ours)):
+        for callback in callbacks:  # each link names its own callback's newest file
+            link = Path(callback.last_model_path)
+            assert os.readlink(link) == Path(callback._last_checkpoint_saved).name, folder
+
+
+def test_links_asked_for_are_made_newest_last_whichever_finishes_first(tmp_path: Path) -> None:
+    """Two requests for one link path, carried out on two threads (the writer's, then the
+    training thread's for a file already written): they raced, the second one's symlink
+    failing (FileExistsError, then SameFileError from the copy fallback, logged as an
+    error). Each is made under one lock, and an older request never replaces a newer
+    link; each holds the link's name until it is made."""
+    from lamin_lightning._lightning_view import _LINKS
+    from lamin_lightning._local_write import name_taken
+
+    older, newer = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=2.ckpt"
+    older.write_text("1")
+    newer.write_text("2")
+    link = str(tmp_path / "last.ckpt")
+    first, second = _LINKS.request(link), _LINKS.request(link)
+    assert name_taken(link)
+    errors: list[BaseException] = []
+
+    def make(request: Any, target: Path) -> None:
+        try:
+            _LINKS.make(request, str(target))
+        except BaseException as error:  # reported below, on the test's thread
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=make, args=(second, newer)),
+        threading.Thread(target=make, args=(first, older)),
+    ]
+    threads[0].start()
+    threads[0].join()
+    threads[1].start()
+    threads[1].join()
+    assert errors == []
+    assert os.readlink(link) == newer.name
+    assert not name_taken(link)
+    again = _LINKS.request(link)  # a later request wins over both
+    _LINKS.make(again, str(older))
+    assert os.readlink(link) == older.name

@@ -27,7 +27,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from typing_extensions import override
 
 from lamin_lightning._errors import CheckpointIOError
+from lamin_lightning._local_write import run_after_write
 
 SYNCHRONOUS_ATTRIBUTE = "lamin_lightning_synchronous"
 """Set this attribute to True on a CheckpointIO to declare that it writes before returning."""
@@ -46,7 +47,7 @@ _ASYNC_HINTS = ("_executor", "executor", "_futures", "futures", "_pending_writes
 class _Write:
     """One ``save_checkpoint`` call: finished once the file is written (or failed)."""
 
-    __slots__ = ("claimed", "done", "error", "path", "seq")
+    __slots__ = ("_finished", "_lock", "_then", "claimed", "done", "error", "path", "seq")
 
     def __init__(self, path: str, seq: int) -> None:
         self.path = path
@@ -54,6 +55,29 @@ class _Write:
         self.claimed = False
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._finished = False
+        self._then: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
+
+    def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
+        """``action`` once the file is written, ``otherwise`` if the write failed: on the
+        thread that finishes the write, before it counts as done; here and now if it
+        finished already."""
+        with self._lock:
+            if not self._finished:
+                self._then.append((action, otherwise))
+                return
+            written = self.error is None
+        run_after_write(self.path, [(action, otherwise)], written)
+
+    def finish(self, error: BaseException | None) -> None:
+        """Record the outcome, run what waits for it, then count the write as done."""
+        with self._lock:
+            self.error = error
+            self._finished = True
+            waiting, self._then = self._then, []
+        run_after_write(self.path, waiting, error is None)
+        self.done.set()
 
 
 class WriteTracker:
@@ -91,9 +115,10 @@ class WriteTracker:
     def drop(self, write: _Write) -> None:
         """Forget ``write`` if no writer took it (its ``save_checkpoint`` raised first)."""
         with self._lock:
-            if not write.claimed:
-                self._remove(write)
-                write.done.set()
+            if write.claimed:
+                return
+            self._remove(write)
+        write.finish(RuntimeError(f"the write of {write.path} never started"))
 
     def claim(self, path: Any) -> _Write | None:
         """The writer thread starts writing ``path``: the oldest write not yet taken."""
@@ -109,9 +134,8 @@ class WriteTracker:
         if write is None:
             return
         with self._lock:
-            write.error = error
             self._remove(write)
-        write.done.set()
+        write.finish(error)
 
     def _remove(self, write: _Write) -> None:
         writes = self._pending.get(write.path, [])
@@ -165,6 +189,17 @@ class PendingWrites:
     def failed(self) -> bool:
         """Whether they finished and one failed."""
         return self.done() and any(write.error is not None for write in self._writes)
+
+    def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
+        """``action`` once every write finished and wrote its file, else ``otherwise``: on
+        the thread that finishes the last one (they finish in order: one writer thread)."""
+        writes = self._writes
+
+        def last_finished() -> None:
+            failed = any(write.error is not None for write in writes)
+            run_after_write(writes[-1].path, [(action, otherwise)], not failed)
+
+        writes[-1].then(last_finished, last_finished)
 
 
 class _TrackingCheckpointIO(_WrappingCheckpointIO):

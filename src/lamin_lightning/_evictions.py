@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lamin_lightning._local_write import name_taken
+
 
 class BackgroundWrite(Protocol):
     """A write that finishes after Lightning's save returned: an ``async_write``
@@ -35,6 +37,8 @@ class BackgroundWrite(Protocol):
     def failed(self) -> bool: ...
 
     def wait(self, timeout: float | None = None) -> bool: ...
+
+    def then(self, action: Any, otherwise: Any = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,6 @@ class _Replacement:
     write: BackgroundWrite
     before: _Before
     evicted: list[str] = field(default_factory=list)
-    # Links (``save_last="link"``) made to ``path`` while it was written: (link, previous
-    # target of that link or None), to put back if the write fails.
-    links: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 def _state_of(callback: Any) -> _Before:
@@ -120,13 +121,6 @@ class Evictions:
                 return replacement.write
         return None
 
-    def linked(self, target: str, link: str, previous: str | None) -> None:
-        """``link`` now points to ``target`` (being written); it pointed to ``previous``."""
-        for replacement in reversed(self._writes):
-            if os.path.abspath(replacement.path) == os.path.abspath(target):
-                replacement.links.append((link, previous))
-                return
-
     def take_failed(self) -> list[_Replacement]:
         """Forget finished writes; return those that failed, oldest first."""
         failed = [w for w in self._writes if w.write.failed()]
@@ -148,7 +142,6 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
         for evicted in replacement.evicted:
             if os.path.exists(evicted) and evicted in before.best_k_models:
                 callback.best_k_models.setdefault(evicted, before.best_k_models[evicted])
-        _put_links_back(callback, replacement)
         if getattr(callback, "_last_checkpoint_saved", None) == path and not os.path.exists(path):
             previous = before.last_saved
             callback._last_checkpoint_saved = previous if os.path.exists(previous or "") else ""
@@ -162,29 +155,16 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
                 callback.best_k_models.pop(path, None)
             continue
         callback.best_k_models.pop(path, None)
-        if callback.last_model_path == path:
+        last = callback.last_model_path
+        # The file itself (save_last=True), or a link to it never made (save_last="link":
+        # made once the file is written) where no earlier link stands.
+        if last == path or (last and not os.path.lexists(last) and not name_taken(last)):
             previous = before.last_model_path
             callback.last_model_path = previous if previous and os.path.exists(previous) else ""
         if callback.best_model_path == path and callback.monitor is None:
             previous = before.best_model_path
             callback.best_model_path = previous if previous and os.path.exists(previous) else ""
     return _rank(callback) if callback.monitor is not None else []
-
-
-def _put_links_back(callback: Any, replacement: _Replacement) -> None:
-    """Links made to the never-written file point where they pointed before (or go)."""
-    for link, previous in reversed(replacement.links):
-        if not os.path.islink(link):
-            continue  # replaced since (a later save, a copy): not ours to change
-        target = os.path.join(os.path.dirname(link), os.readlink(link))
-        if os.path.abspath(target) != os.path.abspath(replacement.path):
-            continue
-        os.remove(link)
-        if previous is not None and os.path.exists(previous):
-            os.symlink(os.path.relpath(previous, os.path.dirname(link)), link)
-        elif callback.last_model_path == link:
-            before = replacement.before.last_model_path
-            callback.last_model_path = before if before != link and os.path.exists(before) else ""
 
 
 def _rank(callback: Any) -> list[str]:

@@ -12,9 +12,11 @@ background write failed (see :mod:`lamin_lightning._evictions`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
@@ -35,13 +37,17 @@ from lamin_lightning._local_write import (
     Snapshotter,
     async_write_supported,
     name_taken,
+    release_name,
     snapshot_checkpoint,
+    take_name,
 )
 from lamin_lightning._reporting import ReportingCheckpoint
 from lamin_lightning._staging import WRITING_DIRNAME, remove_path
 from lamin_lightning._write_io import saving_to_snapshots
 
 log = logging.getLogger("lamin_lightning")
+
+PIPELINE_THREAD_PREFIX = "lamin-lightning"
 
 
 class LightningViewCheckpoint(ReportingCheckpoint):
@@ -171,34 +177,30 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     ) -> None:
         """Lightning's link (``save_last="link"``) to a file that may still be written.
 
-        To a file ``async_write`` still writes, the link (or, where links are not allowed,
-        Lightning's fallback copy) is made once it is written, by the thread that wrote it:
-        until then it names the previous checkpoint, which a process that dies meanwhile
-        resumes from (a link made at once would name a file that never comes). If the
-        write fails, the link stays where it was. For a CheckpointIO's write the link is
-        made at once, and put back if the write fails (see :func:`put_right`).
+        To a file still written in the background (``async_write``, or a CheckpointIO
+        that writes after it returns), the link (or, where links are not allowed,
+        Lightning's fallback copy) is made once it is written, by the thread that wrote
+        it: until then it names the previous checkpoint, which a process that dies
+        meanwhile resumes from (a link made at once would name a file that may never
+        come). If the write fails, the link stays where it was. Meanwhile its name counts
+        as taken for Lightning's version counter (another callback in the same folder
+        takes ``last-v1.ckpt``, as it would with the link made), and links are made in
+        the order Lightning asked for them (see :class:`_Links`). A file Lightning wrote
+        under the link's name (the first ``last.ckpt`` of a resumed fit) is staged for
+        its upload before the link replaces it.
         """
-        write = self._evictions.write_of(filepath) if trainer.is_global_zero else None
-        if write is None or os.path.abspath(filepath) == os.path.abspath(linkpath):
+        if not trainer.is_global_zero or os.path.abspath(filepath) == os.path.abspath(linkpath):
             super()._link_checkpoint(trainer, filepath, linkpath)
             return
-        then = getattr(write, "then", None)
-        if then is not None:
-            then(partial(_link_or_copy, filepath, linkpath))  # now, if written already
-            trainer.strategy.barrier()
-            return
-        previous = None
-        if os.path.islink(linkpath):
-            previous = os.path.join(os.path.dirname(linkpath), os.readlink(linkpath))
-        remove_path(linkpath)
-        try:
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), linkpath)
-        except OSError:
-            write.wait()
-            if not write.failed():
-                shutil.copy(filepath, linkpath)
+        submitter = self._ensure_submitter()
+        write = self._evictions.write_of(filepath)
+        if write is None:
+            submitter.await_staging(linkpath)
+            _LINKS.make(_LINKS.request(linkpath), filepath)
         else:
-            self._evictions.linked(filepath, linkpath, previous)
+            link = _LINKS.request(linkpath)
+            staging = submitter.staging_of(linkpath)
+            write.then(partial(_LINKS.make, link, filepath, staging), partial(_LINKS.drop, link))
         trainer.strategy.barrier()
 
     def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
@@ -213,6 +215,53 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         for path in evict:
             self._remove_checkpoint(trainer, path)
         return len(evict)
+
+
+class _Links:
+    """The links Lightning asked for (``save_last="link"``) and not made yet, per process.
+
+    A link to a file written in the background is made by the thread that wrote it, so
+    two requests for one link path can be carried out on two threads: each is made
+    under one lock, and only if it is newer than the one the link shows (writes finish
+    in order, so the newest written file wins). A request holds the link's name until
+    it is made or dropped (:func:`name_taken`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._shown: dict[str, int] = {}  # link path -> the request it shows
+
+    def request(self, linkpath: str) -> tuple[str, int]:
+        with self._lock:
+            link = (linkpath, next(self._seq))
+        take_name(linkpath)
+        return link
+
+    def make(self, link: tuple[str, int], target: str, staging: Any = None) -> None:
+        linkpath, seq = link
+        try:
+            if staging is not None and not staging.is_set():
+                # A file Lightning wrote under this name: staged before it goes. Off the
+                # pipeline's own threads only (there, its job came first and is staged).
+                if threading.current_thread().name.startswith(PIPELINE_THREAD_PREFIX):
+                    log.warning("%s is replaced by a link before it was staged", linkpath)
+                else:
+                    staging.wait()
+            name = os.path.abspath(linkpath)
+            with self._lock:
+                if self._shown.get(name, 0) > seq:
+                    return  # a newer request was made already
+                _link_or_copy(target, linkpath)
+                self._shown[name] = seq
+        finally:
+            release_name(linkpath)
+
+    def drop(self, link: tuple[str, int]) -> None:
+        release_name(link[0])
+
+
+_LINKS = _Links()
 
 
 def _link_or_copy(target: str, link: str) -> None:

@@ -472,12 +472,14 @@ class HostWrite:
         self._lock = threading.Lock()
         self._state: Literal["pending", "writing", "ran", "abandoned"] = "pending"
         self._done = threading.Event()
-        self._then: list[Callable[[], None]] = []
+        # Set (under the lock) once the outcome is known; then() runs at once from then on.
+        self._finished = False
+        self._then: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
         # Taken until the file exists (or the write failed): Lightning's version counter
         # must see the name now, on the training thread (see :func:`name_taken`).
-        _take_name(filepath)
+        take_name(filepath)
 
     @property
     def filepath(self) -> str:
@@ -496,18 +498,16 @@ class HostWrite:
         """Wait until the write finished; return whether it did within ``timeout``."""
         return self._done.wait(timeout)
 
-    def then(self, action: Callable[[], None]) -> None:
-        """Run ``action`` once the file is written: on the thread that writes it, before
-        the write counts as done, or here and now if it is written already; never if the
-        write failed or was abandoned."""
+    def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
+        """Run ``action`` once the file is written, ``otherwise`` if the write failed or
+        was abandoned: on the thread that finishes the write, before it counts as done,
+        or here and now if it finished already."""
         with self._lock:
-            if self._state in ("pending", "writing"):
-                self._then.append(action)
+            if not self._finished:
+                self._then.append((action, otherwise))
                 return
-            # Finished: "ran" with its error (if any) set before the state changed.
-            written = self._state == "ran" and self.error is None
-        if written:
-            action()
+            written = self.error is None
+        run_after_write(self._filepath, [(action, otherwise)], written)
 
     def __call__(self) -> None:
         with self._lock:
@@ -529,17 +529,16 @@ class HostWrite:
         finally:
             self._host = None
             self._snapshotter.release(self._slot)
-            _release_name(self._filepath)
-            with self._lock:
-                self._state = "ran"
-                actions, self._then = self._then, []
-            if self.error is None:
-                for action in actions:
-                    try:
-                        action()
-                    except Exception:  # the file is written: an action's failure is its own
-                        log.exception("after writing %s", self._filepath)
-            self._done.set()
+            release_name(self._filepath)
+            self._finish()
+
+    def _finish(self) -> None:
+        """Run what waits for the outcome (``self.error`` is set), then count it done."""
+        with self._lock:
+            self._finished = True
+            waiting, self._then = self._then, []
+        run_after_write(self._filepath, waiting, self.error is None)
+        self._done.set()
 
     def abandon(self) -> None:
         """Give the slot back if the write has not started (it then never runs)."""
@@ -550,8 +549,26 @@ class HostWrite:
         self._host = None
         self.error = RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
         self._snapshotter.release(self._slot)
-        _release_name(self._filepath)
-        self._done.set()
+        release_name(self._filepath)
+        self._finish()
+
+
+def run_after_write(
+    path: str,
+    waiting: list[tuple[Callable[[], None], Callable[[], None] | None]],
+    written: bool,
+) -> None:
+    """Run each ``(action, otherwise)`` pair for a write of ``path`` that finished: the
+    action if it ``written`` its file, else the other; a failure of one is logged (the
+    write's outcome is what it is)."""
+    for action, otherwise in waiting:
+        chosen = action if written else otherwise
+        if chosen is None:
+            continue
+        try:
+            chosen()
+        except Exception:
+            log.exception("after the write of %s", path)
 
 
 # -- names being written ------------------------------------------------------------------
@@ -560,13 +577,15 @@ _names_lock = threading.Lock()
 _names_taken: dict[str, int] = {}
 
 
-def _take_name(filepath: str | os.PathLike[str]) -> None:
+def take_name(filepath: str | os.PathLike[str]) -> None:
+    """Count ``filepath`` as taken until :func:`release_name` (see :func:`name_taken`)."""
     name = os.path.abspath(filepath)
     with _names_lock:
         _names_taken[name] = _names_taken.get(name, 0) + 1
 
 
-def _release_name(filepath: str | os.PathLike[str]) -> None:
+def release_name(filepath: str | os.PathLike[str]) -> None:
+    """Give back one :func:`take_name` of ``filepath``."""
     name = os.path.abspath(filepath)
     with _names_lock:
         left = _names_taken.get(name, 0) - 1

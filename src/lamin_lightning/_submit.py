@@ -162,6 +162,35 @@ class Submitter:
                 self._unadmitted.append(spec)
             raise
 
+    def keep_out(
+        self,
+        record: JobRecord,
+        store: ArtifactStore,
+        *,
+        trainer: Any,
+        prepare: Callable[[], int] | None,
+        known: Callable[[str], Any] | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        """Journal ``record`` and keep its job from admission, as an interrupt would (see
+        :meth:`submit`): for a save whose hook raised before it was submitted. The flush
+        at exit admits it (:meth:`submit_interrupted`); until then nothing waits for its
+        staging."""
+        settle = self.journal(record)
+        if settle is _unjournaled and prepare is not None and record.op == "save":
+            prepare = _staged_or_in_place(prepare, record)
+        spec = build_job(
+            record,
+            store,
+            trainer=trainer,
+            settle=settle,
+            known=known,
+            outcome=outcome,
+            prepare=prepare,
+        )
+        self.drop_staging(record.local_path)
+        self._unadmitted.append(spec)
+
     @property
     def kept_out(self) -> int:
         """How many journaled jobs an interrupt kept from admission (see :meth:`submit`)."""
@@ -343,6 +372,12 @@ class Submitter:
                     done.set()
 
         threading.Thread(target=finish, name="lamin-lightning-put-back", daemon=True).start()
+
+    def staging_of(self, filepath: str | Path) -> _Done | None:
+        """The staging of ``filepath`` not finished yet, for a wait elsewhere (it is no
+        longer waited for here: see :meth:`await_staging`); None if there is none."""
+        done = self._staging_done.pop(absolute(filepath), None)
+        return None if done is None or done.is_set() else done
 
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
