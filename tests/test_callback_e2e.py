@@ -36,7 +36,8 @@ from lamin_lightning import (
     PersistenceError,
     RetryPolicy,
 )
-from lamin_lightning._staging import Stager
+from lamin_lightning._journal import journal_paths, read_pending
+from lamin_lightning._staging import Stager, staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 pytestmark = [
@@ -740,6 +741,48 @@ def test_a_hook_raising_before_its_job_is_submitted_leaves_nothing_to_wait_for(
     assert not fit_thread.is_alive(), "the second fit hangs"
     assert outcome == [None]
     assert store.keys(kind="checkpoint") == keys_of(lightning_kept_paths(callback))
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+@pytest.mark.parametrize("error", [ValueError, SystemExit])
+def test_a_checkpoint_whose_feature_hook_raised_is_persisted_all_the_same(
+    error: type[BaseException], async_write: bool, tmp_path: Path
+) -> None:
+    """The feature hook raises at step 2's save: the fit raises it, as before. The file
+    Lightning wrote (and names in ``best_k_models``) had no job and no journal line, so
+    no flush ever persisted it. It is journaled without feature values, kept from
+    admission, and persisted by the flush at exit; nothing is left pending."""
+
+    class Raising(MemoryCheckpoint):
+        def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+            if trainer.global_step == 2:
+                raise error("feature lookup failed")
+            return super().collect_checkpoint_feature_values(trainer, snapshot)
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = Raising(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        async_write=async_write,
+    )
+    with pytest.raises(error, match="feature lookup failed"):
+        make_trainer(tmp_path, [callback], max_steps=4).fit(
+            TinyModel(scores=[3.0, 2.0, 1.0, 0.5]), loader(4)
+        )
+
+    kept = lightning_kept_paths(callback)
+    assert {p.name for p in kept} == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert store.keys(kind="checkpoint") == keys_of(kept)
+    for path in kept:
+        stored = store.get(f"checkpoints/{path.name}")
+        assert stored is not None and stored.sha256 == sha256_file(path), path.name
+    assert callback.persistence_stats.failed == 0
+    pending = [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
+    assert pending == []
 
 
 def test_flush_from_an_observer_raises_instead_of_waiting_for_itself(tmp_path: Path) -> None:

@@ -253,6 +253,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     ) -> None:
         submitter = self._ensure_submitter()
         staged, prepare = submitter.plan_staging(self._staging_root(filepath), filepath, write)
+        snapshot: CheckpointSnapshot | None = None
         try:
             snapshot = self._snapshot(trainer, filepath, staged)
             values = self.collect_checkpoint_feature_values(trainer, snapshot)
@@ -268,12 +269,54 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 written_later=write is not None,
             )
         except BaseException:
-            # A hook of the user's raised (or Ctrl+C came): this staging will never run.
-            # A later rewrite or removal of the file must not wait for it (but for a
-            # put-back of the previous file, which still has to happen).
-            submitter.abandon_staging(filepath, write)
+            if snapshot is not None and not getattr(write, "finishes_alone", False):
+                # The feature hook raised (or Ctrl+C came): the checkpoint Lightning wrote,
+                # and names in its state, is journaled without feature values and kept
+                # from admission, for the flush at exit (or the next setup, or
+                # `lamin-lightning flush`) to persist; then the error goes on.
+                self._keep_out(trainer, snapshot, filepath, staged, prepare, write)
+            else:
+                # No key for it (a resolver of the user's raised), or a rewrite whose
+                # previous file waits aside for the write: this staging will never run. A
+                # later rewrite or removal of the file must not wait for it (but for a
+                # put-back of the previous file, which still has to happen).
+                submitter.abandon_staging(filepath, write)
             raise
         self._submit_record(trainer, record, prepare=prepare)
+
+    def _keep_out(
+        self,
+        trainer: pl.Trainer,
+        snapshot: CheckpointSnapshot,
+        filepath: str,
+        staged: Path,
+        prepare: Callable[[], int],
+        write: Callable[[], None] | None,
+    ) -> None:
+        """Journal the save of ``filepath`` as it stands (no feature values) and keep it
+        out of the pipeline until the flush at exit (see ``Submitter.keep_out``)."""
+        submitter = self._ensure_submitter()
+        try:
+            record = self._record(
+                trainer,
+                "save",
+                "checkpoint",
+                filepath,
+                staged=staged,
+                snapshot=snapshot,
+                written_later=write is not None,
+            )
+            submitter.keep_out(
+                record,
+                HookStore(self, trainer),
+                trainer=trainer,
+                prepare=prepare,
+                known=self._persisted.get,
+                outcome=self._on_outcome,
+            )
+        except Exception:
+            log.exception("could not journal the save of %s", filepath)
+            submitter.abandon_staging(filepath, write)
 
     def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
         """Stage a config or hparams file and submit its save. Training thread, rank zero.
