@@ -516,8 +516,16 @@ def test_an_async_checkpoint_io_link_names_the_previous_checkpoint_until_the_new
         seen["exists"] = last.exists()
         io.gate.set()
 
+    class StepOneDone(pl.Callback):  # step 1 written (its link made) before step 2
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 1:
+                assert callback.flush(timeout=60)
+
     trainer = make_trainer(
-        tmp_path, [OnTrainEnd(look), callback], max_steps=2, plugins=[AsyncCheckpointIO(io)]
+        tmp_path,
+        [StepOneDone(), OnTrainEnd(look), callback],
+        max_steps=2,
+        plugins=[AsyncCheckpointIO(io)],
     )
     trainer.fit(TinyModel(scores=[5.0, 4.0]), loader(2))
 
@@ -587,3 +595,42 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it(
     assert stored is not None and stored.data is not None
     assert torch.load(bytes_io.BytesIO(stored.data), weights_only=False)["global_step"] == 3
     assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=4.ckpt"
+
+
+@pytest.mark.parametrize("async_io", [False, True], ids=["sync-io", "async-checkpoint-io"])
+def test_a_rewrite_of_last_whose_feature_hook_raised_is_persisted_as_lightning_wrote_it(
+    async_io: bool, tmp_path: Path
+) -> None:
+    """``save_last=True``, the feature hook raising for ``last.ckpt`` at step 2: the fit
+    raises it, and the artifact of ``last.ckpt`` holds what the file holds (step 2).
+    Under AsyncCheckpointIO the rewrite (whose previous file waits aside) was abandoned:
+    the artifact kept step 1 while the file held step 2."""
+    import io as bytes_io
+
+    import torch
+
+    class RaisingOnLast(MemoryCheckpoint):
+        def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+            if snapshot.key.endswith("last.ckpt") and trainer.global_step == 2:
+                raise ValueError("feature lookup failed")
+            return super().collect_checkpoint_feature_values(trainer, snapshot)
+
+    store = MemoryStore(keep_bytes=True)
+    dirpath = tmp_path / "ckpts"
+    callback = RaisingOnLast(
+        store, dirpath=dirpath, save_top_k=1, every_n_train_steps=1, save_last=True
+    )
+    plugins = [AsyncCheckpointIO(TorchCheckpointIO())] if async_io else None
+    with pytest.raises(ValueError, match="feature lookup failed"):
+        make_trainer(tmp_path, [callback], max_steps=4, plugins=plugins).fit(
+            TinyModel(scores=[3.0, 2.0, 1.0, 0.5]), loader(4)
+        )
+
+    last = dirpath / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    stored = store.get("checkpoints/last.ckpt")
+    assert stored is not None and stored.data is not None
+    assert torch.load(bytes_io.BytesIO(stored.data), weights_only=False)["global_step"] == 2
+    assert stored.sha256 == content_sha256(last)
+    aside = staging_root(dirpath) / "aside"
+    assert not aside.exists() or [p for p in aside.iterdir() if p.suffix != ".lock"] == []

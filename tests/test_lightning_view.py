@@ -978,3 +978,37 @@ def test_links_asked_for_are_made_newest_last_whichever_finishes_first(tmp_path:
     again = _LINKS.request(link)  # a later request wins over both
     _LINKS.make(again, str(older))
     assert os.readlink(link) == older.name
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_a_failed_write_forgets_last_model_path_only_for_a_link_never_made(
+    save_last: Any, tmp_path: Path
+) -> None:
+    """A top-k write failed while ``last.ckpt`` does not exist yet. With save_last=True
+    that is its own write, queued behind (a CheckpointIO's writes take no names): it is
+    Lightning's last path all the same. With "link", it is the link that waited for the
+    failed file and was never made: Lightning's state no longer names it."""
+    from types import SimpleNamespace
+
+    from lamin_lightning._evictions import _Before, _Replacement, put_right
+
+    class FailedWrite:
+        def done(self) -> bool:
+            return True
+
+        def failed(self) -> bool:
+            return True
+
+    last, failed = str(tmp_path / "last.ckpt"), str(tmp_path / "a.ckpt")
+    callback = SimpleNamespace(
+        best_k_models={},
+        best_model_path="",
+        last_model_path=last,
+        monitor=None,
+        _last_checkpoint_saved=failed,
+        save_top_k=1,
+        save_last=save_last,
+        mode="min",
+    )
+    put_right(callback, [_Replacement(failed, FailedWrite(), _Before({}, "", "", ""))])  # type: ignore[arg-type]
+    assert callback.last_model_path == (last if save_last is True else "")

@@ -398,20 +398,30 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 class _putting_back:  # used as a function
     """``written`` (a wait for a CheckpointIO's write), then ``put_back`` with its outcome:
     on the pipeline's intake thread, before the file is staged; on a thread of its own if
-    the save's job is never submitted (``finishes_alone``: see ``Submitter.abandon_staging``)."""
+    the save's job is not submitted (``finishes_alone``: see ``Submitter.abandon_staging``
+    and ``Submitter.keep_out``). Runs once: a later call waits for that run's outcome."""
 
     finishes_alone = True
 
     def __init__(self, written: Callable[[], None], put_back: Callable[[bool], None]) -> None:
         self._written, self._put_back = written, put_back
+        self._once = threading.Lock()
+        self._ran = False
+        self._error: BaseException | None = None
 
     def __call__(self) -> None:
-        try:
-            self._written()
-        except BaseException:
-            self._put_back(False)
-            raise
-        self._put_back(True)
+        with self._once:
+            if not self._ran:
+                self._ran = True
+                try:
+                    self._written()
+                except BaseException as error:
+                    self._error = error
+                    self._put_back(False)
+                else:
+                    self._put_back(True)
+        if self._error is not None:
+            raise self._error
 
 
 def _write_now(write: HostWrite) -> None:

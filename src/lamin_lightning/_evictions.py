@@ -158,7 +158,13 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
         last = callback.last_model_path
         # The file itself (save_last=True), or a link to it never made (save_last="link":
         # made once the file is written) where no earlier link stands.
-        if last == path or (last and not os.path.lexists(last) and not name_taken(last)):
+        never_linked = (
+            callback.save_last == "link"
+            and bool(last)
+            and not os.path.lexists(last)
+            and not name_taken(last)
+        )
+        if last == path or never_linked:
             previous = before.last_model_path
             callback.last_model_path = previous if previous and os.path.exists(previous) else ""
         if callback.best_model_path == path and callback.monitor is None:

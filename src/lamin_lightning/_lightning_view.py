@@ -199,8 +199,14 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             _LINKS.make(_LINKS.request(linkpath), filepath)
         else:
             link = _LINKS.request(linkpath)
-            staging = submitter.staging_of(linkpath)
-            write.then(partial(_LINKS.make, link, filepath, staging), partial(_LINKS.drop, link))
+            try:
+                staging = submitter.staging_of(linkpath)
+                write.then(
+                    partial(_LINKS.make, link, filepath, staging), partial(_LINKS.drop, link)
+                )
+            except BaseException:  # Ctrl+C in between: the name must not stay taken
+                _LINKS.drop(link)
+                raise
         trainer.strategy.barrier()
 
     def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:

@@ -269,17 +269,16 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 written_later=write is not None,
             )
         except BaseException:
-            if snapshot is not None and not getattr(write, "finishes_alone", False):
+            if snapshot is not None:
                 # The feature hook raised (or Ctrl+C came): the checkpoint Lightning wrote,
                 # and names in its state, is journaled without feature values and kept
                 # from admission, for the flush at exit (or the next setup, or
                 # `lamin-lightning flush`) to persist; then the error goes on.
                 self._keep_out(trainer, snapshot, filepath, staged, prepare, write)
             else:
-                # No key for it (a resolver of the user's raised), or a rewrite whose
-                # previous file waits aside for the write: this staging will never run. A
-                # later rewrite or removal of the file must not wait for it (but for a
-                # put-back of the previous file, which still has to happen).
+                # No key for it (a resolver of the user's raised): this staging will never
+                # run. A later rewrite or removal of the file must not wait for it (but for
+                # a put-back of the previous file, which still has to happen).
                 submitter.abandon_staging(filepath, write)
             raise
         self._submit_record(trainer, record, prepare=prepare)
@@ -313,10 +312,13 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 prepare=prepare,
                 known=self._persisted.get,
                 outcome=self._on_outcome,
+                write=write,
             )
-        except Exception:
+        except BaseException as error:
             log.exception("could not journal the save of %s", filepath)
             submitter.abandon_staging(filepath, write)
+            if not isinstance(error, Exception):
+                raise  # Ctrl+C meanwhile: it goes on; otherwise the hook's error does
 
     def submit_file(self, trainer: pl.Trainer, path: str | Path, kind: ArtifactKind) -> None:
         """Stage a config or hparams file and submit its save. Training thread, rank zero.

@@ -171,11 +171,18 @@ class Submitter:
         prepare: Callable[[], int] | None,
         known: Callable[[str], Any] | None = None,
         outcome: Outcome | None = None,
+        write: Callable[[], None] | None = None,
     ) -> None:
         """Journal ``record`` and keep its job from admission, as an interrupt would (see
         :meth:`submit`): for a save whose hook raised before it was submitted. The flush
         at exit admits it (:meth:`submit_interrupted`); until then nothing waits for its
-        staging."""
+        staging. A ``write`` that must finish whether or not the job is ever admitted (it
+        puts the previous file back once a CheckpointIO's rewrite is done) starts now, on
+        a thread of its own; the job's preparation, if admitted, waits for that run."""
+        if write is not None and getattr(write, "finishes_alone", False):
+            threading.Thread(
+                target=_finish_quietly, args=(write,), name="lamin-lightning-put-back", daemon=True
+            ).start()
         settle = self.journal(record)
         if settle is _unjournaled and prepare is not None and record.op == "save":
             prepare = _staged_or_in_place(prepare, record)
@@ -517,6 +524,14 @@ class _Done:
             return False
         self.set()  # set again, for any other waiter
         return True
+
+
+def _finish_quietly(write: Callable[[], None]) -> None:
+    """Run a rewrite's wait and put-back on its own; its failure is its job's to report."""
+    try:
+        write()
+    except BaseException as error:  # the file was not rewritten: the previous one is back
+        log.warning("a rewrite did not finish: %s", error)
 
 
 def _nothing_aside(rewritten: bool) -> None:
