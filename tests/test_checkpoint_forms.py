@@ -537,18 +537,16 @@ def test_an_async_checkpoint_io_link_names_the_previous_checkpoint_until_the_new
     assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
 
 
-def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it(
+def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it_and_its_artifact_goes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """AsyncCheckpointIO, save_last="link", top 1, resumed from last.ckpt: the resumed fit's
     first save is no top-k one, so Lightning writes a real last.ckpt; at the next save it
     links last.ckpt to the new best. The link replaced the file before its job staged
     it: the job failed (FileNotFoundError) and training stopped with PersistenceError,
-    or the job read the link's target instead. Staged first, its artifact holds step 3."""
-    import io as bytes_io
-
-    import torch
-
+    or the job read the link's target instead. It is staged first; and as the file is
+    gone once the link stands (a link gets no artifact), its artifact goes too (it
+    stayed, holding step 3, under the key of a link to step 4)."""
     dirpath = tmp_path / "ckpts"
     linked = threading.Event()  # the resumed fit asked for the link (step 4)
 
@@ -591,9 +589,9 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it(
     assert io.written == ["last.ckpt", "epoch=0-step=4.ckpt"]
     assert waited == [True]
     assert callback.persistence_stats.failed == 0
-    stored = store.get("checkpoints/last.ckpt")
-    assert stored is not None and stored.data is not None
-    assert torch.load(bytes_io.BytesIO(stored.data), weights_only=False)["global_step"] == 3
+    assert store.get("checkpoints/last.ckpt") is None
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=4.ckpt"}
+    assert checkpoint_files(dirpath) == {"epoch=0-step=4.ckpt", "last.ckpt"}
     assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=4.ckpt"
 
 

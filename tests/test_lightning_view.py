@@ -49,7 +49,7 @@ from lamin_lightning import (
     _local_write,
     flush_directory,
 )
-from lamin_lightning._journal import Outbox
+from lamin_lightning._journal import Outbox, read_pending
 from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, content_sha256
 from test_async_write import OnTrainEnd, WriteGate
@@ -1012,3 +1012,44 @@ def test_a_failed_write_forgets_last_model_path_only_for_a_link_never_made(
     )
     put_right(callback, [_Replacement(failed, FailedWrite(), _Before({}, "", "", ""))])  # type: ignore[arg-type]
     assert callback.last_model_path == (last if save_last is True else "")
+
+
+@pytest.mark.parametrize("link_made", [True, False], ids=["link-made", "killed-before-the-link"])
+def test_a_replay_removes_a_last_ckpt_file_only_once_its_link_stands(
+    link_made: bool, tmp_path: Path
+) -> None:
+    """A real last.ckpt (with its artifact) that Lightning replaces by a link to a file
+    written in the background: the removal of its artifact is journaled with the link's
+    target. Killed after the link was made, the replay removes the artifact (a link gets
+    none); killed before (the target's write still running), file and artifact stay."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    last, target = dirpath / "last.ckpt", dirpath / "epoch=0-step=4.ckpt"
+    last.write_bytes(b"step 3")
+    store = MemoryStore()
+    saved = JobRecord(op="save", kind="checkpoint", key=key("last.ckpt"), local_path=str(last))
+    store.commit(saved, store.transfer(saved, last), replay=False, set_flags=True)
+    if link_made:
+        target.write_bytes(b"step 4")
+        last.unlink()
+        last.symlink_to(target.name)
+    removal = JobRecord(
+        op="remove",
+        kind="checkpoint",
+        key=key("last.ckpt"),
+        local_path=str(last),
+        store="memory",
+        after=str(target),
+        linked=True,
+    )
+    journal(dirpath, removal)
+    assert read_pending(staging_root(dirpath) / "outbox-test.jsonl")[0][1].linked
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert report.remaining == []
+    if link_made:
+        assert report.removed == 1 and store.keys() == set()
+    else:
+        assert report.removed == 0 and store.keys() == {key("last.ckpt")}
+        assert last.read_bytes() == b"step 3"

@@ -108,6 +108,10 @@ class JobRecord:
             returned (``async_write``, or a CheckpointIO that writes late). A replay
             that finds neither the file nor its staged copy drops the job: the process
             ended before the write finished, and the checkpoint never existed.
+        linked: For a removal: Lightning replaces the file by a link to :attr:`after`
+            (``save_last="link"``; the first ``last.ckpt`` of a resumed fit is a file).
+            The link is made once ``after`` is written: the removal happens only if the
+            path is a link by then; while it is still the file, it is kept.
     """
 
     op: Operation
@@ -123,6 +127,7 @@ class JobRecord:
     after: str | None = None
     given_path: str | None = None
     written_later: bool = False
+    linked: bool = False
 
     @property
     def event_path(self) -> Path:
@@ -142,12 +147,11 @@ class JobRecord:
     def replacement_lost(self) -> bool:
         """Whether this removal must not happen: the evicted file is still on disk and the
         checkpoint written in its place (:attr:`after`) never was."""
-        return (
-            self.op == "remove"
-            and self.after is not None
-            and os.path.lexists(self.local_path)
-            and not os.path.lexists(self.after)
-        )
+        if self.op != "remove" or self.after is None:
+            return False
+        if self.linked:  # the file is gone once the link stands (see linked)
+            return not os.path.islink(self.local_path)
+        return os.path.lexists(self.local_path) and not os.path.lexists(self.after)
 
     @property
     def prefix(self) -> str:
@@ -350,6 +354,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         "time": record.submitted_at,
         **({"after": record.after} if record.after else {}),
         **({"written_later": True} if record.written_later else {}),
+        **({"linked": True} if record.linked else {}),
     }
 
 
@@ -392,4 +397,5 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         version=int(version),
         after=str(data["after"]) if data.get("after") else None,
         written_later=data.get("written_later") is True,
+        linked=data.get("linked") is True,
     )

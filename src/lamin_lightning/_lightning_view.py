@@ -193,6 +193,11 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             super()._link_checkpoint(trainer, filepath, linkpath)
             return
         submitter = self._ensure_submitter()
+        # A file (not a link) under the link's name, or one still being written there:
+        # Lightning drops it for the link, so its artifact goes too, once the link stands.
+        replaced = (
+            os.path.lexists(linkpath) and not os.path.islink(linkpath)
+        ) or self._evictions.write_of(linkpath) is not None
         write = self._evictions.write_of(filepath)
         if write is None:
             submitter.await_staging(linkpath)
@@ -207,6 +212,13 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             except BaseException:  # Ctrl+C in between: the name must not stay taken
                 _LINKS.drop(link)
                 raise
+        if replaced:
+            # After the jobs of the file and of the link's target: it commits once the
+            # link is made (or finds the file kept, if the target's write failed).
+            record = self._record(
+                trainer, "remove", "checkpoint", linkpath, after=filepath, linked=True
+            )
+            self._submit_record(trainer, record, prepare=None)
         trainer.strategy.barrier()
 
     def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:

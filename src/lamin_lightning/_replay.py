@@ -452,6 +452,8 @@ def _never_moved_after_its_replacement(record: JobRecord) -> bool:
     lines say nothing). As for :func:`_never_moved_aside`, the ``last.ckpt`` on disk may
     be older than the eviction (its own write was queued behind the replacement's) and
     still count the file as kept: the file and its artifact stay."""
+    if record.linked:  # the file left when the link was made (see JobRecord.linked)
+        return record.replacement_lost()
     return record.op == "remove" and record.after is not None and os.path.lexists(record.local_path)
 
 

@@ -171,6 +171,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         snapshot: CheckpointSnapshot | None = None,
         after: str | None = None,
         written_later: bool = False,
+        linked: bool = False,
     ) -> JobRecord:
         local, given = absolute(path), os.fspath(path)
         return JobRecord(
@@ -186,6 +187,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             after=absolute(after) if after is not None else None,
             given_path=given if given != local else None,
             written_later=written_later,
+            linked=linked,
         )
 
     def _submit_record(
