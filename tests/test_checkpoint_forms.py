@@ -632,3 +632,52 @@ def test_a_rewrite_of_last_whose_feature_hook_raised_is_persisted_as_lightning_w
     assert stored.sha256 == content_sha256(last)
     aside = staging_root(dirpath) / "aside"
     assert not aside.exists() or [p for p in aside.iterdir() if p.suffix != ".lock"] == []
+
+
+def test_a_link_to_a_checkpoint_evicted_meanwhile_frees_its_name_as_in_lightning(
+    tmp_path: Path,
+) -> None:
+    """save_last="link", top 1, resumed from step 1 (whose state names no last path yet).
+    Step 2 evicts step 1, and ModelCheckpoint's last.ckpt, linking to step 1, dangles: its
+    name is free and the new link takes it. Under AsyncCheckpointIO the eviction waits for
+    step 2's write, so last.ckpt still resolved and Lightning named the link last-v1.ckpt,
+    leaving last.ckpt dangling for good (a later resume from it started over)."""
+
+    def fits(dirpath: Path, make: Any, plugins: Any) -> list[tuple[str, str]]:
+        make_trainer(tmp_path, [make(dirpath)], max_steps=1, plugins=plugins()).fit(
+            TinyModel(scores=[5.0, 4.0, 3.0]), loader(8)
+        )
+        make_trainer(tmp_path, [make(dirpath)], max_steps=3, plugins=plugins()).fit(
+            TinyModel(scores=[5.0, 4.0, 3.0]), loader(8), ckpt_path=str(dirpath / "last.ckpt")
+        )
+        return sorted(
+            (p.name, os.readlink(p) if p.is_symlink() else "") for p in dirpath.glob("*.ckpt")
+        )
+
+    options: dict[str, Any] = {
+        "monitor": "score",
+        "save_top_k": 1,
+        "save_last": "link",
+        "every_n_train_steps": 1,
+    }
+    plain = fits(tmp_path / "plain", lambda d: ModelCheckpoint(dirpath=d, **options), lambda: None)
+    io = HoldingIO(hold="epoch=0-step=2.ckpt")
+    store = MemoryStore()
+    held = {"done": False}
+
+    def held_io() -> Any:  # the resumed fit's first write is held until training ends
+        if held["done"]:
+            return [AsyncCheckpointIO(io)]
+        held["done"] = True
+        return [AsyncCheckpointIO(TorchCheckpointIO())]
+
+    class Releasing(MemoryCheckpoint):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            io.gate.set()
+            super().on_train_end(trainer, pl_module)
+
+    ours = fits(tmp_path / "ours", lambda d: Releasing(store, dirpath=d, **options), held_io)
+
+    assert not io.timed_out
+    assert plain == [("epoch=0-step=3.ckpt", ""), ("last.ckpt", "epoch=0-step=3.ckpt")]
+    assert ours == plain

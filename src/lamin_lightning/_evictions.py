@@ -114,6 +114,19 @@ class Evictions:
         current.evicted.append(evicted)
         return current.path
 
+    def evicting(self) -> bool:
+        """Whether some eviction still waits for its replacement's write."""
+        return any(r.evicted and not r.write.done() for r in self._writes)
+
+    def removing(self, path: str) -> bool:
+        """Whether ``path`` was evicted in favour of a write that has not failed: gone for
+        Lightning, though its removal may still wait for that write."""
+        return any(
+            not replacement.write.failed()
+            and any(os.path.realpath(evicted) == path for evicted in replacement.evicted)
+            for replacement in self._writes
+        )
+
     def write_of(self, path: str) -> BackgroundWrite | None:
         """The latest background write of ``path`` this callback still tracks, if any."""
         for replacement in reversed(self._writes):

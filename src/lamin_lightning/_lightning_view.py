@@ -136,8 +136,20 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         # The names in flight are looked at first: a write goes from "in flight, no file"
         # to "file, in flight" to "file"; looking at the disk first could see no file yet,
         # then a write no longer in flight, and hand its name out again.
-        taken = trainer.is_global_zero and (name_taken(filepath) or self._fs.exists(filepath))
+        taken = trainer.is_global_zero and (
+            name_taken(filepath) or (self._fs.exists(filepath) and not self._dangles(filepath))
+        )
         return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
+
+    def _dangles(self, filepath: Any) -> bool:
+        """Whether ``filepath`` is a link to a checkpoint Lightning evicted, whose removal
+        waits for its replacement's background write: for Lightning the link dangles (as
+        with ``ModelCheckpoint``, whose removal is done), and its name is free."""
+        evictions = self._evictions
+        if not evictions.evicting():
+            return False  # the common case, at every save: no lstat
+        path = os.fspath(filepath)
+        return os.path.islink(path) and evictions.removing(os.path.realpath(path))
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
         supported, why = async_write_supported(trainer)
