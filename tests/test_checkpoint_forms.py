@@ -550,10 +550,13 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it_an
     dirpath = tmp_path / "ckpts"
     linked = threading.Event()  # the resumed fit asked for the link (step 4)
 
+    io = HoldingIO(hold="epoch=0-step=4.ckpt")  # the link's target: written once asked for
+
     class Linking(MemoryCheckpoint):  # one class: the resumed fit restores its state
         def _link_checkpoint(self, trainer: Any, filepath: str, linkpath: str) -> None:
             super()._link_checkpoint(trainer, filepath, linkpath)
             linked.set()
+            io.gate.set()
 
     options: dict[str, Any] = {
         "dirpath": dirpath,
@@ -561,6 +564,7 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it_an
         "every_n_train_steps": 1,
         "save_top_k": 1,
         "save_last": "link",
+        "max_pending": 16,  # the held staging must not hold the training thread back
     }
     make_trainer(
         tmp_path,
@@ -569,6 +573,7 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it_an
         plugins=[AsyncCheckpointIO(TorchCheckpointIO())],
     ).fit(TinyModel(scores=[5.0, 4.0]), loader(4))
     linked.clear()
+    io.gate.clear()  # opened by the first fit's links
 
     real_stage = Stager.stage
     waited: list[bool] = []
@@ -581,12 +586,11 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it_an
     monkeypatch.setattr(Stager, "stage", stage)
     store = MemoryStore(keep_bytes=True)
     callback = Linking(store, **options)
-    io = HoldingIO()
     make_trainer(tmp_path, [callback], max_steps=4, plugins=[AsyncCheckpointIO(io)]).fit(
         TinyModel(scores=[5.0, 4.0, 6.0, 3.0]), loader(4), ckpt_path=str(dirpath / "last.ckpt")
     )
 
-    assert io.written == ["last.ckpt", "epoch=0-step=4.ckpt"]
+    assert io.written == ["last.ckpt", "epoch=0-step=4.ckpt"] and not io.timed_out
     assert waited == [True]
     assert callback.persistence_stats.failed == 0
     assert store.get("checkpoints/last.ckpt") is None
@@ -681,3 +685,48 @@ def test_a_link_to_a_checkpoint_evicted_meanwhile_frees_its_name_as_in_lightning
     assert not io.timed_out
     assert plain == [("epoch=0-step=3.ckpt", ""), ("last.ckpt", "epoch=0-step=3.ckpt")]
     assert ours == plain
+
+
+def test_a_write_queued_by_async_checkpoint_io_as_it_raised_an_earlier_error_is_persisted(
+    tmp_path: Path,
+) -> None:
+    """save_last=True, top 1: step 2's top-k write fails at once; Lightning's next call,
+    the rewrite of last.ckpt, queues its write and then raises that stored error. The
+    rewrite counted as failed: the previous last.ckpt was put back, and the queued write
+    replaced it on disk with step 2, which no job followed (its artifact stayed at step 1,
+    or the put-back won and the file on disk went back). The queued write is followed:
+    the file it writes is persisted by the flush at exit."""
+    import io as bytes_io
+
+    import torch
+
+    io = FailingHeldWrite("*", nth=3, held=False)  # writes: step-1, last, step-2, last
+
+    class WaitsBeforeLast(MemoryCheckpoint):
+        def _save_last_checkpoint(self, trainer: Any, candidates: Any) -> None:
+            if trainer.global_step == 2:  # the failure is stored before the rewrite
+                assert io.failed.wait(60)
+            super()._save_last_checkpoint(trainer, candidates)
+
+    store = MemoryStore(keep_bytes=True)
+    dirpath = tmp_path / "ckpts"
+    callback = WaitsBeforeLast(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=1,
+        save_last=True,
+        every_n_train_steps=1,
+    )
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(tmp_path, [callback], max_steps=3, plugins=[AsyncCheckpointIO(io)]).fit(
+            TinyModel(scores=[5.0, 4.0, 3.0]), loader(3)
+        )
+
+    last = dirpath / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    stored = store.get("checkpoints/last.ckpt")
+    assert stored is not None and stored.data is not None
+    assert torch.load(bytes_io.BytesIO(stored.data), weights_only=False)["global_step"] == 2
+    aside = staging_root(dirpath) / "aside"
+    assert not aside.exists() or [p for p in aside.iterdir() if p.suffix != ".lock"] == []

@@ -46,7 +46,12 @@ from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from typing_extensions import override
 
 from lamin_lightning._aside import put_back_in as put_back_leftovers
-from lamin_lightning._checkpoint_io import PendingWrites, WriteTracker, removes_as_lightning
+from lamin_lightning._checkpoint_io import (
+    PendingWrites,
+    WriteTracker,
+    queued_anyway,
+    removes_as_lightning,
+)
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
 from lamin_lightning._events import (
@@ -305,6 +310,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             put_back = self._ensure_submitter().move_aside(self._staging_root(filepath), filepath)
         write: HostWrite | None = None
         io_write: PendingWrites | None = None  # a CheckpointIO still writing the file
+        since = 0
         try:
             if background:
                 write = self._save_in_background(trainer, filepath)
@@ -313,8 +319,15 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 super()._save_checkpoint(trainer, filepath)
                 if self._io_writes is not None:
                     io_write = self._io_writes.waiter(filepath, since)
-        except BaseException:
-            if put_back is not None:
+        except BaseException as error:
+            queued = self._io_writes.waiter(filepath, since) if self._io_writes else None
+            if queued is not None and queued_anyway(error, trainer.strategy):
+                # AsyncCheckpointIO raised an earlier write's error after queuing this one:
+                # the file is written all the same, so it is persisted all the same (kept
+                # out until the flush at exit), and the previous file waits aside for it.
+                late = queued if put_back is None else _putting_back(queued, put_back)
+                self._keep_out_written_later(trainer, filepath, late)
+            elif put_back is not None:
                 put_back(False)  # the rewrite failed: the previous file stays
             raise
         written: Callable[[], None] | None = io_write

@@ -214,8 +214,11 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
         write = self.tracker.begin(_path_argument(args, kwargs))
         try:
             super().save_checkpoint(*args, **kwargs)
-        except BaseException:
-            self.tracker.drop(write)
+        except BaseException as error:
+            # AsyncCheckpointIO queues the write, then raises an earlier write's error (kept
+            # in ``_error``): this write still happens, and is followed (see queued_anyway).
+            if error is not getattr(self.checkpoint_io, "_error", None):
+                self.tracker.drop(write)
             raise
 
     @override
@@ -263,6 +266,18 @@ class _WriteNotifier(CheckpointIO):
         if name.startswith("__") or name in ("checkpoint_io", "tracker"):
             raise AttributeError(name)
         return getattr(self.checkpoint_io, name)
+
+
+def queued_anyway(error: BaseException, strategy: Any) -> bool:
+    """Whether ``error``, raised by the trainer's CheckpointIO, is an earlier write's (kept
+    by ``AsyncCheckpointIO``) raised after it queued the write of this call: Lightning's
+    save fails, and the file is written all the same."""
+    io = getattr(strategy, "_checkpoint_io", None)
+    while io is not None:
+        if getattr(io, "_error", None) is error:
+            return True
+        io = getattr(io, "_checkpoint_io", None) if isinstance(io, _WrappingCheckpointIO) else None
+    return False
 
 
 def compose(strategy: Any) -> WriteTracker | None:

@@ -285,6 +285,22 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             raise
         self._submit_record(trainer, record, prepare=prepare)
 
+    def _keep_out_written_later(
+        self, trainer: pl.Trainer, filepath: str, write: Callable[[], None]
+    ) -> None:
+        """A save whose file a CheckpointIO writes after Lightning's call raised: journaled
+        (no feature values: the save failed for Lightning) and kept out (see _keep_out)."""
+        if not trainer.is_global_zero:
+            return
+        submitter = self._ensure_submitter()
+        staged, prepare = submitter.plan_staging(self._staging_root(filepath), filepath, write)
+        try:
+            snapshot = self._snapshot(trainer, filepath, staged)
+        except BaseException:
+            submitter.abandon_staging(filepath, write)
+            raise
+        self._keep_out(trainer, snapshot, filepath, staged, prepare, write)
+
     def _keep_out(
         self,
         trainer: pl.Trainer,
