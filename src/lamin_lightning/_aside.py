@@ -235,7 +235,14 @@ def _parse(name: str) -> tuple[str, str]:
     get the owner ``{pid}-{n}``, whose lock file never exists: their process ended.
     """
     parts = name.split("-", 3)
-    if len(parts) == 4 and len(parts[1]) == len(_staging._TOKEN) and not parts[1].isdigit():
+    # The token is hex and may be all digits (about 1 process in 300): it is told from an
+    # old entry's counter by its length and by the counter that follows it.
+    if (
+        len(parts) == 4
+        and len(parts[1]) == len(_staging._TOKEN)
+        and all(c in "0123456789abcdef" for c in parts[1])
+        and parts[2].isdigit()
+    ):
         return f"{parts[0]}-{parts[1]}", parts[3]
     parts = name.split("-", 2)
     return "-".join(parts[:2]), parts[-1]
