@@ -671,6 +671,7 @@ def test_a_link_to_a_checkpoint_evicted_meanwhile_frees_its_name_as_in_lightning
 
     def held_io() -> Any:  # the resumed fit's first write is held until training ends
         if held["done"]:
+            io.gate.clear()  # opened at the end of the first fit
             return [AsyncCheckpointIO(io)]
         held["done"] = True
         return [AsyncCheckpointIO(TorchCheckpointIO())]
@@ -730,3 +731,57 @@ def test_a_write_queued_by_async_checkpoint_io_as_it_raised_an_earlier_error_is_
     assert torch.load(bytes_io.BytesIO(stored.data), weights_only=False)["global_step"] == 2
     aside = staging_root(dirpath) / "aside"
     assert not aside.exists() or [p for p in aside.iterdir() if p.suffix != ".lock"] == []
+
+
+def test_a_link_to_an_evicted_checkpoint_whose_removal_is_still_pending_frees_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with the replacement's write done and the evicted file's removal (on the
+    pipeline's intake thread) not yet: last.ckpt still resolved, and the link was named
+    last-v1.ckpt."""
+    dirpath = tmp_path / "ckpt"
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "monitor": "score",
+        "save_top_k": 1,
+        "save_last": "link",
+        "every_n_train_steps": 1,
+    }
+    named = threading.Event()  # step 2's link was named
+    io = HoldingIO(hold="epoch=0-step=2.ckpt")  # held until step 1's eviction was deferred
+
+    class WrittenFirst(MemoryCheckpoint):
+        def _save_last_checkpoint(self, trainer: Any, candidates: Any) -> None:
+            if trainer.global_step == 2:  # step 2 written; step 1's removal still pending
+                io.gate.set()
+                write = self._evictions.write_of(str(dirpath / "epoch=0-step=2.ckpt"))
+                assert write is not None and write.wait(60)
+            super()._save_last_checkpoint(trainer, candidates)
+            named.set()
+
+    make_trainer(  # the same class: the resumed fit restores its state
+        tmp_path,
+        [WrittenFirst(MemoryStore(), **options)],
+        max_steps=1,
+        plugins=[AsyncCheckpointIO(TorchCheckpointIO())],
+    ).fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(8))
+    named.clear()
+
+    real_trash = Stager.trash
+
+    def trash(self: Stager, path: Any) -> Any:
+        if Path(path).name == "epoch=0-step=1.ckpt":
+            assert named.wait(60), "the link was never named"
+        return real_trash(self, path)
+
+    monkeypatch.setattr(Stager, "trash", trash)
+
+    callback = WrittenFirst(MemoryStore(), **options)
+    make_trainer(tmp_path, [callback], max_steps=2, plugins=[AsyncCheckpointIO(io)]).fit(
+        TinyModel(scores=[5.0, 4.0, 3.0]), loader(8), ckpt_path=str(dirpath / "last.ckpt")
+    )
+
+    assert not io.timed_out
+    assert Path(callback.last_model_path).name == "last.ckpt"
+    assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=2.ckpt"
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt", "last.ckpt"}

@@ -38,6 +38,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # never an artifact whose checkpoint Lightning already dropped.
         settle = submitter.journal(record)
         if after is not None:
-            remove = submitter.remove_once_written(root, filepath, after)
+            remove = submitter.remove_once_written(
+                root, filepath, after, then=partial(self._evictions.removed, filepath)
+            )
         elif self._removes_as_lightning(trainer):
             # A rename now, the deletion on the intake thread (Lightning's own removal
             # below then finds nothing to do).

@@ -77,6 +77,9 @@ class Evictions:
         self._before: _Before | None = None
         self._current: _Replacement | None = None
         self._writes: list[_Replacement] = []
+        # Real paths of evicted files whose removal waits (for the replacement's write,
+        # then for the intake thread); discarded there (see removed) or when dropped.
+        self._removing: set[str] = set()
 
     def save_started(self, callback: Any) -> None:
         """Lightning is about to choose and save a checkpoint: remember its state now
@@ -112,20 +115,21 @@ class Evictions:
         if current.write.done() and not current.write.failed():
             return None  # written already: the removal need not wait
         current.evicted.append(evicted)
+        self._removing.add(os.path.realpath(evicted))
         return current.path
 
+    def removed(self, evicted: str) -> None:
+        """The deferred removal of ``evicted`` ran (pipeline's intake thread)."""
+        self._removing.discard(os.path.realpath(evicted))
+
     def evicting(self) -> bool:
-        """Whether some eviction still waits for its replacement's write."""
-        return any(r.evicted and not r.write.done() for r in self._writes)
+        """Whether some eviction's removal still waits (see :meth:`replacement_for`)."""
+        return bool(self._removing)
 
     def removing(self, path: str) -> bool:
-        """Whether ``path`` was evicted in favour of a write that has not failed: gone for
-        Lightning, though its removal may still wait for that write."""
-        return any(
-            not replacement.write.failed()
-            and any(os.path.realpath(evicted) == path for evicted in replacement.evicted)
-            for replacement in self._writes
-        )
+        """Whether the file at real path ``path`` was evicted and its removal still waits:
+        gone for Lightning, though still on disk."""
+        return path in self._removing
 
     def write_of(self, path: str) -> BackgroundWrite | None:
         """The latest background write of ``path`` this callback still tracks, if any."""
@@ -138,6 +142,9 @@ class Evictions:
         """Forget finished writes; return those that failed, oldest first."""
         failed = [w for w in self._writes if w.write.failed()]
         self._writes = [w for w in self._writes if not w.write.done()]
+        for replacement in failed:  # their evictions are dropped: the files stay
+            for evicted in replacement.evicted:
+                self.removed(evicted)
         return failed
 
 

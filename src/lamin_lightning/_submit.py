@@ -438,7 +438,11 @@ class Submitter:
         return done
 
     def remove_once_written(
-        self, root: Path, filepath: str | Path, replacement: str | Path
+        self,
+        root: Path,
+        filepath: str | Path,
+        replacement: str | Path,
+        then: Callable[[], None] | None = None,
     ) -> Callable[[], int]:
         """Lightning's removal of ``filepath``, for the intake thread, once ``replacement``
         (written in the background, by an earlier job) exists; none if it was never written.
@@ -449,8 +453,12 @@ class Submitter:
         stager = self.stager(root)
 
         def remove() -> int:
-            if os.path.lexists(replacement):
-                stager.trash(filepath)
+            try:
+                if os.path.lexists(replacement):
+                    stager.trash(filepath)
+            finally:
+                if then is not None:
+                    then()  # ``then``: told that the removal ran (or was dropped)
             stager.empty_trash()
             return 0
 
