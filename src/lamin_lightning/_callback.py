@@ -50,7 +50,6 @@ from lamin_lightning._aside import put_back_in as put_back_leftovers
 from lamin_lightning._checkpoint_io import (
     PendingWrites,
     WriteTracker,
-    queued_anyway,
     removes_as_lightning,
 )
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
@@ -320,9 +319,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 super()._save_checkpoint(trainer, filepath)
                 if self._io_writes is not None:
                     io_write = self._io_writes.waiter(filepath, since)
-        except BaseException as error:
+        except BaseException:
             queued = self._io_writes.waiter(filepath, since) if self._io_writes else None
-            if queued is not None and queued_anyway(error, trainer.strategy):
+            if queued is not None and queued.handed_over():
                 # AsyncCheckpointIO raised an earlier write's error after queuing this one:
                 # the file is written all the same, so it is persisted all the same (kept
                 # out until the flush at exit), and the previous file waits aside for it.

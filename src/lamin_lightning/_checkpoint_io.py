@@ -80,6 +80,10 @@ class _Write:
         self.done.set()
 
 
+class _NeverStarted(RuntimeError):
+    """The error of a write dropped before any writer took it."""
+
+
 class WriteTracker:
     """The writes begun through the wrapped CheckpointIO and not finished, per path."""
 
@@ -118,7 +122,7 @@ class WriteTracker:
             if write.claimed:
                 return
             self._remove(write)
-        write.finish(RuntimeError(f"the write of {write.path} never started"))
+        write.finish(_NeverStarted(f"the write of {write.path} never started"))
 
     def claim(self, path: Any) -> _Write | None:
         """The writer thread starts writing ``path``: the oldest write not yet taken."""
@@ -190,6 +194,12 @@ class PendingWrites:
         """Whether they finished and one failed."""
         return self.done() and any(write.error is not None for write in self._writes)
 
+    def handed_over(self) -> bool:
+        """Whether every write reached the writer: none was dropped because its
+        ``save_checkpoint`` raised first (one that raised an earlier write's error after
+        queuing it was not)."""
+        return not any(isinstance(write.error, _NeverStarted) for write in self._writes)
+
     def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
         """``action`` once every write finished and wrote its file, else ``otherwise``: on
         the thread that finishes the last one (they finish in order: one writer thread)."""
@@ -216,7 +226,7 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
             super().save_checkpoint(*args, **kwargs)
         except BaseException as error:
             # AsyncCheckpointIO queues the write, then raises an earlier write's error (kept
-            # in ``_error``): this write still happens, and is followed (see queued_anyway).
+            # in ``_error``): this write still happens, and is followed (handed_over).
             if error is not getattr(self.checkpoint_io, "_error", None):
                 self.tracker.drop(write)
             raise
@@ -266,18 +276,6 @@ class _WriteNotifier(CheckpointIO):
         if name.startswith("__") or name in ("checkpoint_io", "tracker"):
             raise AttributeError(name)
         return getattr(self.checkpoint_io, name)
-
-
-def queued_anyway(error: BaseException, strategy: Any) -> bool:
-    """Whether ``error``, raised by the trainer's CheckpointIO, is an earlier write's (kept
-    by ``AsyncCheckpointIO``) raised after it queued the write of this call: Lightning's
-    save fails, and the file is written all the same."""
-    io = getattr(strategy, "_checkpoint_io", None)
-    while io is not None:
-        if getattr(io, "_error", None) is error:
-            return True
-        io = getattr(io, "_checkpoint_io", None) if isinstance(io, _WrappingCheckpointIO) else None
-    return False
 
 
 def compose(strategy: Any) -> WriteTracker | None:

@@ -261,15 +261,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             values = self.collect_checkpoint_feature_values(trainer, snapshot)
             if values:
                 snapshot = _with_features(snapshot, values)
-            record = self._record(
-                trainer,
-                "save",
-                "checkpoint",
-                filepath,
-                staged=staged,
-                snapshot=snapshot,
-                written_later=write is not None,
-            )
+            record = self._checkpoint_record(trainer, filepath, staged, snapshot, write)
         except BaseException:
             if snapshot is not None:
                 # The feature hook raised (or Ctrl+C came): the checkpoint Lightning wrote,
@@ -284,6 +276,25 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 submitter.abandon_staging(filepath, write)
             raise
         self._submit_record(trainer, record, prepare=prepare)
+
+    def _checkpoint_record(
+        self,
+        trainer: pl.Trainer,
+        filepath: str,
+        staged: Path,
+        snapshot: CheckpointSnapshot,
+        write: Callable[[], None] | None,
+    ) -> JobRecord:
+        """The record of a checkpoint's save (``write``: its file is written later)."""
+        return self._record(
+            trainer,
+            "save",
+            "checkpoint",
+            filepath,
+            staged=staged,
+            snapshot=snapshot,
+            written_later=write is not None,
+        )
 
     def _keep_out_written_later(
         self, trainer: pl.Trainer, filepath: str, write: Callable[[], None]
@@ -314,15 +325,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         out of the pipeline until the flush at exit (see ``Submitter.keep_out``)."""
         submitter = self._ensure_submitter()
         try:
-            record = self._record(
-                trainer,
-                "save",
-                "checkpoint",
-                filepath,
-                staged=staged,
-                snapshot=snapshot,
-                written_later=write is not None,
-            )
+            record = self._checkpoint_record(trainer, filepath, staged, snapshot, write)
             submitter.keep_out(
                 record,
                 HookStore(self, trainer),

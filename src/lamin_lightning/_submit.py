@@ -139,17 +139,8 @@ class Submitter:
             pipeline = self.ensure_pipeline()
             if self._holding:
                 pipeline.hold()
-            settle = journaled if journaled is not None else self.journal(record)
-            if settle is _unjournaled and prepare is not None and record.op == "save":
-                prepare = _staged_or_in_place(prepare, record)
-            spec = build_job(
-                record,
-                store,
-                trainer=trainer,
-                settle=settle,
-                known=known,
-                outcome=outcome,
-                prepare=prepare,
+            spec = self._journaled_job(
+                record, store, trainer, prepare, known, outcome, journaled=journaled
             )
             pipeline.submit(spec, stop_waiting=partial(_sigterm_received, trainer))
         except BaseException:
@@ -180,13 +171,27 @@ class Submitter:
         puts the previous file back once a CheckpointIO's rewrite is done) starts now, on
         a thread of its own; the job's preparation, if admitted, waits for that run."""
         if write is not None and getattr(write, "finishes_alone", False):
-            threading.Thread(
-                target=_finish_quietly, args=(write,), name="lamin-lightning-put-back", daemon=True
-            ).start()
-        settle = self.journal(record)
+            _finish_alone(write)
+        spec = self._journaled_job(record, store, trainer, prepare, known, outcome)
+        self.drop_staging(record.local_path)
+        self._unadmitted.append(spec)
+
+    def _journaled_job(
+        self,
+        record: JobRecord,
+        store: ArtifactStore,
+        trainer: Any,
+        prepare: Callable[[], int] | None,
+        known: Callable[[str], Any] | None,
+        outcome: Outcome | None,
+        *,
+        journaled: Callable[[str], None] | None = None,
+    ) -> JobSpec:
+        """Journal ``record`` (unless ``journaled`` says where it already is); its job."""
+        settle = journaled if journaled is not None else self.journal(record)
         if settle is _unjournaled and prepare is not None and record.op == "save":
             prepare = _staged_or_in_place(prepare, record)
-        spec = build_job(
+        return build_job(
             record,
             store,
             trainer=trainer,
@@ -195,8 +200,6 @@ class Submitter:
             outcome=outcome,
             prepare=prepare,
         )
-        self.drop_staging(record.local_path)
-        self._unadmitted.append(spec)
 
     @property
     def kept_out(self) -> int:
@@ -367,18 +370,7 @@ class Submitter:
         if write is None or not getattr(write, "finishes_alone", False):
             self.drop_staging(filepath)
             return
-        done = self._staging_done.get(absolute(filepath))
-
-        def finish() -> None:
-            try:
-                write()
-            except BaseException as error:  # its own failure: the file was not rewritten
-                log.warning("the rewrite of %s did not finish: %s", filepath, error)
-            finally:
-                if done is not None:
-                    done.set()
-
-        threading.Thread(target=finish, name="lamin-lightning-put-back", daemon=True).start()
+        _finish_alone(write, self._staging_done.get(absolute(filepath)))
 
     def staging_of(self, filepath: str | Path) -> _Done | None:
         """The staging of ``filepath`` not finished yet, for a wait elsewhere (it is no
@@ -388,8 +380,8 @@ class Submitter:
 
     def await_staging(self, filepath: str | Path) -> None:
         """Before Lightning removes or rewrites a file, make sure it has been staged."""
-        done = self._staging_done.pop(absolute(filepath), None)
-        if done is None or done.is_set():
+        done = self.staging_of(filepath)
+        if done is None:
             return
         if self.pipeline is not None:
             self.pipeline.release()  # its job may be held (see holding)
@@ -534,12 +526,21 @@ class _Done:
         return True
 
 
-def _finish_quietly(write: Callable[[], None]) -> None:
-    """Run a rewrite's wait and put-back on its own; its failure is its job's to report."""
-    try:
-        write()
-    except BaseException as error:  # the file was not rewritten: the previous one is back
-        log.warning("a rewrite did not finish: %s", error)
+def _finish_alone(write: Callable[[], None], done: _Done | None = None) -> None:
+    """Run a rewrite's wait and put-back (``finishes_alone``) on a thread of its own, then
+    set ``done``; its failure is logged (the file was not rewritten: the previous one is
+    back)."""
+
+    def finish() -> None:
+        try:
+            write()
+        except BaseException as error:
+            log.warning("a rewrite did not finish: %s", error)
+        finally:
+            if done is not None:
+                done.set()
+
+    threading.Thread(target=finish, name="lamin-lightning-put-back", daemon=True).start()
 
 
 def _nothing_aside(rewritten: bool) -> None:
