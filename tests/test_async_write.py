@@ -898,6 +898,39 @@ def test_a_file_written_in_the_background_does_not_stay_in_the_page_cache(tmp_pa
     assert store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's"
+)
+def test_the_background_write_runs_at_a_lower_cpu_priority_than_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every background write runs on a thread niced below the training thread (so where
+    cores are short the scheduler favours training), and the files are complete."""
+    dirpath = tmp_path / "ckpt"
+    seen: list[tuple[str, int]] = []
+    real_write = _local_write.write_atomically
+
+    def observed_write(*args: Any, **kwargs: Any) -> int:
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, 0)))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(_local_write, "write_atomically", observed_write)
+    store = MemoryStore()
+    callback = async_callback(store, dirpath)
+    training = os.getpriority(os.PRIO_PROCESS, 0)
+    make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(3))
+
+    assert len(seen) == 3
+    expected = min(19, training + _local_write.WRITE_NICENESS)
+    assert all(name == "lamin-lightning-write" and nice == expected for name, nice in seen), seen
+    assert os.getpriority(os.PRIO_PROCESS, 0) == training  # the caller's is untouched
+    files = checkpoint_files(dirpath)
+    assert len(files) == 3
+    for name in files:
+        assert store.get(key(name)).sha256 == sha256_file(dirpath / name)  # type: ignore[union-attr]
+        load(dirpath / name)
+
+
 # -- resume and fallback -------------------------------------------------------------------------
 
 

@@ -5,9 +5,9 @@ the checkpoint (so the file holds exactly what ``torch.save`` would write at tha
 moment, and what cannot be pickled fails there, as it would) and copies each tensor
 storage's bytes into host buffers (reused from one checkpoint to the next; pinned
 when the tensors live on an accelerator, so the copy never needs a second buffer on
-the device). Writing the archive happens later on the pipeline's intake thread, into
-a temporary file that is fsynced and renamed into place: a file is complete or
-absent, never torn.
+the device). Writing the archive happens later, for the pipeline's intake thread, on
+a thread of its own at a lower CPU priority than training, into a temporary file that
+is fsynced and renamed into place: a file is complete or absent, never torn.
 
 The background write shares the host's CPUs with training, so it does as little
 CPU work as it can (measured in ``benchmarks/bench_async_write.py``): the zip
@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
 import types
@@ -445,10 +446,42 @@ def write_atomically(
     return size
 
 
+WRITE_NICENESS = 10
+"""How much lower than the caller's the background write's CPU priority is (the nice
+value added to its thread; Linux only, where a thread has its own)."""
+
+
+def run_below_training(work: Callable[[], None], name: str) -> None:
+    """Run ``work`` on a new thread whose CPU priority is :data:`WRITE_NICENESS` below the
+    caller's; return once it ended.
+
+    Where cores are short (training plus another busy process), the scheduler then gives
+    the write the CPU that training leaves: the write takes longer, training does not.
+    When training waits (for a slot, for the GIL, at its next save) it sleeps, and the
+    write gets the core. ``work`` must not raise: it reports its own outcome. If the
+    wait is interrupted, the thread goes on and finishes ``work``.
+    """
+    thread = threading.Thread(target=_below, args=(work,), name=name, daemon=True)
+    thread.start()
+    thread.join()
+
+
+def _below(work: Callable[[], None]) -> None:
+    if sys.platform.startswith("linux"):  # elsewhere a thread id is no process id
+        with contextlib.suppress(OSError):  # raising one's nice value is always allowed
+            os.setpriority(
+                os.PRIO_PROCESS,
+                threading.get_native_id(),
+                min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITE_NICENESS),
+            )
+    work()
+
+
 class HostWrite:
     """The background write of one host snapshot (``async_write``); frees its slot once.
 
-    Called on the intake thread, it writes the file and gives the slot back. If the
+    Called on the intake thread, it writes the file (on a lower-priority thread, see
+    :func:`run_below_training`) and gives the slot back. If the
     save fails on the training thread before the job is submitted, :meth:`abandon`
     gives the slot back instead (a slot never freed would block every later save);
     a write abandoned that way refuses to run, since its buffers may be reused. A write
@@ -516,16 +549,21 @@ class HostWrite:
                 self._state = "writing"
         if state == "abandoned":
             raise RuntimeError(f"the snapshot of {self._filepath} was abandoned; not written")
-        if state != "pending":  # run (or running) on another thread already: its outcome
+        if state == "pending":
+            # On a thread of its own, at a lower CPU priority than training (see
+            # :func:`run_below_training`). It finishes what it started, slot and all,
+            # even if this caller is interrupted (a Ctrl+C while it waits).
+            run_below_training(self._write, name="lamin-lightning-write")
+        else:  # run (or running) on another thread already: its outcome
             self._done.wait()
-            if self.error is not None:
-                raise self.error
-            return
+        if self.error is not None:
+            raise self.error
+
+    def _write(self) -> None:
         try:
             write_atomically(self._host, self._filepath, self._scratch, save_snapshot)
         except BaseException as error:
             self.error = error
-            raise
         finally:
             self._host = None
             self._snapshotter.release(self._slot)
