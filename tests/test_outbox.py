@@ -451,6 +451,45 @@ def test_an_unwritable_checkpoint_directory_fails_at_setup(tmp_path: Path) -> No
     assert _CountingModel.steps == 0, "the error must come before the first training step"
 
 
+@contextmanager
+def _immutable(folder: Path) -> Iterator[None]:
+    """``folder`` cannot gain entries, for root too (``chattr +i``); skip where unsupported."""
+    chattr = shutil.which("chattr")
+    if (
+        chattr is None
+        or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode
+    ):
+        pytest.skip("chattr +i is not available here (needs root and a filesystem with it)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
+def test_a_writable_checkpoint_directory_in_a_folder_that_is_not_fails_at_setup_naming_both(
+    tmp_path: Path,
+) -> None:
+    """The working folder sits beside the checkpoint directory: a folder one may write into
+    inside a parent one may not (a shared mount) is refused before training, with both
+    folders and the fix named, nothing left running, nothing written."""
+    parent = tmp_path / "shared"
+    dirpath = parent / "ckpts"
+    dirpath.mkdir(parents=True)
+    callback = MemoryCheckpoint(dirpath=dirpath, every_n_train_steps=1)
+    _CountingModel.steps = 0
+    with _immutable(parent):
+        (dirpath / "probe").write_text("the checkpoint directory itself is writable")
+        (dirpath / "probe").unlink()
+        with pytest.raises(CheckpointDirectoryError) as raised:
+            make_trainer(tmp_path, [callback], max_steps=2).fit(_CountingModel(), loader())
+    message = str(raised.value)
+    assert str(dirpath) in message and str(staging_root(dirpath)) in message
+    assert "Pass a dirpath" in message
+    assert _CountingModel.steps == 0, "the error must come before the first training step"
+    assert list(dirpath.iterdir()) == [] and not staging_root(dirpath).exists()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("lamin-lightning")] == []
+
+
 class _LargerThanTheDiskModel(_CountingModel):
     """A model whose state is larger than the whole disk of the checkpoint directory.
 
