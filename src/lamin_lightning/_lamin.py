@@ -10,6 +10,7 @@ journaled jobs after a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -212,6 +213,10 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._store_context: dict[str, Any] | None = None
+        # The feature values the pipeline's save_checkpoint_artifact call received, by
+        # id() of the artifact it made (held, so no other object takes that id meanwhile):
+        # an override may have changed them on the way.
+        self._given_values: dict[int, tuple[Any, dict[Any, Any]]] = {}
         self._lamin: LaminStore | None = None
         self._prefix_cache: tuple[pl.Trainer, str] | None = None
         # resolve_artifact_key's answers (about ten per checkpoint, on the training thread)
@@ -429,6 +434,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         key, artifact = self._save_file(trainer, filepath, "checkpoint", self._run)
         if not self.called_by_pipeline():
             self._finish_direct_call(trainer, "checkpoint", key, filepath, artifact, feature_values)
+        else:  # annotated at the commit with these: what an override passed on to us
+            self._given_values[id(artifact)] = (artifact, dict(feature_values or {}))
         return artifact
 
     @override
@@ -505,6 +512,11 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
                     self._run_values_pending = None
                 raise
         self._run_values_pending = None
+        _, given = self._given_values.pop(id(artifact), (None, None))
+        if given is not None and given != dict(snapshot.feature_values or {}):
+            # An override of save_checkpoint_artifact added, changed or dropped values
+            # before calling ours: the reference annotates what it passed on.
+            snapshot = dataclasses.replace(snapshot, feature_values=given)
         self._store.commit_checkpoint(snapshot, artifact, replay=False, set_flags=True)
 
     @override
@@ -518,6 +530,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     @override
     def abandon_checkpoint_artifact(self, trainer: pl.Trainer, key: str, artifact: Any) -> None:
         """Delete the artifact of a save whose commit failed for good."""
+        self._given_values.pop(id(artifact), None)
         self._store.abandon_artifact(artifact)
 
     @override

@@ -305,6 +305,8 @@ class HookStore:
         self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
     ) -> tuple[str, ...]:
         del replay, set_flags  # a live job: every flag moves, every annotation must hold
+        if artifact is None:  # an override of the save hook persisted nothing: as it chose
+            return ()
         if record.kind == "checkpoint" and record.checkpoint is not None:
             self._callback.commit_checkpoint_artifact(self._trainer, record.checkpoint, artifact)
         return ()

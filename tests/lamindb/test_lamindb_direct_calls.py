@@ -56,3 +56,80 @@ def test_direct_save_calls_annotate_and_emit_before_returning(
     assert config_artifact.key == f"{callback.base_prefix}/config.yaml"
     assert observer.events[-1].kind == "config"
     assert observer.events[-1].artifact.id == config_artifact.id
+
+
+# -- overrides of the save hook, called by the pipeline during a fit -----------------------
+
+
+def test_feature_values_an_override_passes_on_are_what_the_checkpoint_is_annotated_with(
+    ln: Any, tmp_path: Path, no_run: None
+) -> None:
+    """An override of ``save_checkpoint_artifact`` that adds a value (and drops one) before
+    calling ours: each checkpoint carries what it passed on, as in the reference, where
+    ``super()`` annotates its ``feature_values`` argument."""
+    tag = ln.Feature(name="ll_override_tag", dtype=str).save()
+    score = ln.Feature.filter(name="score", type__name="lamindb.lightning").one()
+
+    class Tagging(ll.Checkpoint):
+        def save_checkpoint_artifact(
+            self, trainer: Any, filepath: Any, *, feature_values: Any = None
+        ) -> Any:
+            values = dict(feature_values or {})
+            values["ll_override_tag"] = f"extra-{Path(filepath).name}"
+            values.pop("score", None)
+            return super().save_checkpoint_artifact(trainer, filepath, feature_values=values)
+
+    callback = Tagging(
+        dirpath=str(tmp_path / "ckpts"), monitor="score", save_top_k=-1, every_n_train_steps=1
+    )
+    fit(callback, tmp_path, steps=3)
+
+    artifacts = list(ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix))
+    names = sorted(Path(a.key).name for a in artifacts if a.key.endswith(".ckpt"))
+    assert names == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"]
+    for artifact in artifacts:
+        if not artifact.key.endswith(".ckpt"):
+            continue
+        values = single(artifact_features(ln, artifact))
+        assert values[tag.name] == f"extra-{Path(artifact.key).name}", values
+        assert score.name not in values, values
+
+
+def test_an_override_that_persists_nothing_skips_that_checkpoint_as_the_reference_does(
+    ln: Any, tmp_path: Path, no_run: None
+) -> None:
+    """``save_checkpoint_artifact`` returning None without calling ours: that checkpoint gets
+    no artifact and no saved event, the fit ends normally, the others are stored and
+    flagged, and nothing is left in the outbox."""
+    observer = RecordingObserver()
+
+    class Skipping(ll.Checkpoint):
+        def save_checkpoint_artifact(
+            self, trainer: Any, filepath: Any, *, feature_values: Any = None
+        ) -> Any:
+            if Path(filepath).name == "epoch=0-step=2.ckpt":
+                return None
+            return super().save_checkpoint_artifact(
+                trainer, filepath, feature_values=feature_values
+            )
+
+    dirpath = tmp_path / "ckpts"
+    callback = Skipping(
+        dirpath=str(dirpath), save_top_k=-1, every_n_train_steps=1, artifact_observers=[observer]
+    )
+    fit(callback, tmp_path, steps=3)
+
+    prefix = callback.checkpoint_key_prefix
+    stored = sorted(
+        Path(a.key).name
+        for a in ln.Artifact.filter(key__startswith=prefix)
+        if a.key.endswith(".ckpt")
+    )
+    assert stored == ["epoch=0-step=1.ckpt", "epoch=0-step=3.ckpt"]
+    assert (dirpath / "epoch=0-step=2.ckpt").exists()  # Lightning's file stays
+    saved = [e.key for e in observer.events if isinstance(e, ArtifactSavedEvent)]
+    assert saved == [f"{prefix}/epoch=0-step=1.ckpt", f"{prefix}/epoch=0-step=3.ckpt"]
+    assert callback.persistence_stats.failed == 0
+    assert ll.flush_directory(dirpath).events == []  # nothing pending
+    last = ln.Artifact.get(key=f"{prefix}/epoch=0-step=3.ckpt")
+    assert single(artifact_features(ln, last))["is_last_model"] is True
