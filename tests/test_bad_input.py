@@ -132,6 +132,41 @@ def test_bad_features_fail_at_construction_naming_the_parameter(features: Any) -
     assert FIX_WORDS.search(message) or "e.g." in message, message
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"features": {"run": None}},
+        {"features": [("run", {})]},
+        {"features": "run"},
+        {"artifact_observers": object()},
+        {"artifact_observers": "observer"},
+        {"max_pending": "4"},
+        {"async_write": "yes"},
+        {"flush_timeout": "60"},
+        {"retry": "3"},
+    ],
+    ids=repr,
+)
+def test_an_argument_of_the_wrong_type_is_both_a_type_error_and_a_value_error(
+    kwargs: dict[str, Any],
+) -> None:
+    """Where the reference fails with a TypeError for the same input (features that are not
+    mappings, observers that are not iterable), code catching TypeError still catches ours;
+    code catching ValueError (every bad argument of ours) too."""
+    with pytest.raises(TypeError) as raised:
+        ll.Checkpoint(**kwargs)
+    assert isinstance(raised.value, ValueError)
+    (name,) = kwargs
+    assert name in str(raised.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_pending": 0}, {"flush_timeout": -1.0}], ids=repr)
+def test_a_value_out_of_range_is_a_value_error_only(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as raised:
+        ll.Checkpoint(**kwargs)
+    assert not isinstance(raised.value, TypeError)
+
+
 def test_constructing_checkpoint_does_not_import_lamindb() -> None:
     """Validation needs no LaminDB instance: a bad knob fails before lamindb is imported."""
     import subprocess

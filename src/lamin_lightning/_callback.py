@@ -54,6 +54,7 @@ from lamin_lightning._checkpoint_io import (
 )
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
+from lamin_lightning._errors import ArgumentTypeError
 from lamin_lightning._events import (
     ArtifactFailedEvent,
     ArtifactKind,
@@ -166,7 +167,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         if given is not None and (
             isinstance(given, str | bytes) or not isinstance(given, Iterable)
         ):
-            raise ValueError(
+            raise ArgumentTypeError(
                 "artifact_observers must be a list (or any iterable) of observers, got"
                 f" {type(artifact_observers).__name__}; pass [observer]"
             )

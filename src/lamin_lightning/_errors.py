@@ -89,6 +89,14 @@ class CheckpointDirectoryError(LaminLightningError, OSError):
     """
 
 
+class ArgumentTypeError(LaminLightningError, ValueError, TypeError):
+    """A constructor argument of the wrong type (a string where a list goes, ...).
+
+    Both a ``ValueError`` (as every bad argument of ours) and a ``TypeError`` (Python's
+    convention, and what the reference's own failures raise for the same input).
+    """
+
+
 class LaminSetupError(LaminLightningError, ValueError):
     """LaminDB is not ready for checkpointing (no instance, missing features, ...).
 

@@ -250,6 +250,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self._prefix_cache = None
         self._key_cache = {}
         self._hparams_probe = None
+        self._refuse_keys_lamindb_refuses(trainer)  # every rank: none may wait for another
         if trainer.is_global_zero:
             ln = require_instance()
             run = ln.context.run
@@ -270,6 +271,34 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     # -- keys -------------------------------------------------------------------------------
+
+    def _refuse_keys_lamindb_refuses(self, trainer: pl.Trainer) -> None:
+        """Raise ValueError at setup if the keys derived from ``dirpath`` (or the logger)
+        are keys LaminDB refuses, rather than at every save of a whole fit.
+
+        The reference raises LaminDB's ValueError at its first save. An override of
+        ``resolve_artifact_key`` makes its own keys: not checked here.
+        """
+        if type(self).resolve_artifact_key is not Checkpoint.resolve_artifact_key:
+            return
+        prefix = self._compute_base_prefix(trainer)
+        problem = _key_problem(prefix)
+        if problem is None:
+            return
+        if self._original_dirpath is not None:
+            given = str(self._original_dirpath)
+            normal = os.path.normpath(given.replace("\\", "/"))
+            fix = f"{normal!r}" if _key_problem(normal) is None else f"{os.path.abspath(given)!r}"
+            raise ValueError(
+                f"dirpath={given!r} makes artifact keys ({prefix}/checkpoints/...) that LaminDB"
+                f" refuses: {problem}. Pass dirpath={fix} (the key prefix is the dirpath as"
+                " given), or override resolve_artifact_key"
+            )
+        raise ValueError(
+            f"the logger's save_dir, name and version make artifact keys"
+            f" ({prefix}/checkpoints/...) that LaminDB refuses: {problem}. Give the logger a"
+            " name and version without them, pass a dirpath, or override resolve_artifact_key"
+        )
 
     def _active_run_uid(self) -> str | None:
         if not self._run_uid_is_version:
@@ -538,6 +567,17 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def thread_finalizer() -> None:
         """Close this thread's Django connection (also once the callback is collected)."""
         close_connections()
+
+
+def _key_problem(prefix: str) -> str | None:
+    """Why LaminDB would refuse keys under ``prefix`` (a backslash, a ``.`` or ``..``
+    segment), or None."""
+    if "\\" in prefix:
+        return "it holds a backslash"
+    for segment in prefix.split("/"):
+        if segment in (".", ".."):
+            return f"it holds the relative segment {segment!r}"
+    return None
 
 
 def _below(dirpath: Any, filepath: Path | str) -> str | None:

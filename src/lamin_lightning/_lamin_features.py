@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from lamin_lightning._errors import LaminSetupError
+from lamin_lightning._errors import ArgumentTypeError, LaminSetupError
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -214,7 +214,7 @@ class FeatureValues:
 
     def __init__(self, features: Mapping[Any, Mapping[str, Any]] | None) -> None:
         if features is not None and not isinstance(features, Mapping):
-            raise ValueError(
+            raise ArgumentTypeError(
                 f"features must be a mapping such as {{'run': {{'project': 'x'}}, 'artifact':"
                 f" {{'val_loss': None}}}}, got {type(features).__name__}: {features!r}"
             )
@@ -227,7 +227,7 @@ class FeatureValues:
             )
         for scope, values in features.items():
             if not isinstance(values, Mapping):
-                raise ValueError(
+                raise ArgumentTypeError(
                     f"features[{scope!r}] must be a mapping of feature name to value,"
                     f" got {type(values).__name__}"
                 )

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from lamin_lightning._errors import ArgumentTypeError
 from lamin_lightning._retry import RetryPolicy
 
 OnError = Literal["raise", "warn"]
@@ -32,7 +33,9 @@ def as_float(value: Any) -> float | None:
 
 
 def validate_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -51,7 +54,7 @@ def validate_retry(value: Any) -> RetryPolicy:
                 " attempts >= 1 or a mapping of RetryPolicy fields (attempts, initial_backoff,"
                 " max_backoff, jitter, transient_errors)"
             ) from error
-    raise ValueError(
+    raise ArgumentTypeError(
         "retry must be a lamin_lightning.RetryPolicy, a mapping of its fields"
         f" (attempts, initial_backoff, max_backoff, jitter, transient_errors) or an int"
         f" number of attempts, got {value!r}"
@@ -61,7 +64,12 @@ def validate_retry(value: Any) -> RetryPolicy:
 def validate_flush_timeout(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ArgumentTypeError(
+            f"flush_timeout must be a number of seconds >= 0, or None to wait"
+            f" without limit, got {value!r}"
+        )
+    if not value >= 0:
         raise ValueError(
             f"flush_timeout must be a number of seconds >= 0, or None to wait"
             f" without limit, got {value!r}"
@@ -74,7 +82,7 @@ def validate_flush_timeout(value: Any) -> float | None:
 def validate_bool(name: str, value: Any) -> bool:
     """``value`` if it is a bool; otherwise a ValueError naming ``name``."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 

@@ -57,6 +57,42 @@ ODD_DIRPATHS: dict[str, tuple[bool, str, bool]] = {
 }
 
 
+@pytest.mark.parametrize(
+    ("typed", "fix"),
+    [("./ckpts/", "'ckpts'"), ("runs/./ckpts", "'runs/ckpts'"), ("../ckpts", None)],
+)
+def test_a_dirpath_whose_keys_lamindb_refuses_fails_at_setup_naming_the_fix(
+    typed: str,
+    fix: str | None,
+    ln: Any,
+    no_run: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key prefix is the dirpath as given, and LaminDB refuses keys with a "." or ".."
+    segment: the reference raises its ValueError at the first save; ours raises a
+    ValueError at setup, before the first step, naming the dirpath and one that works."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    steps: list[int] = []
+
+    class Counting(TierModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            steps.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    callback = ll.Checkpoint(dirpath=typed, every_n_train_steps=1)
+    with pytest.raises(ValueError, match="LaminDB refuses") as raised:
+        fit(callback, tmp_path, steps=2, model=Counting())
+    message = str(raised.value)
+    assert f"dirpath={typed!r}" in message
+    expected_fix = fix if fix is not None else repr(str(tmp_path / "ckpts"))
+    assert f"Pass dirpath={expected_fix}" in message, message
+    assert steps == []
+    assert _pipeline_threads() == []
+
+
 @pytest.mark.parametrize("case", list(ODD_DIRPATHS))
 def test_odd_dirpaths_give_the_reference_keys_and_persist_the_kept_set(
     case: str, ln: Any, fresh_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
