@@ -50,6 +50,7 @@ from lamin_lightning import (
     flush_directory,
 )
 from lamin_lightning._journal import Outbox, read_pending
+from lamin_lightning._replay import pending_records
 from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, content_sha256
 from test_async_write import OnTrainEnd, WriteGate
@@ -900,6 +901,79 @@ def test_a_replay_drops_a_save_whose_background_write_never_finished(tmp_path: P
     failed = [e for e in report.events if isinstance(e, ArtifactFailedEvent)]
     assert [e.key for e in failed] == [key("b.ckpt")]
     assert report.remaining == [] and store.keys() == set()
+
+
+def test_a_replay_waits_for_a_write_this_process_still_runs_before_judging_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fit interrupted by Ctrl+C leaves its background write running (it finishes what it
+    started); a second fit in the same process (a notebook) replays the outbox meanwhile.
+    The replay must wait for that write, not drop the save as never written: the file
+    then appeared with no artifact, and nothing ever persisted it. Found by an
+    adversarial Ctrl+C run (a held write of a checkpoint, SIGINT during a slot wait)."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    store = MemoryStore()
+    b = dirpath / "b.ckpt"
+    journal(dirpath, _save(b, written_later=True))
+    _local_write.take_name(b)  # the interrupted fit's write of b, still running
+    caplog.set_level(logging.INFO, logger="lamin_lightning")
+    waiting = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for 1 background write" in record.getMessage():
+                waiting.set()
+
+    handler = Waiting()
+    logging.getLogger("lamin_lightning").addHandler(handler)
+    replayed: list[Any] = []
+    replay = threading.Thread(
+        target=lambda: replayed.append(
+            flush_directory(dirpath, progress=False, stores={"memory": store})
+        )
+    )
+    replay.start()
+    try:
+        assert waiting.wait(30), "the replay did not wait for the write of b"
+        assert replayed == []
+        b.write_bytes(b"the checkpoint, written late")
+    finally:
+        _local_write.release_name(b)
+        replay.join(60)
+        logging.getLogger("lamin_lightning").removeHandler(handler)
+
+    (report,) = replayed
+    assert report.dropped == [] and report.remaining == []
+    assert_store_equals_files(store, dirpath)  # b persisted
+    assert store.keys() == {key("b.ckpt")}
+
+
+def test_a_replay_leaves_a_job_whose_file_this_process_still_writes_in_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write still running when the replay's wait ends: its job is neither dropped nor
+    failed; it stays journaled, and a flush once the write is done persists the file."""
+    from lamin_lightning import _replay
+
+    monkeypatch.setattr(_replay, "WAIT_FOR_WRITES_IN_FLIGHT_S", 0.05)
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    store = MemoryStore()
+    late = dirpath / "late.ckpt"
+    journal(dirpath, _save(late, written_later=True))
+    _local_write.take_name(late)
+    try:
+        report = flush_directory(dirpath, progress=False, stores={"memory": store})
+        assert report.dropped == [] and report.events == []
+        assert [r.key for _, r in pending_records(dirpath)] == [key("late.ckpt")]
+        late.write_bytes(b"written after the wait")
+    finally:
+        _local_write.release_name(late)
+
+    again = flush_directory(dirpath, progress=False, stores={"memory": store})
+    assert again.remaining == [] and pending_records(dirpath) == []
+    assert_store_equals_files(store, dirpath)
 
 
 def test_two_callbacks_linking_last_in_one_folder_name_their_links_as_lightning_does(

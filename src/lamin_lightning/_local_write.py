@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -612,6 +612,7 @@ def run_after_write(
 # -- names being written ------------------------------------------------------------------
 
 _names_lock = threading.Lock()
+_names_released = threading.Condition(_names_lock)
 _names_taken: dict[str, int] = {}
 
 
@@ -631,6 +632,25 @@ def release_name(filepath: str | os.PathLike[str]) -> None:
             _names_taken[name] = left
         else:
             _names_taken.pop(name, None)
+            _names_released.notify_all()
+
+
+def wait_until_written(paths: Iterable[str | os.PathLike[str]], timeout: float) -> set[str]:
+    """Wait up to ``timeout`` seconds until no background write of this process is creating
+    any of ``paths``; return the absolute paths still being written then.
+
+    A replay in this process must not judge a save's file missing (or a removal's
+    replacement) while a write an interrupted fit left running is still creating it.
+    """
+    names = {os.path.abspath(path) for path in paths}
+    deadline = time.monotonic() + timeout
+    with _names_released:
+        while True:
+            busy = {name for name in names if name in _names_taken}
+            left = deadline - time.monotonic()
+            if not busy or left <= 0:
+                return busy
+            _names_released.wait(left)
 
 
 def name_taken(filepath: str | os.PathLike[str]) -> bool:

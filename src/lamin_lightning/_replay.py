@@ -31,6 +31,7 @@ from lamin_lightning._events import (
 )
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, journal_paths, read_pending
+from lamin_lightning._local_write import wait_until_written
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._staging import (
     Stager,
@@ -324,6 +325,49 @@ def _digest_of(path: Path) -> str:
     return path.name.removeprefix("outbox-").removesuffix(".jsonl").split("-", 1)[0]
 
 
+WAIT_FOR_WRITES_IN_FLIGHT_S = 60.0
+"""How long a replay waits for a background write that this process still runs for a
+journaled job (a fit interrupted by Ctrl+C leaves its write to finish)."""
+
+
+def _without_writes_in_flight(pending: list[Pending]) -> list[Pending]:
+    """``pending`` once no write of this process creates a file it is about (waiting up to
+    :data:`WAIT_FOR_WRITES_IN_FLIGHT_S`), less the jobs whose file is still being written
+    then: they stay in the outbox, for a later flush, rather than be judged now."""
+
+    def files_of(record: JobRecord) -> list[str]:
+        if record.op == "save" and record.written_later:
+            return [record.local_path]
+        if record.op == "remove" and record.after is not None:
+            return [record.after]
+        return []
+
+    wanted = {path for _, _, record in pending for path in files_of(record)}
+    if not wanted:
+        return pending
+    busy = wait_until_written(wanted, 0.0)
+    if busy:
+        log.info(
+            "lamin-lightning: waiting for %d background write(s) an earlier fit in this"
+            " process left running before replaying its outbox",
+            len(busy),
+        )
+        busy = wait_until_written(busy, WAIT_FOR_WRITES_IN_FLIGHT_S)
+    if not busy:
+        return pending
+    log.warning(
+        "lamin-lightning: %s still being written by this process after %.0f s; their jobs"
+        " stay in the outbox (run `lamin-lightning flush DIR` once the writes are done)",
+        ", ".join(sorted(busy)),
+        WAIT_FOR_WRITES_IN_FLIGHT_S,
+    )
+    return [
+        entry
+        for entry in pending
+        if not any(os.path.abspath(path) in busy for path in files_of(entry[2]))
+    ]
+
+
 def replay_jobs(
     pending: list[Pending],
     store_for: Callable[[JobRecord], ArtifactStore],
@@ -344,6 +388,7 @@ def replay_jobs(
     # the two (see _never_moved_aside). Any later job line means it went on past the move.
     # A save whose write was to finish after the hook returned and never did (killed
     # mid-write): the checkpoint never existed; dropped, not failed.
+    pending = _without_writes_in_flight(pending)
     newest = {o.path: job_id for o, job_id, _ in pending}
     unwritten = {(o.path, job_id) for o, job_id, record in pending if record.never_written()}
     kept = {
