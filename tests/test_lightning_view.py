@@ -47,6 +47,7 @@ from lamin_lightning import (
     RetryPolicy,
     _lightning_view,
     _local_write,
+    _names,
     flush_directory,
 )
 from lamin_lightning._journal import Outbox, read_pending
@@ -916,7 +917,7 @@ def test_a_replay_waits_for_a_write_this_process_still_runs_before_judging_the_f
     store = MemoryStore()
     b = dirpath / "b.ckpt"
     journal(dirpath, _save(b, written_later=True))
-    _local_write.take_name(b)  # the interrupted fit's write of b, still running
+    _names.take_name(b)  # the interrupted fit's write of b, still running
     caplog.set_level(logging.INFO, logger="lamin_lightning")
     waiting = threading.Event()
 
@@ -939,7 +940,7 @@ def test_a_replay_waits_for_a_write_this_process_still_runs_before_judging_the_f
         assert replayed == []
         b.write_bytes(b"the checkpoint, written late")
     finally:
-        _local_write.release_name(b)
+        _names.release_name(b)
         replay.join(60)
         logging.getLogger("lamin_lightning").removeHandler(handler)
 
@@ -962,14 +963,14 @@ def test_a_replay_leaves_a_job_whose_file_this_process_still_writes_in_the_outbo
     store = MemoryStore()
     late = dirpath / "late.ckpt"
     journal(dirpath, _save(late, written_later=True))
-    _local_write.take_name(late)
+    _names.take_name(late)
     try:
         report = flush_directory(dirpath, progress=False, stores={"memory": store})
         assert report.dropped == [] and report.events == []
         assert [r.key for _, r in pending_records(dirpath)] == [key("late.ckpt")]
         late.write_bytes(b"written after the wait")
     finally:
-        _local_write.release_name(late)
+        _names.release_name(late)
 
     again = flush_directory(dirpath, progress=False, stores={"memory": store})
     assert again.remaining == [] and pending_records(dirpath) == []
@@ -1022,7 +1023,7 @@ def test_links_asked_for_are_made_newest_last_whichever_finishes_first(tmp_path:
     error). Each is made under one lock, and an older request never replaces a newer
     link; each holds the link's name until it is made."""
     from lamin_lightning._lightning_view import _LINKS
-    from lamin_lightning._local_write import name_taken
+    from lamin_lightning._names import name_taken
 
     older, newer = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=2.ckpt"
     older.write_text("1")

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lamin_lightning._local_write import name_taken
+from lamin_lightning._names import name_taken
 
 
 class BackgroundWrite(Protocol):

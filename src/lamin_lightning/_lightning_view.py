@@ -36,11 +36,9 @@ from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
     async_write_supported,
-    name_taken,
-    release_name,
     snapshot_checkpoint,
-    take_name,
 )
+from lamin_lightning._names import name_taken, release_name, take_name
 from lamin_lightning._reporting import ReportingCheckpoint
 from lamin_lightning._staging import WRITING_DIRNAME, remove_path
 from lamin_lightning._write_io import saving_to_snapshots

@@ -34,12 +34,13 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from lamin_lightning._names import release_name, take_name
 from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX
 
 try:  # POSIX
@@ -607,61 +608,6 @@ def run_after_write(
             chosen()
         except Exception:
             log.exception("after the write of %s", path)
-
-
-# -- names being written ------------------------------------------------------------------
-
-_names_lock = threading.Lock()
-_names_released = threading.Condition(_names_lock)
-_names_taken: dict[str, int] = {}
-
-
-def take_name(filepath: str | os.PathLike[str]) -> None:
-    """Count ``filepath`` as taken until :func:`release_name` (see :func:`name_taken`)."""
-    name = os.path.abspath(filepath)
-    with _names_lock:
-        _names_taken[name] = _names_taken.get(name, 0) + 1
-
-
-def release_name(filepath: str | os.PathLike[str]) -> None:
-    """Give back one :func:`take_name` of ``filepath``."""
-    name = os.path.abspath(filepath)
-    with _names_lock:
-        left = _names_taken.get(name, 0) - 1
-        if left > 0:
-            _names_taken[name] = left
-        else:
-            _names_taken.pop(name, None)
-            _names_released.notify_all()
-
-
-def wait_until_written(paths: Iterable[str | os.PathLike[str]], timeout: float) -> set[str]:
-    """Wait up to ``timeout`` seconds until no background write of this process is creating
-    any of ``paths``; return the absolute paths still being written then.
-
-    A replay in this process must not judge a save's file missing (or a removal's
-    replacement) while a write an interrupted fit left running is still creating it.
-    """
-    names = {os.path.abspath(path) for path in paths}
-    deadline = time.monotonic() + timeout
-    with _names_released:
-        while True:
-            busy = {name for name in names if name in _names_taken}
-            left = deadline - time.monotonic()
-            if not busy or left <= 0:
-                return busy
-            _names_released.wait(left)
-
-
-def name_taken(filepath: str | os.PathLike[str]) -> bool:
-    """Whether a background write of this process is creating ``filepath`` right now.
-
-    Lightning picks a checkpoint's name (``-v1``, ``last-v1``) by what exists on disk;
-    a file still being written counts as existing, for every callback of this process.
-    """
-    name = os.path.abspath(filepath)
-    with _names_lock:
-        return name in _names_taken
 
 
 def async_write_supported(trainer: Any) -> tuple[bool, str]:

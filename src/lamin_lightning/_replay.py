@@ -31,7 +31,7 @@ from lamin_lightning._events import (
 )
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, journal_paths, read_pending
-from lamin_lightning._local_write import wait_until_written
+from lamin_lightning._names import wait_until_written
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._staging import (
     Stager,
