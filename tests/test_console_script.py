@@ -198,24 +198,20 @@ def test_version_prints_the_package_version() -> None:
 def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
     """`python -m lamin_lightning` is the `lamin-lightning` command (where scripts are not
     on PATH): same version line, same exit code for `status` on a real outbox."""
-    version = subprocess.run(
-        [sys.executable, "-m", "lamin_lightning", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    dirpath = tmp_path / "ckpt"
+    _write_outbox(dirpath, pending=["run/checkpoints/epoch=0-step=2.ckpt"])
+    version, status = (
+        subprocess.run(
+            [sys.executable, "-m", "lamin_lightning", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for args in (["--version"], ["status", str(dirpath)])
     )
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"lamin-lightning {lamin_lightning.__version__}"
-    dirpath = tmp_path / "ckpt"
-    _write_outbox(dirpath, pending=["run/checkpoints/epoch=0-step=2.ckpt"])
-    status = subprocess.run(
-        [sys.executable, "-m", "lamin_lightning", "status", str(dirpath)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
     assert status.returncode == PENDING, status.stderr
     assert "epoch=0-step=2.ckpt" in status.stdout
 
