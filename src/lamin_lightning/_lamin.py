@@ -281,7 +281,18 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         """
         if type(self).resolve_artifact_key is not Checkpoint.resolve_artifact_key:
             return
-        prefix = self._compute_base_prefix(trainer)
+        # Without the run's uid (letters and digits; reading it would import lamindb on
+        # every rank): the part that comes from dirpath or the logger.
+        if self._original_dirpath is not None:
+            prefix = str(self._original_dirpath).rstrip("/")
+        else:
+            layout = logger_layout(trainer)
+            if layout is None:
+                return
+            save_dir, name, version_str = layout
+            prefix = f"{save_dir.name}/{name}"
+            if not self._run_uid_is_version:
+                prefix = f"{prefix}/{version_str}"
         problem = _key_problem(prefix)
         if problem is None:
             return
@@ -290,13 +301,13 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             normal = os.path.normpath(given.replace("\\", "/"))
             fix = f"{normal!r}" if _key_problem(normal) is None else f"{os.path.abspath(given)!r}"
             raise ValueError(
-                f"dirpath={given!r} makes artifact keys ({prefix}/checkpoints/...) that LaminDB"
+                f"dirpath={given!r} makes artifact keys ({prefix}/...) that LaminDB"
                 f" refuses: {problem}. Pass dirpath={fix} (the key prefix is the dirpath as"
                 " given), or override resolve_artifact_key"
             )
         raise ValueError(
             f"the logger's save_dir, name and version make artifact keys"
-            f" ({prefix}/checkpoints/...) that LaminDB refuses: {problem}. Give the logger a"
+            f" ({prefix}/...) that LaminDB refuses: {problem}. Give the logger a"
             " name and version without them, pass a dirpath, or override resolve_artifact_key"
         )
 
