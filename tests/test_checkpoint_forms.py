@@ -469,7 +469,17 @@ def test_a_hook_raising_during_an_async_checkpoint_io_rewrite_of_last_leaves_not
     )
     assert left == []
     assert torch.load(dirpath / "last.ckpt", weights_only=False)["global_step"] == 4
-    assert store.keys(kind="checkpoint") == {
+    # Every file in the folder has its artifact and no artifact outlives its file. Where
+    # the first fit's exception came before the write of a checkpoint whose save evicted
+    # an older one (an order a loaded machine produces), the older one is kept, file and
+    # artifact (a removal never runs before its replacement exists), though Lightning's
+    # state no longer names it: so Lightning's kept set is contained, not equal.
+    stored = store.keys(kind="checkpoint")
+    assert stored == {
+        callback.resolve_artifact_key(callback._trainer, dirpath / name, "checkpoint")
+        for name in checkpoint_files(dirpath)
+    }
+    assert stored >= {
         callback.resolve_artifact_key(callback._trainer, p, "checkpoint")
         for p in lightning_kept_paths(callback)
     }
