@@ -33,11 +33,11 @@ def as_float(value: Any) -> float | None:
 
 
 def validate_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    wrong_type = isinstance(value, bool) or not isinstance(value, int)
+    if wrong_type or value < minimum:
+        error = ArgumentTypeError if wrong_type else ValueError
+        raise error(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value  # type: ignore[no-any-return]
 
 
 def validate_retry(value: Any) -> RetryPolicy:
@@ -64,13 +64,10 @@ def validate_retry(value: Any) -> RetryPolicy:
 def validate_flush_timeout(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ArgumentTypeError(
-            f"flush_timeout must be a number of seconds >= 0, or None to wait"
-            f" without limit, got {value!r}"
-        )
-    if not value >= 0:
-        raise ValueError(
+    wrong_type = isinstance(value, bool) or not isinstance(value, int | float)
+    if wrong_type or not value >= 0:
+        error = ArgumentTypeError if wrong_type else ValueError
+        raise error(
             f"flush_timeout must be a number of seconds >= 0, or None to wait"
             f" without limit, got {value!r}"
         )
