@@ -977,6 +977,90 @@ def test_a_replay_leaves_a_job_whose_file_this_process_still_writes_in_the_outbo
     assert_store_equals_files(store, dirpath)
 
 
+def test_a_replay_waits_for_the_staging_after_a_background_write_not_only_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The intake thread an interrupted fit left running stages the file after its write.
+    A replay that ran between the two persisted the local file and released a staged copy
+    that did not exist yet; the intake thread then made it, a hard link in ``staged/``
+    nobody would release. The name stays taken until the staging is done, so the replay
+    waits, persists the staged copy and releases it."""
+    from lamin_lightning._stats import StatsRecorder
+    from lamin_lightning._submit import Submitter
+
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    root = staging_root(dirpath)
+    b = dirpath / "b.ckpt"
+    submitter = Submitter(
+        max_workers=1,
+        max_pending=1,
+        retry=RetryPolicy(),
+        deliver=lambda event: None,
+        thread_finalizer=lambda: None,
+        stats=StatsRecorder(),
+        staging_timeout=None,
+    )
+    _names.take_name(b)  # as a background write does from the hook on
+
+    def write() -> None:  # the interrupted fit's write of b: the file, then the name back
+        b.write_bytes(b"the checkpoint, written late")
+        _names.release_name(b)
+
+    staged, prepare = submitter.plan_staging(root, b, write)
+    journal(dirpath, _save(b, written_later=True, staged_path=str(staged)))
+    stager = submitter.stager(root)
+    staging, go = threading.Event(), threading.Event()
+    stage = stager.stage
+
+    def slow_stage(path: Any, staged: Any = None) -> Any:
+        staging.set()
+        assert go.wait(60)
+        return stage(path, staged)
+
+    monkeypatch.setattr(stager, "stage", slow_stage)
+    caplog.set_level(logging.INFO, logger="lamin_lightning")
+    waited_or_done = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for 1 background write" in record.getMessage():
+                waited_or_done.set()
+
+    handler = Waiting()
+    logging.getLogger("lamin_lightning").addHandler(handler)
+    intake = threading.Thread(target=prepare)
+    intake.start()
+    replayed: list[Any] = []
+
+    def replay() -> None:
+        try:
+            replayed.append(flush_directory(dirpath, progress=False, stores={"memory": store}))
+        finally:
+            waited_or_done.set()
+
+    store = MemoryStore()
+    replaying = threading.Thread(target=replay)
+    try:
+        assert staging.wait(30), "the staging did not start"
+        replaying.start()
+        assert waited_or_done.wait(60)
+        assert replayed == [], "the replay did not wait for the staging of b"
+    finally:
+        go.set()
+        intake.join(60)
+        if replaying.is_alive() or replaying.ident is not None:
+            replaying.join(60)
+        logging.getLogger("lamin_lightning").removeHandler(handler)
+
+    (report,) = replayed
+    assert report.dropped == [] and report.remaining == []
+    assert store.keys() == {key("b.ckpt")}
+    assert_store_equals_files(store, dirpath)
+    leftovers = [p for p in (root / "staged").rglob("*") if p.is_file()]
+    assert leftovers == [], f"staged copies nobody releases: {leftovers}"
+
+
 def test_two_callbacks_linking_last_in_one_folder_name_their_links_as_lightning_does(
     tmp_path: Path,
 ) -> None:

@@ -29,6 +29,7 @@ from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import CheckpointDirectoryError, OutboxInUseError
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox
+from lamin_lightning._names import release_name, take_name
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
 from lamin_lightning._retry import RetryPolicy
@@ -343,11 +344,19 @@ class Submitter:
         self._staging_done[absolute(filepath)] = done
 
         def prepare() -> int:
+            if write is not None:
+                # Taken until the file is staged, not only written: a replay in this
+                # process (a later fit's setup, after a Ctrl+C left this write running)
+                # waits for the name, and must find the staged copy it then releases,
+                # not one this thread makes after it.
+                take_name(filepath)
             try:
                 if write is not None:
                     write()
                 return stager.stage(filepath, staged)[1]
             finally:
+                if write is not None:
+                    release_name(filepath)
                 done.set()
                 stager.empty_trash()
 
