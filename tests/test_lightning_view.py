@@ -977,14 +977,19 @@ def test_a_replay_leaves_a_job_whose_file_this_process_still_writes_in_the_outbo
     assert_store_equals_files(store, dirpath)
 
 
-def test_a_replay_waits_for_the_staging_after_a_background_write_not_only_the_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("written_later", [True, False], ids=["async_write", "written_in_hook"])
+def test_a_replay_waits_for_a_staging_this_process_still_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    written_later: bool,
 ) -> None:
-    """The intake thread an interrupted fit left running stages the file after its write.
-    A replay that ran between the two persisted the local file and released a staged copy
-    that did not exist yet; the intake thread then made it, a hard link in ``staged/``
-    nobody would release. The name stays taken until the staging is done, so the replay
-    waits, persists the staged copy and releases it."""
+    """The intake thread an interrupted fit left running stages the file after its write
+    (or, without async_write, after the hook wrote it). A replay that ran before the
+    staging persisted the local file and released a staged copy that did not exist yet;
+    the intake thread then made it, a hard link in ``staged/`` nobody would release. The
+    name stays taken until the staging is done, so the replay waits, persists the staged
+    copy and releases it."""
     from lamin_lightning._stats import StatsRecorder
     from lamin_lightning._submit import Submitter
 
@@ -1001,14 +1006,17 @@ def test_a_replay_waits_for_the_staging_after_a_background_write_not_only_the_wr
         stats=StatsRecorder(),
         staging_timeout=None,
     )
-    _names.take_name(b)  # as a background write does from the hook on
 
     def write() -> None:  # the interrupted fit's write of b: the file, then the name back
         b.write_bytes(b"the checkpoint, written late")
         _names.release_name(b)
 
-    staged, prepare = submitter.plan_staging(root, b, write)
-    journal(dirpath, _save(b, written_later=True, staged_path=str(staged)))
+    if written_later:
+        _names.take_name(b)  # as a background write does from the hook on
+    else:
+        b.write_bytes(b"the checkpoint, written in the hook")
+    staged, prepare = submitter.plan_staging(root, b, write if written_later else None)
+    journal(dirpath, _save(b, written_later=written_later, staged_path=str(staged)))
     stager = submitter.stager(root)
     staging, go = threading.Event(), threading.Event()
     stage = stager.stage

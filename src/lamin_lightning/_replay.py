@@ -336,7 +336,7 @@ def _without_writes_in_flight(pending: list[Pending]) -> list[Pending]:
     then: they stay in the outbox, for a later flush, rather than be judged now."""
 
     def files_of(record: JobRecord) -> list[str]:
-        if record.op == "save" and record.written_later:
+        if record.op == "save":  # its write, or its staging (see Submitter.plan_staging)
             return [record.local_path]
         if record.op == "remove" and record.after is not None:
             return [record.after]

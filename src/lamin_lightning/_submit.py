@@ -344,19 +344,17 @@ class Submitter:
         self._staging_done[absolute(filepath)] = done
 
         def prepare() -> int:
-            if write is not None:
-                # Taken until the file is staged, not only written: a replay in this
-                # process (a later fit's setup, after a Ctrl+C left this write running)
-                # waits for the name, and must find the staged copy it then releases,
-                # not one this thread makes after it.
-                take_name(filepath)
+            # Taken until the file is staged, not only written: a replay in this process
+            # (a later fit's setup, after a Ctrl+C left this thread running) waits for the
+            # name, and must find the staged copy it then releases, not one this thread
+            # makes after it.
+            take_name(filepath)
             try:
                 if write is not None:
                     write()
                 return stager.stage(filepath, staged)[1]
             finally:
-                if write is not None:
-                    release_name(filepath)
+                release_name(filepath)
                 done.set()
                 stager.empty_trash()
 
