@@ -194,6 +194,54 @@ def test_async_checkpoint_io_is_staged_only_once_written(tmp_path: Path) -> None
     assert trainer.strategy.checkpoint_io.checkpoint_io is gated
 
 
+def test_an_async_checkpoint_io_write_holds_its_name_until_it_is_written(tmp_path: Path) -> None:
+    """A write AsyncCheckpointIO still holds takes its name, as a background write of ours
+    does: a replay in this process (a later fit after a Ctrl+C) waits for it instead of
+    judging a file still being written, and the name is given back once written."""
+    from lamin_lightning import _names
+
+    store = MemoryStore()
+    gated = GatedCheckpointIO()
+    seen: list[tuple[str, bool]] = []
+
+    class WhileHeld(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2 and not gated.gate.is_set():
+                first = tmp_path / "ckpts" / "epoch=0-step=1.ckpt"
+                seen.append((first.name, _names.name_taken(first)))
+                gated.gate.set()
+
+    callback = _folder_callback(store, tmp_path / "ckpts")
+    trainer = make_trainer(
+        tmp_path, [WhileHeld(), callback], max_steps=3, plugins=[AsyncCheckpointIO(gated)]
+    )
+    trainer.fit(TinyModel(scores=SCORES), loader(3))
+
+    assert gated.first_write_waited is True
+    assert seen == [("epoch=0-step=1.ckpt", True)]
+    assert not any(_names.name_taken(p) for p in (tmp_path / "ckpts").iterdir())
+    assert_store_equals_lightning(store, callback)
+
+
+def test_a_tracked_write_holds_its_name_from_the_hook_until_it_finishes_or_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """From the training thread's ``save_checkpoint`` on, not only once the job's staging
+    waits for it: a save kept from admission (Ctrl+C, a raising hook) is never staged in
+    this fit, and its write may still be queued when the next fit's replay runs."""
+    from lamin_lightning import _names
+    from lamin_lightning._checkpoint_io import WriteTracker
+
+    tracker = WriteTracker()
+    written, dropped = tmp_path / "written.ckpt", tmp_path / "dropped.ckpt"
+    first, second = tracker.begin(written), tracker.begin(dropped)
+    assert _names.name_taken(written) and _names.name_taken(dropped)
+    tracker.finish(tracker.claim(written), None)
+    tracker.drop(second)
+    assert first.done.is_set() and second.done.is_set()
+    assert not _names.name_taken(written) and not _names.name_taken(dropped)
+
+
 def test_a_failed_background_write_fails_its_job_with_the_writes_error(tmp_path: Path) -> None:
     """A write that fails under AsyncCheckpointIO after the save returned fails its job
     with that error (ENOSPC), not with a staging error about a missing file."""

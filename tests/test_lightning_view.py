@@ -904,6 +904,55 @@ def test_a_replay_drops_a_save_whose_background_write_never_finished(tmp_path: P
     assert report.remaining == [] and store.keys() == set()
 
 
+def test_a_replay_drops_a_save_whose_file_a_kill_cut_short_and_keeps_what_it_evicted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning's CheckpointIO writes in place: under AsyncCheckpointIO a process killed
+    mid-write leaves a partial zip at the checkpoint's name. The replay persisted it as a
+    checkpoint, and removed the file it had evicted. Now a written-later save whose file
+    is a zip cut short is dropped (the file is left where it is, named in a warning), and
+    its eviction does not happen; a whole file, or one in a format that cannot be judged,
+    is persisted as before."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}}, buffer)
+    whole = buffer.getvalue()
+    old, cut, done, opaque = (dirpath / n for n in ("old.ckpt", "cut.ckpt", "done.ckpt", "x.ckpt"))
+    old.write_bytes(whole)
+    cut.write_bytes(whole[: len(whole) // 2])
+    done.write_bytes(whole)
+    opaque.write_bytes(b"a format of its own, which cannot be judged")
+    evicted = JobRecord(
+        op="remove",
+        kind="checkpoint",
+        key=key(old.name),
+        local_path=str(old),
+        store="memory",
+        after=str(cut),
+    )
+    journal(
+        dirpath,
+        _save(old),
+        _save(cut, written_later=True),
+        evicted,
+        _save(done, written_later=True),
+        _save(opaque, written_later=True),
+    )
+    store = MemoryStore()
+    caplog.set_level(logging.WARNING, logger="lamin_lightning")
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    dropped = [(r.op, r.key) for r in report.dropped]  # the save, and the removal kept
+    assert sorted(dropped) == [("remove", key("old.ckpt")), ("save", key("cut.ckpt"))]
+    assert report.remaining == [] and report.failed == 0
+    assert store.keys() == {key(n) for n in ("old.ckpt", "done.ckpt", "x.ckpt")}
+    assert old.read_bytes() == whole, "the evicted checkpoint went for a partial file"
+    assert cut.exists(), "the partial file is the user's to delete"
+    assert any("cut short" in r.getMessage() and str(cut) in r.getMessage() for r in caplog.records)
+
+
 def test_a_replay_waits_for_a_write_this_process_still_runs_before_judging_the_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from lamin_lightning._errors import CheckpointIOError
 from lamin_lightning._local_write import run_after_write
+from lamin_lightning._names import release_name, take_name
 
 SYNCHRONOUS_ATTRIBUTE = "lamin_lightning_synchronous"
 """Set this attribute to True on a CheckpointIO to declare that it writes before returning."""
@@ -73,9 +74,13 @@ class _Write:
     def finish(self, error: BaseException | None) -> None:
         """Record the outcome, run what waits for it, then count the write as done."""
         with self._lock:
+            if self._finished:
+                return
             self.error = error
             self._finished = True
             waiting, self._then = self._then, []
+        if self.path:
+            release_name(self.path)  # taken by WriteTracker.begin
         run_after_write(self.path, waiting, error is None)
         self.done.set()
 
@@ -114,6 +119,11 @@ class WriteTracker:
             write = _Write(_normal(path), seq)
             self._pending.setdefault(write.path, []).append(write)
             self._begun.append(write)
+        # Taken until the write finishes, as a background write of ours takes it: a replay
+        # in this process waits for it rather than judge a file still being written, and
+        # Lightning's version counter sees the name as taken meanwhile.
+        if write.path:
+            take_name(write.path)
         return write
 
     def drop(self, write: _Write) -> None:

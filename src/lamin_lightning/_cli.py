@@ -96,6 +96,10 @@ def _status(dirpath: Path, as_json: bool) -> int:
 
 def _why_dropped(record: JobRecord) -> str:
     if record.never_written():
+        if record.cut_short():
+            return (
+                f"its background write was cut short ({record.local_path} is no whole checkpoint)"
+            )
         return "its background write never finished (it failed, or the process ended first)"
     if record.op == "remove" and os.path.lexists(record.local_path):
         return "kept: the process ended before the file left the folder"

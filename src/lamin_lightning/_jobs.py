@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,12 +137,27 @@ class JobRecord:
 
     def never_written(self) -> bool:
         """Whether this save's file was to be written after the hook returned and never
-        was: neither it nor its staged copy exists (see :attr:`written_later`)."""
+        was: neither it nor its staged copy exists (see :attr:`written_later`), or
+        only a file the process was killed in the middle of writing (:meth:`cut_short`)."""
         return (
             self.op == "save"
             and self.written_later
             and not (self.staged_path and os.path.lexists(self.staged_path))
-            and not os.path.lexists(self.local_path)
+            and (not os.path.lexists(self.local_path) or self.cut_short())
+        )
+
+    def cut_short(self) -> bool:
+        """Whether this save's file was to be written after the hook returned and is in
+        place but cut short: a zip archive (``torch.save``'s format) with no end. A
+        CheckpointIO that writes in place (Lightning's own, under ``AsyncCheckpointIO``)
+        leaves such a file when the process dies mid-write; it is no checkpoint, and is
+        not persisted. A file staged for it was written whole (staging waits for the
+        write). Files in other formats cannot be judged, and count as written."""
+        return (
+            self.op == "save"
+            and self.written_later
+            and not (self.staged_path and os.path.lexists(self.staged_path))
+            and archive_cut_short(self.local_path)
         )
 
     def replacement_lost(self) -> bool:
@@ -151,7 +167,9 @@ class JobRecord:
             return False
         if self.linked:  # the file is gone once the link stands (see linked)
             return not os.path.islink(self.local_path)
-        return os.path.lexists(self.local_path) and not os.path.lexists(self.after)
+        return os.path.lexists(self.local_path) and (
+            not os.path.lexists(self.after) or archive_cut_short(self.after)
+        )
 
     @property
     def prefix(self) -> str:
@@ -337,6 +355,24 @@ def _decode_snapshot(
         feature_values={name: value for name, value, _ in features} or None,
         auto_features=frozenset(name for name, _, auto in features if auto),
     )
+
+
+_ZIP_START = b"PK\x03\x04"
+
+
+def archive_cut_short(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file that begins as a zip archive (``torch.save``'s format)
+    and does not end as one: a write cut short. False for anything else (a folder, a
+    file in another format, one that cannot be read): nothing is judged that cannot be."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as handle:
+            if handle.read(len(_ZIP_START)) != _ZIP_START:
+                return False
+        return not zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def encode(record: JobRecord) -> dict[str, Any]:

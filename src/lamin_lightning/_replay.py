@@ -404,12 +404,22 @@ def replay_jobs(
     }
     for outbox, job_id, record in pending:
         if (outbox.path, job_id) in unwritten:
-            log.warning(
-                "lamin-lightning: dropping the save of %r: its background write never"
-                " finished (it failed, or the process ended first), so %s was never written",
-                record.key,
-                record.local_path,
-            )
+            if record.cut_short():
+                log.warning(
+                    "lamin-lightning: dropping the save of %r: its background write was cut"
+                    " short (the process ended mid-write), so %s is no whole checkpoint; it"
+                    " is not persisted, and is left where it is for you to delete",
+                    record.key,
+                    record.local_path,
+                )
+            else:
+                log.warning(
+                    "lamin-lightning: dropping the save of %r: its background write never"
+                    " finished (it failed, or the process ended first), so %s was never"
+                    " written",
+                    record.key,
+                    record.local_path,
+                )
             if record.staged_path:
                 release_staged(Path(record.staged_path))
             outbox.settle(job_id, "lost")

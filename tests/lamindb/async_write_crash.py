@@ -7,11 +7,16 @@ The background write of step 2's checkpoint hangs forever (a full disk that neve
 answers). Once step 1's checkpoint is committed and Lightning has evicted it (at the
 start of the third batch), the process writes ``--ready`` (the key prefix, atomically)
 and freezes; the test then kills it (SIGKILL).
+
+With ``--in-place-io`` the callback writes synchronously and the trainer through
+Lightning's ``AsyncCheckpointIO`` around a ``TorchCheckpointIO`` that writes in place,
+as Lightning's does: step 2's write stops half-way through its file, and stays there.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import threading
@@ -23,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lamindb_tier import TierData, TierModel, block_network, make_trainer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 import lamin_lightning as ll
 from test_async_write import OnSerialise
@@ -44,6 +52,24 @@ class Saved:
         del event
 
 
+class HalfWrittenIO(TorchCheckpointIO):
+    """Lightning's in-place write, for step 2 cut off half-way (and hung there)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if checkpoint.get("global_step") != 2:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        with open(path, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+        threading.Event().wait()  # the rest never comes: the process is killed meanwhile
+
+
 class Freeze(pl.Callback):
     def __init__(self, callback: ll.Checkpoint, saved: Saved, ready: Path) -> None:
         self.callback, self.saved, self.ready = callback, saved, ready
@@ -51,7 +77,7 @@ class Freeze(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if trainer.global_step == 2:
+        if trainer.global_step == 2 and self.callback.async_write:
             # Its background write hangs forever (a full disk that never answers).
             checkpoint["hang_when_written"] = OnSerialise(threading.Event().wait, "hang")
 
@@ -76,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dirpath", type=Path, required=True)
     parser.add_argument("--ready", type=Path, required=True)
+    parser.add_argument("--in-place-io", action="store_true")
     args = parser.parse_args()
     guard = pytest.MonkeyPatch()
     block_network(guard)
@@ -86,12 +113,16 @@ def main() -> None:
         mode="max",
         save_top_k=1,
         every_n_train_steps=1,
-        async_write=True,
+        async_write=not args.in_place_io,
         max_snapshots=2,
         artifact_observers=[saved],
     )
+    plugins = [AsyncCheckpointIO(HalfWrittenIO())] if args.in_place_io else None
     trainer = make_trainer(
-        args.dirpath.parent, [callback, Freeze(callback, saved, args.ready)], max_steps=4
+        args.dirpath.parent,
+        [callback, Freeze(callback, saved, args.ready)],
+        max_steps=4,
+        plugins=plugins,
     )
     trainer.fit(TierModel(scores=[1.0, 2.0, 3.0, 4.0]), datamodule=TierData(n=4))
     raise SystemExit("the training process was not frozen (nor killed)")
