@@ -451,7 +451,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         key = pipeline_job_key(path) or self.resolve_artifact_key(
             trainer=trainer, filepath=path, kind=kind
         )
-        artifact = self._store.create(
+        artifact = self._store.create_or_reuse(
             path, key=key, kind=kind, run=run, key_is_virtual=self._key_is_virtual
         )
         return key, artifact

@@ -108,6 +108,10 @@ class _PrefixFlags:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was read: the next :meth:`load` reads the flags afresh."""
         self.loaded = False
         self.key_to_id: dict[str, int] = {}
         self.state: dict[int, dict[str, Any]] = {}
@@ -163,6 +167,10 @@ class LaminStore:
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
         self._reused: set[int] = set()  # of those, committed ones a transfer found again
+        # Per key: a worker's look-up of a committed artifact to reuse and its marking as
+        # in flight, against the committer's choice and deletion of a key's old versions.
+        # Without it the committer could delete the artifact a worker had just found.
+        self._key_locks: dict[str, threading.Lock] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -242,27 +250,69 @@ class LaminStore:
         try:
             return self._transfer(record, path)
         except Exception as error:
-            if type(error).__name__ == "IntegrityError":
+            # DoesNotExist: lamindb met a row of this key and content on insert, and the
+            # committer deleted it (an older version) before lamindb could read it back.
+            if type(error).__name__ in ("IntegrityError", "DoesNotExist"):
                 raise TransientError(f"{type(error).__name__}: {error}") from error
             raise
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            lock = self._key_locks.get(key)
+            if lock is None:
+                if len(self._key_locks) > 1024:  # keys of long-gone checkpoints
+                    self._key_locks = {k: v for k, v in self._key_locks.items() if v.locked()}
+                lock = self._key_locks[key] = threading.Lock()
+            return lock
+
+    def _committed_to_reuse(self, key: str, digest: str) -> Any | None:
+        """The committed artifact of ``key`` with this content, marked in flight; or None.
+
+        Reused (a replay of a save committed before a crash, or the same bytes saved
+        again, by a rerun of a seeded training): in flight until its commit, so that the
+        commit of an earlier job of this key does not delete it as an older version
+        meanwhile. Looked up and marked under the key's lock, which the committer holds
+        while it picks and deletes old versions: it cannot delete what was just found.
+        Without this look-up lamindb found the same row itself, on insert, and the
+        committer could delete it meanwhile (fits failed, FOREIGN KEY or DoesNotExist).
+        """
+        with self._key_lock(key):
+            existing = _ln().Artifact.filter(key=key, hash=digest).order_by("-id").first()
+            if existing is not None and getattr(existing, "_storage_ongoing", False):
+                # lamindb saves the record, uploads, then marks it complete: this one's
+                # upload was cut short (the process died). Reusing it would commit a record
+                # whose file is missing or partial; it goes, and the file is uploaded afresh.
+                _drop_interrupted(existing)
+                existing = None
+            if existing is not None:
+                with self._lock:
+                    self._uncommitted[id(existing)] = existing
+                    self._reused.add(id(existing))
+            return existing
+
+    def create_or_reuse(
+        self, path: Path | str, *, key: str, kind: str, run: Any, key_is_virtual: bool
+    ) -> Any:
+        """:meth:`create`, or the committed artifact of ``key`` with the same content.
+
+        With a publisher of the user's, always :meth:`create` (it is called for each
+        save, as the reference calls it).
+        """
+        if type(self._publisher()) is not LaminArtifactPublisher:
+            return self.create(path, key=key, kind=kind, run=run, key_is_virtual=key_is_virtual)
+        stats = lamin_stats(Path(path))
+        existing = self._committed_to_reuse(key, stats["hash"])
+        if existing is not None:
+            return existing
+        return self.create(
+            path, key=key, kind=kind, run=run, key_is_virtual=key_is_virtual, stats=stats
+        )
 
     def _transfer(self, record: JobRecord, path: Path) -> Any:
         _check_instance(record)
         stats = lamin_stats(path)
-        existing = _ln().Artifact.filter(key=record.key, hash=stats["hash"]).order_by("-id").first()
-        if existing is not None and getattr(existing, "_storage_ongoing", False):
-            # lamindb saves the record, uploads, then marks it complete: this one's upload
-            # was cut short (the process died). Reusing it would commit a record whose
-            # file is missing or partial; it goes, and the file is uploaded afresh.
-            _drop_interrupted(existing)
-            existing = None
+        existing = self._committed_to_reuse(record.key, stats["hash"])
         if existing is not None:
-            # Reused (a replay of a save committed before a crash, or the same bytes saved
-            # again): in flight until its commit, so that the commit of an earlier job of
-            # this key does not delete it as an older version meanwhile.
-            with self._lock:
-                self._uncommitted[id(existing)] = existing
-                self._reused.add(id(existing))
             return existing
         run = self._run_of(record.context)
         artifact = self.create(
@@ -357,11 +407,12 @@ class LaminStore:
             self._reused.discard(id(artifact))
         # Commits run in submission order: a reused (older) artifact replaces every other
         # committed one of its key, newer rows included; a new one only older rows.
-        for old in self.others_under_key(
-            snapshot.key, exclude_id=artifact.id, older_only=not reused
-        ):
-            self._flags_of(prefix).forget(snapshot.key)
-            _delete(old, keep_path=str(artifact.path))
+        with self._key_lock(snapshot.key):
+            for old in self.others_under_key(
+                snapshot.key, exclude_id=artifact.id, older_only=not reused
+            ):
+                self._forget_flags(snapshot.key)
+                _delete(old, keep_path=str(artifact.path))
         if set_flags:
             self._apply_flags(ln, prefix, snapshot, artifact)
         self.settle(artifact)
@@ -444,10 +495,36 @@ class LaminStore:
             flags = self._flags[prefix] = _PrefixFlags(prefix)
         return flags
 
+    def _forget_flags(self, key: str) -> None:
+        """Forget ``key``'s artifact in every prefix that holds it: its own folder's, and
+        those of the folders above it (a ``filename`` with a "/" puts top-k checkpoints
+        in a subfolder of ``last.ckpt``'s, whose flags cover them too)."""
+        for flags in self._flags.values():
+            flags.forget(key)
+
     def _apply_flags(
         self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any
     ) -> None:
-        """Make is_best_model / is_last_model / model_rank under ``prefix`` equal the snapshot."""
+        """Make is_best_model / is_last_model / model_rank under ``prefix`` equal the snapshot.
+
+        What this store read of the flags may be stale: another callback in the folder
+        (or another process) replaced or deleted an artifact it holds. Writing a flag
+        for a deleted one fails (FOREIGN KEY): the flags are then read afresh, and
+        written once more.
+        """
+        try:
+            self._write_flags(ln, prefix, snapshot, artifact)
+        except Exception as error:
+            if type(error).__name__ != "IntegrityError":
+                raise
+            log.info("flags under %r were stale (%s); reading them again", prefix, error)
+            for flags in self._flags.values():
+                flags.reset()
+            self._write_flags(ln, prefix, snapshot, artifact)
+
+    def _write_flags(
+        self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any
+    ) -> None:
         auto = self._auto_features(ln)
         names = [n for n in FLAG_FEATURES if n in auto]
         if not names:
@@ -456,7 +533,10 @@ class LaminStore:
         with self._lock:
             in_flight = [a.id for a in self._uncommitted.values() if a.id is not None]
         flags.load(ln, auto, [i for i in in_flight if i != artifact.id])
-        flags.key_to_id[snapshot.key] = artifact.id
+        for other in self._flags.values():
+            # The key's own prefix, and those above it that were loaded before it existed.
+            if other is flags or (other.loaded and snapshot.key.startswith(other.prefix + "/")):
+                other.key_to_id[snapshot.key] = artifact.id
         ranks = {key: rank for rank, key in enumerate(snapshot.ranking)}
         changed: dict[int, dict[str, Any]] = {}
         for key, artifact_id in flags.key_to_id.items():
@@ -483,7 +563,14 @@ class LaminStore:
         ]
         link_model.objects.bulk_create(links, ignore_conflicts=True)
         for artifact_id, values in changed.items():
-            flags.state[artifact_id] = {n: v for n, v in values.items() if v is not None}
+            written = {n: v for n, v in values.items() if v is not None}
+            for other in self._flags.values():  # what a folder above or below knows, too
+                if (
+                    other is flags
+                    or artifact_id in other.state
+                    or artifact_id in (other.key_to_id.values())
+                ):
+                    other.state[artifact_id] = dict(written)
 
     def _value_id(self, ln: Any, feature: Any, value: Any) -> int:
         cache_key = (feature.id, value if not isinstance(value, bool) else ("bool", value))
@@ -504,16 +591,17 @@ class LaminStore:
         Returns the last deleted artifact and where its bytes were, or None.
         """
         immediate_transactions()
-        self._flags_of(_prefix(key)).forget(key)
+        self._forget_flags(key)
         removed = None
-        for candidate in [known] if known is not None else self.others_under_key(key):
-            uri = self.storage_uri(candidate)
-            # Delete a fresh copy: Django clears the id of the instance it deletes, and
-            # the candidate is what observers get (with its id, as from the reference).
-            victim = _ln().Artifact.filter(id=candidate.id).first() if candidate.id else None
-            if victim is not None:
-                _delete(victim)
-            removed = (candidate, uri)
+        with self._key_lock(key):
+            for candidate in [known] if known is not None else self.others_under_key(key):
+                uri = self.storage_uri(candidate)
+                # Delete a fresh copy: Django clears the id of the instance it deletes, and
+                # the candidate is what observers get (with its id, as from the reference).
+                victim = _ln().Artifact.filter(id=candidate.id).first() if candidate.id else None
+                if victim is not None:
+                    _delete(victim)
+                removed = (candidate, uri)
         return removed
 
     def abandon(self, record: JobRecord, artifact: Any) -> None:

@@ -31,6 +31,143 @@ pytestmark = [
 UP_AND_DOWN = [5.0, 3.0, 4.0, 1.0, 6.0, 2.0, 7.0, 0.5, 8.0, 2.5]
 
 
+@pytest.mark.parametrize("filename", ["sub/{step}", "{step}-{val/score:.1f}"])
+def test_save_last_beside_top_k_checkpoints_in_a_subfolder(
+    ln: Any, no_run: None, tmp_path: Path, filename: str
+) -> None:
+    """A "/" in the file name (a subfolder, or a metric's name) puts the top-k checkpoints
+    in a folder below last.ckpt's. Every save persists, evictions included, and the
+    flags stay right: is_last_model on last.ckpt only, is_best_model on the best one.
+    Ours failed the save of last.ckpt (FOREIGN KEY) once an eviction in the subfolder
+    left its artifact known to the folder above."""
+
+    class Logged(TierModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            self.log("val/score", float(self.scores[self.global_step % len(self.scores)]))
+            return loss
+
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        filename=filename,
+        monitor="score",
+        save_top_k=2,
+        save_last=True,
+        every_n_train_steps=1,
+    )
+    fit(callback, tmp_path, steps=4, model=Logged(scores=[3, 1, 4, 2]))
+    assert callback.persistence_stats.failed == 0
+    dirpath = Path(callback.dirpath)
+    files = {p.relative_to(dirpath).as_posix() for p in dirpath.rglob("*.ckpt")}
+    prefix = callback.checkpoint_key_prefix
+    stored = {
+        key.removeprefix(prefix + "/"): artifact
+        for key, artifact in artifacts_under(ln, prefix).items()
+        if key.endswith(".ckpt")
+    }
+    assert set(stored) == files and len(files) == 3
+    flags = {name: single(artifact_features(ln, a)) for name, a in stored.items()}
+    assert [n for n, f in flags.items() if f.get("is_last_model")] == ["last.ckpt"]
+    best = Path(callback.best_model_path).relative_to(dirpath).as_posix()
+    assert [n for n, f in flags.items() if f.get("is_best_model")] == [best]
+
+
+def test_flags_read_before_another_writer_deleted_an_artifact_are_read_again(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """The store reads the flags under a prefix once, then keeps them up to date itself.
+    Another callback in the folder (or another process) that replaces or deletes one of
+    those artifacts makes that stale: the next commit wrote a flag for a deleted artifact
+    and failed (FOREIGN KEY), intermittently, with two callbacks in one folder. The
+    flags are now read again and written once more."""
+    import uuid
+
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._lamin_store import LaminStore
+
+    ll.save_lightning_features()
+    prefix = f"stale-{uuid.uuid4().hex[:8]}/checkpoints"
+    store = LaminStore()
+
+    def commit(name: str, ranking: tuple[str, ...]) -> Any:
+        path = tmp_path / name
+        path.write_bytes(name.encode() * 64)
+        key = f"{prefix}/{name}"
+        snapshot = CheckpointSnapshot(
+            key=key,
+            local_path=path,
+            staged_path=path,
+            global_step=1,
+            epoch=0,
+            monitor="score",
+            mode="min",
+            save_weights_only=False,
+            score=1.0,
+            is_best=ranking[0] == key,
+            best_key=ranking[0],
+            last_key=key,
+            ranking=ranking,
+            scores=dict.fromkeys(ranking, 1.0),
+        )
+        record = JobRecord(
+            op="save", kind="checkpoint", key=key, local_path=str(path), checkpoint=snapshot
+        )
+        artifact = store.transfer(record, path)
+        store.commit(record, artifact, replay=False, set_flags=True)
+        return artifact
+
+    first = commit("a.ckpt", (f"{prefix}/a.ckpt",))
+    other = commit("b.ckpt", (f"{prefix}/a.ckpt", f"{prefix}/b.ckpt"))
+    # Another writer replaces b.ckpt (a new version, the old one deleted).
+    ln.Artifact.objects.filter(id=other.id).first().delete(permanent=True)
+    replaced = ln.Artifact(
+        tmp_path / "b.ckpt", key=f"{prefix}/b.ckpt", kind="model", skip_hash_lookup=True
+    ).save()
+
+    last = commit("c.ckpt", (f"{prefix}/c.ckpt", f"{prefix}/a.ckpt"))
+
+    flags = {
+        a.key.rsplit("/", 1)[1]: single(artifact_features(ln, a)) for a in (first, replaced, last)
+    }
+    assert flags["c.ckpt"]["is_last_model"] is True and flags["c.ckpt"]["is_best_model"] is True
+    assert flags["a.ckpt"]["is_last_model"] is False and flags["a.ckpt"]["model_rank"] == 1
+    assert flags["b.ckpt"].get("is_last_model") is not True
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+def test_the_same_training_run_again_in_its_folder_persists_every_save(
+    ln: Any, no_run: None, tmp_path: Path, async_write: bool
+) -> None:
+    """A seeded run, repeated in its folder with a new callback, saves the same bytes under
+    the same key again (``filename="model"``, no version counter): a worker finds the
+    committed artifact of that content to reuse while the committer deletes it as an
+    older version. Fits failed intermittently (4 of 15: DoesNotExist, FOREIGN KEY) where
+    ModelCheckpoint never fails. Three runs of three fits, each must persist every save."""
+    import lightning.pytorch as pl
+
+    dirpath = tmp_path / "ckpts"
+    for run in range(3):
+        folder = dirpath / str(run)
+        for _ in range(3):
+            pl.seed_everything(0, verbose=False)
+            callback = ll.Checkpoint(
+                dirpath=folder,
+                filename="model",
+                save_top_k=-1,
+                enable_version_counter=False,
+                every_n_train_steps=1,
+                async_write=async_write,
+            )
+            fit(callback, tmp_path, steps=3, model=TierModel(scores=[3.0, 2.0, 1.0]))
+            assert callback.persistence_stats.failed == 0
+        stored = artifacts_under(ln, callback.checkpoint_key_prefix)
+        assert list(stored) == [f"{callback.checkpoint_key_prefix}/model.ckpt"]
+        assert (
+            storage_file(stored[f"{callback.checkpoint_key_prefix}/model.ckpt"]).read_bytes()
+            == (folder / "model.ckpt").read_bytes()
+        )
+
+
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_flags_ranks_and_kept_set_equal_lightning_state(
     mode: str, ln: Any, no_run: None, tmp_path: Path
