@@ -20,6 +20,7 @@ from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactSavedEvent,
     JobRecord,
+    PersistenceError,
     RetryPolicy,
     flush_directory,
 )
@@ -473,3 +474,51 @@ def test_a_scores_float_is_read_once_per_score_object_not_at_every_save() -> Non
     for n in range(200):
         callback._score(Score(float(n)))
     assert len(callback._score_floats) <= 66
+
+
+class _UnreadableError(Exception):
+    """An exception whose message cannot be read (its ``__str__`` raises)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ raised")
+
+
+def test_a_save_hook_raising_an_error_whose_message_raises_fails_that_save_only(
+    tmp_path: Path,
+) -> None:
+    """A user's save hook raised an exception whose ``__str__`` raises: building our report
+    of it raised in turn, out of the worker's task, which stopped the pipeline; the job,
+    left with neither artifact nor error, was marked saved in the outbox, and its file was
+    never persisted (and teardown waited for its whole flush_timeout). Now that save fails,
+    as any failing hook's does, the others persist, and a later flush persists it too."""
+    calls: list[str] = []
+
+    class Raising(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            calls.append(str(filepath))
+            if len(calls) == 2:
+                raise _UnreadableError()
+            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = Raising(
+        store,
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        retry=RetryPolicy.no_delay(),
+        flush_timeout=60,
+    )
+    with pytest.raises(PersistenceError) as raised:
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+
+    (failure,) = raised.value.failures
+    assert failure.key == "checkpoints/epoch=0-step=2.ckpt"
+    assert "_UnreadableError whose message raised RuntimeError" in str(raised.value)
+    stats = callback.persistence_stats
+    assert (stats.submitted, stats.saved, stats.failed, stats.pending) == (4, 3, 1, 0)
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining
+    names = sorted(p.name for p in dirpath.glob("*.ckpt"))
+    assert store.keys() == {f"checkpoints/{n}" for n in names} and len(names) == 4

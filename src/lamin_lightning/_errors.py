@@ -44,7 +44,8 @@ class PersistenceError(LaminLightningError, RuntimeError):
         self.failures = list(failures)
         lines = [
             f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
-            f"{type(f.error).__name__}: {f.error}{_never_written(f)}{_outside(f, unjournaled)}"
+            f"{type(f.error).__name__}: {error_text(f.error)}{_never_written(f)}"
+            f"{_outside(f, unjournaled)}"
             for f in self.failures
         ]
         written = all(not _never_written(f) for f in self.failures)
@@ -137,10 +138,19 @@ class UnknownKindError(LaminLightningError, ValueError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or what can be said of an error whose ``__str__`` raises (a user's
+    hook may raise one): reporting a failure must never fail itself."""
+    try:
+        return str(error)
+    except Exception as unreadable:
+        return f"<{type(error).__name__} whose message raised {type(unreadable).__name__}>"
+
+
 class AttemptsExhausted(Exception):
     """Internal marker carrying the last error and how many attempts were made."""
 
     def __init__(self, error: BaseException, attempts: int) -> None:
-        super().__init__(str(error))
+        super().__init__(error_text(error))
         self.error = error
         self.attempts = attempts

@@ -38,7 +38,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from lamin_lightning._errors import AttemptsExhausted
+from lamin_lightning._errors import AttemptsExhausted, error_text
 from lamin_lightning._retry import RetryPolicy, call_with_retries
 from lamin_lightning._stats import StatsRecorder
 
@@ -336,6 +336,12 @@ class AsyncPipeline:
                 )
             except AttemptsExhausted as exhausted:
                 job.error, job.attempts = exhausted.error, exhausted.attempts
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as unexpected:
+                # Anything else fails this job, never the pipeline (a job left with neither
+                # a result nor an error would pass for one whose hook persisted nothing).
+                job.error, job.attempts = unexpected, max(job.attempts, 1)
             finally:
                 self._stats.add(in_flight=-1)
             if job.error is not None:
@@ -368,7 +374,14 @@ class AsyncPipeline:
                     partial(self._committer.run, partial(spec.commit, job.result)),
                     partial(self._on_retry, job),
                 )
-            except AttemptsExhausted as exhausted:
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as failed:
+                exhausted = (
+                    failed
+                    if isinstance(failed, AttemptsExhausted)
+                    else AttemptsExhausted(failed, max(job.attempts, 1))
+                )
                 job.error, job.attempts = exhausted.error, exhausted.attempts
                 self._escalate(exhausted.error)
                 if spec.abandon is not None and job.result is not None:
@@ -383,7 +396,7 @@ class AsyncPipeline:
                 spec.key,
                 job.attempts,
                 type(job.error).__name__,
-                job.error,
+                error_text(job.error),
             )
             event = await self._guarded(
                 self._committer, partial(spec.fail, job.error, job.attempts), "fail", spec.key
