@@ -35,6 +35,7 @@ from lamin_lightning import (
     JobRecord,
     OutboxInUseError,
     PermanentError,
+    flush_directory,
 )
 from lamin_lightning._journal import (
     COMPACT_AFTER_LINES,
@@ -853,3 +854,99 @@ def test_a_path_journaled_again_after_its_line_was_refused_is_reported_as_in_the
     # The last report is teardown's, of the last save of last.ckpt (an earlier one, at
     # step 2's save, reported step 1's before step 2 was journaled: rightly noted).
     assert ("not in the outbox" in reports[-1]) is outside
+
+
+def _failed_fit(tmp_path: Path, steps: int = 2) -> tuple[Path, Path, MemoryStore]:
+    """A fit whose every save failed: its jobs stay in its one journal (returned)."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, on_error="warn"
+    )
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [callback], max_steps=steps).fit(TinyModel(), loader(steps))
+    store.heal()
+    (journal,) = journal_paths(staging_root(dirpath))
+    return dirpath, journal, store
+
+
+def test_a_job_this_version_cannot_read_keeps_the_folder_pending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job line a newer version wrote (record version 3): it stays in the journal, as
+    before, but `status` said "nothing pending" and `flush` exited 0, while the docs say
+    the working folder may be deleted once nothing is pending. Both now count it."""
+    from lamin_lightning._cli import main
+
+    dirpath, journal, store = _failed_fit(tmp_path, steps=1)
+    item = json.loads(journal.read_bytes().splitlines()[0])
+    item["entry"]["v"] = 3
+    journal.write_text(json.dumps(item) + "\n")
+    pending = 1
+
+    assert main(["status", str(dirpath)]) == pending
+    assert "cannot be read by this version" in capsys.readouterr().out
+    assert main(["status", "--json", str(dirpath)]) == pending
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["id"] == item["id"] and "version 3" in listed["unreadable"]
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert [(p, i) for p, i, _ in report.unreadable] == [(journal, item["id"])]
+    assert main(["flush", "--no-progress", str(dirpath)]) == pending
+    assert json.loads(journal.read_bytes().splitlines()[0])["id"] == item["id"]  # kept
+
+
+def test_job_lines_damaged_into_other_valid_json_are_counted_or_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One-bit damage that leaves valid JSON: a job line whose "id" key is damaged made
+    `status`, `flush` and every setup fail with a raw KeyError; one whose kind is damaged
+    was dropped without a word; a deeply nested line raised RecursionError; a damaged
+    submission time crashed `status`. The job without its id still counts and persists;
+    the others are named in a warning, and the lines around them still count."""
+    from lamin_lightning._cli import main
+
+    dirpath, journal, store = _failed_fit(tmp_path, steps=3)
+    first, second, third = journal.read_bytes().splitlines()[:3]
+    damaged_time = json.loads(third)
+    damaged_time["entry"]["submitted_at"] = float("nan")
+    journal.write_bytes(
+        b"\n".join(
+            [
+                first.replace(b'"id"', b'"hd"', 1),
+                second.replace(b'"t":"job"', b'"t":"jnb"', 1),
+                b"[" * 100_000 + b"]" * 100_000,
+                json.dumps(damaged_time).encode(),
+            ]
+        )
+        + b"\n"
+    )
+
+    assert main(["status", str(dirpath)]) == 1
+    out = capsys.readouterr().out
+    assert "2 job(s) pending" in out and "epoch=0-step=1.ckpt" in out
+    assert "unknown form (kind 'jnb')" in caplog.text
+    assert "torn or corrupt" in caplog.text  # the nested line
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.saved == 2 and not report.remaining and not report.unreadable
+    assert store.keys() == {"checkpoints/epoch=0-step=1.ckpt", "checkpoints/epoch=0-step=3.ckpt"}
+
+
+def test_a_journal_that_cannot_be_opened_is_reported_and_the_others_are_flushed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder in a journal's place (or a journal nobody may open) stopped `flush` with a
+    raw traceback, for every other journal too, and `status` with it."""
+    from lamin_lightning._cli import main
+
+    dirpath, journal, store = _failed_fit(tmp_path, steps=1)
+    blocked = journal.with_name("outbox-000000000000.jsonl")
+    blocked.mkdir()
+
+    assert main(["status", str(dirpath)]) == 1
+    assert "the journal cannot be read" in capsys.readouterr().out
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.saved == 1 and [p for p, _, _ in report.unreadable] == [blocked]
+    assert store.keys() == {"checkpoints/epoch=0-step=1.ckpt"}
+    assert main(["flush", "--no-progress", str(dirpath)]) == 1
+    assert "cannot be opened" in capsys.readouterr().err

@@ -38,17 +38,18 @@ EXIT_CODES = """exit codes:
 
 
 def _describe(record: JobRecord) -> str:
-    stamp = (
-        datetime.datetime.fromtimestamp(record.submitted_at).isoformat(timespec="seconds")
-        if record.submitted_at
-        else "?"
-    )
+    try:
+        stamp = datetime.datetime.fromtimestamp(record.submitted_at).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):  # none, or a damaged one
+        stamp = "?"
+    if not record.submitted_at:
+        stamp = "?"
     return f"{stamp}  {record.op:6}  {record.kind:10}  {record.key}"
 
 
 def _status(dirpath: Path, as_json: bool) -> int:
     from lamin_lightning._aside import leftovers_in
-    from lamin_lightning._journal import is_locked, journal_paths, read_pending
+    from lamin_lightning._journal import is_locked, journal_paths, read_pending, read_unreadable
     from lamin_lightning._staging import working_folders
 
     # DIR itself may be gone (deleted checkpoints): its working folder beside it is enough.
@@ -62,7 +63,15 @@ def _status(dirpath: Path, as_json: bool) -> int:
         return EXIT_USAGE
     root = roots[0]
     # A working folder without journals: every job finished (emptied journals are deleted).
-    entries = [(path, record) for path in journals for _, record in read_pending(path)]
+    entries: list[tuple[Path, JobRecord]] = []
+    # Pending too, though this version cannot read them (a newer version's, or damaged).
+    unreadable: list[tuple[Path, str, str]] = []
+    for path in journals:
+        try:
+            entries += [(path, record) for _, record in read_pending(path)]
+            unreadable += [(path, job, why) for job, why in read_unreadable(path)]
+        except OSError as error:  # a journal made unreadable, or a folder in its place
+            unreadable.append((path, "*", f"the journal cannot be read: {error}"))
     in_use = {path: is_locked(path) for path in journals}
     if as_json:
         print(
@@ -70,12 +79,16 @@ def _status(dirpath: Path, as_json: bool) -> int:
                 [
                     {**encode(record), "journal": str(path), "in_use": in_use[path]}
                     for path, record in entries
+                ]
+                + [
+                    {"id": job, "unreadable": why, "journal": str(path), "in_use": in_use[path]}
+                    for path, job, why in unreadable
                 ],
                 indent=2,
                 default=str,
             )
         )
-        return EXIT_PENDING if entries else EXIT_OK
+        return EXIT_PENDING if entries or unreadable else EXIT_OK
     aside = leftovers_in(dirpath)
     for path in aside:
         print(
@@ -83,9 +96,15 @@ def _status(dirpath: Path, as_json: bool) -> int:
             " previous checkpoint waits aside (the next fit or `lamin-lightning flush`"
             " puts it back)"
         )
+    for path, job, why in unreadable:
+        print(
+            f"job {job} in {path} cannot be read by this version ({why}): it stays pending;"
+            " a version of lamin-lightning that reads it flushes it"
+        )
     if not entries:
-        print(f"no job pending in {root}" if aside else f"nothing pending in {root}")
-        return EXIT_PENDING if aside else EXIT_OK
+        if not unreadable:
+            print(f"no job pending in {root}" if aside else f"nothing pending in {root}")
+        return EXIT_PENDING if aside or unreadable else EXIT_OK
     print(f"{len(entries)} job(s) pending in {root}:")
     for path, record in entries:
         busy = "  (held by a running training process)" if in_use[path] else ""
@@ -141,7 +160,12 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
     )
     for path in report.busy:
         print(f"skipped {path}: held by a running training process", file=sys.stderr)
-    if report.remaining or report.failed:
+    for path, job, reason in report.unreadable:
+        print(
+            f"{'kept':8} job {job} in {path}: this version cannot read it ({reason})",
+            file=sys.stderr,
+        )
+    if report.remaining or report.failed or report.unreadable:
         return EXIT_PENDING
     if report.unannotated:
         names = sorted({n for e in report.unannotated for n in e.unannotated_features})

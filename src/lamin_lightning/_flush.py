@@ -25,7 +25,7 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._jobs import JobRecord
-from lamin_lightning._journal import Outbox
+from lamin_lightning._journal import Outbox, journal_paths, read_unreadable
 from lamin_lightning._progress import drain_with_progress, progress_bar
 from lamin_lightning._replay import open_unheld, outbox_roots, pending_in, replay_jobs
 from lamin_lightning._retry import RetryPolicy
@@ -45,6 +45,8 @@ class FlushReport:
             before the timeout).
         refused: Of ``remaining``, those that cannot be replayed here, with why.
         busy: Journals another process holds (a training run still going).
+        unreadable: Pending jobs this version cannot read (written by a newer version,
+            or damaged): ``(journal, job id, why)``. They stay in their journal.
     """
 
     events: list[AnyArtifactEvent] = field(default_factory=list)
@@ -52,6 +54,7 @@ class FlushReport:
     remaining: list[JobRecord] = field(default_factory=list)
     refused: list[tuple[JobRecord, BaseException]] = field(default_factory=list)
     busy: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str, str]] = field(default_factory=list)
 
     @property
     def saved(self) -> int:
@@ -99,16 +102,30 @@ def flush_directory(
     report = FlushReport()
     outboxes: list[Outbox] = []
     put_back_in(dirpath)  # a crash mid-rewrite left the previous checkpoint aside
+    broken: list[tuple[Path, OSError]] = []
     for root in roots:
-        found, busy = open_unheld(root)
+        found, busy = open_unheld(root, broken=broken)
         outboxes.extend(found)
         report.busy.extend(busy)
+    for path, error in broken:  # made unwritable, a folder in its place: the others go on
+        log.error(
+            "lamin-lightning: cannot open the outbox %s (%s); it is left as it is", path, error
+        )
+        report.unreadable.append((path, "*", f"the journal cannot be opened: {error}"))
     if report.busy and not outboxes:
         raise OutboxInUseError(
             f"a running training process holds the outbox in {report.busy[0].parent}"
             f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
             " to finish, or stop it first."
         )
+    held = set(report.busy) | {path for path, _ in broken}
+    for root in roots:
+        for path in journal_paths(root):
+            if path not in held:
+                try:
+                    report.unreadable.extend((path, i, why) for i, why in read_unreadable(path))
+                except OSError as error:
+                    report.unreadable.append((path, "*", f"the journal cannot be read: {error}"))
     work = pending_in(outboxes)
     if not work:
         for outbox in outboxes:

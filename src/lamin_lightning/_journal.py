@@ -77,7 +77,23 @@ def journal_paths(root: str | os.PathLike[str]) -> list[Path]:
         ]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def age(path: Path) -> tuple[float, str]:
+        try:
+            return path.stat().st_mtime, path.name
+        except FileNotFoundError:  # emptied and deleted meanwhile (a teardown, a flush)
+            return float("inf"), path.name
+
+    return [p for p in sorted(found, key=age) if p.exists()]
+
+
+_reported: set[tuple[str, str]] = set()  # (journal, job id) already logged as unreadable
+
+
+def _report_once(path: Path, job_id: str, message: str, *args: Any) -> None:
+    if (str(path), job_id) not in _reported:
+        _reported.add((str(path), job_id))
+        log.error(message, *args)
 
 
 class _State:
@@ -100,29 +116,59 @@ class _State:
                 # Lines are ASCII (escaped JSON): a byte that is not UTF-8 is damage
                 # (a bad sector, a power loss), and spoils only its own line.
                 item = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 log.warning("%s:%d: ignoring a torn or corrupt journal line", path, number)
                 continue
             kind = item.get("t") if isinstance(item, dict) else None
             if kind == "job" and isinstance(item.get("entry"), dict):
-                self.pending[str(item["id"])] = item["entry"]
+                # A job whose id was damaged still counts: named by its line until a
+                # compaction writes it again under that name.
+                job_id = item.get("id")
+                self.pending[str(job_id) if job_id is not None else f"line-{number}"] = item[
+                    "entry"
+                ]
             elif kind == "done":
                 self.pending.pop(str(item.get("id")), None)
                 self.mark(item.get("prefix"), item.get("at"))
             elif kind == "flags":
                 self.mark(item.get("prefix"), item.get("at"))
+            elif kind != "open":
+                # Not a line this version writes (damage, or a newer version's kind).
+                log.warning(
+                    "%s:%d: ignoring a journal line of unknown form (kind %r)", path, number, kind
+                )
         return self
 
     def records(self, path: Path) -> list[tuple[str, JobRecord]]:
-        """Pending entries decoded, in admission order; undecodable ones are logged."""
+        """Pending entries decoded, in admission order; undecodable ones are logged (once)
+        and left out (see :meth:`unreadable`)."""
         out = []
         for job_id, entry in self.pending.items():
             try:
                 out.append((job_id, decode(entry)))
-            except (ValueError, TypeError) as error:
-                log.error(
-                    "%s: cannot read job %s (%s); it stays in the journal", path, job_id, error
+            except Exception as error:
+                _report_once(
+                    path,
+                    job_id,
+                    "%s: cannot read job %s (%s: %s); it stays in the journal, and the folder"
+                    " counts as pending until a version of lamin-lightning that reads it"
+                    " flushes it",
+                    path,
+                    job_id,
+                    type(error).__name__,
+                    error,
                 )
+        return out
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """Pending entries this version cannot decode (a newer version's, or damaged),
+        with why: they stay pending, and are reported as such."""
+        out = []
+        for job_id, entry in self.pending.items():
+            try:
+                decode(entry)
+            except Exception as error:
+                out.append((job_id, f"{type(error).__name__}: {error}"))
         return out
 
 
@@ -142,6 +188,16 @@ def read_journal(
 def read_pending(path: str | os.PathLike[str]) -> list[tuple[str, JobRecord]]:
     """The unfinished jobs of a journal, in admission order, without locking it."""
     return read_journal(path)[0]
+
+
+def read_unreadable(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """The unfinished jobs of a journal that this version cannot decode, with why."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return _State().read(iter(handle), path).unreadable()
+    except FileNotFoundError:
+        return []
 
 
 def is_locked(path: str | os.PathLike[str]) -> bool:
@@ -268,6 +324,11 @@ class Outbox:
         """Unfinished records with their ids, in admission order."""
         with self._lock:
             return self._state.records(self.path)
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """Unfinished entries this version cannot decode, with why (see :meth:`pending`)."""
+        with self._lock:
+            return self._state.unreadable()
 
     def flags_at(self, prefix: str) -> float:
         """Submission time of the newest committed checkpoint save under ``prefix`` (0 if none)."""

@@ -224,10 +224,13 @@ def outbox_roots(dirpath: str | os.PathLike[str]) -> list[Path]:
 
 
 def open_unheld(
-    root: Path, skip: Callable[[Path], bool] = lambda _: False
+    root: Path,
+    skip: Callable[[Path], bool] = lambda _: False,
+    broken: list[tuple[Path, OSError]] | None = None,
 ) -> tuple[list[Outbox], list[Path]]:
     """Open every journal under ``root`` that nobody holds and that has pending jobs;
-    also list those another holder has. ``skip`` leaves journals alone."""
+    also list those another holder has. ``skip`` leaves journals alone. A journal that
+    cannot be opened raises, or, given ``broken``, is listed there and left alone."""
     opened: list[Outbox] = []
     busy: list[Path] = []
     for path in journal_paths(root):
@@ -238,6 +241,11 @@ def open_unheld(
             outbox.open()
         except OutboxInUseError:
             busy.append(path)
+            continue
+        except OSError as error:
+            if broken is None:
+                raise
+            broken.append((path, error))
             continue
         if outbox.pending():
             opened.append(outbox)
