@@ -573,6 +573,11 @@ def test_teardown_flush_timeout_warns_with_the_unpersisted_keys(tmp_path: Path) 
             make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
         assert store.keys() == set()
         assert [p.name for p in staged_files(tmp_path / "ckpt")] == ["epoch=0-step=2.ckpt"]
+        # What it left in the outbox is what the callback still answers with afterwards
+        # (flush() said True and pending_artifacts() [] once the pipeline was gone).
+        assert [j.key for j in callback.pending_artifacts()] == ["checkpoints/epoch=0-step=2.ckpt"]
+        assert callback.flush(0) is False
+        assert callback.persistence_stats.pending == 1
     finally:
         store.release()
         for thread in pool_threads():  # the abandoned upload's worker ends once released

@@ -79,6 +79,7 @@ from lamin_lightning._options import (
     validate_on_error,
     validate_retry,
 )
+from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
@@ -187,6 +188,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._submitter: Submitter | None = None
         self._state_lock: threading.Lock | None = None
         self._unreported_failures: list[ArtifactFailedEvent] = []
+        # Jobs a teardown that gave up left in the outbox (see pending_artifacts).
+        self._left_in_outbox: list[PendingJob] = []
         self._persisted: dict[str, Any] = {}
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
@@ -249,6 +252,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 put_back_leftovers(self.dirpath)
             if stage == "fit":
                 submitter.ensure_pipeline()
+            self._left_in_outbox = []  # replayed now, with the rest of the outbox
             self._replay_unfinished(trainer)
             self._set_up = True
             deferred, self._deferred_files = self._deferred_files, []

@@ -22,6 +22,7 @@ from lamin_lightning._errors import PersistenceError, shell_word
 from lamin_lightning._events import (
     ArtifactFailedEvent,
 )
+from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._submission import SubmittingCheckpoint
 
 log = logging.getLogger("lamin_lightning")
@@ -127,6 +128,16 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 self.flush(self.flush_timeout)  # the evictions that put it right
         finally:
             escalated = self._take_all_escalated()
+            if pipeline is not None:
+                # What this stage leaves in the outbox, for flush() and pending_artifacts()
+                # to answer after it (the next setup or `lamin-lightning flush` persists it).
+                self._left_in_outbox = [
+                    *pipeline.pending(),
+                    *(
+                        PendingJob(-1, spec.operation, spec.key, "kept out", spec.payload)
+                        for spec in submitter.kept_out_jobs()
+                    ),
+                ]
             submitter.stop()
         if raise_errors:
             if escalated:

@@ -76,6 +76,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _staging_roots: dict[str, Path]
     _state_lock: threading.Lock | None
     _unreported_failures: list[ArtifactFailedEvent]
+    _left_in_outbox: list[PendingJob]
     _persisted: dict[str, Any]
     _set_up: bool
     _hparams_looked: Any
@@ -136,19 +137,27 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         return self._stats_recorder.snapshot()
 
     def pending_artifacts(self) -> list[PendingJob]:
-        """Jobs admitted and not finished yet, in submission order."""
+        """Jobs admitted and not finished yet, in submission order. After a teardown
+        that gave up (``flush_timeout``), those it left in the outbox."""
         pipeline = self._pipeline
-        return pipeline.pending() if pipeline is not None else []
+        if pipeline is None:
+            return list(self._left_in_outbox)
+        pending: list[PendingJob] = pipeline.pending()
+        return pending
 
     def flush(self, timeout: float | None = None, *, progress: bool = True) -> bool:
         """Wait until every submitted file is persisted (or failed).
 
         Shows a progress bar when the wait takes longer than a second. Returns False
         if ``timeout`` seconds passed first; the keys still pending are then logged
-        and available from :meth:`pending_artifacts`.
+        and available from :meth:`pending_artifacts`. After a teardown that gave up,
+        False while it left jobs in the outbox (the next ``setup`` or
+        ``lamin-lightning flush`` persists them).
         """
         pipeline = self._pipeline
-        return pipeline is None or flush_with_progress(pipeline, timeout, progress=progress)
+        if pipeline is None:
+            return not self._left_in_outbox
+        return flush_with_progress(pipeline, timeout, progress=progress)
 
     def _staging_root(self, filepath: str | Path) -> Path:
         folder = str(self.dirpath) if self.dirpath else os.path.dirname(os.path.abspath(filepath))
