@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from helpers import sha256_file
+from helpers import TinyModel, loader, make_trainer, sha256_file
 from lamin_lightning import _staging
 from lamin_lightning._staging import (
     SMALL_FILE_BYTES,
@@ -21,6 +22,7 @@ from lamin_lightning._staging import (
     staging_root,
     working_folders,
 )
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
 
 
 def write(path: Path, size: int, fill: bytes = b"a") -> Path:
@@ -231,3 +233,27 @@ def test_a_staging_cut_short_by_a_full_disk_leaves_no_partial_copy(
     assert copies  # the failure was met in the copy
     left = [p.relative_to(root).as_posix() for p in (root / "staged").rglob("*")]
     assert left == []
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+def test_a_checkpoint_name_near_the_filesystems_limit_is_persisted(
+    tmp_path: Path, async_write: bool
+) -> None:
+    """A 250-byte file name (ModelCheckpoint writes it): staging named its temporary copy
+    ``.partial-<name>`` and the background write ``.<name>.<pid>.<tid>.tmp``, both over
+    255 bytes (ENAMETOOLONG): the save failed, or with async_write was never written."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    name = "m" * 245  # + ".ckpt": 250 bytes
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        filename=name,
+        every_n_train_steps=1,
+        async_write=async_write,
+    )
+    make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(3))
+    assert callback.persistence_stats.failed == 0
+    assert [p.name for p in dirpath.iterdir()] == [f"{name}.ckpt"]
+    assert store.keys() == {f"checkpoints/{name}.ckpt"}
+    assert torch.load(dirpath / f"{name}.ckpt", weights_only=False)["global_step"] == 3

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 
 from lamin_lightning._names import release_name, take_name
-from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX
+from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX, scratch_name
 
 try:  # POSIX
     import fcntl
@@ -424,7 +424,7 @@ def write_atomically(
     """
     scratch.mkdir(parents=True, exist_ok=True)
     Path(target).parent.mkdir(parents=True, exist_ok=True)  # as Lightning's CheckpointIO does
-    stem = scratch / f".{Path(target).name}.{os.getpid()}.{threading.get_ident()}"
+    stem = scratch / f".{scratch_name(Path(target).name)}.{os.getpid()}.{threading.get_ident()}"
     claimed, temporary = Path(f"{stem}{CLAIMED_SUFFIX}"), Path(f"{stem}{WRITING_SUFFIX}")
     try:
         with open(claimed, "wb") as handle:

@@ -16,6 +16,7 @@ see :func:`staging_root`), removed once the job finished.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import shutil
@@ -188,7 +189,7 @@ class Stager:
         staged.parent.mkdir()
         # Built under a temporary name and renamed once complete: a staged copy that
         # exists is whole (a replay after a crash mid-copy uses the local file instead).
-        partial = staged.parent / f".partial-{staged.name}"
+        partial = staged.parent / f".partial-{scratch_name(staged.name)}"
         try:
             if source.is_dir():
                 # A folder checkpoint (sharded strategies): the same tree, file by file. Its
@@ -254,7 +255,7 @@ class Stager:
             except OSError:
                 return False
         try:
-            name = f"{unique_name()}-{os.path.basename(os.fspath(path))}"
+            name = f"{unique_name()}-{scratch_name(os.path.basename(os.fspath(path)))}"
             os.replace(path, os.path.join(self._trash_dir, name))
         except OSError:
             return False
@@ -269,6 +270,21 @@ class Stager:
             return
         for entry in entries:
             remove_path(entry.path)
+
+
+SCRATCH_NAME_BYTES = 100
+"""Longest file name a temporary name is built from: a checkpoint's own name may take up
+to the filesystem's 255 bytes, and a prefix or suffix on it must still fit."""
+
+
+def scratch_name(name: str) -> str:
+    """``name``, or for a long one its start and a digest of the whole (unique, and short
+    enough to take a prefix and a suffix within 255 bytes)."""
+    data = name.encode("utf-8", "surrogateescape")
+    if len(data) <= SCRATCH_NAME_BYTES:
+        return name
+    head = data[: SCRATCH_NAME_BYTES - 17].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def remove_path(path: str | os.PathLike[str]) -> None:
@@ -288,7 +304,9 @@ def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str
 def release_staged(staged: Path) -> None:
     """Remove a staged file (or folder) and its unique folder."""
     remove_path(staged)
-    remove_path(staged.parent / f".partial-{staged.name}")  # a staging cut short by a crash
+    remove_path(
+        staged.parent / f".partial-{scratch_name(staged.name)}"
+    )  # a staging cut short by a crash
     with contextlib.suppress(OSError):
         staged.parent.rmdir()
 
