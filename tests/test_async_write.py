@@ -1419,3 +1419,61 @@ def test_where_torchs_record_writing_is_not_the_known_one_a_snapshot_is_the_whol
     assert archive.blob is not None and written(archive) == expected.getvalue()
     with zipfile.ZipFile(io.BytesIO(written(archive))) as zipped:
         assert zipped.testzip() is None
+
+
+def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path: Path) -> None:
+    """Lightning calls ``logger.after_save_checkpoint`` as soon as a save returns; a logger
+    that uploads the checkpoints it is told of (W&B, MLflow or Neptune with
+    ``log_model="all"``) read files async_write had not written yet. It is now told once
+    they are written, on the training thread, as many times as Lightning would tell it."""
+    from lightning.pytorch.loggers import Logger
+
+    class Probe(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, bool, str]] = []
+
+        @property
+        def name(self) -> str:
+            return "probe"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+            files = [checkpoint_callback._last_checkpoint_saved, *checkpoint_callback.best_k_models]
+            self.seen.append(
+                (
+                    Path(files[0]).name,
+                    all(os.path.exists(f) for f in files),
+                    threading.current_thread().name,
+                )
+            )
+
+    gate = WriteGate()
+    probe = Probe()
+    callback = MemoryCheckpoint(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        save_top_k=2,
+        monitor="score",
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=4,
+        max_pending=8,
+    )
+    make_trainer(tmp_path, [gate, callback, OnTrainEnd(gate.open)], max_steps=3, logger=probe).fit(
+        TinyModel(scores=[3.0, 2.0, 1.0]), loader(3)
+    )
+
+    assert gate.timed_out == []
+    assert len(probe.seen) == 3, "told once per save"
+    assert all(exists for _, exists, _ in probe.seen), probe.seen
+    assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}

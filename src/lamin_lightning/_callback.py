@@ -190,6 +190,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._unreported_failures: list[ArtifactFailedEvent] = []
         # Jobs a teardown that gave up left in the outbox (see pending_artifacts).
         self._left_in_outbox: list[PendingJob] = []
+        self._loggers_owed: list[HostWrite] = []
         self._persisted: dict[str, Any] = {}
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
@@ -275,6 +276,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         try:
             self._shutdown(raise_errors=True)
         finally:
+            # The background writes are done by now (unless the flush gave up): the loggers
+            # are told of the last saves before they finalize.
+            self._tell_loggers(trainer)
             self._plain_removal = None  # holds the strategy: not beyond the fit
             release_checkpoint_io(trainer.strategy, self._io_writes)
             if self.log_stats:  # the final values, after the flush (loggers finalize next)

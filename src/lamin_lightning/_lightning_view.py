@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -57,6 +58,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _save_depth: int
     _saving_on_exception: bool
     _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
+    _loggers_owed: list[HostWrite]  # background writes whose loggers are told once written
 
     @property
     @override
@@ -100,6 +102,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         "raise"``), so ``best_model_path`` and friends never name a file never written.
         """
         if self._save_depth == 0:
+            self._tell_loggers(trainer)  # of the previous saves, if written by now
             # Only background writes fail after Lightning chose a file.
             # Every rank alike (the state is broadcast): async_write and a CheckpointIO
             # that writes late are the same on every rank, the writes known on rank zero.
@@ -173,14 +176,42 @@ class LightningViewCheckpoint(ReportingCheckpoint):
                 checkpoint, snapshotter, path, scratch=scratch, stats=self._stats_recorder
             )
 
-        with saving_to_snapshots(trainer.strategy, take) as io:
+        told: list[bool] = []
+        with saving_to_snapshots(trainer.strategy, take) as io, _telling_later(trainer, told):
             try:
                 super()._save_checkpoint(trainer, filepath)
             except BaseException:
                 if io.write is not None:
                     io.write.abandon()
                 raise
+        for _ in told:
+            if io.write is None:  # nothing left to write: told now, as Lightning would
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+            else:
+                self._loggers_owed.append(io.write)
         return io.write
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if self._loggers_owed:  # one list check per step otherwise
+            self._tell_loggers(trainer)
+
+    def _tell_loggers(self, trainer: pl.Trainer) -> None:
+        """``logger.after_save_checkpoint``, which Lightning calls as soon as a save returns,
+        for the saves written in the background (``async_write``): once every one of them
+        is written (or failed), on the training thread, so that a logger that uploads the
+        checkpoints it is told of (``log_model="all"``) finds their files."""
+        owed = self._loggers_owed
+        if not owed or not all(write.done() for write in owed):
+            return
+        calls = len(owed)  # one per save, as Lightning makes them (with today's state)
+        owed.clear()
+        if trainer.is_global_zero:
+            for _ in range(calls):
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
 
     def _link_checkpoint(  # type: ignore[override]  # Lightning's is a staticmethod
         self, trainer: pl.Trainer, filepath: str, linkpath: str
@@ -243,6 +274,25 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         for path in evict:
             self._remove_checkpoint(trainer, path)
         return len(evict)
+
+
+@contextmanager
+def _telling_later(trainer: pl.Trainer, told: list[bool]) -> Iterator[None]:
+    """Inside, a logger's ``after_save_checkpoint`` only notes that it was called (in
+    ``told``): the file is not written yet (see ``_tell_loggers``)."""
+    patched = []
+    for logger in trainer.loggers:
+        own = logger.__dict__.get("after_save_checkpoint")
+        setattr(logger, "after_save_checkpoint", lambda checkpoint_callback: told.append(True))  # noqa: B010
+        patched.append((logger, own))
+    try:
+        yield
+    finally:
+        for logger, own in patched:
+            if own is None:
+                delattr(logger, "after_save_checkpoint")
+            else:
+                setattr(logger, "after_save_checkpoint", own)  # noqa: B010
 
 
 class _Links:
