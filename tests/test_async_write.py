@@ -1477,3 +1477,35 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
     assert len(probe.seen) == 3, "told once per save"
     assert all(exists for _, exists, _ in probe.seen), probe.seen
     assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}
+
+
+def test_a_last_link_lightning_removed_before_it_was_made_is_never_made(tmp_path: Path) -> None:
+    """save_last="link" with a name that changes per save (CHECKPOINT_NAME_LAST with
+    "{step}"): the link to a file still being written is made once it is written, but
+    Lightning removes the previous save's link at the next save. Removed before it was
+    made, it was made afterwards all the same, and dangled once its target was evicted."""
+
+    class Named(MemoryCheckpoint):
+        CHECKPOINT_NAME_LAST = "{step}-last"
+
+    gate = WriteGate()
+    dirpath = tmp_path / "ckpt"
+    callback = Named(
+        MemoryStore(),
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=1,
+        save_last="link",
+        every_n_train_steps=1,
+        async_write=True,
+        max_snapshots=4,
+        max_pending=8,
+    )
+    make_trainer(tmp_path, [gate, callback, OnTrainEnd(gate.open)], max_steps=3).fit(
+        TinyModel(scores=[3.0, 2.0, 1.0]), loader(3)
+    )
+
+    assert gate.timed_out == []
+    links = sorted(p.name for p in dirpath.iterdir() if p.is_symlink())
+    assert links == ["step=3-last.ckpt"], links
+    assert os.path.realpath(dirpath / links[0]) == os.path.realpath(callback.best_model_path)

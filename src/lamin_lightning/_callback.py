@@ -63,7 +63,7 @@ from lamin_lightning._events import (
 from lamin_lightning._evictions import (
     Evictions,
 )
-from lamin_lightning._lightning_view import LightningViewCheckpoint
+from lamin_lightning._lightning_view import LightningViewCheckpoint, cancel_link
 from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
@@ -378,6 +378,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             return
         submitter = self._ensure_submitter()
         root = self._staging_root(filepath)
+        cancel_link(filepath)  # a link still to be made there: not after its removal
         # Evicted in favour of a checkpoint still being written (async_write): removed
         # once that exists, kept if it never will (the record says so for a replay).
         after = self._evictions.replacement_for(filepath)

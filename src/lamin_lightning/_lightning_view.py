@@ -338,8 +338,18 @@ class _Links:
     def drop(self, link: tuple[str, int]) -> None:
         release_name(link[0])
 
+    def cancel(self, linkpath: str) -> None:
+        """Lightning removes ``linkpath`` (the previous ``last`` link, under a name that
+        changes from save to save): a request for it not made yet never will be, or it
+        would stand after its removal, dangling once its target is evicted."""
+        name = os.path.abspath(linkpath)
+        with self._lock:
+            if name_taken(linkpath) or name in self._shown:
+                self._shown[name] = next(self._seq)
+
 
 _LINKS = _Links()
+cancel_link = _LINKS.cancel
 
 
 def _link_or_copy(target: str, link: str) -> None:
