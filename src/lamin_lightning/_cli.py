@@ -33,7 +33,7 @@ EXIT_CODES = """exit codes:
      (status: or a checkpoint whose rewrite a crash interrupted waits aside)
   2  DIR is not a directory (or, for status, has no working folder: .NAME.lamin-lightning
      beside it, or .lamin-lightning inside it as earlier versions wrote)
-  3  a running training process holds the outbox (flush)
+  3  another process (a training run, another flush) holds the outbox (flush)
   4  every job persisted, but some feature annotations could not be restored (flush)"""
 
 

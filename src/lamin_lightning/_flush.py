@@ -114,9 +114,10 @@ def flush_directory(
         report.unreadable.append((path, "*", f"the journal cannot be opened: {error}"))
     if report.busy and not outboxes:
         raise OutboxInUseError(
-            f"a running training process holds the outbox in {report.busy[0].parent}"
-            f" ({', '.join(p.name for p in report.busy)}); it replays its own jobs. Wait for it"
-            " to finish, or stop it first."
+            f"another process holds the outbox in {report.busy[0].parent}"
+            f" ({', '.join(p.name for p in report.busy)}): a training run, which replays its"
+            " own jobs, or another `lamin-lightning flush`. Wait for it to finish, or stop it"
+            " first."
         )
     held = set(report.busy) | {path for path, _ in broken}
     for root in roots:

@@ -72,7 +72,9 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         )
         if self.on_error == "raise":
             raise error
-        rank_zero_warn(str(error), category=UserWarning)
+        rank_zero_warn(
+            str(error).replace(" Pass on_error='warn' to only warn.", ""), category=UserWarning
+        )
 
     def _warn_unfinished(self, pipeline: Any, why: str) -> None:
         # Admitted and not finished, then journaled but kept from admission (an interrupt

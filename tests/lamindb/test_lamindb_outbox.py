@@ -403,7 +403,7 @@ def test_status_shows_a_journal_held_by_a_running_process(ln: Any, tmp_path: Pat
         status = _cli("status", str(tmp_path / "ckpt"))
         assert "held by a running training process" in status.stdout
         flushed = _cli("flush", "--no-progress", str(tmp_path / "ckpt"))
-        assert flushed.returncode == 3 and "running training process" in flushed.stderr
+        assert flushed.returncode == 3 and "a training run" in flushed.stderr
     finally:
         proc.kill()
         proc.wait(timeout=60)
