@@ -296,9 +296,11 @@ class LaminStore:
         """:meth:`create`, or the committed artifact of ``key`` with the same content.
 
         With a publisher of the user's, always :meth:`create` (it is called for each
-        save, as the reference calls it).
+        save, as the reference calls it); also where lamindb hashes no file.
         """
-        if type(self._publisher()) is not LaminArtifactPublisher:
+        if type(self._publisher()) is not LaminArtifactPublisher or not stats_accepted():
+            # A publisher of the user's; or lamindb takes no precomputed hash (the user
+            # turned its hashing off, or an older lamindb): no second reading of the file.
             return self.create(path, key=key, kind=kind, run=run, key_is_virtual=key_is_virtual)
         stats = lamin_stats(Path(path))
         existing = self._committed_to_reuse(key, stats["hash"])
