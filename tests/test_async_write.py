@@ -1458,7 +1458,7 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
             )
 
     gate = WriteGate()
-    probe = Probe()
+    probes = [Probe(), Probe()]
     callback = MemoryCheckpoint(
         MemoryStore(),
         dirpath=tmp_path / "ckpt",
@@ -1469,14 +1469,16 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
         max_snapshots=4,
         max_pending=8,
     )
-    make_trainer(tmp_path, [gate, callback, OnTrainEnd(gate.open)], max_steps=3, logger=probe).fit(
-        TinyModel(scores=[3.0, 2.0, 1.0]), loader(3)
+    trainer = make_trainer(
+        tmp_path, [gate, callback, OnTrainEnd(gate.open)], max_steps=3, logger=probes
     )
+    trainer.fit(TinyModel(scores=[3.0, 2.0, 1.0]), loader(3))
 
     assert gate.timed_out == []
-    assert len(probe.seen) == 3, "told once per save"
-    assert all(exists for _, exists, _ in probe.seen), probe.seen
-    assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}
+    for probe in probes:
+        assert len(probe.seen) == 3, "each logger told once per save"
+        assert all(exists for _, exists, _ in probe.seen), probe.seen
+        assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}
 
 
 def test_a_last_link_lightning_removed_before_it_was_made_is_never_made(tmp_path: Path) -> None:

@@ -58,7 +58,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _save_depth: int
     _saving_on_exception: bool
     _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
-    _loggers_owed: list[HostWrite]  # background writes whose loggers are told once written
+    # Per background save, in order: its write, and the loggers Lightning told of it (they
+    # are told once it is written, see _tell_loggers).
+    _loggers_owed: list[tuple[HostWrite, list[Any]]]
 
     @property
     @override
@@ -176,7 +178,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
                 checkpoint, snapshotter, path, scratch=scratch, stats=self._stats_recorder
             )
 
-        told: list[bool] = []
+        told: list[Any] = []
         with saving_to_snapshots(trainer.strategy, take) as io, _telling_later(trainer, told):
             try:
                 super()._save_checkpoint(trainer, filepath)
@@ -184,12 +186,12 @@ class LightningViewCheckpoint(ReportingCheckpoint):
                 if io.write is not None:
                     io.write.abandon()
                 raise
-        for _ in told:
+        if told:
             if io.write is None:  # nothing left to write: told now, as Lightning would
-                for logger in trainer.loggers:
+                for logger in told:
                     logger.after_save_checkpoint(proxy(self))
             else:
-                self._loggers_owed.append(io.write)
+                self._loggers_owed.append((io.write, told))
         return io.write
 
     @override
@@ -200,18 +202,18 @@ class LightningViewCheckpoint(ReportingCheckpoint):
 
     def _tell_loggers(self, trainer: pl.Trainer) -> None:
         """``logger.after_save_checkpoint``, which Lightning calls as soon as a save returns,
-        for the saves written in the background (``async_write``): once every one of them
-        is written (or failed), on the training thread, so that a logger that uploads the
-        checkpoints it is told of (``log_model="all"``) finds their files."""
+        for the saves written in the background (``async_write``): once each is written
+        (or failed), in order, on the training thread, so that a logger that uploads the
+        checkpoints it is told of (``log_model="all"``) finds their files. Lightning's
+        loggers skip the files named in the callback's state that do not exist yet (newer
+        saves still being written), and take them when told of those."""
         owed = self._loggers_owed
-        if not owed or not all(write.done() for write in owed):
-            return
-        calls = len(owed)  # one per save, as Lightning makes them (with today's state)
-        owed.clear()
-        if trainer.is_global_zero:
-            for _ in range(calls):
-                for logger in trainer.loggers:
-                    logger.after_save_checkpoint(proxy(self))
+        # In order: the saves written so far, up to the first still being written (each
+        # logger once per save, as Lightning tells it, with the callback's state of now).
+        while owed and owed[0][0].done():
+            _, loggers = owed.pop(0)
+            for logger in loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def _link_checkpoint(  # type: ignore[override]  # Lightning's is a staticmethod
         self, trainer: pl.Trainer, filepath: str, linkpath: str
@@ -276,14 +278,18 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         return len(evict)
 
 
+def _note(told: list[Any], logger: Any, checkpoint_callback: Any) -> None:
+    told.append(logger)
+
+
 @contextmanager
-def _telling_later(trainer: pl.Trainer, told: list[bool]) -> Iterator[None]:
+def _telling_later(trainer: pl.Trainer, told: list[Any]) -> Iterator[None]:
     """Inside, a logger's ``after_save_checkpoint`` only notes that it was called (in
     ``told``): the file is not written yet (see ``_tell_loggers``)."""
     patched = []
     for logger in trainer.loggers:
         own = logger.__dict__.get("after_save_checkpoint")
-        setattr(logger, "after_save_checkpoint", lambda checkpoint_callback: told.append(True))  # noqa: B010
+        setattr(logger, "after_save_checkpoint", partial(_note, told, logger))  # noqa: B010
         patched.append((logger, own))
     try:
         yield
