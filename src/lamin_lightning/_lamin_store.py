@@ -405,8 +405,9 @@ class LaminStore:
         # Only now that the new artifact is committed, remove what it replaces.
         prefix = _prefix(snapshot.key)
         with self._lock:
+            # Marked until settled below: a commit that fails (or is tried again) must still
+            # know the artifact was committed before, and not delete it (abandon_artifact).
             reused = id(artifact) in self._reused
-            self._reused.discard(id(artifact))
         # Commits run in submission order: a reused (older) artifact replaces every other
         # committed one of its key, newer rows included; a new one only older rows.
         with self._key_lock(snapshot.key):
@@ -461,9 +462,13 @@ class LaminStore:
             if self._retry.is_transient(error):
                 raise
             if not replay:
-                # A value LaminDB rejects: do not leave an unannotated artifact behind.
+                # A value LaminDB rejects: do not leave an unannotated artifact behind (one
+                # committed before, found again by its content, is not ours to delete).
+                with self._lock:
+                    reused = id(artifact) in self._reused
                 self.settle(artifact)
-                _delete(artifact)
+                if not reused:
+                    _delete(artifact)
                 raise
         # A replay: a feature deleted or changed since the crash. Keep the checkpoint and
         # every annotation that still validates; name the others.

@@ -134,6 +134,64 @@ def test_flags_read_before_another_writer_deleted_an_artifact_are_read_again(
     assert flags["b.ckpt"].get("is_last_model") is not True
 
 
+def test_a_failed_commit_of_a_reused_artifact_leaves_the_committed_one(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """A save of the same key and bytes as the committed artifact reuses it (a seeded
+    rerun). Its commit cleared the mark "committed before" on its first attempt: a
+    commit that then failed for good had the artifact abandoned, that is deleted, and
+    the key was left with none."""
+    import uuid
+
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._lamin_store import LaminStore
+
+    ll.save_lightning_features()
+    key = f"reused-{uuid.uuid4().hex[:8]}/checkpoints/last.ckpt"
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"the same seeded bytes" * 64)
+    store = LaminStore()
+
+    def record() -> JobRecord:
+        snapshot = CheckpointSnapshot(
+            key=key,
+            local_path=path,
+            staged_path=path,
+            global_step=1,
+            epoch=0,
+            monitor=None,
+            mode="min",
+            save_weights_only=False,
+            score=None,
+            is_best=False,
+            best_key=None,
+            last_key=key,
+            ranking=(),
+            scores={},
+        )
+        return JobRecord(
+            op="save", kind="checkpoint", key=key, local_path=str(path), checkpoint=snapshot
+        )
+
+    first = record()
+    committed = store.transfer(first, path)
+    store.commit(first, committed, replay=False, set_flags=True)
+    again = record()
+    reused = store.transfer(again, path)
+    assert reused.id == committed.id
+
+    def refuse(*args: Any) -> None:
+        raise RuntimeError("the flags could not be written")
+
+    store._write_flags = refuse  # type: ignore[method-assign]
+    for _ in range(2):  # tried, then tried again
+        with pytest.raises(RuntimeError):
+            store.commit(again, reused, replay=False, set_flags=True)
+    store.abandon(again, reused)  # what the pipeline does once the commit failed for good
+
+    assert list(ln.Artifact.filter(key=key).values_list("id", flat=True)) == [committed.id]
+
+
 @pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
 def test_the_same_training_run_again_in_its_folder_persists_every_save(
     ln: Any, no_run: None, tmp_path: Path, async_write: bool
