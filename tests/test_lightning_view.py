@@ -1118,6 +1118,74 @@ def test_a_replay_waits_for_a_staging_this_process_still_runs(
     assert leftovers == [], f"staged copies nobody releases: {leftovers}"
 
 
+def test_a_replay_waits_for_stagings_queued_behind_the_running_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An interrupted fit's intake thread stages its queued files one after another. The
+    names were taken only as each staging started, so a replay in this process judged the
+    queued ones free, persisted their local files, and their staged copies were made after
+    it (left in staged/ for good). The names are now taken when the save is planned, on
+    the training thread, and the replay waits for every one of them."""
+    from lamin_lightning._stats import StatsRecorder
+    from lamin_lightning._submit import Submitter
+
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    root = staging_root(dirpath)
+    submitter = Submitter(
+        max_workers=1,
+        max_pending=4,
+        retry=RetryPolicy(),
+        deliver=lambda event: None,
+        thread_finalizer=lambda: None,
+        stats=StatsRecorder(),
+        staging_timeout=None,
+    )
+    prepares = []
+    records = []
+    for name in ("a", "b", "c"):
+        path = dirpath / f"{name}.ckpt"
+        path.write_bytes(name.encode() * 1000)
+        staged, prepare = submitter.plan_staging(root, path)
+        prepares.append(prepare)
+        records.append(_save(path, staged_path=str(staged)))
+    journal(dirpath, *records)  # the interrupted fit's journal, released
+    caplog.set_level(logging.INFO, logger="lamin_lightning")
+    waited_or_done = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for 3 background write" in record.getMessage():
+                waited_or_done.set()
+
+    handler = Waiting()
+    logging.getLogger("lamin_lightning").addHandler(handler)
+    store = MemoryStore()
+    replayed: list[Any] = []
+
+    def replay() -> None:
+        try:
+            replayed.append(flush_directory(dirpath, progress=False, stores={"memory": store}))
+        finally:
+            waited_or_done.set()
+
+    replaying = threading.Thread(target=replay)
+    replaying.start()
+    try:
+        assert waited_or_done.wait(60)
+        assert replayed == [], "the replay did not wait for the queued stagings"
+    finally:
+        for prepare in prepares:  # the old intake thread, in queue order
+            prepare()
+        replaying.join(60)
+        logging.getLogger("lamin_lightning").removeHandler(handler)
+
+    (report,) = replayed
+    assert report.remaining == [] and report.saved == 3
+    leftovers = [p for p in (root / "staged").rglob("*") if p.is_file()]
+    assert leftovers == [], f"staged copies nobody releases: {leftovers}"
+
+
 def test_two_callbacks_linking_last_in_one_folder_name_their_links_as_lightning_does(
     tmp_path: Path,
 ) -> None:

@@ -360,7 +360,9 @@ def _without_writes_in_flight(pending: list[Pending]) -> list[Pending]:
             " process left running before replaying its outbox",
             len(busy),
         )
-        busy = wait_until_written(busy, WAIT_FOR_WRITES_IN_FLIGHT_S)
+        # Every wanted name, not only those busy at first: an old intake thread goes on to
+        # stagings it had queued, and takes their names as it starts each.
+        busy = wait_until_written(wanted, WAIT_FOR_WRITES_IN_FLIGHT_S)
     if not busy:
         return pending
     log.warning(

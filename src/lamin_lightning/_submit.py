@@ -10,7 +10,6 @@ pipeline's threads.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -338,24 +337,22 @@ class Submitter:
         """
         stager = self.stager(root)
         staged = stager.plan(filepath)
-        done = _Done()
+        # The name is taken from now until the file is staged (or the staging dropped): a
+        # replay in this process (a later fit's setup, after a Ctrl+C left the intake
+        # thread running) waits for it, and finds the staged copy it then releases, not
+        # one the intake thread makes after it.
+        done = _Done(filepath)
         if len(self._staging_done) > 256:
             self._staging_done = {p: e for p, e in self._staging_done.items() if not e.is_set()}
         self._staging_done[absolute(filepath)] = done
 
         def prepare() -> int:
-            # Taken until the file is staged, not only written: a replay in this process
-            # (a later fit's setup, after a Ctrl+C left this thread running) waits for the
-            # name, and must find the staged copy it then releases, not one this thread
-            # makes after it.
-            take_name(filepath)
             try:
                 if write is not None:
                     write()
                 return stager.stage(filepath, staged)[1]
             finally:
-                release_name(filepath)
-                done.set()
+                done.set()  # and the name goes back
                 stager.empty_trash()
 
         return staged, prepare
@@ -511,17 +508,27 @@ def stop_collected(submitter: Submitter, timeout: float | None) -> None:
 
 class _Done:
     """A one-shot signal, as ``threading.Event`` but one lock (no ``Condition``): one is
-    made per save on the training thread. Set once; waited on by the training thread."""
+    made per save on the training thread. Set once; waited on by the training thread.
 
-    __slots__ = ("_lock",)
+    Given a ``name`` (a staging's file), it takes that name (:func:`take_name`) until set.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_lock", "_name")
+
+    def __init__(self, name: str | Path | None = None) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
+        self._name = name
+        if name is not None:
+            take_name(name)
 
     def set(self) -> None:
-        with contextlib.suppress(RuntimeError):  # set already
+        try:
             self._lock.release()
+        except RuntimeError:  # set already
+            return
+        if self._name is not None:
+            release_name(self._name)
 
     def is_set(self) -> bool:
         return not self._lock.locked()
