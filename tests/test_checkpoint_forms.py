@@ -846,3 +846,35 @@ def test_a_link_to_an_evicted_checkpoint_whose_removal_is_still_pending_frees_it
     assert Path(callback.last_model_path).name == "last.ckpt"
     assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=2.ckpt"
     assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt", "last.ckpt"}
+
+
+def test_writes_queued_after_lightnings_teardown_give_their_names_back(tmp_path: Path) -> None:
+    """Saves in ``on_fit_end`` run after Lightning's strategy teardown, on a new executor
+    of AsyncCheckpointIO. Our teardown then gave the CheckpointIO back unwrapped while the
+    writes were queued: no writer claimed them, and their names stayed taken for the rest
+    of the process (Lightning's version counter, a replay's wait)."""
+    from lamin_lightning import _names
+
+    finals = [tmp_path / "final-1.ckpt", tmp_path / "final-2.ckpt"]
+    release = threading.Event()
+
+    class HeldAtTheEnd(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            if Path(path).name.startswith("final-"):
+                assert release.wait(60)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    class SaveAtEnd(pl.Callback):
+        def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            for path in finals:
+                trainer.save_checkpoint(path)
+
+    callback = _folder_callback(MemoryStore(), tmp_path / "ckpts")
+    io = AsyncCheckpointIO(HeldAtTheEnd())
+    trainer = make_trainer(tmp_path, [SaveAtEnd(), callback], max_steps=2, plugins=[io])
+    trainer.fit(TinyModel(scores=SCORES), loader(2))
+    release.set()
+    io.teardown()  # waits for the queued writes
+
+    assert all(path.exists() for path in finals)
+    assert [_names.name_taken(path) for path in finals] == [False, False]

@@ -143,6 +143,11 @@ class WriteTracker:
                     return write
         return None
 
+    def unclaimed(self) -> bool:
+        """Whether a write was begun that no writer has taken yet (still queued)."""
+        with self._lock:
+            return any(not w.claimed for writes in self._pending.values() for w in writes)
+
     def finish(self, write: _Write | None, error: BaseException | None) -> None:
         """The writer thread finished ``write`` (``error``: it failed)."""
         if write is None:
@@ -322,9 +327,14 @@ def release(strategy: Any, tracker: WriteTracker | None) -> None:
     if outer.tracker is not tracker:
         return
     original = outer.checkpoint_io
-    for layer in _chain(original):
-        if isinstance(layer, AsyncCheckpointIO) and isinstance(layer.checkpoint_io, _WriteNotifier):
-            layer._checkpoint_io = layer.checkpoint_io.checkpoint_io
+    if not tracker.unclaimed():
+        # A write still queued (a save after Lightning's strategy teardown, in on_fit_end)
+        # keeps the notifier that finishes it, or its name would stay taken for good.
+        for layer in _chain(original):
+            if isinstance(layer, AsyncCheckpointIO) and isinstance(
+                layer.checkpoint_io, _WriteNotifier
+            ):
+                layer._checkpoint_io = layer.checkpoint_io.checkpoint_io
     strategy.checkpoint_io = original
 
 
