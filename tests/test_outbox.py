@@ -950,3 +950,31 @@ def test_a_journal_that_cannot_be_opened_is_reported_and_the_others_are_flushed(
     assert store.keys() == {"checkpoints/epoch=0-step=1.ckpt"}
     assert main(["flush", "--no-progress", str(dirpath)]) == 1
     assert "cannot be opened" in capsys.readouterr().err
+
+
+def test_an_unreadable_job_a_later_job_of_its_key_settles_is_not_reported(tmp_path: Path) -> None:
+    """The report listed the unreadable jobs it found before the replay; the replay of a
+    later save of the same key settles them (obsolete) and the emptied journal goes, but
+    `flush` still said they were kept and exited 1."""
+    from lamin_lightning._jobs import encode
+
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    path = dirpath / "a.ckpt"
+    path.write_bytes(b"x" * 100)
+    record = JobRecord(
+        op="save", kind="checkpoint", key="checkpoints/a.ckpt", local_path=str(path), store="memory"
+    )
+    journal = staging_root(dirpath) / "outbox-test.jsonl"
+    journal.parent.mkdir(parents=True)
+    newer = {"t": "job", "id": "newer", "entry": {**encode(record), "v": 99}}
+    journal.write_text(json.dumps(newer) + "\n")
+    outbox = Outbox(journal)
+    outbox.open()
+    outbox.append(record)
+    outbox.close()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": MemoryStore()})
+
+    assert report.saved == 1 and report.unreadable == []
+    assert journal_paths(staging_root(dirpath)) == []

@@ -120,17 +120,11 @@ def flush_directory(
             " first."
         )
     held = set(report.busy) | {path for path, _ in broken}
-    for root in roots:
-        for path in journal_paths(root):
-            if path not in held:
-                try:
-                    report.unreadable.extend((path, i, why) for i, why in read_unreadable(path))
-                except OSError as error:
-                    report.unreadable.append((path, "*", f"the journal cannot be read: {error}"))
     work = pending_in(outboxes)
     if not work:
         for outbox in outboxes:
             outbox.close()
+        _unreadable_left(report, roots, held)
         return report
     resolver = StoreResolver(stores)
     lock = threading.Lock()
@@ -176,7 +170,21 @@ def flush_directory(
             report.remaining.append(record)
         elif id(record) not in with_event:
             report.dropped.append(record)
+    _unreadable_left(report, roots, held)
     return report
+
+
+def _unreadable_left(report: FlushReport, roots: list[Path], held: set[Path]) -> None:
+    """The jobs this version cannot read still pending once the replay is done (a later
+    job of their key may have settled them meanwhile), in the journals not held elsewhere."""
+    for root in roots:
+        for path in journal_paths(root):
+            if path in held:
+                continue
+            try:
+                report.unreadable.extend((path, i, why) for i, why in read_unreadable(path))
+            except OSError as error:
+                report.unreadable.append((path, "*", f"the journal cannot be read: {error}"))
 
 
 __all__ = ["FlushReport", "flush_directory"]

@@ -167,10 +167,6 @@ class LaminStore:
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
         self._reused: set[int] = set()  # of those, committed ones a transfer found again
-        # Per key: a worker's look-up of a committed artifact to reuse and its marking as
-        # in flight, against the committer's choice and deletion of a key's old versions.
-        # Without it the committer could delete the artifact a worker had just found.
-        self._key_locks: dict[str, threading.Lock] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -257,15 +253,9 @@ class LaminStore:
             raise
 
     def _key_lock(self, key: str) -> threading.Lock:
-        with self._lock:
-            lock = self._key_locks.get(key)
-            if lock is None:
-                if len(self._key_locks) > 1024:  # keys of long-gone checkpoints
-                    self._key_locks = {k: v for k, v in self._key_locks.items() if v.locked()}
-                lock = self._key_locks[key] = threading.Lock()
-            return lock
+        return _key_lock(key)
 
-    def _committed_to_reuse(self, key: str, digest: str) -> Any | None:
+    def _committed_to_reuse(self, key: str, digest: str, *, replay: bool = True) -> Any | None:
         """The committed artifact of ``key`` with this content, marked in flight; or None.
 
         Reused (a replay of a save committed before a crash, or the same bytes saved
@@ -280,9 +270,12 @@ class LaminStore:
             existing = _ln().Artifact.filter(key=key, hash=digest).order_by("-id").first()
             if existing is not None and getattr(existing, "_storage_ongoing", False):
                 # lamindb saves the record, uploads, then marks it complete: this one's
-                # upload was cut short (the process died). Reusing it would commit a record
-                # whose file is missing or partial; it goes, and the file is uploaded afresh.
-                _drop_interrupted(existing)
+                # upload is not complete. A replay's is cut short (the process died):
+                # reusing it would commit a record whose file is missing or partial; it
+                # goes, and the file is uploaded afresh. A live save leaves it alone (it
+                # may be another writer's upload still going).
+                if replay:
+                    _drop_interrupted(existing)
                 existing = None
             if existing is not None:
                 with self._lock:
@@ -303,7 +296,7 @@ class LaminStore:
             # turned its hashing off, or an older lamindb): no second reading of the file.
             return self.create(path, key=key, kind=kind, run=run, key_is_virtual=key_is_virtual)
         stats = lamin_stats(Path(path))
-        existing = self._committed_to_reuse(key, stats["hash"])
+        existing = self._committed_to_reuse(key, stats["hash"], replay=False)
         if existing is not None:
             return existing
         return self.create(
@@ -668,6 +661,23 @@ class LaminStore:
     def finalize_thread(self) -> None:
         """Close this thread's Django connection."""
         close_connections()
+
+
+# Per key, for every store of this process (two callbacks may write one key, as
+# hparams.yaml): a worker's look-up of a committed artifact to reuse and its marking as in
+# flight, against the committer's choice and deletion of a key's old versions. Without
+# it the committer could delete the artifact a worker had just found. Never dropped (a
+# lock handed out must stay the key's): one small lock per key a process persisted.
+_KEY_LOCKS: dict[str, threading.Lock] = {}
+_KEY_LOCKS_GUARD = threading.Lock()
+
+
+def _key_lock(key: str) -> threading.Lock:
+    with _KEY_LOCKS_GUARD:
+        lock = _KEY_LOCKS.get(key)
+        if lock is None:
+            lock = _KEY_LOCKS[key] = threading.Lock()
+        return lock
 
 
 def lamin_stats(path: Path) -> dict[str, Any]:
