@@ -1337,3 +1337,50 @@ def test_a_replay_removes_a_last_ckpt_file_only_once_its_link_stands(
     else:
         assert report.removed == 0 and store.keys() == {key("last.ckpt")}
         assert last.read_bytes() == b"step 3"
+
+
+def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
+    tmp_path: Path,
+) -> None:
+    """A CheckpointIO that writes late rewrites last.ckpt in place; the previous file waits
+    aside. Killed mid-write, the next flush (or setup) puts the previous file back first,
+    and the replay then persisted the interrupted save (its step, its flags) with the
+    previous checkpoint's bytes. That save is now dropped when the previous file is put
+    back, and the previous checkpoint keeps what it had."""
+    import subprocess
+    import sys
+    import textwrap
+
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    last = dirpath / "last.ckpt"
+    torch.save({"global_step": 1}, last)
+    previous = sha256_file(last)
+    buffer = io.BytesIO()
+    torch.save({"global_step": 2, "w": torch.arange(4096.0)}, buffer)
+    partial = tmp_path / "partial"
+    partial.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    rewrite = textwrap.dedent(
+        """
+        import os, sys
+        from pathlib import Path
+        from lamin_lightning import _aside
+        root, target, partial = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+        _aside.move_aside(root, target)  # before the rewrite, as the callback does
+        Path(target).write_bytes(Path(partial).read_bytes())  # in place, cut short
+        os._exit(0)  # the process ends holding it: a crash
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", rewrite, str(staging_root(dirpath)), str(last), str(partial)],
+        check=True,
+        timeout=120,
+    )
+    journal(dirpath, _save(last, written_later=True))
+    store = MemoryStore()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert sha256_file(last) == previous, "the previous checkpoint is back"
+    assert store.keys() == set(), "the interrupted save was persisted with the previous bytes"
+    assert report.remaining == [] and pending_records(dirpath) == []

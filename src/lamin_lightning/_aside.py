@@ -27,7 +27,8 @@ import zipfile
 from pathlib import Path
 
 from lamin_lightning import _staging
-from lamin_lightning._journal import is_locked
+from lamin_lightning._errors import OutboxInUseError
+from lamin_lightning._journal import Outbox, is_locked, journal_paths
 from lamin_lightning._staging import (
     WRITING_DIRNAME,
     Stager,
@@ -211,7 +212,46 @@ def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:
             if restored is not None:
                 put_back.append(restored)
     stager.empty_trash()
+    if put_back:
+        _drop_interrupted_rewrites(root, put_back)
     return put_back
+
+
+def _drop_interrupted_rewrites(root: Path, put_back: list[Path]) -> None:
+    """The saves whose rewrite a crash interrupted, and whose previous file was put back:
+    each journaled save of such a file that was to be written after its hook returned
+    (a CheckpointIO that writes late) and was never staged is the interrupted one. The
+    file now holds the previous checkpoint, which must not be persisted as that save (its
+    step, its flags); the save is dropped as never written, with a warning."""
+    wanted = {os.path.abspath(path) for path in put_back}
+    for path in journal_paths(root):
+        if is_locked(path):
+            continue
+        outbox = Outbox(path)
+        try:
+            outbox.open()
+        except (OutboxInUseError, OSError):
+            continue
+        try:
+            newest: dict[str, str] = {}
+            for job_id, record in outbox.pending():
+                if (
+                    record.op == "save"
+                    and record.written_later
+                    and os.path.abspath(record.local_path) in wanted
+                    and not (record.staged_path and os.path.lexists(record.staged_path))
+                ):
+                    newest[os.path.abspath(record.local_path)] = job_id
+            for local_path, job_id in newest.items():
+                log.warning(
+                    "lamin-lightning: dropping the save that was rewriting %s when a crash"
+                    " interrupted it: the previous checkpoint is back in its place, and keeps"
+                    " its own artifact",
+                    local_path,
+                )
+                outbox.settle(job_id, "lost")
+        finally:
+            outbox.close()
 
 
 @contextlib.contextmanager
