@@ -1448,11 +1448,12 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
             pass
 
         def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-            files = [checkpoint_callback._last_checkpoint_saved, *checkpoint_callback.best_k_models]
+            # The callback's state names files that exist (a logger uploads those).
+            files = [checkpoint_callback.last_model_path, *checkpoint_callback.best_k_models]
             self.seen.append(
                 (
-                    Path(files[0]).name,
-                    all(os.path.exists(f) for f in files),
+                    Path(checkpoint_callback._last_checkpoint_saved).name,
+                    all(os.path.exists(f) for f in files if f),
                     threading.current_thread().name,
                 )
             )
@@ -1477,6 +1478,11 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
     assert gate.timed_out == []
     for probe in probes:
         assert len(probe.seen) == 3, "each logger told once per save"
+        # Of each save in turn, as just saved (not the newest save each time; step 1's
+        # file is evicted by then, as its write was held until training ended).
+        assert [name for name, _, _ in probe.seen] == [
+            f"epoch=0-step={step}.ckpt" for step in (1, 2, 3)
+        ]
         assert all(exists for _, exists, _ in probe.seen), probe.seen
         assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}
 

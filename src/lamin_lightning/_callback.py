@@ -190,7 +190,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._unreported_failures: list[ArtifactFailedEvent] = []
         # Jobs a teardown that gave up left in the outbox (see pending_artifacts).
         self._left_in_outbox: list[PendingJob] = []
-        self._loggers_owed: list[tuple[HostWrite, list[Any]]] = []
+        self._loggers_owed: list[tuple[HostWrite, list[Any], str]] = []
         self._persisted: dict[str, Any] = {}
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False

@@ -58,9 +58,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _save_depth: int
     _saving_on_exception: bool
     _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
-    # Per background save, in order: its write, and the loggers Lightning told of it (they
-    # are told once it is written, see _tell_loggers).
-    _loggers_owed: list[tuple[HostWrite, list[Any]]]
+    # Per background save, in order: its write, the loggers Lightning told of it (they are
+    # told once it is written, see _tell_loggers), and the file it saved.
+    _loggers_owed: list[tuple[HostWrite, list[Any], str]]
 
     @property
     @override
@@ -191,7 +191,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
                 for logger in told:
                     logger.after_save_checkpoint(proxy(self))
             else:
-                self._loggers_owed.append((io.write, told))
+                self._loggers_owed.append((io.write, told, filepath))
         return io.write
 
     @override
@@ -211,9 +211,16 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         # In order: the saves written so far, up to the first still being written (each
         # logger once per save, as Lightning tells it, with the callback's state of now).
         while owed and owed[0][0].done():
-            _, loggers = owed.pop(0)
-            for logger in loggers:
-                logger.after_save_checkpoint(proxy(self))
+            _, loggers, filepath = owed.pop(0)
+            # The file "just saved" is this save's, as when Lightning told them at once
+            # (the state may name newer saves by now; Lightning's loggers skip files that
+            # do not exist yet, and take them when told of those).
+            latest, self._last_checkpoint_saved = self._last_checkpoint_saved, filepath
+            try:
+                for logger in loggers:
+                    logger.after_save_checkpoint(proxy(self))
+            finally:
+                self._last_checkpoint_saved = latest
 
     def _link_checkpoint(  # type: ignore[override]  # Lightning's is a staticmethod
         self, trainer: pl.Trainer, filepath: str, linkpath: str
