@@ -235,12 +235,7 @@ def _drop_interrupted_rewrites(root: Path, put_back: list[Path]) -> None:
         try:
             newest: dict[str, str] = {}
             for job_id, record in outbox.pending():
-                if (
-                    record.op == "save"
-                    and record.written_later
-                    and os.path.abspath(record.local_path) in wanted
-                    and not (record.staged_path and os.path.lexists(record.staged_path))
-                ):
+                if record.unstaged_late_save() and os.path.abspath(record.local_path) in wanted:
                     newest[os.path.abspath(record.local_path)] = job_id
             for local_path, job_id in newest.items():
                 log.warning(

@@ -378,7 +378,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             return
         submitter = self._ensure_submitter()
         root = self._staging_root(filepath)
-        cancel_link(filepath)  # a link still to be made there: not after its removal
+        if self.save_last == "link":
+            cancel_link(filepath)  # a link still to be made there: not after its removal
         # Evicted in favour of a checkpoint still being written (async_write): removed
         # once that exists, kept if it never will (the record says so for a replay).
         after = self._evictions.replacement_for(filepath)

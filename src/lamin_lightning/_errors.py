@@ -33,6 +33,8 @@ class PersistenceError(LaminLightningError, RuntimeError):
 
     Attributes:
         failures: The failed events, in submission order.
+
+    ``raised=False`` words it for a warning (``on_error="warn"``).
     """
 
     def __init__(
@@ -40,6 +42,8 @@ class PersistenceError(LaminLightningError, RuntimeError):
         failures: list[ArtifactFailedEvent],
         unjournaled: Collection[str] = (),
         dirpath: str | os.PathLike[str] | None = None,
+        *,
+        raised: bool = True,
     ) -> None:
         self.failures = list(failures)
         lines = [
@@ -56,7 +60,7 @@ class PersistenceError(LaminLightningError, RuntimeError):
             + "\n".join(lines)
             + "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
             f" `lamin-lightning flush {folder}` or start training again with"
-            " the same dirpath. Pass on_error='warn' to only warn."
+            " the same dirpath." + (" Pass on_error='warn' to only warn." if raised else "")
         )
 
 

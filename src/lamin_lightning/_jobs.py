@@ -139,11 +139,8 @@ class JobRecord:
         """Whether this save's file was to be written after the hook returned and never
         was: neither it nor its staged copy exists (see :attr:`written_later`), or
         only a file the process was killed in the middle of writing (:meth:`cut_short`)."""
-        return (
-            self.op == "save"
-            and self.written_later
-            and not (self.staged_path and os.path.lexists(self.staged_path))
-            and (not os.path.lexists(self.local_path) or self.cut_short())
+        return self.unstaged_late_save() and (
+            not os.path.lexists(self.local_path) or archive_cut_short(self.local_path)
         )
 
     def cut_short(self) -> bool:
@@ -153,11 +150,16 @@ class JobRecord:
         leaves such a file when the process dies mid-write; it is no checkpoint, and is
         not persisted. A file staged for it was written whole (staging waits for the
         write). Files in other formats cannot be judged, and count as written."""
+        return self.unstaged_late_save() and archive_cut_short(self.local_path)
+
+    def unstaged_late_save(self) -> bool:
+        """Whether this is a save whose file was to be written after the hook returned
+        and that was never staged (the staging waits for the write): its write may not
+        have finished."""
         return (
             self.op == "save"
             and self.written_later
             and not (self.staged_path and os.path.lexists(self.staged_path))
-            and archive_cut_short(self.local_path)
         )
 
     def replacement_lost(self) -> bool:

@@ -252,9 +252,6 @@ class LaminStore:
                 raise TransientError(f"{type(error).__name__}: {error}") from error
             raise
 
-    def _key_lock(self, key: str) -> threading.Lock:
-        return _key_lock(key)
-
     def _committed_to_reuse(self, key: str, digest: str, *, replay: bool = True) -> Any | None:
         """The committed artifact of ``key`` with this content, marked in flight; or None.
 
@@ -266,7 +263,7 @@ class LaminStore:
         Without this look-up lamindb found the same row itself, on insert, and the
         committer could delete it meanwhile (fits failed, FOREIGN KEY or DoesNotExist).
         """
-        with self._key_lock(key):
+        with _key_lock(key):
             existing = _ln().Artifact.filter(key=key, hash=digest).order_by("-id").first()
             if existing is not None and getattr(existing, "_storage_ongoing", False):
                 # lamindb saves the record, uploads, then marks it complete: this one's
@@ -403,7 +400,7 @@ class LaminStore:
             reused = id(artifact) in self._reused
         # Commits run in submission order: a reused (older) artifact replaces every other
         # committed one of its key, newer rows included; a new one only older rows.
-        with self._key_lock(snapshot.key):
+        with _key_lock(snapshot.key):
             for old in self.others_under_key(
                 snapshot.key, exclude_id=artifact.id, older_only=not reused
             ):
@@ -593,7 +590,7 @@ class LaminStore:
         immediate_transactions()
         self._forget_flags(key)
         removed = None
-        with self._key_lock(key):
+        with _key_lock(key):
             for candidate in [known] if known is not None else self.others_under_key(key):
                 uri = self.storage_uri(candidate)
                 # Delete a fresh copy: Django clears the id of the instance it deletes, and

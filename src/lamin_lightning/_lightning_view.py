@@ -208,13 +208,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         loggers skip the files named in the callback's state that do not exist yet (newer
         saves still being written), and take them when told of those."""
         owed = self._loggers_owed
-        # In order: the saves written so far, up to the first still being written (each
-        # logger once per save, as Lightning tells it, with the callback's state of now).
-        while owed and owed[0][0].done():
+        while owed and owed[0][0].done():  # up to the first save still being written
             _, loggers, filepath = owed.pop(0)
-            # The file "just saved" is this save's, as when Lightning told them at once
-            # (the state may name newer saves by now; Lightning's loggers skip files that
-            # do not exist yet, and take them when told of those).
+            # As when Lightning tells them at once, the file "just saved" is this save's.
             latest, self._last_checkpoint_saved = self._last_checkpoint_saved, filepath
             try:
                 for logger in loggers:

@@ -68,13 +68,14 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             return
         submitter = self._submitter
         error = PersistenceError(
-            failures, submitter.unjournaled if submitter else (), dirpath=self.dirpath
+            failures,
+            submitter.unjournaled if submitter else (),
+            dirpath=self.dirpath,
+            raised=self.on_error == "raise",
         )
         if self.on_error == "raise":
             raise error
-        rank_zero_warn(
-            str(error).replace(" Pass on_error='warn' to only warn.", ""), category=UserWarning
-        )
+        rank_zero_warn(str(error), category=UserWarning)
 
     def _warn_unfinished(self, pipeline: Any, why: str) -> None:
         # Admitted and not finished, then journaled but kept from admission (an interrupt

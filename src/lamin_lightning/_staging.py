@@ -189,7 +189,7 @@ class Stager:
         staged.parent.mkdir()
         # Built under a temporary name and renamed once complete: a staged copy that
         # exists is whole (a replay after a crash mid-copy uses the local file instead).
-        partial = staged.parent / f".partial-{scratch_name(staged.name)}"
+        partial = _partial_of(staged)
         try:
             if source.is_dir():
                 # A folder checkpoint (sharded strategies): the same tree, file by file. Its
@@ -287,6 +287,11 @@ def scratch_name(name: str) -> str:
     return f"{head}~{hashlib.sha256(data).hexdigest()[:16]}"
 
 
+def _partial_of(staged: Path) -> Path:
+    """Where the staged copy ``staged`` is built before it is renamed into place."""
+    return staged.parent / f".partial-{scratch_name(staged.name)}"
+
+
 def remove_path(path: str | os.PathLike[str]) -> None:
     """Delete a file, a link or a folder (a folder checkpoint) at ``path``; best effort."""
     if os.path.isdir(path) and not os.path.islink(path):
@@ -304,9 +309,7 @@ def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str
 def release_staged(staged: Path) -> None:
     """Remove a staged file (or folder) and its unique folder."""
     remove_path(staged)
-    remove_path(
-        staged.parent / f".partial-{scratch_name(staged.name)}"
-    )  # a staging cut short by a crash
+    remove_path(_partial_of(staged))  # a staging cut short by a crash
     with contextlib.suppress(OSError):
         staged.parent.rmdir()
 
