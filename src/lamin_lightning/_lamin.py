@@ -39,6 +39,7 @@ from lamin_lightning._lamin_store import (
     LaminArtifactPublisher,
     LaminStore,
     close_connections,
+    delete_artifact,
 )
 from lamin_lightning._legacy import Callback
 from lamin_lightning._options import (
@@ -520,8 +521,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             artifact.features.add_values(feature_values)
         if kind == "checkpoint":
             for old in store.others_under_key(key, exclude_id=artifact.id):
-                same_place = str(old.path) == str(artifact.path)
-                old.delete(permanent=True, storage=not same_place)
+                delete_artifact(old, keep_path=str(artifact.path))
         self.emit_artifact_event(
             ArtifactSavedEvent(
                 kind=kind,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -91,7 +92,7 @@ class LaminArtifactPublisher:
             kwargs["run"] = run
         if skip_hash_lookup:
             kwargs["skip_hash_lookup"] = True
-        artifact = ln.Artifact(local_path, **kwargs).save()
+        artifact = ln.Artifact(local_path, **kwargs, **_own_store(local_path)).save()
         if add_as_input_to_run:
             from lamindb.models._lineage import track_run_inputs
 
@@ -216,6 +217,7 @@ class LaminStore:
             run=run,
             key_is_virtual=key_is_virtual,
             skip_hash_lookup=True,
+            **_own_store(path),
             **_given_stats(stats),
             **({"storage": storage} if storage is not None else {}),
         )
@@ -405,7 +407,7 @@ class LaminStore:
                 snapshot.key, exclude_id=artifact.id, older_only=not reused
             ):
                 self._forget_flags(snapshot.key)
-                _delete(old, keep_path=str(artifact.path))
+                delete_artifact(old, keep_path=str(artifact.path))
         if set_flags:
             self._apply_flags(ln, prefix, snapshot, artifact)
         self.settle(artifact)
@@ -458,7 +460,7 @@ class LaminStore:
                     reused = id(artifact) in self._reused
                 self.settle(artifact)
                 if not reused:
-                    _delete(artifact)
+                    delete_artifact(artifact)
                 raise
         # A replay: a feature deleted or changed since the crash. Keep the checkpoint and
         # every annotation that still validates; name the others.
@@ -597,7 +599,7 @@ class LaminStore:
                 # the candidate is what observers get (with its id, as from the reference).
                 victim = _ln().Artifact.filter(id=candidate.id).first() if candidate.id else None
                 if victim is not None:
-                    _delete(victim)
+                    delete_artifact(victim)
                 removed = (candidate, uri)
         return removed
 
@@ -617,7 +619,7 @@ class LaminStore:
         if reused:
             return  # committed before (found again by its hash): not ours to delete
         try:
-            _delete(artifact)
+            delete_artifact(artifact)
         except Exception as error:
             log.warning(
                 "could not delete the uncommitted artifact %r of %r (%s: %s)",
@@ -842,20 +844,75 @@ def _naming_storage(error: OSError, artifact: Any, path: str | Path) -> OSError:
     return type(error)(f"{error} (storage location {root})")
 
 
+def _own_store(path: Path | str) -> dict[str, Any]:
+    """``Artifact`` options giving a folder version a store of its own.
+
+    lamindb's default for a folder keeps every version of a key in one storage folder
+    (``overwrite_versions``), which a new version's upload empties first: a failed upload
+    of ``last.ckpt`` lost the committed version's files, and deleting the failed version
+    deleted every version of the key. With its own store, a version is uploaded beside
+    the committed one, which the commit deletes once the new one is in place, as for a
+    file.
+    """
+    return {"overwrite_versions": False} if Path(path).is_dir() else {}
+
+
 def _drop_interrupted(artifact: Any) -> None:
     """Delete the record of an upload that never completed, and what it left in storage."""
-    try:
-        stored = artifact.path
-        if stored.exists():
-            stored.unlink()
-    except Exception as error:  # best effort: the record must go either way
-        log.warning("could not remove the partial upload of %r: %s", artifact.key, error)
-    artifact.delete(permanent=True, storage=False)
+    _delete_version(artifact, keep_store=False, partial=True)
 
 
-def _delete(artifact: Any, *, keep_path: str | None = None) -> None:
+def delete_artifact(artifact: Any, *, keep_path: str | None = None) -> None:
+    """Delete ``artifact`` (a version of its key) for good; its store too, unless it is
+    at ``keep_path`` (the version replacing it) or other versions share it."""
     same_place = keep_path is not None and str(artifact.path) == keep_path
-    artifact.delete(permanent=True, storage=not same_place)
+    _delete_version(artifact, keep_store=same_place)
+
+
+def _delete_version(artifact: Any, *, keep_store: bool, partial: bool = False) -> None:
+    """Delete one version of a key: its record, and its store unless ``keep_store``.
+
+    A version whose store its key's other versions share (a folder saved with lamindb's
+    default ``overwrite_versions``, by the reference or an earlier release of ours): only
+    its record goes, never that store, and never the other versions, which lamindb would
+    delete with it.
+    """
+    stored = artifact.path
+    if getattr(artifact, "_overwrite_versions", False):
+        keep_store = keep_store or _store_shared(artifact)
+        artifact._overwrite_versions = False  # in memory: lamindb deletes this version only
+        if not keep_store:
+            _remove_stored(stored, artifact, partial=partial)
+        artifact.delete(permanent=True, storage=False)
+        return
+    if partial:
+        _remove_stored(stored, artifact, partial=True)
+        artifact.delete(permanent=True, storage=False)
+        return
+    artifact.delete(permanent=True, storage=not keep_store)
+
+
+def _store_shared(artifact: Any) -> bool:
+    """Whether another version of ``artifact``'s key keeps its files in the same store."""
+    return bool(
+        _ln()
+        .Artifact.objects.filter(uid__startswith=artifact.stem_uid, _overwrite_versions=True)
+        .exclude(id=artifact.id)
+        .exists()
+    )
+
+
+def _remove_stored(stored: Any, artifact: Any, *, partial: bool) -> None:
+    """Remove a file or folder in storage (best effort: the record goes either way)."""
+    try:
+        if stored.is_dir():
+            fs = getattr(stored, "fs", None)
+            fs.rm(str(stored), recursive=True) if fs is not None else shutil.rmtree(stored)
+        elif stored.exists():
+            stored.unlink()
+    except Exception as error:
+        what = "the partial upload" if partial else "the stored files"
+        log.warning("could not remove %s of %r: %s", what, artifact.key, error)
 
 
 def _check_instance(record: JobRecord) -> None:

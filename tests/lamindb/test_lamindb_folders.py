@@ -8,8 +8,10 @@ in a subprocess (as ``test_lamindb_ddp.py`` runs ``ddp_fit.py``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -218,3 +220,222 @@ def test_sharded_checkpoints_on_two_ranks(ln: Any, tmp_path: Path) -> None:
     assert one["stats"]["submitted"] == 0 and one["stats"]["training_stall_seconds"] == 0
     assert one["pipeline_threads"] == [] and not one["lamindb_imported"]
     assert one["teardown_seconds"] < 5
+
+
+# -- a folder rewritten under one key (last.ckpt) ----------------------------------------------
+# lamindb keeps every version of a folder key in one store by default, and a new version's
+# upload empties it first: these run on local storage, where the copy into storage is
+# lamindb's own (shutil in lamindb.core.storage.paths), which the first test fails once.
+
+
+class _CopyFailingOnce:
+    """lamindb's ``shutil``, whose copy of a folder named ``name`` into storage raises EIO
+    at the ``nth`` such copy (once); everything else is the real module."""
+
+    def __init__(self, name: str, nth: int) -> None:
+        self.name, self.nth, self.seen, self.raised = name, nth, 0, False
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(shutil, attribute)
+
+    def copytree(self, source: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(source).name == self.name:
+            self.seen += 1
+            if self.seen == self.nth:
+                self.raised = True
+                raise OSError(errno.EIO, "injected I/O error", str(target))
+        return shutil.copytree(source, target, *args, **kwargs)
+
+
+def _versions_of(ln: Any, key: str) -> list[Any]:
+    return list(ln.Artifact.objects.filter(key=key).order_by("id"))
+
+
+def _assert_stored_whole(artifact: Any) -> None:
+    from lamindb_setup.core.hashing import hash_dir
+
+    stored = Path(str(artifact.path))
+    assert stored.is_dir(), f"{artifact.key}: its stored folder {stored} is gone"
+    assert hash_dir(stored)[1] == artifact.hash, f"{artifact.key}: stored folder differs"
+
+
+def _stored(ln: Any) -> set[str]:
+    """The entries of the default storage's ``.lamindb`` folder."""
+    root = Path(ln.settings.storage.root.as_posix()) / ".lamindb"
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def _orphans(ln: Any, before: set[str]) -> list[str]:
+    """Entries added to the default storage since ``before`` that no artifact points to."""
+    known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
+    return sorted(_stored(ln) - before - known)
+
+
+def test_a_rewritten_folder_whose_upload_fails_once_is_retried_and_keeps_one_version(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second ``last.ckpt`` folder's copy into storage fails once: the committed first
+    version is untouched meanwhile (its store is not the new one's), the retry succeeds,
+    and the key ends with one version holding the final folder."""
+    import lamindb.core.storage.paths as lamindb_paths
+    from lamindb_setup.core.hashing import hash_dir
+
+    before = _stored(ln)
+    failing = _CopyFailingOnce("last.ckpt", nth=2)
+    monkeypatch.setattr(lamindb_paths, "shutil", failing)
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        on_error="warn",
+        retry=ll.RetryPolicy(attempts=3, initial_backoff=0.01, jitter=0.0),
+    )
+    fit(callback, tmp_path, steps=2, plugins=[FolderCheckpointIO()])
+    assert failing.raised, "the injected failure never ran"
+    stats = callback.persistence_stats
+    assert stats.failed == 0 and stats.retried >= 1, stats
+    key = callback.resolve_artifact_key(
+        callback._trainer, tmp_path / "ckpts" / "last.ckpt", "checkpoint"
+    )
+    [artifact] = _versions_of(ln, key)
+    assert artifact.is_latest
+    _assert_stored_whole(artifact)
+    assert artifact.hash == hash_dir(tmp_path / "ckpts" / "last.ckpt")[1]
+    assert _orphans(ln, before) == []
+
+
+class _RejectedAtStep(ll.Checkpoint):
+    """A feature value lamindb rejects (a string for a float feature) from ``step`` on."""
+
+    def __init__(self, *args: Any, step: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step = step
+
+    def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+        values = dict(super().collect_checkpoint_feature_values(trainer, snapshot) or {})
+        values["folder_probe"] = 1.0 if trainer.global_step < self.step else "not a float"
+        return values
+
+
+def _probe_feature(ln: Any) -> None:
+    if ln.Feature.filter(name="folder_probe").one_or_none() is None:
+        ln.Feature(name="folder_probe", dtype=float).save()
+
+
+def test_a_rewritten_folder_whose_commit_fails_leaves_the_committed_version(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """The second ``last.ckpt`` folder uploads, then its annotation is refused for good:
+    the uploaded version goes, and the first version (its record and its files) stays
+    the key's latest, as for a file (docs/failures.md)."""
+    _probe_feature(ln)
+    before = _stored(ln)
+    callback = _RejectedAtStep(
+        dirpath=tmp_path / "ckpts",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        on_error="warn",
+        step=2,
+    )
+    fit(callback, tmp_path, steps=2, plugins=[FolderCheckpointIO()])
+    assert callback.persistence_stats.failed == 1, callback.persistence_stats
+    key = callback.resolve_artifact_key(
+        callback._trainer, tmp_path / "ckpts" / "last.ckpt", "checkpoint"
+    )
+    [artifact] = _versions_of(ln, key)
+    assert artifact.is_latest
+    _assert_stored_whole(artifact)
+    values = single(artifact_features(ln, artifact))
+    assert values.get("folder_probe") == 1.0 and values.get("is_last_model") is True
+    assert _orphans(ln, before) == []
+
+
+def test_a_folder_key_the_reference_stored_keeps_its_version_until_ours_commits(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """``last.ckpt`` stored by the reference (lamindb's default for a folder: one store for
+    every version), then rewritten by ours: a rewrite whose commit fails leaves the
+    reference's version and its files; the next one replaces it, leaving nothing behind."""
+    from lamindb.integrations.lightning import Checkpoint as Reference
+
+    _probe_feature(ln)
+    before = _stored(ln)
+    dirpath = tmp_path / "ckpts"
+    reference = Reference(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=1)
+    fit(reference, tmp_path / "ref", steps=1, plugins=[FolderCheckpointIO()])
+    key = reference.resolve_artifact_key(
+        trainer=reference._trainer, filepath=dirpath / "last.ckpt", kind="checkpoint"
+    )
+    [first] = _versions_of(ln, key)
+    assert first.overwrite_versions, "the reference's folder version no longer shares its store"
+
+    ours = _RejectedAtStep(
+        dirpath=dirpath,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        on_error="warn",
+        enable_version_counter=False,  # last.ckpt itself rewritten
+        step=1,  # every save of this fit is refused at its commit
+    )
+    fit(ours, tmp_path / "ours", steps=1, plugins=[FolderCheckpointIO()])
+    assert ours.persistence_stats.failed == 1, ours.persistence_stats
+    [kept] = _versions_of(ln, key)
+    assert kept.id == first.id and kept.is_latest
+    _assert_stored_whole(kept)
+
+    # Its setup replays the refused job too (it stayed journaled), without the feature.
+    ours_again = ll.Checkpoint(
+        dirpath=dirpath,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        enable_version_counter=False,
+    )
+    fit(ours_again, tmp_path / "again", steps=1, plugins=[FolderCheckpointIO()])
+    assert ours_again.persistence_stats.failed == 0
+    [latest] = _versions_of(ln, key)
+    assert latest.id != first.id and latest.is_latest
+    _assert_stored_whole(latest)
+    assert _orphans(ln, before) == []
+
+
+def _folder(root: Path, content: str) -> Path:
+    root.mkdir(parents=True)
+    (root / "weights.pt").write_text(content)
+    (root / "meta.json").write_text("{}")
+    return root
+
+
+def test_an_interrupted_folder_upload_goes_with_its_record_and_leaves_shared_stores(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """What a replay drops for an upload a crash cut short (``_drop_interrupted``): a
+    folder version's own store goes with its record; a version sharing its key's store
+    (lamindb's default for folders) goes without touching that store or the other
+    versions, and the one before it is the key's latest again."""
+    from lamin_lightning._lamin_store import _drop_interrupted
+
+    before = _stored(ln)
+    own = ln.Artifact(
+        _folder(tmp_path / "own.ckpt", "a"), key="interrupted/own.ckpt", overwrite_versions=False
+    ).save()
+    stored = Path(str(own.path))
+    assert stored.is_dir()
+    _drop_interrupted(own)
+    assert not ln.Artifact.objects.filter(key="interrupted/own.ckpt").exists()
+    assert not stored.exists(), "the partial upload's folder was left in storage"
+
+    first = ln.Artifact(_folder(tmp_path / "v1" / "shared.ckpt", "1"), key="interrupted/s.ckpt")
+    first.save()
+    second = ln.Artifact(_folder(tmp_path / "v2" / "shared.ckpt", "22"), key="interrupted/s.ckpt")
+    second.save()
+    assert first.overwrite_versions and second.overwrite_versions
+    assert str(first.path) == str(second.path)  # one store for both versions
+    _drop_interrupted(second)
+    [kept] = _versions_of(ln, "interrupted/s.ckpt")
+    assert kept.id == first.id and kept.is_latest
+    assert Path(str(kept.path)).is_dir(), "the store the other version shares was removed"
+    assert _orphans(ln, before) == []
