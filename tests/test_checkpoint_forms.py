@@ -27,7 +27,7 @@ from checkpoint_forms import (
     OpenGate,
 )
 from helpers import TinyModel, checkpoint_files, lightning_kept_paths, loader, make_trainer
-from lamin_lightning import ArtifactFailedEvent, CheckpointIOError
+from lamin_lightning import ArtifactFailedEvent, CheckpointIOError, PersistenceError
 from lamin_lightning._flush import flush_directory
 from lamin_lightning._staging import (
     SMALL_FILE_BYTES,
@@ -300,6 +300,51 @@ def test_a_checkpoint_io_we_cannot_follow_is_refused_at_setup(tmp_path: Path) ->
         TinyModel(scores=SCORES), loader(2)
     )
     assert_store_equals_lightning(store, callback)
+
+
+class WritesAtTeardownIO(TorchCheckpointIO):
+    """Writes each checkpoint on a thread of its own that runs only when ``teardown`` lets
+    it (then joins it): nothing in it looks asynchronous to the callback, and no file
+    exists before teardown. ``ModelCheckpoint`` ends a fit with it with every file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._threads: list[threading.Thread] = []
+        self._go = threading.Semaphore(0)
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        def write() -> None:
+            self._go.acquire()
+            TorchCheckpointIO.save_checkpoint(self, checkpoint, path, storage_options)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        self._threads.append(thread)
+
+    def teardown(self) -> None:
+        for _ in self._threads:
+            self._go.release()
+        for thread in self._threads:
+            thread.join()
+
+
+def test_a_checkpoint_io_writing_in_the_background_unrecognised_fails_naming_the_fix(
+    tmp_path: Path,
+) -> None:
+    """A CheckpointIO that returns before writing, which the callback does not recognise
+    as asynchronous: its checkpoints fail with an error that says so and names the fix,
+    not a bare "No such file or directory"."""
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store, dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, plugins=[WritesAtTeardownIO()])
+    with pytest.raises(PersistenceError) as raised:
+        trainer.fit(TinyModel(scores=SCORES), loader(2))
+    message = str(raised.value)
+    assert "epoch=0-step=1.ckpt did not exist when it was to be persisted" in message
+    assert "AsyncCheckpointIO(YourIO())" in message and "async_write=True" in message
+    assert store.keys() == set()
 
 
 class ArchivingCheckpointIO(TorchCheckpointIO):

@@ -351,6 +351,10 @@ class Submitter:
                 if write is not None:
                     write()
                 return stager.stage(filepath, staged)[1]
+            except FileNotFoundError as error:
+                if write is None and not os.path.lexists(filepath):
+                    raise FileNotFoundError(error.errno, _never_there(filepath)) from error
+                raise
             finally:
                 done.set()  # and the name goes back
                 stager.empty_trash()
@@ -555,6 +559,19 @@ def _finish_alone(write: Callable[[], None], done: _Done | None = None) -> None:
                 done.set()
 
     threading.Thread(target=finish, name="lamin-lightning-put-back", daemon=True).start()
+
+
+def _never_there(filepath: str | Path) -> str:
+    """Why a file saved synchronously is missing when it is to be staged, and the fix."""
+    return (
+        f"{filepath} did not exist when it was to be persisted. If it is a checkpoint, the"
+        " trainer's CheckpointIO returned from save_checkpoint before writing it, so it"
+        " writes in the background in a way lamin-lightning did not recognise: wrap a"
+        " synchronous CheckpointIO in Lightning's AsyncCheckpointIO"
+        " (Trainer(plugins=[AsyncCheckpointIO(YourIO())])), whose writes lamin-lightning"
+        " follows, or pass async_write=True to the callback. Otherwise something removed it"
+        " before it was staged."
+    )
 
 
 def _nothing_aside(rewritten: bool) -> None:
