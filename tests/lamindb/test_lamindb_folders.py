@@ -260,14 +260,15 @@ def _assert_stored_whole(artifact: Any) -> None:
 
 
 def _stored(ln: Any) -> set[str]:
-    """The entries of the default storage's ``.lamindb`` folder."""
-    root = Path(ln.settings.storage.root.as_posix()) / ".lamindb"
-    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+    """The entries of the default storage's ``.lamindb`` folder (local or S3)."""
+    root = ln.settings.storage.root / ".lamindb"
+    root.fs.invalidate_cache()
+    return {p.name for p in root.iterdir()} if root.exists() else set()
 
 
 def _orphans(ln: Any, before: set[str]) -> list[str]:
     """Entries added to the default storage since ``before`` that no artifact points to."""
-    known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
+    known = {a.path.name for a in ln.Artifact.objects.all()}
     return sorted(_stored(ln) - before - known)
 
 
@@ -409,6 +410,7 @@ def _folder(root: Path, content: str) -> Path:
     return root
 
 
+@pytest.mark.contract
 def test_an_interrupted_folder_upload_goes_with_its_record_and_leaves_shared_stores(
     ln: Any, no_run: None, tmp_path: Path
 ) -> None:
@@ -422,10 +424,11 @@ def test_an_interrupted_folder_upload_goes_with_its_record_and_leaves_shared_sto
     own = ln.Artifact(
         _folder(tmp_path / "own.ckpt", "a"), key="interrupted/own.ckpt", overwrite_versions=False
     ).save()
-    stored = Path(str(own.path))
+    stored = own.path  # a local path or an S3 one
     assert stored.is_dir()
     _drop_interrupted(own)
     assert not ln.Artifact.objects.filter(key="interrupted/own.ckpt").exists()
+    stored.fs.invalidate_cache()
     assert not stored.exists(), "the partial upload's folder was left in storage"
 
     first = ln.Artifact(_folder(tmp_path / "v1" / "shared.ckpt", "1"), key="interrupted/s.ckpt")
@@ -437,5 +440,6 @@ def test_an_interrupted_folder_upload_goes_with_its_record_and_leaves_shared_sto
     _drop_interrupted(second)
     [kept] = _versions_of(ln, "interrupted/s.ckpt")
     assert kept.id == first.id and kept.is_latest
-    assert Path(str(kept.path)).is_dir(), "the store the other version shares was removed"
+    kept.path.fs.invalidate_cache()
+    assert kept.path.is_dir(), "the store the other version shares was removed"
     assert _orphans(ln, before) == []
