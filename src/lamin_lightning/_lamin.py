@@ -433,6 +433,14 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     # -- training thread ----------------------------------------------------------------------
 
     @override
+    def _refuse_feature_conflict(self, name: str) -> None:
+        # As the reference's save raises it (LaminDB's add_values, given an auto feature
+        # and the user's value of the same name that differ: features={"artifact":
+        # {"score": 1.0}} with monitor="score"), on the training thread.
+        from lamindb.errors import ValidationError
+
+        raise ValidationError(f"Conflicting values for feature name '{name}'.")
+
     def collect_checkpoint_feature_values(
         self, trainer: pl.Trainer, snapshot: CheckpointSnapshot
     ) -> dict[Any, Any] | None:

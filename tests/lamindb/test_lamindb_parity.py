@@ -564,6 +564,57 @@ def test_user_artifact_features_static_and_read_from_trainer(
 
 
 @modules()
+@pytest.mark.parametrize(
+    ("name", "value"), [("score", 1.23), ("mode", "max"), ("is_best_model", False)]
+)
+def test_a_user_artifact_value_conflicting_with_an_auto_feature_raises_at_the_save(
+    ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path, name: str, value: Any
+) -> None:
+    """A user's artifact feature named like an auto feature, with another value than the
+    callback's (a static score beside the monitored one, ``mode="max"`` for a "min"
+    callback, the best checkpoint's ``is_best_model=False``): LaminDB's ValidationError
+    at the first save, out of ``fit``; not one of the two values stored silently."""
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        every_n_train_steps=1,
+        features={"artifact": {name: value}},
+    )
+    with pytest.raises(
+        ln.errors.ValidationError, match=f"Conflicting values for feature name '{name}'"
+    ):
+        fit(callback, tmp_path, steps=2, model=TierModel(scores=[3, 2]))
+    assert callback._trainer.global_step == 1  # at the first save
+
+
+@modules()
+def test_a_user_artifact_value_equal_to_the_auto_features_is_no_conflict(
+    ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """The same name with the value the callback gives it (``monitor``), or None (read
+    from the logged metric of that name: the score itself), is stored once."""
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        features={"artifact": {"monitor": "score", "score": None}},
+    )
+    fit(callback, tmp_path, steps=2, model=TierModel(scores=[3, 2]))
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    found = {
+        key: {
+            k: v for k, v in single(artifact_features(ln, a)).items() if k in ("monitor", "score")
+        }
+        for key, a in stored.items()
+    }
+    assert found == {
+        "epoch=0-step=1.ckpt": {"monitor": "score", "score": 3.0},
+        "epoch=0-step=2.ckpt": {"monitor": "score", "score": 2.0},
+    }
+
+
+@modules()
 def test_user_run_features_without_a_run_do_not_stop_saving(
     ll: ModuleType, ln: Any, user_features: None, no_run: None, tmp_path: Path
 ) -> None:
