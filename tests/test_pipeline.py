@@ -415,6 +415,46 @@ def test_transient_commit_failures_are_retried() -> None:
     assert stats.retried == 1
 
 
+def test_after_delivery_runs_on_the_committer_once_the_event_was_delivered() -> None:
+    """A removal's deletion (``after_delivery``) runs after its event was delivered, on
+    the committer thread, retried like a commit, before a flush returns; failing for good
+    it delivers the job's failed event after the first, and the job counts as failed."""
+    rec = Recorder()
+    seen: list[tuple[int, str]] = []  # (events delivered by then, thread)
+    calls = {"ok": 0, "bad": 0}
+
+    def after(name: str, fails: int) -> Callable[[], None]:
+        def run() -> None:
+            calls[name] += 1
+            seen.append((rec.count(), threading.current_thread().name))
+            if calls[name] <= fails:
+                raise TransientError("database is locked")
+
+        return run
+
+    with running(recorder=rec, attempts=2) as (pipe, _):
+        ok = dataclasses.replace(
+            rec.job("ok", operation="remove", with_transfer=False), after_delivery=after("ok", 1)
+        )
+        bad = dataclasses.replace(
+            rec.job("bad", operation="remove", with_transfer=False), after_delivery=after("bad", 9)
+        )
+        pipe.submit(ok)
+        pipe.submit(bad)
+        assert pipe.flush(TIMEOUT)
+        stats = pipe.stats
+
+    assert calls == {"ok": 2, "bad": 2}
+    assert [count for count, _ in seen] == [1, 1, 2, 2]  # each after its own event
+    assert {thread for _, thread in seen} == rec.commit_threads
+    assert rec.delivered == [
+        ("removed", "ok"),
+        ("removed", "bad"),
+        ("failed", "bad", "TransientError", 2),
+    ]
+    assert (stats.removed, stats.failed, stats.retried) == (1, 1, 2)
+
+
 def test_exhausted_retries_emit_a_failed_event_in_its_slot_and_later_jobs_continue() -> None:
     """A job that exhausts its retries yields its failed event in order; later jobs still run."""
 

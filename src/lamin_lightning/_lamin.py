@@ -571,9 +571,19 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def remove_checkpoint_artifact(
         self, trainer: pl.Trainer, key: str, artifact: Any | None
     ) -> Any | None:
-        """Delete the evicted checkpoint's artifact (record and stored file)."""
+        """Delete the evicted checkpoint's artifact (record and stored file).
+
+        Not called by the pipeline unless overridden: it then finds what to delete,
+        tells observers, and deletes it after (as the reference orders it).
+        """
         removed = self._store.remove_key(key, artifact)
         return removed[0] if removed is not None else None
+
+    def _removal_store(self) -> Any:
+        overridden = (
+            type(self).remove_checkpoint_artifact is not Checkpoint.remove_checkpoint_artifact
+        )
+        return None if overridden else self._store
 
     @override
     def abandon_checkpoint_artifact(self, trainer: pl.Trainer, key: str, artifact: Any) -> None:

@@ -18,6 +18,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,6 +105,23 @@ class LaminArtifactPublisher:
         return str(artifact.path)
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What a removal will delete (:meth:`LaminStore.find_removal`).
+
+    Attributes:
+        key: The evicted key.
+        candidates: The artifacts to delete.
+        named: (artifact, storage URI) for the removal's event: the last candidate.
+        commits: How many saves of the key the store had committed when it was found.
+    """
+
+    key: str
+    candidates: tuple[Any, ...]
+    named: tuple[Any, str]
+    commits: int = 0
+
+
 class _PrefixFlags:
     """What this store knows of the flags under one prefix (committer thread only)."""
 
@@ -168,6 +186,8 @@ class LaminStore:
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
         self._reused: set[int] = set()  # of those, committed ones a transfer found again
+        # Per key: how many saves this store committed, and the artifact of the last one.
+        self._committed: dict[str, tuple[int, Any]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -410,6 +430,11 @@ class LaminStore:
                 delete_artifact(old, keep_path=str(artifact.path))
         if set_flags:
             self._apply_flags(ln, prefix, snapshot, artifact)
+        with self._lock:
+            self._committed[snapshot.key] = (
+                self._committed.get(snapshot.key, (0, None))[0] + 1,
+                artifact.id,
+            )
         self.settle(artifact)
         return unannotated
 
@@ -583,6 +608,46 @@ class LaminStore:
         """Delete what is stored under an evicted key; return (artifact, storage URI)."""
         _check_instance(record)
         return self.remove_key(record.key, known)
+
+    def find_removal(self, record: JobRecord, known: Any | None) -> Removal | None:
+        """What :meth:`remove` would delete, not deleted yet (:meth:`delete_removal` does).
+
+        Between the two, observers are told of the removal while the artifact and its
+        bytes still exist, as the reference tells them before it deletes.
+        """
+        _check_instance(record)
+        immediate_transactions()
+        self._forget_flags(record.key)
+        with _key_lock(record.key):
+            candidates = [known] if known is not None else self.others_under_key(record.key)
+        if not candidates:
+            return None
+        last = candidates[-1]
+        with self._lock:
+            commits = self._committed.get(record.key, (0, None))[0]
+        return Removal(record.key, tuple(candidates), (last, self.storage_uri(last)), commits)
+
+    def delete_removal(self, removal: Removal) -> None:
+        """Delete what :meth:`find_removal` found (those still there)."""
+        immediate_transactions()
+        with _key_lock(removal.key):
+            with self._lock:
+                # Found again by a save of the same key and content since (see
+                # _committed_to_reuse): it is that save's artifact now, in flight or
+                # committed after the removal found it.
+                kept = {a.id for a in self._uncommitted.values() if id(a) in self._reused}
+                commits, last = self._committed.get(removal.key, (0, None))
+                if commits != removal.commits:
+                    kept.add(last)
+            for candidate in removal.candidates:
+                if candidate.id is None or candidate.id in kept:
+                    continue
+                # A fresh copy: Django clears the id of the instance it deletes, and the
+                # candidate is what observers got (with its id, as from the reference).
+                victim = _ln().Artifact.filter(id=candidate.id).first()
+                if victim is not None:
+                    delete_artifact(victim)
+        self._forget_flags(removal.key)  # flags read meanwhile may name what went
 
     def remove_key(self, key: str, known: Any | None) -> tuple[Any, str] | None:
         """Delete ``known`` (or every committed artifact under ``key``).

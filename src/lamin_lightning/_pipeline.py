@@ -82,6 +82,11 @@ class JobSpec:
             ``size_bytes``. If it raises, the job fails at once, in its slot.
         payload: Anything the submitter wants to find again (for example in
             :meth:`AsyncPipeline.pending`); the pipeline does not look at it.
+        after_delivery: Called on the committer thread once the commit's event was
+            delivered (retried like a commit): a removal deletes here what its event
+            names, so that observers are told while the artifact still exists, as the
+            reference tells them before it deletes. If it fails for good, ``fail`` is
+            called and its event delivered too.
     """
 
     operation: Operation
@@ -94,6 +99,7 @@ class JobSpec:
     size_bytes: int = 0
     prepare: Callable[[], int] | None = None
     payload: Any = None
+    after_delivery: Callable[[], None] | None = None
 
 
 class JobState(enum.Enum):
@@ -369,21 +375,10 @@ class AsyncPipeline:
         event: Any = None
         if job.error is None:
             try:
-                event = await call_with_retries(
-                    self._retry,
-                    partial(self._committer.run, partial(spec.commit, job.result)),
-                    partial(self._on_retry, job),
-                )
+                event = await self._committed(job, partial(spec.commit, job.result))
             except anyio.get_cancelled_exc_class():
                 raise
-            except BaseException as failed:
-                exhausted = (
-                    failed
-                    if isinstance(failed, AttemptsExhausted)
-                    else AttemptsExhausted(failed, max(job.attempts, 1))
-                )
-                job.error, job.attempts = exhausted.error, exhausted.attempts
-                self._escalate(exhausted.error)
+            except BaseException:
                 if spec.abandon is not None and job.result is not None:
                     # The transfer created something the commit never finished:
                     # delete it, or it would linger beside the key's real artifact.
@@ -391,17 +386,44 @@ class AsyncPipeline:
                         self._committer, partial(spec.abandon, job.result), "abandon", spec.key
                     )
         if job.error is not None:
-            log.error(
-                "persisting %r failed after %d attempt(s): %s: %s",
-                spec.key,
-                job.attempts,
-                type(job.error).__name__,
-                error_text(job.error),
-            )
-            event = await self._guarded(
-                self._committer, partial(spec.fail, job.error, job.attempts), "fail", spec.key
-            )
+            event = await self._failed(job)
         self._deliver_send.send_nowait((job, event))
+
+    async def _committed(self, job: _Job, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the committer thread with retries; a failure for good is kept in
+        ``job.error`` (and escalated) before it is raised."""
+        try:
+            return await call_with_retries(
+                self._retry, partial(self._committer.run, fn), partial(self._on_retry, job)
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as failed:
+            exhausted = (
+                failed
+                if isinstance(failed, AttemptsExhausted)
+                else AttemptsExhausted(failed, max(job.attempts, 1))
+            )
+            job.error, job.attempts = exhausted.error, exhausted.attempts
+            self._escalate(exhausted.error)
+            raise
+
+    async def _failed(self, job: _Job) -> Any:
+        """Report ``job.error``; the failure event to deliver (or None)."""
+        assert job.error is not None
+        log.error(
+            "persisting %r failed after %d attempt(s): %s: %s",
+            job.spec.key,
+            job.attempts,
+            type(job.error).__name__,
+            error_text(job.error),
+        )
+        return await self._guarded(
+            self._committer,
+            partial(job.spec.fail, job.error, job.attempts),
+            "fail",
+            job.spec.key,
+        )
 
     async def _deliver_loop(self) -> None:
         async for job, event in self._deliver_recv:
@@ -411,6 +433,17 @@ class AsyncPipeline:
     async def _deliver_one(self, job: _Job, event: Any) -> None:
         if event is not None:
             await self._guarded(self._deliverer, partial(self._deliver_fn, event), "deliver", "")
+        if job.error is None and job.spec.after_delivery is not None:
+            try:
+                await self._committed(job, job.spec.after_delivery)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException:
+                failure = await self._failed(job)
+                if failure is not None:
+                    await self._guarded(
+                        self._deliverer, partial(self._deliver_fn, failure), "deliver", ""
+                    )
         latency = time.monotonic() - job.admitted_at
         if job.error is not None:
             self._stats.add(failed=1, persistence_latency_seconds=latency)

@@ -131,8 +131,14 @@ def build_job(
         return event
 
     if record.op == "remove":
+        # A store that can find what it will delete before deleting it (LaminDB's) deletes
+        # once the event is delivered: observers are told while the artifact and its bytes
+        # still exist, as by the reference. The job settles only then.
+        find = getattr(store, "find_removal", None)
+        found: list[Any] = []  # what the commit found, for the deletion after delivery
 
         def remove(_: Any) -> ArtifactRemovedEvent | None:
+            found.clear()
             if record.replacement_lost():
                 # Its replacement was never written (async_write): the evicted checkpoint
                 # stays, locally and in the store, as after a failed synchronous save.
@@ -140,7 +146,13 @@ def build_job(
                 settled("kept")
                 return None
             durable()
-            removed = store.remove(record, known(record.key) if known is not None else None)
+            given = known(record.key) if known is not None else None
+            if find is not None:
+                removal = find(record, given)
+                found.append(removal)
+                removed = removal.named if removal is not None else None
+            else:
+                removed = store.remove(record, given)
             event = ArtifactRemovedEvent(
                 kind=record.kind,
                 key=record.key,
@@ -151,8 +163,17 @@ def build_job(
                 recovered=recovered,
             )
             told(event)
-            settled("removed")
+            if find is None:
+                settled("removed")
             return event
+
+        def delete_found() -> None:
+            if not found:
+                return  # nothing was to be removed by this job (see remove)
+            if found[0] is not None:
+                store.delete_removal(found[0])  # type: ignore[attr-defined]
+            found.clear()
+            settled("removed")
 
         return JobSpec(
             operation="remove",
@@ -161,6 +182,7 @@ def build_job(
             fail=fail,
             prepare=prepare,
             payload=record,
+            after_delivery=delete_found if find is not None else None,
         )
 
     def transfer() -> Any:

@@ -14,6 +14,7 @@ at the next save or at teardown, after the pipeline has flushed.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -248,6 +249,12 @@ class ArtifactHooks:
     def thread_finalizer(self) -> None:
         """Called on each pipeline thread as it exits (close per-thread connections here)."""
 
+    def _removal_store(self) -> Any:
+        """A store whose ``find_removal``/``delete_removal`` replace
+        :meth:`remove_checkpoint_artifact`, so that an evicted checkpoint's artifact is
+        deleted after its removal event was delivered; None: the hook deletes at once."""
+        return None
+
     # -- delivery thread -----------------------------------------------------------------------
 
     def _deliver(self, event: AnyArtifactEvent) -> None:
@@ -287,6 +294,19 @@ class HookStore:
     def __init__(self, callback: ArtifactHooks, trainer: pl.Trainer) -> None:
         self._callback = callback
         self._trainer = trainer
+        deferred = callback._removal_store()
+        if deferred is not None:
+            # Observers are told of an eviction before its artifact goes (see _replay).
+            self.find_removal = partial(self._find_removal, deferred)
+            self.delete_removal = deferred.delete_removal
+
+    def _find_removal(self, store: Any, record: JobRecord, known: Any | None) -> Any:
+        removal = store.find_removal(record, known)
+        if removal is None:
+            return None
+        artifact = removal.named[0]
+        uri = self._callback.resolve_artifact_storage_uri(artifact)
+        return dataclasses.replace(removal, named=(artifact, uri))
 
     def transfer(self, record: JobRecord, path: Path) -> Any:
         cb, trainer = self._callback, self._trainer

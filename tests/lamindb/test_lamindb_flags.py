@@ -192,6 +192,68 @@ def test_a_failed_commit_of_a_reused_artifact_leaves_the_committed_one(
     assert list(ln.Artifact.filter(key=key).values_list("id", flat=True)) == [committed.id]
 
 
+def test_a_removal_told_before_it_deletes_spares_what_a_later_save_of_its_key_committed(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """A removal finds its artifact, its event is delivered, and only then does it
+    delete (observers are told while the artifact exists). A save of the same key and
+    bytes committed in between reuses that very artifact: the removal must not delete
+    what is now the later save's; one with other bytes leaves its own artifact alone."""
+    import uuid
+
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._lamin_store import LaminStore
+
+    ll.save_lightning_features()
+    store = LaminStore()
+
+    def record(key: str, path: Path, op: str = "save") -> JobRecord:
+        snapshot = CheckpointSnapshot(
+            key=key,
+            local_path=path,
+            staged_path=path,
+            global_step=1,
+            epoch=0,
+            monitor=None,
+            mode="min",
+            save_weights_only=False,
+            score=None,
+            is_best=False,
+            best_key=None,
+            last_key=key,
+            ranking=(),
+            scores={},
+        )
+        return JobRecord(
+            op=op,  # type: ignore[arg-type]
+            kind="checkpoint",
+            key=key,
+            local_path=str(path),
+            checkpoint=snapshot if op == "save" else None,
+        )
+
+    for same_bytes in (True, False):
+        key = f"removal-{uuid.uuid4().hex[:8]}/checkpoints/epoch=0-step=1.ckpt"
+        path = tmp_path / f"{same_bytes}.ckpt"
+        path.write_bytes(b"seeded" * 64)
+        saved = record(key, path)
+        first = store.transfer(saved, path)
+        store.commit(saved, first, replay=False, set_flags=True)
+
+        removal = store.find_removal(record(key, path, "remove"), first)
+        assert removal is not None and removal.named[0].id == first.id
+        assert ln.Artifact.filter(id=first.id).exists()  # not deleted before delivery
+
+        if not same_bytes:
+            path.write_bytes(b"other" * 64)
+        again = record(key, path)
+        later = store.transfer(again, path)
+        assert (later.id == first.id) is same_bytes
+        store.commit(again, later, replay=False, set_flags=True)
+        store.delete_removal(removal)
+        assert list(ln.Artifact.filter(key=key).values_list("id", flat=True)) == [later.id]
+
+
 @pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
 def test_the_same_training_run_again_in_its_folder_persists_every_save(
     ln: Any, no_run: None, tmp_path: Path, async_write: bool

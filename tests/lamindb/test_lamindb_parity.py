@@ -1073,13 +1073,16 @@ def test_flags_are_maintained_under_checkpoint_key_prefix_only(
 def test_removed_event_artifact_still_exists_when_observers_are_told(
     ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path
 ) -> None:
-    """In on_artifact_removed, event.artifact is the stored record (its id set); the object
-    an earlier saved event carried is left untouched by the eviction."""
+    """In on_artifact_removed, event.artifact is the stored record (its id set), still in
+    the database with its bytes at event.storage_uri (the reference deletes it after
+    telling observers: one that archives or reads it can); the object an earlier saved
+    event carried is left untouched by the eviction."""
 
     class AtCallTime(Recorder):
         def __init__(self) -> None:
             super().__init__()
             self.ids: list[tuple[str, Any]] = []
+            self.still_there: list[tuple[int, bool]] = []  # (rows, bytes exist)
 
         def on_artifact_saved(self, event: Any) -> None:
             self.ids.append(("saved", event.artifact.id))
@@ -1087,6 +1090,8 @@ def test_removed_event_artifact_still_exists_when_observers_are_told(
 
         def on_artifact_removed(self, event: Any) -> None:
             self.ids.append(("removed", event.artifact.id))
+            rows = ln.Artifact.filter(uid=event.artifact.uid).count()
+            self.still_there.append((rows, ln.UPath(event.storage_uri).exists()))
             super().on_artifact_removed(event)
 
     observer = AtCallTime()
@@ -1101,6 +1106,9 @@ def test_removed_event_artifact_still_exists_when_observers_are_told(
     assert saved_id is not None
     assert [kind for kind, _ in observer.ids] == ["saved", "saved", "removed"]
     assert observer.ids[2] == ("removed", saved_id)
+    assert observer.still_there == [(1, True)]
+    # Deleted once observers were told.
+    assert ln.Artifact.filter(uid=observer.events[0].artifact.uid).count() == 0
     # The artifact object of the first saved event still has its id after the eviction.
     assert observer.events[0].artifact.id == saved_id
 
