@@ -265,6 +265,7 @@ class LaminStore:
         committer while this worker saved the next one) is retried: the next attempt
         looks the key up afresh.
         """
+        immediate_transactions()
         try:
             return self._transfer(record, path)
         except Exception as error:
@@ -310,6 +311,7 @@ class LaminStore:
         With a publisher of the user's, always :meth:`create` (it is called for each
         save, as the reference calls it); also where lamindb hashes no file.
         """
+        immediate_transactions()
         if type(self._publisher()) is not LaminArtifactPublisher or not stats_accepted():
             # A publisher of the user's; or lamindb takes no precomputed hash (the user
             # turned its hashing off, or an older lamindb): no second reading of the file.
@@ -832,6 +834,14 @@ def immediate_transactions() -> None:
         return  # the training thread's connection is the user's
     from django.db import connection
 
+    if connection.errors_occurred:
+        # An error may have left this thread's connection unusable (PostgreSQL restarted,
+        # the backend terminated, the network dropped): psycopg then answers "connection
+        # already closed" to every later query, and each retry failed the same way until
+        # the fit ended. Django replaces such a connection only between web requests;
+        # here, before each operation (a retry included), one found unusable is closed,
+        # and the operation connects afresh.
+        connection.close_if_unusable_or_obsolete()
     if connection.vendor != "sqlite":
         return
     connection.ensure_connection()
@@ -943,18 +953,18 @@ def _delete_version(artifact: Any, *, keep_store: bool, partial: bool = False) -
     delete with it.
     """
     stored = artifact.path
-    if getattr(artifact, "_overwrite_versions", False):
+    shared = bool(getattr(artifact, "_overwrite_versions", False))
+    if shared:
         keep_store = keep_store or _store_shared(artifact)
         artifact._overwrite_versions = False  # in memory: lamindb deletes this version only
-        if not keep_store:
-            _remove_stored(stored, artifact, partial=partial)
-        artifact.delete(permanent=True, storage=False)
-        return
-    if partial:
-        _remove_stored(stored, artifact, partial=True)
-        artifact.delete(permanent=True, storage=False)
-        return
-    artifact.delete(permanent=True, storage=not keep_store)
+    if not keep_store:
+        # The store first, then the record. lamindb deletes the record first: a store
+        # whose deletion then failed (S3 unreachable) was left with no record to find it
+        # by, and a retry found nothing to do, leaving an orphan. Now a retry finds the
+        # record and tries the store again. (A partial upload's is best effort.)
+        _remove_stored(stored, artifact, partial=partial)
+    # With the store gone, lamindb finds nothing left to delete there.
+    artifact.delete(permanent=True, storage=not keep_store and not shared)
 
 
 def _store_shared(artifact: Any) -> bool:
@@ -968,7 +978,8 @@ def _store_shared(artifact: Any) -> bool:
 
 
 def _remove_stored(stored: Any, artifact: Any, *, partial: bool) -> None:
-    """Remove a file or folder in storage (best effort: the record goes either way)."""
+    """Remove a file or folder in storage; a failure raises (the caller's retry tries
+    again), but for a partial upload's, which is best effort (its record goes anyway)."""
     try:
         if stored.is_dir():
             fs = getattr(stored, "fs", None)
@@ -976,8 +987,9 @@ def _remove_stored(stored: Any, artifact: Any, *, partial: bool) -> None:
         elif stored.exists():
             stored.unlink()
     except Exception as error:
-        what = "the partial upload" if partial else "the stored files"
-        log.warning("could not remove %s of %r: %s", what, artifact.key, error)
+        if not partial:
+            raise
+        log.warning("could not remove the partial upload of %r: %s", artifact.key, error)
 
 
 def _check_instance(record: JobRecord) -> None:
