@@ -727,6 +727,36 @@ def test_stop_that_times_out_logs_the_unpersisted_keys(caplog: pytest.LogCapture
     assert rec.delivered == []  # abandoned, not delivered
 
 
+def test_a_long_wait_for_a_slot_is_told_naming_the_jobs_ahead(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage that hangs raises nothing and retries nothing: training, waiting for a
+    free slot, is told after SLOT_WAIT_WARNING_S why it waits, with the job ahead."""
+    import lamin_lightning._bridge as bridge
+
+    monkeypatch.setattr(bridge, "SLOT_WAIT_WARNING_S", 0.2)
+    started, release, transfer = gate()
+    with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
+        with running(max_workers=1, max_pending=1) as (pipe, rec):
+            pipe.submit(rec.job("hanging.ckpt", transfer=transfer))
+            assert started.wait(TIMEOUT)
+            waiter = threading.Thread(target=pipe.submit, args=(rec.job("next.ckpt"),))
+            waiter.start()
+
+            def told() -> bool:
+                return any("training has waited" in r.getMessage() for r in caplog.records)
+
+            assert wait_until(told), caplog.text
+            release.set()
+            waiter.join(TIMEOUT)
+            assert not waiter.is_alive()
+            assert pipe.flush(TIMEOUT)
+    told_ = [r.getMessage() for r in caplog.records if "training has waited" in r.getMessage()]
+    message = told_[0]  # the first (a slow machine may add one more before the release)
+    assert "save 'hanging.ckpt' (transferring)" in message and "max_pending=1" in message
+    assert rec.delivered == [("saved", "hanging.ckpt"), ("saved", "next.ckpt")]
+
+
 def test_a_raising_deliver_callback_is_isolated_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

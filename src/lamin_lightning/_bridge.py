@@ -38,6 +38,10 @@ log = logging.getLogger("lamin_lightning")
 
 T = TypeVar("T")
 
+SLOT_WAIT_WARNING_S = 30.0
+"""After this long waiting for a free slot (``max_pending`` jobs outstanding), training is
+told why it waits, then again each time the wait has doubled."""
+
 
 class _Outcome:
     __slots__ = ("error", "value")
@@ -339,10 +343,17 @@ class PersistencePipeline:
     ) -> bool:
         deadline = None if timeout is None else started + timeout
         step = 1.0 if stop_waiting is None else 0.2
+        warn_after = SLOT_WAIT_WARNING_S
         while True:
             wait = step if deadline is None else min(step, deadline - time.monotonic())
             if wait > 0 and self._slots.acquire(timeout=wait):
                 return True
+            waited = time.monotonic() - started
+            if waited >= warn_after:
+                # Storage that hangs (no error, so no retry to report) would otherwise
+                # stop training without a word.
+                warn_after = 2 * waited
+                self._warn_slow_slots(waited)
             reason = stop_waiting() if stop_waiting is not None else None
             if reason is not None:
                 raise reason
@@ -352,6 +363,24 @@ class PersistencePipeline:
                 raise RuntimeError("the persistence pipeline stopped; the job was not submitted")
             if deadline is not None and time.monotonic() >= deadline:
                 return False
+
+    def _warn_slow_slots(self, waited: float) -> None:
+        try:
+            ahead = [job for job in self.pending() if job.state != "staging"]
+        except Exception:  # the loop stopping: the caller's next check says so
+            ahead = []
+        named = ", ".join(f"{job.operation} {job.key!r} ({job.state})" for job in ahead[:3])
+        more = f" and {len(ahead) - 3} more" if len(ahead) > 3 else ""
+        log.warning(
+            "training has waited %.0f s for the persistence of earlier checkpoints"
+            " (max_pending=%d jobs outstanding: %s%s); storage or the database may be slow"
+            " or unreachable. Training goes on once one finishes; a larger max_pending lets"
+            " it run further ahead.",
+            waited,
+            self._max_pending,
+            named or "none admitted yet",
+            more,
+        )
 
     def _escalate(self, error: BaseException) -> None:
         with self._intake_cond:
