@@ -736,21 +736,23 @@ def test_a_long_wait_for_a_slot_is_told_naming_the_jobs_ahead(
 
     monkeypatch.setattr(bridge, "SLOT_WAIT_WARNING_S", 0.2)
     started, release, transfer = gate()
-    with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
-        with running(max_workers=1, max_pending=1) as (pipe, rec):
-            pipe.submit(rec.job("hanging.ckpt", transfer=transfer))
-            assert started.wait(TIMEOUT)
-            waiter = threading.Thread(target=pipe.submit, args=(rec.job("next.ckpt"),))
-            waiter.start()
+    with (
+        caplog.at_level(logging.WARNING, logger="lamin_lightning"),
+        running(max_workers=1, max_pending=1) as (pipe, rec),
+    ):
+        pipe.submit(rec.job("hanging.ckpt", transfer=transfer))
+        assert started.wait(TIMEOUT)
+        waiter = threading.Thread(target=pipe.submit, args=(rec.job("next.ckpt"),))
+        waiter.start()
 
-            def told() -> bool:
-                return any("training has waited" in r.getMessage() for r in caplog.records)
+        def told() -> bool:
+            return any("training has waited" in r.getMessage() for r in caplog.records)
 
-            assert wait_until(told), caplog.text
-            release.set()
-            waiter.join(TIMEOUT)
-            assert not waiter.is_alive()
-            assert pipe.flush(TIMEOUT)
+        assert wait_until(told), caplog.text
+        release.set()
+        waiter.join(TIMEOUT)
+        assert not waiter.is_alive()
+        assert pipe.flush(TIMEOUT)
     told_ = [r.getMessage() for r in caplog.records if "training has waited" in r.getMessage()]
     message = told_[0]  # the first (a slow machine may add one more before the release)
     assert "save 'hanging.ckpt' (transferring)" in message and "max_pending=1" in message
