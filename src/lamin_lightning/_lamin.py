@@ -262,14 +262,17 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             self._store_context = None
             self._store.reset()
             self._features.setup(ln, trainer, pl_module, self._run)
+        super().setup(trainer, pl_module, stage)
         if self.save_last:
+            # The reference's words, after Lightning's own setup warnings, as it warns.
             warnings.warn(
-                "save_last is not necessary with LaminDB: the is_last_model feature makes the"
-                " latest checkpoint queryable. Consider save_last=None to avoid a redundant copy.",
+                "save_last is not necessary with Lamin. Checkpoint metadata"
+                " (is_best_model, is_last_model, model_rank, score) makes the latest checkpoint"
+                " queryable without encoding this in the filename. Consider"
+                " disabling save_last to avoid redundant checkpoint copies.",
                 UserWarning,
                 stacklevel=2,
             )
-        super().setup(trainer, pl_module, stage)
 
     # -- keys -------------------------------------------------------------------------------
 

@@ -222,8 +222,8 @@ class FeatureValues:
         invalid = set(features) - {"run", "artifact"}
         if invalid:
             raise ValueError(
-                f"Invalid feature keys {sorted(invalid)}: use 'run' and/or 'artifact',"
-                " e.g. features={'run': {'project': 'x'}, 'artifact': {'val_loss': None}}"
+                f"Invalid feature keys: {invalid}. Use 'run' and/or 'artifact', e.g."
+                " features={'run': {'project': 'x'}, 'artifact': {'val_loss': None}}."
             )
         for scope, values in features.items():
             if not isinstance(values, Mapping):
@@ -245,9 +245,9 @@ class FeatureValues:
             missing = sorted(names - found)
             if missing:
                 raise LaminSetupError(
-                    f"Feature{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing"
-                    " from the LaminDB instance. Create "
-                    f"{'them' if len(missing) > 1 else 'it'} before training, e.g."
+                    f"Feature{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing."
+                    f" Create {'them' if len(missing) > 1 else 'it'} first, in the LaminDB"
+                    f" instance, before training, e.g."
                     f" `ln.Feature(name={missing[0]!r}, dtype=float).save()`."
                 )
         if run is not None and self.run_values:

@@ -458,7 +458,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
 def _with_features(
     snapshot: CheckpointSnapshot,
     values: Mapping[Any, Any],
-    conflict: Callable[[str], None],
+    conflict: Callable[[str], None] | None = None,
 ) -> CheckpointSnapshot:
     """``snapshot`` with feature values frozen (:func:`feature_value`), by name (feature
     objects by ``name``).
@@ -472,7 +472,9 @@ def _with_features(
         for key, value in values.items():
             name = str(getattr(key, "name", key))
             if named[name] != feature_value(value):
-                conflict(name)
+                if conflict is not None:
+                    conflict(name)
+                raise ValueError(f"Conflicting values for feature name '{name}'.")
     auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
     # A copy with two fields changed, without the frozen dataclass's __init__ (one
     # object.__setattr__ per field, at every save on the training thread).

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 import sys
 import threading
 import uuid
@@ -639,7 +640,7 @@ def test_missing_feature_raises_value_error_at_setup(
         dirpath=tmp_path / "ckpts", features={"artifact": {"parity_nope_a": None}}
     )
     model = TierModel()
-    with pytest.raises(ValueError, match=r"^Feature parity_nope_a missing"):
+    with pytest.raises(ValueError, match=r"^Feature parity_nope_a missing\. Create it first"):
         fit(callback, tmp_path, steps=2, model=model)
     assert model.training_steps_run == 0
 
@@ -659,7 +660,7 @@ def test_missing_features_are_all_named(
     with pytest.raises(ValueError) as error:
         fit(callback, tmp_path, steps=1)
     message = str(error.value)
-    assert message.startswith("Features ")
+    assert message.startswith("Features ") and " missing. Create them first" in message
     named = message.removeprefix("Features ").split(" missing", 1)[0]
     assert sorted(named.split(", ")) == ["parity_nope_r", "parity_nope_s"]
 
@@ -670,7 +671,10 @@ def test_invalid_feature_keys_raise_value_error(
     ll: ModuleType, ln: Any, features: dict[str, Any]
 ) -> None:
     """Keys other than "run" and "artifact": ``ValueError`` "Invalid feature keys", at once."""
-    with pytest.raises(ValueError, match="Invalid feature keys"):
+    invalid = re.escape(str(set(features) - {"run", "artifact"}))
+    with pytest.raises(
+        ValueError, match=f"^Invalid feature keys: {invalid}. Use 'run' and/or 'artifact'"
+    ):
         ll.Checkpoint(features=features)
 
 
@@ -974,8 +978,14 @@ def test_save_last_warns_and_saves_last_ckpt(
     callback = ll.Checkpoint(
         dirpath=tmp_path / "ckpts", monitor="score", save_last=True, every_n_train_steps=1
     )
-    with pytest.warns(UserWarning, match="^save_last is not necessary with Lamin"):
+    with pytest.warns(UserWarning) as warned:
         fit(callback, tmp_path, steps=2, model=TierModel(scores=[3, 1]))
+    assert [str(w.message) for w in warned if "save_last" in str(w.message)] == [
+        "save_last is not necessary with Lamin. Checkpoint metadata (is_best_model,"
+        " is_last_model, model_rank, score) makes the latest checkpoint queryable without"
+        " encoding this in the filename. Consider disabling save_last to avoid redundant"
+        " checkpoint copies."
+    ]
     stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
     assert set(stored) == {"epoch=0-step=2.ckpt", "last.ckpt"}
     last = single(artifact_features(ln, stored["last.ckpt"]))
