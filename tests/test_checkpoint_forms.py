@@ -343,7 +343,7 @@ def test_a_checkpoint_io_writing_in_the_background_unrecognised_fails_naming_the
         trainer.fit(TinyModel(scores=SCORES), loader(2))
     message = str(raised.value)
     assert "epoch=0-step=1.ckpt did not exist when it was to be persisted" in message
-    assert "AsyncCheckpointIO(YourIO())" in message and "async_write=True" in message
+    assert "AsyncCheckpointIO(YourIO())" in message and "write before it returns" in message
     assert store.keys() == set()
 
 

@@ -24,7 +24,12 @@ from typing_extensions import override
 
 from lamin_lightning._callback import ArtifactPublishingModelCheckpoint
 from lamin_lightning._errors import LaminSetupError, NotSetUpError
-from lamin_lightning._events import ArtifactKind, ArtifactObserver, ArtifactSavedEvent
+from lamin_lightning._events import (
+    AnyArtifactEvent,
+    ArtifactKind,
+    ArtifactObserver,
+    ArtifactSavedEvent,
+)
 from lamin_lightning._jobs import CheckpointSnapshot
 from lamin_lightning._lamin_features import (
     FeatureValues,
@@ -40,6 +45,8 @@ from lamin_lightning._lamin_store import (
     LaminStore,
     close_connections,
     delete_artifact,
+    immediate_transactions,
+    replace_broken_connection,
 )
 from lamin_lightning._legacy import Callback
 from lamin_lightning._options import (
@@ -444,6 +451,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
 
         raise ValidationError(f"Conflicting values for feature name '{name}'.")
 
+    @override
     def collect_checkpoint_feature_values(
         self, trainer: pl.Trainer, snapshot: CheckpointSnapshot
     ) -> dict[Any, Any] | None:
@@ -551,6 +559,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: Any
     ) -> None:
         """Annotate features, replace older artifacts of the key, set flags and ranks."""
+        immediate_transactions()  # before the run's values: a broken connection replaced
         if self._run_values_pending and self._run is not None:
             try:
                 self._run.features.add_values(self._run_values_pending)
@@ -576,8 +585,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     ) -> Any | None:
         """Delete the evicted checkpoint's artifact (record and stored file).
 
-        Not called by the pipeline unless overridden: it then finds what to delete,
-        tells observers, and deletes it after (as the reference orders it).
+        The pipeline calls it only where a subclass overrides it (then at the commit,
+        before observers are told). Otherwise it finds what to delete at the commit,
+        tells observers, and deletes it after, as the reference orders it.
         """
         removed = self._store.remove_key(key, artifact)
         return removed[0] if removed is not None else None
@@ -587,6 +597,10 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             type(self).remove_checkpoint_artifact is not Checkpoint.remove_checkpoint_artifact
         )
         return None if overridden else self._store
+
+    def _deliver(self, event: AnyArtifactEvent) -> None:
+        replace_broken_connection()  # observers query the database on this thread too
+        super()._deliver(event)
 
     @override
     def abandon_checkpoint_artifact(self, trainer: pl.Trainer, key: str, artifact: Any) -> None:

@@ -17,7 +17,8 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,7 +156,10 @@ class _PrefixFlags:
         for artifact_id, feature_id, value in links:
             self.state.setdefault(artifact_id, {})[feature_ids[feature_id]] = value
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: str, only: Collection[int] | None = None) -> None:
+        """Forget ``key``'s artifact (``only``: if it is one of these ids)."""
+        if only is not None and self.key_to_id.get(key) not in only:
+            return
         artifact_id = self.key_to_id.pop(key, None)
         if artifact_id is not None:
             self.state.pop(artifact_id, None)
@@ -521,12 +525,13 @@ class LaminStore:
             flags = self._flags[prefix] = _PrefixFlags(prefix)
         return flags
 
-    def _forget_flags(self, key: str) -> None:
+    def _forget_flags(self, key: str, only: Collection[int] | None = None) -> None:
         """Forget ``key``'s artifact in every prefix that holds it: its own folder's, and
         those of the folders above it (a ``filename`` with a "/" puts top-k checkpoints
-        in a subfolder of ``last.ckpt``'s, whose flags cover them too)."""
+        in a subfolder of ``last.ckpt``'s, whose flags cover them too). ``only``: where
+        the artifact known for ``key`` is one of these ids."""
         for flags in self._flags.values():
-            flags.forget(key)
+            flags.forget(key, only)
 
     def _apply_flags(
         self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any
@@ -641,6 +646,7 @@ class LaminStore:
                 commits, last = self._committed.get(removal.key, (0, None))
                 if commits != removal.commits:
                     kept.add(last)
+            deleted: set[int] = set()
             for candidate in removal.candidates:
                 if candidate.id is None or candidate.id in kept:
                     continue
@@ -648,8 +654,21 @@ class LaminStore:
                 # candidate is what observers got (with its id, as from the reference).
                 victim = _ln().Artifact.filter(id=candidate.id).first()
                 if victim is not None:
-                    delete_artifact(victim)
-        self._forget_flags(removal.key)  # flags read meanwhile may name what went
+                    delete_artifact(victim, keep_paths=self._paths_in_use(removal.key, victim))
+                    deleted.add(candidate.id)
+        # Flags read meanwhile may name what went; not a later save's artifact of the key.
+        self._forget_flags(removal.key, only=deleted)
+
+    def _paths_in_use(self, key: str, victim: Any) -> set[str]:
+        """Where the other artifacts of ``key`` keep their bytes, committed or still being
+        saved: with ``key_is_virtual=False`` every version of a key is stored at the key,
+        and a later save of it may be uploading there now."""
+        if getattr(victim, "_key_is_virtual", True) and getattr(victim, "_real_key", None) is None:
+            return set()  # stored under its own uid: no other artifact is there
+        with self._lock:
+            in_flight = [a for a in self._uncommitted.values() if a.key == key]
+        others = list(_ln().Artifact.filter(key=key).exclude(id=victim.id)) + in_flight
+        return {str(a.path) for a in others}
 
     def remove_key(self, key: str, known: Any | None) -> tuple[Any, str] | None:
         """Delete ``known`` (or every committed artifact under ``key``).
@@ -834,18 +853,29 @@ def immediate_transactions() -> None:
         return  # the training thread's connection is the user's
     from django.db import connection
 
-    if connection.errors_occurred:
-        # An error may have left this thread's connection unusable (PostgreSQL restarted,
-        # the backend terminated, the network dropped): psycopg then answers "connection
-        # already closed" to every later query, and each retry failed the same way until
-        # the fit ended. Django replaces such a connection only between web requests;
-        # here, before each operation (a retry included), one found unusable is closed,
-        # and the operation connects afresh.
-        connection.close_if_unusable_or_obsolete()
+    replace_broken_connection()
     if connection.vendor != "sqlite":
         return
     connection.ensure_connection()
     connection.transaction_mode = "IMMEDIATE"
+
+
+def replace_broken_connection() -> None:
+    """On a pipeline thread, close this thread's connection if an error left it unusable.
+
+    PostgreSQL restarted, the backend terminated, the network dropped: psycopg then
+    answers "connection already closed" to every later query, and each retry failed the
+    same way until the fit ended. Django replaces such a connection only between web
+    requests; here, before each operation (a retry included), one found unusable is
+    closed, and the operation connects afresh. Never inside a transaction (a user's
+    override in ``atomic()``), nor on the user's threads.
+    """
+    if not threading.current_thread().name.startswith("lamin-lightning"):
+        return
+    from django.db import connection
+
+    if connection.errors_occurred and not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
 
 
 def close_connections() -> None:
@@ -861,6 +891,21 @@ def _prefix(key: str) -> str:
     return key.rsplit("/", 1)[0] if "/" in key else ""
 
 
+_quiet_now = threading.local()
+
+
+@contextmanager
+def _lamindb_quiet() -> Iterator[None]:
+    """Drop LaminDB's lines below WARNING logged by this thread meanwhile ("a file/folder
+    remains here": we delete it right after)."""
+    before = getattr(_quiet_now, "active", False)
+    _quiet_now.active = True
+    try:
+        yield
+    finally:
+        _quiet_now.active = before
+
+
 class _PipelineThreadsQuiet(logging.Filter):
     """LaminDB's info and success lines logged on our pipeline's threads ("✓ deleted
     PATH" for every evicted checkpoint) stay off the training console, where our progress
@@ -870,6 +915,8 @@ class _PipelineThreadsQuiet(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.threadName or ""
+        if getattr(_quiet_now, "active", False) and record.levelno < logging.WARNING:
+            return False
         if not name.startswith("lamin-lightning"):
             return True
         if record.levelno > logging.WARNING:
@@ -937,10 +984,14 @@ def _drop_interrupted(artifact: Any) -> None:
     _delete_version(artifact, keep_store=False, partial=True)
 
 
-def delete_artifact(artifact: Any, *, keep_path: str | None = None) -> None:
+def delete_artifact(
+    artifact: Any, *, keep_path: str | None = None, keep_paths: Collection[str] = ()
+) -> None:
     """Delete ``artifact`` (a version of its key) for good; its store too, unless it is
-    at ``keep_path`` (the version replacing it) or other versions share it."""
-    same_place = keep_path is not None and str(artifact.path) == keep_path
+    at ``keep_path`` or one of ``keep_paths`` (where other artifacts keep their bytes)
+    or other versions share it."""
+    where = str(artifact.path)
+    same_place = where == keep_path or where in keep_paths
     _delete_version(artifact, keep_store=same_place)
 
 
@@ -952,19 +1003,23 @@ def _delete_version(artifact: Any, *, keep_store: bool, partial: bool = False) -
     its record goes, never that store, and never the other versions, which lamindb would
     delete with it.
     """
+    from django.db import transaction
+
     stored = artifact.path
-    shared = bool(getattr(artifact, "_overwrite_versions", False))
-    if shared:
+    if getattr(artifact, "_overwrite_versions", False):
         keep_store = keep_store or _store_shared(artifact)
         artifact._overwrite_versions = False  # in memory: lamindb deletes this version only
-    if not keep_store:
-        # The store first, then the record. lamindb deletes the record first: a store
-        # whose deletion then failed (S3 unreachable) was left with no record to find it
-        # by, and a retry found nothing to do, leaving an orphan. Now a retry finds the
-        # record and tries the store again. (A partial upload's is best effort.)
+    pk, registry = artifact.pk, type(artifact)
+    # The record, then its store, in one transaction: a store whose deletion fails (S3
+    # unreachable) rolls the record back, so that the retry finds it and tries again;
+    # lamindb's own order (the record committed first) left an orphan no retry could
+    # find. A record lamindb refuses to delete (in a Collection; a row level security
+    # policy) keeps its store: the store goes only once the record is gone.
+    with transaction.atomic(), _lamindb_quiet():
+        artifact.delete(permanent=True, storage=False)
+        if keep_store or (pk is not None and registry.objects.filter(pk=pk).exists()):
+            return
         _remove_stored(stored, artifact, partial=partial)
-    # With the store gone, lamindb finds nothing left to delete there.
-    artifact.delete(permanent=True, storage=not keep_store and not shared)
 
 
 def _store_shared(artifact: Any) -> bool:

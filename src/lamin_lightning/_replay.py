@@ -135,6 +135,8 @@ def build_job(
         # once the event is delivered: observers are told while the artifact and its bytes
         # still exist, as by the reference. The job settles only then.
         find = getattr(store, "find_removal", None)
+        if not callable(getattr(store, "delete_removal", None)):
+            find = None  # both or neither
         found: list[Any] = []  # what the commit found, for the deletion after delivery
 
         def remove(_: Any) -> ArtifactRemovedEvent | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -471,7 +472,7 @@ def _with_features(
     if len(named) < len(values):
         for key, value in values.items():
             name = str(getattr(key, "name", key))
-            if named[name] != feature_value(value):
+            if not _same_value(named[name], feature_value(value)):
                 if conflict is not None:
                     conflict(name)
                 raise ValueError(f"Conflicting values for feature name '{name}'.")
@@ -481,6 +482,14 @@ def _with_features(
     copy = object.__new__(CheckpointSnapshot)
     copy.__dict__.update(snapshot.__dict__, feature_values=named, auto_features=auto)
     return copy
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, as LaminDB compares values of one feature (NaN equal to NaN: it stores
+    neither)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
 
 
 def _class_path(cls: type) -> str:

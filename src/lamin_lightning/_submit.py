@@ -566,11 +566,12 @@ def _never_there(filepath: str | Path) -> str:
     return (
         f"{filepath} did not exist when it was to be persisted. If it is a checkpoint, the"
         " trainer's CheckpointIO returned from save_checkpoint before writing it, so it"
-        " writes in the background in a way lamin-lightning did not recognise: wrap a"
-        " synchronous CheckpointIO in Lightning's AsyncCheckpointIO"
+        " writes in the background in a way lamin-lightning cannot follow: make its"
+        " save_checkpoint write before it returns, and for writes off the training thread"
+        " wrap it in Lightning's AsyncCheckpointIO"
         " (Trainer(plugins=[AsyncCheckpointIO(YourIO())])), whose writes lamin-lightning"
-        " follows, or pass async_write=True to the callback. Otherwise something removed it"
-        " before it was staged."
+        " follows; or, for plain torch.save files, drop it and pass async_write=True."
+        " Otherwise something removed the file before it was staged."
     )
 
 

@@ -125,3 +125,28 @@ def test_an_evicted_checkpoints_object_whose_deletion_failed_once_is_deleted_on_
     fs.invalidate_cache()
     for event in removed:
         assert not fs.exists(event.storage_uri), f"{event.storage_uri} left in the bucket"
+
+
+def test_an_artifact_lamindb_refuses_to_delete_keeps_its_stored_file(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """A checkpoint's artifact in a Collection is protected: its record cannot be deleted,
+    so its bytes must stay too (the store goes only after the record, in one
+    transaction; deleting the store first left a record whose file was gone)."""
+    import uuid
+
+    from django.db.models import ProtectedError
+
+    from lamin_lightning._lamin_store import delete_artifact
+
+    path = tmp_path / "protected.ckpt"
+    path.write_bytes(b"kept" * 64)
+    key = f"protected-{uuid.uuid4().hex[:8]}/checkpoints/protected.ckpt"
+    artifact = ln.Artifact(path, key=key, kind="model").save()
+    ln.Collection([artifact], key=f"{key}-collection").save()
+    stored = artifact.path
+    with pytest.raises(ProtectedError):
+        delete_artifact(ln.Artifact.get(id=artifact.id))
+    assert ln.Artifact.filter(id=artifact.id).exists()
+    stored.fs.invalidate_cache()
+    assert stored.exists(), "the protected artifact's file was deleted"

@@ -253,6 +253,19 @@ def test_a_removal_told_before_it_deletes_spares_what_a_later_save_of_its_key_co
         store.delete_removal(removal)
         assert list(ln.Artifact.filter(key=key).values_list("id", flat=True)) == [later.id]
 
+        # The later save's flags stay known: the next save in the folder clears its
+        # is_last_model (forgotten, it kept it, and the folder had two last models).
+        key2 = key.replace("step=1", "step=2")
+        path2 = tmp_path / f"{same_bytes}-2.ckpt"
+        path2.write_bytes(b"next" * 64)
+        following = record(key2, path2)
+        store.commit(following, store.transfer(following, path2), replay=False, set_flags=True)
+        last = {
+            a.key: single(artifact_features(ln, a)).get("is_last_model")
+            for a in ln.Artifact.filter(key__in=[key, key2])
+        }
+        assert last == {key: False, key2: True}
+
 
 @pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
 def test_the_same_training_run_again_in_its_folder_persists_every_save(
