@@ -344,7 +344,9 @@ def test_a_checkpoint_io_writing_in_the_background_unrecognised_fails_naming_the
     message = str(raised.value)
     assert "epoch=0-step=1.ckpt did not exist when it was to be persisted" in message
     assert "AsyncCheckpointIO(YourIO())" in message and "write before it returns" in message
-    assert store.keys() == set()
+    # (A later checkpoint may still persist: the CheckpointIO's teardown writes its files
+    # before ours flushes, so whether its staging found the file depends on timing.)
+    assert "checkpoints/epoch=0-step=1.ckpt" not in store.keys()
 
 
 class ArchivingCheckpointIO(TorchCheckpointIO):
