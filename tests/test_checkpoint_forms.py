@@ -346,7 +346,8 @@ def test_a_checkpoint_io_writing_in_the_background_unrecognised_fails_naming_the
     assert "AsyncCheckpointIO(YourIO())" in message and "write before it returns" in message
     # (A later checkpoint may still persist: the CheckpointIO's teardown writes its files
     # before ours flushes, so whether its staging found the file depends on timing.)
-    assert "checkpoints/epoch=0-step=1.ckpt" not in store.keys()
+    persisted = store.keys()
+    assert "checkpoints/epoch=0-step=1.ckpt" not in persisted
 
 
 class ArchivingCheckpointIO(TorchCheckpointIO):

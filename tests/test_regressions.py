@@ -522,3 +522,44 @@ def test_a_save_hook_raising_an_error_whose_message_raises_fails_that_save_only(
     assert report.failed == 0 and not report.remaining
     names = sorted(p.name for p in dirpath.glob("*.ckpt"))
     assert store.keys() == {f"checkpoints/{n}" for n in names} and len(names) == 4
+
+
+def test_an_eviction_whose_file_its_preparation_kept_keeps_its_artifact(tmp_path: Path) -> None:
+    """A live removal that waits for its replacement's background write: its preparation
+    (on the intake thread) found the replacement not written and kept the evicted file;
+    the replacement was written before the commit. The commit asked again and removed the
+    artifact, leaving a file with none (seen once under load: AsyncCheckpointIO finishing
+    a write as a fit ended on an exception). The decision is the preparation's."""
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._replay import build_job
+
+    evicted = tmp_path / "epoch=0-step=1.ckpt"
+    evicted.write_bytes(b"kept")
+    replacement = tmp_path / "epoch=0-step=2.ckpt"
+    removed: list[str] = []
+
+    class Store:  # only what a removal's commit asks of a store
+        def remove(self, record: Any, known: Any) -> None:
+            removed.append(record.key)
+
+    record = JobRecord(
+        op="remove",
+        kind="checkpoint",
+        key="checkpoints/epoch=0-step=1.ckpt",
+        local_path=str(evicted),
+        after=str(replacement),
+    )
+    settled: list[str] = []
+    spec = build_job(record, Store(), settle=settled.append)  # type: ignore[arg-type]
+    # The preparation ran while the replacement was not written: the file stays.
+    replacement.write_bytes(b"written since")
+    assert spec.commit(None) is None
+    assert removed == [] and settled == ["kept"]
+    assert evicted.exists()
+
+    # Moved out by its preparation (the replacement was there): the removal goes on.
+    evicted.unlink()
+    spec = build_job(record, Store(), settle=settled.append)  # type: ignore[arg-type]
+    event = spec.commit(None)
+    assert removed == [record.key] and settled == ["kept", "removed"]
+    assert event is not None and event.key == record.key

@@ -141,7 +141,7 @@ def build_job(
 
         def remove(_: Any) -> ArtifactRemovedEvent | None:
             found.clear()
-            if record.replacement_lost():
+            if record.replacement_lost() or _kept_by_its_preparation(record, recovered):
                 # Its replacement was never written (async_write): the evicted checkpoint
                 # stays, locally and in the store, as after a failed synchronous save.
                 _warn_replacement_lost(record)
@@ -514,6 +514,20 @@ def replay_jobs(
             )
         )
     return specs, refused
+
+
+def _kept_by_its_preparation(record: JobRecord, recovered: bool) -> bool:
+    """A live removal that waited for its replacement's write, whose preparation kept
+    the evicted file (the replacement did not exist when it ran): its artifact stays with
+    the file, even if the replacement was written since. Decided once, where the file
+    was; asked again here, the artifact went while the file stayed (a loaded machine,
+    ``AsyncCheckpointIO`` finishing a write as the fit ended on an exception)."""
+    return (
+        not recovered
+        and record.after is not None
+        and not record.linked
+        and os.path.lexists(record.local_path)
+    )
 
 
 def _warn_replacement_lost(record: JobRecord) -> None:
