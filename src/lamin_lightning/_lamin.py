@@ -443,13 +443,13 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     # -- training thread ----------------------------------------------------------------------
 
     @override
-    def _refuse_feature_conflict(self, name: str) -> None:
-        # As the reference's save raises it (LaminDB's add_values, given an auto feature
-        # and the user's value of the same name that differ: features={"artifact":
-        # {"score": 1.0}} with monitor="score"), on the training thread.
+    def _feature_conflict(self, message: str) -> Exception:
+        # LaminDB's error, as the reference's save raises it (add_values, given an auto
+        # feature and the user's value of the same name that differ: features=
+        # {"artifact": {"score": 1.0}} with monitor="score").
         from lamindb.errors import ValidationError
 
-        raise ValidationError(f"Conflicting values for feature name '{name}'.")
+        return ValidationError(message)
 
     @override
     def collect_checkpoint_feature_values(

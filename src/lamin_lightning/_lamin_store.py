@@ -623,16 +623,19 @@ class LaminStore:
         bytes still exist, as the reference tells them before it deletes.
         """
         _check_instance(record)
+        return self._find_key(record.key, known)
+
+    def _find_key(self, key: str, known: Any | None) -> Removal | None:
         immediate_transactions()
-        self._forget_flags(record.key)
-        with _key_lock(record.key):
-            candidates = [known] if known is not None else self.others_under_key(record.key)
+        self._forget_flags(key)
+        with _key_lock(key):
+            candidates = [known] if known is not None else self.others_under_key(key)
         if not candidates:
             return None
         last = candidates[-1]
         with self._lock:
-            commits = self._committed.get(record.key, (0, None))[0]
-        return Removal(record.key, tuple(candidates), (last, self.storage_uri(last)), commits)
+            commits = self._committed.get(key, (0, None))[0]
+        return Removal(key, tuple(candidates), (last, self.storage_uri(last)), commits)
 
     def delete_removal(self, removal: Removal) -> None:
         """Delete what :meth:`find_removal` found (those still there)."""
@@ -671,23 +674,15 @@ class LaminStore:
         return {str(a.path) for a in others}
 
     def remove_key(self, key: str, known: Any | None) -> tuple[Any, str] | None:
-        """Delete ``known`` (or every committed artifact under ``key``).
+        """Delete ``known`` (or every committed artifact under ``key``) at once.
 
         Returns the last deleted artifact and where its bytes were, or None.
         """
-        immediate_transactions()
-        self._forget_flags(key)
-        removed = None
-        with _key_lock(key):
-            for candidate in [known] if known is not None else self.others_under_key(key):
-                uri = self.storage_uri(candidate)
-                # Delete a fresh copy: Django clears the id of the instance it deletes, and
-                # the candidate is what observers get (with its id, as from the reference).
-                victim = _ln().Artifact.filter(id=candidate.id).first() if candidate.id else None
-                if victim is not None:
-                    delete_artifact(victim)
-                removed = (candidate, uri)
-        return removed
+        removal = self._find_key(key, known)
+        if removal is None:
+            return None
+        self.delete_removal(removal)
+        return removal.named
 
     def abandon(self, record: JobRecord, artifact: Any) -> None:
         """Delete an artifact whose commit failed for good (best effort)."""

@@ -270,7 +270,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             snapshot = self._snapshot(trainer, filepath, staged)
             values = self.collect_checkpoint_feature_values(trainer, snapshot)
             if values:
-                snapshot = _with_features(snapshot, values, self._refuse_feature_conflict)
+                snapshot = _with_features(snapshot, values, self._feature_conflict)
             record = self._checkpoint_record(trainer, filepath, staged, snapshot, write)
         except BaseException:
             if snapshot is not None:
@@ -306,10 +306,10 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             written_later=write is not None,
         )
 
-    def _refuse_feature_conflict(self, name: str) -> None:
-        """Two different values of feature ``name`` for one checkpoint (see
-        :func:`_with_features`): raised on the training thread, at the save."""
-        raise ValueError(f"Conflicting values for feature name '{name}'.")
+    def _feature_conflict(self, message: str) -> Exception:
+        """The error for two different values of one feature for one checkpoint (see
+        :func:`_with_features`), raised on the training thread, at the save."""
+        return ValueError(message)
 
     def _keep_out_written_later(
         self, trainer: pl.Trainer, filepath: str, write: Callable[[], None]
@@ -459,23 +459,21 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
 def _with_features(
     snapshot: CheckpointSnapshot,
     values: Mapping[Any, Any],
-    conflict: Callable[[str], None] | None = None,
+    conflict: Callable[[str], Exception] = ValueError,
 ) -> CheckpointSnapshot:
     """``snapshot`` with feature values frozen (:func:`feature_value`), by name (feature
     objects by ``name``).
 
     Two entries of one name (a feature object of an auto feature and the user's value of
-    the same name, ``score`` say) with different values call ``conflict(name)``, which
-    raises, as LaminDB's ``add_values`` refuses them for the reference.
+    the same name, ``score`` say) with different values raise ``conflict(message)``, as
+    LaminDB's ``add_values`` refuses them for the reference.
     """
     named = {str(getattr(k, "name", k)): feature_value(v) for k, v in values.items()}
     if len(named) < len(values):
         for key, value in values.items():
             name = str(getattr(key, "name", key))
             if not _same_value(named[name], feature_value(value)):
-                if conflict is not None:
-                    conflict(name)
-                raise ValueError(f"Conflicting values for feature name '{name}'.")
+                raise conflict(f"Conflicting values for feature name '{name}'.")
     auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
     # A copy with two fields changed, without the frozen dataclass's __init__ (one
     # object.__setattr__ per field, at every save on the training thread).

@@ -134,6 +134,35 @@ def test_flags_read_before_another_writer_deleted_an_artifact_are_read_again(
     assert flags["b.ckpt"].get("is_last_model") is not True
 
 
+def _job(key: str, path: Path, op: str = "save") -> Any:
+    """A live job record of ``key`` for ``path`` (a save: the newest, flagged last)."""
+    from lamin_lightning._jobs import JobRecord
+
+    snapshot = CheckpointSnapshot(
+        key=key,
+        local_path=path,
+        staged_path=path,
+        global_step=1,
+        epoch=0,
+        monitor=None,
+        mode="min",
+        save_weights_only=False,
+        score=None,
+        is_best=False,
+        best_key=None,
+        last_key=key,
+        ranking=(),
+        scores={},
+    )
+    return JobRecord(
+        op=op,  # type: ignore[arg-type]
+        kind="checkpoint",
+        key=key,
+        local_path=str(path),
+        checkpoint=snapshot if op == "save" else None,
+    )
+
+
 def test_a_failed_commit_of_a_reused_artifact_leaves_the_committed_one(
     ln: Any, no_run: None, tmp_path: Path
 ) -> None:
@@ -143,7 +172,6 @@ def test_a_failed_commit_of_a_reused_artifact_leaves_the_committed_one(
     the key was left with none."""
     import uuid
 
-    from lamin_lightning._jobs import JobRecord
     from lamin_lightning._lamin_store import LaminStore
 
     ll.save_lightning_features()
@@ -152,31 +180,10 @@ def test_a_failed_commit_of_a_reused_artifact_leaves_the_committed_one(
     path.write_bytes(b"the same seeded bytes" * 64)
     store = LaminStore()
 
-    def record() -> JobRecord:
-        snapshot = CheckpointSnapshot(
-            key=key,
-            local_path=path,
-            staged_path=path,
-            global_step=1,
-            epoch=0,
-            monitor=None,
-            mode="min",
-            save_weights_only=False,
-            score=None,
-            is_best=False,
-            best_key=None,
-            last_key=key,
-            ranking=(),
-            scores={},
-        )
-        return JobRecord(
-            op="save", kind="checkpoint", key=key, local_path=str(path), checkpoint=snapshot
-        )
-
-    first = record()
+    first = _job(key, path)
     committed = store.transfer(first, path)
     store.commit(first, committed, replay=False, set_flags=True)
-    again = record()
+    again = _job(key, path)
     reused = store.transfer(again, path)
     assert reused.id == committed.id
 
@@ -201,52 +208,26 @@ def test_a_removal_told_before_it_deletes_spares_what_a_later_save_of_its_key_co
     what is now the later save's; one with other bytes leaves its own artifact alone."""
     import uuid
 
-    from lamin_lightning._jobs import JobRecord
     from lamin_lightning._lamin_store import LaminStore
 
     ll.save_lightning_features()
     store = LaminStore()
 
-    def record(key: str, path: Path, op: str = "save") -> JobRecord:
-        snapshot = CheckpointSnapshot(
-            key=key,
-            local_path=path,
-            staged_path=path,
-            global_step=1,
-            epoch=0,
-            monitor=None,
-            mode="min",
-            save_weights_only=False,
-            score=None,
-            is_best=False,
-            best_key=None,
-            last_key=key,
-            ranking=(),
-            scores={},
-        )
-        return JobRecord(
-            op=op,  # type: ignore[arg-type]
-            kind="checkpoint",
-            key=key,
-            local_path=str(path),
-            checkpoint=snapshot if op == "save" else None,
-        )
-
     for same_bytes in (True, False):
         key = f"removal-{uuid.uuid4().hex[:8]}/checkpoints/epoch=0-step=1.ckpt"
         path = tmp_path / f"{same_bytes}.ckpt"
         path.write_bytes(b"seeded" * 64)
-        saved = record(key, path)
+        saved = _job(key, path)
         first = store.transfer(saved, path)
         store.commit(saved, first, replay=False, set_flags=True)
 
-        removal = store.find_removal(record(key, path, "remove"), first)
+        removal = store.find_removal(_job(key, path, "remove"), first)
         assert removal is not None and removal.named[0].id == first.id
         assert ln.Artifact.filter(id=first.id).exists()  # not deleted before delivery
 
         if not same_bytes:
             path.write_bytes(b"other" * 64)
-        again = record(key, path)
+        again = _job(key, path)
         later = store.transfer(again, path)
         assert (later.id == first.id) is same_bytes
         store.commit(again, later, replay=False, set_flags=True)
@@ -258,7 +239,7 @@ def test_a_removal_told_before_it_deletes_spares_what_a_later_save_of_its_key_co
         key2 = key.replace("step=1", "step=2")
         path2 = tmp_path / f"{same_bytes}-2.ckpt"
         path2.write_bytes(b"next" * 64)
-        following = record(key2, path2)
+        following = _job(key2, path2)
         store.commit(following, store.transfer(following, path2), replay=False, set_flags=True)
         last = {
             a.key: single(artifact_features(ln, a)).get("is_last_model")
