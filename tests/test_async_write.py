@@ -37,6 +37,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch.overrides import TorchFunctionMode
 
 from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file, staged_files
@@ -1426,7 +1428,6 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
     that uploads the checkpoints it is told of (W&B, MLflow or Neptune with
     ``log_model="all"``) read files async_write had not written yet. It is now told once
     they are written, on the training thread, as many times as Lightning would tell it."""
-    from lightning.pytorch.loggers import Logger
 
     class Probe(Logger):
         def __init__(self) -> None:
@@ -1485,6 +1486,96 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
         ]
         assert all(exists for _, exists, _ in probe.seen), probe.seen
         assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}
+
+
+class _JustSaved(Logger):
+    """Records the file each ``after_save_checkpoint`` call reports as just saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return "just-saved"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.saved.append(Path(checkpoint_callback._last_checkpoint_saved).name)
+
+
+def _told_when_training_raises(
+    tmp_path: Path, arm: str, model: TinyModel, extra: list[Any], **options: Any
+) -> list[str]:
+    """The files a logger is told of by a fit that raises, with Lightning's
+    ``ModelCheckpoint`` ("plain") or ours writing synchronously or in the background."""
+    dirpath = tmp_path / arm / "ckpt"
+    if arm == "plain":
+        callback: ModelCheckpoint = ModelCheckpoint(dirpath=dirpath, **options)
+    else:
+        callback = MemoryCheckpoint(
+            MemoryStore(), dirpath=dirpath, async_write=arm == "async", **options
+        )
+    logger = _JustSaved()
+    trainer = make_trainer(tmp_path / arm, [*extra, callback], max_steps=5, logger=logger)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, loader(5))
+    return logger.saved
+
+
+@pytest.mark.parametrize("save_last", [False, True, "link"])
+def test_loggers_are_told_of_the_checkpoint_saved_on_exception_as_modelcheckpoint_tells_them(
+    tmp_path: Path, save_last: Any
+) -> None:
+    """Training raises with ``save_on_exception=True``: Lightning tells the loggers of the
+    checkpoint ``on_exception`` saves, then finalizes them ("failed"). Teardown, which
+    tells them of the saves written in the background, is not called on that path; the
+    callback's ``on_exception`` does it once the writes are done."""
+    options = dict(save_on_exception=True, every_n_train_steps=100, save_last=save_last)
+    plain = _told_when_training_raises(tmp_path, "plain", TinyModel(fail_at_step=2), [], **options)
+    assert plain, "Lightning told the logger"
+    for arm in ("sync", "async"):
+        told = _told_when_training_raises(tmp_path, arm, TinyModel(fail_at_step=2), [], **options)
+        assert told == plain, arm
+
+
+class _OpensThenFails(TinyModel):
+    """Lets the held background writes go at ``fail_at_step``, then raises there."""
+
+    def __init__(self, gate: WriteGate, fail_at_step: int) -> None:
+        super().__init__(fail_at_step=fail_at_step)
+        self.gate = gate
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == self.fail_at_step:
+            self.gate.open()
+        return super().training_step(batch, batch_idx)
+
+
+def test_loggers_are_told_of_a_save_still_being_written_when_training_raised(
+    tmp_path: Path,
+) -> None:
+    """A save at step 1 whose background write is still held at the next step, where
+    training raises: Lightning told the logger at step 1; ours tells it once the write is
+    done, before the loggers are finalized, although no later save or teardown comes."""
+    options = dict(every_n_train_steps=1, save_top_k=-1)
+    plain = _told_when_training_raises(tmp_path, "plain", TinyModel(fail_at_step=1), [], **options)
+    assert plain == ["epoch=0-step=1.ckpt"]
+    gate = WriteGate()
+    told = _told_when_training_raises(
+        tmp_path, "async", _OpensThenFails(gate, 1), [gate], **options
+    )
+    assert gate.timed_out == []
+    assert told == plain
 
 
 def test_a_last_link_lightning_removed_before_it_was_made_is_never_made(tmp_path: Path) -> None:

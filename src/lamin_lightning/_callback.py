@@ -305,6 +305,13 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._shutdown(raise_errors=False, wait=not isinstance(exception, KeyboardInterrupt))
         except Exception:
             log.exception("flushing checkpoint persistence after an exception failed")
+        finally:
+            # Teardown, which tells the loggers of the saves written in the background,
+            # is not called on this path; Lightning finalizes the loggers next ("failed").
+            try:
+                self._tell_loggers(trainer)
+            except Exception:
+                log.exception("telling the loggers of the checkpoints saved failed")
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
