@@ -190,6 +190,9 @@ class LaminStore:
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
         self._reused: set[int] = set()  # of those, committed ones a transfer found again
+        # Per key: saves a publisher of the user's is making now (its rows exist before
+        # they are known here, see create).
+        self._publishing: dict[str, int] = {}
         # Per key: how many saves this store committed, and the artifact of the last one.
         self._committed: dict[str, tuple[int, Any]] = {}
         self.reset()
@@ -224,7 +227,8 @@ class LaminStore:
         description, lamin_kind = DESCRIPTIONS[kind]
         publisher = self._publisher()
         if type(publisher) is not LaminArtifactPublisher:
-            return publisher.create_artifact(
+            return self._publish(
+                publisher,
                 path,
                 key=key,
                 description=description,
@@ -261,6 +265,33 @@ class LaminStore:
             self.settle(artifact)
             raise
         return artifact
+
+    def _publish(self, publisher: ArtifactPublisher, path: Path | str, **options: Any) -> Any:
+        """``publisher.create_artifact``, counted as a save of its key in flight until its
+        artifact is known to be uncommitted (see :meth:`_saving_elsewhere`): its record
+        exists before it returns, and a commit that replaces newer artifacts of the key
+        (a reused one's) must not take it for a committed one."""
+        key = options["key"]
+        with _key_lock(key), self._lock:  # against such a commit's choice of what to delete
+            self._publishing[key] = self._publishing.get(key, 0) + 1
+        artifact = None
+        try:
+            artifact = publisher.create_artifact(path, **options)
+        finally:
+            with self._lock:
+                if artifact is not None:
+                    self._uncommitted[id(artifact)] = artifact
+                left = self._publishing[key] - 1
+                if left:
+                    self._publishing[key] = left
+                else:
+                    del self._publishing[key]
+        return artifact
+
+    def _saving_elsewhere(self, key: str) -> bool:
+        """Whether a publisher of the user's is saving an artifact of ``key`` now."""
+        with self._lock:
+            return key in self._publishing
 
     def transfer(self, record: JobRecord, path: Path) -> Any:
         """The committed artifact of this key and content if there is one, else a new one.
@@ -427,10 +458,13 @@ class LaminStore:
             # know the artifact was committed before, and not delete it (abandon_artifact).
             reused = id(artifact) in self._reused
         # Commits run in submission order: a reused (older) artifact replaces every other
-        # committed one of its key, newer rows included; a new one only older rows.
+        # committed one of its key, newer rows included; a new one only older rows. Not
+        # the newer rows while a publisher of the user's saves one of the key: its row may
+        # be among them, not known yet (the later save's commit replaces the rest).
         with _key_lock(snapshot.key):
+            newer_too = reused and not self._saving_elsewhere(snapshot.key)
             for old in self.others_under_key(
-                snapshot.key, exclude_id=artifact.id, older_only=not reused
+                snapshot.key, exclude_id=artifact.id, older_only=not newer_too
             ):
                 self._forget_flags(snapshot.key)
                 delete_artifact(old, keep_path=str(artifact.path))

@@ -199,6 +199,47 @@ def test_a_failed_commit_of_a_reused_artifact_leaves_the_committed_one(
     assert list(ln.Artifact.filter(key=key).values_list("id", flat=True)) == [committed.id]
 
 
+@pytest.mark.parametrize("publisher", ["ours", "users"])
+def test_a_replay_reusing_the_committed_artifact_spares_a_later_save_of_its_key_in_flight(
+    ln: Any, no_run: None, tmp_path: Path, publisher: str
+) -> None:
+    """A replay of a save committed before a crash (not marked finished) reuses the
+    committed artifact, and its commit replaces every other committed artifact of the key,
+    newer rows included. A live save of the same key (the resumed fit's ``last.ckpt``)
+    uploaded meanwhile is not committed yet and must survive it: with a publisher of the
+    user's (its saves were not tracked as in flight) it was deleted, and its own commit
+    then failed (FOREIGN KEY constraint failed)."""
+    import uuid
+
+    from lamin_lightning._lamin import LaminArtifactPublisher
+    from lamin_lightning._lamin_store import LaminStore
+
+    class UsersPublisher(LaminArtifactPublisher):
+        pass
+
+    ll.save_lightning_features()
+    mine = UsersPublisher()
+    store = LaminStore(publisher=(lambda: mine) if publisher == "users" else None)
+    key = f"replayed-{uuid.uuid4().hex[:8]}/checkpoints/last.ckpt"
+    before, after = tmp_path / "before.ckpt", tmp_path / "after.ckpt"
+    before.write_bytes(b"committed before the crash" * 64)
+    after.write_bytes(b"saved by the resumed fit" * 64)
+
+    crashed = _job(key, before)
+    committed = store.transfer(crashed, before)
+    store.commit(crashed, committed, replay=False, set_flags=True)
+
+    live = _job(key, after)
+    uploaded = store.transfer(live, after)  # a worker of the resumed fit, ahead of the replay
+    replayed = store.transfer(crashed, before)
+    assert replayed.id == committed.id
+    store.commit(crashed, replayed, replay=True, set_flags=True)
+    assert ln.Artifact.filter(id=uploaded.id).exists(), "the save in flight was deleted"
+
+    store.commit(live, uploaded, replay=False, set_flags=True)
+    assert list(ln.Artifact.filter(key=key).values_list("id", flat=True)) == [uploaded.id]
+
+
 def test_a_removal_told_before_it_deletes_spares_what_a_later_save_of_its_key_committed(
     ln: Any, no_run: None, tmp_path: Path
 ) -> None:
