@@ -936,6 +936,39 @@ def test_the_background_write_runs_at_a_lower_cpu_priority_than_training(
 # -- resume and fallback -------------------------------------------------------------------------
 
 
+def test_each_background_write_notes_the_file_it_completed_in_its_jobs_journal_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay takes a background save's file as written only if the journal says so,
+    and names that very file (see ``JobRecord.marks_written``): every write of a fit
+    notes it, before the file takes its name, against the job of that save."""
+    from lamin_lightning._jobs import file_identity
+    from lamin_lightning._journal import Outbox
+
+    noted: list[tuple[str, tuple[int, int, int], bool]] = []
+    real = Outbox.mark_written
+
+    def mark_written(outbox: Outbox, job_id: str, identity: tuple[int, int, int]) -> None:
+        record = dict(outbox.pending())[job_id]
+        assert record.marks_written and record.written_later
+        # Not renamed yet: the name holds no file, or another one (the previous last.ckpt).
+        noted.append((record.local_path, identity, file_identity(record.local_path) != identity))
+        real(outbox, job_id, identity)
+
+    monkeypatch.setattr(Outbox, "mark_written", mark_written)
+    dirpath = tmp_path / "ckpt"
+    callback = async_callback(MemoryStore(), dirpath, save_top_k=2, monitor="score", save_last=True)
+    make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(scores=UP_AND_DOWN), loader(4))
+
+    # last.ckpt at each of 4 steps; top-2 (min) of 1.0, 2.0, 0.5, 3.0: 3.0 is not saved.
+    assert len(noted) == 7
+    assert all(before_rename for _, _, before_rename in noted)
+    final = {path: identity for path, identity, _ in noted}  # the last write of each name
+    kept = {str(dirpath / name) for name in checkpoint_files(dirpath)}
+    assert kept <= set(final)
+    assert {path: file_identity(path) for path in kept} == {path: final[path] for path in kept}
+
+
 @pytest.mark.parametrize("which", ["best", "last"])
 def test_fit_resumes_from_a_file_written_in_the_background(which: str, tmp_path: Path) -> None:
     """A new Trainer resumes from a best/last file written with async_write; steps continue."""

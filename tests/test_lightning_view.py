@@ -50,6 +50,7 @@ from lamin_lightning import (
     _names,
     flush_directory,
 )
+from lamin_lightning._jobs import file_identity
 from lamin_lightning._journal import Outbox, read_pending
 from lamin_lightning._replay import pending_records
 from lamin_lightning._staging import staging_root
@@ -902,6 +903,45 @@ def test_a_replay_drops_a_save_whose_background_write_never_finished(tmp_path: P
     failed = [e for e in report.events if isinstance(e, ArtifactFailedEvent)]
     assert [e.key for e in failed] == [key("b.ckpt")]
     assert report.remaining == [] and store.keys() == set()
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["as_written", "compacted"])
+def test_a_replay_persists_a_background_save_only_if_its_path_holds_the_file_it_wrote(
+    tmp_path: Path, compacted: bool
+) -> None:
+    """``async_write`` replaces a file atomically: a process killed before the rename
+    leaves the previous file at the name (a rewrite of ``last.ckpt``). Each background
+    write notes in the journal which file it completed, before the rename; the replay
+    persists a save only where the path holds that file. A rewrite whose mark is missing
+    (killed before it), or whose path holds another file (killed between mark and
+    rename), is dropped, however whole the file there; one that got there is persisted,
+    also after a compaction rewrote the journal."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    unmarked, replaced, written = (dirpath / n for n in ("last.ckpt", "b.ckpt", "c.ckpt"))
+    for path in (unmarked, replaced, written):
+        path.write_bytes(b"an earlier checkpoint's whole file " + path.name.encode())
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    ids = {
+        path: outbox.append(_save(path, written_later=True, marks_written=True))
+        for path in (unmarked, replaced, written)
+    }
+    marked = file_identity(written)
+    assert marked is not None
+    outbox.mark_written(ids[written], marked)
+    outbox.mark_written(ids[replaced], marked)  # another file: the rename never came
+    if compacted:
+        outbox._compact_unlocked()
+        assert '"t":"written"' not in outbox.path.read_text()
+    outbox.close()
+    store = MemoryStore()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert sorted(r.key for r in report.dropped) == [key("b.ckpt"), key("last.ckpt")]
+    assert store.keys() == {key("c.ckpt")} and report.failed == 0
+    assert all(path.exists() for path in (unmarked, replaced, written)), "files are left"
 
 
 def test_a_replay_drops_a_save_whose_file_a_kill_cut_short_and_keeps_what_it_evicted(

@@ -113,6 +113,15 @@ class JobRecord:
             (``save_last="link"``; the first ``last.ckpt`` of a resumed fit is a file).
             The link is made once ``after`` is written: the removal happens only if the
             path is a link by then; while it is still the file, it is kept.
+        marks_written: For a save written in the background by lamin-lightning
+            (``async_write``): its write journals the identity of the file it wrote
+            (:attr:`written_file`) once that is complete, before renaming it into place.
+            Until then the file at :attr:`local_path` is another save's (an earlier
+            ``last.ckpt``), or none: a replay that finds no such mark, or another file
+            at the path, drops the job (see :meth:`never_written`).
+        written_file: The identity (inode, size, modification time in ns) of the file
+            the write of a :attr:`marks_written` save completed, from the journal's
+            mark; None while it has none.
     """
 
     op: Operation
@@ -129,6 +138,8 @@ class JobRecord:
     given_path: str | None = None
     written_later: bool = False
     linked: bool = False
+    marks_written: bool = False
+    written_file: tuple[int, int, int] | None = None
 
     @property
     def event_path(self) -> Path:
@@ -138,10 +149,14 @@ class JobRecord:
     def never_written(self) -> bool:
         """Whether this save's file was to be written after the hook returned and never
         was: neither it nor its staged copy exists (see :attr:`written_later`), or
-        only a file the process was killed in the middle of writing (:meth:`cut_short`)."""
-        return self.unstaged_late_save() and (
-            not os.path.lexists(self.local_path) or archive_cut_short(self.local_path)
-        )
+        only a file the process was killed in the middle of writing (:meth:`cut_short`),
+        or, for a save whose write marks the journal (:attr:`marks_written`), any file
+        but the one its write completed."""
+        if not self.unstaged_late_save():
+            return False
+        if self.marks_written:
+            return self.written_file is None or file_identity(self.local_path) != self.written_file
+        return not os.path.lexists(self.local_path) or archive_cut_short(self.local_path)
 
     def cut_short(self) -> bool:
         """Whether this save's file was to be written after the hook returned and is in
@@ -377,6 +392,23 @@ def archive_cut_short(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def file_identity(path: str | os.PathLike[str] | int) -> tuple[int, int, int] | None:
+    """Which file ``path`` (or an open descriptor) is: inode, size and modification time
+    (ns); None if there is none. A rename keeps it; a rewrite, even in place, changes it."""
+    try:
+        info = os.fstat(path) if isinstance(path, int) else os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _identity(value: Any) -> tuple[int, int, int] | None:
+    """A journaled :func:`file_identity` (a list of three integers), or None."""
+    if isinstance(value, list) and len(value) == 3 and all(type(v) is int for v in value):
+        return (value[0], value[1], value[2])
+    return None
+
+
 def encode(record: JobRecord) -> dict[str, Any]:
     """The record as JSON data (always the current version)."""
     return {
@@ -393,6 +425,8 @@ def encode(record: JobRecord) -> dict[str, Any]:
         **({"after": record.after} if record.after else {}),
         **({"written_later": True} if record.written_later else {}),
         **({"linked": True} if record.linked else {}),
+        **({"marks_written": True} if record.marks_written else {}),
+        **({"written_file": list(record.written_file)} if record.written_file else {}),
     }
 
 
@@ -436,4 +470,6 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         after=str(data["after"]) if data.get("after") else None,
         written_later=data.get("written_later") is True,
         linked=data.get("linked") is True,
+        marks_written=data.get("marks_written") is True,
+        written_file=_identity(data.get("written_file")),
     )

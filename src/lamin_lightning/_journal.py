@@ -132,6 +132,12 @@ class _State:
                 self.mark(item.get("prefix"), item.get("at"))
             elif kind == "flags":
                 self.mark(item.get("prefix"), item.get("at"))
+            elif kind == "written":
+                # A background write completed the file of a pending save (see
+                # Outbox.mark_written): its entry carries the file's identity from now on.
+                entry = self.pending.get(str(item.get("id")))
+                if entry is not None:
+                    entry["written_file"] = item.get("file")
             elif kind != "open":
                 # Not a line this version writes (damage, or a newer version's kind).
                 log.warning(
@@ -375,6 +381,28 @@ class Outbox:
                 if self._handle is handle:
                     self._synced_size = max(self._synced_size, target)
                     self._dir_synced = True
+
+    def mark_written(self, job_id: str, identity: tuple[int, int, int]) -> None:
+        """Note that the background write of a pending save completed its file (``identity``,
+        see ``_jobs.file_identity``), right before the file is renamed into place. A replay
+        takes the file at the save's path as that save's only if it is that file (see
+        ``JobRecord.marks_written``). Into the page cache, like the job's own line. Never
+        raises: without the mark the save is dropped at a replay (its file stays)."""
+        try:
+            with self._lock:
+                entry = self._state.pending.get(job_id)
+                if self._handle is None or entry is None:
+                    return
+                self._write({"t": "written", "id": job_id, "file": list(identity)})
+                entry["written_file"] = list(identity)
+        except OSError as error:
+            log.warning(
+                "could not note in %s that job %s's file was written (%s); a replay of the"
+                " job will drop it",
+                self.path,
+                job_id,
+                error,
+            )
 
     def settle(self, job_id: str, status: str) -> None:
         """Mark a job finished, and with it every earlier pending job of the same key.

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import torch
 
+from lamin_lightning._jobs import file_identity
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX, scratch_name
 
@@ -414,13 +415,18 @@ def _drop_from_page_cache(fd: int) -> None:
 
 
 def write_atomically(
-    payload: Any, target: str | os.PathLike[str], scratch: Path, save: Callable[[Any, Any], None]
+    payload: Any,
+    target: str | os.PathLike[str],
+    scratch: Path,
+    save: Callable[[Any, Any], None],
+    before_rename: Callable[[int], None] | None = None,
 ) -> int:
     """Write ``payload`` with ``save(payload, handle)`` to ``target``: temp file, fsync, rename.
 
     The temporary file lives in ``scratch`` (on the same filesystem as ``target``). Once
-    fsynced, its pages are dropped from the page cache (see :func:`_drop_from_page_cache`).
-    Returns the size of the written file.
+    fsynced, its pages are dropped from the page cache (see :func:`_drop_from_page_cache`),
+    and ``before_rename`` is called with the complete file's descriptor. Returns the size
+    of the written file.
     """
     scratch.mkdir(parents=True, exist_ok=True)
     Path(target).parent.mkdir(parents=True, exist_ok=True)  # as Lightning's CheckpointIO does
@@ -439,6 +445,8 @@ def write_atomically(
             os.fsync(handle.fileno())
             _drop_from_page_cache(handle.fileno())
             size = os.fstat(handle.fileno()).st_size
+            if before_rename is not None:
+                before_rename(handle.fileno())
             os.replace(temporary, target)
     except BaseException:
         claimed.unlink(missing_ok=True)
@@ -511,6 +519,7 @@ class HostWrite:
         self._then: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
+        self._marks: list[Callable[[tuple[int, int, int]], None]] = []
         # Taken until the file exists (or the write failed): Lightning's version counter
         # must see the name now, on the training thread (see :func:`name_taken`).
         take_name(filepath)
@@ -543,6 +552,22 @@ class HostWrite:
             written = self.error is None
         run_after_write(self._filepath, [(action, otherwise)], written)
 
+    def mark_written_with(self, mark: Callable[[tuple[int, int, int]], None]) -> None:
+        """Have ``mark`` told the identity of the complete file (see
+        ``_jobs.file_identity``) before it is renamed into place: its job's journal notes
+        it (``Outbox.mark_written``). Set before the write runs (when its job is journaled)."""
+        self._marks.append(mark)
+
+    def _marked(self, fd: int) -> None:
+        identity = file_identity(fd)
+        if identity is None:
+            return
+        for mark in self._marks:
+            try:
+                mark(identity)
+            except Exception:
+                log.exception("noting that %s was written", self._filepath)
+
     def __call__(self) -> None:
         with self._lock:
             state = self._state
@@ -562,7 +587,7 @@ class HostWrite:
 
     def _write(self) -> None:
         try:
-            write_atomically(self._host, self._filepath, self._scratch, save_snapshot)
+            write_atomically(self._host, self._filepath, self._scratch, save_snapshot, self._marked)
         except BaseException as error:
             self.error = error
         finally:

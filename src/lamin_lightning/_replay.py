@@ -61,6 +61,10 @@ class Settle:
         """Make the journaled record durable (grouped fsync), before its job touches storage."""
         self.outbox.sync()
 
+    def written(self, identity: tuple[int, int, int]) -> None:
+        """Note that the save's background write completed its file (``identity``)."""
+        self.outbox.mark_written(self.job_id, identity)
+
 
 def build_job(
     record: JobRecord,
@@ -449,10 +453,12 @@ def replay_jobs(
             else:
                 log.warning(
                     "lamin-lightning: dropping the save of %r: its background write never"
-                    " finished (it failed, or the process ended first), so %s was never"
-                    " written",
+                    " finished (it failed, or the process ended first), so %s %s",
                     record.key,
                     record.local_path,
+                    "is an earlier checkpoint's file (left as it is)"
+                    if os.path.lexists(record.local_path)
+                    else "was never written",
                 )
             if record.staged_path:
                 release_staged(Path(record.staged_path))

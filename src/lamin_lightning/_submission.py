@@ -182,6 +182,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         after: str | None = None,
         written_later: bool = False,
         linked: bool = False,
+        marks_written: bool = False,
     ) -> JobRecord:
         local, given = absolute(path), os.fspath(path)
         return JobRecord(
@@ -198,6 +199,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             given_path=given if given != local else None,
             written_later=written_later,
             linked=linked,
+            marks_written=marks_written,
         )
 
     def _submit_record(
@@ -207,6 +209,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         *,
         prepare: Callable[[], int] | None,
         journaled: Any = None,
+        write: Callable[[], None] | None = None,
     ) -> None:
         self._ensure_submitter().submit(
             record,
@@ -216,6 +219,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             known=self._persisted.get,
             outcome=self._on_outcome,
             journaled=journaled,
+            write=write,
         )
 
     def _score(self, score: Any) -> float | None:
@@ -285,7 +289,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 # a put-back of the previous file, which still has to happen).
                 submitter.abandon_staging(filepath, write)
             raise
-        self._submit_record(trainer, record, prepare=prepare)
+        self._submit_record(trainer, record, prepare=prepare, write=write)
 
     def _checkpoint_record(
         self,
@@ -304,6 +308,8 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             staged=staged,
             snapshot=snapshot,
             written_later=write is not None,
+            # Our own background write notes the file it completed in the journal.
+            marks_written=callable(getattr(write, "mark_written_with", None)),
         )
 
     def _feature_conflict(self, message: str) -> Exception:

@@ -132,15 +132,17 @@ class Submitter:
         known: Callable[[str], Any] | None = None,
         outcome: Outcome | None = None,
         journaled: Callable[[str], None] | None = None,
+        write: Callable[[], None] | None = None,
     ) -> None:
-        """Journal ``record`` (unless ``journaled`` says where it already is) and submit its job."""
+        """Journal ``record`` (unless ``journaled`` says where it already is) and submit its
+        job. ``write`` writes the file later (``async_write``): see :meth:`_journaled_job`."""
         spec: JobSpec | None = None
         try:
             pipeline = self.ensure_pipeline()
             if self._holding:
                 pipeline.hold()
             spec = self._journaled_job(
-                record, store, trainer, prepare, known, outcome, journaled=journaled
+                record, store, trainer, prepare, known, outcome, journaled=journaled, write=write
             )
             pipeline.submit(spec, stop_waiting=partial(_sigterm_received, trainer))
         except BaseException:
@@ -172,7 +174,7 @@ class Submitter:
         a thread of its own; the job's preparation, if admitted, waits for that run."""
         if write is not None and getattr(write, "finishes_alone", False):
             _finish_alone(write)
-        spec = self._journaled_job(record, store, trainer, prepare, known, outcome)
+        spec = self._journaled_job(record, store, trainer, prepare, known, outcome, write=write)
         self.drop_staging(record.local_path)
         self._unadmitted.append(spec)
 
@@ -186,9 +188,17 @@ class Submitter:
         outcome: Outcome | None,
         *,
         journaled: Callable[[str], None] | None = None,
+        write: Callable[[], None] | None = None,
     ) -> JobSpec:
-        """Journal ``record`` (unless ``journaled`` says where it already is); its job."""
+        """Journal ``record`` (unless ``journaled`` says where it already is); its job.
+
+        A save whose ``write`` notes in the journal the file it completed
+        (``JobRecord.marks_written``) is told where, before that write can run."""
         settle = journaled if journaled is not None else self.journal(record)
+        written = getattr(settle, "written", None)
+        mark_with = getattr(write, "mark_written_with", None)
+        if record.marks_written and written is not None and mark_with is not None:
+            mark_with(written)
         if settle is _unjournaled and prepare is not None and record.op == "save":
             prepare = _staged_or_in_place(prepare, record)
         return build_job(

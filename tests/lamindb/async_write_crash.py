@@ -8,6 +8,10 @@ answers). Once step 1's checkpoint is committed and Lightning has evicted it (at
 start of the third batch), the process writes ``--ready`` (the key prefix, atomically)
 and freezes; the test then kills it (SIGKILL).
 
+With ``--save-last`` it also saves ``last.ckpt``: the process freezes once step 1's
+checkpoint and ``last.ckpt`` are both committed, while the rewrite of ``last.ckpt`` at
+step 2 hangs (the file at its name is step 1's).
+
 With ``--in-place-io`` the callback writes synchronously and the trainer through
 Lightning's ``AsyncCheckpointIO`` around a ``TorchCheckpointIO`` that writes in place,
 as Lightning's does: step 2's write stops half-way through its file, and stays there.
@@ -38,12 +42,17 @@ from test_async_write import OnSerialise
 
 
 class Saved:
-    def __init__(self) -> None:
+    """``event`` is set once ``expected`` checkpoints are committed."""
+
+    def __init__(self, expected: int) -> None:
         self.event = threading.Event()
+        self.left = expected
 
     def on_artifact_saved(self, event: Any) -> None:
         if event.kind == "checkpoint":
-            self.event.set()
+            self.left -= 1
+            if self.left <= 0:
+                self.event.set()
 
     def on_artifact_removed(self, event: Any) -> None:
         del event
@@ -103,10 +112,11 @@ def main() -> None:
     parser.add_argument("--dirpath", type=Path, required=True)
     parser.add_argument("--ready", type=Path, required=True)
     parser.add_argument("--in-place-io", action="store_true")
+    parser.add_argument("--save-last", action="store_true")
     args = parser.parse_args()
     guard = pytest.MonkeyPatch()
     block_network(guard)
-    saved = Saved()
+    saved = Saved(expected=2 if args.save_last else 1)
     callback = ll.Checkpoint(
         dirpath=args.dirpath,
         monitor="score",
@@ -114,6 +124,7 @@ def main() -> None:
         save_top_k=1,
         every_n_train_steps=1,
         async_write=not args.in_place_io,
+        save_last=args.save_last,
         max_snapshots=2,
         artifact_observers=[saved],
     )

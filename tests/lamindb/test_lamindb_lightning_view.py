@@ -126,9 +126,99 @@ def test_a_replay_after_sigkill_mid_write_keeps_the_checkpoint_whose_replacement
     kill leaves half of step 2's file at its name: the flush does not persist it (it used
     to, and removed step 1 for it), and leaves it for the user to delete."""
     dirpath = tmp_path / "ckpts"
+    view = _train_until_frozen(dirpath, tmp_path, *(["--in-place-io"] if in_place_io else []))
+    assert view["committed"], view
+    assert Path(view["best_model_path"]).name == "epoch=0-step=2.ckpt"  # Lightning evicted 1
+
+    flushed = _flush(dirpath)
+    prefix = view["prefix"]
+    stored = artifacts_under(ln, prefix)
+    kept = dirpath / "epoch=0-step=1.ckpt"
+    assert kept.exists()
+    # async_write: a partial file never takes the name; in place: it is there, not stored.
+    assert (dirpath / "epoch=0-step=2.ckpt").exists() is in_place_io
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert set(stored) == {f"{prefix}/epoch=0-step=1.ckpt"}
+    assert stored_sha256(stored[f"{prefix}/epoch=0-step=1.ckpt"]) == sha256_file(kept)
+
+
+@pytest.mark.parametrize("finish", ["flush", "resume"])
+def test_a_rewrite_of_last_ckpt_killed_before_it_was_written_is_dropped_not_persisted(
+    ln: Any, no_run: None, tmp_path: Path, finish: str
+) -> None:
+    """Killed while step 2's ``last.ckpt`` was written in the background (step 1's is
+    committed, and still the file at that name). Its journaled save was replayed as if
+    written: step 1's bytes under step 2's record, the committed artifact reused and
+    annotated again. Resumed with a publisher of the user's, the resumed fit's own saves
+    of ``last.ckpt`` then failed (FOREIGN KEY constraint failed). The save is dropped:
+    its write never finished; ``last.ckpt`` stays step 1's, file and artifact."""
+    from lamindb_tier import TierData, artifact_features, make_trainer, single
+
+    from lamin_lightning._lamin import LaminArtifactPublisher
+    from lamin_lightning.testing import RecordingObserver
+
+    class UsersPublisher(LaminArtifactPublisher):
+        pass
+
+    dirpath = tmp_path / "ckpts"
+    view = _train_until_frozen(dirpath, tmp_path, "--save-last")
+    assert view["committed"], view
+    prefix = view["prefix"]
+    last = dirpath / "last.ckpt"
+    step_1_last = sha256_file(last)
+    assert stored_sha256(artifacts_under(ln, prefix)[f"{prefix}/last.ckpt"]) == step_1_last
+
+    if finish == "flush":
+        flushed = _flush(dirpath)
+        assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+        told = flushed.stdout + flushed.stderr
+        assert "dropping the save of" in told and "last.ckpt" in told, told
+        stored = artifacts_under(ln, prefix)
+        assert set(stored) == {f"{prefix}/epoch=0-step=1.ckpt", f"{prefix}/last.ckpt"}
+        assert stored_sha256(stored[f"{prefix}/last.ckpt"]) == sha256_file(last) == step_1_last
+        # Its features are step 1's: the dropped save (score 2.0) annotated nothing.
+        assert single(artifact_features(ln, stored[f"{prefix}/last.ckpt"]))["score"] == 1.0
+        return
+
+    observer = RecordingObserver()
+    callback = ll.Checkpoint(
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        save_last=True,
+        async_write=True,
+        artifact_observers=[observer],
+    )
+    callback._artifact_publisher = UsersPublisher()
+    trainer = make_trainer(tmp_path, [callback], max_steps=4)
+    trainer.fit(
+        TierModel(scores=[1.0, 2.0, 3.0, 4.0]), datamodule=TierData(n=4), ckpt_path=str(last)
+    )
+    assert callback.persistence_stats.failed == 0, observer.of_type(ll.ArtifactFailedEvent)
+    replayed = [e.key for e in observer.of_type(ll.ArtifactSavedEvent) if e.recovered]
+    assert f"{prefix}/last.ckpt" not in replayed
+    assert callback.checkpoint_key_prefix == prefix
+    _assert_artifacts_are_the_files(ln, callback, dirpath)
+
+
+def _flush(dirpath: Path) -> subprocess.CompletedProcess[str]:
+    """``lamin-lightning flush dirpath`` in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "lamin_lightning._cli", "flush", str(dirpath)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _train_until_frozen(dirpath: Path, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    """Run :data:`SCRIPT` until it froze with a background write hanging, then SIGKILL it;
+    return what it reported (see the script)."""
     ready = tmp_path / "ready.json"
     log_path = tmp_path / "train.log"
-    extra = ["--in-place-io"] if in_place_io else []
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "--dirpath", str(dirpath), "--ready", str(ready), *extra],
@@ -146,24 +236,5 @@ def test_a_replay_after_sigkill_mid_write_keeps_the_checkpoint_whose_replacement
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
-    view = json.loads(ready.read_text())
-    assert view["committed"], view
-    assert Path(view["best_model_path"]).name == "epoch=0-step=2.ckpt"  # Lightning evicted 1
-
-    flushed = subprocess.run(
-        [sys.executable, "-m", "lamin_lightning._cli", "flush", str(dirpath)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert flushed.returncode in (0, 1, 2, 3, 4), flushed.stderr
-    prefix = view["prefix"]
-    stored = artifacts_under(ln, prefix)
-    kept = dirpath / "epoch=0-step=1.ckpt"
-    assert kept.exists()
-    # async_write: a partial file never takes the name; in place: it is there, not stored.
-    assert (dirpath / "epoch=0-step=2.ckpt").exists() is in_place_io
-    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
-    assert set(stored) == {f"{prefix}/epoch=0-step=1.ckpt"}
-    assert stored_sha256(stored[f"{prefix}/epoch=0-step=1.ckpt"]) == sha256_file(kept)
+    view: dict[str, Any] = json.loads(ready.read_text())
+    return view
