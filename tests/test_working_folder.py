@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import gc
 import os
+import re
 import signal
 import threading
 import time
@@ -489,3 +490,31 @@ def test_the_jobs_of_one_save_hook_reach_the_pipeline_threads_when_it_returns(
         name = seen[index][2]
         staged_at = seen.index(("stage", name), index)
         assert ("release",) in seen[index:staged_at], seen
+
+
+def test_a_file_saved_again_while_its_saves_are_pending_is_named_once_with_their_count(
+    tmp_path: Path,
+) -> None:
+    """The teardown that gives up names what it leaves in the outbox: ``last.ckpt``,
+    rewritten at every step while the store hangs, once, with how many jobs it has (it
+    was named once per job)."""
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=0,
+        save_last=True,
+        flush_timeout=0,
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=3)
+    try:
+        with pytest.warns(UserWarning, match="did not finish") as caught:
+            trainer.fit(TinyModel(), loader(3))
+    finally:
+        store.release()
+    (message,) = [str(w.message) for w in caught if "did not finish" in str(w.message)]
+    named = message.split("not persisted: ", 1)[1].split(". Their local", 1)[0]
+    # One a step; the first may be out of the pending count by then (in the hung store).
+    assert re.fullmatch(r"checkpoints/last\.ckpt \([23] jobs\)", named), message

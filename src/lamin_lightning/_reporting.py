@@ -9,6 +9,7 @@ a hook or observer raised on a pipeline thread), and shuts the pipeline down at
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -88,6 +89,9 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         ]
         if not jobs:
             return  # finished meanwhile: nothing to name
+        # A file saved again while its earlier save was pending (last.ckpt) is named once.
+        counts = collections.Counter(jobs)
+        jobs = [job if counts[job] == 1 else f"{job} ({counts[job]} jobs)" for job in counts]
         warnings.warn(
             f"lamin-lightning: persistence did not finish {why};"
             f" not persisted: {', '.join(jobs)}. Their local"
