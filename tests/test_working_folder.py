@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _thread
 import gc
+import logging
 import os
 import re
 import signal
@@ -309,11 +310,14 @@ def _interrupted_then_resumed(
 
 
 def test_ctrl_c_during_a_backpressure_wait_journals_the_job_and_lets_lightning_stop(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lamin_lightning")
     with _sigint_restored():
         # No flush wait at all (Lightning ignores further Ctrl+C meanwhile).
         _interrupted_then_resumed(tmp_path, _thread.interrupt_main, SystemExit, 3600, warns=True)
+    # Nor a flush of 0 s that "timed out" (the warning says what is left, and why).
+    assert not [r for r in caplog.records if "timed out" in r.getMessage()], caplog.text
 
 
 def test_ctrl_c_names_a_save_kept_from_admission_when_the_rest_finished(

@@ -117,7 +117,10 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 if timeout is not None:
                     timeout = max(0.0, timeout - (time.monotonic() - started))
             try:
-                finished = pipeline is None or self.flush(timeout)
+                if wait:
+                    finished = pipeline is None or self.flush(timeout)
+                else:  # Ctrl+C: no wait (nor a progress bar); what is left is named below
+                    finished = pipeline is None or pipeline.flush(0)
             except KeyboardInterrupt:
                 # Ctrl+C while teardown waits: the user still learns what is left and how
                 # to finish it, before the interrupt goes on.
