@@ -278,10 +278,12 @@ class PersistencePipeline:
         timeout: float | None = None,
         *,
         stop_waiting: Callable[[], BaseException | None] | None = None,
+        training: bool = True,
     ) -> bool:
         """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding.
 
-        The time spent blocked is counted as training stall. Returns False, without
+        The time spent blocked is counted as training stall (unless ``training`` is False:
+        a submission once training has ended, at teardown). Returns False, without
         submitting, if no slot freed within ``timeout`` seconds. Raises RuntimeError if
         the pipeline stopped meanwhile (a slot would never free). ``stop_waiting`` is
         asked a few times a second while blocked: an exception it returns is raised
@@ -295,14 +297,14 @@ class PersistencePipeline:
             try:
                 acquired = self._wait_for_slot(started, timeout, stop_waiting)
             finally:
-                waited = time.monotonic() - started
+                waited = time.monotonic() - started if training else 0.0
                 self._stats.add(training_stall_seconds=waited)
                 self._stats.record_max("max_training_stall_seconds", waited)
             if not acquired:
                 return False
             started = time.monotonic()  # counted above
         submitted_at = time.monotonic()
-        waited = submitted_at - started
+        waited = submitted_at - started if training else 0.0
         self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
         self._stats.record_max("max_training_stall_seconds", waited)
         with self._intake_cond:

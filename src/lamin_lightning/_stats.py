@@ -23,8 +23,9 @@ class PersistenceStats:
         superseded: Unstarted saves replaced by a newer save of the same key.
         bytes_saved: Bytes of files whose save was committed.
         admission_waits: Submissions that had to wait for a free slot.
-        training_stall_seconds: Total time submitters waited for admission.
-        max_training_stall_seconds: Longest single admission wait.
+        training_stall_seconds: Total time training waited for admission (not the
+            teardown's waits, once training has ended; ``admission_waits`` counts those).
+        max_training_stall_seconds: Longest single admission wait of training.
         persistence_latency_seconds: Total time from admission to delivered event, over
             all delivered jobs (cumulative; see ``mean_persistence_latency_seconds``).
         max_persistence_latency_seconds: Longest admission-to-event time of one job.

@@ -232,7 +232,8 @@ class Submitter:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._unadmitted:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not pipeline.submit(self._unadmitted[0], timeout=left):
+            # Training has ended: the wait is teardown's, not a training stall.
+            if not pipeline.submit(self._unadmitted[0], timeout=left, training=False):
                 return  # still journaled, and named: the next setup or a flush persists them
             self._unadmitted.pop(0)
 
