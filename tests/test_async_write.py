@@ -1456,40 +1456,49 @@ def test_where_torchs_record_writing_is_not_the_known_one_a_snapshot_is_the_whol
         assert zipped.testzip() is None
 
 
+class _JustSaved(Logger):
+    """Records, for each ``after_save_checkpoint`` call, what :meth:`note` takes of it:
+    the file reported as just saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+
+    @property
+    def name(self) -> str:
+        return "just-saved"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.seen.append(self.note(checkpoint_callback))
+
+    def note(self, checkpoint_callback: Any) -> Any:
+        return Path(checkpoint_callback._last_checkpoint_saved).name
+
+
 def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path: Path) -> None:
     """Lightning calls ``logger.after_save_checkpoint`` as soon as a save returns; a logger
     that uploads the checkpoints it is told of (W&B, MLflow or Neptune with
     ``log_model="all"``) read files async_write had not written yet. It is now told once
     they are written, on the training thread, as many times as Lightning would tell it."""
 
-    class Probe(Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[tuple[str, bool, str]] = []
-
-        @property
-        def name(self) -> str:
-            return "probe"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_metrics(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+    class Probe(_JustSaved):
+        def note(self, checkpoint_callback: Any) -> Any:
             # The callback's state names files that exist (a logger uploads those).
             files = [checkpoint_callback.last_model_path, *checkpoint_callback.best_k_models]
-            self.seen.append(
-                (
-                    Path(checkpoint_callback._last_checkpoint_saved).name,
-                    all(os.path.exists(f) for f in files if f),
-                    threading.current_thread().name,
-                )
+            return (
+                super().note(checkpoint_callback),
+                all(os.path.exists(f) for f in files if f),
+                threading.current_thread().name,
             )
 
     gate = WriteGate()
@@ -1521,31 +1530,6 @@ def test_loggers_are_told_of_a_background_save_once_its_file_is_written(tmp_path
         assert {thread for _, _, thread in probe.seen} == {threading.main_thread().name}
 
 
-class _JustSaved(Logger):
-    """Records the file each ``after_save_checkpoint`` call reports as just saved."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.saved: list[str] = []
-
-    @property
-    def name(self) -> str:
-        return "just-saved"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        self.saved.append(Path(checkpoint_callback._last_checkpoint_saved).name)
-
-
 def _told_when_training_raises(
     tmp_path: Path, arm: str, model: TinyModel, extra: list[Any], **options: Any
 ) -> list[str]:
@@ -1562,7 +1546,7 @@ def _told_when_training_raises(
     trainer = make_trainer(tmp_path / arm, [*extra, callback], max_steps=5, logger=logger)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(model, loader(5))
-    return logger.saved
+    return list(logger.seen)
 
 
 @pytest.mark.parametrize("save_last", [False, True, "link"])

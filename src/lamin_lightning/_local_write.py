@@ -519,7 +519,7 @@ class HostWrite:
         self._then: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
-        self._marks: list[Callable[[tuple[int, int, int]], None]] = []
+        self._mark: Callable[[tuple[int, int, int]], None] | None = None
         # Taken until the file exists (or the write failed): Lightning's version counter
         # must see the name now, on the training thread (see :func:`name_taken`).
         take_name(filepath)
@@ -556,17 +556,16 @@ class HostWrite:
         """Have ``mark`` told the identity of the complete file (see
         ``_jobs.file_identity``) before it is renamed into place: its job's journal notes
         it (``Outbox.mark_written``). Set before the write runs (when its job is journaled)."""
-        self._marks.append(mark)
+        self._mark = mark
 
     def _marked(self, fd: int) -> None:
         identity = file_identity(fd)
-        if identity is None:
+        if self._mark is None or identity is None:
             return
-        for mark in self._marks:
-            try:
-                mark(identity)
-            except Exception:
-                log.exception("noting that %s was written", self._filepath)
+        try:
+            self._mark(identity)
+        except Exception:
+            log.exception("noting that %s was written", self._filepath)
 
     def __call__(self) -> None:
         with self._lock:
