@@ -1625,3 +1625,65 @@ def test_a_last_link_lightning_removed_before_it_was_made_is_never_made(tmp_path
     links = sorted(p.name for p in dirpath.iterdir() if p.is_symlink())
     assert links == ["step=3-last.ckpt"], links
     assert os.path.realpath(dirpath / links[0]) == os.path.realpath(callback.best_model_path)
+
+
+class HeldCommits(MemoryCheckpoint):
+    """Commits wait until ``opened`` is set: every job commits after training ended."""
+
+    def __init__(self, opened: threading.Event, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened = opened
+
+    def commit_checkpoint_artifact(self, *args: Any, **kwargs: Any) -> None:
+        assert self.opened.wait(TIMEOUT), "training never ended"
+        super().commit_checkpoint_artifact(*args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+def test_an_eviction_whose_name_a_later_checkpoint_reuses_is_removed_as_without_async_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Top-k names without a version counter (``filename="{score:.0f}"``) come back: a
+    file evicted in favour of one still being written is removed on the intake thread,
+    and Lightning may write a new checkpoint under its name before the removal commits.
+    The commit used to look at the folder, found a file there, took the removal for one
+    whose replacement was never written, kept the artifact and told no observer, with a
+    false "was never written" warning. It removes as with async_write=False."""
+    scores = [3.2, 1.1, 1.4, 5.0, 0.3, 0.4, 1.2, 0.45, 2.9, 0.1, 0.2, 3.3]
+    settings = dict(
+        monitor="score",
+        filename="{score:.0f}",
+        save_top_k=2,
+        save_last=True,
+        enable_version_counter=False,
+        every_n_train_steps=1,
+        max_pending=64,
+        retry=RetryPolicy.no_delay(),
+    )
+    removed: dict[bool, list[str]] = {}
+    stored: dict[bool, set[str]] = {}
+    for async_write in (False, True):
+        observer = RecordingObserver()
+        opened = threading.Event()
+        dirpath = tmp_path / f"async_write={async_write}"
+        callback = HeldCommits(
+            opened,
+            MemoryStore(),
+            dirpath=dirpath,
+            async_write=async_write,
+            artifact_observers=[observer],
+            **settings,  # type: ignore[arg-type]
+        )
+        make_trainer(tmp_path, [callback, OnTrainEnd(opened.set)], max_steps=len(scores)).fit(
+            TinyModel(scores=scores), loader(len(scores))
+        )
+        removed[async_write] = [
+            e.key for e in observer.events if type(e).__name__ == "ArtifactRemovedEvent"
+        ]
+        stored[async_write] = callback.store.keys(kind="checkpoint")
+        assert stored[async_write] == keys_of(checkpoint_files(dirpath))
+    assert removed[False], "the scenario must evict names that come back"
+    assert any(removed[False].count(k) > 1 for k in removed[False])
+    assert removed[True] == removed[False]
+    assert stored[True] == stored[False]
+    assert "was never written" not in caplog.text

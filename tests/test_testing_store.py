@@ -182,3 +182,28 @@ def test_a_failed_commit_of_an_upload_that_ran_ahead_brings_the_committed_versio
     store.abandon(record, v2)
     kept = store.get("k/last.ckpt")
     assert kept is not None and kept.version == 1 and kept.sha256 == v1.sha256
+
+
+def test_a_removal_takes_the_committed_version_and_spares_a_newer_upload_in_flight(
+    tmp_path: Path,
+) -> None:
+    """A key evicted and then saved again (top-k names without a version counter): the new
+    upload can land before the removal commits. The removal deletes the committed version
+    only, as LaminDB's store does, and the new upload's commit makes it the key's."""
+    store = MemoryStore()
+    first, second = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    save = JobRecord(op="save", kind="config", key="k/a.ckpt", local_path="", store="memory")
+    removal = JobRecord(op="remove", kind="checkpoint", key="k/a.ckpt", local_path="")
+    v1 = store.transfer(save, first)
+    store.commit(save, v1, replay=False, set_flags=False)
+    v2 = store.transfer(save, second)
+    removed = store.remove(removal, None)
+    assert removed is not None and removed[0].version == v1.version
+    store.commit(save, v2, replay=False, set_flags=False)
+    kept = store.get("k/a.ckpt")
+    assert kept is not None and kept.sha256 == v2.sha256
+    # With nothing newer in flight, a removal deletes the key.
+    assert store.remove(removal, None) is not None
+    assert store.get("k/a.ckpt") is None

@@ -145,7 +145,7 @@ def build_job(
 
         def remove(_: Any) -> ArtifactRemovedEvent | None:
             found.clear()
-            if record.replacement_lost() or _kept_by_its_preparation(record, recovered):
+            if _kept_by_its_preparation(record, recovered, prepare):
                 # Its replacement was never written (async_write): the evicted checkpoint
                 # stays, locally and in the store, as after a failed synchronous save.
                 _warn_replacement_lost(record)
@@ -522,12 +522,22 @@ def replay_jobs(
     return specs, refused
 
 
-def _kept_by_its_preparation(record: JobRecord, recovered: bool) -> bool:
-    """A live removal that waited for its replacement's write, whose preparation kept
-    the evicted file (the replacement did not exist when it ran): its artifact stays with
-    the file, even if the replacement was written since. Decided once, where the file
-    was; asked again here, the artifact went while the file stayed (a loaded machine,
-    ``AsyncCheckpointIO`` finishing a write as the fit ended on an exception)."""
+def _kept_by_its_preparation(
+    record: JobRecord, recovered: bool, prepare: Callable[[], int] | None
+) -> bool:
+    """Whether a removal that waited for its replacement's write keeps its file and
+    artifact (:meth:`JobRecord.replacement_lost`). A live one is decided once, by its
+    preparation on the intake thread (the file stays if the replacement did not exist
+    then), and that decision holds at the commit. Asked again here, the folder can say
+    otherwise: the replacement written since (a loaded machine, ``AsyncCheckpointIO``
+    finishing a write as the fit ended on an exception), or a new checkpoint written
+    under the evicted name (top-k names without a version counter), whose removal
+    event would be lost."""
+    decided = getattr(prepare, "kept", None)
+    if not recovered and record.after is not None and not record.linked and decided is not None:
+        return bool(decided)
+    if record.replacement_lost():
+        return True
     return (
         not recovered
         and record.after is not None

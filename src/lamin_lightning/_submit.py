@@ -461,19 +461,7 @@ class Submitter:
         The jobs' preparations run one at a time in submission order, so the
         replacement's write, and the staging of ``filepath``, are finished by then.
         """
-        stager = self.stager(root)
-
-        def remove() -> int:
-            try:
-                if os.path.lexists(replacement):
-                    stager.trash(filepath)
-            finally:
-                if then is not None:
-                    then()  # ``then``: told that the removal ran (or was dropped)
-            stager.empty_trash()
-            return 0
-
-        return remove
+        return RemovalOnceWritten(self.stager(root), filepath, replacement, then)
 
     def trash_for_removal(self, root: Path, filepath: str | Path) -> Callable[[], int]:
         """Move a file Lightning removes aside now; return the deletion, for the intake."""
@@ -519,6 +507,42 @@ def stop_collected(submitter: Submitter, timeout: float | None) -> None:
         submitter.stop()
 
     threading.Thread(target=stop, name="lamin-lightning-collected", daemon=True).start()
+
+
+class RemovalOnceWritten:
+    """Lightning's removal of a file evicted in favour of a checkpoint still being written
+    (``async_write``), run on the intake thread once that write is done: the file goes if
+    the replacement exists, else it stays. :attr:`kept` remembers which, for the commit:
+    by then Lightning may have written a new checkpoint under the same name (top-k names
+    without a version counter), so the folder no longer tells."""
+
+    __slots__ = ("_filepath", "_replacement", "_stager", "_then", "kept")
+
+    def __init__(
+        self,
+        stager: Stager,
+        filepath: str | Path,
+        replacement: str | Path,
+        then: Callable[[], None] | None,
+    ) -> None:
+        self._stager = stager
+        self._filepath = filepath
+        self._replacement = replacement
+        self._then = then
+        self.kept: bool | None = None  # None until it ran
+
+    def __call__(self) -> int:
+        try:
+            if os.path.lexists(self._replacement):
+                self._stager.trash(self._filepath)
+                self.kept = False
+            else:
+                self.kept = True
+        finally:
+            if self._then is not None:
+                self._then()  # told that the removal ran (or was dropped)
+        self._stager.empty_trash()
+        return 0
 
 
 class _Done:

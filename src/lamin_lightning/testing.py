@@ -301,10 +301,21 @@ class MemoryStore:
         return record
 
     def delete(self, key: str) -> StoredArtifact | None:
-        """Delete what is stored under ``key``; return it, or None if nothing was."""
+        """Delete what is stored under ``key``; return it, or None if nothing was.
+
+        An upload newer than the key's committed version (a later save of the key in
+        flight: transfers run ahead of commits) stays, as in LaminDB's store: only the
+        committed version is removed, and that upload's commit makes it the key's."""
         with self._call("delete", key), self._lock:
             self.flags.pop(key, None)
-            self._committed.pop(key, None)
+            committed = self._committed.pop(key, None)
+            current = self._objects.get(key)
+            if (
+                current is not None
+                and committed is not None
+                and current.version > committed.version
+            ):
+                return committed
             return self._objects.pop(key, None)
 
     # -- inspection ----------------------------------------------------------------
