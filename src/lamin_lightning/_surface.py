@@ -123,7 +123,8 @@ class ArtifactHooks:
         """Register an observer; each of its ``on_artifact_saved``, ``on_artifact_removed``
         and ``on_artifact_failed`` is called, the ones it lacks skipped (as the reference
         does). An object with none of them is registered too, with a warning: it would
-        never hear of anything."""
+        never hear of anything. It hears every event delivered from now on, which during
+        training includes those of earlier saves still on their way."""
         if not any(callable(getattr(observer, name, None)) for name in _OBSERVER_METHODS):
             warnings.warn(
                 f"artifact observer {observer!r} has none of on_artifact_saved,"
@@ -135,7 +136,8 @@ class ArtifactHooks:
         self._artifact_observers.append(observer)
 
     def remove_artifact_observer(self, observer: ArtifactObserver) -> None:
-        """Unregister an observer added before."""
+        """Unregister an observer added before; it hears no event delivered from now on
+        (during training: of earlier saves still on their way either)."""
         self._artifact_observers.remove(observer)
 
     def resolve_artifact_storage_uri(self, artifact: Any) -> str:
