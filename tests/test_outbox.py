@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -978,3 +979,55 @@ def test_an_unreadable_job_a_later_job_of_its_key_settles_is_not_reported(tmp_pa
 
     assert report.saved == 1 and report.unreadable == []
     assert journal_paths(staging_root(dirpath)) == []
+
+
+def test_a_replay_longer_than_max_pending_does_not_hold_setup_while_storage_is_slow(
+    tmp_path: Path,
+) -> None:
+    """An outbox of more jobs than ``max_pending`` (a long crash, a long outage): the next
+    fit's ``setup`` queues their replays at once and training starts while storage is
+    still stuck on them. It waited in ``setup`` for the replays beyond the limit, where
+    nothing (not Lightning's SIGTERM handler, installed after setup) could stop it."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    first = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, on_error="warn"
+    )
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [first], max_steps=6).fit(TinyModel(), loader())
+    left = [key for p in journal_paths(staging_root(dirpath)) for key in _pending_keys(p)]
+    assert len(left) == 6
+
+    store.heal()
+    store.hang()
+    trained = threading.Event()
+    rescued: list[bool] = []
+
+    def watchdog() -> None:  # ends the test (failing it) should setup never return
+        if not trained.wait(30):
+            rescued.append(True)
+            store.release()
+
+    class Released(pl.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            trained.set()
+            store.release()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    observer = RecordingObserver()
+    second = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        max_pending=2,
+        artifact_observers=[observer],
+    )
+    make_trainer(tmp_path, [Released(), second], max_steps=2).fit(TinyModel(), loader())
+    assert rescued == [], "setup waited for the replays"
+    assert trained.is_set()
+    assert [e.key for e in observer.events if e.recovered] == left
+    assert second.persistence_stats.training_stall_seconds < 30
+    _kept_set_matches_store(dirpath, store)
+    assert not journal_paths(staging_root(dirpath))

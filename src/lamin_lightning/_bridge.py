@@ -280,7 +280,8 @@ class PersistencePipeline:
         stop_waiting: Callable[[], BaseException | None] | None = None,
         training: bool = True,
     ) -> bool:
-        """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding.
+        """Hand a job to the pipeline; block only while ``max_pending`` jobs are outstanding
+        (never for a job admitted beyond the limit: ``JobSpec.beyond_limit``).
 
         The time spent blocked is counted as training stall (unless ``training`` is False:
         a submission once training has ended, at teardown). Returns False, without
@@ -291,7 +292,7 @@ class PersistencePipeline:
         """
         self._require()
         started = time.monotonic()
-        if not self._slots.acquire(blocking=False):
+        if not spec.beyond_limit and not self._slots.acquire(blocking=False):
             self.release()  # a held job must reach the intake to ever free a slot
             self._stats.add(admission_waits=1)
             try:

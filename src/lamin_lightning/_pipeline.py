@@ -87,6 +87,10 @@ class JobSpec:
             names, so that observers are told while the artifact still exists, as the
             reference tells them before it deletes. If it fails for good, ``fail`` is
             called and its event delivered too.
+        beyond_limit: Admitted beyond ``max_pending``, without waiting for a slot or
+            taking one: a replay, whose file has been on disk since the run that
+            journaled it (the limit bounds what training adds), so that ``setup``
+            queues a long outbox at once and training starts.
     """
 
     operation: Operation
@@ -100,6 +104,7 @@ class JobSpec:
     prepare: Callable[[], int] | None = None
     payload: Any = None
     after_delivery: Callable[[], None] | None = None
+    beyond_limit: bool = False
 
 
 class JobState(enum.Enum):
@@ -250,7 +255,8 @@ class AsyncPipeline:
         preparation failed goes straight to its failed event.
         """
         if self._closed:
-            self._release_slot()
+            if not spec.beyond_limit:
+                self._release_slot()
             self._stats.add(pending=-1)
             raise RuntimeError("the persistence pipeline is stopped; no new jobs are accepted")
         previous = self._queued_saves.pop(spec.key, None)
@@ -302,7 +308,8 @@ class AsyncPipeline:
             return
         if self._last_transfer.get(job.spec.key) is job:
             del self._last_transfer[job.spec.key]
-        self._release_slot()
+        if not job.spec.beyond_limit:
+            self._release_slot()
         self._stats.add(pending=-1)
         if not self._outstanding:
             self._idle.set()

@@ -10,6 +10,7 @@ pipeline's threads.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -245,11 +246,16 @@ class Submitter:
         trainer: Any,
         outcome: Outcome | None,
     ) -> int:
-        """Queue the replay of ``pending`` ahead of any new job; return how many were queued."""
+        """Queue the replay of ``pending`` ahead of any new job; return how many were queued.
+
+        All at once, beyond ``max_pending`` (their files are on disk already): ``setup``
+        does not wait for storage, however long the outbox, and training starts while
+        they run; new jobs then queue behind them as usual.
+        """
         specs, _ = replay_jobs(pending, store_for, trainer=trainer, outcome=outcome)
         pipeline = self.ensure_pipeline()
         for spec in specs:
-            pipeline.submit(spec)
+            pipeline.submit(dataclasses.replace(spec, beyond_limit=True), training=False)
         return len(specs)
 
     # -- the outbox -------------------------------------------------------------------------
