@@ -1031,3 +1031,51 @@ def test_a_replay_longer_than_max_pending_does_not_hold_setup_while_storage_is_s
     assert second.persistence_stats.training_stall_seconds < 30
     _kept_set_matches_store(dirpath, store)
     assert not journal_paths(staging_root(dirpath))
+
+
+_HOLD = """
+import sys
+from lamin_lightning._journal import Outbox
+
+outbox = Outbox(sys.argv[1])
+outbox.open()
+sys.stdout.write("held\\n")
+sys.stdout.flush()
+sys.stdin.read()  # until the test closes stdin
+outbox.close()
+"""
+
+
+def test_a_journal_another_process_holds_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `lamin-lightning flush` (or another run) holding the folder's journal: the fit
+    journals into one of its own, and says so, with what that means for a flush's
+    replays (before, silently: the flush's older saves then replaced its newer ones)."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    first = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, on_error="warn")
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [first], max_steps=1).fit(TinyModel(), loader())
+    (journal,) = journal_paths(staging_root(dirpath))
+    assert "held by another process" not in caplog.text
+    store.heal()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(journal)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        caplog.clear()
+        later = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1)
+        make_trainer(tmp_path, [later], max_steps=1).fit(TinyModel(), loader())
+        assert caplog.text.count("held by another process") == 1
+        assert str(journal) in caplog.text
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(60)
+    assert _pending_keys(journal), "the held journal's jobs were left to its holder"

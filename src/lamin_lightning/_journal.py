@@ -88,6 +88,16 @@ def journal_paths(root: str | os.PathLike[str]) -> list[Path]:
 
 
 _reported: set[tuple[str, str]] = set()  # (journal, job id) already logged as unreadable
+# Journals this process holds (their absolute paths), to tell a journal another callback
+# of this process holds from one another process holds (a flush, another training run).
+_held_here: set[str] = set()
+_held_lock = threading.Lock()
+
+
+def held_in_this_process(path: Path) -> bool:
+    """Whether an :class:`Outbox` of this process holds the journal at ``path``."""
+    with _held_lock:
+        return os.path.abspath(path) in _held_here
 
 
 def _report_once(path: Path, job_id: str, message: str, *args: Any) -> None:
@@ -303,6 +313,8 @@ class Outbox:
                 self._handle = None
                 handle.close()
                 raise
+            with _held_lock:
+                _held_here.add(os.path.abspath(self.path))
             return self._state.records(self.path)
 
     def close(self) -> None:
@@ -321,6 +333,8 @@ class Outbox:
             finally:
                 handle = self._handle or handle
                 self._handle = None
+                with _held_lock:
+                    _held_here.discard(os.path.abspath(self.path))
                 with contextlib.suppress(OSError):
                     handle.close()
 

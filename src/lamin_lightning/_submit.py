@@ -28,7 +28,7 @@ from lamin_lightning import _aside
 from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import CheckpointDirectoryError, OutboxInUseError
 from lamin_lightning._jobs import JobRecord
-from lamin_lightning._journal import Outbox
+from lamin_lightning._journal import Outbox, held_in_this_process
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
@@ -633,13 +633,34 @@ def _open_journal(root: Path, digest: str, *, create: bool, sync: bool = True) -
         try:
             outbox.open(sync=sync)
         except OutboxInUseError:
-            continue  # an identical callback in this trainer holds it
+            # An identical callback in this trainer holds it, or another process: a
+            # training run writing to the same dirpath, or a `lamin-lightning flush`.
+            if not held_in_this_process(outbox.path):
+                _warn_held_elsewhere(outbox.path)
+            continue
         return outbox
     if not create:
         return None
     raise CheckpointDirectoryError(
         f"every outbox journal for this callback under {root} is in use; is another"
         " training process writing checkpoints to the same dirpath?"
+    )
+
+
+_warned_held: set[Path] = set()
+
+
+def _warn_held_elsewhere(path: Path) -> None:
+    if path in _warned_held:
+        return
+    _warned_held.add(path)
+    log.warning(
+        "lamin-lightning: the outbox journal %s is held by another process (a"
+        " `lamin-lightning flush` of this folder, or another training run writing to it);"
+        " its jobs are left to that process and this run journals into a journal of its"
+        " own. If it is a flush, let it finish before training in this folder: saves it"
+        " replays after this run's saves of the same keys (last.ckpt) would replace them.",
+        path,
     )
 
 
