@@ -359,6 +359,36 @@ class LaminStore:
             path, key=key, kind=kind, run=run, key_is_virtual=key_is_virtual, stats=stats
         )
 
+    def holds_newer_save(self, record: JobRecord, path: Path) -> bool:
+        """For a replayed save of ``path`` (its staged copy): whether its key's committed
+        artifacts already hold a newer file. That is so when the folder's file under the
+        key's name is no longer the replay's (Lightning rewrote it since: ``last.ckpt``)
+        and an artifact of the key holds that newer file: a later save was committed, by
+        this run after the replayed one failed, or by a later run (one with
+        ``outbox=False``, LaminDB's own callback, one that ran while a flush did).
+        Replayed, the older file would replace it."""
+        local = record.local_path
+        if record.op != "save" or not local or os.path.isdir(path):
+            return False
+        try:
+            if os.path.samefile(path, local):
+                return False
+            if not os.path.isfile(local):
+                return False
+        except OSError:  # the folder's file is gone: nothing tells which is newer
+            return False
+        current = lamin_stats(Path(local))["hash"]
+        if current == lamin_stats(path)["hash"]:
+            return False
+        _check_instance(record)
+        with _key_lock(record.key):
+            with self._lock:
+                in_flight = [a.id for a in self._uncommitted.values() if a.id is not None]
+            query = _ln().Artifact.filter(key=record.key, hash=current)
+            if in_flight:
+                query = query.exclude(id__in=in_flight)
+            return bool(query.exists())
+
     def _transfer(self, record: JobRecord, path: Path) -> Any:
         _check_instance(record)
         stats = lamin_stats(path)

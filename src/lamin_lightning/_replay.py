@@ -193,9 +193,25 @@ def build_job(
 
     def transfer() -> Any:
         durable()
-        return store.transfer(record, record.file())
+        path = record.file()
+        newer = getattr(store, "holds_newer_save", None) if recovered else None
+        if newer is not None and newer(record, path):
+            return _NEWER_COMMITTED
+        return store.transfer(record, path)
 
     def commit(artifact: Any) -> ArtifactSavedEvent | None:
+        if artifact is _NEWER_COMMITTED:
+            if record.staged_path:
+                release_staged(Path(record.staged_path))
+            log.warning(
+                "lamin-lightning: not replaying the save of %r from %s: the file was"
+                " rewritten since and its artifact holds the newer file already (a later"
+                " save of the key was committed); the older checkpoint is dropped",
+                record.key,
+                record.local_path,
+            )
+            settled("dropped")
+            return None
         unannotated = store.commit(record, artifact, replay=recovered, set_flags=set_flags)
         if record.staged_path:
             release_staged(Path(record.staged_path))
@@ -520,6 +536,11 @@ def replay_jobs(
             )
         )
     return specs, refused
+
+
+# What a replayed save's transfer returns instead of an artifact when the store holds a
+# newer save of its key (see ``holds_newer_save``): its commit drops it.
+_NEWER_COMMITTED = object()
 
 
 def _kept_by_its_preparation(

@@ -474,3 +474,39 @@ def test_a_replay_uploads_again_when_the_matching_artifacts_upload_was_cut_short
     assert not artifact._storage_ongoing and artifact.path.exists()
     assert artifact.path.read_bytes() == path.read_bytes()
     artifact.delete(permanent=True)
+
+
+def test_a_replayed_save_of_last_ckpt_older_than_its_committed_artifact_is_dropped(
+    ln: Any, tmp_path: Path
+) -> None:
+    """The save of last.ckpt fails for good and stays in the outbox; a later fit with
+    outbox=False (or LaminDB's own callback) commits a newer last.ckpt. Replayed,
+    the old save replaced the newer artifact: the store's last.ckpt held the older file
+    while the folder holds the newer one. Now the replay is dropped, with a warning."""
+    dirpath = tmp_path / "ckpt"
+    first = ll.Checkpoint(
+        dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=1, on_error="warn"
+    )
+    first._artifact_publisher = _FailOnce("last.ckpt")
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        fit(first, tmp_path, steps=1)
+    prefix = first.checkpoint_key_prefix
+    assert [r.key.rsplit("/", 1)[1] for r in _pending(dirpath)] == ["last.ckpt"]
+    newer = ll.Checkpoint(
+        dirpath=dirpath,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        enable_version_counter=False,  # last.ckpt again, as a resumed fit names it
+        outbox=False,
+    )
+    fit(newer, tmp_path, steps=2)
+    folder = lamin_stats(dirpath / "last.ckpt")["hash"]
+    assert ln.Artifact.filter(key=f"{prefix}/last.ckpt").one().hash == folder
+
+    flushed = _cli("flush", "--no-progress", str(dirpath))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert "not replaying the save of" in flushed.stderr
+    assert _pending(dirpath) == []
+    stored = ln.Artifact.filter(key=f"{prefix}/last.ckpt")
+    assert [a.hash for a in stored] == [folder], "the replay brought the older file back"
