@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import itertools
 import os
 import zipfile
 from collections.abc import Mapping
@@ -62,6 +63,11 @@ class CheckpointSnapshot:
             name (JSON values), collected on the training thread.
         auto_features: Which names in ``feature_values`` are features that
             ``save_lightning_features()`` created (the ``lamindb.lightning`` type).
+        sequence: When it was submitted, among every checkpoint submitted in this
+            process (:func:`next_sequence`), so that several callbacks sharing a folder
+            end with the flags of the save made last whatever order their committer
+            threads run in. 0: unknown (a replay, a snapshot made by hand), ordered by
+            its commit instead. Not journaled, not compared.
     """
 
     key: str
@@ -80,6 +86,15 @@ class CheckpointSnapshot:
     scores: Mapping[str, float] = field(default_factory=dict)
     feature_values: Mapping[str, Any] | None = None
     auto_features: frozenset[str] = frozenset()
+    sequence: int = field(default=0, compare=False)
+
+
+_SEQUENCE = itertools.count(1)
+
+
+def next_sequence() -> int:
+    """The next number of a process-wide, increasing sequence (thread-safe)."""
+    return next(_SEQUENCE)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ of the key (only once the new one is committed), and makes ``is_best_model`` /
 snapshot. Flags and ranks are applied as a diff against what is stored, with bulk
 queries, so a commit costs the same number of queries whether 5 or 500 checkpoints
 are stored under the prefix. Each prefix keeps its own state: committing under one
-never touches another's flags.
+never touches another's flags. That state is shared by every store of the process
+(several callbacks in one folder), and written under one process-wide lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import os
 import shutil
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lamin_lightning._errors import LaminSetupError, TransientError
-from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, RecordRef
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, RecordRef, next_sequence
 from lamin_lightning._lamin_features import (
     DESCRIPTIONS,
     FLAG_FEATURES,
@@ -124,10 +126,24 @@ class Removal:
 
 
 class _PrefixFlags:
-    """What this store knows of the flags under one prefix (committer thread only)."""
+    """What the stores of this process know of the flags under one prefix of an instance.
+
+    One per (instance, prefix), shared by every store that commits under the prefix
+    (several callbacks writing to one folder): each sees the others' writes, and
+    none works from a stale copy. Read and written under :data:`_FLAGS_LOCK` only.
+
+    Attributes:
+        stores: The stores that use it (since their last ``reset``).
+        latest: (sequence, snapshot) of the last save committed under the prefix, by
+            submission order (:attr:`CheckpointSnapshot.sequence`).
+        best: (sequence, key) of the last save committed that was its callback's best.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self.stores: weakref.WeakSet[LaminStore] = weakref.WeakSet()
+        self.latest: tuple[int, CheckpointSnapshot] | None = None
+        self.best: tuple[int, str] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -199,7 +215,12 @@ class LaminStore:
 
     def reset(self) -> None:
         """Forget what was read from the database (at each ``setup``: it may have changed)."""
+        with _FLAGS_LOCK:
+            for flags in getattr(self, "_flags", {}).values():
+                flags.stores.discard(self)
+                flags.reset()
         self._flags: dict[str, _PrefixFlags] = {}
+        self._instance: str | None = None
         self._auto: dict[str, Any] | None = None
         self._value_ids: dict[tuple[int, Any], int] = {}
         self._runs: dict[str, Any] = {}
@@ -584,60 +605,106 @@ class LaminStore:
         return self._auto
 
     def _flags_of(self, prefix: str) -> _PrefixFlags:
+        """The process's flags under ``prefix`` (call under :data:`_FLAGS_LOCK`): read
+        afresh at this store's first use since its ``reset``."""
         flags = self._flags.get(prefix)
         if flags is None:
-            flags = self._flags[prefix] = _PrefixFlags(prefix)
+            shared = _SHARED_FLAGS.setdefault(self._instance_key(), {})
+            for gone in [p for p, f in shared.items() if not f.stores and p != prefix]:
+                del shared[gone]  # no store uses it any more (collected, or set up again)
+            flags = shared.get(prefix)
+            if flags is None:
+                flags = shared[prefix] = _PrefixFlags(prefix)
+            if not flags.stores:
+                flags.latest = flags.best = None  # no store left of an earlier fit's
+            flags.reset()
+            flags.stores.add(self)
+            self._flags[prefix] = flags
         return flags
+
+    def _instance_key(self) -> str:
+        if self._instance is None:
+            instance = _ln().setup.settings.instance
+            self._instance = f"{instance.slug}|{getattr(instance, '_id', '')}"
+        return self._instance
+
+    def _shared_flags(self) -> Collection[_PrefixFlags]:
+        """Every prefix's flags of this store's instance, those other stores use too
+        (call under :data:`_FLAGS_LOCK`)."""
+        return list(_SHARED_FLAGS.get(self._instance_key(), {}).values())
 
     def _forget_flags(self, key: str, only: Collection[int] | None = None) -> None:
         """Forget ``key``'s artifact in every prefix that holds it: its own folder's, and
         those of the folders above it (a ``filename`` with a "/" puts top-k checkpoints
         in a subfolder of ``last.ckpt``'s, whose flags cover them too). ``only``: where
         the artifact known for ``key`` is one of these ids."""
-        for flags in self._flags.values():
-            flags.forget(key, only)
+        with _FLAGS_LOCK:
+            for flags in self._shared_flags():
+                flags.forget(key, only)
 
     def _apply_flags(
         self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any
     ) -> None:
         """Make is_best_model / is_last_model / model_rank under ``prefix`` equal the snapshot.
 
-        What this store read of the flags may be stale: another callback in the folder
-        (or another process) replaced or deleted an artifact it holds. Writing a flag
-        for a deleted one fails (FOREIGN KEY): the flags are then read afresh, and
-        written once more.
+        What was read of the flags may be stale: another process replaced or deleted an
+        artifact it holds. Writing a flag for a deleted one fails (FOREIGN KEY): the
+        flags are then read afresh, and written once more.
+
+        Several stores of this process committing under one prefix (callbacks sharing a
+        folder) take turns, and end as the reference does whatever order their committer
+        threads run in: ``is_last_model`` on the save submitted last, ``is_best_model``
+        on the last save that was its callback's best, ``model_rank`` over the
+        ``best_k_models`` of the callback that saved last.
         """
-        try:
-            self._write_flags(ln, prefix, snapshot, artifact)
-        except Exception as error:
-            if type(error).__name__ != "IntegrityError":
-                raise
-            log.info("flags under %r were stale (%s); reading them again", prefix, error)
-            for flags in self._flags.values():
-                flags.reset()
-            self._write_flags(ln, prefix, snapshot, artifact)
+        sequence = snapshot.sequence or next_sequence()
+        with _FLAGS_LOCK:
+            try:
+                self._write_flags(ln, prefix, snapshot, artifact, sequence)
+            except Exception as error:
+                if type(error).__name__ != "IntegrityError":
+                    raise
+                log.info("flags under %r were stale (%s); reading them again", prefix, error)
+                for flags in self._flags.values():
+                    flags.reset()
+                self._write_flags(ln, prefix, snapshot, artifact, sequence)
 
     def _write_flags(
-        self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any
+        self, ln: Any, prefix: str, snapshot: CheckpointSnapshot, artifact: Any, sequence: int
     ) -> None:
         auto = self._auto_features(ln)
         names = [n for n in FLAG_FEATURES if n in auto]
         if not names:
             return
         flags = self._flags_of(prefix)
-        with self._lock:
-            in_flight = [a.id for a in self._uncommitted.values() if a.id is not None]
-        flags.load(ln, auto, [i for i in in_flight if i != artifact.id])
-        for other in self._flags.values():
+        if flags.latest is None or sequence >= flags.latest[0]:
+            flags.latest = (sequence, snapshot)
+        if snapshot.is_best and (flags.best is None or sequence >= flags.best[0]):
+            flags.best = (sequence, snapshot.key)
+        if not flags.loaded:
+            in_flight: list[int] = []
+            for store in list(flags.stores):
+                with store._lock:
+                    in_flight += [a.id for a in store._uncommitted.values() if a.id is not None]
+            flags.load(ln, auto, [i for i in in_flight if i != artifact.id])
+        mine = list(self._flags.values())  # its folder's and those above or below it
+        for other in mine:
             # The key's own prefix, and those above it that were loaded before it existed.
             if other is flags or (other.loaded and snapshot.key.startswith(other.prefix + "/")):
                 other.key_to_id[snapshot.key] = artifact.id
-        ranks = {key: rank for rank, key in enumerate(snapshot.ranking)}
+        if len(flags.stores) > 1 and flags.latest is not None:
+            # Several callbacks in the folder: as the reference, the last save's flags,
+            # and the best of the last save that was best, whichever commits last.
+            last = flags.latest[1]
+            best_key = flags.best[1] if flags.best is not None else last.best_key
+        else:
+            last, best_key = snapshot, snapshot.best_key
+        ranks = {key: rank for rank, key in enumerate(last.ranking)}
         changed: dict[int, dict[str, Any]] = {}
         for key, artifact_id in flags.key_to_id.items():
             want = {
-                "is_best_model": key == snapshot.best_key,
-                "is_last_model": key == snapshot.key,
+                "is_best_model": key == best_key,
+                "is_last_model": key == last.key,
                 "model_rank": ranks.get(key),
             }
             want = {n: want[n] for n in names}
@@ -646,20 +713,26 @@ class LaminStore:
                 changed[artifact_id] = want
         if not changed:
             return
+        from django.db import transaction
+
         link_model = ln.models.ArtifactJsonValue
-        link_model.objects.filter(
-            artifact_id__in=list(changed), jsonvalue__feature_id__in=[auto[n].id for n in names]
-        ).delete()
         links = [
             link_model(artifact_id=artifact_id, jsonvalue_id=self._value_id(ln, auto[n], value))
             for artifact_id, values in changed.items()
             for n, value in values.items()
             if value is not None
         ]
-        link_model.objects.bulk_create(links, ignore_conflicts=True)
+        # One transaction: no reader (nor a failure between the two) sees an artifact
+        # without its flags, or with an old value beside the new one.
+        with transaction.atomic():
+            link_model.objects.filter(
+                artifact_id__in=list(changed),
+                jsonvalue__feature_id__in=[auto[n].id for n in names],
+            ).delete()
+            link_model.objects.bulk_create(links, ignore_conflicts=True)
         for artifact_id, values in changed.items():
             written = {n: v for n, v in values.items() if v is not None}
-            for other in self._flags.values():  # what a folder above or below knows, too
+            for other in mine:  # what a folder above or below knows, too
                 if (
                     other is flags
                     or artifact_id in other.state
@@ -814,6 +887,12 @@ class LaminStore:
 # lock handed out must stay the key's): one small lock per key a process persisted.
 _KEY_LOCKS: dict[str, threading.Lock] = {}
 _KEY_LOCKS_GUARD = threading.Lock()
+
+# The flags of every prefix, per instance (see _PrefixFlags), and the one lock their
+# reads and writes take: callbacks sharing a folder write its flags in turn, each from
+# what the others wrote. Taken after a key's lock, never before it.
+_FLAGS_LOCK = threading.RLock()
+_SHARED_FLAGS: dict[str, dict[str, _PrefixFlags]] = {}
 
 
 def _key_lock(key: str) -> threading.Lock:

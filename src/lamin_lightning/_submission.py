@@ -32,7 +32,7 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
-from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, feature_value
+from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, feature_value, next_sequence
 from lamin_lightning._options import OnError, as_float
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
@@ -262,6 +262,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             last_key=self._key(trainer, last, "checkpoint") if last else None,
             ranking=tuple(keys[path] for path, _ in ordered),
             scores={keys[path]: score for path, score in ordered if score is not None},
+            sequence=next_sequence(),
         )
 
     def _submit_checkpoint(

@@ -487,3 +487,64 @@ def test_save_on_exception_writes_and_persists_the_emergency_checkpoint(
     for key, artifact in stored.items():
         local = tmp_path / "ours" / key.rsplit("/", 1)[1]
         assert storage_file(artifact).read_bytes() == local.read_bytes(), key
+
+
+def test_two_stores_in_one_folder_end_with_the_flags_of_the_last_saves_whatever_the_commit_order(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Two callbacks in one folder commit on their own threads, so one's commit can come
+    after the other's later save. Saved a1, b1, a2, b2 (a2 A's best, b2 not B's best) and
+    committed a1, b1, b2, a2, the folder ends as the reference's, which saves in order:
+    ``is_last_model`` on b2, ``is_best_model`` on a2 (the last save that was a best),
+    ranks of b2's callback. Each store kept what it read of the folder's flags for
+    itself: A's commit of a2 left B's b2 flagged last too."""
+    import uuid
+
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._lamin_store import LaminStore
+
+    ll.save_lightning_features()
+    prefix = f"two-stores-{uuid.uuid4().hex[:8]}/checkpoints"
+    store_a, store_b = LaminStore(), LaminStore()
+
+    def commit(store: LaminStore, name: str, sequence: int, best: str, *ranking: str) -> None:
+        path = tmp_path / name
+        path.write_bytes(name.encode() * 64)
+        key = f"{prefix}/{name}"
+        snapshot = CheckpointSnapshot(
+            key=key,
+            local_path=path,
+            staged_path=path,
+            global_step=sequence,
+            epoch=0,
+            monitor="score",
+            mode="min",
+            save_weights_only=False,
+            score=1.0,
+            is_best=best == name,
+            best_key=f"{prefix}/{best}",
+            last_key=key,
+            ranking=tuple(f"{prefix}/{n}" for n in ranking),
+            scores={f"{prefix}/{n}": 1.0 for n in ranking},
+            sequence=sequence,
+        )
+        record = JobRecord(
+            op="save", kind="checkpoint", key=key, local_path=str(path), checkpoint=snapshot
+        )
+        store.commit(record, store.transfer(record, path), replay=False, set_flags=True)
+
+    commit(store_a, "a1.ckpt", 1, "a1.ckpt", "a1.ckpt")
+    commit(store_b, "b1.ckpt", 2, "b1.ckpt", "b1.ckpt")
+    commit(store_b, "b2.ckpt", 4, "b1.ckpt", "b1.ckpt", "b2.ckpt")  # before a2's commit
+    commit(store_a, "a2.ckpt", 3, "a2.ckpt", "a2.ckpt", "a1.ckpt")
+
+    values = {
+        key.rsplit("/", 1)[1]: artifact_features(ln, a)
+        for key, a in artifacts_under(ln, prefix).items()
+    }
+    assert all(len(v) == 1 for vs in values.values() for v in vs.values()), values
+    flags = {n: single(vs) for n, vs in values.items()}
+    assert [n for n, f in sorted(flags.items()) if f.get("is_last_model")] == ["b2.ckpt"]
+    assert [n for n, f in sorted(flags.items()) if f.get("is_best_model")] == ["a2.ckpt"]
+    ranks = {n: f.get("model_rank") for n, f in sorted(flags.items())}
+    assert ranks == {"a1.ckpt": None, "a2.ckpt": None, "b1.ckpt": 0, "b2.ckpt": 1}

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import yaml
 from lamindb_tier import (
@@ -1442,3 +1443,61 @@ def test_a_key_resolved_from_the_files_folder_and_relative_paths_in_events(
         f"{root}/version_0/hparams.yaml",
         f"{root}/checkpoints/epoch=0-step=3.ckpt",
     }
+
+
+class _OneSaveAtATime(pl.Callback):
+    """Waits, before the checkpoint callbacks' hooks (Lightning runs them last), until
+    every save they made so far is persisted (``flush``; the reference saves as it goes).
+    Saves then commit one at a time in the order made, whatever the threads."""
+
+    def __init__(self, callbacks: list[Any]) -> None:
+        self.callbacks = callbacks
+
+    def _settle(self) -> None:
+        for callback in self.callbacks:
+            if hasattr(callback, "flush"):
+                callback.flush()
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._settle()
+
+    def on_train_epoch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._settle()
+
+
+@modules()
+def test_two_callbacks_in_one_folder_end_with_the_flags_of_the_last_saves(
+    ll: ModuleType, ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Two callbacks write to one dirpath: A (score, min, top 2) every step, B (score,
+    max, top 1) at each epoch end. Each save clears every ``is_last_model`` in the folder,
+    and a save that is its callback's best every ``is_best_model``: the folder ends with
+    one of each, on the last save (A's step 7) and on the last save that was a best
+    (B's at step 6), never with two values on one artifact. Ours kept what it read of
+    the folder's flags per callback, and never cleared those the other one set: two last,
+    two best (and, written by two threads at once, ``is_best_model=[True, False]``)."""
+    dirpath = tmp_path / "ckpts"
+    a = ll.Checkpoint(dirpath=dirpath, monitor="score", save_top_k=2, every_n_train_steps=1)
+    b = ll.Checkpoint(
+        dirpath=dirpath, monitor="score", mode="max", every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    b.filename = "b-{epoch}-{step}"  # the reference takes no filename argument
+    # Steps 1-9: A keeps steps 2 (best) and 7; B keeps step 6 (its best at epoch 1's end,
+    # score 4; epoch 2 ends at 3). A's step 7 (1.2) is not A's best: it clears no best.
+    model = TierModel(scores=[3, 1, 2, 1.5, 5, 4, 1.2, 6, 3])
+    trainer = make_trainer(tmp_path, [a, b, _OneSaveAtATime([a, b])], max_epochs=3, max_steps=-1)
+    trainer.fit(model, datamodule=TierData(n=3))
+
+    stored = checkpoints_under(ln, a.checkpoint_key_prefix)
+    assert set(stored) == {"epoch=0-step=2.ckpt", "epoch=2-step=7.ckpt", "b-epoch=1-step=6.ckpt"}
+    values = {name: artifact_features(ln, artifact) for name, artifact in stored.items()}
+    assert {n: {f: v for f, v in vs.items() if len(v) > 1} for n, vs in values.items()} == {
+        n: {} for n in stored
+    }, "a feature with two values on one artifact"
+    flags = {n: single(vs) for n, vs in values.items()}
+    assert [n for n, f in flags.items() if f.get("is_last_model")] == ["epoch=2-step=7.ckpt"]
+    assert [n for n, f in flags.items() if f.get("is_best_model")] == ["b-epoch=1-step=6.ckpt"]
+    # A saved last: its kept checkpoints are ranked by its score (B's differs: ours ranks
+    # only the saving callback's best_k_models, see test_model_rank_covers_last_ckpt).
+    assert flags["epoch=0-step=2.ckpt"]["model_rank"] == 0
+    assert flags["epoch=2-step=7.ckpt"]["model_rank"] == 1
