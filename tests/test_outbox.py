@@ -431,6 +431,91 @@ def test_a_journaled_file_that_is_gone_is_dropped_with_an_error(
     assert not journal_paths(staging_root(dirpath))
 
 
+def _failed_run(tmp_path: Path, store: MemoryStore, steps: int = 4) -> Path:
+    """A run whose every save failed: its jobs stay in the outbox, as after a crash."""
+    dirpath = tmp_path / "ckpt"
+    store.fail_always()
+    first = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=2, on_error="warn"
+    )
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [first], max_steps=steps).fit(TinyModel(), loader())
+    store.heal()
+    assert _pending_keys(journal_paths(staging_root(dirpath))[0])
+    return dirpath
+
+
+def test_a_checkpoint_folder_moved_with_its_working_folder_is_flushed_where_it_is_now(
+    tmp_path: Path,
+) -> None:
+    """The journal names the paths the files had; moved together (another mount after a
+    preemption), the staged copies and files are found where they are now, and persisted
+    under the keys they were journaled with. The journaled paths stay a fallback."""
+    store = MemoryStore()
+    old = _failed_run(tmp_path, store)
+    (journal,) = journal_paths(staging_root(old))
+    journaled = {record.key: record for _, record in read_pending(journal)}
+    new = tmp_path / "scratch2" / "ckpt"
+    new.parent.mkdir()
+    os.rename(old, new)
+    os.rename(staging_root(old), staging_root(new))
+
+    (moved_journal,) = journal_paths(staging_root(new))
+    moved = {record.key: record for _, record in read_pending(moved_journal)}
+    assert moved.keys() == journaled.keys()
+    for key, record in moved.items():
+        assert record.local_path == str(new / Path(journaled[key].local_path).name)
+        assert record.staged_path is not None
+        assert Path(record.staged_path).is_relative_to(staging_root(new))
+        assert record.recorded == (journaled[key].local_path, journaled[key].staged_path)
+        assert record.file() == Path(record.staged_path)
+
+    report = flush_directory(new, progress=False, stores={"memory": store})
+    assert report.remaining == [] and report.saved == len(checkpoint_files(new))
+    _kept_set_matches_store(new, store)
+    assert not old.exists() and not staging_root(old).exists()
+    assert not journal_paths(staging_root(new))
+
+
+def test_a_journaled_file_that_cannot_be_looked_at_stays_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a file that is not there (ENOENT) is lost: one that cannot be looked at
+    (EACCES, EIO, a stale NFS handle) keeps its job pending, with a message saying
+    why, for a flush once it can be read again; ``os.path.isfile`` would call it lost."""
+    store = MemoryStore()
+    dirpath = _failed_run(tmp_path, store, steps=2)
+    (journal,) = journal_paths(staging_root(dirpath))
+    ((_, record),) = read_pending(journal)
+    hidden = {record.local_path, record.staged_path}
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def denied(real: Callable[..., Any]) -> Callable[..., Any]:
+        def look(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, str | os.PathLike) and os.fspath(path) in hidden:
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return look
+
+    with monkeypatch.context() as patched:  # root is never refused: refused by hand
+        patched.setattr(os, "stat", denied(real_stat))
+        patched.setattr(os, "lstat", denied(real_lstat))
+        with pytest.raises(PermissionError, match=r"cannot tell whether .* exists"):
+            record.file()
+        report = flush_directory(dirpath, progress=False, stores={"memory": store})
+    assert [r.key for r in report.remaining] == [record.key]
+    (failed,) = [e for e in report.events if isinstance(e, ArtifactFailedEvent)]
+    assert isinstance(failed.error, PermissionError) and "stays pending" in str(failed.error)
+    assert "dropping it from the outbox" not in caplog.text
+    assert _pending_keys(journal) == [record.key]
+    assert store.keys(kind="checkpoint") == set()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+    assert report.saved == 1 and report.remaining == []
+    _kept_set_matches_store(dirpath, store)
+
+
 # -- the checkpoint directory is checked at setup (fault 6) ------------------------------------
 
 

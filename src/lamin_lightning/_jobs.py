@@ -13,10 +13,13 @@ The codec writes version 2 and reads version 1 (journals written by lamin-lightn
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import errno
 import importlib
 import itertools
 import os
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from typing import Any, Literal
 
 from lamin_lightning._errors import LostFileError
 from lamin_lightning._events import ArtifactKind
-from lamin_lightning._staging import tree_size
+from lamin_lightning._staging import checkpoint_folder_of, tree_size
 
 Operation = Literal["save", "remove"]
 
@@ -137,6 +140,13 @@ class JobRecord:
         written_file: The identity (inode, size, modification time in ns) of the file
             the write of a :attr:`marks_written` save completed, from the journal's
             mark; None while it has none.
+        root: The working folder the record was journaled in (absolute), or None
+            (journals before 0.4 did not say; see :meth:`origin`). A replay from a
+            journal that is now elsewhere (the checkpoint folder was moved together with
+            its working folder) finds the files relative to where it is now (see
+            :func:`relocate`).
+        recorded: For a record :func:`relocate` moved: its local and staged paths as
+            journaled, tried too where the moved ones do not exist.
     """
 
     op: Operation
@@ -155,6 +165,20 @@ class JobRecord:
     linked: bool = False
     marks_written: bool = False
     written_file: tuple[int, int, int] | None = None
+    root: str | None = None
+    recorded: tuple[str, str | None] | None = None
+
+    def origin(self) -> str | None:
+        """The working folder this record was journaled in: :attr:`root`, or for a record
+        that does not say (journals before 0.4), the one its staged name lies in
+        (``{root}/staged/{unique}/{name}``); None if neither tells."""
+        if self.root:
+            return self.root
+        if self.staged_path:
+            staged = Path(self.staged_path)
+            if len(staged.parts) > 3 and staged.parent.parent.name == "staged":
+                return str(staged.parent.parent.parent)
+        return None
 
     @property
     def event_path(self) -> Path:
@@ -170,8 +194,15 @@ class JobRecord:
         if not self.unstaged_late_save():
             return False
         if self.marks_written:
-            return self.written_file is None or file_identity(self.local_path) != self.written_file
-        return not os.path.lexists(self.local_path) or archive_cut_short(self.local_path)
+            if self.written_file is None:
+                return True
+            found = file_identity(self.local_path)
+            if found is not None and self.recorded is not None:
+                # Moved (see relocate): another filesystem gives the file another inode;
+                # its size and modification time (which ``mv`` keeps) still tell.
+                return found[1:] != self.written_file[1:]
+            return found != self.written_file
+        return not _present(self.local_path) or archive_cut_short(self.local_path)
 
     def cut_short(self) -> bool:
         """Whether this save's file was to be written after the hook returned and is in
@@ -189,7 +220,7 @@ class JobRecord:
         return (
             self.op == "save"
             and self.written_later
-            and not (self.staged_path and os.path.lexists(self.staged_path))
+            and not (self.staged_path and _present(self.staged_path))
         )
 
     def replacement_lost(self) -> bool:
@@ -210,13 +241,40 @@ class JobRecord:
 
     def file(self) -> Path:
         """The file (or folder) a save persists: its staged copy if it exists, else the
-        local one."""
-        for candidate in (self.staged_path, self.local_path):
-            if candidate and (os.path.isfile(candidate) or os.path.isdir(candidate)):
-                return Path(candidate)
+        local one; for a moved record (see :func:`relocate`), each where it is now, else
+        where it was journaled.
+
+        Raises :class:`LostFileError` only if none of them exists (``ENOENT``). If one
+        cannot be looked at (``EACCES``, ``EIO``, a stale NFS handle) and none that can
+        exists, the ``OSError`` is raised instead, saying so: the job fails and stays
+        pending, for a replay once the file can be read again.
+        """
+        staged, local = self.staged_path, self.local_path
+        candidates = [staged, self.recorded[1] if self.recorded else None, local]
+        if self.recorded:
+            candidates.append(self.recorded[0])
+        unreadable: tuple[str, OSError] | None = None
+        for candidate in dict.fromkeys(c for c in candidates if c):
+            try:
+                if _is_file_or_folder(candidate):
+                    return Path(candidate)
+            except OSError as failure:
+                unreadable = unreadable or (candidate, failure)
+        if unreadable is not None:
+            path, cause = unreadable
+            raise OSError(
+                cause.errno,
+                f"cannot persist {self.key!r}: cannot tell whether {path} exists"
+                f" ({cause.strerror or cause}); the job stays pending, for a replay"
+                " (`lamin-lightning flush`) once the file can be read",
+                path,
+            ) from cause
+        where = (
+            f" (journaled as {self.recorded[1]} and {self.recorded[0]})" if self.recorded else ""
+        )
         raise LostFileError(
-            f"cannot persist {self.key!r}: neither its staged copy ({self.staged_path})"
-            f" nor its local file ({self.local_path}) exists"
+            f"cannot persist {self.key!r}: neither its staged copy ({staged})"
+            f" nor its local file ({local}) exists{where}"
         )
 
     def size(self) -> int:
@@ -227,6 +285,96 @@ class JobRecord:
             return tree_size(self.file())
         except (OSError, LostFileError):
             return 0
+
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR)
+
+
+def _is_file_or_folder(path: str) -> bool:
+    """Whether ``path`` is a file or a folder (following links); False if it does not
+    exist. Any other failure to look (``EACCES``, ``EIO``, ``ESTALE``) raises: unlike
+    ``os.path.isfile``, it never passes for an absent file."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if error.errno in _ABSENT:
+            return False
+        raise
+    return stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)
+
+
+def _present(path: str) -> bool:
+    """``os.path.lexists``, except that a path that cannot be looked at for another reason
+    than its absence (``EACCES``, ``EIO``) counts as present: nothing is judged missing,
+    and dropped, that cannot be seen."""
+    try:
+        os.lstat(path)
+    except OSError as error:
+        return error.errno not in _ABSENT
+    except ValueError:  # an embedded NUL: no such file
+        return False
+    return True
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
+
+
+def _moved(path: str | None, old: str, new: str) -> str | None:
+    """``path`` under the folder ``new`` where it was under ``old``; else as it is."""
+    if not path:
+        return path
+    if path == old:
+        return new
+    if path.startswith(old.rstrip(os.sep) + os.sep):
+        return new.rstrip(os.sep) + os.sep + path[len(old.rstrip(os.sep)) + 1 :]
+    return path
+
+
+def relocate(record: JobRecord, root: str | os.PathLike[str]) -> JobRecord:
+    """``record`` as read from a journal now in the working folder ``root``.
+
+    Where that is the folder the record was journaled in (:meth:`JobRecord.origin`; the
+    same folder by another name counts), the record as it is. Else the checkpoint folder
+    was moved together with its working folder (another scratch mount after a
+    preemption, a renamed project folder): its staged copy is looked for relative to
+    ``root``, its local file (and a removal's :attr:`~JobRecord.after`) relative to the
+    checkpoint folder ``root`` belongs to, with the journaled paths as a fallback (see
+    :meth:`JobRecord.file`). The key, the store and its context stay as journaled: the
+    artifacts keep their keys.
+    """
+    here = os.path.abspath(root)
+    origin = record.origin()
+    if origin is None or origin == here or _same_folder(origin, here):
+        return record
+    old_folder = str(checkpoint_folder_of(Path(origin)))
+    new_folder = str(checkpoint_folder_of(Path(here)))
+
+    def moved(path: str | None) -> str | None:
+        staged = _moved(path, origin, here)  # staged copies: under the working folder
+        return staged if staged != path else _moved(path, old_folder, new_folder)
+
+    local = moved(record.local_path) or record.local_path
+    staged = moved(record.staged_path)
+    if local == record.local_path and staged == record.staged_path:
+        return record
+    checkpoint = record.checkpoint
+    if checkpoint is not None:
+        checkpoint = dataclasses.replace(
+            checkpoint, local_path=Path(local), staged_path=Path(staged or local)
+        )
+    return dataclasses.replace(
+        record,
+        local_path=local,
+        staged_path=staged,
+        after=moved(record.after),
+        checkpoint=checkpoint,
+        root=here,
+        recorded=(record.local_path, record.staged_path),
+    )
 
 
 # -- codec ------------------------------------------------------------------------------------
@@ -442,6 +590,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         **({"linked": True} if record.linked else {}),
         **({"marks_written": True} if record.marks_written else {}),
         **({"written_file": list(record.written_file)} if record.written_file else {}),
+        **({"root": record.root} if record.root else {}),
     }
 
 
@@ -487,4 +636,5 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         linked=data.get("linked") is True,
         marks_written=data.get("marks_written") is True,
         written_file=_identity(data.get("written_file")),
+        root=str(data["root"]) if isinstance(data.get("root"), str) and data["root"] else None,
     )

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lamin_lightning._errors import OutboxInUseError
-from lamin_lightning._jobs import JobRecord, decode, encode
+from lamin_lightning._jobs import JobRecord, decode, encode, relocate
 from lamin_lightning._staging import unique_name
 
 try:  # POSIX
@@ -157,11 +157,14 @@ class _State:
 
     def records(self, path: Path) -> list[tuple[str, JobRecord]]:
         """Pending entries decoded, in admission order; undecodable ones are logged (once)
-        and left out (see :meth:`unreadable`)."""
+        and left out (see :meth:`unreadable`). A record journaled in another working
+        folder than the one ``path`` is in now (moved with its checkpoint folder) names
+        its files where they are now (see ``_jobs.relocate``)."""
         out = []
+        here = os.path.abspath(path.parent)
         for job_id, entry in self.pending.items():
             try:
-                out.append((job_id, decode(entry)))
+                out.append((job_id, relocate(decode(entry), here)))
             except Exception as error:
                 _report_once(
                     path,
@@ -255,6 +258,8 @@ class Outbox:
         self._dir_synced = True
         self._compact_lock = threading.Lock()
         self._torn = False
+        # Journaled with every record: where it was journaled (see JobRecord.root).
+        self._root = os.path.abspath(self.path.parent)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -359,6 +364,7 @@ class Outbox:
         """Journal a job (one write into the page cache); return its id. See :meth:`sync`."""
         job_id = unique_name()  # no uuid4: see unique_name
         entry = encode(record)
+        entry.setdefault("root", self._root)
         with self._lock:
             self._require()
             self._write({"t": "job", "id": job_id, "entry": entry})

@@ -608,7 +608,11 @@ def _pin_local_file(record: JobRecord) -> None:
     if record.op != "save" or not record.staged_path or not os.path.lexists(record.local_path):
         return
     staged = Path(record.staged_path)
-    if staged.exists():
+    try:
+        if staged.exists():
+            return
+    except OSError as error:  # EACCES, EIO: nothing to stage now (see JobRecord.file)
+        log.warning("could not look at %s for its replay (%s)", staged, error)
         return
     release_staged(staged)  # what a staging cut short left
     try:

@@ -229,6 +229,106 @@ def test_sigkill_mid_upload_then_rerunning_the_script_completes_the_set(
     assert _pending(dirpath) == []
 
 
+def _move_checkpoint_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Move the crashed run's checkpoint folder together with its working folder to another
+    place (another scratch mount after a preemption, a renamed project folder); return the
+    new checkpoint folder and the hash of each checkpoint file in it, by name."""
+    from lamindb_setup.core.hashing import hash_file
+
+    old = tmp_path / "ckpt"
+    new = tmp_path / "elsewhere" / "ckpt"
+    new.parent.mkdir()
+    os.rename(old, new)
+    os.rename(staging_root(old), staging_root(new))
+    assert not old.exists() and staging_root(new).is_dir()
+    return new, {p.name: hash_file(p)[1] for p in new.glob("*.ckpt")}
+
+
+def _hashes_under(ln: Any, prefix: str) -> dict[str, str]:
+    """The checkpoint artifacts under ``prefix``: hash by file name (asserts one per key)."""
+    rows = list(ln.Artifact.objects.filter(key__startswith=prefix + "/", kind="model"))
+    keys = [a.key for a in rows]
+    assert len(keys) == len(set(keys)), f"duplicate artifacts: {sorted(keys)}"
+    return {a.key.removeprefix(prefix + "/"): a.hash for a in rows}
+
+
+def test_a_flush_of_a_moved_checkpoint_folder_persists_every_job_under_its_key(
+    ln: Any, tmp_path: Path
+) -> None:
+    """Crashed mid-upload, then the checkpoint folder and its working folder moved together:
+    `lamin-lightning flush NEWDIR` finds the staged copies and the files where they are
+    now and persists every job once, under the keys they were journaled with (nothing is
+    dropped as lost because the journal names the old paths)."""
+    prefix = _kill_mid_upload(tmp_path)
+    assert prefix.startswith(str(tmp_path / "ckpt"))
+    dirpath, hashes = _move_checkpoint_folder(tmp_path)
+
+    flushed = _cli("flush", "--no-progress", str(dirpath))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert "0 still pending" in flushed.stdout
+    assert "LostFileError" not in flushed.stderr and "dropping" not in flushed.stderr
+
+    assert_checkpoint_keys_persisted(ln, prefix, {f"{prefix}/{n}": dirpath / n for n in hashes})
+    assert _hashes_under(ln, prefix) == hashes
+    assert _pending(dirpath) == []
+    assert not (tmp_path / "ckpt").exists(), "the flush recreated the old folder"
+    after = _cli("status", str(dirpath))
+    assert after.returncode == 0 and "nothing pending" in after.stdout, after.stderr
+
+
+def test_a_resumed_fit_in_a_moved_checkpoint_folder_replays_every_job_under_its_key(
+    ln: Any, tmp_path: Path
+) -> None:
+    """As above, but training is resumed (``ckpt_path="last"``) in the moved folder: its
+    setup replays the crashed run's jobs, found where they are now, under their keys."""
+    prefix = _kill_mid_upload(tmp_path)
+    dirpath, hashes = _move_checkpoint_folder(tmp_path)
+    (tmp_path / "marker").unlink()
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dirpath",
+            str(dirpath),
+            "--mode",
+            "plain",
+            "--steps",
+            "12",
+            "--marker",
+            str(tmp_path / "marker"),
+            "--report",
+            str(tmp_path / "report.json"),
+            "--resume",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert rerun.returncode == 0, rerun.stdout
+    assert "dropping it from the outbox" not in rerun.stdout, rerun.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["start_step"] > 0, "the rerun started over: no last.ckpt to resume from"
+    recovered = [e for e in report["events"] if e["recovered"]]
+    assert recovered, "the rerun replayed nothing"
+    assert all(e["key"].startswith(prefix + "/") for e in recovered), recovered
+    failed = [e for e in report["events"] if e["type"] == "ArtifactFailedEvent"]
+    assert failed == [], failed
+    # The crashed run's checkpoints: under their original keys, with the bytes they had
+    # (the resumed run rewrote last.ckpt since: its own save is under its own prefix).
+    assert _hashes_under(ln, prefix) == hashes
+    new_prefix = report["prefix"]
+    assert new_prefix != prefix  # the key prefix is the dirpath, and it moved
+    # The resumed run's own checkpoints (Lightning, its dirpath changed, restores none of
+    # the earlier state: the files it wrote are its own, last-v1.ckpt its last).
+    written = {p.name: p for p in dirpath.glob("*.ckpt") if p.name not in hashes}
+    assert written, "the resumed run wrote no checkpoint"
+    expected = {f"{new_prefix}/{name}": path for name, path in written.items()}
+    assert_checkpoint_keys_persisted(ln, new_prefix, expected)
+    assert _pending(dirpath) == []
+
+
 # Steps reached on the training thread, where the kill lands at a known point of the
 # save. (Killing when a pipeline thread reaches a step lands anywhere in the training
 # thread's save, including the window guarantees.md section 8 names: a file Lightning
