@@ -859,6 +859,46 @@ def test_a_fit_resumed_from_a_model_checkpoint_run_keeps_its_state_as_lightning_
     assert store.keys(kind="checkpoint") >= {key("last.ckpt")}
 
 
+class _OtherCheckpoint(ModelCheckpoint):
+    """A checkpoint callback of another class: Lightning gives it no state of a
+    ``ModelCheckpoint`` (its state key names its class), as with the reference."""
+
+
+def test_a_model_checkpoint_still_attached_keeps_its_state_to_itself(tmp_path: Path) -> None:
+    """Fit 1 with ModelCheckpoint alone, fit 2 resumed with that ModelCheckpoint still
+    attached plus ours (same settings, same folder): the state saved under
+    ModelCheckpoint's key is the attached ModelCheckpoint's, so ours starts empty, as a
+    callback of any other class (and the reference) does; it neither takes the
+    ModelCheckpoint's top-k as its own nor evicts files the ModelCheckpoint still lists."""
+    scores = [3.0, 1.0, 2.0, 5.0, 0.5, 4.0, 6.0, 0.2, 1.5, 0.4, 7.0, 0.3]
+    plain = {"monitor": "score", "save_top_k": -1, "save_last": True, "every_n_train_steps": 1}
+    ours = {"monitor": "score", "save_top_k": 2, "every_n_train_steps": 1}
+    outcome = {}
+    for name in ("other", "ours"):
+        dirpath = tmp_path / name / "ckpts"
+        first = ModelCheckpoint(dirpath=dirpath, **plain)
+        make_trainer(tmp_path / name, [first], max_steps=4).fit(TinyModel(scores=scores), loader(4))
+        store = MemoryStore()
+        kept = ModelCheckpoint(dirpath=dirpath, **plain)
+        second: ModelCheckpoint = (
+            _OtherCheckpoint(dirpath=dirpath, **ours)
+            if name == "other"
+            else MemoryCheckpoint(store, dirpath=dirpath, **ours)
+        )
+        trainer = make_trainer(tmp_path / name, [kept, second], max_epochs=3)
+        trainer.fit(TinyModel(scores=scores), loader(4), ckpt_path=str(dirpath / "last.ckpt"))
+        assert all(os.path.exists(p) for p in kept.best_k_models), name
+        outcome[name] = (
+            checkpoint_files(dirpath),
+            sorted(Path(p).name for p in second.best_k_models),
+            Path(second.best_model_path).name,
+            sorted(Path(p).name for p in kept.best_k_models),
+        )
+    assert outcome["ours"] == outcome["other"]
+    assert len(outcome["ours"][1]) == 2
+    assert isinstance(second, MemoryCheckpoint) and second.persistence_stats.failed == 0
+
+
 def test_a_replay_keeps_a_checkpoint_whose_eviction_waited_for_a_write_that_finished(
     tmp_path: Path,
 ) -> None:

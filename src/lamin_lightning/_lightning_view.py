@@ -73,10 +73,22 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         ``best_k_models`` and ``best_model_path`` (and keep every file it should evict).
         A callback's own key still comes first. (Lightning's own fallback, the class,
         is for checkpoints older than Lightning 1.5, older than this package.)
+
+        Only while no other callback of the trainer claims that key: a ``ModelCheckpoint``
+        of the same settings still attached owns the state saved under it (it loads it
+        itself), and this callback starts with empty state, as the reference does.
+        Lightning loads the callbacks' states after ``setup``, which sets ``_trainer``.
         """
         key = self.state_key
         own = type(self).__qualname__
-        return "ModelCheckpoint" + key[len(own) :] if key.startswith(own) else key
+        if not key.startswith(own):
+            return key
+        fallback = "ModelCheckpoint" + key[len(own) :]
+        trainer = getattr(self, "_trainer", None)
+        callbacks = getattr(trainer, "callbacks", None) or ()
+        if any(cb is not self and cb.state_key == fallback for cb in callbacks):
+            return key  # the attached ModelCheckpoint's state: not ours to take
+        return fallback
 
     @override
     def _save_topk_checkpoint(
