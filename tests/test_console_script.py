@@ -182,7 +182,9 @@ def test_status_names_an_outbox_a_running_process_holds(tmp_path: Path) -> None:
     finally:
         outbox.close()
     assert done.returncode == PENDING
-    assert "held by a running training process" in done.stdout
+    # Its flock says nothing of which process holds it: a training run, or a flush
+    # (a running flush was labelled "a running training process").
+    assert "held by another process (a training run or a flush)" in done.stdout
 
 
 # -- version and help --------------------------------------------------------------------

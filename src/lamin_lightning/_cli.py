@@ -36,6 +36,9 @@ EXIT_CODES = """exit codes:
   3  another process (a training run, another flush) holds the outbox (flush)
   4  every job persisted, but some feature annotations could not be restored (flush)"""
 
+# A journal another process holds: its flock says nothing of which process that is.
+HELD = "held by another process (a training run or a flush)"
+
 
 def _describe(record: JobRecord) -> str:
     try:
@@ -107,7 +110,7 @@ def _status(dirpath: Path, as_json: bool) -> int:
         return EXIT_PENDING if aside or unreadable else EXIT_OK
     print(f"{len(entries)} job(s) pending in {root}:")
     for path, record in entries:
-        busy = "  (held by a running training process)" if in_use[path] else ""
+        busy = f"  ({HELD})" if in_use[path] else ""
         print(f"  {_describe(record)}{busy}")
     print(f"run `lamin-lightning flush {dirpath}` to persist them")
     return EXIT_PENDING
@@ -159,7 +162,7 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
         f" dropped {len(report.dropped)}; {len(report.remaining)} still pending"
     )
     for path in report.busy:
-        print(f"skipped {path}: held by a running training process", file=sys.stderr)
+        print(f"skipped {path}: {HELD}", file=sys.stderr)
     for path, job, reason in report.unreadable:
         print(
             f"{'kept':8} job {job} in {path}: this version cannot read it ({reason})",

@@ -501,7 +501,7 @@ def test_status_shows_a_journal_held_by_a_running_process(ln: Any, tmp_path: Pat
     try:
         _wait_for_marker(proc, tmp_path / "marker")
         status = _cli("status", str(tmp_path / "ckpt"))
-        assert "held by a running training process" in status.stdout
+        assert "held by another process (a training run or a flush)" in status.stdout
         flushed = _cli("flush", "--no-progress", str(tmp_path / "ckpt"))
         assert flushed.returncode == 3 and "a training run" in flushed.stderr
     finally:
