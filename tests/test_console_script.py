@@ -187,6 +187,28 @@ def test_status_names_an_outbox_a_running_process_holds(tmp_path: Path) -> None:
     assert "held by another process (a training run or a flush)" in done.stdout
 
 
+def test_status_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    """`lamin-lightning status DIR | head -1`: once `head` has its line and exits, status
+    ended with a BrokenPipeError traceback; it now ends quietly, with 141 (128 + SIGPIPE)
+    as a command a closed pipe ends."""
+    dirpath = tmp_path / "ckpt"
+    # More output than a pipe holds (64 KiB), so that status writes after head is gone.
+    _write_outbox(dirpath, pending=[f"run/checkpoints/{'x' * 400}-{i}.ckpt" for i in range(300)])
+    with subprocess.Popen(
+        [*_command(), "status", str(dirpath)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as status:
+        assert status.stdout is not None and status.stderr is not None
+        assert "job(s) pending" in status.stdout.readline()
+        status.stdout.close()  # as head does once it has its line
+        errors = status.stderr.read()
+        code = status.wait(timeout=60)
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+    assert code == 141
+
+
 # -- version and help --------------------------------------------------------------------
 
 

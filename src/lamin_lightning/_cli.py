@@ -27,6 +27,7 @@ EXIT_PENDING = 1
 EXIT_USAGE = 2
 EXIT_IN_USE = 3
 EXIT_UNANNOTATED = 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command a closed pipe ended
 EXIT_CODES = """exit codes:
   0  everything persisted (flush) / nothing pending (status)
   1  jobs still pending: failed again, refused, or not reached before --timeout
@@ -257,6 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lamin-lightning`` console script."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of our output went away (`lamin-lightning status DIR | head -1`):
+        # end quietly, as a command killed by SIGPIPE does, not with a traceback. What is
+        # left to write goes nowhere (Python's docs, "Note on SIGPIPE").
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # no real stdout (captured)
+            pass
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
