@@ -209,6 +209,42 @@ def test_status_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path
     assert code == 141
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--timeout", "-5"),
+        ("--timeout", "nan"),
+        ("--timeout", "inf"),
+        ("--timeout", "-inf"),
+        ("--timeout", "abc"),
+        ("--max-workers", "0"),
+        ("--max-workers", "-2"),
+        ("--max-workers", "two"),
+    ],
+)
+def test_flush_refuses_an_option_value_out_of_range_naming_the_option_and_the_fix(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """`--timeout -5` was taken as 0, `--timeout nan` silently submitted only what fitted
+    at once (exit 1, no word of a timeout) and `inf` waited for ever: each now exits 2
+    with argparse's error naming the option and what it takes, as `--timeout abc` did."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()  # a directory without an outbox: a value let through exits 0
+    # argparse reads a lone "-inf" as an option ("expected one argument"): "=" form only.
+    forms = [[f"{option}={value}"]] + ([[option, value]] if value != "-inf" else [])
+    for args in forms:
+        done = lamin_lightning_cli("flush", "--no-progress", *args, str(dirpath))
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert f"argument {option}: {value!r}" in done.stderr
+        assert (
+            "1 or more" in done.stderr if option == "--max-workers" else "0 or more" in done.stderr
+        )
+    assert (
+        lamin_lightning_cli("flush", "--no-progress", "--timeout", "0", str(dirpath)).returncode
+        == 0
+    )
+
+
 # -- version and help --------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -182,6 +183,34 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
     return EXIT_OK
 
 
+def _seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds: give 0 or more (e.g. --timeout 600),"
+            " or leave --timeout out to wait until every job is persisted"
+        )
+    return value
+
+
+def _workers(text: str) -> int:
+    """``--max-workers``: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of uploads at once: give a whole number, 1 or more"
+            " (default 2)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``lamin-lightning`` (``demo``'s own options: ``_demo.build_parser``)."""
     parser = argparse.ArgumentParser(
@@ -213,14 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flush.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="give up after SECONDS; what is not persisted by then stays pending (default: wait)",
+        help="give up after SECONDS (0 or more); what is not persisted by then stays pending"
+        " (default: wait)",
     )
     flush.add_argument(
         "--max-workers",
-        type=int,
+        type=_workers,
         default=2,
         metavar="N",
         help="uploads at once (default %(default)s)",
@@ -286,8 +316,6 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "status":
         return _status(args.dirpath, args.json)
     if args.command == "flush":
-        if args.max_workers < 1:
-            parser.error("--max-workers must be at least 1")
         return _flush(args.dirpath, args.timeout, not args.no_progress, args.max_workers)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
 
