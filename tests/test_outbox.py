@@ -957,6 +957,43 @@ def _failed_fit(tmp_path: Path, steps: int = 2) -> tuple[Path, Path, MemoryStore
     return dirpath, journal, store
 
 
+def test_a_flush_that_times_out_names_every_job_still_pending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flush --timeout` against a store that hangs: the CLI printed only "N still
+    pending"; the jobs never submitted (FlushReport.remaining) were named nowhere, only
+    the few in the pipeline, in a log line. Each is now named (the first 20, then a
+    count and where to see them all); a later flush persists every one exactly once."""
+    from lamin_lightning import store as registry
+    from lamin_lightning._cli import main
+
+    shown = 20  # named one per line; the rest counted
+    steps = shown + 5
+    dirpath, _, store = _failed_fit(tmp_path, steps=steps)
+    keys = {f"checkpoints/epoch=0-step={i}.ckpt" for i in range(1, steps + 1)}
+    monkeypatch.setitem(registry._registered, "memory", lambda record: store)
+    store.hang()
+    try:
+        code = main(["flush", "--no-progress", "--timeout", "0.5", str(dirpath)])
+    finally:
+        store.release()
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{steps} still pending" in out
+    named = [line.split()[1] for line in out.splitlines() if line.startswith("pending ")]
+    assert len(named) == shown and set(named) <= keys
+    assert all(
+        "(not persisted before --timeout)" in line
+        for line in out.splitlines()
+        if line.startswith("pending ")
+    )
+    assert f"... and {steps - shown} more pending" in out
+    assert f"lamin-lightning status {dirpath}" in out
+
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.remaining == [] and store.keys() == keys
+
+
 def test_a_job_this_version_cannot_read_keeps_the_folder_pending(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

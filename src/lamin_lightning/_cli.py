@@ -38,6 +38,8 @@ EXIT_CODES = """exit codes:
   3  another process (a training run, another flush) holds the outbox (flush)
   4  every job persisted, but some feature annotations could not be restored (flush)"""
 
+# The jobs still pending that `flush` names one per line; the rest are counted.
+PENDING_SHOWN = 20
 # A journal another process holds: its flock says nothing of which process that is.
 HELD = "held by another process (a training run or a flush)"
 
@@ -159,6 +161,19 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
         print(f"{'dropped':8} {record.key}  ({_why_dropped(record)})")
     for record, why in report.refused:
         print(f"{'refused':8} {record.key}  ({type(why).__name__}: {why})", file=sys.stderr)
+    # Still pending and named on no line above: not reached before --timeout (never
+    # submitted, or abandoned in the pipeline when it expired).
+    named = {id(record) for record, _ in report.refused}
+    failed_keys = {e.key for e in report.events if getattr(e, "error", None) is not None}
+    unnamed = [r for r in report.remaining if id(r) not in named and r.key not in failed_keys]
+    left = "not persisted before --timeout" if timeout is not None else "not persisted"
+    for record in unnamed[:PENDING_SHOWN]:
+        print(f"{'pending':8} {record.key}  ({left})")
+    if len(unnamed) > PENDING_SHOWN:
+        print(
+            f"... and {len(unnamed) - PENDING_SHOWN} more pending"
+            f" (`lamin-lightning status {dirpath}` lists them all)"
+        )
     print(
         f"saved {report.saved}, removed {report.removed}, failed {report.failed},"
         f" dropped {len(report.dropped)}; {len(report.remaining)} still pending"
