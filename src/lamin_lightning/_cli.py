@@ -34,9 +34,11 @@ EXIT_CODES = """exit codes:
   1  jobs still pending: failed again, refused, or not reached before --timeout
      (status: or a checkpoint whose rewrite a crash interrupted waits aside)
   2  DIR is not a directory (or, for status, has no working folder: .NAME.lamin-lightning
-     beside it, or .lamin-lightning inside it as earlier versions wrote)
+     beside it, or .lamin-lightning inside it as earlier versions wrote), or an option's
+     value is invalid (the message names it)
   3  another process (a training run, another flush) holds the outbox (flush)
-  4  every job persisted, but some feature annotations could not be restored (flush)"""
+  4  every job persisted, but some feature annotations could not be restored (flush)
+141  the output's reader stopped reading (a closed pipe: `status DIR | head -1`)"""
 
 # The jobs still pending that `flush` names one per line; the rest are counted.
 PENDING_SHOWN = 20
