@@ -364,23 +364,32 @@ def test_the_next_setup_replays_unfinished_jobs_in_order(tmp_path: Path) -> None
     assert [k for _, k in ranked] == list(last_save.ranking)
 
 
+def _leave_failed_jobs(
+    tmp_path: Path, dirpath: Path, store: MemoryStore, steps: int, **kwargs: Any
+) -> MemoryCheckpoint:
+    """Fit ``steps`` steps against ``store`` failing for good: every checkpoint's job
+    stays in the outbox. Returns the callback; the store is healed."""
+    store.fail_always()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, on_error="warn", **kwargs)
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [callback], max_steps=steps).fit(TinyModel(), loader())
+    store.heal()
+    return callback
+
+
 def test_a_failed_job_stays_in_the_outbox_until_a_later_setup_persists_it(
     tmp_path: Path,
 ) -> None:
     dirpath = tmp_path / "ckpt"
     store = MemoryStore()
-    store.fail_always()
-    first = MemoryCheckpoint(
-        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=2, on_error="warn"
+    first = _leave_failed_jobs(
+        tmp_path, dirpath, store, steps=4, save_top_k=-1, every_n_train_steps=2
     )
-    with pytest.warns(UserWarning, match="could not be persisted"):
-        make_trainer(tmp_path, [first], max_steps=4).fit(TinyModel(), loader())
     assert first.persistence_stats.failed == 2
     pending = [key for p in journal_paths(staging_root(dirpath)) for key in _pending_keys(p)]
     assert sorted(pending) == sorted(f"checkpoints/{n}" for n in checkpoint_files(dirpath))
     assert store.keys(kind="checkpoint") == set()
 
-    store.heal()
     observer = RecordingObserver()
     second = MemoryCheckpoint(
         store,
@@ -1112,16 +1121,10 @@ def test_a_replay_longer_than_max_pending_does_not_hold_setup_while_storage_is_s
     nothing (not Lightning's SIGTERM handler, installed after setup) could stop it."""
     dirpath = tmp_path / "ckpt"
     store = MemoryStore()
-    store.fail_always()
-    first = MemoryCheckpoint(
-        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, on_error="warn"
-    )
-    with pytest.warns(UserWarning, match="could not be persisted"):
-        make_trainer(tmp_path, [first], max_steps=6).fit(TinyModel(), loader())
+    _leave_failed_jobs(tmp_path, dirpath, store, steps=6, save_top_k=-1, every_n_train_steps=1)
     left = [key for p in journal_paths(staging_root(dirpath)) for key in _pending_keys(p)]
     assert len(left) == 6
 
-    store.heal()
     store.hang()
     trained = threading.Event()
     rescued: list[bool] = []
@@ -1176,13 +1179,9 @@ def test_a_journal_another_process_holds_is_named_in_a_warning(
     replays (before, silently: the flush's older saves then replaced its newer ones)."""
     dirpath = tmp_path / "ckpt"
     store = MemoryStore()
-    store.fail_always()
-    first = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, on_error="warn")
-    with pytest.warns(UserWarning, match="could not be persisted"):
-        make_trainer(tmp_path, [first], max_steps=1).fit(TinyModel(), loader())
+    _leave_failed_jobs(tmp_path, dirpath, store, steps=1, every_n_train_steps=1)
     (journal,) = journal_paths(staging_root(dirpath))
     assert "held by another process" not in caplog.text
-    store.heal()
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD, str(journal)],
         stdin=subprocess.PIPE,

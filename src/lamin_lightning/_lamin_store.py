@@ -399,8 +399,6 @@ class LaminStore:
         except OSError:  # the folder's file is gone: nothing tells which is newer
             return False
         current = lamin_stats(Path(local))["hash"]
-        if current == lamin_stats(path)["hash"]:
-            return False
         _check_instance(record)
         with _key_lock(record.key):
             with self._lock:
@@ -408,7 +406,11 @@ class LaminStore:
             query = _ln().Artifact.filter(key=record.key, hash=current)
             if in_flight:
                 query = query.exclude(id__in=in_flight)
-            return bool(query.exists())
+            if not query.exists():
+                return False
+        # Only now the replay's own file, read once more by its transfer otherwise: the
+        # same bytes are a save committed before the crash, which the replay reuses.
+        return bool(current != lamin_stats(path)["hash"])
 
     def _transfer(self, record: JobRecord, path: Path) -> Any:
         _check_instance(record)
