@@ -46,6 +46,7 @@ from lamin_lightning._lamin_store import (
     close_connections,
     delete_artifact,
     immediate_transactions,
+    refresh_found_again,
     replace_broken_connection,
 )
 from lamin_lightning._legacy import Callback
@@ -535,8 +536,12 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         Annotate, remove older artifacts of the key, and emit the saved event now.
         """
         store = self._store
+        found_again = store.found_again(artifact)
         store.settle(artifact)
-        if feature_values:
+        if kind == "checkpoint" and found_again:
+            # The reference's save makes a new artifact: this save's run and values only.
+            refresh_found_again(_ln(), artifact, feature_values or {}, self._run)
+        elif feature_values:
             artifact.features.add_values(feature_values)
         if kind == "checkpoint":
             for old in store.others_under_key(key, exclude_id=artifact.id):
@@ -577,7 +582,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             # An override of save_checkpoint_artifact added, changed or dropped values
             # before calling ours: the reference annotates what it passed on.
             snapshot = dataclasses.replace(snapshot, feature_values=given)
-        self._store.commit_checkpoint(snapshot, artifact, replay=False, set_flags=True)
+        self._store.commit_checkpoint(
+            snapshot, artifact, replay=False, set_flags=True, run=self._run
+        )
 
     @override
     def remove_checkpoint_artifact(

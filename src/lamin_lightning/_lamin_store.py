@@ -474,6 +474,11 @@ class LaminStore:
 
     # -- committer thread --------------------------------------------------------------------
 
+    def found_again(self, artifact: Any) -> bool:
+        """Whether ``artifact`` is a committed one a transfer found again by its content."""
+        with self._lock:
+            return id(artifact) in self._reused
+
     def settle(self, artifact: Any) -> None:
         """``artifact`` is committed (or gone): stop excluding it from queries."""
         with self._lock:
@@ -489,21 +494,39 @@ class LaminStore:
             self.settle(artifact)
             return ()
         return self.commit_checkpoint(
-            record.checkpoint, artifact, replay=replay, set_flags=set_flags
+            record.checkpoint,
+            artifact,
+            replay=replay,
+            set_flags=set_flags,
+            run=self._run_of(record.context),
         )
 
     def commit_checkpoint(
-        self, snapshot: CheckpointSnapshot, artifact: Any, *, replay: bool, set_flags: bool
+        self,
+        snapshot: CheckpointSnapshot,
+        artifact: Any,
+        *,
+        replay: bool,
+        set_flags: bool,
+        run: Any = None,
     ) -> tuple[str, ...]:
         """Annotate, replace older artifacts of the key, then set flags and ranks.
 
         A live commit whose annotation fails for good deletes the artifact and raises
         (nothing half-annotated is left); a replay keeps it, annotates every feature
         that still validates and returns the names of those that do not.
+
+        ``run``: the run of the save (None: LaminDB's current run, as for a new
+        artifact). A committed artifact found again by its content (see
+        :meth:`_committed_to_reuse`) is moved to it.
         """
         immediate_transactions()
         ln = _ln()
-        unannotated = self._annotate(ln, snapshot, artifact, replay=replay)
+        with self._lock:
+            found_again = id(artifact) in self._reused
+        unannotated = self._annotate(
+            ln, snapshot, artifact, replay=replay, found_again=found_again, run=run
+        )
         # Only now that the new artifact is committed, remove what it replaces.
         prefix = _prefix(snapshot.key)
         with self._lock:
@@ -532,7 +555,14 @@ class LaminStore:
         return unannotated
 
     def _annotate(
-        self, ln: Any, snapshot: CheckpointSnapshot, artifact: Any, *, replay: bool
+        self,
+        ln: Any,
+        snapshot: CheckpointSnapshot,
+        artifact: Any,
+        *,
+        replay: bool,
+        found_again: bool = False,
+        run: Any = None,
     ) -> tuple[str, ...]:
         auto = self._auto_features(ln)
         plain: dict[Any, Any] = {}
@@ -563,6 +593,19 @@ class LaminStore:
                 target = auto.get(name) if name in snapshot.auto_features else name
             if target is not None:
                 plain[target] = value
+        if found_again:
+            # The reference deletes the key's artifact and creates a new one for each save;
+            # LaminDB refuses a second row of one key and content, so the committed one
+            # stands for this save: its run and only this save's values (not the earlier
+            # save's beside them), in one transaction with the new values.
+            try:
+                refresh_found_again(ln, artifact, plain, run, keep=FLAG_FEATURES)
+                return ()
+            except Exception as error:
+                if self._retry.is_transient(error) or not replay:
+                    if not replay:
+                        self.settle(artifact)  # committed before: not ours to delete
+                    raise
         if not plain:
             return ()
         try:
@@ -880,6 +923,35 @@ class LaminStore:
     def finalize_thread(self) -> None:
         """Close this thread's Django connection."""
         close_connections()
+
+
+def refresh_found_again(
+    ln: Any, artifact: Any, values: Mapping[Any, Any], run: Any, *, keep: Collection[str] = ()
+) -> None:
+    """Make a committed artifact found again by its content stand for a new save of its
+    key: linked to ``run`` and annotated with ``values`` only (the features named in
+    ``keep`` aside), in one transaction."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        _relink_run(ln, artifact, run)
+        stale = [n for n in artifact.features.get_values(external_only=True) if n not in keep]
+        if stale:
+            artifact.features.remove_values(stale)
+        if values:
+            artifact.features.add_values(dict(values))
+
+
+def _relink_run(ln: Any, artifact: Any, run: Any) -> None:
+    """Link ``artifact`` to ``run`` (None: LaminDB's current run), as a new artifact of the
+    save would be."""
+    if run is None:
+        run = ln.context.run
+    run_id = getattr(run, "id", None)
+    if artifact.run_id == run_id:
+        return
+    type(artifact).objects.filter(pk=artifact.pk).update(run_id=run_id)
+    artifact.run = run
 
 
 # Per key, for every store of this process (two callbacks may write one key, as

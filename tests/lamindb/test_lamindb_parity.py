@@ -566,6 +566,49 @@ def test_user_artifact_features_static_and_read_from_trainer(
 
 
 @modules()
+def test_a_seeded_rerun_in_its_emptied_folder_links_its_own_run_and_values(
+    ll: ModuleType, ln: Any, user_features: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded script run again (a new run, its checkpoint folder deleted in between, keys
+    without the run's uid) saves the same bytes under the same keys. The reference deletes
+    each key's artifact and makes a new one: the checkpoints belong to the second run and
+    carry its feature values only. LaminDB refuses a second artifact of one key and
+    content, so ours used the first run's artifact: it stayed linked to the first run and
+    carried both runs' values (``tier_tag`` ``["first", "second"]``)."""
+    import shutil
+
+    dirpath = tmp_path / "ckpts"
+    runs = []
+    for tag in ("first", "second"):
+        run = ln.Run(transform=ln.context.transform).save()
+        monkeypatch.setattr(ln.context, "_run", run)
+        runs.append(run)
+        shutil.rmtree(dirpath, ignore_errors=True)
+        pl.seed_everything(0, verbose=False)
+        callback = ll.Checkpoint(
+            dirpath=dirpath,
+            run_uid_is_version=False,
+            monitor="score",
+            save_top_k=-1,
+            every_n_train_steps=1,
+            features={"artifact": {"tier_tag": tag}},
+        )
+        fit(callback, tmp_path, steps=2, model=TierModel(scores=[3, 1]))
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    assert set(stored) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert {name: a.run_id for name, a in stored.items()} == dict.fromkeys(stored, runs[1].id)
+    found = {
+        name: {k: v for k, v in single(artifact_features(ln, a)).items() if k != "model_rank"}
+        for name, a in stored.items()
+    }
+    auto = {"save_weights_only": False, "monitor": "score", "mode": "min", "tier_tag": "second"}
+    assert found == {
+        "epoch=0-step=1.ckpt": {**auto, "score": 3.0, "is_best_model": False, "is_last_model": False},
+        "epoch=0-step=2.ckpt": {**auto, "score": 1.0, "is_best_model": True, "is_last_model": True},
+    }
+
+
+@modules()
 @pytest.mark.parametrize(
     ("name", "value"), [("score", 1.23), ("mode", "max"), ("is_best_model", False)]
 )
@@ -932,6 +975,23 @@ def test_direct_save_checkpoint_artifact_annotates_feature_values(
         trainer, extra, feature_values={"tier_tag": "direct"}
     )
     assert single(artifact_features(ln, artifact)) == {"tier_tag": "direct"}
+
+
+@modules()
+def test_a_direct_save_of_the_same_bytes_again_carries_the_new_values_only(
+    ll: ModuleType, ln: Any, user_features: None, no_run: None, tmp_path: Path
+) -> None:
+    """The same file saved directly twice under one key with other feature values: the
+    reference's second save replaces the first artifact, so only the second values
+    remain (ours found the first artifact again by its content and added the values)."""
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts")
+    trainer = fit(callback, tmp_path, steps=1)
+    extra = tmp_path / "extra.ckpt"
+    extra.write_bytes(b"weights")
+    callback.save_checkpoint_artifact(trainer, extra, feature_values={"tier_tag": "one"})
+    again = callback.save_checkpoint_artifact(trainer, extra, feature_values={"tier_tag": "two"})
+    assert [a.id for a in ln.Artifact.filter(key=again.key)] == [again.id]
+    assert single(artifact_features(ln, again)) == {"tier_tag": "two"}
 
 
 # -- top-k eviction, save_last -----------------------------------------------------------------
