@@ -1108,8 +1108,8 @@ _quiet_now = threading.local()
 
 @contextmanager
 def _lamindb_quiet() -> Iterator[None]:
-    """Drop LaminDB's lines below WARNING logged by this thread meanwhile ("a file/folder
-    remains here": we delete it right after)."""
+    """Drop LaminDB's info lines logged by this thread meanwhile ("a file/folder remains
+    here", at its IMPORTANT level: we delete it right after)."""
     before = getattr(_quiet_now, "active", False)
     _quiet_now.active = True
     try:
@@ -1127,13 +1127,36 @@ class _PipelineThreadsQuiet(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.threadName or ""
-        if getattr(_quiet_now, "active", False) and record.levelno < logging.WARNING:
+        if getattr(_quiet_now, "active", False) and _is_info(record):
             return False
         if not name.startswith("lamin-lightning"):
             return True
+        if _is_info(record):
+            return False
         if record.levelno > logging.WARNING:
             return True
-        return record.levelno == logging.WARNING and not _is_upload_failure(record)
+        if _is_upload_failure(record):
+            return False
+        # The same warning for every artifact ("no run & transform got linked"): once.
+        message = record.getMessage()
+        with _WARNED_LOCK:
+            if message in _WARNED:
+                return False
+            if len(_WARNED) < 1024:
+                _WARNED.add(message)
+        return True
+
+
+# LaminDB's info lines: below WARNING, and its "→" lines, logged at levels just above it
+# (IMPORTANT, IMPORTANT_HINT) so that they show at its default verbosity: "creating new
+# artifact version for key ...", "a file/folder remains here: ...".
+_LAMINDB_INFO_ABOVE_WARNING = frozenset({31, 32})
+_WARNED: set[str] = set()  # warnings of LaminDB's our threads printed (once each)
+_WARNED_LOCK = threading.Lock()
+
+
+def _is_info(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING or record.levelno in _LAMINDB_INFO_ABOVE_WARNING
 
 
 def _is_upload_failure(record: logging.LogRecord) -> bool:

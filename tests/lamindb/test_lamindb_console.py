@@ -70,3 +70,40 @@ def test_removals_print_nothing_to_the_console(ln: Any, no_run: None, tmp_path: 
     ours = [line for line in collect.lines if line[0].startswith("lamin-lightning")]
     assert [line for line in ours if line[1] < logging.WARNING] == []  # its warnings pass
     assert any("a line of the training thread" in line[2] for line in collect.lines)
+
+
+@pytest.mark.contract
+def test_lamindbs_important_lines_of_our_threads_stay_off_the_console(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """LaminDB logs some info lines at its own levels above WARNING ("→", IMPORTANT = 31,
+    IMPORTANT_HINT = 32): "creating new artifact version for key ..." at every rewrite of
+    ``last.ckpt``, and "a file/folder remains here: PATH" at every replaced or evicted
+    checkpoint (a file we delete right after). They reached the training console from our
+    worker and committer threads, one or two per checkpoint. The warning LaminDB repeats
+    for every artifact without a run ("no run & transform got linked") passes once a
+    process."""
+    from lamindb_setup import logger
+
+    collect = _Collect()
+    logger.addHandler(collect)
+    try:
+        callback = ll.Checkpoint(
+            dirpath=tmp_path / "ckpt",
+            every_n_train_steps=1,
+            save_top_k=1,
+            save_last=True,
+            monitor="score",
+            max_workers=4,
+        )
+        fit(callback, tmp_path, steps=6, model=TierModel(scores=[5, 4, 3, 2, 1, 0]))
+    finally:
+        logger.removeHandler(collect)
+    assert callback.persistence_stats.removed == 5
+    ours = [line for line in collect.lines if line[0].startswith("lamin-lightning")]
+    assert [line for line in ours if line[1] != logging.WARNING] == []
+    # At most once: once a process, so an earlier test may have printed it already.
+    assert [line[2] for line in ours] in (
+        [],
+        ["no run & transform got linked, call `ln.track()` & re-run"],
+    )
