@@ -354,6 +354,7 @@ class LaminStore:
                     _drop_interrupted(existing)
                 existing = None
             if existing is not None:
+                _out_of_the_trash(existing)
                 with self._lock:
                     self._uncommitted[id(existing)] = existing
                     self._reused.add(id(existing))
@@ -940,6 +941,19 @@ def refresh_found_again(
             artifact.features.remove_values(stale)
         if values:
             artifact.features.add_values(dict(values))
+
+
+def _out_of_the_trash(artifact: Any) -> None:
+    """Bring ``artifact`` back to the default branch if the user moved it to the trash (or
+    another branch), as LaminDB's own save of the same key and content does ("returning
+    artifact from trash with same hash & key"). A look-up by hash finds trashed rows too:
+    committed as it was, the checkpoint stayed in the trash, where ``Artifact.filter``
+    does not see it."""
+    branch_id = getattr(artifact, "branch_id", 1)
+    if branch_id == 1 or branch_id is None:
+        return
+    type(artifact).objects.filter(pk=artifact.pk).update(branch_id=1)
+    artifact.branch_id = 1
 
 
 def _relink_run(ln: Any, artifact: Any, run: Any) -> None:

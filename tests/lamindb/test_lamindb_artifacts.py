@@ -308,3 +308,44 @@ def test_concurrent_resaves_of_a_key_never_delete_the_newer_upload(
     remaining = list(ln.Artifact.filter(key=key))
     assert len(remaining) == 1
     assert stored_sha256(remaining[0]) == sha256(Path(callback.dirpath) / "last.ckpt")
+
+
+def test_a_seeded_rerun_after_its_artifacts_went_to_the_trash_is_visible_again(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """The user moves a run's checkpoint artifacts to the trash (``artifact.delete()``),
+    empties the folder and runs the seeded script again: the same bytes under the same
+    keys. LaminDB keeps the trashed rows, and its save of the same key and content
+    returns them from the trash (the reference's checkpoints are visible again). Ours
+    found the trashed row by its hash and committed it where it was: every checkpoint of
+    the rerun stayed in the trash, invisible to ``Artifact.filter``."""
+    import shutil
+
+    dirpath = tmp_path / "ckpts"
+    for attempt in range(2):
+        shutil.rmtree(dirpath, ignore_errors=True)
+        pl.seed_everything(0, verbose=False)
+        callback = ll.Checkpoint(
+            dirpath=dirpath, monitor="score", save_top_k=-1, every_n_train_steps=1
+        )
+        fit(callback, tmp_path, steps=2, model=TierModel(scores=[3, 1]))
+        assert callback.persistence_stats.failed == 0
+        if attempt == 0:
+            for artifact in ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix):
+                artifact.delete()  # to the trash
+    prefix = callback.checkpoint_key_prefix
+    stored = artifacts_under(ln, prefix)
+    assert set(stored) == {f"{prefix}/epoch=0-step=1.ckpt", f"{prefix}/epoch=0-step=2.ckpt"}
+    for key, artifact in stored.items():
+        assert storage_file(artifact).read_bytes() == (dirpath / key.rsplit("/", 1)[1]).read_bytes()
+    last = {
+        key.rsplit("/", 1)[1]: [
+            value
+            for name, value in ln.models.ArtifactJsonValue.filter(artifact_id=a.id).values_list(
+                "jsonvalue__feature__name", "jsonvalue__value"
+            )
+            if name == "is_last_model"
+        ]
+        for key, a in stored.items()
+    }
+    assert last == {"epoch=0-step=1.ckpt": [False], "epoch=0-step=2.ckpt": [True]}
