@@ -812,6 +812,10 @@ class LaminStore:
         immediate_transactions()
         self._forget_flags(key)
         with _key_lock(key):
+            if known is not None and not _still_under(known, key):
+                # The user gave it another key, trashed or deleted it meanwhile: as the
+                # reference, which looks the key up, delete only what is under the key.
+                known = None
             candidates = [known] if known is not None else self.others_under_key(key)
         if not candidates:
             return None
@@ -941,6 +945,18 @@ def refresh_found_again(
             artifact.features.remove_values(stale)
         if values:
             artifact.features.add_values(dict(values))
+
+
+def _still_under(artifact: Any, key: str) -> bool:
+    """Whether ``artifact`` still exists under ``key``, in the default branch (a look-up
+    by id alone finds trashed rows too)."""
+    artifact_id = getattr(artifact, "id", None)
+    if artifact_id is None:
+        return False
+    rows = getattr(type(artifact), "objects", None)
+    if rows is None:  # not a LaminDB record (a publisher of the user's): as it was
+        return True
+    return bool(rows.filter(id=artifact_id, key=key, branch_id=1).exists())
 
 
 def _out_of_the_trash(artifact: Any) -> None:

@@ -1140,6 +1140,71 @@ def test_flags_are_maintained_under_checkpoint_key_prefix_only(
     }
 
 
+class _AtBatchStart(pl.Callback):
+    """Calls ``action(trainer)`` at the start of training step ``step``."""
+
+    def __init__(self, step: int, action: Any) -> None:
+        self.step, self.action = step, action
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.action(trainer)
+
+
+@modules()
+@pytest.mark.parametrize("change", ["moved", "trashed", "deleted"])
+def test_an_artifact_the_user_moved_or_deleted_before_its_eviction_is_left_alone(
+    ll: ModuleType, ln: Any, no_run: None, tmp_path: Path, change: str
+) -> None:
+    """The user gives the first checkpoint's artifact another key (to keep it), moves it to
+    the trash, or deletes it, during training; Lightning then evicts that checkpoint. The
+    reference looks the evicted key up: it finds nothing, deletes nothing and tells
+    observers of the removal with no artifact. Ours deleted the artifact it had saved
+    for the key wherever it was by then: the one the user moved away to keep was lost,
+    the trashed one deleted for good, and observers were handed a deleted artifact."""
+    observer = Recorder()
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="score",
+        save_top_k=1,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+    )
+    elsewhere = f"{tmp_path}/kept/first.ckpt"
+
+    def change_first(trainer: pl.Trainer) -> None:
+        if hasattr(callback, "flush"):
+            assert callback.flush(timeout=60)
+        first = ln.Artifact.get(key=f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt")
+        if change == "moved":
+            first.key = elsewhere
+            first.save()
+        elif change == "trashed":
+            first.delete()
+        else:
+            first.delete(permanent=True)
+
+    fit(
+        callback,
+        tmp_path,
+        steps=2,
+        model=TierModel(scores=[3, 1]),
+        extra_callbacks=[_AtBatchStart(1, change_first)],
+    )
+    removed = [e for e in observer.events if type(e).__name__ == "ArtifactRemovedEvent"]
+    assert [e.key.rsplit("/", 1)[1] for e in removed] == ["epoch=0-step=1.ckpt"]
+    assert removed[0].artifact is None
+    assert set(checkpoints_under(ln, callback.checkpoint_key_prefix)) == {"epoch=0-step=2.ckpt"}
+    if change == "moved":
+        kept = ln.Artifact.get(key=elsewhere)
+        assert kept.path.exists()
+    elif change == "trashed":
+        rows = ln.Artifact.objects.filter(
+            key=f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
+        )
+        assert [a.branch_id for a in rows] == [-1]
+
+
 @modules()
 def test_removed_event_artifact_still_exists_when_observers_are_told(
     ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path
