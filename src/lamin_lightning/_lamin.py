@@ -541,6 +541,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         if kind == "checkpoint" and found_again:
             # The reference's save makes a new artifact: this save's run and values only.
             refresh_found_again(_ln(), artifact, feature_values or {}, self._run)
+            store.reread_flags()  # its flags went with its other annotations
         elif feature_values:
             artifact.features.add_values(feature_values)
         if kind == "checkpoint":

@@ -475,6 +475,13 @@ class LaminStore:
 
     # -- committer thread --------------------------------------------------------------------
 
+    def reread_flags(self) -> None:
+        """Read the flags afresh at the next commit (an artifact's annotations were
+        replaced outside of the flag writes)."""
+        with _FLAGS_LOCK:
+            for flags in self._flags.values():
+                flags.reset()
+
     def found_again(self, artifact: Any) -> bool:
         """Whether ``artifact`` is a committed one a transfer found again by its content."""
         with self._lock:
