@@ -331,7 +331,9 @@ class LaminStore:
                 raise TransientError(f"{type(error).__name__}: {error}") from error
             raise
 
-    def _committed_to_reuse(self, key: str, digest: str, *, replay: bool = True) -> Any | None:
+    def _committed_to_reuse(
+        self, key: str, digest: str, *, replay: bool = True, storage: Any = None
+    ) -> Any | None:
         """The committed artifact of ``key`` with this content, marked in flight; or None.
 
         Reused (a replay of a save committed before a crash, or the same bytes saved
@@ -341,9 +343,18 @@ class LaminStore:
         while it picks and deletes old versions: it cannot delete what was just found.
         Without this look-up lamindb found the same row itself, on insert, and the
         committer could delete it meanwhile (fits failed, FOREIGN KEY or DoesNotExist).
+
+        Only in the storage location the save goes to (``storage``, else the default):
+        one in another location (the user switched ``ln.settings.storage`` since) is an
+        older version of the key, which the commit replaces, as the reference's save
+        replaces it with an artifact in the new location.
         """
+        query = _ln().Artifact.filter(key=key, hash=digest)
+        storage_id = getattr(storage, "id", None) if storage is not None else _default_storage_id()
+        if storage_id is not None:
+            query = query.filter(storage_id=storage_id)
         with _key_lock(key):
-            existing = _ln().Artifact.filter(key=key, hash=digest).order_by("-id").first()
+            existing = query.order_by("-id").first()
             if existing is not None and getattr(existing, "_storage_ongoing", False):
                 # lamindb saves the record, uploads, then marks it complete: this one's
                 # upload is not complete. A replay's is cut short (the process died):
@@ -416,7 +427,8 @@ class LaminStore:
     def _transfer(self, record: JobRecord, path: Path) -> Any:
         _check_instance(record)
         stats = lamin_stats(path)
-        existing = self._committed_to_reuse(record.key, stats["hash"])
+        storage = self._storage_of(record)
+        existing = self._committed_to_reuse(record.key, stats["hash"], storage=storage)
         if existing is not None:
             return existing
         run = self._run_of(record.context)
@@ -427,7 +439,7 @@ class LaminStore:
             run=False if record.kind == "config" else run,
             key_is_virtual=bool(record.context.get("key_is_virtual", True)),
             stats=stats,
-            storage=self._storage_of(record),
+            storage=storage,
         )
         if record.kind == "config" and run is not None:
             from lamindb.models._lineage import track_run_inputs
@@ -952,6 +964,14 @@ def refresh_found_again(
             artifact.features.remove_values(stale)
         if values:
             artifact.features.add_values(dict(values))
+
+
+def _default_storage_id() -> int | None:
+    """The id of this process's default storage location (None if it cannot be read)."""
+    try:
+        return int(_ln().setup.settings.storage._id)
+    except Exception:
+        return None
 
 
 def _still_under(artifact: Any, key: str) -> bool:

@@ -609,6 +609,39 @@ def test_a_seeded_rerun_in_its_emptied_folder_links_its_own_run_and_values(
 
 
 @modules()
+def test_a_seeded_rerun_after_the_default_storage_changed_stores_into_the_new_one(
+    ll: ModuleType, ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """The user makes another storage location the default (``ln.settings.storage``, say
+    on moving to a bucket) and runs the seeded script again in its emptied folder: the
+    same bytes under the same keys. The reference's checkpoints go to the new location
+    (the old artifacts deleted). Ours found the old artifacts by key and content and kept
+    them, in the old location."""
+    import shutil
+
+    dirpath = tmp_path / "ckpts"
+    default = ln.settings.storage.root_as_str
+    second = str(tmp_path / "second-storage")
+    try:
+        for attempt in range(2):
+            if attempt == 1:
+                if ln.Storage.filter(root=second).one_or_none() is None:
+                    ln.Storage(root=second).save()
+                ln.settings.storage = second
+            shutil.rmtree(dirpath, ignore_errors=True)
+            pl.seed_everything(0, verbose=False)
+            callback = ll.Checkpoint(dirpath=dirpath, save_top_k=-1, every_n_train_steps=1)
+            fit(callback, tmp_path, steps=2)
+    finally:
+        ln.settings.storage = default
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    assert set(stored) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert {a.storage.root for a in stored.values()} == {second}
+    for name, artifact in stored.items():
+        assert Path(artifact.path).read_bytes() == (dirpath / name).read_bytes()
+
+
+@modules()
 @pytest.mark.parametrize(
     ("name", "value"), [("score", 1.23), ("mode", "max"), ("is_best_model", False)]
 )
