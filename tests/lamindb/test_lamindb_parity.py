@@ -603,7 +603,12 @@ def test_a_seeded_rerun_in_its_emptied_folder_links_its_own_run_and_values(
     }
     auto = {"save_weights_only": False, "monitor": "score", "mode": "min", "tier_tag": "second"}
     assert found == {
-        "epoch=0-step=1.ckpt": {**auto, "score": 3.0, "is_best_model": False, "is_last_model": False},
+        "epoch=0-step=1.ckpt": {
+            **auto,
+            "score": 3.0,
+            "is_best_model": False,
+            "is_last_model": False,
+        },
         "epoch=0-step=2.ckpt": {**auto, "score": 1.0, "is_best_model": True, "is_last_model": True},
     }
 
