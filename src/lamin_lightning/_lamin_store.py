@@ -983,20 +983,28 @@ def _still_under(artifact: Any, key: str) -> bool:
     rows = getattr(type(artifact), "objects", None)
     if rows is None:  # not a LaminDB record (a publisher of the user's): as it was
         return True
-    return bool(rows.filter(id=artifact_id, key=key, branch_id=1).exists())
+    return bool(rows.filter(id=artifact_id, key=key, branch_id=_branch_id()).exists())
+
+
+def _branch_id() -> int:
+    """The id of the branch new artifacts go to (LaminDB's main branch, 1, by default)."""
+    try:
+        return int(_ln().setup.settings.branch.id)
+    except Exception:
+        return 1
 
 
 def _out_of_the_trash(artifact: Any) -> None:
-    """Bring ``artifact`` back to the default branch if the user moved it to the trash (or
-    another branch), as LaminDB's own save of the same key and content does ("returning
-    artifact from trash with same hash & key"). A look-up by hash finds trashed rows too:
-    committed as it was, the checkpoint stayed in the trash, where ``Artifact.filter``
-    does not see it."""
-    branch_id = getattr(artifact, "branch_id", 1)
-    if branch_id == 1 or branch_id is None:
+    """Bring ``artifact`` back to the branch new artifacts go to if the user moved it to
+    the trash (or the archive, another branch), as LaminDB's own save of the same key and
+    content does ("returning artifact from trash with same hash & key"). A look-up by
+    hash finds trashed rows too: committed as it was, the checkpoint stayed in the
+    trash, where ``Artifact.filter`` does not see it."""
+    branch_id, wanted = getattr(artifact, "branch_id", None), _branch_id()
+    if branch_id is None or branch_id == wanted:
         return
-    type(artifact).objects.filter(pk=artifact.pk).update(branch_id=1)
-    artifact.branch_id = 1
+    type(artifact).objects.filter(pk=artifact.pk).update(branch_id=wanted)
+    artifact.branch_id = wanted
 
 
 def _relink_run(ln: Any, artifact: Any, run: Any) -> None:
