@@ -1687,3 +1687,74 @@ def test_an_eviction_whose_name_a_later_checkpoint_reuses_is_removed_as_without_
     assert removed[True] == removed[False]
     assert stored[True] == stored[False]
     assert "was never written" not in caplog.text
+
+
+class _InterruptAt(TinyModel):
+    """Raises KeyboardInterrupt (Ctrl+C) in training step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.interrupt_at = step
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+class _StartStep(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+@pytest.mark.parametrize("kind", ["model_checkpoint", "ours"])
+def test_fit_last_right_after_ctrl_c_resumes_from_a_last_ckpt_still_being_written(
+    kind: str, save_last: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C in step 1, while the background write of the first ``last.ckpt`` (or the file
+    its link names) still runs: ``fit`` returns (Lightning's SystemExit, caught as in a
+    notebook) and the write goes on. A ``fit(ckpt_path="last")`` right away resumes at step
+    1, as with ``ModelCheckpoint``, which wrote the file before the interrupt. Lightning
+    looks for ``last.ckpt`` before ``setup`` (whose replay waits for such writes): it found
+    none, warned "no last checkpoint available" and trained from step 0."""
+    dirpath = tmp_path / "ckpt"
+    released = threading.Event()
+    write = _local_write.save_snapshot
+
+    def slow_write(archive: Any, handle: Any) -> None:  # a large checkpoint, a slow disk
+        released.wait(TIMEOUT)
+        write(archive, handle)
+
+    monkeypatch.setattr(_local_write, "save_snapshot", slow_write)
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "every_n_train_steps": 1,
+        "save_top_k": -1,
+        "save_last": save_last,
+    }
+    callback: ModelCheckpoint = (
+        ModelCheckpoint(**options)
+        if kind == "model_checkpoint"
+        else async_callback(MemoryStore(), **options, max_snapshots=2)  # type: ignore[arg-type]
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, [callback], max_steps=4).fit(_InterruptAt(1), loader(4))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after Ctrl+C
+    releaser = threading.Timer(0.5, released.set)  # the write ends after the lookup began
+    releaser.start()
+    started = _StartStep()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer(tmp_path, [callback, started], max_steps=3)
+            trainer.fit(TinyModel(), loader(4), ckpt_path="last")
+    finally:
+        released.set()
+        releaser.cancel()
+    assert not [w for w in caught if "no last checkpoint" in str(w.message)]
+    assert started.step == 1
+    assert trainer.global_step == 3

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -68,6 +69,7 @@ from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
 )
+from lamin_lightning._names import taken_in, wait_until_written
 from lamin_lightning._options import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -80,6 +82,7 @@ from lamin_lightning._options import (
     validate_retry,
 )
 from lamin_lightning._pipeline import PendingJob
+from lamin_lightning._replay import WAIT_FOR_WRITES_IN_FLIGHT_S
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
@@ -267,8 +270,40 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         folder = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         # Every rank (they may share the folder; restorers take turns, see _aside).
         if folder and "://" not in str(folder):
+            self._wait_for_last_writes(folder)
             put_back_leftovers(folder)
         return super()._find_last_checkpoints(trainer)
+
+    def _wait_for_last_writes(self, folder: Any) -> None:
+        """Wait (up to ``WAIT_FOR_WRITES_IN_FLIGHT_S``) for a ``last`` checkpoint (or its
+        link) that a background write of this process is still creating in ``folder``.
+
+        After Ctrl+C, ``fit`` returns while such a write finishes (see failures.md): a
+        ``fit(ckpt_path="last")`` right away would find no ``last.ckpt`` yet and start
+        over, where ``ModelCheckpoint``, which wrote it before the interrupt, resumes.
+        """
+        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?")
+        busy = {
+            name
+            for name in taken_in(folder)
+            if name.endswith(self.FILE_EXTENSION)
+            and pattern.match(Path(name).name[: -len(self.FILE_EXTENSION)])
+        }
+        if not busy:
+            return
+        log.info(
+            "lamin-lightning: waiting for %s, still being written in the background, before"
+            " looking for the last checkpoint",
+            ", ".join(sorted(busy)),
+        )
+        left = wait_until_written(busy, WAIT_FOR_WRITES_IN_FLIGHT_S)
+        if left:
+            log.warning(
+                "lamin-lightning: %s still being written after %.0f s; looking for the last"
+                " checkpoint without it",
+                ", ".join(sorted(left)),
+                WAIT_FOR_WRITES_IN_FLIGHT_S,
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -51,6 +51,14 @@ def wait_until_written(paths: Iterable[str | os.PathLike[str]], timeout: float) 
             _names_released.wait(left)
 
 
+def taken_in(folder: str | os.PathLike[str]) -> set[str]:
+    """The absolute paths directly in ``folder`` that a background write of this process is
+    creating right now."""
+    base = os.path.abspath(folder)
+    with _names_lock:
+        return {name for name in _names_taken if os.path.dirname(name) == base}
+
+
 def name_taken(filepath: str | os.PathLike[str]) -> bool:
     """Whether a background write of this process is creating ``filepath`` right now.
 
