@@ -1758,3 +1758,48 @@ def test_fit_last_right_after_ctrl_c_resumes_from_a_last_ckpt_still_being_writte
     assert not [w for w in caught if "no last checkpoint" in str(w.message)]
     assert started.step == 1
     assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize("outbox", [True, False])
+def test_test_best_right_after_ctrl_c_loads_the_best_file_still_being_written(
+    outbox: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with ``trainer.test(ckpt_path="best")`` right after Ctrl+C: Lightning loads
+    the file after ``setup``, whose replay of the outbox waits for the write. With
+    ``outbox=False`` there was no replay and nothing waited: ``FileNotFoundError``, where
+    ``ModelCheckpoint`` had written the file before the interrupt."""
+    dirpath = tmp_path / "ckpt"
+    released = threading.Event()
+    write = _local_write.save_snapshot
+
+    def slow_write(archive: Any, handle: Any) -> None:
+        released.wait(TIMEOUT)
+        write(archive, handle)
+
+    monkeypatch.setattr(_local_write, "save_snapshot", slow_write)
+    callback = async_callback(
+        MemoryStore(), dirpath, monitor="score", save_top_k=1, max_snapshots=2, outbox=outbox
+    )
+
+    class Interrupted(_InterruptAt):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            self.log("score", 1.0)
+            return super().training_step(batch, batch_idx)
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, [callback], max_steps=4).fit(Interrupted(1), loader(4))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=1.ckpt")
+    releaser = threading.Timer(0.5, released.set)
+    releaser.start()
+    try:
+        (result,) = make_trainer(tmp_path, [callback]).test(
+            TinyModel(), loader(2), ckpt_path="best", verbose=False
+        )
+    finally:
+        released.set()
+        releaser.cancel()
+    assert "test_loss" in result

@@ -254,6 +254,11 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             submitter.check_free_space(root, _state_bytes(pl_module), self.dirpath)
             if self.dirpath:  # a crash mid-rewrite: the previous checkpoint comes back
                 put_back_leftovers(self.dirpath)
+                if not self.outbox:
+                    # Lightning loads ckpt_path ("best", a path) after setup: a write an
+                    # interrupted fit left running finishes first. With the outbox, the
+                    # replay below waits for it (every such write has a journaled job).
+                    self._wait_for_writes(self.dirpath, "before this stage loads a checkpoint")
             if stage == "fit":
                 submitter.ensure_pipeline()
             self._left_in_outbox = []  # replayed now, with the rest of the outbox
@@ -275,32 +280,41 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         return super()._find_last_checkpoints(trainer)
 
     def _wait_for_last_writes(self, folder: Any) -> None:
-        """Wait (up to ``WAIT_FOR_WRITES_IN_FLIGHT_S``) for a ``last`` checkpoint (or its
-        link) that a background write of this process is still creating in ``folder``.
+        """Wait for a ``last`` checkpoint (or its link) that a background write of this
+        process is still creating in ``folder`` (see :meth:`_wait_for_writes`).
 
         After Ctrl+C, ``fit`` returns while such a write finishes (see failures.md): a
         ``fit(ckpt_path="last")`` right away would find no ``last.ckpt`` yet and start
         over, where ``ModelCheckpoint``, which wrote it before the interrupt, resumes.
         """
         pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?")
-        busy = {
-            name
-            for name in taken_in(folder)
-            if name.endswith(self.FILE_EXTENSION)
-            and pattern.match(Path(name).name[: -len(self.FILE_EXTENSION)])
-        }
+        self._wait_for_writes(
+            folder,
+            "before looking for the last checkpoint",
+            lambda name: (
+                name.endswith(self.FILE_EXTENSION)
+                and bool(pattern.match(Path(name).name[: -len(self.FILE_EXTENSION)]))
+            ),
+        )
+
+    @staticmethod
+    def _wait_for_writes(
+        folder: Any, why: str, wanted: Callable[[str], bool] | None = None
+    ) -> None:
+        """Wait (up to ``WAIT_FOR_WRITES_IN_FLIGHT_S``) until no background write of this
+        process creates a file directly in ``folder`` (one ``wanted`` accepts)."""
+        busy = {name for name in taken_in(folder) if wanted is None or wanted(name)}
         if not busy:
             return
         log.info(
-            "lamin-lightning: waiting for %s, still being written in the background, before"
-            " looking for the last checkpoint",
+            "lamin-lightning: waiting for %s, still being written in the background, %s",
             ", ".join(sorted(busy)),
+            why,
         )
         left = wait_until_written(busy, WAIT_FOR_WRITES_IN_FLIGHT_S)
         if left:
             log.warning(
-                "lamin-lightning: %s still being written after %.0f s; looking for the last"
-                " checkpoint without it",
+                "lamin-lightning: %s still being written after %.0f s; going on without it",
                 ", ".join(sorted(left)),
                 WAIT_FOR_WRITES_IN_FLIGHT_S,
             )
