@@ -48,6 +48,7 @@ from lamin_lightning import (
     PersistenceError,
     RetryPolicy,
     _local_write,
+    _names,
 )
 from lamin_lightning._local_write import Snapshotter, save_snapshot
 from lamin_lightning._staging import staging_root
@@ -1690,7 +1691,7 @@ def test_an_eviction_whose_name_a_later_checkpoint_reuses_is_removed_as_without_
 
 
 class _InterruptAt(TinyModel):
-    """Raises KeyboardInterrupt (Ctrl+C) in training step ``step``."""
+    """Logs ``score`` 1.0 and raises KeyboardInterrupt (Ctrl+C) in training step ``step``."""
 
     def __init__(self, step: int) -> None:
         super().__init__()
@@ -1699,6 +1700,7 @@ class _InterruptAt(TinyModel):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         if self.global_step == self.interrupt_at:
             raise KeyboardInterrupt
+        self.log("score", 1.0)
         return super().training_step(batch, batch_idx)
 
 
@@ -1707,23 +1709,33 @@ class _StartStep(pl.Callback):
         self.step = trainer.global_step
 
 
-@pytest.mark.parametrize("save_last", [True, "link"])
+def _fit_interrupted_at_step_1(tmp_path: Path, callback: ModelCheckpoint) -> None:
+    """A fit that Ctrl+C stops in step 1 (Lightning's SystemExit caught, as in a notebook)."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, [callback], max_steps=4).fit(_InterruptAt(1), loader(4))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after Ctrl+C
+
+
+@pytest.mark.parametrize("save_on_exception", [False, True])
 @pytest.mark.parametrize("kind", ["model_checkpoint", "ours"])
-def test_fit_last_right_after_ctrl_c_resumes_from_a_last_ckpt_still_being_written(
-    kind: str, save_last: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_after_ctrl_c_the_checkpoints_lightning_saved_are_on_disk_when_fit_returns(
+    kind: str, save_on_exception: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl+C in step 1, while the background write of the first ``last.ckpt`` (or the file
-    its link names) still runs: ``fit`` returns (Lightning's SystemExit, caught as in a
-    notebook) and the write goes on. A ``fit(ckpt_path="last")`` right away resumes at step
-    1, as with ``ModelCheckpoint``, which wrote the file before the interrupt. Lightning
-    looks for ``last.ckpt`` before ``setup`` (whose replay waits for such writes): it found
-    none, warned "no last checkpoint available" and trained from step 0."""
+    """Ctrl+C in step 1 while the background writes of step 1's checkpoint and of
+    ``last.ckpt`` still run (a large checkpoint, a slow disk): when ``fit`` returns (its
+    SystemExit), both files exist, as ``ModelCheckpoint`` leaves them, and
+    ``fit(ckpt_path="last")`` resumes at step 1. The writes used to go on after ``fit``
+    returned, on daemon threads: in a script the process then exited and killed them, so
+    ``last.ckpt`` was never written (seen with a real script), and in a notebook a
+    ``fit(ckpt_path="last")`` right away found no ``last.ckpt`` yet and trained from step 0."""
     dirpath = tmp_path / "ckpt"
-    released = threading.Event()
     write = _local_write.save_snapshot
 
-    def slow_write(archive: Any, handle: Any) -> None:  # a large checkpoint, a slow disk
-        released.wait(TIMEOUT)
+    def slow_write(archive: Any, handle: Any) -> None:
+        time.sleep(1.0)  # the process exit would come well before
         write(archive, handle)
 
     monkeypatch.setattr(_local_write, "save_snapshot", slow_write)
@@ -1731,75 +1743,81 @@ def test_fit_last_right_after_ctrl_c_resumes_from_a_last_ckpt_still_being_writte
         "dirpath": dirpath,
         "every_n_train_steps": 1,
         "save_top_k": -1,
-        "save_last": save_last,
+        "save_last": True,
+        "save_on_exception": save_on_exception,
     }
     callback: ModelCheckpoint = (
         ModelCheckpoint(**options)
         if kind == "model_checkpoint"
         else async_callback(MemoryStore(), **options, max_snapshots=2)  # type: ignore[arg-type]
     )
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            make_trainer(tmp_path, [callback], max_steps=4).fit(_InterruptAt(1), loader(4))
-    finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after Ctrl+C
-    releaser = threading.Timer(0.5, released.set)  # the write ends after the lookup began
-    releaser.start()
+    _fit_interrupted_at_step_1(tmp_path, callback)
+    # At once, as the process's exit would come: no wait for anything.
+    assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt", "last.ckpt"}
+    assert load(dirpath / "last.ckpt")["global_step"] == 1
     started = _StartStep()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer = make_trainer(tmp_path, [callback, started], max_steps=3)
-            trainer.fit(TinyModel(), loader(4), ckpt_path="last")
-    finally:
-        released.set()
-        releaser.cancel()
-    assert not [w for w in caught if "no last checkpoint" in str(w.message)]
+    trainer = make_trainer(tmp_path, [callback, started], max_steps=3)
+    trainer.fit(TinyModel(), loader(4), ckpt_path="last")
     assert started.step == 1
     assert trainer.global_step == 3
 
 
-@pytest.mark.parametrize("outbox", [True, False])
-def test_test_best_right_after_ctrl_c_loads_the_best_file_still_being_written(
-    outbox: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As above, with ``trainer.test(ckpt_path="best")`` right after Ctrl+C: Lightning loads
-    the file after ``setup``, whose replay of the outbox waits for the write. With
-    ``outbox=False`` there was no replay and nothing waited: ``FileNotFoundError``, where
-    ``ModelCheckpoint`` had written the file before the interrupt."""
-    dirpath = tmp_path / "ckpt"
-    released = threading.Event()
-    write = _local_write.save_snapshot
+@contextmanager
+def _still_being_written(path: Path, seconds: float = 0.5) -> Iterator[None]:
+    """As if a background write of this process were still creating ``path`` (a link
+    too): the file is away and its name taken, for ``seconds``."""
+    away = path.with_name(path.name + ".away")
+    path.rename(away)
+    _names.take_name(path)
 
-    def slow_write(archive: Any, handle: Any) -> None:
-        released.wait(TIMEOUT)
-        write(archive, handle)
+    def back() -> None:
+        away.rename(path)
+        _names.release_name(path)
 
-    monkeypatch.setattr(_local_write, "save_snapshot", slow_write)
-    callback = async_callback(
-        MemoryStore(), dirpath, monitor="score", save_top_k=1, max_snapshots=2, outbox=outbox
-    )
-
-    class Interrupted(_InterruptAt):
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            self.log("score", 1.0)
-            return super().training_step(batch, batch_idx)
-
-    handler = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(seconds, back)
+    timer.start()
     try:
-        with pytest.raises(SystemExit):
-            make_trainer(tmp_path, [callback], max_steps=4).fit(Interrupted(1), loader(4))
+        yield
     finally:
-        signal.signal(signal.SIGINT, handler)
-    assert callback.best_model_path == str(dirpath / "epoch=0-step=1.ckpt")
-    releaser = threading.Timer(0.5, released.set)
-    releaser.start()
-    try:
+        timer.join()
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_the_last_checkpoint_lookup_waits_for_a_last_ckpt_this_process_still_writes(
+    save_last: Any, tmp_path: Path
+) -> None:
+    """Lightning looks for ``last.ckpt`` (``ckpt_path="last"``) before ``setup``, whose
+    replay waits for writes this process still runs: the lookup waits too, or it finds no
+    ``last.ckpt`` yet and the fit trains from step 0 ("no last checkpoint available").
+    Before ``on_exception`` finished the writes, a Ctrl+C left such a write running."""
+    dirpath = tmp_path / "ckpt"
+    callback = async_callback(MemoryStore(), dirpath, save_last=save_last)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+    started = _StartStep()
+    trainer = make_trainer(tmp_path, [callback, started], max_steps=3)
+    last = dirpath / "last.ckpt"
+    with _still_being_written(last), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyModel(), loader(4), ckpt_path="last")
+    assert not [w for w in caught if "no last checkpoint" in str(w.message)]
+    assert started.step == 2
+
+
+@pytest.mark.parametrize("outbox", [True, False])
+def test_setup_waits_for_the_best_file_this_process_still_writes_without_the_outbox_too(
+    outbox: bool, tmp_path: Path
+) -> None:
+    """Lightning loads ``ckpt_path="best"`` after ``setup``, which waits for a write this
+    process still runs in ``dirpath``. Only the outbox's replay waited, for the files of
+    journaled jobs: with ``outbox=False`` nothing waited, and
+    ``trainer.test(ckpt_path="best")`` raised ``FileNotFoundError``."""
+    dirpath = tmp_path / "ckpt"
+    callback = async_callback(MemoryStore(), dirpath, monitor="score", save_top_k=1, outbox=outbox)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(scores=[2.0, 1.0]), loader(2))
+    best = Path(callback.best_model_path)
+    assert best.name == "epoch=0-step=2.ckpt"
+    with _still_being_written(best):
         (result,) = make_trainer(tmp_path, [callback]).test(
             TinyModel(), loader(2), ckpt_path="best", verbose=False
         )
-    finally:
-        released.set()
-        releaser.cancel()
     assert "test_loss" in result

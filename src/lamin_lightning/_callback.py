@@ -254,11 +254,10 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             submitter.check_free_space(root, _state_bytes(pl_module), self.dirpath)
             if self.dirpath:  # a crash mid-rewrite: the previous checkpoint comes back
                 put_back_leftovers(self.dirpath)
-                if not self.outbox:
-                    # Lightning loads ckpt_path ("best", a path) after setup: a write an
-                    # interrupted fit left running finishes first. With the outbox, the
-                    # replay below waits for it (every such write has a journaled job).
-                    self._wait_for_writes(self.dirpath, "before this stage loads a checkpoint")
+                # Lightning loads ckpt_path ("best", a path) after setup: a write this
+                # process still runs in dirpath finishes first (the replay below waits
+                # only for journaled jobs' files, and with outbox=False for none).
+                self._wait_for_writes(self.dirpath, "before this stage loads a checkpoint")
             if stage == "fit":
                 submitter.ensure_pipeline()
             self._left_in_outbox = []  # replayed now, with the rest of the outbox
@@ -346,6 +345,13 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             log.exception("saving a checkpoint on exception failed")
         finally:
             self._saving_on_exception = False
+        # The checkpoints Lightning saved are on disk when fit returns, as ModelCheckpoint
+        # writes them: a background write not done yet is finished here (after Ctrl+C too,
+        # which does not wait for uploads). In a script the process exits next, and its
+        # (daemon) write thread would die with it: the file, last.ckpt say, never written.
+        for write in self._evictions.unfinished():
+            if isinstance(write, HostWrite):
+                _write_now(write)
         try:
             # Ctrl+C: stop now (Lightning ignores a second Ctrl+C while this runs, so a
             # wait could not be cut short); what is pending stays journaled, with its

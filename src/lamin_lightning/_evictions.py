@@ -96,6 +96,10 @@ class Evictions:
         """Whether background writes are remembered (finished ones until taken)."""
         return bool(self._writes)
 
+    def unfinished(self) -> list[BackgroundWrite]:
+        """The background writes not finished yet, oldest first."""
+        return [w.write for w in self._writes if not w.write.done()]
+
     def saving(self) -> None:
         """A new file is being saved: evictions from now on are made in its favour."""
         self._current = None
