@@ -349,10 +349,13 @@ class LaminStore:
         older version of the key, which the commit replaces, as the reference's save
         replaces it with an artifact in the new location.
         """
-        query = _ln().Artifact.filter(key=key, hash=digest)
         storage_id = getattr(storage, "id", None) if storage is not None else _default_storage_id()
+        where: dict[str, Any] = {"key": key, "hash": digest}
         if storage_id is not None:
-            query = query.filter(storage_id=storage_id)
+            where["storage_id"] = storage_id
+        # One filter call: with the hash in it, LaminDB looks in every branch (the trash
+        # too); a second .filter() would add its default branch filter back.
+        query = _ln().Artifact.filter(**where)
         with _key_lock(key):
             existing = query.order_by("-id").first()
             if existing is not None and getattr(existing, "_storage_ongoing", False):

@@ -14,7 +14,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lamindb_tier import TierModel, artifacts_under, fit, storage_file, stored_sha256
+from lamindb_tier import (
+    TierModel,
+    artifacts_under,
+    fit,
+    storage_file,
+    stored_sha256,
+)
 from lightning.pytorch.loggers import CSVLogger
 
 import lamin_lightning as ll
@@ -349,3 +355,64 @@ def test_a_seeded_rerun_after_its_artifacts_went_to_the_trash_is_visible_again(
         for key, a in stored.items()
     }
     assert last == {"epoch=0-step=1.ckpt": [False], "epoch=0-step=2.ckpt": [True]}
+
+
+def _seeded_runs(
+    ln: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    between: Any = None,
+    second: dict[str, Any] | None = None,
+    **options: Any,
+) -> tuple[list[Any], ll.Checkpoint]:
+    """The same seeded fit twice in an emptied folder, each in a new run (``between``
+    called with the first callback; ``second``: options of the second callback instead);
+    return the runs and the second callback."""
+    import shutil
+
+    dirpath = tmp_path / "ckpts"
+    runs: list[Any] = []
+    callback: ll.Checkpoint | None = None
+    for attempt in range(2):
+        if attempt == 1 and between is not None:
+            between(callback)
+        run = ln.Run(transform=ln.context.transform).save()
+        monkeypatch.setattr(ln.context, "_run", run)
+        runs.append(run)
+        shutil.rmtree(dirpath, ignore_errors=True)
+        pl.seed_everything(0, verbose=False)
+        callback = ll.Checkpoint(
+            dirpath=dirpath,
+            run_uid_is_version=False,
+            monitor="score",
+            save_top_k=-1,
+            every_n_train_steps=1,
+            **(second if attempt == 1 and second is not None else options),
+        )
+        fit(callback, tmp_path, steps=2, model=TierModel(scores=[3, 1]))
+        if attempt == 0 or second is None:
+            assert callback.persistence_stats.failed == 0
+    assert callback is not None
+    return runs, callback
+
+
+def test_a_seeded_rerun_after_its_artifacts_went_to_the_trash_links_its_own_run(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trashed artifacts of a seeded run, found again by the rerun's same bytes, come
+    back from the trash linked to the rerun's run, as every other artifact found again.
+    The look-up by content also filtered by storage location, which brought LaminDB's
+    default branch filter back: a trashed row was never found, LaminDB's own insert then
+    returned it from the trash, and it stayed linked to the first run."""
+
+    def trash(callback: ll.Checkpoint) -> None:
+        for artifact in ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix):
+            artifact.delete()  # to the trash
+
+    runs, callback = _seeded_runs(ln, tmp_path, monkeypatch, between=trash)
+    prefix = callback.checkpoint_key_prefix
+    stored = artifacts_under(ln, prefix)
+    assert set(stored) == {f"{prefix}/epoch=0-step=1.ckpt", f"{prefix}/epoch=0-step=2.ckpt"}
+    assert {a.run_id for a in stored.values()} == {runs[1].id}
+    everywhere = ln.Artifact.objects.filter(key__startswith=prefix + "/")
+    assert sorted(everywhere.values_list("branch_id", flat=True)) == [1, 1]
