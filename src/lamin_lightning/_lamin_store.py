@@ -625,9 +625,10 @@ class LaminStore:
                 refresh_found_again(ln, artifact, plain, run, keep=FLAG_FEATURES)
                 return ()
             except Exception as error:
+                # Still marked found again (the transaction rolled it back): a retried
+                # commit refreshes it again, and the clean-up of a commit that failed for
+                # good keeps it (abandon_artifact), as committed before: not ours to delete.
                 if self._retry.is_transient(error) or not replay:
-                    if not replay:
-                        self.settle(artifact)  # committed before: not ours to delete
                     raise
         if not plain:
             return ()

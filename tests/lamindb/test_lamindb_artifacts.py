@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 from lamindb_tier import (
     TierModel,
+    artifact_features,
     artifacts_under,
     fit,
     storage_file,
@@ -416,3 +417,28 @@ def test_a_seeded_rerun_after_its_artifacts_went_to_the_trash_links_its_own_run(
     assert {a.run_id for a in stored.values()} == {runs[1].id}
     everywhere = ln.Artifact.objects.filter(key__startswith=prefix + "/")
     assert sorted(everywhere.values_list("branch_id", flat=True)) == [1, 1]
+
+
+def test_a_found_again_artifact_whose_new_values_are_refused_is_kept(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded rerun whose feature value LaminDB refuses (an int for a str feature): its
+    checkpoints fail, and the artifacts they found again by their bytes, the first run's,
+    stay as they were. The refused commit forgot that its artifact was found again, so
+    the clean-up of a failed commit deleted the first run's checkpoints."""
+    if not ln.Feature.filter(name="tier_tag").exists():
+        ln.Feature(name="tier_tag", dtype=str).save()
+    runs, callback = _seeded_runs(
+        ln,
+        tmp_path,
+        monkeypatch,
+        features={"artifact": {"tier_tag": "first"}},
+        second={"features": {"artifact": {"tier_tag": 5}}, "on_error": "warn"},
+    )
+    assert callback.persistence_stats.failed == 2
+    stored = artifacts_under(ln, callback.checkpoint_key_prefix)
+    assert len(stored) == 2
+    assert {a.run_id for a in stored.values()} == {runs[0].id}
+    for artifact in stored.values():
+        assert storage_file(artifact).exists()
+        assert artifact_features(ln, artifact)["tier_tag"] == ["first"]
