@@ -1016,10 +1016,9 @@ def _relink_run(ln: Any, artifact: Any, run: Any) -> None:
     save would be."""
     if run is None:
         run = ln.context.run
-    run_id = getattr(run, "id", None)
-    if artifact.run_id == run_id:
-        return
-    type(artifact).objects.filter(pk=artifact.pk).update(run_id=run_id)
+    # Written even where this copy says it is linked already: a transaction that failed
+    # after this (a retried commit) rolled the row back, not the copy.
+    type(artifact).objects.filter(pk=artifact.pk).update(run_id=getattr(run, "id", None))
     artifact.run = run
 
 

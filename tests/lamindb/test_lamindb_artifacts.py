@@ -419,6 +419,37 @@ def test_a_seeded_rerun_after_its_artifacts_went_to_the_trash_links_its_own_run(
     assert sorted(everywhere.values_list("branch_id", flat=True)) == [1, 1]
 
 
+def test_a_found_again_artifact_whose_refresh_failed_once_links_the_rerun(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient failure (a locked database) in the transaction that moves a found-again
+    artifact to the rerun's run rolls the move back; the retried commit moves it again.
+    It used to see the run already set on its copy of the artifact and skip the move: the
+    checkpoint stayed linked to the first run."""
+    from django.db.utils import OperationalError
+
+    from lamin_lightning import _lamin_store
+
+    relink = _lamin_store._relink_run
+    failed: list[int] = []
+
+    def relink_then_fail(ln_: Any, artifact: Any, run: Any) -> None:
+        relink(ln_, artifact, run)
+        if not failed:
+            failed.append(artifact.id)
+            raise OperationalError("database is locked (injected)")
+
+    def arm(callback: ll.Checkpoint) -> None:
+        monkeypatch.setattr(_lamin_store, "_relink_run", relink_then_fail)
+
+    runs, callback = _seeded_runs(
+        ln, tmp_path, monkeypatch, between=arm, retry=ll.RetryPolicy.no_delay()
+    )
+    assert failed and callback.persistence_stats.retried >= 1
+    stored = artifacts_under(ln, callback.checkpoint_key_prefix)
+    assert {a.run_id for a in stored.values()} == {runs[1].id}
+
+
 def test_a_found_again_artifact_whose_new_values_are_refused_is_kept(
     ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
