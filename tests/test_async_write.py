@@ -47,6 +47,7 @@ from lamin_lightning import (
     ArtifactSavedEvent,
     PersistenceError,
     RetryPolicy,
+    _callback,
     _local_write,
     _names,
 )
@@ -1763,28 +1764,40 @@ def test_after_ctrl_c_the_checkpoints_lightning_saved_are_on_disk_when_fit_retur
 
 
 @contextmanager
-def _still_being_written(path: Path, seconds: float = 0.5) -> Iterator[None]:
+def _still_being_written(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """As if a background write of this process were still creating ``path`` (a link
-    too): the file is away and its name taken, for ``seconds``."""
+    too): the file is away and its name taken until the callback waits for written files
+    (then the write finishes, on another thread), or else until the block ends."""
     away = path.with_name(path.name + ".away")
     path.rename(away)
     _names.take_name(path)
+    lock, threads = threading.Lock(), list[threading.Thread]()
 
     def back() -> None:
-        away.rename(path)
-        _names.release_name(path)
+        with lock:
+            if os.path.lexists(away):
+                away.rename(path)
+                _names.release_name(path)
 
-    timer = threading.Timer(seconds, back)
-    timer.start()
+    wait = _callback.wait_until_written
+
+    def finish_while_waiting(paths: Any, timeout: float) -> set[str]:
+        threads.append(threading.Thread(target=back))
+        threads[-1].start()
+        return wait(paths, timeout)
+
+    monkeypatch.setattr(_callback, "wait_until_written", finish_while_waiting)
     try:
         yield
     finally:
-        timer.join()
+        for thread in threads:
+            thread.join()
+        back()
 
 
 @pytest.mark.parametrize("save_last", [True, "link"])
 def test_the_last_checkpoint_lookup_waits_for_a_last_ckpt_this_process_still_writes(
-    save_last: Any, tmp_path: Path
+    save_last: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lightning looks for ``last.ckpt`` (``ckpt_path="last"``) before ``setup``, whose
     replay waits for writes this process still runs: the lookup waits too, or it finds no
@@ -1796,7 +1809,10 @@ def test_the_last_checkpoint_lookup_waits_for_a_last_ckpt_this_process_still_wri
     started = _StartStep()
     trainer = make_trainer(tmp_path, [callback, started], max_steps=3)
     last = dirpath / "last.ckpt"
-    with _still_being_written(last), warnings.catch_warnings(record=True) as caught:
+    with (
+        _still_being_written(last, monkeypatch),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         trainer.fit(TinyModel(), loader(4), ckpt_path="last")
     assert not [w for w in caught if "no last checkpoint" in str(w.message)]
@@ -1805,7 +1821,7 @@ def test_the_last_checkpoint_lookup_waits_for_a_last_ckpt_this_process_still_wri
 
 @pytest.mark.parametrize("outbox", [True, False])
 def test_setup_waits_for_the_best_file_this_process_still_writes_without_the_outbox_too(
-    outbox: bool, tmp_path: Path
+    outbox: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lightning loads ``ckpt_path="best"`` after ``setup``, which waits for a write this
     process still runs in ``dirpath``. Only the outbox's replay waited, for the files of
@@ -1816,7 +1832,7 @@ def test_setup_waits_for_the_best_file_this_process_still_writes_without_the_out
     make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(scores=[2.0, 1.0]), loader(2))
     best = Path(callback.best_model_path)
     assert best.name == "epoch=0-step=2.ckpt"
-    with _still_being_written(best):
+    with _still_being_written(best, monkeypatch):
         (result,) = make_trainer(tmp_path, [callback]).test(
             TinyModel(), loader(2), ckpt_path="best", verbose=False
         )
