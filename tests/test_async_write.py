@@ -1837,3 +1837,50 @@ def test_setup_waits_for_the_best_file_this_process_still_writes_without_the_out
             TinyModel(), loader(2), ckpt_path="best", verbose=False
         )
     assert "test_loss" in result
+
+
+class _CrashAt(TinyModel):
+    """Raises RuntimeError in training step ``step`` (a crash, not Ctrl+C)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.crash_at = step
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == self.crash_at:
+            raise RuntimeError("crashed")
+        return super().training_step(batch, batch_idx)
+
+
+def test_ctrl_c_while_on_exception_finishes_a_write_still_stops_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training crashes; while ``on_exception`` finishes a background write, the user
+    presses Ctrl+C (after a crash, Lightning does not ignore it). The interrupt goes on,
+    and the pipeline is still stopped: its threads end. The interrupt left
+    ``on_exception`` before its shutdown, so in a notebook the pipeline's threads ran on."""
+    before = {t for t in threading.enumerate() if t.name.startswith("lamin-lightning")}
+    gate = threading.Event()  # the writes wait for on_exception
+    calls: list[str] = []
+
+    def interrupted(write: Any) -> None:
+        calls.append(write.filepath)
+        gate.set()
+        raise KeyboardInterrupt
+
+    write = _local_write.save_snapshot
+
+    def held_write(archive: Any, handle: Any) -> None:
+        gate.wait(TIMEOUT)
+        write(archive, handle)
+
+    monkeypatch.setattr(_local_write, "save_snapshot", held_write)
+    monkeypatch.setattr(_callback, "_write_now", interrupted)
+    callback = async_callback(MemoryStore(), tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, [callback], max_steps=4).fit(_CrashAt(1), loader(4))
+    assert calls  # the interrupt came during the wait for a write
+    now = {t for t in threading.enumerate() if t.name.startswith("lamin-lightning")}
+    for thread in now - before:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), thread.name

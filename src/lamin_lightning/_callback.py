@@ -345,19 +345,29 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             log.exception("saving a checkpoint on exception failed")
         finally:
             self._saving_on_exception = False
-        # The checkpoints Lightning saved are on disk when fit returns, as ModelCheckpoint
-        # writes them: a background write not done yet is finished here (after Ctrl+C too,
-        # which does not wait for uploads). In a script the process exits next, and its
-        # (daemon) write thread would die with it: the file, last.ckpt say, never written.
-        for write in self._evictions.unfinished():
-            if isinstance(write, HostWrite):
-                _write_now(write)
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        try:
+            # The checkpoints Lightning saved are on disk when fit returns, as
+            # ModelCheckpoint writes them: a background write not done yet is finished
+            # here (after Ctrl+C too, which does not wait for uploads). In a script the
+            # process exits next, and its (daemon) write thread would die with it: the
+            # file, last.ckpt say, never written.
+            for write in self._evictions.unfinished():
+                if isinstance(write, HostWrite):
+                    _write_now(write)
+        except KeyboardInterrupt:  # after a crash, Ctrl+C is not ignored: it goes on,
+            interrupted = True  # once the pipeline is stopped
+            raise
+        finally:
+            self._stop_after_exception(trainer, interrupted)
+
+    def _stop_after_exception(self, trainer: pl.Trainer, interrupted: bool) -> None:
         try:
             # Ctrl+C: stop now (Lightning ignores a second Ctrl+C while this runs, so a
             # wait could not be cut short); what is pending stays journaled, with its
             # local files, for the next setup or `lamin-lightning flush`. SIGTERM (a
             # preemption) waits up to flush_timeout, documented to fit the grace period.
-            self._shutdown(raise_errors=False, wait=not isinstance(exception, KeyboardInterrupt))
+            self._shutdown(raise_errors=False, wait=not interrupted)
         except Exception:
             log.exception("flushing checkpoint persistence after an exception failed")
         finally:
