@@ -1734,12 +1734,21 @@ def test_after_ctrl_c_the_checkpoints_lightning_saved_are_on_disk_when_fit_retur
     ``fit(ckpt_path="last")`` right away found no ``last.ckpt`` yet and trained from step 0."""
     dirpath = tmp_path / "ckpt"
     write = _local_write.save_snapshot
+    write_now = _callback._write_now
+    # The background writes go on only once the callback finishes them itself: without
+    # that, fit returns with both still held here, as a process exit would find them.
+    finish = threading.Event()
 
-    def slow_write(archive: Any, handle: Any) -> None:
-        time.sleep(1.0)  # the process exit would come well before
+    def held_write(archive: Any, handle: Any) -> None:
+        finish.wait(60)
         write(archive, handle)
 
-    monkeypatch.setattr(_local_write, "save_snapshot", slow_write)
+    def finishing(pending: Any) -> None:
+        finish.set()
+        write_now(pending)
+
+    monkeypatch.setattr(_local_write, "save_snapshot", held_write)
+    monkeypatch.setattr(_callback, "_write_now", finishing)
     options: dict[str, Any] = {
         "dirpath": dirpath,
         "every_n_train_steps": 1,
@@ -1752,9 +1761,13 @@ def test_after_ctrl_c_the_checkpoints_lightning_saved_are_on_disk_when_fit_retur
         if kind == "model_checkpoint"
         else async_callback(MemoryStore(), **options, max_snapshots=2)  # type: ignore[arg-type]
     )
-    _fit_interrupted_at_step_1(tmp_path, callback)
-    # At once, as the process's exit would come: no wait for anything.
-    assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt", "last.ckpt"}
+    try:
+        _fit_interrupted_at_step_1(tmp_path, callback)
+        # At once, as the process's exit would come: no wait for anything.
+        files = checkpoint_files(dirpath)
+    finally:
+        finish.set()  # a write left held ends (the test has failed by then)
+    assert files == {"epoch=0-step=1.ckpt", "last.ckpt"}
     assert load(dirpath / "last.ckpt")["global_step"] == 1
     started = _StartStep()
     trainer = make_trainer(tmp_path, [callback, started], max_steps=3)
