@@ -565,6 +565,7 @@ def test_user_artifact_features_static_and_read_from_trainer(
     }
 
 
+@pytest.mark.contract
 @modules()
 def test_a_seeded_rerun_in_its_emptied_folder_links_its_own_run_and_values(
     ll: ModuleType, ln: Any, user_features: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -613,6 +614,7 @@ def test_a_seeded_rerun_in_its_emptied_folder_links_its_own_run_and_values(
     }
 
 
+@pytest.mark.contract
 @modules()
 def test_a_seeded_rerun_after_the_default_storage_changed_stores_into_the_new_one(
     ll: ModuleType, ln: Any, no_run: None, tmp_path: Path
@@ -1015,6 +1017,7 @@ def test_direct_save_checkpoint_artifact_annotates_feature_values(
     assert single(artifact_features(ln, artifact)) == {"tier_tag": "direct"}
 
 
+@pytest.mark.contract
 @modules()
 def test_a_direct_save_of_the_same_bytes_again_carries_the_new_values_only(
     ll: ModuleType, ln: Any, user_features: None, no_run: None, tmp_path: Path
@@ -1189,6 +1192,7 @@ class _AtBatchStart(pl.Callback):
             self.action(trainer)
 
 
+@pytest.mark.contract
 @modules()
 @pytest.mark.parametrize("change", ["moved", "trashed", "deleted"])
 def test_an_artifact_the_user_moved_or_deleted_before_its_eviction_is_left_alone(
