@@ -275,6 +275,14 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # Every rank (they may share the folder; restorers take turns, see _aside).
         if folder and "://" not in str(folder):
             self._wait_for_last_writes(folder)
+            # A fit again in the same processes (after an exception, say): rank zero may
+            # still have been writing a last checkpoint when the other ranks' fit returned
+            # (they do not wait). Every rank resolves ckpt_path="last" here, before any
+            # barrier of Lightning's: the others look once rank zero's writes are done, or
+            # one rank would start over while rank zero resumes (ModelCheckpoint wrote it
+            # before its save's barrier). Before the first fit no process group exists yet.
+            if trainer.world_size > 1 and _distributed_ready():
+                trainer.strategy.barrier("lamin_lightning_find_last")
             put_back_leftovers(folder)
         return super()._find_last_checkpoints(trainer)
 
@@ -562,3 +570,10 @@ def _state_bytes(pl_module: pl.LightningModule) -> int:
     except Exception:  # pragma: no cover - an exotic module: skip the check
         return 0
     return total
+
+
+def _distributed_ready() -> bool:
+    """Whether a default process group is up (a collective can run now)."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())

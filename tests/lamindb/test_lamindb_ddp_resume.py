@@ -84,24 +84,15 @@ def test_ddp_resume_after_sigkill_replays_the_outbox_once(
     assert_checkpoint_keys_persisted(ln, zero["prefix"], expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "async_write under DDP: rank one's fit returns at once after an exception (other"
-        " ranks do not wait) while rank zero still writes the first last.ckpt in its"
-        " on_exception; a fit(ckpt_path='last') right away in the same script resolves"
-        " 'last' on rank one before any barrier, finds no last checkpoint (its own"
-        " _wait_for_last_writes only sees this process's writes) and starts at step 0"
-        " while rank zero resumes at step 1: the ranks diverge and the fit dies in gloo."
-        " ModelCheckpoint resumes both at 1. Fix: rank one must know of rank zero's"
-        " write of a last checkpoint (e.g. wait, in _find_last_checkpoints, for a live"
-        " process's temporary last.ckpt in the working folder's writing/, or a barrier"
-        " at the end of on_exception/teardown when a last write is in flight)"
-    ),
-)
 def test_ddp_async_write_fit_again_from_last_right_after_an_exception(tmp_path: Path) -> None:
     """Both ranks raise at step 1 (after the first save); the script at once fits again
-    with ckpt_path="last". Large checkpoint (~240 MB) so rank zero's write takes a while."""
+    with ckpt_path="last". Large checkpoint (~240 MB) so rank zero's write takes a while.
+
+    Rank one's fit returns at once (other ranks do not wait) while rank zero still writes
+    the first last.ckpt in on_exception; rank one resolved "last" before any barrier,
+    found none, started at step 0 while rank zero resumed at step 1, and the fit died in
+    gloo. ModelCheckpoint resumes both at 1; so does the callback now (a barrier in
+    ``_find_last_checkpoints`` once a process group exists)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
     env.update(PYTHONWARNINGS="ignore", DDP_DIFF_BIG="60000")
     args = ["mem", "ddp", str(tmp_path), "--fault=raise:1", "--retry", "--steps=3"]
