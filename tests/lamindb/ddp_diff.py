@@ -3,6 +3,7 @@ lamin_lightning.Checkpoint ("ll"), on 2 CPU processes (gloo).
 
 Usage: python ddp_diff.py KIND STRATEGY ROOT [--async-write] [--link] [--steps=N]
        [--fault=raise|sigint|sigterm|raise0|raise1:STEP] [--resume] [--save-on-exception]
+       [--hold-uploads] (ll: every upload blocks until the process ends)
 
 Each rank writes ROOT/reports/{phase}-rank{R}.json at the end of fit (or after the
 exception): the folder listing (links with their targets), Lightning's state, the
@@ -111,7 +112,13 @@ def _callback(kind: str, flags: dict[str, Any], knobs: dict[str, Any]) -> Any:
         block_network(pytest.MonkeyPatch())
         import lamin_lightning as ll
 
+        if "--hold-uploads" in flags:  # every upload blocks: the jobs stay in the outbox
+            from lamindb_tier import held_uploads
+
+            knobs = {**knobs, "max_pending": 64}  # no backpressure on the held uploads
         cb = ll.Checkpoint(async_write="--async-write" in flags, flush_timeout=60, **knobs)
+        if "--hold-uploads" in flags:
+            cb._artifact_publisher = held_uploads()
     return cb
 
 

@@ -56,12 +56,13 @@ def test_ddp_resume_after_sigkill_replays_the_outbox_once(
     async_write: bool, ln: Any, tmp_path: Path
 ) -> None:
     extra = ["--async-write"] if async_write else []
-    killed = _run(tmp_path, "--fault=sigkill:5", *extra)
+    # Uploads held: the kill finds every job in the outbox, however fast commits are.
+    killed = _run(tmp_path, "--fault=sigkill:5", "--hold-uploads", *extra)
     assert killed.returncode != 0, killed.stdout + killed.stderr
     resumed = _run(tmp_path, "--resume", "--steps=10", *extra)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
-    # The kill left jobs in the outbox (saves come every step, commits take longer).
+    # The kill left the jobs in the outbox; the resumed fit's setup replays them.
     assert "replaying the unfinished persistence jobs" in output, output[-4000:]
     zero, one = _report(tmp_path, "resume-rank0"), _report(tmp_path, "resume-rank1")
     assert zero["error"] is None and one["error"] is None, output[-4000:]
