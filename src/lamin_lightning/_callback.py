@@ -295,14 +295,12 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         over, where ``ModelCheckpoint``, which wrote it before the interrupt, resumes.
         """
         pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?")
-        self._wait_for_writes(
-            folder,
-            "before looking for the last checkpoint",
-            lambda name: (
-                name.endswith(self.FILE_EXTENSION)
-                and bool(pattern.match(Path(name).name[: -len(self.FILE_EXTENSION)]))
-            ),
-        )
+
+        def is_last(name: str) -> bool:  # as ModelCheckpoint._find_last_checkpoints tells
+            path = Path(name)
+            return path.suffix == self.FILE_EXTENSION and bool(pattern.match(path.stem))
+
+        self._wait_for_writes(folder, "before looking for the last checkpoint", is_last)
 
     @staticmethod
     def _wait_for_writes(

@@ -545,10 +545,8 @@ class LaminStore:
         """
         immediate_transactions()
         ln = _ln()
-        with self._lock:
-            found_again = id(artifact) in self._reused
         unannotated = self._annotate(
-            ln, snapshot, artifact, replay=replay, found_again=found_again, run=run
+            ln, snapshot, artifact, replay=replay, found_again=self.found_again(artifact), run=run
         )
         # Only now that the new artifact is committed, remove what it replaces.
         prefix = _prefix(snapshot.key)
@@ -979,8 +977,8 @@ def _default_storage_id() -> int | None:
 
 
 def _still_under(artifact: Any, key: str) -> bool:
-    """Whether ``artifact`` still exists under ``key``, in the default branch (a look-up
-    by id alone finds trashed rows too)."""
+    """Whether ``artifact`` still exists under ``key``, in the branch new artifacts go to
+    (a look-up by id alone finds trashed rows too)."""
     artifact_id = getattr(artifact, "id", None)
     if artifact_id is None:
         return False

@@ -25,16 +25,20 @@ SCRIPT = Path(__file__).parent / "ddp_diff.py"
 TIMEOUT = 240
 
 
-def _run(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    import lamindb_setup
-    from lamindb_setup.core._settings_store import write_local_current_instance
+def _run(
+    root: Path, *args: str, kind: str = "ll", **env_extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``ddp_diff.py KIND ddp ROOT ARGS`` (``ll``: against this session's instance)."""
+    if kind == "ll":
+        import lamindb_setup
+        from lamindb_setup.core._settings_store import write_local_current_instance
 
-    write_local_current_instance(root, lamindb_setup.settings.instance.slug)
+        write_local_current_instance(root, lamindb_setup.settings.instance.slug)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
-    env["PYTHONWARNINGS"] = "ignore"
+    env.update(PYTHONWARNINGS="ignore", **env_extra)
     try:
         return subprocess.run(
-            [sys.executable, str(SCRIPT), "ll", "ddp", str(root), *args],
+            [sys.executable, str(SCRIPT), kind, "ddp", str(root), *args],
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
@@ -94,22 +98,12 @@ def test_ddp_async_write_fit_again_from_last_right_after_an_exception(tmp_path: 
     found none, started at step 0 while rank zero resumed at step 1, and the fit died in
     gloo. ModelCheckpoint resumes both at 1; so does the callback now (a barrier in
     ``_find_last_checkpoints`` once a process group exists)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
-    env.update(PYTHONWARNINGS="ignore", DDP_DIFF_BIG="60000")
-    args = ["mem", "ddp", str(tmp_path), "--fault=raise:1", "--retry", "--steps=3"]
-    try:
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), *args, "--async-write"],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            env=env,
-            cwd=tmp_path,
-            check=False,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"did not finish within 180s (ranks diverged?): {expired.stderr!r}")
+    done = _run(
+        tmp_path,
+        *("--fault=raise:1", "--retry", "--steps=3", "--async-write"),
+        kind="mem",
+        DDP_DIFF_BIG="60000",
+    )
     output = (done.stdout + done.stderr)[-4000:]
     zero, one = _report(tmp_path, "retry-rank0"), _report(tmp_path, "retry-rank1")
     assert (zero["started_at"], one["started_at"]) == (1, 1), output
