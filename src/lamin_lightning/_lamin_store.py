@@ -225,6 +225,8 @@ class LaminStore:
         self._value_ids: dict[tuple[int, Any], int] = {}
         self._runs: dict[str, Any] = {}
         self._storages: dict[str, Any] = {}
+        # Features a non-finite value was left out of and warned of (see _annotate).
+        self._non_finite_told: set[str] = set()
 
     # -- worker threads ----------------------------------------------------------------------
 
@@ -600,12 +602,20 @@ class LaminStore:
                 continue
             if isinstance(value, float) and not math.isfinite(value):
                 # JSON has no NaN or infinity (lamindb refuses them): the checkpoint
-                # persists without this value. Lightning ranks a NaN score as the worst.
-                log.warning(
-                    "%r: feature %r is %s, which lamindb cannot store; left out",
+                # persists without this value. Lightning ranks a NaN score as the worst
+                # and keeps it as current_score, so every later last.ckpt carries it too:
+                # warned once per feature and fit (setup resets), not at every save.
+                first = name not in self._non_finite_told
+                self._non_finite_told.add(name)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "%r: feature %r is %s, which lamindb cannot store; left out%s",
                     snapshot.key,
                     name,
                     value,
+                    " (from later checkpoints of this fit too, without another warning)"
+                    if first
+                    else "",
                 )
                 continue
             if not isinstance(feature, str):

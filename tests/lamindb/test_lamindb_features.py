@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 from lamindb_tier import TierData, TierModel, artifact_features, fit, run_features, single
 from lightning.pytorch.loggers import CSVLogger
@@ -218,6 +219,52 @@ def test_a_nan_or_infinite_score_persists_the_checkpoint_without_its_score(
             assert "score" not in values, step
         assert values["is_last_model"] == [step == len(scores)]
     assert "which lamindb cannot store; left out" in caplog.text
+
+
+class _CommitEachSave(pl.Callback):
+    """Flushes ``callback`` before its hooks of each step (Lightning runs checkpoint
+    callbacks last): every save is committed, none superseded by the next one."""
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        assert self.callback.flush()
+
+
+def test_a_non_finite_score_is_warned_of_once_per_fit_not_at_every_save(
+    ln: Any, no_run: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A training whose monitored value went NaN: Lightning ranks the first as the worst
+    (inf) and keeps it as current_score, so last.ckpt carries that score at every save.
+    The warning that the score is left out came once per save, the same line again and
+    again for last.ckpt (as many as were not superseded: their number varied with
+    timing); Lightning says nothing, the reference fails at the first. Now once per fit
+    and feature; every checkpoint still persists without the score."""
+    import math
+
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts", monitor="score", save_last=True, every_n_train_steps=1
+    )
+    steps = 5
+    fit(
+        callback,
+        tmp_path,
+        steps=steps,
+        model=TierModel(scores=[math.nan]),
+        extra_callbacks=[_CommitEachSave(callback)],
+    )
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.failed, stats.superseded) == (1 + steps, 0, 0)
+    told = [r for r in caplog.records if "which lamindb cannot store" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in told]
+    assert told[0].levelname == "WARNING"
+    stored = {
+        a.key.rsplit("/", 1)[1]: artifact_features(ln, a)
+        for a in ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix + "/")
+    }
+    assert set(stored) == {"epoch=0-step=1.ckpt", "last.ckpt"}
+    assert all("score" not in values for values in stored.values())
 
 
 def test_a_record_datetime_and_date_feature_value_is_annotated_as_the_reference_does(
