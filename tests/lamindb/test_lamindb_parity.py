@@ -1668,3 +1668,59 @@ def test_two_callbacks_in_one_folder_end_with_the_flags_of_the_last_saves(
     # only the saving callback's best_k_models, see test_model_rank_covers_last_ckpt).
     assert flags["epoch=0-step=2.ckpt"]["model_rank"] == 0
     assert flags["epoch=2-step=7.ckpt"]["model_rank"] == 1
+
+
+# -- switching modules in one project ------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [("reference", "ours"), ("ours", "reference"), ("reference", "reference"), ("ours", "ours")],
+)
+def test_a_fit_resumed_with_the_other_module_continues_its_state_files_and_artifacts(
+    first: str, then: str, ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """The one-import change mid-project: a fit with one module, then
+    ``fit(ckpt_path="last")`` with the other in the same dirpath and instance. Both
+    classes are named ``Checkpoint``, so Lightning hands the second callback the first's
+    state (best_k_models, best and last paths): the second fit evicts the first's files
+    and their artifacts as one module alone would, rewrites last.ckpt in place, and the
+    folder ends with one artifact per kept file, one is_best_model (Lightning's best,
+    saved by the first fit) and one is_last_model."""
+    arguments = {
+        "dirpath": tmp_path / "ckpts",
+        "monitor": "score",
+        "save_top_k": 2,
+        "save_last": True,
+        "every_n_train_steps": 1,
+    }
+    scores = [0.5, 0.1, 0.4, 0.3, 0.2, 0.6]  # steps 1..6; the best (0.1) is step 2
+    modules_by_side = {side: importlib.import_module(name) for side, name in MODULES.items()}
+    before = modules_by_side[first].Checkpoint(**arguments)
+    fit(before, tmp_path, steps=3, model=TierModel(scores=scores), datamodule=TierData(n=6))
+    after = modules_by_side[then].Checkpoint(**arguments)
+    trainer = make_trainer(tmp_path, [after], max_steps=6)
+    trainer.fit(TierModel(scores=scores), datamodule=TierData(n=6), ckpt_path="last")
+
+    assert after.state_key == before.state_key
+    kept = {"epoch=0-step=2.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"}
+    assert {p.name for p in (tmp_path / "ckpts").iterdir()} == kept
+    assert Path(after.best_model_path).name == "epoch=0-step=2.ckpt"
+    assert {Path(p).name for p in after.best_k_models} == kept - {"last.ckpt"}
+    prefix = after.checkpoint_key_prefix
+    assert prefix == before.checkpoint_key_prefix
+    # One artifact per kept file, none left over (the trash counts too).
+    keys = list(
+        ln.Artifact.objects.filter(key__startswith=prefix + "/").values_list("key", flat=True)
+    )
+    assert sorted(keys) == sorted(f"{prefix}/{name}" for name in kept)
+    flags = {
+        name: single(artifact_features(ln, artifact))
+        for name, artifact in checkpoints_under(ln, prefix).items()
+    }
+    assert [n for n, f in flags.items() if f["is_best_model"]] == ["epoch=0-step=2.ckpt"]
+    assert [n for n, f in flags.items() if f["is_last_model"]] == ["last.ckpt"]
+    assert flags["epoch=0-step=2.ckpt"]["score"] == pytest.approx(0.1)
+    assert flags["epoch=0-step=5.ckpt"]["score"] == pytest.approx(0.2)
+    assert flags["last.ckpt"]["score"] == pytest.approx(0.2)  # current_score, as both write
