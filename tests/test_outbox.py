@@ -628,6 +628,58 @@ def test_status_lists_pending_jobs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert listed[0]["in_use"] is False
 
 
+def test_status_json_of_a_save_whose_score_went_nan_is_strict_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A training whose monitored value went NaN (Lightning keeps it as an infinite
+    current_score) left its saves pending: `status --json` printed the records with
+    Python's ``Infinity`` for the score and the ranking's scores, which is not JSON (jq,
+    JavaScript and other strict parsers refuse the whole listing). Non-finite numbers
+    are printed as null, as LaminDB gets no value for them either."""
+    import math
+
+    from lamin_lightning._cli import main
+
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        save_last=True,
+        every_n_train_steps=1,
+        on_error="warn",
+    )
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(
+            TinyModel(scores=[math.nan, 0.5]), loader()
+        )
+    assert math.isinf(callback.best_k_models[str(dirpath / "epoch=0-step=1.ckpt")])
+    capsys.readouterr()
+    assert main(["status", "--json", str(dirpath)]) == 1  # pending
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    listed = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    saves = [(e["key"].rsplit("/", 1)[1], e["snapshot"]["score"]) for e in listed]
+    # Each save of step 1 and 2 (last.ckpt twice: the second does not supersede a
+    # failed one), with the score Lightning kept: infinite for the NaN of step 1.
+    assert sorted(saves, key=str) == sorted(
+        [
+            ("epoch=0-step=1.ckpt", None),
+            ("last.ckpt", None),
+            ("epoch=0-step=2.ckpt", 0.5),
+            ("last.ckpt", 0.5),
+        ],
+        key=str,
+    )
+    ranked = listed[-1]["snapshot"]["scores"]
+    assert sorted(ranked.values(), key=str) == [0.5, None]
+
+
 def test_a_journal_write_error_when_settling_never_fails_the_committed_job(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamin_lightning import __version__
 from lamin_lightning._jobs import encode
@@ -86,7 +86,7 @@ def _status(dirpath: Path, as_json: bool) -> int:
         print(
             json.dumps(
                 [
-                    {**encode(record), "journal": str(path), "in_use": in_use[path]}
+                    {**_finite(encode(record)), "journal": str(path), "in_use": in_use[path]}
                     for path, record in entries
                 ]
                 + [
@@ -339,3 +339,16 @@ def _main(argv: list[str] | None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _finite(value: Any) -> Any:
+    """``value`` (an encoded record) with every non-finite float as None: JSON has no NaN
+    or infinity (Python's ``Infinity`` is refused by strict parsers such as jq), and a
+    score that went NaN (Lightning keeps it as infinite) is journaled as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
