@@ -705,6 +705,61 @@ def test_a_last_ckpt_written_by_lightning_is_staged_before_a_link_replaces_it_an
     assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=4.ckpt"
 
 
+def test_a_last_ckpt_file_a_link_replaced_loses_its_artifact_while_lightning_relinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed with save_last="link" from a fit that wrote last.ckpt as a file: the first
+    link replaces the file, whose artifact goes once the link stands. Lightning makes the
+    link again at every later save, removing it first: a removal committed in that
+    instant found no link, took it for one never made, and kept the old artifact
+    ("keeping 'checkpoints/last.ckpt': the checkpoint saved in its place was never
+    written"), so the store's last.ckpt held the first fit's checkpoint for good. Seen on
+    a loaded machine (the committer a step behind); here the uploads are held until that
+    instant."""
+    from lamin_lightning import _lightning_view
+    from lamin_lightning._staging import remove_path
+
+    dirpath = tmp_path / "ckpts"
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "monitor": "score",
+        "every_n_train_steps": 1,
+        "save_top_k": 1,
+    }
+    scores = [5.0, 4.0, 3.0, 2.0]  # every save is the best: a link at each save
+    store = MemoryStore()
+    make_trainer(tmp_path, [MemoryCheckpoint(store, save_last=True, **options)], max_steps=2).fit(
+        TinyModel(scores=scores), loader(4)
+    )
+    assert not os.path.islink(dirpath / "last.ckpt") and store.get("checkpoints/last.ckpt")
+
+    # Uploads held until Lightning makes the link again (step 4): the removal that the
+    # first link (step 3) asked for commits after step 3's upload, in submission order.
+    callback = MemoryCheckpoint(store, save_last="link", max_pending=16, **options)
+    store.hang()
+    real = _lightning_view._link_or_copy
+    links: list[str] = []
+    flushed: list[bool] = []
+
+    def link_or_copy(target: str, link: str) -> None:
+        links.append(os.path.basename(target))
+        if len(links) == 2:  # the link made again, as Lightning makes it: removed first
+            remove_path(link)
+            store.release()
+            flushed.append(callback.flush(timeout=60))
+        real(target, link)
+
+    monkeypatch.setattr(_lightning_view, "_link_or_copy", link_or_copy)
+    make_trainer(tmp_path, [callback], max_steps=4).fit(
+        TinyModel(scores=scores), loader(4), ckpt_path=str(dirpath / "last.ckpt")
+    )
+
+    assert links == ["epoch=0-step=3.ckpt", "epoch=0-step=4.ckpt"] and flushed == [True]
+    assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=4.ckpt"
+    assert store.get("checkpoints/last.ckpt") is None, "the first fit's last.ckpt stayed"
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=4.ckpt"}
+
+
 @pytest.mark.parametrize("async_io", [False, True], ids=["sync-io", "async-checkpoint-io"])
 def test_a_rewrite_of_last_whose_feature_hook_raised_is_persisted_as_lightning_wrote_it(
     async_io: bool, tmp_path: Path

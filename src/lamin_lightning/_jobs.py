@@ -129,8 +129,8 @@ class JobRecord:
             ended before the write finished, and the checkpoint never existed.
         linked: For a removal: Lightning replaces the file by a link to :attr:`after`
             (``save_last="link"``; the first ``last.ckpt`` of a resumed fit is a file).
-            The link is made once ``after`` is written: the removal happens only if the
-            path is a link by then; while it is still the file, it is kept.
+            The link is made once ``after`` is written: the removal happens unless the
+            path is still the file (not a link) by then; while it is, it is kept.
         marks_written: For a save written in the background by lamin-lightning
             (``async_write``): its write journals the identity of the file it wrote
             (:attr:`written_file`) once that is complete, before renaming it into place.
@@ -229,7 +229,11 @@ class JobRecord:
         if self.op != "remove" or self.after is None:
             return False
         if self.linked:  # the file is gone once the link stands (see linked)
-            return not os.path.islink(self.local_path)
+            # Only the file itself still there says so: Lightning makes the link again at
+            # each later save, removing it first, and a removal committed in between
+            # found nothing there (neither file nor link) and kept the artifact for good.
+            path = self.local_path
+            return os.path.lexists(path) and not os.path.islink(path)
         return os.path.lexists(self.local_path) and (
             not os.path.lexists(self.after) or archive_cut_short(self.after)
         )
