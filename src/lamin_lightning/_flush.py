@@ -39,7 +39,9 @@ class FlushReport:
     """What ``lamin-lightning flush`` did; every pending job is in exactly one list.
 
     Attributes:
-        events: The events of the replayed jobs, in order (saved, removed, failed).
+        events: The events of the replayed jobs, in order (saved, removed, failed); one
+            per job: a removal whose deletion failed after its removed event (which
+            ``on_event`` got) is here as failed only.
         dropped: Jobs a later job of the same key made moot during the replay.
         remaining: Jobs still pending afterwards (failed, refused, or not reached
             before the timeout).
@@ -135,6 +137,17 @@ def flush_directory(
 
     def deliver(event: AnyArtifactEvent) -> None:
         with lock:
+            last = report.events[-1] if report.events else None
+            if (
+                isinstance(event, ArtifactFailedEvent)
+                and event.operation == "remove"
+                and isinstance(last, ArtifactRemovedEvent)
+                and last.key == event.key
+            ):
+                # A removal is told before its deletion (as by the reference); a deletion
+                # that then fails for good follows at once with its failed event. The job
+                # was not removed: in the report it is failed only, as in the stats.
+                report.events.pop()
             report.events.append(event)
         if on_event is not None:
             on_event(event)
