@@ -42,6 +42,11 @@ SLOT_WAIT_WARNING_S = 30.0
 """After this long waiting for a free slot (``max_pending`` jobs outstanding), training is
 told why it waits, then again each time the wait has doubled."""
 
+SLOW_DELIVERY_S = 1.0
+"""An event that has been with the hooks and observers this long is named when training
+or a flush is told why it waits: a hook or observer that does not return holds up every
+later job (their events are delivered one at a time, in order)."""
+
 
 class _Outcome:
     __slots__ = ("error", "value")
@@ -374,15 +379,39 @@ class PersistencePipeline:
             ahead = []
         named = ", ".join(f"{job.operation} {job.key!r} ({job.state})" for job in ahead[:3])
         more = f" and {len(ahead) - 3} more" if len(ahead) > 3 else ""
+        stuck = self.stuck_delivery()
+        cause = (
+            "storage or the database may be slow or unreachable"
+            if stuck is None
+            else stuck[0].upper() + stuck[1:]
+        )
         log.warning(
             "training has waited %.0f s for the persistence of earlier checkpoints"
-            " (max_pending=%d jobs outstanding: %s%s); storage or the database may be slow"
-            " or unreachable. Training goes on once one finishes; a larger max_pending lets"
-            " it run further ahead.",
+            " (max_pending=%d jobs outstanding: %s%s); %s. Training goes on once one"
+            " finishes; a larger max_pending lets it run further ahead.",
             waited,
             self._max_pending,
             named or "none admitted yet",
             more,
+            cause,
+        )
+
+    def stuck_delivery(self) -> str | None:
+        """Says which event the hooks and observers have held for :data:`SLOW_DELIVERY_S`
+        or more (a hook or observer that blocks holds up every later job); else None."""
+        core = self._core
+        delivering = core.delivering if core is not None else None
+        if delivering is None:
+            return None
+        key, since = delivering
+        held = time.monotonic() - since
+        if held < SLOW_DELIVERY_S:
+            return None
+        return (
+            f"the event of {key!r} has been with the on_artifact_* hooks and artifact"
+            f" observers for {held:.0f} s: every later job waits for them (events are"
+            " delivered one at a time, in order); a hook or observer must return, and hand"
+            " slow work to a thread of its own"
         )
 
     def _escalate(self, error: BaseException) -> None:

@@ -196,6 +196,8 @@ class AsyncPipeline:
         self._deliver_send: MemoryObjectSendStream[tuple[_Job, Any]]
         self._deliver_recv: MemoryObjectReceiveStream[tuple[_Job, Any]]
         self._task_group: anyio.abc.TaskGroup | None = None
+        # The key whose event the hooks and observers have now, and since when (monotonic).
+        self.delivering: tuple[str, float] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -439,7 +441,13 @@ class AsyncPipeline:
 
     async def _deliver_one(self, job: _Job, event: Any) -> None:
         if event is not None:
-            await self._guarded(self._deliverer, partial(self._deliver_fn, event), "deliver", "")
+            self.delivering = (job.spec.key, time.monotonic())
+            try:
+                await self._guarded(
+                    self._deliverer, partial(self._deliver_fn, event), "deliver", ""
+                )
+            finally:
+                self.delivering = None
         if job.error is None and job.spec.after_delivery is not None:
             try:
                 await self._committed(job, job.spec.after_delivery)

@@ -92,8 +92,10 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         # A file saved again while its earlier save was pending (last.ckpt) is named once.
         counts = collections.Counter(jobs)
         jobs = [job if counts[job] == 1 else f"{job} ({counts[job]} jobs)" for job in counts]
+        stuck = pipeline.stuck_delivery()
         warnings.warn(
-            f"lamin-lightning: persistence did not finish {why};"
+            f"lamin-lightning: persistence did not finish {why}"
+            f"{f' ({stuck})' if stuck else ''};"
             f" not persisted: {', '.join(jobs)}. Their local"
             f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
             " jobs stay in its outbox: run `lamin-lightning flush"

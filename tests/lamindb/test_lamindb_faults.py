@@ -4,6 +4,8 @@ flush that finishes the jobs afterwards (docs/failures.md)."""
 from __future__ import annotations
 
 import errno
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +104,115 @@ def test_a_flush_reports_a_removal_whose_deletion_fails_as_failed_only(
     assert (report.removed, report.failed, report.remaining) == (1, 0, []), report
     assert [type(e) for e in report.events] == [ArtifactRemovedEvent]
     assert set(artifacts_under(ln, prefix)) == {f"{prefix}/epoch=0-step=2.ckpt"}
+
+
+class BlockingObserver(RecordingObserver):
+    """Holds the first saved event until ``gate`` is set (a notebook's observer waiting on
+    a widget, a lock, a slow service); ``entered`` once it holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def on_artifact_saved(self, event: Any) -> None:
+        super().on_artifact_saved(event)
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.gate.wait(timeout=300), "the test never released the observer"
+
+
+class ReleaseWhenNamed(logging.Handler):
+    """Releases ``observer`` once a "training has waited" warning names the observers (or,
+    so that a warning that never does fails the test instead of hanging it, at the sixth)."""
+
+    def __init__(self, observer: BlockingObserver) -> None:
+        super().__init__(logging.WARNING)
+        self.observer = observer
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if not message.startswith("training has waited"):
+            return
+        self.messages.append(message)
+        if "observers" in message or len(self.messages) >= 6:
+            self.observer.gate.set()
+
+
+def test_training_held_by_a_blocking_observer_is_told_it_is_the_observer(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An observer that does not return holds every later job (events are delivered in
+    order), so with ``max_pending`` jobs outstanding training waits. The warning that
+    tells training why it waits named storage or the database ("may be slow or
+    unreachable"), which were fine; it names the event the observers hold, and the fix."""
+    import lamin_lightning._bridge as bridge
+
+    monkeypatch.setattr(bridge, "SLOT_WAIT_WARNING_S", 0.25)
+    observer = BlockingObserver()
+    handler = ReleaseWhenNamed(observer)
+    logger = logging.getLogger("lamin_lightning")
+    logger.addHandler(handler)
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        max_pending=1,
+        artifact_observers=[observer],
+    )
+    try:
+        fit(callback, tmp_path, steps=2)
+    finally:
+        logger.removeHandler(handler)
+        observer.gate.set()
+    first = f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
+    assert handler.messages, "training never waited for a slot"
+    named = [m for m in handler.messages if "observers" in m]
+    assert named, handler.messages
+    assert repr(first) in named[0] and "must return" in named[0], named[0]
+    assert "storage or the database may be slow" not in named[0], named[0]
+    # Nothing lost: both checkpoints persisted once, every event delivered.
+    assert set(artifacts_under(ln, callback.checkpoint_key_prefix)) == {
+        first,
+        f"{callback.checkpoint_key_prefix}/epoch=0-step=2.ckpt",
+    }
+    assert callback.persistence_stats.saved == 2
+
+
+class WaitForTheObserver(pl.Callback):
+    """Training ends only once ``observer`` holds its event (teardown flushes after)."""
+
+    def __init__(self, observer: BlockingObserver) -> None:
+        self.observer = observer
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.observer.entered.wait(timeout=120), "no event reached the observer"
+
+
+def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Teardown's flush gives up after ``flush_timeout`` while an observer holds an event:
+    its warning says so (which event, since when, the fix), not only that persistence did
+    not finish. Once the observer returns, the checkpoint is there once."""
+    observer = BlockingObserver()
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        flush_timeout=1.5,
+        artifact_observers=[observer],
+    )
+    try:
+        with pytest.warns(UserWarning, match="flush_timeout=1.5s") as caught:
+            fit(callback, tmp_path, steps=1, extra_callbacks=[WaitForTheObserver(observer)])
+    finally:
+        observer.gate.set()
+    key = f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
+    [message] = [str(w.message) for w in caught if "flush_timeout" in str(w.message)]
+    assert f"the event of {key!r} has been with the on_artifact_* hooks" in message, message
+    assert "must return" in message, message
+    report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=120)
+    assert report.remaining == [] and report.failed == 0, report
+    assert list(artifacts_under(ln, callback.checkpoint_key_prefix)) == [key]
