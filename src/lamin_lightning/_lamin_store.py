@@ -280,7 +280,8 @@ class LaminStore:
             self._uncommitted[id(artifact)] = artifact
         share_storage_filesystem()
         try:
-            artifact.save(**_upload_options(Path(path)))
+            with _uploading(key, getattr(artifact, "hash", None)):
+                artifact.save(**_upload_options(Path(path)))
         except (FileNotFoundError, PermissionError) as error:
             self.settle(artifact)
             raise _naming_storage(error, artifact, path) from error
@@ -358,6 +359,13 @@ class LaminStore:
         # One filter call: with the hash in it, LaminDB looks in every branch (the trash
         # too); a second .filter() would add its default branch filter back.
         query = _ln().Artifact.filter(**where)
+        if replay:
+            # A worker of this process may still be uploading it: a teardown gave up on
+            # it (flush_timeout), and its thread goes on. Its record is then incomplete, as
+            # one a crash cut short, but dropping it under the upload left the upload's
+            # file in storage with no record. Once it is done, it is reused (or it failed,
+            # and lamindb deleted its record).
+            _wait_for_upload_here(key, digest)
         with _key_lock(key):
             existing = query.order_by("-id").first()
             if existing is not None and getattr(existing, "_storage_ongoing", False):
@@ -1043,6 +1051,40 @@ _KEY_LOCKS_GUARD = threading.Lock()
 # what the others wrote. Taken after a key's lock, never before it.
 _FLAGS_LOCK = threading.RLock()
 _SHARED_FLAGS: dict[str, dict[str, _PrefixFlags]] = {}
+
+
+_UPLOADS_GUARD = threading.Lock()
+_UPLOADS: dict[tuple[str, str], list[threading.Event]] = {}
+
+
+@contextmanager
+def _uploading(key: str, digest: str | None) -> Iterator[None]:
+    """Mark an upload of ``key`` with content ``digest`` in flight on this thread."""
+    if not digest:
+        yield
+        return
+    done = threading.Event()
+    with _UPLOADS_GUARD:
+        _UPLOADS.setdefault((key, digest), []).append(done)
+    try:
+        yield
+    finally:
+        with _UPLOADS_GUARD:
+            events = _UPLOADS[(key, digest)]
+            events.remove(done)
+            if not events:
+                del _UPLOADS[(key, digest)]
+        done.set()
+
+
+def _wait_for_upload_here(key: str, digest: str) -> bool:
+    """Wait until no thread of this process uploads ``key`` with content ``digest``;
+    whether one did."""
+    with _UPLOADS_GUARD:
+        events = list(_UPLOADS.get((key, digest), ()))
+    for event in events:
+        event.wait()
+    return bool(events)
 
 
 def _key_lock(key: str) -> threading.Lock:

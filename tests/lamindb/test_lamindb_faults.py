@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lamindb_tier import TierModel, artifacts_under, fit
+from lamindb_tier import TierModel, artifact_features, artifacts_under, fit
 
 import lamin_lightning as ll
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, RetryPolicy
@@ -216,3 +216,110 @@ def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
     report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=120)
     assert report.remaining == [] and report.failed == 0, report
     assert list(artifacts_under(ln, callback.checkpoint_key_prefix)) == [key]
+
+
+def _storage_files(ln: Any) -> set[str]:
+    root = Path(str(ln.settings.storage.root)) / ".lamindb"
+    return {p.name for p in root.iterdir()} if root.exists() else set()
+
+
+class WaitForTheCopy(pl.Callback):
+    """Training ends only once the upload of the first checkpoint is under way."""
+
+    def __init__(self, copying: threading.Event) -> None:
+        self.copying = copying
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.copying.wait(timeout=120), "the upload never started"
+
+
+def test_a_flush_after_a_teardown_that_gave_up_mid_upload_leaves_no_orphan_in_storage(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Teardown gives up (``flush_timeout``) while a worker copies a checkpoint into storage
+    (slow storage); its thread goes on, and the job stays in the outbox. The user then runs
+    the flush in the same process (a notebook: ``flush_directory``, or the next fit's
+    setup). The replay found the upload's record incomplete and dropped it as one a crash
+    cut short, while the copy was still going: the copy then finished into a file no record
+    names (and lamindb handed the worker the replay's artifact). The replay now waits for
+    this process's own upload and reuses it: one artifact, annotated, nothing orphaned."""
+    import shutil as real_shutil
+    import types
+
+    import lamindb.core.storage.paths as lamindb_paths
+
+    import lamin_lightning._lamin_store as lamin_store
+    from lamin_lightning._lamin_store import LaminStore
+
+    copying, gate, stale_done = threading.Event(), threading.Event(), threading.Event()
+    stale: list[threading.Thread] = []
+    armed = threading.Event()  # the fit returned: the flush's look-ups release the copy
+
+    def copyfile(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() in stale:
+            with open(src, "rb") as source:  # the copy has begun: the file is open
+                copying.set()
+                assert gate.wait(timeout=300), "the test never released the copy"
+                with open(dst, "wb") as target:
+                    real_shutil.copyfileobj(source, target)
+            return dst
+        return real_shutil.copyfile(src, dst, *args, **kwargs)
+
+    proxy = types.SimpleNamespace(
+        **{n: getattr(real_shutil, n) for n in dir(real_shutil) if not n.startswith("__")}
+    )
+    proxy.copyfile = copyfile
+    monkeypatch.setattr(lamindb_paths, "shutil", proxy)
+
+    create = LaminStore.create
+
+    def create_first_slowly(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if stale or not threading.current_thread().name.startswith("lamin-lightning"):
+            return create(self, *args, **kwargs)
+        stale.append(threading.current_thread())
+        try:
+            return create(self, *args, **kwargs)
+        finally:
+            stale_done.set()
+
+    monkeypatch.setattr(LaminStore, "create", create_first_slowly)
+    looked = LaminStore._committed_to_reuse
+
+    def look(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return looked(self, *args, **kwargs)
+        finally:
+            if armed.is_set():
+                gate.set()  # the replay decided without waiting: let the copy finish
+
+    monkeypatch.setattr(LaminStore, "_committed_to_reuse", look)
+    wait_here = getattr(lamin_store, "_wait_for_upload_here", None)
+    if wait_here is not None:
+
+        def wait_for_the_copy(*args: Any) -> bool:
+            if armed.is_set():
+                gate.set()  # the replay waits for it: let it finish
+            return bool(wait_here(*args))
+
+        monkeypatch.setattr(lamin_store, "_wait_for_upload_here", wait_for_the_copy)
+
+    before = _storage_files(ln)
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1, flush_timeout=1
+    )
+    try:
+        with pytest.warns(UserWarning, match="flush_timeout=1"):
+            fit(callback, tmp_path, steps=1, extra_callbacks=[WaitForTheCopy(copying)])
+        armed.set()
+        report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=120)
+    finally:
+        gate.set()
+    assert stale_done.wait(timeout=120), "the worker's upload never returned"
+    key = f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
+    assert report.remaining == [] and report.saved == 1, report
+    [artifact] = artifacts_under(ln, callback.checkpoint_key_prefix).values()
+    assert artifact.key == key
+    assert artifact_features(ln, artifact), "the checkpoint was not annotated"
+    known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
+    orphans = sorted(_storage_files(ln) - before - known)
+    assert orphans == [], f"files in storage that no artifact names: {orphans}"
