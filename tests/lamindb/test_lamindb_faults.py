@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lamindb_tier import TierModel, artifact_features, artifacts_under, fit
+from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single
 
 import lamin_lightning as ll
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, RetryPolicy
@@ -323,3 +325,168 @@ def test_a_flush_after_a_teardown_that_gave_up_mid_upload_leaves_no_orphan_in_st
     known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
     orphans = sorted(_storage_files(ln) - before - known)
     assert orphans == [], f"files in storage that no artifact names: {orphans}"
+
+
+# -- another process holds the instance's write lock (a user's notebook) -----------------------
+
+_HOLDER = r"""
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+sys.stdin.readline()
+con.execute("ROLLBACK")
+print("released", flush=True)
+"""
+
+
+class WriteLockHolder:
+    """A second process holding a write transaction on the instance's SQLite file."""
+
+    def __init__(self) -> None:
+        import lamindb_setup
+
+        database = str(lamindb_setup.settings.instance._sqlite_file_local)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, database],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        assert self.proc.stdout.readline().strip() == "held"
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "released"
+        self.proc.wait(timeout=60)
+
+
+class LockedRetries(logging.Handler):
+    """Sets ``seen`` once a retry of a "database is locked" error is logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "database is locked" in message and "retrying" in message:
+            self.seen.set()
+
+
+class AtStep(pl.Callback):
+    """Runs ``action`` at the start of training step ``step``, and ``at_end`` at its end."""
+
+    def __init__(self, step: int, action: Any = None, at_end: Any = None) -> None:
+        self.step, self.action, self.at_end = step, action, at_end
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step and self.action is not None:
+            self.action()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_end is not None:
+            self.at_end()
+
+
+PATIENT = RetryPolicy(attempts=1000, initial_backoff=0.05, max_backoff=0.2, jitter=0.0)
+
+
+@pytest.fixture
+def locked_retries() -> Any:
+    handler = LockedRetries()
+    logger = logging.getLogger("lamin_lightning")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def _assert_once_each(ln: Any, prefix: str, names: list[str]) -> None:
+    stored = artifacts_under(ln, prefix)  # asserts one artifact per key
+    assert sorted(stored) == sorted(f"{prefix}/{name}" for name in names), sorted(stored)
+    for artifact in stored.values():
+        assert single(artifact_features(ln, artifact))["is_last_model"] in (True, False)
+
+
+def test_a_write_lock_held_through_teardown_leaves_the_jobs_to_a_flush_that_lands_them_once(
+    ln: Any, no_run: None, tmp_path: Path, locked_retries: LockedRetries
+) -> None:
+    """A notebook holds the instance's write lock from before the fit to after it: training
+    is not held (every save is admitted), the locked writes are retried, teardown gives up
+    after ``flush_timeout`` naming each checkpoint, and the jobs stay in the outbox. Once
+    the lock is released, a flush persists each checkpoint exactly once, annotated, in
+    order (the uploads this process still had under way included)."""
+    names = [f"epoch=0-step={n}.ckpt" for n in (1, 2, 3)]
+    before = _storage_files(ln)
+    holder = WriteLockHolder()
+    try:
+        callback = ll.Checkpoint(
+            dirpath=tmp_path / "ckpts",
+            save_top_k=-1,
+            every_n_train_steps=1,
+            flush_timeout=1,
+            retry=PATIENT,
+        )
+        wait = AtStep(-1, at_end=lambda: locked_retries.seen.wait(timeout=120))
+        with pytest.warns(UserWarning, match="flush_timeout=1") as caught:
+            fit(callback, tmp_path, steps=3, extra_callbacks=[wait])
+        assert locked_retries.seen.is_set(), "no locked write was retried"
+        stats = callback.persistence_stats
+        assert stats.submitted == 3 and stats.retried >= 1 and stats.saved == 0, stats
+        prefix = callback.checkpoint_key_prefix
+        [message] = [str(w.message) for w in caught if "flush_timeout" in str(w.message)]
+        for name in names:
+            assert f"{prefix}/{name}" in message, message
+        assert "lamin-lightning flush" in message, message
+        assert callback.flush(timeout=0) is False
+        assert sorted(j.key for j in callback.pending_artifacts()) == [
+            f"{prefix}/{name}" for name in names
+        ]
+    finally:
+        holder.release()
+    report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=300)
+    assert report.remaining == [] and report.failed == 0, report
+    assert [e.key for e in report.events] == [f"{prefix}/{name}" for name in names]
+    _assert_once_each(ln, prefix, names)
+    known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
+    assert sorted(_storage_files(ln) - before - known) == []
+
+
+def test_a_write_lock_released_mid_fit_lands_every_checkpoint_once_in_order(
+    ln: Any, no_run: None, tmp_path: Path, locked_retries: LockedRetries
+) -> None:
+    """The lock is released during training, after a locked write was retried: every
+    checkpoint lands exactly once, the events come in submission order, nothing fails."""
+    names = [f"epoch=0-step={n}.ckpt" for n in (1, 2, 3)]
+    observer = RecordingObserver()
+    holder = WriteLockHolder()
+
+    def release_once_retried() -> None:
+        assert locked_retries.seen.wait(timeout=120), "no locked write was retried"
+        holder.release()
+
+    try:
+        callback = ll.Checkpoint(
+            dirpath=tmp_path / "ckpts",
+            save_top_k=-1,
+            every_n_train_steps=1,
+            retry=PATIENT,
+            artifact_observers=[observer],
+        )
+        fit(callback, tmp_path, steps=3, extra_callbacks=[AtStep(2, release_once_retried)])
+    finally:
+        holder.release()
+    prefix = callback.checkpoint_key_prefix
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.failed, stats.pending) == (3, 0, 0), stats
+    assert stats.retried >= 1, stats
+    assert observer.keys() == [f"{prefix}/{name}" for name in names]
+    _assert_once_each(ln, prefix, names)
+    assert ll.flush_directory(tmp_path / "ckpts", progress=False).events == []
