@@ -113,6 +113,8 @@ class JobState(enum.Enum):
     QUEUED = "queued"
     TRANSFERRING = "transferring"
     TRANSFERRED = "transferred"
+    # A save committed (persisted, finished in the outbox) whose event is not delivered yet.
+    COMMITTED = "committed"
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
 
@@ -396,6 +398,8 @@ class AsyncPipeline:
                     )
         if job.error is not None:
             event = await self._failed(job)
+        elif spec.operation == "save":
+            job.state = JobState.COMMITTED
         self._deliver_send.send_nowait((job, event))
 
     async def _committed(self, job: _Job, fn: Callable[[], T]) -> T:

@@ -83,27 +83,34 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         # ended their wait for a slot): all of them stay in the outbox.
         submitter = self._submitter
         kept_out = submitter.kept_out_jobs() if submitter is not None else []
-        jobs = [
-            job.key if job.operation == "save" else f"{job.key} ({job.operation})"
-            for job in [*pipeline.pending(), *kept_out]
-        ]
-        if not jobs:
-            return  # finished meanwhile: nothing to name
-        # A file saved again while its earlier save was pending (last.ckpt) is named once.
-        counts = collections.Counter(jobs)
-        jobs = [job if counts[job] == 1 else f"{job} ({counts[job]} jobs)" for job in counts]
-        stuck = pipeline.stuck_delivery()
-        warnings.warn(
-            f"lamin-lightning: persistence did not finish {why}"
-            f"{f' ({stuck})' if stuck else ''};"
-            f" not persisted: {', '.join(jobs)}. Their local"
-            f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
-            " jobs stay in its outbox: run `lamin-lightning flush"
-            f" {shell_word(os.fspath(self.dirpath or '.'))}`, or start training again with"
-            " this dirpath.",
-            UserWarning,
-            stacklevel=3,
+        admitted = pipeline.pending()
+        # Saves committed whose events the hooks and observers have not had yet (one of
+        # them holds an earlier event): persisted, and finished in the outbox.
+        persisted = _named([job.key for job in admitted if job.state == "committed"])
+        jobs = _named(
+            [
+                job.key if job.operation == "save" else f"{job.key} ({job.operation})"
+                for job in [*(j for j in admitted if j.state != "committed"), *kept_out]
+            ]
         )
+        if not jobs and not persisted:
+            return  # finished meanwhile: nothing to name
+        stuck = pipeline.stuck_delivery()
+        text = f"lamin-lightning: persistence did not finish {why}{f' ({stuck})' if stuck else ''};"
+        if jobs:
+            text += (
+                f" not persisted: {', '.join(jobs)}. Their local"
+                f" files are kept under {self._staging_root(self.dirpath or '.')} and the"
+                " jobs stay in its outbox: run `lamin-lightning flush"
+                f" {shell_word(os.fspath(self.dirpath or '.'))}`, or start training again"
+                " with this dirpath."
+            )
+        if persisted:
+            text += (
+                f" {'Persisted' if jobs else 'persisted'}, but their events were not delivered"
+                f" yet: {', '.join(persisted)}."
+            )
+        warnings.warn(text, UserWarning, stacklevel=3)
 
     def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
         self._set_up = False
@@ -164,3 +171,10 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                     type(failure.error).__name__,
                     failure.error,
                 )
+
+
+def _named(keys: list[str]) -> list[str]:
+    """``keys`` once each; a file saved again while its earlier save was pending
+    (``last.ckpt``) with its count of jobs."""
+    counts = collections.Counter(keys)
+    return [key if counts[key] == 1 else f"{key} ({counts[key]} jobs)" for key in counts]

@@ -215,6 +215,9 @@ def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
     [message] = [str(w.message) for w in caught if "flush_timeout" in str(w.message)]
     assert f"the event of {key!r} has been with the on_artifact_* hooks" in message, message
     assert "must return" in message, message
+    # It is persisted (committed, finished in the outbox): not named as not persisted.
+    assert "not persisted" not in message, message
+    assert f"persisted, but their events were not delivered yet: {key}." in message, message
     report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=120)
     assert report.remaining == [] and report.failed == 0, report
     assert list(artifacts_under(ln, callback.checkpoint_key_prefix)) == [key]
