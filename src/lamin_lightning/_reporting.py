@@ -151,7 +151,8 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 # What this stage leaves in the outbox, for flush() and pending_artifacts()
                 # to answer after it (the next setup or `lamin-lightning flush` persists it).
                 self._left_in_outbox = [
-                    *pipeline.pending(),
+                    # Not the saves committed whose events were not delivered: finished.
+                    *(job for job in pipeline.pending() if job.state != "committed"),
                     *(
                         PendingJob(-1, spec.operation, spec.key, "kept out", spec.payload)
                         for spec in submitter.kept_out_jobs()

@@ -218,6 +218,8 @@ def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
     # It is persisted (committed, finished in the outbox): not named as not persisted.
     assert "not persisted" not in message, message
     assert f"persisted, but their events were not delivered yet: {key}." in message, message
+    # Nothing is left in the outbox: flush() and pending_artifacts() say so.
+    assert callback.pending_artifacts() == [] and callback.flush(timeout=0) is True
     report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=120)
     assert report.remaining == [] and report.failed == 0, report
     assert list(artifacts_under(ln, callback.checkpoint_key_prefix)) == [key]
