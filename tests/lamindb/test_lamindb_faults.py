@@ -78,15 +78,23 @@ def test_a_flush_reports_a_removal_whose_deletion_fails_as_failed_only(
         retry=NO_DELAY,
         artifact_observers=[observer],
     )
-    fit(callback, tmp_path, steps=2, model=TierModel(scores=[2.0, 1.0]),
-        extra_callbacks=[FlushEachStep(callback)])
+    fit(
+        callback,
+        tmp_path,
+        steps=2,
+        model=TierModel(scores=[2.0, 1.0]),
+        extra_callbacks=[FlushEachStep(callback)],
+    )
     assert refused, "the injected refusal never ran"
     prefix = callback.checkpoint_key_prefix
     evicted = f"{prefix}/epoch=0-step=1.ckpt"
     # Live: told, then failed, as documented (docs/migrating.md); the artifact stays.
     kinds = [(type(e).__name__, e.key) for e in observer.events if e.key == evicted]
-    assert kinds == [("ArtifactSavedEvent", evicted), ("ArtifactRemovedEvent", evicted),
-                     ("ArtifactFailedEvent", evicted)], kinds
+    assert kinds == [
+        ("ArtifactSavedEvent", evicted),
+        ("ArtifactRemovedEvent", evicted),
+        ("ArtifactFailedEvent", evicted),
+    ], kinds
     assert evicted in artifacts_under(ln, prefix)
 
     report = ll.flush_directory(dirpath, progress=False, timeout=120, retry=NO_DELAY)
