@@ -1252,3 +1252,85 @@ def test_a_journal_another_process_holds_is_named_in_a_warning(
         holder.stdin.close()
         holder.wait(60)
     assert _pending_keys(journal), "the held journal's jobs were left to its holder"
+
+
+_KILLED_WITH_A_FORKED_WORKER_ALIVE = """
+import os, signal, sys
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+sys.path.insert(0, sys.argv[2])
+from helpers import TinyModel, make_trainer
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+
+class Held(Dataset):
+    # From the second epoch on, item 2 and later wait in the DataLoader worker until the
+    # test closes stdin: the worker (a forked child, as with num_workers > 0 on Linux,
+    # forked anew each epoch after the journal was opened) outlives the trainer.
+    def __len__(self):
+        return 4
+    def __getitem__(self, index):
+        if index >= 2 and os.path.exists(sys.argv[1] + ".second-epoch"):
+            sys.stdin.read()
+        return (torch.ones(4),)
+
+class KillInTheSecondEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer, *args):
+        open(sys.argv[1] + ".second-epoch", "w").close()
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 6:  # before this step's save (checkpoint callbacks run last)
+            print("journaled", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+
+store = MemoryStore()
+store.hang()  # the saves stay pending in the outbox
+callback = MemoryCheckpoint(store, dirpath=sys.argv[1], every_n_train_steps=1, save_top_k=-1,
+                            max_pending=16)
+data = DataLoader(Held(), batch_size=1, num_workers=1, multiprocessing_context="fork",
+                  persistent_workers=False)
+make_trainer(sys.argv[1], [callback, KillInTheSecondEpoch()], max_steps=20).fit(
+    TinyModel(), data)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_dataloader_worker_that_outlives_a_killed_trainer_does_not_hold_its_outbox(
+    tmp_path: Path,
+) -> None:
+    """A DataLoader worker is forked from the training process while it holds the outbox
+    journal's flock: the child shares that lock. Killed, the trainer leaves the worker
+    alive a while (it notices its parent's death only between items), and a user's fork
+    pool can stay for good: `lamin-lightning flush` then refused the folder as held by a
+    training run, and the next run left its jobs alone."""
+    dirpath = tmp_path / "ckpt"
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_WITH_A_FORKED_WORKER_ALIVE,
+            str(dirpath),
+            str(Path(__file__).parent),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert trainer.stdout is not None
+        assert trainer.stdout.readline() == "journaled\n", "the trainer ended early"
+        assert trainer.wait(60) == -signal.SIGKILL
+        (journal,) = journal_paths(staging_root(dirpath))
+        assert _pending_keys(journal), "the killed run left jobs in its outbox"
+        assert not is_locked(journal), "the dead trainer's forked worker holds its outbox"
+        store = MemoryStore()
+        report = flush_directory(dirpath, progress=False, stores={"memory": store})
+        assert not report.busy and not report.remaining
+        assert store.keys(kind="checkpoint") == {
+            *(f"checkpoints/epoch=0-step={step}.ckpt" for step in (1, 2, 3, 4)),
+            "checkpoints/epoch=1-step=5.ckpt",
+        }
+    finally:
+        assert trainer.stdin is not None
+        trainer.stdin.close()  # the worker returns its item and exits
+        trainer.kill()
+        trainer.wait(60)

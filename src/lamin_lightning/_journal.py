@@ -94,6 +94,57 @@ _held_here: set[str] = set()
 _held_lock = threading.Lock()
 
 
+# The descriptors of this process that hold a journal's flock. A forked child (a DataLoader
+# worker, a fork pool) shares each of them, and with it the lock: it would keep the lock
+# after this process died (SIGKILL, OOM), and `lamin-lightning flush` and the next run would
+# take the journal for a live training run's. The child points its copies at /dev/null.
+_locked_fds: set[int] = set()
+_fds_lock = threading.Lock()
+
+
+def _flock(handle: IO[str], operation: int) -> None:
+    """``flock`` ``handle`` (non-blocking) and remember its descriptor for a fork."""
+    with _fds_lock:
+        fcntl.flock(handle.fileno(), operation | fcntl.LOCK_NB)
+        _locked_fds.add(handle.fileno())
+
+
+def _close(handle: IO[str]) -> None:
+    """Close ``handle``, dropping its lock (see :func:`_flock`)."""
+    with _fds_lock:
+        with contextlib.suppress(ValueError):  # closed already
+            _locked_fds.discard(handle.fileno())
+        handle.close()
+
+
+def _forked() -> None:
+    # In the child only. The descriptors stay valid (as do the parent's handles copied
+    # with them, never used here): they no longer refer to the locked journals.
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+    except OSError:  # pragma: no cover - no /dev/null: close them instead
+        devnull = -1
+    for fd in _locked_fds:
+        with contextlib.suppress(OSError):
+            if devnull >= 0:
+                os.dup2(devnull, fd)
+            else:  # pragma: no cover
+                os.close(fd)
+    if devnull >= 0:
+        os.close(devnull)
+    _locked_fds.clear()
+    global _held_lock  # another thread of the parent may have held it: the child's is new
+    _held_lock = threading.Lock()
+    _held_here.clear()
+    _fds_lock.release()
+
+
+if fcntl is not None and hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_fds_lock.acquire, after_in_parent=_fds_lock.release, after_in_child=_forked
+    )
+
+
 def held_in_this_process(path: Path) -> bool:
     """Whether an :class:`Outbox` of this process holds the journal at ``path``."""
     with _held_lock:
@@ -228,11 +279,11 @@ def is_locked(path: str | os.PathLike[str]) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _flock(handle, fcntl.LOCK_SH)
     except BlockingIOError:
         return True
     finally:
-        handle.close()
+        _close(handle)
     return False
 
 
@@ -284,7 +335,7 @@ class Outbox:
             try:
                 if fcntl is not None:
                     try:
-                        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        _flock(handle, fcntl.LOCK_EX)
                     except BlockingIOError as busy:
                         raise OutboxInUseError(
                             f"{self.path} is in use by another process or callback"
@@ -316,7 +367,7 @@ class Outbox:
                     self._synced_size = self._good_size
             except BaseException:
                 self._handle = None
-                handle.close()
+                _close(handle)
                 raise
             with _held_lock:
                 _held_here.add(os.path.abspath(self.path))
@@ -341,7 +392,7 @@ class Outbox:
                 with _held_lock:
                     _held_here.discard(os.path.abspath(self.path))
                 with contextlib.suppress(OSError):
-                    handle.close()
+                    _close(handle)
 
     # -- records ---------------------------------------------------------------------
 
@@ -568,10 +619,10 @@ class Outbox:
         new_handle = open(temp, "a+", encoding="utf-8")  # noqa: SIM115
         try:
             if fcntl is not None:
-                fcntl.flock(new_handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock(new_handle, fcntl.LOCK_EX)
             os.replace(temp, self.path)
         except BaseException:
-            new_handle.close()
+            _close(new_handle)
             raise
         self._handle = new_handle
         self._lines = count
@@ -580,7 +631,7 @@ class Outbox:
         self._dir_synced = False  # until the folder's fsync (see sync)
         self._torn = False
         with contextlib.suppress(OSError):
-            old.close()
+            _close(old)
 
     def _compact(self) -> None:
         """Rewrite the journal with only the pending jobs and the flags marks, atomically,
