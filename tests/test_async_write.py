@@ -1897,3 +1897,110 @@ def test_ctrl_c_while_on_exception_finishes_a_write_still_stops_the_pipeline(
     for thread in now - before:
         thread.join(TIMEOUT)
         assert not thread.is_alive(), thread.name
+
+
+def _other_filesystem_than(path: Path) -> Path | None:
+    """A writable folder on another filesystem than ``path`` (a tmpfs), or None."""
+    for candidate in (Path("/dev/shm"), Path("/run"), Path("/tmp")):
+        try:
+            if candidate.is_dir() and candidate.stat().st_dev != path.stat().st_dev:
+                folder = candidate / f"lamin-lightning-test-{uuid.uuid4().hex[:12]}"
+                folder.mkdir()
+                return folder
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("last_there", [False, True])
+def test_a_subfolder_of_dirpath_on_another_filesystem_is_written_as_with_model_checkpoint(
+    tmp_path: Path, last_there: bool
+) -> None:
+    """A "/" in the file name writes into a subfolder of dirpath, which may be a link to
+    (or a mount of) another filesystem. The background write's temporary file lived in the
+    working folder beside dirpath, and its rename into place failed (EXDEV): every file
+    of the subfolder was lost, where ModelCheckpoint writes them."""
+    elsewhere = _other_filesystem_than(tmp_path)
+    if elsewhere is None:
+        pytest.skip("no second filesystem to link a subfolder to")
+    try:
+        trees = {}
+        for name, cls, extra in (
+            ("reference", ModelCheckpoint, {}),
+            ("ours", MemoryCheckpoint, {"async_write": True}),
+        ):
+            dirpath = tmp_path / name
+            dirpath.mkdir()
+            (elsewhere / name).mkdir()
+            (dirpath / "sub").symlink_to(elsewhere / name)
+            callback = cls(
+                dirpath=dirpath,
+                filename="sub/{step}",
+                monitor="score",
+                save_top_k=2,
+                save_last=True,
+                every_n_train_steps=1,
+                **extra,
+            )
+            if last_there:
+                callback.CHECKPOINT_NAME_LAST = "sub/last"
+            scores = [5, 3, 4, 1, 2, 6]
+            make_trainer(tmp_path / f"root-{name}", [callback], max_steps=6).fit(
+                TinyModel(scores=scores), loader(n=6)
+            )
+            trees[name] = sorted(
+                str(p.relative_to(dirpath)) for p in dirpath.rglob("*") if p.is_file()
+            )
+            if name == "ours":
+                store = callback.store
+                for path in {*callback.best_k_models, callback.last_model_path}:
+                    stored = store.get(callback.resolve_artifact_key(None, path, "checkpoint"))
+                    assert stored is not None and stored.sha256 == sha256_file(path)
+        assert trees["ours"] == trees["reference"]
+        assert not list(elsewhere.rglob(".*")), "a temporary file was left behind"
+    finally:
+        import shutil
+
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+@contextmanager
+def _tmpfs_mounted_at(folder: Path) -> Iterator[bool]:
+    """A tmpfs mounted at ``folder`` (True), or False where mounting is not permitted."""
+    import shutil
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = shutil.which("mount")
+    if (
+        mount is None
+        or subprocess.run(
+            [mount, "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+    ):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_dirpath_that_is_a_mount_point_is_written_in_the_background(tmp_path: Path) -> None:
+    """A checkpoint folder that is a mounted volume (a Kubernetes volume at /checkpoints):
+    the working folder beside it is on the parent filesystem, and every background write's
+    rename into dirpath failed (EXDEV), so that no checkpoint was written at all."""
+    dirpath = tmp_path / "volume"
+    with _tmpfs_mounted_at(dirpath) as mounted:
+        if not mounted:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        callback = MemoryCheckpoint(
+            dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, async_write=True
+        )
+        make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(n=3))
+        names = {f"epoch=0-step={step}.ckpt" for step in (1, 2, 3)}
+        assert checkpoint_files(dirpath) == names
+        assert not [p.name for p in dirpath.iterdir() if p.name not in names]
+        for name in names:
+            stored = callback.store.get(f"checkpoints/{name}")
+            assert stored is not None and stored.sha256 == sha256_file(dirpath / name)

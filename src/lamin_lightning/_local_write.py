@@ -423,13 +423,18 @@ def write_atomically(
 ) -> int:
     """Write ``payload`` with ``save(payload, handle)`` to ``target``: temp file, fsync, rename.
 
-    The temporary file lives in ``scratch`` (on the same filesystem as ``target``). Once
+    The temporary file lives in ``scratch`` where that is on the same filesystem as
+    ``target``'s folder, else in that folder (the rename needs one filesystem: ``dirpath``
+    is a mount point, or a subfolder of it a link to, or a mount of, another one). Once
     fsynced, its pages are dropped from the page cache (see :func:`_drop_from_page_cache`),
     and ``before_rename`` is called with the complete file's descriptor. Returns the size
     of the written file.
     """
     scratch.mkdir(parents=True, exist_ok=True)
-    Path(target).parent.mkdir(parents=True, exist_ok=True)  # as Lightning's CheckpointIO does
+    folder = Path(target).parent
+    folder.mkdir(parents=True, exist_ok=True)  # as Lightning's CheckpointIO does
+    if os.stat(scratch).st_dev != os.stat(folder).st_dev:
+        scratch = folder
     stem = scratch / f".{scratch_name(Path(target).name)}.{os.getpid()}.{threading.get_ident()}"
     claimed, temporary = Path(f"{stem}{CLAIMED_SUFFIX}"), Path(f"{stem}{WRITING_SUFFIX}")
     try:
