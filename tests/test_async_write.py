@@ -16,6 +16,7 @@ training thread. Nothing sleeps to synchronise.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import io
 import mmap
@@ -1948,8 +1949,10 @@ def test_a_subfolder_of_dirpath_on_another_filesystem_is_written_as_with_model_c
             make_trainer(tmp_path / f"root-{name}", [callback], max_steps=6).fit(
                 TinyModel(scores=scores), loader(n=6)
             )
-            trees[name] = sorted(
-                str(p.relative_to(dirpath)) for p in dirpath.rglob("*") if p.is_file()
+            trees[name] = sorted(  # the linked subfolder included (rglob does not follow it)
+                os.path.relpath(os.path.join(folder, file), dirpath)
+                for folder, _, files in os.walk(dirpath, followlinks=True)
+                for file in files
             )
             if name == "ours":
                 store = callback.store
@@ -1988,19 +1991,36 @@ def _tmpfs_mounted_at(folder: Path) -> Iterator[bool]:
 
 def test_a_dirpath_that_is_a_mount_point_is_written_in_the_background(tmp_path: Path) -> None:
     """A checkpoint folder that is a mounted volume (a Kubernetes volume at /checkpoints):
-    the working folder beside it is on the parent filesystem, and every background write's
-    rename into dirpath failed (EXDEV), so that no checkpoint was written at all."""
-    dirpath = tmp_path / "volume"
-    with _tmpfs_mounted_at(dirpath) as mounted:
-        if not mounted:
-            pytest.skip("mounting a tmpfs is not permitted here")
-        callback = MemoryCheckpoint(
-            dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, async_write=True
+    the working folder beside it is on the parent filesystem. Every background write's
+    rename into dirpath failed (EXDEV), so that no checkpoint was written at all; and a
+    top-k eviction in favour of a background write, a rename into the working folder's
+    trash, failed too, and left the evicted file where ModelCheckpoint deletes it."""
+    folders = {}
+    with contextlib.ExitStack() as mounts:
+        for name in ("reference", "ours"):
+            dirpath = folders[name] = tmp_path / name / "volume"
+            if not mounts.enter_context(_tmpfs_mounted_at(dirpath)):
+                pytest.skip("mounting a tmpfs is not permitted here")
+        scores = [5, 3, 4, 1, 2, 6]
+        reference = ModelCheckpoint(
+            dirpath=folders["reference"], monitor="score", save_top_k=2, every_n_train_steps=1
         )
-        make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader(n=3))
-        names = {f"epoch=0-step={step}.ckpt" for step in (1, 2, 3)}
-        assert checkpoint_files(dirpath) == names
-        assert not [p.name for p in dirpath.iterdir() if p.name not in names]
+        make_trainer(tmp_path / "reference", [reference], max_steps=6).fit(
+            TinyModel(scores=scores), loader(n=6)
+        )
+        callback = MemoryCheckpoint(
+            dirpath=folders["ours"],
+            monitor="score",
+            save_top_k=2,
+            every_n_train_steps=1,
+            async_write=True,
+        )
+        make_trainer(tmp_path / "ours", [callback], max_steps=6).fit(
+            TinyModel(scores=scores), loader(n=6)
+        )
+        names = sorted(p.name for p in folders["ours"].iterdir())
+        assert names == sorted(p.name for p in folders["reference"].iterdir())
+        assert names == sorted(Path(p).name for p in callback.best_k_models)
         for name in names:
             stored = callback.store.get(f"checkpoints/{name}")
-            assert stored is not None and stored.sha256 == sha256_file(dirpath / name)
+            assert stored is not None and stored.sha256 == sha256_file(folders["ours"] / name)

@@ -540,7 +540,10 @@ class RemovalOnceWritten:
     def __call__(self) -> int:
         try:
             if os.path.lexists(self._replacement):
-                self._stager.trash(self._filepath)
+                # Not renamed into the trash (another filesystem: dirpath is a mount point,
+                # or the file is in a linked subfolder): deleted here, as Lightning would.
+                if not self._stager.trash(self._filepath):
+                    remove_path(self._filepath)
                 self.kept = False
             else:
                 self.kept = True
