@@ -1334,3 +1334,46 @@ def test_a_forked_dataloader_worker_that_outlives_a_killed_trainer_does_not_hold
         trainer.stdin.close()  # the worker returns its item and exits
         trainer.kill()
         trainer.wait(60)
+
+
+@contextmanager
+def _read_only_mount(folder: Path) -> Iterator[None]:
+    """``folder`` bind-mounted read-only onto itself; skip where mounting is not permitted."""
+    mount = shutil.which("mount")
+    if (
+        mount is None
+        or subprocess.run(
+            [mount, "--bind", str(folder), str(folder)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("bind mounts are not permitted here (needs root)")
+    try:
+        subprocess.run([mount, "-o", "remount,ro,bind", str(folder)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("read_only", ["dirpath", "parent"])
+def test_a_checkpoint_directory_on_a_read_only_filesystem_is_named_as_such(
+    tmp_path: Path, read_only: str
+) -> None:
+    """ModelCheckpoint fails at its first save with OSError EROFS (Read-only file system).
+    We fail at setup, and said "Permission denied" and "fix its permissions", which on a
+    read-only mount (as root, too) points the wrong way."""
+    parent = tmp_path / "shared"
+    dirpath = parent / "ckpts"
+    dirpath.mkdir(parents=True)
+    callback = MemoryCheckpoint(dirpath=dirpath, every_n_train_steps=1)
+    _CountingModel.steps = 0
+    with (
+        _read_only_mount(dirpath if read_only == "dirpath" else parent),
+        pytest.raises(CheckpointDirectoryError) as raised,
+    ):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(_CountingModel(), loader())
+    assert raised.value.errno == errno.EROFS
+    message = str(raised.value)
+    assert "Read-only file system" in message and "Permission denied" not in message
+    assert "read-write" in message.split("Read-only file system", 1)[1], "the fix is named"
+    assert "dirpath" in message
+    assert _CountingModel.steps == 0

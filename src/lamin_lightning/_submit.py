@@ -676,7 +676,16 @@ def _check_writable(root: Path) -> None:
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     if not os.access(folder, os.W_OK | os.X_OK):
+        if _on_read_only_filesystem(folder):  # what a write would meet (as root, too)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def _on_read_only_filesystem(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
+        return False
 
 
 def _sigterm_received(trainer: Any) -> BaseException | None:
@@ -749,12 +758,14 @@ def _warn_unjournaled(record: JobRecord, error: OSError) -> None:
 def _directory_error(error: OSError, root: Path, dirpath: Any) -> CheckpointDirectoryError:
     if isinstance(error, CheckpointDirectoryError):
         return error
+    fix = (
+        "mount it read-write" if error.errno == errno.EROFS else "fix its permissions or free space"
+    )
     return CheckpointDirectoryError(
         error.errno,
         f"lamin-lightning cannot write to the checkpoint directory {dirpath!s} or to its"
         f" working folder {root} beside it ({type(error).__name__}: {error.strerror or error})."
-        " Pass a dirpath that you (and the folder that holds it) can write to, or fix its"
-        " permissions or free space.",
+        f" Pass a dirpath that you (and the folder that holds it) can write to, or {fix}.",
     )
 
 
