@@ -7,10 +7,14 @@ known points of the training loop; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -826,3 +830,77 @@ def test_flush_from_an_observer_raises_instead_of_waiting_for_itself(tmp_path: P
     assert "flush() was called on the persistence pipeline's thread" in str(error)
     assert "from the training thread" in str(error)
     assert store.keys(kind="checkpoint") == keys_of(lightning_kept_paths(callback))
+
+
+_FORK_IN_A_HOOK = """
+import os, sys
+import lightning.pytorch as pl
+sys.path.insert(0, sys.argv[2])
+from helpers import TinyModel, loader, make_trainer
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+
+parent = os.getpid()
+report_r, report_w = os.pipe()
+store = MemoryStore()
+store.hang()  # the parent's saves are in flight at the fork
+
+class ForkAndExit(pl.Callback):
+    # A hook forks (an evaluation of its own, say); the child ends with sys.exit(0),
+    # which unwinds through Lightning's fit in the child, as any exception there would.
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step != 3:
+            return
+        calls = store.calls
+        child = os.fork()
+        if child == 0:
+            self.calls_at_fork = calls
+            sys.exit(0)
+        _, status = os.waitpid(child, 0)  # the parent waits for its child
+        print(f"child {status}", os.read(report_r, 64).decode().strip(), flush=True)
+        store.release()
+
+callback = MemoryCheckpoint(store, dirpath=sys.argv[1], every_n_train_steps=1, save_top_k=-1,
+                            save_on_exception=True, max_pending=16)
+hook = ForkAndExit()
+try:
+    make_trainer(sys.argv[1], [callback, hook], max_steps=6).fit(TinyModel(), loader(n=6))
+except SystemExit:
+    if os.getpid() != parent:  # the child, back from Lightning: its own store calls
+        os.write(report_w, f"{store.calls - hook.calls_at_fork}".encode())
+        os._exit(0)
+    raise
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_in_a_hook_that_unwinds_through_fit_neither_hangs_nor_persists(
+    tmp_path: Path,
+) -> None:
+    """A child forked in a hook that ends with sys.exit (or an exception) unwinds through
+    Lightning's fit and runs the callback's on_exception there. It flushed the pipeline,
+    whose threads did not come with the fork, and so waited forever (the parent, waiting
+    for its child, with it); and a close would have compacted the parent's live journal.
+    Now the child behaves as ModelCheckpoint (its exception checkpoint written, nothing
+    persisted from it)."""
+    dirpath = tmp_path / "ckpt"
+    # A session of its own: a hung child is killed with its parent (the process group).
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FORK_IN_A_HOOK, str(dirpath), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=120)  # seconds; a hung child: forever
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    # The child exited (the parent waited for it) without a store call of its own.
+    assert done.stdout.splitlines() == ["child 0 0"], done.stdout + done.stderr[-3000:]
+    names = {f"epoch=0-step={step}.ckpt" for step in range(1, 7)}
+    assert names <= checkpoint_files(dirpath)
+    assert not journal_paths(staging_root(dirpath)), "the parent's outbox was left unfinished"

@@ -208,6 +208,13 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._saving_on_exception = False
         self._plain_removal: tuple[Any, Any, bool] | None = None  # see _removes_as_lightning
 
+    def _forked_copy(self) -> bool:
+        """Whether this process is a forked child of the one persisting for this callback
+        (see ``Submitter.forked_copy``): here the callback is a plain ``ModelCheckpoint``,
+        and the parent's pipeline and journal are left alone."""
+        submitter = self._submitter
+        return submitter is not None and submitter.forked_copy
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         fresh = self.__class__.__new__(self.__class__)
@@ -234,6 +241,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._forked_copy():  # a forked child training on its own: a runtime of its own
+            ArtifactPublishingModelCheckpoint._init_runtime(self)
         # Lightning derives a dirpath from a logger or default_root_dir at setup: refused
         # as in the constructor, before Lightning touches it and before any step runs.
         refuse_remote_dirpath(_derived_dirpath_root(self, trainer), "derived at setup")
@@ -326,6 +335,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._forked_copy():
+            ModelCheckpoint.teardown(self, trainer, pl_module, stage)
+            return
         super().teardown(trainer, pl_module, stage)
         try:
             self._shutdown(raise_errors=True)
@@ -342,6 +354,12 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        if self._forked_copy():
+            # A forked child unwinding through Lightning's fit (an exception, sys.exit in
+            # the child of an os.fork in a hook): ModelCheckpoint's behaviour, no more. The
+            # pipeline's threads are the parent's: a flush here would wait forever.
+            ModelCheckpoint.on_exception(self, trainer, pl_module, exception)
+            return
         # The emergency checkpoint is written whatever failed before; those failures are
         # reported after it (by the shutdown below), never instead of it.
         self._saving_on_exception = True
@@ -386,6 +404,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self._forked_copy():
+            ModelCheckpoint._save_checkpoint(self, trainer, filepath)
+            return
         if self._save_depth == 0 and not self._saving_on_exception:
             self._surface_failures()  # a direct call; Lightning's save hooks did it already
         self._evictions.saving()
@@ -451,6 +472,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self._forked_copy():
+            ModelCheckpoint._remove_checkpoint(self, trainer, filepath)
+            return
         if not trainer.is_global_zero:
             super()._remove_checkpoint(trainer, filepath)
             return

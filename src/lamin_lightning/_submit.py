@@ -84,6 +84,7 @@ class Submitter:
         self._stats = stats
         self.pipeline: PersistencePipeline | None = None
         self.outbox: Outbox | None = None
+        self._pid = os.getpid()  # the process whose threads and outbox these are
         self._outbox_plan: tuple[Path, str, Any] | None = None  # where to create it
         self.foreign: list[Outbox] = []
         self._stagers: dict[Path, Stager] = {}
@@ -101,7 +102,21 @@ class Submitter:
             pipeline = self._make_pipeline()
             pipeline.start()
             self.pipeline = pipeline
+            self._pid = os.getpid()
         return self.pipeline
+
+    @property
+    def forked_copy(self) -> bool:
+        """Whether this is a forked child's copy of a submitter live in its parent.
+
+        Its pipeline's threads did not come with the fork, and its journals are the
+        parent's: any wait on them would never end (a child that unwinds through
+        Lightning's ``fit`` runs ``on_exception``), and a close would compact the parent's
+        live journal from the child's stale view of it.
+        """
+        return self._pid != os.getpid() and (
+            self.pipeline is not None or self.outbox is not None or bool(self.foreign)
+        )
 
     @contextmanager
     def holding(self) -> Iterator[None]:
@@ -276,6 +291,7 @@ class Submitter:
                 _check_writable(Path(dirpath))
             if enabled:
                 self.outbox = _open_journal(root, digest, create=False)
+                self._pid = os.getpid()
         except OSError as error:
             raise _directory_error(error, root, dirpath) from error
 
@@ -315,6 +331,7 @@ class Submitter:
                     raise _directory_error(error, root, dirpath) from error
                 assert outbox is not None  # create=True opens one or raises
                 self.outbox = outbox
+                self._pid = os.getpid()
             settle = Settle(outbox, outbox.append(record))
             if self.unjournaled:  # saved again, journaled this time (a later fit, room again)
                 self.unjournaled.discard(absolute(record.local_path))
@@ -505,6 +522,8 @@ def stop_collected(submitter: Submitter, timeout: float | None) -> None:
 
     if submitter.pipeline is None and submitter.outbox is None:
         return  # torn down already: nothing runs, nothing is held
+    if submitter.forked_copy:
+        return  # collected in a forked child: the parent's, not to touch
 
     def stop() -> None:
         pipeline = submitter.pipeline
