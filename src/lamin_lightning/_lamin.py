@@ -650,7 +650,13 @@ def _below(dirpath: Any, filepath: Path | str) -> str | None:
     text = os.fspath(filepath)
     if not text.startswith(head) or os.sep not in text[len(head) :]:
         return None
-    return text[len(head) :].replace(os.sep, "/")
+    # The template as written ("./{step}", "sub//{step}"): where the file is. LaminDB
+    # refuses a key with a "." or ".." segment; one directly in dirpath, or outside it,
+    # gets the reference's key (its base name).
+    below = os.path.normpath(text[len(head) :])
+    if os.sep not in below or below.split(os.sep, 1)[0] == os.pardir:
+        return None
+    return below.replace(os.sep, "/")
 
 
 class SaveConfigCallback(_LightningSaveConfigCallback):

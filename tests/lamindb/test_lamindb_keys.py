@@ -147,3 +147,30 @@ def test_a_metric_name_with_a_slash_in_the_filename_keys_each_checkpoint_apart(
         assert artifacts[f"{prefix}/{name}"].hash == hash_file(dirpath / name)[1], name
     stats = callback.persistence_stats
     assert (stats.saved, stats.removed, stats.failed) == (4, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("filename", "names"),
+    [
+        ("./{step}", ["step=1.ckpt", "step=2.ckpt"]),  # directly in dirpath
+        ("sub/../{step}", ["step=1.ckpt", "step=2.ckpt"]),
+        ("../outside/{step}", ["step=1.ckpt", "step=2.ckpt"]),  # not below dirpath
+        ("sub//{step}", ["sub/step=1.ckpt", "sub/step=2.ckpt"]),
+    ],
+)
+def test_a_filename_with_dot_segments_keys_each_file_by_where_it_is(
+    ln: Any, no_run: None, tmp_path: Path, filename: str, names: list[str]
+) -> None:
+    """Lightning joins the file name template to dirpath as written: ``./{step}`` writes
+    ``dirpath/./step=1.ckpt``. Keyed by that text below dirpath, every save failed
+    (LaminDB refuses a key with a ``.`` or ``..`` segment), where the reference (which
+    keys by base name) persists them all; ``sub//{step}`` gave keys with an empty
+    segment. Keys are now the file's normalised place below dirpath, and the base name
+    (the reference's key) for a file directly in dirpath or outside it."""
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts", filename=filename, every_n_train_steps=1, save_top_k=-1
+    )
+    fit(callback, tmp_path, steps=2)
+    prefix = callback.checkpoint_key_prefix
+    assert sorted(artifacts_under(ln, prefix)) == [f"{prefix}/{name}" for name in names]
+    assert callback.persistence_stats.failed == 0
