@@ -1377,3 +1377,42 @@ def test_a_checkpoint_directory_on_a_read_only_filesystem_is_named_as_such(
     assert "read-write" in message.split("Read-only file system", 1)[1], "the fix is named"
     assert "dirpath" in message
     assert _CountingModel.steps == 0
+
+
+def test_a_status_looking_at_a_journal_does_not_keep_its_owner_from_opening_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lamin-lightning status` tells a held journal by taking a shared lock for an instant
+    (is_locked). A training run's setup (or a flush) opening the journal in that instant
+    took it for one another process holds: the run left its own unfinished jobs to
+    nobody and journaled into a new file, the flush exited with 3. A holder that lets go
+    at once is not one: the open tries again."""
+    import fcntl
+
+    path = tmp_path / "outbox-a.jsonl"
+    first = Outbox(path)
+    first.open()
+    first.append(_job("save", "k"))
+    first.close()
+    looking = open(path, encoding="utf-8")  # noqa: SIM115 - as is_locked looks
+    real_flock = fcntl.flock
+    real_flock(looking.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    refused = threading.Event()
+
+    def flock(fd: Any, operation: int) -> None:
+        try:
+            real_flock(fd, operation)
+        except BlockingIOError:
+            if operation & fcntl.LOCK_EX and not refused.is_set():
+                refused.set()
+                looking.close()  # the status is done looking
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    outbox = Outbox(path)
+    try:
+        assert [record.key for _, record in outbox.open()] == ["k"]
+    finally:
+        outbox.close()
+        looking.close()
+    assert refused.is_set(), "the open never met the status's lock"

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -107,6 +108,23 @@ def _flock(handle: IO[str], operation: int) -> None:
     with _fds_lock:
         fcntl.flock(handle.fileno(), operation | fcntl.LOCK_NB)
         _locked_fds.add(handle.fileno())
+
+
+# `lamin-lightning status` (is_locked) holds a shared lock for an instant to look at a
+# journal: a holder that lets go that soon is not one. The waits before each new try.
+_LOOKER_WAITS_S = (0.001, 0.004, 0.016)
+
+
+def _flock_exclusive(handle: IO[str]) -> None:
+    """:func:`_flock` ``LOCK_EX``, tried again briefly while a looker holds the journal;
+    ``BlockingIOError`` if it is still held then."""
+    for wait in _LOOKER_WAITS_S:
+        try:
+            _flock(handle, fcntl.LOCK_EX)
+            return
+        except BlockingIOError:
+            time.sleep(wait)
+    _flock(handle, fcntl.LOCK_EX)
 
 
 def _close(handle: IO[str]) -> None:
@@ -335,7 +353,7 @@ class Outbox:
             try:
                 if fcntl is not None:
                     try:
-                        _flock(handle, fcntl.LOCK_EX)
+                        _flock_exclusive(handle)
                     except BlockingIOError as busy:
                         raise OutboxInUseError(
                             f"{self.path} is in use by another process or callback"
