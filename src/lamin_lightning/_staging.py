@@ -56,6 +56,12 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
     os.register_at_fork(after_in_child=_forked)
 
 
+def current_pid() -> int:
+    """``os.getpid()`` without its system call (kept up to date in a forked child): the
+    training thread asks at every save whether it runs in a forked copy."""
+    return _pid
+
+
 def unique_name() -> str:
     """A name part unique across processes and restarts (a container's trainer is often
     PID 1 every time, so the pid alone is not): pid, counter, per-process random token.

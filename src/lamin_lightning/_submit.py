@@ -36,6 +36,7 @@ from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import (
     Stager,
     absolute,
+    current_pid,
     detach_before_rewrite,
     remove_path,
     staging_root,
@@ -84,7 +85,7 @@ class Submitter:
         self._stats = stats
         self.pipeline: PersistencePipeline | None = None
         self.outbox: Outbox | None = None
-        self._pid = os.getpid()  # the process whose threads and outbox these are
+        self._pid = current_pid()  # the process whose threads and outbox these are
         self._outbox_plan: tuple[Path, str, Any] | None = None  # where to create it
         self.foreign: list[Outbox] = []
         self._stagers: dict[Path, Stager] = {}
@@ -102,7 +103,7 @@ class Submitter:
             pipeline = self._make_pipeline()
             pipeline.start()
             self.pipeline = pipeline
-            self._pid = os.getpid()
+            self._pid = current_pid()
         return self.pipeline
 
     @property
@@ -114,7 +115,7 @@ class Submitter:
         Lightning's ``fit`` runs ``on_exception``), and a close would compact the parent's
         live journal from the child's stale view of it.
         """
-        return self._pid != os.getpid() and (
+        return self._pid != current_pid() and (
             self.pipeline is not None or self.outbox is not None or bool(self.foreign)
         )
 
@@ -291,7 +292,7 @@ class Submitter:
                 _check_writable(Path(dirpath))
             if enabled:
                 self.outbox = _open_journal(root, digest, create=False)
-                self._pid = os.getpid()
+                self._pid = current_pid()
         except OSError as error:
             raise _directory_error(error, root, dirpath) from error
 
@@ -331,7 +332,7 @@ class Submitter:
                     raise _directory_error(error, root, dirpath) from error
                 assert outbox is not None  # create=True opens one or raises
                 self.outbox = outbox
-                self._pid = os.getpid()
+                self._pid = current_pid()
             settle = Settle(outbox, outbox.append(record))
             if self.unjournaled:  # saved again, journaled this time (a later fit, room again)
                 self.unjournaled.discard(absolute(record.local_path))
