@@ -2024,3 +2024,53 @@ def test_a_dirpath_that_is_a_mount_point_is_written_in_the_background(tmp_path: 
         for name in names:
             stored = callback.store.get(f"checkpoints/{name}")
             assert stored is not None and stored.sha256 == sha256_file(folders["ours"] / name)
+
+
+def test_a_write_killed_midway_beside_its_checkpoint_is_deleted_by_the_next_holder(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint folder (or a subfolder of it) on another filesystem than the working
+    folder gets the background write's temporary file beside the checkpoint. SIGKILL
+    mid-write left that partial checkpoint there for good: the recovery looked in the
+    working folder's ``writing/`` only. A file of the user's whose name merely looks
+    like one (not ours: no pid and thread) is left alone."""
+    import shutil
+    import subprocess
+
+    from lamin_lightning import _staging
+    from lamin_lightning._aside import put_back_in
+
+    elsewhere = _other_filesystem_than(tmp_path)
+    if elsewhere is None:
+        pytest.skip("no second filesystem to link a subfolder to")
+    try:
+        dirpath = tmp_path / "ckpts"
+        dirpath.mkdir()
+        (dirpath / "sub").symlink_to(elsewhere)
+        scratch = staging_root(dirpath) / _staging.WRITING_DIRNAME
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _BLOCKED_WRITER,
+                str(dirpath / "sub" / "last.ckpt"),
+                str(scratch),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "writing\n"
+            (partial,) = elsewhere.iterdir()
+            assert partial.name.endswith(".tmp") and partial.stat().st_size == 100_000
+            assert put_back_in(dirpath) == [] and partial.exists()  # alive: left alone
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        users = elsewhere / ".notes.tmp"
+        users.write_bytes(b"mine")
+        assert put_back_in(dirpath) == []
+        assert sorted(elsewhere.iterdir()) == [users]
+        assert not (dirpath / "sub" / "last.ckpt").exists()
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)

@@ -166,15 +166,24 @@ def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
     put_back: list[Path] = []
     for root in working_folders(dirpath):
         put_back.extend(put_back_leftovers(root, checkpoint_folder_of(root)))
-        dead = clear_dead_writes(root / WRITING_DIRNAME)
-        if dead:
-            log.warning(
-                "lamin-lightning: deleted %d unfinished background write(s) that a process"
-                " which ended left in %s: %s",
-                len(dead),
-                root / WRITING_DIRNAME,
-                ", ".join(path.name for path in dead),
-            )
+        scratch = root / WRITING_DIRNAME
+        # A checkpoint folder (or a subfolder) on another filesystem than the working
+        # folder gets the temporary file beside the checkpoint (see write_atomically).
+        beside = (
+            _staging.dead_write_folders(checkpoint_folder_of(root), scratch)
+            if root.is_dir()
+            else []
+        )
+        for folder, own_names_only in ((scratch, False), *((f, True) for f in beside)):
+            dead = clear_dead_writes(folder, own_names_only=own_names_only)
+            if dead:
+                log.warning(
+                    "lamin-lightning: deleted %d unfinished background write(s) that a"
+                    " process which ended left in %s: %s",
+                    len(dead),
+                    folder,
+                    ", ".join(path.name for path in dead),
+                )
     return put_back
 
 

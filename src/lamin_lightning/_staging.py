@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -364,7 +365,42 @@ DEAD_WRITE_GRACE_SECONDS = 10.0
 right after it takes its lock) must be unmodified before it counts as a dead write's."""
 
 
-def clear_dead_writes(scratch: Path) -> list[Path]:
+_OWN_TEMPORARY = re.compile(r"\..+\.[0-9]+\.[0-9]+\.(?:new|tmp)\Z", re.DOTALL)
+"""A background write's temporary file (``.{name}.{pid}.{thread}.new|.tmp``): what is
+looked for beside checkpoints, in a folder of the user's (see :func:`dead_write_folders`)."""
+
+
+def dead_write_folders(checkpoint_folder: Path, scratch: Path) -> list[Path]:
+    """The folders of ``checkpoint_folder``'s tree (itself included) on another filesystem
+    than ``scratch``'s: where a background write puts its temporary file beside the
+    checkpoint (see ``write_atomically``), and a crash mid-write leaves it."""
+    try:
+        device = os.stat(scratch if scratch.exists() else scratch.parent).st_dev
+    except OSError:
+        return []
+    folders: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [checkpoint_folder]
+    while stack:
+        folder = stack.pop()
+        try:
+            stat = os.stat(folder)
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            continue  # a link back up the tree
+        seen.add((stat.st_dev, stat.st_ino))
+        if stat.st_dev != device:
+            folders.append(folder)
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not is_working_folder(entry.path):
+                    stack.append(Path(entry.path))
+    return folders
+
+
+def clear_dead_writes(scratch: Path, *, own_names_only: bool = False) -> list[Path]:
     """Delete the temporary files of background writes whose process ended (a crash
     mid-write) from ``scratch``; return them.
 
@@ -382,7 +418,13 @@ def clear_dead_writes(scratch: Path) -> list[Path]:
         entries = [
             e
             for e in os.scandir(scratch)
-            if e.name.startswith(".") and e.name.endswith((CLAIMED_SUFFIX, WRITING_SUFFIX))
+            if e.name.startswith(".")
+            and e.name.endswith((CLAIMED_SUFFIX, WRITING_SUFFIX))
+            # Beside checkpoints: only a write's own names, and files (no user's FIFO).
+            and (
+                not own_names_only
+                or (_OWN_TEMPORARY.match(e.name) and e.is_file(follow_symlinks=False))
+            )
         ]
     except OSError:
         return []
