@@ -680,6 +680,26 @@ def test_status_json_of_a_save_whose_score_went_nan_is_strict_json(
     assert sorted(ranked.values(), key=str) == [0.5, None]
 
 
+def test_status_json_of_pending_saves_as_python_m_lamin_lightning_cli(tmp_path: Path) -> None:
+    """`python -m lamin_lightning._cli status --json` (how the tests and a checkout run the
+    command) with a pending save: the module's own ``__main__`` block ran main() before
+    the rest of the module was defined, so the JSON listing failed with a NameError."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.fail_always()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, on_error="warn")
+    with pytest.warns(UserWarning):
+        make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader())
+    done = subprocess.run(
+        [sys.executable, "-m", "lamin_lightning._cli", "status", "--json", str(dirpath)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert [e["key"].rsplit("/", 1)[1] for e in json.loads(done.stdout)] == ["epoch=0-step=1.ckpt"]
+
+
 def test_a_journal_write_error_when_settling_never_fails_the_committed_job(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

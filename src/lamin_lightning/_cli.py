@@ -337,10 +337,6 @@ def _main(argv: list[str] | None) -> int:
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _finite(value: Any) -> Any:
     """``value`` (an encoded record) with every non-finite float as None: JSON has no NaN
     or infinity (Python's ``Infinity`` is refused by strict parsers such as jq), and a
@@ -352,3 +348,7 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
