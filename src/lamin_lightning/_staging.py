@@ -394,8 +394,11 @@ def dead_write_folders(checkpoint_folder: Path, scratch: Path) -> list[Path]:
         if stat.st_dev != device:
             folders.append(folder)
         for entry in entries:
+            # Not into a folder checkpoint (sharded: many files; never written this way).
+            if entry.name.endswith(".ckpt") or is_working_folder(entry.path):
+                continue
             with contextlib.suppress(OSError):
-                if entry.is_dir() and not is_working_folder(entry.path):
+                if entry.is_dir():
                     stack.append(Path(entry.path))
     return folders
 
