@@ -1436,3 +1436,39 @@ def test_a_status_looking_at_a_journal_does_not_keep_its_owner_from_opening_it(
         outbox.close()
         looking.close()
     assert refused.is_set(), "the open never met the status's lock"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_keeps_a_file_that_took_the_number_of_a_journal_closed_unawares(
+    tmp_path: Path,
+) -> None:
+    """A forked child points its copies of the journals' locked descriptors at /dev/null.
+    A journal whose handle was closed without the outbox's close (its Outbox dropped
+    unclosed, collected) left its number behind: the next file opened got that number,
+    and every forked child (a DataLoader worker) found that file, not its data, there."""
+    import gc
+
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    number = outbox._handle.fileno()  # type: ignore[union-attr]
+    del outbox
+    gc.collect()  # the handle is closed by its finalizer, not by Outbox.close
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"the worker's data")
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        if fd != number:
+            pytest.skip("the number was not reused")
+        read_r, read_w = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child
+            try:
+                os.write(read_w, os.pread(fd, 64, 0) or b"<nothing>")
+            finally:
+                os._exit(0)
+        os.close(read_w)
+        os.waitpid(child, 0)
+        assert os.read(read_r, 64) == b"the worker's data"
+        os.close(read_r)
+    finally:
+        os.close(fd)

@@ -99,15 +99,19 @@ _held_lock = threading.Lock()
 # worker, a fork pool) shares each of them, and with it the lock: it would keep the lock
 # after this process died (SIGKILL, OOM), and `lamin-lightning flush` and the next run would
 # take the journal for a live training run's. The child points its copies at /dev/null.
-_locked_fds: set[int] = set()
+# With each descriptor, the file it locked: a handle closed without _close (an Outbox
+# collected unclosed) leaves its number behind, which another file may take meanwhile.
+_locked_fds: dict[int, tuple[int, int]] = {}
 _fds_lock = threading.Lock()
 
 
 def _flock(handle: IO[str], operation: int) -> None:
     """``flock`` ``handle`` (non-blocking) and remember its descriptor for a fork."""
     with _fds_lock:
-        fcntl.flock(handle.fileno(), operation | fcntl.LOCK_NB)
-        _locked_fds.add(handle.fileno())
+        fd = handle.fileno()
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        stat = os.fstat(fd)
+        _locked_fds[fd] = (stat.st_dev, stat.st_ino)
 
 
 # `lamin-lightning status` (is_locked) holds a shared lock for an instant to look at a
@@ -131,7 +135,7 @@ def _close(handle: IO[str]) -> None:
     """Close ``handle``, dropping its lock (see :func:`_flock`)."""
     with _fds_lock:
         with contextlib.suppress(ValueError):  # closed already
-            _locked_fds.discard(handle.fileno())
+            _locked_fds.pop(handle.fileno(), None)
         handle.close()
 
 
@@ -142,8 +146,11 @@ def _forked() -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
     except OSError:  # pragma: no cover - no /dev/null: close them instead
         devnull = -1
-    for fd in _locked_fds:
+    for fd, locked in _locked_fds.items():
         with contextlib.suppress(OSError):
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != locked:
+                continue  # closed unawares, the number since taken by another file
             if devnull >= 0:
                 os.dup2(devnull, fd)
             else:  # pragma: no cover
