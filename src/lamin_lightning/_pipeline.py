@@ -113,7 +113,8 @@ class JobState(enum.Enum):
     QUEUED = "queued"
     TRANSFERRING = "transferring"
     TRANSFERRED = "transferred"
-    # A save committed (persisted, finished in the outbox) whose event is not delivered yet.
+    # A job committed (persisted, finished in the outbox) whose event is not delivered yet:
+    # a save, or a removal done at its commit (none deletes after its event's delivery).
     COMMITTED = "committed"
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
@@ -398,7 +399,7 @@ class AsyncPipeline:
                     )
         if job.error is not None:
             event = await self._failed(job)
-        elif spec.operation == "save":
+        elif spec.after_delivery is None:  # a LaminDB removal deletes after delivery
             job.state = JobState.COMMITTED
         self._deliver_send.send_nowait((job, event))
 

@@ -84,14 +84,15 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         submitter = self._submitter
         kept_out = submitter.kept_out_jobs() if submitter is not None else []
         admitted = pipeline.pending()
-        # Saves committed whose events the hooks and observers have not had yet (one of
-        # them holds an earlier event): persisted, and finished in the outbox.
-        persisted = _named([job.key for job in admitted if job.state == "committed"])
+
+        def named(job: Any) -> str:
+            return job.key if job.operation == "save" else f"{job.key} ({job.operation})"
+
+        # Jobs committed whose events the hooks and observers have not had yet (one of
+        # them holds an earlier event): persisted (or removed), and finished in the outbox.
+        persisted = _named([named(job) for job in admitted if job.state == "committed"])
         jobs = _named(
-            [
-                job.key if job.operation == "save" else f"{job.key} ({job.operation})"
-                for job in [*(j for j in admitted if j.state != "committed"), *kept_out]
-            ]
+            [named(job) for job in [*(j for j in admitted if j.state != "committed"), *kept_out]]
         )
         if not jobs and not persisted:
             return  # finished meanwhile: nothing to name
@@ -151,7 +152,7 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 # What this stage leaves in the outbox, for flush() and pending_artifacts()
                 # to answer after it (the next setup or `lamin-lightning flush` persists it).
                 self._left_in_outbox = [
-                    # Not the saves committed whose events were not delivered: finished.
+                    # Not the jobs committed whose events were not delivered: finished.
                     *(job for job in pipeline.pending() if job.state != "committed"),
                     *(
                         PendingJob(-1, spec.operation, spec.key, "kept out", spec.payload)
