@@ -1070,11 +1070,24 @@ def _uploading(key: str, digest: str | None) -> Iterator[None]:
         yield
     finally:
         with _UPLOADS_GUARD:
-            events = _UPLOADS[(key, digest)]
-            events.remove(done)
-            if not events:
-                del _UPLOADS[(key, digest)]
+            events = _UPLOADS.get((key, digest), [])
+            if done in events:  # not in a child forked meanwhile (see _forget_uploads)
+                events.remove(done)
+                if not events:
+                    del _UPLOADS[(key, digest)]
         done.set()
+
+
+def _forget_uploads() -> None:
+    """In a forked child: the parent's uploads are not its own (their threads did not
+    come with the fork, and nothing here would ever end them)."""
+    global _UPLOADS_GUARD  # a thread of the parent may have held it
+    _UPLOADS_GUARD = threading.Lock()
+    _UPLOADS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_uploads)
 
 
 def _wait_for_upload_here(key: str, digest: str) -> bool:
