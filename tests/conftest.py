@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import TinyModel, loader
+
+# A run started in the background of a non-interactive shell (`cmd &`, nohup, some CI
+# runners) inherits SIGINT ignored, and Python leaves it ignored. The Ctrl+C tests press
+# Ctrl+C with _thread.interrupt_main() or os.kill(..., SIGINT), which would then do
+# nothing: each such test would wait forever for an interrupt that never comes. Python's
+# own handler is what an interactive training script has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
