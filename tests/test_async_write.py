@@ -1286,6 +1286,67 @@ def test_a_write_killed_midway_leaves_a_temporary_file_the_next_holder_deletes(
     assert not (dirpath / "last.ckpt").exists()
 
 
+_FORKING_WRITER = """
+import os, sys, threading
+from pathlib import Path
+from lamin_lightning._local_write import write_atomically
+
+def save(payload, handle):
+    handle.write(payload)
+    handle.flush()
+    pid = os.fork()  # a DataLoader worker started while the write runs
+    if pid == 0:
+        threading.Event().wait()  # outlives the writer; stopped by the test
+    print(f"writing {pid}", flush=True)
+    threading.Event().wait()  # killed here, mid-write
+
+write_atomically(b"x" * 100_000, sys.argv[1], Path(sys.argv[2]), save)
+"""
+
+
+def test_a_child_forked_during_a_write_does_not_keep_its_partial_file_locked(
+    tmp_path: Path,
+) -> None:
+    """A process forked while a background write runs (a DataLoader worker at an epoch's
+    start) shared the write's locked descriptor: after SIGKILL of the trainer, the child
+    kept the partial checkpoint locked, so it looked alive and stayed on disk as long as
+    the child lived. The child lets go of its copy of the lock at the fork."""
+    import subprocess
+
+    from lamin_lightning import _staging
+    from lamin_lightning._aside import put_back_in
+
+    dirpath = tmp_path / "ckpts"
+    dirpath.mkdir()
+    scratch = staging_root(dirpath) / _staging.WRITING_DIRNAME
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_WRITER, str(dirpath / "last.ckpt"), str(scratch)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    forked = 0
+    try:
+        assert writer.stdout is not None
+        said, child = writer.stdout.readline().split()
+        assert said == "writing"
+        forked = int(child)
+        (partial,) = scratch.iterdir()
+        assert partial.name.endswith(".tmp")
+        assert put_back_in(dirpath) == [] and partial.exists()  # the writer lives
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        os.kill(forked, 0)  # the child lives on
+        assert put_back_in(dirpath) == []
+        assert list(scratch.iterdir()) == []  # deleted while the child lives
+    finally:
+        if writer.poll() is None:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait()
+        if forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(forked, signal.SIGKILL)
+
+
 class _Pair(collections.namedtuple("_Pair", "weight step")):
     pass
 

@@ -105,8 +105,12 @@ _locked_fds: dict[int, tuple[int, int]] = {}
 _fds_lock = threading.Lock()
 
 
-def _flock(handle: IO[str], operation: int) -> None:
-    """``flock`` ``handle`` (non-blocking) and remember its descriptor for a fork."""
+def _flock(handle: IO[Any], operation: int) -> None:
+    """``flock`` ``handle`` (non-blocking) and remember its descriptor for a fork.
+
+    Also for the background write's temporary file (``_local_write``): a forked child
+    holding its lock would keep a killed trainer's partial checkpoint from being deleted.
+    """
     with _fds_lock:
         fd = handle.fileno()
         fcntl.flock(fd, operation | fcntl.LOCK_NB)
@@ -131,7 +135,7 @@ def _flock_exclusive(handle: IO[str]) -> None:
     _flock(handle, fcntl.LOCK_EX)
 
 
-def _close(handle: IO[str]) -> None:
+def _close(handle: IO[Any]) -> None:
     """Close ``handle``, dropping its lock (see :func:`_flock`)."""
     with _fds_lock:
         with contextlib.suppress(ValueError):  # closed already

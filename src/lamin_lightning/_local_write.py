@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 
 from lamin_lightning._jobs import file_identity
+from lamin_lightning._journal import _close, _flock
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX, scratch_name
 
@@ -439,20 +440,29 @@ def write_atomically(
     claimed, temporary = Path(f"{stem}{CLAIMED_SUFFIX}"), Path(f"{stem}{WRITING_SUFFIX}")
     try:
         with open(claimed, "wb") as handle:
-            if fcntl is not None:
-                # Held until the file is renamed into place: a ``.tmp`` file nobody holds
-                # is the write of a process that ended (see clear_dead_writes). Locked
-                # before it takes that name, so none is ever unlocked while it is written.
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            os.replace(claimed, temporary)
-            save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            _drop_from_page_cache(handle.fileno())
-            size = os.fstat(handle.fileno()).st_size
-            if before_rename is not None:
-                before_rename(handle.fileno())
-            os.replace(temporary, target)
+            try:
+                if fcntl is not None:
+                    # Held until the file is renamed into place: a ``.tmp`` file nobody
+                    # holds is the write of a process that ended (see clear_dead_writes).
+                    # Locked before it takes that name, so none is ever unlocked while it
+                    # is written. A child forked meanwhile (a DataLoader worker) lets go of
+                    # its copy of the lock (see _journal._forked), or it would keep a killed
+                    # trainer's partial checkpoint from being deleted while it lives.
+                    try:
+                        _flock(handle, fcntl.LOCK_EX)
+                    except BlockingIOError:  # pragma: no cover - a stale file's holder
+                        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                os.replace(claimed, temporary)
+                save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+                _drop_from_page_cache(handle.fileno())
+                size = os.fstat(handle.fileno()).st_size
+                if before_rename is not None:
+                    before_rename(handle.fileno())
+                os.replace(temporary, target)
+            finally:
+                _close(handle)
     except BaseException:
         claimed.unlink(missing_ok=True)
         temporary.unlink(missing_ok=True)
