@@ -99,14 +99,15 @@ _held_lock = threading.Lock()
 # worker, a fork pool) shares each of them, and with it the lock: it would keep the lock
 # after this process died (SIGKILL, OOM), and `lamin-lightning flush` and the next run would
 # take the journal for a live training run's. The child points its copies at /dev/null.
-# With each descriptor, the file it locked: a handle closed without _close (an Outbox
+# With each descriptor, the file it locked: a handle closed without close_locked (an Outbox
 # collected unclosed) leaves its number behind, which another file may take meanwhile.
 _locked_fds: dict[int, tuple[int, int]] = {}
 _fds_lock = threading.Lock()
 
 
-def _flock(handle: IO[Any], operation: int) -> None:
-    """``flock`` ``handle`` (non-blocking) and remember its descriptor for a fork.
+def flock_here(handle: IO[Any], operation: int) -> None:
+    """``flock`` ``handle`` (non-blocking) for this process only: a child forked later
+    lets go of its copy of the lock (see :func:`_forked`); close with :func:`close_locked`.
 
     Also for the background write's temporary file (``_local_write``): a forked child
     holding its lock would keep a killed trainer's partial checkpoint from being deleted.
@@ -124,19 +125,19 @@ _LOOKER_WAITS_S = (0.001, 0.004, 0.016)
 
 
 def _flock_exclusive(handle: IO[str]) -> None:
-    """:func:`_flock` ``LOCK_EX``, tried again briefly while a looker holds the journal;
+    """:func:`flock_here` ``LOCK_EX``, tried again briefly while a looker holds the journal;
     ``BlockingIOError`` if it is still held then."""
     for wait in _LOOKER_WAITS_S:
         try:
-            _flock(handle, fcntl.LOCK_EX)
+            flock_here(handle, fcntl.LOCK_EX)
             return
         except BlockingIOError:
             time.sleep(wait)
-    _flock(handle, fcntl.LOCK_EX)
+    flock_here(handle, fcntl.LOCK_EX)
 
 
-def _close(handle: IO[Any]) -> None:
-    """Close ``handle``, dropping its lock (see :func:`_flock`)."""
+def close_locked(handle: IO[Any]) -> None:
+    """Close ``handle``, dropping its lock (see :func:`flock_here`)."""
     with _fds_lock:
         with contextlib.suppress(ValueError):  # closed already
             _locked_fds.pop(handle.fileno(), None)
@@ -308,11 +309,11 @@ def is_locked(path: str | os.PathLike[str]) -> bool:
     except OSError:
         return False
     try:
-        _flock(handle, fcntl.LOCK_SH)
+        flock_here(handle, fcntl.LOCK_SH)
     except BlockingIOError:
         return True
     finally:
-        _close(handle)
+        close_locked(handle)
     return False
 
 
@@ -396,7 +397,7 @@ class Outbox:
                     self._synced_size = self._good_size
             except BaseException:
                 self._handle = None
-                _close(handle)
+                close_locked(handle)
                 raise
             with _held_lock:
                 _held_here.add(os.path.abspath(self.path))
@@ -421,7 +422,7 @@ class Outbox:
                 with _held_lock:
                     _held_here.discard(os.path.abspath(self.path))
                 with contextlib.suppress(OSError):
-                    _close(handle)
+                    close_locked(handle)
 
     # -- records ---------------------------------------------------------------------
 
@@ -648,10 +649,10 @@ class Outbox:
         new_handle = open(temp, "a+", encoding="utf-8")  # noqa: SIM115
         try:
             if fcntl is not None:
-                _flock(new_handle, fcntl.LOCK_EX)
+                flock_here(new_handle, fcntl.LOCK_EX)
             os.replace(temp, self.path)
         except BaseException:
-            _close(new_handle)
+            close_locked(new_handle)
             raise
         self._handle = new_handle
         self._lines = count
@@ -660,7 +661,7 @@ class Outbox:
         self._dir_synced = False  # until the folder's fsync (see sync)
         self._torn = False
         with contextlib.suppress(OSError):
-            _close(old)
+            close_locked(old)
 
     def _compact(self) -> None:
         """Rewrite the journal with only the pending jobs and the flags marks, atomically,

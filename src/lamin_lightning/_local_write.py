@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 
 from lamin_lightning._jobs import file_identity
-from lamin_lightning._journal import _close, _flock
+from lamin_lightning._journal import close_locked, flock_here
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX, scratch_name
 
@@ -449,7 +449,7 @@ def write_atomically(
                     # its copy of the lock (see _journal._forked), or it would keep a killed
                     # trainer's partial checkpoint from being deleted while it lives.
                     try:
-                        _flock(handle, fcntl.LOCK_EX)
+                        flock_here(handle, fcntl.LOCK_EX)
                     except BlockingIOError:  # pragma: no cover - a stale file's holder
                         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 os.replace(claimed, temporary)
@@ -462,7 +462,7 @@ def write_atomically(
                     before_rename(handle.fileno())
                 os.replace(temporary, target)
             finally:
-                _close(handle)
+                close_locked(handle)
     except BaseException:
         claimed.unlink(missing_ok=True)
         temporary.unlink(missing_ok=True)

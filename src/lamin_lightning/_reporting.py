@@ -85,14 +85,14 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         kept_out = submitter.kept_out_jobs() if submitter is not None else []
         admitted = pipeline.pending()
 
-        def named(job: Any) -> str:
+        def label(job: Any) -> str:
             return job.key if job.operation == "save" else f"{job.key} ({job.operation})"
 
         # Jobs committed whose events the hooks and observers have not had yet (one of
         # them holds an earlier event): persisted (or removed), and finished in the outbox.
-        persisted = _named([named(job) for job in admitted if job.state == "committed"])
-        jobs = _named(
-            [named(job) for job in [*(j for j in admitted if j.state != "committed"), *kept_out]]
+        persisted = _counted([label(job) for job in admitted if job.state == "committed"])
+        jobs = _counted(
+            [label(job) for job in [*(j for j in admitted if j.state != "committed"), *kept_out]]
         )
         if not jobs and not persisted:
             return  # finished meanwhile: nothing to name
@@ -175,7 +175,7 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 )
 
 
-def _named(keys: list[str]) -> list[str]:
+def _counted(keys: list[str]) -> list[str]:
     """``keys`` once each; a file saved again while its earlier save was pending
     (``last.ckpt``) with its count of jobs."""
     counts = collections.Counter(keys)
