@@ -158,6 +158,7 @@ class PersistencePipeline:
         self._core: AsyncPipeline | None = None
         self._run_future: Future[None] | None = None
         self._lanes: list[ThreadLane] = []
+        self._delivery: ThreadLane | None = None
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max_pending)
         self._intake: queue.SimpleQueue[tuple[JobSpec, float] | None] = queue.SimpleQueue()
@@ -189,6 +190,15 @@ class PersistencePipeline:
         """Threads this pipeline owns (workers, committer, delivery)."""
         return [lane.thread for lane in self._lanes]
 
+    def still_working(self) -> list[threading.Thread]:
+        """After :meth:`stop`: the threads still running a job (a transfer or a commit stuck
+        in storage, a write stuck on disk); they end when it returns. Not the delivery
+        thread (a user's observer), which touches neither storage nor the folder."""
+        threads = [lane.thread for lane in self._lanes if lane is not self._delivery]
+        if self._intake_thread is not None:
+            threads.append(self._intake_thread)
+        return [thread for thread in threads if thread.is_alive()]
+
     def start(self) -> None:
         """Start the event loop and the threads. Idempotent."""
         with self._lock:
@@ -207,6 +217,7 @@ class PersistencePipeline:
             workers = [lane(f"worker-{i}") for i in range(self._max_workers)]
             committer, deliverer = lane("committer"), lane("delivery")
             self._lanes = [*workers, committer, deliverer]
+            self._delivery = deliverer
             core = AsyncPipeline(
                 release_slot=self._slots.release,
                 retry=self._retry,

@@ -25,7 +25,7 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._jobs import JobRecord
-from lamin_lightning._journal import Outbox, journal_paths, read_unreadable
+from lamin_lightning._journal import Outbox, journal_paths, keep_until_done, read_unreadable
 from lamin_lightning._progress import drain_with_progress, progress_bar
 from lamin_lightning._replay import open_unheld, outbox_roots, pending_in, replay_jobs
 from lamin_lightning._retry import RetryPolicy
@@ -176,8 +176,9 @@ def flush_directory(
             bar.close()
         pipeline.stop(timeout=0)
         after = {(o.path, job_id) for o in outboxes for job_id, _ in o.pending()}
+        working = pipeline.still_working()  # a transfer the timeout gave up on goes on
         for outbox in outboxes:
-            outbox.close()
+            keep_until_done(outbox, working)
     for outbox, job_id, record in work:
         if (outbox.path, job_id) in after:
             report.remaining.append(record)

@@ -44,7 +44,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -163,9 +163,11 @@ def _forked() -> None:
     if devnull >= 0:
         os.close(devnull)
     _locked_fds.clear()
-    global _held_lock  # another thread of the parent may have held it: the child's is new
+    global _held_lock, _lingering_lock  # held by another thread of the parent, maybe
     _held_lock = threading.Lock()
     _held_here.clear()
+    _lingering_lock = threading.Lock()
+    _lingering.clear()  # their keepers are the parent's threads
     _fds_lock.release()
 
 
@@ -173,6 +175,50 @@ if fcntl is not None and hasattr(os, "register_at_fork"):
     os.register_at_fork(
         before=_fds_lock.acquire, after_in_parent=_fds_lock.release, after_in_child=_forked
     )
+
+
+# Journals whose owner stopped while a thread of its pipeline still ran a job (a teardown
+# gave up at flush_timeout, Ctrl+C): an upload still copying into storage, say. Each stays
+# held until those threads return, or a `lamin-lightning flush` in another process would
+# take the upload's record for one a crash cut short and drop it under the copy, which then
+# finishes into a file no record names. In this process, the next opener of the journal
+# (the next fit's setup, flush_directory) takes it over: a replay here waits for this
+# process's own upload instead (see _lamin_store._wait_for_upload_here).
+_lingering: dict[str, Outbox] = {}
+_lingering_lock = threading.Lock()  # held while one is closed (before _held_lock)
+
+
+def keep_until_done(outbox: Outbox, threads: Iterable[threading.Thread]) -> None:
+    """Close ``outbox`` once every one of ``threads`` has returned (at once if none runs);
+    until then another process finds its journal held."""
+    threads = [thread for thread in threads if thread.is_alive()]
+    if not threads or not outbox.is_open:
+        outbox.close()
+        return
+    path = os.path.abspath(outbox.path)
+    with _lingering_lock:
+        _lingering[path] = outbox
+
+    def close_when_done() -> None:
+        for thread in threads:
+            thread.join()
+        _close_lingering(path, outbox)
+
+    threading.Thread(
+        target=close_when_done, name="lamin-lightning-journal-keeper", daemon=True
+    ).start()
+
+
+def _close_lingering(path: str, outbox: Outbox | None = None) -> None:
+    """Close the journal at ``path`` kept by :func:`keep_until_done` (``outbox``: only if
+    it is that one), once: by its keeper or by the journal's next opener in this process.
+    Returns once it is closed, by this call or by one under way in another thread."""
+    with _lingering_lock:
+        kept = _lingering.get(path)
+        if kept is None or (outbox is not None and kept is not outbox):
+            return
+        del _lingering[path]
+        kept.close()
 
 
 def held_in_this_process(path: Path) -> bool:
@@ -357,6 +403,9 @@ class Outbox:
         so the problem shows now rather than at the first checkpoint). ``sync=False``
         leaves that line's fsync to the next :meth:`sync` (off the training thread).
         """
+        # Kept by a stopped owner of this process until its stuck threads return: taken
+        # over (see keep_until_done).
+        _close_lingering(os.path.abspath(self.path))
         with self._lock:
             if self._handle is not None:
                 return self._state.records(self.path)

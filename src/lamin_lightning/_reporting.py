@@ -106,6 +106,13 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 f" {shell_word(os.fspath(self.dirpath or '.'))}`, or start training again"
                 " with this dirpath."
             )
+            if any(job.state == "transferring" for job in admitted):
+                # Its thread goes on (see Submitter.stop): a flush elsewhere is refused
+                # until then, rather than replay an upload still running.
+                text += (
+                    " An upload under way goes on in this process, which holds the outbox"
+                    " until it returns."
+                )
         if persisted:
             text += (
                 f" {'Persisted' if jobs else 'persisted'}, but their events were not delivered"

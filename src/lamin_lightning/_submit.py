@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -28,7 +28,7 @@ from lamin_lightning import _aside
 from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import CheckpointDirectoryError, OutboxInUseError
 from lamin_lightning._jobs import JobRecord
-from lamin_lightning._journal import Outbox, held_in_this_process
+from lamin_lightning._journal import Outbox, held_in_this_process, keep_until_done
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
@@ -345,14 +345,15 @@ class Submitter:
                 self.unjournaled.add(absolute(record.local_path))
             return _unjournaled
 
-    def close_outbox(self) -> None:
-        """Release this callback's journal and the foreign ones it replayed."""
+    def close_outbox(self, working: Sequence[threading.Thread] = ()) -> None:
+        """Release this callback's journal and the foreign ones it replayed; with
+        ``working`` (threads of a stopped pipeline still running a job), once they return."""
         outbox, self.outbox = self.outbox, None
         self._outbox_plan = None
         foreign, self.foreign = self.foreign, []
         for journal in (outbox, *foreign):
             if journal is not None:
-                journal.close()
+                keep_until_done(journal, working)
 
     # -- staging ----------------------------------------------------------------------------
 
@@ -505,14 +506,17 @@ class Submitter:
         """Stop the pipeline (abandoning what is left), empty the trash, release the outbox."""
         pipeline, self.pipeline = self.pipeline, None
         self._unadmitted = []  # journaled: the next setup or a flush persists them
+        working: list[threading.Thread] = []
         try:
             if pipeline is not None:
                 pipeline.stop(timeout=0)
+                working = pipeline.still_working()
         finally:
             for root, stager in self._stagers.items():
                 stager.empty_trash()
                 _aside.release(root)
-            self.close_outbox()
+            # An upload a teardown gave up on goes on: its journal stays held meanwhile.
+            self.close_outbox(working)
 
 
 def stop_collected(submitter: Submitter, timeout: float | None) -> None:

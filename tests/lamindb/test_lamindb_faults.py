@@ -248,6 +248,73 @@ class WaitForTheCopy(pl.Callback):
         assert self.copying.wait(timeout=120), "the upload never started"
 
 
+class HeldCopy:
+    """The first upload of a fit (a worker's ``LaminStore.create``) held mid-copy into
+    storage, its source file open, until :attr:`gate` is set: slow storage."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import shutil as real_shutil
+        import types
+
+        import lamindb.core.storage.paths as lamindb_paths
+
+        from lamin_lightning._lamin_store import LaminStore
+
+        self.copying, self.gate, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.warning = ""
+        stale: list[threading.Thread] = []
+
+        def copyfile(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() in stale:
+                with open(src, "rb") as source:  # the copy has begun: the file is open
+                    self.copying.set()
+                    assert self.gate.wait(timeout=300), "the test never released the copy"
+                    with open(dst, "wb") as target:
+                        real_shutil.copyfileobj(source, target)
+                return dst
+            return real_shutil.copyfile(src, dst, *args, **kwargs)
+
+        proxy = types.SimpleNamespace(
+            **{n: getattr(real_shutil, n) for n in dir(real_shutil) if not n.startswith("__")}
+        )
+        proxy.copyfile = copyfile
+        monkeypatch.setattr(lamindb_paths, "shutil", proxy)
+        create = LaminStore.create
+
+        def create_first_slowly(store: Any, *args: Any, **kwargs: Any) -> Any:
+            if stale or not threading.current_thread().name.startswith("lamin-lightning"):
+                return create(store, *args, **kwargs)
+            stale.append(threading.current_thread())
+            try:
+                return create(store, *args, **kwargs)
+            finally:
+                self.done.set()
+
+        monkeypatch.setattr(LaminStore, "create", create_first_slowly)
+
+    def fit_that_gives_up(self, tmp_path: Path) -> ll.Checkpoint:
+        """One checkpoint; teardown gives up on its upload (``flush_timeout=1``) mid-copy."""
+        callback = ll.Checkpoint(
+            dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1, flush_timeout=1
+        )
+        with pytest.warns(UserWarning, match="flush_timeout=1") as warned:
+            fit(callback, tmp_path, steps=1, extra_callbacks=[WaitForTheCopy(self.copying)])
+        self.warning = " ".join(str(w.message) for w in warned if "flush_timeout" in str(w.message))
+        return callback
+
+
+def _assert_persisted_once_without_orphans(
+    ln: Any, callback: ll.Checkpoint, before: set[str]
+) -> None:
+    key = f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
+    [artifact] = artifacts_under(ln, callback.checkpoint_key_prefix).values()
+    assert artifact.key == key
+    assert artifact_features(ln, artifact), "the checkpoint was not annotated"
+    known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
+    orphans = sorted(_storage_files(ln) - before - known)
+    assert orphans == [], f"files in storage that no artifact names: {orphans}"
+
+
 def test_a_flush_after_a_teardown_that_gave_up_mid_upload_leaves_no_orphan_in_storage(
     ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,46 +325,11 @@ def test_a_flush_after_a_teardown_that_gave_up_mid_upload_leaves_no_orphan_in_st
     cut short, while the copy was still going: the copy then finished into a file no record
     names (and lamindb handed the worker the replay's artifact). The replay now waits for
     this process's own upload and reuses it: one artifact, annotated, nothing orphaned."""
-    import shutil as real_shutil
-    import types
-
-    import lamindb.core.storage.paths as lamindb_paths
-
     import lamin_lightning._lamin_store as lamin_store
     from lamin_lightning._lamin_store import LaminStore
 
-    copying, gate, stale_done = threading.Event(), threading.Event(), threading.Event()
-    stale: list[threading.Thread] = []
+    held = HeldCopy(monkeypatch)
     armed = threading.Event()  # the fit returned: the flush's look-ups release the copy
-
-    def copyfile(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() in stale:
-            with open(src, "rb") as source:  # the copy has begun: the file is open
-                copying.set()
-                assert gate.wait(timeout=300), "the test never released the copy"
-                with open(dst, "wb") as target:
-                    real_shutil.copyfileobj(source, target)
-            return dst
-        return real_shutil.copyfile(src, dst, *args, **kwargs)
-
-    proxy = types.SimpleNamespace(
-        **{n: getattr(real_shutil, n) for n in dir(real_shutil) if not n.startswith("__")}
-    )
-    proxy.copyfile = copyfile
-    monkeypatch.setattr(lamindb_paths, "shutil", proxy)
-
-    create = LaminStore.create
-
-    def create_first_slowly(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if stale or not threading.current_thread().name.startswith("lamin-lightning"):
-            return create(self, *args, **kwargs)
-        stale.append(threading.current_thread())
-        try:
-            return create(self, *args, **kwargs)
-        finally:
-            stale_done.set()
-
-    monkeypatch.setattr(LaminStore, "create", create_first_slowly)
     looked = LaminStore._committed_to_reuse
 
     def look(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -305,7 +337,7 @@ def test_a_flush_after_a_teardown_that_gave_up_mid_upload_leaves_no_orphan_in_st
             return looked(self, *args, **kwargs)
         finally:
             if armed.is_set():
-                gate.set()  # the replay decided without waiting: let the copy finish
+                held.gate.set()  # the replay decided without waiting: let the copy finish
 
     monkeypatch.setattr(LaminStore, "_committed_to_reuse", look)
     wait_here = getattr(lamin_store, "_wait_for_upload_here", None)
@@ -313,31 +345,72 @@ def test_a_flush_after_a_teardown_that_gave_up_mid_upload_leaves_no_orphan_in_st
 
         def wait_for_the_copy(*args: Any) -> bool:
             if armed.is_set():
-                gate.set()  # the replay waits for it: let it finish
+                held.gate.set()  # the replay waits for it: let it finish
             return bool(wait_here(*args))
 
         monkeypatch.setattr(lamin_store, "_wait_for_upload_here", wait_for_the_copy)
 
     before = _storage_files(ln)
-    callback = ll.Checkpoint(
-        dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1, flush_timeout=1
-    )
     try:
-        with pytest.warns(UserWarning, match="flush_timeout=1"):
-            fit(callback, tmp_path, steps=1, extra_callbacks=[WaitForTheCopy(copying)])
+        callback = held.fit_that_gives_up(tmp_path)
         armed.set()
         report = ll.flush_directory(tmp_path / "ckpts", progress=False, timeout=120)
     finally:
-        gate.set()
-    assert stale_done.wait(timeout=120), "the worker's upload never returned"
-    key = f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
+        held.gate.set()
+    assert held.done.wait(timeout=120), "the worker's upload never returned"
     assert report.remaining == [] and report.saved == 1, report
-    [artifact] = artifacts_under(ln, callback.checkpoint_key_prefix).values()
-    assert artifact.key == key
-    assert artifact_features(ln, artifact), "the checkpoint was not annotated"
-    known = {Path(str(a.path)).name for a in ln.Artifact.objects.all()}
-    orphans = sorted(_storage_files(ln) - before - known)
-    assert orphans == [], f"files in storage that no artifact names: {orphans}"
+    _assert_persisted_once_without_orphans(ln, callback, before)
+
+
+def _flush_in_another_process(ln: Any, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    import lamindb_setup
+    from lamindb_setup.core._settings_store import write_local_current_instance
+
+    # The subprocess finds this session's instance through the marker in its working
+    # folder (see test_lamindb_ddp.py); its settings come from LAMIN_SETTINGS_DIR.
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    write_local_current_instance(cwd, lamindb_setup.settings.instance.slug)
+    command = ["-m", "lamin_lightning._cli", "flush", "--no-progress", str(tmp_path / "ckpts")]
+    return subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_a_flush_from_another_process_leaves_an_upload_a_teardown_gave_up_on_to_finish(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but ``lamin-lightning flush`` runs in another terminal while this process
+    (a notebook) still copies the checkpoint its teardown gave up on. That flush found the
+    journal free, took the upload's record for one a crash cut short, dropped it and
+    uploaded afresh: the copy then finished into a file that no record names. The journal
+    now stays held by this process until the upload returns: the flush is refused while
+    it runs, and afterwards reuses its artifact: one, annotated, nothing orphaned."""
+    held = HeldCopy(monkeypatch)
+    before = _storage_files(ln)
+    try:
+        callback = held.fit_that_gives_up(tmp_path)
+        refused = _flush_in_another_process(ln, tmp_path)
+    finally:
+        held.gate.set()
+    assert held.done.wait(timeout=120), "the worker's upload never returned"
+    assert "holds the outbox until it returns" in held.warning, held.warning
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, f"the flush replayed an upload still running:\n{output}"
+    assert "another process holds the outbox" in output, output
+    # Released once the upload returned (the keeper closes the journal then).
+    for keeper in threading.enumerate():
+        if keeper.name == "lamin-lightning-journal-keeper":
+            keeper.join(timeout=120)
+            assert not keeper.is_alive(), "the journal was never released"
+    flushed = _flush_in_another_process(ln, tmp_path)
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    _assert_persisted_once_without_orphans(ln, callback, before)
 
 
 # -- another process holds the instance's write lock (a user's notebook) -----------------------
