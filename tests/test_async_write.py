@@ -2135,3 +2135,87 @@ def test_a_write_killed_midway_beside_its_checkpoint_is_deleted_by_the_next_hold
         assert not (dirpath / "sub" / "last.ckpt").exists()
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def _opens_direct(folder: Path) -> bool:
+    """Whether files in ``folder`` can be opened with O_DIRECT (not tmpfs, not macOS)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(folder / ".direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    (folder / ".direct-probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize("refused", [None, "the first write", "the tail"])
+def test_a_background_write_goes_around_the_page_cache_and_is_torch_saves_file(
+    refused: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive is written with O_DIRECT, 1 MiB at a time from a reused aligned buffer:
+    byte for byte the file torch.save writes (checksums off), of its exact size although
+    direct writes are whole 4 KiB blocks. A direct write the disk refuses (EINVAL for its
+    alignment; ENOSPC, seen now and then on VMs), the first or the padded tail, sends the
+    rest through the page cache at the same offset: the same file."""
+    import errno
+    import fcntl
+    import types
+
+    import lamin_lightning._local_write as local_write
+
+    if not _opens_direct(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    checkpoint = _checkpoint_with_every_kind_of_container()
+    checkpoint["large"] = torch.arange(917_503, dtype=torch.float32)  # ~3.5 MiB, odd size
+    monkeypatch.setattr(torch.serialization, "get_crc32_options", lambda: False)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    expected = buffer.getvalue()
+    assert len(expected) % 4096, "the file must end in a partial block"
+    writes: list[tuple[bool, int]] = []
+
+    def write(fd: int, data: Any) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        writes.append((direct, len(data)))
+        if direct and refused == "the first write":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if direct and refused == "the tail" and len(data) % (1 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    proxy = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+    proxy.write = write
+    monkeypatch.setattr(local_write, "os", proxy)
+    slot, _ = Snapshotter(1).acquire()
+    archive = Snapshotter.snapshot(checkpoint, slot)
+    target = tmp_path / "ckpt" / "a.ckpt"
+    size = local_write.write_atomically(archive, target, tmp_path / "scratch", save_snapshot)
+
+    assert size == len(expected) == target.stat().st_size
+    assert target.read_bytes() == expected
+    assert writes[0][0], "the first write did not go around the page cache"
+    if refused is None:
+        assert all(direct for direct, _ in writes) and len(writes) == -(-len(expected) // (1 << 20))
+    else:
+        last_direct = max(i for i, (direct, _) in enumerate(writes) if direct)
+        assert writes[last_direct + 1 :] and not any(d for d, _ in writes[last_direct + 1 :])
+    assert not list((tmp_path / "scratch").iterdir())
+
+
+def test_a_record_skipped_in_a_file_written_around_the_page_cache_reads_as_zeros(
+    tmp_path: Path,
+) -> None:
+    """torch's zip writer skips a record written as metadata only (``seek`` forward): the
+    direct write fills it with zeros, as a sparse file reads."""
+    from lamin_lightning._local_write import _bypassing_page_cache, _DirectSink
+
+    if not _opens_direct(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    with open(tmp_path / "file", "wb") as handle, _bypassing_page_cache(handle) as sink:
+        assert isinstance(sink, _DirectSink)
+        sink.write(b"a")
+        assert sink.seek(5000, io.SEEK_CUR) == 5001 == sink.tell()
+        sink.write(b"b" * (3 << 20))
+    assert (tmp_path / "file").read_bytes() == b"a" + bytes(5000) + b"b" * (3 << 20)

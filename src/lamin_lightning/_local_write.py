@@ -15,7 +15,10 @@ archive is written without CRC-32 checksums (``torch.load`` does not check them;
 only this write, never the process-wide ``torch.save`` setting, so a synchronous
 ``torch.save`` elsewhere still writes them), and once the file is fsynced its
 pages are dropped from the page cache (``POSIX_FADV_DONTNEED``), so the next
-checkpoint reuses that memory instead of taking fresh pages.
+checkpoint reuses that memory instead of taking fresh pages. Where the filesystem allows
+it (Linux, ``O_DIRECT``), the archive does not go through the page cache at all: it is
+copied, 1 MiB at a time, into one reused, aligned buffer that is written straight to the
+disk (see :class:`_DirectSink`).
 
 At most ``max_snapshots`` snapshots exist at once; a checkpoint that finds none
 free waits (and the wait is counted as training stall).
@@ -27,6 +30,7 @@ import contextlib
 import inspect
 import io
 import logging
+import mmap
 import os
 import pickle
 import queue
@@ -373,10 +377,11 @@ def save_snapshot(archive: Archive, handle: Any) -> None:
     writing the file, taken from training. No process-wide setting changes, so a
     ``torch.save`` on another thread meanwhile keeps its checksums.
     """
-    if archive.blob is not None or _writer_type is None or _alignment is None:
-        handle.write(archive.blob)
-        return
-    _write_records(_writer_type(handle, False, _alignment()), archive.records)
+    with _bypassing_page_cache(handle) as sink:
+        if archive.blob is not None or _writer_type is None or _alignment is None:
+            sink.write(archive.blob)
+        else:
+            _write_records(_writer_type(sink, False, _alignment()), archive.records)
 
 
 def _write_records(writer: Any, records: list[tuple[str, Any, int]]) -> None:
@@ -399,6 +404,126 @@ def _write_records(writer: Any, records: list[tuple[str, Any, int]]) -> None:
 # Checked once, at import, after everything the check uses is defined.
 _known = _known_record_writing()
 _save_records, _writer_type, _alignment = _known if _known is not None else (None, None, None)
+
+
+_DIRECT_BLOCK = 4096  # O_DIRECT's alignment of memory, offsets and lengths (a page)
+_DIRECT_CHUNK = 1 << 20  # bytes per write(2); a multiple of _DIRECT_BLOCK
+_spare_buffers: list[mmap.mmap] = []  # aligned buffers of writes that ended, reused
+_spare_lock = threading.Lock()
+
+
+class _DirectSink:
+    """A write-only file for ``torch.save``'s zip writer that bypasses the page cache.
+
+    Writes are gathered in a page-aligned buffer of 1 MiB (reused from one write to the
+    next) and written through a descriptor of the file opened with ``O_DIRECT``. A page
+    cache write takes fresh memory for every page of every checkpoint; on a VM whose
+    guest returns free memory to its host (free page reporting, balloons), each such
+    page is a fault on the host again, and the write of a 268 MB checkpoint took 0.1 to
+    0.7 s of CPU (kernel time) against 0.03 s this way, on a core training shares.
+    A direct write the disk refuses (``EINVAL``: an alignment it does not take; ``ENOSPC``
+    seen now and then on some VMs) sends the rest through the page cache, as before.
+    """
+
+    def __init__(self, fd: int, buffer: mmap.mmap) -> None:
+        self._fd = fd
+        self._buffer = buffer
+        self._view = memoryview(buffer)
+        self._used = 0  # bytes in the buffer
+        self._size = 0  # bytes written by the zip writer so far (the file's final size)
+        self._direct = True
+
+    def write(self, data: Any) -> int:
+        source = memoryview(data).cast("B")
+        total = len(source)
+        start = 0
+        while start < total:  # the copy holds the GIL: 1 MiB at a time (~0.1 ms)
+            take = min(len(self._view) - self._used, total - start)
+            self._view[self._used : self._used + take] = source[start : start + take]
+            self._used += take
+            start += take
+            if self._used == len(self._view):
+                self._drain(self._used)
+        self._size += total
+        return total
+
+    def seek(self, offset: int, whence: int = io.SEEK_CUR) -> int:
+        """Skip ``offset`` bytes forward (a record written as metadata only): zeros."""
+        if whence != io.SEEK_CUR or offset < 0:
+            raise io.UnsupportedOperation("only a forward skip is supported")
+        zeros = bytes(min(offset, _DIRECT_CHUNK))
+        while offset > 0:
+            offset -= self.write(zeros[: min(offset, len(zeros))])
+        return self._size
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        """Nothing to do before :meth:`finish` (called by the zip writer at the end)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def finish(self) -> None:
+        """Write what the buffer still holds; the file is then exactly ``tell()`` bytes."""
+        tail = self._used
+        if tail and self._direct:
+            padded = -(-tail // _DIRECT_BLOCK) * _DIRECT_BLOCK  # O_DIRECT writes whole blocks
+            self._view[tail:padded] = bytes(padded - tail)
+            self._drain(padded)
+            os.ftruncate(self._fd, self._size)  # the padding goes
+        elif tail:
+            self._drain(tail)
+
+    def _drain(self, count: int) -> None:
+        written = 0
+        while written < count:
+            part = self._view[written:count]
+            try:
+                done = os.write(self._fd, part)
+            except OSError:
+                if not self._direct:
+                    raise
+                self._through_page_cache()  # and the same bytes again, at the same offset
+                continue
+            written += done
+            if done % _DIRECT_BLOCK and self._direct:
+                self._through_page_cache()  # a short write left the offset unaligned
+        self._used = 0
+
+    def _through_page_cache(self) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self._direct = False
+
+
+@contextlib.contextmanager
+def _bypassing_page_cache(handle: Any) -> Any:
+    """A :class:`_DirectSink` writing the file of ``handle`` (empty, opened for writing),
+    or ``handle`` itself where the file cannot be opened with ``O_DIRECT`` (not Linux,
+    tmpfs, some network filesystems)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    fd = -1
+    if direct and fcntl is not None and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            fd = os.open(f"/proc/self/fd/{handle.fileno()}", os.O_WRONLY | direct)
+    if fd < 0:
+        yield handle
+        return
+    with _spare_lock:
+        buffer = _spare_buffers.pop() if _spare_buffers else None
+    try:
+        if buffer is None:
+            buffer = mmap.mmap(-1, _DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
+        sink = _DirectSink(fd, buffer)
+        yield sink
+        sink.finish()
+    finally:
+        os.close(fd)
+        if buffer is not None:
+            with _spare_lock:
+                _spare_buffers.append(buffer)
 
 
 def _drop_from_page_cache(fd: int) -> None:
