@@ -24,6 +24,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -2219,3 +2220,48 @@ def test_a_record_skipped_in_a_file_written_around_the_page_cache_reads_as_zeros
         assert sink.seek(5000, io.SEEK_CUR) == 5001 == sink.tell()
         sink.write(b"b" * (3 << 20))
     assert (tmp_path / "file").read_bytes() == b"a" + bytes(5000) + b"b" * (3 << 20)
+
+
+def test_a_file_on_a_filesystem_in_memory_is_written_through_the_page_cache() -> None:
+    """tmpfs refuses O_DIRECT (and network filesystems would make each direct write a
+    round trip to the server): the write there goes through the page cache, as before."""
+    from lamin_lightning._local_write import _bypassing_page_cache
+
+    shm = Path("/dev/shm")
+    if not sys.platform.startswith("linux") or _filesystem_type(shm / "file") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    with (
+        tempfile.NamedTemporaryFile(dir=shm) as handle,
+        _bypassing_page_cache(handle) as sink,
+    ):
+        assert sink is handle
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_writes_into_the_parents_write_buffer(tmp_path: Path) -> None:
+    """The reused buffer of direct writes was a shared mapping: a child forked after a
+    write (a fork pool of fits) took it from its copy of the spare list and wrote its
+    checkpoint's bytes into the parent's, under a write of the parent's at the same time.
+    The child now has no spare buffers, and a buffer it maps is its own."""
+    import lamin_lightning._local_write as local_write
+
+    if not _opens_direct(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    with (
+        open(tmp_path / "file", "wb") as handle,
+        local_write._bypassing_page_cache(handle) as sink,
+    ):
+        sink.write(b"x" * 5000)
+    buffer = local_write._spare_buffers[-1]
+    buffer[:6] = b"parent"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = 2 if local_write._spare_buffers else 0
+            buffer[:6] = b"child!"  # its copy of the parent's mapping
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child kept the parent's spare buffers"
+    assert buffer[:6] == b"parent"

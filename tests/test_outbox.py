@@ -1472,3 +1472,43 @@ def test_a_forked_child_keeps_a_file_that_took_the_number_of_a_journal_closed_un
         os.close(read_r)
     finally:
         os.close(fd)
+
+
+def _keepers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "lamin-lightning-journal-keeper"]
+
+
+def test_a_journal_kept_for_a_running_upload_stays_held_through_a_takeover_until_it_returns(
+    tmp_path: Path,
+) -> None:
+    """A stopped owner whose upload still runs keeps its journal (keep_until_done); the next
+    opener in this process takes it over with its pending jobs. That opener closing it
+    before the upload returns (a fit that fails at setup, a flush cut short) released it:
+    another process could then replay the upload's job under it. It now stays held until
+    the upload's thread returns, through any number of takeovers."""
+    from lamin_lightning._journal import keep_until_done
+
+    path = tmp_path / "outbox-x.jsonl"
+    first = Outbox(path)
+    first.open()
+    job = first.append(_job("save", "a.ckpt"))
+    returned = threading.Event()
+    upload = threading.Thread(target=returned.wait, args=(60,), name="an upload", daemon=True)
+    upload.start()
+    keep_until_done(first, [upload])
+    assert is_locked(path)
+
+    second = Outbox(path)
+    assert [job_id for job_id, _ in second.open()] == [job]  # taken over, job and all
+    second.close()
+    assert is_locked(path), "released while the upload still runs"
+    third = Outbox(tmp_path / "." / "outbox-x.jsonl")  # another spelling of the same path
+    assert [job_id for job_id, _ in third.open()] == [job]
+    third.close()
+    assert is_locked(path), "released while the upload still runs"
+
+    returned.set()
+    for keeper in _keepers():
+        keeper.join(timeout=60)
+    assert not is_locked(path)
+    assert [job_id for job_id, _ in read_pending(path)] == [job]

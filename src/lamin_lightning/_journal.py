@@ -184,41 +184,62 @@ if fcntl is not None and hasattr(os, "register_at_fork"):
 # finishes into a file no record names. In this process, the next opener of the journal
 # (the next fit's setup, flush_directory) takes it over: a replay here waits for this
 # process's own upload instead (see _lamin_store._wait_for_upload_here).
-_lingering: dict[str, Outbox] = {}
+# Each with the threads it waits for; by real path (a dirpath reached through a link).
+_lingering: dict[str, tuple[Outbox, list[threading.Thread]]] = {}
 _lingering_lock = threading.Lock()  # held while one is closed (before _held_lock)
 
 
-def keep_until_done(outbox: Outbox, threads: Iterable[threading.Thread]) -> None:
-    """Close ``outbox`` once every one of ``threads`` has returned (at once if none runs);
-    until then another process finds its journal held."""
-    threads = [thread for thread in threads if thread.is_alive()]
-    if not threads or not outbox.is_open:
-        outbox.close()
+def _lingering_key(path: str | os.PathLike[str]) -> str:
+    return os.path.realpath(path)
+
+
+def keep_until_done(outbox: Outbox, threads: Iterable[threading.Thread] = ()) -> None:
+    """Close ``outbox`` once every one of ``threads`` has returned, and those it took over
+    with its journal (see :meth:`Outbox.open`); at once if none runs. Until then another
+    process finds the journal held, and the next opener in this process takes it over."""
+    current = threading.current_thread()
+    waits = [t for t in (*threads, *outbox._waits_for) if t.is_alive() and t is not current]
+    if not waits or not outbox.is_open:
+        outbox._close_now()
         return
-    path = os.path.abspath(outbox.path)
+    key = _lingering_key(outbox.path)
     with _lingering_lock:
-        _lingering[path] = outbox
+        _lingering[key] = (outbox, waits)
+    keeper = threading.Thread(
+        target=_close_when_done,
+        args=(key, outbox, waits),
+        name="lamin-lightning-journal-keeper",
+        daemon=True,
+    )
+    started = False
+    try:
+        keeper.start()
+        started = True
+    finally:
+        if not started:  # interrupted, or no thread to be had: released now, as before
+            _close_lingering(key, outbox)
 
-    def close_when_done() -> None:
-        for thread in threads:
-            thread.join()
-        _close_lingering(path, outbox)
 
-    threading.Thread(
-        target=close_when_done, name="lamin-lightning-journal-keeper", daemon=True
-    ).start()
+def _close_when_done(key: str, outbox: Outbox, threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()
+    _close_lingering(key, outbox)
 
 
-def _close_lingering(path: str, outbox: Outbox | None = None) -> None:
-    """Close the journal at ``path`` kept by :func:`keep_until_done` (``outbox``: only if
-    it is that one), once: by its keeper or by the journal's next opener in this process.
-    Returns once it is closed, by this call or by one under way in another thread."""
+def _close_lingering(key: str, outbox: Outbox) -> None:
+    """Close ``outbox``, kept by :func:`keep_until_done`, unless the next opener in this
+    process took it over meanwhile."""
     with _lingering_lock:
-        kept = _lingering.get(path)
-        if kept is None or (outbox is not None and kept is not outbox):
+        entry = _lingering.get(key)
+        if entry is None or entry[0] is not outbox:
             return
-        del _lingering[path]
-        kept.close()
+        del _lingering[key]
+        outbox._close_now()
+
+
+def _take_lingering(path: Path) -> tuple[Outbox, list[threading.Thread]] | None:
+    with _lingering_lock:
+        return _lingering.pop(_lingering_key(path), None)
 
 
 def held_in_this_process(path: Path) -> bool:
@@ -387,6 +408,9 @@ class Outbox:
         self._torn = False
         # Journaled with every record: where it was journaled (see JobRecord.root).
         self._root = os.path.abspath(self.path.parent)
+        # Threads of a stopped owner still running jobs of this journal, taken over with
+        # it (see keep_until_done): it stays held until they return.
+        self._waits_for: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -404,10 +428,15 @@ class Outbox:
         leaves that line's fsync to the next :meth:`sync` (off the training thread).
         """
         # Kept by a stopped owner of this process until its stuck threads return: taken
-        # over (see keep_until_done).
-        _close_lingering(os.path.abspath(self.path))
+        # over, lock and all (see keep_until_done), so no other process gets it between.
+        taken = _take_lingering(self.path)
         with self._lock:
             if self._handle is not None:
+                if taken is not None:
+                    taken[0]._close_now()  # pragma: no cover - this one is open already
+                return self._state.records(self.path)
+            if taken is not None:
+                self._take_over(*taken)
                 return self._state.records(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
@@ -452,8 +481,27 @@ class Outbox:
                 _held_here.add(os.path.abspath(self.path))
             return self._state.records(self.path)
 
+    def _take_over(self, kept: Outbox, threads: list[threading.Thread]) -> None:
+        """Hold the journal ``kept`` holds (open, locked), and wait for ``threads`` before
+        releasing it (under ``self._lock``)."""
+        with kept._lock:
+            self._handle, kept._handle = kept._handle, None
+            self._state, self._lines, self._torn = kept._state, kept._lines, kept._torn
+            self._good_size, self._synced_size = kept._good_size, kept._synced_size
+            self._dir_synced = kept._dir_synced
+        self._waits_for = threads
+        with _held_lock:
+            _held_here.discard(os.path.abspath(kept.path))
+            _held_here.add(os.path.abspath(self.path))
+
     def close(self) -> None:
-        """Compact, release the lock and close. Deletes the journal if nothing is pending."""
+        """Compact, release the lock and close. Deletes the journal if nothing is pending.
+
+        A journal taken over from a stopped owner whose threads still run (see
+        :func:`keep_until_done`) stays held until they return."""
+        keep_until_done(self)
+
+    def _close_now(self) -> None:
         with self._lock:
             handle = self._handle
             if handle is None:

@@ -482,9 +482,12 @@ class _DirectSink:
             part = self._view[written:count]
             try:
                 done = os.write(self._fd, part)
-            except OSError:
+            except OSError as error:
                 if not self._direct:
                     raise
+                log.debug(
+                    "a direct write was refused (%s); the rest goes through the page cache", error
+                )
                 self._through_page_cache()  # and the same bytes again, at the same offset
                 continue
             written += done
@@ -498,16 +501,56 @@ class _DirectSink:
         self._direct = False
 
 
+# Filesystems on a local disk that write O_DIRECT to it. Not a network filesystem (NFS
+# and the like make each direct write a synchronous round trip to the server, where the
+# page cache writes behind), not tmpfs (which refuses it), not FUSE (which may ignore it).
+_DIRECT_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
+_direct_devices: dict[int, bool] = {}  # st_dev -> whether it is one of them
+
+
+def _on_a_local_disk(fd: int) -> bool:
+    """Whether the file of ``fd`` is on a filesystem of :data:`_DIRECT_FILESYSTEMS`
+    (Linux: its device in ``/proc/self/mountinfo``; remembered per device)."""
+    device = os.fstat(fd).st_dev
+    known = _direct_devices.get(device)
+    if known is None:
+        wanted = f"{os.major(device)}:{os.minor(device)}"
+        known = False
+        with (
+            contextlib.suppress(OSError, ValueError, IndexError),
+            open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts,
+        ):
+            for line in mounts:
+                fields = line.split(" - ", 1)
+                if len(fields) == 2 and fields[0].split()[2] == wanted:
+                    known = fields[1].split()[0] in _DIRECT_FILESYSTEMS
+                    break
+        _direct_devices[device] = known
+    return known
+
+
+def _forget_spare_buffers() -> None:
+    """In a forked child: a thread of the parent may have held the lock."""
+    global _spare_lock
+    _spare_lock = threading.Lock()
+    _spare_buffers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spare_buffers)
+
+
 @contextlib.contextmanager
 def _bypassing_page_cache(handle: Any) -> Any:
-    """A :class:`_DirectSink` writing the file of ``handle`` (empty, opened for writing),
-    or ``handle`` itself where the file cannot be opened with ``O_DIRECT`` (not Linux,
-    tmpfs, some network filesystems)."""
+    """A :class:`_DirectSink` writing the file of ``handle`` (empty, opened for writing)
+    where it is on a local disk's filesystem (see :func:`_on_a_local_disk`), else
+    ``handle`` itself (not Linux, tmpfs, network filesystems, an object without a file)."""
     direct = getattr(os, "O_DIRECT", 0)
     fd = -1
     if direct and fcntl is not None and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            fd = os.open(f"/proc/self/fd/{handle.fileno()}", os.O_WRONLY | direct)
+        with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation: no file
+            if _on_a_local_disk(handle.fileno()):
+                fd = os.open(f"/proc/self/fd/{handle.fileno()}", os.O_WRONLY | direct)
     if fd < 0:
         yield handle
         return
@@ -515,7 +558,8 @@ def _bypassing_page_cache(handle: Any) -> Any:
         buffer = _spare_buffers.pop() if _spare_buffers else None
     try:
         if buffer is None:
-            buffer = mmap.mmap(-1, _DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
+            # Page-aligned, as O_DIRECT needs; private, so a forked child's copy is its own.
+            buffer = mmap.mmap(-1, _DIRECT_CHUNK, flags=mmap.MAP_PRIVATE)
         sink = _DirectSink(fd, buffer)
         yield sink
         sink.finish()

@@ -506,17 +506,19 @@ class Submitter:
         """Stop the pipeline (abandoning what is left), empty the trash, release the outbox."""
         pipeline, self.pipeline = self.pipeline, None
         self._unadmitted = []  # journaled: the next setup or a flush persists them
-        working: list[threading.Thread] = []
         try:
             if pipeline is not None:
                 pipeline.stop(timeout=0)
-                working = pipeline.still_working()
         finally:
-            for root, stager in self._stagers.items():
-                stager.empty_trash()
-                _aside.release(root)
-            # An upload a teardown gave up on goes on: its journal stays held meanwhile.
-            self.close_outbox(working)
+            # An upload a teardown gave up on goes on: its journal stays held meanwhile
+            # (also when a second Ctrl+C cut the stop short).
+            working = pipeline.still_working() if pipeline is not None else []
+            try:
+                for root, stager in self._stagers.items():
+                    stager.empty_trash()
+                    _aside.release(root)
+            finally:
+                self.close_outbox(working)
 
 
 def stop_collected(submitter: Submitter, timeout: float | None) -> None:
