@@ -1507,6 +1507,10 @@ def test_a_journal_kept_for_a_running_upload_stays_held_through_a_takeover_until
     third.close()
     assert is_locked(path), "released while the upload still runs"
 
+    assert [job_id for job_id, _ in third.open()] == [job]  # the kept one itself, again
+    third.close()
+    assert is_locked(path), "released while the upload still runs"
+
     returned.set()
     for keeper in _keepers():
         keeper.join(timeout=60)

@@ -431,12 +431,13 @@ class Outbox:
         # over, lock and all (see keep_until_done), so no other process gets it between.
         taken = _take_lingering(self.path)
         with self._lock:
-            if self._handle is not None:
-                if taken is not None:
-                    taken[0]._close_now()  # pragma: no cover - this one is open already
-                return self._state.records(self.path)
             if taken is not None:
-                self._take_over(*taken)
+                kept, threads = taken
+                if kept is not self:  # (this one holds nothing: the kept one has the lock)
+                    self._take_over(kept)
+                self._waits_for = threads
+                return self._state.records(self.path)
+            if self._handle is not None:
                 return self._state.records(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
@@ -481,15 +482,13 @@ class Outbox:
                 _held_here.add(os.path.abspath(self.path))
             return self._state.records(self.path)
 
-    def _take_over(self, kept: Outbox, threads: list[threading.Thread]) -> None:
-        """Hold the journal ``kept`` holds (open, locked), and wait for ``threads`` before
-        releasing it (under ``self._lock``)."""
+    def _take_over(self, kept: Outbox) -> None:
+        """Hold the journal ``kept`` holds (open, locked); under ``self._lock``."""
         with kept._lock:
             self._handle, kept._handle = kept._handle, None
             self._state, self._lines, self._torn = kept._state, kept._lines, kept._torn
             self._good_size, self._synced_size = kept._good_size, kept._synced_size
             self._dir_synced = kept._dir_synced
-        self._waits_for = threads
         with _held_lock:
             _held_here.discard(os.path.abspath(kept.path))
             _held_here.add(os.path.abspath(self.path))
