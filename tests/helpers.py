@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lamin_lightning._staging import staging_root
+from lamin_lightning.testing import RecordingObserver
 
 T = TypeVar("T")
 
@@ -239,3 +240,40 @@ def assert_events_follow_submissions(
         f"{len(skipped)} saves without an event, but stats count"
         f" {stats.cancelled} cancelled + {stats.superseded} superseded"
     )
+
+
+class EndTrainingOnceSet(pl.Callback):
+    """Training ends only once ``event`` is set (``what`` says what never happened if it
+    is not within two minutes); the checkpoint callback's teardown comes after."""
+
+    def __init__(self, event: threading.Event, what: str) -> None:
+        self.event = event
+        self.what = what
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.event.wait(timeout=120), self.what
+
+
+class HoldingObserver(RecordingObserver):
+    """Holds the first ``kind`` event ("saved" or "removed") until :attr:`gate` is set (a
+    notebook's observer waiting on a widget, a lock, a slow service); :attr:`entered` is
+    set once it holds it."""
+
+    def __init__(self, kind: str = "saved") -> None:
+        super().__init__()
+        self.kind = kind
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def _hold(self, kind: str) -> None:
+        if kind == self.kind and not self.entered.is_set():
+            self.entered.set()
+            assert self.gate.wait(timeout=300), "the test never released the observer"
+
+    def on_artifact_saved(self, event: Any) -> None:
+        super().on_artifact_saved(event)
+        self._hold("saved")
+
+    def on_artifact_removed(self, event: Any) -> None:
+        super().on_artifact_removed(event)
+        self._hold("removed")

@@ -24,6 +24,8 @@ import lightning.pytorch as pl
 import pytest
 
 from helpers import (
+    EndTrainingOnceSet,
+    HoldingObserver,
     TinyModel,
     checkpoint_files,
     lightning_kept_paths,
@@ -906,29 +908,6 @@ def test_a_child_forked_in_a_hook_that_unwinds_through_fit_neither_hangs_nor_per
     assert not journal_paths(staging_root(dirpath)), "the parent's outbox was left unfinished"
 
 
-class _HoldRemovedEvent(RecordingObserver):
-    """Holds the first removed event until ``gate`` is set; ``entered`` once it holds it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def on_artifact_removed(self, event: Any) -> None:
-        super().on_artifact_removed(event)
-        if not self.entered.is_set():
-            self.entered.set()
-            assert self.gate.wait(timeout=300), "the test never released the observer"
-
-
-class _EndOnceHeld(pl.Callback):
-    def __init__(self, observer: _HoldRemovedEvent) -> None:
-        self.observer = observer
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.observer.entered.wait(timeout=120), "no removed event reached the observer"
-
-
 def test_a_removal_committed_whose_event_an_observer_holds_is_not_left_in_the_outbox(
     tmp_path: Path,
 ) -> None:
@@ -937,7 +916,7 @@ def test_a_removal_committed_whose_event_an_observer_holds_is_not_left_in_the_ou
     observer held its event: it was named as not persisted, and flush() kept returning
     False and pending_artifacts() kept listing it, as a committed save's did (4704907)."""
     store = MemoryStore()
-    observer = _HoldRemovedEvent()
+    observer = HoldingObserver("removed")
     callback = MemoryCheckpoint(
         store,
         dirpath=tmp_path / "ckpt",
@@ -950,9 +929,14 @@ def test_a_removal_committed_whose_event_an_observer_holds_is_not_left_in_the_ou
     )
     try:
         with pytest.warns(UserWarning, match="flush_timeout") as caught:
-            make_trainer(tmp_path, [callback, _EndOnceHeld(observer)], max_steps=2).fit(
-                TinyModel(scores=[1.0, 2.0]), loader(2)
-            )
+            make_trainer(
+                tmp_path,
+                [
+                    callback,
+                    EndTrainingOnceSet(observer.entered, "no removed event reached the observer"),
+                ],
+                max_steps=2,
+            ).fit(TinyModel(scores=[1.0, 2.0]), loader(2))
         [message] = [str(w.message) for w in caught if "flush_timeout" in str(w.message)]
         assert "not persisted" not in message, message
         assert callback.pending_artifacts() == [] and callback.flush(timeout=0) is True

@@ -16,6 +16,7 @@ import pytest
 from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single
 
 import lamin_lightning as ll
+from helpers import EndTrainingOnceSet, HoldingObserver
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, RetryPolicy
 from lamin_lightning._cli import main as cli_main
 from lamin_lightning.testing import RecordingObserver
@@ -116,27 +117,11 @@ def test_a_flush_reports_a_removal_whose_deletion_fails_as_failed_only(
     assert set(artifacts_under(ln, prefix)) == {f"{prefix}/epoch=0-step=2.ckpt"}
 
 
-class BlockingObserver(RecordingObserver):
-    """Holds the first saved event until ``gate`` is set (a notebook's observer waiting on
-    a widget, a lock, a slow service); ``entered`` once it holds it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def on_artifact_saved(self, event: Any) -> None:
-        super().on_artifact_saved(event)
-        if not self.entered.is_set():
-            self.entered.set()
-            assert self.gate.wait(timeout=300), "the test never released the observer"
-
-
 class ReleaseWhenNamed(logging.Handler):
     """Releases ``observer`` once a "training has waited" warning names the observers (or,
     so that a warning that never does fails the test instead of hanging it, at the sixth)."""
 
-    def __init__(self, observer: BlockingObserver) -> None:
+    def __init__(self, observer: HoldingObserver) -> None:
         super().__init__(logging.WARNING)
         self.observer = observer
         self.messages: list[str] = []
@@ -160,7 +145,7 @@ def test_training_held_by_a_blocking_observer_is_told_it_is_the_observer(
     import lamin_lightning._bridge as bridge
 
     monkeypatch.setattr(bridge, "SLOT_WAIT_WARNING_S", 0.25)
-    observer = BlockingObserver()
+    observer = HoldingObserver()
     handler = ReleaseWhenNamed(observer)
     logger = logging.getLogger("lamin_lightning")
     logger.addHandler(handler)
@@ -190,23 +175,13 @@ def test_training_held_by_a_blocking_observer_is_told_it_is_the_observer(
     assert callback.persistence_stats.saved == 2
 
 
-class WaitForTheObserver(pl.Callback):
-    """Training ends only once ``observer`` holds its event (teardown flushes after)."""
-
-    def __init__(self, observer: BlockingObserver) -> None:
-        self.observer = observer
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.observer.entered.wait(timeout=120), "no event reached the observer"
-
-
 def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
     ln: Any, no_run: None, tmp_path: Path
 ) -> None:
     """Teardown's flush gives up after ``flush_timeout`` while an observer holds an event:
     its warning says so (which event, since when, the fix), not only that persistence did
     not finish. Once the observer returns, the checkpoint is there once."""
-    observer = BlockingObserver()
+    observer = HoldingObserver()
     callback = ll.Checkpoint(
         dirpath=tmp_path / "ckpts",
         save_top_k=-1,
@@ -216,7 +191,14 @@ def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
     )
     try:
         with pytest.warns(UserWarning, match="flush_timeout=1.5s") as caught:
-            fit(callback, tmp_path, steps=1, extra_callbacks=[WaitForTheObserver(observer)])
+            fit(
+                callback,
+                tmp_path,
+                steps=1,
+                extra_callbacks=[
+                    EndTrainingOnceSet(observer.entered, "no event reached the observer")
+                ],
+            )
     finally:
         observer.gate.set()
     key = f"{callback.checkpoint_key_prefix}/epoch=0-step=1.ckpt"
@@ -236,16 +218,6 @@ def test_a_teardown_flush_held_by_a_blocking_observer_names_it(
 def _storage_files(ln: Any) -> set[str]:
     root = Path(str(ln.settings.storage.root)) / ".lamindb"
     return {p.name for p in root.iterdir()} if root.exists() else set()
-
-
-class WaitForTheCopy(pl.Callback):
-    """Training ends only once the upload of the first checkpoint is under way."""
-
-    def __init__(self, copying: threading.Event) -> None:
-        self.copying = copying
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.copying.wait(timeout=120), "the upload never started"
 
 
 class HeldCopy:
@@ -298,7 +270,12 @@ class HeldCopy:
             dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1, flush_timeout=1
         )
         with pytest.warns(UserWarning, match="flush_timeout=1") as warned:
-            fit(callback, tmp_path, steps=1, extra_callbacks=[WaitForTheCopy(self.copying)])
+            fit(
+                callback,
+                tmp_path,
+                steps=1,
+                extra_callbacks=[EndTrainingOnceSet(self.copying, "the upload never started")],
+            )
         self.warning = " ".join(str(w.message) for w in warned if "flush_timeout" in str(w.message))
         return callback
 
