@@ -1232,27 +1232,42 @@ def test_a_large_host_snapshot_is_copied_on_several_threads_and_equals_its_sourc
 _BLOCKED_WRITER = """
 import sys, threading
 from pathlib import Path
-from lamin_lightning._local_write import write_atomically
+from lamin_lightning._local_write import _bypassing_page_cache, write_atomically
+
+through = sys.argv[3] if len(sys.argv) > 3 else "page"
 
 def save(payload, handle):
+    if through == "direct":  # as save_snapshot writes: 2 MiB are on disk, the rest not
+        with _bypassing_page_cache(handle) as sink:
+            assert sink is not handle, "not written around the page cache"
+            sink.write(payload)
+            print("writing", flush=True)
+            threading.Event().wait()  # killed here, mid-write
     handle.write(payload)
     handle.flush()
     print("writing", flush=True)
     threading.Event().wait()  # killed here, mid-write
 
-write_atomically(b"x" * 100_000, sys.argv[1], Path(sys.argv[2]), save)
+size = (2 << 20) + 100_000 if through == "direct" else 100_000
+write_atomically(b"x" * size, sys.argv[1], Path(sys.argv[2]), save)
 """
 
 
+@pytest.mark.parametrize("through", ["page cache", "direct"])
 def test_a_write_killed_midway_leaves_a_temporary_file_the_next_holder_deletes(
-    tmp_path: Path,
+    through: str, tmp_path: Path
 ) -> None:
     """SIGKILL mid-write (a real child process) leaves a partial checkpoint in the working
     folder's ``writing/``, which nothing else would ever delete; the next setup, a
     ``ckpt_path="last"`` lookup or ``lamin-lightning flush`` deletes it at once. A write
     whose process lives is never touched, however old; a file killed between its
-    creation and its lock (``.new``) only once it is older than the grace period."""
+    creation and its lock (``.new``) only once it is older than the grace period. The same
+    when the write goes around the page cache (``direct``: its second descriptor, opened
+    with O_DIRECT, holds no lock)."""
     import subprocess
+
+    if through == "direct" and not _written_around_the_page_cache(tmp_path):
+        pytest.skip(f"{tmp_path} is not on a local disk's filesystem")
 
     from lamin_lightning import _staging
     from lamin_lightning._aside import put_back_in
@@ -1260,8 +1275,9 @@ def test_a_write_killed_midway_leaves_a_temporary_file_the_next_holder_deletes(
     dirpath = tmp_path / "ckpts"
     dirpath.mkdir()
     scratch = staging_root(dirpath) / _staging.WRITING_DIRNAME
+    arguments = [str(dirpath / "last.ckpt"), str(scratch), through.split()[0]]
     child = subprocess.Popen(
-        [sys.executable, "-c", _BLOCKED_WRITER, str(dirpath / "last.ckpt"), str(scratch)],
+        [sys.executable, "-c", _BLOCKED_WRITER, *arguments],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -1269,7 +1285,8 @@ def test_a_write_killed_midway_leaves_a_temporary_file_the_next_holder_deletes(
     try:
         assert child.stdout is not None and child.stdout.readline() == "writing\n"
         (partial,) = scratch.iterdir()
-        assert partial.name.endswith(".tmp") and partial.stat().st_size == 100_000
+        written = 2 << 20 if through == "direct" else 100_000
+        assert partial.name.endswith(".tmp") and partial.stat().st_size == written
         os.utime(partial, (old, old))
         assert put_back_in(dirpath) == [] and partial.exists()  # alive: left alone
     finally:
@@ -2136,6 +2153,16 @@ def test_a_write_killed_midway_beside_its_checkpoint_is_deleted_by_the_next_hold
         assert not (dirpath / "sub" / "last.ckpt").exists()
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def _written_around_the_page_cache(folder: Path) -> bool:
+    """Whether a background write into ``folder`` goes around the page cache."""
+    from lamin_lightning._local_write import _on_a_local_disk
+
+    with open(folder / ".filesystem-probe", "wb") as handle:
+        local = _on_a_local_disk(handle.fileno())
+    (folder / ".filesystem-probe").unlink()
+    return local and _opens_direct(folder)
 
 
 def _opens_direct(folder: Path) -> bool:
