@@ -641,7 +641,8 @@ def print_table(
     print(
         f"async stall {ours['stall_median_s'] * 1e3:.0f} ms, of which {copy_kind}"
         f" {ours['snapshot_copy_median_s'] * 1e3:.0f} ms (first checkpoint"
-        f" {ours['snapshot_copy_first_s'] * 1e3:.0f} ms: buffers allocated); one snapshot ="
+        f" {ours['snapshot_copy_first_s'] * 1e3:.0f} ms, into buffers made in the background"
+        f" after the first optimizer step); one snapshot ="
         f" {ours['snapshot_bytes'] / MIB:.0f} MiB; one background write"
         f" {ours['write_median_s'] * 1e3:.0f} ms, of which CPU"
         f" {ours['write_cpu_median_s'] * 1e3:.0f} ms"

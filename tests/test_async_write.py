@@ -108,6 +108,14 @@ class MomentumModel(TinyModel):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
+class ScoreLoggingMomentumModel(MomentumModel):
+    """MomentumModel that logs a rising ``score`` (so a monitoring callback keeps one)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.log("score", float(batch_idx))
+        return super().training_step(batch, batch_idx)
+
+
 class StepCountingModel(TinyModel):
     """Counts the training steps it actually ran (to see where a resumed fit started)."""
 
@@ -541,7 +549,7 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
     real_acquire = Snapshotter.acquire
 
     def acquire(self: Snapshotter) -> Any:
-        if self._free.empty():
+        if self.free_slots() == 0:
             blocking.set()
         return real_acquire(self)
 
@@ -625,6 +633,143 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
     assert len(copies.buffers) == max_snapshots * tensors_per_checkpoint
     assert callback.store.keys(kind="checkpoint") == keys_of(checkpoint_files(dirpath))
     assert checkpoint_files(dirpath) == set(names)
+
+
+def _storage_sizes(tensors: Any) -> list[int]:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes():
+            storage = tensor.untyped_storage()
+            seen[storage._cdata] = storage.nbytes()
+    return sorted(seen.values())
+
+
+@pytest.mark.parametrize("monitor", [None, "score"])
+def test_the_first_snapshot_takes_host_buffers_made_off_the_training_thread(
+    monitor: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the optimizer has stepped, the buffers for the model's and the optimizer's
+    storages are made (and their pages faulted in) on a background thread: the first save
+    allocates none of them on the training thread, only the few bytes of the logged score
+    (which, like a monitoring callback's best scores, come before the optimizer state in
+    the file: buffers matched by size still fit). The files hold the state at each save."""
+    made: list[tuple[int, int]] = []  # (thread ident, bytes)
+    real = _local_write.allocate_buffer
+
+    def recording(key: tuple[int, bool]) -> torch.Tensor:
+        made.append((threading.get_ident(), key[0]))
+        return real(key)
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", recording)
+    dirpath = tmp_path / "ckpt"
+    saved_state: dict[str, dict[str, torch.Tensor]] = {}
+
+    class Remembering(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            state = trainer.lightning_module.state_dict()
+            saved_state[Path(filepath).name] = {name: t.clone() for name, t in state.items()}
+            super()._save_checkpoint(trainer, filepath)
+
+    options: dict[str, Any] = {"every_n_train_steps": 3}
+    if monitor:
+        options.update(monitor=monitor, mode="max", save_top_k=2)
+    callback = async_callback(MemoryStore(), dirpath, cls=Remembering, **options)
+    model = ScoreLoggingMomentumModel()
+    make_trainer(tmp_path, [callback], max_steps=6).fit(model, loader(6))
+
+    training = threading.get_ident()
+    on_training = [size for thread, size in made if thread == training]
+    elsewhere = [size for thread, size in made if thread != training]
+    optimizer_state = [
+        value for state in model.trainer.optimizers[0].state.values() for value in state.values()
+    ]
+    assert optimizer_state  # momentum buffers
+    expected = _storage_sizes([*model.state_dict().values(), *optimizer_state])
+    assert sorted(elsewhere) == expected
+    # Only the logged score's few bytes (the loops' state keeps it; with a monitor, the
+    # callback's best scores too): every buffer of the model and the optimizer was made.
+    assert on_training and all(size <= 8 for size in on_training)
+    assert sorted(saved_state) == sorted(checkpoint_files(dirpath))
+    for name, state in saved_state.items():
+        assert load(dirpath / name)["state_dict"].keys() == state.keys()
+        for tensor_name, tensor in load(dirpath / name)["state_dict"].items():
+            assert torch.equal(tensor, state[tensor_name]), (name, tensor_name)
+
+
+def test_a_snapshot_that_comes_while_its_buffers_are_made_waits_for_them_and_uses_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint that comes while the first snapshot's buffers are being made waits for
+    them, though another slot is free (allocating twice would cost more), then copies into
+    them; a prepared buffer the checkpoint does not need is freed."""
+    entered, let_go = threading.Event(), threading.Event()
+    made: list[tuple[str, int]] = []
+    real = _local_write.allocate_buffer
+
+    def held(key: tuple[int, bool]) -> torch.Tensor:
+        name = threading.current_thread().name
+        if name == "lamin-lightning-snapshot-prepare" and not entered.is_set():
+            entered.set()
+            assert let_go.wait(TIMEOUT)
+        buffer = real(key)
+        made.append((name, buffer.data_ptr()))
+        return buffer
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", held)
+    snapshotter = Snapshotter(2)
+    weights, bias, unused = torch.randn(300, 200), torch.randn(300), torch.randn(7)
+    keys = _local_write.storage_keys([weights, weights.t(), bias, unused, 3])
+    assert sorted(size for size, _ in keys) == sorted([300 * 200 * 4, 300 * 4, 7 * 4])
+    preparing = snapshotter.prepare(keys)
+    assert preparing is not None and entered.wait(TIMEOUT)
+    taken: list[tuple[Any, float]] = []
+    taker = threading.Thread(target=lambda: taken.append(snapshotter.acquire()))
+    taker.start()
+    taker.join(0.2)
+    # Still waiting, and the other slot is still free: not taken to allocate in.
+    assert taker.is_alive() and snapshotter.free_slots() == 1
+    let_go.set()
+    taker.join(TIMEOUT)
+    preparing.join(TIMEOUT)
+    assert not taker.is_alive() and not preparing.is_alive()
+    slot, waited = taken[0]
+    assert waited > 0
+    expected = {"w": weights.clone(), "b": bias.clone()}
+    archive = snapshotter.snapshot({"w": weights, "b": bias, "wt": weights.t()}, slot)
+    weights.add_(1.0)
+    prepared = {address for name, address in made if name == "lamin-lightning-snapshot-prepare"}
+    assert len(prepared) == 3 and len(made) == 3  # nothing allocated by the snapshot
+    assert {buffer.data_ptr() for buffer in slot.buffers} < prepared  # two of the three
+    assert len(slot.buffers) == 2 and not slot._spare  # the unused one is freed
+    host = load(io.BytesIO(written(archive)))
+    assert torch.equal(host["w"], expected["w"]) and torch.equal(host["b"], expected["b"])
+    assert host["wt"].data_ptr() == host["w"].data_ptr()  # one storage, as torch.save writes
+
+
+def test_a_slot_given_back_is_taken_again_first_so_other_slots_take_no_memory() -> None:
+    """Writes that keep up with the checkpoints reuse one slot's buffers: the other
+    slots (max_snapshots) stay empty, and no buffers are made for a snapshotter whose
+    slot is warm."""
+    snapshotter = Snapshotter(3)
+    checkpoint = {"w": torch.randn(64, 64)}
+    taken = []
+    for _ in range(3):
+        slot, waited = snapshotter.acquire()
+        assert waited == 0.0
+        snapshotter.snapshot(checkpoint, slot)
+        taken.append(slot.index)
+        snapshotter.release(slot)
+    assert taken == [0, 0, 0]
+    assert snapshotter.prepare(_local_write.storage_keys(checkpoint.values())) is None
+    # Two at once take two slots; the one given back last comes first again.
+    first, _ = snapshotter.acquire()
+    second, _ = snapshotter.acquire()
+    snapshotter.snapshot(checkpoint, second)
+    snapshotter.release(first)
+    snapshotter.release(second)
+    assert snapshotter.acquire()[0] is second  # given back last
+    assert snapshotter.acquire()[0] is first
+    assert not snapshotter._slots[2].warm()
 
 
 # -- eviction and overwrite ----------------------------------------------------------------------

@@ -68,6 +68,7 @@ from lamin_lightning._lightning_view import LightningViewCheckpoint, cancel_link
 from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
+    storage_keys,
 )
 from lamin_lightning._names import taken_in, wait_until_written
 from lamin_lightning._options import (
@@ -197,6 +198,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._persisted: dict[str, Any] = {}
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
+        self._snapshots_prepared = False  # see _prepare_snapshots
         self._set_up = False
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
@@ -249,6 +251,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         super().setup(trainer, pl_module, stage)
         refuse_remote_dirpath(self.dirpath, "derived at setup")
         self._trainer = trainer
+        self._snapshots_prepared = not self.async_write
         # Every rank: a CheckpointIO we cannot follow is refused everywhere, not on one rank.
         self._io_writes = compose_checkpoint_io(trainer.strategy)
         if trainer.is_global_zero:
@@ -332,6 +335,35 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 ", ".join(sorted(left)),
                 WAIT_FOR_WRITES_IN_FLIGHT_S,
             )
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if not self._snapshots_prepared:  # one attribute check per step otherwise
+            self._prepare_snapshots(trainer)
+
+    def _prepare_snapshots(self, trainer: pl.Trainer) -> None:
+        """With ``async_write``, once the optimizer has stepped (its state exists then),
+        have the host buffers of the first snapshot made off the training thread (see
+        :meth:`Snapshotter.prepare`): sized by the model's state dict and, unless only
+        weights are saved, the optimizers' state."""
+        if trainer.global_step == 0:
+            return
+        self._snapshots_prepared = True
+        if (
+            not trainer.is_global_zero
+            or self._forked_copy()
+            or not self._async_write_supported(trainer)
+        ):
+            return
+        tensors: list[Any] = list(trainer.lightning_module.state_dict().values())
+        if not self.save_weights_only:
+            for optimizer in trainer.optimizers:
+                for state in optimizer.state.values():
+                    tensors.extend(state.values())
+        if self._snapshotter is None:
+            self._snapshotter = Snapshotter(self.max_snapshots)
+        self._snapshotter.prepare(storage_keys(tensors))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -21,12 +21,14 @@ copied, 1 MiB at a time, into one reused, aligned buffer that is written straigh
 disk (see :class:`_DirectSink`).
 
 At most ``max_snapshots`` snapshots exist at once; a checkpoint that finds none
-free waits (and the wait is counted as training stall).
+free waits (and the wait is counted as training stall). The first snapshot's buffers
+can be made beforehand, off the training thread (:meth:`Snapshotter.prepare`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import io
 import logging
@@ -38,7 +40,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,13 +59,23 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger("lamin_lightning")
 
 
+_BufferKey = tuple[int, bool]  # a host buffer's size in bytes, and whether it is pinned
+
+
 class SnapshotSlot:
-    """One set of reusable host buffers: one per storage of a checkpoint, in the order
-    ``torch.save`` meets them (the order of its ``data/0``, ``data/1``, ... records)."""
+    """One set of reusable host buffers, one per storage of a checkpoint.
+
+    A storage takes a buffer of its own size (pinned for a CUDA storage) that the slot
+    holds from an earlier snapshot or from :meth:`Snapshotter.prepare`, else a new one.
+    Buffers are matched by size, not by position: small tensors that come and go in a
+    checkpoint (a callback's best score, the loops' state) do not shift the others."""
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.buffers: list[torch.Tensor] = []
+        # This snapshot's buffers (after it: the last snapshot's), with their keys.
+        self._kept: list[tuple[_BufferKey, torch.Tensor]] = []
+        # Buffers free for this snapshot: the last snapshot's, or prepared ones.
+        self._spare: dict[_BufferKey, list[torch.Tensor]] = {}
         # CUDA devices with device-to-host copies in flight into this slot.
         self.cuda_devices: set[torch.device] = set()
         # Host-to-host copies not made yet: made together, on several cores, before
@@ -72,17 +84,30 @@ class SnapshotSlot:
         # This snapshot's copies, by source storage; and the buffers' addresses.
         self._copied: dict[int, tuple[torch.UntypedStorage, torch.UntypedStorage]] = {}
         self._own: set[int] = set()
-        self._used = 0
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """The host buffers of the last snapshot taken in this slot."""
+        return [buffer for _, buffer in self._kept]
+
+    def warm(self) -> bool:
+        """Whether the slot holds buffers (a later snapshot of the same model needs none)."""
+        return bool(self._kept or self._spare)
+
+    def add_spare(self, key: _BufferKey, buffer: torch.Tensor) -> None:
+        self._spare.setdefault(key, []).append(buffer)
 
     def begin(self) -> None:
+        for key, buffer in self._kept:
+            self.add_spare(key, buffer)
+        self._kept = []
         self.cuda_devices.clear()
         self.host_copies.clear()
         self._copied.clear()
         self._own.clear()
-        self._used = 0
 
     def end(self) -> None:
-        del self.buffers[self._used :]  # a smaller checkpoint frees what it does not use
+        self._spare.clear()  # a smaller checkpoint frees what it does not use
         self._copied.clear()
 
     def owns(self, storage: Any) -> bool:
@@ -97,21 +122,15 @@ class SnapshotSlot:
         out. A copy of a device's storage carries the device for the file's location
         tag (``_fake_device``, which ``torch.save`` reads), so it loads where it was."""
         device = storage.device
-        size = storage.nbytes()
         identity = storage._cdata  # the storage itself, as torch.save tells them apart
         known = self._copied.get(identity)
         copied = known[1] if known is not None else None
         if copied is None:
             on_cuda = device.type == "cuda"
-            index = self._used
-            self._used += 1
-            buffer = self.buffers[index] if index < len(self.buffers) else None
-            if buffer is None or buffer.numel() != size or (on_cuda and not buffer.is_pinned()):
-                buffer = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=on_cuda)
-                if index < len(self.buffers):
-                    self.buffers[index] = buffer
-                else:
-                    self.buffers.append(buffer)
+            key = (storage.nbytes(), on_cuda)
+            spare = self._spare.get(key)
+            buffer = spare.pop() if spare else allocate_buffer(key)
+            self._kept.append((key, buffer))
             source = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
             if on_cuda:
                 buffer.copy_(source, non_blocking=True)
@@ -126,6 +145,38 @@ class SnapshotSlot:
             self._copied[identity] = (storage, copied)
         copied._fake_device = None if device.type == "cpu" else device
         return copied
+
+
+def allocate_buffer(key: _BufferKey) -> torch.Tensor:
+    """A host buffer of ``key``'s size, pinned if ``key`` says so."""
+    size, pinned = key
+    return torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+
+
+def _touch(buffer: torch.Tensor) -> None:
+    """Fault in ``buffer``'s pages now (the kernel gives a new allocation's pages at its
+    first write), on this thread only and without holding the GIL."""
+    size = buffer.numel()
+    if size:
+        ctypes.memset(buffer.data_ptr(), 0, size)
+
+
+def storage_keys(tensors: Iterable[Any]) -> list[_BufferKey]:
+    """The buffer keys a snapshot of ``tensors`` needs: one per distinct storage."""
+    seen: set[int] = set()
+    keys: list[_BufferKey] = []
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type not in ("cpu", "cuda"):
+            continue
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, sparse)
+            continue
+        if storage._cdata in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage._cdata)
+        keys.append((storage.nbytes(), tensor.device.type == "cuda"))
+    return keys
 
 
 _STORAGES = (torch.storage.TypedStorage, torch.UntypedStorage)
@@ -204,28 +255,97 @@ class Archive:
 class Snapshotter:
     """Hands out snapshot slots and takes host snapshots of checkpoint dicts.
 
+    A slot given back is handed out again before one used less recently, so that a
+    checkpoint written before the next one comes reuses the same buffers and the other
+    slots never take memory.
+
     Args:
         max_snapshots: How many snapshots may exist at once (each holds one
             checkpoint's tensors in host memory).
     """
 
     def __init__(self, max_snapshots: int) -> None:
-        self._free: queue.SimpleQueue[SnapshotSlot] = queue.SimpleQueue()
-        for index in range(max_snapshots):
-            self._free.put(SnapshotSlot(index))
+        self._changed = threading.Condition(threading.Lock())
+        self._slots = [SnapshotSlot(index) for index in range(max_snapshots)]
+        self._free: list[SnapshotSlot] = self._slots[::-1]  # slot 0 on top
+        self._preparing = 0  # slots being prepared (see prepare)
+
+    def free_slots(self) -> int:
+        with self._changed:
+            return len(self._free)
 
     def acquire(self) -> tuple[SnapshotSlot, float]:
-        """Take a free slot, waiting if none is free; return it and the seconds waited."""
-        try:
-            return self._free.get_nowait(), 0.0
-        except queue.Empty:
+        """Take a free slot, waiting if none is free (or the one being prepared is not
+        ready yet); return it and the seconds waited."""
+        with self._changed:
+            slot = self._take()
+            if slot is not None:
+                return slot, 0.0
             started = time.monotonic()
-            slot = self._free.get()
+            while slot is None:
+                self._changed.wait()
+                slot = self._take()
             return slot, time.monotonic() - started
+
+    def _take(self) -> SnapshotSlot | None:
+        free = self._free
+        for at in range(len(free) - 1, -1, -1):  # the slot given back last first
+            if free[at].warm():
+                return free.pop(at)
+        if self._preparing:
+            return None  # buffers are on their way: allocating them twice would cost more
+        return free.pop() if free else None
 
     def release(self, slot: SnapshotSlot) -> None:
         """Give a slot back once its snapshot has been written."""
-        self._free.put(slot)
+        with self._changed:
+            self._free.append(slot)
+            self._changed.notify_all()
+
+    def prepare(self, keys: list[_BufferKey]) -> threading.Thread | None:
+        """Allocate one slot's buffers for a snapshot of storages of ``keys`` and fault
+        their pages in, on a thread at the background write's lower CPU priority; return
+        it, or None when no slot needs it (one is warm, or none is free).
+
+        A first snapshot otherwise takes fresh memory on the training thread: the
+        kernel's page faults on first touch (a few hundred ms per GB, more on a VM that
+        returns free memory to its host), or pinning on a CUDA machine. A checkpoint
+        that comes while the buffers are made waits for them (counted as stall)."""
+        with self._changed:
+            if self._preparing or not self._free or any(slot.warm() for slot in self._slots):
+                return None
+            slot = self._free.pop()
+            self._preparing += 1
+        thread = threading.Thread(
+            target=_below,
+            args=(lambda: self._prepare(slot, keys),),
+            name="lamin-lightning-snapshot-prepare",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except BaseException:
+            self._prepared(slot)
+            raise
+        return thread
+
+    def _prepare(self, slot: SnapshotSlot, keys: list[_BufferKey]) -> None:
+        try:
+            for key in keys:
+                buffer = allocate_buffer(key)
+                if not key[1]:  # pinning faulted a pinned buffer's pages in already
+                    _touch(buffer)
+                slot.add_spare(key, buffer)
+        except Exception:  # out of memory, say: the first snapshot allocates what is left
+            log.debug("preparing snapshot buffers failed", exc_info=True)
+        finally:
+            self._prepared(slot)
+
+    def _prepared(self, slot: SnapshotSlot) -> None:
+        with self._changed:
+            self._preparing -= 1
+            self._free.append(slot)
+            self._changed.notify_all()
 
     @staticmethod
     def snapshot(checkpoint: dict[str, Any], slot: SnapshotSlot) -> Archive:
