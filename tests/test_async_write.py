@@ -43,7 +43,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.overrides import TorchFunctionMode
 
-from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file, staged_files
+from helpers import (
+    TinyModel,
+    checkpoint_files,
+    loader,
+    make_trainer,
+    sha256_file,
+    staged_files,
+    wait_until,
+)
 from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactSavedEvent,
@@ -644,15 +652,33 @@ def _storage_sizes(tensors: Any) -> list[int]:
     return sorted(seen.values())
 
 
-@pytest.mark.parametrize("monitor", [None, "score"])
+class PreparedBeforeStep(pl.Callback):
+    """Waits, before training step ``step``, until no snapshot buffers are being made
+    (so that what a save at that step allocates does not depend on the machine's load)."""
+
+    def __init__(self, callback: MemoryCheckpoint, step: int) -> None:
+        self.callback, self.step = callback, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        snapshotter = self.callback._snapshotter
+        if trainer.global_step == self.step - 1 and snapshotter is not None:
+            assert wait_until(lambda: snapshotter._preparing is None, TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("every", "monitor"), [(3, None), (3, "score"), (1, None)], ids=["3", "3-monitor", "1"]
+)
 def test_the_first_snapshot_takes_host_buffers_made_off_the_training_thread(
-    monitor: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    every: int, monitor: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once the optimizer has stepped, the buffers for the model's and the optimizer's
-    storages are made (and their pages faulted in) on a background thread: the first save
-    allocates none of them on the training thread, only the few bytes of the logged score
-    (which, like a monitoring callback's best scores, come before the optimizer state in
-    the file: buffers matched by size still fit). The files hold the state at each save."""
+    """Buffers for the model's storages are made (and their pages faulted in) on a
+    background thread at the start of training, and those for the optimizer's once it has
+    stepped (its state exists then). A first save after that allocates none of them on
+    the training thread: only the few bytes of the logged score (which, like a monitoring
+    callback's best scores, come before the optimizer state in the file: buffers matched
+    by size still fit). A first save at the first step makes the optimizer's itself.
+    Every buffer is made once; the files hold the state at each save; the buffers go
+    with the fit."""
     made: list[tuple[int, int]] = []  # (thread ident, bytes)
     real = _local_write.allocate_buffer
 
@@ -670,12 +696,13 @@ def test_the_first_snapshot_takes_host_buffers_made_off_the_training_thread(
             saved_state[Path(filepath).name] = {name: t.clone() for name, t in state.items()}
             super()._save_checkpoint(trainer, filepath)
 
-    options: dict[str, Any] = {"every_n_train_steps": 3}
+    options: dict[str, Any] = {"every_n_train_steps": every}
     if monitor:
         options.update(monitor=monitor, mode="max", save_top_k=2)
     callback = async_callback(MemoryStore(), dirpath, cls=Remembering, **options)
     model = ScoreLoggingMomentumModel()
-    make_trainer(tmp_path, [callback], max_steps=6).fit(model, loader(6))
+    waiting = PreparedBeforeStep(callback, every)
+    make_trainer(tmp_path, [waiting, callback], max_steps=6).fit(model, loader(6))
 
     training = threading.get_ident()
     on_training = [size for thread, size in made if thread == training]
@@ -684,31 +711,43 @@ def test_the_first_snapshot_takes_host_buffers_made_off_the_training_thread(
         value for state in model.trainer.optimizers[0].state.values() for value in state.values()
     ]
     assert optimizer_state  # momentum buffers
-    expected = _storage_sizes([*model.state_dict().values(), *optimizer_state])
-    assert sorted(elsewhere) == expected
-    # Only the logged score's few bytes (the loops' state keeps it; with a monitor, the
-    # callback's best scores too): every buffer of the model and the optimizer was made.
-    assert on_training and all(size <= 8 for size in on_training)
+    model_sizes = _storage_sizes(model.state_dict().values())
+    all_sizes = _storage_sizes([*model.state_dict().values(), *optimizer_state])
+    large_on_training = sorted(size for size in on_training if size > 8)
+    # Only the logged score's few bytes besides (the loops' state keeps it; with a
+    # monitor, the callback's best scores too).
+    assert len(on_training) > len(large_on_training)
+    if every == 1:
+        assert sorted(elsewhere) == model_sizes
+        assert sorted(elsewhere + large_on_training) == all_sizes
+    else:
+        assert sorted(elsewhere) == all_sizes
+        assert large_on_training == []
     assert sorted(saved_state) == sorted(checkpoint_files(dirpath))
     for name, state in saved_state.items():
         assert load(dirpath / name)["state_dict"].keys() == state.keys()
         for tensor_name, tensor in load(dirpath / name)["state_dict"].items():
             assert torch.equal(tensor, state[tensor_name]), (name, tensor_name)
+    assert callback._snapshotter is None  # its buffers went with the fit
 
 
-def test_a_snapshot_that_comes_while_its_buffers_are_made_waits_for_them_and_uses_them(
+PREPARING = "lamin-lightning-snapshot-prepare"
+
+
+def test_a_snapshot_that_comes_while_its_buffers_are_made_takes_them_as_they_are(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A checkpoint that comes while the first snapshot's buffers are being made waits for
-    them, though another slot is free (allocating twice would cost more), then copies into
-    them; a prepared buffer the checkpoint does not need is freed."""
+    """A snapshot that comes while its buffers are being made (on a thread at a lower
+    priority) does not take the other, empty slot to allocate everything again: it waits
+    for the buffer being made, the preparation stops there, and the snapshot takes that
+    buffer and makes the rest itself. The file holds the state at the snapshot."""
     entered, let_go = threading.Event(), threading.Event()
     made: list[tuple[str, int]] = []
     real = _local_write.allocate_buffer
 
     def held(key: tuple[int, bool]) -> torch.Tensor:
         name = threading.current_thread().name
-        if name == "lamin-lightning-snapshot-prepare" and not entered.is_set():
+        if name == PREPARING and not entered.is_set():
             entered.set()
             assert let_go.wait(TIMEOUT)
         buffer = real(key)
@@ -717,33 +756,145 @@ def test_a_snapshot_that_comes_while_its_buffers_are_made_waits_for_them_and_use
 
     monkeypatch.setattr(_local_write, "allocate_buffer", held)
     snapshotter = Snapshotter(2)
-    weights, bias, unused = torch.randn(300, 200), torch.randn(300), torch.randn(7)
-    keys = _local_write.storage_keys([weights, weights.t(), bias, unused, 3])
-    assert sorted(size for size, _ in keys) == sorted([300 * 200 * 4, 300 * 4, 7 * 4])
+    weights, bias, other = torch.randn(600, 500), torch.randn(300), torch.randn(7)
+    keys = _local_write.storage_keys([weights, weights.t(), bias, other, 3])
+    assert keys == [(600 * 500 * 4, False), (300 * 4, False), (7 * 4, False)]
     preparing = snapshotter.prepare(keys)
     assert preparing is not None and entered.wait(TIMEOUT)
     taken: list[tuple[Any, float]] = []
-    taker = threading.Thread(target=lambda: taken.append(snapshotter.acquire()))
+    taker = threading.Thread(target=lambda: taken.append(snapshotter.acquire()), name="taker")
     taker.start()
-    taker.join(0.2)
-    # Still waiting, and the other slot is still free: not taken to allocate in.
-    assert taker.is_alive() and snapshotter.free_slots() == 1
+    # The taker waits for the slot being prepared, and asks it to stop.
+    assert wait_until(lambda: snapshotter._hurry, TIMEOUT)
+    assert snapshotter.free_slots() == 1  # the other slot: not taken
     let_go.set()
     taker.join(TIMEOUT)
     preparing.join(TIMEOUT)
     assert not taker.is_alive() and not preparing.is_alive()
     slot, waited = taken[0]
-    assert waited > 0
-    expected = {"w": weights.clone(), "b": bias.clone()}
-    archive = snapshotter.snapshot({"w": weights, "b": bias, "wt": weights.t()}, slot)
+    assert waited > 0 and slot is not snapshotter._slots[1]
+    expected = {"w": weights.clone(), "b": bias.clone(), "o": other.clone()}
+    archive = snapshotter.snapshot({"w": weights, "b": bias, "o": other, "wt": weights.t()}, slot)
     weights.add_(1.0)
-    prepared = {address for name, address in made if name == "lamin-lightning-snapshot-prepare"}
-    assert len(prepared) == 3 and len(made) == 3  # nothing allocated by the snapshot
-    assert {buffer.data_ptr() for buffer in slot.buffers} < prepared  # two of the three
-    assert len(slot.buffers) == 2 and not slot._spare  # the unused one is freed
+    prepared = [address for name, address in made if name == PREPARING]
+    assert len(prepared) == 1  # the one being made when the snapshot came; then it stopped
+    assert len(made) == 3 and len(slot.buffers) == 3
+    assert prepared[0] in {buffer.data_ptr() for buffer in slot.buffers}
     host = load(io.BytesIO(written(archive)))
-    assert torch.equal(host["w"], expected["w"]) and torch.equal(host["b"], expected["b"])
+    for name, tensor in expected.items():
+        assert torch.equal(host[name], tensor), name
     assert host["wt"].data_ptr() == host["w"].data_ptr()  # one storage, as torch.save writes
+    assert not snapshotter._slots[1].warm()
+
+
+def test_a_preparation_that_fails_leaves_the_snapshot_to_allocate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Making buffers is best effort: if it fails (out of memory), the slot is given
+    back and the snapshot allocates what it needs."""
+    real = _local_write.allocate_buffer
+
+    def failing(key: tuple[int, bool]) -> torch.Tensor:
+        if threading.current_thread().name == PREPARING:
+            raise MemoryError("test: no memory for snapshot buffers")
+        return real(key)
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", failing)
+    snapshotter = Snapshotter(1)
+    checkpoint = {"w": torch.randn(64, 64)}
+    preparing = snapshotter.prepare(_local_write.storage_keys(checkpoint.values()))
+    assert preparing is not None
+    preparing.join(TIMEOUT)
+    slot, _ = snapshotter.acquire()
+    archive = snapshotter.snapshot(checkpoint, slot)
+    assert torch.equal(load(io.BytesIO(written(archive)))["w"], checkpoint["w"])
+
+
+@pytest.mark.parametrize("free_others", [True, False])
+def test_buffers_prepared_for_another_model_replace_those_no_longer_needed(
+    free_others: bool,
+) -> None:
+    """A second fit of the same callback with another model: preparing (once the
+    optimizer has stepped, all a checkpoint holds is known) frees the buffers the new
+    checkpoint does not need before making new ones, so memory never holds both; at the
+    start of training (the optimizer's state not known yet) nothing is freed."""
+    snapshotter = Snapshotter(1)
+    slot, _ = snapshotter.acquire()
+    shared = torch.randn(100)
+    snapshotter.snapshot({"old": torch.randn(50, 50), "shared": shared}, slot)
+    snapshotter.release(slot)
+    keys = _local_write.storage_keys([torch.randn(70, 70), shared])
+    preparing = snapshotter.prepare(keys, free_others=free_others)
+    assert preparing is not None
+    preparing.join(TIMEOUT)
+    held = sorted(size for (size, _), buffers in slot._spare.items() for _ in buffers)
+    old = 50 * 50 * 4
+    assert held == sorted([70 * 70 * 4, 100 * 4] + ([] if free_others else [old]))
+    # All there: nothing more to make.
+    assert snapshotter.prepare(keys) is None
+
+
+def test_no_buffers_are_prepared_where_snapshots_are_whole_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without torch's record writing known here, a snapshot is torch.save's bytes and
+    takes no buffers: none are made (they would be held for nothing)."""
+    monkeypatch.setattr(_local_write, "_save_records", None)
+    assert Snapshotter(1).prepare([(2**20, False)]) is None
+
+
+def test_a_large_buffer_is_not_shared_with_a_forked_child() -> None:
+    """A buffer of a megabyte or more is a mapping a forked child (a DataLoader worker)
+    gets as zeros, not copy-on-write: the next snapshot's copy into it faults on no page
+    of the training thread, and the child sees no checkpoint bytes."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("MADV_WIPEONFORK is Linux's")
+    size = 2 * 2**20
+    large = _local_write.allocate_buffer((size, False))
+    small = _local_write.allocate_buffer((4096, False))
+    large.fill_(7)
+    small.fill_(7)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: no torch here (its threads stay behind)
+        code = 1
+        try:
+            zeros = ctypes.string_at(large.data_ptr(), size) == bytes(size)
+            kept = ctypes.string_at(small.data_ptr(), 4096) == b"\x07" * 4096
+            code = 0 if zeros and kept else (2 if not zeros else 3)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 2, "the child saw the parent's bytes in the large buffer"
+    assert code == 0
+    assert int(large.sum()) == 7 * size  # the parent's bytes stay
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"save_top_k": 0}, {"fast_dev_run": True}],
+    ids=["save_top_k=0", "fast_dev_run"],
+)
+def test_no_buffers_are_made_for_a_fit_that_saves_nothing(
+    settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    real = _local_write.allocate_buffer
+
+    def recording(key: tuple[int, bool]) -> torch.Tensor:
+        made.append(threading.current_thread().name)
+        return real(key)
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", recording)
+    dirpath = tmp_path / "ckpt"
+    options = {"save_top_k": settings.get("save_top_k", -1)}
+    callback = async_callback(MemoryStore(), dirpath, **options)
+    trainer_options = {"fast_dev_run": True} if "fast_dev_run" in settings else {}
+    make_trainer(tmp_path, [callback], max_steps=4, **trainer_options).fit(
+        MomentumModel(), loader(4)
+    )
+    assert made == []
+    assert checkpoint_files(dirpath) == set()
 
 
 def test_a_slot_given_back_is_taken_again_first_so_other_slots_take_no_memory() -> None:

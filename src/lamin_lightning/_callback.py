@@ -68,6 +68,7 @@ from lamin_lightning._lightning_view import LightningViewCheckpoint, cancel_link
 from lamin_lightning._local_write import (
     HostWrite,
     Snapshotter,
+    async_write_supported,
     storage_keys,
 )
 from lamin_lightning._names import taken_in, wait_until_written
@@ -337,33 +338,52 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self._snapshots_prepared:
+            self._prepare_snapshots(trainer, complete=False)
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, *args, **kwargs)
-        if not self._snapshots_prepared:  # one attribute check per step otherwise
-            self._prepare_snapshots(trainer)
+        # One attribute check per step otherwise. The optimizer's state exists once it
+        # has stepped (a first save at that step found no buffers made for it).
+        if not self._snapshots_prepared and trainer.global_step > 0:
+            self._snapshots_prepared = True
+            self._prepare_snapshots(trainer, complete=True)
 
-    def _prepare_snapshots(self, trainer: pl.Trainer) -> None:
-        """With ``async_write``, once the optimizer has stepped (its state exists then),
-        have the host buffers of the first snapshot made off the training thread (see
-        :meth:`Snapshotter.prepare`): sized by the model's state dict and, unless only
-        weights are saved, the optimizers' state."""
-        if trainer.global_step == 0:
-            return
-        self._snapshots_prepared = True
+    def _prepare_snapshots(self, trainer: pl.Trainer, *, complete: bool) -> None:
+        """With ``async_write``, have the host buffers of the next snapshot made off the
+        training thread (see :meth:`Snapshotter.prepare`), sized by the model's
+        parameters and persistent buffers and, unless only weights are saved, the
+        optimizers' state: at the start of training, and once the optimizer has stepped
+        (``complete``: its state exists then). Not where nothing will be saved. Best
+        effort: whatever goes wrong, the snapshot allocates what it needs, as without."""
         if (
             not trainer.is_global_zero
             or self._forked_copy()
-            or not self._async_write_supported(trainer)
+            or (self.save_top_k == 0 and not self.save_last)
+            or trainer.fast_dev_run  # Lightning saves nothing then
+            or not async_write_supported(trainer)[0]  # warned at the first save
         ):
             return
-        tensors: list[Any] = list(trainer.lightning_module.state_dict().values())
-        if not self.save_weights_only:
-            for optimizer in trainer.optimizers:
-                for state in optimizer.state.values():
-                    tensors.extend(state.values())
-        if self._snapshotter is None:
-            self._snapshotter = Snapshotter(self.max_snapshots)
-        self._snapshotter.prepare(storage_keys(tensors))
+        try:
+            tensors: list[Any] = []
+            for module in trainer.lightning_module.modules():
+                tensors.extend(module._parameters.values())
+                skipped = module._non_persistent_buffers_set
+                tensors.extend(b for name, b in module._buffers.items() if name not in skipped)
+            if not self.save_weights_only:
+                for optimizer in trainer.optimizers:
+                    for state in optimizer.state.values():
+                        if isinstance(state, dict):
+                            tensors.extend(state.values())
+            keys = storage_keys(tensors)
+            if self._snapshotter is None:
+                self._snapshotter = Snapshotter(self.max_snapshots)
+            self._snapshotter.prepare(keys, free_others=complete)
+        except Exception:
+            log.debug("preparing snapshot buffers failed", exc_info=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -379,6 +399,12 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._tell_loggers(trainer)
             self._plain_removal = None  # holds the strategy: not beyond the fit
             release_checkpoint_io(trainer.strategy, self._io_writes)
+            snapshotter = self._snapshotter
+            if snapshotter is not None and snapshotter.all_free():
+                # Its host buffers (pinned on a GPU machine) go with the fit. While a
+                # write the flush gave up on holds a slot it stays: the next fit's
+                # snapshots count against the same max_snapshots.
+                self._snapshotter = None
             if self.log_stats:  # the final values, after the flush (loggers finalize next)
                 log_final_persistence_stats(trainer, self.persistence_stats, stage)
 

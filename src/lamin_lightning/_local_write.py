@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,25 @@ class SnapshotSlot:
     def add_spare(self, key: _BufferKey, buffer: torch.Tensor) -> None:
         self._spare.setdefault(key, []).append(buffer)
 
+    def keep_only(self, keys: list[_BufferKey], *, free_others: bool) -> list[_BufferKey]:
+        """Between snapshots: return the keys of storages of ``keys`` the slot has no
+        buffer for; with ``free_others``, free the buffers none of them needs."""
+        self.begin()  # every buffer spare
+        missing: list[_BufferKey] = []
+        needed: dict[_BufferKey, list[torch.Tensor]] = {}
+        for key in keys:
+            spare = self._spare.get(key)
+            if spare:
+                needed.setdefault(key, []).append(spare.pop())
+            else:
+                missing.append(key)
+        if not free_others:
+            for key, buffers in needed.items():
+                self._spare.setdefault(key, []).extend(buffers)
+        else:
+            self._spare = needed
+        return missing
+
     def begin(self) -> None:
         for key, buffer in self._kept:
             self.add_spare(key, buffer)
@@ -147,18 +167,41 @@ class SnapshotSlot:
         return copied
 
 
+# Buffers this large are mappings of their own, which a forked child gets as zeros
+# (MADV_WIPEONFORK, Linux 4.14+) instead of sharing them copy-on-write: a DataLoader that
+# forks its workers at every epoch would otherwise make the next snapshot copy each page
+# it writes (a fault and a 4 KiB copy per page, on the training thread), and every fork
+# copy the buffers' page tables. Smaller ones come from torch's allocator.
+_OWN_MAPPING_MIN_BYTES = 2**20
+_MADV_WIPEONFORK = 18  # <linux/mman.h>; Python's mmap module names it from 3.12 on
+_TOUCH_PIECE_BYTES = 16 * 2**20  # a preparation gives way between pieces this large
+
+
 def allocate_buffer(key: _BufferKey) -> torch.Tensor:
     """A host buffer of ``key``'s size, pinned if ``key`` says so."""
     size, pinned = key
-    return torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+    if pinned or size < _OWN_MAPPING_MIN_BYTES or not sys.platform.startswith("linux"):
+        return torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # an older kernel: shared copy-on-write, as before
+        mapping.madvise(_MADV_WIPEONFORK)
+    with warnings.catch_warnings():  # "not writable": it is (the warning is for bytes)
+        warnings.simplefilter("ignore", UserWarning)
+        # The tensor holds the mapping until it is freed, then the mapping goes.
+        return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
-def _touch(buffer: torch.Tensor) -> None:
+def _touch(buffer: torch.Tensor, stop: Callable[[], bool]) -> bool:
     """Fault in ``buffer``'s pages now (the kernel gives a new allocation's pages at its
-    first write), on this thread only and without holding the GIL."""
-    size = buffer.numel()
-    if size:
-        ctypes.memset(buffer.data_ptr(), 0, size)
+    first write), on this thread only and without holding the GIL, a piece at a time;
+    return False if ``stop()`` said so between two pieces (the rest faults at its first
+    use)."""
+    size, address = buffer.numel(), buffer.data_ptr()
+    for start in range(0, size, _TOUCH_PIECE_BYTES):
+        if stop():
+            return False
+        ctypes.memset(address + start, 0, min(_TOUCH_PIECE_BYTES, size - start))
+    return True
 
 
 def storage_keys(tensors: Iterable[Any]) -> list[_BufferKey]:
@@ -268,21 +311,31 @@ class Snapshotter:
         self._changed = threading.Condition(threading.Lock())
         self._slots = [SnapshotSlot(index) for index in range(max_snapshots)]
         self._free: list[SnapshotSlot] = self._slots[::-1]  # slot 0 on top
-        self._preparing = 0  # slots being prepared (see prepare)
+        self._preparing: SnapshotSlot | None = None  # see prepare
+        self._preparer: threading.Thread | None = None
+        self._queued: tuple[list[_BufferKey], bool] | None = None  # asked for meanwhile
+        self._hurry = False  # a snapshot waits for the slot being prepared
 
     def free_slots(self) -> int:
         with self._changed:
             return len(self._free)
 
+    def all_free(self) -> bool:
+        """Whether no slot is in use (no snapshot is being taken, written or prepared)."""
+        with self._changed:
+            return len(self._free) == len(self._slots)
+
     def acquire(self) -> tuple[SnapshotSlot, float]:
-        """Take a free slot, waiting if none is free (or the one being prepared is not
-        ready yet); return it and the seconds waited."""
+        """Take a free slot, waiting if none is free (or for the slot being prepared, which
+        then stops at its next piece of work); return it and the seconds waited."""
         with self._changed:
             slot = self._take()
             if slot is not None:
                 return slot, 0.0
             started = time.monotonic()
             while slot is None:
+                if self._preparing is not None:
+                    self._hurry = True
                 self._changed.wait()
                 slot = self._take()
             return slot, time.monotonic() - started
@@ -292,7 +345,7 @@ class Snapshotter:
         for at in range(len(free) - 1, -1, -1):  # the slot given back last first
             if free[at].warm():
                 return free.pop(at)
-        if self._preparing:
+        if self._preparing is not None:
             return None  # buffers are on their way: allocating them twice would cost more
         return free.pop() if free else None
 
@@ -302,48 +355,83 @@ class Snapshotter:
             self._free.append(slot)
             self._changed.notify_all()
 
-    def prepare(self, keys: list[_BufferKey]) -> threading.Thread | None:
-        """Allocate one slot's buffers for a snapshot of storages of ``keys`` and fault
-        their pages in, on a thread at the background write's lower CPU priority; return
-        it, or None when no slot needs it (one is warm, or none is free).
+    def prepare(
+        self, keys: list[_BufferKey], *, free_others: bool = True
+    ) -> threading.Thread | None:
+        """Have one slot hold buffers for a snapshot of storages of ``keys``: make those
+        it lacks (and fault their pages in) on a thread at the background write's lower
+        CPU priority, and (with ``free_others``: ``keys`` are all a checkpoint holds)
+        free those it holds that ``keys`` do not need; return that thread, or None when
+        nothing is to be made.
 
         A first snapshot otherwise takes fresh memory on the training thread: the
         kernel's page faults on first touch (a few hundred ms per GB, more on a VM that
-        returns free memory to its host), or pinning on a CUDA machine. A checkpoint
-        that comes while the buffers are made waits for them (counted as stall)."""
+        returns free memory to its host), or pinning on a CUDA machine. A snapshot that
+        comes meanwhile waits for the buffer being made, then takes the slot as it is
+        and makes the rest itself. The slot prepared is the one the next snapshot takes
+        (the warm one given back last); none while a warm slot is in use (a write).
+        Asked again while a preparation runs, it goes on with these keys afterwards
+        (the thread returned is that one)."""
+        if _save_records is None:
+            return None  # snapshots are torch.save's bytes here: no buffers to reuse
         with self._changed:
-            if self._preparing or not self._free or any(slot.warm() for slot in self._slots):
+            running = self._preparing
+            if running is not None:  # made next, into the same slot, unless hurried
+                self._queued = (keys, free_others)
+                return self._preparer
+            warm = [slot for slot in self._free if slot.warm()]
+            if warm:
+                slot = warm[-1]
+            elif any(slot.warm() for slot in self._slots) or not self._free:
                 return None
-            slot = self._free.pop()
-            self._preparing += 1
-        thread = threading.Thread(
-            target=_below,
-            args=(lambda: self._prepare(slot, keys),),
-            name="lamin-lightning-snapshot-prepare",
-            daemon=True,
-        )
+            else:
+                slot = self._free[-1]
+            missing = slot.keep_only(keys, free_others=free_others)
+            if not missing:
+                return None
+            self._free.remove(slot)
+            self._preparing, self._hurry, self._queued = slot, False, None
+            thread = self._preparer = threading.Thread(
+                target=_below,
+                args=(lambda: self._prepare(slot, missing),),
+                name="lamin-lightning-snapshot-prepare",
+                daemon=True,
+            )
         try:
             thread.start()
-        except BaseException:
+        except Exception:  # no thread to be had: the snapshot allocates, as without
             self._prepared(slot)
-            raise
+            log.debug("no thread to prepare snapshot buffers", exc_info=True)
+            return None
         return thread
 
     def _prepare(self, slot: SnapshotSlot, keys: list[_BufferKey]) -> None:
+        def hurried() -> bool:
+            return self._hurry
+
         try:
-            for key in keys:
-                buffer = allocate_buffer(key)
-                if not key[1]:  # pinning faulted a pinned buffer's pages in already
-                    _touch(buffer)
-                slot.add_spare(key, buffer)
-        except Exception:  # out of memory, say: the first snapshot allocates what is left
+            while True:
+                for key in keys:
+                    if hurried():
+                        return
+                    buffer = allocate_buffer(key)
+                    slot.add_spare(key, buffer)
+                    # Pinning faulted a pinned buffer's pages in already.
+                    if not key[1] and not _touch(buffer, hurried):
+                        return
+                with self._changed:  # what was asked for meanwhile (see prepare)
+                    queued, self._queued = self._queued, None
+                    if queued is None or self._hurry:
+                        return
+                    keys = slot.keep_only(queued[0], free_others=queued[1])
+        except Exception:  # out of memory, say: the snapshot allocates what is left
             log.debug("preparing snapshot buffers failed", exc_info=True)
         finally:
             self._prepared(slot)
 
     def _prepared(self, slot: SnapshotSlot) -> None:
         with self._changed:
-            self._preparing -= 1
+            self._preparing, self._preparer, self._hurry, self._queued = None, None, False, None
             self._free.append(slot)
             self._changed.notify_all()
 
