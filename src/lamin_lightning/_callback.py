@@ -363,7 +363,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             not trainer.is_global_zero
             or self._forked_copy()
             or (self.save_top_k == 0 and not self.save_last)
-            or trainer.fast_dev_run  # Lightning saves nothing then
+            or bool(getattr(trainer, "fast_dev_run", False))  # Lightning saves nothing then
             or not async_write_supported(trainer)[0]  # warned at the first save
         ):
             return
