@@ -849,6 +849,13 @@ def test_a_large_buffer_is_not_shared_with_a_forked_child() -> None:
     of the training thread, and the child sees no checkpoint bytes."""
     if not sys.platform.startswith("linux"):
         pytest.skip("MADV_WIPEONFORK is Linux's")
+    probe = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        probe.madvise(_local_write._MADV_WIPEONFORK)
+    except OSError:
+        pytest.skip("this kernel refuses MADV_WIPEONFORK (before Linux 4.14)")
+    finally:
+        probe.close()
     size = 2 * 2**20
     large = _local_write.allocate_buffer((size, False))
     small = _local_write.allocate_buffer((4096, False))
@@ -895,6 +902,125 @@ def test_no_buffers_are_made_for_a_fit_that_saves_nothing(
     )
     assert made == []
     assert checkpoint_files(dirpath) == set()
+
+
+def test_keys_asked_for_while_a_preparation_runs_are_made_by_it_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The optimizer's buffers are asked for (after its first step) while the model's,
+    asked for at the start of training, may still be made: they are made next, into the
+    same slot, by the same thread."""
+    entered, let_go = threading.Event(), threading.Event()
+    real = _local_write.allocate_buffer
+
+    def held(key: tuple[int, bool]) -> torch.Tensor:
+        if threading.current_thread().name == PREPARING and not entered.is_set():
+            entered.set()
+            assert let_go.wait(TIMEOUT)
+        return real(key)
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", held)
+    snapshotter = Snapshotter(1)
+    model_keys = [(4096, False), (512, False)]
+    optimizer_keys = [(8192, False)]
+    preparing = snapshotter.prepare(model_keys, free_others=False)
+    assert preparing is not None and entered.wait(TIMEOUT)
+    assert snapshotter.prepare(model_keys + optimizer_keys) is preparing
+    let_go.set()
+    preparing.join(TIMEOUT)
+    assert not preparing.is_alive()
+    slot = snapshotter._slots[0]
+    held_keys = sorted(key for key, buffers in slot._spare.items() for _ in buffers)
+    assert held_keys == sorted(model_keys + optimizer_keys)
+    assert snapshotter.prepare(model_keys + optimizer_keys) is None  # all there
+
+
+class EmaState(pl.Callback):
+    """A callback whose state (saved in every checkpoint) holds a 2 MiB tensor, unknown
+    to the model and the optimizer."""
+
+    def __init__(self) -> None:
+        self.average = torch.zeros(2**19)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self.average}
+
+
+def test_a_first_save_at_the_first_step_keeps_the_buffers_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saved at the first step (every_n_train_steps=1), the checkpoint's first snapshot
+    makes what it needs, a callback's state included: no preparation afterwards frees a
+    buffer of a tensor it does not know (which the next save would make again on the
+    training thread), even once that write is done."""
+    made: list[int] = []
+    real = _local_write.allocate_buffer
+
+    def recording(key: tuple[int, bool]) -> torch.Tensor:
+        made.append(key[0])
+        return real(key)
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", recording)
+    real_prepare = Snapshotter.prepare
+
+    def after_the_writes(self: Snapshotter, *args: Any, **kwargs: Any) -> Any:
+        # The slot free again (its write done) when a preparation looks at it.
+        assert wait_until(lambda: self.free_slots() == len(self._slots), TIMEOUT)
+        return real_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(Snapshotter, "prepare", after_the_writes)
+    dirpath = tmp_path / "ckpt"
+    callback = async_callback(MemoryStore(), dirpath)
+    make_trainer(tmp_path, [EmaState(), callback], max_steps=3).fit(MomentumModel(), loader(3))
+    assert made.count(2**21) == 1
+    assert len(checkpoint_files(dirpath)) == 3
+    assert torch.equal(
+        load(dirpath / "epoch=0-step=3.ckpt")["callbacks"]["EmaState"]["average"],
+        torch.zeros(2**19),
+    )
+
+
+def test_snapshot_buffers_go_when_a_fit_fails_or_ends_while_they_are_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning calls no teardown after an exception: the buffers go then too. A fit
+    that ends while its buffers are still being made stops that preparation."""
+    entered, let_go = threading.Event(), threading.Event()
+    preparers: list[threading.Thread] = []
+    made: list[str] = []
+    real = _local_write.allocate_buffer
+
+    def held(key: tuple[int, bool]) -> torch.Tensor:
+        if threading.current_thread().name == PREPARING and not entered.is_set():
+            preparers.append(threading.current_thread())
+            entered.set()
+            assert let_go.wait(TIMEOUT)
+        made.append(threading.current_thread().name)
+        return real(key)
+
+    monkeypatch.setattr(_local_write, "allocate_buffer", held)
+
+    # A fit that saves nothing before it ends (its first save would be at step 50).
+    quiet = async_callback(MemoryStore(), tmp_path / "quiet", every_n_train_steps=50)
+    make_trainer(tmp_path, [quiet], max_steps=1).fit(MomentumModel(), loader(1))
+    assert entered.is_set()  # held at the model's first buffer
+    assert quiet._snapshotter is None
+    let_go.set()
+    preparers[0].join(TIMEOUT)
+    assert not preparers[0].is_alive()
+    assert made == [PREPARING]  # it stopped there: the rest were not made
+
+    class FailsAtStep3(MomentumModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 2:
+                raise RuntimeError("test: training fails")
+            return super().training_step(batch, batch_idx)
+
+    failing = async_callback(MemoryStore(), tmp_path / "failing")
+    with pytest.raises(RuntimeError, match="training fails"):
+        make_trainer(tmp_path, [failing], max_steps=5).fit(FailsAtStep3(), loader(5))
+    assert failing._snapshotter is None
+    assert checkpoint_files(tmp_path / "failing") == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
 
 
 def test_a_slot_given_back_is_taken_again_first_so_other_slots_take_no_memory() -> None:

@@ -399,12 +399,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._tell_loggers(trainer)
             self._plain_removal = None  # holds the strategy: not beyond the fit
             release_checkpoint_io(trainer.strategy, self._io_writes)
-            snapshotter = self._snapshotter
-            if snapshotter is not None and snapshotter.all_free():
-                # Its host buffers (pinned on a GPU machine) go with the fit. While a
-                # write the flush gave up on holds a slot it stays: the next fit's
-                # snapshots count against the same max_snapshots.
-                self._snapshotter = None
+            self._drop_snapshots()
             if self.log_stats:  # the final values, after the flush (loggers finalize next)
                 log_final_persistence_stats(trainer, self.persistence_stats, stage)
 
@@ -459,6 +454,17 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 self._tell_loggers(trainer)
             except Exception:
                 log.exception("telling the loggers of the checkpoints saved failed")
+            self._drop_snapshots()
+
+    def _drop_snapshots(self) -> None:
+        """At the end of a fit (teardown, or an exception: Lightning calls no teardown
+        then), let the snapshots' host buffers go (a preparation under way stops). While
+        a write the flush gave up on holds a slot they stay: the next fit's snapshots
+        count against the same ``max_snapshots``."""
+        snapshotter = self._snapshotter
+        if snapshotter is not None and not snapshotter.in_use():
+            snapshotter.stop_preparing()
+            self._snapshotter = None
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -469,6 +475,11 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._surface_failures()  # a direct call; Lightning's save hooks did it already
         self._evictions.saving()
         background = self.async_write and self._async_write_supported(trainer)
+        if background:
+            # This fit's first snapshot makes what the checkpoint needs and keeps it: a
+            # preparation afterwards could only free buffers of tensors it does not know
+            # (a callback's state, say), which the next snapshot would make again.
+            self._snapshots_prepared = True
         put_back: Callable[[bool], None] | None = None
         if trainer.is_global_zero and not background:
             # A background write replaces the file atomically, after the previous one was

@@ -320,11 +320,6 @@ class Snapshotter:
         with self._changed:
             return len(self._free)
 
-    def all_free(self) -> bool:
-        """Whether no slot is in use (no snapshot is being taken, written or prepared)."""
-        with self._changed:
-            return len(self._free) == len(self._slots)
-
     def acquire(self) -> tuple[SnapshotSlot, float]:
         """Take a free slot, waiting if none is free (or for the slot being prepared, which
         then stops at its next piece of work); return it and the seconds waited."""
@@ -338,6 +333,8 @@ class Snapshotter:
                     self._hurry = True
                 self._changed.wait()
                 slot = self._take()
+            if self._preparing is not None:  # another slot came free: preparing goes on
+                self._hurry = False
             return slot, time.monotonic() - started
 
     def _take(self) -> SnapshotSlot | None:
@@ -409,6 +406,7 @@ class Snapshotter:
         def hurried() -> bool:
             return self._hurry
 
+        given_back = False
         try:
             while True:
                 for key in keys:
@@ -422,18 +420,37 @@ class Snapshotter:
                 with self._changed:  # what was asked for meanwhile (see prepare)
                     queued, self._queued = self._queued, None
                     if queued is None or self._hurry:
+                        # Given back under this same lock: a prepare() from now on starts
+                        # a preparation of its own instead of queuing for this one.
+                        self._give_back_prepared(slot)
+                        given_back = True
                         return
                     keys = slot.keep_only(queued[0], free_others=queued[1])
         except Exception:  # out of memory, say: the snapshot allocates what is left
             log.debug("preparing snapshot buffers failed", exc_info=True)
         finally:
-            self._prepared(slot)
+            if not given_back:
+                self._prepared(slot)
 
     def _prepared(self, slot: SnapshotSlot) -> None:
         with self._changed:
-            self._preparing, self._preparer, self._hurry, self._queued = None, None, False, None
-            self._free.append(slot)
-            self._changed.notify_all()
+            self._give_back_prepared(slot)
+
+    def _give_back_prepared(self, slot: SnapshotSlot) -> None:  # holding self._changed
+        self._preparing, self._preparer, self._hurry, self._queued = None, None, False, None
+        self._free.append(slot)
+        self._changed.notify_all()
+
+    def in_use(self) -> bool:
+        """Whether a slot is taken by a snapshot or its write (a preparation aside)."""
+        with self._changed:
+            return len(self._free) + (self._preparing is not None) < len(self._slots)
+
+    def stop_preparing(self) -> None:
+        """Have a preparation under way stop at its next piece of work."""
+        with self._changed:
+            if self._preparing is not None:
+                self._hurry = True
 
     @staticmethod
     def snapshot(checkpoint: dict[str, Any], slot: SnapshotSlot) -> Archive:
