@@ -40,7 +40,6 @@ import sys
 import threading
 import time
 import types
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -185,10 +184,8 @@ def allocate_buffer(key: _BufferKey) -> torch.Tensor:
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError):  # an older kernel: shared copy-on-write, as before
         mapping.madvise(_MADV_WIPEONFORK)
-    with warnings.catch_warnings():  # "not writable": it is (the warning is for bytes)
-        warnings.simplefilter("ignore", UserWarning)
-        # The tensor holds the mapping until it is freed, then the mapping goes.
-        return torch.frombuffer(mapping, dtype=torch.uint8)
+    # Writable: no warning. The tensor holds the mapping until it is freed, then it goes.
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _touch(buffer: torch.Tensor, stop: Callable[[], bool]) -> bool:
