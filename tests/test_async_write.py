@@ -2469,8 +2469,9 @@ def test_a_subfolder_of_dirpath_on_another_filesystem_is_written_as_with_model_c
 
 
 @contextmanager
-def _tmpfs_mounted_at(folder: Path) -> Iterator[bool]:
-    """A tmpfs mounted at ``folder`` (True), or False where mounting is not permitted."""
+def _mounted_at(folder: Path, *options: str, lazy_unmount: bool = False) -> Iterator[bool]:
+    """``mount *options folder`` (True, unmounted at the end), or False where mounting is
+    not permitted (no root, no ``mount``)."""
     import shutil
     import subprocess
 
@@ -2478,16 +2479,19 @@ def _tmpfs_mounted_at(folder: Path) -> Iterator[bool]:
     mount = shutil.which("mount")
     if (
         mount is None
-        or subprocess.run(
-            [mount, "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True
-        ).returncode
+        or subprocess.run([mount, *options, str(folder)], capture_output=True).returncode
     ):
         yield False
         return
     try:
         yield True
     finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
+        subprocess.run(["umount", *(["-l"] if lazy_unmount else []), str(folder)], check=True)
+
+
+def _tmpfs_mounted_at(folder: Path) -> contextlib.AbstractContextManager[bool]:
+    """A tmpfs mounted at ``folder`` (True), or False where mounting is not permitted."""
+    return _mounted_at(folder, "-t", "tmpfs", "-o", "size=64m", "tmpfs", lazy_unmount=True)
 
 
 def test_a_dirpath_that_is_a_mount_point_is_written_in_the_background(tmp_path: Path) -> None:
@@ -2725,25 +2729,17 @@ def _small_ext4_mounted_at(folder: Path, megabytes: int) -> Iterator[bool]:
 
     folder.mkdir(parents=True, exist_ok=True)
     image = folder.with_suffix(".img")
-    mkfs, mount = shutil.which("mkfs.ext4"), shutil.which("mount")
-    if mkfs is None or mount is None:
+    mkfs = shutil.which("mkfs.ext4")
+    if mkfs is None:
         yield False
         return
     with open(image, "wb") as handle:
         handle.truncate(megabytes << 20)
-    made = subprocess.run([mkfs, "-q", "-F", str(image)], capture_output=True).returncode == 0
-    if (
-        not made
-        or subprocess.run(
-            [mount, "-o", "loop", str(image), str(folder)], capture_output=True
-        ).returncode
-    ):
+    if subprocess.run([mkfs, "-q", "-F", str(image)], capture_output=True).returncode:
         yield False
         return
-    try:
-        yield True
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+    with _mounted_at(folder, "-o", "loop", str(image)) as mounted:
+        yield mounted
 
 
 def test_a_full_disk_fails_a_direct_write_cleanly_and_the_next_write_that_fits_lands(
