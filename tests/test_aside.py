@@ -17,12 +17,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from helpers import TinyModel, loader, make_trainer, sha256_file
 from lamin_lightning import _aside
+from lamin_lightning._checkpoint_io import rewrites_by_rename
 from lamin_lightning._flush import flush_directory
 from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
@@ -33,7 +38,14 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from lamin_lightning import _aside
     root, target, then = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    _aside.move_aside(root, target)
+    if then.startswith("linked"):
+        _aside.link_aside(root, target)
+    else:
+        _aside.move_aside(root, target)
+    if then == "linked, renamed over":
+        import torch
+        torch.save({"new": 1}, target + ".tmp")
+        os.replace(target + ".tmp", target)
     if then == "truncated":
         Path(target).write_bytes(b"PK\\x03\\x04 cut short")
     elif then == "complete":
@@ -108,6 +120,26 @@ def test_a_rewrite_that_finished_before_the_crash_is_kept_and_the_previous_file_
     assert _aside_entries(last.parent) == []
 
 
+@pytest.mark.parametrize("then", ["linked", "linked, renamed over"])
+def test_a_checkpoint_linked_aside_by_a_process_that_died_stays_as_it_is(
+    last: Path, then: str
+) -> None:
+    """Killed while its rewrite ran (before or after the rename over the file), a process
+    that linked the file aside left it whole in place: the leftover is deleted, nothing is
+    put back over the file, and ``status`` names nothing."""
+    digest = sha256_file(last)
+    _crash_mid_rewrite(last.parent, then=then)
+    assert len(_aside_entries(last.parent)) == 1
+    assert _aside.leftovers_in(last.parent) == []
+
+    assert _aside.put_back_in(last.parent) == []
+    assert _aside_entries(last.parent) == []
+    if then == "linked":
+        assert sha256_file(last) == digest
+    else:
+        assert torch.load(last, weights_only=False) == {"new": 1}
+
+
 def test_what_a_live_process_has_aside_is_left_alone_until_it_ends(last: Path) -> None:
     digest = sha256_file(last)
     child = subprocess.Popen(
@@ -166,6 +198,128 @@ def test_the_callbacks_own_rewrites_leave_no_aside_folder_behind(tmp_path: Path)
     make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(), loader())
     assert (dirpath / "last.ckpt").exists()
     assert not (staging_root(dirpath) / _aside.ASIDE_DIRNAME).exists()
+
+
+class _SeesRewritten(pl.Callback):
+    """Inside every save (another callback's ``on_save_checkpoint``, which Lightning calls
+    while it builds the checkpoint), the step of the checkpoint file ``path`` holds, or
+    None where it is missing; raises at step ``fail_at``."""
+
+    def __init__(self, path: Path, fail_at: int = 0) -> None:
+        self.path = path
+        self.fail_at = fail_at
+        self.seen: list[tuple[int, int | None]] = []
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, *args: Any) -> None:
+        held = (
+            torch.load(self.path, weights_only=False)["global_step"] if self.path.exists() else None
+        )
+        self.seen.append((trainer.global_step, held))
+        if trainer.global_step == self.fail_at:
+            raise RuntimeError("the rewrite fails")
+
+
+REWRITES = {
+    "last.ckpt": ({"save_last": True}, "last.ckpt"),
+    "a fixed name": ({"filename": "model", "enable_version_counter": False}, "model.ckpt"),
+}
+
+
+@pytest.mark.parametrize("rewrite", list(REWRITES))
+@pytest.mark.parametrize("kind", ["ModelCheckpoint", "ours"])
+def test_a_file_being_rewritten_keeps_its_name_and_the_previous_checkpoint_until_replaced(
+    tmp_path: Path, kind: str, rewrite: str
+) -> None:
+    """Lightning writes a temporary file and renames it over the old one: while a save
+    runs, the file it rewrites is still there, whole. Ours renamed it aside for the whole
+    save (found by a review: another callback's hook, or a process reading last.ckpt,
+    found nothing); now it gives it a second name aside instead, and the path keeps it."""
+    dirpath = tmp_path / "ckpt"
+    options, name = REWRITES[rewrite]
+    options = {"dirpath": dirpath, "every_n_train_steps": 1, **options}
+    callback = (
+        ModelCheckpoint(**options)
+        if kind == "ModelCheckpoint"
+        else MemoryCheckpoint(MemoryStore(), **options)
+    )
+    probe = _SeesRewritten(dirpath / name)
+    make_trainer(tmp_path, [callback, probe], max_steps=4).fit(TinyModel(), loader())
+
+    # Every save after the first finds the file of the previous step, saved or rewritten.
+    later = [(step, held) for step, held in probe.seen if step > 1]
+    assert later and all(held == step - 1 for step, held in later), probe.seen
+    assert torch.load(dirpath / name, weights_only=False)["global_step"] == 4
+    if kind == "ours":
+        assert _aside_entries(dirpath) == []
+
+
+def test_a_rewrite_that_fails_leaves_the_previous_checkpoint_and_nothing_aside(
+    tmp_path: Path,
+) -> None:
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        filename="model",
+        enable_version_counter=False,
+        every_n_train_steps=1,
+    )
+    probe = _SeesRewritten(dirpath / "model.ckpt", fail_at=3)
+    with pytest.raises(RuntimeError, match="the rewrite fails"):
+        make_trainer(tmp_path, [callback, probe], max_steps=4).fit(TinyModel(), loader())
+
+    assert torch.load(dirpath / "model.ckpt", weights_only=False)["global_step"] == 2
+    assert _aside_entries(dirpath) == []
+    assert not (staging_root(dirpath) / "trash").exists() or not os.listdir(
+        staging_root(dirpath) / "trash"
+    )
+
+
+class _InPlace(TorchCheckpointIO):
+    """A user's CheckpointIO that writes into the file (``torch.save`` to the path)."""
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize(
+    ("plugins", "expected"),
+    [
+        ([], True),
+        ([AsyncCheckpointIO()], False),
+        ([_InPlace()], False),
+        ([AsyncCheckpointIO(_InPlace())], False),
+    ],
+    ids=["Lightning's", "AsyncCheckpointIO", "a user's", "AsyncCheckpointIO of a user's"],
+)
+def test_only_lightnings_synchronous_write_counts_as_a_rewrite_by_rename(
+    tmp_path: Path, plugins: list[Any], expected: bool
+) -> None:
+    """A file linked aside keeps its name through the rewrite: safe only where the writer
+    replaces it by a rename. A writer into the file would destroy the previous checkpoint
+    under both names; a late one leaves it at the name a replay would persist."""
+    trainer = make_trainer(tmp_path, [], plugins=plugins)
+    assert rewrites_by_rename(trainer.strategy) is expected
+
+
+def test_a_user_checkpoint_io_that_writes_in_place_finds_the_previous_file_moved_away(
+    tmp_path: Path,
+) -> None:
+    """Where the writer truncates the file (a user's CheckpointIO), the previous checkpoint
+    is renamed aside for the rewrite, as before: its persisted bytes stay its own."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_last=True, every_n_train_steps=1)
+    probe = _SeesRewritten(dirpath / "last.ckpt")
+    trainer = make_trainer(tmp_path, [callback, probe], max_steps=3, plugins=[_InPlace()])
+    trainer.fit(TinyModel(), loader())
+
+    # During the rewrite of last.ckpt (the second save of each step) it was away.
+    assert (3, None) in probe.seen, probe.seen
+    assert torch.load(dirpath / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert _aside_entries(dirpath) == []
 
 
 def test_ckpt_path_last_resumes_from_a_last_ckpt_a_crash_left_aside(tmp_path: Path) -> None:

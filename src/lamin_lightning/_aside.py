@@ -2,11 +2,13 @@
 after a crash.
 
 Before a synchronous rewrite of a file (``last.ckpt``), the previous file is renamed into
-``{working folder}/aside/``; once the rewrite returned it goes to the trash, and if the
-rewrite raised it comes back. A process killed between the rename and the end of the
-write leaves it there, and the checkpoint folder without it (or with the new file cut
-short). :func:`put_back_leftovers` repairs that, at ``_find_last_checkpoints`` (so that
-``ckpt_path="last"`` finds it), at ``setup`` and in ``lamin-lightning flush``.
+``{working folder}/aside/`` (or, where Lightning's rewrite replaces the file by a rename,
+given a second name there, the file staying in place); once the rewrite returned it goes
+to the trash, and if the rewrite raised it comes back. A process killed between the
+rename and the end of the write leaves it there, and the checkpoint folder without it (or
+with the new file cut short). :func:`put_back_leftovers` repairs that, at
+``_find_last_checkpoints`` (so that ``ckpt_path="last"`` finds it), at ``setup`` and in
+``lamin-lightning flush``; a leftover whose checkpoint is there and whole is deleted.
 
 Whose file is it? Each process that moves files aside holds an exclusive ``flock`` on its
 own lock file there (``{owner}.lock``, ``owner`` = pid and a per-process random token, as
@@ -24,6 +26,7 @@ import logging
 import os
 import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from lamin_lightning import _staging
@@ -93,13 +96,27 @@ def _hold(folder: Path) -> str:
 def move_aside(root: Path, filepath: str | os.PathLike[str]) -> Path:
     """Rename ``filepath`` into ``root``'s aside folder, under this process's lock; return
     where it went. Raises OSError if it could not be moved (it is then where it was)."""
+    return _set_aside(root, filepath, os.replace)
+
+
+def link_aside(root: Path, filepath: str | os.PathLike[str]) -> Path:
+    """Give the file ``filepath`` a second name (a hard link) in ``root``'s aside folder,
+    under this process's lock; return it. The file keeps its own name, for a rewrite that
+    replaces it by a rename (the previous checkpoint lives on under the aside name).
+    Raises OSError if it could not be linked (nothing changed then)."""
+    return _set_aside(root, filepath, os.link)
+
+
+def _set_aside(
+    root: Path, filepath: str | os.PathLike[str], how: Callable[[str, Path], None]
+) -> Path:
     folder = root / ASIDE_DIRNAME
     # Under _lock: a callback of this process that stops (release) cannot give up the lock
     # file between our taking it and the rename.
     with _lock:
         owner = _hold(folder)
         aside = folder / f"{owner}-{next(_counter)}-{os.path.basename(os.fspath(filepath))}"
-        os.replace(filepath, aside)
+        how(os.fspath(filepath), aside)
     return aside
 
 
@@ -127,8 +144,8 @@ def release(root: Path) -> None:
 
 
 def leftovers_in(dirpath: str | os.PathLike[str]) -> list[Path]:
-    """The checkpoints of ``dirpath`` that processes that ended left aside (what
-    :func:`put_back_in` would settle); changes nothing."""
+    """The checkpoints of ``dirpath`` missing or cut short that processes that ended left
+    aside (what :func:`put_back_in` would put back); changes nothing."""
     if fcntl is None:  # pragma: no cover - Windows
         return []  # type: ignore[unreachable]
     found: list[Path] = []
@@ -136,7 +153,10 @@ def leftovers_in(dirpath: str | os.PathLike[str]) -> list[Path]:
         folder = root / ASIDE_DIRNAME
         for owner, mine in _by_owner(folder).items():
             if mine and not is_locked(folder / f"{owner}{_LOCK_SUFFIX}"):
-                found.extend(checkpoint_folder_of(root) / _parse(name)[1] for name in mine)
+                for name in mine:
+                    target = checkpoint_folder_of(root) / _parse(name)[1]
+                    if _goes_back(folder / name, target):
+                        found.append(target)
     return found
 
 
@@ -331,8 +351,8 @@ def _settle(aside: Path, target: Path, stager: Stager) -> Path | None:
     if not os.path.lexists(aside):
         return None
     if os.path.lexists(target):
-        if not (_cut_short(target) and _complete(aside)):
-            log.info("lamin-lightning: deleting %s: %s was rewritten after it", aside, target)
+        if not _goes_back(aside, target):
+            log.info("lamin-lightning: deleting %s: %s is there, whole", aside, target)
             remove_path(aside)
             return None
         if not stager.trash(target):
@@ -382,6 +402,13 @@ def _place(aside: Path, target: Path) -> bool:
     with contextlib.suppress(OSError):
         os.unlink(aside)
     return True
+
+
+def _goes_back(aside: Path, target: Path) -> bool:
+    """Whether the leftover ``aside`` is to replace ``target``: it is missing, or cut short
+    where ``aside`` is whole. (A leftover linked aside, its file never moved, names the
+    same file as ``target``, or the previous one of a rewrite that finished.)"""
+    return not os.path.lexists(target) or (_cut_short(target) and _complete(aside))
 
 
 def _cut_short(path: Path) -> bool:

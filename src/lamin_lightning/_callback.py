@@ -52,6 +52,7 @@ from lamin_lightning._checkpoint_io import (
     PendingWrites,
     WriteTracker,
     removes_as_lightning,
+    rewrites_by_rename,
 )
 from lamin_lightning._checkpoint_io import compose as compose_checkpoint_io
 from lamin_lightning._checkpoint_io import release as release_checkpoint_io
@@ -209,7 +210,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._evictions = Evictions()
         self._save_depth = 0  # inside Lightning's save hooks (which surface failures first)
         self._saving_on_exception = False
-        self._plain_removal: tuple[Any, Any, bool] | None = None  # see _removes_as_lightning
+        # See _removes_as_lightning and _rewrites_by_rename.
+        self._plain_removal: tuple[Any, Any, bool, bool] | None = None
 
     def _forked_copy(self) -> bool:
         """Whether this process is a forked child of the one persisting for this callback
@@ -484,7 +486,11 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         if trainer.is_global_zero and not background:
             # A background write replaces the file atomically, after the previous one was
             # staged (its job comes first on the intake thread): nothing to move.
-            put_back = self._ensure_submitter().move_aside(self._staging_root(filepath), filepath)
+            put_back = self._ensure_submitter().move_aside(
+                self._staging_root(filepath),
+                filepath,
+                by_rename=self._io_writes is None and self._rewrites_by_rename(trainer),
+            )
         write: HostWrite | None = None
         io_write: PendingWrites | None = None  # a CheckpointIO still writing the file
         since = 0
@@ -578,12 +584,25 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     def _removes_as_lightning(self, trainer: pl.Trainer) -> bool:
         """:func:`removes_as_lightning` for the trainer's strategy, remembered per
         strategy and CheckpointIO (read at every eviction, on the training thread)."""
+        return self._plain_io(trainer)[2]
+
+    def _rewrites_by_rename(self, trainer: pl.Trainer) -> bool:
+        """:func:`rewrites_by_rename` for the trainer's strategy, remembered the same way
+        (read at every synchronous rewrite)."""
+        return self._plain_io(trainer)[3]
+
+    def _plain_io(self, trainer: pl.Trainer) -> tuple[Any, Any, bool, bool]:
         strategy = trainer.strategy
         io = strategy.checkpoint_io
         known = self._plain_removal
         if known is None or known[0] is not strategy or known[1] is not io:
-            known = self._plain_removal = (strategy, io, removes_as_lightning(strategy))
-        return known[2]
+            known = self._plain_removal = (
+                strategy,
+                io,
+                removes_as_lightning(strategy),
+                rewrites_by_rename(strategy),
+            )
+        return known
 
     # -- submission (training thread) -----------------------------------------------------
 

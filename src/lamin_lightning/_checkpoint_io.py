@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from typing_extensions import override
@@ -399,5 +399,32 @@ def removes_as_lightning(strategy: Any) -> bool:
     owners = [type(strategy), *(type(io) for io in _chain(strategy.checkpoint_io))]
     return all(
         str(getattr(owner.remove_checkpoint, "__module__", "")).startswith(_OWN_CODE)
+        for owner in owners
+    )
+
+
+def rewrites_by_rename(strategy: Any) -> bool:
+    """Whether saving a checkpoint file over an existing one replaces it by a rename,
+    never writing into it: the strategy's ``save_checkpoint`` and every CheckpointIO in
+    its chain are Lightning's own (and our wrappers), and the one that writes is
+    ``TorchCheckpointIO``, whose ``_atomic_save`` writes a temporary file and renames it
+    over the path (fsspec's transaction; a copy instead when the temporary folder is on
+    another filesystem, see ``_staging.link_is_safe``).
+
+    Only then may the file being rewritten keep its name meanwhile (a hard link aside):
+    a writer that truncates the file in place would destroy the previous checkpoint
+    under both names. Not under ``AsyncCheckpointIO`` either: a process killed before
+    its late write leaves the previous checkpoint at the name of a save journaled as
+    written later, which a replay would persist as that save; moved aside instead, the
+    name is empty, and the put-back drops that save.
+    """
+    layers = list(_chain(strategy.checkpoint_io))
+    if not layers or type(layers[-1]).save_checkpoint is not TorchCheckpointIO.save_checkpoint:
+        return False
+    if any(isinstance(layer, AsyncCheckpointIO) for layer in layers):
+        return False
+    owners = [type(strategy), *(type(io) for io in layers)]
+    return all(
+        str(getattr(owner.save_checkpoint, "__module__", "")).startswith(_OWN_CODE)
         for owner in owners
     )

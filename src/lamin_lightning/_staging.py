@@ -168,6 +168,17 @@ class Stager:
         self._trash_dir: Path | None = None
         self._link_safe: dict[Path, bool] = {}
 
+    def link_safe(self, folder: Path) -> bool:
+        """:func:`link_is_safe` for ``folder``, remembered (False once a link failed)."""
+        safe = self._link_safe.get(folder)
+        if safe is None:
+            safe = self._link_safe[folder] = link_is_safe(folder)
+        return safe
+
+    def forget_link_safety(self, folder: Path) -> None:
+        """A link in ``folder`` failed (a filesystem without hard links): copy from now on."""
+        self._link_safe[folder] = False
+
     def plan(self, path: str | os.PathLike[str]) -> Path:
         """Choose the staged name of ``path`` without touching the filesystem."""
         # The outbox keeps these names across a crash (see unique_name). One Path, built
@@ -217,16 +228,12 @@ class Stager:
 
     def _stage_one(self, source: Path, staged: Path, size: int, folder: Path) -> str:
         """Link (large files, where safe) or copy ``source`` to ``staged``; return how."""
-        if size >= SMALL_FILE_BYTES:
-            safe = self._link_safe.get(folder)
-            if safe is None:
-                safe = self._link_safe[folder] = link_is_safe(folder)
-            if safe:
-                try:
-                    os.link(source, staged)
-                    return "link"
-                except OSError:
-                    self._link_safe[folder] = False
+        if size >= SMALL_FILE_BYTES and self.link_safe(folder):
+            try:
+                os.link(source, staged)
+                return "link"
+            except OSError:
+                self.forget_link_safety(folder)
         shutil.copyfile(source, staged)
         return "copy"
 

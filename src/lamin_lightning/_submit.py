@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import warnings
@@ -435,29 +436,53 @@ class Submitter:
         if not finished:
             log.warning("staging %s did not finish; removing or rewriting it anyway", filepath)
 
-    def move_aside(self, root: Path, filepath: str | Path) -> Callable[[bool], None]:
-        """Move an existing file out of Lightning's way before it is rewritten (a rename).
+    def move_aside(
+        self, root: Path, filepath: str | Path, *, by_rename: bool = False
+    ) -> Callable[[bool], None]:
+        """Set an existing file aside before Lightning rewrites it.
 
         The rewrite would free its blocks on the training thread, or rewrite in place
-        the inode a queued upload still reads. Returns ``done(rewritten)``, to call once
-        Lightning's write returned or raised: a failed rewrite (a full disk) puts the
-        previous file back, so the checkpoint to resume from is never lost; a rewrite
-        that worked sends it to the trash (deleted off the training thread). A crash
-        in between leaves it aside, under this process's lock: the next ``setup``, a
-        ``ckpt_path="last"`` lookup or ``lamin-lightning flush`` puts it back
+        the inode a queued upload still reads. ``by_rename``: the rewrite replaces the
+        file by a rename (:func:`~lamin_lightning._checkpoint_io.rewrites_by_rename`);
+        a regular file then gets a second name aside (a hard link) and keeps its own
+        until the new file takes it, as with ``ModelCheckpoint`` (another callback's
+        hook, or another process, reading it meanwhile finds it). Otherwise, or where
+        that cannot be linked, it is renamed aside, out of the writer's way.
+
+        Returns ``done(rewritten)``, to call once Lightning's write returned or raised:
+        a failed rewrite (a full disk) puts the previous file back, so the checkpoint
+        to resume from is never lost; a rewrite that worked sends it to the trash
+        (deleted off the training thread). A crash in between leaves it aside, under
+        this process's lock: the next ``setup``, a ``ckpt_path="last"`` lookup or
+        ``lamin-lightning flush`` puts it back, or deletes it where the file is whole
         (:mod:`lamin_lightning._aside`).
         """
         self.await_staging(filepath)
-        if not os.path.lexists(filepath):
-            return _nothing_aside
         try:
-            aside = _aside.move_aside(root, filepath)
+            mode = os.lstat(filepath).st_mode
+        except OSError:
+            return _nothing_aside
+        stager = self.stager(root)
+        try:
+            aside = None
+            if by_rename and stat.S_ISREG(mode):
+                folder = Path(os.path.dirname(os.path.abspath(filepath)))
+                if stager.link_safe(folder):
+                    try:
+                        aside = _aside.link_aside(root, filepath)
+                    except OSError:  # a filesystem without hard links, say
+                        stager.forget_link_safety(folder)
+            linked = aside is not None
+            if aside is None:
+                aside = _aside.move_aside(root, filepath)
         except OSError:
             detach_before_rewrite(filepath)
             return _nothing_aside
-        stager = self.stager(root)
 
         def done(rewritten: bool) -> None:
+            if linked and not rewritten and _same_file(filepath, aside):
+                remove_path(aside)  # the rewrite failed before its rename: nothing changed
+                return
             if not rewritten:
                 # What the failed rewrite left (a file or folder written partway, as a full
                 # disk leaves it) goes; the previous checkpoint comes back.
@@ -643,6 +668,14 @@ def _never_there(filepath: str | Path) -> str:
         " follows; or, for plain torch.save files, drop it and pass async_write=True."
         " Otherwise something removed the file before it was staged."
     )
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (False if either is missing)."""
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
 
 
 def _nothing_aside(rewritten: bool) -> None:
