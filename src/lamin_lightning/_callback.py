@@ -38,6 +38,7 @@ import copy
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lamin_lightning._aside import put_back_in as put_back_leftovers
@@ -90,9 +92,40 @@ from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
 from lamin_lightning._submit import Submitter
+from lamin_lightning._surface import ArtifactHooks
 from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
 
 log = logging.getLogger("lamin_lightning")
+
+_PERSISTING: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def persists_through_pipeline(cls: type) -> bool:
+    """Whether a callback of class ``cls`` persists its files through the pipeline.
+
+    The reference's generic layer leaves Lightning's saving alone: it persists nothing,
+    and a concrete subclass persists in its own ``_save_checkpoint``. Ours persists
+    through the ``save_*`` hooks, called by the pipeline, but not for a class that does
+    not implement ``save_checkpoint_artifact`` (the generic layer used as is: a
+    ``ModelCheckpoint`` with the reference's hooks and observers), nor for a class
+    written for the reference's generic layer, directly under it, with a
+    ``_save_checkpoint`` of its own (which calls the ``save_*`` hooks and
+    ``_notify_artifact_*`` itself). Those act as ``ModelCheckpoint`` does.
+    """
+    known = _PERSISTING.get(cls)
+    if known is None:
+        known = _PERSISTING[cls] = _persists(cls)
+    return known
+
+
+def _persists(cls: type) -> bool:
+    if getattr(cls, "save_checkpoint_artifact", None) is ArtifactHooks.save_checkpoint_artifact:
+        return False
+    ours = next(k for k in cls.__mro__ if k.__module__.startswith("lamin_lightning."))
+    if ours is ArtifactPublishingModelCheckpoint:
+        saver = next(k for k in cls.__mro__ if "_save_checkpoint" in vars(k))
+        return saver.__module__.startswith("lamin_lightning.")
+    return True
 
 
 class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
@@ -220,6 +253,12 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         submitter = self._submitter
         return submitter is not None and submitter.forked_copy
 
+    def _plain(self) -> bool:
+        """Whether the callback acts as a plain ``ModelCheckpoint`` here: in a forked copy
+        (see :meth:`_forked_copy`), or for a class that persists nothing (see
+        :func:`persists_through_pipeline`)."""
+        return not persists_through_pipeline(type(self)) or self._forked_copy()
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         fresh = self.__class__.__new__(self.__class__)
@@ -246,6 +285,17 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not persists_through_pipeline(type(self)):
+            if self.async_write and not self._async_write_refused:
+                self._async_write_refused = True
+                rank_zero_warn(
+                    f"async_write=True has no effect: {type(self).__name__} persists nothing"
+                    " through lamin-lightning's pipeline (it does not implement"
+                    " save_checkpoint_artifact, or saves in a _save_checkpoint of its own),"
+                    " so Lightning writes its checkpoints as ModelCheckpoint does"
+                )
+            ModelCheckpoint.setup(self, trainer, pl_module, stage)
+            return
         if self._forked_copy():  # a forked child training on its own: a runtime of its own
             ArtifactPublishingModelCheckpoint._init_runtime(self)
         # Lightning derives a dirpath from a logger or default_root_dir at setup: refused
@@ -363,7 +413,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         effort: whatever goes wrong, the snapshot allocates what it needs, as without."""
         if (
             not trainer.is_global_zero
-            or self._forked_copy()
+            or self._plain()
             or (self.save_top_k == 0 and not self.save_last)
             or bool(getattr(trainer, "fast_dev_run", False))  # Lightning saves nothing then
             or not async_write_supported(trainer)[0]  # warned at the first save
@@ -389,7 +439,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._forked_copy():
+        if self._plain():
             ModelCheckpoint.teardown(self, trainer, pl_module, stage)
             return
         super().teardown(trainer, pl_module, stage)
@@ -409,7 +459,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if self._forked_copy():
+        if self._plain():
             # A forked child unwinding through Lightning's fit (an exception, sys.exit in
             # the child of an os.fork in a hook): ModelCheckpoint's behaviour, no more. The
             # pipeline's threads are the parent's: a flush here would wait forever.
@@ -470,7 +520,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if self._forked_copy():
+        if self._plain():
             ModelCheckpoint._save_checkpoint(self, trainer, filepath)
             return
         if self._save_depth == 0 and not self._saving_on_exception:
@@ -547,7 +597,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if self._forked_copy():
+        if self._plain():
             ModelCheckpoint._remove_checkpoint(self, trainer, filepath)
             return
         if not trainer.is_global_zero:

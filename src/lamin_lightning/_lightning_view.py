@@ -62,6 +62,10 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     # told once it is written, see _tell_loggers), and the file it saved.
     _loggers_owed: list[tuple[HostWrite, list[Any], str]]
 
+    def _plain(self) -> bool:
+        """Whether the callback acts as a plain ``ModelCheckpoint`` (see the subclass)."""
+        return False
+
     @property
     @override
     def _legacy_state_key(self) -> Any:
@@ -115,6 +119,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         background writes that failed, then earlier failures are raised (``on_error=
         "raise"``), so ``best_model_path`` and friends never name a file never written.
         """
+        if self._plain():
+            yield
+            return
         if self._save_depth == 0:
             self._tell_loggers(trainer)  # of the previous saves, if written by now
             # Only background writes fail after Lightning chose a file.
@@ -247,7 +254,11 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         under the link's name (the first ``last.ckpt`` of a resumed fit) is staged for
         its upload before the link replaces it.
         """
-        if not trainer.is_global_zero or os.path.abspath(filepath) == os.path.abspath(linkpath):
+        if (
+            not trainer.is_global_zero
+            or os.path.abspath(filepath) == os.path.abspath(linkpath)
+            or self._plain()
+        ):
             super()._link_checkpoint(trainer, filepath, linkpath)
             return
         submitter = self._ensure_submitter()

@@ -248,6 +248,60 @@ class ArtifactHooks:
         """
         self._deliver(event)
 
+    def _notify_artifact_saved(
+        self,
+        trainer: pl.Trainer,
+        *,
+        kind: ArtifactKind,
+        key: str,
+        artifact: Any,
+        local_path: Path | str,
+    ) -> ArtifactSavedEvent:
+        """The reference's helper for a subclass that saves in its own ``_save_checkpoint``
+        (written for its generic layer, see ``persists_through_pipeline``): build the saved
+        event and deliver it now, on this thread, as the reference does (an exception from
+        a hook or an observer propagates)."""
+        event = ArtifactSavedEvent(
+            kind=kind,
+            key=key,
+            local_path=Path(local_path),
+            trainer=trainer,
+            artifact=artifact,
+            storage_uri=self.resolve_artifact_storage_uri(artifact),
+        )
+        self._latest_artifacts[kind] = artifact
+        self._notify_now(event, "on_artifact_saved")
+        return event
+
+    def _notify_artifact_removed(
+        self,
+        trainer: pl.Trainer,
+        *,
+        kind: ArtifactKind,
+        key: str,
+        local_path: Path | str,
+        artifact: Any | None,
+    ) -> ArtifactRemovedEvent:
+        """The reference's helper for the removed event (see :meth:`_notify_artifact_saved`)."""
+        event = ArtifactRemovedEvent(
+            kind=kind,
+            key=key,
+            local_path=Path(local_path),
+            trainer=trainer,
+            artifact=artifact,
+            storage_uri=None if artifact is None else self.resolve_artifact_storage_uri(artifact),
+        )
+        self._notify_now(event, "on_artifact_removed")
+        return event
+
+    def _notify_now(self, event: AnyArtifactEvent, method: str) -> None:
+        self._last_artifact_event = event
+        getattr(self, method)(event)
+        for observer in tuple(self._artifact_observers):
+            callback = getattr(observer, method, None)
+            if callable(callback):
+                callback(event)
+
     def thread_finalizer(self) -> None:
         """Called on each pipeline thread as it exits (close per-thread connections here)."""
 

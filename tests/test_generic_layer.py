@@ -1,0 +1,156 @@
+"""The generic layer, as the reference's: used as is, or by a class written for it.
+
+The reference's ``ArtifactPublishingModelCheckpoint`` leaves Lightning's saving alone:
+used as is it is a ``ModelCheckpoint`` with hooks and observers, and a concrete
+subclass persists in its own ``_save_checkpoint`` (calling its ``save_*`` hooks and
+``_notify_artifact_*``). Ours persisted through the hooks for every class, so the
+generic layer used as is failed at the first save (``NotImplementedError``), and a
+class written for the reference's layer persisted twice and found no
+``_notify_artifact_saved`` (found by a review against the reference). Classes that
+implement ``save_checkpoint_artifact`` without a ``_save_checkpoint`` of their own
+(:class:`~lamin_lightning.testing.MemoryCheckpoint`, ``Checkpoint``) persist through
+the pipeline, as documented.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from helpers import TinyModel, loader, make_trainer
+from lamin_lightning import ArtifactPublishingModelCheckpoint
+from lamin_lightning._callback import persists_through_pipeline
+from lamin_lightning._staging import staging_root
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
+
+
+def _fit(tmp_path: Path, callback: Any, steps: int = 3) -> list[str]:
+    model = TinyModel(scores=[3.0, 2.0, 1.0, 0.5])  # a new best at every step
+    make_trainer(tmp_path, [callback], max_steps=steps).fit(model, loader())
+    return sorted(os.listdir(callback.dirpath))
+
+
+OPTIONS = {"every_n_train_steps": 1, "save_top_k": 2, "monitor": "score", "save_last": True}
+
+
+def test_the_generic_layer_used_as_is_saves_as_model_checkpoint_does(tmp_path: Path) -> None:
+    observer = RecordingObserver()
+    generic = ArtifactPublishingModelCheckpoint(
+        dirpath=tmp_path / "generic", artifact_observers=[observer], **OPTIONS
+    )
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **OPTIONS)
+
+    assert _fit(tmp_path / "a", generic) == _fit(tmp_path / "b", plain)
+    assert generic.best_model_path.endswith(os.path.basename(plain.best_model_path))
+    assert generic.last_artifact_event is None and observer.events == []
+    # Nothing of ours beside the folder: no journal, no staging.
+    assert not staging_root(Path(generic.dirpath)).exists()
+
+
+def test_async_write_on_the_generic_layer_used_as_is_warns_and_writes_in_place(
+    tmp_path: Path,
+) -> None:
+    generic = ArtifactPublishingModelCheckpoint(
+        dirpath=tmp_path / "generic", async_write=True, **OPTIONS
+    )
+    with pytest.warns(UserWarning, match="async_write=True has no effect"):
+        files = _fit(tmp_path, generic)
+    assert "last.ckpt" in files
+
+
+class ReferenceStyle(ArtifactPublishingModelCheckpoint):
+    """A subclass written for the reference's generic layer, as its ``Checkpoint`` is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.saved: list[str] = []
+
+    def resolve_artifact_key(self, trainer: Any, filepath: Any, kind: str) -> str:
+        return f"mine/{os.path.basename(filepath)}"
+
+    def resolve_artifact_storage_uri(self, artifact: Any) -> str:
+        return f"memory://{artifact}"
+
+    def save_checkpoint_artifact(
+        self, trainer: Any, filepath: Any, *, feature_values: Any = None
+    ) -> Any:
+        assert os.path.exists(filepath), "the file Lightning wrote, there now"
+        self.saved.append(os.path.basename(filepath))
+        return f"artifact-{len(self.saved)}"
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+        artifact = self.save_checkpoint_artifact(trainer, filepath)
+        self._notify_artifact_saved(
+            trainer, kind="checkpoint", key=key, artifact=artifact, local_path=filepath
+        )
+
+    def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        self._notify_artifact_removed(
+            trainer,
+            kind="checkpoint",
+            key=self.resolve_artifact_key(trainer, filepath, "checkpoint"),
+            local_path=filepath,
+            artifact=None,
+        )
+
+
+def test_a_class_written_for_the_reference_generic_layer_persists_each_save_once(
+    tmp_path: Path,
+) -> None:
+    observer = RecordingObserver()
+    callback = ReferenceStyle(
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=1,
+        monitor="score",
+        artifact_observers=[observer],
+    )
+    _fit(tmp_path, callback, steps=3)
+
+    saved = [e for e in observer.events if type(e).__name__ == "ArtifactSavedEvent"]
+    removed = [e for e in observer.events if type(e).__name__ == "ArtifactRemovedEvent"]
+    assert callback.saved == [os.path.basename(str(e.local_path)) for e in saved]
+    assert len(saved) == 3 and len(removed) == 2, observer.events
+    assert callback.last_checkpoint_artifact == "artifact-3"
+    assert saved[-1].storage_uri == "memory://artifact-3"
+    assert callback.last_artifact_event is removed[-1]  # Lightning saves, then evicts
+    assert not staging_root(Path(callback.dirpath)).exists()
+
+
+def test_which_classes_persist_through_the_pipeline() -> None:
+    class HooksOnly(ArtifactPublishingModelCheckpoint):
+        def save_checkpoint_artifact(self, *args: Any, **kwargs: Any) -> Any:
+            return None
+
+    class OnMemory(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)  # adds to ours, persisted by it
+
+    assert not persists_through_pipeline(ArtifactPublishingModelCheckpoint)
+    assert not persists_through_pipeline(ReferenceStyle)
+    assert persists_through_pipeline(HooksOnly)
+    assert persists_through_pipeline(MemoryCheckpoint)
+    assert persists_through_pipeline(OnMemory)
+
+
+def test_a_subclass_of_ours_with_a_save_hook_of_its_own_still_persists(tmp_path: Path) -> None:
+    store = MemoryStore()
+
+    class Logged(MemoryCheckpoint):
+        calls = 0
+
+        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+            Logged.calls += 1
+            super()._save_checkpoint(trainer, filepath)
+
+    callback = Logged(store, dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    _fit(tmp_path, callback, steps=2)
+    assert Logged.calls == 2
+    assert len(store.keys()) == 1  # save_top_k=1: the kept checkpoint, persisted
