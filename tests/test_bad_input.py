@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ BAD_KNOBS: list[tuple[str, Any, type[Exception]]] = [
     ("max_workers", "2", ValueError),
     ("max_workers", True, ValueError),
     ("max_workers", None, ValueError),
+    ("max_workers", 10**9, ValueError),  # a YAML typo: a thread each, until none is left
+    ("max_workers", 257, ValueError),
     ("max_pending", 0, ValueError),
     ("max_pending", "4", ValueError),
     ("max_pending", False, ValueError),
@@ -67,6 +70,11 @@ BAD_KNOBS: list[tuple[str, Any, type[Exception]]] = [
     ("retry", {"initial_backoff": -1}, ValueError),
     ("retry", {"initial_backoff": 2, "max_backoff": 1}, ValueError),
     ("retry", {"jitter": "a lot"}, ValueError),
+    # NaN failed the first retry for good; infinity slept for ever.
+    ("retry", {"jitter": float("nan")}, ValueError),
+    ("retry", {"max_backoff": float("nan")}, ValueError),
+    ("retry", {"initial_backoff": float("inf"), "max_backoff": float("inf")}, ValueError),
+    ("retry", {"jitter": float("inf")}, ValueError),
     ("retry", {"transient_errors": ["OSError"]}, ValueError),  # not a dotted name
     ("retry", [3], ValueError),
     ("flush_timeout", -1, ValueError),
@@ -318,3 +326,48 @@ def test_partial_and_raising_observers_are_isolated_and_later_events_still_deliv
     ]
     assert len(logged) == len(events)
     assert_store_kept_set_persisted(store, callback)
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "5", True], ids=repr)
+def test_a_bad_flush_timeout_is_refused_naming_it_whatever_is_pending(
+    tmp_path: Path, timeout: Any
+) -> None:
+    """``flush(timeout=nan)`` waited for ever with a job pending, ``"5"`` failed in float
+    arithmetic, and with nothing pending every bad value returned True (found by an
+    adversarial review)."""
+    callback = MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"flush\(timeout=\.\.\.\) must be a number of seconds"):
+        callback.flush(timeout=timeout)
+    with pytest.raises(ValueError, match=r"timeout=\.\.\.\) must be a number of seconds"):
+        ll.flush_directory(tmp_path, timeout=timeout, progress=False)
+
+
+def test_a_pipeline_that_cannot_start_all_its_threads_stops_those_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of threads part-way through the start (a process limit, a large max_workers):
+    the threads and the event loop already started were left running after the failed
+    fit. Now they stop, and the error names max_workers."""
+    from lamin_lightning import _bridge
+
+    real = _bridge.ThreadLane.__init__
+    made: list[Any] = []
+
+    def third_fails(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(made) == 2:
+            raise RuntimeError("can't start new thread")
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(_bridge.ThreadLane, "__init__", third_fails)
+    before = set(threading.enumerate())
+    callback = MemoryCheckpoint(
+        MemoryStore(), dirpath=tmp_path / "ckpt", every_n_train_steps=1, max_workers=4
+    )
+    with pytest.raises(RuntimeError, match="lower max_workers"):
+        make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
+    for lane in made:
+        lane.thread.join(timeout=30)
+    assert [lane.thread.name for lane in made if lane.thread.is_alive()] == []
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not any("lamin-lightning" in name for name in left), left

@@ -210,12 +210,28 @@ class PersistencePipeline:
             self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"{self._name}-loop")
             portal = self._portal_cm.__enter__()
             self._portal = portal
+            started: list[ThreadLane] = []
 
             def lane(role: str) -> ThreadLane:
-                return ThreadLane(f"{self._name}-{role}", portal, self._thread_finalizer)
+                started.append(ThreadLane(f"{self._name}-{role}", portal, self._thread_finalizer))
+                return started[-1]
 
-            workers = [lane(f"worker-{i}") for i in range(self._max_workers)]
-            committer, deliverer = lane("committer"), lane("delivery")
+            try:
+                workers = [lane(f"worker-{i}") for i in range(self._max_workers)]
+                committer, deliverer = lane("committer"), lane("delivery")
+            except BaseException as error:
+                # Out of threads (a process limit): what started stops, the loop closes.
+                for one in started:
+                    one.stop()
+                with contextlib.suppress(Exception):
+                    self._portal_cm.__exit__(None, None, None)
+                self._portal = self._portal_cm = None
+                if isinstance(error, RuntimeError):
+                    raise RuntimeError(
+                        f"could not start the persistence pipeline's {self._max_workers + 2}"
+                        f" threads ({error}); lower max_workers"
+                    ) from error
+                raise
             self._lanes = [*workers, committer, deliverer]
             self._delivery = deliverer
             core = AsyncPipeline(

@@ -79,6 +79,7 @@ from lamin_lightning._options import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_WORKERS,
+    MAX_WORKERS_LIMIT,
     OnError,
     validate_bool,
     validate_flush_timeout,
@@ -139,7 +140,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     Args:
         *args: Passed to ``ModelCheckpoint``.
         artifact_observers: Observers notified of saved, removed and failed artifacts.
-        max_workers: Transfers (uploads) that may run at once. Default 2.
+        max_workers: Transfers (uploads) that may run at once, from 1 to 256 (one
+            thread each). Default 2.
         max_pending: Files that may be queued or in flight at once. A checkpoint
             beyond waits on the training thread (backpressure); that wait is counted as
             ``training_stall_seconds``. Each pending file keeps a hard link (or copy)
@@ -192,7 +194,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     ) -> None:
         dirpath = kwargs.get("dirpath", args[0] if args else None)
         refuse_remote_dirpath(dirpath)
-        self.max_workers = validate_int("max_workers", max_workers, 1)
+        self.max_workers = validate_int("max_workers", max_workers, 1, MAX_WORKERS_LIMIT)
         self.max_pending = validate_int("max_pending", max_pending, 1)
         self.retry = validate_retry(retry)
         self.flush_timeout = validate_flush_timeout(flush_timeout)

@@ -215,15 +215,17 @@ def _seconds(text: str) -> float:
 
 
 def _workers(text: str) -> int:
-    """``--max-workers``: a whole number, 1 or more."""
+    """``--max-workers``: a whole number from 1 to ``MAX_WORKERS_LIMIT``."""
+    from lamin_lightning._options import MAX_WORKERS_LIMIT
+
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
+    if not 1 <= value <= MAX_WORKERS_LIMIT:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of uploads at once: give a whole number, 1 or more"
-            " (default 2)"
+            f"{text!r} is not a number of uploads at once: give a whole number from 1 to"
+            f" {MAX_WORKERS_LIMIT} (default 2)"
         )
     return value
 

@@ -98,7 +98,9 @@ def flush_directory(
     Raises :class:`OutboxInUseError` if a training process holds every journal.
     """
     from lamin_lightning._bridge import PersistencePipeline
+    from lamin_lightning._options import validate_flush_timeout
 
+    timeout = validate_flush_timeout(timeout, "flush_directory(timeout=...)")
     deadline = None if timeout is None else time.monotonic() + timeout
     roots = outbox_roots(dirpath)
     report = FlushReport()

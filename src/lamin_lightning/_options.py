@@ -16,6 +16,9 @@ OnError = Literal["raise", "warn"]
 ON_ERROR_VALUES = ("raise", "warn")
 
 DEFAULT_MAX_WORKERS = 2
+MAX_WORKERS_LIMIT = 256
+"""Most transfers at once: one thread each (a typo such as 10**9 would start threads until
+the process runs out)."""
 DEFAULT_MAX_PENDING = 4
 DEFAULT_FLUSH_TIMEOUT = 900.0
 
@@ -32,11 +35,12 @@ def as_float(value: Any) -> float | None:
         return None
 
 
-def validate_int(name: str, value: Any, minimum: int) -> int:
+def validate_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     wrong_type = isinstance(value, bool) or not isinstance(value, int)
-    if wrong_type or value < minimum:
+    if wrong_type or value < minimum or (maximum is not None and value > maximum):
         error = ArgumentTypeError if wrong_type else ValueError
-        raise error(f"{name} must be an integer >= {minimum}, got {value!r}")
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise error(f"{name} must be an integer {bounds}, got {value!r}")
     return value  # type: ignore[no-any-return]
 
 
@@ -61,15 +65,15 @@ def validate_retry(value: Any) -> RetryPolicy:
     )
 
 
-def validate_flush_timeout(value: Any) -> float | None:
+def validate_flush_timeout(value: Any, name: str = "flush_timeout") -> float | None:
+    """Seconds to wait (``inf``: None, without limit); else an error naming ``name``."""
     if value is None:
         return None
     wrong_type = isinstance(value, bool) or not isinstance(value, int | float)
     if wrong_type or not value >= 0:
         error = ArgumentTypeError if wrong_type else ValueError
         raise error(
-            f"flush_timeout must be a number of seconds >= 0, or None to wait"
-            f" without limit, got {value!r}"
+            f"{name} must be a number of seconds >= 0, or None to wait without limit, got {value!r}"
         )
     if math.isinf(value):
         return None

@@ -8,6 +8,7 @@ YAML can set every field.
 from __future__ import annotations
 
 import importlib
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -103,8 +104,15 @@ class RetryPolicy:
             )
         for name in ("initial_backoff", "max_backoff", "jitter"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"RetryPolicy({name}={value!r}) must be a number of seconds >= 0")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)  # NaN failed every retry; inf slept for ever
+                or value < 0
+            ):
+                raise ValueError(
+                    f"RetryPolicy({name}={value!r}) must be a finite number of seconds >= 0"
+                )
         if self.max_backoff < self.initial_backoff:
             raise ValueError(
                 f"RetryPolicy(max_backoff={self.max_backoff}) must be >= "

@@ -33,7 +33,7 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, feature_value, next_sequence
-from lamin_lightning._options import OnError, as_float
+from lamin_lightning._options import OnError, as_float, validate_flush_timeout
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
 from lamin_lightning._replay import pending_in, unfinished
@@ -155,6 +155,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         False while it left jobs in the outbox (the next ``setup`` or
         ``lamin-lightning flush`` persists them).
         """
+        timeout = validate_flush_timeout(timeout, "flush(timeout=...)")
         pipeline = self._pipeline
         if pipeline is None:
             return not self._left_in_outbox
