@@ -320,6 +320,61 @@ def test_ctrl_c_during_a_backpressure_wait_journals_the_job_and_lets_lightning_s
     assert not [r for r in caplog.records if "timed out" in r.getMessage()], caplog.text
 
 
+def test_ctrl_c_while_a_crash_waits_for_storage_ends_the_wait_and_lightning_handles_the_crash(
+    tmp_path: Path,
+) -> None:
+    """Training crashes; our ``on_exception`` waits for hung storage (no flush_timeout),
+    and the user presses Ctrl+C (after a crash Lightning does not ignore it). The
+    KeyboardInterrupt went out of our hook, through Lightning's handling of the crash:
+    loggers not finalized, the strategy not torn down, the fit's SIGTERM handler left
+    installed (a later SIGTERM was swallowed), ``fit`` raising KeyboardInterrupt (found by
+    an adversarial review). Now the wait ends, Lightning's handling runs on and ``fit``
+    raises the crash; the pending jobs stay journaled, and the next fit persists each
+    checkpoint once."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, every_n_train_steps=1, save_top_k=-1, flush_timeout=None
+    )
+    waiting = threading.Event()
+    real_flush = callback.flush
+
+    def flush(timeout: float | None = None, **kwargs: Any) -> bool:
+        waiting.set()
+        return real_flush(timeout, **kwargs)
+
+    callback.flush = flush  # type: ignore[method-assign]
+
+    class PressCtrlC(pl.Callback):  # its on_exception runs before the checkpoint's
+        def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: Any) -> None:
+            def press() -> None:
+                if waiting.wait(TIMEOUT) and store.wait_until_hanging(1, timeout=TIMEOUT):
+                    _thread.interrupt_main()
+
+            threading.Thread(target=press, daemon=True).start()
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tmp_path, [PressCtrlC(), callback], max_steps=6)
+    with _sigint_restored(), pytest.raises(RuntimeError, match="boom at step 3"):
+        trainer.fit(TinyModel(fail_at_step=3), loader(6))
+
+    assert waiting.is_set()
+    assert signal.getsignal(signal.SIGTERM) == sigterm, "Lightning's teardown did not run"
+    assert trainer.state.stage is None and trainer.state.status == "interrupted"
+    pending = sorted(Path(key).name for key in _pending_keys(dirpath))
+    assert pending == [f"epoch=0-step={n}.ckpt" for n in (1, 2, 3)], pending
+
+    store.release()
+    again = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, save_top_k=-1)
+    make_trainer(tmp_path, [again], max_steps=1).fit(TinyModel(), loader(1))
+    assert _pending_keys(dirpath) == []
+    puts = [key for op, key in store.history if op == "put"]
+    assert len(puts) == len(set(puts)), puts
+    stored = store.keys()
+    assert {Path(key).name for key in stored} == {p.name for p in dirpath.glob("*.ckpt")}
+
+
 def test_ctrl_c_names_a_save_kept_from_admission_when_the_rest_finished(
     tmp_path: Path,
 ) -> None:

@@ -467,17 +467,17 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             # pipeline's threads are the parent's: a flush here would wait forever.
             ModelCheckpoint.on_exception(self, trainer, pl_module, exception)
             return
-        # The emergency checkpoint is written whatever failed before; those failures are
-        # reported after it (by the shutdown below), never instead of it.
-        self._saving_on_exception = True
-        try:
-            super().on_exception(trainer, pl_module, exception)
-        except Exception:
-            log.exception("saving a checkpoint on exception failed")
-        finally:
-            self._saving_on_exception = False
         interrupted = isinstance(exception, KeyboardInterrupt)
         try:
+            # The emergency checkpoint is written whatever failed before; those failures
+            # are reported after it (by the shutdown below), never instead of it.
+            self._saving_on_exception = True
+            try:
+                super().on_exception(trainer, pl_module, exception)
+            except Exception:
+                log.exception("saving a checkpoint on exception failed")
+            finally:
+                self._saving_on_exception = False
             # The checkpoints Lightning saved are on disk when fit returns, as
             # ModelCheckpoint writes them: a background write not done yet is finished
             # here (after Ctrl+C too, which does not wait for uploads). In a script the
@@ -486,9 +486,16 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             for write in self._evictions.unfinished():
                 if isinstance(write, HostWrite):
                     _write_now(write)
-        except KeyboardInterrupt:  # after a crash, Ctrl+C is not ignored: it goes on,
-            interrupted = True  # once the pipeline is stopped
-            raise
+        except KeyboardInterrupt:
+            # After a crash Lightning does not ignore Ctrl+C: one pressed during our part
+            # of its handling ends our waits (below: no wait for uploads either), and goes
+            # no further, so that Lightning's own handling (loggers finalized, the
+            # strategy torn down, its signal handlers restored) still runs and raises the
+            # original error.
+            interrupted = True
+            log.warning(
+                "Ctrl+C while the callback handled %s: not waiting", type(exception).__name__
+            )
         finally:
             self._stop_after_exception(trainer, interrupted)
 
@@ -501,6 +508,11 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._shutdown(raise_errors=False, wait=not interrupted)
         except Exception:
             log.exception("flushing checkpoint persistence after an exception failed")
+        except KeyboardInterrupt:
+            # Ctrl+C during that wait (a crash's: Lightning does not ignore it): the
+            # pipeline is stopped (the shutdown's own cleanup) and what is pending named;
+            # Lightning's handling of the crash goes on (see on_exception).
+            pass
         finally:
             # Teardown, which tells the loggers of the saves written in the background,
             # is not called on this path; Lightning finalizes the loggers next ("failed").
