@@ -57,6 +57,7 @@ from lamin_lightning._options import (
     OnError,
 )
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._submission import refuse_conflicts
 from lamin_lightning._surface import pipeline_job_key
 
 if TYPE_CHECKING:
@@ -459,9 +460,12 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         """Feature values of this checkpoint, read from the trainer at save time."""
         if not self._run_values_collected:
             self._run_values_collected = True
-            self._run_values_pending = self._features.run_feature_values(
-                trainer, self.monitor, self.mode
-            )
+            values = self._features.run_feature_values(trainer, self.monitor, self.mode)
+            # An hparam of the model named as an auto feature, with another value
+            # (max_epochs=7 against the trainer's -1): LaminDB's error at this save, as
+            # the reference raises it from add_values, not a failed job at teardown.
+            refuse_conflicts(values, self._feature_conflict)
+            self._run_values_pending = values
         return self._features.checkpoint_feature_values(trainer, snapshot)
 
     # -- worker threads -------------------------------------------------------------------------

@@ -476,18 +476,28 @@ def _with_features(
     the same name, ``score`` say) with different values raise ``conflict(message)``, as
     LaminDB's ``add_values`` refuses them for the reference.
     """
-    named = {str(getattr(k, "name", k)): feature_value(v) for k, v in values.items()}
-    if len(named) < len(values):
-        for key, value in values.items():
-            name = str(getattr(key, "name", key))
-            if not _same_value(named[name], feature_value(value)):
-                raise conflict(f"Conflicting values for feature name '{name}'.")
+    named = refuse_conflicts(values, conflict)
     auto = frozenset(str(getattr(k, "name", k)) for k in values if not isinstance(k, str))
     # A copy with two fields changed, without the frozen dataclass's __init__ (one
     # object.__setattr__ per field, at every save on the training thread).
     copy = object.__new__(CheckpointSnapshot)
     copy.__dict__.update(snapshot.__dict__, feature_values=named, auto_features=auto)
     return copy
+
+
+def refuse_conflicts(
+    values: Mapping[Any, Any], conflict: Callable[[str], Exception] = ValueError
+) -> dict[str, Any]:
+    """``values`` frozen (:func:`feature_value`) by name (feature objects by ``name``);
+    two entries of one name with different values raise ``conflict(message)``, LaminDB's
+    message for the same values given to ``add_values``."""
+    named = {str(getattr(k, "name", k)): feature_value(v) for k, v in values.items()}
+    if len(named) < len(values):
+        for key, value in values.items():
+            name = str(getattr(key, "name", key))
+            if not _same_value(named[name], feature_value(value)):
+                raise conflict(f"Conflicting values for feature name '{name}'.")
+    return named
 
 
 def _same_value(a: Any, b: Any) -> bool:

@@ -672,6 +672,30 @@ def test_a_user_artifact_value_conflicting_with_an_auto_feature_raises_at_the_sa
     assert callback._trainer.global_step == 1  # at the first save
 
 
+class _MaxEpochsHparam(TierModel):
+    """A model whose hparam ``max_epochs`` differs from the trainer's (-1)."""
+
+    def __init__(self, max_epochs: int = 7, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+
+@modules()
+def test_a_model_hparam_conflicting_with_a_run_auto_feature_raises_at_the_first_save(
+    ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """A model hparam named like a run-level auto feature (``max_epochs``), with another
+    value than the trainer's: LaminDB's ValidationError at the first save, out of ``fit``,
+    as the reference raises it from ``add_values``. Ours failed that checkpoint's job and
+    raised PersistenceError at teardown (found by a review against the reference)."""
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1)
+    with pytest.raises(
+        ln.errors.ValidationError, match="Conflicting values for feature name 'max_epochs'"
+    ):
+        fit(callback, tmp_path, steps=2, model=_MaxEpochsHparam())
+    assert callback._trainer.global_step == 1  # at the first save
+
+
 @modules()
 def test_a_user_artifact_value_equal_to_the_auto_features_is_no_conflict(
     ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path
