@@ -257,3 +257,43 @@ def test_a_checkpoint_name_near_the_filesystems_limit_is_persisted(
     assert [p.name for p in dirpath.iterdir()] == [f"{name}.ckpt"]
     assert store.keys() == {f"checkpoints/{name}.ckpt"}
     assert torch.load(dirpath / f"{name}.ckpt", weights_only=False)["global_step"] == 3
+
+
+def _folder_checkpoint(tmp_path: Path) -> Path:
+    folder = tmp_path / "ckpt" / "last.ckpt"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "meta.json").write_text("{}")
+    (folder / "shards" / "0.distcp").write_bytes(b"\0" * 1000)
+    return folder
+
+
+def test_a_subfolder_of_a_folder_checkpoint_that_is_a_link_is_staged_with_its_files(
+    tmp_path: Path,
+) -> None:
+    """os.walk lists a linked subfolder and does not go in: it was staged (and persisted)
+    as an empty folder (found by an adversarial review)."""
+    folder = _folder_checkpoint(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "1.distcp").write_bytes(b"\1" * 1000)
+    (folder / "more").symlink_to(elsewhere, target_is_directory=True)
+
+    staged, size, _ = Stager(tmp_path / "root").stage(folder)
+
+    assert (staged / "more" / "1.distcp").read_bytes() == b"\1" * 1000
+    assert (staged / "shards" / "0.distcp").read_bytes() == b"\0" * 1000
+    assert size == 2002
+
+
+def test_a_link_loop_in_a_folder_checkpoint_fails_its_staging_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    folder = _folder_checkpoint(tmp_path)
+    (folder / "shards" / "up").symlink_to(folder, target_is_directory=True)
+    root = tmp_path / "root"
+
+    with pytest.raises(OSError) as raised:
+        Stager(root).stage(folder)
+
+    assert raised.value.errno == errno.ELOOP
+    assert list((root / "staged").iterdir()) == []  # the partial copy went

@@ -16,6 +16,7 @@ see :func:`staging_root`), removed once the job finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -242,7 +243,15 @@ class Stager:
         total = 0
         methods: set[str] = set()
         staged.mkdir()
-        for folder, subdirs, files in os.walk(source):
+        seen: set[tuple[int, int]] = set()
+        # A subfolder that is a link is staged with its files (os.walk listed it and went
+        # no further: an empty folder was staged, and persisted); one that cannot be
+        # listed raises (it was skipped, and the checkpoint persisted without it).
+        for folder, subdirs, files in os.walk(source, onerror=_raise, followlinks=True):
+            here = os.stat(folder)
+            if (here.st_dev, here.st_ino) in seen:
+                raise OSError(errno.ELOOP, f"a link loop in the folder checkpoint {source}", folder)
+            seen.add((here.st_dev, here.st_ino))
             subdirs.sort()
             relative = Path(folder).relative_to(source)
             target = staged / relative
@@ -289,6 +298,10 @@ class Stager:
 SCRATCH_NAME_BYTES = 100
 """Longest file name a temporary name is built from: a checkpoint's own name may take up
 to the filesystem's 255 bytes, and a prefix or suffix on it must still fit."""
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def scratch_name(name: str) -> str:
