@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -277,3 +278,24 @@ class HoldingObserver(RecordingObserver):
     def on_artifact_removed(self, event: Any) -> None:
         super().on_artifact_removed(event)
         self._hold("removed")
+
+
+@contextmanager
+def mounted_at(folder: Path, *options: str, lazy_unmount: bool = False) -> Iterator[bool]:
+    """``mount *options folder`` (True, unmounted at the end), or False where mounting is
+    not permitted (no root, no ``mount``)."""
+    import shutil
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = shutil.which("mount")
+    if (
+        mount is None
+        or subprocess.run([mount, *options, str(folder)], capture_output=True).returncode
+    ):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", *(["-l"] if lazy_unmount else []), str(folder)], check=True)

@@ -52,6 +52,9 @@ from helpers import (
     staged_files,
     wait_until,
 )
+from helpers import (
+    mounted_at as _mounted_at,
+)
 from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactSavedEvent,
@@ -2469,27 +2472,6 @@ def test_a_subfolder_of_dirpath_on_another_filesystem_is_written_as_with_model_c
         import shutil
 
         shutil.rmtree(elsewhere, ignore_errors=True)
-
-
-@contextmanager
-def _mounted_at(folder: Path, *options: str, lazy_unmount: bool = False) -> Iterator[bool]:
-    """``mount *options folder`` (True, unmounted at the end), or False where mounting is
-    not permitted (no root, no ``mount``)."""
-    import shutil
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-    mount = shutil.which("mount")
-    if (
-        mount is None
-        or subprocess.run([mount, *options, str(folder)], capture_output=True).returncode
-    ):
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        subprocess.run(["umount", *(["-l"] if lazy_unmount else []), str(folder)], check=True)
 
 
 def _tmpfs_mounted_at(folder: Path) -> contextlib.AbstractContextManager[bool]:

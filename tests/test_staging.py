@@ -297,3 +297,86 @@ def test_a_link_loop_in_a_folder_checkpoint_fails_its_staging_and_leaves_nothing
 
     assert raised.value.errno == errno.ELOOP
     assert list((root / "staged").iterdir()) == []  # the partial copy went
+
+
+def test_link_is_safe_only_where_a_rename_from_the_temp_dir_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One filesystem mounted twice (a bind mount, systemd's PrivateTmp): same device, but
+    fsspec's rename fails with EXDEV and it copies into the file, in place, through every
+    hard link of it: the staged copy, the previous file linked aside for a rewrite (found
+    by a review: last.ckpt cut short for good by a full disk mid-copy, an earlier save
+    uploaded with a later one's bytes). The rename is tried now; the probe leaves nothing."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    monkeypatch.setattr(_staging.tempfile, "gettempdir", lambda: str(temp))
+    assert link_is_safe(folder) is True
+
+    real_rename = os.rename
+
+    def across_mounts(src: Any, dst: Any) -> None:
+        if Path(src).parent == temp:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(_staging.os, "rename", across_mounts)
+    assert link_is_safe(folder) is False
+    assert list(temp.iterdir()) == [] and list(folder.iterdir()) == []
+
+
+def test_a_bind_mounted_temp_dir_makes_staging_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with a real bind mount, where mounting is permitted."""
+    from helpers import mounted_at
+
+    real = tmp_path / "disk"
+    (real / "temp").mkdir(parents=True)
+    folder = real / "ckpt"
+    folder.mkdir()
+    bound = tmp_path / "bound"
+    with mounted_at(bound, "--bind", str(real)) as mounted:
+        if not mounted:
+            pytest.skip("bind mounts are not permitted here")
+        assert os.stat(bound / "temp").st_dev == os.stat(folder).st_dev
+        monkeypatch.setattr(_staging.tempfile, "gettempdir", lambda: str(bound / "temp"))
+        assert link_is_safe(folder) is False
+        monkeypatch.setattr(_staging.tempfile, "gettempdir", lambda: str(real / "temp"))
+        assert link_is_safe(folder) is True
+
+
+def test_two_links_to_one_subfolder_are_no_loop(tmp_path: Path) -> None:
+    """Only a link to a folder above it makes a loop (found by a review: a second link
+    to one subfolder failed the staging as a loop)."""
+    folder = _folder_checkpoint(tmp_path)
+    (folder / "alias").symlink_to(folder / "shards", target_is_directory=True)
+
+    staged, size, _ = Stager(tmp_path / "root").stage(folder)
+
+    assert (staged / "alias" / "0.distcp").read_bytes() == b"\0" * 1000
+    assert size == 2002
+
+
+def test_a_link_that_fails_for_want_of_space_does_not_turn_links_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk, or a file with too many links, says nothing of the folder: the next
+    staging links again (found by a review: one ENOSPC made every later staging a full
+    copy, doubling disk use when the disk was full)."""
+    monkeypatch.setattr(_staging, "link_is_safe", lambda dirpath: True)
+    real_link = os.link
+    failures = [errno.ENOSPC]
+
+    def link(src: Any, dst: Any, **kwargs: Any) -> None:
+        if failures:
+            raise OSError(failures.pop(), "No space left on device")
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(_staging.os, "link", link)
+    stager = Stager(staging_root(tmp_path))
+    first = write(tmp_path / "a.ckpt", SMALL_FILE_BYTES, b"a")
+    second = write(tmp_path / "b.ckpt", SMALL_FILE_BYTES, b"b")
+    assert stager.stage(first)[2] == "copy"
+    assert stager.stage(second)[2] == "link"

@@ -33,6 +33,7 @@ from typing import Any
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
 from lamin_lightning._errors import CheckpointIOError
@@ -405,8 +406,9 @@ def removes_as_lightning(strategy: Any) -> bool:
 
 def rewrites_by_rename(strategy: Any) -> bool:
     """Whether saving a checkpoint file over an existing one replaces it by a rename,
-    never writing into it: the strategy's ``save_checkpoint`` and every CheckpointIO in
-    its chain are Lightning's own (and our wrappers), and the one that writes is
+    never writing into it: the strategy saves through its CheckpointIO (Lightning's
+    ``Strategy.save_checkpoint``: single-device, DDP), every CheckpointIO in the chain is
+    Lightning's own (or our wrapper), and the one that writes is
     ``TorchCheckpointIO``, whose ``_atomic_save`` writes a temporary file and renames it
     over the path (fsspec's transaction; a copy instead when the temporary folder is on
     another filesystem, see ``_staging.link_is_safe``).
@@ -423,6 +425,8 @@ def rewrites_by_rename(strategy: Any) -> bool:
         return False
     if any(isinstance(layer, AsyncCheckpointIO) for layer in layers):
         return False
+    if type(strategy).save_checkpoint is not Strategy.save_checkpoint:
+        return False  # FSDP, DeepSpeed, XLA: folders of shards, or a writer of their own
     owners = [type(strategy), *(type(io) for io in layers)]
     return all(
         str(getattr(owner.save_checkpoint, "__module__", "")).startswith(_OWN_CODE)

@@ -148,8 +148,34 @@ def _same_device(a: Path, b: Path) -> bool:
 
 
 def link_is_safe(dirpath: Path) -> bool:
-    """Whether Lightning rewrites files in ``dirpath`` by rename (a hard link survives that)."""
-    return _same_device(Path(tempfile.gettempdir()), dirpath)
+    """Whether Lightning rewrites files in ``dirpath`` by rename (a hard link survives that).
+
+    fsspec writes the new file in the temporary folder and moves it over the old one: a
+    rename where that works, else a copy into the old file, in place. One filesystem is
+    not enough: across two mounts of it (a bind mount, systemd's ``PrivateTmp``) the
+    rename fails with EXDEV as well, so a rename is tried, with a file of our own.
+    """
+    temp = Path(tempfile.gettempdir())
+    return _same_device(temp, dirpath) and _rename_works(temp, dirpath)
+
+
+def _rename_works(source: Path, target: Path) -> bool:
+    """Whether a file renames from folder ``source`` into folder ``target``."""
+    try:
+        fd, name = tempfile.mkstemp(dir=source, prefix=".lamin-lightning-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    moved = os.path.join(target, os.path.basename(name))
+    try:
+        os.rename(name, moved)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        return False
+    with contextlib.suppress(OSError):
+        os.unlink(moved)
+    return True
 
 
 class Stager:
@@ -233,8 +259,9 @@ class Stager:
             try:
                 os.link(source, staged)
                 return "link"
-            except OSError:
-                self.forget_link_safety(folder)
+            except OSError as error:
+                if error.errno in NO_LINKS:
+                    self.forget_link_safety(folder)
         shutil.copyfile(source, staged)
         return "copy"
 
@@ -243,17 +270,18 @@ class Stager:
         total = 0
         methods: set[str] = set()
         staged.mkdir()
-        seen: set[tuple[int, int]] = set()
+        ids: dict[Path, tuple[int, int]] = {}
         # A subfolder that is a link is staged with its files (os.walk listed it and went
         # no further: an empty folder was staged, and persisted); one that cannot be
-        # listed raises (it was skipped, and the checkpoint persisted without it).
+        # listed raises (it was skipped, and the checkpoint persisted without it). A link
+        # to a folder above it is a loop; two links to one folder are not.
         for folder, subdirs, files in os.walk(source, onerror=_raise, followlinks=True):
             here = os.stat(folder)
-            if (here.st_dev, here.st_ino) in seen:
-                raise OSError(errno.ELOOP, f"a link loop in the folder checkpoint {source}", folder)
-            seen.add((here.st_dev, here.st_ino))
-            subdirs.sort()
             relative = Path(folder).relative_to(source)
+            ids[relative] = (here.st_dev, here.st_ino)
+            if any(ids.get(above) == ids[relative] for above in relative.parents):
+                raise OSError(errno.ELOOP, f"a link loop in the folder checkpoint {source}", folder)
+            subdirs.sort()
             target = staged / relative
             for name in subdirs:
                 (target / name).mkdir()
@@ -298,6 +326,11 @@ class Stager:
 SCRATCH_NAME_BYTES = 100
 """Longest file name a temporary name is built from: a checkpoint's own name may take up
 to the filesystem's 255 bytes, and a prefix or suffix on it must still fit."""
+
+
+NO_LINKS = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
+"""Errors of a hard link that say the folder takes none (not a full disk, not a file with
+too many links): staging copies there from then on."""
 
 
 def _raise(error: OSError) -> None:

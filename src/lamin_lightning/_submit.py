@@ -35,6 +35,7 @@ from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import (
+    NO_LINKS,
     Stager,
     absolute,
     current_pid,
@@ -470,8 +471,9 @@ class Submitter:
                 if stager.link_safe(folder):
                     try:
                         aside = _aside.link_aside(root, filepath)
-                    except OSError:  # a filesystem without hard links, say
-                        stager.forget_link_safety(folder)
+                    except OSError as error:  # a filesystem without hard links, say
+                        if error.errno in NO_LINKS:
+                            stager.forget_link_safety(folder)
             linked = aside is not None
             if aside is None:
                 aside = _aside.move_aside(root, filepath)
