@@ -375,6 +375,49 @@ def test_ctrl_c_while_a_crash_waits_for_storage_ends_the_wait_and_lightning_hand
     assert {Path(key).name for key in stored} == {p.name for p in dirpath.glob("*.ckpt")}
 
 
+def test_the_emergency_save_of_a_crash_does_not_wait_for_a_slot_hung_storage_holds(
+    tmp_path: Path,
+) -> None:
+    """``save_on_exception=True``, the queue full (``max_pending=1``) and storage hung when
+    training raises: the emergency checkpoint's admission waited for a slot for ever, on
+    the training thread, so ``flush_timeout`` never applied and ``fit`` never returned
+    (found by an adversarial run). It is admitted beyond the limit now: written,
+    journaled, the flush gives up after ``flush_timeout``, and ``fit`` raises the crash."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=3,
+        max_pending=1,
+        save_on_exception=True,
+        flush_timeout=1,
+    )
+    outcome: list[BaseException] = []
+
+    def fit() -> None:
+        model = TinyModel(scores=[3, 2, 1, 4, 5, 6], fail_at_step=4)
+        try:
+            make_trainer(tmp_path, [callback], max_steps=6).fit(model, loader(6))
+        except BaseException as error:
+            outcome.append(error)
+
+    training = threading.Thread(target=fit, daemon=True)
+    training.start()
+    training.join(TIMEOUT)
+    stuck = training.is_alive()
+    # Read while storage still hangs: nothing of the fit can finish meanwhile.
+    pending = sorted(Path(key).name for key in _pending_keys(dirpath))
+    store.release()  # let a stuck fit go, so the test ends either way
+    training.join(TIMEOUT)
+    assert not stuck, "fit waited for a slot after the crash"
+    assert [repr(e) for e in outcome] == ["RuntimeError('boom at step 4')"]
+    assert any("step=4" in name for name in pending), pending
+
+
 def test_ctrl_c_names_a_save_kept_from_admission_when_the_rest_finished(
     tmp_path: Path,
 ) -> None:

@@ -221,6 +221,10 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             outcome=self._on_outcome,
             journaled=journaled,
             write=write,
+            # The emergency save of a crash (save_on_exception): the crash's handling must
+            # not wait for a slot that hung storage never frees (its flush is bounded by
+            # flush_timeout; a slot wait is not).
+            beyond_limit=getattr(self, "_saving_on_exception", False),
         )
 
     def _score(self, score: Any) -> float | None:

@@ -152,9 +152,11 @@ class Submitter:
         outcome: Outcome | None = None,
         journaled: Callable[[str], None] | None = None,
         write: Callable[[], None] | None = None,
+        beyond_limit: bool = False,
     ) -> None:
         """Journal ``record`` (unless ``journaled`` says where it already is) and submit its
-        job. ``write`` writes the file later (``async_write``): see :meth:`_journaled_job`."""
+        job. ``write`` writes the file later (``async_write``): see :meth:`_journaled_job`.
+        ``beyond_limit``: admitted without waiting for a slot (``JobSpec.beyond_limit``)."""
         spec: JobSpec | None = None
         try:
             pipeline = self.ensure_pipeline()
@@ -163,6 +165,8 @@ class Submitter:
             spec = self._journaled_job(
                 record, store, trainer, prepare, known, outcome, journaled=journaled, write=write
             )
+            if beyond_limit:
+                spec = dataclasses.replace(spec, beyond_limit=True)
             pipeline.submit(spec, stop_waiting=partial(_sigterm_received, trainer))
         except BaseException:
             # Not admitted (Ctrl+C, SIGTERM, a full disk): its staging will never run, so
