@@ -371,3 +371,14 @@ def test_a_pipeline_that_cannot_start_all_its_threads_stops_those_it_started(
     assert [lane.thread.name for lane in made if lane.thread.is_alive()] == []
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert not any("lamin-lightning" in name for name in left), left
+
+
+def test_an_infinite_max_backoff_is_no_cap_and_a_numpy_timeout_is_a_number(
+    tmp_path: Path,
+) -> None:
+    """What the refusals above must not refuse (found by a review of them)."""
+    policy = RetryPolicy(max_backoff=float("inf"), jitter=0.0)
+    assert [policy.backoff(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    numpy = pytest.importorskip("numpy")
+    callback = MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ckpt")
+    assert callback.flush(timeout=numpy.int64(5)) is True

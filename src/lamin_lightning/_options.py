@@ -6,6 +6,7 @@ Every error names the parameter and says what to pass instead.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -69,7 +70,8 @@ def validate_flush_timeout(value: Any, name: str = "flush_timeout") -> float | N
     """Seconds to wait (``inf``: None, without limit); else an error naming ``name``."""
     if value is None:
         return None
-    wrong_type = isinstance(value, bool) or not isinstance(value, int | float)
+    # numbers.Real: numpy's numbers too (a timeout computed with numpy).
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Real)
     if wrong_type or not value >= 0:
         error = ArgumentTypeError if wrong_type else ValueError
         raise error(

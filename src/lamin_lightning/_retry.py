@@ -104,15 +104,21 @@ class RetryPolicy:
             )
         for name in ("initial_backoff", "max_backoff", "jitter"):
             value = getattr(self, name)
+            # NaN failed every retry; an infinite first backoff or jitter slept for ever.
+            # An infinite max_backoff is no cap: the backoffs stay finite.
+            unbounded = name == "max_backoff" and value == math.inf
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
-                or not math.isfinite(value)  # NaN failed every retry; inf slept for ever
+                or not (math.isfinite(value) or unbounded)
                 or value < 0
             ):
-                raise ValueError(
-                    f"RetryPolicy({name}={value!r}) must be a finite number of seconds >= 0"
+                what = (
+                    "a number of seconds >= 0, or inf for no cap"
+                    if name == "max_backoff"
+                    else ("a finite number of seconds >= 0")
                 )
+                raise ValueError(f"RetryPolicy({name}={value!r}) must be {what}")
         if self.max_backoff < self.initial_backoff:
             raise ValueError(
                 f"RetryPolicy(max_backoff={self.max_backoff}) must be >= "
@@ -148,7 +154,8 @@ class RetryPolicy:
         """Seconds to wait before retry ``retry_number`` (1-based)."""
         if _testing:
             return 0.0
-        base = min(self.max_backoff, self.initial_backoff * 2.0 ** (retry_number - 1))
+        # The exponent capped: with no max_backoff, 2.0 ** 1100 would overflow.
+        base = min(self.max_backoff, self.initial_backoff * 2.0 ** min(retry_number - 1, 64))
         return float(base) + (random.uniform(0, self.jitter) if self.jitter else 0.0)
 
 
