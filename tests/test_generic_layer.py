@@ -15,6 +15,7 @@ the pipeline, as documented.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,59 @@ def test_a_subclass_of_ours_with_a_save_hook_of_its_own_still_persists(tmp_path:
     _fit(tmp_path, callback, steps=2)
     assert Logged.calls == 2
     assert len(store.keys()) == 1  # save_top_k=1: the kept checkpoint, persisted
+
+
+class _Wrapper(ArtifactPublishingModelCheckpoint):
+    """A class of ours that wraps _save_checkpoint (to time it, say) and implements the
+    hook the pipeline calls: taken for a reference-style class."""
+
+    def __init__(self, store: MemoryStore, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.store = store
+        self.wrapped = 0
+
+    def resolve_artifact_key(self, trainer: Any, filepath: Any, kind: str) -> str:
+        return f"mine/{os.path.basename(filepath)}"
+
+    def resolve_artifact_storage_uri(self, artifact: Any) -> str:
+        return "memory://"
+
+    def save_checkpoint_artifact(
+        self, trainer: Any, filepath: Any, *, feature_values: Any = None
+    ) -> Any:
+        return self.store.put(f"mine/{os.path.basename(filepath)}", filepath)
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        self.wrapped += 1
+        super()._save_checkpoint(trainer, filepath)
+
+
+def test_a_wrapper_that_persists_nothing_is_told_how_to_have_the_pipeline_persist(
+    tmp_path: Path,
+) -> None:
+    """Found by a review: such a class persisted through the pipeline before the generic
+    layer became the reference's, and then silently persisted nothing."""
+    callback = _Wrapper(MemoryStore(), dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    with pytest.warns(UserWarning, match="set `lamin_lightning_pipeline = True` on _Wrapper"):
+        _fit(tmp_path, callback, steps=2)
+    assert callback.wrapped == 2
+
+
+def test_a_class_that_declares_the_pipeline_persists_through_it(tmp_path: Path) -> None:
+    class Declared(_Wrapper):
+        lamin_lightning_pipeline = True
+
+    store = MemoryStore()
+    callback = Declared(store, dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    _fit(tmp_path, callback, steps=2)
+    assert callback.wrapped == 2 and callback.last_checkpoint_artifact is not None
+    assert persists_through_pipeline(Declared) and not persists_through_pipeline(_Wrapper)
+
+
+def test_a_reference_style_class_that_notifies_is_not_warned(tmp_path: Path) -> None:
+    callback = ReferenceStyle(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|many workers).*")
+        _fit(tmp_path, callback, steps=2)
+    assert len(callback.saved) == 2

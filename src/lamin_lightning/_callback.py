@@ -111,7 +111,8 @@ def persists_through_pipeline(cls: type) -> bool:
     ``ModelCheckpoint`` with the reference's hooks and observers), nor for a class
     written for the reference's generic layer, directly under it, with a
     ``_save_checkpoint`` of its own (which calls the ``save_*`` hooks and
-    ``_notify_artifact_*`` itself). Those act as ``ModelCheckpoint`` does.
+    ``_notify_artifact_*`` itself). Those act as ``ModelCheckpoint`` does. A class says
+    which it is with ``lamin_lightning_pipeline = True`` (or False), whatever it overrides.
     """
     known = _PERSISTING.get(cls)
     if known is None:
@@ -119,8 +120,17 @@ def persists_through_pipeline(cls: type) -> bool:
     return known
 
 
+def implements_save_hook(cls: type) -> bool:
+    """Whether ``cls`` has a ``save_checkpoint_artifact`` of its own (not the generic one)."""
+    hook = getattr(cls, "save_checkpoint_artifact", None)
+    return hook is not ArtifactHooks.save_checkpoint_artifact
+
+
 def _persists(cls: type) -> bool:
-    if getattr(cls, "save_checkpoint_artifact", None) is ArtifactHooks.save_checkpoint_artifact:
+    declared = getattr(cls, "lamin_lightning_pipeline", None)
+    if declared is not None:
+        return bool(declared)
+    if not implements_save_hook(cls):
         return False
     ours = next(k for k in cls.__mro__ if k.__module__.startswith("lamin_lightning."))
     if ours is ArtifactPublishingModelCheckpoint:
@@ -237,6 +247,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._async_write_refused = False
         self._snapshots_prepared = False  # see _prepare_snapshots
         self._set_up = False
+        self._plain_saves = 0  # saves of a class that persists nothing (see teardown)
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
         self._hparams_looked: pl.Trainer | None = None  # a fit without loggers, looked once
@@ -260,6 +271,26 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         (see :meth:`_forked_copy`), or for a class that persists nothing (see
         :func:`persists_through_pipeline`)."""
         return not persists_through_pipeline(type(self)) or self._forked_copy()
+
+    def _warn_if_nothing_persisted(self, trainer: pl.Trainer) -> None:
+        """A class that implements ``save_checkpoint_artifact`` and is taken for one written
+        for the reference's generic layer (its own ``_save_checkpoint``), whose fit saved
+        checkpoints and delivered no saved event: most likely a wrapper of ours that
+        expected the pipeline to persist. Say so, with the fix."""
+        saves, self._plain_saves = self._plain_saves, 0
+        notified = self._notified_directly
+        self._notified_directly = False
+        cls = type(self)
+        if saves and not notified and implements_save_hook(cls) and trainer.is_global_zero:
+            rank_zero_warn(
+                f"{cls.__name__} saved {saves} checkpoint(s) and persisted none through"
+                " lamin-lightning: it implements save_checkpoint_artifact and has a"
+                " _save_checkpoint of its own, so it is taken for a class written for"
+                " lamindb's generic layer, which persists in its own _save_checkpoint"
+                " (calling save_checkpoint_artifact and _notify_artifact_saved). To have"
+                " lamin-lightning's pipeline call save_checkpoint_artifact in the background,"
+                f" set `lamin_lightning_pipeline = True` on {cls.__name__}."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -442,6 +473,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._plain():
+            if not self._forked_copy():
+                self._warn_if_nothing_persisted(trainer)
             ModelCheckpoint.teardown(self, trainer, pl_module, stage)
             return
         super().teardown(trainer, pl_module, stage)
@@ -535,6 +568,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if self._plain():
+            self._plain_saves += 1
             ModelCheckpoint._save_checkpoint(self, trainer, filepath)
             return
         if self._save_depth == 0 and not self._saving_on_exception:

@@ -294,7 +294,10 @@ class ArtifactHooks:
         self._notify_now(event, "on_artifact_removed")
         return event
 
+    _notified_directly = False  # set by _notify_now (see the generic layer's teardown)
+
     def _notify_now(self, event: AnyArtifactEvent, method: str) -> None:
+        self._notified_directly = True
         self._last_artifact_event = event
         getattr(self, method)(event)
         for observer in tuple(self._artifact_observers):
