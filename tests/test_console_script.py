@@ -220,6 +220,7 @@ def test_status_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path
         ("--max-workers", "0"),
         ("--max-workers", "-2"),
         ("--max-workers", "two"),
+        ("--max-workers", "257"),
     ],
 )
 def test_flush_refuses_an_option_value_out_of_range_naming_the_option_and_the_fix(
@@ -237,7 +238,9 @@ def test_flush_refuses_an_option_value_out_of_range_naming_the_option_and_the_fi
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert f"argument {option}: {value!r}" in done.stderr
         assert (
-            "1 or more" in done.stderr if option == "--max-workers" else "0 or more" in done.stderr
+            "from 1 to 256" in done.stderr
+            if option == "--max-workers"
+            else "0 or more" in done.stderr
         )
     assert (
         lamin_lightning_cli("flush", "--no-progress", "--timeout", "0", str(dirpath)).returncode
