@@ -610,9 +610,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         )
         return None if overridden else self._store
 
-    def _deliver(self, event: AnyArtifactEvent) -> None:
+    def _deliver(self, event: AnyArtifactEvent, *, isolated: bool = True) -> None:
         replace_broken_connection()  # observers query the database on this thread too
-        super()._deliver(event)
+        super()._deliver(event, isolated=isolated)
 
     @override
     def abandon_checkpoint_artifact(self, trainer: pl.Trainer, key: str, artifact: Any) -> None:

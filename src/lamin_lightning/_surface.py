@@ -269,8 +269,7 @@ class ArtifactHooks:
             artifact=artifact,
             storage_uri=self.resolve_artifact_storage_uri(artifact),
         )
-        self._latest_artifacts[kind] = artifact
-        self._notify_now(event, "on_artifact_saved")
+        self._notify_now(event)
         return event
 
     def _notify_artifact_removed(
@@ -291,19 +290,14 @@ class ArtifactHooks:
             artifact=artifact,
             storage_uri=None if artifact is None else self.resolve_artifact_storage_uri(artifact),
         )
-        self._notify_now(event, "on_artifact_removed")
+        self._notify_now(event)
         return event
 
     _notified_directly = False  # set by _notify_now (see the generic layer's teardown)
 
-    def _notify_now(self, event: AnyArtifactEvent, method: str) -> None:
+    def _notify_now(self, event: AnyArtifactEvent) -> None:
         self._notified_directly = True
-        self._last_artifact_event = event
-        getattr(self, method)(event)
-        for observer in tuple(self._artifact_observers):
-            callback = getattr(observer, method, None)
-            if callable(callback):
-                callback(event)
+        self._deliver(event, isolated=False)
 
     def thread_finalizer(self) -> None:
         """Called on each pipeline thread as it exits (close per-thread connections here)."""
@@ -316,7 +310,9 @@ class ArtifactHooks:
 
     # -- delivery thread -----------------------------------------------------------------------
 
-    def _deliver(self, event: AnyArtifactEvent) -> None:
+    def _deliver(self, event: AnyArtifactEvent, *, isolated: bool = True) -> None:
+        """To the hook, then each observer; ``isolated``: an exception of theirs is logged
+        (the pipeline's delivery), else it propagates (the reference's direct calls)."""
         if isinstance(event, ArtifactSavedEvent):
             self._latest_artifacts[event.kind] = event.artifact
             method = "on_artifact_saved"
@@ -325,11 +321,12 @@ class ArtifactHooks:
         else:
             method = "on_artifact_failed"
         self._last_artifact_event = event
-        self._isolated(getattr(self, method), event, f"{type(self).__name__}.{method} raised")
+        call = self._isolated if isolated else _directly
+        call(getattr(self, method), event, f"{type(self).__name__}.{method} raised")
         for observer in tuple(self._artifact_observers):
             callback = getattr(observer, method, None)
             if callable(callback):
-                self._isolated(callback, event, f"observer {observer!r} raised in {method}")
+                call(callback, event, f"observer {observer!r} raised in {method}")
 
     def _isolated(self, hook: Any, event: AnyArtifactEvent, what: str) -> None:
         try:
@@ -345,6 +342,11 @@ class ArtifactHooks:
         while self._escalated:  # deque appends and pops are thread-safe
             taken.append(self._escalated.popleft())
         return taken
+
+
+def _directly(hook: Any, event: AnyArtifactEvent, what: str) -> None:
+    del what
+    hook(event)
 
 
 class HookStore:
