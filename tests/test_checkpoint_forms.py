@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,7 @@ class WritesAtTeardownIO(TorchCheckpointIO):
         super().__init__()
         self._threads: list[threading.Thread] = []
         self._go = threading.Semaphore(0)
+        self.before_writing: Callable[[], object] = lambda: None
 
     def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
         def write() -> None:
@@ -322,10 +324,13 @@ class WritesAtTeardownIO(TorchCheckpointIO):
         self._threads.append(thread)
 
     def teardown(self) -> None:
-        for _ in self._threads:
-            self._go.release()
-        for thread in self._threads:
-            thread.join()
+        try:
+            self.before_writing()
+        finally:
+            for _ in self._threads:
+                self._go.release()
+            for thread in self._threads:
+                thread.join()
 
 
 def test_a_checkpoint_io_writing_in_the_background_unrecognised_fails_naming_the_fix(
@@ -338,16 +343,34 @@ def test_a_checkpoint_io_writing_in_the_background_unrecognised_fails_naming_the
     callback = MemoryCheckpoint(
         store, dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1
     )
-    trainer = make_trainer(tmp_path, [callback], max_steps=2, plugins=[WritesAtTeardownIO()])
+    io = WritesAtTeardownIO()
+    # The CheckpointIO's teardown runs before ours flushes, and writes its file then: it
+    # waits until the callback has tried to stage the checkpoint, so that the staging
+    # cannot find a file written late.
+    failed = threading.Event()
+
+    class Failures:
+        def on_artifact_saved(self, event: Any) -> None:
+            raise AssertionError(f"{event.key} was persisted")
+
+        def on_artifact_failed(self, event: Any) -> None:
+            failed.set()
+
+    callback.add_artifact_observer(Failures())  # type: ignore[arg-type]
+
+    def after_the_failure() -> None:
+        assert failed.wait(timeout=120), "staging the checkpoint never failed"
+
+    io.before_writing = after_the_failure
+    trainer = make_trainer(tmp_path, [callback], max_steps=1, plugins=[io])
     with pytest.raises(PersistenceError) as raised:
-        trainer.fit(TinyModel(scores=SCORES), loader(2))
+        trainer.fit(TinyModel(scores=SCORES), loader(1))
     message = str(raised.value)
     assert "epoch=0-step=1.ckpt did not exist when it was to be persisted" in message
     assert "AsyncCheckpointIO(YourIO())" in message and "write before it returns" in message
-    # (A later checkpoint may still persist: the CheckpointIO's teardown writes its files
-    # before ours flushes, so whether its staging found the file depends on timing.)
-    persisted = store.keys()
-    assert "checkpoints/epoch=0-step=1.ckpt" not in persisted
+    assert store.keys() == set()
+    # The CheckpointIO wrote it at its teardown; the file is kept.
+    assert checkpoint_files(tmp_path / "ckpts") == {"epoch=0-step=1.ckpt"}
 
 
 class ArchivingCheckpointIO(TorchCheckpointIO):
