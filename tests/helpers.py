@@ -104,8 +104,17 @@ def checkpoint_files(dirpath: Path) -> set[str]:
 
 def staged_files(dirpath: Path) -> list[Path]:
     """Files left in the staging area of ``dirpath``."""
-    root = staging_root(dirpath) / "staged"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    return staged_copies(staging_root(dirpath))
+
+
+def staged_copies(root: Path) -> list[Path]:
+    """Files left in the staged folder of working folder ``root``: copies, and their
+    partial files; not the lock files that say which process staged them."""
+    folder = root / "staged"
+    if not folder.exists():
+        return []
+    locks = set(folder.glob("*.lock"))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p not in locks)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file
+from helpers import TinyModel, checkpoint_files, loader, make_trainer, sha256_file, staged_copies
 from lamin_lightning import (
     ArtifactFailedEvent,
     JobRecord,
@@ -1194,7 +1194,7 @@ def test_a_replay_waits_for_a_staging_this_process_still_runs(
     assert report.dropped == [] and report.remaining == []
     assert store.keys() == {key("b.ckpt")}
     assert_store_equals_files(store, dirpath)
-    leftovers = [p for p in (root / "staged").rglob("*") if p.is_file()]
+    leftovers = staged_copies(root)
     assert leftovers == [], f"staged copies nobody releases: {leftovers}"
 
 
@@ -1262,7 +1262,7 @@ def test_a_replay_waits_for_stagings_queued_behind_the_running_one(
 
     (report,) = replayed
     assert report.remaining == [] and report.saved == 3
-    leftovers = [p for p in (root / "staged").rglob("*") if p.is_file()]
+    leftovers = staged_copies(root)
     assert leftovers == [], f"staged copies nobody releases: {leftovers}"
 
 

@@ -24,20 +24,21 @@ import errno
 import itertools
 import logging
 import os
-import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lamin_lightning import _staging
+from lamin_lightning import _owners, _staging
 from lamin_lightning._errors import OutboxInUseError
-from lamin_lightning._journal import Outbox, is_locked, journal_paths
+from lamin_lightning._journal import Outbox, is_locked, journal_paths, staged_names
 from lamin_lightning._staging import (
+    STAGED_DIRNAME,
     WRITING_DIRNAME,
     Stager,
     checkpoint_folder_of,
     clear_dead_writes,
     remove_path,
+    staged_owner,
     working_folders,
 )
 
@@ -49,48 +50,12 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger("lamin_lightning")
 
 ASIDE_DIRNAME = "aside"
-_LOCK_SUFFIX = ".lock"
+_LOCK_SUFFIX = _owners.LOCK_SUFFIX
 _RESTORING = "restoring.lock"
 
 _counter = itertools.count()
-_lock = threading.Lock()
-_held: dict[str, int] = {}
-"""Aside folder -> this process's open, locked lock file there (kept for its lifetime)."""
-
-
-def _forked() -> None:
-    # The child's copies of the parent's lock descriptors would keep the parent's locks
-    # after the parent died: close them (the parent's own descriptors keep its locks).
-    for fd in _held.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _held.clear()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    os.register_at_fork(after_in_child=_forked)
-
-
-def _owner() -> str:
-    return f"{_staging._pid}-{_staging._TOKEN}"
-
-
-def _hold(folder: Path) -> str:
-    """This process's owner name in ``folder``, its lock file created and locked once.
-    Called with ``_lock`` held."""
-    key = str(folder)
-    owner = _owner()
-    if key not in _held:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f"{owner}{_LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                os.close(fd)
-                raise
-        _held[key] = fd
-    return owner
+_owner = _owners.owner
+_dead_owner = _owners.dead_owner
 
 
 def move_aside(root: Path, filepath: str | os.PathLike[str]) -> Path:
@@ -111,10 +76,10 @@ def _set_aside(
     root: Path, filepath: str | os.PathLike[str], how: Callable[[str, Path], None]
 ) -> Path:
     folder = root / ASIDE_DIRNAME
-    # Under _lock: a callback of this process that stops (release) cannot give up the lock
-    # file between our taking it and the rename.
-    with _lock:
-        owner = _hold(folder)
+    # Under the owners' lock: a callback of this process that stops (release) cannot give
+    # up the lock file between our taking it and the rename.
+    with _owners.lock:
+        owner = _owners.hold(folder)
         aside = folder / f"{owner}-{next(_counter)}-{os.path.basename(os.fspath(filepath))}"
         how(os.fspath(filepath), aside)
     return aside
@@ -124,23 +89,9 @@ def release(root: Path) -> None:
     """Give up this process's lock file in ``root``'s aside folder (the callback stops);
     kept if something of ours is still aside (a rewrite that never returned)."""
     folder = root / ASIDE_DIRNAME
-    with _lock:
-        fd = _held.get(str(folder))
-        if fd is None:
-            return
-        owner = _owner()
-        try:
-            mine = [e for e in os.listdir(folder) if e.startswith(f"{owner}-")]
-        except OSError:
-            return
-        if mine:
-            return
-        del _held[str(folder)]
+    if _owners.let_go(folder, lambda owner: _owners.has_entries(folder, f"{owner}-")):
         with contextlib.suppress(OSError):
-            os.unlink(folder / f"{owner}{_LOCK_SUFFIX}")
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+            folder.rmdir()
 
 
 def leftovers_in(dirpath: str | os.PathLike[str]) -> list[Path]:
@@ -184,8 +135,10 @@ def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
     ``dirpath`` (or of ``dirpath`` itself, a working folder); and deletes what background
     writes of processes that ended left there (:func:`clear_dead_writes`)."""
     put_back: list[Path] = []
-    for root in working_folders(dirpath):
+    roots = working_folders(dirpath)
+    for root in roots:
         put_back.extend(put_back_leftovers(root, checkpoint_folder_of(root)))
+        clear_dead_staging(root, roots)
         scratch = root / WRITING_DIRNAME
         # A checkpoint folder (or a subfolder) on another filesystem than the working
         # folder gets the temporary file beside the checkpoint (see write_atomically).
@@ -205,6 +158,72 @@ def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
                     ", ".join(path.name for path in dead),
                 )
     return put_back
+
+
+def clear_dead_staging(root: Path, roots: list[Path] | None = None) -> list[Path]:
+    """Delete the staged copies in ``root`` that processes which ended left and that no
+    pending job of a journal (in ``roots``, default ``root``) reads; return them.
+
+    A process stages a file after its job is journaled, and releases the staged copy
+    before the job is settled: one no pending job names is of no use to anyone (a process
+    killed in between, a job never journaled: a full disk, ``outbox=False``). Left, a
+    staged hard link keeps a whole checkpoint's blocks on the disk.
+    """
+    folder = root / STAGED_DIRNAME
+    if fcntl is None:  # pragma: no cover - Windows: whose copy it is cannot be told
+        return []  # type: ignore[unreachable]
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    entries: dict[str, list[str]] = {}
+    for name in names:
+        if name.endswith(_LOCK_SUFFIX):  # an owner, with or without copies left
+            entries.setdefault(name[: -len(_LOCK_SUFFIX)], [])
+        elif (owner := staged_owner(name)) is not None:
+            entries.setdefault(owner, []).append(name)
+    entries.pop(_owner(), None)
+    if not entries:
+        return []
+    # Read after the listing: a copy listed was journaled before it was staged.
+    referenced: set[str] = set()
+    if any(entries.values()):
+        for where in roots or [root]:
+            for journal in journal_paths(where):
+                referenced |= staged_names(journal)
+    cleared: list[Path] = []
+    for owner, mine in entries.items():
+        unread = [name for name in mine if name not in referenced]
+        unlocked = not (folder / f"{owner}{_LOCK_SUFFIX}").exists()
+        if unlocked and (not unread or _pid_alive(owner)):
+            continue  # (a version that takes no lock file, maybe still running)
+        with _dead_owner(folder, owner) as dead:  # and a dead owner's lock file goes
+            if dead:
+                for name in unread:
+                    remove_path(folder / name)
+                    cleared.append(folder / name)
+    if cleared:
+        log.warning(
+            "lamin-lightning: deleted %d staged cop%s that a process which ended left in"
+            " %s, which no pending job reads: %s",
+            len(cleared),
+            "y" if len(cleared) == 1 else "ies",
+            folder,
+            ", ".join(path.name for path in cleared),
+        )
+    return cleared
+
+
+def _pid_alive(owner: str) -> bool:
+    """Whether a process of the pid in ``owner`` runs on this machine (any process: in a
+    container the trainer is PID 1 every time, so this only ever errs on keeping)."""
+    try:
+        os.kill(int(owner.split("-")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return True
 
 
 def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:
@@ -310,33 +329,6 @@ def _parse(name: str) -> tuple[str, str]:
         return f"{parts[0]}-{parts[1]}", parts[3]
     parts = name.split("-", 2)
     return "-".join(parts[:2]), parts[-1]
-
-
-@contextlib.contextmanager
-def _dead_owner(folder: Path, owner: str):  # type: ignore[no-untyped-def]
-    """Whether ``owner`` has ended (its lock file can be locked, or is gone); holds that
-    lock meanwhile, so that two restorers never work on the same entries, and removes the
-    lock file afterwards."""
-    path = folder / f"{owner}{_LOCK_SUFFIX}"
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        yield True
-        return
-    except OSError:
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False  # alive: a rewrite of its may be running right now
-            return
-        yield True
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    finally:
-        os.close(fd)
 
 
 def _mtime(path: Path) -> float:

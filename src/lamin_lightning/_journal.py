@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -350,6 +351,26 @@ def read_journal(
     except FileNotFoundError:
         return [], {}
     return state.records(path), state.flags_at
+
+
+_STAGED_NAME = re.compile(r"staged[/\\\\]+(\d+-\d+-[0-9a-f]{12})\b")
+
+
+def staged_names(path: str | os.PathLike[str]) -> set[str]:
+    """The staged folders (``staged/{name}``) the pending jobs of a journal read, without
+    locking it; entries this version cannot decode count too."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            state = _State().read(iter(handle), path)
+    except FileNotFoundError:
+        return set()
+    # Any path in the entry, whatever the version that wrote it: a name is unique.
+    return {
+        match
+        for entry in state.pending.values()
+        for match in _STAGED_NAME.findall(json.dumps(entry))
+    }
 
 
 def read_pending(path: str | os.PathLike[str]) -> list[tuple[str, JobRecord]]:

@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+from lamin_lightning import _owners
+
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -140,6 +142,10 @@ def checkpoint_folder_of(root: Path) -> Path:
     return root.parent / root.name[1 : -len(WORKING_SUFFIX)]
 
 
+STAGED_DIRNAME = "staged"
+"""The working folder's subfolder of staged copies: ``staged/{unique_name()}/{name}``."""
+
+
 def _same_device(a: Path, b: Path) -> bool:
     try:
         return os.stat(a).st_dev == os.stat(b).st_dev
@@ -190,8 +196,7 @@ class Stager:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._staged_prefix = f"{root / 'staged'}{os.sep}"
-        self._staged_dir: Path | None = None
+        self._staged_prefix = f"{root / STAGED_DIRNAME}{os.sep}"
         self._trash_dir: Path | None = None
         self._link_safe: dict[Path, bool] = {}
 
@@ -228,10 +233,13 @@ class Stager:
         """
         source = Path(path)
         staged = staged if staged is not None else self.plan(source)
-        if self._staged_dir is None:
-            self._staged_dir = self.root / "staged"
-            self._staged_dir.mkdir(parents=True, exist_ok=True)
-        staged.parent.mkdir()
+        # Under this process's lock file there, taken before its first staged folder: a
+        # staged folder whose owner has ended, and that no journal names, is a leftover
+        # (see clear_dead_staging).
+        folder = self.root / STAGED_DIRNAME
+        with _owners.lock:
+            _owners.hold(folder)
+            staged.parent.mkdir(parents=True)  # (staged/ too, if someone deleted it)
         # Built under a temporary name and renamed once complete: a staged copy that
         # exists is whole (a replay after a crash mid-copy uses the local file instead).
         partial = _partial_of(staged)
@@ -359,6 +367,22 @@ def remove_path(path: str | os.PathLike[str]) -> None:
     else:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def staged_owner(name: str) -> str | None:
+    """The owner (``{pid}-{token}``, see ``_owners``) of the staged folder ``name``
+    (``{pid}-{counter}-{token}``); None for a name of another form."""
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and len(parts[2]) == 12:
+        return f"{parts[0]}-{parts[2]}"
+    return None
+
+
+def release_staging(root: Path) -> None:
+    """Give up this process's lock file in ``root``'s staged folder (a callback stops),
+    unless a staged copy of ours is still there (a job a teardown gave up on)."""
+    folder = root / STAGED_DIRNAME
+    _owners.let_go(folder, lambda owner: any(staged_owner(n) == owner for n in os.listdir(folder)))
 
 
 def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str]:

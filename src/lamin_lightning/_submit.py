@@ -40,6 +40,7 @@ from lamin_lightning._staging import (
     absolute,
     current_pid,
     detach_before_rewrite,
+    release_staging,
     remove_path,
     staging_root,
 )
@@ -548,6 +549,7 @@ class Submitter:
                 for root, stager in self._stagers.items():
                     stager.empty_trash()
                     _aside.release(root)
+                    release_staging(root)
             finally:
                 self.close_outbox(working)
 
