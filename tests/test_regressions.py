@@ -565,3 +565,37 @@ def test_an_eviction_whose_file_its_preparation_kept_keeps_its_artifact(tmp_path
     event = spec.commit(None)
     assert removed == [record.key] and settled == ["kept", "removed"]
     assert event is not None and event.key == record.key
+
+
+def test_an_hparams_hook_that_persisted_nothing_is_called_again_at_the_next_save(
+    tmp_path: Path,
+) -> None:
+    """As the reference does: an override of ``save_hparams_artifact`` that returns None
+    is called again at the next checkpoint, until it returns an artifact; then never."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    calls: list[str] = []
+
+    class Picky(MemoryCheckpoint):
+        def save_hparams_artifact(self, trainer: pl.Trainer, hparams_path: Any) -> Any:
+            calls.append(Path(hparams_path).name)
+            if len(calls) < 3:
+                return None
+            return super().save_hparams_artifact(trainer, hparams_path)
+
+    store = MemoryStore()
+    callback = Picky(store, every_n_train_steps=1, save_top_k=-1)
+
+    class Flushing(TinyModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"lr": 0.1})  # the logger writes hparams.yaml
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            callback.flush()  # each save sees what the hook did at the one before
+
+    logger = CSVLogger(tmp_path, name="lg")
+    make_trainer(tmp_path, [callback], logger=logger, max_steps=5).fit(Flushing(), loader(5))
+    assert calls == ["hparams.yaml"] * 3
+    assert len(store.keys(kind="hparams")) == 1
+    assert len(store.keys(kind="checkpoint")) == 5

@@ -349,6 +349,16 @@ def _directly(hook: Any, event: AnyArtifactEvent, what: str) -> None:
     hook(event)
 
 
+def _hparams_or_look_again(callback: Any, trainer: pl.Trainer, path: Path) -> Any:
+    """``save_hparams_artifact``; if it persisted nothing (an override returned None), the
+    next checkpoint looks for ``hparams.yaml`` again, as the reference does at every save
+    until that hook returns an artifact."""
+    artifact = callback.save_hparams_artifact(trainer, path)
+    if artifact is None and hasattr(callback, "_hparams_submitted"):
+        callback._hparams_submitted = False
+    return artifact
+
+
 class HookStore:
     """The store of live jobs: the callback's own override points, called as the reference does."""
 
@@ -379,7 +389,7 @@ class HookStore:
         elif record.kind == "config":
             save = cb.save_config_artifact
         else:
-            save = cb.save_hparams_artifact
+            save = partial(_hparams_or_look_again, cb)
         return _job_call(record, path, save, trainer, path)
 
     def commit(
