@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from lamin_lightning import _owners
 from lamin_lightning._aside import clear_dead_staging
 from lamin_lightning._flush import flush_directory
 from lamin_lightning._journal import read_pending
-from lamin_lightning._staging import Stager, staging_root
+from lamin_lightning._staging import Stager, release_staged, release_staging, staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
@@ -184,3 +185,95 @@ def test_the_next_fit_in_the_folder_clears_what_a_killed_run_left(
     )
     flush_directory(dirpath, timeout=60)
     assert not again.parent.exists()
+
+
+def test_a_journal_that_cannot_be_read_keeps_every_copy_and_the_flush_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A journal the sweep cannot read might name any copy: none is deleted, with a
+    warning, and ``flush`` still persists what it can (and reports that journal)."""
+    dirpath = tmp_path / "ckpts"
+    root = staging_root(dirpath)
+    orphan, _ = stage_in_child(root, a_checkpoint(tmp_path), journaled=False, end="killed")
+    (root / "outbox-unreadable.jsonl").mkdir()
+    with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
+        assert clear_dead_staging(root) == []
+        report = flush_directory(dirpath, timeout=60, progress=False)
+    assert orphan.is_file()
+    assert "cannot be read" in caplog.text
+    assert report.unreadable
+
+
+def test_a_flush_in_this_process_lets_go_of_what_it_staged_for_a_replay(tmp_path: Path) -> None:
+    """A replay stages a save its killed process journaled and never staged: the copy is
+    the dead owner's, kept by the pending job; this process keeps no lock file there."""
+    dirpath = tmp_path / "ckpts"
+    root = staging_root(dirpath)
+    source = a_checkpoint(tmp_path)
+    staged, _ = stage_in_child(root, source, journaled=True, end="killed")
+    shutil.rmtree(staged.parent)  # as if killed before the staging
+    store = MemoryStore()
+    report = flush_directory(dirpath, timeout=60, progress=False, stores={"memory": store})
+    assert report.remaining == [] and store.keys() == {f"k/{source.name}"}
+    assert str(root / "staged") not in _owners._held
+    assert list((root / "staged").iterdir()) == []
+
+
+def test_a_child_forked_while_a_staging_holds_the_owners_lock_can_stage(tmp_path: Path) -> None:
+    """The lock around taking a lock file is not inherited held by a forked child (a
+    DataLoader worker, ``ddp_fork``), which would otherwise hang at its first staging."""
+    root = staging_root(tmp_path / "ckpts")
+    source = a_checkpoint(tmp_path)
+    with _owners.folder_lock(root / "staged"):
+        pid = os.fork()
+        if pid == 0:  # the child: stage, then end without Python's cleanup
+            signal.alarm(60)
+            try:
+                Stager(root).stage(source)
+                os._exit(0)
+            except BaseException:
+                os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_an_owner_that_took_a_new_lock_file_meanwhile_is_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweeper opened the owner's lock file; the owner then let go of it (a callback
+    stopped) and took a new one (another callback stages): the sweeper's lock on the old
+    file says nothing, and the owner's new lock file stays."""
+    root = staging_root(tmp_path / "ckpts")
+    folder = root / "staged"
+    stager = Stager(root)
+    staged, _, _ = stager.stage(a_checkpoint(tmp_path))
+    release_staged(staged)
+    me = _owners.owner()
+    real_flock = _owners.fcntl.flock
+    raced = []
+
+    def flock_after_the_owner_moved_on(fd: int, operation: int) -> None:
+        if not raced:  # between the sweeper's open and its lock
+            raced.append(True)
+            release_staging(root)
+            stager.stage(a_checkpoint(tmp_path, "b.ckpt"))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(_owners.fcntl, "flock", flock_after_the_owner_moved_on)
+    with _owners.dead_owner(folder, me) as dead:
+        assert raced and not dead
+    assert (folder / f"{me}.lock").exists()
+    assert str(folder) in _owners._held
+
+
+def test_a_working_folder_deleted_under_a_live_process_gets_its_lock_file_back(
+    tmp_path: Path,
+) -> None:
+    root = staging_root(tmp_path / "ckpts")
+    stager = Stager(root)
+    stager.stage(a_checkpoint(tmp_path))
+    shutil.rmtree(root)
+    staged, _, _ = stager.stage(a_checkpoint(tmp_path, "b.ckpt"))
+    lock = root / "staged" / f"{_owners.owner()}.lock"
+    assert lock.exists() and staged.is_file()
+    assert os.path.samestat(os.fstat(_owners._held[str(root / "staged")]), os.stat(lock))

@@ -5,7 +5,9 @@ crash). What one of them leaves in ``aside/`` or ``staged/`` is named after its 
 (``{pid}-{token}``, the token drawn once per process, since a container's trainer is PID 1
 every time). Each process that puts entries in such a folder holds an exclusive ``flock``
 on its own ``{owner}.lock`` there while it may still use them. Whoever can take that lock
-knows the owner has ended, and its entries are the leftovers of a dead process.
+knows the owner has ended, and its entries are the leftovers of a dead process. This
+holds where ``flock`` works across every process that shares the folder (one machine;
+a network filesystem only if its locks are cluster-wide).
 Without ``fcntl`` (Windows) nothing can tell; callers then leave everything alone.
 """
 
@@ -24,9 +26,11 @@ except ImportError:  # pragma: no cover - Windows
 
 LOCK_SUFFIX = ".lock"
 
-lock = threading.Lock()
-"""Held while this process takes its lock file in a folder and adds an entry there, and
-while it gives the lock file up: the two never interleave."""
+_registry = threading.Lock()
+_locks: dict[str, threading.Lock] = {}
+"""Folder -> the lock held while this process takes its lock file there and adds an
+entry, and while it gives the lock file up: the two never interleave. One per folder, so
+that staging (intake thread) never holds up a move aside (training thread)."""
 
 _held: dict[str, int] = {}
 """Folder -> this process's open, locked lock file there."""
@@ -35,10 +39,14 @@ _held: dict[str, int] = {}
 def _forked() -> None:
     # The child's copies of the parent's lock descriptors would keep the parent's locks
     # after the parent died: close them (the parent's own descriptors keep its locks).
+    # Locks another thread of the parent held at the fork would stay held for ever.
+    global _registry, _locks
     for fd in _held.values():
         with contextlib.suppress(OSError):
             os.close(fd)
     _held.clear()
+    _registry = threading.Lock()
+    _locks = {}
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
@@ -52,21 +60,48 @@ def owner() -> str:
     return f"{_staging._pid}-{_staging._TOKEN}"
 
 
-def hold(folder: Path) -> str:
+def folder_lock(folder: Path) -> threading.Lock:
+    """The lock to hold around :func:`hold` and the entry added under it."""
+    key = str(folder)
+    with _registry:
+        lock = _locks.get(key)
+        if lock is None:
+            lock = _locks[key] = threading.Lock()
+        return lock
+
+
+def hold(folder: Path, *, verify: bool = False) -> str:
     """This process's owner name in ``folder``, its lock file created and locked once.
-    Call with :data:`lock` held."""
+    Call with :func:`folder_lock` held.
+
+    ``verify``: also make sure the lock file is still there (one ``stat``; not on the
+    training thread): a folder deleted and created again gets a new one.
+    """
     key = str(folder)
     name = owner()
-    if key not in _held:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f"{name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                os.close(fd)
-                raise
-        _held[key] = fd
+    kept = _held.get(key)
+    if kept is not None and (not verify or _is_at(kept, folder / f"{name}{LOCK_SUFFIX}")):
+        return name
+    if kept is not None:
+        del _held[key]
+        os.close(kept)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{LOCK_SUFFIX}"
+    for _ in range(8):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # pragma: no cover - Windows
+            break  # type: ignore[unreachable]
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            raise
+        # Between the open and the lock, another process may have taken the new file for
+        # a dead owner's and unlinked it: the lock would then guard no name.
+        if _is_at(fd, path):
+            break
+        os.close(fd)
+    _held[key] = fd
     return name
 
 
@@ -74,7 +109,7 @@ def let_go(folder: Path, still_used: Callable[[str], bool]) -> bool:
     """Give up this process's lock file in ``folder``, unless ``still_used(owner)`` says
     an entry of ours there is still in use; whether it was given up now (False also if it
     was not held)."""
-    with lock:
+    with folder_lock(folder):
         fd = _held.get(str(folder))
         if fd is None:
             return False
@@ -85,9 +120,12 @@ def let_go(folder: Path, still_used: Callable[[str], bool]) -> bool:
         except OSError:
             return False
         del _held[str(folder)]
+        if fcntl is None:  # pragma: no cover - Windows: an open file cannot be deleted
+            os.close(fd)  # type: ignore[unreachable]
         with contextlib.suppress(OSError):
             os.unlink(folder / f"{name}{LOCK_SUFFIX}")
-        os.close(fd)
+        if fcntl is not None:
+            os.close(fd)
     return True
 
 
@@ -116,8 +154,21 @@ def dead_owner(folder: Path, name: str) -> Iterator[bool]:
         except OSError:
             yield False  # alive: it may be using its entries right now
             return
+        if not _is_at(fd, path):
+            # The owner gave its file up and took a new one since we opened it: alive.
+            yield False
+            return
         yield True
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        if _is_at(fd, path):  # never another file of that name
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     finally:
         os.close(fd)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False

@@ -37,6 +37,7 @@ from lamin_lightning._staging import (
     Stager,
     checkpoint_folder_of,
     release_staged,
+    release_staging,
     working_folders,
 )
 from lamin_lightning.store import ArtifactStore
@@ -615,10 +616,15 @@ def _pin_local_file(record: JobRecord) -> None:
         log.warning("could not look at %s for its replay (%s)", staged, error)
         return
     release_staged(staged)  # what a staging cut short left
+    root = staged.parent.parent.parent
     try:
-        Stager(staged.parent.parent.parent).stage(record.local_path, staged)
+        Stager(root).stage(record.local_path, staged)
     except OSError as error:
         log.warning("could not stage %s for its replay (%s); it is read in place", staged, error)
+    finally:
+        # The copy bears the dead owner's name, and the pending job keeps it: this
+        # process's lock file there is not needed for it (see clear_dead_staging).
+        release_staging(root)
 
 
 def pending_records(dirpath: str | os.PathLike[str]) -> list[tuple[Path, JobRecord]]:

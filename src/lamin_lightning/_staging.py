@@ -237,8 +237,8 @@ class Stager:
         # staged folder whose owner has ended, and that no journal names, is a leftover
         # (see clear_dead_staging).
         folder = self.root / STAGED_DIRNAME
-        with _owners.lock:
-            _owners.hold(folder)
+        with _owners.folder_lock(folder):
+            _owners.hold(folder, verify=True)
             staged.parent.mkdir(parents=True)  # (staged/ too, if someone deleted it)
         # Built under a temporary name and renamed once complete: a staged copy that
         # exists is whole (a replay after a crash mid-copy uses the local file instead).
