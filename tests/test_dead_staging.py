@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 
 from helpers import TinyModel, checkpoint_files, loader, make_trainer, staged_copies
-from lamin_lightning import _owners
+from lamin_lightning import PermanentError, _owners
 from lamin_lightning._aside import clear_dead_staging
 from lamin_lightning._flush import flush_directory
 from lamin_lightning._journal import read_pending
 from lamin_lightning._staging import Stager, release_staged, release_staging, staging_root
-from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
 
@@ -277,3 +277,62 @@ def test_a_working_folder_deleted_under_a_live_process_gets_its_lock_file_back(
     lock = root / "staged" / f"{_owners.owner()}.lock"
     assert lock.exists() and staged.is_file()
     assert os.path.samestat(os.fstat(_owners._held[str(root / "staged")]), os.stat(lock))
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+def test_the_copy_of_a_failed_save_goes_once_a_later_save_of_its_key_commits(
+    tmp_path: Path, async_write: bool
+) -> None:
+    """A save that fails for good keeps its staged copy, for a replay; a later save of the
+    key that commits makes that replay moot, and the copy goes with it, in this live
+    process (it stayed, a hard link holding a whole checkpoint, until another process
+    swept it after this one had ended)."""
+    dirpath = tmp_path / "ckpts"
+    store = MemoryStore()
+    store.fail_next(1, lambda: PermanentError("the first upload fails for good"))
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=1,
+        on_error="warn",
+        async_write=async_write,
+    )
+    observer = RecordingObserver()
+    callback.add_artifact_observer(observer)
+
+    class OneAtATime(TinyModel):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            callback.flush()  # no save supersedes the one before: the first one fails
+
+    trainer = make_trainer(tmp_path, [callback], max_steps=3)
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        trainer.fit(OneAtATime(width=512), loader(3, width=512))
+    assert [type(e).__name__ for e in observer.events] == [
+        "ArtifactFailedEvent",
+        "ArtifactSavedEvent",
+        "ArtifactSavedEvent",
+    ]
+    assert staged_copies(staging_root(dirpath)) == []
+    assert store.keys() == {"checkpoints/last.ckpt"}
+
+
+def test_without_an_outbox_a_failed_saves_copy_goes_at_once_and_its_file_stays(
+    tmp_path: Path,
+) -> None:
+    """With ``outbox=False`` no replay can ever read a failed save's staged copy."""
+    dirpath = tmp_path / "ckpts"
+    store = MemoryStore()
+    store.fail_always(lambda: PermanentError("storage refuses everything"))
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1, outbox=False
+    )
+    callback.on_error = "warn"
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(
+            TinyModel(width=512), loader(2, width=512)
+        )
+    assert staged_copies(staging_root(dirpath)) == []
+    assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert store.keys() == set()

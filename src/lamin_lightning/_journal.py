@@ -51,7 +51,7 @@ from typing import IO, Any
 
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._jobs import JobRecord, decode, encode, relocate
-from lamin_lightning._staging import unique_name
+from lamin_lightning._staging import release_staged, unique_name
 
 try:  # POSIX
     import fcntl
@@ -655,8 +655,15 @@ class Outbox:
                     break
                 if other.get("key") == key:
                     moot.append(other_id)
+            unread: list[str] = []
             for other_id in moot:
                 self._write({"t": "done", "id": other_id, "status": "obsolete"})
+                # A save that failed kept its staged copy for a replay, which will never
+                # come now: nothing reads the copy again (it is not running either: a
+                # key's jobs transfer and commit in order).
+                staged = pending[other_id].get("staged")
+                if pending[other_id].get("op") == "save" and isinstance(staged, str) and staged:
+                    unread.append(staged)
                 del pending[other_id]
             done: dict[str, Any] = {"t": "done", "id": job_id, "status": status}
             if (
@@ -674,6 +681,8 @@ class Outbox:
                 and self._lines > COMPACT_AFTER_LINES
                 and self._lines > 2 * len(pending) + 8
             )
+        for staged in unread:  # off the lock: the training thread appends under it
+            release_staged(Path(staged))
         if compact:
             self._compact_unlocked()
 

@@ -114,6 +114,16 @@ def build_job(
         if isinstance(error, LostFileError):
             log.error("lamin-lightning: %s; dropping it from the outbox", error)
             settled("lost")
+        elif (
+            not isinstance(settle, Settle)
+            and record.op == "save"
+            and record.staged_path
+            and record.staged_path != record.local_path
+        ):
+            # No journal line (outbox=False, a disk too full for it): no replay will ever
+            # read the staged copy, a hard link that holds the checkpoint's blocks. The
+            # file Lightning wrote is kept.
+            release_staged(Path(record.staged_path))
         elif recovered:
             log.warning(
                 "lamin-lightning: could not replay %s %r (%s: %s); it stays in the outbox",
