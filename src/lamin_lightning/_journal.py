@@ -51,7 +51,7 @@ from typing import IO, Any
 
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._jobs import JobRecord, decode, encode, relocate
-from lamin_lightning._staging import release_staged, unique_name
+from lamin_lightning._staging import STAGED_DIRNAME, release_staged, unique_name
 
 try:  # POSIX
     import fcntl
@@ -353,6 +353,19 @@ def read_journal(
     return state.records(path), state.flags_at
 
 
+_REPLACES_NOTHING = frozenset({"kept", "lost"})
+"""Statuses of a settled job that leave the earlier pending jobs of its key pending."""
+
+
+def destination(entry: dict[str, Any]) -> tuple[Any, Any]:
+    """Where a journaled job persists: its store and instance (jobs of one key bound for
+    different ones do not replace each other)."""
+    context = entry.get("context")
+    instance = context.get("instance") if isinstance(context, dict) else None
+    return entry.get("store", entry.get("publisher")), instance
+
+
+_UNIQUE_NAME = re.compile(r"\d+-\d+-[0-9a-f]{12}")
 _STAGED_NAME = re.compile(r"staged[/\\\\]+(\d+-\d+-[0-9a-f]{12})\b")
 
 
@@ -648,21 +661,23 @@ class Outbox:
             entry = pending[job_id]
             key = entry.get("key")
             moot = []
-            for other_id, other in pending.items():
-                # A removal kept because its replacement was never written did nothing:
-                # the key's earlier jobs still count.
-                if other_id == job_id or status == "kept":
-                    break
-                if other.get("key") == key:
-                    moot.append(other_id)
-            unread: list[str] = []
+            # A removal kept because its replacement was never written did nothing, and a
+            # save lost (its write never finished) stored nothing: the key's earlier jobs
+            # still count. Nor does a job for another store or instance replace them.
+            if status not in _REPLACES_NOTHING:
+                for other_id, other in pending.items():
+                    if other_id == job_id:
+                        break
+                    if other.get("key") == key and destination(other) == destination(entry):
+                        moot.append(other_id)
+            unread: list[Path] = []
             for other_id in moot:
                 self._write({"t": "done", "id": other_id, "status": "obsolete"})
                 # A save that failed kept its staged copy for a replay, which will never
                 # come now: nothing reads the copy again (it is not running either: a
                 # key's jobs transfer and commit in order).
-                staged = pending[other_id].get("staged")
-                if pending[other_id].get("op") == "save" and isinstance(staged, str) and staged:
+                staged = self._own_staged_copy(pending[other_id])
+                if staged is not None:
                     unread.append(staged)
                 del pending[other_id]
             done: dict[str, Any] = {"t": "done", "id": job_id, "status": status}
@@ -682,9 +697,21 @@ class Outbox:
                 and self._lines > 2 * len(pending) + 8
             )
         for staged in unread:  # off the lock: the training thread appends under it
-            release_staged(Path(staged))
+            release_staged(staged)
         if compact:
             self._compact_unlocked()
+
+    def _own_staged_copy(self, entry: dict[str, Any]) -> Path | None:
+        """Where the staged copy of a journaled save is in this journal's working folder
+        (a journal copied or moved with its folder names the original's paths), if it
+        has one of the form ``staged/{unique_name()}/{name}``."""
+        staged = entry.get("staged")
+        if entry.get("op") != "save" or not isinstance(staged, str) or not staged:
+            return None
+        unique, name = os.path.split(os.path.dirname(staged))[1], os.path.basename(staged)
+        if not _UNIQUE_NAME.fullmatch(unique) or name in ("", ".", ".."):
+            return None
+        return self.path.parent / STAGED_DIRNAME / unique / name
 
     # -- internals (hold self._lock) -------------------------------------------------------
 
