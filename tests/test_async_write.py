@@ -636,7 +636,9 @@ def test_a_checkpoint_beyond_max_snapshots_waits_for_a_free_slot_and_the_wait_is
     # The wait is training stall, counted in the stats (and no longer than the saves took).
     stats = callback.persistence_stats
     inside = [seconds for _, _, seconds in returned]
-    assert 1 <= stats.admission_waits <= steps - max_snapshots
+    # (On a loaded machine an earlier save may also wait, for the buffers a thread at the
+    # write's lower priority is still preparing: counted as well.)
+    assert 1 <= stats.admission_waits <= steps
     assert 0 < stats.max_training_stall_seconds <= max(inside)
     assert stats.max_training_stall_seconds <= stats.training_stall_seconds <= sum(inside)
     # Buffers are reused: one set of host tensors per slot, whatever the number of saves.
