@@ -26,7 +26,7 @@ from lamin_lightning._lamin_features import _ln, require_instance
 from lamin_lightning._lamin_store import close_connections
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._staging import Stager, release_staged, staging_root
+from lamin_lightning._staging import Stager, release_staged, release_staging, staging_root
 
 
 class Callback(pl.Callback):
@@ -95,7 +95,7 @@ class Callback(pl.Callback):
                 key=self.key,
                 transfer=partial(self._upload, staged),
                 commit=partial(self._annotate, staged, values),
-                fail=self._fail,
+                fail=partial(self._fail, staged),
                 discard=partial(release_staged, staged),
                 size_bytes=staged.stat().st_size,
             )
@@ -104,10 +104,25 @@ class Callback(pl.Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Wait for every upload, then raise what failed."""
+        self._stop()
+        self._raise_failures()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Training raised (our own failure at an epoch's end, say): Lightning calls no
+        ``teardown`` then. Wait for the uploads all the same, unless it was Ctrl+C (which
+        Lightning ignores from then on: a wait on hung storage could not be cut short);
+        the exception goes on."""
+        self._stop(timeout=0.0 if isinstance(exception, KeyboardInterrupt) else None)
+
+    def _stop(self, timeout: float | None = None) -> None:
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
-            pipeline.stop(timeout=None)
-        self._raise_failures()
+            pipeline.stop(timeout=timeout)
+            # Kept while an upload still reads a staged copy (after Ctrl+C).
+            release_staging(staging_root(self.path.parent))
 
     def _ensure_pipeline(self) -> PersistencePipeline:
         if self._pipeline is None:
@@ -130,7 +145,8 @@ class Callback(pl.Callback):
             artifact.features.add_values(values)
         release_staged(staged)
 
-    def _fail(self, error: BaseException, attempts: int) -> None:
+    def _fail(self, staged: Path, error: BaseException, attempts: int) -> None:
+        release_staged(staged)  # no journal: nothing would ever read it again
         self._failures.append(
             ArtifactFailedEvent(
                 kind="checkpoint",

@@ -382,7 +382,14 @@ def release_staging(root: Path) -> None:
     """Give up this process's lock file in ``root``'s staged folder (a callback stops),
     unless a staged copy of ours is still there (a job a teardown gave up on)."""
     folder = root / STAGED_DIRNAME
-    _owners.let_go(folder, lambda owner: any(staged_owner(n) == owner for n in os.listdir(folder)))
+
+    def ours_there(owner: str) -> bool:
+        try:
+            return any(staged_owner(name) == owner for name in os.listdir(folder))
+        except FileNotFoundError:  # the working folder was deleted: nothing to keep
+            return False
+
+    _owners.let_go(folder, ours_there)
 
 
 def stage_file(path: str | os.PathLike[str], root: Path) -> tuple[Path, int, str]:

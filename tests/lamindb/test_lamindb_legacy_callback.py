@@ -53,3 +53,29 @@ def test_deprecated_callback_with_a_missing_feature_fails_before_training(
     with pytest.raises(ValueError, match=r"^Feature nope_x missing"):
         make_trainer(tmp_path, [callback]).fit(model, TierData(n=2))
     assert model.training_steps_run == 0
+
+
+def test_deprecated_callback_whose_uploads_fail_leaves_no_staged_copy(
+    ln: Any, no_run: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It keeps no journal, so nothing would ever read a failed upload's staged copy (a
+    hard link holding the checkpoint): it goes with the failure, and this process lets
+    go of its lock file in the staged folder at teardown. The checkpoint file stays."""
+    from lamin_lightning import _owners
+    from lamin_lightning._staging import staging_root
+
+    with pytest.warns(DeprecationWarning):
+        callback = ll.Callback(tmp_path / "model.ckpt", f"tier-legacy/{tmp_path.name}/m.ckpt")
+
+    def refuse(staged: Path) -> Any:
+        raise ll.PermanentError("storage refuses it")
+
+    monkeypatch.setattr(callback, "_upload", refuse)
+    with pytest.raises(ll.PersistenceError, match="storage refuses it"):
+        make_trainer(tmp_path, [callback], max_steps=-1, max_epochs=2).fit(
+            TierModel(scores=[1.0, 2.0]), TierData(n=1)
+        )
+    staged = staging_root(tmp_path) / "staged"
+    assert list(staged.iterdir()) == []
+    assert str(staged) not in _owners._held
+    assert (tmp_path / "model.ckpt").exists()
