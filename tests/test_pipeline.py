@@ -959,3 +959,45 @@ def test_a_stopped_pipeline_leaves_no_stream_open_to_warn_when_collected() -> No
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert unclosed == []
+
+
+def test_ctrl_c_during_the_flush_of_stop_ends_it_while_storage_hangs() -> None:
+    """A ``KeyboardInterrupt`` that cuts ``stop``'s flush short (Ctrl+C at a teardown)
+    stops the loop and its threads at once and goes on: the loop used to be joined with
+    its jobs still running, and the process hung for as long as storage did."""
+    entered, hung = threading.Event(), threading.Event()
+
+    def hang() -> str:
+        entered.set()
+        hung.wait(TIMEOUT)
+        return "late"
+
+    rec = Recorder()
+    pipe = PersistencePipeline(
+        max_workers=1, max_pending=4, retry=RetryPolicy.no_delay(), deliver=rec.deliver
+    )
+    pipe.start()
+    raised: list[BaseException] = []
+    try:
+        pipe.submit(rec.job("hung.ckpt", transfer=hang))
+        assert entered.wait(TIMEOUT)
+
+        def interrupted(timeout: float | None = None) -> bool:
+            raise KeyboardInterrupt
+
+        pipe.flush = interrupted  # type: ignore[method-assign]
+
+        def stop() -> None:
+            try:
+                pipe.stop(timeout=None)
+            except BaseException as error:
+                raised.append(error)
+
+        stopping = threading.Thread(target=stop)
+        stopping.start()
+        stopping.join(TIMEOUT / 2)
+        assert not stopping.is_alive(), "stop hung on storage after Ctrl+C"
+    finally:
+        hung.set()
+    assert [type(error) for error in raised] == [KeyboardInterrupt]
+    assert pipe.pending() == []

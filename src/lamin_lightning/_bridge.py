@@ -504,7 +504,7 @@ class PersistencePipeline:
             if self._core is None or self._portal is None:
                 return True
             self._closing = True
-            flushed = False
+            flushed = closed = False
             try:
                 flushed = self.flush(timeout)
                 if not flushed:
@@ -515,11 +515,17 @@ class PersistencePipeline:
                         ", ".join(f"{job.operation} {job.key}" for job in jobs),
                     )
                 self._portal.call(self._core.close)
+                closed = True
                 if self._run_future is not None:
                     with contextlib.suppress(Exception):
                         self._run_future.result(timeout=5)
             finally:
                 assert self._portal_cm is not None
+                if not closed:
+                    # Cut short (Ctrl+C during the flush): the core still runs its jobs,
+                    # and leaving the portal would wait for them, on storage that may hang.
+                    with contextlib.suppress(Exception):
+                        self._portal.call(self._core.close)
                 with contextlib.suppress(Exception):
                     self._portal_cm.__exit__(None, None, None)
                 self._intake.put(None)
