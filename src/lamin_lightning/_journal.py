@@ -359,10 +359,15 @@ _REPLACES_NOTHING = frozenset({"kept", "lost"})
 
 def destination(entry: dict[str, Any]) -> tuple[Any, Any]:
     """Where a journaled job persists: its store and instance (jobs of one key bound for
-    different ones do not replace each other)."""
-    context = entry.get("context")
-    instance = context.get("instance") if isinstance(context, dict) else None
-    return entry.get("store", entry.get("publisher")), instance
+    different ones do not replace each other). As its replay reads it: an entry of an
+    earlier format names its store another way."""
+    try:
+        record = decode(entry)
+    except Exception:  # one this version cannot read: its raw fields
+        context = entry.get("context")
+        instance = context.get("instance") if isinstance(context, dict) else None
+        return entry.get("store", entry.get("publisher")), instance
+    return record.store, record.context.get("instance")
 
 
 _UNIQUE_NAME = re.compile(r"\d+-\d+-[0-9a-f]{12}")
@@ -665,11 +670,15 @@ class Outbox:
             # save lost (its write never finished) stored nothing: the key's earlier jobs
             # still count. Nor does a job for another store or instance replace them.
             if status not in _REPLACES_NOTHING:
+                same_key = []
                 for other_id, other in pending.items():
                     if other_id == job_id:
                         break
-                    if other.get("key") == key and destination(other) == destination(entry):
-                        moot.append(other_id)
+                    if other.get("key") == key:
+                        same_key.append(other_id)
+                if same_key:
+                    here = destination(entry)
+                    moot = [i for i in same_key if destination(pending[i]) == here]
             unread: list[Path] = []
             for other_id in moot:
                 self._write({"t": "done", "id": other_id, "status": "obsolete"})

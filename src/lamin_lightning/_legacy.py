@@ -11,6 +11,7 @@ for crash recovery, top-k, flags and everything else.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from functools import partial
 from pathlib import Path
@@ -24,9 +25,12 @@ from lamin_lightning._errors import LaminSetupError, PersistenceError
 from lamin_lightning._events import ArtifactFailedEvent
 from lamin_lightning._lamin_features import _ln, require_instance
 from lamin_lightning._lamin_store import close_connections
+from lamin_lightning._options import DEFAULT_FLUSH_TIMEOUT
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import Stager, release_staged, release_staging, staging_root
+
+log = logging.getLogger("lamin_lightning")
 
 
 class Callback(pl.Callback):
@@ -112,10 +116,16 @@ class Callback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """Training raised (our own failure at an epoch's end, say): Lightning calls no
-        ``teardown`` then. Wait for the uploads all the same, unless it was Ctrl+C (which
-        Lightning ignores from then on: a wait on hung storage could not be cut short);
-        the exception goes on."""
-        self._stop(timeout=0.0 if isinstance(exception, KeyboardInterrupt) else None)
+        ``teardown`` then. Wait for the uploads all the same, up to ``flush_timeout``'s
+        default (900 s), unless it was Ctrl+C (which Lightning ignores from then on: a wait
+        on hung storage could not be cut short); the exception goes on."""
+        if isinstance(exception, KeyboardInterrupt):
+            self._stop(timeout=0.0)
+            return
+        try:  # bounded as Checkpoint's wait after a crash: the error must come out
+            self._stop(timeout=DEFAULT_FLUSH_TIMEOUT)
+        except KeyboardInterrupt:  # (Lightning does not ignore it after a crash)
+            log.warning("lamin-lightning: interrupted; not waiting for the uploads")
 
     def _stop(self, timeout: float | None = None) -> None:
         pipeline, self._pipeline = self._pipeline, None

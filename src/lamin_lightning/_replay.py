@@ -518,6 +518,9 @@ def replay_jobs(
                 release_staged(Path(record.staged_path))
             outbox.settle(job_id, "obsolete")
             continue
+        # Also for a save refused here (another instance): it stays pending, and this run
+        # may rewrite its file (last.ckpt) before a flush for its store replays it.
+        _pin_local_file(record)
         try:
             store = store_for(record)
         except Exception as error:
@@ -531,7 +534,6 @@ def replay_jobs(
             )
             refused.append((record, error))
             continue
-        _pin_local_file(record)
         # A replayed save moves flags only if no newer checkpoint of its prefix
         # committed meanwhile: it must not turn the flags back in time.
         fresh = record.submitted_at >= outbox.flags_at(record.prefix)
