@@ -308,3 +308,35 @@ def mounted_at(folder: Path, *options: str, lazy_unmount: bool = False) -> Itera
         yield True
     finally:
         subprocess.run(["umount", *(["-l"] if lazy_unmount else []), str(folder)], check=True)
+
+
+def journal_a_save(
+    journal: Path, local: Path, *, store: str, key: str, staged: bool = True
+) -> Path:
+    """Journal a save of ``local`` in ``journal`` as a callback does (the record first),
+    then stage it (unless ``staged`` is False: killed before the staging); close the
+    journal; return the staged name. The journal's folder is the working folder."""
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._journal import Outbox
+    from lamin_lightning._staging import Stager
+
+    root = journal.parent
+    stager = Stager(root)
+    name = stager.plan(local)
+    outbox = Outbox(journal)
+    outbox.open()
+    outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key=key,
+            local_path=str(local),
+            staged_path=str(name),
+            store=store,
+            root=str(root),
+        )
+    )
+    if staged:
+        stager.stage(local, name)
+    outbox.close()
+    return name

@@ -119,7 +119,7 @@ def test_a_refused_unstaged_save_is_never_persisted_with_another_runs_bytes(
     saves of last.ckpt do not make X moot. Run 2 rewrites last.ckpt. The later flush for A
     replays X from the copy run 2's setup staged when it refused X, never from last.ckpt,
     which holds run 2's bytes."""
-    from helpers import TinyModel, loader, make_trainer
+    from helpers import TinyModel, journal_a_save, loader, make_trainer
     from lamin_lightning._submission import _journal_digest
     from lamin_lightning.testing import MemoryCheckpoint
 
@@ -138,22 +138,8 @@ def test_a_refused_unstaged_save_is_never_persisted_with_another_runs_bytes(
     local = dirpath / "last.ckpt"
     x_bytes = b"X" * 4096
     local.write_bytes(x_bytes)  # X's file, written by Lightning before the hook returned
-    staged_x = Stager(root).plan(local)
     journal = root / f"outbox-{_journal_digest(callback)}.jsonl"
-    outbox = Outbox(journal)
-    outbox.open()
-    outbox.append(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key=KEY,
-            local_path=str(local),
-            staged_path=str(staged_x),
-            store="memory-a",
-            root=str(root),
-        )
-    )
-    outbox.close()  # killed here: never staged
+    staged_x = journal_a_save(journal, local, store="memory-a", key=KEY, staged=False)
     assert not staged_x.exists()
 
     make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import journal_a_save
 from lamin_lightning._flush import flush_directory
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, read_pending
@@ -140,24 +141,8 @@ def test_a_save_refused_at_setup_stays_for_its_store_and_keeps_its_copy(tmp_path
     local = dirpath / "last.ckpt"
     x_bytes = _zip_bytes(b"X" * 4096)
     local.write_bytes(x_bytes)
-    stager = Stager(root)
-    staged_x = stager.plan(local)
     journal = root / f"outbox-{_journal_digest(callback)}.jsonl"
-    outbox = Outbox(journal)
-    outbox.open()
-    outbox.append(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key=KEY,
-            local_path=str(local),
-            staged_path=str(staged_x),
-            store="elsewhere",
-            root=str(root),
-        )
-    )
-    stager.stage(local, staged_x)
-    outbox.close()
+    staged_x = journal_a_save(journal, local, store="elsewhere", key=KEY)
     os.unlink(local)  # rewritten since (the staged link has X's bytes)
 
     make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
@@ -193,23 +178,8 @@ def test_a_settle_in_a_copied_folder_never_deletes_the_originals_staged_copy(
     local = original / "last.ckpt"
     x_bytes = _zip_bytes(b"X" * 4096)
     local.write_bytes(x_bytes)
-    stager = Stager(root)
-    staged_x = stager.plan(local)
-    outbox = Outbox(root / f"outbox-{_journal_digest(probe)}.jsonl")
-    outbox.open()
-    outbox.append(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key=KEY,
-            local_path=str(local),
-            staged_path=str(staged_x),
-            store="memory",
-            root=str(root),
-        )
-    )
-    stager.stage(local, staged_x)
-    outbox.close()
+    journal = root / f"outbox-{_journal_digest(probe)}.jsonl"
+    staged_x = journal_a_save(journal, local, store="memory", key=KEY)
 
     copy = tmp_path / "copy" / "ckpts"
     copy.parent.mkdir()
@@ -233,4 +203,4 @@ def test_a_settle_in_a_copied_folder_never_deletes_the_originals_staged_copy(
         make_trainer(tmp_path / "copy", [callback], max_steps=1).fit(TinyModel(), loader(1))
     assert store.keys() == {KEY}
     assert staged_x.exists(), "a save in the copy deleted the original folder's staged copy"
-    assert [r.key for _, r in read_pending(root / outbox.path.name)] == [KEY]
+    assert [r.key for _, r in read_pending(journal)] == [KEY]
