@@ -91,12 +91,11 @@ def test_a_newer_save_after_an_upgrade_makes_a_v1_pending_save_of_its_key_moot(
 def test_the_replay_and_the_live_settle_agree_on_a_v1_entrys_destination() -> None:
     """The live settle's destination of a raw entry is its replay's, every format."""
     from lamin_lightning._jobs import decode
-    from lamin_lightning._journal import destination
-    from lamin_lightning._replay import _destination
+    from lamin_lightning._journal import destination, record_destination
 
-    for publisher, context in [
-        ("lamin_lightning.testing:MemoryCheckpoint", {}),
-        ("lamin_lightning._lamin:Checkpoint", {"instance": "me/inst"}),
+    for publisher, context, expected in [
+        ("lamin_lightning.testing:MemoryCheckpoint", {}, ("memory", None)),
+        ("lamin_lightning._lamin:Checkpoint", {"instance": "me/inst"}, ("lamindb", "me/inst")),
     ]:
         entry = {
             "v": 1,
@@ -107,7 +106,7 @@ def test_the_replay_and_the_live_settle_agree_on_a_v1_entrys_destination() -> No
             "publisher": publisher,
             "context": context,
         }
-        assert destination(entry) == _destination(decode(entry)), (publisher, context)
+        assert destination(entry) == record_destination(decode(entry)) == expected
 
 
 def test_a_refused_unstaged_save_is_never_persisted_with_another_runs_bytes(

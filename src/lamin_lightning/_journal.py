@@ -51,7 +51,13 @@ from typing import IO, Any
 
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._jobs import JobRecord, decode, encode, relocate
-from lamin_lightning._staging import STAGED_DIRNAME, release_staged, unique_name
+from lamin_lightning._staging import (
+    STAGED_DIRNAME,
+    UNIQUE_NAME,
+    release_staged,
+    staged_owner,
+    unique_name,
+)
 
 try:  # POSIX
     import fcntl
@@ -357,21 +363,24 @@ _REPLACES_NOTHING = frozenset({"kept", "lost"})
 """Statuses of a settled job that leave the earlier pending jobs of its key pending."""
 
 
+def record_destination(record: JobRecord) -> tuple[Any, Any]:
+    """Where a job persists: its store and instance (jobs of one key bound for different
+    ones do not replace each other)."""
+    return record.store, record.context.get("instance")
+
+
 def destination(entry: dict[str, Any]) -> tuple[Any, Any]:
-    """Where a journaled job persists: its store and instance (jobs of one key bound for
-    different ones do not replace each other). As its replay reads it: an entry of an
-    earlier format names its store another way."""
+    """:func:`record_destination` of a raw journal entry, read as its replay reads it (an
+    entry of an earlier format names its store another way)."""
     try:
-        record = decode(entry)
+        return record_destination(decode(entry))
     except Exception:  # one this version cannot read: its raw fields
         context = entry.get("context")
         instance = context.get("instance") if isinstance(context, dict) else None
         return entry.get("store", entry.get("publisher")), instance
-    return record.store, record.context.get("instance")
 
 
-_UNIQUE_NAME = re.compile(r"\d+-\d+-[0-9a-f]{12}")
-_STAGED_NAME = re.compile(r"staged[/\\\\]+(\d+-\d+-[0-9a-f]{12})\b")
+_STAGED_NAME = re.compile(rf"{STAGED_DIRNAME}[/\\\\]+((?:{UNIQUE_NAME}))\b")
 
 
 def staged_names(path: str | os.PathLike[str]) -> set[str]:
@@ -385,9 +394,9 @@ def staged_names(path: str | os.PathLike[str]) -> set[str]:
         return set()
     # Any path in the entry, whatever the version that wrote it: a name is unique.
     return {
-        match
+        found[1]
         for entry in state.pending.values()
-        for match in _STAGED_NAME.findall(json.dumps(entry))
+        for found in _STAGED_NAME.finditer(json.dumps(entry))
     }
 
 
@@ -718,7 +727,7 @@ class Outbox:
         if entry.get("op") != "save" or not isinstance(staged, str) or not staged:
             return None
         unique, name = os.path.split(os.path.dirname(staged))[1], os.path.basename(staged)
-        if not _UNIQUE_NAME.fullmatch(unique) or name in ("", ".", ".."):
+        if staged_owner(unique) is None or name in ("", ".", ".."):
             return None
         return self.path.parent / STAGED_DIRNAME / unique / name
 

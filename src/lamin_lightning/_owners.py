@@ -87,7 +87,7 @@ def hold(folder: Path, *, verify: bool = False) -> str:
         os.close(kept)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}{LOCK_SUFFIX}"
-    for _ in range(8):
+    for attempt in range(8):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is None:  # pragma: no cover - Windows
             break  # type: ignore[unreachable]
@@ -97,8 +97,9 @@ def hold(folder: Path, *, verify: bool = False) -> str:
             os.close(fd)
             raise
         # Between the open and the lock, another process may have taken the new file for
-        # a dead owner's and unlinked it: the lock would then guard no name.
-        if _is_at(fd, path):
+        # a dead owner's and unlinked it: the lock would then guard no name. (The last
+        # try's descriptor is kept whatever: never one closed.)
+        if _is_at(fd, path) or attempt == 7:
             break
         os.close(fd)
     _held[key] = fd

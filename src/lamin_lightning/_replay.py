@@ -30,7 +30,7 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._jobs import JobRecord
-from lamin_lightning._journal import Outbox, journal_paths, read_pending
+from lamin_lightning._journal import Outbox, journal_paths, read_pending, record_destination
 from lamin_lightning._names import wait_until_written
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._staging import (
@@ -463,7 +463,7 @@ def replay_jobs(
         or (newest[o.path] == job_id and _never_moved_aside(record))
     }
     last = {
-        (outbox.path, record.key, _destination(record)): job_id
+        (outbox.path, record.key, record_destination(record)): job_id
         for outbox, job_id, record in pending
         if (outbox.path, job_id) not in kept and (outbox.path, job_id) not in unwritten
     }
@@ -513,7 +513,7 @@ def replay_jobs(
                 )
             outbox.settle(job_id, "kept")
             continue
-        if last[(outbox.path, record.key, _destination(record))] != job_id:
+        if last[(outbox.path, record.key, record_destination(record))] != job_id:
             if record.staged_path:
                 release_staged(Path(record.staged_path))
             outbox.settle(job_id, "obsolete")
@@ -608,12 +608,6 @@ def _never_moved_after_its_replacement(record: JobRecord) -> bool:
     if record.linked:  # the file left when the link was made (see JobRecord.linked)
         return record.replacement_lost()
     return record.op == "remove" and record.after is not None and os.path.lexists(record.local_path)
-
-
-def _destination(record: JobRecord) -> tuple[Any, Any]:
-    """The store and instance a record's job persists into (see ``_journal.destination``):
-    a later job of the key replaces an earlier one only there."""
-    return record.store, record.context.get("instance")
 
 
 def _pin_local_file(record: JobRecord) -> None:

@@ -369,13 +369,16 @@ def remove_path(path: str | os.PathLike[str]) -> None:
             os.unlink(path)
 
 
+UNIQUE_NAME = r"(\d+)-\d+-([0-9a-f]{12})"
+"""The form of :func:`unique_name`'s names (pid, counter, token), for those who read them."""
+_UNIQUE_NAME = re.compile(UNIQUE_NAME)
+
+
 def staged_owner(name: str) -> str | None:
     """The owner (``{pid}-{token}``, see ``_owners``) of the staged folder ``name``
     (``{pid}-{counter}-{token}``); None for a name of another form."""
-    parts = name.split("-")
-    if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and len(parts[2]) == 12:
-        return f"{parts[0]}-{parts[2]}"
-    return None
+    found = _UNIQUE_NAME.fullmatch(name)
+    return f"{found[1]}-{found[2]}" if found else None
 
 
 def release_staging(root: Path) -> None:
