@@ -76,7 +76,7 @@ def stage_in_child(root: Path, source: Path, *, journaled: bool, end: str) -> tu
     )
     assert child.stdout is not None
     staged = Path(child.stdout.readline().strip())
-    assert staged.is_file(), "the child staged nothing"
+    assert staged.exists(), "the child staged nothing"
     if end == "killed":
         assert child.wait(timeout=60) == -signal.SIGKILL
     return staged, child
@@ -336,3 +336,20 @@ def test_without_an_outbox_a_failed_saves_copy_goes_at_once_and_its_file_stays(
     assert staged_copies(staging_root(dirpath)) == []
     assert checkpoint_files(dirpath) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
     assert store.keys() == set()
+
+
+def test_a_folder_checkpoint_a_killed_process_left_staged_goes_whole(tmp_path: Path) -> None:
+    """A sharded checkpoint is staged as a folder of links: the sweep deletes the whole
+    tree, and the files in the checkpoint folder keep one name each again."""
+    root = staging_root(tmp_path / "ckpts")
+    folder = tmp_path / "ckpts" / "epoch=0-step=1.ckpt"
+    (folder / "shards").mkdir(parents=True)
+    for name in ("shards/0.distcp", "shards/1.distcp", ".metadata"):
+        (folder / name).write_bytes(os.urandom(2 << 20))
+    staged, _ = stage_in_child(root, folder, journaled=False, end="killed")
+    assert staged.is_dir() and os.stat(folder / "shards" / "0.distcp").st_nlink == 2
+
+    assert clear_dead_staging(root) == [staged.parent]
+    assert not staged.parent.exists()
+    assert all(os.stat(p).st_nlink == 1 for p in folder.rglob("*") if p.is_file())
+    assert staged_copies(root) == []
