@@ -42,6 +42,7 @@ from lamin_lightning import (
     PersistenceError,
     RetryPolicy,
 )
+from lamin_lightning._flush import flush_directory
 from lamin_lightning._journal import journal_paths, read_pending
 from lamin_lightning._staging import Stager, staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
@@ -526,6 +527,65 @@ def test_the_persistence_error_gives_the_flush_command_for_this_dirpath(tmp_path
     said = str(info.value)
     assert f"run `lamin-lightning flush '{dirpath}'`" in said
     assert "could not be persisted; the local files are kept:" in said
+    assert (dirpath / "epoch=0-step=4.ckpt").is_file()
+
+
+@pytest.mark.parametrize("later", ["save", "remove"])
+def test_a_failure_a_later_job_of_its_key_made_moot_is_reported_as_such(
+    tmp_path: Path, later: str
+) -> None:
+    """A failed save whose key a later job then settled (the next ``last.ckpt`` persisted,
+    or Lightning evicted the file) is reported with nothing left to persist: the outbox
+    settled it as obsolete, so "they stay in the outbox" would send the user to a flush
+    that finds nothing."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()  # nothing is persisted before training ends: the report comes at teardown
+    store.fail_next(1, error=lambda: PermanentError("quota exceeded"))
+    if later == "save":  # last.ckpt twice: the second save of the key persists
+        options: dict[str, Any] = {"save_top_k": 0, "save_last": True}
+        failed = key("last.ckpt")
+    else:  # top-1: step 2's save evicts step 1's file, whose save fails
+        options = {"save_top_k": 1}
+        failed = key("epoch=0-step=1.ckpt")
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        every_n_train_steps=1,
+        retry=RetryPolicy.no_delay(),
+        max_workers=1,  # the failure goes to the first upload, not to whichever runs first
+        **options,
+    )
+    probe = Probe(on_train_end=lambda trainer, seen: store.release())
+    with pytest.raises(PersistenceError) as info:
+        make_trainer(tmp_path, [probe, callback], max_steps=2).fit(TinyModel(), loader(2))
+
+    said = str(info.value)
+    assert [f.key for f in info.value.failures] == [failed]
+    note = "replaced since by a later save" if later == "save" else "its key was removed since"
+    assert f"{failed!r} after 1 attempt(s): PermanentError: quota exceeded ({note}" in said
+    assert "Nothing of them is left to persist" in said
+    assert "stay in the outbox" not in said and "flush" not in said
+    # What the message says: a flush finds nothing of it (the failed job was settled).
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+    assert (report.events, report.remaining, report.dropped) == ([], [], [])
+    assert staged_files(dirpath) == []
+
+
+def test_without_an_outbox_the_persistence_error_names_no_flush(tmp_path: Path) -> None:
+    """With ``outbox=False`` nothing retries a failed save: the message says so, instead
+    of a flush command that would find nothing."""
+    dirpath = tmp_path / "ckpt"
+    callback = failing_callback(
+        MemoryStore(), dirpath, every_n_train_steps=4, on_error="raise", outbox=False
+    )
+    with pytest.raises(PersistenceError) as info:
+        make_trainer(tmp_path, [callback], max_steps=4).fit(TinyModel(), loader(4))
+
+    said = str(info.value)
+    assert [f.key for f in info.value.failures] == [key("epoch=0-step=4.ckpt")]
+    assert "no outbox (outbox=False)" in said and "Pass outbox=True" in said
+    assert "run `lamin-lightning flush" not in said and "stay in the outbox" not in said
     assert (dirpath / "epoch=0-step=4.ckpt").is_file()
 
 

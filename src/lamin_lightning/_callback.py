@@ -239,6 +239,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._submitter: Submitter | None = None
         self._state_lock: threading.Lock | None = None
         self._unreported_failures: list[ArtifactFailedEvent] = []
+        self._replaced_failures: dict[int, str] = {}
         # Jobs a teardown that gave up left in the outbox (see pending_artifacts).
         self._left_in_outbox: list[PendingJob] = []
         self._loggers_owed: list[tuple[HostWrite, list[Any], str]] = []

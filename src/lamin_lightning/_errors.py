@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,7 +34,10 @@ class PersistenceError(LaminLightningError, RuntimeError):
     Attributes:
         failures: The failed events, in submission order.
 
-    ``raised=False`` words it for a warning (``on_error="warn"``).
+    ``raised=False`` words it for a warning (``on_error="warn"``); ``outbox=False`` for a
+    callback without an outbox (nothing retries a failed job). ``replaced`` maps the index
+    of a failure that a later job of its key made moot to that job's operation
+    (``"save"`` or ``"remove"``): nothing of it is left to persist.
     """
 
     def __init__(
@@ -44,24 +47,57 @@ class PersistenceError(LaminLightningError, RuntimeError):
         dirpath: str | os.PathLike[str] | None = None,
         *,
         raised: bool = True,
+        outbox: bool = True,
+        replaced: Mapping[int, str] | None = None,
     ) -> None:
         self.failures = list(failures)
+        since = replaced or {}
         lines = [
             f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
-            f"{type(f.error).__name__}: {error_text(f.error)}{_never_written(f)}"
-            f"{_outside(f, unjournaled)}"
-            for f in self.failures
+            f"{type(f.error).__name__}: {error_text(f.error)}"
+            + (
+                _replaced(since[i])
+                if i in since
+                else f"{_never_written(f)}{_outside(f, unjournaled) if outbox else ''}"
+            )
+            for i, f in enumerate(self.failures)
         ]
-        written = all(not _never_written(f) for f in self.failures)
+        open_ = [f for i, f in enumerate(self.failures) if i not in since]
+        written = all(not _never_written(f) for f in open_)
         folder = shell_word(os.fspath(dirpath)) if dirpath else "DIRPATH"
+        if not open_:
+            then = (
+                "\nNothing of them is left to persist: a later job of each key has committed since."
+            )
+        elif not outbox:
+            then = (
+                "\nNothing retries them: this callback has no outbox (outbox=False), so"
+                " neither `lamin-lightning flush` nor the next setup knows of them. Pass"
+                " outbox=True to keep failed jobs for a retry."
+            )
+        else:
+            then = (
+                "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
+                f" `lamin-lightning flush {folder}` or start training again with"
+                " the same dirpath."
+            )
+        head = f"{len(self.failures)} checkpoint artifact(s) could not be persisted"
+        if open_:
+            head += f"; the local files {'are' if written else 'that were written are'} kept"
         super().__init__(
-            f"{len(self.failures)} checkpoint artifact(s) could not be persisted; the local"
-            f" files {'are' if written else 'that were written are'} kept:\n"
+            f"{head}:\n"
             + "\n".join(lines)
-            + "\nThey stay in the outbox next to the checkpoints: fix the cause, then run"
-            f" `lamin-lightning flush {folder}` or start training again with"
-            " the same dirpath." + (" Pass on_error='warn' to only warn." if raised else "")
+            + then
+            + (" Pass on_error='warn' to only warn." if raised else "")
         )
+
+
+def _replaced(how: str) -> str:
+    """The note for a failed job that a later job of its key made moot (see
+    ``Outbox._settle``): ``how`` is the later job's operation."""
+    if how == "remove":
+        return " (its key was removed since: nothing left to persist)"
+    return " (replaced since by a later save of its key, which was persisted)"
 
 
 def shell_word(text: str) -> str:

@@ -42,9 +42,16 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         return 0
 
     def _take_failures(self) -> list[ArtifactFailedEvent]:
+        return self._take_failures_and_replaced()[0]
+
+    def _take_failures_and_replaced(self) -> tuple[list[ArtifactFailedEvent], dict[int, str]]:
+        """The failures not reported yet, and which of them a later job of their key made
+        moot (by index: the later job's operation)."""
         with self._lock:
             failures, self._unreported_failures = self._unreported_failures, []
-        return failures
+            by_id, self._replaced_failures = self._replaced_failures, {}
+        replaced = {i: by_id[id(f)] for i, f in enumerate(failures) if id(f) in by_id}
+        return failures, replaced
 
     def _take_all_escalated(self) -> list[BaseException]:
         pipeline = self._pipeline
@@ -64,7 +71,7 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             # A hook or observer raised SystemExit (or similar): it asked to stop. The
             # pipeline survived it; the training thread is where it belongs.
             raise escalated[0]
-        failures = self._take_failures()
+        failures, replaced = self._take_failures_and_replaced()
         if not failures:
             return
         submitter = self._submitter
@@ -73,6 +80,8 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             submitter.unjournaled if submitter else (),
             dirpath=self.dirpath,
             raised=self.on_error == "raise",
+            outbox=self.outbox,
+            replaced=replaced,
         )
         if self.on_error == "raise":
             raise error

@@ -77,6 +77,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _staging_roots: dict[str, Path]
     _state_lock: threading.Lock | None
     _unreported_failures: list[ArtifactFailedEvent]
+    _replaced_failures: dict[int, str]  # id(failure) -> the later job's operation
     _left_in_outbox: list[PendingJob]
     _persisted: dict[str, Any]
     _set_up: bool
@@ -459,13 +460,25 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         if isinstance(event, ArtifactSavedEvent):
             if record.kind == "checkpoint":
                 self._persisted[record.key] = event.artifact
+            if self._unreported_failures and not event.recovered:
+                self._replace_failures(record)
         elif isinstance(event, ArtifactRemovedEvent):
             self._persisted.pop(record.key, None)
+            if self._unreported_failures and not event.recovered:
+                self._replace_failures(record)
         elif not event.recovered:
             # A replay that fails again is warned about and stays in the outbox: it is an
             # earlier run's job, and must not fail this one.
             with self._lock:
                 self._unreported_failures.append(event)
+
+    def _replace_failures(self, record: JobRecord) -> None:
+        """A later job of a failed job's key committed: the failed one is moot (the outbox
+        settles it as obsolete), and its report says so."""
+        with self._lock:
+            for failure in self._unreported_failures:
+                if failure.key == record.key and failure.kind == record.kind:
+                    self._replaced_failures[id(failure)] = record.op
 
 
 def _with_features(
