@@ -195,6 +195,22 @@ def test_async_checkpoint_io_is_staged_only_once_written(tmp_path: Path) -> None
     assert trainer.strategy.checkpoint_io.checkpoint_io is gated
 
 
+def test_a_crash_gives_the_trainer_its_checkpoint_io_back(tmp_path: Path) -> None:
+    """Lightning calls no ``teardown`` after an exception: the CheckpointIO the callback
+    wrapped (to learn when a write is done) is given back all the same, as it was."""
+    inner = TorchCheckpointIO()
+    plugin = AsyncCheckpointIO(inner)
+    store = MemoryStore()
+    callback = MemoryCheckpoint(store, dirpath=tmp_path / "ckpts", every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, [callback], max_steps=6, plugins=[plugin])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(TinyModel(scores=SCORES, fail_at_step=3), loader(6))
+
+    assert type(trainer.strategy.checkpoint_io) is AsyncCheckpointIO
+    assert plugin.checkpoint_io is inner
+    assert_store_equals_lightning(store, callback)
+
+
 def test_an_async_checkpoint_io_write_holds_its_name_until_it_is_written(tmp_path: Path) -> None:
     """A write AsyncCheckpointIO still holds takes its name, as a background write of ours
     does: a replay in this process (a later fit after a Ctrl+C) waits for it instead of

@@ -554,6 +554,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 self._tell_loggers(trainer)
             except Exception:
                 log.exception("telling the loggers of the checkpoints saved failed")
+            # As teardown does: the strategy gets its CheckpointIO back, unwrapped.
+            self._plain_removal = None
+            release_checkpoint_io(trainer.strategy, self._io_writes)
             self._drop_snapshots()
 
     def _drop_snapshots(self) -> None:

@@ -135,6 +135,15 @@ class Evictions:
         gone for Lightning, though still on disk."""
         return path in self._removing
 
+    def replacement_write(self, path: str) -> BackgroundWrite | None:
+        """The background write the removal of the evicted file at real path ``path``
+        waits for, while this callback tracks it (a write done and not failed is
+        forgotten at the next save: None then)."""
+        for replacement in self._writes:
+            if any(os.path.realpath(evicted) == path for evicted in replacement.evicted):
+                return replacement.write
+        return None
+
     def write_of(self, path: str) -> BackgroundWrite | None:
         """The latest background write of ``path`` this callback still tracks, if any."""
         for replacement in reversed(self._writes):

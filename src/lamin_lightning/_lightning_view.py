@@ -39,7 +39,7 @@ from lamin_lightning._local_write import (
     async_write_supported,
     snapshot_checkpoint,
 )
-from lamin_lightning._names import name_taken, release_name, take_name
+from lamin_lightning._names import being_written, name_taken, release_name, take_name
 from lamin_lightning._reporting import ReportingCheckpoint
 from lamin_lightning._staging import WRITING_DIRNAME, remove_path
 from lamin_lightning._write_io import saving_to_snapshots
@@ -159,19 +159,43 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         # to "file, in flight" to "file"; looking at the disk first could see no file yet,
         # then a write no longer in flight, and hand its name out again.
         taken = trainer.is_global_zero and (
-            name_taken(filepath) or (self._fs.exists(filepath) and not self._dangles(filepath))
+            being_written(filepath) or (self._fs.exists(filepath) and not self._gone(filepath))
         )
         return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
 
-    def _dangles(self, filepath: Any) -> bool:
-        """Whether ``filepath`` is a link to a checkpoint Lightning evicted, whose removal
-        waits for its replacement's background write: for Lightning the link dangles (as
-        with ``ModelCheckpoint``, whose removal is done), and its name is free."""
+    def _gone(self, filepath: Any) -> bool:
+        """Whether ``filepath`` is gone for Lightning though still on disk: Lightning evicted
+        it (or the checkpoint a link there names), and the removal waits for its
+        replacement's background write. With ``ModelCheckpoint`` the removal is done, and
+        the name is free (a template whose metric comes back to an earlier value names the
+        evicted file again).
+
+        A file's own name is free once its replacement is written by ``async_write``: the
+        removal, prepared on the intake thread in submission order, runs before any
+        later save's write. Until that is known, this waits for the write (a name reused
+        that soon is rare); if the write failed, the file stays, and so does its name. A
+        CheckpointIO's write (``AsyncCheckpointIO``) runs on its own thread, in no order
+        with the removal: there the name stays taken until the file is gone. A link's
+        name is free at once (the link dangles for Lightning either way).
+        """
         evictions = self._evictions
         if not evictions.evicting():
             return False  # the common case, at every save: no lstat
         path = os.fspath(filepath)
-        return os.path.islink(path) and evictions.removing(os.path.realpath(path))
+        real = os.path.realpath(path)
+        if not evictions.removing(real):
+            return False
+        if os.path.islink(path):
+            return True
+        write = evictions.replacement_write(real)
+        if write is None:
+            # Its replacement was written; the removal comes before any later write of
+            # ours (not of a CheckpointIO's).
+            return self._io_writes is None
+        if not isinstance(write, HostWrite):
+            return False
+        write.wait()
+        return not write.failed()
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
         supported, why = async_write_supported(trainer)

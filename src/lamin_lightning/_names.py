@@ -12,25 +12,39 @@ from collections.abc import Iterable
 _names_lock = threading.Lock()
 _names_released = threading.Condition(_names_lock)
 _names_taken: dict[str, int] = {}
+_names_staging: dict[str, int] = {}  # of those, the takes of stagings (see being_written)
 
 
-def take_name(filepath: str | os.PathLike[str]) -> None:
-    """Count ``filepath`` as taken until :func:`release_name` (see :func:`name_taken`)."""
+def take_name(filepath: str | os.PathLike[str], *, staging: bool = False) -> None:
+    """Count ``filepath`` as taken until :func:`release_name` (see :func:`name_taken`).
+
+    ``staging``: taken by the staging of a file (which may exist already), not by a
+    write creating it.
+    """
     name = os.path.abspath(filepath)
     with _names_lock:
         _names_taken[name] = _names_taken.get(name, 0) + 1
+        if staging:
+            _names_staging[name] = _names_staging.get(name, 0) + 1
 
 
-def release_name(filepath: str | os.PathLike[str]) -> None:
-    """Give back one :func:`take_name` of ``filepath``."""
+def release_name(filepath: str | os.PathLike[str], *, staging: bool = False) -> None:
+    """Give back one :func:`take_name` of ``filepath`` (``staging`` as it was taken)."""
     name = os.path.abspath(filepath)
     with _names_lock:
-        left = _names_taken.get(name, 0) - 1
-        if left > 0:
-            _names_taken[name] = left
-        else:
-            _names_taken.pop(name, None)
+        if staging:
+            _count_down(_names_staging, name)
+        if not _count_down(_names_taken, name):
             _names_released.notify_all()
+
+
+def _count_down(counts: dict[str, int], name: str) -> int:
+    left = counts.get(name, 0) - 1
+    if left > 0:
+        counts[name] = left
+        return left
+    counts.pop(name, None)
+    return 0
 
 
 def wait_until_written(paths: Iterable[str | os.PathLike[str]], timeout: float) -> set[str]:
@@ -60,7 +74,8 @@ def taken_in(folder: str | os.PathLike[str]) -> set[str]:
 
 
 def name_taken(filepath: str | os.PathLike[str]) -> bool:
-    """Whether a background write of this process is creating ``filepath`` right now.
+    """Whether a background write of this process is creating ``filepath`` right now, or
+    a staging of it is pending.
 
     Lightning picks a checkpoint's name (``-v1``, ``last-v1``) by what exists on disk;
     a file still being written counts as existing, for every callback of this process.
@@ -68,3 +83,12 @@ def name_taken(filepath: str | os.PathLike[str]) -> bool:
     name = os.path.abspath(filepath)
     with _names_lock:
         return name in _names_taken
+
+
+def being_written(filepath: str | os.PathLike[str]) -> bool:
+    """Whether a background write of this process is creating ``filepath`` right now (a
+    pending staging of a file does not count: the file is on disk already, or its write
+    takes the name too)."""
+    name = os.path.abspath(filepath)
+    with _names_lock:
+        return _names_taken.get(name, 0) > _names_staging.get(name, 0)

@@ -627,7 +627,7 @@ class _Done:
         self._lock.acquire()
         self._name = name
         if name is not None:
-            take_name(name)
+            take_name(name, staging=True)
 
     def set(self) -> None:
         try:
@@ -635,7 +635,7 @@ class _Done:
         except RuntimeError:  # set already
             return
         if self._name is not None:
-            release_name(self._name)
+            release_name(self._name, staging=True)
 
     def is_set(self) -> bool:
         return not self._lock.locked()
