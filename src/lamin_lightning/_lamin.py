@@ -583,13 +583,31 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
                 raise
         self._run_values_pending = None
         _, given = self._given_values.pop(id(artifact), (None, None))
-        if given is not None and given != dict(snapshot.feature_values or {}):
+        if given is not None and _by_name(given) != dict(snapshot.feature_values or {}):
             # An override of save_checkpoint_artifact added, changed or dropped values
             # before calling ours: the reference annotates what it passed on.
             snapshot = dataclasses.replace(snapshot, feature_values=given)
         self._store.commit_checkpoint(
-            snapshot, artifact, replay=False, set_flags=True, run=self._run
+            snapshot, artifact, replay=False, set_flags=True, run=self._run, defer_replaced=True
         )
+
+    def _hook_feature_values(self, snapshot: CheckpointSnapshot | None) -> dict[Any, Any]:
+        # As the reference passes them: an auto feature keyed by its Feature record, a
+        # user's feature by its name (the snapshot keys both by name, for the journal).
+        values = super()._hook_feature_values(snapshot)
+        auto = snapshot.auto_features if snapshot is not None else frozenset()
+        if not auto:
+            return values
+        features = self._features.auto
+        return {
+            (features.get(name, name) if name in auto else name): value
+            for name, value in values.items()
+        }
+
+    def _replacing_store(self) -> Any:
+        # The older artifacts of a key go once the save's event was delivered: an
+        # earlier save's observers find its artifact, as the reference's do.
+        return self._store
 
     @override
     def remove_checkpoint_artifact(
@@ -625,6 +643,14 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def thread_finalizer() -> None:
         """Close this thread's Django connection (also once the callback is collected)."""
         close_connections()
+
+
+def _by_name(values: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``values`` keyed by feature name (a Feature record by its ``name``)."""
+    return {
+        (key if isinstance(key, str) else getattr(key, "name", key)): value
+        for key, value in values.items()
+    }
 
 
 def _key_problem(prefix: str) -> str | None:

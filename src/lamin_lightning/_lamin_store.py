@@ -206,6 +206,9 @@ class LaminStore:
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
         self._reused: set[int] = set()  # of those, committed ones a transfer found again
+        # committed artifact's pk -> (key, its path, the older artifacts it replaced), to
+        # delete once its event was delivered (see commit_checkpoint's defer_replaced).
+        self._replaced: dict[int, tuple[str, str, list[Any]]] = {}
         # Per key: saves a publisher of the user's is making now (its rows exist before
         # they are known here, see create).
         self._publishing: dict[str, int] = {}
@@ -519,9 +522,18 @@ class LaminStore:
             self._reused.discard(id(artifact))
 
     def commit(
-        self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
+        self,
+        record: JobRecord,
+        artifact: Any,
+        *,
+        replay: bool,
+        set_flags: bool,
+        defer_replaced: bool = False,
     ) -> tuple[str, ...]:
-        """Commit a transferred artifact (checkpoints: features, replacement, flags)."""
+        """Commit a transferred artifact (checkpoints: features, replacement, flags).
+
+        ``defer_replaced``: see :meth:`commit_checkpoint` (a pipeline's commit, which
+        calls :meth:`delete_replaced` once the event was delivered)."""
         immediate_transactions()
         if record.kind != "checkpoint" or record.checkpoint is None:
             self.settle(artifact)
@@ -532,6 +544,7 @@ class LaminStore:
             replay=replay,
             set_flags=set_flags,
             run=self._run_of(record.context),
+            defer_replaced=defer_replaced,
         )
 
     def commit_checkpoint(
@@ -542,8 +555,14 @@ class LaminStore:
         replay: bool,
         set_flags: bool,
         run: Any = None,
+        defer_replaced: bool = False,
     ) -> tuple[str, ...]:
         """Annotate, replace older artifacts of the key, then set flags and ranks.
+
+        ``defer_replaced``: the older artifacts of the key are deleted by
+        :meth:`delete_replaced`, once this save's event was delivered (a pipeline's
+        commit): the saved event of an earlier save of the key, delivered before it,
+        then names an artifact that still exists, as the reference's observers find it.
 
         A live commit whose annotation fails for good deletes the artifact and raises
         (nothing half-annotated is left); a replay keeps it, annotates every feature
@@ -570,11 +589,16 @@ class LaminStore:
         # be among them, not known yet (the later save's commit replaces the rest).
         with _key_lock(snapshot.key):
             newer_too = reused and not self._saving_elsewhere(snapshot.key)
-            for old in self.others_under_key(
+            replaced = self.others_under_key(
                 snapshot.key, exclude_id=artifact.id, older_only=not newer_too
-            ):
+            )
+            for old in replaced:
                 self._forget_flags(snapshot.key)
-                delete_artifact(old, keep_path=str(artifact.path))
+                if not defer_replaced:
+                    delete_artifact(old, keep_path=str(artifact.path))
+        if defer_replaced and replaced:
+            with self._lock:
+                self._replaced[artifact.pk] = (snapshot.key, str(artifact.path), replaced)
         if set_flags:
             self._apply_flags(ln, prefix, snapshot, artifact)
         with self._lock:
@@ -922,6 +946,7 @@ class LaminStore:
         immediate_transactions()
         with self._lock:
             reused = id(artifact) in self._reused
+            self._replaced.pop(artifact.pk, None)  # what it replaced stays: it failed
         self.settle(artifact)
         if reused:
             return  # committed before (found again by its hash): not ours to delete
@@ -939,6 +964,31 @@ class LaminStore:
     def storage_uri(self, artifact: Any) -> str:
         """Where ``artifact``'s bytes live (as the publisher says)."""
         return self._publisher().storage_uri(artifact)
+
+    def delete_replaced(self, artifact: Any) -> None:
+        """Delete the older artifacts of its key that committing ``artifact`` replaced
+        (see ``defer_replaced``), once its event was delivered. One that is gone already
+        (a later commit of the key deleted it) is skipped. A deletion that fails is
+        logged and left: the key's next commit deletes the older rows again."""
+        with self._lock:
+            entry = self._replaced.pop(artifact.pk, None)
+        if entry is None:
+            return
+        key, keep_path, replaced = entry
+        with _key_lock(key):
+            for old in replaced:
+                try:
+                    if type(old).objects.filter(pk=old.pk).exists():
+                        delete_artifact(old, keep_path=keep_path)
+                except Exception as error:
+                    log.warning(
+                        "lamin-lightning: could not delete the older artifact %s of %r that"
+                        " a later save replaced (%s: %s); the next save of the key deletes it",
+                        getattr(old, "uid", old),
+                        key,
+                        type(error).__name__,
+                        error,
+                    )
 
     def others_under_key(
         self, key: str, exclude_id: int | None = None, *, older_only: bool = True

@@ -85,8 +85,9 @@ class JobSpec:
         after_delivery: Called on the committer thread once the commit's event was
             delivered (retried like a commit): a removal deletes here what its event
             names, so that observers are told while the artifact still exists, as the
-            reference tells them before it deletes. If it fails for good, ``fail`` is
-            called and its event delivered too.
+            reference tells them before it deletes; a save deletes the older artifacts
+            of its key (whose events were delivered before its own). If it fails for
+            good, ``fail`` is called and its event delivered too.
         beyond_limit: Admitted beyond ``max_pending``, without waiting for a slot or
             taking one: a replay, whose file has been on disk since the run that
             journaled it (the limit bounds what training adds), so that ``setup``
@@ -399,7 +400,9 @@ class AsyncPipeline:
                     )
         if job.error is not None:
             event = await self._failed(job)
-        elif spec.after_delivery is None:  # a LaminDB removal deletes after delivery
+        elif spec.after_delivery is None or spec.operation == "save":
+            # A LaminDB removal deletes after delivery: done only then. A save is
+            # persisted now (what it does after delivery is cleaning up what it replaced).
             job.state = JobState.COMMITTED
         self._deliver_send.send_nowait((job, event))
 

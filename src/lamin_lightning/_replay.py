@@ -202,6 +202,17 @@ def build_job(
             after_delivery=delete_found if find is not None else None,
         )
 
+    # A store that deletes the key's older artifacts once this save's event was
+    # delivered (LaminDB's): an earlier save's event, delivered before it, names an
+    # artifact that still exists.
+    replaced = getattr(store, "delete_replaced", None)
+    replaced = replaced if callable(replaced) else None
+    committed: list[Any] = []
+
+    def delete_replaced() -> None:
+        if replaced is not None and committed:
+            replaced(committed.pop())
+
     def transfer() -> Any:
         durable()
         path = record.file()
@@ -223,7 +234,12 @@ def build_job(
             )
             settled("dropped")
             return None
-        unannotated = store.commit(record, artifact, replay=recovered, set_flags=set_flags)
+        if replaced is not None:  # the older artifacts of the key go after delivery
+            unannotated = store.commit(  # type: ignore[call-arg]
+                record, artifact, replay=recovered, set_flags=set_flags, defer_replaced=True
+            )
+        else:
+            unannotated = store.commit(record, artifact, replay=recovered, set_flags=set_flags)
         if record.staged_path:
             release_staged(Path(record.staged_path))
         if artifact is None:  # a hook that persisted nothing (hparams file gone)
@@ -241,6 +257,8 @@ def build_job(
         )
         told(event)
         settled("saved")
+        if replaced is not None:
+            committed.append(artifact)
         return event
 
     def discard() -> None:
@@ -262,6 +280,7 @@ def build_job(
         size_bytes=0 if prepare is not None else record.size(),
         prepare=prepare,
         payload=record,
+        after_delivery=delete_replaced if replaced is not None else None,
     )
 
 

@@ -308,6 +308,17 @@ class ArtifactHooks:
         deleted after its removal event was delivered; None: the hook deletes at once."""
         return None
 
+    def _hook_feature_values(self, snapshot: CheckpointSnapshot | None) -> dict[Any, Any]:
+        """The ``feature_values`` the pipeline passes to ``save_checkpoint_artifact``:
+        the snapshot's, keyed by name."""
+        return dict(snapshot.feature_values or {}) if snapshot is not None else {}
+
+    def _replacing_store(self) -> Any:
+        """A store whose ``delete_replaced`` deletes the older artifacts of a key that
+        :meth:`commit_checkpoint_artifact` replaced, once the save's event was delivered;
+        None: the commit deletes them at once."""
+        return None
+
     # -- delivery thread -----------------------------------------------------------------------
 
     def _deliver(self, event: AnyArtifactEvent, *, isolated: bool = True) -> None:
@@ -370,6 +381,10 @@ class HookStore:
             # Observers are told of an eviction before its artifact goes (see _replay).
             self.find_removal = partial(self._find_removal, deferred)
             self.delete_removal = deferred.delete_removal
+        replacing = callback._replacing_store()
+        if replacing is not None:
+            # An earlier save's event names an artifact that still exists (see _replay).
+            self.delete_replaced = replacing.delete_replaced
 
     def _find_removal(self, store: Any, record: JobRecord, known: Any | None) -> Any:
         removal = store.find_removal(record, known)
@@ -382,9 +397,9 @@ class HookStore:
     def transfer(self, record: JobRecord, path: Path) -> Any:
         cb, trainer = self._callback, self._trainer
         if record.kind == "checkpoint":
-            values = record.checkpoint.feature_values if record.checkpoint else None
             save: Callable[..., Any] = partial(
-                cb.save_checkpoint_artifact, feature_values=dict(values or {})
+                cb.save_checkpoint_artifact,
+                feature_values=cb._hook_feature_values(record.checkpoint),
             )
         elif record.kind == "config":
             save = cb.save_config_artifact
@@ -393,9 +408,17 @@ class HookStore:
         return _job_call(record, path, save, trainer, path)
 
     def commit(
-        self, record: JobRecord, artifact: Any, *, replay: bool, set_flags: bool
+        self,
+        record: JobRecord,
+        artifact: Any,
+        *,
+        replay: bool,
+        set_flags: bool,
+        defer_replaced: bool = False,
     ) -> tuple[str, ...]:
-        del replay, set_flags  # a live job: every flag moves, every annotation must hold
+        # A live job: every flag moves, every annotation must hold. What it replaced goes
+        # when the callback's commit_checkpoint_artifact says (see _replacing_store).
+        del replay, set_flags, defer_replaced
         if artifact is None:  # an override of the save hook persisted nothing: as it chose
             return ()
         if record.kind == "checkpoint" and record.checkpoint is not None:

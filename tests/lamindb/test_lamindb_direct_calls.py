@@ -74,9 +74,13 @@ def test_feature_values_an_override_passes_on_are_what_the_checkpoint_is_annotat
         def save_checkpoint_artifact(
             self, trainer: Any, filepath: Any, *, feature_values: Any = None
         ) -> Any:
-            values = dict(feature_values or {})
+            # As for the reference: an auto feature is keyed by its Feature record.
+            values = {
+                key: value
+                for key, value in (feature_values or {}).items()
+                if getattr(key, "name", None) != "score"
+            }
             values["ll_override_tag"] = f"extra-{Path(filepath).name}"
-            values.pop("score", None)
             return super().save_checkpoint_artifact(trainer, filepath, feature_values=values)
 
     callback = Tagging(
