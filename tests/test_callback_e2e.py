@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -651,6 +652,37 @@ def test_teardown_flush_timeout_warns_with_the_unpersisted_keys(tmp_path: Path) 
 
 
 # -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counter", [True, False])
+def test_two_callbacks_in_one_folder_without_a_version_counter_are_warned_about(
+    tmp_path: Path, counter: bool
+) -> None:
+    """Two of our callbacks in one folder, one without Lightning's version counter, may
+    save one file name, which their pipelines do not order: setup warns once, naming the
+    folder and the fix. With the counter on both, their names never collide: no warning."""
+    dirpath = tmp_path / "ckpt"
+    first = MemoryCheckpoint(MemoryStore(), dirpath=dirpath, every_n_train_steps=1)
+    second = MemoryCheckpoint(  # another state_key (Lightning wants one per callback)
+        MemoryStore(), dirpath=dirpath, every_n_train_steps=2, enable_version_counter=counter
+    )
+    elsewhere = MemoryCheckpoint(
+        MemoryStore(),
+        dirpath=tmp_path / "other",
+        every_n_train_steps=3,
+        enable_version_counter=False,
+    )
+    trainer = make_trainer(tmp_path, [first, second, elsewhere], max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyModel(), loader(1))
+
+    said = [str(w.message) for w in caught if "enable_version_counter=False" in str(w.message)]
+    if counter:
+        assert said == []
+    else:
+        assert len(said) == 1, said
+        assert str(dirpath) in said[0] and "own dirpath or filename" in said[0]
 
 
 @pytest.mark.parametrize(

@@ -831,8 +831,9 @@ def test_async_write_reuses_the_name_of_a_just_evicted_checkpoint_as_lightning_d
 
 
 @pytest.mark.xfail(
-    reason="KNOWN MISMATCH: two callbacks saving one path do not order their writes and"
-    " commits (see the docstring)",
+    reason="KNOWN MISMATCH, documented (docs/migrating.md, 'Two callbacks that save one"
+    " file name are not ordered with each other'; setup warns): two callbacks saving one"
+    " path do not order their writes and commits (see the docstring)",
     strict=False,
 )
 def test_two_callbacks_rewriting_one_path_leave_the_later_save_as_lightning_does(
@@ -870,8 +871,9 @@ def test_two_callbacks_rewriting_one_path_leave_the_later_save_as_lightning_does
 
 
 @pytest.mark.xfail(
-    reason="KNOWN MISMATCH: two callbacks saving one path do not order their writes and"
-    " commits (see the docstring)",
+    reason="KNOWN MISMATCH, documented (docs/migrating.md, 'Two callbacks that save one"
+    " file name are not ordered with each other'; setup warns): two callbacks saving one"
+    " path do not order their writes and commits (see the docstring)",
     strict=False,
 )
 def test_a_link_replacing_another_callbacks_last_file_is_persisted_as_lightning_keeps_it(
