@@ -473,3 +473,52 @@ def test_a_found_again_artifact_whose_new_values_are_refused_is_kept(
     for artifact in stored.values():
         assert storage_file(artifact).exists()
         assert artifact_features(ln, artifact)["tier_tag"] == ["first"]
+
+
+def test_an_older_save_of_a_key_is_delivered_while_its_artifact_and_bytes_still_exist(
+    ln: Any, tmp_path: Path
+) -> None:
+    """``last.ckpt`` saved at each step: the observer of the first save is held until the
+    second save of the key has been committed. The reference deletes a key's artifact
+    when a later save replaces it, after that older save's observers were told; here the
+    older artifact goes once the later save's event was delivered, so the held observer
+    still finds its artifact and its bytes, and afterwards only the latest one is left."""
+    second_committed = threading.Event()
+    commits: list[str] = []
+
+    class Counting(ll.Checkpoint):
+        def commit_checkpoint_artifact(self, trainer: Any, snapshot: Any, artifact: Any) -> None:
+            super().commit_checkpoint_artifact(trainer, snapshot, artifact)
+            if snapshot.key.endswith("/last.ckpt"):
+                commits.append(artifact.uid)
+                if len(commits) == 2:
+                    second_committed.set()
+
+    seen: list[tuple[bool, bool]] = []
+
+    class Holding:
+        def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
+            if not event.key.endswith("/last.ckpt") or seen:
+                return
+            # Held until the next last.ckpt is committed (the committer goes on meanwhile).
+            assert second_committed.wait(timeout=60)
+            exists = ln.Artifact.filter(uid=event.artifact.uid).exists()
+            seen.append((exists, storage_file(event.storage_uri).exists()))
+
+        def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
+            pass
+
+    callback = Counting(
+        dirpath=tmp_path / "ckpts",
+        save_last=True,
+        save_top_k=1,
+        every_n_train_steps=1,
+        artifact_observers=[Holding()],
+    )
+    fit(callback, tmp_path, steps=3)
+
+    assert seen == [(True, True)]
+    left = artifacts_under(ln, callback.checkpoint_key_prefix)
+    last = left[f"{callback.checkpoint_key_prefix}/last.ckpt"]
+    assert last.uid == commits[-1]
+    assert ln.Artifact.filter(key=last.key).count() == 1  # the older ones went after all
