@@ -599,3 +599,44 @@ def test_an_hparams_hook_that_persisted_nothing_is_called_again_at_the_next_save
     assert calls == ["hparams.yaml"] * 3
     assert len(store.keys(kind="hparams")) == 1
     assert len(store.keys(kind="checkpoint")) == 5
+
+
+def test_a_save_that_replaces_older_artifacts_is_settled_only_once_they_are_deleted(
+    tmp_path: Path,
+) -> None:
+    """A store that deletes a key's older artifacts once the earlier events were delivered,
+    before the save's own (LaminDB's ``delete_replaced``): the save's job is settled only
+    after that, so a crash in between leaves it to replay (whose commit replaces the older
+    ones again), never two artifacts of one key with nothing left to fix them."""
+    from lamin_lightning._jobs import JobRecord
+    from lamin_lightning._replay import build_job
+
+    local = tmp_path / "last.ckpt"
+    local.write_bytes(b"the newer last.ckpt")
+    calls: list[str] = []
+
+    class Store:  # what a save's job asks of a store that deletes after delivery
+        def transfer(self, record: Any, path: Path) -> str:
+            return "artifact"
+
+        def commit(self, record: Any, artifact: Any, **kwargs: Any) -> tuple[str, ...]:
+            calls.append(f"commit defer={kwargs.get('defer_replaced')}")
+            return ()
+
+        def storage_uri(self, artifact: Any) -> str:
+            return "memory://artifact"
+
+        def delete_replaced(self, artifact: Any) -> None:
+            calls.append(f"delete_replaced {artifact}")
+
+    record = JobRecord(op="save", kind="config", key="checkpoints/last.ckpt", local_path=str(local))
+    settled: list[str] = []
+    spec = build_job(record, Store(), settle=settled.append)  # type: ignore[arg-type]
+    assert spec.transfer is not None and spec.before_delivery is not None
+    event = spec.commit(spec.transfer())
+    assert event is not None and event.artifact == "artifact"
+    assert calls == ["commit defer=True"]
+    assert settled == []  # a crash now replays the save
+    spec.before_delivery()
+    assert calls == ["commit defer=True", "delete_replaced artifact"]
+    assert settled == ["saved"]

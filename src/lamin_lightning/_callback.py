@@ -584,10 +584,26 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 self._tell_loggers(trainer)
             except Exception:
                 log.exception("telling the loggers of the checkpoints saved failed")
-            # As teardown does: the strategy gets its CheckpointIO back, unwrapped.
+            # As teardown does: the strategy gets its CheckpointIO back, unwrapped, once
+            # no callback of ours still to handle the exception shares the wrapping (its
+            # emergency save must be followed too).
             self._plain_removal = None
-            release_checkpoint_io(trainer.strategy, self._io_writes)
+            if not self._io_shared_later(trainer):
+                release_checkpoint_io(trainer.strategy, self._io_writes)
             self._drop_snapshots()
+
+    def _io_shared_later(self, trainer: pl.Trainer) -> bool:
+        """Whether a callback of ours after this one follows the same CheckpointIO writes."""
+        tracker = self._io_writes
+        if tracker is None:
+            return False
+        callbacks = list(getattr(trainer, "callbacks", []))
+        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
+        return any(
+            isinstance(other, ArtifactPublishingModelCheckpoint)
+            and getattr(other, "_io_writes", None) is tracker
+            for other in later
+        )
 
     def _drop_snapshots(self) -> None:
         """At the end of a fit (teardown, or an exception: Lightning calls no teardown

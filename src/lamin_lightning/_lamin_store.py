@@ -206,9 +206,9 @@ class LaminStore:
         # Artifacts our workers are saving and the committer has not committed, by id().
         self._uncommitted: dict[int, Any] = {}
         self._reused: set[int] = set()  # of those, committed ones a transfer found again
-        # committed artifact's pk -> (key, its path, the older artifacts it replaced), to
-        # delete once its event was delivered (see commit_checkpoint's defer_replaced).
-        self._replaced: dict[int, tuple[str, str, list[Any]]] = {}
+        # committed artifact's pk -> (key, the older artifacts it replaced), to delete
+        # before its event is delivered (see commit_checkpoint's defer_replaced).
+        self._replaced: dict[int, tuple[str, list[Any]]] = {}
         # Per key: saves a publisher of the user's is making now (its rows exist before
         # they are known here, see create).
         self._publishing: dict[str, int] = {}
@@ -533,7 +533,7 @@ class LaminStore:
         """Commit a transferred artifact (checkpoints: features, replacement, flags).
 
         ``defer_replaced``: see :meth:`commit_checkpoint` (a pipeline's commit, which
-        calls :meth:`delete_replaced` once the event was delivered)."""
+        calls :meth:`delete_replaced` before the event is delivered)."""
         immediate_transactions()
         if record.kind != "checkpoint" or record.checkpoint is None:
             self.settle(artifact)
@@ -560,9 +560,9 @@ class LaminStore:
         """Annotate, replace older artifacts of the key, then set flags and ranks.
 
         ``defer_replaced``: the older artifacts of the key are deleted by
-        :meth:`delete_replaced`, once this save's event was delivered (a pipeline's
-        commit): the saved event of an earlier save of the key, delivered before it,
-        then names an artifact that still exists, as the reference's observers find it.
+        :meth:`delete_replaced` (a pipeline's commit), once the earlier saves' events
+        were delivered and before this one's: an earlier save's event names an artifact
+        that still exists, as the reference's observers find it.
 
         A live commit whose annotation fails for good deletes the artifact and raises
         (nothing half-annotated is left); a replay keeps it, annotates every feature
@@ -598,7 +598,7 @@ class LaminStore:
                     delete_artifact(old, keep_path=str(artifact.path))
         if defer_replaced and replaced:
             with self._lock:
-                self._replaced[artifact.pk] = (snapshot.key, str(artifact.path), replaced)
+                self._replaced[artifact.pk] = (snapshot.key, replaced)
         if set_flags:
             self._apply_flags(ln, prefix, snapshot, artifact)
         with self._lock:
@@ -967,28 +967,33 @@ class LaminStore:
 
     def delete_replaced(self, artifact: Any) -> None:
         """Delete the older artifacts of its key that committing ``artifact`` replaced
-        (see ``defer_replaced``), once its event was delivered. One that is gone already
-        (a later commit of the key deleted it) is skipped. A deletion that fails is
-        logged and left: the key's next commit deletes the older rows again."""
+        (see ``defer_replaced``): once the earlier saves' events were delivered, before
+        ``artifact``'s. Those gone already are skipped, and so is one a later save of the
+        key found again by its content (see :meth:`_committed_to_reuse`): it is that
+        save's artifact now. An error is raised (the pipeline retries), and what is left
+        to delete stays known for the retry."""
         with self._lock:
-            entry = self._replaced.pop(artifact.pk, None)
+            entry = self._replaced.get(artifact.pk)
         if entry is None:
             return
-        key, keep_path, replaced = entry
+        key, replaced = entry
+        immediate_transactions()
         with _key_lock(key):
+            with self._lock:
+                kept = {a.id for a in self._uncommitted.values() if id(a) in self._reused}
+                kept.add(self._committed.get(key, (0, None))[1])
+            kept.add(artifact.pk)
+            deleted: set[int] = set()
             for old in replaced:
-                try:
-                    if type(old).objects.filter(pk=old.pk).exists():
-                        delete_artifact(old, keep_path=keep_path)
-                except Exception as error:
-                    log.warning(
-                        "lamin-lightning: could not delete the older artifact %s of %r that"
-                        " a later save replaced (%s: %s); the next save of the key deletes it",
-                        getattr(old, "uid", old),
-                        key,
-                        type(error).__name__,
-                        error,
-                    )
+                if old.id is None or old.id in kept:
+                    continue
+                victim = _ln().Artifact.filter(id=old.id).first()
+                if victim is not None:
+                    delete_artifact(victim, keep_paths=self._paths_in_use(key, victim))
+                    deleted.add(old.id)
+        with self._lock:
+            self._replaced.pop(artifact.pk, None)
+        self._forget_flags(key, only=deleted)
 
     def others_under_key(
         self, key: str, exclude_id: int | None = None, *, older_only: bool = True

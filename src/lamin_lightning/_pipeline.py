@@ -85,9 +85,13 @@ class JobSpec:
         after_delivery: Called on the committer thread once the commit's event was
             delivered (retried like a commit): a removal deletes here what its event
             names, so that observers are told while the artifact still exists, as the
-            reference tells them before it deletes; a save deletes the older artifacts
-            of its key (whose events were delivered before its own). If it fails for
-            good, ``fail`` is called and its event delivered too.
+            reference tells them before it deletes. If it fails for good, ``fail`` is
+            called and its event delivered too.
+        before_delivery: Called on the committer thread once every earlier job's event
+            was delivered, before this job's (retried like a commit): a save deletes
+            here the older artifacts of its key, so that the earlier saves' observers
+            find theirs, and this one's find only its own, as the reference orders it.
+            If it fails for good it is logged, and the event delivered all the same.
         beyond_limit: Admitted beyond ``max_pending``, without waiting for a slot or
             taking one: a replay, whose file has been on disk since the run that
             journaled it (the limit bounds what training adds), so that ``setup``
@@ -105,6 +109,7 @@ class JobSpec:
     prepare: Callable[[], int] | None = None
     payload: Any = None
     after_delivery: Callable[[], None] | None = None
+    before_delivery: Callable[[], None] | None = None
     beyond_limit: bool = False
 
 
@@ -400,9 +405,9 @@ class AsyncPipeline:
                     )
         if job.error is not None:
             event = await self._failed(job)
-        elif spec.after_delivery is None or spec.operation == "save":
-            # A LaminDB removal deletes after delivery: done only then. A save is
-            # persisted now (what it does after delivery is cleaning up what it replaced).
+        elif spec.after_delivery is None and spec.before_delivery is None:
+            # A LaminDB removal deletes after delivery, a save what it replaced before
+            # its delivery: done only then.
             job.state = JobState.COMMITTED
         self._deliver_send.send_nowait((job, event))
 
@@ -448,6 +453,27 @@ class AsyncPipeline:
             del job, event  # hold nothing while waiting (see _commit_loop)
 
     async def _deliver_one(self, job: _Job, event: Any) -> None:
+        if job.error is None and job.spec.before_delivery is not None:
+            try:
+                await call_with_retries(
+                    self._retry,
+                    partial(self._committer.run, job.spec.before_delivery),
+                    partial(self._on_retry, job),
+                )
+                job.state = JobState.COMMITTED
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as failed:
+                error = failed.error if isinstance(failed, AttemptsExhausted) else failed
+                log.warning(
+                    "lamin-lightning: %r is persisted, but what it replaced could not be"
+                    " cleaned up (%s: %s); it stays in the outbox, for the next setup or"
+                    " `lamin-lightning flush`",
+                    job.spec.key,
+                    type(error).__name__,
+                    error_text(error),
+                )
+                self._escalate(error)
         if event is not None:
             self.delivering = (job.spec.key, time.monotonic())
             try:

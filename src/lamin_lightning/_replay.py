@@ -202,16 +202,20 @@ def build_job(
             after_delivery=delete_found if find is not None else None,
         )
 
-    # A store that deletes the key's older artifacts once this save's event was
-    # delivered (LaminDB's): an earlier save's event, delivered before it, names an
-    # artifact that still exists.
+    # A store that deletes the key's older artifacts once the earlier jobs' events were
+    # delivered, before this save's (LaminDB's): an earlier save's event names an
+    # artifact that still exists, this one's the key's only one, as by the reference.
     replaced = getattr(store, "delete_replaced", None)
     replaced = replaced if callable(replaced) else None
     committed: list[Any] = []
 
     def delete_replaced() -> None:
         if replaced is not None and committed:
-            replaced(committed.pop())
+            replaced(committed[0])  # raises to be retried: the artifact stays named
+            committed.clear()
+        # Settled only now: a crash before leaves the job to replay, whose commit finds
+        # its artifact again and replaces the key's older ones (never two left).
+        settled("saved")
 
     def transfer() -> Any:
         durable()
@@ -256,9 +260,10 @@ def build_job(
             unannotated_features=tuple(unannotated),
         )
         told(event)
-        settled("saved")
         if replaced is not None:
-            committed.append(artifact)
+            committed[:] = [artifact]  # settled once what it replaced is gone
+        else:
+            settled("saved")
         return event
 
     def discard() -> None:
@@ -280,7 +285,7 @@ def build_job(
         size_bytes=0 if prepare is not None else record.size(),
         prepare=prepare,
         payload=record,
-        after_delivery=delete_replaced if replaced is not None else None,
+        before_delivery=delete_replaced if replaced is not None else None,
     )
 
 

@@ -76,7 +76,14 @@ def kill_points() -> dict[str, tuple[type, str]]:
         "trashed": (Submitter, "trash_for_removal"),
         # training thread: last.ckpt moved aside for its rewrite, the new one not written
         "moved_aside": (Submitter, "move_aside"),
+        # committer: a save's event delivered, the key's older artifact not deleted yet
+        # (killed before the call, see BEFORE)
+        "replacing": (LaminStore, "delete_replaced"),
     }
+
+
+# Steps whose kill lands before the method runs, not after it.
+BEFORE = {"replacing"}
 
 
 def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
@@ -88,6 +95,13 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
     lock = threading.Lock()
 
     def ended(*args: Any, **kwargs: Any) -> Any:
+        if step in BEFORE:
+            with lock:
+                replacing = step != "replacing" or args[1].pk in args[0]._replaced
+                count[0] += replacing
+                if replacing and count[0] == after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
         result = real(*args, **kwargs)
         if step == "journaled_removal" and args[1].op != "remove":
             return result

@@ -342,6 +342,10 @@ KILL_STEPS = [
     ("trashed", 2),
     ("moved_aside", 1),
     ("moved_aside", 3),
+    # A pipeline thread: the second save of last.ckpt committed and its event delivered,
+    # the older last.ckpt's artifact not deleted yet. The flush replays that save (it is
+    # settled only once the older artifact is gone): one artifact of the key is left.
+    ("replacing", 1),
 ]
 
 
