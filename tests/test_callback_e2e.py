@@ -573,6 +573,41 @@ def test_a_failure_a_later_job_of_its_key_made_moot_is_reported_as_such(
     assert staged_files(dirpath) == []
 
 
+def test_after_a_crash_a_failure_a_later_save_made_moot_is_logged_as_such(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training raises: the failures are logged (the crash goes on), and one that a later
+    save of its key made moot says so, at warning level, instead of "not persisted" as
+    an error alone."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()  # nothing persists before the crash: the failures come in its flush
+    store.fail_next(1, error=lambda: PermanentError("quota exceeded"))
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        every_n_train_steps=1,
+        save_top_k=0,
+        save_last=True,
+        retry=RetryPolicy.no_delay(),
+        max_workers=1,
+    )
+    probe = Probe(on_exception=lambda trainer, seen: store.release())
+    with (
+        caplog.at_level(logging.WARNING, logger="lamin_lightning"),
+        pytest.raises(RuntimeError, match="boom"),
+    ):
+        make_trainer(tmp_path, [probe, callback], max_steps=4).fit(
+            TinyModel(fail_at_step=2), loader(4)
+        )
+
+    said = [r for r in caplog.records if r.getMessage().startswith("not persisted:")]
+    assert [r.levelno for r in said] == [logging.WARNING], [r.getMessage() for r in said]
+    assert "'checkpoints/last.ckpt'" in said[0].getMessage()
+    assert "replaced since by a later save of its key" in said[0].getMessage()
+    assert store.keys() == {key("last.ckpt")}
+
+
 def test_without_an_outbox_the_persistence_error_names_no_flush(tmp_path: Path) -> None:
     """With ``outbox=False`` nothing retries a failed save: the message says so, instead
     of a flush command that would find nothing."""

@@ -640,3 +640,36 @@ def test_a_save_that_replaces_older_artifacts_is_settled_only_once_they_are_dele
     spec.before_delivery()
     assert calls == ["commit defer=True", "delete_replaced artifact"]
     assert settled == ["saved"]
+
+
+def test_a_removal_whose_deletion_fails_after_its_event_leaves_earlier_failures_standing(
+    tmp_path: Path,
+) -> None:
+    """LaminDB's removal tells its removed event, then deletes. If that deletion then
+    fails for good (a failed event for the removal follows), the removal settled nothing:
+    an earlier failed save of the key still stays in the outbox, and its report must not
+    call it moot ("its key was removed since")."""
+    from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent
+    from lamin_lightning._jobs import JobRecord
+
+    callback = MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ckpt")
+    key = "checkpoints/epoch=0-step=1.ckpt"
+    local = tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
+    save = JobRecord(op="save", kind="checkpoint", key=key, local_path=str(local))
+    removal = JobRecord(op="remove", kind="checkpoint", key=key, local_path=str(local))
+    common = {"kind": "checkpoint", "key": key, "local_path": local, "trainer": None}
+
+    callback._on_outcome(save, ArtifactFailedEvent(**common, error=OSError("x"), attempts=1))
+    callback._on_outcome(removal, ArtifactRemovedEvent(**common))
+    failures, replaced = callback._take_failures_and_replaced()
+    assert len(failures) == 1 and replaced == {0: "remove"}  # the removal settled it
+
+    callback._on_outcome(save, ArtifactFailedEvent(**common, error=OSError("x"), attempts=1))
+    callback._on_outcome(removal, ArtifactRemovedEvent(**common))
+    callback._on_outcome(
+        removal,
+        ArtifactFailedEvent(**common, error=OSError("y"), attempts=3, operation="remove"),
+    )
+    failures, replaced = callback._take_failures_and_replaced()
+    assert [f.operation for f in failures] == ["save", "remove"]
+    assert replaced == {}  # the deletion failed: the failed save still counts

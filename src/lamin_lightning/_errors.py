@@ -56,7 +56,7 @@ class PersistenceError(LaminLightningError, RuntimeError):
             f"  {f.operation} {f.key!r} after {f.attempts} attempt(s): "
             f"{type(f.error).__name__}: {error_text(f.error)}"
             + (
-                _replaced(since[i])
+                replaced_note(since[i])
                 if i in since
                 else f"{_never_written(f)}{_outside(f, unjournaled) if outbox else ''}"
             )
@@ -92,7 +92,7 @@ class PersistenceError(LaminLightningError, RuntimeError):
         )
 
 
-def _replaced(how: str) -> str:
+def replaced_note(how: str) -> str:
     """The note for a failed job that a later job of its key made moot (see
     ``Outbox._settle``): ``how`` is the later job's operation."""
     if how == "remove":

@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lamin_lightning._errors import PersistenceError, shell_word
+from lamin_lightning._errors import PersistenceError, replaced_note, shell_word
 from lamin_lightning._events import (
     ArtifactFailedEvent,
 )
@@ -181,13 +181,16 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 raise escalated[0]
             self._surface_failures()
         else:
-            for failure in self._take_failures():
-                log.error(
-                    "not persisted: %s %r (%s: %s)",
+            failures, replaced = self._take_failures_and_replaced()
+            for i, failure in enumerate(failures):
+                log.log(
+                    logging.WARNING if i in replaced else logging.ERROR,
+                    "not persisted: %s %r (%s: %s)%s",
                     failure.operation,
                     failure.key,
                     type(failure.error).__name__,
                     failure.error,
+                    replaced_note(replaced[i]) if i in replaced else "",
                 )
 
 

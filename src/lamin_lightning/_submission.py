@@ -470,6 +470,12 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             # A replay that fails again is warned about and stays in the outbox: it is an
             # earlier run's job, and must not fail this one.
             with self._lock:
+                if event.operation == "remove":
+                    # A removal whose deletion failed after its removed event (LaminDB's
+                    # order): it settled nothing, so the key's earlier failures still count.
+                    for failure in self._unreported_failures:
+                        if failure.key == record.key:
+                            self._replaced_failures.pop(id(failure), None)
                 self._unreported_failures.append(event)
 
     def _replace_failures(self, record: JobRecord) -> None:
