@@ -605,8 +605,8 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         }
 
     def _replacing_store(self) -> Any:
-        # The older artifacts of a key go once the save's event was delivered: an
-        # earlier save's observers find its artifact, as the reference's do.
+        # The older artifacts of a key go after the earlier saves' events were delivered,
+        # before this save's: their observers find their artifacts, as the reference's do.
         return self._store
 
     @override

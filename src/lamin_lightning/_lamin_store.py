@@ -895,7 +895,7 @@ class LaminStore:
                 # Found again by a save of the same key and content since (see
                 # _committed_to_reuse): it is that save's artifact now, in flight or
                 # committed after the removal found it.
-                kept = {a.id for a in self._uncommitted.values() if id(a) in self._reused}
+                kept = self._found_again_in_flight()
                 commits, last = self._committed.get(removal.key, (0, None))
                 if commits != removal.commits:
                     kept.add(last)
@@ -911,6 +911,11 @@ class LaminStore:
                     deleted.add(candidate.id)
         # Flags read meanwhile may name what went; not a later save's artifact of the key.
         self._forget_flags(removal.key, only=deleted)
+
+    def _found_again_in_flight(self) -> set[int | None]:
+        """Ids of committed artifacts a save in flight found again by its content (see
+        :meth:`_committed_to_reuse`): that save's now, not to delete. Under ``_lock``."""
+        return {a.id for a in self._uncommitted.values() if id(a) in self._reused}
 
     def _paths_in_use(self, key: str, victim: Any) -> set[str]:
         """Where the other artifacts of ``key`` keep their bytes, committed or still being
@@ -980,7 +985,7 @@ class LaminStore:
         immediate_transactions()
         with _key_lock(key):
             with self._lock:
-                kept = {a.id for a in self._uncommitted.values() if id(a) in self._reused}
+                kept = self._found_again_in_flight()
                 kept.add(self._committed.get(key, (0, None))[1])
             kept.add(artifact.pk)
             deleted: set[int] = set()

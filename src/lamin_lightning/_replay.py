@@ -210,7 +210,7 @@ def build_job(
     committed: list[Any] = []
 
     def delete_replaced() -> None:
-        if replaced is not None and committed:
+        if replaced is not None and committed:  # none: an override persisted nothing
             replaced(committed[0])  # raises to be retried: the artifact stays named
             committed.clear()
         # Settled only now: a crash before leaves the job to replay, whose commit finds
@@ -238,7 +238,7 @@ def build_job(
             )
             settled("dropped")
             return None
-        if replaced is not None:  # the older artifacts of the key go after delivery
+        if replaced is not None:  # the older artifacts of the key go before its delivery
             unannotated = store.commit(  # type: ignore[call-arg]
                 record, artifact, replay=recovered, set_flags=set_flags, defer_replaced=True
             )

@@ -41,9 +41,6 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         del trainer, other_ranks
         return 0
 
-    def _take_failures(self) -> list[ArtifactFailedEvent]:
-        return self._take_failures_and_replaced()[0]
-
     def _take_failures_and_replaced(self) -> tuple[list[ArtifactFailedEvent], dict[int, str]]:
         """The failures not reported yet, and which of them a later job of their key made
         moot (by index: the later job's operation)."""

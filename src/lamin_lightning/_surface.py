@@ -315,8 +315,8 @@ class ArtifactHooks:
 
     def _replacing_store(self) -> Any:
         """A store whose ``delete_replaced`` deletes the older artifacts of a key that
-        :meth:`commit_checkpoint_artifact` replaced, once the save's event was delivered;
-        None: the commit deletes them at once."""
+        :meth:`commit_checkpoint_artifact` replaced, after the earlier saves' events and
+        before this save's are delivered; None: the commit deletes them at once."""
         return None
 
     # -- delivery thread -----------------------------------------------------------------------
