@@ -1464,3 +1464,25 @@ def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
     assert sha256_file(last) == previous, "the previous checkpoint is back"
     assert store.keys() == set(), "the interrupted save was persisted with the previous bytes"
     assert report.remaining == [] and pending_records(dirpath) == []
+
+
+@pytest.mark.parametrize("cls_name", ["MemoryCheckpoint", "Checkpoint"])
+def test_link_checkpoint_looked_up_on_the_class_is_lightnings_static_method(
+    tmp_path: Path, cls_name: str
+) -> None:
+    """``ModelCheckpoint._link_checkpoint`` is a ``staticmethod``; code written for it
+    (Lightning's own tests, plugins) calls it on the class with the trainer first. On
+    our classes that call must work as on Lightning's; on an instance it is ours."""
+    import lamin_lightning
+    from lamin_lightning import testing
+
+    cls = getattr(testing, cls_name, None) or getattr(lamin_lightning, cls_name)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    target = tmp_path / "epoch=0.ckpt"
+    target.write_bytes(b"x")
+    link = tmp_path / "last.ckpt"
+    cls._link_checkpoint(trainer, filepath=str(target), linkpath=str(link))
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert cls._link_checkpoint is ModelCheckpoint._link_checkpoint
+    instance = testing.MemoryCheckpoint(dirpath=tmp_path / "ckpts")
+    assert instance._link_checkpoint.__self__ is instance

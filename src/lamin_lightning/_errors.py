@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lamin_lightning._events import ArtifactFailedEvent
+from lamin_lightning._events import ArtifactFailedEvent
 
 
 class LaminLightningError(Exception):

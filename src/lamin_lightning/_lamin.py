@@ -16,9 +16,13 @@ import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+
+# At run time, not only for type checkers: LightningCLI (jsonargparse) and
+# ``typing.get_type_hints`` resolve the constructor's annotations.
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.cli import SaveConfigCallback as _LightningSaveConfigCallback
 from typing_extensions import override
 
@@ -59,9 +63,6 @@ from lamin_lightning._options import (
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._submission import refuse_conflicts
 from lamin_lightning._surface import pipeline_job_key
-
-if TYPE_CHECKING:
-    from lightning.fabric.utilities.types import _PATH
 
 __all__ = [
     "ArtifactPublisher",
@@ -109,7 +110,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             name must exist as a feature: unknown names fail at ``setup``.
         monitor: Metric to rank checkpoints by.
         verbose: Verbosity of ``ModelCheckpoint``.
-        save_last: Also save ``last.ckpt``.
+        save_last: Also save ``last.ckpt`` (``"link"``: as a link to the latest checkpoint).
         save_top_k: How many best checkpoints to keep (-1: all).
         save_weights_only: Save weights only.
         mode: ``"min"`` or ``"max"``.
@@ -158,7 +159,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         features: dict[Literal["run", "artifact"], dict[str, Any]] | None = None,
         monitor: str | None = None,
         verbose: bool = False,
-        save_last: bool | None = None,
+        save_last: bool | Literal["link"] | None = None,
         save_top_k: int = 1,
         save_weights_only: bool = False,
         mode: Literal["min", "max"] = "min",

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
+from types import MethodType
 from typing import Any
 from weakref import proxy
 
@@ -47,6 +48,28 @@ from lamin_lightning._write_io import saving_to_snapshots
 log = logging.getLogger("lamin_lightning")
 
 PIPELINE_THREAD_PREFIX = "lamin-lightning"
+
+
+class _LightningStaticOnClass:
+    """A method that stays Lightning's ``staticmethod`` when looked up on the class.
+
+    ``ModelCheckpoint._link_checkpoint`` is a ``staticmethod`` (code calls it as
+    ``ModelCheckpoint._link_checkpoint(trainer, filepath=..., linkpath=...)``); ours needs
+    the callback. On an instance this is our method; on the class, Lightning's.
+    """
+
+    def __init__(self, method: Any) -> None:
+        self._method = method
+        self.__doc__ = method.__doc__
+        self.__wrapped__ = method
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return getattr(pl.callbacks.ModelCheckpoint, self._name)
+        return MethodType(self._method, obj)
 
 
 class LightningViewCheckpoint(ReportingCheckpoint):
@@ -261,7 +284,8 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             finally:
                 self._last_checkpoint_saved = latest
 
-    def _link_checkpoint(  # type: ignore[override]  # Lightning's is a staticmethod
+    @_LightningStaticOnClass
+    def _link_checkpoint(  # Lightning's is a staticmethod: see _LightningStaticOnClass
         self, trainer: pl.Trainer, filepath: str, linkpath: str
     ) -> None:
         """Lightning's link (``save_last="link"``) to a file that may still be written.

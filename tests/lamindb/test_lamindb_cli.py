@@ -128,3 +128,46 @@ def test_cli_yaml_sets_knobs_and_config_is_saved_as_run_input(
     assert (ref_artifact.description, ref_artifact.kind) == (artifact.description, artifact.kind)
     assert ref_artifact.run_id == artifact.run_id
     assert ref_artifact in list(fresh_run.input_artifacts.all())
+
+
+def test_cli_yaml_takes_every_model_checkpoint_value_lightning_takes(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``save_last: link`` (Lightning's ``bool | Literal["link"]``) passes the CLI's type
+    check and links ``last.ckpt``; ``dirpath`` as Lightning's ``_PATH`` resolves (the
+    annotation resolved only for type checkers, so ``get_type_hints`` raised)."""
+    import typing
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    hints = typing.get_type_hints(ll.Checkpoint.__init__)
+    lightning_hints = typing.get_type_hints(ModelCheckpoint.__init__)
+    for name in ("dirpath", "save_last", "train_time_interval", "every_n_epochs"):
+        assert hints[name] == lightning_hints[name], name
+
+    monkeypatch.setattr(sys, "argv", ["lamin-lightning-tier"])
+    dirpath = tmp_path / "link-ckpts"
+    config = _config(
+        tmp_path,
+        "link",
+        {
+            "class_path": "lamin_lightning.Checkpoint",
+            "init_args": {
+                "dirpath": str(dirpath),
+                "monitor": "score",
+                "every_n_train_steps": 1,
+                "save_last": "link",
+            },
+        },
+    )
+    cli = _run_cli(config, ll.SaveConfigCallback)
+    callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ll.Checkpoint))
+    assert callback.save_last == "link"
+    last = dirpath / "last.ckpt"
+    assert last.is_symlink()
+    assert Path(callback.best_model_path).name == last.resolve().name
+    keys = {
+        a.key.rsplit("/", 1)[-1]
+        for a in ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix + "/")
+    }
+    assert Path(callback.best_model_path).name in keys
