@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -368,7 +369,11 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     @property
     def checkpoint_key_prefix(self) -> str:
         """Prefix of checkpoint keys: ``{base_prefix}/checkpoints``; available after ``setup``."""
-        base = self.base_prefix
+        base = self.base_prefix  # raises as the reference's does before setup
+        return f"{base}/checkpoints" if base else "checkpoints"
+
+    def _checkpoint_prefix(self, trainer: pl.Trainer) -> str:
+        base = self._base_prefix(trainer)
         return f"{base}/checkpoints" if base else "checkpoints"
 
     @override
@@ -381,10 +386,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         known = cache.get((base, kind, str(filepath)))
         if known is not None:
             return known
-        if kind in ("checkpoint", "hparams"):
-            prefix = f"{base}/checkpoints" if base else "checkpoints"
-        else:
-            prefix = base
+        prefix = self._checkpoint_prefix(trainer) if kind in ("checkpoint", "hparams") else base
         name = (kind == "checkpoint" and _below(self.dirpath, filepath)) or Path(filepath).name
         key = f"{prefix}/{name}" if prefix else name
         if len(cache) > 4096:
@@ -422,7 +424,6 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     @override
     def store_context(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The instance, run and key prefix of this callback's jobs (cached per setup)."""
-        del trainer
         context = self._store_context
         if context is None:
             import lamindb_setup
@@ -433,7 +434,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
                 # default may be another) stores the checkpoint where this run would.
                 "storage": lamindb_setup.settings.storage.root_as_str,
                 "run_uid": self._run.uid if self._run is not None else None,
-                "prefix": self.checkpoint_key_prefix,
+                # From the trainer given, as resolve_artifact_key: a save without setup
+                # (Lightning's _save_*_checkpoint called directly) has no self._trainer.
+                "prefix": self._checkpoint_prefix(trainer),
                 "key_is_virtual": self._key_is_virtual,
             }
         return context
@@ -644,6 +647,12 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     def thread_finalizer() -> None:
         """Close this thread's Django connection (also once the callback is collected)."""
         close_connections()
+
+
+# Lightning's annotations are objects, ours strings (``from __future__ import annotations``):
+# resolve them, so that ``inspect.signature(Checkpoint)`` gives what Lightning's does (a plain
+# ``parser.add_argument(type=...annotation)`` or other introspection without get_type_hints).
+Checkpoint.__init__.__annotations__ = typing.get_type_hints(Checkpoint.__init__)
 
 
 def _by_name(values: Mapping[Any, Any]) -> dict[Any, Any]:

@@ -135,15 +135,21 @@ def test_cli_yaml_takes_every_model_checkpoint_value_lightning_takes(
 ) -> None:
     """``save_last: link`` (Lightning's ``bool | Literal["link"]``) passes the CLI's type
     check and links ``last.ckpt``; ``dirpath`` as Lightning's ``_PATH`` resolves (the
-    annotation resolved only for type checkers, so ``get_type_hints`` raised)."""
+    annotation resolved only for type checkers, so ``get_type_hints`` raised); and the
+    signature holds the annotations themselves, as Lightning's does, not their text."""
+    import inspect
     import typing
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     hints = typing.get_type_hints(ll.Checkpoint.__init__)
     lightning_hints = typing.get_type_hints(ModelCheckpoint.__init__)
+    ours = inspect.signature(ll.Checkpoint).parameters
+    lightnings = inspect.signature(ModelCheckpoint).parameters
     for name in ("dirpath", "save_last", "train_time_interval", "every_n_epochs"):
         assert hints[name] == lightning_hints[name], name
+        # unresolved too, as code that reads a signature without get_type_hints sees it
+        assert ours[name].annotation == lightnings[name].annotation, name
 
     monkeypatch.setattr(sys, "argv", ["lamin-lightning-tier"])
     dirpath = tmp_path / "link-ckpts"

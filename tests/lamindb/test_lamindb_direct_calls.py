@@ -137,3 +137,33 @@ def test_an_override_that_persists_nothing_skips_that_checkpoint_as_the_referenc
     assert ll.flush_directory(dirpath).events == []  # nothing pending
     last = ln.Artifact.get(key=f"{prefix}/epoch=0-step=3.ckpt")
     assert single(artifact_features(ln, last))["is_last_model"] is True
+
+
+@pytest.mark.parametrize("method", ["_save_last_checkpoint", "_save_none_monitor_checkpoint"])
+def test_lightnings_save_methods_called_before_setup_persist_under_the_dirpath_key(
+    ln: Any, tmp_path: Path, no_run: None, method: str
+) -> None:
+    """Lightning's own tests call its ``_save_*_checkpoint`` methods on a trainer that
+    never ran ``fit`` (no ``setup``). The key prefix comes from the trainer given, as the
+    key itself does; it was read from ``checkpoint_key_prefix``, which needs ``setup``."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lamin_lightning._lamin_store import lamin_stats
+
+    dirpath = tmp_path / "ckpts"
+    callback = ll.Checkpoint(dirpath=str(dirpath), filename="{foo:.2f}", save_last=True)
+    trainer = pl.Trainer(
+        callbacks=[callback], logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    model = BoringModel()
+    trainer.strategy.connect(model)
+    getattr(callback, method)(trainer, {"foo": torch.tensor(1)})
+    written = Path(
+        callback.last_model_path if method == "_save_last_checkpoint" else callback.best_model_path
+    )
+    assert written.parent == dirpath and written.is_file()
+    callback.teardown(trainer, model, "fit")  # flushes, as at the end of a fit
+    artifact = ln.Artifact.filter(key=f"{dirpath}/checkpoints/{written.name}").one()
+    assert artifact.hash == lamin_stats(written)["hash"]
