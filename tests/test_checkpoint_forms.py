@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import MagicMock
 
 import lightning.pytorch as pl
 import pytest
@@ -431,6 +432,36 @@ def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_ch
     assert seen["ours"] == seen["plain"]
     removals = seen["ours"][0]
     assert len(removals) == 3 and all(found for _, found in removals)
+    assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
+
+
+def test_a_checkpoint_io_whose_class_lacks_its_methods_is_used_as_with_model_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A CheckpointIO whose methods live on the instance, not on its class (Lightning's
+    own tests pass ``MagicMock(wraps=io, spec=...)``), is called as ModelCheckpoint calls
+    it: every save and every removal goes through it, and nothing raises. The callback
+    looks up its methods on the object, as Lightning calls them."""
+    seen = {}
+    for name in ("plain", "ours"):
+        io = MagicMock(wraps=TorchCheckpointIO(), spec=TorchCheckpointIO)
+        options: dict[str, Any] = {
+            "dirpath": tmp_path / name / "ckpts",
+            "monitor": "score",
+            "save_top_k": 2,
+            "every_n_train_steps": 1,
+        }
+        store = MemoryStore()
+        callback = (
+            ModelCheckpoint(**options) if name == "plain" else MemoryCheckpoint(store, **options)
+        )
+        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, plugins=[io])
+        trainer.fit(TinyModel(scores=SCORES), loader(6))
+        removed = sorted(os.path.basename(c.args[0]) for c in io.remove_checkpoint.call_args_list)
+        seen[name] = (io.save_checkpoint.call_count, removed, checkpoint_files(options["dirpath"]))
+    assert seen["ours"] == seen["plain"]
+    assert seen["ours"][0] > 0 and seen["ours"][1]
     assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
 

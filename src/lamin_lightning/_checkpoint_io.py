@@ -397,10 +397,9 @@ def removes_as_lightning(strategy: Any) -> bool:
     ``remove_checkpoint`` (to archive evicted checkpoints, say) must find the file, as it
     would with ``ModelCheckpoint``.
     """
-    owners = [type(strategy), *(type(io) for io in _chain(strategy.checkpoint_io))]
     return all(
-        str(getattr(owner.remove_checkpoint, "__module__", "")).startswith(_OWN_CODE)
-        for owner in owners
+        _runs_own_code(owner, "remove_checkpoint")
+        for owner in (strategy, *_chain(strategy.checkpoint_io))
     )
 
 
@@ -421,14 +420,27 @@ def rewrites_by_rename(strategy: Any) -> bool:
     name is empty, and the put-back drops that save.
     """
     layers = list(_chain(strategy.checkpoint_io))
-    if not layers or type(layers[-1]).save_checkpoint is not TorchCheckpointIO.save_checkpoint:
+    if (
+        not layers
+        or _function(layers[-1], "save_checkpoint") is not TorchCheckpointIO.save_checkpoint
+    ):
         return False
     if any(isinstance(layer, AsyncCheckpointIO) for layer in layers):
         return False
-    if type(strategy).save_checkpoint is not Strategy.save_checkpoint:
+    if _function(strategy, "save_checkpoint") is not Strategy.save_checkpoint:
         return False  # FSDP, DeepSpeed, XLA: folders of shards, or a writer of their own
-    owners = [type(strategy), *(type(io) for io in layers)]
-    return all(
-        str(getattr(owner.save_checkpoint, "__module__", "")).startswith(_OWN_CODE)
-        for owner in owners
-    )
+    return all(_runs_own_code(owner, "save_checkpoint") for owner in (strategy, *layers))
+
+
+def _function(obj: Any, name: str) -> Any:
+    """The function that ``obj.name`` runs: looked up on the object, as Lightning calls
+    it, so that a method set on the instance (a mock that wraps it, say) counts, and an
+    object whose class lacks it (a ``MagicMock(spec=...)``) raises nothing."""
+    method = getattr(obj, name, None)
+    return getattr(method, "__func__", method)
+
+
+def _runs_own_code(obj: Any, name: str) -> bool:
+    """Whether ``obj.name`` is Lightning's (or our wrappers') code."""
+    module = getattr(_function(obj, name), "__module__", None)
+    return isinstance(module, str) and module.startswith(_OWN_CODE)
