@@ -436,6 +436,43 @@ def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_ch
     assert_store_equals_lightning(store, callback)
 
 
+@pytest.mark.parametrize("form", ["AsyncCheckpointIO", "async_write"])
+def test_a_checkpoint_io_that_archives_evicted_files_written_in_the_background_gets_them(
+    tmp_path: Path, form: str
+) -> None:
+    """A user's ``remove_checkpoint`` is called for every evicted checkpoint also while the
+    checkpoint it was evicted for is written in the background (Lightning's
+    ``AsyncCheckpointIO`` around the user's CheckpointIO, or ``async_write=True``), as
+    ModelCheckpoint calls it: once that checkpoint is written, it is handed the evicted
+    file, which it archives. The callback does not delete the file itself."""
+    seen = {}
+    for name in ("plain", "ours"):
+        io = ArchivingCheckpointIO(tmp_path / name / "archive")
+        options: dict[str, Any] = {
+            "dirpath": tmp_path / name / "ckpts",
+            "monitor": "score",
+            "save_top_k": 2,
+            "every_n_train_steps": 1,
+        }
+        store = MemoryStore()
+        if name == "plain":
+            callback: ModelCheckpoint = ModelCheckpoint(**options)
+        else:
+            callback = MemoryCheckpoint(store, async_write=form == "async_write", **options)
+        plugins = [AsyncCheckpointIO(io) if form == "AsyncCheckpointIO" else io]
+        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, plugins=plugins)
+        trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
+        removed = sorted(name for name, _ in io.removals)
+        seen[name] = (removed, checkpoint_files(options["dirpath"]))
+        if name == "ours":
+            assert all(found for _, found in io.removals)
+            assert sorted(p.name for p in io.archive.iterdir()) == removed
+    assert seen["ours"] == seen["plain"]
+    assert len(seen["ours"][0]) == 3
+    assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
+
+
 def test_a_checkpoint_io_whose_class_lacks_its_methods_is_used_as_with_model_checkpoint(
     tmp_path: Path,
 ) -> None:

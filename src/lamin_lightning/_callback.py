@@ -713,8 +713,15 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # never an artifact whose checkpoint Lightning already dropped.
         settle = submitter.journal(record)
         if after is not None:
+            # A strategy or CheckpointIO of the user's is handed the file then (it archives
+            # it, say), as ModelCheckpoint hands it; Lightning's own removal is ours.
+            by_user = not self._removes_as_lightning(trainer)
             remove = submitter.remove_once_written(
-                root, filepath, after, then=partial(self._evictions.removed, filepath)
+                root,
+                filepath,
+                after,
+                then=partial(self._evictions.removed, filepath),
+                remove=partial(super()._remove_checkpoint, trainer, filepath) if by_user else None,
             )
         elif self._removes_as_lightning(trainer):
             # A rename now, the deletion on the intake thread (Lightning's own removal
