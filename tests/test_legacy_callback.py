@@ -62,3 +62,39 @@ def test_a_training_error_comes_out_while_storage_hangs(
         released.set()
         fitting.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError)
+
+
+def test_every_epoch_is_uploaded_while_an_earlier_upload_is_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One version per epoch, as the reference saves: an epoch that ended while the
+    previous epoch's upload ran dropped that queued version as superseded (a newer save
+    of one key drops an unstarted one: right for ``last.ckpt``, not for versions)."""
+    import torch
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        callback = _legacy.Callback(tmp_path / "model.ckpt", "legacy/model.ckpt")
+    released = threading.Event()
+    uploaded: list[int] = []
+    annotated: list[int] = []
+
+    def upload(staged: Path) -> Any:
+        epoch = int(torch.load(staged, weights_only=False)["epoch"])
+        if not uploaded:
+            assert released.wait(60)  # the first upload runs until training has ended
+        uploaded.append(epoch)
+        return epoch
+
+    monkeypatch.setattr(callback, "on_train_start", lambda trainer, pl_module: None)
+    monkeypatch.setattr(callback, "_upload", upload)
+    monkeypatch.setattr(
+        callback, "_annotate", lambda staged, values, artifact: annotated.append(artifact)
+    )
+    training_ended = LambdaCallback(on_train_end=lambda trainer, pl_module: released.set())
+    make_trainer(tmp_path, [callback, training_ended], max_steps=-1, max_epochs=4).fit(
+        TinyModel(), loader(2)
+    )
+    assert uploaded == [0, 1, 2, 3]
+    assert annotated == [0, 1, 2, 3]

@@ -102,6 +102,7 @@ class Callback(pl.Callback):
                 fail=partial(self._fail, staged),
                 discard=partial(release_staged, staged),
                 size_bytes=staged.stat().st_size,
+                supersedable=False,  # one version per epoch, as the reference saves
             )
         )
 

@@ -96,6 +96,10 @@ class JobSpec:
             taking one: a replay, whose file has been on disk since the run that
             journaled it (the limit bounds what training adds), so that ``setup``
             queues a long outbox at once and training starts.
+        supersedable: A save that a newer save (or a removal) of its key drops while it
+            has not started (``last.ckpt``: only the newest file counts). False for a
+            key whose every save is a version of its own (the deprecated ``Callback``
+            saves one version per epoch under one key): each is transferred, in order.
     """
 
     operation: Operation
@@ -111,6 +115,7 @@ class JobSpec:
     after_delivery: Callable[[], None] | None = None
     before_delivery: Callable[[], None] | None = None
     beyond_limit: bool = False
+    supersedable: bool = True
 
 
 class JobState(enum.Enum):
@@ -270,7 +275,9 @@ class AsyncPipeline:
                 self._release_slot()
             self._stats.add(pending=-1)
             raise RuntimeError("the persistence pipeline is stopped; no new jobs are accepted")
-        previous = self._queued_saves.pop(spec.key, None)
+        previous = None
+        if spec.operation == "remove" or spec.supersedable:
+            previous = self._queued_saves.pop(spec.key, None)
         if previous is not None:
             state = JobState.CANCELLED if spec.operation == "remove" else JobState.SUPERSEDED
             self._drop(previous, state)
@@ -292,7 +299,7 @@ class AsyncPipeline:
             job.state = JobState.TRANSFERRED
             job.transferred.set()
         else:
-            if spec.operation == "save":
+            if spec.operation == "save" and spec.supersedable:
                 self._queued_saves[spec.key] = job
             job.after = self._last_transfer.get(spec.key)
             self._last_transfer[spec.key] = job
