@@ -29,6 +29,7 @@ from helpers import (
     recording_submissions,
 )
 from lamin_lightning import ArtifactFailedEvent, ArtifactRemovedEvent, RetryPolicy
+from lamin_lightning._errors import ArgumentTypeError
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
 pytestmark = [
@@ -66,10 +67,10 @@ BAD_KNOBS: list[tuple[str, Any, type[Exception]]] = [
     ("retry", -3, ValueError),
     ("retry", {"attempt": 3}, ValueError),  # misspelt field
     ("retry", {"attempts": 0}, ValueError),
-    ("retry", {"attempts": "3"}, ValueError),
+    ("retry", {"attempts": "3"}, ArgumentTypeError),
     ("retry", {"initial_backoff": -1}, ValueError),
     ("retry", {"initial_backoff": 2, "max_backoff": 1}, ValueError),
-    ("retry", {"jitter": "a lot"}, ValueError),
+    ("retry", {"jitter": "a lot"}, ArgumentTypeError),
     # NaN failed the first retry for good; infinity slept for ever.
     ("retry", {"jitter": float("nan")}, ValueError),
     ("retry", {"max_backoff": float("nan")}, ValueError),
@@ -83,7 +84,9 @@ BAD_KNOBS: list[tuple[str, Any, type[Exception]]] = [
     ("flush_timeout", float("nan"), ValueError),
     ("on_error", "boom", ValueError),
     ("on_error", "RAISE", ValueError),
-    ("on_error", None, ValueError),
+    ("on_error", None, ArgumentTypeError),
+    ("on_error", 1, ArgumentTypeError),
+    ("on_error", ["raise"], ArgumentTypeError),
     ("async_write", "yes", ValueError),
     ("async_write", 1, ValueError),
     ("async_write", None, ValueError),

@@ -10,7 +10,7 @@ import pytest
 
 from lamin_lightning import PermanentError, RetryPolicy, TransientError
 from lamin_lightning._bridge import PersistencePipeline
-from lamin_lightning._errors import AttemptsExhausted
+from lamin_lightning._errors import ArgumentTypeError, AttemptsExhausted
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._retry import call_with_retries
 from lamin_lightning.testing import is_testing, no_retry_delays, set_testing
@@ -21,16 +21,19 @@ from lamin_lightning.testing import is_testing, no_retry_delays, set_testing
     [
         ({"attempts": 0}, ValueError, "attempts"),
         ({"attempts": -3}, ValueError, "attempts"),
-        ({"attempts": 2.5}, TypeError, "attempts"),
-        ({"attempts": True}, TypeError, "attempts"),
+        ({"attempts": 2.5}, ArgumentTypeError, "attempts"),
+        ({"attempts": True}, ArgumentTypeError, "attempts"),
         ({"initial_backoff": -1}, ValueError, "initial_backoff"),
-        ({"initial_backoff": "1s"}, ValueError, "initial_backoff"),
+        ({"initial_backoff": "1s"}, ArgumentTypeError, "initial_backoff"),
         ({"max_backoff": -0.1}, ValueError, "max_backoff"),
         ({"jitter": -1}, ValueError, "jitter"),
-        ({"jitter": True}, ValueError, "jitter"),
+        ({"jitter": True}, ArgumentTypeError, "jitter"),
         ({"initial_backoff": 5, "max_backoff": 1}, ValueError, "max_backoff"),
         ({"transient_errors": ["OSError"]}, ValueError, "transient_errors"),
-        ({"transient_errors": [3]}, ValueError, "transient_errors"),
+        ({"transient_errors": [3]}, ArgumentTypeError, "transient_errors"),
+        # One name alone was read letter by letter ("got 'b'").
+        ({"transient_errors": "builtins.OSError"}, ArgumentTypeError, "list of dotted"),
+        ({"transient_errors": 3}, ArgumentTypeError, "transient_errors"),
     ],
 )
 def test_invalid_policy_raises_an_error_naming_the_parameter(

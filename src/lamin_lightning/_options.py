@@ -54,7 +54,8 @@ def validate_retry(value: Any) -> RetryPolicy:
         try:
             return RetryPolicy(**value) if isinstance(value, Mapping) else RetryPolicy(value)
         except (TypeError, ValueError) as error:
-            raise ValueError(
+            kind = ArgumentTypeError if isinstance(error, TypeError) else ValueError
+            raise kind(
                 f"retry={value!r} is not a valid retry policy: {error}. Pass a number of"
                 " attempts >= 1 or a mapping of RetryPolicy fields (attempts, initial_backoff,"
                 " max_backoff, jitter, transient_errors)"
@@ -92,5 +93,6 @@ def validate_bool(name: str, value: Any) -> bool:
 def validate_on_error(value: Any) -> OnError:
     """``"raise"`` or ``"warn"``; otherwise a ValueError naming ``on_error``."""
     if value not in ON_ERROR_VALUES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_VALUES}, got {value!r}")
+        error = ValueError if isinstance(value, str) else ArgumentTypeError
+        raise error(f"on_error must be one of {ON_ERROR_VALUES}, got {value!r}")
     return value  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TypeVar
@@ -18,7 +18,12 @@ from typing import TypeVar
 import anyio
 import tenacity
 
-from lamin_lightning._errors import AttemptsExhausted, PermanentError, TransientError
+from lamin_lightning._errors import (
+    ArgumentTypeError,
+    AttemptsExhausted,
+    PermanentError,
+    TransientError,
+)
 
 T = TypeVar("T")
 
@@ -97,7 +102,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.attempts, int) or isinstance(self.attempts, bool):
-            raise TypeError(f"RetryPolicy(attempts=...) must be an int >= 1, got {self.attempts!r}")
+            raise ArgumentTypeError(
+                f"RetryPolicy(attempts=...) must be an int >= 1, got {self.attempts!r}"
+            )
         if self.attempts < 1:
             raise ValueError(
                 f"RetryPolicy(attempts={self.attempts}) must be >= 1 (1 means no retries)"
@@ -107,27 +114,36 @@ class RetryPolicy:
             # NaN failed every retry; an infinite first backoff or jitter slept for ever.
             # An infinite max_backoff is no cap: the backoffs stay finite.
             unbounded = name == "max_backoff" and value == math.inf
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not (math.isfinite(value) or unbounded)
-                or value < 0
-            ):
+            wrong_type = isinstance(value, bool) or not isinstance(value, int | float)
+            if wrong_type or not (math.isfinite(value) or unbounded) or value < 0:
                 what = (
                     "a number of seconds >= 0, or inf for no cap"
                     if name == "max_backoff"
                     else ("a finite number of seconds >= 0")
                 )
-                raise ValueError(f"RetryPolicy({name}={value!r}) must be {what}")
+                error = ArgumentTypeError if wrong_type else ValueError
+                raise error(f"RetryPolicy({name}={value!r}) must be {what}")
         if self.max_backoff < self.initial_backoff:
             raise ValueError(
                 f"RetryPolicy(max_backoff={self.max_backoff}) must be >= "
                 f"initial_backoff={self.initial_backoff}"
             )
+        names: object = self.transient_errors  # typed a tuple; a user may pass anything
+        if isinstance(names, str | bytes) or not isinstance(names, Iterable):
+            # One name alone was taken letter by letter ("got 'b'").
+            raise ArgumentTypeError(
+                "RetryPolicy(transient_errors=...) takes a list of dotted exception class"
+                f" names such as ['builtins.OSError'], got {names!r}"
+            )
         # A YAML list arrives as a list: store a tuple so the policy stays hashable.
-        object.__setattr__(self, "transient_errors", tuple(self.transient_errors))
+        object.__setattr__(self, "transient_errors", tuple(names))
         for name in self.transient_errors:
-            if not isinstance(name, str) or "." not in name:
+            if not isinstance(name, str):
+                raise ArgumentTypeError(
+                    "RetryPolicy(transient_errors=...) takes dotted exception class names"
+                    f" such as 'builtins.OSError', got {name!r}"
+                )
+            if "." not in name:
                 raise ValueError(
                     "RetryPolicy(transient_errors=...) takes dotted exception class names"
                     f" such as 'builtins.OSError', got {name!r}"
