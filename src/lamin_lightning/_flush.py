@@ -36,7 +36,9 @@ log = logging.getLogger("lamin_lightning")
 
 @dataclass
 class FlushReport:
-    """What ``lamin-lightning flush`` did; every pending job is in exactly one list.
+    """What ``lamin-lightning flush`` did. Every replayed job is in exactly one of
+    ``events`` and ``dropped``; ``remaining`` lists those still pending afterwards (a
+    failed one is in ``events`` too, with its failed event).
 
     Attributes:
         events: The events of the replayed jobs, in order (saved, removed, failed); one
@@ -48,7 +50,9 @@ class FlushReport:
         refused: Of ``remaining``, those that cannot be replayed here, with why.
         busy: Journals another process holds (a training run still going).
         unreadable: Pending jobs this version cannot read (written by a newer version,
-            or damaged): ``(journal, job id, why)``. They stay in their journal.
+            or damaged): ``(journal, job id, why)``. They stay in their journal, unless
+            a later job of their key (same journal, same store) made them moot: its
+            replay settles them, as any earlier job of its key, and they are not listed.
     """
 
     events: list[AnyArtifactEvent] = field(default_factory=list)

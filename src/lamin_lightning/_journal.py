@@ -326,7 +326,7 @@ class _State:
                     job_id,
                     "%s: cannot read job %s (%s: %s); it stays in the journal, and the folder"
                     " counts as pending until a version of lamin-lightning that reads it"
-                    " flushes it",
+                    " flushes it (or a later job of its key here makes it moot)",
                     path,
                     job_id,
                     type(error).__name__,
