@@ -17,10 +17,12 @@ from unittest.mock import MagicMock
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from checkpoint_forms import (
     FOLDER_FILES,
@@ -436,18 +438,119 @@ def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_ch
     assert_store_equals_lightning(store, callback)
 
 
-@pytest.mark.parametrize("form", ["AsyncCheckpointIO", "async_write"])
+class HeldArchivingCheckpointIO(ArchivingCheckpointIO):
+    """Archives evicted checkpoints; from its ``held_from``-th write on, each write waits
+    for a permit (at most 20 s), which the callback's wait for it hands out (see
+    :func:`_hand_out_permits`): every eviction is decided while its replacement is still
+    being written in the background, and the callback must wait for it to go on."""
+
+    def __init__(self, archive: Path, held_from: int) -> None:
+        super().__init__(archive)
+        self.held_from, self.writes = held_from, 0
+        self.permits = threading.Semaphore(0)
+        self.unheld: list[int] = []  # writes whose permit never came
+        self.removed_on: set[str] = set()
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self.writes += 1
+        if self.writes >= self.held_from and not self.permits.acquire(timeout=20):
+            self.unheld.append(self.writes)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.removed_on.add(threading.current_thread().name)
+        super().remove_checkpoint(path)
+
+
+def _hand_out_permits(callback: MemoryCheckpoint, io: HeldArchivingCheckpointIO) -> list[str]:
+    """Make the callback's wait for a replacement's write hand ``io`` the permit that
+    write waits for; returns the list of the waits' replacement paths."""
+    evictions = callback._evictions
+    write_of = evictions.write_of
+    waited: list[str] = []
+
+    def handing_out(path: str) -> Any:
+        write = write_of(path)
+        if write is None:
+            return None
+        wait = write.wait
+
+        def wait_with_permit(timeout: float | None = None) -> bool:
+            waited.append(os.path.basename(path))
+            io.permits.release()
+            return wait(timeout)
+
+        write.wait = wait_with_permit
+        return write
+
+    evictions.write_of = handing_out  # type: ignore[method-assign]
+    return waited
+
+
 def test_a_checkpoint_io_that_archives_evicted_files_written_in_the_background_gets_them(
-    tmp_path: Path, form: str
+    tmp_path: Path,
 ) -> None:
-    """A user's ``remove_checkpoint`` is called for every evicted checkpoint also while the
-    checkpoint it was evicted for is written in the background (Lightning's
-    ``AsyncCheckpointIO`` around the user's CheckpointIO, or ``async_write=True``), as
-    ModelCheckpoint calls it: once that checkpoint is written, it is handed the evicted
-    file, which it archives. The callback does not delete the file itself."""
+    """A user's ``remove_checkpoint`` is handed every evicted checkpoint, on the training
+    thread, as ModelCheckpoint hands it, also when the checkpoint it was evicted for is
+    still being written by Lightning's ``AsyncCheckpointIO`` around the user's CheckpointIO:
+    the callback waits for that write, then hands the file over. Before, the pipeline
+    deleted such a file itself (the archive lacked it), and then, for a while, called the
+    user's code later on its own thread (under DDP a strategy's collective there hung).
+    Top 2 of SCORES: saves 3, 4 and 5 each evict one, while their own writes are held."""
+    io_plain = ArchivingCheckpointIO(tmp_path / "plain" / "archive")
+    options: dict[str, Any] = {"monitor": "score", "save_top_k": 2, "every_n_train_steps": 1}
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain" / "ckpts", **options)
+    trainer = make_trainer(tmp_path / "plain", [plain], max_steps=6, plugins=[io_plain])
+    trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
+
+    store = MemoryStore()
+    io = HeldArchivingCheckpointIO(tmp_path / "ours" / "archive", held_from=3)
+    callback = MemoryCheckpoint(store, dirpath=tmp_path / "ours" / "ckpts", **options)
+    waited = _hand_out_permits(callback, io)
+    trainer = make_trainer(
+        tmp_path / "ours", [callback], max_steps=6, plugins=[AsyncCheckpointIO(io)]
+    )
+    trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
+
+    assert io.unheld == [] and len(waited) == 3  # each eviction waited for its replacement
+    assert io.removals == io_plain.removals and len(io.removals) == 3
+    assert all(found for _, found in io.removals)
+    assert sorted(p.name for p in io.archive.iterdir()) == sorted(n for n, _ in io.removals)
+    assert io.removed_on == {threading.main_thread().name}
+    assert checkpoint_files(tmp_path / "ours" / "ckpts") == checkpoint_files(
+        tmp_path / "plain" / "ckpts"
+    )
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
+
+
+class ArchivingStrategy(SingleDeviceStrategy):
+    """A user's strategy that moves evicted checkpoints into an archive folder."""
+
+    def __init__(self, archive: Path) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self.archive = archive
+        self.removals: list[tuple[str, bool]] = []
+        self.removed_on: set[str] = set()
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        self.removed_on.add(threading.current_thread().name)
+        found = os.path.exists(filepath)
+        self.removals.append((os.path.basename(filepath), found))
+        if found:
+            self.archive.mkdir(exist_ok=True)
+            shutil.move(filepath, self.archive / os.path.basename(filepath))
+
+
+def test_a_strategy_that_archives_evicted_files_gets_them_with_async_write(
+    tmp_path: Path,
+) -> None:
+    """``async_write=True`` with a strategy of the user's overriding ``remove_checkpoint``:
+    it is handed every evicted checkpoint, as with ModelCheckpoint, whether or not the
+    replacement's background write was finished at the eviction."""
     seen = {}
     for name in ("plain", "ours"):
-        io = ArchivingCheckpointIO(tmp_path / name / "archive")
+        strategy = ArchivingStrategy(tmp_path / name / "archive")
         options: dict[str, Any] = {
             "dirpath": tmp_path / name / "ckpts",
             "monitor": "score",
@@ -458,17 +561,14 @@ def test_a_checkpoint_io_that_archives_evicted_files_written_in_the_background_g
         if name == "plain":
             callback: ModelCheckpoint = ModelCheckpoint(**options)
         else:
-            callback = MemoryCheckpoint(store, async_write=form == "async_write", **options)
-        plugins = [AsyncCheckpointIO(io) if form == "AsyncCheckpointIO" else io]
-        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, plugins=plugins)
+            callback = MemoryCheckpoint(store, async_write=True, **options)
+        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, strategy=strategy)
         trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
-        removed = sorted(name for name, _ in io.removals)
-        seen[name] = (removed, checkpoint_files(options["dirpath"]))
-        if name == "ours":
-            assert all(found for _, found in io.removals)
-            assert sorted(p.name for p in io.archive.iterdir()) == removed
+        archived = sorted(p.name for p in strategy.archive.iterdir())
+        seen[name] = (strategy.removals, archived, checkpoint_files(options["dirpath"]))
     assert seen["ours"] == seen["plain"]
-    assert len(seen["ours"][0]) == 3
+    assert len(seen["ours"][0]) == 3 and all(found for _, found in seen["ours"][0])
+    assert strategy.removed_on == {threading.main_thread().name}  # as ModelCheckpoint's
     assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
 
@@ -507,9 +607,10 @@ class FailingHeldWrite(TorchCheckpointIO):
     """``torch.save``, but the ``nth`` write of a file named ``name`` (``*``: any) fails
     as on a full disk, writing nothing: ``held``, once :attr:`gate` opens; else at once."""
 
-    def __init__(self, name: str, nth: int, *, held: bool = True) -> None:
+    def __init__(self, name: str, nth: int, *, held: bool = True, partial: bool = False) -> None:
         super().__init__()
         self.name, self.nth, self.seen, self.held = name, nth, 0, held
+        self.partial = partial  # the failing write leaves part of a file, as in place
         self.gate = threading.Event()
         self.failed = threading.Event()
 
@@ -519,6 +620,8 @@ class FailingHeldWrite(TorchCheckpointIO):
             if self.seen == self.nth:
                 if self.held:
                     assert self.gate.wait(60), "the gate never opened"
+                if self.partial:
+                    Path(path).write_bytes(b"PK\x03\x04 cut short")
                 self.failed.set()
                 raise OSError(errno.ENOSPC, "No space left on device")
         super().save_checkpoint(checkpoint, path, storage_options)
@@ -600,6 +703,28 @@ def test_an_async_checkpoint_io_write_that_fails_never_costs_the_checkpoint_it_r
 
     assert io.seen == 3
     assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt"}
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
+    assert set(callback.best_k_models) == {str(dirpath / "epoch=0-step=2.ckpt")}
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
+
+
+def test_an_async_checkpoint_io_write_cut_short_never_costs_the_checkpoint_it_replaced(
+    tmp_path: Path,
+) -> None:
+    """As above, but the failing write (a user's CheckpointIO that writes in place, on a
+    full disk) left part of its file: the eviction in its favour looked only for the
+    file, found it, and deleted step 2, leaving the cut-short step 3 alone. It asks the
+    write now."""
+    store = MemoryStore()
+    io = FailingHeldWrite("*", nth=3, partial=True)
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
+    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+
+    assert io.seen == 3
+    assert (dirpath / "epoch=0-step=2.ckpt").is_file()
     assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
     assert set(callback.best_k_models) == {str(dirpath / "epoch=0-step=2.ckpt")}
     assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
@@ -1088,3 +1213,62 @@ def test_writes_queued_after_lightnings_teardown_give_their_names_back(tmp_path:
 
     assert all(path.exists() for path in finals)
     assert [_names.name_taken(path) for path in finals] == [False, False]
+
+
+_SYNCED_REMOVAL_FIT = """
+import os, sys, threading
+sys.path.insert(0, {tests!r})
+from lightning.pytorch.strategies import DDPStrategy
+from helpers import TinyModel, loader, make_trainer
+from lamin_lightning.testing import MemoryCheckpoint, MemoryStore
+
+
+class SyncedRemoval(DDPStrategy):
+    def remove_checkpoint(self, filepath):
+        print("removes", self.global_rank, os.path.basename(filepath),
+              threading.current_thread() is threading.main_thread(), flush=True)
+        self.barrier("remove")
+        if self.is_global_zero:
+            self.checkpoint_io.remove_checkpoint(filepath)
+
+
+if __name__ == "__main__":
+    root = sys.argv[1]
+    callback = MemoryCheckpoint(MemoryStore(), dirpath=root + "/ckpts", monitor="score",
+                                save_top_k=2, every_n_train_steps=1, async_write=True)
+    strategy = SyncedRemoval(start_method="fork", process_group_backend="gloo")
+    trainer = make_trainer(root, [callback], max_steps=6, devices=2, strategy=strategy)
+    trainer.fit(TinyModel(width=512, scores={scores!r}), loader(12, width=512))
+    if trainer.is_global_zero:
+        print("kept", sorted(os.listdir(root + "/ckpts")), flush=True)
+"""
+
+
+def test_a_ddp_strategy_whose_removal_meets_the_other_ranks_is_called_on_every_training_thread(
+    tmp_path: Path,
+) -> None:
+    """Under DDP with ``async_write``, a strategy of the user's whose ``remove_checkpoint``
+    takes part in a collective (a barrier): every rank calls it on its training thread, as
+    with ModelCheckpoint, also while rank zero's replacement is still being written. Rank
+    zero called it later on the pipeline's intake thread for a while (the other ranks at
+    once): the barrier never met, and the fit hung."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fit.py"
+    tests = str(Path(__file__).parent)
+    script.write_text(_SYNCED_REMOVAL_FIT.format(tests=tests, scores=SCORES))
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    removes = [line.split() for line in done.stdout.splitlines() if line.startswith("removes")]
+    evicted = ["epoch=0-step=1.ckpt", "epoch=0-step=3.ckpt", "epoch=0-step=2.ckpt"]
+    for rank in ("0", "1"):
+        assert [name for _, r, name, _ in removes if r == rank] == evicted
+    assert all(on_main == "True" for *_, on_main in removes)
+    assert "kept ['epoch=0-step=4.ckpt', 'epoch=0-step=5.ckpt']" in done.stdout

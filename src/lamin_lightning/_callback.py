@@ -708,20 +708,23 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # Evicted in favour of a checkpoint still being written (async_write): removed
         # once that exists, kept if it never will (the record says so for a replay).
         after = self._evictions.replacement_for(filepath)
+        write = self._evictions.write_of(after) if after is not None else None
+        if write is not None and not self._removes_as_lightning(trainer):
+            # A strategy or CheckpointIO of the user's is handed the file here, on the
+            # training thread, as ModelCheckpoint hands it (it archives it, say; under
+            # DDP its strategy may meet the other ranks there), once the replacement is
+            # written: waited for now (rare: an eviction that soon after a save).
+            write.wait()
+            if not write.failed():
+                self._evictions.removed(filepath)
+                after = write = None
         record = self._record(trainer, "remove", "checkpoint", filepath, after=after)
         # Journaled before the file goes: a crash in between leaves a removal to replay,
         # never an artifact whose checkpoint Lightning already dropped.
         settle = submitter.journal(record)
         if after is not None:
-            # A strategy or CheckpointIO of the user's is handed the file then (it archives
-            # it, say), as ModelCheckpoint hands it; Lightning's own removal is ours.
-            by_user = not self._removes_as_lightning(trainer)
             remove = submitter.remove_once_written(
-                root,
-                filepath,
-                after,
-                then=partial(self._evictions.removed, filepath),
-                remove=partial(super()._remove_checkpoint, trainer, filepath) if by_user else None,
+                root, filepath, after, then=partial(self._evictions.removed, filepath), write=write
             )
         elif self._removes_as_lightning(trainer):
             # A rename now, the deletion on the intake thread (Lightning's own removal

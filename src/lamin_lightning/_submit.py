@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamin_lightning import _aside
 from lamin_lightning._bridge import PersistencePipeline
@@ -46,6 +46,9 @@ from lamin_lightning._staging import (
 )
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning.store import ArtifactStore
+
+if TYPE_CHECKING:
+    from lamin_lightning._evictions import BackgroundWrite
 
 log = logging.getLogger("lamin_lightning")
 
@@ -511,18 +514,17 @@ class Submitter:
         filepath: str | Path,
         replacement: str | Path,
         then: Callable[[], None] | None = None,
-        remove: Callable[[], None] | None = None,
+        write: BackgroundWrite | None = None,
     ) -> Callable[[], int]:
         """Lightning's removal of ``filepath``, for the intake thread, once ``replacement``
-        (written in the background, by an earlier job) exists; none if it was never written.
-        ``remove`` is that removal where it is not Lightning's own code (a strategy or
-        CheckpointIO of the user's, which must find the file); else the file is deleted
-        here.
+        (written in the background, by an earlier job: ``write``) exists; none if it was
+        never written, or its write failed (a writer that writes in place may leave part
+        of a file).
 
         The jobs' preparations run one at a time in submission order, so the
         replacement's write, and the staging of ``filepath``, are finished by then.
         """
-        return RemovalOnceWritten(self.stager(root), filepath, replacement, then, remove)
+        return RemovalOnceWritten(self.stager(root), filepath, replacement, then, write)
 
     def trash_for_removal(self, root: Path, filepath: str | Path) -> Callable[[], int]:
         """Move a file Lightning removes aside now; return the deletion, for the intake."""
@@ -585,7 +587,7 @@ class RemovalOnceWritten:
     by then Lightning may have written a new checkpoint under the same name (top-k names
     without a version counter), so the folder no longer tells."""
 
-    __slots__ = ("_filepath", "_remove", "_replacement", "_stager", "_then", "kept")
+    __slots__ = ("_filepath", "_replacement", "_stager", "_then", "_write", "kept")
 
     def __init__(
         self,
@@ -593,23 +595,22 @@ class RemovalOnceWritten:
         filepath: str | Path,
         replacement: str | Path,
         then: Callable[[], None] | None,
-        remove: Callable[[], None] | None = None,
+        write: BackgroundWrite | None = None,
     ) -> None:
         self._stager = stager
         self._filepath = filepath
         self._replacement = replacement
         self._then = then
-        self._remove = remove
+        self._write = write
         self.kept: bool | None = None  # None until it ran
 
     def __call__(self) -> int:
         try:
-            if os.path.lexists(self._replacement):
-                if self._remove is not None:
-                    self._remove()  # the user's strategy or CheckpointIO: it finds the file
+            failed = self._write is not None and self._write.failed()
+            if not failed and os.path.lexists(self._replacement):
                 # Not renamed into the trash (another filesystem: dirpath is a mount point,
                 # or the file is in a linked subfolder): deleted here, as Lightning would.
-                elif not self._stager.trash(self._filepath):
+                if not self._stager.trash(self._filepath):
                     remove_path(self._filepath)
                 self.kept = False
             else:
