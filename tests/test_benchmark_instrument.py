@@ -6,6 +6,7 @@ commit spans, and ``bench_drain.py`` failed on an empty median. This runs it on 
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -67,6 +68,9 @@ def test_lightnings_own_removal_is_kept_apart_per_checkpoint_and_ours_leaves_it_
     removals: list[bool] = []  # whether the file was there when Lightning removed it
 
     def slow_removal(strategy_remove: Any) -> Any:
+        # functools.wraps: still Lightning's removal for the callback (a wrapper that says
+        # what it wraps); without it, it is a user's, which is handed the file.
+        @functools.wraps(strategy_remove)
         def remove(filepath: str) -> None:
             removals.append(Path(filepath).exists())
             time.sleep(slow)

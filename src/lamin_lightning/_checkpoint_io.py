@@ -435,8 +435,14 @@ def rewrites_by_rename(strategy: Any) -> bool:
 def _function(obj: Any, name: str) -> Any:
     """The function that ``obj.name`` runs: looked up on the object, as Lightning calls
     it, so that a method set on the instance (a mock that wraps it, say) counts, and an
-    object whose class lacks it (a ``MagicMock(spec=...)``) raises nothing."""
+    object whose class lacks it (a ``MagicMock(spec=...)``) raises nothing. A wrapper
+    that says what it wraps (``functools.wraps``: a timer, a logger) is that function."""
     method = getattr(obj, name, None)
+    for _ in range(16):  # a chain of wrappers, bounded (a cycle would not end)
+        inner = getattr(method, "__wrapped__", None)
+        if inner is None:
+            break
+        method = inner
     return getattr(method, "__func__", method)
 
 
