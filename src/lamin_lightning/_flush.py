@@ -44,7 +44,9 @@ class FlushReport:
         events: The events of the replayed jobs, in order (saved, removed, failed); one
             per job: a removal whose deletion failed after its removed event (which
             ``on_event`` got) is here as failed only.
-        dropped: Jobs a later job of the same key made moot during the replay.
+        dropped: Jobs that did nothing: a later job of the same key made them moot, a
+            removal kept its file (the checkpoint that replaced it was never written),
+            or a save's file was never written (its background write was cut short).
         remaining: Jobs still pending afterwards (failed, refused, or not reached
             before the timeout).
         refused: Of ``remaining``, those that cannot be replayed here, with why.
