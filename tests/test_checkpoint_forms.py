@@ -730,6 +730,43 @@ def test_an_async_checkpoint_io_write_cut_short_never_costs_the_checkpoint_it_re
     assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
 
 
+class ArchivingFailingWrite(FailingHeldWrite):
+    """:class:`FailingHeldWrite` whose ``remove_checkpoint`` archives evicted files."""
+
+    def __init__(self, archive: Path, **kwargs: Any) -> None:
+        super().__init__("*", nth=3, **kwargs)
+        self.archive = archive
+        self.removals: list[str] = []
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.removals.append(os.path.basename(path))
+        self.archive.mkdir(exist_ok=True)
+        shutil.move(path, self.archive / os.path.basename(path))
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["writes-nothing", "writes-part"])
+def test_a_user_removal_is_not_handed_the_checkpoint_whose_replacement_failed(
+    tmp_path: Path, partial: bool
+) -> None:
+    """As above, with a CheckpointIO of the user's that archives evicted files: step 3's
+    write fails (leaving nothing, or part of its file), so step 2, evicted in its favour,
+    stays in the folder, in the store and in Lightning's state; the user's removal is
+    handed only what was evicted for checkpoints that exist."""
+    store = MemoryStore()
+    io = ArchivingFailingWrite(tmp_path / "archive", held=False, partial=partial)
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
+    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+
+    assert io.seen == 3
+    assert io.removals == ["epoch=0-step=1.ckpt"]
+    assert (dirpath / "epoch=0-step=2.ckpt").is_file()
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
+
+
 @pytest.mark.parametrize("held", [True, False], ids=["fails-later", "fails-at-once"])
 def test_an_async_checkpoint_io_rewrite_of_last_that_fails_keeps_the_previous_last(
     held: bool, tmp_path: Path
