@@ -783,6 +783,10 @@ def test_an_interrupted_backpressure_wait_keeps_the_async_checkpoint_and_its_job
         max_pending=1,
         flush_timeout=1.0,
         async_write=True,
+        # A snapshot slot each for step 1's two files: with one, last.ckpt could wait for
+        # the first file's write to finish (a loaded machine), a wait counted as an
+        # admission wait too, and the interrupt then came before last.ckpt had a snapshot.
+        max_snapshots=2,
     )
 
     def sigterm() -> None:
