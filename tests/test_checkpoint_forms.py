@@ -401,11 +401,43 @@ class ArchivingCheckpointIO(TorchCheckpointIO):
         self.removals: list[tuple[str, bool]] = []  # (name, whether the file was there)
 
     def remove_checkpoint(self, path: Any) -> None:
-        found = os.path.exists(path)
-        self.removals.append((os.path.basename(path), found))
-        if found:
-            self.archive.mkdir(exist_ok=True)
-            shutil.move(path, self.archive / os.path.basename(path))
+        _archive(self.archive, self.removals, path)
+
+
+def _archive(archive: Path, removals: list[tuple[str, bool]], path: Any) -> None:
+    """Move the evicted file ``path`` into ``archive``; note whether it was there."""
+    found = os.path.exists(path)
+    removals.append((os.path.basename(path), found))
+    if found:
+        archive.mkdir(exist_ok=True)
+        shutil.move(path, archive / os.path.basename(path))
+
+
+def _fit_plain_and_ours(
+    tmp_path: Path, width: int, make: Callable[[str], dict[str, Any]], **knobs: Any
+) -> dict[str, tuple[Any, MemoryStore, Path]]:
+    """The same 6-step top-2 fit of SCORES with ModelCheckpoint (``plain``) and ours, each
+    with the trainer options ``make(name)`` gives (a plugin, a strategy); per name, the
+    callback, our store (empty for ``plain``) and the checkpoint folder."""
+    out = {}
+    for name in ("plain", "ours"):
+        dirpath = tmp_path / name / "ckpts"
+        options: dict[str, Any] = {
+            "dirpath": dirpath,
+            "monitor": "score",
+            "save_top_k": 2,
+            "every_n_train_steps": 1,
+        }
+        store = MemoryStore()
+        callback = (
+            ModelCheckpoint(**options)
+            if name == "plain"
+            else MemoryCheckpoint(store, **options, **knobs)
+        )
+        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, **make(name))
+        trainer.fit(TinyModel(width=width, scores=SCORES), loader(6, width=width))
+        out[name] = (callback, store, dirpath)
+    return out
 
 
 def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_checkpoint(
@@ -414,23 +446,13 @@ def test_a_checkpoint_io_that_archives_evicted_files_finds_them_as_with_model_ch
     """A user's ``remove_checkpoint`` is handed the evicted file, as ModelCheckpoint hands
     it (only Lightning's own removal lets the callback move it aside first), and every
     kept checkpoint still persists. Large files: their staged copies are hard links."""
-    seen = {}
-    for name in ("plain", "ours"):
-        io = ArchivingCheckpointIO(tmp_path / name / "archive")
-        options: dict[str, Any] = {
-            "dirpath": tmp_path / name / "ckpts",
-            "monitor": "score",
-            "save_top_k": 2,
-            "every_n_train_steps": 1,
-        }
-        store = MemoryStore()
-        callback = (
-            ModelCheckpoint(**options) if name == "plain" else MemoryCheckpoint(store, **options)
-        )
-        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, plugins=[io])
-        trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
-        archived = sorted(p.name for p in io.archive.iterdir())
-        seen[name] = (io.removals, archived, checkpoint_files(options["dirpath"]))
+    ios = {name: ArchivingCheckpointIO(tmp_path / name / "archive") for name in ("plain", "ours")}
+    fits = _fit_plain_and_ours(tmp_path, 512, lambda name: {"plugins": [ios[name]]})
+    seen = {
+        name: (io.removals, sorted(p.name for p in io.archive.iterdir()), checkpoint_files(d))
+        for (name, io), (_, _, d) in zip(ios.items(), fits.values(), strict=True)
+    }
+    callback, store, _ = fits["ours"]
     assert seen["ours"] == seen["plain"]
     removals = seen["ours"][0]
     assert len(removals) == 3 and all(found for _, found in removals)
@@ -535,11 +557,7 @@ class ArchivingStrategy(SingleDeviceStrategy):
 
     def remove_checkpoint(self, filepath: Any) -> None:
         self.removed_on.add(threading.current_thread().name)
-        found = os.path.exists(filepath)
-        self.removals.append((os.path.basename(filepath), found))
-        if found:
-            self.archive.mkdir(exist_ok=True)
-            shutil.move(filepath, self.archive / os.path.basename(filepath))
+        _archive(self.archive, self.removals, filepath)
 
 
 def test_a_strategy_that_archives_evicted_files_gets_them_with_async_write(
@@ -548,24 +566,18 @@ def test_a_strategy_that_archives_evicted_files_gets_them_with_async_write(
     """``async_write=True`` with a strategy of the user's overriding ``remove_checkpoint``:
     it is handed every evicted checkpoint, as with ModelCheckpoint, whether or not the
     replacement's background write was finished at the eviction."""
-    seen = {}
-    for name in ("plain", "ours"):
-        strategy = ArchivingStrategy(tmp_path / name / "archive")
-        options: dict[str, Any] = {
-            "dirpath": tmp_path / name / "ckpts",
-            "monitor": "score",
-            "save_top_k": 2,
-            "every_n_train_steps": 1,
-        }
-        store = MemoryStore()
-        if name == "plain":
-            callback: ModelCheckpoint = ModelCheckpoint(**options)
-        else:
-            callback = MemoryCheckpoint(store, async_write=True, **options)
-        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, strategy=strategy)
-        trainer.fit(TinyModel(width=512, scores=SCORES), loader(6, width=512))
-        archived = sorted(p.name for p in strategy.archive.iterdir())
-        seen[name] = (strategy.removals, archived, checkpoint_files(options["dirpath"]))
+    strategies = {
+        name: ArchivingStrategy(tmp_path / name / "archive") for name in ("plain", "ours")
+    }
+    fits = _fit_plain_and_ours(
+        tmp_path, 512, lambda name: {"strategy": strategies[name]}, async_write=True
+    )
+    seen = {
+        name: (s.removals, sorted(p.name for p in s.archive.iterdir()), checkpoint_files(d))
+        for (name, s), (_, _, d) in zip(strategies.items(), fits.values(), strict=True)
+    }
+    callback, store, _ = fits["ours"]
+    strategy = strategies["ours"]
     assert seen["ours"] == seen["plain"]
     assert len(seen["ours"][0]) == 3 and all(found for _, found in seen["ours"][0])
     assert strategy.removed_on == {threading.main_thread().name}  # as ModelCheckpoint's
@@ -580,23 +592,16 @@ def test_a_checkpoint_io_whose_class_lacks_its_methods_is_used_as_with_model_che
     own tests pass ``MagicMock(wraps=io, spec=...)``), is called as ModelCheckpoint calls
     it: every save and every removal goes through it, and nothing raises. The callback
     looks up its methods on the object, as Lightning calls them."""
+    ios = {
+        name: MagicMock(wraps=TorchCheckpointIO(), spec=TorchCheckpointIO)
+        for name in ("plain", "ours")
+    }
+    fits = _fit_plain_and_ours(tmp_path, 4, lambda name: {"plugins": [ios[name]]})
     seen = {}
-    for name in ("plain", "ours"):
-        io = MagicMock(wraps=TorchCheckpointIO(), spec=TorchCheckpointIO)
-        options: dict[str, Any] = {
-            "dirpath": tmp_path / name / "ckpts",
-            "monitor": "score",
-            "save_top_k": 2,
-            "every_n_train_steps": 1,
-        }
-        store = MemoryStore()
-        callback = (
-            ModelCheckpoint(**options) if name == "plain" else MemoryCheckpoint(store, **options)
-        )
-        trainer = make_trainer(tmp_path / name, [callback], max_steps=6, plugins=[io])
-        trainer.fit(TinyModel(scores=SCORES), loader(6))
+    for name, io in ios.items():
         removed = sorted(os.path.basename(c.args[0]) for c in io.remove_checkpoint.call_args_list)
-        seen[name] = (io.save_checkpoint.call_count, removed, checkpoint_files(options["dirpath"]))
+        seen[name] = (io.save_checkpoint.call_count, removed, checkpoint_files(fits[name][2]))
+    callback, store, _ = fits["ours"]
     assert seen["ours"] == seen["plain"]
     assert seen["ours"][0] > 0 and seen["ours"][1]
     assert isinstance(callback, MemoryCheckpoint) and callback.persistence_stats.failed == 0
@@ -684,47 +689,37 @@ def _failing_io_trainer(
     )
 
 
-@pytest.mark.parametrize("held", [True, False], ids=["fails-later", "fails-at-once"])
+def _fit_top_1_whose_third_write_fails(
+    tmp_path: Path, io: FailingHeldWrite
+) -> tuple[MemoryStore, Path, MemoryCheckpoint]:
+    """Top 1 of three ever better saves through ``AsyncCheckpointIO(io)``; ``io`` fails
+    the third write, which ``fit`` raises."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
+    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+    return store, dirpath, callback
+
+
+@pytest.mark.parametrize("form", ["fails-later", "fails-at-once", "cut-short"])
 def test_an_async_checkpoint_io_write_that_fails_never_costs_the_checkpoint_it_replaced(
-    held: bool, tmp_path: Path
+    form: str, tmp_path: Path
 ) -> None:
     """Top 1, each save better than the last: step 3's write (queued by AsyncCheckpointIO)
     fails, after Lightning evicted step 2 in its favour or before its save returned.
     Step 2 was removed at once, from the folder and the store, leaving nothing; the
     eviction waits for its replacement now, and is dropped, and Lightning's state names
-    step 2 again."""
-    store = MemoryStore()
-    io = FailingHeldWrite("*", nth=3, held=held)
-    dirpath = tmp_path / "ckpts"
-    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
-    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
-    with pytest.raises(OSError, match="No space left"):
-        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+    step 2 again. ``cut-short``: the failing write (a user's CheckpointIO that writes in
+    place, on a full disk) left part of its file; the eviction looked only for the file,
+    found it, and deleted step 2. It asks the write now."""
+    io = FailingHeldWrite("*", nth=3, held=form != "fails-at-once", partial=form == "cut-short")
+    store, dirpath, callback = _fit_top_1_whose_third_write_fails(tmp_path, io)
 
     assert io.seen == 3
-    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt"}
-    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
-    assert set(callback.best_k_models) == {str(dirpath / "epoch=0-step=2.ckpt")}
-    assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
-
-
-def test_an_async_checkpoint_io_write_cut_short_never_costs_the_checkpoint_it_replaced(
-    tmp_path: Path,
-) -> None:
-    """As above, but the failing write (a user's CheckpointIO that writes in place, on a
-    full disk) left part of its file: the eviction in its favour looked only for the
-    file, found it, and deleted step 2, leaving the cut-short step 3 alone. It asks the
-    write now."""
-    store = MemoryStore()
-    io = FailingHeldWrite("*", nth=3, partial=True)
-    dirpath = tmp_path / "ckpts"
-    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
-    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
-    with pytest.raises(OSError, match="No space left"):
-        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
-
-    assert io.seen == 3
-    assert (dirpath / "epoch=0-step=2.ckpt").is_file()
+    left = {"epoch=0-step=2.ckpt"} | ({"epoch=0-step=3.ckpt"} if form == "cut-short" else set())
+    assert checkpoint_files(dirpath) == left  # the cut-short file is the writer's to delete
     assert store.keys(kind="checkpoint") == {"checkpoints/epoch=0-step=2.ckpt"}
     assert set(callback.best_k_models) == {str(dirpath / "epoch=0-step=2.ckpt")}
     assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
@@ -752,13 +747,8 @@ def test_a_user_removal_is_not_handed_the_checkpoint_whose_replacement_failed(
     write fails (leaving nothing, or part of its file), so step 2, evicted in its favour,
     stays in the folder, in the store and in Lightning's state; the user's removal is
     handed only what was evicted for checkpoints that exist."""
-    store = MemoryStore()
     io = ArchivingFailingWrite(tmp_path / "archive", held=False, partial=partial)
-    dirpath = tmp_path / "ckpts"
-    callback = _folder_callback(store, dirpath, save_top_k=1, save_last=False)
-    trainer = _failing_io_trainer(tmp_path, callback, io, failing_call=3)
-    with pytest.raises(OSError, match="No space left"):
-        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+    store, dirpath, callback = _fit_top_1_whose_third_write_fails(tmp_path, io)
 
     assert io.seen == 3
     assert io.removals == ["epoch=0-step=1.ckpt"]
