@@ -485,27 +485,20 @@ class HeldArchivingCheckpointIO(ArchivingCheckpointIO):
 
 
 def _hand_out_permits(callback: MemoryCheckpoint, io: HeldArchivingCheckpointIO) -> list[str]:
-    """Make the callback's wait for a replacement's write hand ``io`` the permit that
-    write waits for; returns the list of the waits' replacement paths."""
+    """Make the callback's wait for a replacement's write (at an eviction) hand ``io`` the
+    permit that write waits for; returns the names of the files evicted meanwhile."""
     evictions = callback._evictions
-    write_of = evictions.write_of
+    replacement_for = evictions.replacement_for
     waited: list[str] = []
 
-    def handing_out(path: str) -> Any:
-        write = write_of(path)
-        if write is None:
-            return None
-        wait = write.wait
-
-        def wait_with_permit(timeout: float | None = None) -> bool:
-            waited.append(os.path.basename(path))
+    def handing_out(evicted: str, *, wait: bool = False) -> Any:
+        current = evictions._current
+        if wait and current is not None and not current.write.done():
+            waited.append(os.path.basename(evicted))
             io.permits.release()
-            return wait(timeout)
+        return replacement_for(evicted, wait=wait)
 
-        write.wait = wait_with_permit
-        return write
-
-    evictions.write_of = handing_out  # type: ignore[method-assign]
+    evictions.replacement_for = handing_out  # type: ignore[method-assign]
     return waited
 
 

@@ -706,18 +706,14 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         if self.save_last == "link":
             cancel_link(filepath)  # a link still to be made there: not after its removal
         # Evicted in favour of a checkpoint still being written (async_write): removed
-        # once that exists, kept if it never will (the record says so for a replay).
-        after = self._evictions.replacement_for(filepath)
-        write = self._evictions.write_of(after) if after is not None else None
-        if write is not None and not self._removes_as_lightning(trainer):
-            # A strategy or CheckpointIO of the user's is handed the file here, on the
-            # training thread, as ModelCheckpoint hands it (it archives it, say; under
-            # DDP its strategy may meet the other ranks there), once the replacement is
-            # written: waited for now (rare: an eviction that soon after a save).
-            write.wait()
-            if not write.failed():
-                self._evictions.removed(filepath)
-                after = write = None
+        # once that exists, kept if it never will (the record says so for a replay). A
+        # strategy or CheckpointIO of the user's is handed the file on this thread, as
+        # ModelCheckpoint hands it (it archives it, say; under DDP its strategy may meet
+        # the other ranks there): the replacement's write is waited for here (rare: an
+        # eviction that soon after a save), and the removal waits no more unless it failed.
+        by_user = not self._removes_as_lightning(trainer)
+        waits = self._evictions.replacement_for(filepath, wait=by_user)
+        after, write = waits if waits is not None else (None, None)
         record = self._record(trainer, "remove", "checkpoint", filepath, after=after)
         # Journaled before the file goes: a crash in between leaves a removal to replay,
         # never an artifact whose checkpoint Lightning already dropped.
@@ -726,7 +722,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             remove = submitter.remove_once_written(
                 root, filepath, after, then=partial(self._evictions.removed, filepath), write=write
             )
-        elif self._removes_as_lightning(trainer):
+        elif not by_user:
             # A rename now, the deletion on the intake thread (Lightning's own removal
             # below then finds nothing to do).
             remove = submitter.trash_for_removal(root, filepath)

@@ -23,6 +23,8 @@ A CheckpointIO that looks asynchronous but is not Lightning's (its class name sa
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import os
 import threading
@@ -438,11 +440,9 @@ def _function(obj: Any, name: str) -> Any:
     object whose class lacks it (a ``MagicMock(spec=...)``) raises nothing. A wrapper
     that says what it wraps (``functools.wraps``: a timer, a logger) is that function."""
     method = getattr(obj, name, None)
-    for _ in range(16):  # a chain of wrappers, bounded (a cycle would not end)
-        inner = getattr(method, "__wrapped__", None)
-        if inner is None:
-            break
-        method = inner
+    if callable(method):
+        with contextlib.suppress(ValueError):  # wrappers that wrap each other: the outermost
+            method = inspect.unwrap(method)
     return getattr(method, "__func__", method)
 
 

@@ -111,16 +111,22 @@ class Evictions:
         self._writes = [w for w in self._writes if not w.write.done() or w.write.failed()]
         self._writes.append(self._current)
 
-    def replacement_for(self, evicted: str) -> str | None:
-        """The file whose background write ``evicted``'s removal must wait for, if any."""
+    def replacement_for(
+        self, evicted: str, *, wait: bool = False
+    ) -> tuple[str, BackgroundWrite] | None:
+        """The file, and its background write, that ``evicted``'s removal must wait for,
+        if any. ``wait``: wait for that write here first (the removal then waits only if
+        the write failed)."""
         current = self._current
         if current is None or os.path.abspath(current.path) == os.path.abspath(evicted):
             return None
+        if wait:
+            current.write.wait()
         if current.write.done() and not current.write.failed():
             return None  # written already: the removal need not wait
         current.evicted.append(evicted)
         self._removing.add(os.path.realpath(evicted))
-        return current.path
+        return current.path, current.write
 
     def removed(self, evicted: str) -> None:
         """The deferred removal of ``evicted`` ran (pipeline's intake thread)."""

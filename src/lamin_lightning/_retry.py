@@ -138,13 +138,8 @@ class RetryPolicy:
         # A YAML list arrives as a list: store a tuple so the policy stays hashable.
         object.__setattr__(self, "transient_errors", tuple(names))
         for name in self.transient_errors:
-            if not isinstance(name, str):
-                raise ArgumentTypeError(
-                    "RetryPolicy(transient_errors=...) takes dotted exception class names"
-                    f" such as 'builtins.OSError', got {name!r}"
-                )
-            if "." not in name:
-                raise ValueError(
+            if not isinstance(name, str) or "." not in name:
+                raise (ValueError if isinstance(name, str) else ArgumentTypeError)(
                     "RetryPolicy(transient_errors=...) takes dotted exception class names"
                     f" such as 'builtins.OSError', got {name!r}"
                 )
