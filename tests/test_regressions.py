@@ -144,6 +144,30 @@ def test_an_eviction_journaled_last_whose_file_never_left_is_kept(
     assert store.keys() == {"ckpts/b.ckpt"}
 
 
+@pytest.mark.parametrize("compacted", [False, True], ids=["as-written", "compacted"])
+def test_an_eviction_handed_to_the_users_removal_that_kept_the_file_replays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, compacted: bool
+) -> None:
+    """Killed right after a strategy or CheckpointIO of the user's was handed the evicted
+    a.ckpt and returned, leaving the file (it keeps every file, or archives in place): the
+    replay deletes a's artifact, as the run would have, though the file is in the folder
+    (before, it was kept, as for a kill before the call). Also after a compaction."""
+    outbox = _journal(tmp_path)
+    outbox.append(_save(tmp_path, "a.ckpt", at=1, ranking=("a.ckpt",), best="a.ckpt"))
+    outbox.append(_save(tmp_path, "b.ckpt", at=2, ranking=("b.ckpt", "a.ckpt"), best="b.ckpt"))
+    outbox.mark_handed_over(outbox.append(_remove(tmp_path, "a.ckpt", at=3)))
+    if compacted:
+        outbox._compact()
+    outbox.close()
+    store = MemoryStore()
+    with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
+        report = flush_directory(tmp_path, progress=False, stores={"memory": store})
+    assert report.remaining == [] and report.failed == 0
+    assert store.keys() == {"ckpts/b.ckpt"}
+    assert (tmp_path / "a.ckpt").exists()  # the user's to keep
+    assert "before the file left the folder" not in caplog.text
+
+
 def test_an_old_failed_save_replayed_after_newer_commits_leaves_the_flags_alone(
     tmp_path: Path,
 ) -> None:

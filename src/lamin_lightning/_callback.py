@@ -732,6 +732,10 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             # finds the file, as with ModelCheckpoint. Staged first, so the save persists.
             submitter.await_staging(filepath)
             super()._remove_checkpoint(trainer, filepath)
+            # Made, for the user: a replay removes the artifact even where the file stays.
+            handed_over = getattr(settle, "handed_over", None)
+            if handed_over is not None:
+                handed_over()
             remove = None
         self._submit_record(trainer, record, prepare=remove, journaled=settle)
 

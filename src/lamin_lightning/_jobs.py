@@ -140,6 +140,11 @@ class JobRecord:
         written_file: The identity (inode, size, modification time in ns) of the file
             the write of a :attr:`marks_written` save completed, from the journal's
             mark; None while it has none.
+        handed_over: For a removal: a strategy or CheckpointIO of the user's was handed
+            the file and returned (the journal's mark after the call, see
+            ``Outbox.mark_handed_over``). The removal is the user's to make: a file it
+            kept (archived in place, or a removal that keeps every file) does not keep
+            the artifact, as it does not in a run that is not interrupted.
         root: The working folder the record was journaled in (absolute), or None
             (journals before 0.4 did not say; see :meth:`origin`). A replay from a
             journal that is now elsewhere (the checkpoint folder was moved together with
@@ -165,6 +170,7 @@ class JobRecord:
     linked: bool = False
     marks_written: bool = False
     written_file: tuple[int, int, int] | None = None
+    handed_over: bool = False
     root: str | None = None
     recorded: tuple[str, str | None] | None = None
 
@@ -594,6 +600,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         **({"linked": True} if record.linked else {}),
         **({"marks_written": True} if record.marks_written else {}),
         **({"written_file": list(record.written_file)} if record.written_file else {}),
+        **({"handed_over": True} if record.handed_over else {}),
         **({"root": record.root} if record.root else {}),
     }
 
@@ -640,5 +647,6 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         linked=data.get("linked") is True,
         marks_written=data.get("marks_written") is True,
         written_file=_identity(data.get("written_file")),
+        handed_over=data.get("handed_over") is True,
         root=str(data["root"]) if isinstance(data.get("root"), str) and data["root"] else None,
     )

@@ -303,6 +303,12 @@ class _State:
                 entry = self.pending.get(str(item.get("id")))
                 if entry is not None:
                     entry["written_file"] = item.get("file")
+            elif kind == "handed":
+                # A user's strategy or CheckpointIO returned from the removal of a pending
+                # removal's file (see Outbox.mark_handed_over).
+                entry = self.pending.get(str(item.get("id")))
+                if entry is not None:
+                    entry["handed_over"] = True
             elif kind != "open":
                 # Not a line this version writes (damage, or a newer version's kind).
                 log.warning(
@@ -644,6 +650,28 @@ class Outbox:
             log.warning(
                 "could not note in %s that job %s's file was written (%s); a replay of the"
                 " job will drop it",
+                self.path,
+                job_id,
+                error,
+            )
+
+    def mark_handed_over(self, job_id: str) -> None:
+        """Note that a user's strategy or CheckpointIO returned from removing the file of
+        the pending removal ``job_id`` (see ``JobRecord.handed_over``): a replay makes the
+        removal even if that left the file in the folder. Into the page cache, like the
+        job's own line. Never raises: without the mark, a replay that finds the file
+        keeps its artifact (as for a process killed before the call)."""
+        try:
+            with self._lock:
+                entry = self._state.pending.get(job_id)
+                if self._handle is None or entry is None:
+                    return
+                self._write({"t": "handed", "id": job_id})
+                entry["handed_over"] = True
+        except OSError as error:
+            log.warning(
+                "could not note in %s that job %s's file was handed over (%s); a replay of"
+                " the job keeps its artifact if the file is still there",
                 self.path,
                 job_id,
                 error,

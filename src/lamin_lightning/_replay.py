@@ -66,6 +66,10 @@ class Settle:
         """Note that the save's background write completed its file (``identity``)."""
         self.outbox.mark_written(self.job_id, identity)
 
+    def handed_over(self) -> None:
+        """Note that a user's strategy or CheckpointIO returned from the removal's file."""
+        self.outbox.mark_handed_over(self.job_id)
+
 
 def build_job(
     record: JobRecord,
@@ -617,8 +621,15 @@ def _never_moved_aside(record: JobRecord) -> bool:
     was journaled right before the file was to leave, and the process died in between.
     Replayed, it would delete an artifact whose checkpoint is in the folder, which
     Lightning, resumed from the last ``last.ckpt`` (saved before that eviction), still
-    counts as kept."""
-    return record.op == "remove" and record.after is None and os.path.lexists(record.local_path)
+    counts as kept. Not a removal handed to the user's strategy or CheckpointIO that
+    returned (:attr:`JobRecord.handed_over`): the file stays because the user kept it.
+    """
+    return (
+        record.op == "remove"
+        and record.after is None
+        and not record.handed_over
+        and os.path.lexists(record.local_path)
+    )
 
 
 def _never_moved_after_its_replacement(record: JobRecord) -> bool:

@@ -7,6 +7,7 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
   writes ``--marker`` and blocks forever (the test then kills the process).
 - ``--mode slow``: every checkpoint upload writes ``--marker`` and takes 0.3 s longer.
 - ``--mode plain``: no gate.
+- ``--keep-files``: a CheckpointIO of the user's whose ``remove_checkpoint`` keeps the file.
 - ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
   time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl
 import pytest
 from lamindb_tier import TierData, TierModel, block_network, make_trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import lamin_lightning as ll
 from lamin_lightning._lamin import LaminArtifactPublisher
@@ -79,11 +81,14 @@ def kill_points() -> dict[str, tuple[type, str]]:
         # committer: a save's event delivered, the key's older artifact not deleted yet
         # (killed before the call, see BEFORE)
         "replacing": (LaminStore, "delete_replaced"),
+        # training thread: an eviction journaled and its file handed to the user's
+        # CheckpointIO (--keep-files), its removal not admitted yet (killed before)
+        "removal_handed": (ll.Checkpoint, "_submit_record"),
     }
 
 
 # Steps whose kill lands before the method runs, not after it.
-BEFORE = {"replacing"}
+BEFORE = {"replacing", "removal_handed"}
 
 
 def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
@@ -97,7 +102,10 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
     def ended(*args: Any, **kwargs: Any) -> Any:
         if step in BEFORE:
             with lock:
-                replacing = step != "replacing" or args[1].pk in args[0]._replaced
+                if step == "replacing":
+                    replacing = args[1].pk in args[0]._replaced
+                else:  # removal_handed: Checkpoint._submit_record(self, trainer, record)
+                    replacing = args[2].op == "remove"
                 count[0] += replacing
                 if replacing and count[0] == after:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -114,6 +122,13 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
         return result
 
     guard.setattr(owner, name, ended)
+
+
+class KeepFiles(TorchCheckpointIO):
+    """A user's CheckpointIO that keeps every checkpoint file Lightning evicts."""
+
+    def remove_checkpoint(self, path: Any) -> None:
+        pass
 
 
 class Events:
@@ -149,6 +164,7 @@ def main() -> None:
     parser.add_argument("--kill-at", choices=sorted(kill_points()), default=None)
     parser.add_argument("--kill-after", type=int, default=1)
     parser.add_argument("--storage", default=None, help="a storage location to store into")
+    parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
     args = parser.parse_args()
     if args.storage:  # this run's default storage, for this process only (as users do)
         import lamindb
@@ -180,6 +196,7 @@ def main() -> None:
         args.dirpath.parent,
         [callback, prefix],
         max_steps=args.steps,
+        plugins=[KeepFiles()] if args.keep_files else None,
     )
     model = TierModel(scores=SCORES)
     trainer.fit(

@@ -377,6 +377,33 @@ def test_sigkill_at_each_step_of_a_job_then_a_flush_makes_the_store_equal_the_fo
     assert _pending(dirpath) == []
 
 
+def test_sigkill_after_a_users_removal_kept_the_file_then_a_flush_deletes_its_artifact(
+    ln: Any, tmp_path: Path
+) -> None:
+    """A CheckpointIO of the user's keeps every evicted file (its ``remove_checkpoint``
+    does nothing): uninterrupted, each evicted checkpoint's artifact is deleted all the
+    same. SIGKILL right after the first eviction was handed to it, before its removal was
+    admitted: the flush deletes that artifact too (before, it kept it, the file being
+    there), so the store holds what an uninterrupted run's holds: the files Lightning
+    still counts, not the one the user kept."""
+    killed = _start(
+        tmp_path, "plain", "--keep-files", "--kill-at", "removal_handed", "--kill-after", "1"
+    )
+    out, _ = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, f"not killed:\n{out}"
+    prefix = (tmp_path / "report.prefix").read_text()
+    dirpath = tmp_path / "ckpt"
+    evicted = [r for r in _pending(dirpath) if r.op == "remove"]
+    assert [Path(r.local_path).exists() for r in evicted] == [True]
+    flushed = _cli("flush", "--no-progress", str(dirpath))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    on_disk = _on_disk(dirpath, prefix)
+    assert evicted[0].key in on_disk  # the user kept the file
+    del on_disk[evicted[0].key]
+    assert_checkpoint_keys_persisted(ln, prefix, on_disk)
+    assert _pending(dirpath) == []
+
+
 # The rerun trains 12 more steps per case: a subset of the steps (the flush test has all).
 RERUN_STEPS = [("journaled_removal", 1), ("trashed", 2), ("moved_aside", 2)]
 
