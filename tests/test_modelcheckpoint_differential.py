@@ -17,9 +17,6 @@ Most cases use ``MemoryCheckpoint`` (no database); ``test_lamindb_*`` run the re
 Documented differences that are filtered out (docs/migrating.md): dangling ``last`` links
 Lightning leaves behind ("No dangling last link"); MemoryCheckpoint keys by base name, so
 store checks are skipped for file names with a "/" (the real Checkpoint keys by path).
-
-Cases marked ``KNOWN MISMATCH`` are expected to fail (``xfail``, not strict: each is
-a race): they show a known bug in our callback, described in their docstrings.
 """
 
 from __future__ import annotations
@@ -830,24 +827,18 @@ def test_async_write_reuses_the_name_of_a_just_evicted_checkpoint_as_lightning_d
     assert_same(compare(tmp_path / "case", opts, train, knobs={"async_write": True}))
 
 
-@pytest.mark.xfail(
-    reason="KNOWN MISMATCH, documented (docs/migrating.md, 'Two callbacks that save one"
-    " file name are not ordered with each other'; setup warns): two callbacks saving one"
-    " path do not order their writes and commits (see the docstring)",
-    strict=False,
-)
 def test_two_callbacks_rewriting_one_path_leave_the_later_save_as_lightning_does(
     tmp_path: Path,
 ) -> None:
-    """KNOWN MISMATCH (fails today; a race, so it runs a few times). Two of our callbacks
-    in one folder save the same file name at the same step: A (``monitor="train_loss"``,
-    full checkpoint) then B (``monitor=None``, ``save_weights_only=True``,
-    ``enable_version_counter=False``, so it overwrites A's file). ModelCheckpoint leaves
-    B's (later, weights-only) file, and that is the file Lightning keeps. Ours: with
-    async_write the folder often ends with A's (earlier, full) file (about 5 runs in 6);
-    with or without async_write, the store's artifact for that key can hold the other
-    save's bytes than the local file (``store_stale``; sync: about 1-2 runs in 6). The two
-    callbacks' pipelines do not order their writes / commits of one path."""
+    """Two of our callbacks in one folder save the same file name at the same step: A
+    (``monitor="train_loss"``, full checkpoint) then B (``monitor=None``,
+    ``save_weights_only=True``, ``enable_version_counter=False``, so it overwrites A's
+    file). ModelCheckpoint leaves B's (later, weights-only) file, and that is the file
+    Lightning keeps; the store's artifact of the name holds it too. Before, the two
+    pipelines did not order their writes and commits of one name: with async_write the
+    folder often ended with A's file (about 5 runs in 6), and with or without it the
+    artifact could hold A's bytes (``store_stale``, sync: 1 to 3 runs in 12). A race,
+    so it runs a few times, with and without async_write, one worker and four."""
     extra = [
         {
             "monitor": None,
@@ -865,34 +856,29 @@ def test_two_callbacks_rewriting_one_path_leave_the_later_save_as_lightning_does
         "every_n_train_steps": 1,
     }
     train = T(train="tie", n_batches=4, max_epochs=2, extra_callbacks=extra)
-    for attempt in range(6):
-        knobs = {"async_write": True, "max_workers": 1, "outbox": False}
+    for attempt in range(8):
+        knobs = {"async_write": attempt % 2 == 0, "max_workers": 1 + 3 * (attempt // 2 % 2)}
         assert_same(compare(tmp_path / f"case{attempt}", opts, train, knobs=knobs))
 
 
-@pytest.mark.xfail(
-    reason="KNOWN MISMATCH, documented (docs/migrating.md, 'Two callbacks that save one"
-    " file name are not ordered with each other'; setup warns): two callbacks saving one"
-    " path do not order their writes and commits (see the docstring)",
-    strict=False,
-)
 def test_a_link_replacing_another_callbacks_last_file_is_persisted_as_lightning_keeps_it(
     tmp_path: Path,
 ) -> None:
-    """KNOWN MISMATCH (fails today; a race, so it runs a few times). Two of our callbacks
-    share ``CHECKPOINT_NAME_LAST`` ("mylast") in one folder: A writes it as a file
-    (``save_last=True``, ``enable_version_counter=False``), B links it (``save_last="link"``).
-    ModelCheckpoint ends with ``mylast.ckpt`` a link and ``fit`` returns. Ours: A's job for
-    the file B's link replaced either fails (``fit`` raises ``PersistenceError: ...
-    mylast.ckpt did not exist when it was to be persisted``, seen even with
-    async_write=False), or stages the link's target and leaves an artifact
-    ``checkpoints/mylast.ckpt`` for a path that is a link (store_extra), or (async_write)
-    the folder ends with ``mylast.ckpt`` a file instead of a link."""
+    """Two of our callbacks share ``CHECKPOINT_NAME_LAST`` ("mylast") in one folder: A
+    writes it as a file (``save_last=True``, ``enable_version_counter=False``), B links it
+    (``save_last="link"``). ModelCheckpoint ends with ``mylast.ckpt`` a link and ``fit``
+    returns; no artifact is left for the name. Before, A's job for the file B's link
+    replaced could fail (``fit`` raised ``PersistenceError: ... mylast.ckpt did not exist
+    when it was to be persisted``, also with async_write=False), or leave an artifact
+    ``checkpoints/mylast.ckpt`` for a path that is a link (``store_extra``), or (async_write)
+    the folder ended with ``mylast.ckpt`` a file instead of a link (and a pending link of
+    B's, made after A's later file, replaced it: A's job then failed). A race, so it runs
+    a few times."""
     case = random_case(5250)  # the fuzz case that found it
-    for attempt in range(6):
+    for attempt in range(8):
         knobs = {
             "async_write": attempt % 2 == 0,
             "max_workers": 1 + 3 * (attempt // 2 % 2),
-            "outbox": False,
+            "outbox": attempt >= 4,
         }
         assert_same(compare(tmp_path / f"case{attempt}", **{**case, "knobs": knobs}))

@@ -1001,3 +1001,34 @@ def test_ctrl_c_during_the_flush_of_stop_ends_it_while_storage_hangs() -> None:
         hung.set()
     assert [type(error) for error in raised] == [KeyboardInterrupt]
     assert pipe.pending() == []
+
+
+def test_finished_is_called_once_per_job_in_every_final_state() -> None:
+    """``JobSpec.finished`` (what another callback's job of the key waits for) is called
+    once a job is delivered, failed, superseded or cancelled, and only then."""
+    started, release, blocker = gate()
+    finished: list[str] = []
+
+    def tracked(spec: JobSpec, name: str) -> JobSpec:
+        return dataclasses.replace(spec, finished=lambda: finished.append(name))
+
+    def refused() -> Any:
+        raise PermanentError("nope")
+
+    with running(max_workers=1) as (pipe, rec):
+        pipe.submit(tracked(rec.job("busy", transfer=blocker), "busy"))
+        assert started.wait(TIMEOUT)
+        pipe.submit(tracked(rec.job("last", tag="v1"), "superseded"))
+        pipe.submit(tracked(rec.job("last", tag="v2"), "saved"))
+        pipe.submit(tracked(rec.job("gone"), "cancelled"))
+        pipe.submit(tracked(rec.job("gone", operation="remove", with_transfer=False), "removal"))
+        pipe.submit(tracked(rec.job("bad", transfer=refused), "failed"))
+        assert admitted(pipe, "bad", None)
+        assert "busy" not in finished and "saved" not in finished
+        release.set()
+        assert pipe.flush(TIMEOUT)
+
+    assert sorted(finished) == sorted(
+        ["busy", "superseded", "saved", "cancelled", "removal", "failed"]
+    )
+    assert finished.index("busy") < finished.index("saved") < finished.index("failed")

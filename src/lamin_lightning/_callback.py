@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 import threading
 import weakref
@@ -360,41 +359,12 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 self._wait_for_writes(self.dirpath, "before this stage loads a checkpoint")
             if stage == "fit":
                 submitter.ensure_pipeline()
-                self._warn_if_names_may_collide(trainer)
             self._left_in_outbox = []  # replayed now, with the rest of the outbox
             self._replay_unfinished(trainer)
             self._set_up = True
             deferred, self._deferred_files = self._deferred_files, []
             for path, kind in deferred:
                 self.submit_file(trainer, path, kind)
-
-    def _warn_if_names_may_collide(self, trainer: pl.Trainer) -> None:
-        """Warn (once, from the later of the two) when another callback of ours saves
-        into the same folder and one of them has ``enable_version_counter=False``: both
-        may then save one file name, each callback persists its own save of it, and the
-        two pipelines do not order their writes and commits of that name."""
-        mine = os.path.abspath(os.fspath(self.dirpath)) if self.dirpath else None
-        if mine is None:
-            return
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self:
-                return  # only those before this one: the pair is warned about once
-            if not isinstance(other, ArtifactPublishingModelCheckpoint) or not other.dirpath:
-                continue
-            if os.path.abspath(os.fspath(other.dirpath)) != mine:
-                continue
-            if self._enable_version_counter and other._enable_version_counter:
-                continue  # Lightning's version counter gives each its own names
-            rank_zero_warn(
-                f"Two lamin-lightning callbacks save into {mine} and one of them has"
-                " enable_version_counter=False: both may save a checkpoint under one file"
-                " name (a shared filename template or last-checkpoint name). Each persists"
-                " its own save of that name, in no set order with the other's, so the"
-                " folder and the artifact of that key may end with either save's bytes."
-                " Give each callback its own dirpath or filename, or keep"
-                " enable_version_counter=True."
-            )
-            return
 
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
@@ -624,6 +594,10 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         if self._save_depth == 0 and not self._saving_on_exception:
             self._surface_failures()  # a direct call; Lightning's save hooks did it already
         self._evictions.saving()
+        # A link to be made here still (save_last="link", its target written in the
+        # background; another callback's, sharing the name): this file replaces it, as
+        # it would replace the link made, so it is never made now.
+        cancel_link(filepath)
         background = self.async_write and self._async_write_supported(trainer)
         if background:
             # This fit's first snapshot makes what the checkpoint needs and keeps it: a

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from types import MethodType
@@ -310,11 +310,16 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             super()._link_checkpoint(trainer, filepath, linkpath)
             return
         submitter = self._ensure_submitter()
+        # Saved there by another callback too (a shared last-checkpoint name), and not
+        # staged yet: written in the background, maybe (async_write).
+        others = submitter.others_stagings(linkpath)
         # A file (not a link) under the link's name, or one still being written there:
         # Lightning drops it for the link, so its artifact goes too, once the link stands.
         replaced = (
-            os.path.lexists(linkpath) and not os.path.islink(linkpath)
-        ) or self._evictions.write_of(linkpath) is not None
+            (os.path.lexists(linkpath) and not os.path.islink(linkpath))
+            or self._evictions.write_of(linkpath) is not None
+            or bool(others)
+        )
         write = self._evictions.write_of(filepath)
         if write is None:
             submitter.await_staging(linkpath)
@@ -324,7 +329,8 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             try:
                 staging = submitter.staging_of(linkpath)
                 write.then(
-                    partial(_LINKS.make, link, filepath, staging), partial(_LINKS.drop, link)
+                    partial(_LINKS.make, link, filepath, staging, others),
+                    partial(_LINKS.drop, link),
                 )
             except BaseException:  # Ctrl+C in between: the name must not stay taken
                 _LINKS.drop(link)
@@ -396,7 +402,13 @@ class _Links:
         take_name(linkpath)
         return link
 
-    def make(self, link: tuple[str, int], target: str, staging: Any = None) -> None:
+    def make(
+        self,
+        link: tuple[str, int],
+        target: str,
+        staging: Any = None,
+        others: Sequence[Any] = (),
+    ) -> None:
         linkpath, seq = link
         try:
             if staging is not None and not staging.is_set():
@@ -406,6 +418,10 @@ class _Links:
                     log.warning("%s is replaced by a link before it was staged", linkpath)
                 else:
                     staging.wait()
+            for other in others:
+                # Another callback's save under this name (a shared last-checkpoint name):
+                # its pipeline stages it, on its own threads, whichever thread this is.
+                other.wait()
             name = os.path.abspath(linkpath)
             with self._lock:
                 if self._shown.get(name, 0) > seq:

@@ -96,6 +96,9 @@ class JobSpec:
             taking one: a replay, whose file has been on disk since the run that
             journaled it (the limit bounds what training adds), so that ``setup``
             queues a long outbox at once and training starts.
+        finished: Called on the event-loop thread once the job reached its final state
+            (delivered, failed, cancelled or superseded); not for a job a stop abandons.
+            Must not block.
         supersedable: A save that a newer save (or a removal) of its key drops while it
             has not started (``last.ckpt``: only the newest file counts). False for a
             key whose every save is a version of its own (the deprecated ``Callback``
@@ -116,6 +119,7 @@ class JobSpec:
     before_delivery: Callable[[], None] | None = None
     beyond_limit: bool = False
     supersedable: bool = True
+    finished: Callable[[], None] | None = None
 
 
 class JobState(enum.Enum):
@@ -329,6 +333,11 @@ class AsyncPipeline:
         if not job.spec.beyond_limit:
             self._release_slot()
         self._stats.add(pending=-1)
+        if job.spec.finished is not None:
+            try:
+                job.spec.finished()
+            except Exception:
+                log.exception("telling that the job of %r finished", job.spec.key)
         if not self._outstanding:
             self._idle.set()
 

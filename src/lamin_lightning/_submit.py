@@ -19,6 +19,7 @@ import stat
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -96,6 +97,11 @@ class Submitter:
         self.foreign: list[Outbox] = []
         self._stagers: dict[Path, Stager] = {}
         self._staging_done: dict[str, _Done] = {}
+        # Per artifact key, this callback's latest live job, until it finished: another
+        # callback's later job of that key transfers (or, without a transfer, commits)
+        # only after it, as this pipeline orders its own (see _after_other_callbacks).
+        self._jobs_of_key: dict[str, _Done] = {}
+        _SUBMITTERS.add(self)
         self._unadmitted: list[JobSpec] = []  # journaled, kept from admission by an interrupt
         # Absolute paths of saves whose journal line a full disk refused (see journal).
         self.unjournaled: set[str] = set()
@@ -171,6 +177,7 @@ class Submitter:
             )
             if beyond_limit:
                 spec = dataclasses.replace(spec, beyond_limit=True)
+            spec = self._after_other_callbacks(spec)
             pipeline.submit(spec, stop_waiting=partial(_sigterm_received, trainer))
         except BaseException:
             # Not admitted (Ctrl+C, SIGTERM, a full disk): its staging will never run, so
@@ -181,6 +188,36 @@ class Submitter:
             if spec is not None:
                 self._unadmitted.append(spec)
             raise
+
+    def _after_other_callbacks(self, spec: JobSpec) -> JobSpec:
+        """``spec``, made to wait for the jobs of its key that other callbacks of this
+        process submitted before it, and noting when it finished.
+
+        Two callbacks may save one file name (``enable_version_counter=False``), and so one
+        key, each through its own pipeline. As a pipeline orders the jobs of a key, the
+        later one is transferred only once the earlier one finished (committed, what it
+        replaced deleted, its event delivered), or, without a transfer (a removal),
+        committed only then: the key ends with the later save, as with the reference's
+        synchronous saves. Waits point only at earlier jobs, whose pipelines start them
+        in submission order: no cycle.
+        """
+        key = spec.key
+        earlier = []
+        for other in list(_SUBMITTERS):
+            done = other._jobs_of_key.get(key) if other is not self else None
+            if done is not None and not done.is_set():
+                earlier.append((other, done))
+        if len(self._jobs_of_key) > 256:
+            self._jobs_of_key = {k: d for k, d in self._jobs_of_key.items() if not d.is_set()}
+        done = self._jobs_of_key[key] = _Done()
+        changes: dict[str, Any] = {"finished": done.set}
+        if earlier:
+            wait = partial(_wait_for_other_jobs, earlier, key)
+            if spec.transfer is not None:
+                changes["transfer"] = _then(wait, spec.transfer)
+            else:
+                changes["commit"] = _then(wait, spec.commit)
+        return dataclasses.replace(spec, **changes)
 
     def keep_out(
         self,
@@ -390,11 +427,16 @@ class Submitter:
         done = _Done(filepath)
         if len(self._staging_done) > 256:
             self._staging_done = {p: e for p, e in self._staging_done.items() if not e.is_set()}
+        # Another callback's save of this path, still to be staged (two callbacks sharing a
+        # name): a background write replaces the file only once that has its bytes. (A
+        # file Lightning writes here waited for it on the training thread: move_aside.)
+        earlier = self._others_stagings(filepath) if write is not None else []
         self._staging_done[absolute(filepath)] = done
 
         def prepare() -> int:
             try:
                 if write is not None:
+                    self._wait_for_stagings(earlier, filepath)
                     write()
                 return stager.stage(filepath, staged)[1]
             except FileNotFoundError as error:
@@ -433,17 +475,41 @@ class Submitter:
         return None if done is None or done.is_set() else done
 
     def await_staging(self, filepath: str | Path) -> None:
-        """Before Lightning removes or rewrites a file, make sure it has been staged."""
+        """Before Lightning removes or rewrites a file, make sure it has been staged: by
+        this callback, and by any other of this process that saved it too (two callbacks
+        sharing a file name: ``enable_version_counter=False``)."""
         done = self.staging_of(filepath)
-        if done is None:
+        waits = [(self, done)] if done is not None else []
+        waits += self._others_stagings(filepath)
+        if not waits:
             return
-        if self.pipeline is not None:
-            self.pipeline.release()  # its job may be held (see holding)
         started = time.monotonic()
-        finished = done.wait(timeout=self._staging_timeout)
+        self._wait_for_stagings(waits, filepath)
         self._stats.add(training_stall_seconds=time.monotonic() - started)
-        if not finished:
-            log.warning("staging %s did not finish; removing or rewriting it anyway", filepath)
+
+    def others_stagings(self, filepath: str | Path) -> list[_Done]:
+        """The unfinished stagings of ``filepath`` by other callbacks of this process."""
+        return [done for _, done in self._others_stagings(filepath)]
+
+    def _others_stagings(self, filepath: str | Path) -> list[tuple[Submitter, _Done]]:
+        """The unfinished stagings of ``filepath`` by the other submitters of this process."""
+        key = absolute(filepath)
+        found = []
+        for other in list(_SUBMITTERS):
+            done = other._staging_done.get(key) if other is not self else None
+            if done is not None and not done.is_set():
+                found.append((other, done))
+        return found
+
+    def _wait_for_stagings(
+        self, waits: list[tuple[Submitter, _Done]], filepath: str | Path
+    ) -> None:
+        for submitter, done in waits:
+            pipeline = submitter.pipeline
+            if pipeline is not None:
+                pipeline.release()  # its job may be held (see holding)
+            if not done.wait(timeout=self._staging_timeout):
+                log.warning("staging %s did not finish; removing or rewriting it anyway", filepath)
 
     def move_aside(
         self, root: Path, filepath: str | Path, *, by_rename: bool = False
@@ -620,6 +686,29 @@ class RemovalOnceWritten:
                 self._then()  # told that the removal ran (or was dropped)
         self._stager.empty_trash()
         return 0
+
+
+# Every submitter of this process: two callbacks may save one path, and each finds the
+# other's save of it staged before replacing it, as it finds its own (see await_staging).
+_SUBMITTERS: weakref.WeakSet[Submitter] = weakref.WeakSet()
+
+
+def _wait_for_other_jobs(earlier: list[tuple[Submitter, _Done]], key: str) -> None:
+    """Wait (on a pipeline thread) until each job finished, or its pipeline stopped (what
+    it left is journaled: nothing orders it with this job any more)."""
+    for submitter, done in earlier:
+        while not done.wait(timeout=0.5):
+            if submitter.pipeline is None:
+                log.debug("not waiting for another callback's job of %r: it stopped", key)
+                break
+
+
+def _then(first: Callable[[], None], then: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        first()
+        return then(*args)
+
+    return run
 
 
 class _Done:
