@@ -90,6 +90,7 @@ from lamin_lightning._options import (
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._replay import WAIT_FOR_WRITES_IN_FLIGHT_S
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._sigterm import sigterm_after_flush
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
 from lamin_lightning._submit import Submitter
@@ -479,17 +480,20 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             ModelCheckpoint.teardown(self, trainer, pl_module, stage)
             return
         super().teardown(trainer, pl_module, stage)
-        try:
-            self._shutdown(raise_errors=True)
-        finally:
-            # The background writes are done by now (unless the flush gave up): the loggers
-            # are told of the last saves before they finalize.
-            self._tell_loggers(trainer)
-            self._plain_removal = None  # holds the strategy: not beyond the fit
-            release_checkpoint_io(trainer.strategy, self._io_writes)
-            self._drop_snapshots()
-            if self.log_stats:  # the final values, after the flush (loggers finalize next)
-                log_final_persistence_stats(trainer, self.persistence_stats, stage)
+        # Lightning restored the default SIGTERM handler already: one now (a preemption)
+        # is held until the flush is done (or gave up) and the loggers were told.
+        with sigterm_after_flush(self.flush_timeout):
+            try:
+                self._shutdown(raise_errors=True)
+            finally:
+                # The background writes are done by now (unless the flush gave up): the
+                # loggers are told of the last saves before they finalize.
+                self._tell_loggers(trainer)
+                self._plain_removal = None  # holds the strategy: not beyond the fit
+                release_checkpoint_io(trainer.strategy, self._io_writes)
+                self._drop_snapshots()
+                if self.log_stats:  # the final values, after the flush (loggers finalize next)
+                    log_final_persistence_stats(trainer, self.persistence_stats, stage)
 
     @override
     def on_exception(

@@ -5,8 +5,10 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
 
 - ``--mode block``: the first ``--let-through`` checkpoint uploads pass; the next one
   writes ``--marker`` and blocks forever (the test then kills the process).
+- ``--mode gate``: as ``block``, until the file ``--marker`` with suffix ``.release`` exists.
 - ``--mode slow``: every checkpoint upload writes ``--marker`` and takes 0.3 s longer.
 - ``--mode plain``: no gate.
+- ``--teardown-marker PATH``: written when teardown's flush starts.
 - ``--keep-files``: a CheckpointIO of the user's whose ``remove_checkpoint`` keeps the file.
 - ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
   time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
@@ -53,6 +55,11 @@ class Gate(LaminArtifactPublisher):
             if self.mode == "block" and n >= self.let_through:
                 self.marker.write_text(str(n))
                 threading.Event().wait()  # a transfer in flight, forever
+            if self.mode == "gate" and n >= self.let_through:
+                self.marker.write_text(str(n))
+                release = self.marker.with_suffix(".release")
+                while not release.exists():  # the test creates it
+                    threading.Event().wait(0.05)
             if self.mode == "slow":
                 self.marker.write_text(str(n))
                 time.sleep(0.3)  # latency injection: storage is slow, not broken
@@ -155,7 +162,7 @@ class Prefix(pl.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dirpath", type=Path, required=True)
-    parser.add_argument("--mode", choices=["block", "slow", "plain"], default="plain")
+    parser.add_argument("--mode", choices=["block", "gate", "slow", "plain"], default="plain")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--let-through", type=int, default=2)
     parser.add_argument("--marker", type=Path, required=True)
@@ -165,6 +172,8 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=1)
     parser.add_argument("--storage", default=None, help="a storage location to store into")
     parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
+    parser.add_argument("--max-pending", type=int, default=4)
+    parser.add_argument("--teardown-marker", type=Path, default=None)
     args = parser.parse_args()
     if args.storage:  # this run's default storage, for this process only (as users do)
         import lamindb
@@ -179,6 +188,15 @@ def main() -> None:
     block_network(guard)
     if args.kill_at:
         kill_at(guard, args.kill_at, args.kill_after)
+    if args.teardown_marker is not None:
+        marker = args.teardown_marker
+        shutdown = ll.Checkpoint._shutdown
+
+        def marked(self: ll.Checkpoint, **kwargs: Any) -> None:
+            marker.write_text("teardown")
+            shutdown(self, **kwargs)
+
+        guard.setattr(ll.Checkpoint, "_shutdown", marked)
     observer = Events()
     callback = ll.Checkpoint(
         dirpath=args.dirpath,
@@ -186,7 +204,7 @@ def main() -> None:
         save_top_k=2,
         save_last=True,
         every_n_train_steps=1,
-        max_pending=4,
+        max_pending=args.max_pending,
         flush_timeout=120,
         artifact_observers=[observer],
     )

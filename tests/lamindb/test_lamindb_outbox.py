@@ -434,6 +434,49 @@ def test_sigkill_at_each_step_of_a_job_then_the_rerun_completes_the_set(
     assert failed == [], failed
 
 
+def test_sigterm_while_teardown_flushes_is_held_until_the_flush_is_done(
+    ln: Any, tmp_path: Path
+) -> None:
+    """SIGTERM after training, while teardown waits for uploads: Lightning has put the
+    default handler back by then, which ended the process at once, mid-flush, saying
+    nothing (the outbox kept the jobs). Now the signal is held: a warning says so, the
+    uploads finish (here once the test releases them, after that warning), and then the
+    process ends by SIGTERM, as the sender asked, with nothing left pending."""
+    teardown = tmp_path / "teardown"
+    proc = _start(
+        tmp_path,
+        "gate",
+        "--let-through",
+        "0",
+        "--max-pending",
+        "64",
+        "--teardown-marker",
+        str(teardown),
+        steps=3,
+    )
+    seen: list[str] = []
+    try:
+        _wait_for_marker(proc, teardown)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the child says it holds the signal (or exits)
+            seen.append(line)
+            if "SIGTERM received while the last checkpoints are persisted" in line:
+                break
+        (tmp_path / "marker").with_suffix(".release").write_text("")
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(seen) + out
+    assert "SIGTERM received while the last checkpoints are persisted" in output, output
+    assert proc.returncode == -signal.SIGTERM, output
+    prefix = (tmp_path / "report.prefix").read_text()
+    dirpath = tmp_path / "ckpt"
+    assert _pending(dirpath) == [], output
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+
+
 def test_sigterm_runs_lightnings_handling_and_our_flush_completes(ln: Any, tmp_path: Path) -> None:
     proc = _start(tmp_path, "slow", steps=40)
     try:

@@ -43,6 +43,7 @@ from lamindb_tier import (
     TierModel,
     artifact_features,
     artifacts_under,
+    assert_checkpoint_keys_persisted,
     fit,
     make_trainer,
     run_features,
@@ -1692,6 +1693,41 @@ def test_two_callbacks_in_one_folder_end_with_the_flags_of_the_last_saves(
     # only the saving callback's best_k_models, see test_model_rank_covers_last_ckpt).
     assert flags["epoch=0-step=2.ckpt"]["model_rank"] == 0
     assert flags["epoch=2-step=7.ckpt"]["model_rank"] == 1
+
+
+@modules()
+def test_two_callbacks_sharing_file_names_in_one_folder_persist_the_later_saves(
+    ll: ModuleType, ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """Two callbacks write to one dirpath, B without Lightning's version counter: both
+    save ``last.ckpt``, and B's top-1 file names (``epoch=0-step=N.ckpt``) are A's too, so
+    B overwrites files A saved at the same step. The fit completes, and every file in the
+    folder has one artifact holding its bytes (the later save's), with one
+    ``is_last_model``. Ours, each callback's pipeline on its own, failed the fit
+    (``PersistenceError``: ``IntegrityError: FOREIGN KEY constraint failed``: one
+    callback's commit deleted, as an older version of the key, the artifact the other's
+    pipeline had uploaded and was annotating). Found by an adversarial run."""
+    dirpath = tmp_path / "ckpts"
+    a = ll.Checkpoint(
+        dirpath=dirpath, monitor="score", save_top_k=2, save_last=True, every_n_train_steps=1
+    )
+    b = ll.Checkpoint(
+        dirpath=dirpath,
+        monitor=None,
+        save_top_k=1,
+        every_n_train_steps=2,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    trainer = make_trainer(tmp_path, [a, b], max_steps=6)
+    trainer.fit(TierModel(scores=[5, 4, 6, 3, 7, 2]), datamodule=TierData(n=6))
+
+    on_disk = {f"{a.checkpoint_key_prefix}/{p.name}": p for p in dirpath.glob("*.ckpt")}
+    assert "last.ckpt" in {p.name for p in on_disk.values()}
+    assert_checkpoint_keys_persisted(ln, a.checkpoint_key_prefix, on_disk)
+    stored = checkpoints_under(ln, a.checkpoint_key_prefix)
+    flags = {n: single(artifact_features(ln, artifact)) for n, artifact in stored.items()}
+    assert [n for n, f in flags.items() if f.get("is_last_model")] == ["last.ckpt"]
 
 
 # -- switching modules in one project ------------------------------------------------------
