@@ -609,6 +609,40 @@ def test_a_full_checkpoint_directory_fails_at_setup(tmp_path: Path) -> None:
     assert _CountingModel.steps == 0
 
 
+@pytest.mark.parametrize("full", ["parent", "dirpath"])
+def test_the_free_space_checked_at_setup_is_the_checkpoint_directorys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full: str
+) -> None:
+    """``dirpath`` is a mount point: another filesystem than the folder above it, where
+    the working folder is. Setup measures the free space where Lightning writes: a full
+    parent (whose full disk only leaves jobs unjournaled) does not stop a fit that
+    ModelCheckpoint would run (it did, naming dirpath as the full one), and a full
+    ``dirpath`` in a roomy parent fails at setup, as documented (it failed at the first
+    save). The two filesystems are simulated by ``disk_usage``."""
+    from lamin_lightning import _submit
+
+    dirpath = tmp_path / "parent" / "ckpt"
+    dirpath.mkdir(parents=True)
+    real = shutil.disk_usage
+
+    def disk_usage(path: Any) -> Any:
+        usage = real(path)
+        on_dirpath = Path(path) == dirpath or dirpath in Path(path).parents
+        if on_dirpath == (full == "dirpath"):
+            return usage._replace(free=0)
+        return usage
+
+    monkeypatch.setattr(_submit.shutil, "disk_usage", disk_usage)
+    callback = MemoryCheckpoint(dirpath=dirpath, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, [callback], max_steps=1)
+    if full == "dirpath":
+        with pytest.raises(CheckpointDirectoryError, match=f"{dirpath}.* 0.0 MiB free"):
+            trainer.fit(TinyModel(), loader())
+    else:
+        trainer.fit(TinyModel(), loader())
+        assert callback.persistence_stats.saved == 1
+
+
 def test_status_lists_pending_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lamin_lightning._cli import main
 

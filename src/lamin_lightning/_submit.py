@@ -344,9 +344,14 @@ class Submitter:
             raise _directory_error(error, root, dirpath) from error
 
     def check_free_space(self, root: Path, needed: int, dirpath: Any) -> None:
-        """Raise CheckpointDirectoryError if ``root`` has less than ``needed`` bytes free."""
+        """Raise CheckpointDirectoryError if the checkpoint directory (``dirpath``, where
+        Lightning writes; else the working folder ``root``) has less than ``needed`` bytes
+        free. Measured there: it may be another filesystem than the folder above it (a
+        mount point), where the working folder is, whose own full disk only leaves jobs
+        unjournaled (see :meth:`journal`)."""
         try:
-            free = shutil.disk_usage(_existing_ancestor(root)).free
+            where = Path(os.path.abspath(dirpath)) if dirpath else root
+            free = shutil.disk_usage(_existing_ancestor(where)).free
         except OSError:
             return
         if free < needed:
