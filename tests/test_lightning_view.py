@@ -338,6 +338,28 @@ def test_a_second_callback_gets_last_v1_while_the_first_last_ckpt_is_being_writt
 # -- item 4: a failed background write never costs the previous checkpoint -------------------
 
 
+def test_a_failed_background_rewrite_of_last_ckpt_is_not_reported_as_kept_for_a_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``last.ckpt``'s background rewrite at step 2 finds the disk full. The report says
+    that this save was never written, and sends no one to ``lamin-lightning flush`` for
+    it (which drops it: "its background write never finished"). Before, the previous
+    ``last.ckpt`` at its path made it read as kept, to be retried by a flush. Found by an
+    adversarial run on a full disk."""
+    background_disk_full_at(monkeypatch, step=2)
+    store = MemoryStore()
+    dirpath = tmp_path / "ours"
+    ours = held_async(store, dirpath, save_top_k=0, save_last=True)
+    with pytest.raises(PersistenceError) as raised:
+        make_trainer(tmp_path, [ours], max_steps=2).fit(TinyModel(), loader(2))
+
+    message = str(raised.value)
+    assert "last.ckpt was never written, nothing of it to persist" in message, message
+    assert "Nothing of them is left to retry" in message and "flush" not in message, message
+    assert checkpoint_files(dirpath) == {"last.ckpt"}  # step 1's, back in its place
+    assert_store_equals_files(store, dirpath)
+
+
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
 def test_a_background_write_that_finds_the_disk_full_keeps_the_checkpoint_it_replaced(
     on_error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -360,8 +382,9 @@ def test_a_background_write_that_finds_the_disk_full_keeps_the_checkpoint_it_rep
     trainer = make_trainer(tmp_path, [ours], max_steps=2)
     # The report does not claim the never-written file is kept.
     said = (
-        r"the local files that were written are kept:\n.*No space left.*step=2\.ckpt does not"
-        r" exist: nothing of it to persist"
+        r"the local files that were written are kept:\n.*No space left.*its write failed: .*"
+        r"step=2\.ckpt was never written, nothing of it to persist\)\nNothing of them is left"
+        r" to retry"
     )
     if on_error == "raise":
         with pytest.raises(PersistenceError, match=said):

@@ -735,11 +735,15 @@ def test_stop_that_times_out_logs_the_unpersisted_keys(caplog: pytest.LogCapture
     assert rec.delivered == []  # abandoned, not delivered
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "teardown"])
 def test_a_long_wait_for_a_slot_is_told_naming_the_jobs_ahead(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, training: bool
 ) -> None:
     """Storage that hangs raises nothing and retries nothing: training, waiting for a
-    free slot, is told after SLOT_WAIT_WARNING_S why it waits, with the job ahead."""
+    free slot, is told after SLOT_WAIT_WARNING_S why it waits, with the job ahead. At
+    teardown (admitting the saves an interrupt kept out), the message says that it is the
+    flush that waits: it told a stopped training that it "goes on once one finishes"."""
+    said = "training has waited" if training else "the flush at the end of the fit has waited"
     import lamin_lightning._bridge as bridge
 
     monkeypatch.setattr(bridge, "SLOT_WAIT_WARNING_S", 0.2)
@@ -750,20 +754,23 @@ def test_a_long_wait_for_a_slot_is_told_naming_the_jobs_ahead(
     ):
         pipe.submit(rec.job("hanging.ckpt", transfer=transfer))
         assert started.wait(TIMEOUT)
-        waiter = threading.Thread(target=pipe.submit, args=(rec.job("next.ckpt"),))
+        waiter = threading.Thread(
+            target=pipe.submit, args=(rec.job("next.ckpt"),), kwargs={"training": training}
+        )
         waiter.start()
 
         def told() -> bool:
-            return any("training has waited" in r.getMessage() for r in caplog.records)
+            return any(r.getMessage().startswith(said) for r in caplog.records)
 
         assert wait_until(told), caplog.text
         release.set()
         waiter.join(TIMEOUT)
         assert not waiter.is_alive()
         assert pipe.flush(TIMEOUT)
-    told_ = [r.getMessage() for r in caplog.records if "training has waited" in r.getMessage()]
+    told_ = [r.getMessage() for r in caplog.records if r.getMessage().startswith(said)]
     message = told_[0]  # the first (a slow machine may add one more before the release)
     assert "save 'hanging.ckpt' (transferring)" in message and "max_pending=1" in message
+    assert ("Training goes on" in message) is training
     assert rec.delivered == [("saved", "hanging.ckpt"), ("saved", "next.ckpt")]
 
 

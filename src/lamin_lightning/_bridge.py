@@ -328,7 +328,7 @@ class PersistencePipeline:
             self.release()  # a held job must reach the intake to ever free a slot
             self._stats.add(admission_waits=1)
             try:
-                acquired = self._wait_for_slot(started, timeout, stop_waiting)
+                acquired = self._wait_for_slot(started, timeout, stop_waiting, training)
             finally:
                 waited = time.monotonic() - started if training else 0.0
                 self._stats.add(training_stall_seconds=waited)
@@ -375,6 +375,7 @@ class PersistencePipeline:
         started: float,
         timeout: float | None,
         stop_waiting: Callable[[], BaseException | None] | None,
+        training: bool = True,
     ) -> bool:
         deadline = None if timeout is None else started + timeout
         step = 1.0 if stop_waiting is None else 0.2
@@ -388,7 +389,7 @@ class PersistencePipeline:
                 # Storage that hangs (no error, so no retry to report) would otherwise
                 # stop training without a word.
                 warn_after = 2 * waited
-                self._warn_slow_slots(waited)
+                self._warn_slow_slots(waited, training)
             reason = stop_waiting() if stop_waiting is not None else None
             if reason is not None:
                 raise reason
@@ -399,7 +400,7 @@ class PersistencePipeline:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
-    def _warn_slow_slots(self, waited: float) -> None:
+    def _warn_slow_slots(self, waited: float, training: bool = True) -> None:
         try:
             ahead = [job for job in self.pending() if job.state != "staging"]
         except Exception:  # the loop stopping: the caller's next check says so
@@ -412,15 +413,25 @@ class PersistencePipeline:
             if stuck is None
             else stuck[0].upper() + stuck[1:]
         )
+        if training:
+            who = "training has waited"
+            then = (
+                " Training goes on once one finishes; a larger max_pending lets it run"
+                " further ahead."
+            )
+        else:  # teardown admits the saves an interrupt kept out: training is over
+            who = "the flush at the end of the fit has waited"
+            then = " The saves still to admit follow once one finishes (up to flush_timeout)."
         log.warning(
-            "training has waited %.0f s for the persistence of earlier checkpoints"
-            " (max_pending=%d jobs outstanding: %s%s); %s. Training goes on once one"
-            " finishes; a larger max_pending lets it run further ahead.",
+            "%s %.0f s for the persistence of earlier checkpoints"
+            " (max_pending=%d jobs outstanding: %s%s); %s.%s",
+            who,
             waited,
             self._max_pending,
             named or "none admitted yet",
             more,
             cause,
+            then,
         )
 
     def stuck_delivery(self) -> str | None:

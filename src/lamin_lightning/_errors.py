@@ -7,6 +7,7 @@ is a ``ValueError``, as the synchronous reference raises; a directory problem an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 from collections.abc import Collection, Mapping
@@ -67,6 +68,11 @@ class PersistenceError(LaminLightningError, RuntimeError):
             then = (
                 "\nNothing of them is left to persist: a later job of each key has committed since."
             )
+        elif not any(not _never_written(f) for f in open_):
+            then = (
+                "\nNothing of them is left to retry: their files were never written (a later"
+                " save of each key is persisted as usual)."
+            )
         elif not outbox:
             then = (
                 "\nNothing retries them: this callback has no outbox (outbox=False), so"
@@ -114,11 +120,29 @@ def _outside(failure: ArtifactFailedEvent, unjournaled: Collection[str]) -> str:
 
 
 def _never_written(failure: ArtifactFailedEvent) -> str:
-    """A note for a save whose file is not there (its background write failed, say):
-    "the local files are kept" does not hold for it."""
-    if failure.operation != "save" or os.path.lexists(failure.local_path):
+    """A note for a save whose file is not there, or whose write failed (a background
+    write: what is at its path, if anything, is an earlier save's ``last.ckpt``):
+    "the local files are kept" does not hold for it, and a flush drops its job."""
+    if failure.operation != "save":
+        return ""
+    if getattr(failure.error, _NEVER_WRITTEN, False):
+        return (
+            f" (its write failed: {failure.local_path} was never written, nothing of it to persist)"
+        )
+    if os.path.lexists(failure.local_path):
         return ""
     return f" ({failure.local_path} does not exist: nothing of it to persist)"
+
+
+_NEVER_WRITTEN = "_lamin_lightning_never_written"
+
+
+def note_never_written(error: BaseException) -> None:
+    """Mark ``error`` as the failure of a save's own write (in the background, after
+    Lightning's hook returned): the failure report says the file was never written."""
+    # An exception type that takes no attributes keeps its report as it was.
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(error, _NEVER_WRITTEN, True)
 
 
 class CheckpointDirectoryError(LaminLightningError, OSError):

@@ -94,5 +94,9 @@ def flush_with_progress(
     keys = [job.key for job in pipeline.pending()]
     if not keys:
         return True  # finished right after the deadline: nothing to name ("-")
-    log.warning("flush timed out after %ss; not yet persisted: %s", timeout, ", ".join(keys))
+    log.warning(
+        "flush stopped waiting (its time, %ss, is spent); not yet persisted: %s",
+        f"{timeout:.1f}" if timeout is not None else timeout,
+        ", ".join(keys),
+    )
     return False

@@ -28,7 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from lamin_lightning import _aside
 from lamin_lightning._bridge import PersistencePipeline
-from lamin_lightning._errors import CheckpointDirectoryError, OutboxInUseError
+from lamin_lightning._errors import (
+    CheckpointDirectoryError,
+    OutboxInUseError,
+    note_never_written,
+)
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, held_in_this_process, keep_until_done
 from lamin_lightning._names import release_name, take_name
@@ -442,7 +446,11 @@ class Submitter:
             try:
                 if write is not None:
                     self._wait_for_stagings(earlier, filepath)
-                    write()
+                    try:
+                        write()
+                    except Exception as error:
+                        note_never_written(error)
+                        raise
                 return stager.stage(filepath, staged)[1]
             except FileNotFoundError as error:
                 if write is None and not os.path.lexists(filepath):
