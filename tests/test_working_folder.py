@@ -31,7 +31,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import TinyModel, loader, make_trainer, sha256_file
+from helpers import TinyModel, loader, make_trainer, sha256_file, wait_until
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, journal_paths, read_pending
 from lamin_lightning._staging import STAGING_DIRNAME, staging_root
@@ -366,6 +366,10 @@ def test_ctrl_c_while_a_crash_waits_for_storage_ends_the_wait_and_lightning_hand
     assert pending == [f"epoch=0-step={n}.ckpt" for n in (1, 2, 3)], pending
 
     store.release()
+    # The uploads the wait gave up on go on, on the stopped pipeline's threads: they finish
+    # first (a loaded machine may run them late). LaminDB's store waits for them itself
+    # (its replay reuses what they upload); this in-memory one would upload them twice.
+    assert wait_until(lambda: store.concurrent == 0)
     again = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=1, save_top_k=-1)
     make_trainer(tmp_path, [again], max_steps=1).fit(TinyModel(), loader(1))
     assert _pending_keys(dirpath) == []
