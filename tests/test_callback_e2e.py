@@ -738,6 +738,37 @@ def test_two_callbacks_saving_one_name_leave_the_later_save_in_the_store(
     assert first.persistence_stats.failed == second.persistence_stats.failed == 0
 
 
+def test_a_job_another_callback_abandoned_does_not_hold_up_the_next_fit(tmp_path: Path) -> None:
+    """Two callbacks sharing names (B without the version counter); B's storage hangs in
+    the first fit and its teardown gives up (``flush_timeout``), abandoning jobs of the
+    shared keys. In a second fit with the same callbacks (a notebook's next cell), A's
+    jobs of those keys waited for B's abandoned ones for ever (B's pipeline runs again),
+    and A's teardown gave up in turn, leaving A's store behind Lightning. Now a job
+    stops waiting for one whose pipeline is gone. Found by an adversarial run."""
+    dirpath = tmp_path / "ckpts"
+    store_a, store_b = MemoryStore(), MemoryStore()
+    options: dict[str, Any] = {
+        "dirpath": dirpath,
+        "save_last": True,
+        "save_top_k": 1,
+        "flush_timeout": 2,
+        "on_error": "warn",
+    }
+    first = MemoryCheckpoint(store_a, **options)
+    second = MemoryCheckpoint(store_b, enable_version_counter=False, mode="max", **options)
+    store_b.hang()
+    with pytest.warns(UserWarning, match="did not finish within flush_timeout"):
+        make_trainer(tmp_path, [first, second], max_epochs=1).fit(TinyModel(), loader(4))
+    store_b.release()
+
+    first.flush_timeout = 60.0  # a wait for B's abandoned jobs would outlast it
+    make_trainer(tmp_path, [first, second], max_epochs=2).fit(TinyModel(), loader(4))
+
+    assert first.persistence_stats.pending == 0
+    assert store_a.keys() == {"checkpoints/epoch=1-step=8.ckpt", "checkpoints/last.ckpt"}
+    assert store_a.get("checkpoints/last.ckpt").version == 2  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

@@ -1039,3 +1039,23 @@ def test_finished_is_called_once_per_job_in_every_final_state() -> None:
         ["busy", "superseded", "saved", "cancelled", "removal", "failed"]
     )
     assert finished.index("busy") < finished.index("saved") < finished.index("failed")
+
+
+@pytest.mark.parametrize("operation", ["save", "remove"])
+def test_a_job_not_ready_waits_without_a_worker_or_the_committer(operation: str) -> None:
+    """``JobSpec.ready`` (another callback's earlier job of the key not finished): the
+    job's transfer, or a removal's commit, waits for it without holding the only worker
+    or the committer, so the jobs behind it go on (a job holding the worker while it
+    waited could close a cycle between two callbacks' pipelines)."""
+    may_start = threading.Event()
+    with running(max_workers=1) as (pipe, rec):
+        waiting = rec.job("waiting", operation=operation, with_transfer=operation == "save")
+        pipe.submit(dataclasses.replace(waiting, ready=may_start.is_set))
+        pipe.submit(rec.job("behind"))
+        assert wait_until(lambda: rec.transfers.get("behind") == 1)
+        assert "waiting" not in rec.transfers and rec.commits == []
+        may_start.set()
+        assert pipe.flush(TIMEOUT)
+
+    done = "saved" if operation == "save" else "removed"
+    assert rec.delivered == [(done, "waiting"), ("saved", "behind")]

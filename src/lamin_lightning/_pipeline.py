@@ -96,6 +96,11 @@ class JobSpec:
             taking one: a replay, whose file has been on disk since the run that
             journaled it (the limit bounds what training adds), so that ``setup``
             queues a long outbox at once and training starts.
+        ready: Asked (on the event-loop thread, a few times a second) until it returns
+            True before the job's transfer takes a worker, or, for a job without a
+            transfer, before its commit: the job waits for something outside this
+            pipeline (another callback's job of its key) without holding a worker or the
+            committer's thread. Must not block.
         finished: Called on the event-loop thread once the job reached its final state
             (delivered, failed, cancelled or superseded); not for a job a stop abandons.
             Must not block.
@@ -119,7 +124,12 @@ class JobSpec:
     before_delivery: Callable[[], None] | None = None
     beyond_limit: bool = False
     supersedable: bool = True
+    ready: Callable[[], bool] | None = None
     finished: Callable[[], None] | None = None
+
+
+# How often a job waiting for something outside its pipeline asks again (JobSpec.ready).
+READY_POLL_S = 0.05
 
 
 class JobState(enum.Enum):
@@ -353,6 +363,21 @@ class AsyncPipeline:
             error,
         )
 
+    async def _until_ready(self, job: _Job) -> None:
+        """Wait for ``JobSpec.ready``, polling, without a worker (see there); a job
+        cancelled or superseded meanwhile stops waiting."""
+        ready = job.spec.ready
+        if ready is None:
+            return
+        while job.state is JobState.QUEUED or job.spec.transfer is None:
+            try:
+                if ready():
+                    return
+            except Exception:
+                log.exception("asking whether the job of %r may start", job.spec.key)
+                return
+            await anyio.sleep(READY_POLL_S)
+
     async def _transfer(self, job: _Job) -> None:
         transfer = job.spec.transfer
         assert transfer is not None
@@ -362,6 +387,7 @@ class AsyncPipeline:
             # meanwhile this job can still be cancelled or superseded.
             await job.after.transferred.wait()
             job.after = None
+        await self._until_ready(job)
         worker = await self._worker_recv.receive()
         try:
             if job.state is not JobState.QUEUED:
@@ -407,6 +433,8 @@ class AsyncPipeline:
                 await self._guarded(self._committer, spec.discard, "discard", spec.key)
             return
         event: Any = None
+        if spec.transfer is None:
+            await self._until_ready(job)
         if job.error is None:
             try:
                 event = await self._committed(job, partial(spec.commit, job.result))

@@ -191,6 +191,11 @@ class Submitter:
             self.drop_staging(record.local_path)
             if spec is not None:
                 self._unadmitted.append(spec)
+                # Admitted later (at teardown), if ever: another callback's job of its
+                # key does not wait for it (the interrupt ended that order).
+                own = self._jobs_of_key.get(spec.key)
+                if own is not None and spec.finished == own.set:
+                    own.set()
             raise
 
     def _after_other_callbacks(self, spec: JobSpec) -> JobSpec:
@@ -202,25 +207,22 @@ class Submitter:
         later one is transferred only once the earlier one finished (committed, what it
         replaced deleted, its event delivered), or, without a transfer (a removal),
         committed only then: the key ends with the later save, as with the reference's
-        synchronous saves. Waits point only at earlier jobs, whose pipelines start them
-        in submission order: no cycle.
+        synchronous saves. The wait holds no worker (``JobSpec.ready``), and ends when
+        the other callback's pipeline stopped, or was replaced by a later fit's: what it
+        left is journaled, and nothing orders it with this job any more.
         """
         key = spec.key
         earlier = []
         for other in list(_SUBMITTERS):
             done = other._jobs_of_key.get(key) if other is not self else None
-            if done is not None and not done.is_set():
-                earlier.append((other, done))
+            if done is not None and not done.is_set() and other.pipeline is not None:
+                earlier.append((other, other.pipeline, done))
         if len(self._jobs_of_key) > 256:
             self._jobs_of_key = {k: d for k, d in self._jobs_of_key.items() if not d.is_set()}
         done = self._jobs_of_key[key] = _Done()
         changes: dict[str, Any] = {"finished": done.set}
         if earlier:
-            wait = partial(_wait_for_other_jobs, earlier, key)
-            if spec.transfer is not None:
-                changes["transfer"] = _then(wait, spec.transfer)
-            else:
-                changes["commit"] = _then(wait, spec.commit)
+            changes["ready"] = partial(_others_finished, earlier)
         return dataclasses.replace(spec, **changes)
 
     def keep_out(
@@ -623,6 +625,11 @@ class Submitter:
         """Stop the pipeline (abandoning what is left), empty the trash, release the outbox."""
         pipeline, self.pipeline = self.pipeline, None
         self._unadmitted = []  # journaled: the next setup or a flush persists them
+        # What the jobs abandoned here held up in other callbacks (see
+        # _after_other_callbacks) goes on: nothing orders it with them any more.
+        jobs_of_key, self._jobs_of_key = self._jobs_of_key, {}
+        for done in jobs_of_key.values():
+            done.set()
         try:
             if pipeline is not None:
                 pipeline.stop(timeout=0)
@@ -706,22 +713,12 @@ class RemovalOnceWritten:
 _SUBMITTERS: weakref.WeakSet[Submitter] = weakref.WeakSet()
 
 
-def _wait_for_other_jobs(earlier: list[tuple[Submitter, _Done]], key: str) -> None:
-    """Wait (on a pipeline thread) until each job finished, or its pipeline stopped (what
-    it left is journaled: nothing orders it with this job any more)."""
-    for submitter, done in earlier:
-        while not done.wait(timeout=0.5):
-            if submitter.pipeline is None:
-                log.debug("not waiting for another callback's job of %r: it stopped", key)
-                break
-
-
-def _then(first: Callable[[], None], then: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        first()
-        return then(*args)
-
-    return run
+def _others_finished(earlier: list[tuple[Submitter, Any, _Done]]) -> bool:
+    """Whether each of the other callbacks' jobs finished, or the pipeline that held it is
+    gone (stopped, or replaced by a later fit's): see ``_after_other_callbacks``."""
+    return all(
+        done.is_set() or submitter.pipeline is not pipeline for submitter, pipeline, done in earlier
+    )
 
 
 class _Done:
