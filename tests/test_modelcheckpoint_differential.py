@@ -861,6 +861,58 @@ def test_two_callbacks_rewriting_one_path_leave_the_later_save_as_lightning_does
         assert_same(compare(tmp_path / f"case{attempt}", opts, train, knobs=knobs))
 
 
+@pytest.mark.xfail(
+    reason="KNOWN MISMATCH, documented (docs/migrating.md, 'A templated last-checkpoint name"
+    " shared by a callback that links it and one that writes it'): a race, see the docstring",
+    strict=False,
+)
+def test_a_templated_last_name_linked_by_one_callback_and_written_by_another(
+    tmp_path: Path,
+) -> None:
+    """KNOWN MISMATCH (about 1 run in 2). ``CHECKPOINT_NAME_LAST = "last-{step}"`` shared
+    by two extra callbacks without the version counter: L (``save_last="link"``, top 1 by
+    train_loss at epoch ends) and F (``save_last=True``, a file at every step, which
+    removes its previous ``last-step=N.ckpt``), with async_write and one worker.
+    ModelCheckpoint ends without ``last-step=3.ckpt`` (F removed it, after L had linked it
+    at the epoch's end); ours sometimes keeps it as a file: F's removal, deferred until
+    its next file is written, and L's link, made once its target is written, are not
+    ordered with each other. Found by a randomized sweep (seed 8075); a removal now
+    cancels a link still to be made at its path (0 runs in 6 passed before, 3 in 6 now)."""
+    extra = [
+        {
+            "save_last": "link",
+            "save_top_k": 1,
+            "monitor": "train_loss",
+            "mode": "max",
+            "enable_version_counter": False,
+        },
+        {
+            "save_last": True,
+            "save_top_k": 0,
+            "monitor": None,
+            "mode": "min",
+            "enable_version_counter": False,
+            "every_n_train_steps": 1,
+        },
+    ]
+    opts = {
+        "monitor": "val_loss",
+        "mode": "max",
+        "save_top_k": 0,
+        "every_n_epochs": 1,
+        "save_on_train_epoch_end": False,
+        "filename": "{epoch}-{val/loss:.1f}",
+        "auto_insert_metric_name": False,
+    }
+    case = random_case(8075)
+    train = {**case["train"], "extra_callbacks": extra}
+    for attempt in range(4):
+        knobs = {"async_write": True, "max_workers": 1}
+        assert_same(
+            compare(tmp_path / f"case{attempt}", opts, train, knobs=knobs, last_name="last-{step}")
+        )
+
+
 def test_a_link_replacing_another_callbacks_last_file_is_persisted_as_lightning_keeps_it(
     tmp_path: Path,
 ) -> None:

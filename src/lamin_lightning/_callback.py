@@ -681,8 +681,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             return
         submitter = self._ensure_submitter()
         root = self._staging_root(filepath)
-        if self.save_last == "link":
-            cancel_link(filepath)  # a link still to be made there: not after its removal
+        # A link still to be made there (this callback's save_last="link", or another's
+        # sharing the name): not after its removal.
+        cancel_link(filepath)
         # Evicted in favour of a checkpoint still being written (async_write): removed
         # once that exists, kept if it never will (the record says so for a replay). A
         # strategy or CheckpointIO of the user's is handed the file on this thread, as
