@@ -193,9 +193,8 @@ class Submitter:
                 self._unadmitted.append(spec)
                 # Admitted later (at teardown), if ever: another callback's job of its
                 # key does not wait for it (the interrupt ended that order).
-                own = self._jobs_of_key.get(spec.key)
-                if own is not None and spec.finished == own.set:
-                    own.set()
+                if spec.finished is not None:
+                    spec.finished()
             raise
 
     def _after_other_callbacks(self, spec: JobSpec) -> JobSpec:
@@ -210,7 +209,12 @@ class Submitter:
         synchronous saves. The wait holds no worker (``JobSpec.ready``), and ends when
         the other callback's pipeline stopped, or was replaced by a later fit's: what it
         left is journaled, and nothing orders it with this job any more.
+
+        Alone in the process (one callback: the usual case), nothing to note, at every
+        save hook's job: every callback of a trainer has its submitter from ``setup`` on.
         """
+        if len(_SUBMITTERS) < 2:
+            return spec
         key = spec.key
         earlier = []
         for other in list(_SUBMITTERS):
@@ -508,6 +512,8 @@ class Submitter:
 
     def _others_stagings(self, filepath: str | Path) -> list[tuple[Submitter, _Done]]:
         """The unfinished stagings of ``filepath`` by the other submitters of this process."""
+        if len(_SUBMITTERS) < 2:
+            return []
         key = absolute(filepath)
         found = []
         for other in list(_SUBMITTERS):
