@@ -1513,3 +1513,96 @@ def test_link_checkpoint_looked_up_on_the_class_is_lightnings_static_method(
     assert cls._link_checkpoint is ModelCheckpoint._link_checkpoint
     instance = testing.MemoryCheckpoint(dirpath=tmp_path / "ckpts")
     assert instance._link_checkpoint.__self__ is instance
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["symlink", "copy"])
+def test_a_link_replacing_a_file_never_leaves_its_name_empty(
+    links: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's ``_link_checkpoint`` removes the file under the link's name, then links.
+    Ours is made on a writer thread while other threads look at that name: another
+    callback's eviction waiting for it to be written (``RemovalOnceWritten``: two
+    callbacks sharing a templated last name, one linking it, one writing it) found
+    nothing there in between and kept the file it evicted, which ModelCheckpoint removes
+    (seed 8075 of the shared-name sweep, about 1 run in 2). The link (or, where links
+    are refused, the copy) is made beside the name and renamed over it."""
+    target, link = tmp_path / "epoch=0-step=2.ckpt", tmp_path / "last-step=4.ckpt"
+    target.write_bytes(b"target")
+    link.write_bytes(b"the file Lightning replaces")
+    present: list[bool] = []
+    real_symlink, real_copy = os.symlink, _lightning_view.shutil.copy
+
+    def symlink(source: str, destination: str) -> None:
+        present.append(os.path.lexists(link))
+        if not links:
+            raise PermissionError(errno.EPERM, "links are not allowed here")
+        real_symlink(source, destination)
+
+    def copy(source: str, destination: str) -> Any:
+        present.append(os.path.lexists(link))
+        return real_copy(source, destination)
+
+    monkeypatch.setattr(_lightning_view.os, "symlink", symlink)
+    monkeypatch.setattr(_lightning_view.shutil, "copy", copy)
+
+    _lightning_view._link_or_copy(str(target), str(link))
+
+    assert present == ([True] if links else [True, True]), "the name was empty meanwhile"
+    if links:
+        assert os.readlink(link) == target.name
+    else:
+        assert not link.is_symlink() and link.read_bytes() == b"target"
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, link.name]), "a temporary stayed"
+
+
+def test_a_link_replacing_a_folder_checkpoint_replaces_it_as_lightning_does(
+    tmp_path: Path,
+) -> None:
+    """A folder (a sharded checkpoint) under the link's name goes, as Lightning removes it."""
+    target, link = tmp_path / "epoch=0-step=2.ckpt", tmp_path / "last.ckpt"
+    target.write_bytes(b"target")
+    (link / "shard").mkdir(parents=True)
+    (link / "shard" / "0.distcp").write_bytes(b"x")
+
+    _lightning_view._link_or_copy(str(target), str(link))
+
+    assert os.readlink(link) == target.name
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, link.name])
+
+
+def test_a_linked_removal_whose_link_never_came_keeps_the_file_without_a_false_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning replaces a's file by a link to b (``save_last="link"``), b written in the
+    background; the link is never made (Lightning removed or rewrote a's name first: the
+    later job settles its artifact; or the process ended first). The file and its
+    artifact stay, and nothing says b "was never written": it was (seen in the sweep
+    of callbacks sharing a templated last name, and at a replay)."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    a, b = dirpath / "last-step=4.ckpt", dirpath / "epoch=0-step=2.ckpt"
+    a.write_bytes(b"a" * 100)
+    b.write_bytes(b"b" * 100)
+    store = MemoryStore()
+    for path in (a, b):
+        saved = JobRecord(op="save", kind="checkpoint", key=key(path.name), local_path=str(path))
+        store.commit(saved, store.transfer(saved, path), replay=False, set_flags=True)
+    removal = JobRecord(
+        op="remove",
+        kind="checkpoint",
+        key=key(a.name),
+        local_path=str(a),
+        store="memory",
+        after=str(b),
+        linked=True,
+    )
+    journal(dirpath, removal, _save(dirpath / "c.ckpt"))
+    (dirpath / "c.ckpt").write_bytes(b"c" * 100)
+    caplog.set_level(logging.WARNING, logger="lamin_lightning")
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert report.remaining == [] and report.failed == 0
+    assert a.exists() and not a.is_symlink()
+    assert_store_equals_files(store, dirpath)
+    assert "was never written" not in caplog.text, caplog.text

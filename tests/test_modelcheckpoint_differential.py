@@ -861,23 +861,19 @@ def test_two_callbacks_rewriting_one_path_leave_the_later_save_as_lightning_does
         assert_same(compare(tmp_path / f"case{attempt}", opts, train, knobs=knobs))
 
 
-@pytest.mark.xfail(
-    reason="KNOWN MISMATCH, documented (docs/migrating.md, 'A templated last-checkpoint name"
-    " shared by a callback that links it and one that writes it'): a race, see the docstring",
-    strict=False,
-)
 def test_a_templated_last_name_linked_by_one_callback_and_written_by_another(
     tmp_path: Path,
 ) -> None:
-    """KNOWN MISMATCH (about 1 run in 2). ``CHECKPOINT_NAME_LAST = "last-{step}"`` shared
-    by two extra callbacks without the version counter: L (``save_last="link"``, top 1 by
-    train_loss at epoch ends) and F (``save_last=True``, a file at every step, which
-    removes its previous ``last-step=N.ckpt``), with async_write and one worker.
-    ModelCheckpoint ends without ``last-step=3.ckpt`` (F removed it, after L had linked it
-    at the epoch's end); ours sometimes keeps it as a file: F's removal, deferred until
-    its next file is written, and L's link, made once its target is written, are not
-    ordered with each other. Found by a randomized sweep (seed 8075); a removal now
-    cancels a link still to be made at its path (0 runs in 6 passed before, 3 in 6 now)."""
+    """``CHECKPOINT_NAME_LAST = "last-{step}"`` shared by two extra callbacks without the
+    version counter: L (``save_last="link"``, top 1 by train_loss at epoch ends) and F
+    (``save_last=True``, a file at every step, which removes its previous
+    ``last-step=N.ckpt``), with async_write and one worker. ModelCheckpoint ends without
+    ``last-step=3.ckpt`` (F removed it once ``last-step=4.ckpt`` was saved); ours kept it
+    in about 1 run in 2 (found by a randomized sweep, seed 8075): L's link over F's
+    ``last-step=4.ckpt``, made as Lightning makes it (remove, then link), left the name
+    empty for a moment, and F's removal, waiting on F's intake thread for that name to be
+    written, looked then and kept ``last-step=3.ckpt``. The link is now renamed over the
+    file (see ``test_a_link_replacing_a_file_never_leaves_its_name_empty``)."""
     extra = [
         {
             "save_last": "link",

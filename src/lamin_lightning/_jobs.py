@@ -244,6 +244,18 @@ class JobRecord:
             not os.path.lexists(self.after) or archive_cut_short(self.after)
         )
 
+    def link_superseded(self) -> bool:
+        """Whether this removal (:attr:`linked`) found its file because the link was never
+        made, its target written all the same: Lightning saved or removed under the
+        link's name again first (another callback's file or eviction there), and that
+        later job settles the name's artifact. Not a lost replacement to warn about."""
+        return (
+            self.linked
+            and self.after is not None
+            and os.path.exists(self.after)
+            and not archive_cut_short(self.after)
+        )
+
     @property
     def prefix(self) -> str:
         """The key's folder: checkpoints whose flags and ranks belong together."""

@@ -42,7 +42,7 @@ from lamin_lightning._local_write import (
 )
 from lamin_lightning._names import being_written, name_taken, release_name, take_name
 from lamin_lightning._reporting import ReportingCheckpoint
-from lamin_lightning._staging import WRITING_DIRNAME, remove_path
+from lamin_lightning._staging import WRITING_DIRNAME, remove_path, scratch_name
 from lamin_lightning._write_io import saving_to_snapshots
 
 log = logging.getLogger("lamin_lightning")
@@ -450,9 +450,28 @@ cancel_link = _LINKS.cancel
 
 def _link_or_copy(target: str, link: str) -> None:
     """Lightning's ``_link_checkpoint`` on one rank: ``link`` becomes a relative symlink to
-    ``target``, or a copy of it where links are not allowed."""
-    remove_path(link)
+    ``target``, or a copy of it where links are not allowed.
+
+    Made beside it under a temporary name and renamed over it, so that ``link`` never
+    stops existing in between (Lightning removes, then links): another thread looks for
+    it meanwhile, such as another callback's removal that waits for its replacement
+    (see ``RemovalOnceWritten``), which would otherwise keep its evicted file. A folder
+    (a folder checkpoint) under the link's name is removed first, as Lightning removes
+    it. A SIGKILL between the two steps leaves the temporary name (hidden, ``.link``).
+    """
+    relative = os.path.relpath(target, os.path.dirname(link))
+    if os.path.isdir(link) and not os.path.islink(link):
+        remove_path(link)
+    folder, name = os.path.split(link)
+    temporary = os.path.join(
+        folder, f".{scratch_name(name)}.{os.getpid()}.{threading.get_ident()}.link"
+    )
     try:
-        os.symlink(os.path.relpath(target, os.path.dirname(link)), link)
-    except OSError:
-        shutil.copy(target, link)
+        try:
+            os.symlink(relative, temporary)
+        except OSError:
+            shutil.copy(target, temporary)
+        os.replace(temporary, link)
+    except BaseException:
+        remove_path(temporary)
+        raise

@@ -609,6 +609,9 @@ def _kept_by_its_preparation(
 
 
 def _warn_replacement_lost(record: JobRecord) -> None:
+    if record.link_superseded():
+        log.debug("%r stays for the later job of its name: its link was never made", record.key)
+        return
     log.warning(
         "lamin-lightning: keeping %r: the checkpoint saved in its place (%s) was never written",
         record.key,
