@@ -1606,3 +1606,40 @@ def test_a_linked_removal_whose_link_never_came_keeps_the_file_without_a_false_w
     assert a.exists() and not a.is_symlink()
     assert_store_equals_files(store, dirpath)
     assert "was never written" not in caplog.text, caplog.text
+
+
+def test_a_temporary_link_a_killed_process_left_is_deleted_by_the_next_flush(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed between making a link beside its name and renaming it over that
+    name leaves ``.{name}.{pid}.{thread}.link`` in the checkpoint folder, which holds only
+    what Lightning leaves there: the next holder (here a flush) deletes it. A running
+    process's is left alone, as is any other hidden file of the user's."""
+    import subprocess
+    import sys
+
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    (dirpath / "a.ckpt").write_bytes(b"a")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = dirpath / f".last.ckpt.{int(ended.stdout)}.140000.link"
+    os.symlink("a.ckpt", dead)
+    copied = dirpath / f".last-v1.ckpt.{int(ended.stdout)}.140001.link"
+    copied.write_bytes(b"a")  # the copy made where links are refused
+    alive = dirpath / f".last.ckpt.{os.getppid()}.140000.link"
+    os.symlink("a.ckpt", alive)
+    users = dirpath / ".notes.1.2.link.txt"
+    users.write_text("mine")
+    journal(dirpath, _save(dirpath / "a.ckpt"))
+    caplog.set_level(logging.WARNING, logger="lamin_lightning")
+
+    flush_directory(dirpath, progress=False, stores={"memory": MemoryStore()})
+
+    assert not os.path.lexists(dead) and not copied.exists()
+    assert os.path.islink(alive) and users.exists()
+    assert "deleted 2 temporary link(s)" in caplog.text, caplog.text

@@ -133,7 +133,8 @@ def _by_owner(folder: Path) -> dict[str, list[str]]:
 def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
     """:func:`put_back_leftovers` for every working folder of checkpoint folder
     ``dirpath`` (or of ``dirpath`` itself, a working folder); and deletes what background
-    writes of processes that ended left there (:func:`clear_dead_writes`)."""
+    writes (:func:`clear_dead_writes`) and links (``_staging.clear_dead_links``) of
+    processes that ended left there."""
     put_back: list[Path] = []
     roots = working_folders(dirpath)
     for root in roots:
@@ -157,6 +158,17 @@ def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
                     folder,
                     ", ".join(path.name for path in dead),
                 )
+        # A link (save_last="link") made beside its name, its process killed before it
+        # was renamed over that name (see _lightning_view._link_or_copy).
+        links = _staging.clear_dead_links(checkpoint_folder_of(root))
+        if links:
+            log.warning(
+                "lamin-lightning: deleted %d temporary link(s) that a process which ended"
+                " left in %s: %s",
+                len(links),
+                checkpoint_folder_of(root),
+                ", ".join(path.name for path in links),
+            )
     return put_back
 
 

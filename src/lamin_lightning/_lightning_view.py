@@ -42,7 +42,7 @@ from lamin_lightning._local_write import (
 )
 from lamin_lightning._names import being_written, name_taken, release_name, take_name
 from lamin_lightning._reporting import ReportingCheckpoint
-from lamin_lightning._staging import WRITING_DIRNAME, remove_path, scratch_name
+from lamin_lightning._staging import WRITING_DIRNAME, link_temporary, remove_path
 from lamin_lightning._write_io import saving_to_snapshots
 
 log = logging.getLogger("lamin_lightning")
@@ -457,15 +457,13 @@ def _link_or_copy(target: str, link: str) -> None:
     it meanwhile, such as another callback's removal that waits for its replacement
     (see ``RemovalOnceWritten``), which would otherwise keep its evicted file. A folder
     (a folder checkpoint) under the link's name is removed first, as Lightning removes
-    it. A SIGKILL between the two steps leaves the temporary name (hidden, ``.link``).
+    it. A SIGKILL between the two steps leaves the temporary name, which the next
+    ``setup`` or flush deletes (``_staging.clear_dead_links``).
     """
     relative = os.path.relpath(target, os.path.dirname(link))
     if os.path.isdir(link) and not os.path.islink(link):
         remove_path(link)
-    folder, name = os.path.split(link)
-    temporary = os.path.join(
-        folder, f".{scratch_name(name)}.{os.getpid()}.{threading.get_ident()}.link"
-    )
+    temporary = link_temporary(link)
     try:
         try:
             os.symlink(relative, temporary)

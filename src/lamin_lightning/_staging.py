@@ -490,6 +490,47 @@ def dead_write_folders(checkpoint_folder: Path, scratch: Path) -> list[Path]:
     return folders
 
 
+_LINK_TEMPORARY = re.compile(r"\..+\.([0-9]+)\.[0-9]+\.link\Z", re.DOTALL)
+
+
+def link_temporary(link: str) -> str:
+    """Where a link to be renamed over ``link`` is made first (beside it: see
+    ``_lightning_view._link_or_copy``): ``.{name}.{pid}.{thread}.link``."""
+    folder, name = os.path.split(link)
+    return os.path.join(folder, f".{scratch_name(name)}.{os.getpid()}.{threading.get_ident()}.link")
+
+
+def clear_dead_links(folder: Path) -> list[Path]:
+    """Delete the temporary links (:func:`link_temporary`) that processes which ended
+    left in ``folder`` (killed between making one and renaming it over its name); return
+    them. Only a link, or a file (the copy made where links are refused), of a process
+    that is not running; never this process's."""
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".")]
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        found = _LINK_TEMPORARY.match(entry.name)
+        if found is None or int(found[1]) == os.getpid() or _running(int(found[1])):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's, running
+        return True
+    return True
+
+
 def clear_dead_writes(scratch: Path, *, own_names_only: bool = False) -> list[Path]:
     """Delete the temporary files of background writes whose process ended (a crash
     mid-write) from ``scratch``; return them.
