@@ -249,6 +249,10 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._async_write_refused = False
         self._snapshots_prepared = False  # see _prepare_snapshots
         self._set_up = False
+        # From setup (every rank) to teardown: saves outside are Lightning's methods
+        # called directly (see _persist_outside_a_stage).
+        self._in_stage = False
+        self._persisting_outside = False
         self._plain_saves = 0  # saves of a class that persists nothing (see teardown)
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
@@ -366,6 +370,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             deferred, self._deferred_files = self._deferred_files, []
             for path, kind in deferred:
                 self.submit_file(trainer, path, kind)
+        self._in_stage = True
 
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
@@ -602,7 +607,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # background; another callback's, sharing the name): this file replaces it, as
         # it would replace the link made, so it is never made now.
         cancel_link(filepath)
-        background = self.async_write and self._async_write_supported(trainer)
+        # Outside a stage (a direct call) the save is persisted before the call returns
+        # (see _persist_outside_a_stage): nothing to gain from writing it in the background.
+        background = self.async_write and self._in_stage and self._async_write_supported(trainer)
         if background:
             # This fit's first snapshot makes what the checkpoint needs and keeps it: a
             # preparation afterwards could only free buffers of tensors it does not know
@@ -670,6 +677,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._evictions.wrote(self, filepath, write or io_write)  # type: ignore[arg-type]
         if self.log_stats:
             log_persistence_stats(trainer, self.persistence_stats)
+        self._persist_outside_a_stage()
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -717,6 +725,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 handed_over()
             remove = None
         self._submit_record(trainer, record, prepare=remove, journaled=settle)
+        self._persist_outside_a_stage()
 
     def _removes_as_lightning(self, trainer: pl.Trainer) -> bool:
         """:func:`removes_as_lightning` for the trainer's strategy, remembered per

@@ -80,6 +80,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _evictions: Evictions
     _save_depth: int
     _saving_on_exception: bool
+    _persisting_outside: bool
     _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
     # Per background save, in order: its write, the loggers Lightning told of it (they are
     # told once it is written, see _tell_loggers), and the file it saved.
@@ -165,6 +166,30 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         finally:
             self._save_depth -= 1
             self._evictions.save_finished()
+        self._persist_outside_a_stage()
+
+    def _persist_outside_a_stage(self) -> None:
+        """A save or removal of Lightning's methods called directly outside a stage (after
+        ``fit`` returned, or before ``setup``), not from within another of them: no
+        teardown is left to flush it (or none may come), and a script that ends next
+        would end the pipeline's threads (daemons) with its job, unjournaled (the outbox
+        opens at setup). It is persisted before the call returns, as the reference
+        persists it, and failures are raised as teardown raises them (bounded by
+        ``flush_timeout``, what is left named)."""
+        if (
+            self._in_stage
+            or self._save_depth
+            or self._saving_on_exception
+            or self._persisting_outside
+            or self._submitter is None
+            or self._submitter.pipeline is None
+        ):
+            return
+        self._persisting_outside = True
+        try:
+            self._shutdown(raise_errors=True)
+        finally:
+            self._persisting_outside = False
 
     def _holding_jobs(self, trainer: pl.Trainer) -> AbstractContextManager[None]:
         """The hook's jobs reach the pipeline's threads together, when it returns (see

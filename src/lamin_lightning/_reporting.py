@@ -127,7 +127,7 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         warnings.warn(text, UserWarning, stacklevel=3)
 
     def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
-        self._set_up = False
+        self._set_up = self._in_stage = False
         submitter = self._submitter
         if submitter is None:
             return

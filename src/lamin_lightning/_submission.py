@@ -81,6 +81,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _left_in_outbox: list[PendingJob]
     _persisted: dict[str, Any]
     _set_up: bool
+    _in_stage: bool
     _hparams_looked: Any
     _deferred_files: list[tuple[Path, ArtifactKind]]
 

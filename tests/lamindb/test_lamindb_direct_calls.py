@@ -167,3 +167,51 @@ def test_lightnings_save_methods_called_before_setup_persist_under_the_dirpath_k
     callback.teardown(trainer, model, "fit")  # flushes, as at the end of a fit
     artifact = ln.Artifact.filter(key=f"{dirpath}/checkpoints/{written.name}").one()
     assert artifact.hash == lamin_stats(written)["hash"]
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+def test_lightnings_save_methods_called_after_fit_are_persisted_before_they_return(
+    ln: Any, tmp_path: Path, async_write: bool
+) -> None:
+    """After ``fit`` returned (teardown ran), Lightning's ``_save_topk_checkpoint`` and
+    ``_save_last_checkpoint`` called directly, then the process ends at once.
+    ModelCheckpoint has written the files when each call returns, and the reference has
+    saved their artifacts; the store then holds exactly the folder's files. Before, the
+    jobs ran unjournaled on the pipeline's daemon threads and died with the process: the
+    artifact of ``last.ckpt`` kept the fit's bytes, the evicted checkpoint's artifact
+    stayed, nothing was left for ``lamin-lightning flush``; with ``async_write`` the
+    files were never even written."""
+    import json
+    import subprocess
+    import sys
+
+    from lamin_lightning._lamin_store import lamin_stats
+
+    dirpath, report = tmp_path / "ckpts", tmp_path / "report.json"
+    command = [
+        sys.executable,
+        str(Path(__file__).parent / "direct_after_fit.py"),
+        "--dirpath",
+        str(dirpath),
+        "--report",
+        str(report),
+        *(["--async-write"] if async_write else []),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0 and report.exists(), done.stdout + done.stderr
+    seen = json.loads(report.read_text())
+    assert seen["pending"] == []
+
+    files = {p.name: p for p in dirpath.glob("*.ckpt")}
+    assert set(files) == {seen["best"], seen["last"]}, sorted(files)
+    import torch
+
+    for name in files.values():
+        assert torch.load(name, weights_only=False)["global_step"] == 2
+    artifacts = {
+        a.key.rsplit("/", 1)[-1]: a
+        for a in ln.Artifact.filter(key__startswith=seen["prefix"] + "/")
+    }
+    assert set(artifacts) == set(files), sorted(artifacts)
+    for name, path in files.items():
+        assert artifacts[name].hash == lamin_stats(path)["hash"], name
