@@ -2760,3 +2760,60 @@ def test_a_full_disk_fails_a_direct_write_cleanly_and_the_next_write_that_fits_l
         archive = Snapshotter.snapshot(fits, slot)
         local_write.write_atomically(archive, disk / "ckpt" / "b.ckpt", disk / "w", save_snapshot)
         assert torch.equal(torch.load(disk / "ckpt" / "b.ckpt")["w"], fits["w"])
+
+
+def _until_the_file_clock_passes(ns: int) -> None:
+    """Wait until a file written now gets a modification time later than ``ns`` (the
+    kernel's coarse clock ticks every few ms)."""
+    from lamin_lightning._local_write import file_clock_ns
+
+    ticked = threading.Event()
+    while file_clock_ns() <= ns:
+        ticked.wait(0.001)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's coarse file clock")
+def test_a_last_checkpoint_written_late_keeps_the_time_it_was_saved_for_ckpt_path_last(
+    tmp_path: Path,
+) -> None:
+    """Two checkpoint callbacks save ``last.ckpt`` in their own folders at the same step:
+    A (ours, async_write), then B (``ModelCheckpoint``). ``fit(ckpt_path="last")`` takes
+    the newest of them by modification time: B's, whose state is the later one. A's
+    background write finished after B's file was written, and its file took that time:
+    Lightning resumed from A's ``last.ckpt`` (found by an adversarial helper, 4 runs in
+    5), and B's state came back one save behind. A file written in the background now
+    has the time its save was made."""
+    from lamin_lightning._local_write import file_clock_ns
+
+    class LaterTick(ModelCheckpoint):
+        """B: its file is written a clock tick after A's save, never in the same one."""
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            _until_the_file_clock_passes(file_clock_ns())
+            super()._save_checkpoint(trainer, filepath)
+
+    options: dict[str, Any] = {"save_last": True, "save_top_k": 0, "every_n_train_steps": 2}
+    store, gate = MemoryStore(), WriteGate()
+    ours = MemoryCheckpoint(store, dirpath=tmp_path / "A", async_write=True, **options)
+    theirs = LaterTick(dirpath=tmp_path / "B", **options)
+    gate.allow(1)  # step 2's write; step 4's waits until B's file is older than the clock
+
+    def release() -> None:
+        _until_the_file_clock_passes(os.stat(tmp_path / "B" / "last.ckpt").st_mtime_ns)
+        gate.open()
+
+    make_trainer(tmp_path, [gate, OnTrainEnd(release), ours, theirs], max_steps=4).fit(
+        TinyModel(), loader(8)
+    )
+    assert gate.timed_out == [] and gate.passed == ["step=2", "step=4"]
+
+    again = make_trainer(
+        tmp_path,
+        [
+            ModelCheckpoint(dirpath=tmp_path / "A", **options),
+            LaterTick(dirpath=tmp_path / "B", **options),
+        ],
+        max_steps=4,
+    )
+    again.fit(TinyModel(), loader(8), ckpt_path="last", weights_only=False)  # the probes
+    assert again.ckpt_path == str(tmp_path / "B" / "last.ckpt")

@@ -812,6 +812,7 @@ def write_atomically(
     scratch: Path,
     save: Callable[[Any, Any], None],
     before_rename: Callable[[int], None] | None = None,
+    modified_ns: int | None = None,
 ) -> int:
     """Write ``payload`` with ``save(payload, handle)`` to ``target``: temp file, fsync, rename.
 
@@ -820,7 +821,8 @@ def write_atomically(
     is a mount point, or a subfolder of it a link to, or a mount of, another one). Once
     fsynced, its pages are dropped from the page cache (see :func:`_drop_from_page_cache`),
     and ``before_rename`` is called with the complete file's descriptor. Returns the size
-    of the written file.
+    of the written file. ``modified_ns``: the modification time the file gets (when its
+    save was made), before it is fsynced and before ``before_rename`` sees it.
     """
     scratch.mkdir(parents=True, exist_ok=True)
     folder = Path(target).parent
@@ -846,6 +848,8 @@ def write_atomically(
                 os.replace(claimed, temporary)
                 save(payload, handle)
                 handle.flush()
+                if modified_ns is not None:
+                    _set_modified(handle.fileno(), temporary, modified_ns)
                 os.fsync(handle.fileno())
                 _drop_from_page_cache(handle.fileno())
                 size = os.fstat(handle.fileno()).st_size
@@ -859,6 +863,29 @@ def write_atomically(
         temporary.unlink(missing_ok=True)
         raise
     return size
+
+
+_REALTIME_COARSE = 5  # Linux's CLOCK_REALTIME_COARSE (Python has no name for it)
+
+
+def file_clock_ns() -> int:
+    """Now, as the kernel stamps a file it writes now: Linux stamps modification times
+    from its coarse clock (a few ms per tick), never later than this. A file written
+    after this call never has an earlier time than what it returns."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            return time.clock_gettime_ns(_REALTIME_COARSE)
+    return time.time_ns()
+
+
+def _set_modified(fd: int, path: Path, modified_ns: int) -> None:
+    """Give the file open at ``fd`` (at ``path``) the access and modification time
+    ``modified_ns``; best effort."""
+    with contextlib.suppress(OSError):
+        if os.utime in os.supports_fd:
+            os.utime(fd, ns=(modified_ns, modified_ns))
+        else:  # pragma: no cover - no futimens
+            os.utime(path, ns=(modified_ns, modified_ns))
 
 
 WRITE_NICENESS = 10
@@ -926,6 +953,10 @@ class HostWrite:
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
         self._mark: Callable[[tuple[int, int, int]], None] | None = None
+        # The file's modification time: when Lightning saved it, as ModelCheckpoint's file
+        # has (not when the write ended). Lightning's ckpt_path="last" takes the newest
+        # last checkpoint of all checkpoint callbacks by this time.
+        self._saved_at_ns = file_clock_ns()
         # Taken until the file exists (or the write failed): Lightning's version counter
         # must see the name now, on the training thread (see :func:`name_taken`).
         take_name(filepath)
@@ -992,7 +1023,14 @@ class HostWrite:
 
     def _write(self) -> None:
         try:
-            write_atomically(self._host, self._filepath, self._scratch, save_snapshot, self._marked)
+            write_atomically(
+                self._host,
+                self._filepath,
+                self._scratch,
+                save_snapshot,
+                self._marked,
+                modified_ns=self._saved_at_ns,
+            )
         except BaseException as error:
             self.error = error
         finally:
