@@ -788,6 +788,31 @@ def test_invalid_knobs_raise_value_error_naming_the_parameter(
         MemoryCheckpoint(MemoryStore(), **kwargs)
 
 
+def test_callback_pickles_and_copies_without_its_trainer_after_fit(tmp_path: Path) -> None:
+    """After fit, ModelCheckpoint pickles on its own; ours held the trainer it was set up
+    with, so pickling failed on anything of the trainer's that does not pickle (a lambda
+    ``collate_fn``), and a deep copy copied the model and optimizer (found by an
+    adversarial helper). The state Lightning saves is the same as ModelCheckpoint's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    def fitted(callback: ModelCheckpoint) -> ModelCheckpoint:
+        batches = DataLoader(list(loader(4).dataset), batch_size=1, collate_fn=lambda b: b[0])
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), batches)
+        return callback
+
+    ours = fitted(MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ours"))
+    plain = fitted(ModelCheckpoint(dirpath=tmp_path / "plain"))
+    assert len(pickle.dumps(plain)) < 10_000
+    for clone in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        assert getattr(clone, "_trainer", None) is None
+        assert clone.best_model_path == ours.best_model_path
+        event = clone.last_artifact_event  # kept, without the fit's trainer
+        assert event is not None and event.key == ours.last_artifact_event.key
+        assert event.trainer is None and ours.last_artifact_event.trainer is not None
+    assert len(pickle.dumps(ours)) < 20_000 + len(pickle.dumps(ours.store))
+
+
 def test_callback_is_picklable_and_deep_copyable_before_setup(tmp_path: Path) -> None:
     """pickle and deepcopy round trips keep the knobs, and the copy still persists."""
     original = MemoryCheckpoint(

@@ -35,6 +35,7 @@ hook                                                thread
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 import threading
@@ -231,12 +232,15 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._init_surface(list(artifact_observers or []))
         self._stats_recorder = StatsRecorder()
         self._hparams_submitted = False
-        self._trainer: pl.Trainer | None = None
         self._init_runtime()
 
     # -- runtime state: created lazily, dropped when pickled ------------------------------
 
     def _init_runtime(self) -> None:
+        # The stage's trainer (from setup): not pickled or copied with the callback, which
+        # ModelCheckpoint's pickles without (a lambda collate_fn of the trainer's loaders
+        # must not make it fail, nor a deep copy copy the model).
+        self._trainer: pl.Trainer | None = None
         self._submitter: Submitter | None = None
         self._state_lock: threading.Lock | None = None
         self._unreported_failures: list[ArtifactFailedEvent] = []
@@ -304,6 +308,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         ArtifactPublishingModelCheckpoint._init_runtime(fresh)
         state.update(fresh.__dict__)
         state["_escalated"] = type(self._escalated)()
+        event = state.get("_last_artifact_event")
+        if event is not None:  # its trainer is the fit's: not pickled or copied either
+            state["_last_artifact_event"] = dataclasses.replace(event, trainer=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
