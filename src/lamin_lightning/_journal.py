@@ -261,6 +261,15 @@ def _report_once(path: Path, job_id: str, message: str, *args: Any) -> None:
         log.error(message, *args)
 
 
+def _whole_line(data: bytes) -> bool:
+    """Whether ``data`` (a journal's last line, without its newline) is a whole line: a
+    JSON object. No part of a line cut short is one (its outer brace is never closed)."""
+    try:
+        return isinstance(json.loads(data.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+
+
 class _State:
     """What a journal's lines say: pending entries (raw, by id) and the flags marks."""
 
@@ -520,10 +529,18 @@ class Outbox:
                 self._handle = handle
                 self._good_size = len(raw)
                 # A torn last line (a crash mid-write): cut it off, or the next line
-                # would be glued onto it and lost with it.
+                # would be glued onto it and lost with it. A whole one whose newline
+                # alone is missing (a write cut short right before it) was read above and
+                # counts: it stays, ended now, or a holder killed before its compaction
+                # would have lost that job.
                 self._torn = bool(raw) and not raw.endswith(b"\n")
                 if self._torn:
-                    self._good_size = raw.rfind(b"\n") + 1
+                    cut = raw.rfind(b"\n") + 1
+                    if _whole_line(raw[cut:]):
+                        os.write(handle.fileno(), b"\n")
+                        self._good_size, self._torn = len(raw) + 1, False
+                    else:
+                        self._good_size = cut
                 self._write({"t": "open", "pid": os.getpid()})
                 if sync:
                     os.fsync(handle.fileno())  # a full disk shows now, not at a checkpoint
