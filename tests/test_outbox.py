@@ -1550,3 +1550,25 @@ def test_a_journal_kept_for_a_running_upload_stays_held_through_a_takeover_until
         keeper.join(timeout=60)
     assert not is_locked(path)
     assert [job_id for job_id, _ in read_pending(path)] == [job]
+
+
+def test_a_checkpoint_folder_name_too_long_for_the_working_folder_fails_at_setup_saying_so(
+    tmp_path: Path,
+) -> None:
+    """The working folder beside dirpath is named from it (``.{name}.lamin-lightning``, 17
+    bytes more): a dirpath whose last folder is named 239 to 255 bytes long leaves no room
+    for it. Refused before the first step, saying which name and how long it may be;
+    before, the error blamed permissions or free space (found by an adversarial helper)."""
+    dirpath = tmp_path / ("c" * 239)
+    callback = MemoryCheckpoint(dirpath=dirpath, every_n_train_steps=1)
+    _CountingModel.steps = 0
+    with pytest.raises(CheckpointDirectoryError, match=r"at most 238 bytes long") as raised:
+        make_trainer(tmp_path, [callback], max_steps=2).fit(_CountingModel(), loader())
+    assert "permissions" not in str(raised.value)
+    assert _CountingModel.steps == 0, "the error must come before the first training step"
+
+    fits = tmp_path / ("c" * 238)
+    callback = MemoryCheckpoint(dirpath=fits, every_n_train_steps=1)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+    files = {path.name for path in fits.glob("*.ckpt")}
+    assert files and {k.rsplit("/", 1)[-1] for k in callback.store.keys(kind="checkpoint")} == files

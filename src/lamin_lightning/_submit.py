@@ -41,8 +41,10 @@ from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import (
     NO_LINKS,
+    WORKING_SUFFIX,
     Stager,
     absolute,
+    checkpoint_folder_of,
     current_pid,
     detach_before_rewrite,
     release_staging,
@@ -939,6 +941,19 @@ def _warn_unjournaled(record: JobRecord, error: OSError) -> None:
 def _directory_error(error: OSError, root: Path, dirpath: Any) -> CheckpointDirectoryError:
     if isinstance(error, CheckpointDirectoryError):
         return error
+    if error.errno == errno.ENAMETOOLONG and root.name.endswith(WORKING_SUFFIX):
+        try:
+            most = os.pathconf(_existing_ancestor(root.parent), "PC_NAME_MAX")
+        except (OSError, ValueError):
+            most = 255
+        added = len(root.name.encode()) - len(checkpoint_folder_of(root).name.encode())
+        return CheckpointDirectoryError(
+            error.errno,
+            f"lamin-lightning's working folder beside the checkpoint directory {dirpath!s} is"
+            f" named from it ({root.name!r}), {added} bytes longer, and that is longer than"
+            f" this filesystem allows ({most} bytes). Pass a dirpath whose last folder's name"
+            f" is at most {most - added} bytes long.",
+        )
     fix = (
         "mount it read-write" if error.errno == errno.EROFS else "fix its permissions or free space"
     )
