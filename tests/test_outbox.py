@@ -1572,3 +1572,30 @@ def test_a_checkpoint_folder_name_too_long_for_the_working_folder_fails_at_setup
     make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
     files = {path.name for path in fits.glob("*.ckpt")}
     assert files and {k.rsplit("/", 1)[-1] for k in callback.store.keys(kind="checkpoint")} == files
+
+
+def test_a_journal_that_cannot_be_read_is_told_as_such_and_commands_are_quoted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` and `flush` on a journal that cannot be read at all (EACCES; here a folder
+    in its place, which root cannot read either) said a newer version would read it;
+    the fix is the file. And the command `status` prints to copy was not quoted for a
+    shell: a dirpath with a space broke it (found by an adversarial helper)."""
+    import shlex
+
+    from lamin_lightning._cli import main
+
+    base = tmp_path / "sp ace"
+    base.mkdir()
+    dirpath, journal, _ = _failed_fit(base, steps=1)
+    assert main(["status", str(dirpath)]) == 1
+    assert f"lamin-lightning flush {shlex.quote(str(dirpath))}`" in capsys.readouterr().out
+
+    journal.rename(journal.with_name("aside.jsonl.bak"))
+    journal.mkdir()  # where the journal was: reading it fails (IsADirectoryError)
+    assert main(["status", str(dirpath)]) == 1
+    out = capsys.readouterr().out
+    assert "by this version" not in out and "make it readable" in out, out
+    assert main(["flush", str(dirpath)]) != 0
+    err = capsys.readouterr().err
+    assert "by this version" not in err and "make it readable" in err, err

@@ -12,6 +12,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,10 +107,7 @@ def _status(dirpath: Path, as_json: bool) -> int:
             " puts it back)"
         )
     for path, job, why in unreadable:
-        print(
-            f"job {job} in {path} cannot be read by this version ({why}): it stays pending;"
-            " a version of lamin-lightning that reads it flushes it"
-        )
+        print(_unreadable(path, job, why))
     if not entries:
         if not unreadable:
             print(f"no job pending in {root}" if aside else f"nothing pending in {root}")
@@ -118,8 +116,21 @@ def _status(dirpath: Path, as_json: bool) -> int:
     for path, record in entries:
         busy = f"  ({HELD})" if in_use[path] else ""
         print(f"  {_describe(record)}{busy}")
-    print(f"run `lamin-lightning flush {dirpath}` to persist them")
+    print(f"run `lamin-lightning flush {shlex.quote(str(dirpath))}` to persist them")
     return EXIT_PENDING
+
+
+def _unreadable(path: Path, job: str, why: str) -> str:
+    """What a job (or, ``job == "*"``, a whole journal) that cannot be read means."""
+    if job == "*":  # the journal itself: not opened or not read (EACCES, EIO)
+        return (
+            f"{path}: {why}; its jobs stay pending: make it readable and writable (or"
+            " repair the disk), then run `lamin-lightning flush` again"
+        )
+    return (
+        f"job {job} in {path} cannot be read by this version ({why}): it stays pending;"
+        " a version of lamin-lightning that reads it flushes it"
+    )
 
 
 def _why_dropped(record: JobRecord) -> str:
@@ -174,7 +185,7 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
     if len(unnamed) > PENDING_SHOWN:
         print(
             f"... and {len(unnamed) - PENDING_SHOWN} more pending"
-            f" (`lamin-lightning status {dirpath}` lists them all)"
+            f" (`lamin-lightning status {shlex.quote(str(dirpath))}` lists them all)"
         )
     print(
         f"saved {report.saved}, removed {report.removed}, failed {report.failed},"
@@ -183,10 +194,7 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
     for path in report.busy:
         print(f"skipped {path}: {HELD}", file=sys.stderr)
     for path, job, reason in report.unreadable:
-        print(
-            f"{'kept':8} job {job} in {path}: this version cannot read it ({reason})",
-            file=sys.stderr,
-        )
+        print(f"{'kept':8} {_unreadable(path, job, reason)}", file=sys.stderr)
     if report.remaining or report.failed or report.unreadable:
         return EXIT_PENDING
     if report.unannotated:

@@ -783,8 +783,11 @@ def _finish_alone(write: Callable[[], None], done: _Done | None = None) -> None:
 def _never_there(filepath: str | Path) -> str:
     """Why a file saved synchronously is missing when it is to be staged, and the fix."""
     return (
-        f"{filepath} did not exist when it was to be persisted. If it is a checkpoint, the"
-        " trainer's CheckpointIO returned from save_checkpoint before writing it, so it"
+        f"{filepath} did not exist when it was to be persisted. If its folder cannot be"
+        " written to (permissions, a read-only mount), Lightning's own CheckpointIO skips"
+        " the file without an error: make the folder writable. If it is a checkpoint"
+        " written by a CheckpointIO of yours, that one returned from save_checkpoint"
+        " before writing it, so it"
         " writes in the background in a way lamin-lightning cannot follow: make its"
         " save_checkpoint write before it returns, and for writes off the training thread"
         " wrap it in Lightning's AsyncCheckpointIO"
