@@ -1146,3 +1146,89 @@ def test_a_removal_committed_whose_event_an_observer_holds_is_not_left_in_the_ou
         for thread in pool_threads():
             thread.join(TIMEOUT)
     assert store.keys() == {"checkpoints/epoch=0-step=2.ckpt"}
+
+
+def test_a_direct_call_after_fit_whose_save_failed_is_left_in_the_outbox_for_a_flush(
+    tmp_path: Path,
+) -> None:
+    """Lightning's ``_save_last_checkpoint`` called directly after ``fit`` returned, the
+    store failing: the call warns (``on_error="warn"``) that it was not persisted, and the
+    job stays journaled, so that ``lamin-lightning flush`` persists it once the store is
+    back (the warning sends the user there). Before, the outbox was closed by teardown and
+    such a call's jobs were never journaled: the flush found nothing."""
+    dirpath, store = tmp_path / "ckpt", MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        save_last=True,
+        on_error="warn",
+        retry={"attempts": 1, "initial_backoff": 0.0, "max_backoff": 0.0, "jitter": 0.0},
+    )
+    model = TinyModel()
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    trainer.fit(model, loader(2))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    store.fail_always()
+
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+    assert [r.key for _, r in _pending_records(dirpath)] == [key("last.ckpt")]
+    store.heal()
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.remaining == [] and report.saved == 1
+    assert store.get(key("last.ckpt")).sha256 == sha256_file(dirpath / "last.ckpt")  # type: ignore[union-attr]
+
+
+def _pending_records(dirpath: Path) -> list[tuple[str, Any]]:
+    return [entry for path in journal_paths(staging_root(dirpath)) for entry in read_pending(path)]
+
+
+def test_a_removal_teardown_makes_is_persisted_by_that_teardown_not_a_nested_one(
+    tmp_path: Path,
+) -> None:
+    """Teardown puts Lightning's state right (a background write that failed) and evicts
+    what that leaves beyond ``save_top_k``: that removal is persisted by the teardown
+    itself. Before, the removal, made outside the stage, started a second shutdown inside
+    the first (on the ``on_exception`` path it raised, and later evictions ran unjournaled
+    on a pipeline of their own; found by a review)."""
+
+    class Evicting(MemoryCheckpoint):
+        shutdowns = 0
+        evict: str | None = None
+
+        def _shutdown(self, **kwargs: Any) -> None:
+            type(self).shutdowns += 1
+            super()._shutdown(**kwargs)
+
+        def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
+            path, self.evict = self.evict, None
+            if path is None:
+                return 0
+            self._remove_checkpoint(trainer, path)
+            return 1
+
+    dirpath, store = tmp_path / "ckpt", MemoryStore()
+    callback = Evicting(store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1)
+
+    def evict_the_first() -> None:
+        callback.evict = str(dirpath / "epoch=0-step=1.ckpt")
+
+    make_trainer(tmp_path, [OnTrainEndCallback(evict_the_first), callback], max_steps=2).fit(
+        TinyModel(), loader(2)
+    )
+
+    assert Evicting.shutdowns == 1
+    assert store.keys(kind="checkpoint") == {key("epoch=0-step=2.ckpt")}
+    assert sorted(p.name for p in dirpath.glob("*.ckpt")) == ["epoch=0-step=2.ckpt"]
+    assert _pending_records(dirpath) == []
+
+
+class OnTrainEndCallback(pl.Callback):
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fn()

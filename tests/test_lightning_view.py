@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1613,33 +1614,52 @@ def test_a_temporary_link_a_killed_process_left_is_deleted_by_the_next_flush(
 ) -> None:
     """A process killed between making a link beside its name and renaming it over that
     name leaves ``.{name}.{pid}.{thread}.link`` in the checkpoint folder, which holds only
-    what Lightning leaves there: the next holder (here a flush) deletes it. A running
-    process's is left alone, as is any other hidden file of the user's."""
-    import subprocess
-    import sys
-
+    what Lightning leaves there: the next holder (here a flush) deletes it, by its age
+    (a live one is renamed within microseconds; a pid says nothing in another container,
+    and a container's trainer is PID 1 every time, this one's included). A fresh one is
+    left alone, as is any other hidden file of the user's."""
     dirpath = tmp_path / "ckpt"
     dirpath.mkdir()
     (dirpath / "a.ckpt").write_bytes(b"a")
-    ended = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    dead = dirpath / f".last.ckpt.{int(ended.stdout)}.140000.link"
+    old = time.time() - 60
+    dead = dirpath / f".last.ckpt.{os.getpid()}.140000.link"
     os.symlink("a.ckpt", dead)
-    copied = dirpath / f".last-v1.ckpt.{int(ended.stdout)}.140001.link"
+    copied = dirpath / ".last-v1.ckpt.1.140001.link"
     copied.write_bytes(b"a")  # the copy made where links are refused
-    alive = dirpath / f".last.ckpt.{os.getppid()}.140000.link"
-    os.symlink("a.ckpt", alive)
+    for path in (dead, copied):
+        os.utime(path, (old, old), follow_symlinks=False)
+    fresh = dirpath / ".last.ckpt.1.140000.link"
+    os.symlink("a.ckpt", fresh)
     users = dirpath / ".notes.1.2.link.txt"
     users.write_text("mine")
+    os.utime(users, (old, old))
     journal(dirpath, _save(dirpath / "a.ckpt"))
     caplog.set_level(logging.WARNING, logger="lamin_lightning")
 
     flush_directory(dirpath, progress=False, stores={"memory": MemoryStore()})
 
     assert not os.path.lexists(dead) and not copied.exists()
-    assert os.path.islink(alive) and users.exists()
+    assert os.path.islink(fresh) and users.exists()
     assert "deleted 2 temporary link(s)" in caplog.text, caplog.text
+
+
+def test_a_temporary_link_of_an_earlier_process_of_this_pid_is_never_written_through(
+    tmp_path: Path,
+) -> None:
+    """A temporary link left under the name this process and thread would use (a
+    container's PID 1, killed mid-link, then restarted): it is replaced, never followed.
+    Before, making the link failed (EEXIST), the copy fallback wrote the target's bytes
+    into the checkpoint the stale link named, and the stale link was renamed into place."""
+    from lamin_lightning._staging import link_temporary
+
+    older, target = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=9.ckpt"
+    older.write_bytes(b"step 1")
+    target.write_bytes(b"step 9")
+    link = tmp_path / "last.ckpt"
+    os.symlink(older.name, link_temporary(str(link)))
+
+    _lightning_view._link_or_copy(str(target), str(link))
+
+    assert older.read_bytes() == b"step 1"
+    assert os.readlink(link) == target.name
+    assert sorted(os.listdir(tmp_path)) == sorted([older.name, target.name, link.name])

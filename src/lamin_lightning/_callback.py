@@ -256,7 +256,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # From setup (every rank) to teardown: saves outside are Lightning's methods
         # called directly (see _persist_outside_a_stage).
         self._in_stage = False
-        self._persisting_outside = False
+        self._shutting_down = False
         self._plain_saves = 0  # saves of a class that persists nothing (see teardown)
         self._deferred_files: list[tuple[Path, ArtifactKind]] = []
         self._io_writes: WriteTracker | None = None
@@ -609,6 +609,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             return
         if self._save_depth == 0 and not self._saving_on_exception:
             self._surface_failures()  # a direct call; Lightning's save hooks did it already
+        self._open_outbox_outside_a_stage(trainer)
         self._evictions.saving()
         # A link to be made here still (save_last="link", its target written in the
         # background; another callback's, sharing the name): this file replaces it, as
@@ -694,6 +695,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         if not trainer.is_global_zero:
             super()._remove_checkpoint(trainer, filepath)
             return
+        self._open_outbox_outside_a_stage(trainer)
         submitter = self._ensure_submitter()
         root = self._staging_root(filepath)
         # A link still to be made there (this callback's save_last="link", or another's
@@ -733,6 +735,22 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             remove = None
         self._submit_record(trainer, record, prepare=remove, journaled=settle)
         self._persist_outside_a_stage()
+
+    def _open_outbox_outside_a_stage(self, trainer: pl.Trainer) -> None:
+        """Outside a stage (Lightning's methods called directly, after ``fit`` or before
+        ``setup``; see ``_persist_outside_a_stage``) the outbox is opened as ``setup`` opens
+        it, so that the call's jobs are journaled: one not persisted by the time the call
+        returns (a flush that timed out, Ctrl+C) is left for ``lamin-lightning flush``."""
+        if self._in_stage or not trainer.is_global_zero or not self.dirpath:
+            return
+        submitter = self._ensure_submitter()
+        if not submitter.outbox_planned():
+            submitter.open_outbox(
+                self._staging_root(self.dirpath),
+                _journal_digest(self),
+                enabled=self.outbox,
+                dirpath=self.dirpath,
+            )
 
     def _removes_as_lightning(self, trainer: pl.Trainer) -> bool:
         """:func:`removes_as_lightning` for the trainer's strategy, remembered per

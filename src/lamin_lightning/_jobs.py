@@ -236,8 +236,9 @@ class JobRecord:
             return False
         if self.linked:  # the file is gone once the link stands (see linked)
             # Only the file itself still there says so: Lightning makes the link again at
-            # each later save, removing it first, and a removal committed in between
-            # found nothing there (neither file nor link) and kept the artifact for good.
+            # each later save (ours renames it over the path; Lightning's own removes
+            # first), and a removal committed when nothing was there (neither file nor
+            # link) would keep the artifact for good.
             path = self.local_path
             return os.path.lexists(path) and not os.path.islink(path)
         return os.path.lexists(self.local_path) and (

@@ -12,6 +12,7 @@ background write failed (see :mod:`lamin_lightning._evictions`).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -80,7 +81,6 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     _evictions: Evictions
     _save_depth: int
     _saving_on_exception: bool
-    _persisting_outside: bool
     _io_writes: Any  # a WriteTracker while a CheckpointIO that writes late is composed
     # Per background save, in order: its write, the loggers Lightning told of it (they are
     # told once it is written, see _tell_loggers), and the file it saved.
@@ -163,33 +163,39 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         try:
             with self._holding_jobs(trainer):
                 yield
-        finally:
+        except Exception:
             self._save_depth -= 1
             self._evictions.save_finished()
+            # What it submitted before it failed: persisted all the same, its own error
+            # raised (not one of the flush's: those are logged).
+            self._persist_outside_a_stage(raise_errors=False)
+            raise
+        except BaseException:
+            self._save_depth -= 1
+            self._evictions.save_finished()
+            raise
+        self._save_depth -= 1
+        self._evictions.save_finished()
         self._persist_outside_a_stage()
 
-    def _persist_outside_a_stage(self) -> None:
+    def _persist_outside_a_stage(self, *, raise_errors: bool = True) -> None:
         """A save or removal of Lightning's methods called directly outside a stage (after
         ``fit`` returned, or before ``setup``), not from within another of them: no
         teardown is left to flush it (or none may come), and a script that ends next
-        would end the pipeline's threads (daemons) with its job, unjournaled (the outbox
-        opens at setup). It is persisted before the call returns, as the reference
-        persists it, and failures are raised as teardown raises them (bounded by
-        ``flush_timeout``, what is left named)."""
+        would end the pipeline's threads (daemons) with its job. It is journaled (see
+        ``_open_outbox_outside_a_stage``) and persisted before the call returns, as the
+        reference persists it; failures are raised as teardown raises them (bounded by
+        ``flush_timeout``; what is left is named, for ``lamin-lightning flush``)."""
         if (
             self._in_stage
             or self._save_depth
             or self._saving_on_exception
-            or self._persisting_outside
+            or self._shutting_down
             or self._submitter is None
             or self._submitter.pipeline is None
         ):
             return
-        self._persisting_outside = True
-        try:
-            self._shutdown(raise_errors=True)
-        finally:
-            self._persisting_outside = False
+        self._shutdown(raise_errors=raise_errors)
 
     def _holding_jobs(self, trainer: pl.Trainer) -> AbstractContextManager[None]:
         """The hook's jobs reach the pipeline's threads together, when it returns (see
@@ -368,6 +374,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             )
             self._submit_record(trainer, record, prepare=None)
         trainer.strategy.barrier()
+        self._persist_outside_a_stage()  # a direct call of Lightning's
 
     def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
         """Undo, in Lightning's state, the saves whose background write failed (see
@@ -489,10 +496,15 @@ def _link_or_copy(target: str, link: str) -> None:
     if os.path.isdir(link) and not os.path.islink(link):
         remove_path(link)
     temporary = link_temporary(link)
+    # One left by an earlier process of this pid and thread (a container's PID 1):
+    # never written through (a copy follows a link), never renamed into place.
+    remove_path(temporary)
     try:
         try:
             os.symlink(relative, temporary)
-        except OSError:
+        except OSError as error:
+            if error.errno == errno.EEXIST:
+                raise
             shutil.copy(target, temporary)
         os.replace(temporary, link)
     except BaseException:

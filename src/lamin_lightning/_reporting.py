@@ -32,6 +32,8 @@ log = logging.getLogger("lamin_lightning")
 class ReportingCheckpoint(SubmittingCheckpoint):
     """Turns job outcomes into what training sees (see the module docstring)."""
 
+    _shutting_down: bool  # inside _shutdown
+
     def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
         """Undo, in Lightning's state, saves that were never written; return evictions made.
 
@@ -127,6 +129,16 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         warnings.warn(text, UserWarning, stacklevel=3)
 
     def _shutdown(self, *, raise_errors: bool, wait: bool = True) -> None:
+        """Flush (bounded by ``flush_timeout``), stop the pipeline, report what failed.
+        Not again from within: a removal it makes (putting Lightning's state right) is
+        persisted by this one (see ``_persist_outside_a_stage``)."""
+        shutting, self._shutting_down = self._shutting_down, True
+        try:
+            self._shutdown_once(raise_errors=raise_errors, wait=wait)
+        finally:
+            self._shutting_down = shutting
+
+    def _shutdown_once(self, *, raise_errors: bool, wait: bool) -> None:
         self._set_up = self._in_stage = False
         submitter = self._submitter
         if submitter is None:

@@ -490,7 +490,7 @@ def dead_write_folders(checkpoint_folder: Path, scratch: Path) -> list[Path]:
     return folders
 
 
-_LINK_TEMPORARY = re.compile(r"\..+\.([0-9]+)\.[0-9]+\.link\Z", re.DOTALL)
+_LINK_TEMPORARY = re.compile(r"\..+\.[0-9]+\.[0-9]+\.link\Z", re.DOTALL)
 
 
 def link_temporary(link: str) -> str:
@@ -503,32 +503,29 @@ def link_temporary(link: str) -> str:
 def clear_dead_links(folder: Path) -> list[Path]:
     """Delete the temporary links (:func:`link_temporary`) that processes which ended
     left in ``folder`` (killed between making one and renaming it over its name); return
-    them. Only a link, or a file (the copy made where links are refused), of a process
-    that is not running; never this process's."""
+    them. A live one is renamed within microseconds of being made (a copy, where links
+    are refused, is modified as it is written): one unmodified for
+    :data:`DEAD_WRITE_GRACE_SECONDS` is dead, whatever its pid says (a pid means nothing
+    in another container or on another host sharing the folder; in a container the
+    trainer is PID 1 every time). Only links and files of that name's form."""
     try:
         entries = [e for e in os.scandir(folder) if e.name.startswith(".")]
     except OSError:
         return []
     removed: list[Path] = []
+    now = time.time()
     for entry in entries:
-        found = _LINK_TEMPORARY.match(entry.name)
-        if found is None or int(found[1]) == os.getpid() or _running(int(found[1])):
+        if _LINK_TEMPORARY.match(entry.name) is None:
             continue
         with contextlib.suppress(OSError):
-            if entry.is_symlink() or entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
+            stat = entry.stat(follow_symlinks=False)
+            if not (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
+                continue
+            if now - stat.st_mtime < DEAD_WRITE_GRACE_SECONDS:
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another user's, running
-        return True
-    return True
 
 
 def clear_dead_writes(scratch: Path, *, own_names_only: bool = False) -> list[Path]:

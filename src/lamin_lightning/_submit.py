@@ -100,6 +100,7 @@ class Submitter:
         self.outbox: Outbox | None = None
         self._pid = current_pid()  # the process whose threads and outbox these are
         self._outbox_plan: tuple[Path, str, Any] | None = None  # where to create it
+        self._no_outbox = False  # open_outbox ran with journaling off (outbox=False)
         self.foreign: list[Outbox] = []
         self._stagers: dict[Path, Stager] = {}
         self._staging_done: dict[str, _Done] = {}
@@ -343,6 +344,7 @@ class Submitter:
         jobs replay first. Raises CheckpointDirectoryError if the folder is unusable.
         """
         self._outbox_plan = (root, digest, dirpath) if enabled else None
+        self._no_outbox = not enabled
         if self.outbox is not None:
             return
         try:
@@ -354,6 +356,10 @@ class Submitter:
                 self._pid = current_pid()
         except OSError as error:
             raise _directory_error(error, root, dirpath) from error
+
+    def outbox_planned(self) -> bool:
+        """Whether :meth:`open_outbox` ran since the last stop (journaling on or off)."""
+        return self.outbox is not None or self._outbox_plan is not None or self._no_outbox
 
     def check_free_space(self, root: Path, needed: int, dirpath: Any) -> None:
         """Raise CheckpointDirectoryError if the checkpoint directory (``dirpath``, where
@@ -413,7 +419,7 @@ class Submitter:
         """Release this callback's journal and the foreign ones it replayed; with
         ``working`` (threads of a stopped pipeline still running a job), once they return."""
         outbox, self.outbox = self.outbox, None
-        self._outbox_plan = None
+        self._outbox_plan, self._no_outbox = None, False
         foreign, self.foreign = self.foreign, []
         for journal in (outbox, *foreign):
             if journal is not None:
