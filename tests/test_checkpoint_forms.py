@@ -1292,3 +1292,53 @@ def test_a_ddp_strategy_whose_removal_meets_the_other_ranks_is_called_on_every_t
         assert [name for _, r, name, _ in removes if r == rank] == evicted
     assert all(on_main == "True" for *_, on_main in removes)
     assert "kept ['epoch=0-step=4.ckpt', 'epoch=0-step=5.ckpt']" in done.stdout
+
+
+def test_an_eviction_waiting_for_a_file_renamed_aside_for_its_rewrite_still_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncCheckpointIO, top 1 without a monitor, every step, ``filename="{epoch}"`` and
+    no version counter: the first save of an epoch evicts the previous epoch's file once
+    the new one is written, and the next step rewrites the new one, renamed aside until
+    that rewrite is written. The eviction ran on the intake thread meanwhile, found no
+    file under the new name, and kept the evicted checkpoint (found by a randomized
+    sweep, seed 20360: ``epoch=1.ckpt`` stayed, which ModelCheckpoint removes). Here the
+    eviction waits until the rename aside happened, as a loaded machine orders them."""
+    from lamin_lightning import _submit
+
+    moved = threading.Event()
+    real_move, real_call = _submit._aside.move_aside, _submit.RemovalOnceWritten.__call__
+
+    def move_aside(root: Path, filepath: Any) -> Path:
+        aside = real_move(root, filepath)
+        if os.path.basename(filepath) == "epoch=1.ckpt":
+            moved.set()
+        return aside
+
+    def call(self: Any) -> int:
+        if os.path.basename(self._filepath) == "epoch=0.ckpt":
+            assert moved.wait(20), "epoch=1.ckpt was never renamed aside for its rewrite"
+        return real_call(self)
+
+    monkeypatch.setattr(_submit._aside, "move_aside", move_aside)
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+    options: dict[str, Any] = {
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+        "filename": "{epoch}",
+        "enable_version_counter": False,
+    }
+    store = MemoryStore()
+    ours = MemoryCheckpoint(store, dirpath=tmp_path / "ours", **options)
+    make_trainer(tmp_path, [ours], max_epochs=2, plugins=[AsyncCheckpointIO()]).fit(
+        TinyModel(), loader(3)
+    )
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **options)
+    make_trainer(tmp_path, [plain], max_epochs=2).fit(TinyModel(), loader(3))
+
+    assert (
+        checkpoint_files(tmp_path / "ours")
+        == checkpoint_files(tmp_path / "plain")
+        == {"epoch=1.ckpt"}
+    )
+    assert store.keys(kind="checkpoint") == {"checkpoints/epoch=1.ckpt"}

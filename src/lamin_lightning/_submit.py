@@ -10,6 +10,7 @@ pipeline's threads.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import logging
@@ -580,11 +581,19 @@ class Submitter:
             linked = aside is not None
             if aside is None:
                 aside = _aside.move_aside(root, filepath)
+                _AWAY.add(filepath)
         except OSError:
             detach_before_rewrite(filepath)
             return _nothing_aside
 
         def done(rewritten: bool) -> None:
+            try:
+                put_back_or_trash(rewritten)
+            finally:
+                if not linked:
+                    _AWAY.discard(filepath)
+
+        def put_back_or_trash(rewritten: bool) -> None:
             if linked and not rewritten and _same_file(filepath, aside):
                 remove_path(aside)  # the rewrite failed before its rename: nothing changed
                 return
@@ -707,7 +716,11 @@ class RemovalOnceWritten:
     def __call__(self) -> int:
         try:
             failed = self._write is not None and self._write.failed()
-            if not failed and os.path.lexists(self._replacement):
+            # Written, then renamed aside for its own rewrite (a CheckpointIO that writes
+            # later, AsyncCheckpointIO: a name rewritten within an epoch): a file is there
+            # again once that is written, its rewrite's or, if it fails, this one.
+            there = os.path.lexists(self._replacement) or _AWAY.holds(self._replacement)
+            if not failed and there:
                 # Not renamed into the trash (another filesystem: dirpath is a mount point,
                 # or the file is in a linked subfolder): deleted here, as Lightning would.
                 if not self._stager.trash(self._filepath):
@@ -720,6 +733,34 @@ class RemovalOnceWritten:
                 self._then()  # told that the removal ran (or was dropped)
         self._stager.empty_trash()
         return 0
+
+
+class _Away:
+    """The files of this process renamed aside for a rewrite still being written (see
+    ``Submitter.move_aside``), by absolute path: not at their path meanwhile, but there
+    for Lightning."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: collections.Counter[str] = collections.Counter()
+
+    def add(self, path: str | Path) -> None:
+        with self._lock:
+            self._paths[os.path.abspath(path)] += 1
+
+    def discard(self, path: str | Path) -> None:
+        name = os.path.abspath(path)
+        with self._lock:
+            self._paths[name] -= 1
+            if self._paths[name] <= 0:
+                del self._paths[name]
+
+    def holds(self, path: str | Path) -> bool:
+        with self._lock:
+            return os.path.abspath(path) in self._paths
+
+
+_AWAY = _Away()
 
 
 # Every submitter of this process: two callbacks may save one path, and each finds the
