@@ -20,6 +20,7 @@ by :class:`WriteGate` (released at ``on_train_end``); nothing sleeps to synchron
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import errno
 import io
 import json
@@ -1588,15 +1589,7 @@ def test_a_linked_removal_whose_link_never_came_keeps_the_file_without_a_false_w
     for path in (a, b):
         saved = JobRecord(op="save", kind="checkpoint", key=key(path.name), local_path=str(path))
         store.commit(saved, store.transfer(saved, path), replay=False, set_flags=True)
-    removal = JobRecord(
-        op="remove",
-        kind="checkpoint",
-        key=key(a.name),
-        local_path=str(a),
-        store="memory",
-        after=str(b),
-        linked=True,
-    )
+    removal = dataclasses.replace(_evicted_for(a, b)[1], linked=True)
     journal(dirpath, removal, _save(dirpath / "c.ckpt"))
     (dirpath / "c.ckpt").write_bytes(b"c" * 100)
     caplog.set_level(logging.WARNING, logger="lamin_lightning")
