@@ -580,8 +580,14 @@ class Submitter:
                             stager.forget_link_safety(folder)
             linked = aside is not None
             if aside is None:
-                aside = _aside.move_aside(root, filepath)
+                # Counted as away before it goes: an eviction waiting for this name on the
+                # intake thread must never find it neither there nor away.
                 _AWAY.add(filepath)
+                try:
+                    aside = _aside.move_aside(root, filepath)
+                except BaseException:
+                    _AWAY.discard(filepath)
+                    raise
         except OSError:
             detach_before_rewrite(filepath)
             return _nothing_aside
