@@ -160,23 +160,20 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         self._evictions.save_started(
             self if self.async_write or self._io_writes is not None else None
         )
+        raised: BaseException | None = None
         try:
             with self._holding_jobs(trainer):
                 yield
-        except Exception:
+        except BaseException as error:
+            raised = error
+            raise
+        finally:
             self._save_depth -= 1
             self._evictions.save_finished()
-            # What it submitted before it failed: persisted all the same, its own error
-            # raised (not one of the flush's: those are logged).
-            self._persist_outside_a_stage(raise_errors=False)
-            raise
-        except BaseException:
-            self._save_depth -= 1
-            self._evictions.save_finished()
-            raise
-        self._save_depth -= 1
-        self._evictions.save_finished()
-        self._persist_outside_a_stage()
+            if raised is None or isinstance(raised, Exception):
+                # A direct call's jobs, also those submitted before it failed (its own
+                # error goes on; the flush's are logged then, not raised).
+                self._persist_outside_a_stage(raise_errors=raised is None)
 
     def _persist_outside_a_stage(self, *, raise_errors: bool = True) -> None:
         """A save or removal of Lightning's methods called directly outside a stage (after
