@@ -1051,6 +1051,96 @@ def test_a_rewrite_of_last_whose_feature_hook_raised_is_persisted_as_lightning_w
     assert not aside.exists() or [p for p in aside.iterdir() if p.suffix != ".lock"] == []
 
 
+def test_a_last_link_whose_target_async_checkpoint_io_rewrites_keeps_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three callbacks in one folder: the first saves shared.ckpt and links last.ckpt to it
+    (save_last="link"), the second rewrites shared.ckpt, the third saves last with the
+    version counter. ModelCheckpoint's link resolves throughout, so the third takes
+    last-v1.ckpt. Under AsyncCheckpointIO the rewrite renames shared.ckpt aside until its
+    write, late: the link dangled meanwhile, and the third wrote its file over the link as
+    last.ckpt (randomized sweep, seed 21224 with AsyncCheckpointIO, 5 runs in 17: those
+    where the rewrite was not written yet when the third looked). Here the second waits
+    until the link is made, and the rewrite is held until the third saved."""
+    from lamin_lightning import _lightning_view
+
+    linked, saved_last = threading.Event(), threading.Event()
+    real_link = _lightning_view._link_or_copy
+
+    def link_or_copy(target: str, link: str) -> None:
+        real_link(target, link)
+        linked.set()
+
+    monkeypatch.setattr(_lightning_view, "_link_or_copy", link_or_copy)
+
+    class HeldRewrite(TorchCheckpointIO):  # the second write of shared.ckpt waits
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes = 0
+            self.timed_out = False
+
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            if Path(path).name == "shared.ckpt":
+                self.writes += 1
+                if self.writes == 2:
+                    self.timed_out = not saved_last.wait(60)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    shared: dict[str, Any] = {
+        "filename": "shared",
+        "monitor": None,
+        "enable_version_counter": False,
+        "every_n_train_steps": 1,
+    }
+    options: list[dict[str, Any]] = [
+        {"save_top_k": 1, "save_last": "link", **shared},
+        {"save_top_k": -1, "mode": "max", **shared},  # a state key of its own
+        {"save_top_k": 0, "save_last": True, "monitor": "score", "every_n_train_steps": 1},
+    ]
+
+    def listing(dirpath: Path) -> dict[str, str]:
+        return {p.name: os.readlink(p) if p.is_symlink() else "" for p in dirpath.glob("*.ckpt")}
+
+    plain_dir = tmp_path / "plain"
+    plain = [ModelCheckpoint(dirpath=plain_dir, **o) for o in options]
+    make_trainer(tmp_path, plain, max_steps=1).fit(TinyModel(scores=[1.0]), loader(2))
+
+    dirpath = tmp_path / "ours"
+    store = MemoryStore()
+
+    class Rewriter(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            assert linked.wait(60), "last.ckpt was never linked to shared.ckpt"
+            super()._save_checkpoint(trainer, filepath)
+
+    class SavesLast(MemoryCheckpoint):
+        def _save_last_checkpoint(self, trainer: pl.Trainer, candidates: Any) -> None:
+            try:
+                super()._save_last_checkpoint(trainer, candidates)
+            finally:
+                saved_last.set()
+
+    ours = [
+        MemoryCheckpoint(store, dirpath=dirpath, **options[0]),
+        Rewriter(store, dirpath=dirpath, **options[1]),
+        SavesLast(store, dirpath=dirpath, **options[2]),
+    ]
+    io = HeldRewrite()
+    make_trainer(tmp_path, ours, max_steps=1, plugins=[AsyncCheckpointIO(io)]).fit(
+        TinyModel(scores=[1.0]), loader(2)
+    )
+
+    assert not io.timed_out and io.writes == 2
+    assert listing(plain_dir) == {
+        "shared.ckpt": "",
+        "last.ckpt": "shared.ckpt",
+        "last-v1.ckpt": "",
+    }
+    assert listing(dirpath) == listing(plain_dir)
+    assert [Path(c.last_model_path).name for c in ours] == ["last.ckpt", "", "last-v1.ckpt"]
+    assert [Path(c.last_model_path).name for c in plain] == ["last.ckpt", "", "last-v1.ckpt"]
+
+
 def test_a_link_to_a_checkpoint_evicted_meanwhile_frees_its_name_as_in_lightning(
     tmp_path: Path,
 ) -> None:

@@ -210,7 +210,11 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         # to "file, in flight" to "file"; looking at the disk first could see no file yet,
         # then a write no longer in flight, and hand its name out again.
         taken = trainer.is_global_zero and (
-            being_written(filepath) or (self._fs.exists(filepath) and not self._gone(filepath))
+            being_written(filepath)
+            or (
+                (self._fs.exists(filepath) or _links_to_a_file_being_written(filepath))
+                and not self._gone(filepath)
+            )
         )
         return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
 
@@ -385,6 +389,17 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         for path in evict:
             self._remove_checkpoint(trainer, path)
         return len(evict)
+
+
+def _links_to_a_file_being_written(filepath: Any) -> bool:
+    """Whether ``filepath`` is a link (``save_last="link"``) whose target a background
+    write of this process is creating. Lightning's ``file_exists`` follows the link; the
+    target of a rewrite under a CheckpointIO that writes late (``AsyncCheckpointIO``) is
+    renamed aside until its write (see ``_aside``), where ``ModelCheckpoint``'s file
+    stays: the link resolves for it, and its name is taken (another callback saving
+    ``last`` in the folder takes ``last-v1.ckpt``)."""
+    path = os.fspath(filepath)
+    return os.path.islink(path) and being_written(os.path.realpath(path))
 
 
 def _note(told: list[Any], logger: Any, checkpoint_callback: Any) -> None:
