@@ -721,8 +721,9 @@ class SaveConfigCallback(_LightningSaveConfigCallback):
         if not self.overwrite:
             exists = config_path.exists() if trainer.is_global_zero else False
             if trainer.strategy.broadcast(exists):
+                # The reference's words first (code matching them keeps working), then how.
                 raise RuntimeError(
-                    f"{config_path} already exists; pass overwrite=True to the"
+                    f"Config file already exists: {config_path}; pass overwrite=True to the"
                     " SaveConfigCallback (LightningCLI(save_config_kwargs={'overwrite': True}))"
                     " or use another log directory"
                 )

@@ -177,3 +177,33 @@ def test_cli_yaml_takes_every_model_checkpoint_value_lightning_takes(
         for a in ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix + "/")
     }
     assert Path(callback.best_model_path).name in keys
+
+
+def test_an_existing_config_file_is_refused_with_the_references_words(
+    ln: Any, fresh_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``overwrite=False`` and a ``config.yaml`` already there, both raise
+    ``RuntimeError`` whose message starts as the reference's ("Config file already exists:
+    PATH"), so code matching it works after the swap."""
+    from lamindb.integrations import lightning as reference
+
+    monkeypatch.setattr(sys, "argv", ["lamin-lightning-tier"])
+    messages = {}
+    for name, module, save_config in (
+        ("ref", "lamindb.integrations.lightning", reference.SaveConfigCallback),
+        ("ours", "lamin_lightning", ll.SaveConfigCallback),
+    ):
+        config = _config(tmp_path, name, {"class_path": f"{module}.Checkpoint"})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("earlier: 1\n")
+        with pytest.raises(RuntimeError) as raised:
+            LightningCLI(
+                TierModel,
+                TierData,
+                args=["fit", "--config", str(config)],
+                save_config_callback=save_config,
+                save_config_kwargs={"overwrite": False},
+            )
+        messages[name] = str(raised.value).replace(f"/{name}/", "/NAME/")
+    assert messages["ref"].startswith("Config file already exists: ")
+    assert messages["ours"].startswith(messages["ref"]), messages
