@@ -96,7 +96,8 @@ class LaminArtifactPublisher:
             kwargs["run"] = run
         if skip_hash_lookup:
             kwargs["skip_hash_lookup"] = True
-        artifact = ln.Artifact(local_path, **kwargs, **_own_store(local_path)).save()
+        with outside_storage(local_path) as source:
+            artifact = ln.Artifact(source, **kwargs, **_own_store(source)).save()
         if add_as_input_to_run:
             from lamindb.models._lineage import track_run_inputs
 
@@ -263,34 +264,35 @@ class LaminStore:
                 add_as_input_to_run=run is False,
                 skip_hash_lookup=True,
             )
-        artifact = _ln().Artifact(
-            path,
-            key=key,
-            description=description,
-            kind=lamin_kind,
-            run=run,
-            key_is_virtual=key_is_virtual,
-            skip_hash_lookup=True,
-            **_own_store(path),
-            **_given_stats(stats),
-            **({"storage": storage} if storage is not None else {}),
-        )
-        # Registered before the record exists, so that a commit replacing an older
-        # artifact of this key never mistakes this newer, uncommitted one for it. By
-        # object, not uid: concurrent new versions of one key get the same provisional
-        # uid, and lamindb may change the uid during save().
-        with self._lock:
-            self._uncommitted[id(artifact)] = artifact
-        share_storage_filesystem()
-        try:
-            with _uploading(key, getattr(artifact, "hash", None)):
-                artifact.save(**_upload_options(Path(path)))
-        except (FileNotFoundError, PermissionError) as error:
-            self.settle(artifact)
-            raise _naming_storage(error, artifact, path) from error
-        except BaseException:
-            self.settle(artifact)
-            raise
+        with outside_storage(path) as source:
+            artifact = _ln().Artifact(
+                source,
+                key=key,
+                description=description,
+                kind=lamin_kind,
+                run=run,
+                key_is_virtual=key_is_virtual,
+                skip_hash_lookup=True,
+                **_own_store(source),
+                **_given_stats(stats),
+                **({"storage": storage} if storage is not None else {}),
+            )
+            # Registered before the record exists, so that a commit replacing an older
+            # artifact of this key never mistakes this newer, uncommitted one for it. By
+            # object, not uid: concurrent new versions of one key get the same provisional
+            # uid, and lamindb may change the uid during save().
+            with self._lock:
+                self._uncommitted[id(artifact)] = artifact
+            share_storage_filesystem()
+            try:
+                with _uploading(key, getattr(artifact, "hash", None)):
+                    artifact.save(**_upload_options(Path(source)))
+            except (FileNotFoundError, PermissionError) as error:
+                self.settle(artifact)
+                raise _naming_storage(error, artifact, path) from error
+            except BaseException:
+                self.settle(artifact)
+                raise
         return artifact
 
     def _publish(self, publisher: ArtifactPublisher, path: Path | str, **options: Any) -> Any:
@@ -1390,6 +1392,51 @@ def _naming_storage(error: OSError, artifact: Any, path: str | Path) -> OSError:
     if str(root) in str(error):
         return error
     return type(error)(f"{error} (storage location {root})")
+
+
+@contextmanager
+def outside_storage(path: Path | str) -> Iterator[Path | str]:
+    """``path``, or a link to (else a copy of) it outside every storage location.
+
+    lamindb registers a file that lies in one of the instance's storage locations where
+    it is, without copying it (the reference's artifact of a checkpoint written there is
+    Lightning's file). What we hand lamindb is the staged copy, which is deleted once
+    the job is done: registered in place, its artifact would name a file that no longer
+    exists. So a staged file or folder in a storage location (a ``dirpath`` or logger
+    ``save_dir`` inside the instance's storage) is given to lamindb from a temporary
+    folder outside it, which lamindb copies into storage as any other file.
+    """
+    from lamindb.models.artifact import check_path_in_existing_storage
+
+    if check_path_in_existing_storage(Path(path)) is None:
+        yield path
+        return
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="lamin-lightning-"))
+    try:
+        target = scratch / Path(path).name
+        if Path(path).is_dir():
+            shutil.copytree(path, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(os.fspath(path), os.fspath(target))
+        if check_path_in_existing_storage(target) is not None:
+            raise LaminSetupError(
+                f"{path} and the temporary folder {scratch} both lie in a LaminDB storage"
+                " location, where lamindb would register the staged copy in place (to be"
+                " deleted): write checkpoints outside the instance's storage locations"
+            )
+        yield target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str) -> str:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
 
 
 def _own_store(path: Path | str) -> dict[str, Any]:

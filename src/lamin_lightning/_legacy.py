@@ -24,7 +24,7 @@ from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import LaminSetupError, PersistenceError
 from lamin_lightning._events import ArtifactFailedEvent
 from lamin_lightning._lamin_features import _ln, require_instance
-from lamin_lightning._lamin_store import close_connections
+from lamin_lightning._lamin_store import close_connections, outside_storage
 from lamin_lightning._options import DEFAULT_FLUSH_TIMEOUT
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._retry import RetryPolicy
@@ -149,7 +149,8 @@ class Callback(pl.Callback):
         return self._pipeline
 
     def _upload(self, staged: Path) -> Any:
-        return _ln().Artifact(staged, key=self.key, kind="model").save()
+        with outside_storage(staged) as source:  # the staged copy is deleted after
+            return _ln().Artifact(source, key=self.key, kind="model").save()
 
     def _annotate(self, staged: Path, values: dict[str, Any], artifact: Any) -> None:
         if values:

@@ -1,0 +1,81 @@
+"""Checkpoints written inside one of the instance's storage locations.
+
+lamindb registers a file that lies in a storage location where it is, without copying
+it. The reference hands it Lightning's file, so its artifact is that file. We hand
+lamindb the staged copy, which is deleted once its job is done: registered in place,
+every artifact named a file that no longer existed (``artifact.path`` missing, the
+checkpoint's bytes gone from the instance). Ours must give artifacts whose bytes exist
+and equal what Lightning wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lamindb_tier import TierData, TierModel, make_trainer
+from lightning.pytorch.loggers import CSVLogger
+
+import lamin_lightning as ll
+
+pytestmark = [pytest.mark.lamindb, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def _storage_root() -> Path:
+    import lamindb_setup
+
+    return Path(lamindb_setup.settings.storage.root_as_str)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("module", ["lamindb.integrations.lightning", "lamin_lightning"])
+def test_a_log_dir_inside_the_storage_location_leaves_artifacts_whose_bytes_exist(
+    module: str, ln: Any, fresh_run: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A logger ``save_dir`` inside the instance's storage: each checkpoint Lightning
+    keeps, and ``hparams.yaml``, has an artifact whose bytes exist and equal the file
+    (the reference's too: its artifact is Lightning's file, registered in place)."""
+    import importlib
+
+    api = importlib.import_module(module)
+    save_dir = _storage_root() / f"in-storage-{request.node.callspec.id}-{tmp_path.name}"
+    callback = api.Checkpoint(monitor="score", save_top_k=2, every_n_train_steps=1)
+    trainer = make_trainer(
+        tmp_path, [callback], max_steps=4, logger=CSVLogger(save_dir=str(save_dir), name="n")
+    )
+    trainer.fit(TierModel(scores=[3, 1, 2, 0]), datamodule=TierData(n=10))
+
+    found = {
+        a.key: a for a in ln.Artifact.filter(key__startswith=callback.checkpoint_key_prefix + "/")
+    }
+    kept = {Path(p).name: Path(p) for p in callback.best_k_models}
+    assert {Path(k).name for k in found} == {*kept, "hparams.yaml"}
+    for key, artifact in found.items():
+        stored = Path(str(artifact.path))
+        assert stored.exists(), f"{key}: its artifact's bytes are gone ({stored})"
+        if Path(key).name in kept:
+            assert _sha(stored) == _sha(kept[Path(key).name]), key
+
+
+def test_the_deprecated_callback_writing_inside_the_storage_location_keeps_its_bytes(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """``Callback(path, key)`` with ``path`` inside the storage: each epoch's version
+    has its bytes (the staged copy it was made from is deleted)."""
+    folder = _storage_root() / f"legacy-in-storage-{tmp_path.name}"
+    folder.mkdir()
+    key = f"tier-legacy-in-storage/{tmp_path.name}/model.ckpt"
+    with pytest.warns(DeprecationWarning):
+        callback = ll.Callback(folder / "model.ckpt", key)
+    trainer = make_trainer(tmp_path, [callback], max_steps=-1, max_epochs=2)
+    trainer.fit(TierModel(scores=[1.0, 2.0]), TierData(n=1))
+    versions = list(ln.Artifact.filter(key=key).order_by("created_at"))
+    assert len(versions) == 2
+    for version in versions:
+        assert Path(str(version.path)).exists(), version.path
+    assert _sha(Path(str(versions[-1].path))) == _sha(folder / "model.ckpt")
