@@ -22,9 +22,11 @@ import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from lamin_lightning import _owners
 from lamin_lightning._errors import LaminSetupError, TransientError
 from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, RecordRef, next_sequence
 from lamin_lightning._lamin_features import (
@@ -1405,30 +1407,75 @@ def outside_storage(path: Path | str) -> Iterator[Path | str]:
     exists. So a staged file or folder in a storage location (a ``dirpath`` or logger
     ``save_dir`` inside the instance's storage) is given to lamindb from a temporary
     folder outside it, which lamindb copies into storage as any other file.
+
+    That folder is made in :data:`SCRATCH_FOLDER` beside the storage location where it
+    can be (the same filesystem, so a hard link: a checkpoint of tens of GB is not copied
+    to the system's temporary folder), else in the system's temporary folder. Each
+    process holds a lock file there while it has entries (:mod:`lamin_lightning._owners`);
+    what a killed process left is deleted by the next one to use the folder.
     """
     from lamindb.models.artifact import check_path_in_existing_storage
 
-    if check_path_in_existing_storage(Path(path)) is None:
+    storage = check_path_in_existing_storage(Path(path))
+    if storage is None:
         yield path
         return
     import tempfile
 
-    scratch = Path(tempfile.mkdtemp(prefix="lamin-lightning-"))
-    try:
-        target = scratch / Path(path).name
-        if Path(path).is_dir():
-            shutil.copytree(path, target, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(os.fspath(path), os.fspath(target))
-        if check_path_in_existing_storage(target) is not None:
-            raise LaminSetupError(
-                f"{path} and the temporary folder {scratch} both lie in a LaminDB storage"
-                " location, where lamindb would register the staged copy in place (to be"
-                " deleted): write checkpoints outside the instance's storage locations"
-            )
-        yield target
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    beside = os.path.dirname(os.path.abspath(str(storage.root).rstrip("/")))
+    for place in (beside, tempfile.gettempdir()):
+        folder = Path(place) / SCRATCH_FOLDER
+        if check_path_in_existing_storage(folder) is not None:
+            continue
+        try:
+            scratch = _scratch(folder)
+        except OSError:
+            continue  # beside the storage location: not writable, say
+        try:
+            target = scratch / Path(path).name
+            if Path(path).is_dir():
+                shutil.copytree(path, target, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(os.fspath(path), os.fspath(target))
+            yield target
+            return
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            _owners.let_go(folder, partial(_has_entries_of, folder))
+    raise LaminSetupError(
+        f"{path} lies in the LaminDB storage location {storage.root}, where lamindb would"
+        " register the staged copy in place (to be deleted), and no temporary folder"
+        f" outside every storage location could be made ({SCRATCH_FOLDER} beside it, or"
+        " in the system's temporary folder): write checkpoints outside the instance's"
+        " storage locations"
+    )
+
+
+SCRATCH_FOLDER = ".lamin-lightning-scratch"
+"""Where a file staged inside a storage location is handed to lamindb from (see
+:func:`outside_storage`)."""
+
+
+def _has_entries_of(folder: Path, owner: str) -> bool:
+    return _owners.has_entries(folder, f"{owner}-")
+
+
+def _scratch(folder: Path) -> Path:
+    """A new folder of this process's in ``folder``, after deleting those of ended ones."""
+    import tempfile
+
+    with _owners.folder_lock(folder):
+        ours = _owners.hold(folder, verify=True)
+        for name in os.listdir(folder):
+            owner = name.rpartition("-")[0]
+            if name.endswith(_owners.LOCK_SUFFIX) or not owner or owner == ours:
+                continue
+            if not _owners.can_tell():  # pragma: no cover - Windows
+                break
+            with _owners.dead_owner(folder, owner) as dead:
+                if dead:
+                    shutil.rmtree(folder / name, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f"{ours}-", dir=folder))
 
 
 def _link_or_copy(source: str, target: str) -> str:

@@ -130,6 +130,11 @@ def let_go(folder: Path, still_used: Callable[[str], bool]) -> bool:
     return True
 
 
+def can_tell() -> bool:
+    """Whether whose entry it is can be told here (False without ``fcntl``: Windows)."""
+    return fcntl is not None
+
+
 def has_entries(folder: Path, prefix: str) -> bool:
     """Whether ``folder`` lists a name starting with ``prefix`` (OSError if unlistable)."""
     return any(name.startswith(prefix) for name in os.listdir(folder))

@@ -79,3 +79,46 @@ def test_the_deprecated_callback_writing_inside_the_storage_location_keeps_its_b
     for version in versions:
         assert Path(str(version.path)).exists(), version.path
     assert _sha(Path(str(versions[-1].path))) == _sha(folder / "model.ckpt")
+
+
+def test_a_staged_file_in_storage_is_handed_over_from_a_hard_link_beside_the_storage(
+    ln: Any, tmp_path: Path
+) -> None:
+    """The temporary folder is on the storage's side (a hard link: a checkpoint of tens
+    of GB is never copied to the system's temporary folder), outside every storage
+    location, and gone afterwards; a killed process's leftover there is deleted by the
+    next use, a live one's is left alone."""
+    import fcntl
+    import os
+
+    from lamin_lightning._lamin_store import SCRATCH_FOLDER, outside_storage
+
+    root = _storage_root()
+    staged = root / f"staged-{tmp_path.name}" / "model.ckpt"
+    staged.parent.mkdir()
+    staged.write_bytes(b"weights")
+    scratch = root.parent / SCRATCH_FOLDER
+    scratch.mkdir(exist_ok=True)
+    dead = scratch / "4242-deadbeef0000-leftover"  # its owner's lock file is gone
+    dead.mkdir()
+    (dead / "model.ckpt").write_bytes(b"old")
+    alive = scratch / "4343-a11ve0000000-inuse"
+    alive.mkdir()
+    lock = os.open(scratch / "4343-a11ve0000000.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another open file: a lock of "another process"
+    try:
+        with outside_storage(staged) as source:
+            source = Path(source)
+            assert source.parent.parent == scratch
+            assert os.path.samefile(source, staged)
+            from lamindb.models.artifact import check_path_in_existing_storage
+
+            assert check_path_in_existing_storage(source) is None
+        assert not source.parent.exists()
+        assert not dead.exists()
+        assert alive.exists()
+    finally:
+        os.close(lock)
+        import shutil
+
+        shutil.rmtree(alive)
