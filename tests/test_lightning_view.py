@@ -56,6 +56,7 @@ from lamin_lightning._jobs import file_identity
 from lamin_lightning._journal import Outbox, read_pending
 from lamin_lightning._replay import pending_records
 from lamin_lightning._staging import staging_root
+from lamin_lightning._submission import _journal_digest
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, content_sha256
 from test_async_write import OnTrainEnd, WriteGate
 from test_working_folder import _pending_keys, _WhenWaiting
@@ -106,9 +107,10 @@ def _evicted_for(evicted: Path, replacement: Path) -> tuple[JobRecord, JobRecord
     return _save(replacement), removal
 
 
-def journal(dirpath: Path, *records: JobRecord) -> None:
-    """Leave ``records`` pending in a journal of ``dirpath``, as a killed process would."""
-    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+def journal(dirpath: Path, *records: JobRecord, name: str = "test") -> None:
+    """Leave ``records`` pending in a journal of ``dirpath`` (``outbox-{name}.jsonl``), as a
+    killed process would."""
+    outbox = Outbox(staging_root(dirpath) / f"outbox-{name}.jsonl")
     outbox.open()
     for record in records:
         outbox.append(record)
@@ -1448,14 +1450,19 @@ def test_a_replay_removes_a_last_ckpt_file_only_once_its_link_stands(
         assert last.read_bytes() == b"step 3"
 
 
+@pytest.mark.parametrize("recovered_by", ["flush", "setup"])
 def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
-    tmp_path: Path,
+    recovered_by: str, tmp_path: Path
 ) -> None:
     """A CheckpointIO that writes late rewrites last.ckpt in place; the previous file waits
     aside. Killed mid-write, the next flush (or setup) puts the previous file back first,
     and the replay then persisted the interrupted save (its step, its flags) with the
     previous checkpoint's bytes. That save is now dropped when the previous file is put
-    back, and the previous checkpoint keeps what it had."""
+    back, and the previous checkpoint keeps what it had.
+
+    ``setup``: the next fit of the same callback, without ``ckpt_path="last"``. It
+    reopens (and locks) its own journal before it puts the previous file back, and the
+    drop skipped every locked journal, its own included."""
     import subprocess
     import sys
     import textwrap
@@ -1485,14 +1492,21 @@ def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
         check=True,
         timeout=120,
     )
-    journal(dirpath, _save(last, written_later=True))
     store = MemoryStore()
-
-    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+    if recovered_by == "flush":
+        journal(dirpath, _save(last, written_later=True))
+        report = flush_directory(dirpath, progress=False, stores={"memory": store})
+        assert report.remaining == []
+    else:
+        # Saves nothing itself (every_n_train_steps beyond the fit): only the replay of
+        # its own journal, the killed run's, persists.
+        callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=100)
+        journal(dirpath, _save(last, written_later=True), name=_journal_digest(callback))
+        make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
 
     assert sha256_file(last) == previous, "the previous checkpoint is back"
     assert store.keys() == set(), "the interrupted save was persisted with the previous bytes"
-    assert report.remaining == [] and pending_records(dirpath) == []
+    assert pending_records(dirpath) == []
 
 
 @pytest.mark.parametrize("cls_name", ["MemoryCheckpoint", "Checkpoint"])

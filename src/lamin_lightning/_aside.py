@@ -130,15 +130,16 @@ def _by_owner(folder: Path) -> dict[str, list[str]]:
     return entries
 
 
-def put_back_in(dirpath: str | os.PathLike[str]) -> list[Path]:
+def put_back_in(dirpath: str | os.PathLike[str], own: Outbox | None = None) -> list[Path]:
     """:func:`put_back_leftovers` for every working folder of checkpoint folder
     ``dirpath`` (or of ``dirpath`` itself, a working folder); and deletes what background
     writes (:func:`clear_dead_writes`) and links (``_staging.clear_dead_links``) of
-    processes that ended left there."""
+    processes that ended left there. ``own``: a journal the caller holds open (see
+    :func:`put_back_leftovers`)."""
     put_back: list[Path] = []
     roots = working_folders(dirpath)
     for root in roots:
-        put_back.extend(put_back_leftovers(root, checkpoint_folder_of(root)))
+        put_back.extend(put_back_leftovers(root, checkpoint_folder_of(root), own))
         clear_dead_staging(root, roots)
         scratch = root / WRITING_DIRNAME
         # A checkpoint folder (or a subfolder) on another filesystem than the working
@@ -250,9 +251,13 @@ def _pid_alive(owner: str) -> bool:
     return True
 
 
-def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:
+def put_back_leftovers(
+    root: Path, checkpoint_folder: Path, own: Outbox | None = None
+) -> list[Path]:
     """Return to ``checkpoint_folder`` what processes that ended left in ``root``'s aside
-    folder; return the checkpoints put back.
+    folder; return the checkpoints put back. ``own``: a journal the caller holds open (a
+    callback reopens its earlier run's journal at ``setup``, before this runs), whose
+    interrupted rewrites are dropped as those of journals nobody holds.
 
     - The checkpoint is missing (killed before the rewrite wrote it): put back.
     - It is there but cut short (not a complete zip, as ``torch.save`` writes, where the
@@ -285,18 +290,26 @@ def put_back_leftovers(root: Path, checkpoint_folder: Path) -> list[Path]:
                 put_back.append(restored)
     stager.empty_trash()
     if put_back:
-        _drop_interrupted_rewrites(root, put_back)
+        _drop_interrupted_rewrites(root, put_back, own)
     return put_back
 
 
-def _drop_interrupted_rewrites(root: Path, put_back: list[Path]) -> None:
+def _drop_interrupted_rewrites(root: Path, put_back: list[Path], own: Outbox | None) -> None:
     """The saves whose rewrite a crash interrupted, and whose previous file was put back:
     each journaled save of such a file that was to be written after its hook returned
     (a CheckpointIO that writes late) and was never staged is the interrupted one. The
     file now holds the previous checkpoint, which must not be persisted as that save (its
-    step, its flags); the save is dropped as never written, with a warning."""
+    step, its flags); the save is dropped as never written, with a warning.
+
+    A journal another holder has is left to it, but not ``own``, the caller's: skipped as
+    locked, its interrupted save was replayed with the previous checkpoint's bytes.
+    """
     wanted = {os.path.abspath(path) for path in put_back}
+    mine = os.path.abspath(own.path) if own is not None and own.is_open else None
     for path in journal_paths(root):
+        if own is not None and os.path.abspath(path) == mine:
+            _drop_interrupted_in(own, wanted)
+            continue
         if is_locked(path):
             continue
         outbox = Outbox(path)
@@ -305,20 +318,26 @@ def _drop_interrupted_rewrites(root: Path, put_back: list[Path]) -> None:
         except (OutboxInUseError, OSError):
             continue
         try:
-            newest: dict[str, str] = {}
-            for job_id, record in outbox.pending():
-                if record.unstaged_late_save() and os.path.abspath(record.local_path) in wanted:
-                    newest[os.path.abspath(record.local_path)] = job_id
-            for local_path, job_id in newest.items():
-                log.warning(
-                    "lamin-lightning: dropping the save that was rewriting %s when a crash"
-                    " interrupted it: the previous checkpoint is back in its place, and keeps"
-                    " its own artifact",
-                    local_path,
-                )
-                outbox.settle(job_id, "lost")
+            _drop_interrupted_in(outbox, wanted)
         finally:
             outbox.close()
+
+
+def _drop_interrupted_in(outbox: Outbox, wanted: set[str]) -> None:
+    """In the open ``outbox``, settle as lost the newest unstaged late save of each file
+    of ``wanted`` (see :func:`_drop_interrupted_rewrites`)."""
+    newest: dict[str, str] = {}
+    for job_id, record in outbox.pending():
+        if record.unstaged_late_save() and os.path.abspath(record.local_path) in wanted:
+            newest[os.path.abspath(record.local_path)] = job_id
+    for local_path, job_id in newest.items():
+        log.warning(
+            "lamin-lightning: dropping the save that was rewriting %s when a crash"
+            " interrupted it: the previous checkpoint is back in its place, and keeps"
+            " its own artifact",
+            local_path,
+        )
+        outbox.settle(job_id, "lost")
 
 
 @contextlib.contextmanager

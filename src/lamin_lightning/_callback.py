@@ -364,7 +364,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             )
             submitter.check_free_space(root, _state_bytes(pl_module), self.dirpath)
             if self.dirpath:  # a crash mid-rewrite: the previous checkpoint comes back
-                put_back_leftovers(self.dirpath)
+                # (its interrupted save dropped, in the journal just reopened too)
+                put_back_leftovers(self.dirpath, submitter.outbox)
                 # Lightning loads ckpt_path ("best", a path) after setup: a write this
                 # process still runs in dirpath finishes first (the replay below waits
                 # only for journaled jobs' files, and with outbox=False for none).
