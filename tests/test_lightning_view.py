@@ -1450,7 +1450,7 @@ def test_a_replay_removes_a_last_ckpt_file_only_once_its_link_stands(
         assert last.read_bytes() == b"step 3"
 
 
-@pytest.mark.parametrize("recovered_by", ["flush", "setup"])
+@pytest.mark.parametrize("recovered_by", ["flush", "setup", "setup-of-the-next-version"])
 def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
     recovered_by: str, tmp_path: Path
 ) -> None:
@@ -1462,13 +1462,18 @@ def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
 
     ``setup``: the next fit of the same callback, without ``ckpt_path="last"``. It
     reopens (and locks) its own journal before it puts the previous file back, and the
-    drop skipped every locked journal, its own included."""
+    drop skipped every locked journal, its own included. ``setup-of-the-next-version``:
+    the killed run checkpointed into a logger's ``version_0``, the next run into
+    ``version_1``; its setup replays the sibling version's journal, and put nothing back
+    there first."""
     import subprocess
     import sys
     import textwrap
 
     dirpath = tmp_path / "ckpt"
-    dirpath.mkdir()
+    if recovered_by == "setup-of-the-next-version":
+        dirpath = tmp_path / "logs" / "n" / "version_0" / "checkpoints"
+    dirpath.mkdir(parents=True)
     last = dirpath / "last.ckpt"
     torch.save({"global_step": 1}, last)
     previous = sha256_file(last)
@@ -1497,12 +1502,20 @@ def test_a_rewrite_a_crash_cut_short_is_dropped_once_the_previous_file_is_back(
         journal(dirpath, _save(last, written_later=True))
         report = flush_directory(dirpath, progress=False, stores={"memory": store})
         assert report.remaining == []
-    else:
+    elif recovered_by == "setup":
         # Saves nothing itself (every_n_train_steps beyond the fit): only the replay of
         # its own journal, the killed run's, persists.
         callback = MemoryCheckpoint(store, dirpath=dirpath, every_n_train_steps=100)
         journal(dirpath, _save(last, written_later=True), name=_journal_digest(callback))
         make_trainer(tmp_path, [callback], max_steps=1).fit(TinyModel(), loader(1))
+    else:
+        from lightning.pytorch.loggers import CSVLogger
+
+        callback = MemoryCheckpoint(store, every_n_train_steps=100)
+        journal(dirpath, _save(last, written_later=True), name=_journal_digest(callback))
+        logger = CSVLogger(tmp_path / "logs", name="n", version=1)
+        make_trainer(tmp_path, [callback], max_steps=1, logger=logger).fit(TinyModel(), loader(1))
+        assert Path(callback.dirpath) == dirpath.parent.parent / "version_1" / "checkpoints"
 
     assert sha256_file(last) == previous, "the previous checkpoint is back"
     assert store.keys() == set(), "the interrupted save was persisted with the previous bytes"

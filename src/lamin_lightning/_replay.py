@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lamin_lightning._aside import put_back_in
 from lamin_lightning._errors import LostFileError, OutboxInUseError
 from lamin_lightning._events import (
     AnyArtifactEvent,
@@ -362,7 +363,8 @@ def unfinished(
     this run's version), each run checkpoints into a new version, so the journals of
     the sibling versions (``{root}/*/checkpoints``) too; one another live process holds
     is left to it, with a warning naming ``lamin-lightning flush``. The journals opened
-    stay locked until the caller closes them, so nobody replays them twice.
+    stay locked until the caller closes them, so nobody replays them twice. What a crash
+    left aside in a sibling version is put back first (:func:`_aside.put_back_in`).
     """
 
     def skip(path: Path) -> bool:
@@ -373,6 +375,10 @@ def unfinished(
         found, _ = open_unheld(folder, skip=skip)
         opened.extend(found)
     for folder in _sibling_version_roots(dirpath, logger_layout):
+        # A last.ckpt whose rewrite a crash cut short there: the previous one comes back
+        # first, and the interrupted save is dropped (as the setup of that version does),
+        # before its journal is opened, and locked, here.
+        put_back_in(folder)
         found, busy = open_unheld(folder, skip=skip)
         opened.extend(found)
         for path in busy:
