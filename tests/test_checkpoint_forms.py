@@ -1454,3 +1454,76 @@ def test_an_eviction_waiting_for_a_file_renamed_aside_for_its_rewrite_still_remo
         == {"epoch=1.ckpt"}
     )
     assert store.keys(kind="checkpoint") == {"checkpoints/epoch=1.ckpt"}
+
+
+def test_an_eviction_whose_replacement_a_later_eviction_removed_first_still_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncCheckpointIO, ``save_last=True`` with a last name that changes every step
+    (``"last-{step}"``): step 2 evicts last-step=1.ckpt in favour of last-step=2.ckpt,
+    not written yet, so its removal waits on the intake thread; step 3 evicts
+    last-step=2.ckpt, its replacement written already, at once on the training thread.
+    The waiting removal ran after that, found no last-step=2.ckpt, took it for a
+    replacement never written and kept last-step=1.ckpt, which ModelCheckpoint removes
+    (randomized sweep, seed 22145 with AsyncCheckpointIO, about 1 run in 40). A write
+    that finished without failing wrote its file, whatever removed it since. Here the
+    write of last-step=2.ckpt waits until the first eviction is deferred, step 3's
+    eviction until last-step=3.ckpt is written, and the deferred removal until step 3's
+    eviction is done."""
+    from lamin_lightning import _submit
+
+    deferred, evicted_2 = threading.Event(), threading.Event()
+    real_init, real_call = _submit.RemovalOnceWritten.__init__, _submit.RemovalOnceWritten.__call__
+
+    class HeldSecondWrite(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            if os.path.basename(path) == "last-step=2.ckpt":
+                assert deferred.wait(20), "the eviction of last-step=1.ckpt was never deferred"
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    def init(self: Any, stager: Any, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, stager, filepath, *args, **kwargs)
+        if os.path.basename(filepath) == "last-step=1.ckpt":
+            deferred.set()
+
+    def call(self: Any) -> int:
+        if os.path.basename(self._filepath) == "last-step=1.ckpt":
+            assert evicted_2.wait(20), "last-step=2.ckpt was never evicted"
+        return real_call(self)
+
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__init__", init)
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+
+    class EvictsOnceWritten(MemoryCheckpoint):
+        def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            if os.path.basename(filepath) != "last-step=2.ckpt":
+                super()._remove_checkpoint(trainer, filepath)
+                return
+            current = self._evictions._current
+            assert current is not None and current.write.wait(20), "last-step=3 never written"
+            super()._remove_checkpoint(trainer, filepath)
+            evicted_2.set()
+
+    options: dict[str, Any] = {
+        "save_top_k": 0,
+        "save_last": True,
+        "monitor": None,
+        "every_n_train_steps": 1,
+    }
+    store = MemoryStore()
+    ours = EvictsOnceWritten(store, dirpath=tmp_path / "ours", **options)
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **options)
+    for callback in (ours, plain):
+        callback.CHECKPOINT_NAME_LAST = "last-{step}"
+    make_trainer(tmp_path, [ours], max_steps=3, plugins=[AsyncCheckpointIO(HeldSecondWrite())]).fit(
+        TinyModel(), loader(3)
+    )
+    assert deferred.is_set() and evicted_2.is_set()
+    make_trainer(tmp_path, [plain], max_steps=3).fit(TinyModel(), loader(3))
+
+    assert (
+        checkpoint_files(tmp_path / "ours")
+        == checkpoint_files(tmp_path / "plain")
+        == {"last-step=3.ckpt"}
+    )
+    assert store.keys(kind="checkpoint") == {"checkpoints/last-step=3.ckpt"}

@@ -698,7 +698,8 @@ def stop_collected(submitter: Submitter, timeout: float | None) -> None:
 class RemovalOnceWritten:
     """Lightning's removal of a file evicted in favour of a checkpoint still being written
     (``async_write``), run on the intake thread once that write is done: the file goes if
-    the replacement exists, else it stays. :attr:`kept` remembers which, for the commit:
+    the replacement was written (its write finished without failing, or the replacement
+    exists), else it stays. :attr:`kept` remembers which, for the commit:
     by then Lightning may have written a new checkpoint under the same name (top-k names
     without a version counter), so the folder no longer tells."""
 
@@ -721,12 +722,18 @@ class RemovalOnceWritten:
 
     def __call__(self) -> int:
         try:
-            failed = self._write is not None and self._write.failed()
+            write = self._write
+            failed = write is not None and write.failed()
+            # A write that finished without failing wrote the replacement, whatever became
+            # of it since: a later eviction of it, its own replacement written already,
+            # removed it on the training thread before this ran (a last name that changes
+            # every step), as ModelCheckpoint removes both.
+            written = write is not None and write.done() and not failed
             # Written, then renamed aside for its own rewrite (a CheckpointIO that writes
             # later, AsyncCheckpointIO: a name rewritten within an epoch): a file is there
             # again once that is written, its rewrite's or, if it fails, this one.
             there = os.path.lexists(self._replacement) or _AWAY.holds(self._replacement)
-            if not failed and there:
+            if written or (not failed and there):
                 # Not renamed into the trash (another filesystem: dirpath is a mount point,
                 # or the file is in a linked subfolder): deleted here, as Lightning would.
                 if not self._stager.trash(self._filepath):
