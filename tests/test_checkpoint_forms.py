@@ -1051,8 +1051,9 @@ def test_a_rewrite_of_last_whose_feature_hook_raised_is_persisted_as_lightning_w
     assert not aside.exists() or [p for p in aside.iterdir() if p.suffix != ".lock"] == []
 
 
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["plain", "dirpath-via-symlink"])
 def test_a_last_link_whose_target_async_checkpoint_io_rewrites_keeps_its_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, through_a_link: bool
 ) -> None:
     """Three callbacks in one folder: the first saves shared.ckpt and links last.ckpt to it
     (save_last="link"), the second rewrites shared.ckpt, the third saves last with the
@@ -1061,7 +1062,9 @@ def test_a_last_link_whose_target_async_checkpoint_io_rewrites_keeps_its_name(
     write, late: the link dangled meanwhile, and the third wrote its file over the link as
     last.ckpt (randomized sweep, seed 21224 with AsyncCheckpointIO, 5 runs in 17: those
     where the rewrite was not written yet when the third looked). Here the second waits
-    until the link is made, and the rewrite is held until the third saved."""
+    until the link is made, and the rewrite is held until the third saved. Also with a
+    dirpath reached through a symlinked folder (macOS's /tmp, a cluster's scratch): the
+    link's target is then known to the background write by that path, not the real one."""
     from lamin_lightning import _lightning_view
 
     linked, saved_last = threading.Event(), threading.Event()
@@ -1105,7 +1108,13 @@ def test_a_last_link_whose_target_async_checkpoint_io_rewrites_keeps_its_name(
     plain = [ModelCheckpoint(dirpath=plain_dir, **o) for o in options]
     make_trainer(tmp_path, plain, max_steps=1).fit(TinyModel(scores=[1.0]), loader(2))
 
-    dirpath = tmp_path / "ours"
+    root, dirpath = tmp_path, tmp_path / "ours"
+    if through_a_link:  # no dirpath: Lightning's is default_root_dir's, not resolved
+        (tmp_path / "real").mkdir()
+        (tmp_path / "via").symlink_to(tmp_path / "real", target_is_directory=True)
+        root = tmp_path / "via"
+        dirpath = root / "checkpoints"
+    where = {} if through_a_link else {"dirpath": dirpath}
     store = MemoryStore()
 
     class Rewriter(MemoryCheckpoint):
@@ -1121,12 +1130,12 @@ def test_a_last_link_whose_target_async_checkpoint_io_rewrites_keeps_its_name(
                 saved_last.set()
 
     ours = [
-        MemoryCheckpoint(store, dirpath=dirpath, **options[0]),
-        Rewriter(store, dirpath=dirpath, **options[1]),
-        SavesLast(store, dirpath=dirpath, **options[2]),
+        MemoryCheckpoint(store, **where, **options[0]),
+        Rewriter(store, **where, **options[1]),
+        SavesLast(store, **where, **options[2]),
     ]
     io = HeldRewrite()
-    make_trainer(tmp_path, ours, max_steps=1, plugins=[AsyncCheckpointIO(io)]).fit(
+    make_trainer(root, ours, max_steps=1, plugins=[AsyncCheckpointIO(io)]).fit(
         TinyModel(scores=[1.0]), loader(2)
     )
 

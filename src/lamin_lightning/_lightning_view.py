@@ -399,7 +399,16 @@ def _links_to_a_file_being_written(filepath: Any) -> bool:
     stays: the link resolves for it, and its name is taken (another callback saving
     ``last`` in the folder takes ``last-v1.ckpt``)."""
     path = os.fspath(filepath)
-    return os.path.islink(path) and being_written(os.path.realpath(path))
+    if not os.path.islink(path):
+        return False
+    # The link's own target, by the path it names (``being_written`` knows files by
+    # their absolute path, not their real one: a dirpath under a symlinked folder,
+    # default_root_dir's, is not resolved); realpath would resolve the folder too.
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return False
+    return being_written(os.path.join(os.path.dirname(os.path.abspath(path)), target))
 
 
 def _note(told: list[Any], logger: Any, checkpoint_callback: Any) -> None:
