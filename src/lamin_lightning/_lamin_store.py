@@ -1423,13 +1423,15 @@ def outside_storage(path: Path | str) -> Iterator[Path | str]:
     import tempfile
 
     beside = os.path.dirname(os.path.abspath(str(storage.root).rstrip("/")))
+    failed: list[OSError] = []
     for place in (beside, tempfile.gettempdir()):
         folder = Path(place) / SCRATCH_FOLDER
         if check_path_in_existing_storage(folder) is not None:
             continue
         try:
             scratch = _scratch(folder)
-        except OSError:
+        except OSError as refused:
+            failed.append(refused)
             continue  # beside the storage location: not writable, say
         try:
             target = scratch / Path(path).name
@@ -1442,13 +1444,18 @@ def outside_storage(path: Path | str) -> Iterator[Path | str]:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             _owners.let_go(folder, partial(_has_entries_of, folder))
+    for error in failed:
+        if not isinstance(error, PermissionError):
+            # A full disk, too many open files: passing, retried as any OSError of the
+            # save (a LaminSetupError is permanent, and blames where checkpoints are).
+            raise error
     raise LaminSetupError(
         f"{path} lies in the LaminDB storage location {storage.root}, where lamindb would"
         " register the staged copy in place (to be deleted), and no temporary folder"
         f" outside every storage location could be made ({SCRATCH_FOLDER} beside it, or"
         " in the system's temporary folder): write checkpoints outside the instance's"
-        " storage locations"
-    )
+        " storage locations" + "".join(f" ({error})" for error in failed)
+    ) from (failed[-1] if failed else None)
 
 
 SCRATCH_FOLDER = ".lamin-lightning-scratch"

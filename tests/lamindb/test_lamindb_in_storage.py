@@ -122,3 +122,61 @@ def test_a_staged_file_in_storage_is_handed_over_from_a_hard_link_beside_the_sto
         import shutil
 
         shutil.rmtree(alive)
+
+
+def test_a_scratch_folder_that_cannot_be_made_for_a_passing_reason_is_retried(
+    ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or too many open files) where the temporary folder is made is an
+    ``OSError`` the save retries, as the upload's own would be; it was a ``LaminSetupError``
+    (permanent: the job failed for good) telling the user to move their checkpoints. Only
+    where no folder may be made at all (permissions) is it a setup error."""
+    import errno
+
+    from lamin_lightning import _lamin_store
+    from lamin_lightning._errors import LaminSetupError
+    from lamin_lightning._retry import RetryPolicy
+
+    staged = _storage_root() / f"full-{tmp_path.name}" / "model.ckpt"
+    staged.parent.mkdir()
+    staged.write_bytes(b"weights")
+
+    def full(folder: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(_lamin_store, "_scratch", full)
+    with pytest.raises(OSError) as raised, _lamin_store.outside_storage(staged):
+        pass
+    assert not isinstance(raised.value, LaminSetupError)
+    assert RetryPolicy().is_transient(raised.value)
+
+    def refused(folder: Path) -> Path:
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+
+    monkeypatch.setattr(_lamin_store, "_scratch", refused)
+    with (
+        pytest.raises(LaminSetupError, match="Permission denied"),
+        _lamin_store.outside_storage(staged),
+    ):
+        pass
+
+
+def test_a_failed_upload_leaves_nothing_in_the_scratch_folder(ln: Any, tmp_path: Path) -> None:
+    """An exception raised while lamindb reads the link (a failed upload, Ctrl+C) deletes
+    the temporary folder, and this process lets its lock file go."""
+    import os
+
+    from lamin_lightning._lamin_store import SCRATCH_FOLDER, outside_storage
+    from lamin_lightning._owners import owner
+
+    staged = _storage_root() / f"failing-{tmp_path.name}" / "model.ckpt"
+    staged.parent.mkdir()
+    staged.write_bytes(b"weights")
+    scratch = _storage_root().parent / SCRATCH_FOLDER
+    for error in (RuntimeError("upload failed"), KeyboardInterrupt()):
+        with pytest.raises(type(error)), outside_storage(staged) as source:
+            assert Path(source).exists()
+            raise error
+        assert not Path(source).parent.exists()
+        assert not [n for n in os.listdir(scratch) if n.startswith(owner())]
+    assert staged.read_bytes() == b"weights"
