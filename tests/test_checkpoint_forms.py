@@ -1536,3 +1536,102 @@ def test_an_eviction_whose_replacement_a_later_eviction_removed_first_still_remo
         == {"last-step=3.ckpt"}
     )
     assert store.keys(kind="checkpoint") == {"checkpoints/last-step=3.ckpt"}
+
+
+def test_an_eviction_waiting_for_its_replacement_waits_for_another_callbacks_save_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callbacks with ``async_write`` save one last name that changes every step
+    (``"last-{step}"``, no version counter). Step 2's first callback evicts
+    last-step=1.ckpt in favour of last-step=2.ckpt, not written yet, so the removal waits
+    on its intake thread; the second callback's save of last-step=1.ckpt, which came
+    first, is staged on its own intake thread. The removal went ahead of that staging,
+    which found no file: "PersistenceError ... FileNotFoundError" out of fit, where
+    ModelCheckpoint saves both and removes the file (randomized sweep, seed 13189: 24 of
+    50 runs). The removal now waits for other callbacks' stagings of the file it removes,
+    as one on the training thread does. Here the write of last-step=2.ckpt waits until
+    the eviction is deferred, the removal until the second callback wrote
+    last-step=1.ckpt, and that callback's staging of it until the removal ran, or
+    waits."""
+    from lamin_lightning import _local_write, _staging, _submit
+
+    deferred, removal_ran_or_waits = threading.Event(), threading.Event()
+    written_twice = threading.Event()  # last-step=1.ckpt, by the second callback too
+    in_removal = threading.local()
+    real_init, real_call = _submit.RemovalOnceWritten.__init__, _submit.RemovalOnceWritten.__call__
+    real_wait, real_stage = _submit._Done.wait, _staging.Stager.stage
+    real_write = _local_write.HostWrite._write
+    removals: list[str] = []
+    stagings: list[str] = []
+    writes: list[str] = []
+
+    def init(self: Any, stager: Any, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, stager, filepath, *args, **kwargs)
+        if os.path.basename(filepath) == "last-step=1.ckpt":
+            deferred.set()
+
+    def call(self: Any) -> int:
+        removals.append(os.path.basename(self._filepath))
+        first = removals == ["last-step=1.ckpt"]
+        if first:
+            assert written_twice.wait(20), "the second write of last-step=1.ckpt never ran"
+        in_removal.on = first
+        try:
+            return real_call(self)
+        finally:
+            in_removal.on = False
+            if first:
+                removal_ran_or_waits.set()
+
+    def wait(self: Any, timeout: float | None = None) -> bool:
+        if getattr(in_removal, "on", False):
+            removal_ran_or_waits.set()  # waits for a staging: this callback's or another's
+        return real_wait(self, timeout)
+
+    def stage(self: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        stagings.append(os.path.basename(path))
+        if stagings.count("last-step=1.ckpt") == 2 and stagings[-1] == "last-step=1.ckpt":
+            assert removal_ran_or_waits.wait(20), "the deferred removal never ran"
+        return real_stage(self, path, *args, **kwargs)
+
+    def write(self: Any) -> None:
+        if os.path.basename(self.filepath) == "last-step=2.ckpt" and not deferred.is_set():
+            assert deferred.wait(20), "the eviction of last-step=1.ckpt was never deferred"
+        real_write(self)
+        writes.append(os.path.basename(self.filepath))
+        if writes.count("last-step=1.ckpt") == 2:
+            written_twice.set()
+
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__init__", init)
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+    monkeypatch.setattr(_submit._Done, "wait", wait)
+    monkeypatch.setattr(_staging.Stager, "stage", stage)
+    monkeypatch.setattr(_local_write.HostWrite, "_write", write)
+
+    options: dict[str, Any] = {
+        "save_top_k": 0,
+        "save_last": True,
+        "monitor": None,
+        "every_n_train_steps": 1,
+        "enable_version_counter": False,
+    }
+    store = MemoryStore()
+    modes = ("min", "max")  # two state keys, one file name
+    ours = [
+        MemoryCheckpoint(store, dirpath=tmp_path / "ours", async_write=True, mode=m, **options)
+        for m in modes
+    ]
+    plain = [ModelCheckpoint(dirpath=tmp_path / "plain", mode=m, **options) for m in modes]
+    for callback in (*ours, *plain):
+        callback.CHECKPOINT_NAME_LAST = "last-{step}"
+    make_trainer(tmp_path, list(ours), max_steps=2).fit(TinyModel(), loader(2))
+    assert deferred.is_set() and removal_ran_or_waits.is_set()
+    assert stagings.count("last-step=1.ckpt") == 2
+    make_trainer(tmp_path, list(plain), max_steps=2).fit(TinyModel(), loader(2))
+
+    assert (
+        checkpoint_files(tmp_path / "ours")
+        == checkpoint_files(tmp_path / "plain")
+        == {"last-step=2.ckpt"}
+    )
+    assert store.keys(kind="checkpoint") == {"checkpoints/last-step=2.ckpt"}

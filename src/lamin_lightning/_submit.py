@@ -632,9 +632,15 @@ class Submitter:
         of a file).
 
         The jobs' preparations run one at a time in submission order, so the
-        replacement's write, and the staging of ``filepath``, are finished by then.
+        replacement's write, and this callback's staging of ``filepath``, are finished
+        by then. Another callback's save of ``filepath`` still to be staged (two
+        callbacks sharing a name, ``enable_version_counter=False``) runs on its own
+        intake thread, in no order with this one: the removal waits for it, as a
+        removal on the training thread waits (:meth:`await_staging`).
         """
-        return RemovalOnceWritten(self.stager(root), filepath, replacement, then, write)
+        earlier = self._others_stagings(filepath)
+        others = partial(self._wait_for_stagings, earlier, filepath) if earlier else None
+        return RemovalOnceWritten(self.stager(root), filepath, replacement, then, write, others)
 
     def trash_for_removal(self, root: Path, filepath: str | Path) -> Callable[[], int]:
         """Move a file Lightning removes aside now; return the deletion, for the intake."""
@@ -703,7 +709,7 @@ class RemovalOnceWritten:
     by then Lightning may have written a new checkpoint under the same name (top-k names
     without a version counter), so the folder no longer tells."""
 
-    __slots__ = ("_filepath", "_replacement", "_stager", "_then", "_write", "kept")
+    __slots__ = ("_filepath", "_others", "_replacement", "_stager", "_then", "_write", "kept")
 
     def __init__(
         self,
@@ -712,16 +718,22 @@ class RemovalOnceWritten:
         replacement: str | Path,
         then: Callable[[], None] | None,
         write: BackgroundWrite | None = None,
+        others: Callable[[], None] | None = None,
     ) -> None:
         self._stager = stager
         self._filepath = filepath
         self._replacement = replacement
         self._then = then
         self._write = write
+        # Waits for the stagings of ``filepath`` by other callbacks that were pending when
+        # Lightning evicted it: their saves came first, and persist the file they wrote.
+        self._others = others
         self.kept: bool | None = None  # None until it ran
 
     def __call__(self) -> int:
         try:
+            if self._others is not None:
+                self._others()
             write = self._write
             failed = write is not None and write.failed()
             # A write that finished without failing wrote the replacement, whatever became
