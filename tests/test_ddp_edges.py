@@ -1,0 +1,65 @@
+"""DDP (2 CPU processes, gloo) edges of async_write, against the in-memory store.
+
+Runs ``ddp_edges.py`` in a subprocess with a timeout (a deadlock shows as the timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).parent / "ddp_edges.py"
+TIMEOUT = 180
+
+
+def _run(root: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
+    env.update(PYTHONWARNINGS="ignore", **env_extra)
+    try:
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=env,
+            cwd=root,
+            check=False,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"DDP run did not finish within {TIMEOUT}s (deadlock?): {expired.stderr!r}")
+
+
+def test_a_final_background_write_that_failed_is_undone_in_every_ranks_state(
+    tmp_path: Path,
+) -> None:
+    """on_error="warn": rank zero's background write of the last top-k checkpoint of the
+    fit (step 7, the best score) finds the disk full. Rank zero puts Lightning's state
+    right at teardown (the evicted step-5 checkpoint is best-k again), but only its own:
+    on rank one ``best_model_path`` and ``best_k_models`` still name step 7, a file never
+    written, so ``trainer.test(ckpt_path="best")`` right after fit fails on rank one
+    (FileNotFoundError) while rank zero loads step 4, and rank zero dies in gloo.
+    Lightning's state is the same on every rank (distributed.md) and never names a file
+    that does not exist (guarantees.md, 5)."""
+    done = _run(
+        tmp_path,
+        *("mem", "test_best", str(tmp_path), "--async-write", "--on-error=warn", "--steps=7"),
+        DDP_EDGES_FAIL_WRITE="7",
+    )
+    output = (done.stdout + done.stderr)[-5000:]
+    reports = tmp_path / "reports"
+    zero = json.loads((reports / "first-rank0.json").read_text())
+    one = json.loads((reports / "first-rank1.json").read_text())
+    assert "epoch=0-step=7.ckpt" not in zero["listing"], zero  # the write did fail
+    for field in ("best_model_path", "best_k_models", "last_model_path"):
+        assert zero[field] == one[field], (field, zero[field], one[field])
+    assert done.returncode == 0, output
+    tested = [json.loads((reports / f"second-rank{r}.json").read_text()) for r in (0, 1)]
+    assert tested[0]["tested_step"] == tested[1]["tested_step"] == 4, tested
