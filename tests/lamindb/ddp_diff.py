@@ -44,6 +44,29 @@ class Model(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.started_at = self.global_step
+        self._dumps = 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # killwrite0:STEP[:N]: rank zero is SIGKILLed while it writes the N-th checkpoint
+        # (1: the top-k file, 2: last.ckpt) of the save after STEP: in the background
+        # write's zip writer (async_write), or right here (a synchronous write).
+        if not (self.fault or "").startswith("killwrite0") or self.trainer.global_rank != 0:
+            return
+        if self.global_step != self.fault_step:
+            return
+        self._dumps += 1
+        if self._dumps != int(os.environ.get("DDP_DIFF_NTH", "1")):
+            return
+
+        def kill() -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if os.environ.get("DDP_DIFF_ASYNC"):
+            from test_async_write import OnSerialise
+
+            checkpoint["kill"] = OnSerialise(kill, "kill")
+        else:
+            kill()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         step = self.global_step
@@ -58,6 +81,8 @@ class Model(pl.LightningModule):
                 raise RuntimeError(f"boom on rank {rank} at step {step}")
             if self.fault == "sigkill" and rank == 0:
                 os.killpg(os.getpgid(0), signal.SIGKILL)
+            if self.fault == "sigterm0" and rank == 0:  # the launcher only, as a scheduler
+                os.kill(os.getpid(), signal.SIGTERM)
             if self.fault in ("sigint", "sigterm"):  # every rank, as a terminal or a scheduler
                 os.kill(os.getpid(), signal.SIGINT if self.fault == "sigint" else signal.SIGTERM)
                 time.sleep(0.5)
@@ -131,6 +156,8 @@ def main(argv: list[str]) -> None:
     if "--fault" in flags:
         fault, s = str(flags["--fault"]).split(":")
         fault_step = int(s)
+    if "--async-write" in flags:
+        os.environ["DDP_DIFF_ASYNC"] = "1"
     resume = "--resume" in flags
     phase = "resume" if resume else "first"
     dirpath = root / "ckpts"
