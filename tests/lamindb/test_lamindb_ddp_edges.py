@@ -73,24 +73,20 @@ def _flush(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("recovery", ["flush", "resume"])
+# Each case is a 2-process run and a recovery (~20 s): three of the twelve combinations
+# (a kill mid-write of a top-k checkpoint and of last.ckpt, an exception on rank one; both recoveries) keep CI within its time; the others held too
+# when they were written.
 @pytest.mark.parametrize(
-    ("fault", "extra", "nth"),
+    ("fault", "extra", "nth", "recovery"),
     [
-        ("killwrite0:3", ["--async-write"], "1"),
-        ("killwrite0:3", ["--async-write"], "2"),
-        ("killwrite0:3", [], "2"),
-        ("killwrite0:3", ["--async-write", "--link"], "1"),
-        ("raise0:3", ["--async-write"], "1"),
-        ("raise1:3", ["--async-write"], "1"),
+        ("killwrite0:3", ["--async-write"], "1", "flush"),
+        ("killwrite0:3", ["--async-write"], "2", "resume"),
+        ("raise1:3", ["--async-write"], "1", "resume"),
     ],
     ids=[
-        "kill-topk-async",
-        "kill-last-async",
-        "kill-last-sync",
-        "kill-link-async",
-        "raise0",
-        "raise1",
+        "kill-topk-async-flush",
+        "kill-last-async-resume",
+        "raise1-resume",
     ],
 )
 def test_rank_zero_ending_mid_fit_then_recovery_leaves_the_store_equal_to_the_folder(
