@@ -74,8 +74,8 @@ def _flush(root: Path) -> subprocess.CompletedProcess[str]:
 
 
 # Each case is a 2-process run and a recovery (~20 s): three of the twelve combinations
-# (a kill mid-write of a top-k checkpoint and of last.ckpt, an exception on rank one; both recoveries) keep CI within its time; the others held too
-# when they were written.
+# keep CI within its time (a kill mid-write of a top-k checkpoint and of last.ckpt, an
+# exception on rank one; both recoveries). The others held too when they were written.
 @pytest.mark.parametrize(
     ("fault", "extra", "nth", "recovery"),
     [
