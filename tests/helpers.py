@@ -6,6 +6,9 @@ Nothing here knows about LaminDB; the LaminDB tests can reuse it.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -340,3 +344,27 @@ def journal_a_save(
         stager.stage(local, name)
     outbox.close()
     return name
+
+
+def run_ranks(
+    command: list[str], root: Path, timeout: float, **env_extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run a multi-process (DDP) script ``command`` in ``root``, in a session of its own,
+    without a process group's environment inherited from this one; a run that outlives
+    ``timeout`` fails the test (a deadlock shows as that)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
+    env.update(PYTHONWARNINGS="ignore", **env_extra)
+    try:
+        return subprocess.run(
+            [sys.executable, *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=root,
+            check=False,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr
+        pytest.fail(f"{command[0]} did not finish within {timeout}s (deadlock?): {stderr!r}")

@@ -6,12 +6,12 @@ Runs ``ddp_edges.py`` in a subprocess with a timeout (a deadlock shows as the ti
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -20,21 +20,7 @@ TIMEOUT = 180
 
 
 def _run(root: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
-    env.update(PYTHONWARNINGS="ignore", **env_extra)
-    try:
-        return subprocess.run(
-            [sys.executable, str(SCRIPT), *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=env,
-            cwd=root,
-            check=False,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"DDP run did not finish within {TIMEOUT}s (deadlock?): {expired.stderr!r}")
+    return run_ranks([str(SCRIPT), *args], root, TIMEOUT, **env_extra)
 
 
 @pytest.mark.xfail(

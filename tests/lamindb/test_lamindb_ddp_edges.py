@@ -10,7 +10,6 @@ Runs ``ddp_diff.py`` in subprocesses with a timeout (a deadlock shows as the tim
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import pytest
 from lamindb_tier import assert_checkpoint_keys_persisted
+
+from helpers import run_ranks
 
 pytestmark = [pytest.mark.lamindb, pytest.mark.slow]
 
@@ -30,21 +31,7 @@ def _run(root: Path, *args: str, **env_extra: str) -> subprocess.CompletedProces
     from lamindb_setup.core._settings_store import write_local_current_instance
 
     write_local_current_instance(root, lamindb_setup.settings.instance.slug)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK"))}
-    env.update(PYTHONWARNINGS="ignore", **env_extra)
-    try:
-        return subprocess.run(
-            [sys.executable, str(SCRIPT), "ll", "ddp", str(root), *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=env,
-            cwd=root,
-            check=False,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"DDP fit did not finish within {TIMEOUT}s (deadlock?): {expired.stderr!r}")
+    return run_ranks([str(SCRIPT), "ll", "ddp", str(root), *args], root, TIMEOUT, **env_extra)
 
 
 def _folder(dirpath: Path, prefix: str) -> dict[str, Path]:
