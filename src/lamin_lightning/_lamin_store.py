@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -1420,8 +1421,6 @@ def outside_storage(path: Path | str) -> Iterator[Path | str]:
     if storage is None:
         yield path
         return
-    import tempfile
-
     beside = os.path.dirname(os.path.abspath(str(storage.root).rstrip("/")))
     failed: list[OSError] = []
     for place in (beside, tempfile.gettempdir()):
@@ -1436,9 +1435,9 @@ def outside_storage(path: Path | str) -> Iterator[Path | str]:
         try:
             target = scratch / Path(path).name
             if Path(path).is_dir():
-                shutil.copytree(path, target, copy_function=_link_or_copy)
+                shutil.copytree(path, target, copy_function=_hard_link_or_copy)
             else:
-                _link_or_copy(os.fspath(path), os.fspath(target))
+                _hard_link_or_copy(os.fspath(path), os.fspath(target))
             yield target
             return
         finally:
@@ -1469,8 +1468,6 @@ def _has_entries_of(folder: Path, owner: str) -> bool:
 
 def _scratch(folder: Path) -> Path:
     """A new folder of this process's in ``folder``, after deleting those of ended ones."""
-    import tempfile
-
     with _owners.folder_lock(folder):
         ours = _owners.hold(folder, verify=True)
         for name in os.listdir(folder):
@@ -1485,7 +1482,8 @@ def _scratch(folder: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{ours}-", dir=folder))
 
 
-def _link_or_copy(source: str, target: str) -> str:
+def _hard_link_or_copy(source: str, target: str) -> str:
+    """A second name for the staged ``source`` (it is never rewritten), else a copy."""
     try:
         os.link(source, target)
     except OSError:
