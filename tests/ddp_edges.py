@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+_TRAINING_ENDED = threading.Event()
+"""Set at ``on_train_end`` (before the checkpoint callbacks' own hooks): the failing write
+of DDP_EDGES_FAIL_WRITE waits for it, so it fails after the fit's last save returned, as a
+slow disk makes it, whatever the machine's load."""
+
+
+class _TrainingEnded(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _TRAINING_ENDED.set()
+
 
 SCORES = [5.0, 3.0, 4.0, 1.0, 2.0, 6.0, 0.5, 7.0, 2.5, 0.1, 3.3, 0.2]
 
@@ -56,6 +68,7 @@ class Model(pl.LightningModule):
             from test_async_write import OnSerialise
 
             def full() -> None:
+                _TRAINING_ENDED.wait(60)
                 raise OSError(errno.ENOSPC, "No space left on device")
 
             checkpoint["full"] = OnSerialise(full, "full")
@@ -154,7 +167,8 @@ def main(argv: list[str]) -> None:
         default_root_dir=str(root),
     )
     model = Model()
-    trainer = pl.Trainer(max_steps=steps, callbacks=[cb], **common)
+    extra = [_TrainingEnded()] if os.environ.get("DDP_EDGES_FAIL_WRITE") else []
+    trainer = pl.Trainer(max_steps=steps, callbacks=[*extra, cb], **common)
     error = None
     try:
         trainer.fit(model)
