@@ -45,6 +45,7 @@ from lamin_lightning._journal import (
     journal_paths,
     read_pending,
 )
+from lamin_lightning._owners import dead_owner
 from lamin_lightning._staging import staging_root
 from lamin_lightning.testing import MemoryCheckpoint, MemoryStore, RecordingObserver
 
@@ -1386,6 +1387,109 @@ def test_a_forked_dataloader_worker_that_outlives_a_killed_trainer_does_not_hold
     finally:
         assert trainer.stdin is not None
         trainer.stdin.close()  # the worker returns its item and exits
+        trainer.kill()
+        trainer.wait(60)
+
+
+# A thread of the training process is between opening a descriptor that carries (or is
+# about to carry) a lock and being done with it, held there, when the main thread forks
+# (a DataLoader worker); the thread then finishes, and the process is killed. argv: the
+# window, the folder. Prints the file whose lock must not outlive the process.
+_FORKED_WHILE_A_THREAD_HOLDS_A_DESCRIPTOR = """
+import fcntl, os, signal, sys, threading, time, types
+from pathlib import Path
+from lamin_lightning import JobRecord, _journal, _owners
+
+window, folder = sys.argv[1], Path(sys.argv[2])
+journal = folder / "outbox-test.jsonl"
+at_fork, forked = threading.Event(), threading.Event()
+
+def held(*args):
+    at_fork.set()
+    forked.wait()
+
+looker = None
+if window == "fsync":  # Outbox.sync's fdatasync, on its own copy of the descriptor
+    outbox = _journal.Outbox(journal)
+    outbox.open()
+    outbox.append(JobRecord(op="save", kind="checkpoint", key="k", local_path="/k"))
+    fdatasync = os.fdatasync
+    os.fdatasync = lambda fd: (held(), fdatasync(fd))
+    work = outbox.sync
+elif window == "open":  # Outbox.open waiting out a looker (lamin-lightning status)
+    journal.touch()
+    looker = os.open(journal, os.O_RDONLY)
+    fcntl.flock(looker, fcntl.LOCK_SH)
+    _journal.time = types.SimpleNamespace(sleep=held)
+    work = _journal.Outbox(journal).open
+else:  # an owner's lock file, waiting out a process that looks at it (dead_owner)
+    name = _owners.owner()
+    journal = folder / f"{name}.lock"
+    looker = os.open(journal, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(looker, fcntl.LOCK_EX)
+    real_flock = fcntl.flock
+    def flock(fd, operation):
+        if fd != looker:
+            held()
+        return real_flock(fd, operation)
+    fcntl.flock = flock
+    def work():
+        with _owners.folder_lock(folder):
+            _owners.hold(folder)
+done = []
+thread = threading.Thread(target=lambda: done.append(work()))
+thread.start()
+at_fork.wait()
+ready, child_ready = os.pipe()
+child = os.fork()
+if child == 0:
+    if looker is not None:
+        os.close(looker)  # the looker is the parent's
+    os.write(child_ready, b"x")
+    sys.stdin.read()  # a DataLoader worker busy with an item
+    os._exit(0)
+os.read(ready, 1)
+if looker is not None:
+    os.close(looker)
+forked.set()
+thread.join()
+print(journal if done else "", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("window", ["fsync", "open", "owner"])
+def test_a_child_forked_while_another_thread_takes_a_lock_does_not_keep_it(
+    tmp_path: Path, window: str
+) -> None:
+    """A child forked while a thread held a copy of the journal's descriptor for its
+    fsync, or had opened the journal but not yet locked it (a looker held it), shared the
+    lock taken on it: the dead trainer's outbox stayed held while the child lived (the
+    flaky case of the test above, under a loaded disk), and so did its owner's lock file
+    (its leftovers looked alive)."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", _FORKED_WHILE_A_THREAD_HOLDS_A_DESCRIPTOR, window, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert trainer.stdout is not None
+        locked = trainer.stdout.readline().strip()
+        assert locked, "the thread failed, or the trainer ended early"
+        assert trainer.wait(60) == -signal.SIGKILL
+        locked = Path(locked)
+        if window == "owner":
+            name = locked.name.removesuffix(".lock")
+            with dead_owner(tmp_path, name) as dead:
+                assert dead, "the dead trainer's forked child holds its owner lock"
+        else:
+            assert not is_locked(locked), "the dead trainer's forked child holds its outbox"
+            Outbox(locked).open()  # taken over by the next run, or a flush
+    finally:
+        assert trainer.stdin is not None
+        trainer.stdin.close()  # the child exits
         trainer.kill()
         trainer.wait(60)
 

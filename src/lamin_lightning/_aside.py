@@ -28,7 +28,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lamin_lightning import _owners, _staging
+from lamin_lightning import _flocks, _owners, _staging
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._journal import Outbox, is_locked, journal_paths, staged_names
 from lamin_lightning._staging import (
@@ -343,7 +343,8 @@ def _drop_interrupted_in(outbox: Outbox, wanted: set[str]) -> None:
 @contextlib.contextmanager
 def _restoring(folder: Path):  # type: ignore[no-untyped-def]
     try:
-        fd = os.open(folder / _RESTORING, os.O_RDWR | os.O_CREAT, 0o644)
+        # Registered: a child forked meanwhile would hold up every later restore here.
+        fd = _flocks.open_fd(folder / _RESTORING, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         yield
         return
@@ -351,7 +352,7 @@ def _restoring(folder: Path):  # type: ignore[no-untyped-def]
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        _flocks.close(fd)
 
 
 def _parse(name: str) -> tuple[str, str]:

@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from lamin_lightning import _flocks
 from lamin_lightning._errors import OutboxInUseError
 from lamin_lightning._jobs import JobRecord, decode, encode, relocate
 from lamin_lightning._staging import (
@@ -102,28 +103,10 @@ _held_here: set[str] = set()
 _held_lock = threading.Lock()
 
 
-# The descriptors of this process that hold a journal's flock. A forked child (a DataLoader
-# worker, a fork pool) shares each of them, and with it the lock: it would keep the lock
-# after this process died (SIGKILL, OOM), and `lamin-lightning flush` and the next run would
-# take the journal for a live training run's. The child points its copies at /dev/null.
-# With each descriptor, the file it locked: a handle closed without close_locked (an Outbox
-# collected unclosed) leaves its number behind, which another file may take meanwhile.
-_locked_fds: dict[int, tuple[int, int]] = {}
-_fds_lock = threading.Lock()
-
-
 def flock_here(handle: IO[Any], operation: int) -> None:
-    """``flock`` ``handle`` (non-blocking) for this process only: a child forked later
-    lets go of its copy of the lock (see :func:`_forked`); close with :func:`close_locked`.
-
-    Also for the background write's temporary file (``_local_write``): a forked child
-    holding its lock would keep a killed trainer's partial checkpoint from being deleted.
-    """
-    with _fds_lock:
-        fd = handle.fileno()
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        stat = os.fstat(fd)
-        _locked_fds[fd] = (stat.st_dev, stat.st_ino)
+    """``flock`` ``handle`` (non-blocking), a handle opened with ``_flocks.open_file``: a
+    child forked later never shares the lock (see :mod:`lamin_lightning._flocks`)."""
+    fcntl.flock(handle.fileno(), operation | fcntl.LOCK_NB)
 
 
 # `lamin-lightning status` (is_locked) holds a shared lock for an instant to look at a
@@ -143,45 +126,17 @@ def _flock_exclusive(handle: IO[str]) -> None:
     flock_here(handle, fcntl.LOCK_EX)
 
 
-def close_locked(handle: IO[Any]) -> None:
-    """Close ``handle``, dropping its lock (see :func:`flock_here`)."""
-    with _fds_lock:
-        with contextlib.suppress(ValueError):  # closed already
-            _locked_fds.pop(handle.fileno(), None)
-        handle.close()
-
-
 def _forked() -> None:
-    # In the child only. The descriptors stay valid (as do the parent's handles copied
-    # with them, never used here): they no longer refer to the locked journals.
-    try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-    except OSError:  # pragma: no cover - no /dev/null: close them instead
-        devnull = -1
-    for fd, locked in _locked_fds.items():
-        with contextlib.suppress(OSError):
-            stat = os.fstat(fd)
-            if (stat.st_dev, stat.st_ino) != locked:
-                continue  # closed unawares, the number since taken by another file
-            if devnull >= 0:
-                os.dup2(devnull, fd)
-            else:  # pragma: no cover
-                os.close(fd)
-    if devnull >= 0:
-        os.close(devnull)
-    _locked_fds.clear()
+    # In the child only (its copies of the journals' descriptors: see _flocks).
     global _held_lock, _lingering_lock  # held by another thread of the parent, maybe
     _held_lock = threading.Lock()
     _held_here.clear()
     _lingering_lock = threading.Lock()
     _lingering.clear()  # their keepers are the parent's threads
-    _fds_lock.release()
 
 
-if fcntl is not None and hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_fds_lock.acquire, after_in_parent=_fds_lock.release, after_in_child=_forked
-    )
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 # Journals whose owner stopped while a thread of its pipeline still ran a job (a teardown
@@ -435,7 +390,7 @@ def is_locked(path: str | os.PathLike[str]) -> bool:
     if fcntl is None:  # pragma: no cover - Windows
         return False  # type: ignore[unreachable]
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+        handle = _flocks.open_file(path, "r", encoding="utf-8")
     except OSError:
         return False
     try:
@@ -443,7 +398,7 @@ def is_locked(path: str | os.PathLike[str]) -> bool:
     except BlockingIOError:
         return True
     finally:
-        close_locked(handle)
+        _flocks.close(handle)
     return False
 
 
@@ -503,7 +458,7 @@ class Outbox:
             if self._handle is not None:
                 return self._state.records(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
+            handle = _flocks.open_file(self.path, "a+", encoding="utf-8")
             try:
                 if fcntl is not None:
                     try:
@@ -547,7 +502,7 @@ class Outbox:
                     self._synced_size = self._good_size
             except BaseException:
                 self._handle = None
-                close_locked(handle)
+                _flocks.close(handle)
                 raise
             with _held_lock:
                 _held_here.add(os.path.abspath(self.path))
@@ -589,7 +544,7 @@ class Outbox:
                 with _held_lock:
                     _held_here.discard(os.path.abspath(self.path))
                 with contextlib.suppress(OSError):
-                    close_locked(handle)
+                    _flocks.close(handle)
 
     # -- records ---------------------------------------------------------------------
 
@@ -635,14 +590,15 @@ class Outbox:
                     return
                 target = self._good_size
                 dir_synced = self._dir_synced
-                fd = os.dup(handle.fileno())
+                # Registered: a child forked during a slow fsync shares no lock.
+                fd = _flocks.dup(handle.fileno())
             try:
                 os.fdatasync(fd)
             except OSError as error:
                 log.warning("could not fsync the outbox %s (%s)", self.path, error)
                 return
             finally:
-                os.close(fd)
+                _flocks.close(fd)
             if not dir_synced:
                 _fsync_dir(self.path.parent)  # a compaction's rename (see _compact_unlocked)
             with self._lock:
@@ -862,13 +818,13 @@ class Outbox:
         old = self._require()
         # Keep holding the lock across the swap: lock the new file before the rename
         # makes it visible, then release the old one.
-        new_handle = open(temp, "a+", encoding="utf-8")  # noqa: SIM115
+        new_handle = _flocks.open_file(temp, "a+", encoding="utf-8")
         try:
             if fcntl is not None:
                 flock_here(new_handle, fcntl.LOCK_EX)
             os.replace(temp, self.path)
         except BaseException:
-            close_locked(new_handle)
+            _flocks.close(new_handle)
             raise
         self._handle = new_handle
         self._lines = count
@@ -877,7 +833,7 @@ class Outbox:
         self._dir_synced = False  # until the folder's fsync (see sync)
         self._torn = False
         with contextlib.suppress(OSError):
-            close_locked(old)
+            _flocks.close(old)
 
     def _compact(self) -> None:
         """Rewrite the journal with only the pending jobs and the flags marks, atomically,

@@ -46,8 +46,9 @@ from typing import Any, Literal
 
 import torch
 
+from lamin_lightning import _flocks
 from lamin_lightning._jobs import file_identity
-from lamin_lightning._journal import close_locked, flock_here
+from lamin_lightning._journal import flock_here
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._staging import CLAIMED_SUFFIX, WRITING_SUFFIX, scratch_name
 
@@ -832,32 +833,32 @@ def write_atomically(
     stem = scratch / f".{scratch_name(Path(target).name)}.{os.getpid()}.{threading.get_ident()}"
     claimed, temporary = Path(f"{stem}{CLAIMED_SUFFIX}"), Path(f"{stem}{WRITING_SUFFIX}")
     try:
-        with open(claimed, "wb") as handle:
-            try:
-                if fcntl is not None:
-                    # Held until the file is renamed into place: a ``.tmp`` file nobody
-                    # holds is the write of a process that ended (see clear_dead_writes).
-                    # Locked before it takes that name, so none is ever unlocked while it
-                    # is written. A child forked meanwhile (a DataLoader worker) lets go of
-                    # its copy of the lock (see _journal._forked), or it would keep a killed
-                    # trainer's partial checkpoint from being deleted while it lives.
-                    try:
-                        flock_here(handle, fcntl.LOCK_EX)
-                    except BlockingIOError:  # pragma: no cover - a stale file's holder
-                        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                os.replace(claimed, temporary)
-                save(payload, handle)
-                handle.flush()
-                if modified_ns is not None:
-                    _set_modified(handle.fileno(), temporary, modified_ns)
-                os.fsync(handle.fileno())
-                _drop_from_page_cache(handle.fileno())
-                size = os.fstat(handle.fileno()).st_size
-                if before_rename is not None:
-                    before_rename(handle.fileno())
-                os.replace(temporary, target)
-            finally:
-                close_locked(handle)
+        handle = _flocks.open_file(claimed, "wb")
+        try:
+            if fcntl is not None:
+                # Held until the file is renamed into place: a ``.tmp`` file nobody
+                # holds is the write of a process that ended (see clear_dead_writes).
+                # Locked before it takes that name, so none is ever unlocked while it
+                # is written. A child forked meanwhile (a DataLoader worker) lets go of
+                # its copy of the lock (see _flocks), or it would keep a killed
+                # trainer's partial checkpoint from being deleted while it lives.
+                try:
+                    flock_here(handle, fcntl.LOCK_EX)
+                except BlockingIOError:  # pragma: no cover - a stale file's holder
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            os.replace(claimed, temporary)
+            save(payload, handle)
+            handle.flush()
+            if modified_ns is not None:
+                _set_modified(handle.fileno(), temporary, modified_ns)
+            os.fsync(handle.fileno())
+            _drop_from_page_cache(handle.fileno())
+            size = os.fstat(handle.fileno()).st_size
+            if before_rename is not None:
+                before_rename(handle.fileno())
+            os.replace(temporary, target)
+        finally:
+            _flocks.close(handle)
     except BaseException:
         claimed.unlink(missing_ok=True)
         temporary.unlink(missing_ok=True)

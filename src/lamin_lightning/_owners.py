@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lamin_lightning import _flocks
+
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -37,9 +39,9 @@ _held: dict[str, int] = {}
 
 
 def _forked() -> None:
-    # The child's copies of the parent's lock descriptors would keep the parent's locks
-    # after the parent died: close them (the parent's own descriptors keep its locks).
-    # Locks another thread of the parent held at the fork would stay held for ever.
+    # The child's copies of the parent's lock descriptors no longer share its locks
+    # (_flocks, whose hook runs first, pointed them at /dev/null): free them. Locks
+    # another thread of the parent held at the fork would stay held for ever.
     global _registry, _locks
     for fd in _held.values():
         with contextlib.suppress(OSError):
@@ -84,24 +86,26 @@ def hold(folder: Path, *, verify: bool = False) -> str:
         return name
     if kept is not None:
         del _held[key]
-        os.close(kept)
+        _flocks.close(kept)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}{LOCK_SUFFIX}"
     for attempt in range(8):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Registered as it is opened: a child forked before its lock is taken, too,
+        # lets go of its copy (see _flocks), or it would keep this process alive here.
+        fd = _flocks.open_fd(path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is None:  # pragma: no cover - Windows
             break  # type: ignore[unreachable]
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
-            os.close(fd)
+            _flocks.close(fd)
             raise
         # Between the open and the lock, another process may have taken the new file for
         # a dead owner's and unlinked it: the lock would then guard no name. (The last
         # try's descriptor is kept whatever: never one closed.)
         if _is_at(fd, path) or attempt == 7:
             break
-        os.close(fd)
+        _flocks.close(fd)
     _held[key] = fd
     return name
 
@@ -122,11 +126,11 @@ def let_go(folder: Path, still_used: Callable[[str], bool]) -> bool:
             return False
         del _held[str(folder)]
         if fcntl is None:  # pragma: no cover - Windows: an open file cannot be deleted
-            os.close(fd)  # type: ignore[unreachable]
+            _flocks.close(fd)  # type: ignore[unreachable]
         with contextlib.suppress(OSError):
             os.unlink(folder / f"{name}{LOCK_SUFFIX}")
         if fcntl is not None:
-            os.close(fd)
+            _flocks.close(fd)
     return True
 
 
@@ -147,7 +151,7 @@ def dead_owner(folder: Path, name: str) -> Iterator[bool]:
     the lock file afterwards."""
     path = folder / f"{name}{LOCK_SUFFIX}"
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = _flocks.open_fd(path, os.O_RDWR)
     except FileNotFoundError:
         yield True
         return
@@ -169,7 +173,7 @@ def dead_owner(folder: Path, name: str) -> Iterator[bool]:
             with contextlib.suppress(OSError):
                 os.unlink(path)
     finally:
-        os.close(fd)
+        _flocks.close(fd)
 
 
 def _is_at(fd: int, path: Path) -> bool:

@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from lamin_lightning import _owners
+from lamin_lightning import _flocks, _owners
 
 try:  # POSIX
     import fcntl
@@ -559,7 +559,9 @@ def clear_dead_writes(scratch: Path, *, own_names_only: bool = False) -> list[Pa
     removed: list[Path] = []
     for entry in entries:
         try:
-            fd = os.open(entry.path, os.O_RDONLY)
+            # Registered: a child forked while this lock is held (a young file's,
+            # skipped) would otherwise keep its writer from locking it (see _flocks).
+            fd = _flocks.open_fd(entry.path, os.O_RDONLY)
         except OSError:
             continue
         try:
@@ -580,5 +582,5 @@ def clear_dead_writes(scratch: Path, *, own_names_only: bool = False) -> list[Pa
         except OSError:
             continue
         finally:
-            os.close(fd)
+            _flocks.close(fd)
     return removed
