@@ -2,9 +2,12 @@
 (see ``test_modelcheckpoint_differential``) plus one or two extra callbacks sharing file
 names with it (no version counter, shared filenames and last names), with random
 ``async_write``, ``max_workers``, ``max_pending``. Not collected by pytest: run it by hand.
+``--version-counter`` turns the extra callbacks' version counter on at random, and gives
+some of them names that come back as the loss moves.
 
     .venv/bin/python tests/sweep_shared_names.py 10000 10300
     .venv/bin/python tests/sweep_shared_names.py 20000 20400 --async-checkpoint-io
+    .venv/bin/python tests/sweep_shared_names.py 30000 30300 --version-counter
 
 ``--async-checkpoint-io`` gives our arm Lightning's ``AsyncCheckpointIO`` on most seeds
 (Lightning's arm writes synchronously: what it should come to). Prints each mismatch and
@@ -43,7 +46,7 @@ class _TrainerWithAsyncIO(_Trainer):  # stands in for pl.Trainer in the harness
         super().__init__(*args, **kwargs)
 
 
-def extra_callbacks(rng: random.Random) -> list[dict[str, Any]]:
+def extra_callbacks(rng: random.Random, *, versions: bool = False) -> list[dict[str, Any]]:
     extra = []
     for _ in range(rng.choice([1, 2])):
         monitor = rng.choice(["train_loss", None])
@@ -58,6 +61,10 @@ def extra_callbacks(rng: random.Random) -> list[dict[str, Any]]:
             options["every_n_train_steps"] = rng.choice([1, 2])
         if rng.random() < 0.3:
             options["filename"] = rng.choice(["shared", "{epoch}", "x-{step}"])
+        if versions:  # drawn last: the seeds without the flag stay as they were
+            options["enable_version_counter"] = rng.random() < 0.6
+            if rng.random() < 0.4:  # names that come back as the loss moves
+                options["filename"] = rng.choice(["l-{train_loss:.1f}", "l-{train_loss:.0f}"])
         extra.append(options)
     return extra
 
@@ -67,6 +74,11 @@ def main() -> int:
     parser.add_argument("low", type=int)
     parser.add_argument("high", type=int)
     parser.add_argument("--async-checkpoint-io", action="store_true")
+    parser.add_argument(
+        "--version-counter",
+        action="store_true",
+        help="extra callbacks with the version counter on, some with names that repeat",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -76,7 +88,10 @@ def main() -> int:
     for seed in range(args.low, args.high):
         rng = random.Random(seed * 7919)
         case = differential.random_case(seed)
-        train = {**case["train"], "extra_callbacks": extra_callbacks(rng)}
+        train = {
+            **case["train"],
+            "extra_callbacks": extra_callbacks(rng, versions=args.version_counter),
+        }
         knobs = {
             **case["knobs"],
             "async_write": rng.random() < 0.5,

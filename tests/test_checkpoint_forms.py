@@ -1635,3 +1635,82 @@ def test_an_eviction_waiting_for_its_replacement_waits_for_another_callbacks_sav
         == {"last-step=2.ckpt"}
     )
     assert store.keys(kind="checkpoint") == {"checkpoints/last-step=2.ckpt"}
+
+
+@pytest.mark.parametrize("version_counter", [False, True], ids=["no-version-counter", "versions"])
+@pytest.mark.parametrize("other_writes", ["in-the-background", "on-the-training-thread"])
+def test_an_eviction_waiting_for_its_replacement_leaves_another_callbacks_later_save_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_writes: str, version_counter: bool
+) -> None:
+    """Two callbacks share a template whose names repeat (``"l-{score:.0f}"``). Step 2's
+    save makes the first callback (``async_write``) evict l-score=1.ckpt in favour of
+    l-score=0.ckpt, whose write is slow: the removal waits for it. Step 3's save makes
+    the second callback save l-score=1.ckpt again. Without a version counter, the
+    removal then deleted that newer file, where ModelCheckpoint removed the file before
+    the second callback saved it: a save of the name now tells the waiting removal that
+    the file it would delete is replaced. Here the write of l-score=0.ckpt waits until
+    the second callback's file of step 3 is written. With it, the second callback found
+    the name taken and saved l-score=1-v1.ckpt (its own earlier file's name, kept): a
+    file another callback evicted now counts as gone, as one this callback evicted does
+    (once the write it waits for is done: if that fails, the file stays). Here the write
+    of l-score=0.ckpt waits until the second callback looks for l-score=1.ckpt."""
+    from lamin_lightning import _local_write
+
+    evicted, release = "l-score=1.ckpt", threading.Event()
+    real_write = _local_write.HostWrite._write
+
+    def write(self: Any) -> None:
+        if os.path.basename(self.filepath) == "l-score=0.ckpt":
+            assert release.wait(20), "the second callback never saved l-score=1.ckpt again"
+        real_write(self)
+
+    class SavesAgain(MemoryCheckpoint):
+        def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+            if version_counter and trainer.global_step == 3 and filepath.endswith(evicted):
+                release.set()
+            return super().file_exists(filepath, trainer)
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            if trainer.global_step == 3 and not version_counter:
+                write = self._evictions.write_of(filepath)
+                assert write is None or write.wait(20), "the newer file was never written"
+                release.set()
+
+    monkeypatch.setattr(_local_write.HostWrite, "_write", write)
+    options: dict[str, Any] = {
+        "filename": "l-{score:.0f}",
+        "monitor": "score",
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+        "enable_version_counter": version_counter,
+    }
+    store = MemoryStore()
+    ours = [
+        MemoryCheckpoint(store, dirpath=tmp_path / "ours", async_write=True, mode="min", **options),
+        SavesAgain(
+            store,
+            dirpath=tmp_path / "ours",
+            async_write=other_writes == "in-the-background",
+            mode="max",
+            **options,
+        ),
+    ]
+    plain = [ModelCheckpoint(dirpath=tmp_path / "plain", mode=m, **options) for m in ("min", "max")]
+    scores = [1.0, 0.0, 1.2]
+    make_trainer(tmp_path, list(ours), max_steps=3).fit(TinyModel(scores=scores), loader(3))
+    assert release.is_set()
+    make_trainer(tmp_path, list(plain), max_steps=3).fit(TinyModel(scores=scores), loader(3))
+
+    assert (
+        checkpoint_files(tmp_path / "ours")
+        == checkpoint_files(tmp_path / "plain")
+        == {"l-score=0.ckpt", evicted}
+    )
+    newer = torch.load(tmp_path / "ours" / evicted, weights_only=False)
+    assert newer["global_step"] == 3, "the file is the second callback's save of step 3"
+    assert store.keys(kind="checkpoint") == {"checkpoints/l-score=0.ckpt", f"checkpoints/{evicted}"}
+    assert [ours[1].best_model_path, ours[0].best_model_path] == [
+        str(tmp_path / "ours" / evicted),
+        str(tmp_path / "ours" / "l-score=0.ckpt"),
+    ]

@@ -94,7 +94,7 @@ from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._sigterm import sigterm_after_flush
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
-from lamin_lightning._submit import Submitter
+from lamin_lightning._submit import Submitter, supersede_removals
 from lamin_lightning._surface import ArtifactHooks
 from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
 
@@ -619,6 +619,11 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # Outside a stage (a direct call) the save is persisted before the call returns
         # (see _persist_outside_a_stage): nothing to gain from writing it in the background.
         background = self.async_write and self._in_stage and self._async_write_supported(trainer)
+        if trainer.is_global_zero:
+            # A removal of the file there still waiting for its replacement's write (another
+            # callback's eviction; ours, if this file is written by a CheckpointIO or here)
+            # must not delete this one: ModelCheckpoint's came before this save.
+            supersede_removals(filepath, but_of=self._ensure_submitter() if background else None)
         if background:
             # This fit's first snapshot makes what the checkpoint needs and keeps it: a
             # preparation afterwards could only free buffers of tensors it does not know

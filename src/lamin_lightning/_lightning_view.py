@@ -44,6 +44,7 @@ from lamin_lightning._local_write import (
 from lamin_lightning._names import being_written, name_taken, release_name, take_name
 from lamin_lightning._reporting import ReportingCheckpoint
 from lamin_lightning._staging import WRITING_DIRNAME, link_temporary, remove_path
+from lamin_lightning._submit import removals_waiting, supersede_removals
 from lamin_lightning._write_io import saving_to_snapshots
 
 log = logging.getLogger("lamin_lightning")
@@ -235,11 +236,11 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         """
         evictions = self._evictions
         if not evictions.evicting():
-            return False  # the common case, at every save: no lstat
+            return self._gone_for_another(filepath)  # no lstat, commonly: see there
         path = os.fspath(filepath)
         real = os.path.realpath(path)
         if not evictions.removing(real):
-            return False
+            return self._gone_for_another(filepath)
         if os.path.islink(path):
             return True
         write = evictions.replacement_write(real)
@@ -251,6 +252,26 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             return False
         write.wait()
         return not write.failed()
+
+    def _gone_for_another(self, filepath: Any) -> bool:
+        """Whether another callback of this process evicted ``filepath`` and its removal
+        waits for that callback's background write (see :meth:`_gone`): with
+        ``ModelCheckpoint`` that callback removed it, and this one takes the name (a
+        template whose names repeat, shared). The removal then leaves the new file alone
+        (see ``supersede_removals``). As for this callback's own, this waits for the
+        write first: if it fails, the file stays, and so does its name."""
+        writes = removals_waiting(filepath, but_of=self._submitter)
+        if not writes:
+            return False  # the common case: no removal waits in this process
+        if os.path.islink(filepath):
+            return True
+        for write in writes:
+            if not isinstance(write, HostWrite):
+                return False  # a CheckpointIO's: see _gone
+            write.wait()
+            if write.failed():
+                return False
+        return True
 
     def _async_write_supported(self, trainer: pl.Trainer) -> bool:
         supported, why = async_write_supported(trainer)
@@ -342,6 +363,9 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             super()._link_checkpoint(trainer, filepath, linkpath)
             return
         submitter = self._ensure_submitter()
+        # A removal of the file there still waiting for its replacement's write would
+        # delete the link once made (see supersede_removals).
+        supersede_removals(linkpath)
         # Saved there by another callback too (a shared last-checkpoint name), and not
         # staged yet: written in the background, maybe (async_write).
         others = submitter.others_stagings(linkpath)

@@ -640,7 +640,9 @@ class Submitter:
         """
         earlier = self._others_stagings(filepath)
         others = partial(self._wait_for_stagings, earlier, filepath) if earlier else None
-        return RemovalOnceWritten(self.stager(root), filepath, replacement, then, write, others)
+        return RemovalOnceWritten(
+            self.stager(root), filepath, replacement, then, write, others, owner=self
+        )
 
     def trash_for_removal(self, root: Path, filepath: str | Path) -> Callable[[], int]:
         """Move a file Lightning removes aside now; return the deletion, for the intake."""
@@ -707,9 +709,27 @@ class RemovalOnceWritten:
     the replacement was written (its write finished without failing, or the replacement
     exists), else it stays. :attr:`kept` remembers which, for the commit:
     by then Lightning may have written a new checkpoint under the same name (top-k names
-    without a version counter), so the folder no longer tells."""
+    without a version counter), so the folder no longer tells.
 
-    __slots__ = ("_filepath", "_others", "_replacement", "_stager", "_then", "_write", "kept")
+    Another save of the name meanwhile (see :func:`supersede_removals`) replaces the file:
+    the removal then leaves the folder alone, as ModelCheckpoint's removal came before
+    that save. This callback's own background writes need not tell it: they run on the
+    same intake thread, after it."""
+
+    __slots__ = (
+        "__weakref__",
+        "_filepath",
+        "_key",
+        "_lock",
+        "_others",
+        "_replacement",
+        "_stager",
+        "_superseded",
+        "_then",
+        "_write",
+        "kept",
+        "owner",
+    )
 
     def __init__(
         self,
@@ -719,6 +739,8 @@ class RemovalOnceWritten:
         then: Callable[[], None] | None,
         write: BackgroundWrite | None = None,
         others: Callable[[], None] | None = None,
+        *,
+        owner: Submitter | None = None,
     ) -> None:
         self._stager = stager
         self._filepath = filepath
@@ -728,7 +750,25 @@ class RemovalOnceWritten:
         # Waits for the stagings of ``filepath`` by other callbacks that were pending when
         # Lightning evicted it: their saves came first, and persist the file they wrote.
         self._others = others
+        self.owner = owner
         self.kept: bool | None = None  # None until it ran
+        self._lock = threading.Lock()  # held while deciding and moving the file
+        self._superseded: bool | None = False  # None once it ran
+        self._key = _name_key(filepath)
+        _PENDING_REMOVALS.add(self._key, self)
+
+    @property
+    def replacement_write(self) -> BackgroundWrite | None:
+        """The write of the replacement this removal waits for."""
+        return self._write
+
+    def supersede(self) -> None:
+        """A save of the file's name has started (see :func:`supersede_removals`): the file
+        there will be the new one, not to be removed. If the removal is moving the file
+        right now, waits until it is moved (the new file comes after it)."""
+        with self._lock:
+            if self._superseded is not None:
+                self._superseded = True
 
     def __call__(self) -> int:
         try:
@@ -745,19 +785,84 @@ class RemovalOnceWritten:
             # later, AsyncCheckpointIO: a name rewritten within an epoch): a file is there
             # again once that is written, its rewrite's or, if it fails, this one.
             there = os.path.lexists(self._replacement) or _AWAY.holds(self._replacement)
-            if written or (not failed and there):
+            self.kept = not (written or (not failed and there))
+            with self._lock:
+                superseded, self._superseded = self._superseded, None
                 # Not renamed into the trash (another filesystem: dirpath is a mount point,
                 # or the file is in a linked subfolder): deleted here, as Lightning would.
-                if not self._stager.trash(self._filepath):
+                if not self.kept and not superseded and not self._stager.trash(self._filepath):
                     remove_path(self._filepath)
-                self.kept = False
-            else:
-                self.kept = True
         finally:
+            with self._lock:
+                self._superseded = None  # (dropped: nothing left to tell)
+            _PENDING_REMOVALS.discard(self._key, self)
             if self._then is not None:
                 self._then()  # told that the removal ran (or was dropped)
         self._stager.empty_trash()
         return 0
+
+
+class _PendingRemovals:
+    """The :class:`RemovalOnceWritten` of this process not run yet, by the file's real path
+    (weakly: one a stopped pipeline dropped is forgotten with it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: dict[str, weakref.WeakSet[RemovalOnceWritten]] = {}
+
+    def add(self, key: str, removal: RemovalOnceWritten) -> None:
+        with self._lock:
+            self._by_path.setdefault(key, weakref.WeakSet()).add(removal)
+
+    def discard(self, key: str, removal: RemovalOnceWritten) -> None:
+        with self._lock:
+            removals = self._by_path.get(key)
+            if removals is not None:
+                removals.discard(removal)
+                if not removals:
+                    del self._by_path[key]
+
+    def of(self, filepath: str | Path) -> list[RemovalOnceWritten]:
+        if not self._by_path:
+            return []  # the common case, at every save: no realpath
+        key = _name_key(filepath)
+        with self._lock:
+            for path in [path for path, removals in self._by_path.items() if not removals]:
+                del self._by_path[path]  # every one dropped unrun, and collected
+            return list(self._by_path.get(key, ()))
+
+
+_PENDING_REMOVALS = _PendingRemovals()
+
+
+def _name_key(filepath: str | Path) -> str:
+    """The name ``filepath`` makes in its real folder (a link there is not followed: a
+    link is removed or replaced by name)."""
+    folder, name = os.path.split(os.path.abspath(filepath))
+    return os.path.join(os.path.realpath(folder), name)
+
+
+def removals_waiting(filepath: str | Path, *, but_of: Submitter | None) -> list[BackgroundWrite]:
+    """The replacements' writes that removals of the file at ``filepath`` wait for, those
+    of submitters other than ``but_of`` (none if there are none: the common case)."""
+    return [
+        removal.replacement_write
+        for removal in _PENDING_REMOVALS.of(filepath)
+        if removal.owner is not but_of and removal.replacement_write is not None
+    ]
+
+
+def supersede_removals(filepath: str | Path, *, but_of: Submitter | None = None) -> None:
+    """A checkpoint is about to be written at ``filepath``, or a link made there (on the
+    training thread, before the file or link can be there): a removal of the file there
+    still waiting for its replacement's write (:class:`RemovalOnceWritten`) would delete
+    the new one. ModelCheckpoint removed the old file before this save; the new file
+    replaces it all the same, so such a removal leaves the folder alone now (its
+    artifact still goes). ``but_of``: a submitter whose removals this save comes after
+    anyway (its own background write, on the same intake thread)."""
+    for removal in _PENDING_REMOVALS.of(filepath):
+        if but_of is None or removal.owner is not but_of:
+            removal.supersede()
 
 
 class _Away:
