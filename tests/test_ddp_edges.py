@@ -23,25 +23,19 @@ def _run(root: Path, *args: str, **env_extra: str) -> subprocess.CompletedProces
     return run_ranks([str(SCRIPT), *args], root, TIMEOUT, **env_extra)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, documented in distributed.md: rank zero puts Lightning's state right at"
-    " teardown for itself only; the other ranks would need a collective at teardown",
-)
 def test_a_final_background_write_that_failed_is_undone_in_every_ranks_state(
     tmp_path: Path,
 ) -> None:
     """on_error="warn": rank zero's background write of the last top-k checkpoint of the
-    fit (step 7, the best score) finds the disk full. Rank zero puts Lightning's state
+    fit (step 7, the best score) finds the disk full. Rank zero put Lightning's state
     right at teardown (the evicted step-5 checkpoint is best-k again), but only its own:
-    on rank one ``best_model_path`` and ``best_k_models`` still name step 7, a file never
-    written, so ``trainer.test(ckpt_path="best")`` right after fit fails on rank one
-    (FileNotFoundError) while rank zero loads step 4, and rank zero dies in gloo.
-    Lightning's state is the same on every rank (distributed.md) and never names a file
-    that does not exist (guarantees.md, 5). The write fails only once training ended
-    (ddp_edges.py holds it until on_train_end), after the last save's broadcast, as a slow
-    disk makes it: an earlier failure is put right by that broadcast (under load, the
-    test passed in 2 of 2 runs before it held the write)."""
+    on rank one ``best_model_path`` and ``best_k_models`` still named step 7, a file never
+    written, so ``trainer.test(ckpt_path="best")`` right after fit failed on rank one
+    (FileNotFoundError) while rank zero loaded step 4, and rank zero died in gloo. Now
+    put right on every rank at on_train_end, once rank zero's writes are done. The write
+    fails only once training ended (ddp_edges.py holds it until on_train_end), after the
+    last save's broadcast, as a slow disk makes it: an earlier failure is put right by
+    that broadcast."""
     done = _run(
         tmp_path,
         *("mem", "test_best", str(tmp_path), "--async-write", "--on-error=warn", "--steps=7"),

@@ -606,6 +606,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if self._plain():
             self._plain_saves += 1
+            supersede_removals(filepath)  # another callback's, waiting (see below)
             ModelCheckpoint._save_checkpoint(self, trainer, filepath)
             return
         if self._save_depth == 0 and not self._saving_on_exception:

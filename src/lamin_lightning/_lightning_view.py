@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
@@ -318,6 +319,30 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         super().on_train_batch_end(trainer, *args, **kwargs)
         if self._loggers_owed:  # one list check per step otherwise
             self._tell_loggers(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # save_last's save at the end, if owed
+        if (
+            trainer.world_size > 1
+            and not self._plain()
+            and (self.async_write or self._io_writes is not None)
+        ):
+            self._put_state_right_on_every_rank(trainer)
+
+    def _put_state_right_on_every_rank(self, trainer: pl.Trainer) -> None:
+        """Training ended on every rank (Lightning calls this hook only then; its own
+        save of ``save_last`` here meets the ranks too): rank zero waits for its background
+        writes (up to ``flush_timeout``), and the state is put right for those that failed
+        on every rank alike. Teardown can put it right on rank zero only: no collective
+        there, where a fit may have ended on one rank only."""
+        if trainer.is_global_zero:
+            deadline = None if self.flush_timeout is None else time.monotonic() + self.flush_timeout
+            for write in self._evictions.unfinished():
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not write.wait(left):
+                    break  # what is still written then is put right at teardown (rank zero)
+        self._put_state_right(trainer)
 
     def _tell_loggers(self, trainer: pl.Trainer) -> None:
         """``logger.after_save_checkpoint``, which Lightning calls as soon as a save returns,
