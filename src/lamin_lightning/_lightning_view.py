@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from functools import partial
 from types import MethodType
 from typing import Any
@@ -333,11 +334,21 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     def _put_state_right_on_every_rank(self, trainer: pl.Trainer) -> None:
         """Training ended on every rank (Lightning calls this hook only then; its own
         save of ``save_last`` here meets the ranks too): rank zero waits for its background
-        writes (up to ``flush_timeout``), and the state is put right for those that failed
-        on every rank alike. Teardown can put it right on rank zero only: no collective
-        there, where a fit may have ended on one rank only."""
+        writes, and the state is put right for those that failed on every rank alike.
+        Teardown can put it right on rank zero only: no collective there, where a fit may
+        have ended on one rank only.
+
+        The other ranks wait in the broadcast meanwhile: the wait ends well within the
+        process group's timeout (half of it; and ``flush_timeout``), or a slow disk would
+        make their collective time out. A write still unfinished then is put right at
+        teardown, on rank zero."""
         if trainer.is_global_zero:
-            deadline = None if self.flush_timeout is None else time.monotonic() + self.flush_timeout
+            limits = [self.flush_timeout]
+            group_timeout = getattr(trainer.strategy, "_timeout", None)
+            if isinstance(group_timeout, timedelta):
+                limits.append(group_timeout.total_seconds() / 2)
+            known = [limit for limit in limits if limit is not None]
+            deadline = time.monotonic() + min(known) if known else None
             for write in self._evictions.unfinished():
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not write.wait(left):
