@@ -1714,3 +1714,68 @@ def test_an_eviction_waiting_for_its_replacement_leaves_another_callbacks_later_
         str(tmp_path / "ours" / evicted),
         str(tmp_path / "ours" / "l-score=0.ckpt"),
     ]
+
+
+def test_a_name_taken_again_after_another_callbacks_eviction_is_not_handed_out_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three callbacks share a template whose names repeat, with the version counter.
+    Step 2's save makes the first (``async_write``) evict l-score=1.ckpt in favour of
+    l-score=0.ckpt; its removal waits (here held until the end of step 3). At step 3 the
+    second callback finds l-score=1.ckpt gone (the first evicted it) and saves it again,
+    which tells the removal to leave the folder alone. The third then looked up the
+    same name: the removal, still waiting, made it count as gone again, and the third
+    callback wrote over the second's file, where ModelCheckpoint's third callback finds
+    the second's file there and saves l-score=1-v1.ckpt. A removal told of a later save
+    removes nothing: the name it holds is taken."""
+    from lamin_lightning import _submit
+
+    evicted, ended = "l-score=1.ckpt", threading.Event()
+    real_call = _submit.RemovalOnceWritten.__call__
+
+    def call(self: Any) -> int:
+        if os.path.basename(self._filepath) == evicted:
+            assert ended.wait(20), "step 3 never ended"
+        return int(real_call(self))
+
+    class Third(MemoryCheckpoint):
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            if trainer.global_step == 3:
+                ended.set()
+
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+    options: dict[str, Any] = {
+        "filename": "l-{score:.0f}",
+        "monitor": "score",
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+    }
+    store = MemoryStore()
+    folder = tmp_path / "ours"
+    ours = [
+        MemoryCheckpoint(store, dirpath=folder, async_write=True, mode="min", **options),
+        MemoryCheckpoint(store, dirpath=folder, async_write=False, mode="max", **options),
+        Third(store, dirpath=folder, async_write=False, mode="max", **options),
+    ]
+
+    class PlainThird(ModelCheckpoint):  # a state key of its own, as Third has
+        pass
+
+    plain = [
+        ModelCheckpoint(dirpath=tmp_path / "plain", mode="min", **options),
+        ModelCheckpoint(dirpath=tmp_path / "plain", mode="max", **options),
+        PlainThird(dirpath=tmp_path / "plain", mode="max", **options),
+    ]
+    scores = [1.0, 0.0, 1.2]
+    make_trainer(tmp_path, list(ours), max_steps=3).fit(TinyModel(scores=scores), loader(3))
+    assert ended.is_set()
+    make_trainer(tmp_path, list(plain), max_steps=3).fit(TinyModel(scores=scores), loader(3))
+
+    assert [c.best_model_path for c in plain] == [
+        str(tmp_path / "plain" / name) for name in ("l-score=0.ckpt", evicted, "l-score=1-v1.ckpt")
+    ]
+    assert [c.best_model_path for c in ours] == [
+        str(tmp_path / "ours" / name) for name in ("l-score=0.ckpt", evicted, "l-score=1-v1.ckpt")
+    ]
+    assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain")

@@ -762,6 +762,10 @@ class RemovalOnceWritten:
         """The write of the replacement this removal waits for."""
         return self._write
 
+    def superseded(self) -> bool:
+        """Whether a later save of the name told this removal to leave the file alone."""
+        return self._superseded is True
+
     def supersede(self) -> None:
         """A save of the file's name has started (see :func:`supersede_removals`): the file
         there will be the new one, not to be removed. If the removal is moving the file
@@ -844,11 +848,14 @@ def _name_key(filepath: str | Path) -> str:
 
 def removals_waiting(filepath: str | Path, *, but_of: Submitter | None) -> list[BackgroundWrite]:
     """The replacements' writes that removals of the file at ``filepath`` wait for, those
-    of submitters other than ``but_of`` (none if there are none: the common case)."""
+    of submitters other than ``but_of`` (none if there are none: the common case). Not
+    those a later save superseded: they remove nothing, the file there is that save's."""
     return [
         removal.replacement_write
         for removal in _PENDING_REMOVALS.of(filepath)
-        if removal.owner is not but_of and removal.replacement_write is not None
+        if removal.owner is not but_of
+        and removal.replacement_write is not None
+        and not removal.superseded()
     ]
 
 
