@@ -1779,3 +1779,63 @@ def test_a_name_taken_again_after_another_callbacks_eviction_is_not_handed_out_t
         str(tmp_path / "ours" / name) for name in ("l-score=0.ckpt", evicted, "l-score=1-v1.ckpt")
     ]
     assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain")
+
+
+def test_a_write_finished_on_the_training_thread_after_a_crash_is_not_deleted_by_a_waiting_removal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template whose names repeat (``"l-{tag:.0f}"``, ``async_write``). Step 2's save
+    evicts l-tag=1.ckpt in favour of l-tag=0.ckpt; the removal waits on the intake
+    thread (here held until the crash is handled). Step 3's save names l-tag=1.ckpt
+    again; step 4 crashes. ``on_exception`` writes the unfinished background writes on
+    the training thread (as ModelCheckpoint's files are there when fit returns), step
+    3's file among them: the waiting removal, which ModelCheckpoint ran before that
+    save, then deleted it. A write finished there tells such a removal, as a save does."""
+    from lamin_lightning import _callback, _submit
+
+    evicted, handled = "l-tag=1.ckpt", threading.Event()
+    real_call, real_write_now = _submit.RemovalOnceWritten.__call__, _callback._write_now
+
+    def call(self: Any) -> int:
+        if os.path.basename(self._filepath) == evicted:
+            assert handled.wait(20), "the crash was never handled"
+        return int(real_call(self))
+
+    def write_now(write: Any) -> None:
+        real_write_now(write)
+        if os.path.basename(write.filepath) == evicted:
+            handled.set()
+
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+    monkeypatch.setattr(_callback, "_write_now", write_now)
+
+    class Tagged(TinyModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.log("tag", [1.0, 0.0, 1.0, 0.0][self.global_step], on_step=True, on_epoch=False)
+            return super().training_step(batch, batch_idx)
+
+    options: dict[str, Any] = {
+        "filename": "l-{tag:.0f}",
+        "monitor": "score",
+        "mode": "max",
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+        "enable_version_counter": False,
+    }
+    scores = [1.0, 2.0, 3.0, 4.0]
+    ours = MemoryCheckpoint(MemoryStore(), dirpath=tmp_path / "ours", async_write=True, **options)
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        make_trainer(tmp_path, [ours], max_steps=4).fit(
+            Tagged(scores=scores, fail_at_step=3), loader(4)
+        )
+    assert handled.is_set()
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **options)
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        make_trainer(tmp_path, [plain], max_steps=4).fit(
+            Tagged(scores=scores, fail_at_step=3), loader(4)
+        )
+
+    assert checkpoint_files(tmp_path / "plain") == {evicted}
+    assert ours.best_model_path == str(tmp_path / "ours" / evicted)
+    assert checkpoint_files(tmp_path / "ours") == {evicted}, "step 3's checkpoint was deleted"
+    assert torch.load(tmp_path / "ours" / evicted, weights_only=False)["global_step"] == 3

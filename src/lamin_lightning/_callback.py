@@ -94,11 +94,18 @@ from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._sigterm import sigterm_after_flush
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
-from lamin_lightning._submit import Submitter, supersede_removals
+from lamin_lightning._submit import RemovalOnceWritten, Submitter, removals_of, supersede_removals
 from lamin_lightning._surface import ArtifactHooks
 from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
 
 log = logging.getLogger("lamin_lightning")
+
+# A background write -> its callback's removals of its file that were waiting when it was
+# saved: they run before it on the intake thread, but not before it if it is run on the
+# training thread instead (_write_now), which then tells them (supersede_removals).
+_REMOVALS_BEFORE: weakref.WeakKeyDictionary[HostWrite, list[RemovalOnceWritten]] = (
+    weakref.WeakKeyDictionary()
+)
 
 _PERSISTING: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
@@ -644,7 +651,14 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         since = 0
         try:
             if background:
+                earlier = (
+                    removals_of(filepath, self._ensure_submitter())
+                    if trainer.is_global_zero
+                    else []
+                )
                 write = self._save_in_background(trainer, filepath)
+                if earlier and write is not None:
+                    _REMOVALS_BEFORE[write] = earlier
             else:
                 since = self._io_writes.mark() if self._io_writes is not None else 0
                 super()._save_checkpoint(trainer, filepath)
@@ -820,6 +834,10 @@ class _putting_back:  # used as a function
 
 def _write_now(write: HostWrite) -> None:
     """Run a background write on the training thread; log (never raise) its failure."""
+    for removal in _REMOVALS_BEFORE.pop(write, ()):
+        # Waiting on the intake thread, which would have run it before this write: the
+        # file written here now replaces the one it removes.
+        removal.supersede()
     try:
         write()
     except Exception as error:

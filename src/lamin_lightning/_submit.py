@@ -859,6 +859,14 @@ def removals_waiting(filepath: str | Path, *, but_of: Submitter | None) -> list[
     ]
 
 
+def removals_of(filepath: str | Path, owner: Submitter) -> list[RemovalOnceWritten]:
+    """``owner``'s removals of the file at ``filepath`` still waiting (none, commonly): a
+    background save of the name comes after them on the intake thread; if its write is
+    run elsewhere after all (on the training thread, after a crash), it supersedes them
+    (see :func:`supersede_removals`)."""
+    return [removal for removal in _PENDING_REMOVALS.of(filepath) if removal.owner is owner]
+
+
 def supersede_removals(filepath: str | Path, *, but_of: Submitter | None = None) -> None:
     """A checkpoint is about to be written at ``filepath``, or a link made there (on the
     training thread, before the file or link can be there): a removal of the file there
