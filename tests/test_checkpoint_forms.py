@@ -1839,3 +1839,76 @@ def test_a_write_finished_on_the_training_thread_after_a_crash_is_not_deleted_by
     assert ours.best_model_path == str(tmp_path / "ours" / evicted)
     assert checkpoint_files(tmp_path / "ours") == {evicted}, "step 3's checkpoint was deleted"
     assert torch.load(tmp_path / "ours" / evicted, weights_only=False)["global_step"] == 3
+
+
+def test_a_save_on_exception_written_at_once_comes_after_another_callbacks_save_of_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callbacks with ``async_write`` save one file name (no version counter): the
+    second at step 1 (``every_n_train_steps=1``), the first on the exception of the next
+    step (``save_on_exception``). ModelCheckpoint ends with the exception's checkpoint
+    there. Ours wrote the first callback's save at once in ``on_exception`` (on the
+    training thread, so that it is on disk when fit returns) without waiting for the
+    second callback's earlier write of the name, still running: about 1 run in 2 the
+    earlier save's file ended there (randomized sweep, seed 31243). The write now waits
+    for other callbacks' earlier stagings of its file, whoever runs it. Here the second
+    callback's write waits until the training thread waits for a staging after the
+    exception, or writes the exception's checkpoint."""
+    from lamin_lightning import _local_write, _submit
+
+    armed, go, earlier_written = threading.Event(), threading.Event(), threading.Event()
+    real_write, real_wait = _local_write.HostWrite._write, _submit._Done.wait
+    lock, writes = threading.Lock(), []
+    earlier_done_when_later_began: list[bool] = []
+
+    def write(self: Any) -> None:
+        with lock:
+            writes.append(self)
+            first = len(writes) == 1
+        if first:
+            assert go.wait(20), "the exception's save never came"
+            real_write(self)
+            earlier_written.set()
+            return
+        earlier_done_when_later_began.append(earlier_written.is_set())
+        go.set()  # (the write did not wait: the earlier one may finish now, after it)
+        real_write(self)
+
+    def wait(self: Any, timeout: float | None = None) -> bool:
+        if armed.is_set() and threading.current_thread() is threading.main_thread():
+            go.set()  # the training thread waits for a staging after the exception
+        return real_wait(self, timeout)
+
+    class Arm(pl.Callback):  # runs before the checkpoint callbacks (Lightning orders them)
+        def on_exception(self, *args: Any) -> None:
+            armed.set()
+
+    monkeypatch.setattr(_local_write.HostWrite, "_write", write)
+    monkeypatch.setattr(_submit._Done, "wait", wait)
+    first: dict[str, Any] = {"monitor": None, "save_top_k": 0, "save_on_exception": True}
+    second: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": 1}
+    common: dict[str, Any] = {"filename": "shared", "enable_version_counter": False}
+    store = MemoryStore()
+    ours = [
+        MemoryCheckpoint(store, dirpath=tmp_path / "ours", async_write=True, **first, **common),
+        MemoryCheckpoint(store, dirpath=tmp_path / "ours", async_write=True, **second, **common),
+    ]
+    plain = [
+        ModelCheckpoint(dirpath=tmp_path / "plain", **first, **common),
+        ModelCheckpoint(dirpath=tmp_path / "plain", **second, **common),
+    ]
+    for callbacks in (ours, plain):
+        trainer = make_trainer(tmp_path, [Arm(), *callbacks], max_steps=4)
+        with pytest.raises(RuntimeError, match="boom at step 1"):
+            trainer.fit(TinyModel(fail_at_step=1), loader(4))
+        armed.clear()
+
+    assert earlier_done_when_later_began == [True], "written before the earlier save's file"
+    assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain")
+    assert checkpoint_files(tmp_path / "ours") == {"shared.ckpt"}
+    loaded = [
+        torch.load(tmp_path / where / "shared.ckpt", weights_only=False)
+        for where in ("ours", "plain")
+    ]
+    assert loaded[0]["loops"] == loaded[1]["loops"], "the exception's checkpoint is there"
+    assert store.keys(kind="checkpoint") == {"checkpoints/shared.ckpt"}

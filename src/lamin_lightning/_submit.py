@@ -456,6 +456,10 @@ class Submitter:
         # file Lightning writes here waited for it on the training thread: move_aside.)
         earlier = self._others_stagings(filepath) if write is not None else []
         self._staging_done[absolute(filepath)] = done
+        wait_first = getattr(write, "wait_first", None)
+        if earlier and wait_first is not None:
+            # Also where the training thread runs the write itself (on_exception).
+            wait_first(partial(self._wait_for_stagings, earlier, filepath))
 
         def prepare() -> int:
             try:
