@@ -1912,3 +1912,63 @@ def test_a_save_on_exception_written_at_once_comes_after_another_callbacks_save_
     ]
     assert loaded[0]["loops"] == loaded[1]["loops"], "the exception's checkpoint is there"
     assert store.keys(kind="checkpoint") == {"checkpoints/shared.ckpt"}
+
+
+@pytest.mark.parametrize("evicted_by", ["another-callback", "the-same-callback"])
+def test_an_evicted_name_is_free_once_its_async_checkpoint_io_replacement_is_written(
+    tmp_path: Path, evicted_by: str
+) -> None:
+    """A template whose names repeat (``"l-{score:.0f}"``, version counter on) under
+    Lightning's ``AsyncCheckpointIO``. Step 2's save evicts l-score=1.ckpt in favour of
+    l-score=0.ckpt, whose write is held: the removal waits for it. Step 3's save names
+    l-score=1.ckpt again, and ModelCheckpoint saves it there (it removed the file). Ours
+    found the name taken (a removal waiting for a CheckpointIO's write counted as a file
+    still there, "the name stays taken until the file is removed") and saved
+    l-score=1-v1.ckpt. Two callbacks: the first (top 1, min) evicts, the second (top 1,
+    max) saves the name again (randomized sweep, seed 31010, 1 run in 3 under load). One
+    callback (``monitor=None``, top 1, which evicts its previous file at every save): it
+    saves the name again itself. Such a name is now free once the write the removal
+    waits for is done, as for ``async_write``: the removal is told of the newer save
+    (``supersede_removals``) and leaves its file alone. Here the write of l-score=0.ckpt
+    waits until the step 3 save looks for l-score=1.ckpt."""
+    evicted = "l-score=1.ckpt"
+    io = HoldingIO(hold="l-score=0.ckpt")
+
+    class SavesAgain(MemoryCheckpoint):
+        def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+            if trainer.global_step == 3 and filepath.endswith(evicted):
+                io.gate.set()
+            return super().file_exists(filepath, trainer)
+
+    options: dict[str, Any] = {
+        "filename": "l-{score:.0f}",
+        "monitor": "score",
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+    }
+    if evicted_by == "the-same-callback":
+        options["monitor"] = None
+    modes = ("min", "max") if evicted_by == "another-callback" else ("min",)
+    store = MemoryStore()
+    ours = [
+        (SavesAgain if mode == modes[-1] else MemoryCheckpoint)(
+            store, dirpath=tmp_path / "ours", mode=mode, **options
+        )
+        for mode in modes
+    ]
+    plain = [ModelCheckpoint(dirpath=tmp_path / "plain", mode=m, **options) for m in modes]
+    scores = [1.0, 0.0, 1.2]
+    trainer = make_trainer(tmp_path, list(ours), max_steps=3, plugins=[AsyncCheckpointIO(io)])
+    trainer.fit(TinyModel(scores=scores), loader(3))
+    assert io.gate.is_set() and not io.timed_out
+    make_trainer(tmp_path, list(plain), max_steps=3).fit(TinyModel(scores=scores), loader(3))
+
+    kept = {"l-score=0.ckpt", evicted} if evicted_by == "another-callback" else {evicted}
+    assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain") == kept
+    newer = torch.load(tmp_path / "ours" / evicted, weights_only=False)
+    assert newer["global_step"] == 3, "the file is the save of step 3"
+    assert store.keys(kind="checkpoint") == {f"checkpoints/{name}" for name in kept}
+    best = [[os.path.basename(c.best_model_path) for c in cbs] for cbs in (ours, plain)]
+    assert best[0] == best[1]
+    for callback in ours:
+        assert callback.persistence_stats.failed == 0

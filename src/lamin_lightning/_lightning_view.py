@@ -228,13 +228,14 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         the name is free (a template whose metric comes back to an earlier value names the
         evicted file again).
 
-        A file's own name is free once its replacement is written by ``async_write``: the
-        removal, prepared on the intake thread in submission order, runs before any
-        later save's write. Until that is known, this waits for the write (a name reused
-        that soon is rare); if the write failed, the file stays, and so does its name. A
-        CheckpointIO's write (``AsyncCheckpointIO``) runs on its own thread, in no order
-        with the removal: there the name stays taken until the file is gone. A link's
-        name is free at once (the link dangles for Lightning either way).
+        A file's own name is free once its replacement is written (by ``async_write``
+        or by a CheckpointIO that writes later, ``AsyncCheckpointIO``): the removal then
+        runs before any later save's write of the name, or that save tells it to leave
+        the new file alone (``supersede_removals``: a CheckpointIO's write runs on its
+        own thread, in no order with the removal). Until that is known, this waits for
+        the write (a name reused that soon is rare); if the write failed, the file stays,
+        and so does its name. A link's name is free at once (the link dangles for
+        Lightning either way).
         """
         evictions = self._evictions
         if not evictions.evicting():
@@ -247,11 +248,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             return True
         write = evictions.replacement_write(real)
         if write is None:
-            # Its replacement was written; the removal comes before any later write of
-            # ours (not of a CheckpointIO's).
-            return self._io_writes is None
-        if not isinstance(write, HostWrite):
-            return False
+            return True  # its replacement was written: the removal will run
         write.wait()
         return not write.failed()
 
@@ -268,9 +265,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         if os.path.islink(filepath):
             return True
         for write in writes:
-            if not isinstance(write, HostWrite):
-                return False  # a CheckpointIO's: see _gone
-            write.wait()
+            write.wait()  # an async_write's or a CheckpointIO's: see _gone
             if write.failed():
                 return False
         return True
