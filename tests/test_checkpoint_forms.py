@@ -1914,9 +1914,10 @@ def test_a_save_on_exception_written_at_once_comes_after_another_callbacks_save_
     assert store.keys(kind="checkpoint") == {"checkpoints/shared.ckpt"}
 
 
+@pytest.mark.parametrize("held", ["l-score=0.ckpt", "l-score=1.ckpt"], ids=["new", "both"])
 @pytest.mark.parametrize("evicted_by", ["another-callback", "the-same-callback"])
 def test_an_evicted_name_is_free_once_its_async_checkpoint_io_replacement_is_written(
-    tmp_path: Path, evicted_by: str
+    tmp_path: Path, evicted_by: str, held: str
 ) -> None:
     """A template whose names repeat (``"l-{score:.0f}"``, version counter on) under
     Lightning's ``AsyncCheckpointIO``. Step 2's save evicts l-score=1.ckpt in favour of
@@ -1930,9 +1931,13 @@ def test_an_evicted_name_is_free_once_its_async_checkpoint_io_replacement_is_wri
     saves the name again itself. Such a name is now free once the write the removal
     waits for is done, as for ``async_write``: the removal is told of the newer save
     (``supersede_removals``) and leaves its file alone. Here the write of l-score=0.ckpt
-    waits until the step 3 save looks for l-score=1.ckpt."""
+    waits until the step 3 save looks for l-score=1.ckpt ("new"); or (under load: the
+    sweep's runs that differed with the fix above) already the first write of
+    l-score=1.ckpt does, and the writes queued after it ("both"): the evicted file was
+    still being written, and a name in flight counted as taken before anything else. A
+    name evicted is free then too: the write its removal waits for comes after."""
     evicted = "l-score=1.ckpt"
-    io = HoldingIO(hold="l-score=0.ckpt")
+    io = HoldingIO(hold=held)
 
     class SavesAgain(MemoryCheckpoint):
         def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:

@@ -211,13 +211,17 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         # A checkpoint still being written in the background (async_write) takes its name.
         # The names in flight are looked at first: a write goes from "in flight, no file"
         # to "file, in flight" to "file"; looking at the disk first could see no file yet,
-        # then a write no longer in flight, and hand its name out again.
-        taken = trainer.is_global_zero and (
-            being_written(filepath)
-            or (
-                (self._fs.exists(filepath) or _links_to_a_file_being_written(filepath))
-                and not self._gone(filepath)
+        # then a write no longer in flight, and hand its name out again. A name evicted
+        # (see _gone) is free, also while its own write is still in flight: the write its
+        # removal waits for comes after that one.
+        taken = (
+            trainer.is_global_zero
+            and (
+                being_written(filepath)
+                or self._fs.exists(filepath)
+                or _links_to_a_file_being_written(filepath)
             )
+            and not self._gone(filepath)
         )
         return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
 
