@@ -137,7 +137,14 @@ def run_fit(
                     _LEFT_DANGLING.add(os.path.abspath(filepath))  # removal does nothing
                 remove(trainer, filepath)
 
+            link = callback._link_checkpoint
+
+            def linking_again(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+                _LEFT_DANGLING.discard(os.path.abspath(linkpath))  # made anew: Lightning's own
+                link(trainer, filepath, linkpath)
+
             callback._remove_checkpoint = noting_dangling_links  # type: ignore[method-assign]
+            callback._link_checkpoint = linking_again  # type: ignore[method-assign]
             return callback
         if kind == "ours":
             return MemoryCheckpoint(
