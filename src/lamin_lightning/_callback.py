@@ -94,18 +94,11 @@ from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._sigterm import sigterm_after_flush
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
-from lamin_lightning._submit import RemovalOnceWritten, Submitter, removals_of, supersede_removals
+from lamin_lightning._submit import RemovalOnceWritten, Submitter, supersede_removals
 from lamin_lightning._surface import ArtifactHooks
 from lamin_lightning._telemetry import log_final_persistence_stats, log_persistence_stats
 
 log = logging.getLogger("lamin_lightning")
-
-# A background write -> its callback's removals of its file that were waiting when it was
-# saved: they run before it on the intake thread, but not before it if it is run on the
-# training thread instead (_write_now), which then tells them (supersede_removals).
-_REMOVALS_BEFORE: weakref.WeakKeyDictionary[HostWrite, list[RemovalOnceWritten]] = (
-    weakref.WeakKeyDictionary()
-)
 
 _PERSISTING: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
@@ -627,11 +620,16 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # Outside a stage (a direct call) the save is persisted before the call returns
         # (see _persist_outside_a_stage): nothing to gain from writing it in the background.
         background = self.async_write and self._in_stage and self._async_write_supported(trainer)
+        own_removals: list[RemovalOnceWritten] = []
         if trainer.is_global_zero:
             # A removal of the file there still waiting for its replacement's write (another
             # callback's eviction; ours, if this file is written by a CheckpointIO or here)
-            # must not delete this one: ModelCheckpoint's came before this save.
-            supersede_removals(filepath, but_of=self._ensure_submitter() if background else None)
+            # must not delete this one: ModelCheckpoint's came before this save. Ours run
+            # before a background write of ours on the intake thread; one run elsewhere
+            # (the training thread, after a crash) tells them first.
+            own_removals = supersede_removals(
+                filepath, but_of=self._ensure_submitter() if background else None
+            )
         if background:
             # This fit's first snapshot makes what the checkpoint needs and keeps it: a
             # preparation afterwards could only free buffers of tensors it does not know
@@ -651,14 +649,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         since = 0
         try:
             if background:
-                earlier = (
-                    removals_of(filepath, self._ensure_submitter())
-                    if trainer.is_global_zero
-                    else []
-                )
                 write = self._save_in_background(trainer, filepath)
-                if earlier and write is not None:
-                    _REMOVALS_BEFORE[write] = earlier
+                if own_removals and write is not None:
+                    write.before_start(partial(_supersede, own_removals))
             else:
                 since = self._io_writes.mark() if self._io_writes is not None else 0
                 super()._save_checkpoint(trainer, filepath)
@@ -832,12 +825,15 @@ class _putting_back:  # used as a function
             raise self._error
 
 
+def _supersede(removals: list[RemovalOnceWritten]) -> None:
+    """Tell removals that a write of their file is starting (see ``before_start``): one
+    that ran already (on the intake thread, before the write) is not told anything."""
+    for removal in removals:
+        removal.supersede()
+
+
 def _write_now(write: HostWrite) -> None:
     """Run a background write on the training thread; log (never raise) its failure."""
-    for removal in _REMOVALS_BEFORE.pop(write, ()):
-        # Waiting on the intake thread, which would have run it before this write: the
-        # file written here now replaces the one it removes.
-        removal.supersede()
     try:
         write()
     except Exception as error:

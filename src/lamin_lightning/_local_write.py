@@ -954,7 +954,7 @@ class HostWrite:
         self.error: BaseException | None = None
         """Why the write failed (or was abandoned); None while pending and once written."""
         self._mark: Callable[[tuple[int, int, int]], None] | None = None
-        self._first: Callable[[], None] | None = None  # see wait_first
+        self._first: list[Callable[[], None]] = []  # see before_start
         # The file's modification time: when Lightning saved it, as ModelCheckpoint's file
         # has (not when the write ended). Lightning's ckpt_path="last" takes the newest
         # last checkpoint of all checkpoint callbacks by this time.
@@ -991,14 +991,14 @@ class HostWrite:
             written = self.error is None
         run_after_write(self._filepath, [(action, otherwise)], written)
 
-    def wait_first(self, earlier: Callable[[], None]) -> None:
-        """Have the write wait for ``earlier`` before it starts, whoever runs it: the
-        intake thread, or the training thread that writes it at once (``on_exception``,
-        a save kept from admission). Other callbacks' earlier saves of the same file
-        (a name shared without a version counter) are staged first, as their writes
-        came first: the file ends as the later save left it, as with ModelCheckpoint.
-        Set before the write can run (when its staging is planned)."""
-        self._first = earlier
+    def before_start(self, action: Callable[[], None]) -> None:
+        """Have ``action`` run before the write starts, whoever runs it: the intake thread,
+        or the training thread that writes it at once (``on_exception``, a save kept from
+        admission), outside the intake's order. Added before the write can run (at the
+        save). For one: waiting until other callbacks' earlier saves of the same file (a
+        name shared without a version counter) are staged, as their writes came first,
+        so the file ends as the later save left it, as with ModelCheckpoint."""
+        self._first.append(action)
 
     def mark_written_with(self, mark: Callable[[tuple[int, int, int]], None]) -> None:
         """Have ``mark`` told the identity of the complete file (see
@@ -1016,8 +1016,9 @@ class HostWrite:
             log.exception("noting that %s was written", self._filepath)
 
     def __call__(self) -> None:
-        if self._first is not None and self._state == "pending":
-            self._first()  # (a caller that finds it claimed meanwhile waits for no more)
+        if self._first and self._state == "pending":
+            for action in self._first:  # (a caller that finds it claimed meanwhile: no more)
+                action()
         with self._lock:
             state = self._state
             if state == "pending":

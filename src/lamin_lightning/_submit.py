@@ -456,10 +456,10 @@ class Submitter:
         # file Lightning writes here waited for it on the training thread: move_aside.)
         earlier = self._others_stagings(filepath) if write is not None else []
         self._staging_done[absolute(filepath)] = done
-        wait_first = getattr(write, "wait_first", None)
-        if earlier and wait_first is not None:
+        before_start = getattr(write, "before_start", None)
+        if earlier and before_start is not None:
             # Also where the training thread runs the write itself (on_exception).
-            wait_first(partial(self._wait_for_stagings, earlier, filepath))
+            before_start(partial(self._wait_for_stagings, earlier, filepath))
 
         def prepare() -> int:
             try:
@@ -863,25 +863,25 @@ def removals_waiting(filepath: str | Path, *, but_of: Submitter | None) -> list[
     ]
 
 
-def removals_of(filepath: str | Path, owner: Submitter) -> list[RemovalOnceWritten]:
-    """``owner``'s removals of the file at ``filepath`` still waiting (none, commonly): a
-    background save of the name comes after them on the intake thread; if its write is
-    run elsewhere after all (on the training thread, after a crash), it supersedes them
-    (see :func:`supersede_removals`)."""
-    return [removal for removal in _PENDING_REMOVALS.of(filepath) if removal.owner is owner]
-
-
-def supersede_removals(filepath: str | Path, *, but_of: Submitter | None = None) -> None:
+def supersede_removals(
+    filepath: str | Path, *, but_of: Submitter | None = None
+) -> list[RemovalOnceWritten]:
     """A checkpoint is about to be written at ``filepath``, or a link made there (on the
     training thread, before the file or link can be there): a removal of the file there
     still waiting for its replacement's write (:class:`RemovalOnceWritten`) would delete
     the new one. ModelCheckpoint removed the old file before this save; the new file
     replaces it all the same, so such a removal leaves the folder alone now (its
     artifact still goes). ``but_of``: a submitter whose removals this save comes after
-    anyway (its own background write, on the same intake thread)."""
+    anyway (its own background write, on the same intake thread); returned, left alone
+    (none, commonly): should the write run elsewhere after all (on the training thread,
+    after a crash), it supersedes them then (see ``HostWrite.before_start``)."""
+    left = []
     for removal in _PENDING_REMOVALS.of(filepath):
-        if but_of is None or removal.owner is not but_of:
+        if but_of is not None and removal.owner is but_of:
+            left.append(removal)
+        else:
             removal.supersede()
+    return left
 
 
 class _Away:
