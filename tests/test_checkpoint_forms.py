@@ -1977,3 +1977,72 @@ def test_an_evicted_name_is_free_once_its_async_checkpoint_io_replacement_is_wri
     assert best[0] == best[1]
     for callback in ours:
         assert callback.persistence_stats.failed == 0
+
+
+def test_an_eviction_whose_removal_runs_while_the_name_is_looked_up_frees_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One callback, ``"l-{score:.0f}"``, top 1, ``AsyncCheckpointIO``: step 2 evicts
+    l-score=1.ckpt in favour of l-score=0.ckpt, whose write is held; step 3 names
+    l-score=1.ckpt again. The lookup looked at the disk first (the file still there),
+    then at the eviction: the removal, run on the intake thread in between (under load),
+    had forgotten it, and the name counted as taken: l-score=1-v1.ckpt, where
+    ModelCheckpoint reuses the name (the suite, beside another). Here the removal runs
+    right after the disk is looked at, if it is looked at."""
+    from lamin_lightning import _submit
+
+    evicted = "l-score=1.ckpt"
+    io = HoldingIO(hold="l-score=0.ckpt")
+    looked, removed = threading.Event(), threading.Event()
+    real_call = _submit.RemovalOnceWritten.__call__
+
+    def call(self: Any) -> int:
+        if os.path.basename(self._filepath) == evicted:
+            assert looked.wait(20), "the name was never looked up"
+            try:
+                return int(real_call(self))
+            finally:
+                removed.set()
+        return int(real_call(self))
+
+    class LooksUp(MemoryCheckpoint):
+        def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+            if trainer.global_step != 3 or not filepath.endswith(evicted):
+                return super().file_exists(filepath, trainer)
+            io.gate.set()
+            real_exists = self._fs.exists
+
+            def exists(path: Any) -> bool:
+                there = bool(real_exists(path))
+                if str(path).endswith(evicted):
+                    looked.set()  # the removal runs now
+                    assert removed.wait(20), "the removal never ran"
+                return there
+
+            self._fs.exists = exists  # type: ignore[method-assign]
+            try:
+                return super().file_exists(filepath, trainer)
+            finally:
+                del self._fs.exists
+                looked.set()  # not looked at the disk: the removal runs after all
+
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+    options: dict[str, Any] = {
+        "filename": "l-{score:.0f}",
+        "monitor": None,
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+    }
+    store = MemoryStore()
+    ours = LooksUp(store, dirpath=tmp_path / "ours", **options)
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **options)
+    scores = [1.0, 0.0, 1.2]
+    make_trainer(tmp_path, [ours], max_steps=3, plugins=[AsyncCheckpointIO(io)]).fit(
+        TinyModel(scores=scores), loader(3)
+    )
+    assert not io.timed_out and removed.is_set()
+    make_trainer(tmp_path, [plain], max_steps=3).fit(TinyModel(scores=scores), loader(3))
+
+    assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain") == {evicted}
+    assert os.path.basename(ours.best_model_path) == os.path.basename(plain.best_model_path)
+    assert store.keys(kind="checkpoint") == {f"checkpoints/{evicted}"}

@@ -213,15 +213,18 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         # to "file, in flight" to "file"; looking at the disk first could see no file yet,
         # then a write no longer in flight, and hand its name out again. A name evicted
         # (see _gone) is free, also while its own write is still in flight: the write its
-        # removal waits for comes after that one.
+        # removal waits for comes after that one. Looked at before the disk, likewise: a
+        # removal goes from "waiting" to "file gone" (the eviction forgotten); looking at
+        # the disk first could see the file, then the eviction forgotten, and take the
+        # name for taken (under load, while the removal ran on the intake thread).
         taken = (
             trainer.is_global_zero
+            and not self._gone(filepath)
             and (
                 being_written(filepath)
                 or self._fs.exists(filepath)
                 or _links_to_a_file_being_written(filepath)
             )
-            and not self._gone(filepath)
         )
         return bool(trainer.strategy.reduce_boolean_decision(taken, all=False))
 
