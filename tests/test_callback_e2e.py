@@ -1232,3 +1232,55 @@ class OnTrainEndCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fn()
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+@pytest.mark.parametrize("error", [ValueError, SystemExit, KeyboardInterrupt])
+def test_a_checkpoint_whose_key_resolver_raised_is_written_as_lightning_names_it(
+    error: type[BaseException], async_write: bool, tmp_path: Path
+) -> None:
+    """``resolve_artifact_key`` raises at step 2's save: the fit stops with it, and that
+    checkpoint has no key to be persisted under, but its file is in the folder, as
+    ``ModelCheckpoint`` (and the reference, which resolves the key after Lightning's
+    write) leaves it: ``best_model_path`` names it. With ``async_write`` its background
+    write was abandoned, so ``best_model_path`` named a file that was never written (found
+    by an adversarial run of hooks raising)."""
+
+    class Raising(MemoryCheckpoint):
+        def resolve_artifact_key(self, trainer: Any, filepath: Any, kind: Any) -> str:
+            if Path(filepath).name == "epoch=0-step=2.ckpt":
+                raise error("no key for this one")
+            return super().resolve_artifact_key(trainer, filepath, kind)
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = Raising(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        async_write=async_write,
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+        with pytest.raises(SystemExit if error is KeyboardInterrupt else error):
+            make_trainer(tmp_path, [callback], max_steps=4).fit(
+                TinyModel(scores=[3.0, 2.0, 1.0, 0.5]), loader(4)
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+    best = Path(callback.best_model_path)
+    assert best.name == "epoch=0-step=2.ckpt"
+    assert sorted(p.name for p in dirpath.glob("*.ckpt")) == [
+        "epoch=0-step=1.ckpt",
+        "epoch=0-step=2.ckpt",
+    ]
+    loaded = torch.load(best, map_location="cpu", weights_only=False)
+    assert loaded["global_step"] == 2
+    # The save before it is persisted (or, after Ctrl+C, which does not wait, pending);
+    # this one has no key, so nothing is stored or pending for it.
+    pending = {record.key for _, record in _pending_records(dirpath)}
+    assert store.keys(kind="checkpoint") | pending == {key("epoch=0-step=1.ckpt")}

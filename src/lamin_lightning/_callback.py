@@ -678,21 +678,20 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 written = _putting_back(io_write, put_back)
         if not trainer.is_global_zero:
             return
-        unadmitted = self._ensure_submitter().kept_out
         try:
             self._submit_hparams_once(trainer)
             self._submit_checkpoint(trainer, filepath, write=write or written)
         except BaseException:
             if write is None:
                 raise
-            if self._ensure_submitter().kept_out > unadmitted:
-                # Journaled, then kept from admission (SIGTERM or Ctrl+C in a wait for a
-                # slot): Lightning's state names the file, so it is written here and now,
-                # as Lightning would have written it; the flush at exit, the next setup
-                # or `lamin-lightning flush` persists it.
-                _write_now(write)
-            else:
-                write.abandon()  # or its snapshot slot would stay taken: the next save hangs
+            # Lightning's state names the file (best_k_models, best_model_path): it is
+            # written here and now, as Lightning would have written it (which also gives
+            # its snapshot slot back). Journaled, then kept from admission (SIGTERM or
+            # Ctrl+C in a wait for a slot, a feature hook that raised), the flush at exit,
+            # the next setup or `lamin-lightning flush` persists it; a save with no key (a
+            # resolver of the user's raised) stays a file in the folder, as with
+            # ModelCheckpoint, where it was never written before.
+            _write_now(write)
             raise
         if write is not None or io_write is not None:
             # Evictions in this file's favour wait for it (and are dropped if it fails).
