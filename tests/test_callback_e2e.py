@@ -1284,3 +1284,52 @@ def test_a_checkpoint_whose_key_resolver_raised_is_written_as_lightning_names_it
     # this one has no key, so nothing is stored or pending for it.
     pending = {record.key for _, record in _pending_records(dirpath)}
     assert store.keys(kind="checkpoint") | pending == {key("epoch=0-step=1.ckpt")}
+
+
+class _HookStop(BaseException):
+    """A BaseException of the user's (a test framework's failure, say)."""
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async_write"])
+@pytest.mark.parametrize("error", [SystemExit, _HookStop])
+def test_a_hook_raising_a_base_exception_at_the_emergency_save_leaves_the_crash_to_lightning(
+    error: type[BaseException], async_write: bool, tmp_path: Path
+) -> None:
+    """Training crashes and ``save_on_exception`` saves; the feature hook raises
+    ``SystemExit`` (or another ``BaseException``) at that save. It went out of our
+    ``on_exception``, through Lightning's handling of the crash: loggers not finalized,
+    the strategy not torn down, the fit's SIGTERM handler left installed (a later SIGTERM
+    swallowed), and ``fit`` raised the hook's error instead of the crash, which an
+    ``Exception`` of the same hook never masks (found by an adversarial run of hooks
+    raising). Now it is logged like one: Lightning's handling runs to its end, ``fit``
+    raises the crash, and the emergency checkpoint is persisted (without features)."""
+
+    class Raising(MemoryCheckpoint):
+        def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+            if trainer.global_step == 3:  # the emergency save (saves every 2 steps)
+                raise error("hook asked to stop")
+            return super().collect_checkpoint_feature_values(trainer, snapshot)
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpt"
+    callback = Raising(
+        store,
+        dirpath=dirpath,
+        save_top_k=-1,
+        every_n_train_steps=2,
+        save_on_exception=True,
+        async_write=async_write,
+    )
+    sigterm = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tmp_path, [callback], max_steps=6)
+    try:
+        with pytest.raises(RuntimeError, match="boom at step 3"):
+            trainer.fit(TinyModel(fail_at_step=3), loader(6))
+        assert signal.getsignal(signal.SIGTERM) == sigterm, "Lightning's teardown did not run"
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert trainer.state.status == "interrupted"
+    emergency = [p for p in dirpath.glob("*.ckpt") if "step=3" in p.name]
+    assert len(emergency) == 1, sorted(p.name for p in dirpath.glob("*.ckpt"))
+    assert key(emergency[0].name) in store.keys(kind="checkpoint")
+    assert _pending_records(dirpath) == []

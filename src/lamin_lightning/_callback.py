@@ -525,7 +525,11 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             self._saving_on_exception = True
             try:
                 super().on_exception(trainer, pl_module, exception)
-            except Exception:
+            except KeyboardInterrupt:
+                raise  # Ctrl+C: see below
+            except BaseException:
+                # SystemExit too (a hook of the user's, the feature hook say): the crash
+                # is what fit raises, after Lightning's handling of it ran to its end.
                 log.exception("saving a checkpoint on exception failed")
             finally:
                 self._saving_on_exception = False
