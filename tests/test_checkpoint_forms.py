@@ -2046,3 +2046,85 @@ def test_an_eviction_whose_removal_runs_while_the_name_is_looked_up_frees_the_na
     assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain") == {evicted}
     assert os.path.basename(ours.best_model_path) == os.path.basename(plain.best_model_path)
     assert store.keys(kind="checkpoint") == {f"checkpoints/{evicted}"}
+
+
+def test_a_stale_removal_of_a_name_evicted_again_does_not_free_the_later_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One callback, ``"l-{score:.0f}"``, ``monitor=None``, top 1, ``AsyncCheckpointIO``:
+    its names go l-score=1, 0, 1, 2, 1, and each save evicts the previous one. Step 2
+    evicts the first l-score=1.ckpt (removal R1, waiting for l-score=0.ckpt's write);
+    step 3 saves the name again (R1 is told to leave the file alone); step 4 evicts it
+    again, in favour of l-score=2.ckpt, still being written (removal R3). R1 ran only
+    then (under load: the sweep's seed 33257, 1 run in 12) and, when it ran, forgot
+    every eviction of the name, R3's too: step 5's lookup found the file still there
+    (R3 waits for its write) and no eviction of it, and took l-score=1-v1.ckpt, where
+    ModelCheckpoint (which removed the file at step 4) reuses l-score=1.ckpt. A removal
+    now forgets its own eviction only. Here the writes of steps 2 and 4 are held until
+    the name is looked up at steps 3 and 5; R1 runs as step 5 looks it up, R3 after."""
+    from lamin_lightning import _submit
+
+    name = "l-score=1.ckpt"
+    gates = {"l-score=0.ckpt": threading.Event(), "l-score=2.ckpt": threading.Event()}
+    unheld: list[str] = []
+
+    class HoldsTwo(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            gate = gates.get(Path(path).name)
+            if gate is not None and not gate.wait(60):
+                unheld.append(Path(path).name)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    looking, stale_ran, looked = threading.Event(), threading.Event(), threading.Event()
+    removals: list[Any] = []
+    real_call = _submit.RemovalOnceWritten.__call__
+
+    def call(self: Any) -> int:
+        if os.path.basename(self._filepath) != name:
+            return int(real_call(self))
+        removals.append(self)
+        if len(removals) == 1:  # R1: once the name is evicted again, as step 5 looks it up
+            assert looking.wait(20), "step 5 never looked the name up"
+            try:
+                return int(real_call(self))
+            finally:
+                stale_ran.set()
+        assert looked.wait(20), "step 5's lookup never ended"  # R3: after the lookup
+        return int(real_call(self))
+
+    class LooksUp(MemoryCheckpoint):
+        def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+            if not filepath.endswith(name) or looked.is_set():
+                return super().file_exists(filepath, trainer)
+            if trainer.global_step == 3:
+                gates["l-score=0.ckpt"].set()  # step 2's: R1 waits for it
+            elif trainer.global_step == 5:
+                gates["l-score=2.ckpt"].set()  # step 4's: R3 waits for it
+                looking.set()
+                assert stale_ran.wait(20), "the first removal never ran"
+                try:
+                    return super().file_exists(filepath, trainer)
+                finally:
+                    looked.set()
+            return super().file_exists(filepath, trainer)
+
+    monkeypatch.setattr(_submit.RemovalOnceWritten, "__call__", call)
+    options: dict[str, Any] = {
+        "filename": "l-{score:.0f}",
+        "monitor": None,
+        "save_top_k": 1,
+        "every_n_train_steps": 1,
+    }
+    store = MemoryStore()
+    ours = LooksUp(store, dirpath=tmp_path / "ours", max_pending=16, **options)
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **options)
+    scores = [1.0, 0.0, 1.2, 2.0, 0.9]
+    make_trainer(tmp_path, [ours], max_steps=5, plugins=[AsyncCheckpointIO(HoldsTwo())]).fit(
+        TinyModel(scores=scores), loader(5)
+    )
+    assert unheld == [] and looked.is_set() and len(removals) == 2
+    make_trainer(tmp_path, [plain], max_steps=5).fit(TinyModel(scores=scores), loader(5))
+
+    assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain") == {name}
+    assert os.path.basename(ours.best_model_path) == os.path.basename(plain.best_model_path)
+    assert store.keys(kind="checkpoint") == {f"checkpoints/{name}"}

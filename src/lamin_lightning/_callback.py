@@ -726,15 +726,13 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # eviction that soon after a save), and the removal waits no more unless it failed.
         by_user = not self._removes_as_lightning(trainer)
         waits = self._evictions.replacement_for(filepath, wait=by_user)
-        after, write = waits if waits is not None else (None, None)
+        after, write, removed = waits if waits is not None else (None, None, None)
         record = self._record(trainer, "remove", "checkpoint", filepath, after=after)
         # Journaled before the file goes: a crash in between leaves a removal to replay,
         # never an artifact whose checkpoint Lightning already dropped.
         settle = submitter.journal(record)
         if after is not None:
-            remove = submitter.remove_once_written(
-                root, filepath, after, then=partial(self._evictions.removed, filepath), write=write
-            )
+            remove = submitter.remove_once_written(root, filepath, after, then=removed, write=write)
         elif not by_user:
             # A rename now, the deletion on the intake thread (Lightning's own removal
             # below then finds nothing to do).

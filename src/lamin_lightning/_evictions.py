@@ -19,8 +19,12 @@ once its background write finished, so:
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -59,6 +63,8 @@ class _Replacement:
     write: BackgroundWrite
     before: _Before
     evicted: list[str] = field(default_factory=list)
+    # Each eviction's entry in ``Evictions._removing``: (real path, eviction number).
+    removals: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _state_of(callback: Any) -> _Before:
@@ -78,8 +84,13 @@ class Evictions:
         self._current: _Replacement | None = None
         self._writes: list[_Replacement] = []
         # Real paths of evicted files whose removal waits (for the replacement's write,
-        # then for the intake thread); discarded there (see removed) or when dropped.
-        self._removing: set[str] = set()
+        # then for the intake thread), each with the evictions that wait: one name can be
+        # evicted, saved again and evicted again before the first removal ran (a template
+        # whose names repeat), and that removal, when it runs, forgets its own eviction
+        # only (see _forget). Forgotten on the intake thread, or when dropped.
+        self._removing: dict[str, set[int]] = {}
+        self._removing_lock = threading.Lock()
+        self._eviction_numbers = itertools.count(1)
 
     def save_started(self, callback: Any) -> None:
         """Lightning is about to choose and save a checkpoint: remember its state now
@@ -113,10 +124,11 @@ class Evictions:
 
     def replacement_for(
         self, evicted: str, *, wait: bool = False
-    ) -> tuple[str, BackgroundWrite] | None:
+    ) -> tuple[str, BackgroundWrite, Callable[[], None]] | None:
         """The file, and its background write, that ``evicted``'s removal must wait for,
-        if any. ``wait``: wait for that write here first (the removal then waits only if
-        the write failed)."""
+        if any, and what the removal calls once it ran (or was dropped): the eviction is
+        forgotten then. ``wait``: wait for that write here first (the removal then waits
+        only if the write failed)."""
         current = self._current
         if current is None or os.path.abspath(current.path) == os.path.abspath(evicted):
             return None
@@ -124,13 +136,24 @@ class Evictions:
             current.write.wait()
         if current.write.done() and not current.write.failed():
             return None  # written already: the removal need not wait
+        eviction = (os.path.realpath(evicted), next(self._eviction_numbers))
+        with self._removing_lock:
+            self._removing.setdefault(eviction[0], set()).add(eviction[1])
         current.evicted.append(evicted)
-        self._removing.add(os.path.realpath(evicted))
-        return current.path, current.write
+        current.removals.append(eviction)
+        return current.path, current.write, partial(self._forget, eviction)
 
-    def removed(self, evicted: str) -> None:
-        """The deferred removal of ``evicted`` ran (pipeline's intake thread)."""
-        self._removing.discard(os.path.realpath(evicted))
+    def _forget(self, eviction: tuple[str, int]) -> None:
+        """The deferred removal of one eviction ran (pipeline's intake thread), or was
+        dropped: its file is gone, or stays. Not another eviction of the same name,
+        whose removal still waits (the file there is a later save's)."""
+        path, number = eviction
+        with self._removing_lock:
+            numbers = self._removing.get(path)
+            if numbers is not None:
+                numbers.discard(number)
+                if not numbers:
+                    del self._removing[path]
 
     def evicting(self) -> bool:
         """Whether some eviction's removal still waits (see :meth:`replacement_for`)."""
@@ -144,9 +167,11 @@ class Evictions:
     def replacement_write(self, path: str) -> BackgroundWrite | None:
         """The background write the removal of the evicted file at real path ``path``
         waits for, while this callback tracks it (a write done and not failed is
-        forgotten at the next save: None then)."""
-        for replacement in self._writes:
-            if any(os.path.realpath(evicted) == path for evicted in replacement.evicted):
+        forgotten at the next save: None then). The latest eviction's: a name evicted,
+        saved again and evicted again holds the later save's file, which stays if that
+        eviction's replacement fails (and the writes finish in order)."""
+        for replacement in reversed(self._writes):
+            if any(real == path for real, _ in replacement.removals):
                 return replacement.write
         return None
 
@@ -162,8 +187,8 @@ class Evictions:
         failed = [w for w in self._writes if w.write.failed()]
         self._writes = [w for w in self._writes if not w.write.done()]
         for replacement in failed:  # their evictions are dropped: the files stay
-            for evicted in replacement.evicted:
-                self.removed(evicted)
+            for eviction in replacement.removals:
+                self._forget(eviction)
         return failed
 
 
