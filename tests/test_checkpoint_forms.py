@@ -2128,3 +2128,81 @@ def test_a_stale_removal_of_a_name_evicted_again_does_not_free_the_later_evictio
     assert checkpoint_files(tmp_path / "ours") == checkpoint_files(tmp_path / "plain") == {name}
     assert os.path.basename(ours.best_model_path) == os.path.basename(plain.best_model_path)
     assert store.keys(kind="checkpoint") == {f"checkpoints/{name}"}
+
+
+class RenamingAsyncCheckpointIO(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` whose queued task writes each checkpoint through its
+    ``checkpoint_io`` under a temporary name, then renames it into place (an atomic writer
+    of its own making). ``fail_at``: that write (1-based) finds the disk full instead, and
+    its error is kept in ``_error``, as Lightning's task keeps one."""
+
+    def __init__(self, checkpoint_io: Any, fail_at: int | None = None) -> None:
+        super().__init__(checkpoint_io)
+        self.fail_at, self.calls = fail_at, 0
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self._ensure_setup()
+        self.calls += 1
+        failing = self.calls == self.fail_at
+        checkpoint = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+
+        def write() -> None:
+            try:
+                if failing:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                temporary = f"{path}.tmp"
+                assert self.checkpoint_io is not None
+                self.checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options)
+                os.replace(temporary, path)
+            except BaseException as error:
+                self._error = error
+
+        assert self._executor is not None
+        self._executor.submit(write)
+        if self._error:
+            raise self._error
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["writes", "write-fails"])
+def test_an_async_checkpoint_io_subclass_writing_under_another_name_is_followed(
+    tmp_path: Path, fails: bool
+) -> None:
+    """A subclass of AsyncCheckpointIO whose task writes the file under a temporary name and
+    renames it: the write of the save's path never reached the callback's notifier, so its
+    staging waited for good, and training with it (the next rewrite of last.ckpt waited
+    for that staging) hung without a word where ModelCheckpoint ends at once. The task
+    queued for the save is followed now: once it ended, the file is there (persisted) or
+    its error fails the job, and the checkpoint evicted in its favour is kept."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=1)
+    # Saves per step: the top-1 file, then last.ckpt; the 5th is step 3's top-1 file.
+    io = RenamingAsyncCheckpointIO(TorchCheckpointIO(), fail_at=5 if fails else None)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4, plugins=[io])
+    outcome: list[BaseException | None] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0, 6.0]), loader(4))
+        except BaseException as error:
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    fitting = threading.Thread(target=fit, daemon=True)
+    fitting.start()
+    fitting.join(120)  # a bound on a hang only: the fit ends in about a second
+    assert not fitting.is_alive(), "training hung waiting for the subclass's write"
+    assert not list(dirpath.glob("*.tmp"))
+    if not fails:
+        assert outcome == [None]
+        assert callback.persistence_stats.failed == 0
+        assert_store_equals_lightning(store, callback)
+        return
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC
+    # Step 3's write failed: step 2, evicted in its favour, stays, file and artifact.
+    assert (dirpath / "epoch=0-step=2.ckpt").is_file()
+    assert not (dirpath / "epoch=0-step=3.ckpt").exists()
+    assert "checkpoints/epoch=0-step=2.ckpt" in store.keys(kind="checkpoint")
+    assert "checkpoints/epoch=0-step=3.ckpt" not in store.keys(kind="checkpoint")
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")

@@ -231,15 +231,35 @@ class PendingWrites:
 
 
 class _TrackingCheckpointIO(_WrappingCheckpointIO):
-    """Outside the trainer's CheckpointIO: begins a write at each ``save_checkpoint``."""
+    """Outside the trainer's CheckpointIO: begins a write at each ``save_checkpoint``.
 
-    def __init__(self, checkpoint_io: CheckpointIO, tracker: WriteTracker) -> None:
+    ``queue``: the one ``AsyncCheckpointIO`` of the chain, whose executor's task of each
+    write is followed too (:class:`_FollowedExecutor`): a subclass of it that writes
+    otherwise than through its ``checkpoint_io`` with the save's path (to a temporary
+    name it renames, say) never reaches the notifier, and its write would be waited for
+    for good.
+    """
+
+    def __init__(
+        self, checkpoint_io: CheckpointIO, tracker: WriteTracker, queue: Any = None
+    ) -> None:
         super().__init__(checkpoint_io)
         self.tracker = tracker
+        self.queue = queue
 
     @override
     def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
         write = self.tracker.begin(_path_argument(args, kwargs))
+        queue = self.queue
+        executor = None
+        if queue is not None and _function(queue, "save_checkpoint") is not _LIGHTNINGS_QUEUE_SAVE:
+            with contextlib.suppress(Exception):
+                queue._ensure_setup()
+                executor = queue.__dict__.get("_executor")
+        followed = None
+        if executor is not None:
+            followed = _FollowedExecutor(executor, self.tracker, write, queue)
+            queue._executor = followed
         try:
             super().save_checkpoint(*args, **kwargs)
         except BaseException as error:
@@ -248,6 +268,13 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
             if error is not getattr(self.checkpoint_io, "_error", None):
                 self.tracker.drop(write)
             raise
+        finally:
+            if followed is not None and queue.__dict__.get("_executor") is followed:
+                queue._executor = executor
+        if followed is not None and not followed.submitted:
+            # Nothing was queued: the subclass wrote (or not) on its own, as a synchronous
+            # CheckpointIO does; the file is looked at now, as for one.
+            self.tracker.finish(write, None)
 
     @override
     def teardown(self) -> None:
@@ -256,9 +283,45 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
 
     def __getattr__(self, name: str) -> Any:
         # Attributes of the wrapped CheckpointIO (``_error``, ...) stay reachable.
-        if name.startswith("__") or name in ("_checkpoint_io", "tracker"):
+        if name.startswith("__") or name in ("_checkpoint_io", "tracker", "queue"):
             raise AttributeError(name)
         return getattr(self._checkpoint_io, name)
+
+
+_LIGHTNINGS_QUEUE_SAVE = AsyncCheckpointIO.save_checkpoint
+
+
+class _FollowedExecutor:
+    """Stands in for a subclass of ``AsyncCheckpointIO``'s executor during one
+    ``save_checkpoint``: the task it queues finishes ``write`` once it returned (with its
+    error, or the one it left in ``_error``), if the notifier did not finish it first."""
+
+    def __init__(self, executor: Any, tracker: WriteTracker, write: _Write, queue: Any) -> None:
+        self._executor, self._tracker, self._write, self._queue = executor, tracker, write, queue
+        self.submitted = False
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        before = getattr(self._queue, "_error", None)
+        future = self._executor.submit(*args, **kwargs)
+        self.submitted = True
+        write, tracker, queue = self._write, self._tracker, self._queue
+
+        def ended(done: Any) -> None:
+            if write.done.is_set():
+                return  # the notifier finished it (the task wrote through checkpoint_io)
+            error = None if done.cancelled() else done.exception()
+            if error is None:
+                after = getattr(queue, "_error", None)
+                error = after if after is not before else None
+            if done.cancelled():
+                error = _NeverStarted(f"the write of {write.path} never started")
+            tracker.finish(write, error)
+
+        future.add_done_callback(ended)
+        return future
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor, name)
 
 
 class _WriteNotifier(CheckpointIO):
@@ -318,7 +381,10 @@ def compose(strategy: Any) -> WriteTracker | None:
         return None
     tracker = WriteTracker()
     innermost._checkpoint_io = _WriteNotifier(writer, tracker)
-    strategy.checkpoint_io = _TrackingCheckpointIO(io, tracker)
+    # Only the queue of a single AsyncCheckpointIO is followed: an outer one's task of a
+    # chain of them ends before the inner one wrote.
+    queue = asynchronous[0] if len(asynchronous) == 1 else None
+    strategy.checkpoint_io = _TrackingCheckpointIO(io, tracker, queue)
     return tracker
 
 
