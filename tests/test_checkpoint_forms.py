@@ -2206,3 +2206,23 @@ def test_an_async_checkpoint_io_subclass_writing_under_another_name_is_followed(
     assert "checkpoints/epoch=0-step=2.ckpt" in store.keys(kind="checkpoint")
     assert "checkpoints/epoch=0-step=3.ckpt" not in store.keys(kind="checkpoint")
     assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
+
+
+def test_async_write_beside_an_async_checkpoint_io_names_the_users_plugin_when_it_declines(
+    tmp_path: Path,
+) -> None:
+    """``async_write=True`` with ``AsyncCheckpointIO(FolderCheckpointIO())`` writes
+    synchronously (through the plugin) and warns: the warning named the callback's own
+    wrapper (``_TrackingCheckpointIO``), a class the user never saw; it names the chain the
+    user gave now. The folders persist as with the plugin alone."""
+    store = MemoryStore()
+    callback = _folder_callback(store, tmp_path / "ckpts", async_write=True)
+    trainer = make_trainer(
+        tmp_path, [callback], max_steps=3, plugins=[AsyncCheckpointIO(FolderCheckpointIO())]
+    )
+    with pytest.warns(UserWarning, match="needs the default TorchCheckpointIO") as warned:
+        trainer.fit(TinyModel(scores=SCORES), loader(3))
+    message = next(str(w.message) for w in warned if "async_write" in str(w.message))
+    assert "with AsyncCheckpointIO(FolderCheckpointIO)." in message, message
+    assert "_Tracking" not in message and "_WriteNotifier" not in message
+    assert_store_equals_lightning(store, callback)

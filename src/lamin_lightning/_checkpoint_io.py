@@ -407,6 +407,17 @@ def release(strategy: Any, tracker: WriteTracker | None) -> None:
     strategy.checkpoint_io = original
 
 
+def describe(io: Any) -> str:
+    """The user's CheckpointIO chain as it was given (``AsyncCheckpointIO(YourIO)``), without
+    the wrappers :func:`compose` puts around and inside an ``AsyncCheckpointIO``."""
+    names = [
+        type(layer).__name__
+        for layer in _chain(io)
+        if not isinstance(layer, _TrackingCheckpointIO | _WriteNotifier)
+    ]
+    return "(".join(names) + ")" * (len(names) - 1)
+
+
 def _chain(io: Any) -> Iterator[Any]:
     """``io`` and every CheckpointIO it wraps, outermost first."""
     seen: set[int] = set()
@@ -450,7 +461,7 @@ def _normal(path: Any) -> str:
     return os.path.abspath(os.fspath(path)) if path is not None else ""
 
 
-__all__ = ["SYNCHRONOUS_ATTRIBUTE", "WriteTracker", "compose", "release"]
+__all__ = ["SYNCHRONOUS_ATTRIBUTE", "WriteTracker", "compose", "describe", "release"]
 
 
 _OWN_CODE = ("lightning.", "lightning_fabric.", "pytorch_lightning.", "lamin_lightning.")

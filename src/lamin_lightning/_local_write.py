@@ -1105,8 +1105,15 @@ def async_write_supported(trainer: Any) -> tuple[bool, str]:
     return False, (
         f"async_write=True needs the default TorchCheckpointIO and a single-device or"
         f" DDP strategy; this trainer has {type(strategy).__name__} with"
-        f" {type(strategy.checkpoint_io).__name__}. Writing checkpoints synchronously."
+        f" {_describe_checkpoint_io(strategy.checkpoint_io)}. Writing checkpoints"
+        " synchronously."
     )
+
+
+def _describe_checkpoint_io(io: Any) -> str:
+    from lamin_lightning._checkpoint_io import describe
+
+    return describe(io)
 
 
 def snapshot_checkpoint(
