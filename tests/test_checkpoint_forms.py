@@ -2226,3 +2226,52 @@ def test_async_write_beside_an_async_checkpoint_io_names_the_users_plugin_when_i
     assert "with AsyncCheckpointIO(FolderCheckpointIO)." in message, message
     assert "_Tracking" not in message and "_WriteNotifier" not in message
     assert_store_equals_lightning(store, callback)
+
+
+class FailsBeforeTheSaveReturns(AsyncCheckpointIO):
+    """Lightning's AsyncCheckpointIO around a :class:`FailingHeldWrite`, whose failing write
+    it lets go once queued, and waits until its task ended: the failure is over after the
+    write was queued and before the save returns (before Lightning links last.ckpt)."""
+
+    def __init__(self, io: FailingHeldWrite, name: str) -> None:
+        super().__init__(io)
+        self.io, self.name = io, name
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        if Path(path).name == self.name:
+            self.io.gate.set()
+            # One writer thread, in order: once this is done, the failed write is over.
+            assert self._executor is not None
+            self._executor.submit(lambda: None).result(60)
+            assert self._error is not None
+
+
+def test_a_last_link_never_names_a_checkpoint_whose_late_write_failed_and_left_part_of_it(
+    tmp_path: Path,
+) -> None:
+    """save_last="link", top 1, through AsyncCheckpointIO: step 3's write fails on a full
+    disk after it was queued and before Lightning links last.ckpt to it, leaving part of
+    its file (a user's CheckpointIO that writes in place). Lightning's state was put back
+    as for a write that left nothing only when the file was missing: a file there counted
+    as the rewrite of a name in use, so ``_last_checkpoint_saved`` kept naming it and
+    last.ckpt was linked to the cut-short file (``ckpt_path="last"`` could not load it).
+    Only a name in use before the save counts as a rewrite now: last.ckpt links to step 2."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    io = FailingHeldWrite("*", nth=3, partial=True)
+    callback = _folder_callback(store, dirpath, save_top_k=1, save_last="link")
+    trainer = make_trainer(
+        tmp_path,
+        [callback],
+        max_steps=3,
+        plugins=[FailsBeforeTheSaveReturns(io, "epoch=0-step=3.ckpt")],
+    )
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+
+    last = dirpath / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=2.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
+    assert "checkpoints/epoch=0-step=2.ckpt" in store.keys(kind="checkpoint")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import re
 import threading
 import weakref
@@ -75,7 +76,7 @@ from lamin_lightning._local_write import (
     async_write_supported,
     storage_keys,
 )
-from lamin_lightning._names import taken_in, wait_until_written
+from lamin_lightning._names import being_written, taken_in, wait_until_written
 from lamin_lightning._options import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -639,6 +640,14 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             # preparation afterwards could only free buffers of tensors it does not know
             # (a callback's state, say), which the next snapshot would make again.
             self._snapshots_prepared = True
+        # Whether this save rewrites a file in use (there, or still being written there):
+        # if its background (or late) write fails, what is at the path then is the
+        # previous file, not part of this one.
+        rewrite = (
+            trainer.is_global_zero
+            and (background or self._io_writes is not None)
+            and (os.path.lexists(filepath) or being_written(filepath))
+        )
         put_back: Callable[[bool], None] | None = None
         if trainer.is_global_zero and not background:
             # A background write replaces the file atomically, after the previous one was
@@ -699,7 +708,12 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             raise
         if write is not None or io_write is not None:
             # Evictions in this file's favour wait for it (and are dropped if it fails).
-            self._evictions.wrote(self, filepath, write or io_write)  # type: ignore[arg-type]
+            self._evictions.wrote(
+                self,
+                filepath,
+                write or io_write,  # type: ignore[arg-type]
+                rewrite=rewrite,
+            )
         if self.log_stats:
             log_persistence_stats(trainer, self.persistence_stats)
         self._persist_outside_a_stage()

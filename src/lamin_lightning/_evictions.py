@@ -65,6 +65,10 @@ class _Replacement:
     evicted: list[str] = field(default_factory=list)
     # Each eviction's entry in ``Evictions._removing``: (real path, eviction number).
     removals: list[tuple[str, int]] = field(default_factory=list)
+    # Whether a file was at ``path`` when the save began (a rewrite of a name in use): if
+    # the write fails, the file there is the previous one. Otherwise one there now is what
+    # the failed write left of its own (a writer that writes in place, cut short).
+    rewrite: bool = True
 
 
 def _state_of(callback: Any) -> _Before:
@@ -115,10 +119,13 @@ class Evictions:
         """A new file is being saved: evictions from now on are made in its favour."""
         self._current = None
 
-    def wrote(self, callback: Any, path: str, write: BackgroundWrite) -> None:
-        """``path`` is being written in the background by ``write``."""
+    def wrote(
+        self, callback: Any, path: str, write: BackgroundWrite, *, rewrite: bool = True
+    ) -> None:
+        """``path`` is being written in the background by ``write``; ``rewrite``: a file
+        was there when the save began."""
         before = self._before if self._before is not None else _state_of(callback)
-        self._current = _Replacement(path, write, before)
+        self._current = _Replacement(path, write, before, rewrite=rewrite)
         self._writes = [w for w in self._writes if not w.write.done() or w.write.failed()]
         self._writes.append(self._current)
 
@@ -206,10 +213,13 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
         for evicted in replacement.evicted:
             if os.path.exists(evicted) and evicted in before.best_k_models:
                 callback.best_k_models.setdefault(evicted, before.best_k_models[evicted])
-        if getattr(callback, "_last_checkpoint_saved", None) == path and not os.path.exists(path):
+        # A file there now holds what it held before this save only if one was there then;
+        # else it is what the failed write left (part of a file), never a checkpoint.
+        kept = replacement.rewrite and os.path.exists(path)
+        if getattr(callback, "_last_checkpoint_saved", None) == path and not kept:
             previous = before.last_saved
             callback._last_checkpoint_saved = previous if os.path.exists(previous or "") else ""
-        if os.path.exists(path):
+        if kept:
             # A rewrite of a name in use (last.ckpt, or top-k reusing the name of the
             # checkpoint it evicted): the file still holds what it held before this save,
             # with the score it had then, or is no top-k checkpoint at all.
