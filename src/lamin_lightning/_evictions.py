@@ -96,6 +96,10 @@ class Evictions:
         self._removing_lock = threading.Lock()
         self._eviction_numbers = itertools.count(1)
 
+    def __reduce__(self) -> tuple[type[Evictions], tuple[()]]:
+        # A fit's bookkeeping (and its lock): a pickled or copied callback starts afresh.
+        return (Evictions, ())
+
     def save_started(self, callback: Any) -> None:
         """Lightning is about to choose and save a checkpoint: remember its state now
         (``callback`` None: nothing will be written in the background, nothing to keep)."""
