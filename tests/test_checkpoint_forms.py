@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -2275,3 +2276,69 @@ def test_a_last_link_never_names_a_checkpoint_whose_late_write_failed_and_left_p
     assert torch.load(last, weights_only=False)["global_step"] == 2
     assert callback.best_model_path == str(dirpath / "epoch=0-step=2.ckpt")
     assert "checkpoints/epoch=0-step=2.ckpt" in store.keys(kind="checkpoint")
+
+
+class OwnPoolAsyncCheckpointIO(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` that queues each write on a thread pool of its own
+    (``_pool``, not Lightning's ``_executor``), through its ``checkpoint_io``."""
+
+    def __init__(self, checkpoint_io: Any) -> None:
+        super().__init__(checkpoint_io)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        assert self.checkpoint_io is not None
+        self._pool.submit(self.checkpoint_io.save_checkpoint, checkpoint, path, storage_options)
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True)
+        super().teardown()
+
+
+class TwoTaskAsyncCheckpointIO(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` that queues two tasks per save on its executor: one
+    that prepares the checkpoint (a copy of its tensors), then one that writes it through
+    its ``checkpoint_io``."""
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self._ensure_setup()
+        assert self._executor is not None and self.checkpoint_io is not None
+        prepared: dict[str, Any] = {}
+        self._executor.submit(prepared.update, checkpoint=dict(checkpoint))
+        self._executor.submit(
+            lambda: self.checkpoint_io.save_checkpoint(  # type: ignore[union-attr]
+                prepared["checkpoint"], path, storage_options
+            )
+        )
+
+
+@pytest.mark.parametrize("plugin", [OwnPoolAsyncCheckpointIO, TwoTaskAsyncCheckpointIO])
+def test_an_async_checkpoint_io_subclass_write_counts_once_its_file_is_written(
+    tmp_path: Path, plugin: type[AsyncCheckpointIO]
+) -> None:
+    """A subclass of AsyncCheckpointIO that queues its write on a pool of its own, or that
+    queues a task before the one that writes: its write counted as done when it returned
+    (nothing queued on ``_executor``) or once the first task ended, with the file not yet
+    written (the name given back, its staging free to read a file not there). It counts
+    once the file is written, as for Lightning's own."""
+    from lamin_lightning import _names
+
+    store = MemoryStore()
+    gated = GatedCheckpointIO()
+    seen: list[tuple[str, bool]] = []
+
+    class WhileHeld(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2 and not gated.gate.is_set():
+                first = tmp_path / "ckpts" / "epoch=0-step=1.ckpt"
+                seen.append((first.name, _names.name_taken(first)))
+                gated.gate.set()
+
+    callback = _folder_callback(store, tmp_path / "ckpts")
+    trainer = make_trainer(tmp_path, [WhileHeld(), callback], max_steps=3, plugins=[plugin(gated)])
+    trainer.fit(TinyModel(scores=SCORES), loader(3))
+
+    assert gated.first_write_waited is True
+    assert seen == [("epoch=0-step=1.ckpt", True)]
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)

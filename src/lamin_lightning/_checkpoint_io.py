@@ -30,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -234,7 +235,7 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
     """Outside the trainer's CheckpointIO: begins a write at each ``save_checkpoint``.
 
     ``queue``: the one ``AsyncCheckpointIO`` of the chain, whose executor's task of each
-    write is followed too (:class:`_FollowedExecutor`): a subclass of it that writes
+    write is followed too (:class:`_FollowedSave`): a subclass of it that writes
     otherwise than through its ``checkpoint_io`` with the save's path (to a temporary
     name it renames, say) never reaches the notifier, and its write would be waited for
     for good.
@@ -251,17 +252,17 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
     def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
         write = self.tracker.begin(_path_argument(args, kwargs))
         queue = self.queue
-        executor = None
+        followed = None
         if queue is not None and _function(queue, "save_checkpoint") is not _LIGHTNINGS_QUEUE_SAVE:
             with contextlib.suppress(Exception):
                 queue._ensure_setup()
-                executor = queue.__dict__.get("_executor")
-        followed = None
-        if executor is not None:
-            followed = _FollowedExecutor(executor, self.tracker, write, queue)
-            queue._executor = followed
+            followed = _FollowedSave(self.tracker, write, queue)
+        raised = True
         try:
+            if followed is not None:
+                followed.follow()
             super().save_checkpoint(*args, **kwargs)
+            raised = False
         except BaseException as error:
             # AsyncCheckpointIO queues the write, then raises an earlier write's error (kept
             # in ``_error``): this write still happens, and is followed (handed_over).
@@ -269,12 +270,8 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
                 self.tracker.drop(write)
             raise
         finally:
-            if followed is not None and queue.__dict__.get("_executor") is followed:
-                queue._executor = executor
-        if followed is not None and not followed.submitted:
-            # Nothing was queued: the subclass wrote (or not) on its own, as a synchronous
-            # CheckpointIO does; the file is looked at now, as for one.
-            self.tracker.finish(write, None)
+            if followed is not None:
+                followed.close(raised)
 
     @override
     def teardown(self) -> None:
@@ -291,33 +288,100 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
 _LIGHTNINGS_QUEUE_SAVE = AsyncCheckpointIO.save_checkpoint
 
 
-class _FollowedExecutor:
-    """Stands in for a subclass of ``AsyncCheckpointIO``'s executor during one
-    ``save_checkpoint``: the task it queues finishes ``write`` once it returned (with its
-    error, or the one it left in ``_error``), if the notifier did not finish it first."""
+class _FollowedSave:
+    """One ``save_checkpoint`` of a subclass of ``AsyncCheckpointIO``: each executor it
+    holds (Lightning's ``_executor``, or a pool of its own) stands in a
+    :class:`_FollowedExecutor` meanwhile, and ``write`` finishes once every task it queued
+    ended (with the first error one raised, or left in ``_error``), if the notifier did
+    not finish it first. Nothing queued: the subclass wrote (or not) on its own, as a
+    synchronous CheckpointIO does, and the file is looked at at once."""
 
-    def __init__(self, executor: Any, tracker: WriteTracker, write: _Write, queue: Any) -> None:
-        self._executor, self._tracker, self._write, self._queue = executor, tracker, write, queue
+    def __init__(self, tracker: WriteTracker, write: _Write, queue: Any) -> None:
+        self._tracker, self._write, self._queue = tracker, write, queue
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._swapped: dict[str, Any] = {}
         self.submitted = False
 
-    def submit(self, *args: Any, **kwargs: Any) -> Any:
-        before = getattr(self._queue, "_error", None)
-        future = self._executor.submit(*args, **kwargs)
-        self.submitted = True
-        write, tracker, queue = self._write, self._tracker, self._queue
+    def follow(self) -> None:
+        """Put a followed stand-in in place of each executor the queue holds."""
+        for name, value in list(vars(self._queue).items()):
+            if isinstance(value, Executor):
+                followed = _FollowedExecutor(value, self)
+                setattr(self._queue, name, followed)
+                self._swapped[name] = followed
 
-        def ended(done: Any) -> None:
-            if write.done.is_set():
-                return  # the notifier finished it (the task wrote through checkpoint_io)
-            error = None if done.cancelled() else done.exception()
-            if error is None:
+    def close(self, raised: bool) -> None:
+        """``save_checkpoint`` returned (or raised): no more tasks are queued for it."""
+        for name, followed in self._swapped.items():
+            if vars(self._queue).get(name) is followed:
+                setattr(self._queue, name, followed._executor)
+        with self._lock:
+            self._closed = True
+            last = self._pending == 0
+        if self.submitted:
+            if last:
+                self._finish()
+        elif raised:
+            self._tracker.drop(self._write)  # nothing queued: nothing writes it later
+        else:
+            self._tracker.finish(self._write, None)
+
+    def task(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as queued: an error it leaves in ``_error`` (on the writer's thread,
+        when it ran) fails the write."""
+        queue = self._queue
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            before = getattr(queue, "_error", None)
+            try:
+                return fn(*args, **kwargs)
+            finally:
                 after = getattr(queue, "_error", None)
-                error = after if after is not before else None
-            if done.cancelled():
-                error = _NeverStarted(f"the write of {write.path} never started")
-            tracker.finish(write, error)
+                if after is not None and after is not before:
+                    self._failed(after)
 
-        future.add_done_callback(ended)
+        return run
+
+    def queued(self, future: Any) -> None:
+        with self._lock:
+            self._pending += 1
+            self.submitted = True
+        future.add_done_callback(self._ended)
+
+    def _failed(self, error: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+
+    def _ended(self, future: Any) -> None:
+        if future.cancelled():
+            self._failed(_NeverStarted(f"the write of {self._write.path} never started"))
+        elif future.exception() is not None:
+            self._failed(future.exception())
+        with self._lock:
+            self._pending -= 1
+            last = self._closed and self._pending == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._write.done.is_set():  # else the notifier finished it (through checkpoint_io)
+            self._tracker.finish(self._write, self._error)
+
+
+class _FollowedExecutor:
+    """Stands in for an executor of a subclass of ``AsyncCheckpointIO`` during one
+    ``save_checkpoint``: what it queues is followed by ``save`` (:class:`_FollowedSave`)."""
+
+    def __init__(self, executor: Any, save: _FollowedSave) -> None:
+        self._executor, self._save = executor, save
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        future = self._executor.submit(self._save.task(fn), *args, **kwargs)
+        self._save.queued(future)
         return future
 
     def __getattr__(self, name: str) -> Any:
