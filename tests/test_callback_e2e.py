@@ -1333,3 +1333,42 @@ def test_a_hook_raising_a_base_exception_at_the_emergency_save_leaves_the_crash_
     assert len(emergency) == 1, sorted(p.name for p in dirpath.glob("*.ckpt"))
     assert key(emergency[0].name) in store.keys(kind="checkpoint")
     assert _pending_records(dirpath) == []
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["ours", "ModelCheckpoint"])
+def test_a_system_exit_while_the_emergency_checkpoint_is_written_ends_the_fit_as_asked(
+    reference: bool, tmp_path: Path
+) -> None:
+    """Training crashes and ``save_on_exception`` saves; while its file is written (a slow
+    disk) the user's SIGTERM handler calls ``sys.exit(3)``. It goes out of
+    ModelCheckpoint's ``on_exception``, and ``fit`` raises it: the process ends as asked.
+    Ours logged it as a failure of the save since 0b014f3 (meant for our hooks), waited
+    for the uploads and raised the crash: exit status 1, and a script that catches the
+    crash (a sweep going on to its next run) went on. It goes on now, as with
+    ModelCheckpoint (and as it did with ``async_write``, whose write runs later)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class ExitMidWrite(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            if checkpoint["global_step"] == 3:  # the emergency save: a signal handler exits
+                raise SystemExit(3)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    options: dict[str, Any] = {
+        "dirpath": tmp_path / "ckpt",
+        "save_top_k": -1,
+        "every_n_train_steps": 2,
+        "save_on_exception": True,
+    }
+    callback = (
+        ModelCheckpoint(**options) if reference else MemoryCheckpoint(MemoryStore(), **options)
+    )
+    sigterm = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tmp_path, [callback], max_steps=6, plugins=[ExitMidWrite()])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            trainer.fit(TinyModel(fail_at_step=3), loader(6))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert exited.value.code == 3

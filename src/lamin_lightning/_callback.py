@@ -267,6 +267,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._evictions = Evictions()
         self._save_depth = 0  # inside Lightning's save hooks (which surface failures first)
         self._saving_on_exception = False
+        # What stopped the file's write at the emergency save (see on_exception).
+        self._write_stopped: BaseException | None = None
         # See _removes_as_lightning and _rewrites_by_rename.
         self._plain_removal: tuple[Any, Any, bool, bool] | None = None
 
@@ -528,12 +530,18 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 super().on_exception(trainer, pl_module, exception)
             except KeyboardInterrupt:
                 raise  # Ctrl+C: see below
-            except BaseException:
-                # SystemExit too (a hook of the user's, the feature hook say): the crash
-                # is what fit raises, after Lightning's handling of it ran to its end.
+            except BaseException as error:
+                if error is self._write_stopped:
+                    # SystemExit while the file was written (a SIGTERM handler's
+                    # sys.exit, a hook of Lightning's): it goes on, as it goes out of
+                    # ModelCheckpoint's save (and out of our write below, async_write).
+                    raise
+                # SystemExit too (a hook of ours, the feature hook say): the crash is
+                # what fit raises, after Lightning's handling of it ran to its end.
                 log.exception("saving a checkpoint on exception failed")
             finally:
                 self._saving_on_exception = False
+                self._write_stopped = None
             # The checkpoints Lightning saved are on disk when fit returns, as
             # ModelCheckpoint writes them: a background write not done yet is finished
             # here (after Ctrl+C too, which does not wait for uploads). In a script the
@@ -670,7 +678,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 super()._save_checkpoint(trainer, filepath)
                 if self._io_writes is not None:
                     io_write = self._io_writes.waiter(filepath, since)
-        except BaseException:
+        except BaseException as error:
+            if self._saving_on_exception and not isinstance(error, Exception):
+                self._write_stopped = error  # not one of our hooks': see on_exception
             queued = self._io_writes.waiter(filepath, since) if self._io_writes else None
             if queued is not None and queued.handed_over():
                 # AsyncCheckpointIO raised an earlier write's error after queuing this one:
