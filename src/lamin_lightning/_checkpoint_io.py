@@ -303,7 +303,7 @@ class _FollowedSave:
         self._closed = False
         self._error: BaseException | None = None
         self._swapped: dict[str, Any] = {}
-        self.submitted = False
+        self._submitted = False
 
     def follow(self) -> None:
         """Put a followed stand-in in place of each executor the queue holds."""
@@ -321,7 +321,7 @@ class _FollowedSave:
         with self._lock:
             self._closed = True
             last = self._pending == 0
-        if self.submitted:
+        if self._submitted:
             if last:
                 self._finish()
         elif raised:
@@ -348,7 +348,7 @@ class _FollowedSave:
     def queued(self, future: Any) -> None:
         with self._lock:
             self._pending += 1
-            self.submitted = True
+            self._submitted = True
         future.add_done_callback(self._ended)
 
     def _failed(self, error: BaseException) -> None:
