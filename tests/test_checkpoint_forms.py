@@ -2342,3 +2342,51 @@ def test_an_async_checkpoint_io_subclass_write_counts_once_its_file_is_written(
     assert seen == [("epoch=0-step=1.ckpt", True)]
     assert callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+class GatedRenamingAsyncCheckpointIO(RenamingAsyncCheckpointIO):
+    """:class:`RenamingAsyncCheckpointIO` whose first task waits for ``gate`` (at most
+    60 s) before it fails (``fail_at=1``)."""
+
+    def __init__(self, checkpoint_io: Any) -> None:
+        super().__init__(checkpoint_io, fail_at=1)
+        self.gate = threading.Event()
+        self.first_write_waited: bool | None = None
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        if self.calls == 0:
+            self._ensure_setup()
+            assert self._executor is not None
+            self._executor.submit(self._wait)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def _wait(self) -> None:
+        self.first_write_waited = self.gate.wait(60)
+
+
+def test_an_earlier_failure_of_an_async_checkpoint_io_subclass_does_not_fail_a_later_write(
+    tmp_path: Path,
+) -> None:
+    """A subclass of AsyncCheckpointIO whose task writes under another name: its first
+    write fails (kept in ``_error``) after the second was queued. The second was counted
+    failed with the first's error (``_error`` had changed since it was queued), and its
+    file, written, was never persisted. Each task's own outcome counts now."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = _folder_callback(store, dirpath, save_top_k=1)
+    io = GatedRenamingAsyncCheckpointIO(TorchCheckpointIO())
+
+    class Open(pl.Callback):  # after step 1's saves (the top-1 file, then last.ckpt)
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 1:
+                io.gate.set()
+
+    trainer = make_trainer(tmp_path, [Open(), callback], max_steps=3, plugins=[io])
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+    assert io.first_write_waited is True
+    assert not (dirpath / "epoch=0-step=1.ckpt").exists()
+    assert "checkpoints/epoch=0-step=1.ckpt" not in store.keys(kind="checkpoint")
+    # Step 1's last.ckpt was written: persisted (a later save may have rewritten it).
+    assert (dirpath / "last.ckpt").is_file()
+    assert "checkpoints/last.ckpt" in store.keys(kind="checkpoint")
