@@ -11,7 +11,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -2390,3 +2390,40 @@ def test_an_earlier_failure_of_an_async_checkpoint_io_subclass_does_not_fail_a_l
     # Step 1's last.ckpt was written: persisted (a later save may have rewritten it).
     assert (dirpath / "last.ckpt").is_file()
     assert "checkpoints/last.ckpt" in store.keys(kind="checkpoint")
+
+
+def _save_in_a_process(checkpoint: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp"
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+class ProcessPoolAsyncCheckpointIO(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` whose executor is a process pool: the task it queues
+    (pickled to the worker process) writes the file there."""
+
+    def _ensure_setup(self) -> None:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=1)  # type: ignore[assignment]
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self._ensure_setup()
+        assert self._executor is not None
+        self._executor.submit(_save_in_a_process, checkpoint, str(path))
+
+
+def test_an_async_checkpoint_io_subclass_with_a_process_pool_is_followed(tmp_path: Path) -> None:
+    """The task a subclass queues is queued as it is on a process pool (which pickles it):
+    wrapped to read ``_error`` around it, it could not be pickled, and every write failed."""
+    store = MemoryStore()
+    callback = _folder_callback(store, tmp_path / "ckpts", save_top_k=1)
+    trainer = make_trainer(
+        tmp_path,
+        [callback],
+        max_steps=3,
+        plugins=[ProcessPoolAsyncCheckpointIO(TorchCheckpointIO())],
+    )
+    trainer.fit(TinyModel(scores=SCORES), loader(3))
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -380,7 +380,9 @@ class _FollowedExecutor:
         self._executor, self._save = executor, save
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        future = self._executor.submit(self._save.task(fn), *args, **kwargs)
+        if not isinstance(self._executor, ProcessPoolExecutor):  # (a task it pickles)
+            fn = self._save.task(fn)
+        future = self._executor.submit(fn, *args, **kwargs)
         self._save.queued(future)
         return future
 
