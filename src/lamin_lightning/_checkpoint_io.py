@@ -14,7 +14,10 @@ The callback then gives the staging step, which runs on the pipeline's intake
 thread, a wait for the writes its save began (:meth:`WriteTracker.waiter`): nothing
 is staged or hashed before its writer finished, and the training thread never
 waits for a write. A strategy that does not save through its CheckpointIO (FSDP's
-sharded checkpoints) begins no write: its files exist when the save returns.
+sharded checkpoints) begins no write: its files exist when the save returns. A
+subclass of ``AsyncCheckpointIO`` with a ``save_checkpoint`` of its own is followed by
+the tasks it queues on its executors too (:class:`_FollowedSave`): its task may write
+otherwise than through its ``checkpoint_io`` with the save's path.
 
 A CheckpointIO that looks asynchronous but is not Lightning's (its class name says
 ``Async``, or it holds an executor) is refused at ``setup`` with

@@ -14,7 +14,8 @@ once its background write finished, so:
   and that are still on disk come back, with their scores, and the best and k-th best
   are ranked again (checkpoints beyond ``save_top_k`` then are evicted as Lightning would).
 
-:class:`Evictions` keeps what that needs on the training thread (rank zero).
+:class:`Evictions` keeps what that needs on the training thread (rank zero); the
+pipeline's intake thread tells it when a deferred removal ran (under its lock).
 """
 
 from __future__ import annotations
