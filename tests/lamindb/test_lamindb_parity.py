@@ -1784,3 +1784,37 @@ def test_a_fit_resumed_with_the_other_module_continues_its_state_files_and_artif
     assert flags["epoch=0-step=2.ckpt"]["score"] == pytest.approx(0.1)
     assert flags["epoch=0-step=5.ckpt"]["score"] == pytest.approx(0.2)
     assert flags["last.ckpt"]["score"] == pytest.approx(0.2)  # current_score, as both write
+
+
+@modules()
+def test_a_run_level_conflict_at_the_first_save_keeps_that_checkpoint_with_its_flags_only(
+    ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """A model hparam conflicting with a run-level auto feature (``max_epochs=7`` against
+    the trainer's -1) raises LaminDB's ValidationError at the first save with both. The
+    reference collects run values before it creates the artifact, so its store then holds
+    nothing for that checkpoint. Ours, which loses nothing, persists the checkpoint
+    Lightning wrote without feature values: one artifact, with the flags only, and its
+    saved event (docs/migrating.md, "A conflicting run-level value raises, and that
+    checkpoint is still persisted")."""
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1)
+    with pytest.raises(
+        ln.errors.ValidationError, match="Conflicting values for feature name 'max_epochs'"
+    ):
+        fit(callback, tmp_path, steps=2, model=_MaxEpochsHparam())
+    if hasattr(callback, "flush"):
+        callback.flush(timeout=60)
+    assert run_features(ln, fresh_run) == {}  # neither run gets the conflicting values
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    if ll.__name__ == REFERENCE:
+        assert stored == {}
+        assert callback.last_checkpoint_artifact is None
+        return
+    assert set(stored) == {"epoch=0-step=1.ckpt"}
+    artifact = stored["epoch=0-step=1.ckpt"]
+    assert single(artifact_features(ln, artifact)) == {
+        "is_best_model": True,
+        "is_last_model": True,
+    }
+    assert callback.last_checkpoint_artifact is not None
+    assert callback.last_checkpoint_artifact.id == artifact.id
