@@ -215,10 +215,11 @@ def test_a_crash_gives_the_trainer_its_checkpoint_io_back(tmp_path: Path) -> Non
     assert_store_equals_lightning(store, callback)
 
 
-def test_an_async_checkpoint_io_write_holds_its_name_until_it_is_written(tmp_path: Path) -> None:
-    """A write AsyncCheckpointIO still holds takes its name, as a background write of ours
-    does: a replay in this process (a later fit after a Ctrl+C) waits for it instead of
-    judging a file still being written, and the name is given back once written."""
+def _fit_holding_the_first_write(
+    tmp_path: Path, plugin: Callable[[Any], Any]
+) -> tuple[MemoryStore, Any, GatedCheckpointIO, list[tuple[str, bool]]]:
+    """Three steps under ``plugin(GatedCheckpointIO())``, whose first write is held until
+    step 2 ended; ``seen``: whether the first checkpoint's name was taken then."""
     from lamin_lightning import _names
 
     store = MemoryStore()
@@ -233,10 +234,18 @@ def test_an_async_checkpoint_io_write_holds_its_name_until_it_is_written(tmp_pat
                 gated.gate.set()
 
     callback = _folder_callback(store, tmp_path / "ckpts")
-    trainer = make_trainer(
-        tmp_path, [WhileHeld(), callback], max_steps=3, plugins=[AsyncCheckpointIO(gated)]
-    )
+    trainer = make_trainer(tmp_path, [WhileHeld(), callback], max_steps=3, plugins=[plugin(gated)])
     trainer.fit(TinyModel(scores=SCORES), loader(3))
+    return store, callback, gated, seen
+
+
+def test_an_async_checkpoint_io_write_holds_its_name_until_it_is_written(tmp_path: Path) -> None:
+    """A write AsyncCheckpointIO still holds takes its name, as a background write of ours
+    does: a replay in this process (a later fit after a Ctrl+C) waits for it instead of
+    judging a file still being written, and the name is given back once written."""
+    from lamin_lightning import _names
+
+    store, callback, gated, seen = _fit_holding_the_first_write(tmp_path, AsyncCheckpointIO)
 
     assert gated.first_write_waited is True
     assert seen == [("epoch=0-step=1.ckpt", True)]
@@ -2321,22 +2330,7 @@ def test_an_async_checkpoint_io_subclass_write_counts_once_its_file_is_written(
     (nothing queued on ``_executor``) or once the first task ended, with the file not yet
     written (the name given back, its staging free to read a file not there). It counts
     once the file is written, as for Lightning's own."""
-    from lamin_lightning import _names
-
-    store = MemoryStore()
-    gated = GatedCheckpointIO()
-    seen: list[tuple[str, bool]] = []
-
-    class WhileHeld(pl.Callback):
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            if trainer.global_step == 2 and not gated.gate.is_set():
-                first = tmp_path / "ckpts" / "epoch=0-step=1.ckpt"
-                seen.append((first.name, _names.name_taken(first)))
-                gated.gate.set()
-
-    callback = _folder_callback(store, tmp_path / "ckpts")
-    trainer = make_trainer(tmp_path, [WhileHeld(), callback], max_steps=3, plugins=[plugin(gated)])
-    trainer.fit(TinyModel(scores=SCORES), loader(3))
+    store, callback, gated, seen = _fit_holding_the_first_write(tmp_path, plugin)
 
     assert gated.first_write_waited is True
     assert seen == [("epoch=0-step=1.ckpt", True)]
