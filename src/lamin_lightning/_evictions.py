@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -56,6 +56,15 @@ class _Before:
     last_saved: str  # Lightning's ``_last_checkpoint_saved`` (what ``save_last="link"`` links)
 
 
+class _Eviction(NamedTuple):
+    """A file evicted in favour of a background write, and its entry in
+    ``Evictions._removing`` (its real path, and this eviction's number)."""
+
+    path: str
+    real: str
+    number: int
+
+
 @dataclass
 class _Replacement:
     """A checkpoint written in the background and the files evicted in its favour."""
@@ -63,9 +72,7 @@ class _Replacement:
     path: str
     write: BackgroundWrite
     before: _Before
-    evicted: list[str] = field(default_factory=list)
-    # Each eviction's entry in ``Evictions._removing``: (real path, eviction number).
-    removals: list[tuple[str, int]] = field(default_factory=list)
+    evicted: list[_Eviction] = field(default_factory=list)
     # Whether a file was at ``path`` when the save began (a rewrite of a name in use): if
     # the write fails, the file there is the previous one. Otherwise one there now is what
     # the failed write left of its own (a writer that writes in place, cut short).
@@ -148,24 +155,22 @@ class Evictions:
             current.write.wait()
         if current.write.done() and not current.write.failed():
             return None  # written already: the removal need not wait
-        eviction = (os.path.realpath(evicted), next(self._eviction_numbers))
+        eviction = _Eviction(evicted, os.path.realpath(evicted), next(self._eviction_numbers))
         with self._removing_lock:
-            self._removing.setdefault(eviction[0], set()).add(eviction[1])
-        current.evicted.append(evicted)
-        current.removals.append(eviction)
+            self._removing.setdefault(eviction.real, set()).add(eviction.number)
+        current.evicted.append(eviction)
         return current.path, current.write, partial(self._forget, eviction)
 
-    def _forget(self, eviction: tuple[str, int]) -> None:
+    def _forget(self, eviction: _Eviction) -> None:
         """The deferred removal of one eviction ran (pipeline's intake thread), or was
         dropped: its file is gone, or stays. Not another eviction of the same name,
         whose removal still waits (the file there is a later save's)."""
-        path, number = eviction
         with self._removing_lock:
-            numbers = self._removing.get(path)
+            numbers = self._removing.get(eviction.real)
             if numbers is not None:
-                numbers.discard(number)
+                numbers.discard(eviction.number)
                 if not numbers:
-                    del self._removing[path]
+                    del self._removing[eviction.real]
 
     def evicting(self) -> bool:
         """Whether some eviction's removal still waits (see :meth:`replacement_for`)."""
@@ -183,7 +188,7 @@ class Evictions:
         saved again and evicted again holds the later save's file, which stays if that
         eviction's replacement fails (and the writes finish in order)."""
         for replacement in reversed(self._writes):
-            if any(real == path for real, _ in replacement.removals):
+            if any(eviction.real == path for eviction in replacement.evicted):
                 return replacement.write
         return None
 
@@ -199,7 +204,7 @@ class Evictions:
         failed = [w for w in self._writes if w.write.failed()]
         self._writes = [w for w in self._writes if not w.write.done()]
         for replacement in failed:  # their evictions are dropped: the files stay
-            for eviction in replacement.removals:
+            for eviction in replacement.evicted:
                 self._forget(eviction)
         return failed
 
@@ -215,7 +220,7 @@ def put_right(callback: Any, failed: list[_Replacement]) -> list[str]:
     for replacement in failed:
         path = replacement.path
         before = replacement.before
-        for evicted in replacement.evicted:
+        for evicted, _, _ in replacement.evicted:
             if os.path.exists(evicted) and evicted in before.best_k_models:
                 callback.best_k_models.setdefault(evicted, before.best_k_models[evicted])
         # A file there now holds what it held before this save only if one was there then;
