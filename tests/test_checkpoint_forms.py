@@ -2421,3 +2421,99 @@ def test_an_async_checkpoint_io_subclass_with_a_process_pool_is_followed(tmp_pat
     trainer.fit(TinyModel(scores=SCORES), loader(3))
     assert callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+class OverQuota(RuntimeError):
+    """A user's AsyncCheckpointIO's own error."""
+
+
+class QueuesThenRaises(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` whose ``at``-th save queues its write (Lightning's
+    ``save_checkpoint``) and then raises an error of its own (a quota check, say). That
+    write is held behind ``gate`` meanwhile: the file is written after the save raised."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(TorchCheckpointIO())
+        self.at, self.calls = at, 0
+        self.gate = threading.Event()
+        self.held: bool | None = None
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            self._ensure_setup()
+            assert self._executor is not None
+            self._executor.submit(self._hold)
+        super().save_checkpoint(checkpoint, path, storage_options)
+        if self.calls == self.at:
+            raise OverQuota(f"over quota after queuing {Path(path).name}")
+
+    def _hold(self) -> None:
+        self.held = self.gate.wait(60)
+
+
+class OpenOnException(pl.Callback):
+    """Opens ``io.gate`` in ``on_exception`` (before the checkpoint callbacks' own)."""
+
+    def __init__(self, io: QueuesThenRaises) -> None:
+        self.io = io
+
+    def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.io.gate.set()
+
+
+def _folder_view(dirpath: Path) -> dict[str, str]:
+    """Each checkpoint in ``dirpath``: the step it holds, or the target of a link."""
+    view = {}
+    for path in sorted(dirpath.glob("*.ckpt")):
+        if path.is_symlink():
+            view[path.name] = f"-> {os.readlink(path)}"
+        else:
+            view[path.name] = str(torch.load(path, weights_only=False)["global_step"])
+    return view
+
+
+@pytest.mark.parametrize("at", [3, 4], ids=["top-k", "rewrite-of-last"])
+def test_a_write_an_async_checkpoint_io_subclass_queued_before_raising_its_own_error_persists(
+    tmp_path: Path, at: int
+) -> None:
+    """save_last=True, top 1: a subclass of AsyncCheckpointIO queues step 2's write (the
+    top-k file, or the rewrite of last.ckpt) and then raises an error of its own. The write
+    counted as never started: the top-k file, written all the same and named by Lightning's
+    ``best_model_path``, was never persisted, and the previous last.ckpt was put back (the
+    artifact, or the file, held step 1 where ModelCheckpoint leaves step 2). A save that
+    queued a task is followed whatever it raised: the folder is ModelCheckpoint's, and the
+    store holds each file in it as it is."""
+    options: dict[str, Any] = {
+        "monitor": "score",
+        "mode": "min",
+        "save_top_k": 1,
+        "save_last": True,
+        "every_n_train_steps": 1,
+    }
+    views = {}
+    for kind in ("plain", "ours"):
+        store = MemoryStore()
+        dirpath = tmp_path / kind
+        callback: ModelCheckpoint = (
+            ModelCheckpoint(dirpath=dirpath, **options)
+            if kind == "plain"
+            else MemoryCheckpoint(store, dirpath=dirpath, **options)
+        )
+        io = QueuesThenRaises(at)
+        trainer = make_trainer(
+            tmp_path / f"root-{kind}", [OpenOnException(io), callback], max_steps=3, plugins=[io]
+        )
+        with pytest.raises(OverQuota):
+            trainer.fit(TinyModel(scores=[5.0, 4.0, 3.0]), loader(3))
+        assert io.held is True
+        views[kind] = (
+            _folder_view(dirpath),
+            {Path(p).name for p in callback.best_k_models},
+            Path(callback.best_model_path).name,
+        )
+    assert views["ours"] == views["plain"]
+    assert views["ours"][0]["last.ckpt"] == ("2" if at == 4 else "1")
+    on_disk = {p.name: content_sha256(p) for p in (tmp_path / "ours").glob("*.ckpt")}
+    stored = {k.removeprefix("checkpoints/"): store.get(k) for k in store.keys(kind="checkpoint")}
+    assert {name: a.sha256 for name, a in stored.items() if a is not None} == on_disk

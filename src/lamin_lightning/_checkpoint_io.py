@@ -268,8 +268,11 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
             raised = False
         except BaseException as error:
             # AsyncCheckpointIO queues the write, then raises an earlier write's error (kept
-            # in ``_error``): this write still happens, and is followed (handed_over).
-            if error is not getattr(self.checkpoint_io, "_error", None):
+            # in ``_error``): this write still happens, and is followed (handed_over). A
+            # subclass's save is followed by its tasks instead, whatever it raised: one that
+            # queued a task and then raised (its own error, an earlier task's) still writes
+            # the file, and one that queued nothing is dropped (``_FollowedSave.close``).
+            if followed is None and error is not getattr(self.checkpoint_io, "_error", None):
                 self.tracker.drop(write)
             raise
         finally:
