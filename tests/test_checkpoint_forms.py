@@ -2517,3 +2517,106 @@ def test_a_write_an_async_checkpoint_io_subclass_queued_before_raising_its_own_e
     on_disk = {p.name: content_sha256(p) for p in (tmp_path / "ours").glob("*.ckpt")}
     stored = {k.removeprefix("checkpoints/"): store.get(k) for k in store.keys(kind="checkpoint")}
     assert {name: a.sha256 for name, a in stored.items() if a is not None} == on_disk
+
+
+class RenamesInAFollowUp(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` whose task writes each checkpoint under a temporary
+    name and then queues its rename as a task of its own, on ``self._executor`` as it finds
+    it then; the first task waits for ``go`` before it writes, the first rename for
+    ``gate``. ``during_next_save``: the second save opens ``go`` and waits until the first
+    task queued its rename (which it does while that save runs). Its ``teardown`` waits
+    for every task, renames included, before Lightning's shuts the executor down."""
+
+    def __init__(self, during_next_save: bool = False) -> None:
+        super().__init__(TorchCheckpointIO())
+        self.during_next_save = during_next_save
+        self.gate = threading.Event()
+        self.held: bool | None = None
+        self.tasks: list[Any] = []
+        self.go = threading.Event()
+        self.renaming = threading.Event()
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self._ensure_setup()
+        checkpoint = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+        first = not self.tasks
+        if self.during_next_save and len(self.tasks) == 1:
+            self.go.set()
+            assert self.renaming.wait(60), "the first task never queued its rename"
+
+        def rename() -> None:
+            if first:
+                self.held = self.gate.wait(60)
+            os.replace(f"{path}.tmp", path)
+
+        def write() -> None:
+            assert self.checkpoint_io is not None and self._executor is not None
+            if first:
+                assert self.go.wait(60), "the first write was never let go"
+            self.checkpoint_io.save_checkpoint(checkpoint, f"{path}.tmp", storage_options)
+            self.tasks.append(self._executor.submit(rename))
+            if first:
+                self.renaming.set()
+
+        assert self._executor is not None
+        self.tasks.append(self._executor.submit(write))
+
+    def teardown(self) -> None:
+        while not all(task.done() for task in list(self.tasks)):
+            for task in list(self.tasks):
+                task.result()
+        super().teardown()
+
+
+@pytest.mark.parametrize("during_next_save", [False, True], ids=["after", "during-next-save"])
+def test_a_follow_up_task_an_async_checkpoint_io_subclass_queues_from_its_task_is_followed(
+    tmp_path: Path, during_next_save: bool
+) -> None:
+    """A subclass of AsyncCheckpointIO whose task writes under a temporary name, then queues
+    the rename as a separate task on its executor (found on ``self`` when the task runs,
+    after the save returned): the rename was not followed (or was counted as the next
+    save's, queued while that save ran), so the write counted as done once the first task
+    ended, its name was given back and its staging found no file (the fit failed with
+    FileNotFoundError where ModelCheckpoint ends well). A task queued by a followed task
+    belongs to the same save now: the file counts once it is renamed."""
+    from lamin_lightning import _names
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    taken: list[bool] = []
+
+    class Opens(pl.Callback):
+        def __init__(self, io: RenamesInAFollowUp, dirpath: Path) -> None:
+            self.io, self.dirpath = io, dirpath
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 1 and not during_next_save:
+                self.io.go.set()  # the first save returned: its task writes now
+
+        def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            taken.append(_names.name_taken(self.dirpath / "epoch=0-step=1.ckpt"))
+            self.io.gate.set()
+
+        def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.io.gate.set()
+
+    options: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": 1}
+    plain_io = RenamesInAFollowUp(during_next_save)
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", **options)
+    make_trainer(
+        tmp_path / "plain-root",
+        [Opens(plain_io, tmp_path / "plain"), plain],
+        max_steps=3,
+        plugins=[plain_io],
+    ).fit(TinyModel(scores=SCORES), loader(3))
+    io = RenamesInAFollowUp(during_next_save)
+    callback = MemoryCheckpoint(store, dirpath=dirpath, **options)
+    trainer = make_trainer(tmp_path, [Opens(io, dirpath), callback], max_steps=3, plugins=[io])
+    trainer.fit(TinyModel(scores=SCORES), loader(3))
+
+    assert io.held is True and plain_io.held is True
+    assert taken == [False, True]  # ours: still being written, the rename pending
+    assert checkpoint_files(dirpath) == checkpoint_files(tmp_path / "plain")
+    assert not list(dirpath.glob("*.tmp"))
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)

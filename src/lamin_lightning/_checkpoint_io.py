@@ -32,6 +32,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
@@ -295,12 +296,15 @@ _LIGHTNINGS_QUEUE_SAVE = AsyncCheckpointIO.save_checkpoint
 
 
 class _FollowedSave:
-    """One ``save_checkpoint`` of a subclass of ``AsyncCheckpointIO``: each executor it
-    holds (Lightning's ``_executor``, or a pool of its own) stands in a
-    :class:`_FollowedExecutor` meanwhile, and ``write`` finishes once every task it queued
-    ended (with the first error one raised, or left in ``_error``), if the notifier did
-    not finish it first. Nothing queued: the subclass wrote (or not) on its own, as a
-    synchronous CheckpointIO does, and the file is looked at at once."""
+    """One ``save_checkpoint`` of a subclass of ``AsyncCheckpointIO``: what is queued on
+    each executor it holds (Lightning's ``_executor``, or a pool of its own) by the save
+    (on the training thread, until it returns) or by a task of the save (on the thread
+    that runs it: a write that queues its rename, or a manifest, as a task of its own,
+    whenever it runs) is followed (see :func:`_follow_submissions`), and ``write``
+    finishes once every such task ended (with the first error one raised, or left in
+    ``_error``), if the notifier did not finish it first. Nothing queued: the subclass
+    wrote (or not) on its own, as a synchronous CheckpointIO does, and the file is looked
+    at at once."""
 
     def __init__(self, tracker: WriteTracker, write: _Write, queue: Any) -> None:
         self._tracker, self._write, self._queue = tracker, write, queue
@@ -310,17 +314,26 @@ class _FollowedSave:
         self._error: BaseException | None = None
         self._swapped: dict[str, Any] = {}
         self._submitted = False
+        self._outer: _FollowedSave | None = None
 
     def follow(self) -> None:
-        """Put a followed stand-in in place of each executor the queue holds."""
+        """Follow what is queued on each executor the queue holds, from now on, by this
+        thread (until :meth:`close`) and by the tasks queued."""
         for name, value in list(vars(self._queue).items()):
-            if isinstance(value, Executor):
-                followed = _FollowedExecutor(value, self)
+            if isinstance(value, Executor) and not _follow_submissions(value):
+                # Its ``submit`` cannot be followed in place (an executor without a
+                # ``__dict__``): a stand-in meanwhile, which tasks that read the attribute
+                # when they run no longer find.
+                followed = _FollowedExecutor(value)
                 setattr(self._queue, name, followed)
                 self._swapped[name] = followed
+        self._outer = getattr(_following, "save", None)
+        _following.save = self
 
     def close(self, raised: bool) -> None:
-        """``save_checkpoint`` returned (or raised): no more tasks are queued for it."""
+        """``save_checkpoint`` returned (or raised): no more tasks are queued for it but by
+        the tasks it queued."""
+        _following.save = self._outer
         for name, followed in self._swapped.items():
             if vars(self._queue).get(name) is followed:
                 setattr(self._queue, name, followed._executor)
@@ -336,15 +349,18 @@ class _FollowedSave:
             self._tracker.finish(self._write, None)
 
     def task(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` as queued: an error it leaves in ``_error`` (on the writer's thread,
-        when it ran) fails the write."""
+        """``fn`` as queued: what it queues is this save's too, and an error it leaves in
+        ``_error`` (on the writer's thread, when it ran) fails the write."""
         queue = self._queue
 
         def run(*args: Any, **kwargs: Any) -> Any:
             before = getattr(queue, "_error", None)
+            outer = getattr(_following, "save", None)
+            _following.save = self
             try:
                 return fn(*args, **kwargs)
             finally:
+                _following.save = outer
                 after = getattr(queue, "_error", None)
                 if after is not None and after is not before:
                     self._failed(after)
@@ -378,19 +394,66 @@ class _FollowedSave:
             self._tracker.finish(self._write, self._error)
 
 
-class _FollowedExecutor:
-    """Stands in for an executor of a subclass of ``AsyncCheckpointIO`` during one
-    ``save_checkpoint``: what it queues is followed by ``save`` (:class:`_FollowedSave`)."""
+_following = threading.local()
+"""``save``: the :class:`_FollowedSave` whose ``save_checkpoint`` (training thread) or task
+(the executor's thread) runs on this thread, if any."""
 
-    def __init__(self, executor: Any, save: _FollowedSave) -> None:
-        self._executor, self._save = executor, save
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(self._executor, ProcessPoolExecutor):  # (a task it pickles)
-            fn = self._save.task(fn)
-        future = self._executor.submit(fn, *args, **kwargs)
-        self._save.queued(future)
+def _submit_followed(submit: Callable[..., Any], process_pool: bool) -> Callable[..., Any]:
+    """``submit`` (an executor's), which hands what it queues to the :class:`_FollowedSave`
+    that runs on the calling thread, if any."""
+
+    def followed_submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        save: _FollowedSave | None = getattr(_following, "save", None)
+        if save is None:
+            return submit(fn, *args, **kwargs)
+        if not process_pool:  # (a task it pickles)
+            fn = save.task(fn)
+        future = submit(fn, *args, **kwargs)
+        save.queued(future)
         return future
+
+    followed_submit.lamin_lightning_follows = True  # type: ignore[attr-defined]
+    return followed_submit
+
+
+def _follow_submissions(executor: Executor) -> bool:
+    """Follow what ``executor`` queues, for good: its ``submit`` becomes one that hands each
+    task queued by a followed save or its tasks to that save (any other goes as before;
+    the executor stays the user's object, of the user's class). False if it cannot be set."""
+    own = vars(executor).get("submit") if hasattr(executor, "__dict__") else None
+    if getattr(own, "lamin_lightning_follows", False):
+        return True
+    if own is None:
+        # The class's method, called on a weak reference: the executor holds no cycle
+        # through itself, and goes (its threads with it) as soon as its owner lets it go.
+        reference = weakref.ref(executor)
+        method = type(executor).submit
+
+        def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            target = reference()
+            if target is None:  # pragma: no cover - called through the executor itself
+                raise RuntimeError("cannot schedule new futures after the executor was collected")
+            return method(target, fn, *args, **kwargs)
+
+        own = submit
+    try:
+        executor.submit = _submit_followed(  # type: ignore[method-assign]
+            own, isinstance(executor, ProcessPoolExecutor)
+        )
+    except AttributeError:
+        return False
+    return True
+
+
+class _FollowedExecutor:
+    """Stands in for an executor of a subclass of ``AsyncCheckpointIO`` whose ``submit``
+    cannot be followed in place, during one ``save_checkpoint``: what is queued through
+    it is followed as through :func:`_follow_submissions`."""
+
+    def __init__(self, executor: Any) -> None:
+        self._executor = executor
+        self.submit = _submit_followed(executor.submit, isinstance(executor, ProcessPoolExecutor))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._executor, name)
