@@ -174,6 +174,13 @@ def main() -> None:
     parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
     parser.add_argument("--max-pending", type=int, default=4)
     parser.add_argument("--teardown-marker", type=Path, default=None)
+    # The configuration (crash_sweep.py draws these at random; the defaults are the tests').
+    parser.add_argument("--save-top-k", type=int, default=2)
+    parser.add_argument("--save-last", choices=["true", "link", "false"], default="true")
+    parser.add_argument("--every", type=int, default=1, help="every_n_train_steps")
+    parser.add_argument("--max-workers", type=int, default=2)
+    parser.add_argument("--async-write", action="store_true")
+    parser.add_argument("--scores", default=None, help="comma-separated scores, one per step")
     args = parser.parse_args()
     if args.storage:  # this run's default storage, for this process only (as users do)
         import lamindb
@@ -201,10 +208,12 @@ def main() -> None:
     callback = ll.Checkpoint(
         dirpath=args.dirpath,
         monitor="score",
-        save_top_k=2,
-        save_last=True,
-        every_n_train_steps=1,
+        save_top_k=args.save_top_k,
+        save_last={"true": True, "link": "link", "false": False}[args.save_last],
+        every_n_train_steps=args.every,
         max_pending=args.max_pending,
+        max_workers=args.max_workers,
+        async_write=args.async_write,
         flush_timeout=120,
         artifact_observers=[observer],
     )
@@ -216,13 +225,17 @@ def main() -> None:
         max_steps=args.steps,
         plugins=[KeepFiles()] if args.keep_files else None,
     )
-    model = TierModel(scores=SCORES)
+    scores = [float(v) for v in args.scores.split(",")] if args.scores else SCORES
+    model = TierModel(scores=scores)
     trainer.fit(
         model,
         datamodule=TierData(n=args.steps),
         ckpt_path="last" if args.resume else None,
     )
-    kept = sorted({Path(p).name for p in callback.best_k_models} | {"last.ckpt"})
+    kept = sorted(
+        {Path(p).name for p in callback.best_k_models}
+        | ({Path(callback.last_model_path).name} if callback.last_model_path else set())
+    )
     args.report.write_text(
         json.dumps(
             {

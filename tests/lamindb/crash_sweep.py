@@ -1,0 +1,232 @@
+"""A randomized crash sweep against a real local LaminDB instance: SIGKILL, then recovery.
+
+Each seed draws a configuration (``save_top_k``, ``save_last`` True or "link",
+``every_n_train_steps``, ``async_write``, ``max_workers``, ``max_pending``, the monitored
+scores), a step of a job to die at and how many times that step is passed first (see
+``outbox_train.kill_points``), and how to recover: ``lamin-lightning flush`` on the
+folder, or the script run again, resumed from ``last.ckpt`` (``ckpt_path="last"``).
+The training process (``outbox_train.py``) SIGKILLs itself at that point, on whichever
+thread reaches it; a drawn point it never reaches lets it finish, and the case checks an
+uninterrupted run instead.
+
+After the recovery the store must equal the checkpoint folder: one artifact per
+checkpoint file Lightning left there (a file that does not load, cut short by the kill
+in Lightning's own ``torch.save``, excepted: ``ModelCheckpoint`` leaves it too, and
+nothing was journaled for it; and a ``last.ckpt`` link, which has none, as in the
+reference), its hash the file's, none for a file that is gone, and no
+job pending in the outbox.
+
+Not collected by pytest: run it by hand, one range at a time (each case is two or
+three processes, ~15 s)::
+
+    .venv/bin/python tests/lamindb/crash_sweep.py 0 40
+    .venv/bin/python tests/lamindb/crash_sweep.py 7 8 --keep   # keep a case's folder
+
+Prints each case that fails, how many were killed, and a last line
+``done LO-HI: N/M matched``; exits 1 if any failed. Uses its own LaminDB settings,
+cache and instance in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "outbox_train.py"
+# Steps of a job a process can die right after (or before: outbox_train.BEFORE).
+STEPS = [
+    "journaled",
+    "journaled_removal",
+    "staged",
+    "transferred",
+    "committed",
+    "settled",
+    "trashed",
+    "moved_aside",
+    "replacing",
+]
+
+
+KILLED: list[int] = []  # the seeds whose first run was killed (the others ran through)
+
+
+def draw(seed: int) -> dict[str, Any]:
+    """The case of one seed: the training script's options, the kill and the recovery."""
+    r = random.Random(seed)
+    steps = r.choice([4, 6, 8])
+    save_last = r.choice(["true", "true", "link"])
+    options = [
+        "--steps",
+        str(steps),
+        "--save-top-k",
+        str(r.choice([1, 2, 3, -1])),
+        "--save-last",
+        save_last,
+        "--every",
+        str(r.choice([1, 1, 2])),
+        "--max-workers",
+        str(r.choice([1, 2])),
+        "--max-pending",
+        str(r.choice([1, 2, 4])),
+        "--scores",
+        ",".join(str(r.choice([1.0, 2.0, 3.0, 4.0, 5.0])) for _ in range(steps)),
+    ]
+    if r.random() < 0.5:
+        options.append("--async-write")
+    return {
+        "options": options,
+        "steps": steps,
+        "kill_at": r.choice(STEPS),
+        "kill_after": r.choice([1, 1, 2, 3, 5]),
+        "recovery": r.choice(["flush", "rerun"]),
+    }
+
+
+def _train(case_dir: Path, options: list[str], *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dirpath",
+            str(case_dir / "ckpt"),
+            "--marker",
+            str(case_dir / "marker"),
+            "--report",
+            str(case_dir / "report.json"),
+            *options,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _loads(path: Path) -> bool:
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return False
+    return True
+
+
+def run_case(seed: int, case_dir: Path) -> str | None:
+    """Run one seed's case; None if the store ends equal to the folder, else what differs."""
+    from lamindb_tier import assert_checkpoint_keys_persisted
+
+    import lamindb as ln
+    from lamin_lightning._journal import journal_paths, read_pending
+    from lamin_lightning._staging import staging_root
+
+    case = draw(seed)
+    killed = _train(
+        case_dir,
+        case["options"],
+        "--kill-at",
+        case["kill_at"],
+        "--kill-after",
+        str(case["kill_after"]),
+    )
+    if killed.returncode == -signal.SIGKILL:
+        KILLED.append(seed)
+    if killed.returncode not in (0, -signal.SIGKILL):
+        return f"the first run ended with {killed.returncode}:\n{killed.stdout}{killed.stderr}"
+    prefix_file = case_dir / "report.prefix"
+    if not prefix_file.exists():
+        return None if killed.returncode == -signal.SIGKILL else "no key prefix written"
+    prefix = prefix_file.read_text()
+    dirpath = case_dir / "ckpt"
+    if killed.returncode == -signal.SIGKILL:
+        if case["recovery"] == "flush":
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "lamin_lightning._cli",
+                    "flush",
+                    "--no-progress",
+                    str(dirpath),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+        else:
+            options = list(case["options"])
+            options[options.index("--steps") + 1] = str(case["steps"] + 4)
+            done = _train(case_dir, options, "--resume")
+        if done.returncode != 0:
+            return (
+                f"the {case['recovery']} ended with {done.returncode}:\n{done.stdout}{done.stderr}"
+            )
+    # A last.ckpt link (save_last="link") gets no artifact of its own (migrating.md).
+    on_disk = {
+        f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt") if not p.is_symlink() and _loads(p)
+    }
+    pending = [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
+    if pending:
+        return f"still pending in the outbox: {[(r.op, r.key) for r in pending]}"
+    try:
+        assert_checkpoint_keys_persisted(ln, prefix, on_disk)
+    except AssertionError as error:
+        return f"store != folder: {error}"
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lo", type=int)
+    parser.add_argument("hi", type=int)
+    parser.add_argument("--keep", action="store_true", help="keep each case's folder")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="crash-sweep-"))
+    os.environ["LAMIN_SETTINGS_DIR"] = str(root / "settings")
+    os.environ["LAMIN_CACHE_DIR"] = str(root / "cache")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    sys.path.insert(0, str(HERE))
+    from lamin_lightning.testing import local_instance
+
+    failed = 0
+    try:
+        with local_instance(root / "instance"):
+            import lamin_lightning as ll
+
+            ll.save_lightning_features()
+            for seed in range(args.lo, args.hi):
+                case_dir = root / f"case-{seed}"
+                case_dir.mkdir()
+                try:
+                    problem = run_case(seed, case_dir)
+                except Exception:
+                    problem = traceback.format_exc()
+                if problem is not None:
+                    failed += 1
+                    print(f"seed {seed} {draw(seed)}: {problem}", flush=True)
+                    print(f"  folder: {case_dir}", flush=True)
+                elif not args.keep:
+                    shutil.rmtree(case_dir, ignore_errors=True)
+    finally:
+        if not args.keep and not failed:
+            shutil.rmtree(root, ignore_errors=True)
+    total = args.hi - args.lo
+    print(f"killed {len(KILLED)}/{total} (the others never reached their kill point)")
+    print(f"done {args.lo}-{args.hi}: {total - failed}/{total} matched", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
