@@ -192,10 +192,10 @@ def run_fit(
         callback = fit(train, None, first_kind)
     except Exception as e:
         if "callback" not in holder:
-            return {"first": {"error": error_text(e)}}
+            return {"first": {"error": error_text(e, root)}}
         return {
             "first": {
-                "error": error_text(e),
+                "error": error_text(e, root),
                 **observe(holder["callback"], root, dirpath, store, preexisting),
             }
         }
@@ -217,15 +217,17 @@ def run_fit(
         try:
             callback2 = fit(t2, ckpt_path, kind)
         except Exception as e:
-            observed["resume"] = {"error": error_text(e)}
+            observed["resume"] = {"error": error_text(e, root)}
             return observed
         observed["resume"] = observe(callback2, root, dirpath, store, preexisting)
         observed["resumed_from"] = os.path.relpath(ckpt_path, root)
     return observed
 
 
-def error_text(e: BaseException) -> str:
+def error_text(e: BaseException, root: Path | None = None) -> str:
     text = f"{type(e).__name__}: {e}"
+    if root is not None:  # each side's folder: paths in messages compare
+        text = text.replace(str(root), "<root>")
     for name in ("MemoryCheckpoint", "Checkpoint"):
         text = text.replace(f"`{name}`", "`ModelCheckpoint`")
     return text[:300]
@@ -953,3 +955,21 @@ def test_a_link_replacing_another_callbacks_last_file_is_persisted_as_lightning_
             "outbox": attempt >= 4,
         }
         assert_same(compare(tmp_path / f"case{attempt}", **{**case, "knobs": knobs}))
+
+
+def test_a_last_link_in_a_folder_that_does_not_exist_fails_at_that_save_as_lightning_does(
+    tmp_path: Path,
+) -> None:
+    """``CHECKPOINT_NAME_LAST = "sub/last"`` with ``save_last="link"``, no checkpoint ever
+    written in ``sub/``: Lightning's link, and its fallback copy, fail there, and ``fit``
+    raises ``FileNotFoundError`` naming ``sub/last.ckpt`` at the first save. Ours raised it
+    naming a temporary link (``sub/.last.ckpt.PID.ID.link``); with async_write the link is
+    made by the thread that wrote the file, where the failure was only logged: ``fit``
+    went on to the end, with ``last_model_path`` naming a link that never existed. The
+    link's folder is now looked at on the training thread, at the save."""
+    opts = {"monitor": "val_loss", "save_top_k": 2, "save_last": "link"}
+    for attempt, async_write in enumerate([False, True]):
+        knobs = {"async_write": async_write, "max_workers": 1}
+        assert_same(
+            compare(tmp_path / f"case{attempt}", opts, T(), knobs=knobs, last_name="sub/last")
+        )

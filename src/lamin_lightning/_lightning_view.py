@@ -400,6 +400,12 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         ):
             super()._link_checkpoint(trainer, filepath, linkpath)
             return
+        pending = self._evictions.write_of(filepath) is not None
+        if _link_folder_missing(filepath, linkpath, pending):
+            # Lightning's link, and its fallback copy, fail there (a CHECKPOINT_NAME_LAST
+            # such as "sub/last" with no file ever saved in sub/): the error it raises, at
+            # this save, not on the thread that writes the file later, which only logs it.
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), linkpath)
         submitter = self._ensure_submitter()
         # A removal of the file there still waiting for its replacement's write would
         # delete the link once made (see supersede_removals).
@@ -451,6 +457,20 @@ class LightningViewCheckpoint(ReportingCheckpoint):
         for path in evict:
             self._remove_checkpoint(trainer, path)
         return len(evict)
+
+
+def _link_folder_missing(filepath: Any, linkpath: Any, write_pending: bool) -> bool:
+    """Whether the folder of ``linkpath`` does not exist, and no write of ``filepath``
+    still to come creates it: Lightning's CheckpointIO makes the folders above the file it
+    writes, so a link beside or above a file still being written (by a CheckpointIO that
+    writes late, ``AsyncCheckpointIO``) finds its folder made by then."""
+    folder = os.path.dirname(os.path.abspath(linkpath))
+    if os.path.isdir(folder):
+        return False
+    if not write_pending:
+        return True
+    above = os.path.dirname(os.path.abspath(filepath))
+    return not (above == folder or above.startswith(folder.rstrip(os.sep) + os.sep))
 
 
 def _links_to_a_file_being_written(filepath: Any) -> bool:
