@@ -973,3 +973,77 @@ def test_a_last_link_in_a_folder_that_does_not_exist_fails_at_that_save_as_light
         assert_same(
             compare(tmp_path / f"case{attempt}", opts, T(), knobs=knobs, last_name="sub/last")
         )
+
+
+def _no_room_for_last_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk with no room left for ``last.ckpt``: its link and Lightning's fallback copy
+    (also ours, made under a temporary name beside it) fail with ENOSPC."""
+    import errno
+
+    symlink, copy = os.symlink, shutil.copy
+
+    def refused(dst: Any) -> OSError:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+
+    def no_link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if "last" in os.path.basename(os.fspath(dst)):
+            raise refused(dst)
+        symlink(src, dst, *args, **kwargs)
+
+    def no_copy(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        if "last" in os.path.basename(os.fspath(dst)):
+            raise refused(dst)
+        return copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "symlink", no_link)
+    monkeypatch.setattr(shutil, "copy", no_copy)
+
+
+def test_a_last_link_that_cannot_be_made_raises_the_error_lightning_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``save_last="link"`` on a disk that refuses the link and its fallback copy:
+    ModelCheckpoint's ``fit`` raises ``OSError: [Errno 28] ... ckpts/last.ckpt`` at the
+    first save. Ours raised it naming the temporary link it renames into place
+    (``.last.ckpt.PID.ID.link``)."""
+    _no_room_for_last_links(monkeypatch)
+    opts = {"monitor": "val_loss", "save_top_k": 2, "save_last": "link"}
+    assert_same(compare(tmp_path / "case", opts, T(), knobs={"async_write": False}))
+
+
+def test_a_last_link_that_fails_after_its_background_write_is_raised_out_of_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With async_write the link is made by the thread that wrote its target; when it
+    failed (no room for it nor for the fallback copy), the error was only logged there,
+    and ``fit`` returned as if all was well, ``last_model_path`` naming a link never made
+    (ModelCheckpoint's ``fit`` raises it). It is now raised on the training thread, at
+    the next save (before Lightning changes its state for it) or at teardown: when
+    depends on how soon the write is done, so only the error is compared here."""
+    import errno
+
+    _no_room_for_last_links(monkeypatch)
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpts",
+        monitor="val_loss",
+        save_top_k=2,
+        save_last="link",
+        async_write=True,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        max_epochs=3,
+        callbacks=[callback],
+    )
+    model = SeqModel(SEQS["dec"], SEQS["zig"])
+    with pytest.raises(OSError) as raised:
+        trainer.fit(model, loader(3), loader(2))
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(tmp_path / "ckpts" / "last.ckpt")
+    assert not (tmp_path / "ckpts" / "last.ckpt").exists()

@@ -249,6 +249,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         # Jobs a teardown that gave up left in the outbox (see pending_artifacts).
         self._left_in_outbox: list[PendingJob] = []
         self._loggers_owed: list[tuple[HostWrite, list[Any], str]] = []
+        self._link_failures: list[BaseException] = []
         self._persisted: dict[str, Any] = {}
         self._snapshotter: Snapshotter | None = None
         self._async_write_refused = False
@@ -510,6 +511,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 self._drop_snapshots()
                 if self.log_stats:  # the final values, after the flush (loggers finalize next)
                     log_final_persistence_stats(trainer, self.persistence_stats, stage)
+        # A link the last saves asked for that failed once their files were written.
+        self._raise_link_failure()
 
     @override
     def on_exception(

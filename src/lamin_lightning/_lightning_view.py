@@ -88,6 +88,8 @@ class LightningViewCheckpoint(ReportingCheckpoint):
     # Per background save, in order: its write, the loggers Lightning told of it (they are
     # told once it is written, see _tell_loggers), and the file it saved.
     _loggers_owed: list[tuple[HostWrite, list[Any], str]]
+    # Errors of links made after their target's background write (see _make_link_later).
+    _link_failures: list[BaseException]
 
     def _plain(self) -> bool:
         """Whether the callback acts as a plain ``ModelCheckpoint`` (see the subclass)."""
@@ -157,6 +159,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             if self.async_write or self._io_writes is not None or self._evictions.has_writes():
                 self._put_state_right(trainer)
             if not self._saving_on_exception:
+                self._raise_link_failure()
                 self._surface_failures()
         self._save_depth += 1
         # Lightning's state before its choice, for putting it right: background writes only.
@@ -429,7 +432,7 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             try:
                 staging = submitter.staging_of(linkpath)
                 write.then(
-                    partial(_LINKS.make, link, filepath, staging, others),
+                    partial(self._make_link_later, link, filepath, staging, others),
                     partial(_LINKS.drop, link),
                 )
             except BaseException:  # Ctrl+C in between: the name must not stay taken
@@ -444,6 +447,29 @@ class LightningViewCheckpoint(ReportingCheckpoint):
             self._submit_record(trainer, record, prepare=None)
         trainer.strategy.barrier()
         self._persist_outside_a_stage()  # a direct call of Lightning's
+
+    def _make_link_later(
+        self, link: tuple[str, int], target: str, staging: Any, others: Sequence[Any]
+    ) -> None:
+        """The link once its target is written, on the thread that wrote it. If it fails
+        (no room for it, nor for Lightning's fallback copy), the error is kept for the
+        training thread, which raises it (see :meth:`_raise_link_failure`): Lightning's
+        link raises it out of ``fit``."""
+        try:
+            _LINKS.make(link, target, staging, others)
+        except Exception as error:
+            self._link_failures.append(error)
+            raise  # logged there too, naming the write
+
+    def _raise_link_failure(self) -> None:
+        """Raise the first error of a link made after its target's background write (see
+        :meth:`_make_link_later`), on the training thread: at the next save, before
+        Lightning changes its state for it, or at teardown. Lightning raised it at the
+        save that asked for the link."""
+        if self._link_failures:
+            error = self._link_failures.pop(0)
+            self._link_failures.clear()  # the first one stops training, as Lightning's
+            raise error
 
     def _put_state_right(self, trainer: pl.Trainer, *, other_ranks: bool = True) -> int:
         """Undo, in Lightning's state, the saves whose background write failed (see
@@ -610,6 +636,13 @@ def _link_or_copy(target: str, link: str) -> None:
                 raise
             shutil.copy(target, temporary)
         os.replace(temporary, link)
+    except OSError as error:
+        remove_path(temporary)
+        if temporary not in (error.filename, error.filename2):
+            raise
+        # Lightning's error names the link (its fallback copy's, written there): so does
+        # ours, not the temporary name only this callback knows.
+        raise type(error)(error.errno, error.strerror, link) from error
     except BaseException:
         remove_path(temporary)
         raise
