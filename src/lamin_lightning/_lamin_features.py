@@ -293,7 +293,14 @@ class FeatureValues:
         self._put(values, "max_steps", trainer.max_steps)
         self._put(values, "precision", str(trainer.precision))
         self._put(values, "accumulate_grad_batches", trainer.accumulate_grad_batches)
-        self._put(values, "gradient_clip_val", trainer.gradient_clip_val)
+        # Lightning takes an int (gradient_clip_val=1); the feature is a float, and LaminDB
+        # refuses an int for it, with every other run value of the same call.
+        clip = trainer.gradient_clip_val
+        self._put(
+            values,
+            "gradient_clip_val",
+            float(clip) if isinstance(clip, int) and not isinstance(clip, bool) else clip,
+        )
         self._put(values, "monitor", monitor)
         self._put(values, "mode", mode)
         for source in (trainer.lightning_module, getattr(trainer, "datamodule", None)):

@@ -1818,3 +1818,34 @@ def test_a_run_level_conflict_at_the_first_save_keeps_that_checkpoint_with_its_f
     }
     assert callback.last_checkpoint_artifact is not None
     assert callback.last_checkpoint_artifact.id == artifact.id
+
+
+@modules()
+@pytest.mark.parametrize("clip", [1, 0])
+def test_an_int_gradient_clip_val_is_recorded_as_the_float_feature_it_is(
+    ll: ModuleType, ln: Any, fresh_run: Any, tmp_path: Path, clip: int
+) -> None:
+    """``Trainer(gradient_clip_val=1)``: Lightning takes an int, the ``gradient_clip_val``
+    feature is a float, and LaminDB refuses an int for it. The reference hands it on as
+    is: LaminDB's ValidationError out of ``fit`` at the first save, the run without any
+    run value and no artifact for that checkpoint. Ours, which loses nothing, records it
+    as the float it is: the run gets every value, every checkpoint its artifact
+    (docs/migrating.md, "An int `gradient_clip_val` is recorded as a float"). Before,
+    ours failed the first checkpoint's job (the run values with it) and raised
+    PersistenceError at teardown."""
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=-1)
+    if ll.__name__ == REFERENCE:
+        with pytest.raises(ln.errors.ValidationError, match="gradient_clip_val"):
+            fit(callback, tmp_path, steps=2, gradient_clip_val=clip)
+        assert callback._trainer.global_step == 1  # at the first save
+        assert run_features(ln, fresh_run) == {}
+        assert checkpoints_under(ln, callback.checkpoint_key_prefix) == {}
+        return
+    fit(callback, tmp_path, steps=2, gradient_clip_val=clip)
+    found = single(run_features(ln, fresh_run))
+    assert found["gradient_clip_val"] == float(clip)
+    assert isinstance(found["gradient_clip_val"], float)
+    assert found["max_steps"] == 2 and found["precision"] == "32-true"
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    assert set(stored) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert single(artifact_features(ln, stored["epoch=0-step=2.ckpt"]))["is_last_model"] is True
