@@ -697,3 +697,41 @@ def test_a_removal_whose_deletion_fails_after_its_event_leaves_earlier_failures_
     failures, replaced = callback._take_failures_and_replaced()
     assert [f.operation for f in failures] == ["save", "remove"]
     assert replaced == {}  # the deletion failed: the failed save still counts
+
+
+def test_an_override_raising_after_super_stored_its_file_is_warned_with_on_error_warn(
+    tmp_path: Path,
+) -> None:
+    """A MemoryCheckpoint subclass whose ``save_checkpoint_artifact`` raises after its
+    ``super()`` call stored the file: the job is committed (saved event, nothing failed,
+    nothing left in the outbox), and with ``on_error="warn"`` the override's own error is
+    warned, not raised. Before, the job failed: a failed event and a PersistenceError
+    warning "could not be persisted" for a file the store held."""
+    store = MemoryStore()
+    observer = RecordingObserver()
+
+    class RaisesAfterSuper(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            artifact = super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+            if str(filepath).endswith("step=1.ckpt"):
+                raise RuntimeError("registry refused it")
+            return artifact
+
+    callback = RaisesAfterSuper(
+        store,
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        on_error="warn",
+        artifact_observers=[observer],
+    )
+    with pytest.warns(UserWarning, match="RuntimeError: registry refused it") as caught:
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+    assert not [w for w in caught if "could not be persisted" in str(w.message)]
+    assert store.keys("checkpoint") == {
+        "checkpoints/epoch=0-step=1.ckpt",
+        "checkpoints/epoch=0-step=2.ckpt",
+    }
+    assert [type(e).__name__ for e in observer.events] == ["ArtifactSavedEvent"] * 2
+    assert callback.persistence_stats.failed == 0
+    assert callback.pending_artifacts() == []

@@ -312,6 +312,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         ArtifactPublishingModelCheckpoint._init_runtime(fresh)
         state.update(fresh.__dict__)
         state["_escalated"] = type(self._escalated)()
+        state["_hook_errors"] = type(self._hook_errors)()
         event = state.get("_last_artifact_event")
         if event is not None:  # its trainer is the fit's: not pickled or copied either
             state["_last_artifact_event"] = dataclasses.replace(event, trainer=None)

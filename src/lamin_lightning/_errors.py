@@ -209,6 +209,12 @@ def error_text(error: BaseException) -> str:
         return f"<{type(error).__name__} whose message raised {type(unreadable).__name__}>"
 
 
+class EventWithheld(Exception):
+    """A store could not name where a committed artifact lives (a user's
+    ``resolve_artifact_storage_uri`` raised; the callback has that error): the save is
+    done, and no saved event is delivered for it."""
+
+
 class AttemptsExhausted(Exception):
     """Internal marker carrying the last error and how many attempts were made."""
 

@@ -63,7 +63,7 @@ from lamin_lightning._options import (
 )
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._submission import refuse_conflicts
-from lamin_lightning._surface import pipeline_job_key
+from lamin_lightning._surface import note_persisted, pipeline_job_key
 
 __all__ = [
     "ArtifactPublisher",
@@ -501,6 +501,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         older artifact of the key and emits the saved event, like the reference.
         """
         key, artifact = self._save_file(trainer, filepath, "checkpoint", self._run)
+        note_persisted(artifact)  # an override raising after this: its file is stored
         if not self.called_by_pipeline():
             self._finish_direct_call(trainer, "checkpoint", key, filepath, artifact, feature_values)
         else:  # annotated at the commit with these: what an override passed on to us
@@ -516,6 +517,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             from lamindb.models._lineage import track_run_inputs
 
             track_run_inputs(artifact, is_run_input=run)
+        note_persisted(artifact)
         if not self.called_by_pipeline():
             self._finish_direct_call(trainer, "config", key, config_path, artifact)
         return artifact
@@ -526,6 +528,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         if not Path(hparams_path).exists():
             return None
         key, artifact = self._save_file(trainer, hparams_path, "hparams", self._run)
+        note_persisted(artifact)
         if not self.called_by_pipeline():
             self._finish_direct_call(trainer, "hparams", key, hparams_path, artifact)
         return artifact

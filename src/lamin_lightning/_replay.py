@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lamin_lightning._aside import put_back_in
-from lamin_lightning._errors import LostFileError, OutboxInUseError
+from lamin_lightning._errors import EventWithheld, LostFileError, OutboxInUseError
 from lamin_lightning._events import (
     AnyArtifactEvent,
     ArtifactFailedEvent,
@@ -254,13 +254,23 @@ def build_job(
         if artifact is None:  # a hook that persisted nothing (hparams file gone)
             settled("saved")
             return None
+        try:
+            uri = store.storage_uri(artifact)
+        except EventWithheld:
+            # A user's resolve_artifact_storage_uri raised (the callback has the error):
+            # the artifact is committed, so the save is done, without a saved event.
+            if replaced is not None:
+                committed[:] = [artifact]
+            else:
+                settled("saved")
+            return None
         event = ArtifactSavedEvent(
             kind=record.kind,
             key=record.key,
             local_path=record.event_path,
             trainer=trainer,
             artifact=artifact,
-            storage_uri=store.storage_uri(artifact),
+            storage_uri=uri,
             recovered=recovered,
             unannotated_features=tuple(unannotated),
         )

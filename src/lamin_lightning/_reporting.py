@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lamin_lightning._errors import PersistenceError, replaced_note, shell_word
+from lamin_lightning._errors import PersistenceError, error_text, replaced_note, shell_word
 from lamin_lightning._events import (
     ArtifactFailedEvent,
 )
@@ -62,14 +62,27 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         if not (
             self._unreported_failures
             or self._escalated
+            or self._hook_errors
             or (pipeline is not None and pipeline.has_escalated())
         ):
-            return  # the common case, at every save: three reads, no lock
+            return  # the common case, at every save: four reads, no lock
         escalated = self._take_all_escalated()
         if escalated:
             # A hook or observer raised SystemExit (or similar): it asked to stop. The
             # pipeline survived it; the training thread is where it belongs.
             raise escalated[0]
+        hook_errors = self._take_hook_errors()
+        if hook_errors:
+            # An override raised once its artifact was stored (logged then): its own
+            # error, as the reference raises it out of fit; failures wait for the next call.
+            if self.on_error == "raise":
+                raise hook_errors[0]
+            for error in hook_errors:
+                rank_zero_warn(
+                    f"lamin-lightning: an override raised after its artifact was stored"
+                    f" (the artifact stays): {type(error).__name__}: {error_text(error)}",
+                    category=UserWarning,
+                )
         failures, replaced = self._take_failures_and_replaced()
         if not failures:
             return
@@ -190,6 +203,7 @@ class ReportingCheckpoint(SubmittingCheckpoint):
                 raise escalated[0]
             self._surface_failures()
         else:
+            self._take_hook_errors()  # logged when raised; training ended with another error
             failures, replaced = self._take_failures_and_replaced()
             for i, failure in enumerate(failures):
                 log.log(

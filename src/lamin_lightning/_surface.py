@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamin_lightning._errors import UnknownKindError
+from lamin_lightning._errors import EventWithheld, UnknownKindError
 from lamin_lightning._events import (
     AnyArtifactEvent,
     ArtifactFailedEvent,
@@ -44,15 +44,45 @@ log = logging.getLogger("lamin_lightning")
 _pipeline_call = threading.local()
 
 
+_NOTHING: Any = object()
+
+
+class _RaisedAfterPersisting(Exception):
+    """A ``save_*`` override raised after ``super()`` had persisted ``artifact``."""
+
+    def __init__(self, artifact: Any, error: BaseException) -> None:
+        super().__init__(artifact, error)
+        self.artifact, self.error = artifact, error
+
+
 def _job_call(record: JobRecord, path: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run the ``save_*`` hook ``fn`` for the pipeline's job ``record``, whose file it gets
     at ``path`` (the staged copy): marked as called by the pipeline (see
-    ``called_by_pipeline`` and :func:`pipeline_job_key`)."""
+    ``called_by_pipeline`` and :func:`pipeline_job_key`).
+
+    An override that raises after ``super()`` persisted the artifact (see
+    :func:`note_persisted`) raises :class:`_RaisedAfterPersisting`, with that artifact:
+    the file is stored, and the job must say so."""
     _pipeline_call.job = (os.fspath(path), record.key)
+    _pipeline_call.persisted = _NOTHING
     try:
         return fn(*args, **kwargs)
+    except BaseException as error:
+        persisted = _pipeline_call.persisted
+        if persisted is _NOTHING or persisted is None:
+            raise
+        raise _RaisedAfterPersisting(persisted, error) from error
     finally:
         _pipeline_call.job = None
+        _pipeline_call.persisted = _NOTHING
+
+
+def note_persisted(artifact: Any) -> None:
+    """Tell the pipeline's job running on this thread that its file is stored as
+    ``artifact`` (called by this package's own ``save_*`` implementations), so that an
+    override raising after its ``super()`` call does not fail a job whose file is stored."""
+    if getattr(_pipeline_call, "job", None) is not None:
+        _pipeline_call.persisted = artifact
 
 
 def pipeline_job_key(path: str | os.PathLike[str]) -> str | None:
@@ -80,6 +110,7 @@ class ArtifactHooks:
     _latest_artifacts: dict[ArtifactKind, Any | None]
     _last_artifact_event: AnyArtifactEvent | None
     _escalated: collections.deque[BaseException]
+    _hook_errors: collections.deque[Exception]
 
     def _init_surface(self, observers: list[ArtifactObserver]) -> None:
         self._artifact_observers = []
@@ -88,6 +119,7 @@ class ArtifactHooks:
         self._latest_artifacts = {"checkpoint": None, "config": None, "hparams": None}
         self._last_artifact_event = None
         self._escalated = collections.deque()
+        self._hook_errors = collections.deque()
 
     # -- what the reference exposes ----------------------------------------------------------
 
@@ -354,6 +386,29 @@ class ArtifactHooks:
             taken.append(self._escalated.popleft())
         return taken
 
+    def _raised_with_artifact_stored(self, error: BaseException, what: str, key: str) -> None:
+        """An override (``what``) raised ``error`` once the artifact of ``key`` was stored:
+        the job is not failed (its artifact is committed), and the error goes to the
+        training thread, as the reference raises it out of ``fit``: a ``SystemExit`` (or
+        similar) at the next save or at teardown, an ``Exception`` there too as ``on_error``
+        says (raised as it is, or warned)."""
+        log.error(
+            "%s raised for %r after its artifact was stored; the artifact stays",
+            what,
+            key,
+            exc_info=error,
+        )
+        if isinstance(error, Exception):
+            self._hook_errors.append(error)
+        else:
+            self._escalated.append(error)
+
+    def _take_hook_errors(self) -> list[Exception]:
+        taken = []
+        while self._hook_errors:
+            taken.append(self._hook_errors.popleft())
+        return taken
+
 
 def _directly(hook: Any, event: AnyArtifactEvent, what: str) -> None:
     del what
@@ -405,7 +460,16 @@ class HookStore:
             save = cb.save_config_artifact
         else:
             save = partial(_hparams_or_look_again, cb)
-        return _job_call(record, path, save, trainer, path)
+        try:
+            return _job_call(record, path, save, trainer, path)
+        except _RaisedAfterPersisting as raised:
+            # Stored is stored: the job commits it (features, flags, its event), and the
+            # override's error reaches training, as the reference's save raises it after
+            # its super() stored the artifact.
+            cb._raised_with_artifact_stored(
+                raised.error, f"{type(cb).__name__}.save_{record.kind}_artifact", record.key
+            )
+            return raised.artifact
 
     def commit(
         self,
@@ -435,7 +499,19 @@ class HookStore:
             self._callback.abandon_checkpoint_artifact(self._trainer, record.key, artifact)
 
     def storage_uri(self, artifact: Any) -> str:
-        return self._callback.resolve_artifact_storage_uri(artifact)
+        cb = self._callback
+        try:
+            return cb.resolve_artifact_storage_uri(artifact)
+        except BaseException as error:
+            # Asked for the saved event of an artifact committed (features and flags set),
+            # as the reference asks once its artifact is stored and annotated: that save
+            # stays, with no saved event (the reference builds none either), and the error
+            # reaches training.
+            key = str(getattr(artifact, "key", "") or "")
+            cb._raised_with_artifact_stored(
+                error, f"{type(cb).__name__}.resolve_artifact_storage_uri", key
+            )
+            raise EventWithheld(key) from error
 
     def finalize_thread(self) -> None:
         self._callback.thread_finalizer()

@@ -50,6 +50,7 @@ from lamin_lightning._events import (
 )
 from lamin_lightning._jobs import CheckpointSnapshot, JobRecord
 from lamin_lightning._retry import is_testing, set_testing
+from lamin_lightning._surface import note_persisted
 
 __all__ = [
     "MemoryCheckpoint",
@@ -502,12 +503,14 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
     ) -> StoredArtifact:
         """Put the checkpoint into the store."""
         key = self.resolve_artifact_key(trainer=trainer, filepath=filepath, kind="checkpoint")
-        return self.store.put(key, filepath, kind="checkpoint", feature_values=feature_values)
+        return _noted(
+            self.store.put(key, filepath, kind="checkpoint", feature_values=feature_values)
+        )
 
     def save_config_artifact(self, trainer: pl.Trainer, config_path: Path | str) -> StoredArtifact:
         """Put the config into the store."""
         key = self.resolve_artifact_key(trainer=trainer, filepath=config_path, kind="config")
-        return self.store.put(key, config_path, kind="config")
+        return _noted(self.store.put(key, config_path, kind="config"))
 
     def save_hparams_artifact(
         self, trainer: pl.Trainer, hparams_path: Path | str
@@ -516,7 +519,7 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         if not Path(hparams_path).exists():
             return None
         key = self.resolve_artifact_key(trainer=trainer, filepath=hparams_path, kind="hparams")
-        return self.store.put(key, hparams_path, kind="hparams")
+        return _noted(self.store.put(key, hparams_path, kind="hparams"))
 
     store_name = "memory"
 
@@ -541,6 +544,13 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
     ) -> None:
         """Delete an upload whose commit failed for good."""
         self.store.abandon(_removal(key), artifact)
+
+
+def _noted(artifact: StoredArtifact) -> StoredArtifact:
+    """``artifact``, noted as stored for the pipeline's job (an override raising after its
+    ``super()`` call leaves it stored, see ``note_persisted``)."""
+    note_persisted(artifact)
+    return artifact
 
 
 def _removal(key: str) -> JobRecord:

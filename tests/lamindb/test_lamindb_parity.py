@@ -1849,3 +1849,73 @@ def test_an_int_gradient_clip_val_is_recorded_as_the_float_feature_it_is(
     stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
     assert set(stored) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
     assert single(artifact_features(ln, stored["epoch=0-step=2.ckpt"]))["is_last_model"] is True
+
+
+class _OverrideRaised(RuntimeError):
+    """What a user's override raises once ``super()`` stored the artifact."""
+
+
+@modules()
+@pytest.mark.parametrize("override", ["save_checkpoint_artifact", "resolve_artifact_storage_uri"])
+@pytest.mark.parametrize("raised", [_OverrideRaised, SystemExit])
+def test_an_override_raising_after_the_artifact_was_stored_leaves_it_stored_and_raises_its_error(
+    ll: ModuleType,
+    ln: Any,
+    fresh_run: Any,
+    tmp_path: Path,
+    override: str,
+    raised: type[BaseException],
+) -> None:
+    """A subclass whose ``save_checkpoint_artifact`` raises after its ``super()`` call
+    returned, or whose ``resolve_artifact_storage_uri`` raises (asked once the artifact is
+    stored, for the saved event): the reference raises that error out of ``fit``, and its
+    artifact stays, annotated. Ours, likewise, commits the stored artifact (features and
+    flags) and raises the user's own error out of ``fit`` (at teardown here): no failed job,
+    no PersistenceError, nothing left in the outbox. The saved event is delivered when
+    ``save_checkpoint_artifact`` raised (``super()`` emits it in the reference), and not
+    when the storage URI could not be resolved (the reference builds none). Before, ours
+    failed the job: a PersistenceError "could not be persisted" beside an artifact in the
+    instance without features (``save_checkpoint_artifact``), or one it then deleted
+    (``resolve_artifact_storage_uri``)."""
+    error = raised(3) if raised is SystemExit else raised("the user's own error")
+
+    class Raising(ll.Checkpoint):  # type: ignore[name-defined, misc]
+        def save_checkpoint_artifact(self, *args: Any, **kwargs: Any) -> Any:
+            artifact = super().save_checkpoint_artifact(*args, **kwargs)
+            if override == "save_checkpoint_artifact":
+                raise error
+            return artifact
+
+        def resolve_artifact_storage_uri(self, artifact: Any) -> str:
+            if override == "resolve_artifact_storage_uri" and artifact.key.endswith(".ckpt"):
+                raise error
+            return str(super().resolve_artifact_storage_uri(artifact))
+
+    observer = Recorder()
+    callback = Raising(dirpath=tmp_path / "ckpts", monitor="score", artifact_observers=[observer])
+    with pytest.raises(raised) as caught:
+        fit(callback, tmp_path, steps=1, model=TierModel(scores=[3]))
+    assert caught.value is error
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    assert set(stored) == {"epoch=0-step=1.ckpt"}
+    values = single(artifact_features(ln, stored["epoch=0-step=1.ckpt"]))
+    values.pop("model_rank", None)  # the reference raises before it ranks
+    assert values == {
+        "is_best_model": True,
+        "is_last_model": True,
+        "score": 3.0,
+        "save_weights_only": False,
+        "monitor": "score",
+        "mode": "min",
+    }
+    saved = [e.key for e in observer.events if e.kind == "checkpoint"]
+    if override == "save_checkpoint_artifact":
+        assert saved == [stored["epoch=0-step=1.ckpt"].key]
+        assert callback.last_checkpoint_artifact.id == stored["epoch=0-step=1.ckpt"].id
+    else:
+        assert saved == []
+        assert callback.last_checkpoint_artifact is None
+    if ll.__name__ == OURS:
+        assert callback.persistence_stats.failed == 0
+        assert callback.pending_artifacts() == []
+        assert callback.flush(timeout=0) is True
