@@ -23,6 +23,7 @@ from lamin_lightning import (
     RetryPolicy,
     flush_directory,
 )
+from lamin_lightning._errors import PermanentError
 from lamin_lightning._jobs import CheckpointSnapshot
 from lamin_lightning._journal import Outbox
 from lamin_lightning._staging import staging_root
@@ -735,3 +736,65 @@ def test_an_override_raising_after_super_stored_its_file_is_warned_with_on_error
     assert [type(e).__name__ for e in observer.events] == ["ArtifactSavedEvent"] * 2
     assert callback.persistence_stats.failed == 0
     assert callback.pending_artifacts() == []
+
+
+def test_a_stop_an_observer_asks_for_when_told_of_a_failure_ends_the_fit_as_asked(
+    tmp_path: Path,
+) -> None:
+    """An observer whose ``on_artifact_failed`` raises ``SystemExit(3)`` (abort the job when
+    a checkpoint cannot be persisted): the fit ends with that SystemExit, not with the
+    PersistenceError of the same failure. The failure is recorded for the training thread
+    before its event reaches the observers, so the next save raised PersistenceError
+    while the observer's stop was still on its way, and the stop was dropped."""
+    failure_told = threading.Event()  # the observer has the failure event
+    next_save = threading.Event()  # training is at the next save
+
+    class FailsStep1(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            if str(filepath).endswith("step=1.ckpt"):
+                raise PermanentError("storage refused it")
+            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+    class Aborts:
+        def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
+            failure_told.set()
+            next_save.wait(60)
+            raise SystemExit(3)
+
+    class WaitsForTheFailure(TinyModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.global_step == 1:
+                assert failure_told.wait(60)
+            return super().training_step(batch, batch_idx)
+
+    class AtTheNextSave(logging.Handler):
+        # The save about to report the failure says it waits for the failure's event
+        # (before, it raised PersistenceError at once: the observer went on only when
+        # Lightning handled that error).
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for the failure event" in record.getMessage():
+                next_save.set()
+
+    class OnException(pl.Callback):
+        def on_exception(self, *args: Any) -> None:
+            next_save.set()
+
+    callback = FailsStep1(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        artifact_observers=[Aborts()],
+    )
+    trainer = make_trainer(tmp_path, [callback, OnException()], max_steps=3)
+    logger = logging.getLogger("lamin_lightning")
+    handler, level = AtTheNextSave(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(SystemExit) as raised:
+            trainer.fit(WaitsForTheFailure(), loader(3))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert raised.value.code == 3

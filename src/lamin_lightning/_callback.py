@@ -246,6 +246,8 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._state_lock: threading.Lock | None = None
         self._unreported_failures: list[ArtifactFailedEvent] = []
         self._replaced_failures: dict[int, str] = {}
+        # id(failure) -> set once its event was delivered to the hooks and observers.
+        self._failures_delivered: dict[int, threading.Event] = {}
         # Jobs a teardown that gave up left in the outbox (see pending_artifacts).
         self._left_in_outbox: list[PendingJob] = []
         self._loggers_owed: list[tuple[HostWrite, list[Any], str]] = []

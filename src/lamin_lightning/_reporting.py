@@ -28,6 +28,11 @@ from lamin_lightning._submission import SubmittingCheckpoint
 
 log = logging.getLogger("lamin_lightning")
 
+# How long a save that is to report failures waits for their events to reach the hooks
+# and observers first (one of them may ask to stop, with SystemExit: that is raised
+# instead). Delivery follows the failure at once, unless a hook or observer holds it.
+FAILURE_DELIVERY_WAIT_S = 5.0
+
 
 class ReportingCheckpoint(SubmittingCheckpoint):
     """Turns job outcomes into what training sees (see the module docstring)."""
@@ -43,12 +48,33 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         del trainer, other_ranks
         return 0
 
+    def _failure_delivered(self, event: ArtifactFailedEvent) -> None:
+        delivered = self._failures_delivered.get(id(event))
+        if delivered is not None:
+            delivered.set()
+
+    def _await_failure_delivery(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds in all) until the failures to report reached the
+        hooks and observers: a stop one of them asks for then wins over the report."""
+        deadline = time.monotonic() + timeout
+        for failure in list(self._unreported_failures):
+            delivered = self._failures_delivered.get(id(failure))
+            if delivered is None or delivered.is_set():
+                continue
+            log.debug(
+                "waiting for the failure event of %r to reach the hooks and observers", failure.key
+            )
+            if not delivered.wait(max(0.0, deadline - time.monotonic())):
+                return
+
     def _take_failures_and_replaced(self) -> tuple[list[ArtifactFailedEvent], dict[int, str]]:
         """The failures not reported yet, and which of them a later job of their key made
         moot (by index: the later job's operation)."""
         with self._lock:
             failures, self._unreported_failures = self._unreported_failures, []
             by_id, self._replaced_failures = self._replaced_failures, {}
+            for failure in failures:
+                self._failures_delivered.pop(id(failure), None)
         replaced = {i: by_id[id(f)] for i, f in enumerate(failures) if id(f) in by_id}
         return failures, replaced
 
@@ -57,7 +83,7 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         from_pipeline = pipeline.take_escalated() if pipeline is not None else []
         return [*from_pipeline, *self._take_escalated()]
 
-    def _surface_failures(self) -> None:
+    def _surface_failures(self, *, await_delivery: bool = True) -> None:
         pipeline = self._pipeline
         if not (
             self._unreported_failures
@@ -66,6 +92,10 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             or (pipeline is not None and pipeline.has_escalated())
         ):
             return  # the common case, at every save: four reads, no lock
+        if await_delivery and self._unreported_failures:
+            # An observer told of a failure may ask to stop (SystemExit in its
+            # on_artifact_failed): its own request, not PersistenceError, ends the fit.
+            self._await_failure_delivery(FAILURE_DELIVERY_WAIT_S)
         escalated = self._take_all_escalated()
         if escalated:
             # A hook or observer raised SystemExit (or similar): it asked to stop. The
@@ -201,8 +231,15 @@ class ReportingCheckpoint(SubmittingCheckpoint):
         if raise_errors:
             if escalated:
                 raise escalated[0]
-            self._surface_failures()
+            # Flushed: the failures' events were delivered, or never will be.
+            self._surface_failures(await_delivery=False)
         else:
+            for error in escalated:
+                log.warning(
+                    "lamin-lightning: %s that a hook or an observer raised was not raised"
+                    " again: training had stopped with another error already",
+                    type(error).__name__,
+                )
             self._take_hook_errors()  # logged when raised; training ended with another error
             failures, replaced = self._take_failures_and_replaced()
             for i, failure in enumerate(failures):

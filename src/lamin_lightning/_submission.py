@@ -78,6 +78,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     _state_lock: threading.Lock | None
     _unreported_failures: list[ArtifactFailedEvent]
     _replaced_failures: dict[int, str]  # id(failure) -> the later job's operation
+    _failures_delivered: dict[int, threading.Event]  # id(failure) -> its event delivered
     _left_in_outbox: list[PendingJob]
     _persisted: dict[str, Any]
     _set_up: bool
@@ -478,6 +479,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                         if failure.key == record.key:
                             self._replaced_failures.pop(id(failure), None)
                 self._unreported_failures.append(event)
+                self._failures_delivered[id(event)] = threading.Event()
 
     def _replace_failures(self, record: JobRecord) -> None:
         """A later job of a failed job's key committed: the failed one is moot (the outbox

@@ -365,11 +365,19 @@ class ArtifactHooks:
             method = "on_artifact_failed"
         self._last_artifact_event = event
         call = self._isolated if isolated else _directly
-        call(getattr(self, method), event, f"{type(self).__name__}.{method} raised")
-        for observer in tuple(self._artifact_observers):
-            callback = getattr(observer, method, None)
-            if callable(callback):
-                call(callback, event, f"observer {observer!r} raised in {method}")
+        try:
+            call(getattr(self, method), event, f"{type(self).__name__}.{method} raised")
+            for observer in tuple(self._artifact_observers):
+                callback = getattr(observer, method, None)
+                if callable(callback):
+                    call(callback, event, f"observer {observer!r} raised in {method}")
+        finally:
+            if isinstance(event, ArtifactFailedEvent):
+                self._failure_delivered(event)
+
+    def _failure_delivered(self, event: ArtifactFailedEvent) -> None:
+        """Every hook and observer had the failure ``event`` (what they raised is kept)."""
+        del event
 
     def _isolated(self, hook: Any, event: AnyArtifactEvent, what: str) -> None:
         try:
