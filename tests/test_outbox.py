@@ -1703,3 +1703,51 @@ def test_a_journal_that_cannot_be_read_is_told_as_such_and_commands_are_quoted(
     assert main(["flush", str(dirpath)]) != 0
     err = capsys.readouterr().err
     assert "by this version" not in err and "make it readable" in err, err
+
+
+def test_a_written_mark_a_full_disk_refused_is_noted_later_and_the_failed_save_replays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With async_write, the disk is full for an instant at step 2: the journal refuses the
+    line noting that its background write completed the file, and the staged copy of that
+    small file is refused too; the save fails (storage fails for good anyway). The file is
+    whole, in the folder. Its replay dropped it as never written ("an earlier checkpoint's
+    file"): no artifact, and no failure either. The mark is now noted at the journal's next
+    line, and the replay persists the checkpoint (found by a helper's fault injection)."""
+    from lamin_lightning._staging import Stager
+
+    refused: list[str] = []
+    real_write, real_stage = Outbox._write, Stager.stage
+
+    def write(self: Outbox, item: dict[str, Any]) -> None:
+        if item.get("t") == "written" and not refused:
+            refused.append(str(item["id"]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(self, item)
+
+    def stage(self: Stager, path: Any, staged: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("step=2.ckpt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_stage(self, path, staged, *args, **kwargs)
+
+    monkeypatch.setattr(Outbox, "_write", write)
+    monkeypatch.setattr(Stager, "stage", stage)
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    _leave_failed_jobs(
+        tmp_path, dirpath, store, steps=4, save_top_k=-1, every_n_train_steps=2, async_write=True
+    )
+    monkeypatch.undo()
+    assert refused and "could not note in" in caplog.text
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
+    assert store.keys(kind="checkpoint") == set()
+
+    observer = RecordingObserver()
+    second = MemoryCheckpoint(
+        store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=2, artifact_observers=[observer]
+    )
+    make_trainer(tmp_path, [second]).validate(TinyModel(), loader())
+    assert "dropping the save" not in caplog.text
+    _kept_set_matches_store(dirpath, store)
+    assert [(type(e), e.recovered) for e in observer.events] == [(ArtifactSavedEvent, True)] * 2
+    assert not journal_paths(staging_root(dirpath))

@@ -424,6 +424,9 @@ class Outbox:
         self._dir_synced = True
         self._compact_lock = threading.Lock()
         self._torn = False
+        # Marks of pending jobs whose lines a full disk refused, by (job id, kind): written
+        # before the next line (see _owe).
+        self._owed: dict[tuple[str, str], dict[str, Any]] = {}
         # Journaled with every record: where it was journaled (see JobRecord.root).
         self._root = os.path.abspath(self.path.parent)
         # Threads of a stopped owner still running jobs of this journal, taken over with
@@ -513,6 +516,7 @@ class Outbox:
         with kept._lock:
             self._handle, kept._handle = kept._handle, None
             self._state, self._lines, self._torn = kept._state, kept._lines, kept._torn
+            self._owed, kept._owed = kept._owed, {}
             self._good_size, self._synced_size = kept._good_size, kept._synced_size
             self._dir_synced = kept._dir_synced
         with _held_lock:
@@ -611,44 +615,55 @@ class Outbox:
         see ``_jobs.file_identity``), right before the file is renamed into place. A replay
         takes the file at the save's path as that save's only if it is that file (see
         ``JobRecord.marks_written``). Into the page cache, like the job's own line. Never
-        raises: without the mark the save is dropped at a replay (its file stays)."""
-        try:
-            with self._lock:
-                entry = self._state.pending.get(job_id)
-                if self._handle is None or entry is None:
-                    return
-                self._write({"t": "written", "id": job_id, "file": list(identity)})
-                entry["written_file"] = list(identity)
-        except OSError as error:
-            log.warning(
-                "could not note in %s that job %s's file was written (%s); a replay of the"
-                " job will drop it",
-                self.path,
-                job_id,
-                error,
-            )
+        raises: a mark the disk refuses is owed (see :meth:`_owe`); without it, a replay
+        drops the save (its file stays)."""
+        self._mark(job_id, "written_file", list(identity), {"t": "written", "file": list(identity)})
 
     def mark_handed_over(self, job_id: str) -> None:
         """Note that a user's strategy or CheckpointIO returned from removing the file of
         the pending removal ``job_id`` (see ``JobRecord.handed_over``): a replay makes the
         removal even if that left the file in the folder. Into the page cache, like the
-        job's own line. Never raises: without the mark, a replay that finds the file
-        keeps its artifact (as for a process killed before the call)."""
+        job's own line. Never raises: a mark the disk refuses is owed (see :meth:`_owe`);
+        without it, a replay that finds the file keeps its artifact (as for a process
+        killed before the call)."""
+        self._mark(job_id, "handed_over", True, {"t": "handed"})
+
+    def _mark(self, job_id: str, field: str, value: Any, line: dict[str, Any]) -> None:
+        item = {"t": line["t"], "id": job_id, **line}
         try:
             with self._lock:
                 entry = self._state.pending.get(job_id)
                 if self._handle is None or entry is None:
                     return
-                self._write({"t": "handed", "id": job_id})
-                entry["handed_over"] = True
+                # What the mark says is true whether or not its line is written: a
+                # compaction (at close, say) writes the entry with it.
+                entry[field] = value
+                try:
+                    self._write(item)
+                except OSError:
+                    self._owe(job_id, item)
+                    raise
         except OSError as error:
             log.warning(
-                "could not note in %s that job %s's file was handed over (%s); a replay of"
-                " the job keeps its artifact if the file is still there",
+                "could not note in %s that job %s's file was %s (%s); it is noted at the"
+                " journal's next line, and if the process ends before any can be written,"
+                " a replay of the job %s",
                 self.path,
                 job_id,
+                "written" if line["t"] == "written" else "handed over",
                 error,
+                "drops it (its file stays, unpersisted)"
+                if line["t"] == "written"
+                else "keeps its artifact if the file is still there",
             )
+
+    def _owe(self, job_id: str, item: dict[str, Any]) -> None:
+        """Keep the mark ``item`` of a pending job whose line the disk refused (a full disk),
+        to write it before the journal's next line (see :meth:`_write`). Without it, a save
+        whose write completed (a job that then fails, its staged copy refused by the same
+        full disk) was dropped by its replay as never written: its checkpoint stayed in the
+        folder with no artifact, and no failure either."""
+        self._owed[(job_id, str(item["t"]))] = item
 
     def settle(self, job_id: str, status: str) -> None:
         """Mark a job finished, and with it every earlier pending job of the same key.
@@ -740,6 +755,22 @@ class Outbox:
         return self._handle
 
     def _write(self, item: dict[str, Any]) -> None:
+        if self._owed:
+            self._write_owed()
+        self._put(item)
+
+    def _write_owed(self) -> None:
+        """Write the marks owed (see :meth:`_owe`) of jobs still pending, before another
+        line; those the disk still refuses stay owed, and that line is tried all the same."""
+        for (job_id, kind), item in list(self._owed.items()):
+            if job_id in self._state.pending:
+                try:
+                    self._put(item)
+                except OSError:
+                    return
+            del self._owed[(job_id, kind)]
+
+    def _put(self, item: dict[str, Any]) -> None:
         handle = self._require()
         fd = handle.fileno()
         if self._torn:
