@@ -7,6 +7,7 @@ crashes of real processes, ``lamin-lightning flush`` and idempotency by hash.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -1751,3 +1752,44 @@ def test_a_written_mark_a_full_disk_refused_is_noted_later_and_the_failed_save_r
     _kept_set_matches_store(dirpath, store)
     assert [(type(e), e.recovered) for e in observer.events] == [(ArtifactSavedEvent, True)] * 2
     assert not journal_paths(staging_root(dirpath))
+
+
+@pytest.mark.parametrize("room", ["at_the_next_line", "only_at_close"])
+def test_marks_a_full_disk_refused_reach_the_journal_with_its_next_line_or_its_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: str
+) -> None:
+    """A 'written' mark (a background write completed its file) and a 'handed' mark (a
+    user's removal returned) whose lines the disk refuses: they were lost, and a replay
+    dropped the save as never written, or kept the removal's artifact. Now they are written
+    before the journal's next line, or, if the disk refuses every line until then, by the
+    compaction at close."""
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    save = outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key="k/a.ckpt",
+            local_path=str(tmp_path / "a.ckpt"),
+            marks_written=True,
+        )
+    )
+    removal = outbox.append(_job("remove", "k/b.ckpt"))
+    real_write = Outbox._write
+
+    def write(self: Outbox, item: dict[str, Any]) -> None:
+        if room == "only_at_close" or item.get("t") in ("written", "handed"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(self, item)
+
+    monkeypatch.setattr(Outbox, "_write", write)
+    outbox.mark_written(save, (1, 2, 3))
+    outbox.mark_handed_over(removal)
+    with pytest.raises(OSError) if room == "only_at_close" else contextlib.nullcontext():
+        outbox.append(_job("save", "k/c.ckpt"))
+    if room == "at_the_next_line":
+        records = dict(read_pending(outbox.path))
+        assert records[save].written_file == (1, 2, 3) and records[removal].handed_over
+    outbox.close()
+    records = dict(read_pending(outbox.path))
+    assert records[save].written_file == (1, 2, 3) and records[removal].handed_over
