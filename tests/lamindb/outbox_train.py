@@ -12,6 +12,10 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
 - ``--keep-files``: a CheckpointIO of the user's whose ``remove_checkpoint`` keeps the file.
 - ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
   time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
+- ``--park-at STEP --park-after N``: as ``--kill-at``, but that thread writes ``--marker``
+  and waits there, for the test to SIGKILL the process.
+- ``--flush``: no training: replay the outbox of ``--dirpath`` (``flush_directory``, the
+  kill and park points apply) and write ``--report`` with the events and what remains.
 
 At the end (if it gets there) it writes ``--report``: the key prefix, Lightning's kept
 set (file names) and the events it saw.
@@ -91,6 +95,14 @@ def kill_points() -> dict[str, tuple[type, str]]:
         # training thread: an eviction journaled and its file handed to the user's
         # CheckpointIO (--keep-files), its removal not admitted yet (killed before)
         "removal_handed": (ll.Checkpoint, "_submit_record"),
+        # committer: a save's artifact recorded and its features annotated, its flags not
+        # written yet
+        "annotated": (LaminStore, "_annotate"),
+        # committer: a save's flags and ranks written, the commit not finished
+        "flagged": (LaminStore, "_apply_flags"),
+        # committer: an evicted checkpoint's artifact deleted (after its removed event),
+        # the journal not marked yet
+        "removal_deleted": (LaminStore, "delete_removal"),
     }
 
 
@@ -98,7 +110,23 @@ def kill_points() -> dict[str, tuple[type, str]]:
 BEFORE = {"replacing", "removal_handed"}
 
 
-def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
+def _sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def park(marker: Path) -> Any:
+    """What ``--park-at`` does at its step: tell the parent (``marker``), and hold this
+    thread there until the parent SIGKILLs the process."""
+
+    def parked() -> None:
+        marker.write_text("parked")
+        threading.Event().wait()
+
+    return parked
+
+
+def kill_at(guard: pytest.MonkeyPatch, step: str, after: int, action: Any = _sigkill_self) -> None:
+    """At the ``after``-th time a job reaches ``step``: ``action`` (SIGKILL this process)."""
     from lamin_lightning._submit import _nothing_aside
 
     owner, name = kill_points()[step]
@@ -115,7 +143,7 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
                     replacing = args[2].op == "remove"
                 count[0] += replacing
                 if replacing and count[0] == after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    action()
             return real(*args, **kwargs)
         result = real(*args, **kwargs)
         if step == "journaled_removal" and args[1].op != "remove":
@@ -125,7 +153,7 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int) -> None:
         with lock:
             count[0] += 1
             if count[0] == after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                action()
         return result
 
     guard.setattr(owner, name, ended)
@@ -170,6 +198,16 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", choices=sorted(kill_points()), default=None)
     parser.add_argument("--kill-after", type=int, default=1)
+    parser.add_argument(
+        "--park-at",
+        choices=sorted(kill_points()),
+        default=None,
+        help="as --kill-at, but write --marker and wait there for the parent's SIGKILL",
+    )
+    parser.add_argument("--park-after", type=int, default=1)
+    parser.add_argument(
+        "--flush", action="store_true", help="replay the outbox (flush_directory), no training"
+    )
     parser.add_argument("--storage", default=None, help="a storage location to store into")
     parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
     parser.add_argument("--max-pending", type=int, default=4)
@@ -195,6 +233,14 @@ def main() -> None:
     block_network(guard)
     if args.kill_at:
         kill_at(guard, args.kill_at, args.kill_after)
+    if args.park_at:
+        kill_at(guard, args.park_at, args.park_after, park(args.marker))
+    if args.flush:
+        observer = Events()
+        report = ll.flush_directory(args.dirpath, progress=False, on_event=observer._record)
+        remaining = [r.key for r in report.remaining]
+        args.report.write_text(json.dumps({"events": observer.seen, "remaining": remaining}))
+        return
     if args.teardown_marker is not None:
         marker = args.teardown_marker
         shutdown = ll.Checkpoint._shutdown

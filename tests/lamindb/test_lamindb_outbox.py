@@ -684,3 +684,111 @@ def test_a_replayed_save_of_last_ckpt_older_than_its_committed_artifact_is_dropp
     assert _pending(dirpath) == []
     stored = ln.Artifact.filter(key=f"{prefix}/last.ckpt")
     assert [a.hash for a in stored] == [folder], "the replay brought the older file back"
+
+
+def _killed_when_parked(tmp_path: Path, *args: str, steps: int = 8) -> None:
+    """Run ``outbox_train.py`` with ``args`` (a ``--park-at``) until the thread that reaches
+    the step says so (the marker), then SIGKILL the process from here."""
+    marker = tmp_path / "marker"
+    marker.unlink(missing_ok=True)
+    proc = _start(tmp_path, "plain", *args, steps=steps)
+    try:
+        _wait_for_marker(proc, marker)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    marker.unlink()
+
+
+def _flushed_by_the_script(tmp_path: Path) -> dict[str, Any]:
+    """``outbox_train.py --flush``: the replay's events and what it left pending."""
+    flushed = _start(tmp_path, "plain", "--flush")
+    out, _ = flushed.communicate(timeout=600)
+    assert flushed.returncode == 0, out
+    report: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
+    return report
+
+
+def _assert_each_file_persisted_once_with_its_features(ln: Any, prefix: str, dirpath: Path) -> None:
+    """Every checkpoint in the folder has exactly one artifact (nothing evicted is left),
+    its bytes; one value of each feature, its score the one Lightning saved in the file;
+    one best and one last checkpoint; nothing pending."""
+    import torch
+    from lamindb_tier import artifact_features, single
+
+    stored = assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    values = {key: single(artifact_features(ln, artifact)) for key, artifact in stored.items()}
+    for key, features in values.items():
+        state = torch.load(dirpath / key.rsplit("/", 1)[1], map_location="cpu", weights_only=False)
+        (saved,) = [s for s in state["callbacks"].values() if "current_score" in s]
+        assert features["score"] == pytest.approx(float(saved["current_score"])), key
+    assert [k for k, v in values.items() if v.get("is_best_model") is True] != []
+    assert len([k for k, v in values.items() if v.get("is_best_model") is True]) == 1, values
+    assert len([k for k, v in values.items() if v.get("is_last_model") is True]) == 1, values
+    ranks = [v["model_rank"] for v in values.values() if "model_rank" in v]
+    assert sorted(ranks) == list(range(len(ranks))), values
+    assert _pending(dirpath) == []
+
+
+# Steps of the committer not covered by KILL_STEPS: the kill lands between them.
+COMMIT_STEPS = [
+    ("transferred", 3),  # the artifact saved, its features not annotated
+    ("annotated", 3),  # annotated, its flags and ranks not written
+    ("flagged", 3),  # flags written, the commit not finished
+    ("removal_deleted", 2),  # an evicted checkpoint's artifact deleted, its job not settled
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "after"), COMMIT_STEPS)
+def test_sigkill_from_outside_between_the_steps_of_a_commit_then_a_replay_completes_the_set(
+    ln: Any, tmp_path: Path, step: str, after: int
+) -> None:
+    """The training process waits at a step of a commit and is SIGKILLed from here; the
+    replay (a process of its own) leaves each checkpoint in the folder with exactly one
+    artifact, its features and flags, no evicted one, its events marked recovered."""
+    _killed_when_parked(tmp_path, "--park-at", step, "--park-after", str(after))
+    prefix = (tmp_path / "report.prefix").read_text()
+    dirpath = tmp_path / "ckpt"
+    assert _pending(dirpath)
+    report = _flushed_by_the_script(tmp_path)
+    assert report["remaining"] == []
+    assert report["events"] and all(e["recovered"] for e in report["events"]), report
+    assert [e for e in report["events"] if e["type"] == "ArtifactFailedEvent"] == []
+    _assert_each_file_persisted_once_with_its_features(ln, prefix, dirpath)
+
+
+# Steps of a replay (the second process's), each after a training run killed where the
+# replay is sure to reach it: saves never transferred (the intake thread waits at its fourth
+# staging), or a removal of a committed checkpoint (one job at a time, killed once the
+# first evicted file is in the trash).
+UNSTAGED = ("--park-at", "staged", "--park-after", "4")
+EVICTED = ("--max-pending", "1", "--park-at", "trashed", "--park-after", "1")
+REPLAY_STEPS = [
+    (UNSTAGED, "transferred"),
+    (UNSTAGED, "annotated"),
+    (UNSTAGED, "flagged"),
+    (EVICTED, "removal_deleted"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("killed", "step"), REPLAY_STEPS, ids=[s for _, s in REPLAY_STEPS])
+def test_a_replay_sigkilled_midway_is_completed_by_the_next_one(
+    ln: Any, tmp_path: Path, killed: tuple[str, ...], step: str
+) -> None:
+    """Training is SIGKILLed with jobs pending; the replay that follows (a process of its
+    own) is SIGKILLed at a step of its first commit; a third process replays what is
+    left: each checkpoint in the folder ends with exactly one artifact, its features and
+    flags, no evicted one, every event marked recovered."""
+    _killed_when_parked(tmp_path, *killed)
+    prefix = (tmp_path / "report.prefix").read_text()
+    dirpath = tmp_path / "ckpt"
+    _killed_when_parked(tmp_path, "--flush", "--park-at", step, "--park-after", "1")
+    assert _pending(dirpath)
+    report = _flushed_by_the_script(tmp_path)
+    assert report["remaining"] == []
+    assert report["events"] and all(e["recovered"] for e in report["events"]), report
+    assert [e for e in report["events"] if e["type"] == "ArtifactFailedEvent"] == []
+    _assert_each_file_persisted_once_with_its_features(ln, prefix, dirpath)
