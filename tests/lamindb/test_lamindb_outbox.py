@@ -761,8 +761,9 @@ def test_sigkill_from_outside_between_the_steps_of_a_commit_then_a_replay_comple
 
 # Steps of a replay (the second process's), each after a training run killed where the
 # replay is sure to reach it: saves never transferred (the intake thread waits at its fourth
-# staging), or a removal of a committed checkpoint (one job at a time, killed once the
-# first evicted file is in the trash).
+# staging; one job at a time, the older last.ckpt is committed by then), or a removal of a
+# committed checkpoint (one job at a time, killed once the first evicted file is in the
+# trash).
 UNSTAGED = ("--park-at", "staged", "--park-after", "4")
 EVICTED = ("--max-pending", "1", "--park-at", "trashed", "--park-after", "1")
 REPLAY_STEPS = [
@@ -770,6 +771,9 @@ REPLAY_STEPS = [
     (UNSTAGED, "annotated"),
     (UNSTAGED, "flagged"),
     (EVICTED, "removal_deleted"),
+    # a save of last.ckpt committed, its older artifact (committed first) not deleted yet
+    (("--max-pending", "1", *UNSTAGED), "replacing"),
+    (UNSTAGED, "settled"),  # the first replayed job marked finished
 ]
 
 
