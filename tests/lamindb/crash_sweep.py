@@ -54,6 +54,9 @@ STEPS = [
     "trashed",
     "moved_aside",
     "replacing",
+    "annotated",
+    "flagged",
+    "removal_deleted",
 ]
 
 
