@@ -1047,3 +1047,33 @@ def test_a_last_link_that_fails_after_its_background_write_is_raised_out_of_fit(
     assert raised.value.errno == errno.ENOSPC
     assert raised.value.filename == str(tmp_path / "ckpts" / "last.ckpt")
     assert not (tmp_path / "ckpts" / "last.ckpt").exists()
+
+
+def test_a_last_link_failure_of_a_fit_that_crashed_is_not_raised_by_the_next_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit that crashes (its training step raises) after a save whose link (save_last=
+    "link", async_write) failed on the writer thread: the crash is what ``fit`` raises, as
+    with ModelCheckpoint, whose own fit would have stopped at that link. The link's error
+    was kept for a save or a teardown that never came, and the next fit with the same
+    callback, on a disk with room again, raised it at its first save: an ``OSError`` of
+    the fit before, naming a link that this fit makes without trouble."""
+    from helpers import TinyModel, make_trainer
+    from helpers import loader as batches
+
+    _no_room_for_last_links(monkeypatch)
+    store = MemoryStore()
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpts",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        save_last="link",
+        async_write=True,
+    )
+    with pytest.raises(RuntimeError, match="boom at step 1"):
+        make_trainer(tmp_path, [callback], max_steps=3).fit(TinyModel(fail_at_step=1), batches(4))
+    assert not os.path.lexists(tmp_path / "ckpts" / "last.ckpt")  # the link was refused
+    monkeypatch.undo()  # room again
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), batches(4))
+    assert os.path.islink(tmp_path / "ckpts" / "last.ckpt")

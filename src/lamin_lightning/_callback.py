@@ -594,6 +594,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             # no callback of ours still to handle the exception shares the wrapping (its
             # emergency save must be followed too).
             self._plain_removal = None
+            # A link that failed after its background write (logged there): the crash is
+            # what fit raises, and the next fit must not raise this one's link error.
+            self._link_failures.clear()
             if not self._io_shared_later(trainer):
                 release_checkpoint_io(trainer.strategy, self._io_writes)
             self._drop_snapshots()
