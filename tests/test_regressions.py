@@ -798,3 +798,57 @@ def test_a_stop_an_observer_asks_for_when_told_of_a_failure_ends_the_fit_as_aske
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert raised.value.code == 3
+
+
+def test_a_failure_a_save_sees_before_its_delivery_is_awaited_is_still_awaited(
+    tmp_path: Path,
+) -> None:
+    """The committer recorded a failure for the training thread, then the event that says
+    when its delivery is done: a save that looked in between (the committer thread
+    preempted there) found no delivery to wait for and raised the failure's
+    PersistenceError at once; the stop its observer asked for (``SystemExit(3)`` in
+    ``on_artifact_failed``) was then dropped. The wait is there before the failure is."""
+    appended = threading.Event()  # the failure is recorded, its wait not yet (before)
+    looked = threading.Event()  # the save looked for the failure's delivery
+
+    class Racing(list):  # type: ignore[type-arg]
+        def append(self, item: Any) -> None:
+            super().append(item)
+            if not appended.is_set():
+                appended.set()
+                assert looked.wait(60)
+
+    class Looked(dict):  # type: ignore[type-arg]
+        def get(self, key: Any, default: Any = None) -> Any:
+            found = super().get(key, default)
+            looked.set()
+            return found
+
+    class FailsStep1(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            if str(filepath).endswith("step=1.ckpt"):
+                raise PermanentError("storage refused it")
+            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+    class Aborts:
+        def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
+            raise SystemExit(3)
+
+    class WaitsForTheFailure(TinyModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.global_step == 1:
+                assert appended.wait(60)
+            return super().training_step(batch, batch_idx)
+
+    callback = FailsStep1(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        artifact_observers=[Aborts()],
+    )
+    callback._unreported_failures = Racing()
+    callback._failures_delivered = Looked()
+    with pytest.raises(SystemExit) as raised:
+        make_trainer(tmp_path, [callback], max_steps=3).fit(WaitsForTheFailure(), loader(3))
+    assert raised.value.code == 3

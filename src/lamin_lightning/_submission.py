@@ -478,8 +478,12 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                     for failure in self._unreported_failures:
                         if failure.key == record.key:
                             self._replaced_failures.pop(id(failure), None)
-                self._unreported_failures.append(event)
+                # Its delivery's wait first: the training thread reads the failures
+                # without the lock, and one it finds must have a wait (see
+                # _await_failure_delivery), or its PersistenceError beats the stop an
+                # observer asks for when told of it.
                 self._failures_delivered[id(event)] = threading.Event()
+                self._unreported_failures.append(event)
 
     def _replace_failures(self, record: JobRecord) -> None:
         """A later job of a failed job's key committed: the failed one is moot (the outbox
