@@ -852,3 +852,58 @@ def test_a_failure_a_save_sees_before_its_delivery_is_awaited_is_still_awaited(
     with pytest.raises(SystemExit) as raised:
         make_trainer(tmp_path, [callback], max_steps=3).fit(WaitsForTheFailure(), loader(3))
     assert raised.value.code == 3
+
+
+def test_with_on_error_warn_a_save_does_not_wait_for_a_failure_to_be_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_error="warn"``: a save that warns of a failure waited (up to 5 s) for the
+    failure's event to reach the observers, so that a stop one asks for comes ahead of a
+    PersistenceError that warn mode never raises; with storage down and an observer that
+    takes its time (a message sent per failure), every save of a run told to go on was
+    held for it. The stop an observer asks for (``SystemExit(3)``) is raised at a later
+    save or at teardown all the same."""
+    told = threading.Event()  # the observer has the failure of step 1
+    passed = threading.Event()  # the save of step 2 returned
+
+    class FailsStep1(MemoryCheckpoint):
+        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+            if str(filepath).endswith("step=1.ckpt"):
+                raise PermanentError("storage refused it")
+            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+    class SlowThenAborts:
+        def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
+            told.set()
+            passed.wait(60)
+            raise SystemExit(3)
+
+    class WaitsForTheFailure(TinyModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.global_step == 1:
+                assert told.wait(60)
+            return super().training_step(batch, batch_idx)
+
+    class AfterTheSave(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2:  # the save of step 2 returned
+                passed.set()
+
+        def on_exception(self, *args: Any) -> None:
+            passed.set()
+
+    callback = FailsStep1(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        on_error="warn",
+        artifact_observers=[SlowThenAborts()],
+    )
+    caplog.set_level(logging.DEBUG, logger="lamin_lightning")
+    with pytest.warns(UserWarning, match="storage refused it"), pytest.raises(SystemExit) as raised:
+        make_trainer(tmp_path, [callback, AfterTheSave()], max_steps=4).fit(
+            WaitsForTheFailure(), loader(4)
+        )
+    assert raised.value.code == 3
+    assert "waiting for the failure event" not in caplog.text

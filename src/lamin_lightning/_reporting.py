@@ -28,9 +28,10 @@ from lamin_lightning._submission import SubmittingCheckpoint
 
 log = logging.getLogger("lamin_lightning")
 
-# How long a save that is to report failures waits for their events to reach the hooks
-# and observers first (one of them may ask to stop, with SystemExit: that is raised
-# instead). Delivery follows the failure at once, unless a hook or observer holds it.
+# How long a save that is to raise failures (on_error="raise") waits for their events to
+# reach the hooks and observers first (one of them may ask to stop, with SystemExit: that
+# is raised instead). Delivery follows the failure at once, unless a hook or observer
+# holds it.
 FAILURE_DELIVERY_WAIT_S = 5.0
 
 
@@ -92,9 +93,12 @@ class ReportingCheckpoint(SubmittingCheckpoint):
             or (pipeline is not None and pipeline.has_escalated())
         ):
             return  # the common case, at every save: four reads, no lock
-        if await_delivery and self._unreported_failures:
+        if await_delivery and self._unreported_failures and self.on_error == "raise":
             # An observer told of a failure may ask to stop (SystemExit in its
             # on_artifact_failed): its own request, not PersistenceError, ends the fit.
+            # Only where a PersistenceError is raised: a warning does not stop the fit,
+            # whose later save (or teardown) raises the stop, and a run told to go on
+            # through failures is not held at each save for its observers.
             self._await_failure_delivery(FAILURE_DELIVERY_WAIT_S)
         escalated = self._take_all_escalated()
         if escalated:
