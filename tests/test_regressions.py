@@ -738,6 +738,28 @@ def test_an_override_raising_after_super_stored_its_file_is_warned_with_on_error
     assert callback.pending_artifacts() == []
 
 
+class _FailsStep1(MemoryCheckpoint):
+    """Storage refuses the checkpoint of step 1 for good (the others persist)."""
+
+    def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
+        if str(filepath).endswith("step=1.ckpt"):
+            raise PermanentError("storage refused it")
+        return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
+
+
+class _WaitsAtStep1(TinyModel):
+    """Training step 1 (after the save of step 1) waits for ``event``."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == 1:
+            assert self.event.wait(60)
+        return super().training_step(batch, batch_idx)
+
+
 def test_a_stop_an_observer_asks_for_when_told_of_a_failure_ends_the_fit_as_asked(
     tmp_path: Path,
 ) -> None:
@@ -749,23 +771,11 @@ def test_a_stop_an_observer_asks_for_when_told_of_a_failure_ends_the_fit_as_aske
     failure_told = threading.Event()  # the observer has the failure event
     next_save = threading.Event()  # training is at the next save
 
-    class FailsStep1(MemoryCheckpoint):
-        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
-            if str(filepath).endswith("step=1.ckpt"):
-                raise PermanentError("storage refused it")
-            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
-
     class Aborts:
         def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
             failure_told.set()
             next_save.wait(60)
             raise SystemExit(3)
-
-    class WaitsForTheFailure(TinyModel):
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            if self.global_step == 1:
-                assert failure_told.wait(60)
-            return super().training_step(batch, batch_idx)
 
     class AtTheNextSave(logging.Handler):
         # The save about to report the failure says it waits for the failure's event
@@ -779,7 +789,7 @@ def test_a_stop_an_observer_asks_for_when_told_of_a_failure_ends_the_fit_as_aske
         def on_exception(self, *args: Any) -> None:
             next_save.set()
 
-    callback = FailsStep1(
+    callback = _FailsStep1(
         MemoryStore(),
         dirpath=tmp_path / "ckpt",
         every_n_train_steps=1,
@@ -793,7 +803,7 @@ def test_a_stop_an_observer_asks_for_when_told_of_a_failure_ends_the_fit_as_aske
     logger.setLevel(logging.DEBUG)
     try:
         with pytest.raises(SystemExit) as raised:
-            trainer.fit(WaitsForTheFailure(), loader(3))
+            trainer.fit(_WaitsAtStep1(failure_told), loader(3))
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -824,23 +834,11 @@ def test_a_failure_a_save_sees_before_its_delivery_is_awaited_is_still_awaited(
             looked.set()
             return found
 
-    class FailsStep1(MemoryCheckpoint):
-        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
-            if str(filepath).endswith("step=1.ckpt"):
-                raise PermanentError("storage refused it")
-            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
-
     class Aborts:
         def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
             raise SystemExit(3)
 
-    class WaitsForTheFailure(TinyModel):
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            if self.global_step == 1:
-                assert appended.wait(60)
-            return super().training_step(batch, batch_idx)
-
-    callback = FailsStep1(
+    callback = _FailsStep1(
         MemoryStore(),
         dirpath=tmp_path / "ckpt",
         every_n_train_steps=1,
@@ -850,7 +848,7 @@ def test_a_failure_a_save_sees_before_its_delivery_is_awaited_is_still_awaited(
     callback._unreported_failures = Racing()
     callback._failures_delivered = Looked()
     with pytest.raises(SystemExit) as raised:
-        make_trainer(tmp_path, [callback], max_steps=3).fit(WaitsForTheFailure(), loader(3))
+        make_trainer(tmp_path, [callback], max_steps=3).fit(_WaitsAtStep1(appended), loader(3))
     assert raised.value.code == 3
 
 
@@ -866,23 +864,11 @@ def test_with_on_error_warn_a_save_does_not_wait_for_a_failure_to_be_delivered(
     told = threading.Event()  # the observer has the failure of step 1
     passed = threading.Event()  # the save of step 2 returned
 
-    class FailsStep1(MemoryCheckpoint):
-        def save_checkpoint_artifact(self, trainer: Any, filepath: Any, **kwargs: Any) -> Any:
-            if str(filepath).endswith("step=1.ckpt"):
-                raise PermanentError("storage refused it")
-            return super().save_checkpoint_artifact(trainer, filepath, **kwargs)
-
     class SlowThenAborts:
         def on_artifact_failed(self, event: ArtifactFailedEvent) -> None:
             told.set()
             passed.wait(60)
             raise SystemExit(3)
-
-    class WaitsForTheFailure(TinyModel):
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            if self.global_step == 1:
-                assert told.wait(60)
-            return super().training_step(batch, batch_idx)
 
     class AfterTheSave(pl.Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -892,7 +878,7 @@ def test_with_on_error_warn_a_save_does_not_wait_for_a_failure_to_be_delivered(
         def on_exception(self, *args: Any) -> None:
             passed.set()
 
-    callback = FailsStep1(
+    callback = _FailsStep1(
         MemoryStore(),
         dirpath=tmp_path / "ckpt",
         every_n_train_steps=1,
@@ -903,7 +889,7 @@ def test_with_on_error_warn_a_save_does_not_wait_for_a_failure_to_be_delivered(
     caplog.set_level(logging.DEBUG, logger="lamin_lightning")
     with pytest.warns(UserWarning, match="storage refused it"), pytest.raises(SystemExit) as raised:
         make_trainer(tmp_path, [callback, AfterTheSave()], max_steps=4).fit(
-            WaitsForTheFailure(), loader(4)
+            _WaitsAtStep1(told), loader(4)
         )
     assert raised.value.code == 3
     assert "waiting for the failure event" not in caplog.text
