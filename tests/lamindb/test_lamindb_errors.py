@@ -157,3 +157,62 @@ def test_a_bad_run_value_fails_one_checkpoint_not_every_one(
     assert "tier_int_hparam" in str(failures[0].error)
     stored = {key for key in artifacts_under(ln, prefix) if key.endswith(".ckpt")}
     assert stored == {f"{prefix}/epoch=0-step=2.ckpt", f"{prefix}/epoch=0-step=3.ckpt"}
+
+
+def test_the_same_callback_fit_again_replays_its_first_fits_failed_save_once(
+    ln: Any, no_run: None, tmp_path: Path
+) -> None:
+    """One callback, two fits (the second resumed from last.ckpt, a notebook's next cell).
+    A save of the first fit fails for good (on_error="warn"): the second fit's setup
+    replays it, once, marked recovered; the store ends equal to the folder, one artifact
+    per checkpoint file, and nothing is left pending."""
+    from lamindb_tier import TierData, assert_checkpoint_keys_persisted, make_trainer
+
+    from lamin_lightning import ArtifactSavedEvent
+    from lamin_lightning._journal import journal_paths, read_pending
+    from lamin_lightning._lamin import LaminArtifactPublisher
+    from lamin_lightning._staging import staging_root
+
+    refused = {"on": True}
+
+    class Refusing(LaminArtifactPublisher):
+        def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
+            if refused["on"] and str(kwargs.get("key", "")).endswith("step=2.ckpt"):
+                raise PermissionError("the storage refused step=2")
+            return super().create_artifact(local_path, **kwargs)
+
+    observer = RecordingObserver()
+    dirpath = tmp_path / "ckpts"
+    callback = ll.Checkpoint(
+        dirpath=dirpath,
+        every_n_train_steps=1,
+        save_top_k=-1,
+        save_last=True,
+        retry=1,
+        artifact_observers=[observer],
+        on_error="warn",
+    )
+    callback._artifact_publisher = Refusing()
+    with pytest.warns(UserWarning, match="could not be persisted"):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TierModel(), datamodule=TierData(n=4))
+    prefix = callback.checkpoint_key_prefix
+    failed = [e.key for e in observer.of_type(ArtifactFailedEvent)]
+    assert failed == [f"{prefix}/epoch=0-step=2.ckpt"], observer.events
+    pending = [r.key for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
+    assert pending == [f"{prefix}/epoch=0-step=2.ckpt"]
+
+    refused["on"] = False
+    observer.events.clear()
+    make_trainer(tmp_path, [callback], max_steps=4).fit(
+        TierModel(), datamodule=TierData(n=4), ckpt_path="last"
+    )
+    recovered = [(e.key, type(e).__name__) for e in observer.events if e.recovered]
+    assert recovered == [(f"{prefix}/epoch=0-step=2.ckpt", "ArtifactSavedEvent")], observer.events
+    assert observer.of_type(ArtifactFailedEvent) == []
+    assert all(isinstance(e, ArtifactSavedEvent) for e in observer.events)
+    assert callback.checkpoint_key_prefix == prefix
+    on_disk = {f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt")}
+    assert len(on_disk) == 5  # step=1..4 and last.ckpt
+    assert_checkpoint_keys_persisted(ln, prefix, on_disk)
+    pending = [r.key for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
+    assert pending == []

@@ -796,3 +796,102 @@ def test_a_replay_sigkilled_midway_is_completed_by_the_next_one(
     assert report["events"] and all(e["recovered"] for e in report["events"]), report
     assert [e for e in report["events"] if e["type"] == "ArtifactFailedEvent"] == []
     _assert_each_file_persisted_once_with_its_features(ln, prefix, dirpath)
+
+
+TWO_SCRIPT = Path(__file__).parent / "two_callbacks_train.py"
+
+
+def _two_callbacks_run(
+    tmp_path: Path, dirpaths: dict[str, Path], *extra: str, which: str = "a,b"
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(TWO_SCRIPT),
+            "--dirpath-a",
+            str(dirpaths["a"]),
+            "--dirpath-b",
+            str(dirpaths["b"]),
+            "--which",
+            which,
+            "--marker",
+            str(tmp_path / "marker"),
+            "--report",
+            str(tmp_path / "report.json"),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _store_equals_folders(ln: Any, dirpaths: dict[str, Path], prefixes: dict[str, str]) -> None:
+    """Each folder's checkpoint files, each with exactly one artifact of its bytes under
+    its folder's key prefix, nothing else under it; nothing pending in any journal."""
+    for name, dirpath in dirpaths.items():
+        prefix = prefixes[name]
+        assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+        assert _pending(dirpath) == [], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False], ids=["one_folder", "two_folders"])
+@pytest.mark.parametrize("then", ["flush", "rerun_a", "rerun_both"])
+def test_two_callbacks_sigkilled_mid_upload_then_a_replay_makes_the_store_equal_the_folders(
+    ln: Any, tmp_path: Path, shared: bool, then: str
+) -> None:
+    """Two callbacks (different monitors and file names) in one training process, each
+    with an upload in flight and jobs journaled behind it, SIGKILLed; then ``flush`` of
+    the folders, a rerun with one of them only (the user dropped the other), or a resumed
+    rerun with both: every checkpoint file of each folder has one artifact, nothing is
+    left pending, every replayed event is marked recovered."""
+    dirpaths = (
+        {"a": tmp_path / "ckpt", "b": tmp_path / "ckpt"}
+        if shared
+        else {"a": tmp_path / "ckpt_a", "b": tmp_path / "ckpt_b"}
+    )
+    proc = _two_callbacks_run(tmp_path, dirpaths, "--block")
+    try:
+        _wait_for_marker(proc, tmp_path / "marker.parked")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    prefixes = {name: (tmp_path / f"report.{name}").read_text() for name in "ab"}
+    for name in ("a", "b", "parked"):
+        (tmp_path / f"marker.{name}").unlink()
+    for name in "ab":
+        (tmp_path / f"report.{name}").unlink()
+    assert all(_pending(d) for d in dirpaths.values())
+    if then == "flush":
+        for dirpath in dict.fromkeys(dirpaths.values()):
+            flushed = _cli("flush", "--no-progress", str(dirpath))
+            assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+            assert "0 still pending" in flushed.stdout, flushed.stdout
+    else:
+        which = "a" if then == "rerun_a" else "a,b"
+        rerun = _two_callbacks_run(tmp_path, dirpaths, "--resume", which=which)
+        out, _ = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, out
+        report = json.loads((tmp_path / "report.json").read_text())
+        for name, seen in report.items():
+            assert seen["prefix"] == prefixes[name]
+            failed = [e for e in seen["events"] if e["type"] == "ArtifactFailedEvent"]
+            assert failed == [], (name, seen)
+        # Each journal replayed once, recovered: a's by a; b's by b, or by a where b is
+        # gone from the trainer and a writes into b's folder.
+        replayed = [
+            (name, e["key"].rsplit("/", 1)[1])
+            for name, seen in report.items()
+            for e in seen["events"]
+            if e["recovered"]
+        ]
+        assert ("a", "a-step=4.ckpt") in replayed, replayed
+        b_by = "b" if then == "rerun_both" else "a" if shared else None
+        assert [n for n, f in replayed if f == "b-step=5.ckpt"] == ([b_by] if b_by else [])
+        if then == "rerun_a" and not shared:
+            # b's folder is nobody's in this run: its journal waits for a flush.
+            assert _pending(dirpaths["b"])
+            flushed = _cli("flush", "--no-progress", str(dirpaths["b"]))
+            assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    _store_equals_folders(ln, dirpaths, prefixes)
