@@ -437,13 +437,20 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 / str(logger.name),
                 version if isinstance(version, str) else f"version_{version}",
             )
+        root = self._staging_root(self.dirpath or ".")
         others = unfinished(
             own,
-            root=self._staging_root(self.dirpath or "."),
+            root=root,
+            # Only the callbacks that replay this folder finish their own journals here. One
+            # of the trainer that now writes elsewhere (moved to a folder of its own since
+            # the crash), or journals nothing, leaves its journal here to this callback, as
+            # one the user dropped from the trainer does.
             skip_digests={
                 _journal_digest(other)
                 for other in getattr(trainer, "callbacks", [])
-                if other is not self and isinstance(other, SubmittingCheckpoint)
+                if other is not self
+                and isinstance(other, SubmittingCheckpoint)
+                and _replays(other, root)
             },
             dirpath=Path(self.dirpath or "."),
             logger_layout=layout,
@@ -541,6 +548,17 @@ def _same_value(a: Any, b: Any) -> bool:
 def _class_path(cls: type) -> str:
     """``module:qualname`` of a class, for records of a callback that names no store."""
     return f"unregistered:{cls.__module__}:{cls.__qualname__}"
+
+
+def _replays(callback: SubmittingCheckpoint, root: Path) -> bool:
+    """Whether ``callback``'s ``setup`` replays its own journals in the working folder
+    ``root``: it journals, and writes there (or into a folder Lightning derives at its
+    ``setup``, not known yet, which may be this one)."""
+    if not callback.outbox:
+        return False
+    if not callback.dirpath:
+        return True
+    return staging_root(callback.dirpath).resolve() == root.resolve()
 
 
 def _journal_digest(callback: Any) -> str:

@@ -895,3 +895,33 @@ def test_two_callbacks_sigkilled_mid_upload_then_a_replay_makes_the_store_equal_
             flushed = _cli("flush", "--no-progress", str(dirpaths["b"]))
             assert flushed.returncode == 0, flushed.stdout + flushed.stderr
     _store_equals_folders(ln, dirpaths, prefixes)
+
+
+@pytest.mark.slow
+def test_two_callbacks_sigkilled_in_one_folder_then_one_moved_elsewhere_the_rerun_replays_both(
+    ln: Any, tmp_path: Path
+) -> None:
+    """Two callbacks in one folder SIGKILLed with jobs pending; the rerun (resumed) moves
+    one of them (``b``) to a folder of its own. ``b``'s journal in the first folder is
+    nobody's in this trainer any more: ``a`` replays it, as it replays the journal of a
+    callback the user dropped."""
+    shared = tmp_path / "ckpt"
+    proc = _two_callbacks_run(tmp_path, {"a": shared, "b": shared}, "--block")
+    try:
+        _wait_for_marker(proc, tmp_path / "marker.parked")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    prefix = (tmp_path / "report.a").read_text()
+    assert (tmp_path / "report.b").read_text() == prefix
+    assert _pending(shared)
+    moved = {"a": shared, "b": tmp_path / "ckpt_b"}
+    rerun = _two_callbacks_run(tmp_path, moved, "--resume")
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [e for e in report["a"]["events"] if e["type"] == "ArtifactFailedEvent"] == []
+    replayed = {e["key"].rsplit("/", 1)[1] for e in report["a"]["events"] if e["recovered"]}
+    assert "b-step=5.ckpt" in replayed, report["a"]["events"]
+    assert _pending(shared) == []
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(shared, prefix))
