@@ -1793,3 +1793,44 @@ def test_marks_a_full_disk_refused_reach_the_journal_with_its_next_line_or_its_c
     outbox.close()
     records = dict(read_pending(outbox.path))
     assert records[save].written_file == (1, 2, 3) and records[removal].handed_over
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["moved_elsewhere", "outbox_off"])
+def test_a_crashed_callbacks_journal_is_replayed_by_another_callback_of_its_folder(
+    tmp_path: Path, moved: bool
+) -> None:
+    """A callback leaves jobs in the outbox (its storage hung past flush_timeout). The next
+    run in the folder has it still in the trainer, but writing to a folder of its own now,
+    or with ``outbox=False``: either way it replays nothing in this folder. Another
+    callback there replays its journal (as it does one whose callback the user dropped);
+    it skipped it as the first one's, and its jobs stayed pending, their files without
+    artifacts."""
+    dirpath = tmp_path / "ckpt"
+    store = MemoryStore()
+    store.hang()
+    settings = {"monitor": "score", "save_top_k": 2, "every_n_train_steps": 1}
+    first = MemoryCheckpoint(store, dirpath=dirpath, flush_timeout=0.2, max_pending=32, **settings)
+    try:
+        with pytest.warns(UserWarning, match="not persisted"):
+            make_trainer(tmp_path, [first], max_steps=4).fit(
+                TinyModel(scores=[5, 3, 4, 1]), loader()
+            )
+    finally:
+        store.release()
+    assert [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
+
+    again = (
+        MemoryCheckpoint(store, dirpath=tmp_path / "elsewhere", **settings)
+        if moved
+        else MemoryCheckpoint(store, dirpath=dirpath, outbox=False, **settings)
+    )
+    assert again.state_key == first.state_key
+    observer = RecordingObserver()
+    other = MemoryCheckpoint(
+        store, dirpath=dirpath, every_n_train_steps=5, artifact_observers=[observer]
+    )
+    make_trainer(tmp_path, [again, other]).validate(TinyModel(), loader())
+
+    assert [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)] == []
+    _kept_set_matches_store(dirpath, store)
+    assert observer.events and all(e.recovered for e in observer.events)
