@@ -1919,3 +1919,47 @@ def test_an_override_raising_after_the_artifact_was_stored_leaves_it_stored_and_
         assert callback.persistence_stats.failed == 0
         assert callback.pending_artifacts() == []
         assert callback.flush(timeout=0) is True
+
+
+@pytest.mark.parametrize("counter", [True, False], ids=["version_counter", "no_counter"])
+@pytest.mark.parametrize("filename", ["{step}", "shared"])
+def test_two_callbacks_of_one_file_name_template_in_one_folder_leave_modelcheckpoints_files(
+    ln: Any, no_run: None, tmp_path: Path, counter: bool, filename: str
+) -> None:
+    """Two callbacks (their own monitors and modes, so their own state keys) with one
+    ``filename`` template, top 2, in one folder: the folder ends with the files that two
+    ``ModelCheckpoint`` of the same settings leave (with the version counter each names
+    around the other's files; without, each overwrites and evicts the other's), and
+    every file there has one artifact of its bytes, nothing else under the prefix."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lamin_lightning import Checkpoint
+
+    scores = [5.0, 4.0, 6.0, 3.0, 7.0, 2.0, 8.0, 1.0]
+
+    def pair(cls: type, dirpath: Path) -> list[Any]:
+        common = {
+            "dirpath": dirpath,
+            "filename": filename,
+            "save_top_k": 2,
+            "every_n_train_steps": 1,
+            "enable_version_counter": counter,
+        }
+        return [
+            cls(monitor="score", mode="min", **common),
+            cls(monitor="tier_metric", mode="max", **common),
+        ]
+
+    listings = {}
+    for cls, name in ((ModelCheckpoint, "reference"), (Checkpoint, "ours")):
+        dirpath = tmp_path / name
+        callbacks = pair(cls, dirpath)
+        make_trainer(tmp_path, callbacks, max_steps=len(scores)).fit(
+            TierModel(scores=scores), datamodule=TierData(n=len(scores))
+        )
+        listings[name] = sorted(p.name for p in dirpath.iterdir())
+    assert listings["ours"] == listings["reference"]
+    prefix = callbacks[0].checkpoint_key_prefix
+    assert callbacks[1].checkpoint_key_prefix == prefix
+    on_disk = {f"{prefix}/{p.name}": p for p in (tmp_path / "ours").glob("*.ckpt")}
+    assert_checkpoint_keys_persisted(ln, prefix, on_disk)
