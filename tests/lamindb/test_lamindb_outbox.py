@@ -925,3 +925,40 @@ def test_two_callbacks_sigkilled_in_one_folder_then_one_moved_elsewhere_the_reru
     assert "b-step=5.ckpt" in replayed, report["a"]["events"]
     assert _pending(shared) == []
     assert_checkpoint_keys_persisted(ln, prefix, _on_disk(shared, prefix))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("counter", [True, False], ids=["version_counter", "no_counter"])
+@pytest.mark.parametrize("then", ["flush", "rerun_both"])
+def test_two_callbacks_of_one_template_sigkilled_then_a_replay_makes_the_store_equal_the_folder(
+    ln: Any, tmp_path: Path, counter: bool, then: str
+) -> None:
+    """Two callbacks of one ``filename`` template in one folder (without the version
+    counter each overwrites and evicts the other's files, as ``ModelCheckpoint`` does)
+    SIGKILLed with uploads in flight and jobs journaled behind them; their two journals
+    hold jobs of the same keys. A flush, or a resumed rerun with both, leaves each file
+    of the folder with one artifact of its bytes and nothing pending."""
+    dirpath = tmp_path / "ckpt"
+    dirpaths = {"a": dirpath, "b": dirpath}
+    options = ["--filename", "{step}", *([] if counter else ["--no-counter"])]
+    proc = _two_callbacks_run(tmp_path, dirpaths, "--block", *options)
+    try:
+        _wait_for_marker(proc, tmp_path / "marker.parked")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    prefix = (tmp_path / "report.a").read_text()
+    for name in ("a", "b", "parked"):
+        (tmp_path / f"marker.{name}").unlink()
+    assert _pending(dirpath)
+    if then == "flush":
+        flushed = _cli("flush", "--no-progress", str(dirpath))
+        assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    else:
+        rerun = _two_callbacks_run(tmp_path, dirpaths, "--resume", *options)
+        out, _ = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, out
+        report = json.loads((tmp_path / "report.json").read_text())
+        for seen in report.values():
+            assert [e for e in seen["events"] if e["type"] == "ArtifactFailedEvent"] == []
+    _store_equals_folders(ln, {"a": dirpath}, {"a": prefix})

@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--marker", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--filename", default=None, help="both callbacks' template")
+    parser.add_argument("--no-counter", action="store_true", help="enable_version_counter=False")
     args = parser.parse_args()
 
     guard = pytest.MonkeyPatch()
@@ -78,7 +80,8 @@ def main() -> None:
         observers[name] = Events()
         callback = ll.Checkpoint(
             **settings[name],
-            filename=f"{name}-{{step}}",
+            filename=args.filename or f"{name}-{{step}}",
+            enable_version_counter=not args.no_counter,
             save_top_k=2,
             save_last=True,
             every_n_train_steps=1,
