@@ -1,19 +1,25 @@
-"""A randomized crash sweep against a real local LaminDB instance: SIGKILL, then recovery.
+"""A randomized crash sweep against a real local LaminDB instance: a kill, then recovery.
 
 Each seed draws a configuration (``save_top_k``, ``save_last`` True or "link",
 ``every_n_train_steps``, ``async_write``, ``max_workers``, ``max_pending``, the monitored
-scores), a step of a job to die at and how many times that step is passed first (see
-``outbox_train.kill_points``), and how to recover: ``lamin-lightning flush`` on the
-folder, or the script run again, resumed from ``last.ckpt`` (``ckpt_path="last"``).
-The training process (``outbox_train.py``) SIGKILLs itself at that point, on whichever
+scores, and sometimes ``--keep-files``: a CheckpointIO of the user's that keeps evicted
+files), a step of a job to die at and how many times that step is passed first (see
+``outbox_train.kill_points``), the signal (SIGKILL, or SIGTERM: Lightning's handling and
+teardown run), and how to recover: ``lamin-lightning flush`` on the folder, or the script
+run again, resumed from ``last.ckpt`` (``ckpt_path="last"``), possibly with another
+``async_write`` and ``max_workers``. Half the cases kill the recovery too, at a step of
+its own drawn the same way (a rerun SIGKILLs itself, a flush runs in-process under
+``flush_killed.py`` with the same hook), then recover once more, cleanly.
+The training process (``outbox_train.py``) signals itself at that point, on whichever
 thread reaches it; a drawn point it never reaches lets it finish, and the case checks an
 uninterrupted run instead.
 
 After the recovery the store must equal the checkpoint folder: one artifact per
 checkpoint file Lightning left there (a file that does not load, cut short by the kill
 in Lightning's own ``torch.save``, excepted: ``ModelCheckpoint`` leaves it too, and
-nothing was journaled for it; and a ``last.ckpt`` link, which has none, as in the
-reference), its hash the file's, none for a file that is gone, and no
+nothing was journaled for it; a ``last.ckpt`` link, which has none, as in the
+reference; and, with ``--keep-files``, a file Lightning evicted that the user's
+CheckpointIO kept), its hash the file's, none for a file that is gone, and no
 job pending in the outbox.
 
 Not collected by pytest: run it by hand, one range at a time (each case is two or
@@ -43,6 +49,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "outbox_train.py"
+FLUSH_KILLED = HERE / "flush_killed.py"
 # Steps of a job a process can die right after (or before: outbox_train.BEFORE).
 STEPS = [
     "journaled",
@@ -86,12 +93,34 @@ def draw(seed: int) -> dict[str, Any]:
     ]
     if r.random() < 0.5:
         options.append("--async-write")
+    keep_files = r.random() < 0.3
+    if keep_files:
+        options.append("--keep-files")
+    steps_drawn = STEPS + (["removal_handed"] if keep_files else [])
+    # The rerun may be set up differently (another writer or pool): the outbox is the folder's.
+    rerun_options = list(options)
+    if r.random() < 0.5:
+        if "--async-write" in rerun_options:
+            rerun_options.remove("--async-write")
+        else:
+            rerun_options.append("--async-write")
+    rerun_options[rerun_options.index("--max-workers") + 1] = str(r.choice([1, 2, 3]))
+    second = None
+    if r.random() < 0.5:  # the recovery killed too, then a last clean one
+        second = {
+            "kill_at": r.choice(steps_drawn),
+            "kill_after": r.choice([1, 1, 2, 3]),
+            "recovery": r.choice(["flush", "rerun"]),
+        }
     return {
         "options": options,
+        "rerun_options": rerun_options,
         "steps": steps,
-        "kill_at": r.choice(STEPS),
+        "signal": r.choice(["KILL", "KILL", "TERM"]),
+        "kill_at": r.choice(steps_drawn),
         "kill_after": r.choice([1, 1, 2, 3, 5]),
         "recovery": r.choice(["flush", "rerun"]),
+        "second_kill": second,
     }
 
 
@@ -126,6 +155,37 @@ def _loads(path: Path) -> bool:
     return True
 
 
+def _flush(case_dir: Path, *kill: str) -> subprocess.CompletedProcess[str]:
+    """``lamin-lightning flush`` on the case's folder; with ``kill`` (``--kill-at STEP
+    --kill-after N``), run in-process by flush_killed.py with the kill hook installed."""
+    command = (
+        [sys.executable, str(FLUSH_KILLED), *kill, "--"]
+        if kill
+        else [
+            sys.executable,
+            "-m",
+            "lamin_lightning._cli",
+        ]
+    )
+    return subprocess.run(
+        [*command, "flush", "--no-progress", str(case_dir / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _recover(
+    case: dict[str, Any], case_dir: Path, how: str, steps: int, *kill: str
+) -> subprocess.CompletedProcess[str]:
+    if how == "flush":
+        return _flush(case_dir, *kill)
+    options = list(case["rerun_options"])
+    options[options.index("--steps") + 1] = str(steps)
+    return _train(case_dir, options, "--resume", *kill)
+
+
 def run_case(seed: int, case_dir: Path) -> str | None:
     """Run one seed's case; None if the store ends equal to the folder, else what differs."""
     from lamindb_tier import assert_checkpoint_keys_persisted
@@ -135,6 +195,7 @@ def run_case(seed: int, case_dir: Path) -> str | None:
     from lamin_lightning._staging import staging_root
 
     case = draw(seed)
+    dirpath = case_dir / "ckpt"
     killed = _train(
         case_dir,
         case["options"],
@@ -142,44 +203,55 @@ def run_case(seed: int, case_dir: Path) -> str | None:
         case["kill_at"],
         "--kill-after",
         str(case["kill_after"]),
+        "--kill-signal",
+        case["signal"],
     )
     if killed.returncode == -signal.SIGKILL:
         KILLED.append(seed)
-    if killed.returncode not in (0, -signal.SIGKILL):
+    if case["signal"] == "TERM":
+        # SIGTERM: Lightning stops the fit and teardown runs (failures.md, "Ctrl+C and
+        # SIGTERM"); how the process then ends is Lightning's affair, not ours: whatever
+        # the code, the recovery must complete the set (guarantees.md).
+        if killed.returncode != 0:
+            KILLED.append(seed)
+    elif killed.returncode not in (0, -signal.SIGKILL):
         return f"the first run ended with {killed.returncode}:\n{killed.stdout}{killed.stderr}"
     prefix_file = case_dir / "report.prefix"
     if not prefix_file.exists():
-        return None if killed.returncode == -signal.SIGKILL else "no key prefix written"
+        return None if killed.returncode != 0 else "no key prefix written"
     prefix = prefix_file.read_text()
-    dirpath = case_dir / "ckpt"
-    if killed.returncode == -signal.SIGKILL:
-        if case["recovery"] == "flush":
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "lamin_lightning._cli",
-                    "flush",
-                    "--no-progress",
-                    str(dirpath),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
+    if killed.returncode != 0 or case["signal"] == "TERM":
+        second = case["second_kill"]
+        steps = case["steps"] + 4
+        if second is None:
+            done = _recover(case, case_dir, case["recovery"], steps)
         else:
-            options = list(case["options"])
-            options[options.index("--steps") + 1] = str(case["steps"] + 4)
-            done = _train(case_dir, options, "--resume")
+            kill = ("--kill-at", second["kill_at"], "--kill-after", str(second["kill_after"]))
+            done = _recover(case, case_dir, case["recovery"], steps, *kill)
+            if done.returncode == -signal.SIGKILL:
+                steps += 4
+                done = _recover(case, case_dir, second["recovery"], steps)
         if done.returncode != 0:
-            return (
-                f"the {case['recovery']} ended with {done.returncode}:\n{done.stdout}{done.stderr}"
-            )
+            return f"the recovery ended with {done.returncode}:\n{done.stdout}{done.stderr}"
     # A last.ckpt link (save_last="link") gets no artifact of its own (migrating.md).
     on_disk = {
         f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt") if not p.is_symlink() and _loads(p)
     }
+    if "--keep-files" in case["options"]:
+        # A user's CheckpointIO that keeps an evicted file keeps only the file: its
+        # artifact is deleted all the same, as in a run never interrupted
+        # (test_lamindb_outbox.py::test_sigkill_after_a_users_removal_kept_the_file_then_a_
+        # flush_deletes_its_artifact). Only once that CheckpointIO was handed the file,
+        # though (outbox_train's log): killed between the eviction's journal line and the
+        # hand-off, the file and its artifact both stay, as with Lightning's own removal
+        # (guarantees.md, "killed between an eviction's line and the move of its file"),
+        # so an eviction still pending in the outbox after a kill is no part of this set.
+        log = case_dir / "report.removed"
+        removed = (
+            {f"{prefix}/{name}" for name in log.read_text().split()} if log.exists() else set()
+        )
+        for key in removed:
+            on_disk.pop(key, None)
     pending = [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
     if pending:
         return f"still pending in the outbox: {[(r.op, r.key) for r in pending]}"

@@ -12,10 +12,14 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
 - ``--keep-files``: a CheckpointIO of the user's whose ``remove_checkpoint`` keeps the file.
 - ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
   time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
+  ``--kill-signal TERM`` sends itself SIGTERM there instead (Lightning's handling, then
+  teardown's, run; the job goes on).
 - ``--park-at STEP --park-after N``: as ``--kill-at``, but that thread writes ``--marker``
   and waits there, for the test to SIGKILL the process.
 - ``--flush``: no training: replay the outbox of ``--dirpath`` (``flush_directory``, the
   kill and park points apply) and write ``--report`` with the events and what remains.
+- ``--keep-files`` also appends each path the user's CheckpointIO kept to
+  ``--report`` with suffix ``.removed`` (one a line, flushed and synced before it returns).
 
 At the end (if it gets there) it writes ``--report``: the key prefix, Lightning's kept
 set (file names) and the events it saw.
@@ -114,6 +118,11 @@ def _sigkill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _signal_self(sig: int) -> Any:
+    """An action for :func:`kill_at`: send this process ``sig``."""
+    return _sigkill_self if sig == signal.SIGKILL else lambda: os.kill(os.getpid(), sig)
+
+
 def park(marker: Path) -> Any:
     """What ``--park-at`` does at its step: tell the parent (``marker``), and hold this
     thread there until the parent SIGKILLs the process."""
@@ -162,8 +171,14 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int, action: Any = _sig
 class KeepFiles(TorchCheckpointIO):
     """A user's CheckpointIO that keeps every checkpoint file Lightning evicts."""
 
+    log: Path | None = None  # where each kept path is appended (--keep-files)
+
     def remove_checkpoint(self, path: Any) -> None:
-        pass
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(f"{Path(path).name}\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 class Events:
@@ -208,6 +223,7 @@ def main() -> None:
     parser.add_argument(
         "--flush", action="store_true", help="replay the outbox (flush_directory), no training"
     )
+    parser.add_argument("--kill-signal", choices=["KILL", "TERM"], default="KILL")
     parser.add_argument("--storage", default=None, help="a storage location to store into")
     parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
     parser.add_argument("--max-pending", type=int, default=4)
@@ -232,7 +248,14 @@ def main() -> None:
     guard = pytest.MonkeyPatch()
     block_network(guard)
     if args.kill_at:
-        kill_at(guard, args.kill_at, args.kill_after)
+        kill_at(
+            guard,
+            args.kill_at,
+            args.kill_after,
+            _signal_self(getattr(signal, f"SIG{args.kill_signal}")),
+        )
+    if args.keep_files:
+        KeepFiles.log = args.report.with_suffix(".removed")
     if args.park_at:
         kill_at(guard, args.park_at, args.park_after, park(args.marker))
     if args.flush:
