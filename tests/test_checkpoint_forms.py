@@ -621,6 +621,10 @@ class FailingHeldWrite(TorchCheckpointIO):
         self.partial = partial  # the failing write leaves part of a file, as in place
         self.gate = threading.Event()
         self.failed = threading.Event()
+        # Set by the training thread once Lightning's save_checkpoint returned (see
+        # _failing_io_trainer): a quick failure waits for it, or AsyncCheckpointIO finds
+        # the failure right after queuing the write and raises it out of that very save.
+        self.save_returned: threading.Event | None = None
 
     def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
         if Path(path).name == self.name or (self.name == "*" and Path(path).suffix == ".ckpt"):
@@ -628,6 +632,8 @@ class FailingHeldWrite(TorchCheckpointIO):
             if self.seen == self.nth:
                 if self.held:
                     assert self.gate.wait(60), "the gate never opened"
+                if self.save_returned is not None:
+                    assert self.save_returned.wait(60), "the save never returned"
                 if self.partial:
                     Path(path).write_bytes(b"PK\x03\x04 cut short")
                 self.failed.set()
@@ -672,6 +678,8 @@ class WaitsForTheFailure(Logger):
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.calls += 1
         if self.calls == self.at_call:
+            if self.io.save_returned is not None:
+                self.io.save_returned.set()
             assert self.io.failed.wait(60), "the write never failed"
 
 
@@ -682,6 +690,7 @@ def _failing_io_trainer(
     saves in its favour returned; a quick one before its save returned."""
     extra: dict[str, Any] = {}
     if not io.held:
+        io.save_returned = threading.Event()
         extra["logger"] = WaitsForTheFailure(io, failing_call)
     return make_trainer(
         tmp_path,
