@@ -13,7 +13,13 @@ admission, and ``lamin_lightning.Checkpoint`` drains them into the bucket. Throu
 (``persistence_stats.retried``: SQLite "database is locked", connection errors) are
 reported per run.
 
-Target: 4 workers >= 3x the throughput of 1 worker.
+The *control* is the same number of plain s3fs uploads of a file of the same size by as
+many threads through the same proxy (no LaminDB, no pipeline), measured in each round
+right before the drain it is compared with, so a change of load during the run moves
+both; the ratio ours / control is taken per round, then the median.
+
+Targets: 4 workers >= 3x the throughput of 1 worker (scenario 2). Issue 14, item 4: ours
+>= 90 % of the control at every worker count, and 4 workers >= 3.5x one worker.
 
 Usage::
 
@@ -54,8 +60,11 @@ from _common import (
 )
 
 TARGET = 3.0
+OF_CONTROL = 0.90  # issue 14, item 4: ours / s3fs alone, at every worker count
+TARGET_4 = 3.5  # issue 14, item 4: 4 workers / 1 worker
 WIDTH = 1024  # Linear(1024, 1024): ~4.2 MB checkpoints
 BUCKET = "lamin-bench"
+CONTROL_BUCKET = "lamin-bench-control"  # its requests are not counted as the drain's
 
 
 class SavedClock:
@@ -265,7 +274,7 @@ def raw_uploads(endpoint: str, size: int, workers: int, count: int, root: Path) 
     if not source.exists() or source.stat().st_size != size:
         source.write_bytes(os.urandom(size))
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    fs.upload(str(source), f"{BUCKET}/raw/warmup")
+    fs.upload(str(source), f"{CONTROL_BUCKET}/warmup")
     counter = itertools.count()
     lock = threading.Lock()
 
@@ -275,7 +284,7 @@ def raw_uploads(endpoint: str, size: int, workers: int, count: int, root: Path) 
                 i = next(counter)
             if i >= count:
                 return
-            fs.upload(str(source), f"{BUCKET}/raw/{workers}/{i}")
+            fs.upload(str(source), f"{CONTROL_BUCKET}/{workers}/{i}")
 
     threads = [threading.Thread(target=upload) for _ in range(workers)]
     started = time.perf_counter()
@@ -284,6 +293,10 @@ def raw_uploads(endpoint: str, size: int, workers: int, count: int, root: Path) 
     for thread in threads:
         thread.join()
     return count / (time.perf_counter() - started)
+
+
+def _round(run: dict[str, Any]) -> int:
+    return int(run["round"])
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -349,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             block_network()
             import boto3
 
-            boto3.client("s3", endpoint_url=moto.url).create_bucket(Bucket=BUCKET)
+            for bucket in (BUCKET, CONTROL_BUCKET):
+                boto3.client("s3", endpoint_url=moto.url).create_bucket(Bucket=bucket)
 
             import lightning.pytorch as pl
             import torch
@@ -376,17 +390,12 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     warm = drain_once(ll, pl, torch, root, 2, 2, "warmup")
                     size = warm["bytes"] // warm["checkpoints"]
-                    for workers in worker_counts:
-                        raw[workers] = raw_uploads(proxy.url, size, workers, count, root)
-                    print(
-                        "  control, plain s3fs uploads of the same size through the same proxy:"
-                        + ", ".join(f" {w} threads {v:.2f}/s" for w, v in raw.items()),
-                        flush=True,
-                    )
                     before = _moto_requests(root / "moto.log")
                     for r in range(rounds):
                         shift = r % len(worker_counts)
                         for workers in worker_counts[shift:] + worker_counts[:shift]:
+                            # The control right before the drain it is compared with.
+                            control = raw_uploads(proxy.url, size, workers, count, root)
                             run = drain_once(
                                 ll,
                                 pl,
@@ -402,10 +411,13 @@ def main(argv: list[str] | None = None) -> int:
                             if profiles:
                                 run["profile"] = _profile_text(profiles)
                             run["round"] = r
+                            run["control_per_s"] = control
+                            run["of_control"] = run["artifacts_per_s"] / control
                             runs.append(run)
                             print(
                                 f"  round {r} max_workers={workers}:"
                                 f" {run['artifacts_per_s']:5.2f} artifacts/s"
+                                f" (s3fs alone {control:5.2f}/s: {run['of_control']:.0%})"
                                 f" {run['mb_per_s']:6.1f} MB/s  drain {run['drain_s']:5.2f}s"
                                 f"  transfer median {run['transfer_median_s']:.2f}s"
                                 f"  commit median {run['commit_median_s'] * 1e3:.0f} ms"
@@ -445,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             "commit_median_s": statistics.median(r["commit_median_s"] for r in mine),
             "production_s": statistics.median(r["production_s"] for r in mine),
             "steady_artifacts_per_s": statistics.median(r["steady_artifacts_per_s"] for r in mine),
+            "of_control": statistics.median(r["of_control"] for r in mine),
+            "of_control_per_round": [r["of_control"] for r in sorted(mine, key=_round)],
         }
+        raw[workers] = statistics.median(r["control_per_s"] for r in mine)
     one = by_workers[1]["artifacts_per_s"]
     for entry in by_workers.values():
         entry["speedup"] = entry["artifacts_per_s"] / one
@@ -461,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'max_workers':>11} {'artifacts/s':>12} {'MB/s':>8} {'x 1 worker':>11} {'retried':>8}"
-        f" {'2nd half':>9} {'control: s3fs alone':>20} {'x 1 thread':>11}"
+        f" {'2nd half':>9} {'control: s3fs alone':>20} {'x 1 thread':>11} {'ours/control':>13}"
     )
     for workers, entry in by_workers.items():
         entry["raw_uploads_per_s"] = raw.get(workers, float("nan"))
@@ -471,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {entry['speedup']:>11.2f} {entry['retried']:>8.0f}"
             f" {entry['steady_artifacts_per_s']:>7.2f}/s"
             f" {entry['raw_uploads_per_s']:>18.2f}/s {entry['raw_speedup']:>11.2f}"
+            f" {entry['of_control']:>12.0%}"
         )
     rows = [
         Row(
@@ -482,6 +498,25 @@ def main(argv: list[str] | None = None) -> int:
             speedup4 >= TARGET,
         )
     ]
+    for workers, entry in by_workers.items():
+        rows.append(
+            Row(
+                f"4 drain / s3fs alone, {workers} worker(s)",
+                f">= {OF_CONTROL:.0%}",
+                f"{entry['of_control']:.0%} (per round "
+                + ", ".join(f"{v:.0%}" for v in entry["of_control_per_round"])
+                + ")",
+                entry["of_control"] >= OF_CONTROL,
+            )
+        )
+    rows.append(
+        Row(
+            "4 drain: 4 workers vs 1",
+            f">= {TARGET_4:.1f}x",
+            f"{speedup4:.2f}x (s3fs alone {by_workers[4]['raw_speedup']:.2f}x)",
+            speedup4 >= TARGET_4,
+        )
+    )
     if 8 in by_workers:
         rows.append(
             Row(
@@ -506,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                 "storage": "moto_server S3 on 127.0.0.1 behind a latency proxy",
                 "max_pending": count,
             },
-            "control_s3fs_uploads_per_s": {str(k): v for k, v in raw.items()},
+            "control_s3fs_uploads_per_s": {str(k): v for k, v in raw.items()},  # medians
             "s3_requests": request_counts,
             "s3_requests_per_checkpoint": total_requests / saves if saves else None,
             "summary": {str(k): v for k, v in by_workers.items()},
@@ -538,13 +573,16 @@ def _profile_text(profiles: list[tuple[str, Any]], top: int = 20) -> str:
 
 
 def _moto_requests(log: Path) -> dict[str, int]:
-    """Requests moto served so far, by HTTP method (from its access log)."""
+    """Requests moto served so far for the drain (the control's bucket left out), by HTTP
+    method (from its access log)."""
     counts: dict[str, int] = {}
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return counts
     for line in text.splitlines():
+        if CONTROL_BUCKET in line:
+            continue
         for method in ("GET", "PUT", "HEAD", "POST", "DELETE"):
             if f'"{method} /' in line or f"m{method} /" in line:
                 counts[method] = counts.get(method, 0) + 1
