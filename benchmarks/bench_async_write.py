@@ -255,9 +255,9 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
         slot_waits.append(waited)
         return slot, waited
 
-    def timed_write(*write_args: Any) -> int:
+    def timed_write(*write_args: Any, **write_kwargs: Any) -> int:
         start, cpu_start = time.perf_counter(), time.thread_time()
-        size = original_write(*write_args)
+        size = original_write(*write_args, **write_kwargs)
         writes.append(time.perf_counter() - start)
         write_cpus.append(time.thread_time() - cpu_start)
         return size
