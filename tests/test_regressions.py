@@ -20,6 +20,7 @@ from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactSavedEvent,
     JobRecord,
+    PersistenceError,
     RetryPolicy,
     flush_directory,
 )
@@ -893,3 +894,53 @@ def test_with_on_error_warn_a_save_does_not_wait_for_a_failure_to_be_delivered(
         )
     assert raised.value.code == 3
     assert "waiting for the failure event" not in caplog.text
+
+
+def test_a_failed_removal_is_reported_as_an_artifact_left_in_the_store_not_as_a_file_kept(
+    tmp_path: Path,
+) -> None:
+    """A top-k eviction whose artifact the store refused to delete was reported as
+    "1 checkpoint artifact(s) could not be persisted; the local files are kept": neither
+    holds for a removal (its file is gone, Lightning deleted it; what failed is the
+    artifact's deletion, and the artifact is still stored). A save failing beside it is
+    still reported as one."""
+
+    class RefusesDeletes(MemoryStore):
+        def delete(self, key: str) -> Any:
+            raise PermanentError("the store refused the deletion")
+
+    store = RefusesDeletes()
+    callback = MemoryCheckpoint(
+        store, dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1
+    )
+    model = TinyModel()
+    with pytest.raises(PersistenceError) as raised:
+        make_trainer(tmp_path, [callback], max_steps=3).fit(model, loader(3))
+    message = str(raised.value)
+    assert {f.operation for f in raised.value.failures} == {"remove"}
+    assert "artifact(s) could not be deleted from the store" in message
+    assert "could not be persisted" not in message
+    assert "kept" not in message.split(":\n")[0]
+    # The evicted checkpoints' artifacts are still stored; the files are gone.
+    evicted = [f.key for f in raised.value.failures]
+    assert evicted and all(store.get(key) is not None for key in evicted)
+    assert not any((tmp_path / "ckpt" / key.rsplit("/", 1)[-1]).exists() for key in evicted)
+
+    mixed = PersistenceError([*raised.value.failures[:1], _failed_save(tmp_path)])
+    head = str(mixed).split(":\n")[0]
+    assert "1 checkpoint artifact(s) could not be persisted" in head
+    assert "1 evicted checkpoint's artifact(s) could not be deleted" in head
+    assert "local files are kept" in head
+
+
+def _failed_save(tmp_path: Path) -> ArtifactFailedEvent:
+    written = tmp_path / "written.ckpt"
+    written.write_bytes(b"x")
+    return ArtifactFailedEvent(
+        "checkpoint",
+        "checkpoints/written.ckpt",
+        written,
+        None,
+        error=OSError("no route"),
+        attempts=3,
+    )

@@ -85,8 +85,16 @@ class PersistenceError(LaminLightningError, RuntimeError):
                 f" `lamin-lightning flush {folder}` or start training again with"
                 " the same dirpath."
             )
-        head = f"{len(self.failures)} checkpoint artifact(s) could not be persisted"
-        if open_:
+        saves = sum(f.operation == "save" for f in self.failures)
+        parts = [f"{saves} checkpoint artifact(s) could not be persisted"] if saves else []
+        if len(self.failures) > saves:
+            # A removal's file is gone (Lightning evicted it); its artifact stays stored.
+            parts.append(
+                f"{len(self.failures) - saves} evicted checkpoint's artifact(s) could not be"
+                " deleted from the store"
+            )
+        head = "; ".join(parts)
+        if any(f.operation == "save" for f in open_):
             head += f"; the local files {'are' if written else 'that were written are'} kept"
         super().__init__(
             f"{head}:\n"
