@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -2629,3 +2630,118 @@ def test_a_follow_up_task_an_async_checkpoint_io_subclass_queues_from_its_task_i
     assert not list(dirpath.glob("*.tmp"))
     assert callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+class QueuesOnAUsersExecutor(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` that queues each write, through its ``checkpoint_io``,
+    on ``pool``: an executor of the user's own that it holds (shut down at teardown)."""
+
+    def __init__(self, checkpoint_io: Any, pool: Executor) -> None:
+        super().__init__(checkpoint_io)
+        self.pool = pool
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        assert self.checkpoint_io is not None
+        self.pool.submit(self.checkpoint_io.save_checkpoint, checkpoint, path, storage_options)
+
+    def teardown(self) -> None:
+        self.pool.shutdown(wait=True)
+        super().teardown()
+
+
+class RestartingExecutor(Executor):
+    """A user's executor that pickles as its settings: its thread pool is made when first
+    used, again after ``shutdown`` (the next fit). ``own_submit``: the instance has a
+    ``submit`` of its own too (one that counts the tasks, then queues them)."""
+
+    def __init__(self, own_submit: bool = False) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.counted = 0
+        if own_submit:
+            self.submit = self.counting_submit  # type: ignore[method-assign]
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1)
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def counting_submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.counted += 1
+        return RestartingExecutor.submit(self, fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait, cancel_futures=cancel_futures)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "pool": None}
+
+
+class HoldsEachFitsFirstWrite(pl.Callback):
+    """``gated``'s first write (reset before each fit) waits for its gate: at the start of
+    each fit's second step, ``seen`` gets whether the checkpoint the first step saved
+    still holds its name (its write followed until it ends), and the gate opens."""
+
+    def __init__(self, gated: GatedCheckpointIO, callback: ModelCheckpoint) -> None:
+        self.gated, self.callback = gated, callback
+        self.start = 0
+        self.seen: list[bool] = []
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.start = trainer.global_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.start + 1 and not self.gated.gate.is_set():
+            from lamin_lightning import _names
+
+            self.seen.append(_names.name_taken(self.callback._last_checkpoint_saved))
+            self.gated.gate.set()
+
+
+@pytest.mark.parametrize("first_fit", ["ends", "raises"])
+@pytest.mark.parametrize("own_submit", [False, True], ids=["class-submit", "own-submit"])
+def test_an_executor_an_async_checkpoint_io_subclass_holds_is_the_users_as_it_was_after_fit(
+    tmp_path: Path, first_fit: str, own_submit: bool
+) -> None:
+    """A subclass of AsyncCheckpointIO that queues its writes on an executor of the user's
+    own, which pickles: the callback followed that executor's ``submit`` by setting one of
+    its own on the instance, for good, so after the fit the executor no longer pickled
+    (our closure in its ``__dict__``) and our code ran in the user's object (a ``submit``
+    of the user's own stayed wrapped). Each executor is as it was once its saves' tasks
+    ended, whether the fit ended or raised; the same trainer's next fit follows it again
+    (its first write holds its name until written), and every checkpoint persists."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    executor = RestartingExecutor(own_submit)
+    own = vars(executor).get("submit")
+    pickle.dumps(executor)
+    gated = GatedCheckpointIO()
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, monitor=None, save_top_k=-1, every_n_train_steps=1
+    )
+    holds = HoldsEachFitsFirstWrite(gated, callback)
+    io = QueuesOnAUsersExecutor(gated, executor)
+    raises = first_fit == "raises"
+    model = TinyModel(fail_at_step=3 if raises else None)
+    trainer = make_trainer(tmp_path, [holds, callback], max_steps=4 if raises else 3, plugins=[io])
+    for fit in range(2):
+        gated.writes = 0
+        gated.gate.clear()
+        if fit == 0 and raises:
+            with pytest.raises(RuntimeError, match="boom at step 3"):  # after step 3's save
+                trainer.fit(model, loader(3))
+        else:
+            trainer.fit(model, loader(3))
+        assert gated.first_write_waited is True
+        assert holds.seen == [True] * (fit + 1)  # followed: its name held until written
+        pickle.dumps(executor)  # as before the fit
+        if own is None:
+            assert "submit" not in vars(executor)
+        else:
+            assert vars(executor)["submit"] is own
+        assert callback.persistence_stats.failed == 0
+        assert_store_equals_lightning(store, callback)
+        model.fail_at_step = None
+        trainer.fit_loop.epoch_loop.max_steps = 6  # the same trainer's next fit: to step 6
+    assert executor.counted == (6 if own_submit else 0)  # the user's own submit queued each

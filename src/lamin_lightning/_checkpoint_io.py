@@ -313,20 +313,26 @@ class _FollowedSave:
         self._closed = False
         self._error: BaseException | None = None
         self._swapped: dict[str, Any] = {}
+        self._in_place: list[_InPlace] = []
         self._submitted = False
         self._outer: _FollowedSave | None = None
 
     def follow(self) -> None:
         """Follow what is queued on each executor the queue holds, from now on, by this
-        thread (until :meth:`close`) and by the tasks queued."""
+        thread (until :meth:`close`) and by the tasks queued (until every one ended)."""
         for name, value in list(vars(self._queue).items()):
-            if isinstance(value, Executor) and not _follow_submissions(value):
-                # Its ``submit`` cannot be followed in place (an executor without a
-                # ``__dict__``): a stand-in meanwhile, which tasks that read the attribute
-                # when they run no longer find.
-                followed = _FollowedExecutor(value)
-                setattr(self._queue, name, followed)
-                self._swapped[name] = followed
+            if not isinstance(value, Executor):
+                continue
+            in_place = _follow_submissions(value)
+            if in_place is not None:
+                self._in_place.append(in_place)
+                continue
+            # Its ``submit`` cannot be followed in place (an executor that takes no
+            # attribute of its own: frozen): a stand-in meanwhile, which tasks that read
+            # the attribute when they run no longer find.
+            followed = _FollowedExecutor(value)
+            setattr(self._queue, name, followed)
+            self._swapped[name] = followed
         self._outer = getattr(_following, "save", None)
         _following.save = self
 
@@ -340,13 +346,8 @@ class _FollowedSave:
         with self._lock:
             self._closed = True
             last = self._pending == 0
-        if self._submitted:
-            if last:
-                self._finish()
-        elif raised:
-            self._tracker.drop(self._write)  # nothing queued: nothing writes it later
-        else:
-            self._tracker.finish(self._write, None)
+        if last:
+            self._done(raised)
 
     def task(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` as queued: what it queues is this save's too, and an error it leaves in
@@ -387,11 +388,22 @@ class _FollowedSave:
             self._pending -= 1
             last = self._closed and self._pending == 0
         if last:
-            self._finish()
+            self._done(raised=False)
 
-    def _finish(self) -> None:
-        if not self._write.done.is_set():  # else the notifier finished it (through checkpoint_io)
-            self._tracker.finish(self._write, self._error)
+    def _done(self, raised: bool) -> None:
+        """The save returned and every task it queued ended (once): the executors it
+        followed in place are the user's as they were unless another save still follows
+        them, before the write counts as done (a flush that waits for it finds them so)."""
+        for in_place in self._in_place:
+            _unfollow_submissions(in_place)
+        self._in_place = []
+        if self._submitted:
+            if not self._write.done.is_set():  # else the notifier finished it (checkpoint_io)
+                self._tracker.finish(self._write, self._error)
+        elif raised:
+            self._tracker.drop(self._write)  # nothing queued: nothing writes it later
+        else:
+            self._tracker.finish(self._write, None)
 
 
 _following = threading.local()
@@ -417,14 +429,61 @@ def _submit_followed(submit: Callable[..., Any], process_pool: bool) -> Callable
     return followed_submit
 
 
-def _follow_submissions(executor: Executor) -> bool:
-    """Follow what ``executor`` queues, for good: its ``submit`` becomes one that hands each
-    task queued by a followed save or its tasks to that save (any other goes as before;
-    the executor stays the user's object, of the user's class). False if it cannot be set."""
-    own = vars(executor).get("submit") if hasattr(executor, "__dict__") else None
+class _InPlace:
+    """An executor whose ``submit`` is followed in place: by how many saves not yet done,
+    and what its ``__dict__`` held under ``submit`` before (the user's own, or nothing)."""
+
+    __slots__ = ("key", "previous", "reference", "saves", "submit")
+
+    def __init__(
+        self, reference: weakref.ref[Any], previous: Any, submit: Callable[..., Any]
+    ) -> None:
+        self.key = id(reference())
+        self.reference = reference
+        self.previous = previous
+        self.submit = submit
+        self.saves = 1
+
+
+_NOTHING = object()
+_in_place_lock = threading.Lock()
+_in_place: dict[int, _InPlace] = {}
+"""The executors followed in place now, by ``id``: one that two saves follow at once (a
+task of the first still runs during the second) has one ``submit`` of ours, which goes
+once both are done."""
+
+
+def _follow_submissions(executor: Executor) -> _InPlace | None:
+    """Follow what ``executor`` queues until :func:`_unfollow_submissions` (once per call):
+    its ``submit`` becomes one that hands each task queued by a followed save or its tasks
+    to that save (any other goes as before; the executor stays the user's object, of the
+    user's class). None if it cannot be set (an executor that takes no attribute)."""
+    with _in_place_lock:
+        in_place = _in_place.get(id(executor))
+        if in_place is not None and in_place.reference() is executor:
+            in_place.saves += 1
+            own = vars(executor).get("submit", _NOTHING)
+            if own is not in_place.submit:
+                # The user's own ``submit``, set since: it is wrapped, and it comes back.
+                in_place.previous = own
+                in_place.submit = executor.submit = _wrapped_submit(executor, own)
+            return in_place
+        try:
+            reference = weakref.ref(executor)
+            own = vars(executor).get("submit", _NOTHING)
+            submit = _wrapped_submit(executor, own)
+            executor.submit = submit  # type: ignore[method-assign]
+        except (AttributeError, TypeError):  # frozen, or no ``__dict__`` or weak reference
+            return None
+        in_place = _in_place[id(executor)] = _InPlace(reference, own, submit)
+        return in_place
+
+
+def _wrapped_submit(executor: Executor, own: Any) -> Callable[..., Any]:
+    """The ``submit`` that follows ``executor``'s, ``own`` (an instance's) or its class's."""
     if getattr(own, "lamin_lightning_follows", False):
-        return True
-    if own is None:
+        return own  # type: ignore[no-any-return]  # a copy's: already follows
+    if own is _NOTHING:
         # The class's method, called on a weak reference: the executor holds no cycle
         # through itself, and goes (its threads with it) as soon as its owner lets it go.
         reference = weakref.ref(executor)
@@ -437,13 +496,26 @@ def _follow_submissions(executor: Executor) -> bool:
             return method(target, fn, *args, **kwargs)
 
         own = submit
-    try:
-        executor.submit = _submit_followed(  # type: ignore[method-assign]
-            own, isinstance(executor, ProcessPoolExecutor)
-        )
-    except AttributeError:
-        return False
-    return True
+    return _submit_followed(own, isinstance(executor, ProcessPoolExecutor))
+
+
+def _unfollow_submissions(in_place: _InPlace) -> None:
+    """One save that followed the executor in place is done: once none is, its ``submit``
+    is what it was (none of its own, or the user's), unless the user set another since."""
+    with _in_place_lock:
+        in_place.saves -= 1
+        if in_place.saves:
+            return
+        if _in_place.get(in_place.key) is in_place:
+            del _in_place[in_place.key]
+        executor = in_place.reference()
+        if executor is None or vars(executor).get("submit") is not in_place.submit:
+            return
+        with contextlib.suppress(AttributeError):
+            if in_place.previous is _NOTHING:
+                del executor.submit
+            else:
+                executor.submit = in_place.previous
 
 
 class _FollowedExecutor:
