@@ -13,6 +13,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -2678,6 +2679,20 @@ class RestartingExecutor(Executor):
         return {**vars(self), "pool": None}
 
 
+@dataclass(frozen=True)
+class FrozenPool(Executor):
+    """A user's executor that takes no attribute of its own (a frozen dataclass around a
+    thread pool): its ``submit`` cannot be followed in place."""
+
+    pool: ThreadPoolExecutor
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
 class HoldsEachFitsFirstWrite(pl.Callback):
     """``gated``'s first write (reset before each fit) waits for its gate: at the start of
     each fit's second step, ``seen`` gets whether the checkpoint the first step saved
@@ -2745,3 +2760,33 @@ def test_an_executor_an_async_checkpoint_io_subclass_holds_is_the_users_as_it_wa
         model.fail_at_step = None
         trainer.fit_loop.epoch_loop.max_steps = 6  # the same trainer's next fit: to step 6
     assert executor.counted == (6 if own_submit else 0)  # the user's own submit queued each
+
+
+def test_an_executor_that_takes_no_attribute_is_followed_and_given_back_after_each_save(
+    tmp_path: Path,
+) -> None:
+    """A subclass of AsyncCheckpointIO that queues its writes on a frozen executor of the
+    user's own, whose ``submit`` cannot be followed in place: a stand-in takes its place
+    on the subclass while each save runs. Its write is followed all the same (its name
+    held until written, every checkpoint persisted), and the attribute is the user's
+    executor again once each save returned, and after the fit."""
+    store = MemoryStore()
+    pool = FrozenPool(ThreadPoolExecutor(max_workers=1))
+    gated = GatedCheckpointIO()
+    io = QueuesOnAUsersExecutor(gated, pool)
+    callback = _folder_callback(store, tmp_path / "ckpts")
+    holds = HoldsEachFitsFirstWrite(gated, callback)
+    found: list[Any] = []
+
+    class BetweenSaves(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            found.append(io.pool)
+
+    trainer = make_trainer(tmp_path, [BetweenSaves(), holds, callback], max_steps=4, plugins=[io])
+    trainer.fit(TinyModel(scores=SCORES), loader(4))
+
+    assert gated.first_write_waited is True and holds.seen == [True]
+    assert len(found) == 4 and all(attribute is pool for attribute in found)
+    assert io.pool is pool
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
