@@ -2790,3 +2790,50 @@ def test_an_executor_that_takes_no_attribute_is_followed_and_given_back_after_ea
     assert io.pool is pool
     assert callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+class RecordsItsExecutors(RenamesInAFollowUp):
+    """:class:`RenamesInAFollowUp` (``during_next_save``) that keeps each executor it sets
+    up, and opens ``gate`` at ``on_train_end`` (:meth:`opener`): the first save's rename
+    is still queued while every later save runs."""
+
+    def __init__(self) -> None:
+        super().__init__(during_next_save=True)
+        self.executors: list[Any] = []
+
+    def _ensure_setup(self) -> None:
+        super()._ensure_setup()
+        if not any(executor is self._executor for executor in self.executors):
+            self.executors.append(self._executor)
+
+    def opener(self) -> pl.Callback:
+        gate = self.gate
+
+        class Opens(pl.Callback):
+            def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+                gate.set()
+
+            def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
+                gate.set()
+
+        return Opens()
+
+
+def test_an_executor_saves_follow_at_once_is_the_users_again_once_the_last_one_ended(
+    tmp_path: Path,
+) -> None:
+    """A subclass of AsyncCheckpointIO whose first save's follow-up task (its rename) waits
+    until training ended: every later save is followed on the same executor meanwhile.
+    Once the last task ended the executor holds no ``submit`` of the callback's (it kept
+    one for good), and every checkpoint persists."""
+    store = MemoryStore()
+    io = RecordsItsExecutors()
+    options: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": 1}
+    callback = MemoryCheckpoint(store, dirpath=tmp_path / "ckpts", **options)
+    trainer = make_trainer(tmp_path, [io.opener(), callback], max_steps=3, plugins=[io])
+    trainer.fit(TinyModel(scores=SCORES), loader(3))
+
+    assert io.held is True and len(io.executors) == 1
+    assert "submit" not in vars(io.executors[0])
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
