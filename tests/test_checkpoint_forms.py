@@ -2441,11 +2441,16 @@ class OverQuota(RuntimeError):
 class QueuesThenRaises(AsyncCheckpointIO):
     """A user's ``AsyncCheckpointIO`` whose ``at``-th save queues its write (Lightning's
     ``save_checkpoint``) and then raises an error of its own (a quota check, say). That
-    write is held behind ``gate`` meanwhile: the file is written after the save raised."""
+    write is held behind ``gate`` meanwhile: the file is written after the save raised.
 
-    def __init__(self, at: int) -> None:
+    ``settled``: every other save returns once its write ended. For plain ModelCheckpoint,
+    whose removal of a file does not wait for that file's write still queued (on a loaded
+    machine the write of step 1 landed after Lightning removed it, and the file came back):
+    its folder is then the one it comes to when writes keep pace."""
+
+    def __init__(self, at: int, settled: bool = False) -> None:
         super().__init__(TorchCheckpointIO())
-        self.at, self.calls = at, 0
+        self.at, self.calls, self.settled = at, 0, settled
         self.gate = threading.Event()
         self.held: bool | None = None
 
@@ -2458,6 +2463,9 @@ class QueuesThenRaises(AsyncCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
         if self.calls == self.at:
             raise OverQuota(f"over quota after queuing {Path(path).name}")
+        if self.settled:
+            assert self._executor is not None
+            self._executor.submit(lambda: None).result()  # one worker: after the write
 
     def _hold(self) -> None:
         self.held = self.gate.wait(60)
@@ -2511,7 +2519,7 @@ def test_a_write_an_async_checkpoint_io_subclass_queued_before_raising_its_own_e
             if kind == "plain"
             else MemoryCheckpoint(store, dirpath=dirpath, **options)
         )
-        io = QueuesThenRaises(at)
+        io = QueuesThenRaises(at, settled=kind == "plain")
         trainer = make_trainer(
             tmp_path / f"root-{kind}", [OpenOnException(io), callback], max_steps=3, plugins=[io]
         )
