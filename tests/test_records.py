@@ -345,3 +345,27 @@ def test_datetime_date_and_record_feature_values_survive_the_journal_as_themselv
         **values,
         "label": RecordRef(f"{__name__}.{Label.__qualname__}", "u1d"),
     }
+
+
+def test_a_checkpoint_records_run_level_values_round_trip_through_json() -> None:
+    """The run-level values a checkpoint carries (name, value, auto feature) are journaled
+    and read back as they were; a record without them encodes no such field."""
+    import dataclasses
+
+    snapshot = dataclasses.replace(
+        _snapshot(), run_features=(("max_steps", 8, True), ("lr", 0.1, False))
+    )
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key=snapshot.key,
+        local_path="/data/a.ckpt",
+        staged_path=str(snapshot.staged_path),
+        store="lamindb",
+        context={"instance": "me/inst", "prefix": "ckpts", "run_uid": "r"},
+        checkpoint=snapshot,
+        submitted_at=1700000000.5,
+    )
+    assert decode(json.loads(json.dumps(encode(record)))).checkpoint == snapshot
+    plain = dataclasses.replace(record, checkpoint=_snapshot())
+    assert "run_features" not in encode(plain)["snapshot"]

@@ -66,6 +66,11 @@ class CheckpointSnapshot:
             name (JSON values), collected on the training thread.
         auto_features: Which names in ``feature_values`` are features that
             ``save_lightning_features()`` created (the ``lamindb.lightning`` type).
+        run_features: The run-level values of its fit (``(name, value, auto feature)``),
+            on every checkpoint from the fit's first on. The live commit records them on
+            the run from memory, at the fit's first commit; a replay records those the
+            run does not have yet, so that a fit interrupted before its first commit
+            (Ctrl+C, SIGKILL) gets them from the flush.
         sequence: When it was submitted, among every checkpoint submitted in this
             process (:func:`next_sequence`), so that several callbacks sharing a folder
             end with the flags of the save made last whatever order their committer
@@ -89,6 +94,7 @@ class CheckpointSnapshot:
     scores: Mapping[str, float] = field(default_factory=dict)
     feature_values: Mapping[str, Any] | None = None
     auto_features: frozenset[str] = frozenset()
+    run_features: tuple[tuple[str, Any, bool], ...] = ()
     sequence: int = field(default=0, compare=False)
 
 
@@ -533,6 +539,16 @@ def _encode_snapshot(snapshot: CheckpointSnapshot) -> dict[str, Any]:
             [name, _journal_feature_value(value), name in snapshot.auto_features]
             for name, value in (snapshot.feature_values or {}).items()
         ],
+        **(
+            {
+                "run_features": [
+                    [name, _journal_feature_value(value), auto]
+                    for name, value, auto in snapshot.run_features
+                ]
+            }
+            if snapshot.run_features
+            else {}
+        ),
     }
 
 
@@ -557,6 +573,9 @@ def _decode_snapshot(
         scores={str(k): float(v) for k, v in dict(data.get("scores", {})).items()},
         feature_values={name: value for name, value, _ in features} or None,
         auto_features=frozenset(name for name, _, auto in features if auto),
+        run_features=tuple(
+            (str(n), _decode_feature_value(v), bool(a)) for n, v, a in data.get("run_features", [])
+        ),
     )
 
 

@@ -220,6 +220,9 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         self._run_values_pending: dict[Any, Any] | None = None
         self._artifact_publisher: ArtifactPublisher = LaminArtifactPublisher()
         self._run_values_collected = False
+        # The run-level values of this fit, journaled with its checkpoints (set at the
+        # first save; see CheckpointSnapshot.run_features).
+        self._run_features: tuple[tuple[str, Any, bool], ...] = ()
 
     @override
     def _init_runtime(self) -> None:
@@ -269,6 +272,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             if run is not self._run:
                 # Run-level features are written once per run.
                 self._run_values_collected = False
+            self._run_features = ()
             self._run = run
             self._store_context = None
             self._store.reset()
@@ -468,9 +472,21 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
             # An hparam of the model named as an auto feature, with another value
             # (max_epochs=7 against the trainer's -1): LaminDB's error at this save, as
             # the reference raises it from add_values, not a failed job at teardown.
-            refuse_conflicts(values, self._feature_conflict)
+            named = refuse_conflicts(values, self._feature_conflict)
             self._run_values_pending = values
+            # Journaled with every checkpoint of this fit from now on: a replay records
+            # on the run those it does not have, should no commit of the fit have run
+            # (Ctrl+C or a kill before the first).
+            if self._run is not None:
+                auto = {str(k.name) for k in values if not isinstance(k, str)}
+                self._run_features = tuple(
+                    (name, value, name in auto) for name, value in named.items()
+                )
         return self._features.checkpoint_feature_values(trainer, snapshot)
+
+    @override
+    def _run_features_to_journal(self) -> tuple[tuple[str, Any, bool], ...]:
+        return self._run_features
 
     # -- worker threads -------------------------------------------------------------------------
 

@@ -231,6 +231,7 @@ class LaminStore:
         self._auto: dict[str, Any] | None = None
         self._value_ids: dict[tuple[int, Any], int] = {}
         self._runs: dict[str, Any] = {}
+        self._run_values_done: set[str] = set()  # runs a replay gave their values
         self._storages: dict[str, Any] = {}
         # Features a non-finite value was left out of and warned of (see _annotate).
         self._non_finite_told: set[str] = set()
@@ -552,6 +553,44 @@ class LaminStore:
             defer_replaced=defer_replaced,
         )
 
+    def _add_missing_run_values(self, ln: Any, run: Any, snapshot: CheckpointSnapshot) -> None:
+        """A replay: record on ``run`` the run-level values its fit journaled
+        (:attr:`CheckpointSnapshot.run_features`) that it does not have.
+        The live commit records them from memory at the fit's first commit, which Ctrl+C
+        or a kill may have prevented; the reference records them at its first save.
+        Values LaminDB refuses are left out with a warning (the live commit failed that
+        checkpoint for them). Once per run and store."""
+        with self._lock:
+            if run.uid in self._run_values_done:
+                return
+        present = set(
+            ln.models.RunJsonValue.filter(run_id=run.id).values_list(
+                "jsonvalue__feature__name", flat=True
+            )
+        )
+        auto = self._auto_features(ln)
+        values: dict[Any, Any] = {}
+        for name, value, is_auto in snapshot.run_features:
+            if name in present or value is None:
+                continue
+            try:
+                value = _resolve_records(value)
+            except LookupError as error:
+                log.warning("run %s: run feature %r is left out: %s", run.uid, name, error)
+                continue
+            target = auto.get(name) if is_auto else name
+            if target is not None:
+                values[target] = value
+        if values:
+            try:
+                run.features.add_values(values)
+            except Exception as error:
+                if self._retry.is_transient(error):
+                    raise
+                log.warning("run %s: run-level values left out: %s", run.uid, error)
+        with self._lock:
+            self._run_values_done.add(run.uid)
+
     def commit_checkpoint(
         self,
         snapshot: CheckpointSnapshot,
@@ -579,6 +618,8 @@ class LaminStore:
         """
         immediate_transactions()
         ln = _ln()
+        if replay and run is not None and snapshot.run_features:
+            self._add_missing_run_values(ln, run, snapshot)
         unannotated = self._annotate(
             ln, snapshot, artifact, replay=replay, found_again=self.found_again(artifact), run=run
         )

@@ -284,6 +284,9 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             values = self.collect_checkpoint_feature_values(trainer, snapshot)
             if values:
                 snapshot = _with_features(snapshot, values, self._feature_conflict)
+            run_features = self._run_features_to_journal()
+            if run_features:
+                snapshot = _with_run_features(snapshot, run_features)
             record = self._checkpoint_record(trainer, filepath, staged, snapshot, write)
         except BaseException:
             if snapshot is not None:
@@ -320,6 +323,12 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             # Our own background write notes the file it completed in the journal.
             marks_written=callable(getattr(write, "mark_written_with", None)),
         )
+
+    def _run_features_to_journal(self) -> tuple[tuple[str, Any, bool], ...]:
+        """The run-level values of this fit (``(name, value, auto feature)``), journaled
+        with each checkpoint so that a replay can still record them on the run (see
+        :attr:`CheckpointSnapshot.run_features`). None in the generic layer, which has no run."""
+        return ()
 
     def _feature_conflict(self, message: str) -> Exception:
         """The error for two different values of one feature for one checkpoint (see
@@ -519,6 +528,15 @@ def _with_features(
     # object.__setattr__ per field, at every save on the training thread).
     copy = object.__new__(CheckpointSnapshot)
     copy.__dict__.update(snapshot.__dict__, feature_values=named, auto_features=auto)
+    return copy
+
+
+def _with_run_features(
+    snapshot: CheckpointSnapshot, run_features: tuple[tuple[str, Any, bool], ...]
+) -> CheckpointSnapshot:
+    """``snapshot`` with its fit's run-level values (as :func:`_with_features` copies it)."""
+    copy = object.__new__(CheckpointSnapshot)
+    copy.__dict__.update(snapshot.__dict__, run_features=run_features)
     return copy
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +14,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lamindb_tier import TierModel, artifact_features, artifacts_under, fit, single
+from lamindb_tier import (
+    TierModel,
+    artifact_features,
+    artifacts_under,
+    fit,
+    run_features,
+    single,
+)
 
 import lamin_lightning as ll
 from helpers import EndTrainingOnceSet, HoldingObserver
@@ -553,3 +561,51 @@ def test_a_write_lock_released_mid_fit_lands_every_checkpoint_once_in_order(
     assert observer.keys() == [f"{prefix}/{name}" for name in names]
     _assert_once_each(ln, prefix, names)
     assert ll.flush_directory(tmp_path / "ckpts", progress=False).events == []
+
+
+class _InterruptedUploads(ll.Checkpoint):
+    """Ctrl+C comes in the upload of every checkpoint (a hook of the user's that raises
+    ``KeyboardInterrupt``): no save of the fit is ever committed."""
+
+    def save_checkpoint_artifact(
+        self, trainer: pl.Trainer, filepath: Any, *, feature_values: Any = None
+    ) -> Any:
+        raise KeyboardInterrupt
+
+
+def test_a_fit_interrupted_before_its_first_commit_gets_its_run_values_from_the_flush(
+    ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """Ctrl+C before the first checkpoint was committed: the flush that persists the
+    journaled saves also records the run-level values (trainer settings, hparams) on the
+    run, as the reference's first save records them. They were kept in memory only, for
+    the first commit, and lost with the process."""
+    dirpath = tmp_path / "ckpts"
+    callback = _InterruptedUploads(dirpath=dirpath, every_n_train_steps=1, max_workers=1)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+        with pytest.raises(SystemExit):
+            fit(callback, tmp_path, steps=2)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert run_features(ln, fresh_run) == {}
+
+    report = ll.flush_directory(dirpath, progress=False)
+
+    assert report.saved >= 1 and report.failed == 0, report
+    assert set(artifacts_under(ln, callback.checkpoint_key_prefix)) == {
+        f"{callback.checkpoint_key_prefix}/{p.name}" for p in dirpath.glob("*.ckpt")
+    }
+    values = single(run_features(ln, fresh_run))
+    names = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "mode")
+    assert {name: values.get(name) for name in names} == {
+        "max_epochs": -1,
+        "max_steps": 2,
+        "precision": "32-true",
+        "accumulate_grad_batches": 1,
+        "mode": "min",
+    }, values
+    # A second replay (the next setup in the folder, say) adds nothing twice.
+    ll.flush_directory(dirpath, progress=False)
+    assert single(run_features(ln, fresh_run)) == values
