@@ -366,3 +366,28 @@ def callback_snapshot(root: Path) -> Any:
         last_key=None,
         ranking=(),
     )
+
+
+def test_a_callback_fit_again_under_another_run_records_that_runs_run_level_values(
+    ln: Any, user_features: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One callback, two fits, another run active for the second (``ln.track()`` in
+    between): each run gets the run-level values of its own fit (trainer settings,
+    hparams, the user's). The reference writes its auto and hparam values once per
+    callback, so its second run gets the user's ``features["run"]`` only (migrating.md)."""
+    runs = [ln.Run(transform=ln.context.transform).save() for _ in range(2)]
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        every_n_train_steps=1,
+        features={"run": {"tier_project": "lamin-lightning"}},
+    )
+    for run, steps in zip(runs, (2, 3), strict=True):
+        monkeypatch.setattr(ln.context, "_run", run)
+        fit(callback, tmp_path, steps=steps, model=TierModel(lr=0.05))
+    for run, steps in zip(runs, (2, 3), strict=True):
+        values = single(run_features(ln, run))
+        assert {n: values.get(n) for n in ("max_steps", "lr", "tier_project")} == {
+            "max_steps": steps,
+            "lr": 0.05,
+            "tier_project": "lamin-lightning",
+        }, values
