@@ -929,7 +929,7 @@ def test_a_failed_removal_is_reported_as_an_artifact_left_in_the_store_not_as_a_
     mixed = PersistenceError([*raised.value.failures[:1], _failed_save(tmp_path)])
     head = str(mixed).split(":\n")[0]
     assert "1 checkpoint artifact(s) could not be persisted" in head
-    assert "1 evicted checkpoint's artifact(s) could not be deleted" in head
+    assert "1 evicted checkpoint artifact(s) could not be deleted" in head
     assert "local files are kept" in head
 
 
@@ -943,4 +943,31 @@ def _failed_save(tmp_path: Path) -> ArtifactFailedEvent:
         None,
         error=OSError("no route"),
         attempts=3,
+    )
+
+
+def test_several_failed_removals_are_counted_in_a_first_line_that_reads_right(
+    tmp_path: Path,
+) -> None:
+    """Two failed removals read "2 evicted checkpoint's artifact(s) could not be deleted
+    from the store" (one checkpoint's, two artifacts): the count is of artifacts of
+    evicted checkpoints, as the saves' part counts checkpoint artifacts."""
+    removals = [
+        ArtifactFailedEvent(
+            "checkpoint",
+            f"checkpoints/step={step}.ckpt",
+            str(tmp_path / f"step={step}.ckpt"),
+            None,
+            error=PermanentError("the store refused the deletion"),
+            attempts=1,
+            operation="remove",
+        )
+        for step in (1, 2)
+    ]
+    head = str(PersistenceError(removals)).split(":\n")[0]
+    assert head == "2 evicted checkpoint artifact(s) could not be deleted from the store"
+    mixed = str(PersistenceError([removals[0], _failed_save(tmp_path)])).split(":\n")[0]
+    assert mixed == (
+        "1 checkpoint artifact(s) could not be persisted; 1 evicted checkpoint artifact(s)"
+        " could not be deleted from the store; the local files are kept"
     )

@@ -90,7 +90,7 @@ class PersistenceError(LaminLightningError, RuntimeError):
         if len(self.failures) > saves:
             # A removal's file is gone (Lightning evicted it); its artifact stays stored.
             parts.append(
-                f"{len(self.failures) - saves} evicted checkpoint's artifact(s) could not be"
+                f"{len(self.failures) - saves} evicted checkpoint artifact(s) could not be"
                 " deleted from the store"
             )
         head = "; ".join(parts)
