@@ -2845,3 +2845,39 @@ def test_an_executor_saves_follow_at_once_is_the_users_again_once_the_last_one_e
     assert "submit" not in vars(io.executors[0])
     assert callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+def test_a_child_forked_while_an_executor_is_followed_gets_it_back_and_can_follow_it() -> None:
+    """A process forked while an executor of an AsyncCheckpointIO subclass was followed in
+    place (a save's task still ran on the parent's thread) and while another thread held
+    the lock around those executors (a task ending): the child kept the callback's
+    ``submit`` on its copy of the executor for good (the parent's save never ends there)
+    and hung at its first save that followed it (a fit in a process forked from one
+    whose earlier fit's write still ran, ``ddp_fork`` or a sweep's worker)."""
+    import signal
+
+    from lamin_lightning import _checkpoint_io
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        parents = _checkpoint_io._follow_submissions(pool)  # a save of the parent, running
+        assert parents is not None and "submit" in vars(pool)
+        with _checkpoint_io._in_place_lock:
+            pid = os.fork()
+            if pid == 0:  # the child: follow it as a save does, then end without cleanup
+                signal.alarm(60)
+                try:
+                    if "submit" in vars(pool):
+                        os._exit(4)
+                    followed = _checkpoint_io._follow_submissions(pool)
+                    assert followed is not None
+                    _checkpoint_io._unfollow_submissions(followed)
+                    os._exit(0 if "submit" not in vars(pool) else 5)
+                except BaseException:
+                    os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        _checkpoint_io._unfollow_submissions(parents)
+        assert "submit" not in vars(pool)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        pool.shutdown(wait=True)

@@ -518,6 +518,22 @@ def _unfollow_submissions(in_place: _InPlace) -> None:
                 executor.submit = in_place.previous
 
 
+def _forked() -> None:
+    # In the child only. Another thread of the parent may have held the lock, and the
+    # saves counted are the parent's: their tasks run on the parent's threads and never
+    # end here, so the executors they follow are the user's as they were, at once.
+    global _in_place_lock
+    _in_place_lock = threading.Lock()
+    for in_place in list(_in_place.values()):
+        in_place.saves = 1
+        _unfollow_submissions(in_place)
+    _in_place.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forked)
+
+
 class _FollowedExecutor:
     """Stands in for an executor of a subclass of ``AsyncCheckpointIO`` whose ``submit``
     cannot be followed in place, during one ``save_checkpoint``: what is queued through
