@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -2881,3 +2882,53 @@ def test_a_child_forked_while_an_executor_is_followed_gets_it_back_and_can_follo
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     finally:
         pool.shutdown(wait=True)
+
+
+class KeepsItsSubmit(RestartingExecutor):
+    """A user's executor that refuses to lose an attribute (its ``__delattr__`` raises)."""
+
+    def __delattr__(self, name: str) -> None:
+        raise RuntimeError(f"{name} cannot be deleted")
+
+
+class WritesItselfOnAUsersExecutor(QueuesOnAUsersExecutor):
+    """Queues ``torch.save`` itself on ``pool`` (not through its ``checkpoint_io``, which
+    would tell the callback the write ended): only the followed task says so."""
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        def write() -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(checkpoint, path)
+
+        self.pool.submit(write)
+
+
+def test_an_executor_that_refuses_to_give_submit_back_still_lets_each_write_end(
+    tmp_path: Path,
+) -> None:
+    """Handing a followed executor back deletes the ``submit`` the callback set on it;
+    an executor whose ``__delattr__`` raises (not AttributeError) made that raise where
+    the save's write was to be finished, so the write never counted as done and the
+    flush at teardown waited its whole ``flush_timeout`` for it. The executor keeps the
+    callback's ``submit`` (which passes every call through) and each write ends."""
+    store = MemoryStore()
+    executor = KeepsItsSubmit()
+    io = WritesItselfOnAUsersExecutor(TorchCheckpointIO(), executor)
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpts",
+        monitor=None,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        flush_timeout=10,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [callback], max_steps=3, plugins=[io]).fit(TinyModel(), loader(3))
+    assert not [w for w in caught if "flush_timeout" in str(w.message)]
+    assert callback.persistence_stats.saved == 3
+    assert callback.persistence_stats.failed == 0
+    assert_store_equals_lightning(store, callback)
+    assert sorted(p.name for p in (tmp_path / "ckpts").glob("*.ckpt")) == [
+        f"epoch=0-step={n}.ckpt" for n in (1, 2, 3)
+    ]

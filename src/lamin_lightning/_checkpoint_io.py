@@ -393,7 +393,7 @@ class _FollowedSave:
     def _done(self, raised: bool) -> None:
         """The save returned and every task it queued ended (once): the executors it
         followed in place are the user's as they were unless another save still follows
-        them, before the write counts as done (a flush that waits for it finds them so)."""
+        them, then the write counts as done (unless the notifier finished it already)."""
         for in_place in self._in_place:
             _unfollow_submissions(in_place)
         self._in_place = []
@@ -511,7 +511,9 @@ def _unfollow_submissions(in_place: _InPlace) -> None:
         executor = in_place.reference()
         if executor is None or vars(executor).get("submit") is not in_place.submit:
             return
-        with contextlib.suppress(AttributeError):
+        # An executor whose __setattr__ or __delattr__ raises keeps ours (it passes every
+        # call through): the save's write must end all the same.
+        with contextlib.suppress(Exception):
             if in_place.previous is _NOTHING:
                 del executor.submit
             else:
