@@ -2,31 +2,40 @@
 
 Each seed draws a configuration (``save_top_k``, ``save_last`` True or "link",
 ``every_n_train_steps``, ``async_write``, ``max_workers``, ``max_pending``, the monitored
-scores, and sometimes ``--keep-files``: a CheckpointIO of the user's that keeps evicted
-files), a step of a job to die at and how many times that step is passed first (see
-``outbox_train.kill_points``), the signal (SIGKILL, or SIGTERM: Lightning's handling and
-teardown run), and how to recover: ``lamin-lightning flush`` on the folder, or the script
-run again, resumed from ``last.ckpt`` (``ckpt_path="last"``), possibly with another
-``async_write`` and ``max_workers``. Half the cases kill the recovery too, at a step of
-its own drawn the same way (a rerun SIGKILLs itself, a flush runs in-process under
-``flush_killed.py`` with the same hook), then recover once more, cleanly.
+scores, sometimes ``--keep-files``: a CheckpointIO of the user's that keeps evicted
+files, and sometimes ``--folder``: a CheckpointIO of the user's that writes each
+checkpoint as a folder, as ``torch.distributed.checkpoint`` does), a step of a job to die
+at and how many times that step is passed first (see ``outbox_train.kill_points``), the
+signal (SIGKILL; SIGTERM: Lightning's handling and teardown run; or SIGINT, Ctrl+C:
+Lightning's interrupted path, whose flush does not wait, sometimes with a second SIGINT
+at the step's next pass or when that flush starts), and how to recover:
+``lamin-lightning flush`` on the folder, or the script run again, resumed from
+``last.ckpt`` (``ckpt_path="last"``), possibly with another ``async_write`` and
+``max_workers``. Half the cases kill the recovery too, at a step of its own drawn the
+same way (a rerun SIGKILLs itself, a flush runs in-process under ``flush_killed.py``
+with the same hook), then recover once more, cleanly. Folders and SIGINT are drawn from
+a second random stream, so that a seed drawn before they were added still draws the
+rest as it did.
 The training process (``outbox_train.py``) signals itself at that point, on whichever
 thread reaches it; a drawn point it never reaches lets it finish, and the case checks an
 uninterrupted run instead.
 
 After the recovery the store must equal the checkpoint folder: one artifact per
-checkpoint file Lightning left there (a file that does not load, cut short by the kill
-in Lightning's own ``torch.save``, excepted: ``ModelCheckpoint`` leaves it too, and
-nothing was journaled for it; a ``last.ckpt`` link, which has none, as in the
-reference; and, with ``--keep-files``, a file Lightning evicted that the user's
-CheckpointIO kept), its hash the file's, none for a file that is gone, and no
-job pending in the outbox.
+checkpoint file (or folder) Lightning left there (a file that does not load, cut short
+by the kill in Lightning's own ``torch.save``, or a folder that lacks a file or holds
+one that does not load, cut short in the user's CheckpointIO, excepted: ``ModelCheckpoint``
+leaves it too, and nothing was journaled for it; a ``last.ckpt`` link, which has none,
+as in the reference; and, with ``--keep-files``, a file Lightning evicted that the
+user's CheckpointIO kept), its hash the file's (a folder's: lamindb's folder hash and
+number of files), none for a file that is gone, and no job pending in the outbox.
 
 Not collected by pytest: run it by hand, one range at a time (each case is two or
-three processes, ~15 s)::
+three processes, ~25 s)::
 
     .venv/bin/python tests/lamindb/crash_sweep.py 0 40
     .venv/bin/python tests/lamindb/crash_sweep.py 7 8 --keep   # keep a case's folder
+    .venv/bin/python tests/lamindb/crash_sweep.py 1000 1040 --folder   # folders, every seed
+    .venv/bin/python tests/lamindb/crash_sweep.py 1040 1080 --signal INT   # Ctrl+C, every seed
 
 Prints each case that fails, how many were killed, and a last line
 ``done LO-HI: N/M matched``; exits 1 if any failed. Uses its own LaminDB settings,
@@ -69,11 +78,20 @@ STEPS = [
 
 # The seeds whose first run was killed or terminated (the others ran through).
 KILLED: list[int] = []
+# The seeds that left a checkpoint cut short in the folder (not compared, see run_case).
+TORN: list[int] = []
 
 
-def draw(seed: int) -> dict[str, Any]:
-    """The case of one seed: the training script's options, the kill and the recovery."""
+def draw(seed: int, force: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The case of one seed: the training script's options, the kill and the recovery.
+
+    ``force``: ``{"folder": True}`` and/or ``{"signal": "INT"}``, whatever the seed draws.
+    """
+    force = force or {}
     r = random.Random(seed)
+    # The edges added later (folders, Ctrl+C) come from a stream of their own, so that each
+    # earlier seed still draws the configuration, kill and recovery it drew before.
+    edges = random.Random(f"{seed}-edges")
     steps = r.choice([4, 6, 8])
     save_last = r.choice(["true", "true", "link"])
     options = [
@@ -106,6 +124,10 @@ def draw(seed: int) -> dict[str, Any]:
         else:
             rerun_options.append("--async-write")
     rerun_options[rerun_options.index("--max-workers") + 1] = str(r.choice([1, 2, 3]))
+    folder = edges.random() < 0.3
+    if force.get("folder", folder):
+        options.append("--folder")
+        rerun_options.append("--folder")
     second = None
     if r.random() < 0.5:  # the recovery killed too, then a last clean one
         second = {
@@ -113,11 +135,17 @@ def draw(seed: int) -> dict[str, Any]:
             "kill_after": r.choice([1, 1, 2, 3]),
             "recovery": r.choice(["flush", "rerun"]),
         }
+    sig = r.choice(["KILL", "KILL", "TERM"])
+    ctrl_c = edges.random() < 0.25
+    again = edges.choice([None, None, "next", "shutdown"])
+    sig = force.get("signal", "INT" if ctrl_c else sig)
+    if sig == "INT" and again is not None:  # Ctrl+C pressed twice
+        options += ["--again", again]
     return {
         "options": options,
         "rerun_options": rerun_options,
         "steps": steps,
-        "signal": r.choice(["KILL", "KILL", "TERM"]),
+        "signal": sig,
         "kill_at": r.choice(steps_drawn),
         "kill_after": r.choice([1, 1, 2, 3, 5]),
         "recovery": r.choice(["flush", "rerun"]),
@@ -147,10 +175,22 @@ def _train(case_dir: Path, options: list[str], *extra: str) -> subprocess.Comple
 
 
 def _loads(path: Path) -> bool:
+    """Whether the checkpoint file, or folder (``--folder``: every file of
+    ``FolderCheckpointIO``'s, and nothing else), at ``path`` is whole."""
+    import json
+
     import torch
 
+    from checkpoint_forms import FOLDER_FILES, FolderCheckpointIO
+
     try:
-        torch.load(path, map_location="cpu", weights_only=False)
+        if path.is_dir():
+            if sorted(p.name for p in path.iterdir()) != sorted(FOLDER_FILES):
+                return False
+            json.loads((path / "meta.json").read_text())
+            FolderCheckpointIO().load_checkpoint(path)
+        else:
+            torch.load(path, map_location="cpu", weights_only=False)
     except Exception:
         return False
     return True
@@ -187,7 +227,7 @@ def _recover(
     return _train(case_dir, options, "--resume", *kill)
 
 
-def run_case(seed: int, case_dir: Path) -> str | None:
+def run_case(seed: int, case_dir: Path, force: dict[str, Any] | None = None) -> str | None:
     """Run one seed's case; None if the store ends equal to the folder, else what differs."""
     from lamindb_tier import assert_checkpoint_keys_persisted
 
@@ -195,7 +235,7 @@ def run_case(seed: int, case_dir: Path) -> str | None:
     from lamin_lightning._journal import journal_paths, read_pending
     from lamin_lightning._staging import staging_root
 
-    case = draw(seed)
+    case = draw(seed, force)
     dirpath = case_dir / "ckpt"
     killed = _train(
         case_dir,
@@ -209,11 +249,18 @@ def run_case(seed: int, case_dir: Path) -> str | None:
     )
     if killed.returncode == -signal.SIGKILL:
         KILLED.append(seed)
-    if case["signal"] == "TERM":
-        # SIGTERM: Lightning stops the fit and teardown runs (failures.md, "Ctrl+C and
-        # SIGTERM"); how the process then ends is Lightning's affair, not ours: whatever
-        # the code, the recovery must complete the set (guarantees.md).
-        if "Received SIGTERM" in killed.stdout + killed.stderr:  # Lightning's log line
+    if case["signal"] in ("TERM", "INT"):
+        # SIGTERM: Lightning stops the fit and teardown runs; SIGINT (Ctrl+C): Lightning's
+        # interrupted path, on_exception, runs our flush, which does not wait, and exits 1
+        # (failures.md, "Ctrl+C and SIGTERM"); how the process then ends is Lightning's
+        # affair, not ours: whatever the code, the recovery must complete the set
+        # (guarantees.md).
+        said = killed.stdout + killed.stderr
+        if (
+            "Received SIGTERM" in said  # Lightning's log lines
+            or "Detected KeyboardInterrupt" in said
+            or killed.returncode == -signal.SIGINT  # raised out of Lightning's handling
+        ):
             KILLED.append(seed)
     elif killed.returncode not in (0, -signal.SIGKILL):
         return f"the first run ended with {killed.returncode}:\n{killed.stdout}{killed.stderr}"
@@ -221,7 +268,7 @@ def run_case(seed: int, case_dir: Path) -> str | None:
     if not prefix_file.exists():
         return None if killed.returncode != 0 else "no key prefix written"
     prefix = prefix_file.read_text()
-    if killed.returncode != 0 or case["signal"] == "TERM":
+    if killed.returncode != 0 or case["signal"] in ("TERM", "INT"):
         second = case["second_kill"]
         steps = case["steps"] + 4
         if second is None:
@@ -235,9 +282,14 @@ def run_case(seed: int, case_dir: Path) -> str | None:
         if done.returncode != 0:
             return f"the recovery ended with {done.returncode}:\n{done.stdout}{done.stderr}"
     # A last.ckpt link (save_last="link") gets no artifact of its own (migrating.md).
-    on_disk = {
-        f"{prefix}/{p.name}": p for p in dirpath.glob("*.ckpt") if not p.is_symlink() and _loads(p)
-    }
+    checkpoints = [p for p in dirpath.glob("*.ckpt") if not p.is_symlink()]
+    on_disk = {f"{prefix}/{p.name}": p for p in checkpoints if _loads(p)}
+    # A folder the kill cut short in the user's own save, before Lightning's save returned:
+    # nothing was journaled for it; rewritten in place (last.ckpt), its earlier version's
+    # artifact may stay, as ModelCheckpoint leaves both.
+    torn = {f"{prefix}/{p.name}" for p in checkpoints if p.is_dir()} - set(on_disk)
+    if len(on_disk) < len(checkpoints):
+        TORN.append(seed)
     if "--keep-files" in case["options"]:
         # A user's CheckpointIO that keeps an evicted file keeps only the file: its
         # artifact is deleted all the same, as in a run never interrupted
@@ -257,7 +309,7 @@ def run_case(seed: int, case_dir: Path) -> str | None:
     if pending:
         return f"still pending in the outbox: {[(r.op, r.key) for r in pending]}"
     try:
-        assert_checkpoint_keys_persisted(ln, prefix, on_disk)
+        assert_checkpoint_keys_persisted(ln, prefix, on_disk, unchecked=torn)
     except AssertionError as error:
         return f"store != folder: {error}"
     return None
@@ -268,12 +320,20 @@ def main() -> int:
     parser.add_argument("lo", type=int)
     parser.add_argument("hi", type=int)
     parser.add_argument("--keep", action="store_true", help="keep each case's folder")
+    parser.add_argument("--folder", action="store_true", help="every case writes folders")
+    parser.add_argument("--signal", choices=["KILL", "TERM", "INT"], help="every case's signal")
     args = parser.parse_args()
+    force: dict[str, Any] = {}
+    if args.folder:
+        force["folder"] = True
+    if args.signal:
+        force["signal"] = args.signal
     root = Path(tempfile.mkdtemp(prefix="crash-sweep-"))
     os.environ["LAMIN_SETTINGS_DIR"] = str(root / "settings")
     os.environ["LAMIN_CACHE_DIR"] = str(root / "cache")
     os.environ.setdefault("TQDM_DISABLE", "1")
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))  # checkpoint_forms
     from lamin_lightning.testing import local_instance
 
     failed = 0
@@ -286,12 +346,12 @@ def main() -> int:
                 case_dir = root / f"case-{seed}"
                 case_dir.mkdir()
                 try:
-                    problem = run_case(seed, case_dir)
+                    problem = run_case(seed, case_dir, force)
                 except Exception:
                     problem = traceback.format_exc()
                 if problem is not None:
                     failed += 1
-                    print(f"seed {seed} {draw(seed)}: {problem}", flush=True)
+                    print(f"seed {seed} {draw(seed, force)}: {problem}", flush=True)
                     print(f"  folder: {case_dir}", flush=True)
                 elif not args.keep:
                     shutil.rmtree(case_dir, ignore_errors=True)
@@ -300,6 +360,7 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     total = args.hi - args.lo
     print(f"killed {len(KILLED)}/{total} (the others never reached their kill point)")
+    print(f"cut short: {TORN} (a checkpoint the kill cut short, left out of the comparison)")
     print(f"done {args.lo}-{args.hi}: {total - failed}/{total} matched", flush=True)
     return 1 if failed else 0
 

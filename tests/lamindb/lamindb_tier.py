@@ -218,14 +218,19 @@ def assert_checkpoint_keys_persisted(
     expected: dict[str, Path],
     *,
     missing: Collection[str] = (),
+    unchecked: Collection[str] = (),
 ) -> dict[str, Any]:
     """The checkpoint artifacts (kind "model") under ``prefix + "/"`` are exactly the keys of
     ``expected`` (less ``missing``), one artifact per key (trashed ones counted too), each
     stored file present (and, on local storage, hashing to its record's hash), the record's
-    hash equal to the local file's if that still exists. ``missing`` keys must keep their
-    local file. Returns the artifacts by key.
+    hash equal to the local file's if that still exists. A folder checkpoint (a folder
+    artifact) is compared by lamindb's folder hash (``hash_dir``: every file's hash) and
+    its number of files. ``missing`` keys must keep their local file. ``unchecked``: keys
+    not in ``expected`` that may have one artifact or none, whatever it holds (a
+    checkpoint cut short where an earlier one's artifact stays). Returns the artifacts by
+    key.
     """
-    from lamindb_setup.core.hashing import hash_file
+    from lamindb_setup.core.hashing import hash_dir, hash_file
 
     unknown = set(missing) - set(expected)
     assert not unknown, f"missing keys {sorted(unknown)} are not among the expected keys"
@@ -235,21 +240,32 @@ def assert_checkpoint_keys_persisted(
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     assert not duplicates, f"more than one artifact under {duplicates}"
     want = set(expected) - set(missing)
+    keys = [k for k in keys if k not in unchecked or k in want]
     assert set(keys) == want, (
         f"{len(keys)} checkpoint artifact(s) under {prefix!r}, expected {len(want)};"
         f" extra: {sorted(set(keys) - want)}, absent: {sorted(want - set(keys))}"
     )
     for key in missing:
         assert expected[key].exists(), f"{expected[key]} failed to persist and must be kept"
-    by_key = {a.key: a for a in rows}
+    by_key = {a.key: a for a in rows if a.key in want}
     for key, artifact in by_key.items():
         stored = artifact.path  # a Path, or a UPath on cloud storage
         assert stored.exists(), f"{key}: stored file {stored} is gone"
-        if isinstance(stored, Path):
+        if isinstance(stored, Path) and stored.is_dir():
+            size, digest, _, n_files = hash_dir(stored)
+            assert (artifact.size, artifact.hash, artifact.n_files) == (size, digest, n_files), (
+                f"{key}: stored folder corrupt"
+            )
+        elif isinstance(stored, Path):
             size, digest, _ = hash_file(stored)
             assert (artifact.size, artifact.hash) == (size, digest), f"{key}: stored bytes corrupt"
         local = expected[key]
-        if local.exists():
+        if local.is_dir():
+            size, digest, _, n_files = hash_dir(local)
+            assert (artifact.hash, artifact.n_files) == (digest, n_files), (
+                f"{key}: stored folder differs from {local}"
+            )
+        elif local.exists():
             assert hash_file(local)[1] == artifact.hash, f"{key}: stored bytes differ from {local}"
     return by_key
 

@@ -10,10 +10,18 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
 - ``--mode plain``: no gate.
 - ``--teardown-marker PATH``: written when teardown's flush starts.
 - ``--keep-files``: a CheckpointIO of the user's whose ``remove_checkpoint`` keeps the file.
+- ``--folder``: a CheckpointIO of the user's that writes each checkpoint as a folder
+  (``checkpoint_forms.FolderCheckpointIO``: three files, ``meta.json`` last, written in
+  place as ``torch.distributed.checkpoint`` writes its shards); with ``--keep-files``,
+  one that also keeps the folders Lightning evicts.
 - ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
   time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
   ``--kill-signal TERM`` sends itself SIGTERM there instead (Lightning's handling, then
-  teardown's, run; the job goes on).
+  teardown's, run; the job goes on); ``--kill-signal INT`` SIGINT, as Ctrl+C does
+  (KeyboardInterrupt on the main thread, wherever it is: Lightning's interrupted path,
+  ``on_exception``, runs our flush, which does not wait). ``--again next`` sends the
+  signal once more the next time a job reaches ``STEP``, ``--again shutdown`` when the
+  callback's flush (``_shutdown``) starts after it: Ctrl+C pressed twice.
 - ``--park-at STEP --park-after N``: as ``--kill-at``, but that thread writes ``--marker``
   and waits there, for the test to SIGKILL the process.
 - ``--flush``: no training: replay the outbox of ``--dirpath`` (``flush_directory``, the
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # checkpoint_forms
 
 import lightning.pytorch as pl
 import pytest
@@ -45,6 +54,7 @@ from lamindb_tier import TierData, TierModel, block_network, make_trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import lamin_lightning as ll
+from checkpoint_forms import FolderCheckpointIO
 from lamin_lightning._lamin import LaminArtifactPublisher
 
 SCORES = [5.0, 4.0, 6.0, 3.0, 7.0, 2.0, 8.0, 1.0, 9.0, 0.5]
@@ -134,14 +144,30 @@ def park(marker: Path) -> Any:
     return parked
 
 
-def kill_at(guard: pytest.MonkeyPatch, step: str, after: int, action: Any = _sigkill_self) -> None:
-    """At the ``after``-th time a job reaches ``step``: ``action`` (SIGKILL this process)."""
+# Set once a kill_at action ran (the signal was sent).
+FIRED = threading.Event()
+
+
+def kill_at(
+    guard: pytest.MonkeyPatch,
+    step: str,
+    after: int,
+    action: Any = _sigkill_self,
+    again: bool = False,
+) -> None:
+    """At the ``after``-th time a job reaches ``step``: ``action`` (SIGKILL this process);
+    with ``again``, at the next time too."""
     from lamin_lightning._submit import _nothing_aside
 
     owner, name = kill_points()[step]
     real = getattr(owner, name)
     count = [0]
     lock = threading.Lock()
+    when = {after, after + 1} if again else {after}
+
+    def fire() -> None:
+        FIRED.set()
+        action()
 
     def ended(*args: Any, **kwargs: Any) -> Any:
         if step in BEFORE:
@@ -151,8 +177,8 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int, action: Any = _sig
                 else:  # removal_handed: Checkpoint._submit_record(self, trainer, record)
                     replacing = args[2].op == "remove"
                 count[0] += replacing
-                if replacing and count[0] == after:
-                    action()
+                if replacing and count[0] in when:
+                    fire()
             return real(*args, **kwargs)
         result = real(*args, **kwargs)
         if step == "journaled_removal" and args[1].op != "remove":
@@ -161,8 +187,8 @@ def kill_at(guard: pytest.MonkeyPatch, step: str, after: int, action: Any = _sig
             return result
         with lock:
             count[0] += 1
-            if count[0] == after:
-                action()
+            if count[0] in when:
+                fire()
         return result
 
     guard.setattr(owner, name, ended)
@@ -179,6 +205,10 @@ class KeepFiles(TorchCheckpointIO):
                 f.write(f"{Path(path).name}\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+
+class KeepFolders(KeepFiles, FolderCheckpointIO):
+    """A user's CheckpointIO writing folders that keeps every folder Lightning evicts."""
 
 
 class Events:
@@ -223,7 +253,14 @@ def main() -> None:
     parser.add_argument(
         "--flush", action="store_true", help="replay the outbox (flush_directory), no training"
     )
-    parser.add_argument("--kill-signal", choices=["KILL", "TERM"], default="KILL")
+    parser.add_argument("--kill-signal", choices=["KILL", "TERM", "INT"], default="KILL")
+    parser.add_argument(
+        "--again",
+        choices=["next", "shutdown"],
+        default=None,
+        help="signal again: at the step's next pass, or when the callback's flush starts",
+    )
+    parser.add_argument("--folder", action="store_true", help="checkpoints written as folders")
     parser.add_argument("--storage", default=None, help="a storage location to store into")
     parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
     parser.add_argument("--max-pending", type=int, default=4)
@@ -253,7 +290,18 @@ def main() -> None:
             args.kill_at,
             args.kill_after,
             _signal_self(getattr(signal, f"SIG{args.kill_signal}")),
+            again=args.again == "next",
         )
+    if args.again == "shutdown":
+        again_sig = getattr(signal, f"SIG{args.kill_signal}")
+        shutdown_once = ll.Checkpoint._shutdown
+
+        def signalled(self: ll.Checkpoint, **kwargs: Any) -> None:
+            if FIRED.is_set():  # the first signal was sent: its flush (or teardown's)
+                os.kill(os.getpid(), again_sig)
+            shutdown_once(self, **kwargs)
+
+        guard.setattr(ll.Checkpoint, "_shutdown", signalled)
     if args.keep_files:
         KeepFiles.log = args.report.with_suffix(".removed")
     if args.park_at:
@@ -288,11 +336,16 @@ def main() -> None:
     )
     callback._artifact_publisher = Gate(args.mode, args.marker, args.let_through)
     prefix = Prefix(callback, args.report.with_suffix(".prefix"))
+    checkpoint_io: Any = None
+    if args.folder:
+        checkpoint_io = KeepFolders() if args.keep_files else FolderCheckpointIO()
+    elif args.keep_files:
+        checkpoint_io = KeepFiles()
     trainer = make_trainer(
         args.dirpath.parent,
         [callback, prefix],
         max_steps=args.steps,
-        plugins=[KeepFiles()] if args.keep_files else None,
+        plugins=[checkpoint_io] if checkpoint_io is not None else None,
     )
     scores = [float(v) for v in args.scores.split(",")] if args.scores else SCORES
     model = TierModel(scores=scores)
