@@ -13,6 +13,7 @@ function the callback uses, optionally writes the new file, and exits without cl
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,17 @@ CHILD = textwrap.dedent(
         os.replace(target + ".tmp", target)
     if then == "truncated":
         Path(target).write_bytes(b"PK\\x03\\x04 cut short")
+    elif then == "one shard of three":  # a folder checkpoint's writer, killed midway
+        Path(target).mkdir()
+        (Path(target) / "shard-0.distcp").write_bytes(b"new")
+    elif then == "three shards":  # written whole, killed before the previous one went
+        Path(target).mkdir()
+        for n in range(3):
+            (Path(target) / f"shard-{n}.distcp").write_bytes(b"new" * (n + 1))
+    elif then == "three shards, same sizes":
+        Path(target).mkdir()
+        for n in range(3):
+            (Path(target) / f"shard-{n}.distcp").write_bytes(bytes([9]) * 1000)
     elif then == "complete":
         import torch
         torch.save({"new": 1}, target)
@@ -353,12 +365,18 @@ def test_flush_puts_a_leftover_back_before_replaying(tmp_path: Path) -> None:
     assert _aside_entries(dirpath) == []
 
 
-def test_a_folder_checkpoint_whose_rewrite_a_crash_cut_short_is_put_back(tmp_path: Path) -> None:
-    dirpath = tmp_path / "ckpt"
+def _folder_checkpoint(dirpath: Path) -> Path:
+    """``dirpath/last.ckpt``, a folder of three shards (a sharded strategy's checkpoint)."""
     folder = dirpath / "last.ckpt"
     folder.mkdir(parents=True)
     for n in range(3):
         (folder / f"shard-{n}.distcp").write_bytes(bytes([n]) * 1000)
+    return folder
+
+
+def test_a_folder_checkpoint_whose_rewrite_a_crash_cut_short_is_put_back(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpt"
+    folder = _folder_checkpoint(dirpath)
     _crash_mid_rewrite(dirpath)
     assert not folder.exists()
 
@@ -419,3 +437,76 @@ def test_an_aside_entry_is_put_back_under_its_name_whatever_its_owners_token(
 
     assert _aside.put_back_in(last.parent) == [last]
     assert sha256_file(last) == digest
+
+
+def test_a_folder_checkpoint_a_crash_cut_short_midway_through_its_rewrite_gives_way_to_the_previous(
+    tmp_path: Path,
+) -> None:
+    """A CheckpointIO of the user's writing folders (sharded, as torch.distributed.checkpoint
+    does) killed midway through the rewrite of last.ckpt leaves part of the new folder where
+    the previous one was: the previous folder, whole, comes back (before, it was deleted as
+    if the part were whole, and ckpt_path="last" found one shard of three)."""
+    dirpath = tmp_path / "ckpt"
+    folder = _folder_checkpoint(dirpath)
+    _crash_mid_rewrite(dirpath, then="one shard of three")
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-0.distcp"]
+
+    assert _aside.put_back_in(dirpath) == [folder]
+    assert sorted(p.name for p in folder.iterdir()) == [f"shard-{n}.distcp" for n in range(3)]
+    assert (folder / "shard-0.distcp").read_bytes() == bytes([0]) * 1000
+    assert _aside_entries(dirpath) == []
+
+
+def _pending_save(dirpath: Path, folder: Path, staged_from: Path) -> None:
+    """A journal whose pending save of ``folder`` staged a copy of ``staged_from``."""
+    from lamin_lightning import JobRecord
+    from lamin_lightning._journal import Outbox
+
+    staged = staging_root(dirpath) / "staged" / "copy" / folder.name
+    shutil.copytree(staged_from, staged)
+    outbox = Outbox(staging_root(dirpath) / "outbox-a.jsonl")
+    outbox.open()
+    outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key=folder.name,
+            local_path=str(folder),
+            staged_path=str(staged),
+            written_later=True,
+        )
+    )
+    outbox.close()
+
+
+def test_a_folder_checkpoint_rewritten_whole_and_staged_before_the_crash_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The same rewrite written whole, and staged by its pending save (a CheckpointIO that
+    writes after it returns, such as AsyncCheckpointIO: the save is journaled first),
+    killed before the previous folder left the aside folder: the new folder is the one the
+    replay persists, so it stays, and the previous one is deleted."""
+    dirpath = tmp_path / "ckpt"
+    folder = _folder_checkpoint(dirpath)
+    _crash_mid_rewrite(dirpath, then="three shards")
+    _pending_save(dirpath, folder, staged_from=folder)
+
+    assert _aside.put_back_in(dirpath) == []
+    assert (folder / "shard-2.distcp").read_bytes() == b"new" * 3
+    assert _aside_entries(dirpath) == []
+
+
+def test_a_folder_rewritten_whole_but_never_journaled_gives_way_to_the_one_its_save_staged(
+    tmp_path: Path,
+) -> None:
+    """A synchronous rewrite is journaled after it returned: killed before that, with the
+    previous folder's save still pending (staged), the new folder, whole and of the same
+    files and sizes, is no save's: the previous one comes back, as the replay persists it."""
+    dirpath = tmp_path / "ckpt"
+    folder = _folder_checkpoint(dirpath)
+    _pending_save(dirpath, folder, staged_from=folder)
+    _crash_mid_rewrite(dirpath, then="three shards, same sizes")
+
+    assert _aside.put_back_in(dirpath) == [folder]
+    assert (folder / "shard-2.distcp").read_bytes() == bytes([2]) * 1000
+    assert _aside_entries(dirpath) == []

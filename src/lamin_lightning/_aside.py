@@ -30,7 +30,13 @@ from pathlib import Path
 
 from lamin_lightning import _flocks, _owners, _staging
 from lamin_lightning._errors import OutboxInUseError
-from lamin_lightning._journal import Outbox, is_locked, journal_paths, staged_names
+from lamin_lightning._journal import (
+    Outbox,
+    is_locked,
+    journal_paths,
+    read_pending,
+    staged_names,
+)
 from lamin_lightning._staging import (
     STAGED_DIRNAME,
     WRITING_DIRNAME,
@@ -106,7 +112,7 @@ def leftovers_in(dirpath: str | os.PathLike[str]) -> list[Path]:
             if mine and not is_locked(folder / f"{owner}{_LOCK_SUFFIX}"):
                 for name in mine:
                     target = checkpoint_folder_of(root) / _parse(name)[1]
-                    if _goes_back(folder / name, target):
+                    if _goes_back(folder / name, target, _staged_whole(root, None)):
                         found.append(target)
     return found
 
@@ -263,6 +269,11 @@ def put_back_leftovers(
     - It is there but cut short (not a complete zip, as ``torch.save`` writes, where the
       previous one is): replaced by the previous one.
     - It is there, complete: the rewrite finished; the previous one is deleted.
+    - A folder checkpoint (sharded), where the previous one is a folder: whether it is
+      whole cannot be read off its files, so it counts as whole only where it is what
+      a pending save of it staged once its write was done (the same files).
+      Otherwise the crash interrupted its rewrite (in the writer, which may leave part of
+      the folder; or before its save was journaled), and the previous one replaces it.
 
     Several leftovers of one name (crashes in a row): the newest (by modification time)
     is considered first. Never overwrites a file that appears meanwhile.
@@ -285,7 +296,8 @@ def put_back_leftovers(
             for name in mine
         ]
         for name in sorted(leftovers, key=lambda n: _mtime(folder / n), reverse=True):
-            restored = _settle(folder / name, checkpoint_folder / _parse(name)[1], stager)
+            target = checkpoint_folder / _parse(name)[1]
+            restored = _settle(folder / name, target, stager, _staged_whole(root, own))
             if restored is not None:
                 put_back.append(restored)
     stager.empty_trash()
@@ -382,12 +394,14 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _settle(aside: Path, target: Path, stager: Stager) -> Path | None:
+def _settle(
+    aside: Path, target: Path, stager: Stager, whole: Callable[[Path], bool]
+) -> Path | None:
     """Put one leftover back, or delete it (see :func:`put_back_leftovers`)."""
     if not os.path.lexists(aside):
         return None
     if os.path.lexists(target):
-        if not _goes_back(aside, target):
+        if not _goes_back(aside, target, whole):
             log.info("lamin-lightning: deleting %s: %s is there, whole", aside, target)
             remove_path(aside)
             return None
@@ -440,11 +454,80 @@ def _place(aside: Path, target: Path) -> bool:
     return True
 
 
-def _goes_back(aside: Path, target: Path) -> bool:
+def _goes_back(aside: Path, target: Path, whole: Callable[[Path], bool]) -> bool:
     """Whether the leftover ``aside`` is to replace ``target``: it is missing, or cut short
     where ``aside`` is whole. (A leftover linked aside, its file never moved, names the
-    same file as ``target``, or the previous one of a rewrite that finished.)"""
-    return not os.path.lexists(target) or (_cut_short(target) and _complete(aside))
+    same file as ``target``, or the previous one of a rewrite that finished.) A folder
+    where the leftover is a folder is cut short unless ``whole`` says otherwise."""
+    if not os.path.lexists(target):
+        return True
+    if _is_folder(target) and _is_folder(aside):
+        return not whole(target)
+    return _cut_short(target) and _complete(aside)
+
+
+def _is_folder(path: Path) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _staged_whole(root: Path, own: Outbox | None) -> Callable[[Path], bool]:
+    """Whether a folder checkpoint is the one the newest pending save of it in ``root``'s
+    journals staged (``own``: the caller's, open), which was staged once written whole."""
+
+    def whole(target: Path) -> bool:
+        wanted = os.path.abspath(target)
+        mine = os.path.abspath(own.path) if own is not None and own.is_open else None
+        for path in journal_paths(root):
+            try:
+                pending = (
+                    own.pending()
+                    if own is not None and os.path.abspath(path) == mine
+                    else read_pending(path)
+                )
+            except (OSError, ValueError):
+                continue
+            saves = [
+                r for _, r in pending if r.op == "save" and os.path.abspath(r.local_path) == wanted
+            ]
+            staged = saves[-1].staged_path if saves else None
+            if staged and _same_tree(Path(staged), target):
+                return True
+        return False
+
+    return whole
+
+
+def _same_tree(staged: Path, folder: Path) -> bool:
+    """Whether the staged folder ``staged`` holds the files of ``folder``: the same names,
+    each the same file (a staged link), or a copy of it: the same bytes (a small file), or
+    (a large one) the same size, copied no earlier than the file was last written."""
+    files = _files(staged)
+    if not files or files.keys() != _files(folder).keys():
+        return False
+    for relative, copy in files.items():
+        try:
+            a, b = os.stat(copy), os.stat(folder / relative)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                continue
+            if a.st_size != b.st_size:
+                return False
+            if a.st_size < _staging.SMALL_FILE_BYTES:
+                if copy.read_bytes() != (folder / relative).read_bytes():
+                    return False
+            elif a.st_mtime_ns < b.st_mtime_ns:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every file under ``folder``, by its relative path."""
+    return {
+        os.path.relpath(os.path.join(here, name), folder): Path(here) / name
+        for here, _, names in os.walk(folder)
+        for name in names
+    }
 
 
 def _cut_short(path: Path) -> bool:

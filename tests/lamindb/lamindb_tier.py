@@ -218,17 +218,14 @@ def assert_checkpoint_keys_persisted(
     expected: dict[str, Path],
     *,
     missing: Collection[str] = (),
-    unchecked: Collection[str] = (),
 ) -> dict[str, Any]:
     """The checkpoint artifacts (kind "model") under ``prefix + "/"`` are exactly the keys of
     ``expected`` (less ``missing``), one artifact per key (trashed ones counted too), each
     stored file present (and, on local storage, hashing to its record's hash), the record's
     hash equal to the local file's if that still exists. A folder checkpoint (a folder
     artifact) is compared by lamindb's folder hash (``hash_dir``: every file's hash) and
-    its number of files. ``missing`` keys must keep their local file. ``unchecked``: keys
-    not in ``expected`` that may have one artifact or none, whatever it holds (a
-    checkpoint cut short where an earlier one's artifact stays). Returns the artifacts by
-    key.
+    its number of files. ``missing`` keys must keep their local file. Returns the
+    artifacts by key.
     """
     from lamindb_setup.core.hashing import hash_dir, hash_file
 
@@ -240,14 +237,13 @@ def assert_checkpoint_keys_persisted(
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     assert not duplicates, f"more than one artifact under {duplicates}"
     want = set(expected) - set(missing)
-    keys = [k for k in keys if k not in unchecked or k in want]
     assert set(keys) == want, (
         f"{len(keys)} checkpoint artifact(s) under {prefix!r}, expected {len(want)};"
         f" extra: {sorted(set(keys) - want)}, absent: {sorted(want - set(keys))}"
     )
     for key in missing:
         assert expected[key].exists(), f"{expected[key]} failed to persist and must be kept"
-    by_key = {a.key: a for a in rows if a.key in want}
+    by_key = {a.key: a for a in rows}
     for key, artifact in by_key.items():
         stored = artifact.path  # a Path, or a UPath on cloud storage
         assert stored.exists(), f"{key}: stored file {stored} is gone"
