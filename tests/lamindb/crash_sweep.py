@@ -3,8 +3,9 @@
 Each seed draws a configuration (``save_top_k``, ``save_last`` True or "link",
 ``every_n_train_steps``, ``async_write``, ``max_workers``, ``max_pending``, the monitored
 scores, sometimes ``--keep-files``: a CheckpointIO of the user's that keeps evicted
-files, and sometimes ``--folder``: a CheckpointIO of the user's that writes each
-checkpoint as a folder, as ``torch.distributed.checkpoint`` does), a step of a job to die
+files, sometimes ``--folder``: a CheckpointIO of the user's that writes each
+checkpoint as a folder, as ``torch.distributed.checkpoint`` does, and sometimes
+``--late``: that CheckpointIO inside Lightning's ``AsyncCheckpointIO``), a step of a job to die
 at and how many times that step is passed first (see ``outbox_train.kill_points``), the
 signal (SIGKILL; SIGTERM: Lightning's handling and teardown run; or SIGINT, Ctrl+C:
 Lightning's interrupted path, whose flush does not wait, sometimes with a second SIGINT
@@ -13,7 +14,7 @@ at the step's next pass or when that flush starts), and how to recover:
 ``last.ckpt`` (``ckpt_path="last"``), possibly with another ``async_write`` and
 ``max_workers``. Half the cases kill the recovery too, at a step of its own drawn the
 same way (a rerun SIGKILLs itself, a flush runs in-process under ``flush_killed.py``
-with the same hook), then recover once more, cleanly. Folders and SIGINT are drawn from
+with the same hook), then recover once more, cleanly. Folders, ``--late`` and SIGINT are drawn from
 a second random stream, so that a seed drawn before they were added still draws the
 rest as it did.
 The training process (``outbox_train.py``) signals itself at that point, on whichever
@@ -139,6 +140,9 @@ def draw(seed: int, force: dict[str, Any] | None = None) -> dict[str, Any]:
     ctrl_c = edges.random() < 0.25
     again = edges.choice([None, None, "next", "shutdown"])
     sig = force.get("signal", "INT" if ctrl_c else sig)
+    if edges.random() < 0.3:  # Lightning's AsyncCheckpointIO around the CheckpointIO
+        options.append("--late")
+        rerun_options.append("--late")
     if sig == "INT" and again is not None:  # Ctrl+C pressed twice
         options += ["--again", again]
     return {
@@ -262,6 +266,8 @@ def run_case(seed: int, case_dir: Path, force: dict[str, Any] | None = None) -> 
             or killed.returncode == -signal.SIGINT  # raised out of Lightning's handling
         ):
             KILLED.append(seed)
+        elif killed.returncode not in (0, -signal.SIGKILL):  # it never got the signal
+            return f"the first run ended with {killed.returncode}:\n{killed.stdout}{killed.stderr}"
     elif killed.returncode not in (0, -signal.SIGKILL):
         return f"the first run ended with {killed.returncode}:\n{killed.stdout}{killed.stderr}"
     prefix_file = case_dir / "report.prefix"

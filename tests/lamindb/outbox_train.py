@@ -13,7 +13,8 @@ with non-loopback network blocked. Checkpoint uploads go through a gate:
 - ``--folder``: a CheckpointIO of the user's that writes each checkpoint as a folder
   (``checkpoint_forms.FolderCheckpointIO``: three files, ``meta.json`` last, written in
   place as ``torch.distributed.checkpoint`` writes its shards); with ``--keep-files``,
-  one that also keeps the folders Lightning evicts.
+  one that also keeps the folders Lightning evicts. ``--late`` wraps the CheckpointIO in
+  Lightning's ``AsyncCheckpointIO``: each checkpoint is written after its save returned.
 - ``--kill-at STEP --kill-after N``: the process SIGKILLs itself right after the N-th
   time a job reaches ``STEP`` (see ``KILL_POINTS``), on whichever thread that is.
   ``--kill-signal TERM`` sends itself SIGTERM there instead (Lightning's handling, then
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))  # checkpoint_forms
 import lightning.pytorch as pl
 import pytest
 from lamindb_tier import TierData, TierModel, block_network, make_trainer
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 import lamin_lightning as ll
 from checkpoint_forms import FolderCheckpointIO
@@ -261,6 +262,7 @@ def main() -> None:
         help="signal again: at the step's next pass, or when the callback's flush starts",
     )
     parser.add_argument("--folder", action="store_true", help="checkpoints written as folders")
+    parser.add_argument("--late", action="store_true", help="in AsyncCheckpointIO")
     parser.add_argument("--storage", default=None, help="a storage location to store into")
     parser.add_argument("--keep-files", action="store_true", help="a CheckpointIO keeping them")
     parser.add_argument("--max-pending", type=int, default=4)
@@ -284,6 +286,11 @@ def main() -> None:
 
     guard = pytest.MonkeyPatch()
     block_network(guard)
+    if args.kill_signal == "INT":
+        # Ctrl+C raises KeyboardInterrupt, as in a Python started from a terminal: one started
+        # by a background job of a shell without job control (a sweep run with `&`) inherits
+        # SIGINT ignored, and would never see it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.kill_at:
         kill_at(
             guard,
@@ -341,6 +348,8 @@ def main() -> None:
         checkpoint_io = KeepFolders() if args.keep_files else FolderCheckpointIO()
     elif args.keep_files:
         checkpoint_io = KeepFiles()
+    if args.late:
+        checkpoint_io = AsyncCheckpointIO(checkpoint_io)
     trainer = make_trainer(
         args.dirpath.parent,
         [callback, prefix],
