@@ -1683,3 +1683,47 @@ def test_a_temporary_link_of_an_earlier_process_of_this_pid_is_never_written_thr
     assert older.read_bytes() == b"step 1"
     assert os.readlink(link) == target.name
     assert sorted(os.listdir(tmp_path)) == sorted([older.name, target.name, link.name])
+
+
+def test_a_replay_drops_a_late_folder_its_write_never_marked_complete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CheckpointIO of the user's writes each checkpoint as a folder, in place, under
+    AsyncCheckpointIO: a process killed mid-write leaves a partial folder at the name. A
+    folder cannot be judged as a zip can, and the replay persisted it, an artifact that
+    does not load (crash sweep seed 1029 --folder). Now the write notes the folder it
+    completed in the journal; a folder with no such mark, or the mark of another folder
+    (a later rewrite's, where the one marked was set aside), is dropped as cut short and
+    left where it is; a marked one is persisted, also after a compaction; a folder of a
+    record journaled before the mark existed, as before."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    names = ("cut.ckpt", "done.ckpt", "other.ckpt", "older.ckpt")
+    cut, done, other, older = (dirpath / n for n in names)
+    for folder in (cut, done, other, older):
+        folder.mkdir()
+        (folder / "shard-0").write_bytes(b"a shard of " + folder.name.encode())
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    ids = {
+        path: outbox.append(_save(path, written_later=True, marks_folder=True))
+        for path in (cut, done, other)
+    }
+    outbox.append(_save(older, written_later=True))
+    for path, marked in ((done, done), (other, done)):
+        identity = file_identity(marked)
+        assert identity is not None
+        outbox.mark_written(ids[path], identity)
+    outbox._compact_unlocked()
+    outbox.close()
+    store = MemoryStore()
+    caplog.set_level(logging.WARNING, logger="lamin_lightning")
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert sorted(r.key for r in report.dropped) == [key("cut.ckpt"), key("other.ckpt")]
+    assert report.remaining == [] and report.failed == 0
+    assert store.keys() == {key("done.ckpt"), key("older.ckpt")}
+    assert all(path.is_dir() for path in (cut, done, other, older)), "folders are left"
+    warned = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert any(str(cut) in m for m in warned) and any(str(other) in m for m in warned)

@@ -8,6 +8,7 @@ the job appended after it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -369,3 +370,26 @@ def test_a_checkpoint_records_run_level_values_round_trip_through_json() -> None
     assert decode(json.loads(json.dumps(encode(record)))).checkpoint == snapshot
     plain = dataclasses.replace(record, checkpoint=_snapshot())
     assert "run_features" not in encode(plain)["snapshot"]
+
+
+def test_a_late_save_that_marks_its_folder_round_trips_and_an_older_entry_does_not_mark() -> None:
+    """A save written by a CheckpointIO under AsyncCheckpointIO journals ``marks_folder``
+    (its write notes a folder it completed), and its mark's identity, and reads both back;
+    an entry of the version before (no such field) reads as not marking, so that its
+    replay persists a folder as that version did."""
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key="ckpts/a.ckpt",
+        local_path="/data/a.ckpt",
+        store="lamindb",
+        written_later=True,
+        marks_folder=True,
+        written_file=(12, 4096, 1700000000000000000),
+    )
+    entry = encode(record)
+    assert entry["marks_folder"] is True
+    assert decode(json.loads(json.dumps(entry))) == record
+    del entry["marks_folder"]
+    assert decode(entry).marks_folder is False
+    assert "marks_folder" not in encode(dataclasses.replace(record, marks_folder=False))

@@ -844,6 +844,14 @@ class _putting_back:  # used as a function
         self._ran = False
         self._error: BaseException | None = None
 
+    def mark_folder_with(self, mark: Callable[[tuple[int, int, int]], None]) -> None:
+        """See ``PendingWrites.mark_folder_with`` (the wait this wraps is one)."""
+        self._written.mark_folder_with(mark)  # type: ignore[attr-defined]
+
+    def folder_written(self) -> tuple[int, int, int] | None:
+        """See ``PendingWrites.folder_written``."""
+        return self._written.folder_written()  # type: ignore[attr-defined,no-any-return]
+
     def __call__(self) -> None:
         with self._once:
             if not self._ran:

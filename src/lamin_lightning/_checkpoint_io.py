@@ -44,6 +44,7 @@ from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
 from lamin_lightning._errors import CheckpointIOError
+from lamin_lightning._jobs import file_identity
 from lamin_lightning._local_write import run_after_write
 from lamin_lightning._names import release_name, take_name
 
@@ -222,6 +223,34 @@ class PendingWrites:
         ``save_checkpoint`` raised first (one that raised an earlier write's error after
         queuing it was not)."""
         return not any(isinstance(write.error, _NeverStarted) for write in self._writes)
+
+    def mark_folder_with(self, mark: Callable[[tuple[int, int, int]], None]) -> None:
+        """Have ``mark`` told the identity of the folder at the path (see
+        ``_jobs.file_identity``) once every write ended without error, if a folder is
+        there (a CheckpointIO that writes one in place: a sharded checkpoint): its job's
+        journal notes it (``Outbox.mark_written``, ``JobRecord.marks_folder``). On the
+        writer's thread, before the write counts as done (nothing stages it, and no later
+        save sets it aside, before); here and now if they ended already. A process killed
+        mid-write leaves a partial folder with no mark, which a replay drops. A file is
+        not marked: the replay judges a file by its bytes."""
+        path = self._writes[-1].path
+
+        def marked() -> None:
+            identity = _folder_identity(path)
+            if identity is not None:
+                mark(identity)
+
+        self.then(marked)
+
+    def folder_written(self) -> tuple[int, int, int] | None:
+        """The identity of the folder at the path if every write already ended without
+        error and left one there, else None: journaled with the job's own line (see
+        ``Submitter._journaled_job``), so that a process killed right after that line,
+        before :meth:`mark_folder_with` could mark it, does not leave a whole folder
+        unmarked."""
+        if not self.done() or self.failed():
+            return None
+        return _folder_identity(self._writes[-1].path)
 
     def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
         """``action`` once every write finished and wrote its file, else ``otherwise``: on
@@ -680,6 +709,13 @@ def _path_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if "path" in kwargs:
         return kwargs["path"]
     return args[1] if len(args) > 1 else None
+
+
+def _folder_identity(path: str) -> tuple[int, int, int] | None:
+    """``file_identity`` of ``path`` if it is a folder (not a link to one), else None."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    return file_identity(path)
 
 
 def _normal(path: Any) -> str:

@@ -145,7 +145,17 @@ class JobRecord:
             at the path, drops the job (see :meth:`never_written`).
         written_file: The identity (inode, size, modification time in ns) of the file
             the write of a :attr:`marks_written` save completed, from the journal's
-            mark; None while it has none.
+            mark; None while it has none. Also the identity (inode first) of the folder a
+            :attr:`marks_folder` save's write left at its path.
+        marks_folder: For a save written after the hook returned by a CheckpointIO that
+            may write a folder in place (under Lightning's ``AsyncCheckpointIO``): once
+            its write ended without error, if the path is a folder, the journal notes
+            that folder's identity (:attr:`written_file`: in the job's own line if the
+            write ended first, else by a mark, see ``PendingWrites.mark_folder_with``).
+            A folder cannot be judged as a zip can: a replay that finds a folder at the
+            path and no such note of it drops the job as cut short (see
+            :meth:`cut_short`). Files are judged as before. Records without the flag
+            (journals before it) persist a folder as they found it.
         handed_over: For a removal: a strategy or CheckpointIO of the user's was handed
             the file and returned (the journal's mark after the call, see
             ``Outbox.mark_handed_over``). The removal is the user's to make: a file it
@@ -176,6 +186,7 @@ class JobRecord:
     linked: bool = False
     marks_written: bool = False
     written_file: tuple[int, int, int] | None = None
+    marks_folder: bool = False
     handed_over: bool = False
     root: str | None = None
     recorded: tuple[str, str | None] | None = None
@@ -202,7 +213,8 @@ class JobRecord:
         was: neither it nor its staged copy exists (see :attr:`written_later`), or
         only a file the process was killed in the middle of writing (:meth:`cut_short`),
         or, for a save whose write marks the journal (:attr:`marks_written`), any file
-        but the one its write completed."""
+        but the one its write completed, or a folder its write never marked as complete
+        (:attr:`marks_folder`)."""
         if not self.unstaged_late_save():
             return False
         if self.marks_written:
@@ -214,7 +226,11 @@ class JobRecord:
                 # its size and modification time (which ``mv`` keeps) still tell.
                 return found[1:] != self.written_file[1:]
             return found != self.written_file
-        return not _present(self.local_path) or archive_cut_short(self.local_path)
+        return (
+            not _present(self.local_path)
+            or archive_cut_short(self.local_path)
+            or self._folder_cut_short()
+        )
 
     def cut_short(self) -> bool:
         """Whether this save's file was to be written after the hook returned and is in
@@ -222,8 +238,31 @@ class JobRecord:
         CheckpointIO that writes in place (Lightning's own, under ``AsyncCheckpointIO``)
         leaves such a file when the process dies mid-write; it is no checkpoint, and is
         not persisted. A file staged for it was written whole (staging waits for the
-        write). Files in other formats cannot be judged, and count as written."""
-        return self.unstaged_late_save() and archive_cut_short(self.local_path)
+        write). Files in other formats cannot be judged, and count as written. Nor can a
+        folder: one counts as cut short unless its write marked it complete
+        (:attr:`marks_folder`)."""
+        return self.unstaged_late_save() and (
+            archive_cut_short(self.local_path) or self._folder_cut_short()
+        )
+
+    def _folder_cut_short(self) -> bool:
+        """Whether the path is a folder that a :attr:`marks_folder` save's write never
+        marked as complete: no mark (killed mid-write, or the write failed), or the mark
+        of another folder (by inode: a later rewrite's, left where the one marked was set
+        aside). Its size and modification time are not compared: a folder's change with
+        its entries, and a rename aside and back may touch them. A relocated record
+        (another filesystem: another inode) needs only the mark."""
+        if not self.marks_folder or self.marks_written:
+            return False
+        path = self.local_path
+        if os.path.islink(path) or not os.path.isdir(path):
+            return False
+        if self.written_file is None:
+            return True
+        found = file_identity(path)
+        if found is None:
+            return True
+        return self.recorded is None and found[0] != self.written_file[0]
 
     def unstaged_late_save(self) -> bool:
         """Whether this is a save whose file was to be written after the hook returned
@@ -632,6 +671,7 @@ def encode(record: JobRecord) -> dict[str, Any]:
         **({"linked": True} if record.linked else {}),
         **({"marks_written": True} if record.marks_written else {}),
         **({"written_file": list(record.written_file)} if record.written_file else {}),
+        **({"marks_folder": True} if record.marks_folder else {}),
         **({"handed_over": True} if record.handed_over else {}),
         **({"root": record.root} if record.root else {}),
     }
@@ -679,6 +719,7 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         linked=data.get("linked") is True,
         marks_written=data.get("marks_written") is True,
         written_file=_identity(data.get("written_file")),
+        marks_folder=data.get("marks_folder") is True,
         handed_over=data.get("handed_over") is True,
         root=str(data["root"]) if isinstance(data.get("root"), str) and data["root"] else None,
     )

@@ -187,6 +187,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         written_later: bool = False,
         linked: bool = False,
         marks_written: bool = False,
+        marks_folder: bool = False,
     ) -> JobRecord:
         local, given = absolute(path), os.fspath(path)
         return JobRecord(
@@ -204,6 +205,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             written_later=written_later,
             linked=linked,
             marks_written=marks_written,
+            marks_folder=marks_folder,
         )
 
     def _submit_record(
@@ -322,6 +324,8 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             written_later=write is not None,
             # Our own background write notes the file it completed in the journal.
             marks_written=callable(getattr(write, "mark_written_with", None)),
+            # A CheckpointIO's late write notes a folder it completed (it cannot be judged).
+            marks_folder=callable(getattr(write, "mark_folder_with", None)),
         )
 
     def _run_features_to_journal(self) -> tuple[tuple[str, Any, bool], ...]:

@@ -271,12 +271,22 @@ class Submitter:
         """Journal ``record`` (unless ``journaled`` says where it already is); its job.
 
         A save whose ``write`` notes in the journal the file it completed
-        (``JobRecord.marks_written``) is told where, before that write can run."""
+        (``JobRecord.marks_written``), or the folder a CheckpointIO completed
+        (``JobRecord.marks_folder``), is told where, before that write can run (or, for
+        a CheckpointIO's write that already ended, with the job's own line)."""
+        mark_folder = getattr(write, "mark_folder_with", None)
+        if record.marks_folder and journaled is None and mark_folder is not None:
+            identity = write.folder_written()  # type: ignore[union-attr]
+            if identity is not None:
+                record = dataclasses.replace(record, written_file=identity)
+                mark_folder = None
         settle = journaled if journaled is not None else self.journal(record)
         written = getattr(settle, "written", None)
         mark_with = getattr(write, "mark_written_with", None)
         if record.marks_written and written is not None and mark_with is not None:
             mark_with(written)
+        if record.marks_folder and written is not None and mark_folder is not None:
+            mark_folder(written)
         if settle is _unjournaled and prepare is not None and record.op == "save":
             prepare = _staged_or_in_place(prepare, record)
         return build_job(
