@@ -2978,3 +2978,39 @@ def test_each_late_folder_write_journals_the_folder_it_completed(
         assert not any(identities.values()) and not marks
     assert callback.persistence_stats.failed == 0
     assert_store_equals_lightning(store, callback)
+
+
+def test_a_folders_mark_is_journaled_before_its_write_gives_its_name_back(
+    tmp_path: Path,
+) -> None:
+    """A replay in the same process (a second fit in a notebook) waits for the name a
+    write holds, then judges the folder by its mark: the mark must come before the name
+    goes, or a whole folder would be dropped as cut short. A failed write marks nothing,
+    and a write that ended already marks at once."""
+    from lamin_lightning._checkpoint_io import PendingWrites, WriteTracker
+    from lamin_lightning._jobs import file_identity
+    from lamin_lightning._names import being_written
+
+    tracker = WriteTracker()
+    folder, failed, early = (tmp_path / n for n in ("a.ckpt", "b.ckpt", "c.ckpt"))
+    seen: list[tuple[str, tuple[int, int, int], bool]] = []
+    for path in (folder, failed, early):
+        path.mkdir()
+        write = tracker.begin(path)
+        assert tracker.claim(path) is write
+        pending = PendingWrites([write])
+        if path == early:
+            tracker.finish(write, None)
+
+        def mark(identity: tuple[int, int, int], path: Path = path) -> None:
+            seen.append((path.name, identity, being_written(path)))
+
+        pending.mark_folder_with(mark)
+        if path != early:
+            tracker.finish(write, OSError("disk full") if path == failed else None)
+        assert not being_written(path)
+
+    assert seen == [
+        ("a.ckpt", file_identity(folder), True),
+        ("c.ckpt", file_identity(early), False),
+    ]

@@ -57,7 +57,17 @@ _ASYNC_HINTS = ("_executor", "executor", "_futures", "futures", "_pending_writes
 class _Write:
     """One ``save_checkpoint`` call: finished once the file is written (or failed)."""
 
-    __slots__ = ("_finished", "_lock", "_then", "claimed", "done", "error", "path", "seq")
+    __slots__ = (
+        "_finished",
+        "_first",
+        "_lock",
+        "_then",
+        "claimed",
+        "done",
+        "error",
+        "path",
+        "seq",
+    )
 
     def __init__(self, path: str, seq: int) -> None:
         self.path = path
@@ -68,14 +78,22 @@ class _Write:
         self._lock = threading.Lock()
         self._finished = False
         self._then: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
+        self._first: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
 
-    def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
+    def then(
+        self,
+        action: Callable[[], None],
+        otherwise: Callable[[], None] | None = None,
+        *,
+        first: bool = False,
+    ) -> None:
         """``action`` once the file is written, ``otherwise`` if the write failed: on the
         thread that finishes the write, before it counts as done; here and now if it
-        finished already."""
+        finished already. ``first``: before the write gives its name back, too (a replay
+        in this process waits for the name, then judges what the action journaled)."""
         with self._lock:
             if not self._finished:
-                self._then.append((action, otherwise))
+                (self._first if first else self._then).append((action, otherwise))
                 return
             written = self.error is None
         run_after_write(self.path, [(action, otherwise)], written)
@@ -88,6 +106,8 @@ class _Write:
             self.error = error
             self._finished = True
             waiting, self._then = self._then, []
+            first, self._first = self._first, []
+        run_after_write(self.path, first, error is None)
         if self.path:
             release_name(self.path)  # taken by WriteTracker.begin
         run_after_write(self.path, waiting, error is None)
@@ -230,17 +250,22 @@ class PendingWrites:
         there (a CheckpointIO that writes one in place: a sharded checkpoint): its job's
         journal notes it (``Outbox.mark_written``, ``JobRecord.marks_folder``). On the
         writer's thread, before the write counts as done (nothing stages it, and no later
-        save sets it aside, before); here and now if they ended already. A process killed
+        save sets it aside, before) or gives its name back (a replay in this process waits
+        for the name); here and now if they ended already. A process killed
         mid-write leaves a partial folder with no mark, which a replay drops. A file is
         not marked: the replay judges a file by its bytes."""
-        path = self._writes[-1].path
+        writes = self._writes
 
         def marked() -> None:
-            identity = _folder_identity(path)
+            # The last write wrote (an action, not ``otherwise``); the earlier ones ended
+            # before it (one writer thread).
+            if any(write.error is not None for write in writes):
+                return
+            identity = _folder_identity(writes[-1].path)
             if identity is not None:
                 mark(identity)
 
-        self.then(marked)
+        writes[-1].then(marked, first=True)
 
     def folder_written(self) -> tuple[int, int, int] | None:
         """The identity of the folder at the path if every write already ended without
