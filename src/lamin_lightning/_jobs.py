@@ -67,8 +67,9 @@ class CheckpointSnapshot:
         auto_features: Which names in ``feature_values`` are features that
             ``save_lightning_features()`` created (the ``lamindb.lightning`` type).
         run_features: The run-level values of its fit (``(name, value, auto feature)``),
-            on every checkpoint from the fit's first on. The live commit records them on
-            the run from memory, at the fit's first commit; a replay records those the
+            on every checkpoint from the fit's first on, until a commit recorded them.
+            The live commit records them on the run from memory, at the fit's first
+            commit; a replay records those the
             run does not have yet, so that a fit interrupted before its first commit
             (Ctrl+C, SIGKILL) gets them from the flush.
         sequence: When it was submitted, among every checkpoint submitted in this

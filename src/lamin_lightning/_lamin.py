@@ -486,7 +486,10 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
 
     @override
     def _run_features_to_journal(self) -> tuple[tuple[str, Any, bool], ...]:
-        return self._run_features
+        # Only until a commit recorded them on the run (the committer clears the pending
+        # values): a replay of a later checkpoint finds them there, and the training
+        # thread no longer encodes them into every journal line.
+        return self._run_features if self._run_values_pending is not None else ()
 
     # -- worker threads -------------------------------------------------------------------------
 

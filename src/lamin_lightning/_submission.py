@@ -331,7 +331,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
     def _run_features_to_journal(self) -> tuple[tuple[str, Any, bool], ...]:
         """The run-level values of this fit (``(name, value, auto feature)``), journaled
         with each checkpoint so that a replay can still record them on the run (see
-        :attr:`CheckpointSnapshot.run_features`). None in the generic layer, which has no run."""
+        :attr:`CheckpointSnapshot.run_features`). Empty in the generic layer, which has no run."""
         return ()
 
     def _feature_conflict(self, message: str) -> Exception:
