@@ -19,7 +19,12 @@ right before the drain it is compared with, so a change of load during the run m
 both; the ratio ours / control is taken per round, then the median.
 
 Targets: 4 workers >= 3x the throughput of 1 worker (scenario 2). Issue 14, item 4: ours
->= 90 % of the control at every worker count, and 4 workers >= 3.5x one worker.
+>= 90 % of the control at every worker count, and 4 workers >= 3.5x one worker. "Of the
+control" as the issue measures it: our speedup over one worker against the control's
+over one thread ("4 workers 3.32x one worker, against 3.55x for s3fs alone: 94 %"),
+per round and from the medians. Printed beside it, for information, the stricter ratio
+of throughputs at each count, which also charges LaminDB's own work per artifact
+(hashing, records) to the drain.
 
 Usage::
 
@@ -295,6 +300,18 @@ def raw_uploads(endpoint: str, size: int, workers: int, count: int, root: Path) 
     return count / (time.perf_counter() - started)
 
 
+def _scaling_per_round(runs: list[dict[str, Any]], workers: int) -> list[float]:
+    """Per round: (ours at ``workers`` / ours at 1) / (control at ``workers`` / at 1)."""
+    ratios = []
+    for r in sorted({_round(run) for run in runs}):
+        at = {run["max_workers"]: run for run in runs if _round(run) == r}
+        if 1 in at and workers in at:
+            ours = at[workers]["artifacts_per_s"] / at[1]["artifacts_per_s"]
+            control = at[workers]["control_per_s"] / at[1]["control_per_s"]
+            ratios.append(ours / control)
+    return ratios
+
+
 def _round(run: dict[str, Any]) -> int:
     return int(run["round"])
 
@@ -477,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'max_workers':>11} {'artifacts/s':>12} {'MB/s':>8} {'x 1 worker':>11} {'retried':>8}"
         f" {'2nd half':>9} {'control: s3fs alone':>20} {'x 1 thread':>11} {'ours/control':>13}"
+        f" {'x / x':>6}"
     )
     for workers, entry in by_workers.items():
         entry["raw_uploads_per_s"] = raw.get(workers, float("nan"))
@@ -486,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {entry['speedup']:>11.2f} {entry['retried']:>8.0f}"
             f" {entry['steady_artifacts_per_s']:>7.2f}/s"
             f" {entry['raw_uploads_per_s']:>18.2f}/s {entry['raw_speedup']:>11.2f}"
-            f" {entry['of_control']:>12.0%}"
+            f" {entry['of_control']:>12.0%} {entry['speedup'] / entry['raw_speedup']:>6.0%}"
         )
     rows = [
         Row(
@@ -499,14 +517,34 @@ def main(argv: list[str] | None = None) -> int:
         )
     ]
     for workers, entry in by_workers.items():
+        if workers == 1:
+            continue
+        # The issue's measure: our speedup over one worker against s3fs alone's over one
+        # thread ("4 workers 3.32x one worker, against 3.55x for s3fs alone: 94 %").
+        entry["scaling_of_control"] = entry["speedup"] / entry["raw_speedup"]
+        entry["scaling_of_control_per_round"] = _scaling_per_round(runs, workers)
+        rows.append(
+            Row(
+                f"4 drain scaling / s3fs alone's, {workers} workers",
+                f">= {OF_CONTROL:.0%}",
+                f"{entry['scaling_of_control']:.0%} ({entry['speedup']:.2f}x vs"
+                f" {entry['raw_speedup']:.2f}x; per round "
+                + ", ".join(f"{v:.0%}" for v in entry["scaling_of_control_per_round"])
+                + ")",
+                entry["scaling_of_control"] >= OF_CONTROL,
+            )
+        )
+    for workers, entry in by_workers.items():
+        # Stricter, information: throughput against s3fs alone's at the same count, which
+        # also charges LaminDB's own work per artifact (hash, records) to the drain.
         rows.append(
             Row(
                 f"4 drain / s3fs alone, {workers} worker(s)",
-                f">= {OF_CONTROL:.0%}",
+                f"(info) {OF_CONTROL:.0%}",
                 f"{entry['of_control']:.0%} (per round "
                 + ", ".join(f"{v:.0%}" for v in entry["of_control_per_round"])
                 + ")",
-                entry["of_control"] >= OF_CONTROL,
+                None,
             )
         )
     rows.append(
@@ -554,13 +592,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile_text(profiles: list[tuple[str, Any]], top: int = 20) -> str:
-    """Worker threads by cumulative time (where a transfer waits), the fsspec loop thread
-    by own time (what keeps it busy)."""
+    """Worker threads by cumulative time (where a transfer waits) and by own time (what
+    keeps them busy), the fsspec loop thread by own time."""
     import io
     import pstats
 
     out = io.StringIO()
-    for group, order in (("workers", "cumulative"), ("fsspecIO", "tottime")):
+    orders = (("workers", "cumulative"), ("workers", "tottime"), ("fsspecIO", "tottime"))
+    for group, order in orders:
         mine = [p for g, p in profiles if g == group]
         if not mine:
             continue
