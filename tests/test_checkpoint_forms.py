@@ -3014,3 +3014,205 @@ def test_a_folders_mark_is_journaled_before_its_write_gives_its_name_back(
         ("a.ckpt", file_identity(folder), True),
         ("c.ckpt", file_identity(early), False),
     ]
+
+
+class LazyPoolAsyncCheckpointIO(AsyncCheckpointIO):
+    """A user's ``AsyncCheckpointIO`` whose ``save_checkpoint`` makes its thread pool
+    (``_pool``, ``workers`` threads) at its first call, then queues on it a task that writes
+    the checkpoint through its ``checkpoint_io`` under a temporary name and renames it into
+    place (the save's path never reaches the callback's notifier). ``failing``: the first
+    task, once ``checkpoint_io``'s gate (if any) opened, raises (``"raises"``) or keeps its
+    error in ``_error`` (``"keeps"``: the next save raises it, as Lightning's does) instead
+    of writing. ``pools``: each pool it made; ``teardown`` shuts it down and lets it go."""
+
+    def __init__(self, checkpoint_io: Any, workers: int = 1, failing: str | None = None) -> None:
+        super().__init__(checkpoint_io)
+        self.workers, self.failing, self.calls = workers, failing, 0
+        self._pool: ThreadPoolExecutor | None = None
+        self.pools: list[ThreadPoolExecutor] = []
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self.calls += 1
+        self._pool = self._pool or ThreadPoolExecutor(max_workers=self.workers)
+        if not any(pool is self._pool for pool in self.pools):
+            self.pools.append(self._pool)
+        fails = self.failing if self.calls == 1 else None
+        checkpoint = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+        gate = getattr(self.checkpoint_io, "gate", None)
+
+        def write() -> None:
+            if fails is not None:
+                if gate is not None:
+                    gate.wait(60)
+                error = OSError(errno.ENOSPC, "No space left on device")
+                if fails == "raises":
+                    raise error
+                self._error = error
+                return
+            assert self.checkpoint_io is not None
+            self.checkpoint_io.save_checkpoint(checkpoint, f"{path}.tmp", storage_options)
+            os.replace(f"{path}.tmp", path)
+
+        self._pool.submit(write)
+        if self._error:
+            raise self._error
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        super().teardown()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_pool_an_async_checkpoint_io_subclass_makes_at_its_first_save_is_followed(
+    tmp_path: Path, workers: int
+) -> None:
+    """A subclass of AsyncCheckpointIO that makes its thread pool at its first save: the
+    callback finds the executors to follow when a save begins, so that first save counted
+    as queuing nothing, its write as done at once (its name given back while its task
+    still waited to write), and its staging found no file: the first checkpoint was lost.
+    Every task queued on a pool made during the save is waited for now (off the training
+    thread, which never waited for the write), with one worker thread or several, in each
+    fit of the same trainer; the pool holds no ``submit`` of the callback's afterwards."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    gated = GatedCheckpointIO()
+    io = LazyPoolAsyncCheckpointIO(gated, workers)
+    options: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": 1}
+    callback = MemoryCheckpoint(store, dirpath=dirpath, **options)
+    holds = HoldsEachFitsFirstWrite(gated, callback)
+    trainer = make_trainer(tmp_path, [holds, callback], max_steps=3, plugins=[io])
+    model = TinyModel(scores=SCORES)
+    for fit in range(2):
+        gated.writes = 0
+        gated.gate.clear()
+        trainer.fit(model, loader(3))
+        assert gated.first_write_waited is True, "training waited for the first write"
+        assert holds.seen == [True] * (fit + 1)  # its name held until it was written
+        assert len(io.pools) == fit + 1 and "submit" not in vars(io.pools[-1])
+        assert not list(dirpath.glob("*.tmp"))
+        assert callback.persistence_stats.failed == 0
+        assert_store_equals_lightning(store, callback)
+        trainer.fit_loop.epoch_loop.max_steps = 6  # the same trainer's next fit: to step 6
+    assert len(checkpoint_files(dirpath)) == 6
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("failing", ["raises", "keeps"])
+def test_a_failing_task_on_a_pool_made_at_the_first_save_fails_only_that_save(
+    tmp_path: Path, workers: int, failing: str
+) -> None:
+    """The first task queued on a pool an AsyncCheckpointIO subclass makes at its first
+    save fails, once training went on, without writing: it raises (its error stays in its
+    future, which the callback never sees), or keeps its error in ``_error`` (the next save
+    raises it, as Lightning's does). Only that save fails (with the kept error, which
+    ``_error`` names), nothing waits for good, and every other checkpoint persists."""
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    observer = RecordingObserver()
+    gated = GatedCheckpointIO()
+    io = LazyPoolAsyncCheckpointIO(gated, workers, failing)
+    options: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": 1}
+    callback = MemoryCheckpoint(store, dirpath=dirpath, artifact_observers=[observer], **options)
+    holds = HoldsEachFitsFirstWrite(gated, callback)
+    trainer = make_trainer(tmp_path, [holds, callback], max_steps=3, plugins=[io])
+    # Kept: the next save raises it. Raised: the fit ends reporting the file never written.
+    raised = (OSError, "No space left") if failing == "keeps" else (PersistenceError, "step=1")
+    with pytest.raises(raised[0], match=raised[1]):
+        trainer.fit(TinyModel(scores=SCORES), loader(3))
+
+    assert holds.seen == [True]
+    first = "checkpoints/epoch=0-step=1.ckpt"
+    assert observer.wait_for(1)
+    failed = observer.of_type(ArtifactFailedEvent)
+    assert [event.key for event in failed] == [first]
+    if failing == "keeps":
+        assert isinstance(failed[0].error, OSError) and failed[0].error.errno == errno.ENOSPC
+    assert store.get(first) is None and not (dirpath / "epoch=0-step=1.ckpt").exists()
+    written = {p.name for p in dirpath.glob("*.ckpt")}
+    assert written and store.keys(kind="checkpoint") == {f"checkpoints/{n}" for n in written}
+    assert "submit" not in vars(io.pools[0])
+
+
+def _sweep_in_a_thread(
+    pool: ThreadPoolExecutor, seen: list[bool], earlier: Future[Any]
+) -> tuple[threading.Thread, threading.Event]:
+    """``_await_queued(pool)`` on a thread of its own, recording in ``seen`` whether
+    ``earlier`` was done when its ``then`` ran; the event is set once it queued a task."""
+    from lamin_lightning._checkpoint_io import _await_queued
+
+    queued = threading.Event()
+    sweeping = threading.Thread(
+        target=_await_queued, args=(pool, lambda: seen.append(earlier.done())), daemon=True
+    )
+
+    def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future = ThreadPoolExecutor.submit(pool, fn, *args, **kwargs)
+        if threading.current_thread() is sweeping:
+            queued.set()
+        return future
+
+    pool.submit = submit  # type: ignore[method-assign]
+    sweeping.start()
+    return sweeping, queued
+
+
+def test_waiting_for_earlier_tasks_never_deadlocks_one_waiting_for_a_later_task() -> None:
+    """Two worker threads: an earlier task queues a task behind the ones that wait for the
+    pool's earlier tasks, then waits for it. Tasks that held every thread until all of them
+    started would never let it run: they hold them a while only, and the wait ends once
+    the earlier task ended."""
+    pool = ThreadPoolExecutor(max_workers=2)
+    go = threading.Event()
+
+    def earlier() -> None:
+        assert go.wait(60)
+        pool.submit(lambda: None).result(60)
+
+    try:
+        task = pool.submit(earlier)
+        seen: list[bool] = []
+        sweeping, queued = _sweep_in_a_thread(pool, seen, task)
+        assert queued.wait(60)
+        go.set()
+        sweeping.join(60)
+        assert not sweeping.is_alive(), "the wait deadlocked the pool"
+        assert seen == [True] and task.exception() is None
+    finally:
+        go.set()
+        pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("cancel_futures", [False, True])
+@pytest.mark.parametrize("when", ["before", "meanwhile"])
+def test_waiting_for_earlier_tasks_ends_once_they_ended_when_the_pool_is_shut_down(
+    when: str, cancel_futures: bool
+) -> None:
+    """A pool shut down before the wait began (which it refuses to run a task of) or while
+    its task was queued (cancelled, or run after the earlier ones): the wait ends once the
+    earlier task ended, not before, and never waits for good."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    go, started = threading.Event(), threading.Event()
+
+    def earlier() -> bool:
+        started.set()
+        return go.wait(60)
+
+    try:
+        task = pool.submit(earlier)
+        assert started.wait(60)  # running: a shutdown that cancels leaves it be
+        if when == "before":
+            pool.shutdown(wait=False, cancel_futures=cancel_futures)
+        seen: list[bool] = []
+        sweeping, queued = _sweep_in_a_thread(pool, seen, task)
+        if when == "meanwhile":
+            assert queued.wait(60)
+            pool.shutdown(wait=False, cancel_futures=cancel_futures)
+        go.set()
+        sweeping.join(60)
+        assert not sweeping.is_alive(), "the wait never ended"
+        assert seen == [True] and task.result() is True
+    finally:
+        go.set()
+        pool.shutdown(wait=True)

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -356,9 +356,12 @@ class _FollowedSave:
     that runs it: a write that queues its rename, or a manifest, as a task of its own,
     whenever it runs) is followed (see :func:`_follow_submissions`), and ``write``
     finishes once every such task ended (with the first error one raised, or left in
-    ``_error``), if the notifier did not finish it first. Nothing queued: the subclass
-    wrote (or not) on its own, as a synchronous CheckpointIO does, and the file is looked
-    at at once."""
+    ``_error``), if the notifier did not finish it first. A thread pool the save made
+    (an attribute it set during the call: one made lazily, at the first save) was not
+    followed while it queued: ``write`` finishes once every task queued on it before the
+    save returned ended too (:func:`_await_queued`, on a thread of its own). Nothing
+    queued: the subclass wrote (or not) on its own, as a synchronous CheckpointIO does,
+    and the file is looked at at once."""
 
     def __init__(self, tracker: WriteTracker, write: _Write, queue: Any) -> None:
         self._tracker, self._write, self._queue = tracker, write, queue
@@ -370,13 +373,17 @@ class _FollowedSave:
         self._in_place: list[_InPlace] = []
         self._submitted = False
         self._outer: _FollowedSave | None = None
+        self._known: list[Executor] = []
+        self._error_before: BaseException | None = None
 
     def follow(self) -> None:
         """Follow what is queued on each executor the queue holds, from now on, by this
         thread (until :meth:`close`) and by the tasks queued (until every one ended)."""
+        self._error_before = getattr(self._queue, "_error", None)
         for name, value in list(vars(self._queue).items()):
             if not isinstance(value, Executor):
                 continue
+            self._known.append(value)
             in_place = _follow_submissions(value)
             if in_place is not None:
                 self._in_place.append(in_place)
@@ -397,11 +404,55 @@ class _FollowedSave:
         for name, followed in self._swapped.items():
             if vars(self._queue).get(name) is followed:
                 setattr(self._queue, name, followed._executor)
+        made = self._made_during_the_call()
         with self._lock:
             self._closed = True
+            self._pending += len(made)
+            self._submitted = self._submitted or bool(made)
             last = self._pending == 0
+        for pool in made:
+            threading.Thread(
+                target=self._swept, args=(pool,), name="lamin-lightning-pool-sweep", daemon=True
+            ).start()
         if last:
             self._done(raised)
+
+    def _made_during_the_call(self) -> list[ThreadPoolExecutor]:
+        """The thread pools the queue holds now and held at none of its attributes when
+        the save began: made during the call, so that what it queued on them then went
+        unfollowed. The next save follows them as any other. Another kind of executor
+        made during the call is not waited for (see docs/tuning.md)."""
+        made: list[ThreadPoolExecutor] = []
+        for value in list(vars(self._queue).values()):
+            if (
+                isinstance(value, ThreadPoolExecutor)
+                and _sweepable(value)
+                and not any(value is known for known in self._known + made)
+            ):
+                made.append(value)
+        return made
+
+    def _swept(self, pool: ThreadPoolExecutor) -> None:
+        """On a thread of its own: every task queued on ``pool`` before the save returned
+        ended (an error one kept in ``_error`` fails the write), then it counts as a task
+        of the save that ended."""
+
+        def read_error() -> None:
+            # At the moment no task queued later has run since the earlier ones ended
+            # (with one worker thread): the error is theirs.
+            error = getattr(self._queue, "_error", None)
+            if error is not None and error is not self._error_before:
+                self._failed(error)
+
+        try:
+            _await_queued(pool, read_error)
+        except BaseException as error:  # pragma: no cover - a pool that breaks our proof
+            self._failed(error)
+        with self._lock:
+            self._pending -= 1
+            last = self._closed and self._pending == 0
+        if last:
+            self._done(raised=False)
 
     def task(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` as queued: what it queues is this save's too, and an error it leaves in
@@ -458,6 +509,117 @@ class _FollowedSave:
             self._tracker.drop(self._write)  # nothing queued: nothing writes it later
         else:
             self._tracker.finish(self._write, None)
+
+
+_FIRST_HOLD = 0.05
+_LONGEST_HOLD = 1.0
+_POLL = 0.05
+
+
+class _Round:
+    """One try at holding every worker thread of a thread pool at once with tasks of ours
+    (:meth:`hold`, queued after the tasks waited for): until :meth:`end`, each one that
+    started keeps its thread."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.arrived: set[threading.Thread] = set()
+        self.over = False
+
+    def hold(self) -> None:
+        with self.changed:
+            if self.over:
+                return  # a task of a round given up, started late
+            self.arrived.add(threading.current_thread())
+            self.changed.notify_all()
+            while not self.over:
+                self.changed.wait()
+
+    def end(self) -> None:
+        with self.changed:
+            self.over = True
+            self.changed.notify_all()
+
+
+class _Refused(Exception):
+    """The pool no longer runs new tasks (shut down, broken): it runs no later one."""
+
+
+def _sweepable(pool: ThreadPoolExecutor) -> bool:
+    """Whether ``pool`` has the insides :func:`_await_queued` reads (CPython's)."""
+    return isinstance(getattr(pool, "_threads", None), set) and hasattr(pool, "_shutdown_lock")
+
+
+def _await_queued(pool: ThreadPoolExecutor, then: Callable[[], None]) -> None:
+    """Return once every task queued on ``pool`` before this call ended, having run
+    ``then`` at a moment when no task queued since had run but on another worker thread.
+
+    A ThreadPoolExecutor's workers take its tasks in the order they were queued, each one
+    to its end before the next. Once each of its live threads runs a task queued by this
+    call, every task queued before was taken, so each ended (its thread took ours after
+    it, or ended itself). Tasks of ours hold their thread only ``hold`` seconds after the
+    first one started, then the try is given up and queued again with a longer hold: an
+    earlier task that waits for a task queued behind ours (on another worker) ends
+    meanwhile, and the pool is never held for good. A pool shut down (or broken) runs its
+    queued tasks (or cancels them) and its threads end: their end is waited for (a pool
+    broken by a thread's initializer failed the tasks still queued; one running then is
+    not waited for)."""
+    hold = _FIRST_HOLD
+    while True:
+        try:
+            if _try_round(pool, hold, then):
+                return
+        except _Refused:
+            break
+        hold = min(2 * hold, _LONGEST_HOLD)
+    if not getattr(pool, "_broken", False):  # a broken pool failed the tasks it still held
+        for thread in _threads_of(pool):
+            thread.join()
+    then()
+
+
+def _threads_of(pool: ThreadPoolExecutor) -> set[threading.Thread]:
+    # Under the lock ``submit`` holds while it starts a thread and adds it to the set: a
+    # thread started is in it (else it could run an earlier task unseen).
+    with pool._shutdown_lock:
+        return set(pool._threads)
+
+
+def _try_round(pool: ThreadPoolExecutor, hold: float, then: Callable[[], None]) -> bool:
+    """One :class:`_Round`: whether it held every live thread of ``pool`` at once (then
+    ``then`` ran, before they were let go). Raises _Refused if the pool runs no new task."""
+    attempt = _Round()
+    queued: list[Any] = []
+    first_arrival: float | None = None
+    try:
+        while True:
+            with attempt.changed:
+                arrived = set(attempt.arrived)
+            # Read after ``arrived``, which only grows until ``end``: at the moment this
+            # is read, each thread in ``arrived`` runs a task of ours.
+            live = {thread for thread in _threads_of(pool) if thread.is_alive()}
+            if live <= arrived:
+                then()
+                return True
+            now = time.monotonic()
+            if arrived and first_arrival is None:
+                first_arrival = now
+            if first_arrival is not None and now - first_arrival >= hold:
+                return False
+            if any(future.done() for future in queued):
+                # Ended before ``end``: cancelled (``shutdown(cancel_futures=True)``) or
+                # failed unrun (a pool broken by a thread's initializer).
+                raise _Refused
+            while len(queued) < len(live):
+                try:
+                    queued.append(pool.submit(attempt.hold))
+                except RuntimeError as refused:  # shut down, broken, interpreter exit
+                    raise _Refused from refused
+            with attempt.changed:
+                if len(attempt.arrived) == len(arrived):
+                    attempt.changed.wait(_POLL)
+    finally:
+        attempt.end()
 
 
 _following = threading.local()
