@@ -3114,13 +3114,19 @@ def test_a_failing_task_on_a_pool_made_at_the_first_save_fails_only_that_save(
     gated = GatedCheckpointIO()
     io = LazyPoolAsyncCheckpointIO(gated, workers, failing)
     options: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": 1}
-    callback = MemoryCheckpoint(store, dirpath=dirpath, artifact_observers=[observer], **options)
+    # on_error="warn": the fit is not stopped at the hook after the failure is known, which
+    # (with several worker threads, soon) would leave no later checkpoint to look at.
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, artifact_observers=[observer], on_error="warn", **options
+    )
     holds = HoldsEachFitsFirstWrite(gated, callback)
     trainer = make_trainer(tmp_path, [holds, callback], max_steps=3, plugins=[io])
-    # Kept: the next save raises it. Raised: the fit ends reporting the file never written.
-    raised = (OSError, "No space left") if failing == "keeps" else (PersistenceError, "step=1")
-    with pytest.raises(raised[0], match=raised[1]):
-        trainer.fit(TinyModel(scores=SCORES), loader(3))
+    if failing == "keeps":  # a later save (or the teardown) raises it
+        with pytest.raises(OSError, match="No space left"):
+            trainer.fit(TinyModel(scores=SCORES), loader(3))
+    else:  # the fit ends, warning that the file was never written
+        with pytest.warns(UserWarning, match="step=1"):
+            trainer.fit(TinyModel(scores=SCORES), loader(3))
 
     assert holds.seen == [True]
     first = "checkpoints/epoch=0-step=1.ckpt"
