@@ -3222,3 +3222,32 @@ def test_waiting_for_earlier_tasks_ends_once_they_ended_when_the_pool_is_shut_do
     finally:
         go.set()
         pool.shutdown(wait=True)
+
+
+class MakesItsPoolThenRaises(LazyPoolAsyncCheckpointIO):
+    """Makes its pool at its first save, then raises an error of its own before it queues
+    anything on it (a quota check, say)."""
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self._pool = self._pool or ThreadPoolExecutor(max_workers=self.workers)
+        self.pools.append(self._pool)
+        raise OverQuota(f"over quota before queuing {Path(path).name}")
+
+
+def test_a_save_that_made_a_pool_and_raised_before_queuing_on_it_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """A save that made its pool and raised before it queued anything there queued nothing:
+    dropped as such a save was before pools made during a save were waited for (no job,
+    no failure reported for a file never meant to be written), not judged by its file."""
+    store = MemoryStore()
+    observer = RecordingObserver()
+    io = MakesItsPoolThenRaises(TorchCheckpointIO())
+    callback = _folder_callback(store, tmp_path / "ckpts", artifact_observers=[observer])
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, plugins=[io])
+    with pytest.raises(OverQuota):
+        trainer.fit(TinyModel(scores=SCORES), loader(2))
+    assert len(io.pools) == 1 and not io.pools[0]._threads
+    assert not observer.of_type(ArtifactFailedEvent)
+    assert callback.persistence_stats.submitted == 0
+    assert store.keys(kind="checkpoint") == set()

@@ -419,15 +419,18 @@ class _FollowedSave:
 
     def _made_during_the_call(self) -> list[ThreadPoolExecutor]:
         """The thread pools the queue holds now and held at none of its attributes when
-        the save began: made during the call, so that what it queued on them then went
-        unfollowed. The next save follows them as any other. Another kind of executor
-        made during the call is not waited for (see docs/tuning.md)."""
+        the save began, and that started a thread (which their first task does): made
+        during the call, so that what it queued on them then went unfollowed. The next
+        save follows them as any other. A pool made with nothing queued on it leaves the
+        save queuing nothing (one that raised is dropped, as before); another kind of
+        executor made during the call is not waited for (see docs/tuning.md)."""
         made: list[ThreadPoolExecutor] = []
         for value in list(vars(self._queue).values()):
             if (
                 isinstance(value, ThreadPoolExecutor)
                 and _sweepable(value)
                 and not any(value is known for known in self._known + made)
+                and _threads_of(value)
             ):
                 made.append(value)
         return made
