@@ -211,3 +211,55 @@ def test_a_reference_style_class_that_notifies_is_not_warned(tmp_path: Path) -> 
         warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|many workers).*")
         _fit(tmp_path, callback, steps=2)
     assert len(callback.saved) == 2
+
+
+class _Emitting(ArtifactPublishingModelCheckpoint):
+    """Written as the reference documents its generic layer's hooks ("persist a checkpoint
+    artifact and emit the corresponding event"): each save hook emits its event with the
+    reference's helper, and there is no ``_save_checkpoint`` of its own, so the pipeline
+    runs the hooks."""
+
+    def __init__(self, store: MemoryStore, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.store = store
+
+    def resolve_artifact_key(self, trainer: Any, filepath: Any, kind: str) -> str:
+        return f"mine/{os.path.basename(filepath)}"
+
+    def resolve_artifact_storage_uri(self, artifact: Any) -> str:
+        return f"memory://{artifact}"
+
+    def save_checkpoint_artifact(
+        self, trainer: Any, filepath: Any, *, feature_values: Any = None
+    ) -> Any:
+        key = self.resolve_artifact_key(trainer, filepath, "checkpoint")
+        artifact = self.store.put(key, filepath)
+        self._notify_artifact_saved(
+            trainer, kind="checkpoint", key=key, artifact=artifact, local_path=filepath
+        )
+        return artifact
+
+
+def test_a_save_hook_that_emits_its_event_as_the_reference_documents_is_heard_once(
+    tmp_path: Path,
+) -> None:
+    """Found by the documented-API differential (tests/lamindb/test_lamindb_documented_api.py,
+    case generic-layer-config): the pipeline delivered each save's event after the commit,
+    and the hook's own ``_notify_artifact_saved`` delivered it a second time, at once on the
+    worker thread, out of order with the removals."""
+    observer = RecordingObserver()
+    callback = _Emitting(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+    )
+    _fit(tmp_path, callback, steps=3)
+    kinds = [(type(e).__name__, os.path.basename(e.key)) for e in observer.events]
+    assert kinds == [
+        ("ArtifactSavedEvent", "epoch=0-step=1.ckpt"),
+        ("ArtifactSavedEvent", "epoch=0-step=2.ckpt"),
+        ("ArtifactRemovedEvent", "epoch=0-step=1.ckpt"),
+        ("ArtifactSavedEvent", "epoch=0-step=3.ckpt"),
+        ("ArtifactRemovedEvent", "epoch=0-step=2.ckpt"),
+    ]

@@ -292,7 +292,13 @@ class ArtifactHooks:
         """The reference's helper for a subclass that saves in its own ``_save_checkpoint``
         (written for its generic layer, see ``persists_through_pipeline``): build the saved
         event and deliver it now, on this thread, as the reference does (an exception from
-        a hook or an observer propagates)."""
+        a hook or an observer propagates).
+
+        Called from a ``save_*`` hook the pipeline is running (a hook written as the
+        reference documents them, "persist ... and emit the corresponding event"), the
+        event is built but not delivered: the pipeline delivers that save's event itself,
+        after its commit and in submission order, so hooks and observers hear of it once.
+        """
         event = ArtifactSavedEvent(
             kind=kind,
             key=key,
@@ -301,7 +307,8 @@ class ArtifactHooks:
             artifact=artifact,
             storage_uri=self.resolve_artifact_storage_uri(artifact),
         )
-        self._notify_now(event)
+        if not self.called_by_pipeline():
+            self._notify_now(event)
         return event
 
     def _notify_artifact_removed(
