@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -709,3 +710,30 @@ def test_an_observer_told_after_a_later_save_committed_sees_the_flags_moved_on(
     trainer.fit(TierModel(), datamodule=TierData(n=3))
     # No monitor: each save is Lightning's best and last when it is made.
     assert seen == [([False], [False], True)]
+
+
+# -- bad arguments -----------------------------------------------------------------------------
+
+BAD_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "mode": {"mode": "median"},
+    "save_top_k": {"save_top_k": -2},
+    "steps-and-time": {"every_n_train_steps": 1, "train_time_interval": timedelta(seconds=1)},
+    "top-k-without-monitor": {"monitor": None, "save_top_k": 2},
+    "every_n_epochs": {"every_n_epochs": -1},
+    "feature-scope": {"features": {"runs": {"tier_project": "p"}}},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGUMENTS))
+def test_bad_arguments_raise_the_references_error_at_construction(name: str, ln: Any) -> None:
+    """Lightning's ``MisconfigurationException`` (and the reference's ``ValueError`` for a
+    features key other than "run"/"artifact"), of the same type, at construction."""
+    raised = []
+    for module_name in (REFERENCE, OURS):
+        module = importlib.import_module(module_name)
+        with pytest.raises(Exception) as info:  # its type is compared below
+            module.Checkpoint(**BAD_ARGUMENTS[name])
+        raised.append(info.value)
+    reference, ours = raised
+    assert isinstance(ours, type(reference)), (type(reference), type(ours), ours)
+    assert str(ours).startswith(str(reference).split(".")[0]), (str(reference), str(ours))
