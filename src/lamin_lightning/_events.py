@@ -41,10 +41,10 @@ class ArtifactSavedEvent(ArtifactEvent):
         artifact: The persisted object (a ``lamindb.Artifact`` for ``Checkpoint``).
         storage_uri: Where the bytes live, for hand-off to other registries.
         recovered: True when the job was replayed from the outbox after a crash.
-        unannotated_features: Names of features a replay could not annotate (a feature
-            deleted or changed since the crash); the artifact and every other
-            annotation are kept. Always empty for a live save, whose annotation
-            either holds in full or fails the save.
+        unannotated_features: Names of features whose values LaminDB refused (a value
+            of another dtype than its feature's, a categorical value not in its
+            registry; for a replay also a feature deleted or changed since the crash):
+            left out, with a warning; the artifact and every other annotation are kept.
     """
 
     artifact: Any

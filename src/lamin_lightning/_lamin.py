@@ -232,6 +232,10 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         # id() of the artifact it made (held, so no other object takes that id meanwhile):
         # an override may have changed them on the way.
         self._given_values: dict[int, tuple[Any, dict[Any, Any]]] = {}
+        # Names of the features a commit left out (LaminDB refused their values), by id()
+        # of the artifact, until the pipeline takes them for its saved event (committer
+        # thread only).
+        self._left_out: dict[int, tuple[str, ...]] = {}
         self._lamin: LaminStore | None = None
         self._prefix_cache: tuple[pl.Trainer, str] | None = None
         # resolve_artifact_key's answers (about ten per checkpoint, on the training thread)
@@ -248,6 +252,7 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         state["_prefix_cache"] = None
         state["_key_cache"] = {}
         state["_hparams_probe"] = None
+        state["_left_out"] = {}
         return state
 
     @property
@@ -597,25 +602,28 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         """Annotate features, replace older artifacts of the key, set flags and ranks."""
         immediate_transactions()  # before the run's values: a broken connection replaced
         if self._run_values_pending and self._run is not None:
-            try:
-                self._run.features.add_values(self._run_values_pending)
-            except Exception as error:
-                if not self.retry.is_transient(error):
-                    # Bad run values (a value of the wrong type) fail this checkpoint's
-                    # job, as the reference's first save raises; every later checkpoint
-                    # must not fail again for them (with on_error="warn", none would
-                    # ever persist).
-                    self._run_values_pending = None
-                raise
+            # A value LaminDB refuses (a model hparam of another dtype than its feature's)
+            # is left out with a warning, the run's other values recorded, and this
+            # checkpoint persists: the reference raises out of fit at its first save, with
+            # no run value and no artifact for that checkpoint. Raises a transient error
+            # only, retried with the values still pending.
+            self._store.add_values_keeping_valid(
+                self._run, self._run_values_pending, where=f"run {self._run.uid}"
+            )
         self._run_values_pending = None
         _, given = self._given_values.pop(id(artifact), (None, None))
         if given is not None and _by_name(given) != dict(snapshot.feature_values or {}):
             # An override of save_checkpoint_artifact added, changed or dropped values
             # before calling ours: the reference annotates what it passed on.
             snapshot = dataclasses.replace(snapshot, feature_values=given)
-        self._store.commit_checkpoint(
+        left_out = self._store.commit_checkpoint(
             snapshot, artifact, replay=False, set_flags=True, run=self._run, defer_replaced=True
         )
+        if left_out:  # named by its saved event (ArtifactSavedEvent.unannotated_features)
+            self._left_out[id(artifact)] = left_out
+
+    def _left_out_of(self, artifact: Any) -> tuple[str, ...]:
+        return self._left_out.pop(id(artifact), ())
 
     def _hook_feature_values(self, snapshot: CheckpointSnapshot | None) -> dict[Any, Any]:
         # As the reference passes them: an auto feature keyed by its Feature record, a

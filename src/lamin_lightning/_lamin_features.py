@@ -8,6 +8,7 @@ at submission without a database call (reading the live trainer into JSON values
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -235,14 +236,25 @@ class FeatureValues:
         self.artifact_values: dict[str, Any] = dict(features.get("artifact") or {})
         self.auto: dict[str, Any] = {}
         self.hparam_names: set[str] = set()
+        # Features whose dtype is float (every feature of the name): an int for one is
+        # recorded as a float (LaminDB refuses an int for a float feature).
+        self.float_names: frozenset[str] = frozenset()
 
     # -- setup (training thread, serial, before any worker runs) ---------------------------
 
     def setup(self, ln: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, run: Any) -> None:
         names = set(self.run_values) | set(self.artifact_values)
+        hparams = self._hparam_sources(pl_module, getattr(trainer, "datamodule", None))
+        dtypes: dict[str, set[str | None]] = {}
+        if names or hparams:
+            rows = ln.Feature.filter(name__in=sorted(names | hparams)).values_list(
+                "name", "_dtype_str"
+            )
+            for name, dtype in rows:
+                dtypes.setdefault(name, set()).add(dtype)
+        self.float_names = frozenset(n for n, d in dtypes.items() if d == {"float"})
         if names:
-            found = set(ln.Feature.filter(name__in=sorted(names)).values_list("name", flat=True))
-            missing = sorted(names - found)
+            missing = sorted(names - set(dtypes))
             if missing:
                 raise LaminSetupError(
                     f"Feature{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing."
@@ -251,14 +263,24 @@ class FeatureValues:
                     f" `ln.Feature(name={missing[0]!r}, dtype=float).save()`."
                 )
         if run is not None and self.run_values:
-            run.features.add_values(self.run_values)
+            # A value LaminDB refuses raises here, before training, as the reference's setup.
+            run.features.add_values(
+                {name: self.as_dtype(name, value) for name, value in self.run_values.items()}
+            )
         self.auto = discover_auto(ln)
-        hparams = self._hparam_sources(pl_module, getattr(trainer, "datamodule", None))
-        self.hparam_names = (
-            set(ln.Feature.filter(name__in=sorted(hparams)).values_list("name", flat=True))
-            if hparams
-            else set()
-        )
+        self.hparam_names = hparams & set(dtypes)
+
+    def as_dtype(self, name: str, value: Any) -> Any:
+        """``value``, as a float if it is an int and the feature ``name`` a float (a model's
+        ``lr=1``, the user's ``{"lr": 1}``): LaminDB accepts the float and refuses the
+        int, which the reference hands on (LaminDB's ValidationError out of ``fit``)."""
+        if (
+            name in self.float_names
+            and not isinstance(value, bool)
+            and isinstance(value, numbers.Integral)
+        ):
+            return float(value)
+        return value
 
     @staticmethod
     def _hparam_sources(*sources: Any) -> set[str]:
@@ -307,7 +329,7 @@ class FeatureValues:
             hparams = getattr(source, "hparams", None) if source is not None else None
             for name, value in (hparams or {}).items():
                 if name in self.hparam_names:
-                    values[name] = value
+                    values[name] = self.as_dtype(name, value)
         return values
 
     def checkpoint_feature_values(
@@ -324,9 +346,9 @@ class FeatureValues:
         metrics = None  # Lightning recomputes callback_metrics at each read: only if needed
         for name, value in self.artifact_values.items():
             if value is not None:
-                values[name] = value
+                values[name] = self.as_dtype(name, value)
             elif hasattr(trainer, name):
-                values[name] = _metric_value(getattr(trainer, name))
+                values[name] = self.as_dtype(name, _metric_value(getattr(trainer, name)))
             else:
                 if metrics is None:
                     metrics = trainer.callback_metrics

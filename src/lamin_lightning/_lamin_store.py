@@ -235,6 +235,9 @@ class LaminStore:
         self._storages: dict[str, Any] = {}
         # Features a non-finite value was left out of and warned of (see _annotate).
         self._non_finite_told: set[str] = set()
+        # (host type, feature) LaminDB refused a value of, warned of (see
+        # add_values_keeping_valid).
+        self._refused_told: set[tuple[str, str]] = set()
 
     # -- worker threads ----------------------------------------------------------------------
 
@@ -558,8 +561,8 @@ class LaminStore:
         (:attr:`CheckpointSnapshot.run_features`) that it does not have.
         The live commit records them from memory at the fit's first commit, which Ctrl+C
         or a kill may have prevented; the reference records them at its first save.
-        Values LaminDB refuses are left out with a warning (the live commit failed that
-        checkpoint for them). Once per run and store."""
+        Values LaminDB refuses are left out with a warning, as by the live commit. Once
+        per run and store."""
         with self._lock:
             if run.uid in self._run_values_done:
                 return
@@ -582,14 +585,57 @@ class LaminStore:
             if target is not None:
                 values[target] = value
         if values:
+            self.add_values_keeping_valid(run, values, where=f"run {run.uid}")
+        with self._lock:
+            self._run_values_done.add(run.uid)
+
+    def add_values_keeping_valid(
+        self, host: Any, values: Mapping[Any, Any], *, where: str
+    ) -> tuple[str, ...]:
+        """``host.features.add_values(values)`` (an artifact's or a run's), keeping what
+        LaminDB accepts: where it refuses the call for good (a value of another dtype than
+        its feature's, a categorical value not in its registry), each value is added on its
+        own, and each refused one is left out with a warning that names the feature, its
+        dtype, the value and the fix (once per feature and fit: :meth:`reset`). The
+        reference raises out of ``fit`` instead, with that save's or run's other values
+        unrecorded. Returns the names left out; a transient error is raised, to be retried
+        (``add_values`` is idempotent)."""
+        try:
+            host.features.add_values(dict(values))
+            return ()
+        except Exception as error:
+            if self._retry.is_transient(error):
+                raise
+        refused: list[str] = []
+        for target, value in values.items():
             try:
-                run.features.add_values(values)
+                host.features.add_values({target: value})
             except Exception as error:
                 if self._retry.is_transient(error):
                     raise
-                log.warning("run %s: run-level values left out: %s", run.uid, error)
-        with self._lock:
-            self._run_values_done.add(run.uid)
+                name = str(getattr(target, "name", target))
+                refused.append(name)
+                told = (type(host).__name__, name)  # a run's and an artifact's apart
+                first = told not in self._refused_told
+                self._refused_told.add(told)
+                dtype = _dtype_of(target)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "%s: feature %r (dtype %s) refused the value %r (%s: %s); it is left out,"
+                    " the other values are recorded%s. To record it, give it a value of"
+                    " dtype %s (cast the hparam, metric or value you pass), or record it"
+                    " under a feature whose dtype fits the value",
+                    where,
+                    name,
+                    dtype,
+                    value,
+                    type(error).__name__,
+                    # its first line: LaminDB's validation report that follows repeats it
+                    next(iter(str(error).splitlines()), ""),
+                    " (refusals at later saves of this fit are logged at DEBUG)" if first else "",
+                    dtype,
+                )
+        return tuple(refused)
 
     def commit_checkpoint(
         self,
@@ -608,9 +654,9 @@ class LaminStore:
         were delivered and before this one's: an earlier save's event names an artifact
         that still exists, as the reference's observers find it.
 
-        A live commit whose annotation fails for good deletes the artifact and raises
-        (nothing half-annotated is left); a replay keeps it, annotates every feature
-        that still validates and returns the names of those that do not.
+        A value LaminDB refuses for good is left out, live or replayed: the artifact is
+        kept with every value that validates, and the names of the others are returned
+        (see :meth:`add_values_keeping_valid`).
 
         ``run``: the run of the save (None: LaminDB's current run, as for a new
         artifact). A committed artifact found again by its content (see
@@ -714,45 +760,18 @@ class LaminStore:
                 # Still marked found again (the transaction rolled it back): a retried
                 # commit refreshes it again, and the clean-up of a commit that failed for
                 # good keeps it (abandon_artifact), as committed before: not ours to delete.
-                if self._retry.is_transient(error) or not replay:
-                    raise
-        if not plain:
-            return ()
-        try:
-            artifact.features.add_values(plain)  # idempotent: safe to retry
-            return ()
-        except Exception as error:
-            if self._retry.is_transient(error):
-                raise
-            if not replay:
-                # A value LaminDB rejects: do not leave an unannotated artifact behind (one
-                # committed before, found again by its content, is not ours to delete).
-                with self._lock:
-                    reused = id(artifact) in self._reused
-                self.settle(artifact)
-                if not reused:
-                    delete_artifact(artifact)
-                raise
-        # A replay: a feature deleted or changed since the crash. Keep the checkpoint and
-        # every annotation that still validates; name the others.
-        failed: list[str] = []
-        for target, value in plain.items():
-            name = str(getattr(target, "name", target))
-            try:
-                artifact.features.add_values({target: value})
-            except Exception as error:
                 if self._retry.is_transient(error):
                     raise
-                log.warning(
-                    "replaying %r: could not annotate feature %r (%s: %s); the checkpoint"
-                    " and its other annotations are kept",
-                    snapshot.key,
-                    name,
-                    type(error).__name__,
-                    error,
-                )
-                failed.append(name)
-        return tuple(failed)
+            # A value LaminDB refuses: this save's run and none of the earlier save's
+            # values, then each of this save's values that validates (below).
+            refresh_found_again(ln, artifact, {}, run, keep=FLAG_FEATURES)
+        if not plain:
+            return ()
+        # A value LaminDB refuses (another dtype than its feature's; for a replay, a
+        # feature deleted or changed since the crash) is left out, with a warning: the
+        # checkpoint and every value that validates are kept, its event names the others.
+        where = f"replaying {snapshot.key!r}" if replay else f"checkpoint {snapshot.key!r}"
+        return self.add_values_keeping_valid(artifact, plain, where=where)
 
     def _auto_features(self, ln: Any) -> dict[str, Any]:
         if self._auto is None:
@@ -1073,6 +1092,18 @@ class LaminStore:
     def finalize_thread(self) -> None:
         """Close this thread's Django connection."""
         close_connections()
+
+
+def _dtype_of(feature: Any) -> str:
+    """The dtype of a feature (a record, or a name: every feature's of that name)."""
+    if not isinstance(feature, str):
+        return str(getattr(feature, "_dtype_str", None) or "unknown")
+    try:
+        found = _ln().Feature.filter(name=feature).values_list("_dtype_str", flat=True)
+        dtypes = sorted({str(d) for d in found})
+    except Exception:  # only for a warning's words
+        return "unknown"
+    return " or ".join(dtypes) or "unknown"
 
 
 def refresh_found_again(

@@ -418,6 +418,12 @@ class ArtifactHooks:
         else:
             self._escalated.append(error)
 
+    def _left_out_of(self, artifact: Any) -> tuple[str, ...]:
+        """Names of the features whose values the last commit of ``artifact`` left out
+        (LaminDB refused them; see ``Checkpoint``), for its saved event. None here."""
+        del artifact
+        return ()
+
     def _take_hook_errors(self) -> list[Exception]:
         taken = []
         while self._hook_errors:
@@ -502,6 +508,7 @@ class HookStore:
             return ()
         if record.kind == "checkpoint" and record.checkpoint is not None:
             self._callback.commit_checkpoint_artifact(self._trainer, record.checkpoint, artifact)
+            return self._callback._left_out_of(artifact)
         return ()
 
     def remove(self, record: JobRecord, known: Any | None) -> tuple[Any, str] | None:

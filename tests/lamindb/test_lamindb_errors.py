@@ -60,43 +60,6 @@ def test_unknown_user_feature_fails_at_setup_before_training(
     assert _pipeline_threads() == []
 
 
-def test_wrong_value_type_fails_once_and_leaves_no_half_annotated_artifact(
-    ln: Any, no_run: None, float_feature: str, tmp_path: Path, lamin_instance: Path
-) -> None:
-    """A wrongly typed feature value fails once (no retry) and leaves no artifact behind."""
-    observer = RecordingObserver()
-    callback = ll.Checkpoint(
-        dirpath=tmp_path / "ckpts",
-        every_n_train_steps=1,
-        save_top_k=-1,
-        features={"artifact": {float_feature: "not a float"}},
-        artifact_observers=[observer],
-        on_error="warn",
-    )
-    stored_before = {p for p in lamin_instance.rglob("*") if p.is_file()}
-    with pytest.warns(UserWarning, match="could not be persisted"):
-        fit(callback, tmp_path, steps=2)
-
-    failures = observer.of_type(ArtifactFailedEvent)
-    prefix = callback.checkpoint_key_prefix
-    assert [(f.key, f.attempts) for f in failures] == [
-        (f"{prefix}/epoch=0-step=1.ckpt", 1),
-        (f"{prefix}/epoch=0-step=2.ckpt", 1),
-    ]
-    assert all(float_feature in str(f.error) for f in failures), failures[0].error
-    assert observer.events == failures
-    stats = callback.persistence_stats
-    assert (stats.failed, stats.saved, stats.retried) == (2, 0, 0)
-    assert artifacts_under(ln, prefix) == {}
-    stored_after = {p for p in lamin_instance.rglob("*") if p.is_file()}
-    assert stored_after - stored_before == set()
-    # The local checkpoints of failed saves are kept.
-    assert {p.name for p in Path(callback.dirpath).glob("*.ckpt")} == {
-        "epoch=0-step=1.ckpt",
-        "epoch=0-step=2.ckpt",
-    }
-
-
 def test_network_is_blocked_for_non_loopback_addresses_in_every_thread() -> None:
     """The guard blocks non-loopback connections from any thread, not loopback or unix."""
     with pytest.raises(NetworkBlockedError):
@@ -122,41 +85,6 @@ def test_network_is_blocked_for_non_loopback_addresses_in_every_thread() -> None
             pass
     with socket.socket(socket.AF_UNIX) as sock, pytest.raises(FileNotFoundError):
         sock.connect("/nonexistent/lamin-lightning-tier.sock")
-
-
-class _FloatHparamModel(TierModel):
-    """A TierModel with a float hparam whose feature (``tier_int_hparam``) is an int."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hparams["tier_int_hparam"] = 0.5
-
-
-def test_a_bad_run_value_fails_one_checkpoint_not_every_one(
-    ln: Any, fresh_run: Any, tmp_path: Path
-) -> None:
-    """A run-level value of the wrong type fails the checkpoint whose commit first adds the
-    run's values (the reference's first save raises); later checkpoints persist. Before,
-    every later commit tried the same values again and failed too: with on_error="warn",
-    no checkpoint of the run was ever persisted."""
-    if not ln.Feature.filter(name="tier_int_hparam").exists():
-        ln.Feature(name="tier_int_hparam", dtype=int).save()
-    observer = RecordingObserver()
-    callback = ll.Checkpoint(
-        dirpath=tmp_path / "ckpts",
-        every_n_train_steps=1,
-        save_top_k=-1,
-        artifact_observers=[observer],
-        on_error="warn",
-    )
-    with pytest.warns(UserWarning, match="could not be persisted"):
-        fit(callback, tmp_path, steps=3, model=_FloatHparamModel())
-    prefix = callback.checkpoint_key_prefix
-    failures = observer.of_type(ArtifactFailedEvent)
-    assert [(f.key, f.attempts) for f in failures] == [(f"{prefix}/epoch=0-step=1.ckpt", 1)]
-    assert "tier_int_hparam" in str(failures[0].error)
-    stored = {key for key in artifacts_under(ln, prefix) if key.endswith(".ckpt")}
-    assert stored == {f"{prefix}/epoch=0-step=2.ckpt", f"{prefix}/epoch=0-step=3.ckpt"}
 
 
 def test_the_same_callback_fit_again_replays_its_first_fits_failed_save_once(
@@ -216,3 +144,76 @@ def test_the_same_callback_fit_again_replays_its_first_fits_failed_save_once(
     assert_checkpoint_keys_persisted(ln, prefix, on_disk)
     pending = [r.key for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)]
     assert pending == []
+
+
+class _IntMetricModel(TierModel):
+    """A TierModel that also logs ``tier_int_metric`` = 0.5, a float, whose feature is an int."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.log("tier_int_metric", 0.5, on_step=True, on_epoch=False)
+        return loss
+
+
+@pytest.mark.parametrize("refused", ["value", "metric"])
+def test_an_artifact_value_lamindb_refuses_is_left_out_and_the_checkpoint_persists(
+    refused: str,
+    ln: Any,
+    no_run: None,
+    float_feature: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An artifact value LaminDB refuses (``"not a float"`` given for a float feature, or a
+    float metric logged under an int feature's name) is left out of each checkpoint, with
+    one warning naming the feature, its dtype and the value; every checkpoint persists
+    with its flags and its other values, and its saved event names the refused feature.
+    An int given for a float feature is recorded as the float. Before, each checkpoint's
+    job failed and left no artifact (PersistenceError out of fit)."""
+    import logging
+
+    from lamindb_tier import artifact_features, single
+
+    from lamin_lightning import ArtifactSavedEvent
+
+    for name, dtype in {"tier_int_metric": int, "tier_str_value": str}.items():
+        if not ln.Feature.filter(name=name).exists():
+            ln.Feature(name=name, dtype=dtype).save()
+    if refused == "value":
+        name, dtype, value = float_feature, "float", "not a float"
+        features: dict[str, Any] = {name: value, "tier_str_value": "kept"}
+        kept = {"tier_str_value": "kept"}
+    else:
+        name, dtype, value = "tier_int_metric", "int", 0.5
+        features = {name: None, float_feature: 2, "tier_str_value": "kept"}
+        kept = {float_feature: 2.0, "tier_str_value": "kept"}
+    observer = RecordingObserver()
+    callback = ll.Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        features={"artifact": features},
+        artifact_observers=[observer],
+    )
+    caplog.set_level(logging.DEBUG, logger="lamin_lightning")
+    fit(callback, tmp_path, steps=2, model=_IntMetricModel())
+
+    prefix = callback.checkpoint_key_prefix
+    keys = [f"{prefix}/epoch=0-step=1.ckpt", f"{prefix}/epoch=0-step=2.ckpt"]
+    saved = observer.of_type(ArtifactSavedEvent)
+    assert [(e.key, e.unannotated_features) for e in saved] == [(k, (name,)) for k in keys]
+    assert observer.of_type(ArtifactFailedEvent) == []
+    stats = callback.persistence_stats
+    assert (stats.saved, stats.failed) == (2, 0)
+    stored = artifacts_under(ln, prefix)
+    assert sorted(stored) == keys
+    for key in keys:
+        values = single(artifact_features(ln, stored[key]))
+        assert {n: values.get(n) for n in kept} == kept, values
+        assert isinstance(values.get(float_feature, 0.0), float)
+        assert name not in values
+        assert values["is_last_model"] is (key == keys[-1])
+    told = [r for r in caplog.records if f"feature {name!r} (dtype {dtype})" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG], caplog.text
+    assert f"refused the value {value!r}" in told[0].getMessage()
+    assert f"give it a value of dtype {dtype}" in told[0].getMessage()

@@ -609,3 +609,42 @@ def test_a_fit_interrupted_before_its_first_commit_gets_its_run_values_from_the_
     # A second replay (the next setup in the folder, say) adds nothing twice.
     ll.flush_directory(dirpath, progress=False)
     assert single(run_features(ln, fresh_run)) == values
+
+
+class _RefusedHparamModel(TierModel):
+    """A TierModel with the hparam ``tier_refused_hparam="auto"``, whose feature is a float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams["tier_refused_hparam"] = "auto"
+
+
+def test_a_flush_records_the_run_values_lamindb_accepts_and_names_the_one_it_refuses(
+    ln: Any, fresh_run: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl+C before the first commit, and a model hparam LaminDB refuses (``"auto"`` for a
+    float feature): the flush records every other run-level value on the run and leaves
+    that one out with a warning naming it, as the live commit does. Before, the replay left
+    every run value out for it."""
+    if not ln.Feature.filter(name="tier_refused_hparam").exists():
+        ln.Feature(name="tier_refused_hparam", dtype=float).save()
+    dirpath = tmp_path / "ckpts"
+    callback = _InterruptedUploads(dirpath=dirpath, every_n_train_steps=1, max_workers=1)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit(callback, tmp_path, steps=2, model=_RefusedHparamModel())
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert run_features(ln, fresh_run) == {}
+
+    report = ll.flush_directory(dirpath, progress=False)
+
+    assert report.saved >= 1 and report.failed == 0, report
+    values = single(run_features(ln, fresh_run))
+    assert "tier_refused_hparam" not in values
+    assert (values.get("max_steps"), values.get("precision")) == (2, "32-true"), values
+    assert (
+        f"run {fresh_run.uid}: feature 'tier_refused_hparam' (dtype float) refused the value"
+        " 'auto'" in caplog.text
+    )

@@ -307,7 +307,9 @@ def test_a_rewritten_folder_whose_upload_fails_once_is_retried_and_keeps_one_ver
 
 
 class _RejectedAtStep(ll.Checkpoint):
-    """A feature value lamindb rejects (a string for a float feature) from ``step`` on."""
+    """Commits that fail for good (a PermanentError, as from a store refusing them) from
+    ``step`` on; the saves before carry ``folder_probe=1.0``, the refused ones 2.0. (A
+    feature value LaminDB refuses no longer fails a commit: it is left out.)"""
 
     def __init__(self, *args: Any, step: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -315,8 +317,13 @@ class _RejectedAtStep(ll.Checkpoint):
 
     def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
         values = dict(super().collect_checkpoint_feature_values(trainer, snapshot) or {})
-        values["folder_probe"] = 1.0 if trainer.global_step < self.step else "not a float"
+        values["folder_probe"] = 1.0 if trainer.global_step < self.step else 2.0
         return values
+
+    def commit_checkpoint_artifact(self, trainer: Any, snapshot: Any, artifact: Any) -> None:
+        if dict(snapshot.feature_values or {}).get("folder_probe") == 2.0:
+            raise ll.PermanentError("the commit is refused")
+        super().commit_checkpoint_artifact(trainer, snapshot, artifact)
 
 
 def _probe_feature(ln: Any) -> None:
@@ -327,7 +334,7 @@ def _probe_feature(ln: Any) -> None:
 def test_a_rewritten_folder_whose_commit_fails_leaves_the_committed_version(
     ln: Any, no_run: None, tmp_path: Path
 ) -> None:
-    """The second ``last.ckpt`` folder uploads, then its annotation is refused for good:
+    """The second ``last.ckpt`` folder uploads, then its commit is refused for good:
     the uploaded version goes, and the first version (its record and its files) stays
     the key's latest, as for a file (docs/failures.md)."""
     _probe_feature(ln)
@@ -387,7 +394,7 @@ def test_a_folder_key_the_reference_stored_keeps_its_version_until_ours_commits(
     assert kept.id == first.id and kept.is_latest
     _assert_stored_whole(kept)
 
-    # Its setup replays the refused job too (it stayed journaled), without the feature.
+    # Its setup replays the refused job too (it stayed journaled).
     ours_again = ll.Checkpoint(
         dirpath=dirpath,
         save_top_k=0,

@@ -1963,3 +1963,78 @@ def test_two_callbacks_of_one_file_name_template_in_one_folder_leave_modelcheckp
     assert callbacks[1].checkpoint_key_prefix == prefix
     on_disk = {f"{prefix}/{p.name}": p for p in (tmp_path / "ours").glob("*.ckpt")}
     assert_checkpoint_keys_persisted(ln, prefix, on_disk)
+
+
+class _LrHparamModel(TierModel):
+    """A TierModel whose ``lr`` hparam is whatever it is given (its optimizer uses 0.01)."""
+
+    def configure_optimizers(self) -> Any:
+        import torch
+
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@modules()
+@pytest.mark.parametrize("lr", [1, "auto"])
+def test_a_model_hparam_lamindb_refuses_is_left_out_and_every_checkpoint_persists(
+    ll: ModuleType,
+    ln: Any,
+    fresh_run: Any,
+    user_features: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    lr: Any,
+) -> None:
+    """A model hparam ``lr`` against the feature ``lr`` of dtype float: the int ``1`` or the
+    string ``"auto"``. The reference hands either on: LaminDB's ValidationError out of
+    ``fit`` at the first save, the run without any run value and no artifact for that
+    checkpoint. Ours records ``1`` as the float ``1.0``, leaves ``"auto"`` out with one
+    warning naming the feature, its dtype, the value and the fix, records the run's other
+    values, and persists every checkpoint (docs/migrating.md, "A run-level value LaminDB
+    refuses is left out"). Before, ours failed the first checkpoint's job (PersistenceError
+    out of ``fit``), and with it every run value."""
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=-1)
+    model = _LrHparamModel(lr=lr)
+    if ll.__name__ == REFERENCE:
+        with pytest.raises(ln.errors.ValidationError, match="lr"):
+            fit(callback, tmp_path, steps=2, model=model)
+        assert callback._trainer.global_step == 1  # at the first save
+        assert run_features(ln, fresh_run) == {}
+        assert checkpoints_under(ln, callback.checkpoint_key_prefix) == {}
+        return
+    fit(callback, tmp_path, steps=2, model=model)
+    found = single(run_features(ln, fresh_run))
+    assert found["max_steps"] == 2 and found["precision"] == "32-true"
+    if lr == 1:
+        assert found["lr"] == 1.0 and isinstance(found["lr"], float)
+        assert "refused the value" not in caplog.text
+    else:
+        assert "lr" not in found
+        told = [r for r in caplog.records if "refused the value 'auto'" in r.getMessage()]
+        assert len(told) == 1, caplog.text
+        assert f"run {fresh_run.uid}: feature 'lr' (dtype float)" in told[0].getMessage()
+    stored = checkpoints_under(ln, callback.checkpoint_key_prefix)
+    assert set(stored) == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert single(artifact_features(ln, stored["epoch=0-step=2.ckpt"]))["is_last_model"] is True
+
+
+@modules()
+@pytest.mark.parametrize("lr", [1, "auto"])
+def test_a_run_value_given_in_features_that_lamindb_refuses_raises_at_setup(
+    ll: ModuleType, ln: Any, fresh_run: Any, user_features: None, tmp_path: Path, lr: Any
+) -> None:
+    """``features={"run": {"lr": ...}}`` against the feature ``lr`` of dtype float: both
+    raise LaminDB's ValidationError at setup, before training, for ``"auto"``. For the int
+    ``1``, the reference raises the same; ours records the float ``1.0`` and trains
+    (docs/migrating.md, "A run-level value LaminDB refuses is left out")."""
+    callback = ll.Checkpoint(dirpath=tmp_path / "ckpts", features={"run": {"lr": lr}})
+    model = _LrHparamModel(lr=lr)  # the hparam of the same name records the same value
+    if lr == "auto" or ll.__name__ == REFERENCE:
+        with pytest.raises(ln.errors.ValidationError, match="lr"):
+            fit(callback, tmp_path, steps=2, model=model)
+        assert model.training_steps_run == 0
+        assert run_features(ln, fresh_run) == {}
+        return
+    fit(callback, tmp_path, steps=2, model=model)
+    found = single(run_features(ln, fresh_run))
+    assert found["lr"] == 1.0 and isinstance(found["lr"], float)

@@ -774,9 +774,10 @@ KNOWN = {
     "resume-link": "documented (migrating.md, save_last='link'): the last.ckpt file written"
     " at the resumed fit's first save is persisted and its artifact deleted (removed event)"
     " once the link replaces it; the reference keeps that artifact",
-    "artifact-int-for-float": "documented (migrating.md, 'A bad artifact-level value fails"
-    " the checkpoints that carry it'): PersistenceError, no artifact; reference raises"
-    " ValidationError and keeps the artifact unannotated",
+    "artifact-int-for-float": "documented (migrating.md, 'An artifact-level value LaminDB"
+    " refuses is left out, with a warning; the checkpoint persists'): ours records the int"
+    " for the float feature as 1.0 and persists every checkpoint annotated; the reference"
+    " raises ValidationError and keeps the artifact unannotated",
 }
 
 
