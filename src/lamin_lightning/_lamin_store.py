@@ -621,17 +621,17 @@ class LaminStore:
                 dtype = _dtype_of(target)
                 log.log(
                     logging.WARNING if first else logging.DEBUG,
-                    "%s: feature %r (dtype %s) refused the value %r (%s: %s); it is left out,"
-                    " the other values are recorded%s. To record it, give it a value of"
-                    " dtype %s (cast the hparam, metric or value you pass), or record it"
-                    " under a feature whose dtype fits the value",
+                    "%s: the value %r of feature %r (dtype %s) is left out: LaminDB refused"
+                    " it (%s: %s); the other values are recorded%s. To record it, give it"
+                    " a value of dtype %s (cast the hparam, metric or value you pass), or"
+                    " record it under a feature whose dtype fits the value",
                     where,
+                    value,
                     name,
                     dtype,
-                    value,
                     type(error).__name__,
                     # its first line: LaminDB's validation report that follows repeats it
-                    next(iter(str(error).splitlines()), ""),
+                    next(iter(str(error).splitlines()), "").rstrip(" {"),
                     " (refusals at later saves of this fit are logged at DEBUG)" if first else "",
                     dtype,
                 )

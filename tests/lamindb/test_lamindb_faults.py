@@ -645,6 +645,6 @@ def test_a_flush_records_the_run_values_lamindb_accepts_and_names_the_one_it_ref
     assert "tier_refused_hparam" not in values
     assert (values.get("max_steps"), values.get("precision")) == (2, "32-true"), values
     assert (
-        f"run {fresh_run.uid}: feature 'tier_refused_hparam' (dtype float) refused the value"
-        " 'auto'" in caplog.text
+        f"run {fresh_run.uid}: the value 'auto' of feature 'tier_refused_hparam' (dtype float)"
+        " is left out" in caplog.text
     )
