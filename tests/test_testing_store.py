@@ -207,3 +207,41 @@ def test_a_removal_takes_the_committed_version_and_spares_a_newer_upload_in_flig
     # With nothing newer in flight, a removal deletes the key.
     assert store.remove(removal, None) is not None
     assert store.get("k/a.ckpt") is None
+
+
+def test_a_rejected_feature_is_left_out_of_a_live_commit_and_named_by_its_event(
+    tmp_path: Path,
+) -> None:
+    """``reject_feature`` mirrors a value LaminDB refuses: each live checkpoint persists
+    without that feature, with its other values, no save fails, and each saved event names
+    it. Before, the fake store failed the live commit (PermanentError), as LaminDB's store
+    no longer does."""
+    from typing import Any
+
+    from helpers import TinyModel, loader, make_trainer
+    from lamin_lightning.testing import MemoryCheckpoint
+
+    class Annotating(MemoryCheckpoint):
+        def collect_checkpoint_feature_values(self, trainer: Any, snapshot: Any) -> Any:
+            return {"good": 1, "gone": 2}
+
+    store = MemoryStore()
+    store.reject_feature("gone")
+    observer = RecordingObserver()
+    callback = Annotating(
+        store,
+        dirpath=tmp_path / "ckpts",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        artifact_observers=[observer],
+    )
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), loader(2))
+    saved = observer.of_type(ArtifactSavedEvent)
+    assert [(e.key, e.unannotated_features) for e in saved] == [
+        ("checkpoints/epoch=0-step=1.ckpt", ("gone",)),
+        ("checkpoints/epoch=0-step=2.ckpt", ("gone",)),
+    ]
+    assert observer.of_type(ArtifactFailedEvent) == []
+    for event in saved:
+        stored = store.get(event.key)
+        assert stored is not None and stored.feature_values == {"good": 1}

@@ -17,7 +17,9 @@ Use them to test your own observers and subclasses without a database::
 Faults apply to the store's storage calls (``put`` and ``delete``): transient
 failures (``fail_next``, ``fail_randomly``), permanent failures (``fail_always``),
 latency (``latency``), and hangs (``hang`` / ``release``); ``fail_commits`` makes
-commits fail, ``reject_feature`` makes one feature's annotation fail for good.
+commits fail, ``reject_feature`` makes the store refuse one feature's values (left out
+of every commit, live or replayed, and named by the saved event, as LaminDB's refused
+values are).
 
 ``MemoryStore`` implements the store protocol (:mod:`lamin_lightning.store`) with one
 commit path for live jobs and replays, like the LaminDB store: the contract suite runs
@@ -182,7 +184,9 @@ class MemoryStore:
             self._fail_commits = count
 
     def reject_feature(self, name: str) -> None:
-        """Make annotating the feature ``name`` fail for good (as a deleted feature would)."""
+        """Make the store refuse the values of the feature ``name`` (as LaminDB refuses a
+        value of another dtype, or of a feature deleted since a crash): each commit leaves
+        them out and returns the name, for the saved event's ``unannotated_features``."""
         with self._lock:
             self._rejected.add(name)
 
@@ -376,7 +380,7 @@ class MemoryStore:
         replay: bool,
         set_flags: bool,
     ) -> tuple[str, ...]:
-        """Annotate (a rejected feature fails a live commit, and is skipped by a replay),
+        """Annotate (a rejected feature left out, and its name returned, live or replayed),
         then make best/last/rank under the checkpoint's prefix equal the snapshot."""
         with self._lock:
             if self._fail_commits > 0:
@@ -384,8 +388,6 @@ class MemoryStore:
                 self.failures_injected += 1
                 raise ConnectionError("injected commit failure")
             rejected = sorted(set(snapshot.feature_values or {}) & self._rejected)
-        if rejected and not replay:
-            raise PermanentError(f"feature {rejected[0]!r} rejected by the store")
         values = {k: v for k, v in (snapshot.feature_values or {}).items() if k not in rejected}
         annotated = replace(artifact, feature_values=values)
         with self._lock:
@@ -482,6 +484,8 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         super().__init__(**kwargs)
         self.store = store if store is not None else MemoryStore()
         self.key_prefix = key_prefix.rstrip("/")
+        # Names a commit left out (rejected features), by id() of the artifact.
+        self._left_out: dict[int, tuple[str, ...]] = {}
 
     def resolve_artifact_key(
         self, trainer: pl.Trainer, filepath: Path | str, kind: ArtifactKind
@@ -531,7 +535,12 @@ class MemoryCheckpoint(ArtifactPublishingModelCheckpoint):
         self, trainer: pl.Trainer, snapshot: CheckpointSnapshot, artifact: StoredArtifact
     ) -> None:
         """The store's commit: annotate, then set best/last/rank flags under the prefix."""
-        self.store.commit_checkpoint(snapshot, artifact, replay=False, set_flags=True)
+        left_out = self.store.commit_checkpoint(snapshot, artifact, replay=False, set_flags=True)
+        if left_out:  # for its saved event, taken by the pipeline (see Checkpoint)
+            self._left_out[id(artifact)] = left_out
+
+    def _left_out_of(self, artifact: Any) -> tuple[str, ...]:
+        return self._left_out.pop(id(artifact), ())
 
     def remove_checkpoint_artifact(
         self, trainer: pl.Trainer, key: str, artifact: Any | None
