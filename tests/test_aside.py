@@ -510,3 +510,61 @@ def test_a_folder_rewritten_whole_but_never_journaled_gives_way_to_the_one_its_s
     assert _aside.put_back_in(dirpath) == [folder]
     assert (folder / "shard-2.distcp").read_bytes() == bytes([2]) * 1000
     assert _aside_entries(dirpath) == []
+
+
+@pytest.mark.parametrize("mark", ["written mark", "in its line", "another folder's"])
+def test_a_late_folder_rewrite_its_write_marked_complete_before_the_crash_is_kept(
+    tmp_path: Path, mark: str
+) -> None:
+    """Under AsyncCheckpointIO the previous last.ckpt folder stays aside until the intake
+    thread reaches the rewrite's job (the previous one trashed, then the new one staged),
+    while the write marks the folder it completed in the journal as soon as it ends. A
+    kill in between (the intake thread still staging an earlier checkpoint) left the new
+    folder whole and marked, not staged: recovery took it for cut short, put the previous
+    folder back and dropped the rewrite's save, so the newest checkpoint was lost, on disk
+    and in the store. A marked folder is whole: it stays and its save persists it; one
+    whose mark names another folder still gives way to the previous one."""
+    from lamin_lightning import JobRecord
+    from lamin_lightning._jobs import file_identity
+    from lamin_lightning._journal import Outbox
+    from lamin_lightning.testing import content_sha256
+
+    dirpath = tmp_path / "ckpt"
+    folder = _folder_checkpoint(dirpath)
+    previous = content_sha256(folder)
+    _crash_mid_rewrite(dirpath, then="three shards")
+    new = content_sha256(folder)
+    identity = file_identity(folder if mark != "another folder's" else dirpath)
+    assert identity is not None
+    outbox = Outbox(staging_root(dirpath) / "outbox-a.jsonl")
+    outbox.open()
+    job_id = outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key="checkpoints/last.ckpt",
+            local_path=str(folder),
+            staged_path=str(staging_root(dirpath) / "staged" / "never" / folder.name),
+            store="memory",
+            written_later=True,
+            marks_folder=True,
+            written_file=identity if mark == "in its line" else None,
+        )
+    )
+    if mark != "in its line":
+        outbox.mark_written(job_id, identity)
+    outbox.close()
+    assert _aside.leftovers_in(dirpath) == ([folder] if mark == "another folder's" else [])
+    store = MemoryStore()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert _aside_entries(dirpath) == []
+    assert report.remaining == [] and report.failed == 0
+    if mark == "another folder's":
+        assert content_sha256(folder) == previous
+        assert store.keys() == set()
+    else:
+        assert content_sha256(folder) == new
+        assert report.dropped == []
+        assert store.get("checkpoints/last.ckpt").sha256 == new  # type: ignore[union-attr]

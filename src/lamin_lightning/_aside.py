@@ -271,7 +271,9 @@ def put_back_leftovers(
     - It is there, complete: the rewrite finished; the previous one is deleted.
     - A folder checkpoint (sharded), where the previous one is a folder: whether it is
       whole cannot be read off its files, so it counts as whole only where it is what
-      a pending save of it staged once its write was done (the same files).
+      a pending save of it staged once its write was done (the same files), or the
+      folder that save's write marked complete in the journal (under AsyncCheckpointIO
+      the previous one stays aside until the intake thread reaches the save).
       Otherwise the crash interrupted its rewrite (in the writer, which may leave part of
       the folder; or before its save was journaled), and the previous one replaces it.
 
@@ -472,7 +474,8 @@ def _is_folder(path: Path) -> bool:
 
 def _staged_whole(root: Path, own: Outbox | None) -> Callable[[Path], bool]:
     """Whether a folder checkpoint is the one the newest pending save of it in ``root``'s
-    journals staged (``own``: the caller's, open), which was staged once written whole."""
+    journals staged (``own``: the caller's, open), which was staged once written whole, or
+    the one its write marked complete (``JobRecord.folder_marked``)."""
 
     def whole(target: Path) -> bool:
         wanted = os.path.abspath(target)
@@ -489,7 +492,13 @@ def _staged_whole(root: Path, own: Outbox | None) -> Callable[[Path], bool]:
             saves = [
                 r for _, r in pending if r.op == "save" and os.path.abspath(r.local_path) == wanted
             ]
-            staged = saves[-1].staged_path if saves else None
+            if not saves:
+                continue
+            if saves[-1].folder_marked():
+                # Its write marked it complete (AsyncCheckpointIO): the previous folder
+                # waits aside until the intake thread reaches the save, before staging.
+                return True
+            staged = saves[-1].staged_path
             if staged and _same_tree(Path(staged), target):
                 return True
         return False

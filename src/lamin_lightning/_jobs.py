@@ -258,12 +258,20 @@ class JobRecord:
         path = self.local_path
         if os.path.islink(path) or not os.path.isdir(path):
             return False
-        if self.written_file is None:
-            return True
+        return not self.folder_marked()
+
+    def folder_marked(self) -> bool:
+        """Whether the path is the folder (not a link to one) that this
+        :attr:`marks_folder` save's write marked complete: whole, though nothing staged it
+        yet (the previous folder it rewrote may still wait aside: see
+        ``_aside.put_back_leftovers``). See :meth:`_folder_cut_short`."""
+        if not self.marks_folder or self.marks_written or self.written_file is None:
+            return False
+        path = self.local_path
+        if os.path.islink(path) or not os.path.isdir(path):
+            return False
         found = file_identity(path)
-        if found is None:
-            return True
-        return self.recorded is None and found[0] != self.written_file[0]
+        return found is not None and (self.recorded is not None or found[0] == self.written_file[0])
 
     def unstaged_late_save(self) -> bool:
         """Whether this is a save whose file was to be written after the hook returned
