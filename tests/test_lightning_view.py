@@ -1727,3 +1727,64 @@ def test_a_replay_drops_a_late_folder_its_write_never_marked_complete(
     assert all(path.is_dir() for path in (cut, done, other, older)), "folders are left"
     warned = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
     assert any(str(cut) in m for m in warned) and any(str(other) in m for m in warned)
+
+
+@pytest.mark.parametrize("ends", ["before the next open", "during the replay's wait"])
+@pytest.mark.parametrize("stopped", ["closed", "lingering"])
+def test_a_late_folder_write_that_ends_after_its_fit_stopped_is_persisted_by_a_replay_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: str, stopped: str
+) -> None:
+    """A fit in a notebook Ctrl+C'd (twice) while AsyncCheckpointIO still wrote a folder
+    checkpoint: its callback let the journal go (closed, or kept for its pipeline's thread
+    still waiting for the write, then taken over by the next opener here). The write's
+    mark of the folder it completed then went to the journal object that no longer held
+    it, and was dropped; and a replay that waited for the write (the next fit's setup, a
+    flush) judged the record it had read before the wait. Either way the whole folder was
+    dropped as cut short, never persisted, and the warning said to delete it. The mark
+    now reaches this process's next holder of the journal, and the replay reads the
+    records again after its wait."""
+    from lamin_lightning import _replay
+    from lamin_lightning._journal import keep_until_done
+    from lamin_lightning._names import release_name, take_name
+    from lamin_lightning._replay import Settle
+
+    dirpath = tmp_path / "ckpt"
+    folder = dirpath / "last.ckpt"
+    folder.mkdir(parents=True)
+    take_name(folder)  # its write runs
+    (folder / "shard-0").write_bytes(b"a shard")
+    first = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    first.open()
+    settle = Settle(first, first.append(_save(folder, written_later=True, marks_folder=True)))
+    release = threading.Event()
+    intake = threading.Thread(target=release.wait)  # the stopped pipeline's, waiting
+    intake.start()
+    keep_until_done(first, [intake] if stopped == "lingering" else [])
+
+    def write_ends() -> None:
+        identity = file_identity(folder)
+        assert identity is not None
+        settle.written(identity)
+        release_name(folder)
+
+    if ends == "before the next open":
+        write_ends()
+    else:
+        waited = _replay.wait_until_written
+
+        def wait(paths: Any, timeout: float) -> set[str]:
+            if timeout > 0:  # the replay waits for the write: it ends meanwhile
+                write_ends()
+            return waited(paths, timeout)
+
+        monkeypatch.setattr(_replay, "wait_until_written", wait)
+    store = MemoryStore()
+    try:
+        report = flush_directory(dirpath, progress=False, stores={"memory": store})
+    finally:
+        release.set()
+        intake.join()
+
+    assert report.dropped == [] and report.failed == 0 and report.remaining == []
+    assert store.keys() == {key("last.ckpt")}
+    assert store.get(key("last.ckpt")).sha256 == content_sha256(folder)  # type: ignore[union-attr]

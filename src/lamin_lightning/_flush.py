@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lamin_lightning._aside import put_back_in
 from lamin_lightning._errors import OutboxInUseError
@@ -138,10 +139,10 @@ def flush_directory(
         return report
     resolver = StoreResolver(stores)
     lock = threading.Lock()
-    with_event: set[int] = set()
+    with_event: set[tuple[Any, ...]] = set()
 
     def record_outcome(record: JobRecord, _: AnyArtifactEvent) -> None:
-        with_event.add(id(record))
+        with_event.add(_job_of(record))
 
     def deliver(event: AnyArtifactEvent) -> None:
         with lock:
@@ -190,10 +191,16 @@ def flush_directory(
     for outbox, job_id, record in work:
         if (outbox.path, job_id) in after:
             report.remaining.append(record)
-        elif id(record) not in with_event:
+        elif _job_of(record) not in with_event:
             report.dropped.append(record)
     _unreadable_left(report, roots, held)
     return report
+
+
+def _job_of(record: JobRecord) -> tuple[Any, ...]:
+    """Which journaled job ``record`` is: the replay may read a job's record again (a
+    write of this process that ended while it waited marked it), another object."""
+    return (record.root, record.op, record.key, record.local_path, record.submitted_at)
 
 
 def _unreadable_left(report: FlushReport, roots: list[Path], held: set[Path]) -> None:

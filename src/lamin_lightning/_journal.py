@@ -45,6 +45,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -101,6 +102,12 @@ _reported: set[tuple[str, str]] = set()  # (journal, job id) already logged as u
 # of this process holds from one another process holds (a flush, another training run).
 _held_here: set[str] = set()
 _held_lock = threading.Lock()
+# Under _held_lock, by absolute path: the Outbox that holds each of those journals, and
+# the marks of jobs of a journal whose holder in this process stopped before they came (a
+# CheckpointIO's write still running after a Ctrl+C'd fit gave up), for the next one here
+# to open it (see Outbox._mark_elsewhere).
+_holders: weakref.WeakValueDictionary[str, Outbox] = weakref.WeakValueDictionary()
+_stray_marks: dict[str, dict[tuple[str, str], tuple[str, Any, dict[str, Any]]]] = {}
 
 
 def flock_here(handle: IO[Any], operation: int) -> None:
@@ -131,6 +138,8 @@ def _forked() -> None:
     global _held_lock, _lingering_lock  # held by another thread of the parent, maybe
     _held_lock = threading.Lock()
     _held_here.clear()
+    _holders.clear()
+    _stray_marks.clear()  # of the parent's writes
     _lingering_lock = threading.Lock()
     _lingering.clear()  # their keepers are the parent's threads
 
@@ -457,6 +466,7 @@ class Outbox:
                 if kept is not self:  # (this one holds nothing: the kept one has the lock)
                     self._take_over(kept)
                 self._waits_for = threads
+                self._adopt_marks()
                 return self._state.records(self.path)
             if self._handle is not None:
                 return self._state.records(self.path)
@@ -509,7 +519,27 @@ class Outbox:
                 raise
             with _held_lock:
                 _held_here.add(os.path.abspath(self.path))
+            self._adopt_marks()
             return self._state.records(self.path)
+
+    def _adopt_marks(self) -> None:
+        """Become this process's holder of the journal, and write the marks that came for
+        its jobs while no one here held it (see :meth:`_mark_elsewhere`); under
+        ``self._lock``."""
+        path = os.path.abspath(self.path)
+        with _held_lock:
+            _holders[path] = self
+            marks = _stray_marks.pop(path, {})
+        for (job_id, _), (field, value, line) in marks.items():
+            entry = self._state.pending.get(job_id)
+            if entry is None:
+                continue
+            entry[field] = value
+            item = {"t": line["t"], "id": job_id, **line}
+            try:
+                self._write(item)
+            except OSError:
+                self._owe(job_id, item)
 
     def _take_over(self, kept: Outbox) -> None:
         """Hold the journal ``kept`` holds (open, locked); under ``self._lock``."""
@@ -547,6 +577,8 @@ class Outbox:
                 self._handle = None
                 with _held_lock:
                     _held_here.discard(os.path.abspath(self.path))
+                    if _holders.get(os.path.abspath(self.path)) is self:
+                        del _holders[os.path.abspath(self.path)]
                 with contextlib.suppress(OSError):
                     _flocks.close(handle)
 
@@ -632,17 +664,19 @@ class Outbox:
         item = {"t": line["t"], "id": job_id, **line}
         try:
             with self._lock:
+                held = self._handle is not None
                 entry = self._state.pending.get(job_id)
-                if self._handle is None or entry is None:
-                    return
-                # What the mark says is true whether or not its line is written: a
-                # compaction (at close, say) writes the entry with it.
-                entry[field] = value
-                try:
-                    self._write(item)
-                except OSError:
-                    self._owe(job_id, item)
-                    raise
+                if held and entry is not None:
+                    # What the mark says is true whether or not its line is written: a
+                    # compaction (at close, say) writes the entry with it.
+                    entry[field] = value
+                    try:
+                        self._write(item)
+                    except OSError:
+                        self._owe(job_id, item)
+                        raise
+            if not held:
+                self._mark_elsewhere(job_id, field, value, line)
         except OSError as error:
             log.warning(
                 "could not note in %s that job %s's file was %s (%s); it is noted at the"
@@ -656,6 +690,21 @@ class Outbox:
                 if line["t"] == "written"
                 else "keeps its artifact if the file is still there",
             )
+
+    def _mark_elsewhere(self, job_id: str, field: str, value: Any, line: dict[str, Any]) -> None:
+        """A mark for a job of the journal this object no longer holds: its owner stopped
+        while the job's write still ran (Ctrl+C, a teardown that gave up), and the next
+        fit's setup (or a flush) in this process took the journal over, or it was closed.
+        The mark goes to the holder here now, else it is kept for the next one here to
+        open the journal: dropped, a replay would take a folder the write completed for
+        one cut short. (Another process's replay does not get it.)"""
+        path = os.path.abspath(self.path)
+        with _held_lock:
+            holder = _holders.get(path)
+            if holder is None or holder is self:
+                _stray_marks.setdefault(path, {})[(job_id, str(line["t"]))] = (field, value, line)
+                return
+        holder._mark(job_id, field, value, line)
 
     def _owe(self, job_id: str, item: dict[str, Any]) -> None:
         """Keep the mark ``item`` of a pending job whose line the disk refused (a full disk),

@@ -462,6 +462,9 @@ def _without_writes_in_flight(pending: list[Pending]) -> list[Pending]:
         # Every wanted name, not only those busy at first: an old intake thread goes on to
         # stagings it had queued, and takes their names as it starts each.
         busy = wait_until_written(wanted, WAIT_FOR_WRITES_IN_FLIGHT_S)
+        # Read again what the writes that ended noted meanwhile (the folder a
+        # CheckpointIO's write completed: JobRecord.marks_folder), not judged without it.
+        pending = _read_again(pending)
     if not busy:
         return pending
     log.warning(
@@ -474,6 +477,18 @@ def _without_writes_in_flight(pending: list[Pending]) -> list[Pending]:
         entry
         for entry in pending
         if not any(os.path.abspath(path) in busy for path in files_of(entry[2]))
+    ]
+
+
+def _read_again(pending: list[Pending]) -> list[Pending]:
+    """``pending`` with each record as its journal has it now (one settled meanwhile, as
+    it was)."""
+    now: dict[int, dict[str, JobRecord]] = {}
+    for outbox, _, _ in pending:
+        if id(outbox) not in now:
+            now[id(outbox)] = dict(outbox.pending())
+    return [
+        (outbox, job_id, now[id(outbox)].get(job_id, record)) for outbox, job_id, record in pending
     ]
 
 
