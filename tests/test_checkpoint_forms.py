@@ -3251,3 +3251,72 @@ def test_a_save_that_made_a_pool_and_raised_before_queuing_on_it_is_dropped(
     assert not observer.of_type(ArtifactFailedEvent)
     assert callback.persistence_stats.submitted == 0
     assert store.keys(kind="checkpoint") == set()
+
+
+class InterruptedOnHandBack(RestartingExecutor):
+    """A user's executor; Ctrl+C lands while the callback hands it back after a save
+    (``KeyboardInterrupt`` from the deletion of the callback's ``submit``, once)."""
+
+    interrupted = False
+
+    def __delattr__(self, name: str) -> None:
+        if not InterruptedOnHandBack.interrupted:
+            InterruptedOnHandBack.interrupted = True
+            raise KeyboardInterrupt
+        super().__delattr__(name)
+
+
+class WritesNowBesideAUsersExecutor(QueuesOnAUsersExecutor):
+    """Writes with ``torch.save`` itself, before returning (not through its
+    ``checkpoint_io``, which would tell the callback the write ended), and queues nothing
+    on the executor it holds: only the end of the followed save says the write ended."""
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(checkpoint, path)
+
+
+def test_ctrl_c_while_a_followed_executor_is_handed_back_still_ends_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C landing while a save of an AsyncCheckpointIO subclass handed its executor
+    back (a step that runs user code, the executor's ``__delattr__``) left that save's
+    write never finished: its name stayed taken for good in the process, and a flush in
+    this process (the next fit's setup too) waited a minute for that write, then left the
+    checkpoint pending. The write ends whatever the hand-back raised, and the interrupt
+    goes on (Lightning's graceful shutdown)."""
+    import signal
+
+    from lamin_lightning import _replay
+    from lamin_lightning._names import name_taken
+
+    store = MemoryStore()
+    io = WritesNowBesideAUsersExecutor(TorchCheckpointIO(), InterruptedOnHandBack())
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=tmp_path / "ckpts",
+        monitor=None,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        flush_timeout=10,
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+            with pytest.raises(SystemExit):
+                make_trainer(tmp_path, [callback], max_steps=3, plugins=[io]).fit(
+                    TinyModel(), loader(3)
+                )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert InterruptedOnHandBack.interrupted
+    assert not [w for w in caught if "flush_timeout" in str(w.message)]
+    assert not name_taken(tmp_path / "ckpts" / "epoch=0-step=1.ckpt")
+    # A flush in this process (or the next fit's setup) waits for no write, and persists it.
+    monkeypatch.setattr(_replay, "WAIT_FOR_WRITES_IN_FLIGHT_S", 5.0)
+    report = flush_directory(tmp_path / "ckpts", progress=False, stores={"memory": store})
+    assert report.remaining == [] and report.failed == 0, report
+    written = {f"checkpoints/{p.name}" for p in (tmp_path / "ckpts").glob("*.ckpt")}
+    assert written and store.keys(kind="checkpoint") == written

@@ -502,9 +502,20 @@ class _FollowedSave:
         """The save returned and every task it queued ended (once): the executors it
         followed in place are the user's as they were unless another save still follows
         them, then the write counts as done (unless the notifier finished it already)."""
-        for in_place in self._in_place:
-            _unfollow_submissions(in_place)
-        self._in_place = []
+        in_place, self._in_place = self._in_place, []
+        interrupted: BaseException | None = None
+        for each in in_place:
+            try:
+                _unfollow_submissions(each)
+            except BaseException as error:  # Ctrl+C landing in it (the training thread)
+                interrupted = interrupted or error
+        # Whatever the hand-back raised, the write ends: one never finished holds its name
+        # for good, and the flush at teardown waits for it.
+        self._finish(raised)
+        if interrupted is not None:
+            raise interrupted
+
+    def _finish(self, raised: bool) -> None:
         if self._submitted:
             if not self._write.done.is_set():  # else the notifier finished it (checkpoint_io)
                 self._tracker.finish(self._write, self._error)
