@@ -13,6 +13,7 @@ never touches another's flags. That state is shared by every store of the proces
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -231,7 +232,8 @@ class LaminStore:
         self._auto: dict[str, Any] | None = None
         self._value_ids: dict[tuple[int, Any], int] = {}
         self._runs: dict[str, Any] = {}
-        self._run_values_done: set[str] = set()  # runs a replay gave their values
+        # (run uid, values) a replay recorded (see _add_missing_run_values)
+        self._run_values_done: set[tuple[str, str]] = set()
         self._storages: dict[str, Any] = {}
         # Features a non-finite value was left out of and warned of (see _annotate).
         self._non_finite_told: set[str] = set()
@@ -558,23 +560,30 @@ class LaminStore:
 
     def _add_missing_run_values(self, ln: Any, run: Any, snapshot: CheckpointSnapshot) -> None:
         """A replay: record on ``run`` the run-level values its fit journaled
-        (:attr:`CheckpointSnapshot.run_features`) that it does not have.
+        (:attr:`CheckpointSnapshot.run_features`), as its live commit would have.
         The live commit records them from memory at the fit's first commit, which Ctrl+C
         or a kill may have prevented; the reference records them at its first save.
-        Values LaminDB refuses are left out with a warning, as by the live commit. Once
-        per run and store."""
+        Each callback records its own, whatever the run has already (two callbacks of a
+        fit, or a callback of a later fit under the same run: their ``mode``, their
+        ``monitor``, another ``max_steps``): a value the run has is not added twice (a
+        value and its link to the run are each one row). Values LaminDB refuses are left
+        out with a warning, as by the live commit. Once per run, set of values and store."""
+        done = (str(run.uid), repr(snapshot.run_features))
         with self._lock:
-            if run.uid in self._run_values_done:
+            if done in self._run_values_done:
                 return
-        present = set(
-            ln.models.RunJsonValue.filter(run_id=run.id).values_list(
-                "jsonvalue__feature__name", flat=True
+        # The values the run has, by feature name (for a value LaminDB's lookup of an
+        # equal one might miss: a mapping).
+        present = {
+            (name, _canonical(value))
+            for name, value in ln.models.RunJsonValue.filter(run_id=run.id).values_list(
+                "jsonvalue__feature__name", "jsonvalue__value"
             )
-        )
+        }
         auto = self._auto_features(ln)
         values: dict[Any, Any] = {}
         for name, value, is_auto in snapshot.run_features:
-            if name in present or value is None:
+            if value is None or (name, _canonical(value)) in present:
                 continue
             try:
                 value = _resolve_records(value)
@@ -587,7 +596,7 @@ class LaminStore:
         if values:
             self.add_values_keeping_valid(run, values, where=f"run {run.uid}")
         with self._lock:
-            self._run_values_done.add(run.uid)
+            self._run_values_done.add(done)
 
     def add_values_keeping_valid(
         self, host: Any, values: Mapping[Any, Any], *, where: str
@@ -1661,3 +1670,9 @@ def replay_store(record: JobRecord) -> LaminStore:
     """The registry's factory: a store on the connected instance, if it is the record's."""
     _check_instance(record)
     return LaminStore()
+
+
+def _canonical(value: Any) -> str:
+    """``value`` as canonical JSON text (keys sorted), to compare a journaled value with
+    one read from the database."""
+    return json.dumps(value, sort_keys=True, default=str)

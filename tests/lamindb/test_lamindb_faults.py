@@ -648,3 +648,35 @@ def test_a_flush_records_the_run_values_lamindb_accepts_and_names_the_one_it_ref
         f"run {fresh_run.uid}: the value 'auto' of feature 'tier_refused_hparam' (dtype float)"
         " is left out" in caplog.text
     )
+
+
+def test_callbacks_interrupted_before_their_first_commit_each_get_their_run_values_from_the_flush(
+    ln: Any, fresh_run: Any, tmp_path: Path
+) -> None:
+    """Two callbacks of one fit, one monitoring ``score`` (min), the other ``tier_metric``
+    (max): the first save of each records its run-level values, so the run has both
+    monitors and both modes (the reference's too). Ctrl+C before either was committed:
+    the flush recorded the first journal's values only, as a replay skipped each feature
+    name the run already had (and each run once per flush)."""
+    dirpath = tmp_path / "ckpts"
+    options: dict[str, Any] = {"dirpath": dirpath, "every_n_train_steps": 1, "max_workers": 1}
+    first = _InterruptedUploads(monitor="score", filename="a-{step}", **options)
+    second = _InterruptedUploads(monitor="tier_metric", mode="max", filename="b-{step}", **options)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit(first, tmp_path, steps=2, extra_callbacks=[second])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert run_features(ln, fresh_run) == {}
+
+    report = ll.flush_directory(dirpath, progress=False)
+
+    assert report.saved >= 2 and report.failed == 0, report
+    values = run_features(ln, fresh_run)
+    assert sorted(values.get("monitor", [])) == ["score", "tier_metric"], values
+    assert sorted(values.get("mode", [])) == ["max", "min"], values
+    assert values.get("max_steps") == [2], values
+    # A second replay (the next setup in the folder, say) adds nothing twice.
+    ll.flush_directory(dirpath, progress=False)
+    assert run_features(ln, fresh_run) == values
