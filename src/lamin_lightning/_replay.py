@@ -364,21 +364,28 @@ def unfinished(
     skip_digests: set[str],
     dirpath: Path,
     logger_layout: tuple[Path, str] | None,
+    sibling_skip_digests: set[str] | None = None,
 ) -> list[Outbox]:
     """Open the journals whose jobs a callback holding ``own`` finishes at ``setup``.
 
     Those of its own checkpoint folder, except journals of the trainer's other
-    checkpoint callbacks (``skip_digests``: each finishes its own). And where Lightning
-    chose the dirpath (``logger_layout``: the logger's root ``{save_dir}/{name}`` and
-    this run's version), each run checkpoints into a new version, so the journals of
-    the sibling versions (``{root}/*/checkpoints``) too; one another live process holds
-    is left to it, with a warning naming ``lamin-lightning flush``. The journals opened
-    stay locked until the caller closes them, so nobody replays them twice. What a crash
-    left aside in a sibling version is put back first (:func:`_aside.put_back_in`).
+    checkpoint callbacks that replay this folder (``skip_digests``: each finishes its
+    own). And where Lightning chose the dirpath (``logger_layout``: the logger's root
+    ``{save_dir}/{name}`` and this run's version), each run checkpoints into a new
+    version, so the journals of the sibling versions (``{root}/*/checkpoints``) too,
+    except those of the callbacks that replay them as well (``sibling_skip_digests``,
+    by default ``skip_digests``); one another live process holds is left to it, with a
+    warning naming ``lamin-lightning flush``. The journals opened stay locked until the
+    caller closes them, so nobody replays them twice. What a crash left aside in a
+    sibling version is put back first (:func:`_aside.put_back_in`).
     """
+    in_siblings = skip_digests if sibling_skip_digests is None else sibling_skip_digests
 
     def skip(path: Path) -> bool:
         return (own is not None and path == own.path) or _digest_of(path) in skip_digests
+
+    def skip_sibling(path: Path) -> bool:
+        return (own is not None and path == own.path) or _digest_of(path) in in_siblings
 
     opened: list[Outbox] = []
     for folder in dict.fromkeys([root, *outbox_roots(dirpath)]):
@@ -389,7 +396,7 @@ def unfinished(
         # first, and the interrupted save is dropped (as the setup of that version does),
         # before its journal is opened, and locked, here.
         put_back_in(folder)
-        found, busy = open_unheld(folder, skip=skip)
+        found, busy = open_unheld(folder, skip=skip_sibling)
         opened.extend(found)
         for path in busy:
             log.warning(

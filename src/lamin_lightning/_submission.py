@@ -451,19 +451,25 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 version if isinstance(version, str) else f"version_{version}",
             )
         root = self._staging_root(self.dirpath or ".")
+        # Only the callbacks that replay this folder finish their own journals here. One
+        # of the trainer that now writes elsewhere (moved to a folder of its own since
+        # the crash, or to the folder Lightning derives), or journals nothing, leaves its
+        # journal here to this callback, as one the user dropped from the trainer does.
+        # Those of the earlier logger versions are finished by the callbacks whose folder
+        # Lightning derives, as this one's (a dirpath given is not a version of its own).
+        peers = [
+            other
+            for other in getattr(trainer, "callbacks", [])
+            if other is not self
+            and isinstance(other, SubmittingCheckpoint)
+            and _replays(other, root, trainer)
+        ]
         others = unfinished(
             own,
             root=root,
-            # Only the callbacks that replay this folder finish their own journals here. One
-            # of the trainer that now writes elsewhere (moved to a folder of its own since
-            # the crash), or journals nothing, leaves its journal here to this callback, as
-            # one the user dropped from the trainer does.
-            skip_digests={
-                _journal_digest(other)
-                for other in getattr(trainer, "callbacks", [])
-                if other is not self
-                and isinstance(other, SubmittingCheckpoint)
-                and _replays(other, root)
+            skip_digests={_journal_digest(other) for other in peers},
+            sibling_skip_digests={
+                _journal_digest(other) for other in peers if not other._user_dirpath
             },
             dirpath=Path(self.dirpath or "."),
             logger_layout=layout,
@@ -572,15 +578,22 @@ def _class_path(cls: type) -> str:
     return f"unregistered:{cls.__module__}:{cls.__qualname__}"
 
 
-def _replays(callback: SubmittingCheckpoint, root: Path) -> bool:
+def _replays(callback: SubmittingCheckpoint, root: Path, trainer: pl.Trainer) -> bool:
     """Whether ``callback``'s ``setup`` replays its own journals in the working folder
-    ``root``: it journals, and writes there (or into a folder Lightning derives at its
-    ``setup``, not known yet, which may be this one)."""
+    ``root``: it journals, and writes there. Where its ``setup`` has not run yet and its
+    dirpath is None, the folder is the one Lightning will derive for it (the logger's
+    version, or ``default_root_dir``): not necessarily this one."""
     if not callback.outbox:
         return False
-    if not callback.dirpath:
-        return True
-    return staging_root(callback.dirpath).resolve() == root.resolve()
+    folder = callback.dirpath
+    if not folder:
+        try:
+            folder = callback._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
+        except Exception:  # a logger that cannot say: assume it is this folder, as before
+            return True
+        if not folder or "://" in str(folder):
+            return False  # its setup refuses a remote one
+    return staging_root(folder).resolve() == root.resolve()
 
 
 def _journal_digest(callback: Any) -> str:

@@ -803,16 +803,17 @@ TWO_SCRIPT = Path(__file__).parent / "two_callbacks_train.py"
 
 
 def _two_callbacks_run(
-    tmp_path: Path, dirpaths: dict[str, Path], *extra: str, which: str = "a,b"
+    tmp_path: Path, dirpaths: dict[str, Path | None], *extra: str, which: str = "a,b"
 ) -> subprocess.Popen[str]:
+    """The two-callback script; a dirpath of None is the callback's ``dirpath=None``."""
     return subprocess.Popen(
         [
             sys.executable,
             str(TWO_SCRIPT),
             "--dirpath-a",
-            str(dirpaths["a"]),
+            str(dirpaths["a"] or "none"),
             "--dirpath-b",
-            str(dirpaths["b"]),
+            str(dirpaths["b"] or "none"),
             "--which",
             which,
             "--marker",
@@ -972,3 +973,80 @@ def test_two_callbacks_of_one_template_sigkilled_then_a_replay_makes_the_store_e
         for seen in report.values():
             assert [e for e in seen["events"] if e["type"] == "ArtifactFailedEvent"] == []
     _store_equals_folders(ln, {"a": dirpath}, {"a": prefix})
+
+
+def _two_callbacks_killed(
+    tmp_path: Path, dirpaths: dict[str, Path | None], *extra: str
+) -> dict[str, tuple[str, Path]]:
+    """Run the two-callback script until both have an upload in flight and jobs journaled
+    behind it, SIGKILL it; each callback's key prefix and folder (Lightning's choice where
+    its dirpath is None)."""
+    proc = _two_callbacks_run(tmp_path, dirpaths, "--block", *extra)
+    try:
+        _wait_for_marker(proc, tmp_path / "marker.parked")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    where = {}
+    for name in "ab":
+        report = tmp_path / f"report.{name}"
+        folder = report.with_name(f"{report.name}.dir")
+        where[name] = (report.read_text(), Path(folder.read_text()))
+        report.unlink()
+        folder.unlink()
+    for name in ("a", "b", "parked"):
+        (tmp_path / f"marker.{name}").unlink()
+    return where
+
+
+def _flags_by_file(ln: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    """is_best_model, is_last_model and model_rank of each checkpoint under ``prefix``, by
+    file name (one value each)."""
+    from lamindb_tier import artifact_features, single
+
+    return {
+        key.rsplit("/", 1)[1]: {
+            name: value
+            for name, value in single(artifact_features(ln, artifact)).items()
+            if name in ("is_best_model", "is_last_model", "model_rank")
+        }
+        for key, artifact in artifacts_under(ln, prefix).items()
+        if key.endswith(".ckpt")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["a,b", "b,a"], ids=["kept_first", "derived_first"])
+def test_two_callbacks_sigkilled_in_one_folder_then_one_with_no_dirpath_the_rerun_replays_both(
+    ln: Any, tmp_path: Path, which: str
+) -> None:
+    """Two callbacks in one folder SIGKILLed with jobs pending; in the rerun (resumed) one
+    of them (``b``) has ``dirpath=None``, so Lightning derives a folder of its own for it
+    at setup (``default_root_dir/checkpoints``). ``b``'s journal in the first folder is
+    nobody's in this trainer any more: ``a`` replays it, whichever callback is set up
+    first (before, ``a`` took ``b`` for a callback that may write there, left its journal
+    to it when ``a`` came first, and ``b``'s pending saves were never persisted)."""
+    shared = tmp_path / "ckpt"
+    where = _two_callbacks_killed(tmp_path, {"a": shared, "b": shared})
+    prefix = where["a"][0]
+    assert where["b"] == (prefix, shared)
+    assert _pending(shared)
+    rerun = _two_callbacks_run(
+        tmp_path, {"a": shared, "b": None}, "--resume", "--root", str(tmp_path), which=which
+    )
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert Path(report["b"]["dirpath"]) == tmp_path / "checkpoints"
+    for seen in report.values():
+        assert [e for e in seen["events"] if e["type"] == "ArtifactFailedEvent"] == []
+    replayed = [
+        (name, e["key"].rsplit("/", 1)[1])
+        for name, seen in report.items()
+        for e in seen["events"]
+        if e["recovered"]
+    ]
+    assert [n for n, f in replayed if f == "b-step=5.ckpt"] == ["a"], replayed
+    assert [n for n, f in replayed if f == "a-step=4.ckpt"] == ["a"], replayed
+    assert _pending(shared) == []
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(shared, prefix))

@@ -13,6 +13,9 @@ share a folder, as with ``ModelCheckpoint``).
   ``--park-step``, waits for both markers, writes ``{marker}.parked`` and waits there
   (for the test's SIGKILL: no save is then cut between its write and its journal line).
 - ``--resume``: ``fit(ckpt_path="last")``.
+- ``--dirpath-a none`` (or ``b``): that callback gets ``dirpath=None``, and Lightning
+  derives its folder at setup: ``{--root}/checkpoints``, or with ``--logger`` the
+  CSV logger's ``{--root}/lightning_logs/version_N/checkpoints`` (a new version each run).
 
 At the end (if it gets there) it writes ``--report``: per callback its key prefix and the
 events it saw.
@@ -36,6 +39,14 @@ from outbox_train import SCORES, Events, Gate, Prefix
 import lamin_lightning as ll
 
 
+class Where(Prefix):
+    """Writes, beside the key prefix, the callback's folder (``{path}.dir``) at train start."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.path.with_name(f"{self.path.name}.dir").write_text(str(self.callback.dirpath))
+
+
 class Park(pl.Callback):
     """At the start of step ``step``: once every marker exists, write ``parked`` and wait
     (for the parent's SIGKILL)."""
@@ -54,8 +65,10 @@ class Park(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dirpath-a", type=Path, required=True)
-    parser.add_argument("--dirpath-b", type=Path, required=True)
+    parser.add_argument("--dirpath-a", required=True, help="a folder, or none")
+    parser.add_argument("--dirpath-b", required=True, help="a folder, or none")
+    parser.add_argument("--root", type=Path, default=None, help="default: dirpath-a's parent")
+    parser.add_argument("--logger", action="store_true", help="a CSVLogger under --root")
     parser.add_argument("--which", default="a,b")
     parser.add_argument("--block", action="store_true")
     parser.add_argument("--steps", type=int, default=8)
@@ -69,13 +82,17 @@ def main() -> None:
 
     guard = pytest.MonkeyPatch()
     block_network(guard)
+    dirpaths = {
+        name: None if given == "none" else Path(given)
+        for name, given in (("a", args.dirpath_a), ("b", args.dirpath_b))
+    }
     settings = {
-        "a": {"dirpath": args.dirpath_a, "monitor": "score", "mode": "min"},
-        "b": {"dirpath": args.dirpath_b, "monitor": "tier_metric", "mode": "max"},
+        "a": {"dirpath": dirpaths["a"], "monitor": "score", "mode": "min"},
+        "b": {"dirpath": dirpaths["b"], "monitor": "tier_metric", "mode": "max"},
     }
     callbacks: dict[str, ll.Checkpoint] = {}
     observers: dict[str, Events] = {}
-    prefixes: list[Prefix] = []
+    prefixes: list[Where] = []
     for name in args.which.split(","):
         observers[name] = Events()
         callback = ll.Checkpoint(
@@ -93,12 +110,16 @@ def main() -> None:
         marker = args.marker.with_name(f"{args.marker.name}.{name}")
         callback._artifact_publisher = Gate("block" if args.block else "plain", marker, 1)
         callbacks[name] = callback
-        prefixes.append(Prefix(callback, args.report.with_name(f"{args.report.stem}.{name}")))
+        prefixes.append(Where(callback, args.report.with_name(f"{args.report.stem}.{name}")))
     markers = [args.marker.with_name(f"{args.marker.name}.{name}") for name in callbacks]
     parked = args.marker.with_name(f"{args.marker.name}.parked")
     extra = [Park(args.park_step, markers, parked)] if args.block else []
+    root = args.root or Path(args.dirpath_a).parent
     trainer = make_trainer(
-        args.dirpath_a.parent, [*callbacks.values(), *prefixes, *extra], max_steps=args.steps
+        root,
+        [*callbacks.values(), *prefixes, *extra],
+        max_steps=args.steps,
+        logger=pl.loggers.CSVLogger(str(root)) if args.logger else False,
     )
     trainer.fit(
         TierModel(scores=SCORES),
@@ -108,7 +129,11 @@ def main() -> None:
     args.report.write_text(
         json.dumps(
             {
-                name: {"prefix": cb.checkpoint_key_prefix, "events": observers[name].seen}
+                name: {
+                    "prefix": cb.checkpoint_key_prefix,
+                    "dirpath": str(cb.dirpath),
+                    "events": observers[name].seen,
+                }
                 for name, cb in callbacks.items()
             }
         )
