@@ -75,8 +75,11 @@ class CheckpointSnapshot:
         sequence: When it was submitted, among every checkpoint submitted in this
             process (:func:`next_sequence`), so that several callbacks sharing a folder
             end with the flags of the save made last whatever order their committer
-            threads run in. 0: unknown (a replay, a snapshot made by hand), ordered by
-            its commit instead. Not journaled, not compared.
+            threads run in. Read back from a journal (a replay), it is
+            :func:`replayed_sequence` of its submission time: before every save of
+            this process, and after the replayed saves submitted before it (by any
+            callback of the crashed process). 0: unknown (a snapshot made by hand),
+            ordered by its commit instead. Not journaled, not compared.
     """
 
     key: str
@@ -105,6 +108,17 @@ _SEQUENCE = itertools.count(1)
 def next_sequence() -> int:
     """The next number of a process-wide, increasing sequence (thread-safe)."""
     return next(_SEQUENCE)
+
+
+_REPLAYED_BEFORE = -(2**62)
+
+
+def replayed_sequence(submitted_at: float) -> int:
+    """The sequence of a save read back from a journal, submitted at ``submitted_at``
+    (wall clock): below every :func:`next_sequence` (a replay's commit may come after
+    this process's own saves, which are newer), and in the order the crashed process
+    submitted its saves, whichever callback's journal holds them. Never 0."""
+    return _REPLAYED_BEFORE + min(max(0, int(submitted_at * 1_000_000)), 2**61)
 
 
 @dataclass(frozen=True)
@@ -601,7 +615,12 @@ def _encode_snapshot(snapshot: CheckpointSnapshot) -> dict[str, Any]:
 
 
 def _decode_snapshot(
-    data: Mapping[str, Any], *, key: str, local_path: str, staged_path: str | None
+    data: Mapping[str, Any],
+    *,
+    key: str,
+    local_path: str,
+    staged_path: str | None,
+    submitted_at: float,
 ) -> CheckpointSnapshot:
     features = [(str(n), _decode_feature_value(v), bool(a)) for n, v, a in data.get("features", [])]
     return CheckpointSnapshot(
@@ -624,6 +643,7 @@ def _decode_snapshot(
         run_features=tuple(
             (str(n), _decode_feature_value(v), bool(a)) for n, v, a in data.get("run_features", [])
         ),
+        sequence=replayed_sequence(submitted_at),
     )
 
 
@@ -710,6 +730,7 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         store = str(data.get("store", ""))
     snapshot = data.get("snapshot")
     when = data.get("time")
+    submitted_at = float(when) if isinstance(when, int | float) else 0.0
     return JobRecord(
         op=op,
         kind=kind,
@@ -718,10 +739,16 @@ def decode(data: Mapping[str, Any]) -> JobRecord:
         staged_path=str(staged) if staged else None,
         store=store,
         context=context,
-        checkpoint=_decode_snapshot(snapshot, key=key, local_path=local_path, staged_path=staged)
+        checkpoint=_decode_snapshot(
+            snapshot,
+            key=key,
+            local_path=local_path,
+            staged_path=staged,
+            submitted_at=submitted_at,
+        )
         if isinstance(snapshot, Mapping) and kind == "checkpoint"
         else None,
-        submitted_at=float(when) if isinstance(when, int | float) else 0.0,
+        submitted_at=submitted_at,
         version=int(version),
         after=str(data["after"]) if data.get("after") else None,
         written_later=data.get("written_later") is True,

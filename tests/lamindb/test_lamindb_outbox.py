@@ -1050,3 +1050,101 @@ def test_two_callbacks_sigkilled_in_one_folder_then_one_with_no_dirpath_the_reru
     assert [n for n, f in replayed if f == "a-step=4.ckpt"] == ["a"], replayed
     assert _pending(shared) == []
     assert_checkpoint_keys_persisted(ln, prefix, _on_disk(shared, prefix))
+
+
+def _replayed_by_its_own_callback(report: dict[str, Any]) -> None:
+    """No failure; each callback replayed checkpoints, only its own (``a-*`` and
+    ``last.ckpt`` are ``a``'s, ``b-*`` and ``last-v1.ckpt`` ``b``'s), each job once."""
+    for seen in report.values():
+        assert [e for e in seen["events"] if e["type"] == "ArtifactFailedEvent"] == []
+    replayed = [
+        (name, e["type"], e["key"])
+        for name, seen in report.items()
+        for e in seen["events"]
+        if e["recovered"] and e["key"].endswith(".ckpt")
+    ]
+    owner = {"last.ckpt": "a", "last-v1.ckpt": "b"}
+    for name, _, key in replayed:
+        file = key.rsplit("/", 1)[1]
+        assert owner.get(file, file[0]) == name, replayed
+    assert {name for name, _, _ in replayed} == {"a", "b"}, replayed
+    saves = [(t, k) for _, t, k in replayed if t == "ArtifactSavedEvent"]
+    assert len(saves) == len(set(saves)), replayed
+
+
+# The flags an uninterrupted fit of the two callbacks leaves in their folder (measured
+# with ModelCheckpoint's semantics, as the reference writes them): is_last_model on the
+# save made last (b's last-v1.ckpt), is_best_model on the last save that was its
+# callback's best, model_rank over the kept checkpoints of the callback that saved last.
+_NOT_FLAGGED = {"is_best_model": False, "is_last_model": False}
+FLAGS_AFTER_8_STEPS = {
+    "a-step=6.ckpt": _NOT_FLAGGED,
+    "a-step=8.ckpt": {"is_best_model": True, "is_last_model": False},
+    "b-step=5.ckpt": {**_NOT_FLAGGED, "model_rank": 1},
+    "b-step=7.ckpt": {**_NOT_FLAGGED, "model_rank": 0},
+    "last-v1.ckpt": {"is_best_model": False, "is_last_model": True},
+    "last.ckpt": _NOT_FLAGGED,
+}
+FLAGS_AFTER_5_STEPS = {
+    "a-step=2.ckpt": _NOT_FLAGGED,
+    "a-step=4.ckpt": _NOT_FLAGGED,
+    "b-step=3.ckpt": {**_NOT_FLAGGED, "model_rank": 1},
+    "b-step=5.ckpt": {"is_best_model": True, "is_last_model": False, "model_rank": 0},
+    "last-v1.ckpt": {"is_best_model": False, "is_last_model": True},
+    "last.ckpt": _NOT_FLAGGED,
+}
+
+
+@pytest.mark.slow
+def test_two_callbacks_with_no_dirpath_sigkilled_then_a_resumed_rerun_ends_with_the_right_flags(
+    ln: Any, tmp_path: Path
+) -> None:
+    """Two callbacks with ``dirpath=None`` (one folder, the logger's version ``fixed``)
+    SIGKILLed with jobs pending, then the script rerun, resumed, with every upload held
+    until training ended, so that the replays commit after the rerun's own saves. The
+    replays persist the first run's saves, each by its callback, and the flags end as an
+    uninterrupted fit leaves them (before, a replay committed last counted as the newest
+    save: is_last_model, is_best_model and model_rank followed an old checkpoint)."""
+    none: dict[str, Path | None] = {"a": None, "b": None}
+    options = ["--root", str(tmp_path), "--logger", "fixed"]
+    where = _two_callbacks_killed(tmp_path, none, *options)
+    prefix, folder = where["a"]
+    assert where["b"] == (prefix, folder)
+    assert folder == tmp_path / "lightning_logs" / "fixed" / "checkpoints"
+    assert _pending(folder)
+    rerun = _two_callbacks_run(tmp_path, none, *options, "--resume", "--hold")
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    _replayed_by_its_own_callback(json.loads((tmp_path / "report.json").read_text()))
+    assert _pending(folder) == []
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
+    assert _flags_by_file(ln, prefix) == FLAGS_AFTER_8_STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["a,b", "b,a"], ids=["same_order", "swapped"])
+def test_two_callbacks_with_no_dirpath_sigkilled_then_the_next_logger_version_replays_the_first(
+    ln: Any, tmp_path: Path, which: str
+) -> None:
+    """Two callbacks with ``dirpath=None`` under a CSV logger (``version_0``) SIGKILLed with
+    jobs pending; the rerun (callbacks in either order) checkpoints into ``version_1`` and
+    replays what each callback left in ``version_0``, by that callback, once; ``version_0``
+    ends as an uninterrupted fit of its five steps leaves it: every checkpoint persisted
+    once under its key, nothing pending, the flags of its last save (b's), whichever
+    callback's replay commits last."""
+    none: dict[str, Path | None] = {"a": None, "b": None}
+    options = ["--root", str(tmp_path), "--logger"]
+    where = _two_callbacks_killed(tmp_path, none, *options)
+    prefix, folder = where["a"]
+    assert where["b"] == (prefix, folder)
+    assert folder == tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert _pending(folder)
+    rerun = _two_callbacks_run(tmp_path, none, *options, "--hold", which=which)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {Path(seen["dirpath"]).parent.name for seen in report.values()} == {"version_1"}
+    _replayed_by_its_own_callback(report)
+    assert _pending(folder) == []
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
+    assert _flags_by_file(ln, prefix) == FLAGS_AFTER_5_STEPS

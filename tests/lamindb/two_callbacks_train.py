@@ -13,9 +13,12 @@ share a folder, as with ``ModelCheckpoint``).
   ``--park-step``, waits for both markers, writes ``{marker}.parked`` and waits there
   (for the test's SIGKILL: no save is then cut between its write and its journal line).
 - ``--resume``: ``fit(ckpt_path="last")``.
+- ``--hold``: every checkpoint upload (replays and this run's saves) waits until
+  training ended (``on_train_end``), so that every commit comes after the last save.
 - ``--dirpath-a none`` (or ``b``): that callback gets ``dirpath=None``, and Lightning
   derives its folder at setup: ``{--root}/checkpoints``, or with ``--logger`` the
-  CSV logger's ``{--root}/lightning_logs/version_N/checkpoints`` (a new version each run).
+  CSV logger's ``{--root}/lightning_logs/version_N/checkpoints`` (a new version each run;
+  ``--logger NAME``: the version ``NAME`` in every run).
 
 At the end (if it gets there) it writes ``--report``: per callback its key prefix and the
 events it saw.
@@ -47,6 +50,16 @@ class Where(Prefix):
         self.path.with_name(f"{self.path.name}.dir").write_text(str(self.callback.dirpath))
 
 
+class Release(pl.Callback):
+    """At the end of training, writes the file that lets the held uploads (``--hold``) go."""
+
+    def __init__(self, release: Path) -> None:
+        self.release = release
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.release.write_text("trained")
+
+
 class Park(pl.Callback):
     """At the start of step ``step``: once every marker exists, write ``parked`` and wait
     (for the parent's SIGKILL)."""
@@ -68,7 +81,10 @@ def main() -> None:
     parser.add_argument("--dirpath-a", required=True, help="a folder, or none")
     parser.add_argument("--dirpath-b", required=True, help="a folder, or none")
     parser.add_argument("--root", type=Path, default=None, help="default: dirpath-a's parent")
-    parser.add_argument("--logger", action="store_true", help="a CSVLogger under --root")
+    parser.add_argument(
+        "--logger", nargs="?", const="", default=None, help="a CSVLogger under --root [version]"
+    )
+    parser.add_argument("--hold", action="store_true")
     parser.add_argument("--which", default="a,b")
     parser.add_argument("--block", action="store_true")
     parser.add_argument("--steps", type=int, default=8)
@@ -108,18 +124,23 @@ def main() -> None:
             artifact_observers=[observers[name]],
         )
         marker = args.marker.with_name(f"{args.marker.name}.{name}")
-        callback._artifact_publisher = Gate("block" if args.block else "plain", marker, 1)
+        mode = "block" if args.block else "gate" if args.hold else "plain"
+        callback._artifact_publisher = Gate(mode, marker, 0 if args.hold else 1)
         callbacks[name] = callback
         prefixes.append(Where(callback, args.report.with_name(f"{args.report.stem}.{name}")))
     markers = [args.marker.with_name(f"{args.marker.name}.{name}") for name in callbacks]
     parked = args.marker.with_name(f"{args.marker.name}.parked")
-    extra = [Park(args.park_step, markers, parked)] if args.block else []
+    extra: list[pl.Callback] = [Park(args.park_step, markers, parked)] if args.block else []
+    if args.hold:  # Gate waits for {marker}.release
+        extra.append(Release(args.marker.with_name(f"{args.marker.name}.release")))
     root = args.root or Path(args.dirpath_a).parent
     trainer = make_trainer(
         root,
         [*callbacks.values(), *prefixes, *extra],
         max_steps=args.steps,
-        logger=pl.loggers.CSVLogger(str(root)) if args.logger else False,
+        logger=False
+        if args.logger is None
+        else pl.loggers.CSVLogger(str(root), version=args.logger or None),
     )
     trainer.fit(
         TierModel(scores=SCORES),
