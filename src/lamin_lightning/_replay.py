@@ -15,6 +15,7 @@ record names (chosen from the registry). ``lamin-lightning flush DIR`` is
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from collections.abc import Callable
@@ -353,8 +354,16 @@ Pending = tuple[Outbox, str, JobRecord]
 
 
 def pending_in(outboxes: list[Outbox]) -> list[Pending]:
-    """Every pending job of ``outboxes``, in journal order."""
-    return [(outbox, job_id, record) for outbox in outboxes for job_id, record in outbox.pending()]
+    """Every pending job of ``outboxes``: each journal's in its order, the journals merged
+    by submission time. Several callbacks of one folder (one journal each) then commit
+    their saves in the order the crashed process made them, as it would have, and the
+    flags of a flush end with the save made last, not with the journal written last."""
+    journals = [
+        [(outbox, job_id, record) for job_id, record in outbox.pending()] for outbox in outboxes
+    ]
+    # merge takes the heads only: a journal's own order holds even where its times do not
+    # rise (a clock set back).
+    return list(heapq.merge(*journals, key=lambda entry: entry[2].submitted_at))
 
 
 def unfinished(

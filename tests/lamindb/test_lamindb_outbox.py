@@ -1148,3 +1148,35 @@ def test_two_callbacks_with_no_dirpath_sigkilled_then_the_next_logger_version_re
     assert _pending(folder) == []
     assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
     assert _flags_by_file(ln, prefix) == FLAGS_AFTER_5_STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("touched", [False, True], ids=["as_left", "first_journal_touched"])
+def test_two_callbacks_with_no_dirpath_sigkilled_then_a_flush_of_their_version_folder(
+    ln: Any, tmp_path: Path, touched: bool
+) -> None:
+    """Two callbacks with ``dirpath=None`` under a CSV logger SIGKILLed with jobs pending;
+    nothing reruns: ``lamin-lightning flush`` of the folder Lightning chose for them
+    (``lightning_logs/version_0/checkpoints``) persists both journals, and the folder ends
+    as an uninterrupted fit of its five steps leaves it, flags included. Also where ``a``'s
+    journal was written last (a line settling one of its earlier jobs, after ``b``'s last
+    save): before, the flush replayed journal after journal, the most recently written
+    last, and the flags followed ``a``'s last save, not the save made last."""
+    none: dict[str, Path | None] = {"a": None, "b": None}
+    where = _two_callbacks_killed(tmp_path, none, "--root", str(tmp_path), "--logger")
+    prefix, folder = where["a"]
+    assert folder == tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    if touched:
+        (journal,) = [
+            path
+            for path in journal_paths(staging_root(folder))
+            if any("/a-step=" in r.key for _, r in read_pending(path))
+        ]
+        os.utime(journal)
+        assert journal_paths(staging_root(folder))[-1] == journal
+    flushed = _cli("flush", "--no-progress", str(folder))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert "0 still pending" in flushed.stdout, flushed.stdout
+    assert _pending(folder) == []
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
+    assert _flags_by_file(ln, prefix) == FLAGS_AFTER_5_STEPS
