@@ -971,3 +971,40 @@ def test_several_failed_removals_are_counted_in_a_first_line_that_reads_right(
         "1 checkpoint artifact(s) could not be persisted; 1 evicted checkpoint artifact(s)"
         " could not be deleted from the store; the local files are kept"
     )
+
+
+def test_a_journal_both_callbacks_of_the_next_logger_version_may_replay_is_replayed_once_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The logger's ``version_0`` holds a journal of no callback of the rerun (one the user
+    dropped, or whose monitor changed). Two callbacks with ``dirpath=None`` checkpoint into
+    ``version_1`` and both look at ``version_0``: the first set up replays the journal, once;
+    the second finds it held by this very process and says nothing (before, it warned that
+    another process held it and told the user to run ``lamin-lightning flush`` later)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from helpers import journal_a_save
+    from lamin_lightning._journal import read_pending
+
+    version_0 = tmp_path / "lg" / "version_0" / "checkpoints"
+    version_0.mkdir(parents=True)
+    local = version_0 / "dropped.ckpt"
+    local.write_bytes(b"an earlier run's checkpoint")
+    journal = staging_root(version_0) / "outbox-dropped.jsonl"
+    journal.parent.mkdir()
+    journal_a_save(journal, local, store="memory", key="lg/version_0/dropped.ckpt")
+
+    store = MemoryStore()
+    callbacks = [
+        MemoryCheckpoint(store, monitor="score", every_n_train_steps=1),
+        MemoryCheckpoint(store, every_n_epochs=1),
+    ]
+    logger = CSVLogger(tmp_path, name="lg")
+    with caplog.at_level(logging.WARNING, logger="lamin_lightning"):
+        make_trainer(tmp_path, callbacks, logger=logger, max_steps=1).fit(TinyModel(), loader(1))
+    assert logger.version == 1
+    stored = store.get("lg/version_0/dropped.ckpt")
+    assert stored is not None and stored.version == 1  # replayed once
+    assert stored.sha256 == sha256_file(local)
+    assert not journal.exists() or read_pending(journal) == []
+    assert not [r for r in caplog.records if "another process still holds" in r.getMessage()]

@@ -32,7 +32,13 @@ from lamin_lightning._events import (
     ArtifactSavedEvent,
 )
 from lamin_lightning._jobs import JobRecord
-from lamin_lightning._journal import Outbox, journal_paths, read_pending, record_destination
+from lamin_lightning._journal import (
+    Outbox,
+    held_in_this_process,
+    journal_paths,
+    read_pending,
+    record_destination,
+)
 from lamin_lightning._names import wait_until_written
 from lamin_lightning._pipeline import JobSpec
 from lamin_lightning._staging import (
@@ -384,8 +390,9 @@ def unfinished(
     version, so the journals of the sibling versions (``{root}/*/checkpoints``) too,
     except those of the callbacks that replay them as well (``sibling_skip_digests``,
     by default ``skip_digests``); one another live process holds is left to it, with a
-    warning naming ``lamin-lightning flush``. The journals opened stay locked until the
-    caller closes them, so nobody replays them twice. What a crash left aside in a
+    warning naming ``lamin-lightning flush`` (one another callback of this process holds
+    is its to replay). The journals opened stay locked until the caller closes them, so
+    nobody replays them twice. What a crash left aside in a
     sibling version is put back first (:func:`_aside.put_back_in`).
     """
     in_siblings = skip_digests if sibling_skip_digests is None else sibling_skip_digests
@@ -408,6 +415,8 @@ def unfinished(
         found, busy = open_unheld(folder, skip=skip_sibling)
         opened.extend(found)
         for path in busy:
+            if held_in_this_process(path):
+                continue  # another callback of this trainer replays it (or has it open)
             log.warning(
                 "lamin-lightning: %s holds unfinished persistence jobs of an earlier run that"
                 " another process still holds; once it ends, run `lamin-lightning flush %s`",
