@@ -395,3 +395,28 @@ def test_demo_runs_and_a_rerun_keeps_what_it_did_not_create(tmp_path: Path) -> N
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert (root / "notes.txt").read_text() == "mine"
     assert (root / MARKER).is_file()
+
+
+def test_flush_or_status_of_a_folder_above_the_checkpoint_folders_names_those_holding_jobs(
+    tmp_path: Path,
+) -> None:
+    """A callback without a dirpath journals in the folder Lightning chose for it,
+    ``{save_dir}/{name}/version_N/checkpoints``. ``flush`` given the logger's folder (or
+    the project's) has no outbox there: it names each checkpoint folder below that holds
+    jobs, with its command, persists nothing and exits 1 (before, it said "0 still
+    pending" and exited 0, the jobs untouched); ``status`` names them too."""
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    _write_outbox(folder, ["lightning_logs/version_0/checkpoints/last.ckpt"])
+    for given in (tmp_path / "lightning_logs", tmp_path):
+        done = lamin_lightning_cli("flush", "--no-progress", str(given))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"lamin-lightning flush {folder}" in done.stderr
+        assert "0 still pending" not in done.stdout
+        done = lamin_lightning_cli("status", str(given))
+        assert done.returncode == 2
+        assert f"lamin-lightning status {folder}" in done.stderr
+    listed = lamin_lightning_cli("status", "--json", str(folder))
+    assert [job["key"] for job in json.loads(listed.stdout)] == [
+        "lightning_logs/version_0/checkpoints/last.ckpt"
+    ]

@@ -33,7 +33,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command a cl
 EXIT_CODES = """exit codes:
   0  everything persisted (flush) / nothing pending (status)
   1  jobs still pending: failed again, refused, or not reached before --timeout
-     (status: or a checkpoint whose rewrite a crash interrupted waits aside)
+     (status: or a checkpoint whose rewrite a crash interrupted waits aside; flush: or
+     DIR has no outbox and checkpoint folders below it, named, hold jobs)
   2  DIR is not a directory (or, for status, has no working folder: .NAME.lamin-lightning
      beside it, or .lamin-lightning inside it as earlier versions wrote), or an option's
      value is invalid (the message names it)
@@ -57,6 +58,46 @@ def _describe(record: JobRecord) -> str:
     return f"{stamp}  {record.op:6}  {record.kind:10}  {record.key}"
 
 
+# How deep below a DIR without an outbox to look for checkpoint folders that have one:
+# Lightning derives ``{save_dir}/{name}/{version}/checkpoints`` for a callback without a
+# dirpath, so a project folder, a logger's folder or a version's folder given for it.
+_LOOK_BELOW = 3
+
+
+def _pending_below(dirpath: Path) -> list[Path]:
+    """Checkpoint folders below ``dirpath`` (at most :data:`_LOOK_BELOW` levels) whose
+    outbox holds jobs: where ``dirpath`` itself has none, the folders meant."""
+    from lamin_lightning._journal import journal_paths, read_pending
+    from lamin_lightning._staging import WORKING_SUFFIX, checkpoint_folder_of
+
+    found: list[Path] = []
+    for depth in range(_LOOK_BELOW + 1):
+        for root in sorted(dirpath.glob("*/" * depth + f".*{WORKING_SUFFIX}")):
+            try:
+                pending = root.is_dir() and any(read_pending(j) for j in journal_paths(root))
+            except OSError:
+                continue
+            if pending:
+                found.append(checkpoint_folder_of(root))
+    return found
+
+
+def _say_pending_below(dirpath: Path, command: str) -> bool:
+    """Name the checkpoint folders below ``dirpath`` that hold pending jobs, with the
+    command for each; whether there are any."""
+    below = _pending_below(dirpath)
+    if below:
+        print(
+            f"lamin-lightning: no outbox in {dirpath}, but these checkpoint folders below it"
+            " hold unfinished jobs (Lightning's folder for a callback without a dirpath is"
+            " {save_dir}/{name}/{version}/checkpoints); run:",
+            file=sys.stderr,
+        )
+        for folder in below:
+            print(f"  lamin-lightning {command} {shlex.quote(str(folder))}", file=sys.stderr)
+    return bool(below)
+
+
 def _status(dirpath: Path, as_json: bool) -> int:
     from lamin_lightning._aside import leftovers_in
     from lamin_lightning._journal import is_locked, journal_paths, read_pending, read_unreadable
@@ -67,7 +108,8 @@ def _status(dirpath: Path, as_json: bool) -> int:
     journals = [path for root in roots for path in journal_paths(root)]
     if not roots:
         if dirpath.is_dir():
-            print(f"lamin-lightning: no outbox in {dirpath}", file=sys.stderr)
+            if not _say_pending_below(dirpath, "status"):
+                print(f"lamin-lightning: no outbox in {dirpath}", file=sys.stderr)
         else:
             print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
         return EXIT_USAGE
@@ -153,6 +195,12 @@ def _flush(dirpath: Path, timeout: float | None, progress: bool, max_workers: in
     if not dirpath.is_dir() and not any(root.is_dir() for root in working_folders(dirpath)):
         print(f"lamin-lightning: {dirpath} is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    if not any(root.is_dir() for root in working_folders(dirpath)) and _say_pending_below(
+        dirpath, "flush"
+    ):
+        # A folder above the checkpoint folders (a logger's, a version's): flushing it
+        # would find nothing and say "0 still pending" while they hold jobs.
+        return EXIT_PENDING
     try:
         report = flush_directory(
             dirpath, timeout=timeout, progress=progress, max_workers=max_workers
