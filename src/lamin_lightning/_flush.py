@@ -131,7 +131,7 @@ def flush_directory(
             " first."
         )
     held = set(report.busy) | {path for path, _ in broken}
-    work = pending_in(outboxes)
+    work = pending_in(outboxes, by_submission=True)
     if not work:
         for outbox in outboxes:
             outbox.close()

@@ -359,14 +359,19 @@ Pending = tuple[Outbox, str, JobRecord]
 """A journaled job not finished yet: its outbox, its id there, and its record."""
 
 
-def pending_in(outboxes: list[Outbox]) -> list[Pending]:
-    """Every pending job of ``outboxes``: each journal's in its order, the journals merged
-    by submission time. Several callbacks of one folder (one journal each) then commit
-    their saves in the order the crashed process made them, as it would have, and the
-    flags of a flush end with the save made last, not with the journal written last."""
+def pending_in(outboxes: list[Outbox], *, by_submission: bool = False) -> list[Pending]:
+    """Every pending job of ``outboxes``, each journal's in its order: journal after
+    journal, or (``by_submission``) the journals merged by submission time, so that
+    several callbacks of one folder (one journal each) commit their saves in the order
+    the crashed process made them. A flush needs that: its one store sets the flags of
+    the save it commits last, which must be the save made last, not the last one of the
+    journal written last. (A ``setup`` replays its own journal first, and the flags
+    follow the saves' sequences: see :func:`_jobs.replayed_sequence`.)"""
     journals = [
         [(outbox, job_id, record) for job_id, record in outbox.pending()] for outbox in outboxes
     ]
+    if not by_submission:
+        return [entry for journal in journals for entry in journal]
     # merge takes the heads only: a journal's own order holds even where its times do not
     # rise (a clock set back).
     return list(heapq.merge(*journals, key=lambda entry: entry[2].submitted_at))
