@@ -10,6 +10,7 @@ import errno
 import os
 import pickle
 import shutil
+import signal
 import threading
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from checkpoint_forms import (
 from helpers import TinyModel, checkpoint_files, lightning_kept_paths, loader, make_trainer
 from lamin_lightning import ArtifactFailedEvent, CheckpointIOError, PersistenceError
 from lamin_lightning._flush import flush_directory
+from lamin_lightning._sigterm import ctrl_c_after
 from lamin_lightning._staging import (
     SMALL_FILE_BYTES,
     Stager,
@@ -51,7 +53,7 @@ from lamin_lightning.testing import (
     RecordingObserver,
     content_sha256,
 )
-from test_async_write import OnTrainEnd
+from test_async_write import OnTrainEnd, keys_of
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -3320,3 +3322,84 @@ def test_ctrl_c_while_a_followed_executor_is_handed_back_still_ends_the_write(
     assert report.remaining == [] and report.failed == 0, report
     written = {f"checkpoints/{p.name}" for p in (tmp_path / "ckpts").glob("*.ckpt")}
     assert written and store.keys(kind="checkpoint") == written
+
+
+class _KeepsAndIsInterrupted:
+    """A user's CheckpointIO that keeps every evicted file (or folder); Ctrl+C is pressed
+    while its ``remove_checkpoint`` runs, once it has kept the file (os.kill to itself:
+    Python raises KeyboardInterrupt right as os.kill returns, inside the removal)."""
+
+    kept: list[str]
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.kept.append(os.path.basename(path))
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+class _KeepsFilesInterrupted(_KeepsAndIsInterrupted, TorchCheckpointIO):
+    pass
+
+
+class _KeepsFoldersInterrupted(_KeepsAndIsInterrupted, FolderCheckpointIO):
+    pass
+
+
+@pytest.mark.parametrize(
+    "io_type", [_KeepsFilesInterrupted, _KeepsFoldersInterrupted], ids=["file", "folder"]
+)
+def test_ctrl_c_inside_a_users_removal_that_kept_the_file_still_deletes_its_artifact(
+    io_type: type[_KeepsAndIsInterrupted], tmp_path: Path
+) -> None:
+    """Ctrl+C lands inside a user's ``remove_checkpoint`` once it kept the evicted file:
+    the removal was made for the user, so ``lamin-lightning flush`` deletes the evicted
+    checkpoint's artifact, as a run never interrupted does. Before, the KeyboardInterrupt
+    was raised out of the user's removal ahead of the journal's mark that it was handed
+    the file, and the replay, finding the file, kept its artifact as for a removal never
+    made (found by the crash sweep, seed 1271 with --folder --signal INT)."""
+    io = io_type()
+    io.kept = []
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = MemoryCheckpoint(
+        store, dirpath=dirpath, monitor="score", save_top_k=1, every_n_train_steps=1
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, [callback], max_steps=4, plugins=[io]).fit(
+                TinyModel(scores=[3.0, 2.0, 1.0, 0.5]), loader(4)
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert io.kept == ["epoch=0-step=1.ckpt"]
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining
+    # The user's to keep, as ModelCheckpoint leaves it; the store holds what Lightning kept.
+    assert (dirpath / "epoch=0-step=1.ckpt").exists()
+    assert store.keys(kind="checkpoint") == keys_of(["epoch=0-step=2.ckpt"])
+    assert_store_equals_lightning(store, callback)
+
+
+def test_a_second_ctrl_c_inside_a_users_removal_is_raised_at_once() -> None:
+    """Inside ``ctrl_c_after`` (a user's removal and its journal mark) a first Ctrl+C is
+    raised once the block ends; a second one at once, so that a removal that hangs can
+    still be interrupted. Python's own handler is back either way."""
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    reached: list[str] = []
+    try:
+        with pytest.raises(KeyboardInterrupt), ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the first")
+        assert reached == ["after the first"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt), ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the second")
+        assert reached == ["after the first"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, handler)

@@ -92,7 +92,7 @@ from lamin_lightning._options import (
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._replay import WAIT_FOR_WRITES_IN_FLIGHT_S
 from lamin_lightning._retry import RetryPolicy
-from lamin_lightning._sigterm import sigterm_after_flush
+from lamin_lightning._sigterm import ctrl_c_after, sigterm_after_flush
 from lamin_lightning._stats import StatsRecorder
 from lamin_lightning._submission import _journal_digest
 from lamin_lightning._submit import RemovalOnceWritten, Submitter, supersede_removals
@@ -775,11 +775,16 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             # A strategy or CheckpointIO of the user's removes it (or archives it): it
             # finds the file, as with ModelCheckpoint. Staged first, so the save persists.
             submitter.await_staging(filepath)
-            super()._remove_checkpoint(trainer, filepath)
-            # Made, for the user: a replay removes the artifact even where the file stays.
-            handed_over = getattr(settle, "handed_over", None)
-            if handed_over is not None:
-                handed_over()
+            # A Ctrl+C meanwhile is raised once both are done (see ctrl_c_after): raised
+            # inside the user's removal, after it kept the file, it left no mark, and a
+            # replay kept the evicted checkpoint's artifact.
+            with ctrl_c_after():
+                super()._remove_checkpoint(trainer, filepath)
+                # Made, for the user: a replay removes the artifact even where the file
+                # stays.
+                handed_over = getattr(settle, "handed_over", None)
+                if handed_over is not None:
+                    handed_over()
             remove = None
         self._submit_record(trainer, record, prepare=remove, journaled=settle)
         self._persist_outside_a_stage()

@@ -8,6 +8,10 @@ a SIGTERM during training), and the signal is raised again at the end, so that t
 process still ends as the sender asked. Nothing is changed where the handler is not
 the default one (a user's own handler, or Lightning's, still installed) or off the main
 thread (where Python cannot set handlers).
+
+Ctrl+C while a strategy or CheckpointIO of the user's removes an evicted file: inside
+:func:`ctrl_c_after` a first Ctrl+C is held until the removal returned and its journal
+mark is made, then raised as ``KeyboardInterrupt``; a second one is raised at once.
 """
 
 from __future__ import annotations
@@ -54,3 +58,38 @@ def sigterm_after_flush(flush_timeout: float | None) -> Iterator[None]:
             signal.signal(sigterm, signal.SIG_DFL)
         if received:
             os.kill(os.getpid(), sigterm)
+
+
+@contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Hold a first Ctrl+C (SIGINT) received inside until the end, then raise
+    ``KeyboardInterrupt``; a second one inside raises at once (a removal that hangs).
+    Only where Python's own handler is installed, on the main thread.
+
+    A Ctrl+C lands between any two bytecodes: raised inside a user's removal of an evicted
+    file, after it did its work (kept the file, archived it) but before its journal mark,
+    it left a replay keeping the evicted checkpoint's artifact, as for a removal never
+    made. Held, the removal and its mark end together, or (a second Ctrl+C) neither is
+    known to have happened."""
+    sigint = signal.SIGINT
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(sigint) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    signal.signal(sigint, hold)
+    try:
+        yield
+    finally:
+        if signal.getsignal(sigint) is hold:
+            signal.signal(sigint, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
