@@ -26,7 +26,7 @@ from lamin_lightning._cli import build_parser
 from lamin_lightning._demo import DEMO_ENTRIES, MARKER, ForeignRootError, _claim_root
 from lamin_lightning._demo import build_parser as build_demo_parser
 from lamin_lightning._journal import Outbox
-from lamin_lightning._staging import staging_root
+from lamin_lightning._staging import STAGING_DIRNAME, staging_root
 
 SCRIPT = Path(sys.executable).parent / "lamin-lightning"
 # What `status` must not import: each costs seconds (torch, Lightning, lamindb) or is not
@@ -420,3 +420,35 @@ def test_flush_or_status_of_a_folder_above_the_checkpoint_folders_names_those_ho
     assert [job["key"] for job in json.loads(listed.stdout)] == [
         "lightning_logs/version_0/checkpoints/last.ckpt"
     ]
+
+
+def test_flush_or_status_of_a_folder_above_names_those_journaling_as_earlier_versions_did(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint folder whose journal an earlier version of lamin-lightning wrote inside
+    it (``checkpoints/.lamin-lightning``, a layout ``flush`` of the folder still reads),
+    below the folder given: the look below matched only ``.NAME.lamin-lightning`` beside a
+    checkpoint folder, so ``flush lightning_logs`` said "0 still pending" and exited 0,
+    the jobs untouched. It is named, with its command, as one of the current layout."""
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    outbox = Outbox(folder / STAGING_DIRNAME / "outbox-earlier.jsonl")
+    outbox.open()
+    outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key="lightning_logs/version_0/checkpoints/last.ckpt",
+            local_path=str(folder / "last.ckpt"),
+            store="memory",
+            submitted_at=time.time(),
+        )
+    )
+    outbox.close()
+    for given in (tmp_path / "lightning_logs", tmp_path):
+        done = lamin_lightning_cli("flush", "--no-progress", str(given))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.count(f"lamin-lightning flush {folder}") == 1, done.stderr
+        assert "0 still pending" not in done.stdout
+        done = lamin_lightning_cli("status", str(given))
+        assert f"lamin-lightning status {folder}" in done.stderr, done.stderr

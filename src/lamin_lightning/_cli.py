@@ -68,18 +68,24 @@ def _pending_below(dirpath: Path) -> list[Path]:
     """Checkpoint folders below ``dirpath`` (at most :data:`_LOOK_BELOW` levels) whose
     outbox holds jobs: where ``dirpath`` itself has none, the folders meant."""
     from lamin_lightning._journal import journal_paths, read_pending
-    from lamin_lightning._staging import WORKING_SUFFIX, checkpoint_folder_of
+    from lamin_lightning._staging import STAGING_DIRNAME, WORKING_SUFFIX, checkpoint_folder_of
 
-    found: list[Path] = []
+    found: dict[Path, None] = {}
     for depth in range(_LOOK_BELOW + 1):
-        for root in sorted(dirpath.glob("*/" * depth + f".*{WORKING_SUFFIX}")):
+        # The working folder beside a checkpoint folder, and the one inside it that earlier
+        # versions wrote (``.*.lamin-lightning`` does not match ``.lamin-lightning``).
+        roots = [
+            *dirpath.glob("*/" * depth + f".*{WORKING_SUFFIX}"),
+            *dirpath.glob("*/" * depth + STAGING_DIRNAME),
+        ]
+        for root in sorted(roots):
             try:
                 pending = root.is_dir() and any(read_pending(j) for j in journal_paths(root))
             except OSError:
                 continue
             if pending:
-                found.append(checkpoint_folder_of(root))
-    return found
+                found[checkpoint_folder_of(root)] = None
+    return list(found)
 
 
 def _say_pending_below(dirpath: Path, command: str) -> bool:
