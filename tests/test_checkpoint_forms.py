@@ -3403,3 +3403,52 @@ def test_a_second_ctrl_c_inside_a_users_removal_is_raised_at_once() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def test_a_pool_made_at_the_first_save_whose_wait_cannot_start_fails_that_save_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread that waits for the tasks queued on a pool an AsyncCheckpointIO subclass
+    made at its first save cannot start (a limit on threads: "can't start new thread").
+    The save had already been counted as waiting for it: its write never ended, the error
+    escaped the save, and the flush at teardown waited its whole ``flush_timeout``, the
+    checkpoint's name taken for good. That save now fails at once with the error (as
+    before such pools were waited for), and the fit and its other checkpoints go on."""
+    from lamin_lightning._names import name_taken
+
+    start = threading.Thread.start
+
+    def no_sweeper(thread: threading.Thread) -> None:
+        if thread.name == "lamin-lightning-pool-sweep":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_sweeper)
+    store = MemoryStore()
+    observer = RecordingObserver()
+    dirpath = tmp_path / "ckpts"
+    io = LazyPoolAsyncCheckpointIO(TorchCheckpointIO())
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor=None,
+        save_top_k=-1,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+        on_error="warn",
+        flush_timeout=5,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [callback], max_steps=3, plugins=[io]).fit(
+            TinyModel(scores=SCORES), loader(3)
+        )
+    assert not [w for w in caught if "flush_timeout" in str(w.message)]
+    failed = observer.of_type(ArtifactFailedEvent)
+    assert [Path(event.key).name for event in failed] == ["epoch=0-step=1.ckpt"]
+    assert "can't start new thread" in str(failed[0].error)
+    assert not name_taken(dirpath / "epoch=0-step=1.ckpt")
+    assert store.keys(kind="checkpoint") == {
+        "checkpoints/epoch=0-step=2.ckpt",
+        "checkpoints/epoch=0-step=3.ckpt",
+    }

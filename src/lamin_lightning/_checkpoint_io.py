@@ -410,12 +410,40 @@ class _FollowedSave:
             self._pending += len(made)
             self._submitted = self._submitted or bool(made)
             last = self._pending == 0
-        for pool in made:
-            threading.Thread(
-                target=self._swept, args=(pool,), name="lamin-lightning-pool-sweep", daemon=True
-            ).start()
+        # Each pool's sweep, once its thread took it: "taken"; one whose thread never
+        # started is "given up" (not counted any more), under ``self._lock``.
+        sweeps = [{"state": ""} for _ in made]
+        for pool, sweep in zip(made, sweeps, strict=True):
+            try:
+                threading.Thread(
+                    target=self._swept,
+                    args=(pool, sweep),
+                    name="lamin-lightning-pool-sweep",
+                    daemon=True,
+                ).start()
+            except BaseException as error:  # no thread to wait (a limit on threads, Ctrl+C)
+                # Counted above, these pools would hold the write open for good (the flush
+                # waiting its whole timeout): it fails with the error instead, whatever
+                # their tasks write later (as before pools made in the save were waited for).
+                self._give_up(sweeps, error)
+                if not isinstance(error, Exception):
+                    raise
+                return
         if last:
             self._done(raised)
+
+    def _give_up(self, sweeps: list[dict[str, str]], error: BaseException) -> None:
+        """The sweeps of :meth:`close` that no thread took yet are not waited for: the
+        write fails with ``error`` (a thread not started)."""
+        self._failed(error)
+        with self._lock:
+            for sweep in sweeps:
+                if not sweep["state"]:
+                    sweep["state"] = "given up"
+                    self._pending -= 1
+            last = self._closed and self._pending == 0
+        if last:
+            self._done(raised=False)
 
     def _made_during_the_call(self) -> list[ThreadPoolExecutor]:
         """The thread pools the queue holds now and held at none of its attributes when
@@ -435,10 +463,14 @@ class _FollowedSave:
                 made.append(value)
         return made
 
-    def _swept(self, pool: ThreadPoolExecutor) -> None:
+    def _swept(self, pool: ThreadPoolExecutor, sweep: dict[str, str]) -> None:
         """On a thread of its own: every task queued on ``pool`` before the save returned
         ended (an error one kept in ``_error`` fails the write), then it counts as a task
-        of the save that ended."""
+        of the save that ended (unless :meth:`_give_up` gave it up before it began)."""
+        with self._lock:
+            if sweep["state"]:
+                return
+            sweep["state"] = "taken"
 
         def read_error() -> None:
             # At the moment no task queued later has run since the earlier ones ended
