@@ -263,3 +263,50 @@ def test_a_save_hook_that_emits_its_event_as_the_reference_documents_is_heard_on
         ("ArtifactSavedEvent", "epoch=0-step=3.ckpt"),
         ("ArtifactRemovedEvent", "epoch=0-step=2.ckpt"),
     ]
+
+
+class _EmittingASidecar(_Emitting):
+    """A save hook that, beside the checkpoint, persists a file of its own (a model card
+    next to each checkpoint) and emits that artifact's event with the reference's helper,
+    as it emits the checkpoint's."""
+
+    def save_checkpoint_artifact(
+        self, trainer: Any, filepath: Any, *, feature_values: Any = None
+    ) -> Any:
+        card = Path(filepath).with_suffix(".card")
+        card.write_text("a model card")
+        key = f"mine/{card.name}"
+        self._notify_artifact_saved(
+            trainer, kind="config", key=key, artifact=self.store.put(key, card), local_path=card
+        )
+        return super().save_checkpoint_artifact(trainer, filepath, feature_values=feature_values)
+
+
+def test_a_save_hook_emitting_the_event_of_another_artifact_it_persisted_is_heard(
+    tmp_path: Path,
+) -> None:
+    """Since the pipeline delivers the event of the artifact its job's hook persists (see
+    above), ``_notify_artifact_saved`` called from such a hook delivered nothing, whatever
+    the artifact: a file the hook persisted beside the checkpoint was never heard of by
+    the hooks and observers (the pipeline knows nothing of it). Only the job's own event
+    is left to the pipeline; the other is delivered at once."""
+    observer = RecordingObserver()
+    callback = _EmittingASidecar(
+        MemoryStore(),
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        artifact_observers=[observer],
+    )
+    _fit(tmp_path, callback, steps=2)
+    saved = [
+        (e.kind, os.path.basename(e.key))
+        for e in observer.events
+        if type(e).__name__ == "ArtifactSavedEvent"
+    ]
+    assert saved == [
+        ("config", "epoch=0-step=1.card"),
+        ("checkpoint", "epoch=0-step=1.ckpt"),
+        ("config", "epoch=0-step=2.card"),
+        ("checkpoint", "epoch=0-step=2.ckpt"),
+    ]

@@ -77,6 +77,14 @@ def _job_call(record: JobRecord, path: Path, fn: Any, *args: Any, **kwargs: Any)
         _pipeline_call.persisted = _NOTHING
 
 
+def _the_pipelines_job(key: str, path: Path | str) -> bool:
+    """Whether ``key`` (or ``path``) is that of the job whose ``save_*`` hook the pipeline
+    runs on this thread: its saved event is the pipeline's to deliver. Another artifact
+    such a hook persists (a file beside the checkpoint) is not the pipeline's."""
+    job = getattr(_pipeline_call, "job", None)
+    return job is not None and (key == job[1] or os.fspath(path) == job[0])
+
+
 def note_persisted(artifact: Any) -> None:
     """Tell the pipeline's job running on this thread that its file is stored as
     ``artifact`` (called by this package's own ``save_*`` implementations), so that an
@@ -295,9 +303,11 @@ class ArtifactHooks:
         a hook or an observer propagates).
 
         Called from a ``save_*`` hook the pipeline is running (a hook written as the
-        reference documents them, "persist ... and emit the corresponding event"), the
-        event is built but not delivered: the pipeline delivers that save's event itself,
-        after its commit and in submission order, so hooks and observers hear of it once.
+        reference documents them, "persist ... and emit the corresponding event") for the
+        artifact of that hook's job, the event is built but not delivered: the pipeline
+        delivers that save's event itself, after its commit and in submission order, so
+        hooks and observers hear of it once. The event of another artifact the hook
+        persisted (its key and file not the job's) is delivered now.
         """
         event = ArtifactSavedEvent(
             kind=kind,
@@ -307,7 +317,7 @@ class ArtifactHooks:
             artifact=artifact,
             storage_uri=self.resolve_artifact_storage_uri(artifact),
         )
-        if not self.called_by_pipeline():
+        if not _the_pipelines_job(key, local_path):
             self._notify_now(event)
         return event
 
