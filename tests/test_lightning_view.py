@@ -1788,3 +1788,30 @@ def test_a_late_folder_write_that_ends_after_its_fit_stopped_is_persisted_by_a_r
     assert report.dropped == [] and report.failed == 0 and report.remaining == []
     assert store.keys() == {key("last.ckpt")}
     assert store.get(key("last.ckpt")).sha256 == content_sha256(folder)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("submitted_at", [0.0, 1_700_000_000.0], ids=["no-time", "one-tick"])
+def test_a_flush_reports_each_of_two_alike_jobs_of_a_journal(
+    tmp_path: Path, submitted_at: float
+) -> None:
+    """Two saves of ``last.ckpt`` journaled alike: in one tick of the clock, or by an
+    earlier version that wrote no time (read back as 0). The flush persists the file once
+    and reports the other job dropped. It told jobs apart by their content since a replay
+    may read a record again, so both counted as the one that had its event: the report
+    (and ``flush``'s output) named neither as dropped, one job unaccounted for."""
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    last = dirpath / "last.ckpt"
+    last.write_bytes(b"a whole checkpoint")
+    outbox = Outbox(staging_root(dirpath) / "outbox-test.jsonl")
+    outbox.open()
+    for _ in range(2):
+        outbox.append(_save(last, submitted_at=submitted_at))
+    outbox.close()
+    store = MemoryStore()
+
+    report = flush_directory(dirpath, progress=False, stores={"memory": store})
+
+    assert store.keys() == {key("last.ckpt")} and report.failed == 0
+    assert len(report.events) == 1 and report.remaining == []
+    assert [r.key for r in report.dropped] == [key("last.ckpt")]

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +140,14 @@ def flush_directory(
         return report
     resolver = StoreResolver(stores)
     lock = threading.Lock()
-    with_event: set[tuple[Any, ...]] = set()
+    # How many jobs of each content had an event: two jobs of one journal may be alike (a
+    # key saved twice in one clock tick, a journal of an earlier version without times).
+    with_event: Counter[tuple[Any, ...]] = Counter()
+    counting = threading.Lock()
 
     def record_outcome(record: JobRecord, _: AnyArtifactEvent) -> None:
-        with_event.add(_job_of(record))
+        with counting:
+            with_event[_job_of(record)] += 1
 
     def deliver(event: AnyArtifactEvent) -> None:
         with lock:
@@ -189,9 +194,13 @@ def flush_directory(
         for outbox in outboxes:
             keep_until_done(outbox, working)
     for outbox, job_id, record in work:
+        job = _job_of(record)
+        had_event = with_event[job] > 0
+        if had_event:
+            with_event[job] -= 1  # one alike job's event each
         if (outbox.path, job_id) in after:
             report.remaining.append(record)
-        elif _job_of(record) not in with_event:
+        elif not had_event:
             report.dropped.append(record)
     _unreadable_left(report, roots, held)
     return report
