@@ -17,9 +17,10 @@ import dataclasses
 import datetime
 import errno
 import importlib
-import itertools
 import os
 import stat
+import threading
+import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,10 +77,11 @@ class CheckpointSnapshot:
             process (:func:`next_sequence`), so that several callbacks sharing a folder
             end with the flags of the save made last whatever order their committer
             threads run in. Read back from a journal (a replay), it is
-            :func:`replayed_sequence` of its submission time: before every save of
-            this process, and after the replayed saves submitted before it (by any
-            callback of the crashed process). 0: unknown (a snapshot made by hand),
-            ordered by its commit instead. Not journaled, not compared.
+            :func:`replayed_sequence` of its submission time (both are the wall clock
+            in microseconds): before the saves made after it (a rerun's), after those
+            made before it, by any callback. 0: unknown (a snapshot made by hand, a
+            journal without times), ordered by its commit instead. Not journaled, not
+            compared.
     """
 
     key: str
@@ -102,23 +104,39 @@ class CheckpointSnapshot:
     sequence: int = field(default=0, compare=False)
 
 
-_SEQUENCE = itertools.count(1)
+_SEQUENCE_LOCK = threading.Lock()
+_last_sequence = 0
 
 
 def next_sequence() -> int:
-    """The next number of a process-wide, increasing sequence (thread-safe)."""
-    return next(_SEQUENCE)
+    """The next number of a process-wide, increasing sequence (thread-safe): the wall
+    clock in microseconds, or one more than the last number where the clock has not
+    moved on (or went back). On the scale of :func:`replayed_sequence`, so that a save
+    read back from a journal ranks among this process's saves by when it was made."""
+    global _last_sequence
+    with _SEQUENCE_LOCK:
+        _last_sequence = max(_last_sequence + 1, time.time_ns() // 1000)
+        return _last_sequence
 
 
-_REPLAYED_BEFORE = -(2**62)
+def _fresh_sequence_lock() -> None:
+    global _SEQUENCE_LOCK
+    _SEQUENCE_LOCK = threading.Lock()  # a fork while another thread held it
+
+
+os.register_at_fork(after_in_child=_fresh_sequence_lock)
 
 
 def replayed_sequence(submitted_at: float) -> int:
     """The sequence of a save read back from a journal, submitted at ``submitted_at``
-    (wall clock): below every :func:`next_sequence` (a replay's commit may come after
-    this process's own saves, which are newer), and in the order the crashed process
-    submitted its saves, whichever callback's journal holds them. Never 0."""
-    return _REPLAYED_BEFORE + min(max(0, int(submitted_at * 1_000_000)), 2**61)
+    (wall clock, seconds; 0 where the journal has no time): the sequence that save got
+    when it was made, give or take the microseconds between the two readings of the clock.
+    So a replay ranks below this process's saves made after it (a rerun's, which are
+    newer, whenever the replay commits) and above those made before it (the saves a hung
+    fit of this process committed before the ones replayed now), and replays rank in the
+    order the crashed process made them, whichever callback's journal holds them. 0 (a
+    journal without times): unknown, ordered by its commit."""
+    return max(0, int(submitted_at * 1_000_000))
 
 
 @dataclass(frozen=True)
