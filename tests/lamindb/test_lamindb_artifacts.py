@@ -453,10 +453,12 @@ def test_a_found_again_artifact_whose_refresh_failed_once_links_the_rerun(
 def test_a_found_again_artifact_whose_new_values_are_refused_is_kept(
     ln: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A seeded rerun whose feature value LaminDB refuses (an int for a str feature): its
-    checkpoints fail, and the artifacts they found again by their bytes, the first run's,
-    stay as they were. The refused commit forgot that its artifact was found again, so
-    the clean-up of a failed commit deleted the first run's checkpoints."""
+    """A seeded rerun whose feature value LaminDB refuses (an int for a str feature): the
+    value is left out with a warning and the checkpoints persist, as a fresh save would;
+    the artifacts they found again by their bytes, the first run's, are kept (with their
+    files) and now belong to the rerun. Once, the refused commit forgot that its artifact
+    was found again, so the clean-up of a failed commit deleted the first run's
+    checkpoints; since a refused value no longer fails a commit, nothing is cleaned up."""
     if not ln.Feature.filter(name="tier_tag").exists():
         ln.Feature(name="tier_tag", dtype=str).save()
     runs, callback = _seeded_runs(
@@ -466,13 +468,13 @@ def test_a_found_again_artifact_whose_new_values_are_refused_is_kept(
         features={"artifact": {"tier_tag": "first"}},
         second={"features": {"artifact": {"tier_tag": 5}}, "on_error": "warn"},
     )
-    assert callback.persistence_stats.failed == 2
+    assert callback.persistence_stats.failed == 0
     stored = artifacts_under(ln, callback.checkpoint_key_prefix)
     assert len(stored) == 2
-    assert {a.run_id for a in stored.values()} == {runs[0].id}
+    assert {a.run_id for a in stored.values()} == {runs[1].id}
     for artifact in stored.values():
         assert storage_file(artifact).exists()
-        assert artifact_features(ln, artifact)["tier_tag"] == ["first"]
+        assert "tier_tag" not in artifact_features(ln, artifact)
 
 
 def test_an_older_save_of_a_key_is_delivered_while_its_artifact_and_bytes_still_exist(
