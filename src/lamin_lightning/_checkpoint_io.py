@@ -44,7 +44,7 @@ from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
 from lamin_lightning._errors import CheckpointIOError
-from lamin_lightning._jobs import file_identity
+from lamin_lightning._jobs import folder_identity
 from lamin_lightning._local_write import run_after_write
 from lamin_lightning._names import release_name, take_name
 
@@ -261,7 +261,7 @@ class PendingWrites:
             # before it (one writer thread).
             if any(write.error is not None for write in writes):
                 return
-            identity = _folder_identity(writes[-1].path)
+            identity = folder_identity(writes[-1].path)
             if identity is not None:
                 mark(identity)
 
@@ -275,7 +275,7 @@ class PendingWrites:
         unmarked."""
         if not self.done() or self.failed():
             return None
-        return _folder_identity(self._writes[-1].path)
+        return folder_identity(self._writes[-1].path)
 
     def then(self, action: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
         """``action`` once every write finished and wrote its file, else ``otherwise``: on
@@ -942,13 +942,6 @@ def _path_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if "path" in kwargs:
         return kwargs["path"]
     return args[1] if len(args) > 1 else None
-
-
-def _folder_identity(path: str) -> tuple[int, int, int] | None:
-    """``file_identity`` of ``path`` if it is a folder (not a link to one), else None."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        return None
-    return file_identity(path)
 
 
 def _normal(path: Any) -> str:

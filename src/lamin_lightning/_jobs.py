@@ -285,25 +285,26 @@ class JobRecord:
         aside). Its size and modification time are not compared: a folder's change with
         its entries, and a rename aside and back may touch them. A relocated record
         (another filesystem: another inode) needs only the mark."""
-        if not self.marks_folder or self.marks_written:
-            return False
-        path = self.local_path
-        if os.path.islink(path) or not os.path.isdir(path):
-            return False
-        return not self.folder_marked()
+        return self._marked_folder() is False
 
     def folder_marked(self) -> bool:
         """Whether the path is the folder (not a link to one) that this
         :attr:`marks_folder` save's write marked complete: whole, though nothing staged it
         yet (the previous folder it rewrote may still wait aside: see
         ``_aside.put_back_leftovers``). See :meth:`_folder_cut_short`."""
-        if not self.marks_folder or self.marks_written or self.written_file is None:
+        return self._marked_folder() is True
+
+    def _marked_folder(self) -> bool | None:
+        """For a :attr:`marks_folder` save whose path is a folder (not a link to one):
+        whether its write marked that folder complete. None for any other save or path."""
+        if not self.marks_folder or self.marks_written:
+            return None
+        found = folder_identity(self.local_path)
+        if found is None:
+            return None
+        if self.written_file is None:
             return False
-        path = self.local_path
-        if os.path.islink(path) or not os.path.isdir(path):
-            return False
-        found = file_identity(path)
-        return found is not None and (self.recorded is not None or found[0] == self.written_file[0])
+        return self.recorded is not None or found[0] == self.written_file[0]
 
     def unstaged_late_save(self) -> bool:
         """Whether this is a save whose file was to be written after the hook returned
@@ -689,6 +690,17 @@ def file_identity(path: str | os.PathLike[str] | int) -> tuple[int, int, int] | 
     try:
         info = os.fstat(path) if isinstance(path, int) else os.lstat(path)
     except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def folder_identity(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """:func:`file_identity` of ``path`` if it is a folder (not a link to one), else None."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode):
         return None
     return (info.st_ino, info.st_size, info.st_mtime_ns)
 
