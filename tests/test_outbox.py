@@ -1834,3 +1834,51 @@ def test_a_crashed_callbacks_journal_is_replayed_by_another_callback_of_its_fold
     assert [r for p in journal_paths(staging_root(dirpath)) for _, r in read_pending(p)] == []
     _kept_set_matches_store(dirpath, store)
     assert observer.events and all(e.recovered for e in observer.events)
+
+
+@pytest.mark.parametrize("holder", ["no_one", "another_process", "gone"])
+def test_a_mark_after_its_journal_was_closed_reaches_the_journal_file(
+    tmp_path: Path, holder: str
+) -> None:
+    """A background write (Lightning's AsyncCheckpointIO after a Ctrl+C'd fit) completes
+    its file after the journal's holder closed it: the 'written' mark was kept in this
+    process only, for a later open here, and lost when the process ended; a flush then
+    dropped the folder the write completed (crash sweep seed 1365, ``--folder --signal
+    INT``). Now, with no one holding the journal, the mark is appended to the file itself,
+    where a flush in another process reads it. Held by another process, it is kept for the
+    next open here, as before; a journal deleted (nothing pending) is not made again."""
+    import fcntl
+
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    save = outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key="k/a.ckpt",
+            local_path=str(tmp_path / "a.ckpt"),
+            marks_written=True,
+        )
+    )
+    removal = outbox.append(_job("remove", "k/b.ckpt"))
+    outbox.close()
+    if holder == "gone":
+        outbox.path.unlink()
+    with contextlib.ExitStack() as stack:
+        if holder == "another_process":  # another open file description: a lock of its own
+            other = stack.enter_context(open(outbox.path, "a+", encoding="utf-8"))
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        outbox.mark_written(save, (1, 2, 3))
+        outbox.mark_handed_over(removal)
+        if holder == "gone":
+            assert not outbox.path.exists()
+            return
+        records = dict(read_pending(outbox.path))  # as a flush in another process reads it
+        noted = records[save].written_file == (1, 2, 3) and records[removal].handed_over
+        assert noted == (holder == "no_one")
+    later = Outbox(outbox.path)  # the next open in this process gets the marks either way
+    records = dict(later.open())
+    assert records[save].written_file == (1, 2, 3) and records[removal].handed_over
+    later.close()
+    records = dict(read_pending(later.path))
+    assert records[save].written_file == (1, 2, 3) and records[removal].handed_over

@@ -475,7 +475,8 @@ class Outbox:
             try:
                 if fcntl is not None:
                     try:
-                        _flock_exclusive(handle)
+                        with _held_lock:  # not while a mark is appended (_append_unheld)
+                            _flock_exclusive(handle)
                     except BlockingIOError as busy:
                         raise OutboxInUseError(
                             f"{self.path} is in use by another process or callback"
@@ -695,13 +696,28 @@ class Outbox:
         """A mark for a job of the journal this object no longer holds: its owner stopped
         while the job's write still ran (Ctrl+C, a teardown that gave up), and the next
         fit's setup (or a flush) in this process took the journal over, or it was closed.
-        The mark goes to the holder here now, else it is kept for the next one here to
-        open the journal: dropped, a replay would take a folder the write completed for
-        one cut short. (Another process's replay does not get it.)"""
+        The mark goes to the holder here now; with none, to the journal file itself if no
+        one holds it (see :func:`_append_unheld`); else it is kept for the next one here
+        to open the journal. Dropped, a replay would take a folder the write completed for
+        one cut short. (Kept here, it never reaches another process that holds the
+        journal: a flush started before this process ended.)"""
         path = os.path.abspath(self.path)
         with _held_lock:
             holder = _holders.get(path)
-            if holder is None or holder is self:
+            if holder is None or (holder is self and not holder.is_open):
+                # Under _held_lock: an opener here flocks under it too, so it either holds
+                # the journal already (the append is refused, and it adopts the mark) or
+                # opens it after the line is in.
+                try:
+                    if _append_unheld(path, {"t": line["t"], "id": job_id, **line}):
+                        return
+                except OSError:
+                    _stray_marks.setdefault(path, {})[(job_id, str(line["t"]))] = (
+                        field,
+                        value,
+                        line,
+                    )
+                    raise
                 _stray_marks.setdefault(path, {})[(job_id, str(line["t"]))] = (field, value, line)
                 return
         holder._mark(job_id, field, value, line)
@@ -956,6 +972,47 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, check_circular=F
 
 def _line(item: dict[str, Any]) -> bytes:
     return (_ENCODER.encode(item) + "\n").encode("utf-8")
+
+
+def _append_unheld(path: str, item: dict[str, Any]) -> bool:
+    """Append the mark ``item`` to the journal at ``path``, which no outbox of this process
+    holds, if no one else does either, and fsync it; False if someone does. A mark that
+    came after its journal's holder here closed it (a Ctrl+C'd fit's background write that
+    ended while the process exited) was kept in memory only, and lost with the process: a
+    flush then dropped the folder that write completed as never written (crash sweep seed
+    1365, ``--folder --signal INT``). A journal no longer there had nothing pending: the
+    mark is moot (True), and no journal is made for it."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return False  # type: ignore[unreachable]
+    try:
+        fd = _flocks.open_fd(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        return True
+    try:
+        for wait in (*_LOOKER_WAITS_S, None):  # a looker lets go at once (_flock_exclusive)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None:
+                    return False
+                time.sleep(wait)
+        try:
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                return False  # replaced by a compaction: its holder has the live one
+        except FileNotFoundError:
+            return True
+        size = os.fstat(fd).st_size
+        # A torn last line (a holder killed mid-write) is ended first, as open() would.
+        data = memoryview(
+            (b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b"") + _line(item)
+        )
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+        return True
+    finally:
+        _flocks.close(fd)
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:
