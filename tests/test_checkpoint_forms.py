@@ -3452,3 +3452,60 @@ def test_a_pool_made_at_the_first_save_whose_wait_cannot_start_fails_that_save_a
         "checkpoints/epoch=0-step=2.ckpt",
         "checkpoints/epoch=0-step=3.ckpt",
     }
+
+
+class _FolderAfterTheLine(FolderCheckpointIO):
+    """Writes its folder only once the first job's journal line is in (:attr:`line_in`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.line_in = threading.Event()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        assert self.line_in.wait(60), "the job's line never came"
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_ctrl_c_right_after_a_late_folders_journal_line_still_marks_the_folder_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C lands right after the journal line of a save whose folder Lightning's
+    AsyncCheckpointIO writes later: the KeyboardInterrupt was raised before the write was
+    told the job to mark, the write then completed the folder unmarked (Lightning's
+    teardown, or Python at exit, waits for it), and ``lamin-lightning flush`` dropped that
+    whole checkpoint as one cut short: no artifact (crash sweep seed 1365 with --folder
+    --signal INT). The Ctrl+C is now held until the mark is set up, then raised."""
+    from lamin_lightning._journal import Outbox
+
+    io = _FolderAfterTheLine()
+    real_append = Outbox.append
+
+    def append(self: Outbox, record: Any) -> str:
+        job_id = real_append(self, record)
+        if not io.line_in.is_set():
+            io.line_in.set()
+            os.kill(os.getpid(), signal.SIGINT)
+        return job_id
+
+    monkeypatch.setattr(Outbox, "append", append)
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1)
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, [callback], max_steps=3, plugins=[AsyncCheckpointIO(io)]).fit(
+                TinyModel(), loader(3)
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    monkeypatch.undo()
+    folder = dirpath / "epoch=0-step=1.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining
+    assert store.keys(kind="checkpoint") == keys_of(["epoch=0-step=1.ckpt"])

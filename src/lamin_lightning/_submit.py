@@ -22,12 +22,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamin_lightning import _aside
+from lamin_lightning import _aside, _sigterm
 from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._errors import (
     CheckpointDirectoryError,
@@ -273,20 +273,27 @@ class Submitter:
         A save whose ``write`` notes in the journal the file it completed
         (``JobRecord.marks_written``), or the folder a CheckpointIO completed
         (``JobRecord.marks_folder``), is told where, before that write can run (or, for
-        a CheckpointIO's write that already ended, with the job's own line)."""
-        mark_folder = getattr(write, "mark_folder_with", None)
-        if record.marks_folder and journaled is None and mark_folder is not None:
-            identity = write.folder_written()  # type: ignore[union-attr]
-            if identity is not None:
-                record = dataclasses.replace(record, written_file=identity)
-                mark_folder = None
-        settle = journaled if journaled is not None else self.journal(record)
-        written = getattr(settle, "written", None)
-        mark_with = getattr(write, "mark_written_with", None)
-        if record.marks_written and written is not None and mark_with is not None:
-            mark_with(written)
-        if record.marks_folder and written is not None and mark_folder is not None:
-            mark_folder(written)
+        a CheckpointIO's write that already ended, with the job's own line).
+
+        A Ctrl+C between the job's line and that is held until both are done: raised
+        there, the write (Lightning's AsyncCheckpointIO's thread, which Python waits for
+        at exit) completed the folder unmarked, and a flush dropped it as cut short (crash
+        sweep seed 1365, ``--folder --signal INT``)."""
+        marks = record.marks_written or record.marks_folder
+        with _sigterm.ctrl_c_after() if marks and journaled is None else nullcontext():
+            mark_folder = getattr(write, "mark_folder_with", None)
+            if record.marks_folder and journaled is None and mark_folder is not None:
+                identity = write.folder_written()  # type: ignore[union-attr]
+                if identity is not None:
+                    record = dataclasses.replace(record, written_file=identity)
+                    mark_folder = None
+            settle = journaled if journaled is not None else self.journal(record)
+            written = getattr(settle, "written", None)
+            mark_with = getattr(write, "mark_written_with", None)
+            if record.marks_written and written is not None and mark_with is not None:
+                mark_with(written)
+            if record.marks_folder and written is not None and mark_folder is not None:
+                mark_folder(written)
         if settle is _unjournaled and prepare is not None and record.op == "save":
             prepare = _staged_or_in_place(prepare, record)
         return build_job(
