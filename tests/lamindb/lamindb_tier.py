@@ -146,6 +146,13 @@ def fit(
 # -- queries ---------------------------------------------------------------------------------
 
 
+def ensure_features(ln: Any, features: dict[str, type]) -> None:
+    """Save each feature (name: dtype) the instance lacks: a test's own user features."""
+    for name, dtype in features.items():
+        if not ln.Feature.filter(name=name).exists():
+            ln.Feature(name=name, dtype=dtype).save()
+
+
 def artifacts_under(ln: Any, prefix: str) -> dict[str, Any]:
     """Artifacts whose key starts with ``prefix + "/"``, by key (asserts keys are unique)."""
     found = list(ln.Artifact.filter(key__startswith=prefix.rstrip("/") + "/"))

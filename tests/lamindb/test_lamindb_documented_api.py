@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lamindb_tier import TierData, TierModel, artifact_features, make_trainer, run_features
+from lamindb_tier import (
+    TierData,
+    TierModel,
+    artifact_features,
+    ensure_features,
+    make_trainer,
+    run_features,
+)
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 pytestmark = [
@@ -49,9 +56,7 @@ USER_FEATURES: dict[str, type] = {
 
 @pytest.fixture(scope="module")
 def user_features(ln: Any) -> None:
-    for name, dtype in USER_FEATURES.items():
-        if not ln.Feature.filter(name=name).exists():
-            ln.Feature(name=name, dtype=dtype).save()
+    ensure_features(ln, USER_FEATURES)
 
 
 class NoSaveDirLogger(Logger):

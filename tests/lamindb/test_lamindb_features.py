@@ -11,7 +11,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lamindb_tier import TierData, TierModel, artifact_features, fit, run_features, single
+from lamindb_tier import (
+    TierData,
+    TierModel,
+    artifact_features,
+    ensure_features,
+    fit,
+    run_features,
+    single,
+)
 from lightning.pytorch.loggers import CSVLogger
 
 import lamin_lightning as ll
@@ -91,9 +99,7 @@ def test_save_lightning_features_is_compatible_after_reference_first(
 
 @pytest.fixture(scope="module")
 def user_features(ln: Any) -> None:
-    for name, dtype in USER_FEATURES.items():
-        if not ln.Feature.filter(name=name).exists():
-            ln.Feature(name=name, dtype=dtype).save()
+    ensure_features(ln, USER_FEATURES)
 
 
 def _train(callback: Any, tmp_path: Path, logger_name: str) -> Any:

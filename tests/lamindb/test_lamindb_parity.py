@@ -44,6 +44,7 @@ from lamindb_tier import (
     artifact_features,
     artifacts_under,
     assert_checkpoint_keys_persisted,
+    ensure_features,
     fit,
     make_trainer,
     run_features,
@@ -117,9 +118,7 @@ RUN_AUTO = {
 
 @pytest.fixture(scope="module")
 def user_features(ln: Any) -> None:
-    for name, dtype in USER_FEATURES.items():
-        if not ln.Feature.filter(name=name).exists():
-            ln.Feature(name=name, dtype=dtype).save()
+    ensure_features(ln, USER_FEATURES)
 
 
 class Recorder:

@@ -28,7 +28,14 @@ from typing import Any
 
 import pytest
 import torch
-from lamindb_tier import TierData, TierModel, artifact_features, make_trainer, run_features
+from lamindb_tier import (
+    TierData,
+    TierModel,
+    artifact_features,
+    ensure_features,
+    make_trainer,
+    run_features,
+)
 
 pytestmark = [
     pytest.mark.lamindb,
@@ -50,9 +57,7 @@ USER_FEATURES: dict[str, type] = {
 
 @pytest.fixture(scope="module")
 def user_features(ln: Any) -> None:
-    for name, dtype in USER_FEATURES.items():
-        if not ln.Feature.filter(name=name).exists():
-            ln.Feature(name=name, dtype=dtype).save()
+    ensure_features(ln, USER_FEATURES)
 
 
 # -- recording ----------------------------------------------------------------------------
