@@ -1060,7 +1060,8 @@ def test_a_slot_given_back_is_taken_again_first_so_other_slots_take_no_memory() 
 class AwaitRecording(MemoryCheckpoint):
     """Lets a held write go when Lightning is about to remove or overwrite its file.
 
-    Lightning removes an evicted file with ``_remove_checkpoint`` and overwrites one by
+    Lightning removes an evicted file with ``_remove_checkpoint`` (once
+    ``_should_remove_checkpoint`` said so) and overwrites one by
     saving to the same path again. If this callback saved that path before and its file
     is not on disk yet (its write is held by the gate), the file is recorded in
     ``pending_at_await`` and one write may go: the callback must now wait for it before
@@ -1085,9 +1086,13 @@ class AwaitRecording(MemoryCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         self.saved_paths.add(filepath)
 
-    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        self._let_pending_write_go(filepath)
-        super()._remove_checkpoint(trainer, filepath)
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        # Here, not in _remove_checkpoint: a class overriding that has the evicted file
+        # staged (so written) before its override runs, which would wait on the gate.
+        remove = super()._should_remove_checkpoint(trainer, previous, current)
+        if remove:
+            self._let_pending_write_go(previous)
+        return remove
 
     def save_checkpoint_artifact(
         self, trainer: pl.Trainer, filepath: Path | str, **kwargs: Any

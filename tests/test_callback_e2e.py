@@ -1372,3 +1372,63 @@ def test_a_system_exit_while_the_emergency_checkpoint_is_written_ends_the_fit_as
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     assert exited.value.code == 3
+
+
+@pytest.mark.parametrize("how", ["moved", "deleted"])
+def test_a_file_an_override_of_remove_checkpoint_takes_away_before_it_was_staged_is_persisted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A subclass whose ``_remove_checkpoint`` does not call ours (it moves the evicted
+    file to an archive, or deletes it itself) keeps that checkpoint's artifact, as the
+    reference does (its save was synchronous; no removal was asked for): the file is
+    staged before the override runs.
+
+    Ours waited for the staging only inside our ``_remove_checkpoint``: a file taken away
+    before its staging failed its save (``FileNotFoundError``, ``PersistenceError`` out
+    of ``fit``) and its artifact was never stored, though the override kept the file.
+    Patches ``Stager.stage`` as the test above does (same hold, same reason)."""
+    dirpath = tmp_path / "ckpt"
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    first = dirpath / "epoch=0-step=1.ckpt"
+    taken = threading.Event()
+    real_stage = Stager.stage
+    held: list[bool] = []
+
+    def held_back_stage(self: Stager, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == first:
+            held.append(taken.wait(HOLD))
+        return real_stage(self, path, *args, **kwargs)
+
+    class ArchivingCheckpoint(HashingCheckpoint):
+        def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            if how == "moved":
+                os.replace(filepath, archive / Path(filepath).name)
+            else:
+                trainer.strategy.remove_checkpoint(filepath)
+            if Path(filepath) == first:
+                taken.set()
+
+    monkeypatch.setattr(Stager, "stage", held_back_stage)
+    observer = RecordingObserver()
+    callback = ArchivingCheckpoint(
+        MemoryStore(),
+        dirpath=dirpath,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        every_n_train_steps=1,
+        artifact_observers=[observer],
+        retry=RetryPolicy.no_delay(),
+    )
+    make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(scores=[1.0, 2.0]), loader(2))
+
+    assert held == [False]  # staged before the override took the file
+    assert checkpoint_files(dirpath) == {"epoch=0-step=2.ckpt"}
+    assert observer.of_type(ArtifactFailedEvent) == []
+    assert observer.of_type(ArtifactRemovedEvent) == []
+    assert callback.persistence_stats.failed == 0
+    assert store_keys(callback) == {key("epoch=0-step=1.ckpt"), key("epoch=0-step=2.ckpt")}
+    stored = callback.store.get(key(first.name))
+    assert stored is not None and stored.sha256 == callback.hashes(key(first.name))[0]
+    assert staged_files(dirpath) == []

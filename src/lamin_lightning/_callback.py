@@ -789,6 +789,20 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         self._submit_record(trainer, record, prepare=remove, journaled=settle)
         self._persist_outside_a_stage()
 
+    @override
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        remove = super()._should_remove_checkpoint(trainer, previous, current)
+        users = (
+            type(self)._remove_checkpoint
+            is not ArtifactPublishingModelCheckpoint._remove_checkpoint
+        )
+        if remove and users and trainer.is_global_zero and not self._plain():
+            # A _remove_checkpoint of the user's, which may not call ours (it moves the
+            # evicted file to an archive, or deletes it itself): it finds the file staged,
+            # so its save persists, as the reference's synchronous save had persisted it.
+            self._ensure_submitter().await_staging(previous)
+        return remove
+
     def _open_outbox_outside_a_stage(self, trainer: pl.Trainer) -> None:
         """Outside a stage (Lightning's methods called directly, after ``fit`` or before
         ``setup``; see ``_persist_outside_a_stage``) the outbox is opened as ``setup`` opens

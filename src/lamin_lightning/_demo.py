@@ -115,10 +115,11 @@ def _timed(cls: type) -> type:
     """Subclass a checkpoint callback to measure how long training waits in it.
 
     The stall of one checkpoint is the time spent in ``_save_checkpoint`` (and in
-    ``_remove_checkpoint`` for the file it evicts) minus Lightning's own local work
-    that both callbacks share: ``trainer.save_checkpoint`` and the local file removal;
-    plus, for ``lamin_lightning``, its work around Lightning's choice of the checkpoint
-    (``_lightning_save``; see :func:`timed_around_lightnings_choice`).
+    ``_should_remove_checkpoint`` and ``_remove_checkpoint`` for the file it evicts)
+    minus Lightning's own local work that both callbacks share:
+    ``trainer.save_checkpoint`` and the local file removal; plus, for ``lamin_lightning``,
+    its work around Lightning's choice of the checkpoint (``_lightning_save``; see
+    :func:`timed_around_lightnings_choice`).
     """
 
     class Timed(cls):  # type: ignore[misc]
@@ -167,6 +168,16 @@ def _timed(cls: type) -> type:
                 del strategy.remove_checkpoint
             if getattr(self, "stalls", None):
                 self.stalls[-1] += time.perf_counter() - started - local[0]
+
+        def _should_remove_checkpoint(self, trainer: Any, previous: str, current: str) -> bool:
+            # A class overriding _remove_checkpoint (this one) has the evicted file staged
+            # here, before its override runs: training-thread time too.
+            started = time.perf_counter()
+            try:
+                return bool(super()._should_remove_checkpoint(trainer, previous, current))
+            finally:
+                if getattr(self, "stalls", None):
+                    self.stalls[-1] += time.perf_counter() - started
 
         if hasattr(cls, "_lightning_save"):
 
