@@ -152,12 +152,13 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
     """Subclass a checkpoint callback to measure what training waits for in it.
 
     The stall of one checkpoint is the time the training thread spends in
-    ``_save_checkpoint`` (and in ``_should_remove_checkpoint`` and ``_remove_checkpoint``
-    for the file it evicts) minus Lightning's own local work that every callback shares:
-    ``trainer.save_checkpoint`` and ``strategy.remove_checkpoint``; plus, for
-    ``lamin_lightning``, its own work around Lightning's choice of the checkpoint
-    (``_lightning_save``: failures surfaced, the hook's jobs held and released). The
-    same definition as ``lamin_lightning._demo``.
+    ``_save_checkpoint`` (and in ``_remove_checkpoint`` for the file it evicts) minus
+    Lightning's own local work that every callback shares: ``trainer.save_checkpoint``
+    and ``strategy.remove_checkpoint``; plus, for ``lamin_lightning``, its own work around
+    Lightning's choice of the checkpoint (``_lightning_save``: failures surfaced, the
+    hook's jobs held and released). The same definition as ``lamin_lightning._demo``,
+    and, as there, the removal is timed on the instance: a class overriding
+    ``_remove_checkpoint`` would be taken for a user's, and take another path.
 
     With a ``recorder``, spans are recorded for a timeline: on the training thread
     ``local save`` / ``local remove`` and ``in callback`` (the rest of the call); on the
@@ -177,6 +178,7 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
                 # Lightning's own removal of the file each checkpoint evicts (0: none).
                 self.local_removes: list[float] = []
                 self.recorder = rec
+                self._remove_checkpoint = self._timed_remove  # see above
 
         def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
             self._bench_init()
@@ -194,7 +196,7 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
             self.local_removes.append(0.0)
             self._bench_spans(start, end, local, "local save")
 
-        def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
+        def _timed_remove(self, trainer: Any, filepath: str) -> None:
             self._bench_init()
             strategy = trainer.strategy
             local: list[tuple[float, float]] = []
@@ -210,18 +212,6 @@ def instrument(cls: type, recorder: Recorder | None = None) -> type:
                 self.stalls[-1] += end - start - removed
                 self.local_removes[-1] += removed
             self._bench_spans(start, end, local, "local remove")
-
-        def _should_remove_checkpoint(self, trainer: Any, previous: str, current: str) -> bool:
-            # A class overriding _remove_checkpoint (this one) has the evicted file staged
-            # here, before its override runs: training-thread time too.
-            start = time.perf_counter()
-            try:
-                return bool(super()._should_remove_checkpoint(trainer, previous, current))
-            finally:
-                end = time.perf_counter()
-                if getattr(self, "stalls", None):
-                    self.stalls[-1] += end - start
-                    self._bench_spans(start, end, [], "local remove")
 
         def _bench_spans(
             self, start: float, end: float, local: list[tuple[float, float]], label: str

@@ -115,11 +115,15 @@ def _timed(cls: type) -> type:
     """Subclass a checkpoint callback to measure how long training waits in it.
 
     The stall of one checkpoint is the time spent in ``_save_checkpoint`` (and in
-    ``_should_remove_checkpoint`` and ``_remove_checkpoint`` for the file it evicts)
-    minus Lightning's own local work that both callbacks share:
-    ``trainer.save_checkpoint`` and the local file removal; plus, for ``lamin_lightning``,
-    its work around Lightning's choice of the checkpoint (``_lightning_save``; see
-    :func:`timed_around_lightnings_choice`).
+    ``_remove_checkpoint`` for the file it evicts) minus Lightning's own local work
+    that both callbacks share: ``trainer.save_checkpoint`` and the local file removal;
+    plus, for ``lamin_lightning``, its work around Lightning's choice of the checkpoint
+    (``_lightning_save``; see :func:`timed_around_lightnings_choice`).
+
+    The removal is timed on the instance, not overridden in the class: a class that
+    overrides ``_remove_checkpoint`` is taken for a user's, whose evicted files are
+    staged before it runs (``_should_remove_checkpoint``), and timing must not change
+    the path it times.
     """
 
     class Timed(cls):  # type: ignore[misc]
@@ -140,6 +144,7 @@ def _timed(cls: type) -> type:
                     local[0] += time.perf_counter() - started
 
             trainer.save_checkpoint = save
+            self._remove_checkpoint = self._timed_remove  # see above
             started = time.perf_counter()
             try:
                 super()._save_checkpoint(trainer, filepath)
@@ -148,7 +153,7 @@ def _timed(cls: type) -> type:
             self.stalls.append(time.perf_counter() - started - local[0])
             self.local_saves.append(local[0])
 
-        def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
+        def _timed_remove(self, trainer: Any, filepath: str) -> None:
             strategy = trainer.strategy
             original = strategy.remove_checkpoint
             local = [0.0]
@@ -168,16 +173,6 @@ def _timed(cls: type) -> type:
                 del strategy.remove_checkpoint
             if getattr(self, "stalls", None):
                 self.stalls[-1] += time.perf_counter() - started - local[0]
-
-        def _should_remove_checkpoint(self, trainer: Any, previous: str, current: str) -> bool:
-            # A class overriding _remove_checkpoint (this one) has the evicted file staged
-            # here, before its override runs: training-thread time too.
-            started = time.perf_counter()
-            try:
-                return bool(super()._should_remove_checkpoint(trainer, previous, current))
-            finally:
-                if getattr(self, "stalls", None):
-                    self.stalls[-1] += time.perf_counter() - started
 
         if hasattr(cls, "_lightning_save"):
 
