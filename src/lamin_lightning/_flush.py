@@ -138,7 +138,7 @@ def flush_directory(
             outbox.close()
         _unreadable_left(report, roots, held)
         return report
-    resolver = StoreResolver(stores)
+    resolver = StoreResolver(stores, per_journal=True)  # a store per callback, as in training
     lock = threading.Lock()
     # How many jobs of each content had an event: two jobs of one journal may be alike (a
     # key saved twice in one clock tick, a journal of an earlier version without times).

@@ -48,7 +48,7 @@ from lamin_lightning._staging import (
     release_staging,
     working_folders,
 )
-from lamin_lightning.store import ArtifactStore
+from lamin_lightning.store import ArtifactStore, StoreLookup
 
 log = logging.getLogger("lamin_lightning")
 
@@ -524,7 +524,7 @@ def _read_again(pending: list[Pending]) -> list[Pending]:
 
 def replay_jobs(
     pending: list[Pending],
-    store_for: Callable[[JobRecord], ArtifactStore],
+    store_for: StoreLookup,
     *,
     trainer: Any = None,
     outcome: Outcome | None = None,
@@ -611,7 +611,7 @@ def replay_jobs(
         # may rewrite its file (last.ckpt) before a flush for its store replays it.
         _pin_local_file(record)
         try:
-            store = store_for(record)
+            store = store_for(record, outbox.path)
         except Exception as error:
             log.error(
                 "cannot replay %s %r from %s (%s: %s); it stays in the outbox",

@@ -53,7 +53,7 @@ from lamin_lightning._staging import (
     staging_root,
 )
 from lamin_lightning._stats import StatsRecorder
-from lamin_lightning.store import ArtifactStore
+from lamin_lightning.store import ArtifactStore, StoreLookup
 
 if TYPE_CHECKING:
     from lamin_lightning._evictions import BackgroundWrite
@@ -335,7 +335,7 @@ class Submitter:
     def replay(
         self,
         pending: list[Pending],
-        store_for: Callable[[JobRecord], ArtifactStore],
+        store_for: StoreLookup,
         *,
         trainer: Any,
         outcome: Outcome | None,

@@ -121,18 +121,36 @@ def _factory(name: str) -> StoreFactory:
     return builtin
 
 
+class StoreLookup(Protocol):
+    """The store to replay ``record`` of the journal ``journal`` into."""
+
+    def __call__(self, record: JobRecord, journal: Path | None = None) -> ArtifactStore: ...
+
+
 class StoreResolver:
-    """Finds the store of each record, making one store per (name, context)."""
+    """Finds the store of each record, making one store per (name, context), and with
+    ``per_journal`` per journal too.
 
-    def __init__(self, overrides: Mapping[str, ArtifactStore] | None = None) -> None:
+    ``per_journal`` (``lamin-lightning flush``): each journal is one callback's, and its
+    replay gets a store of its own, as the callback had. Stores of several callbacks
+    committing under one folder take turns at its flags as in training (see
+    ``LaminStore._apply_flags``); one store for all of them would flag the best of the
+    callback whose save commits last, not the last save that was its callback's best.
+    """
+
+    def __init__(
+        self, overrides: Mapping[str, ArtifactStore] | None = None, *, per_journal: bool = False
+    ) -> None:
         self._overrides = dict(overrides or {})
-        self._made: dict[tuple[str, str], ArtifactStore] = {}
+        self._per_journal = per_journal
+        self._made: dict[tuple[str, str, str], ArtifactStore] = {}
 
-    def __call__(self, record: JobRecord) -> ArtifactStore:
+    def __call__(self, record: JobRecord, journal: Path | None = None) -> ArtifactStore:
         override = self._overrides.get(record.store)
         if override is not None:
             return override
-        ident = (record.store, repr(sorted(record.context.items())))
+        where = str(journal) if self._per_journal and journal is not None else ""
+        ident = (record.store, repr(sorted(record.context.items())), where)
         store = self._made.get(ident)
         if store is None:
             store = self._made[ident] = _factory(record.store)(record)

@@ -995,7 +995,7 @@ def _two_callbacks_killed(
         report.unlink()
         folder.unlink()
     for name in ("a", "b", "parked"):
-        (tmp_path / f"marker.{name}").unlink()
+        (tmp_path / f"marker.{name}").unlink(missing_ok=True)  # --free: no marker
     return where
 
 
@@ -1179,3 +1179,92 @@ def test_two_callbacks_with_no_dirpath_sigkilled_then_a_flush_of_their_version_f
     assert _pending(folder) == []
     assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
     assert _flags_by_file(ln, prefix) == FLAGS_AFTER_5_STEPS
+
+
+def _flags_of_uninterrupted_fit(
+    ln: Any, tmp_path: Path, shared: bool, steps: int
+) -> dict[str, Any]:
+    """By file name, the flags an uninterrupted fit of ``steps`` steps with the two
+    callbacks leaves (in ``tmp_path/uninterrupted``): one folder, or one each."""
+    root = tmp_path / "uninterrupted"
+    root.mkdir()
+    dirpaths: dict[str, Path | None] = (
+        {"a": root / "ckpt", "b": root / "ckpt"}
+        if shared
+        else {"a": root / "ckpt_a", "b": root / "ckpt_b"}
+    )
+    proc = _two_callbacks_run(root, dirpaths, "--steps", str(steps))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    report = json.loads((root / "report.json").read_text())
+    flags: dict[str, Any] = {}
+    for prefix in {seen["prefix"] for seen in report.values()}:
+        flags.update(_flags_by_file(ln, prefix))
+    return flags
+
+
+# Known gap: where one callback's saves were all persisted before the crash and the
+# other's are replayed, the replay knows the flags of its own journal only: a journal
+# marks the time of its newest committed save (Outbox.flags_at), not which of its saves
+# was best, nor is a replay checked against the other journals of its folder. A replay
+# of b (a persisted) flags b's best, not a-step=8; a replay of a (b persisted) turns
+# is_last_model and model_rank back to a's last save.
+_GAP = pytest.mark.xfail(
+    strict=True, reason="a replay does not see the flags of the folder's other journals"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("shared", "then", "free"),
+    [
+        pytest.param(True, "flush", "", id="one_folder-flush"),
+        pytest.param(True, "rerun", "", id="one_folder-rerun"),
+        pytest.param(False, "flush", "", id="two_folders-flush"),
+        *(
+            pytest.param(True, then, free, id=f"one_folder-{then}-{free}_persisted", marks=_GAP)
+            for then in ("flush", "rerun")
+            for free in "ab"
+        ),
+    ],
+)
+def test_two_callbacks_sigkilled_after_their_last_saves_end_with_the_flags_of_an_uninterrupted_fit(
+    ln: Any, tmp_path: Path, shared: bool, then: str, free: str
+) -> None:
+    """Two callbacks (``a``: ``score`` min, ``b``: ``tier_metric`` max, top 2, save last)
+    SIGKILLed once both made every save of eight steps, with the saves of both pending
+    behind a blocked upload each (or of one only, the other's all persisted: ``free``);
+    then ``lamin-lightning flush`` of their folder(s), or a resumed rerun with both
+    (nothing left to train: the replays only). The flags end as an uninterrupted fit of
+    eight steps leaves them. Before, the flush replayed both callbacks' journals through
+    one store, which flagged as best the best of the callback that saved last
+    (``b-step=7.ckpt``), not the last save that was its callback's best
+    (``a-step=8.ckpt``), as the fit, the reference and a rerun do."""
+    expected = _flags_of_uninterrupted_fit(ln, tmp_path, shared, 8)
+    if shared:
+        assert expected == FLAGS_AFTER_8_STEPS
+    dirpaths: dict[str, Path | None] = (
+        {"a": tmp_path / "ckpt", "b": tmp_path / "ckpt"}
+        if shared
+        else {"a": tmp_path / "ckpt_a", "b": tmp_path / "ckpt_b"}
+    )
+    where = _two_callbacks_killed(
+        tmp_path, dirpaths, "--steps", "9", "--park-step", "8", "--free", free
+    )
+    folders = {name: folder for name, (_, folder) in where.items()}
+    assert all(_pending(folder) for folder in folders.values())
+    if then == "flush":
+        for folder in dict.fromkeys(folders.values()):
+            flushed = _cli("flush", "--no-progress", str(folder))
+            assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+            assert "0 still pending" in flushed.stdout, flushed.stdout
+    else:
+        rerun = _two_callbacks_run(tmp_path, dirpaths, "--resume", "--steps", "8")
+        out, _ = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, out
+    flags: dict[str, Any] = {}
+    for name, (prefix, folder) in where.items():
+        assert _pending(folder) == [], name
+        assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
+        flags.update(_flags_by_file(ln, prefix))
+    assert flags == expected

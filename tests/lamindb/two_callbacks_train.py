@@ -12,6 +12,8 @@ share a folder, as with ``ModelCheckpoint``).
   ``{marker}.{name}`` and blocks forever; the training thread, at the start of step
   ``--park-step``, waits for both markers, writes ``{marker}.parked`` and waits there
   (for the test's SIGKILL: no save is then cut between its write and its journal line).
+- ``--free NAME``: with ``--block``, that callback's uploads all pass; the training
+  thread, before it parks, waits until every job of that callback was persisted.
 - ``--resume``: ``fit(ckpt_path="last")``.
 - ``--hold``: every checkpoint upload (replays and this run's saves) waits until
   training ended (``on_train_end``), so that every commit comes after the last save.
@@ -64,14 +66,19 @@ class Park(pl.Callback):
     """At the start of step ``step``: once every marker exists, write ``parked`` and wait
     (for the parent's SIGKILL)."""
 
-    def __init__(self, step: int, markers: list[Path], parked: Path) -> None:
-        self.step, self.markers, self.parked = step, markers, parked
+    def __init__(
+        self, step: int, markers: list[Path], parked: Path, free: list[ll.Checkpoint] = ()
+    ) -> None:
+        self.step, self.markers, self.parked, self.free = step, markers, parked, free
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step != self.step:
             return
         while not all(m.exists() for m in self.markers):
             threading.Event().wait(0.05)
+        for callback in self.free:
+            pipeline = callback._submitter.pipeline if callback._submitter else None
+            assert pipeline is None or pipeline.flush(timeout=120)
         self.parked.write_text("parked")
         threading.Event().wait()
 
@@ -87,6 +94,7 @@ def main() -> None:
     parser.add_argument("--hold", action="store_true")
     parser.add_argument("--which", default="a,b")
     parser.add_argument("--block", action="store_true")
+    parser.add_argument("--free", default="", help="with --block: this callback's pass")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--park-step", type=int, default=5)
     parser.add_argument("--marker", type=Path, required=True)
@@ -124,13 +132,19 @@ def main() -> None:
             artifact_observers=[observers[name]],
         )
         marker = args.marker.with_name(f"{args.marker.name}.{name}")
-        mode = "block" if args.block else "gate" if args.hold else "plain"
+        free = name in args.free.split(",")
+        mode = "block" if args.block and not free else "gate" if args.hold else "plain"
         callback._artifact_publisher = Gate(mode, marker, 0 if args.hold else 1)
         callbacks[name] = callback
         prefixes.append(Where(callback, args.report.with_name(f"{args.report.stem}.{name}")))
-    markers = [args.marker.with_name(f"{args.marker.name}.{name}") for name in callbacks]
+    free = [callbacks[name] for name in args.free.split(",") if name]
+    markers = [
+        args.marker.with_name(f"{args.marker.name}.{name}")
+        for name in callbacks
+        if callbacks[name] not in free
+    ]
     parked = args.marker.with_name(f"{args.marker.name}.parked")
-    extra: list[pl.Callback] = [Park(args.park_step, markers, parked)] if args.block else []
+    extra: list[pl.Callback] = [Park(args.park_step, markers, parked, free)] if args.block else []
     if args.hold:  # Gate waits for {marker}.release
         extra.append(Release(args.marker.with_name(f"{args.marker.name}.release")))
     root = args.root or Path(args.dirpath_a).parent
