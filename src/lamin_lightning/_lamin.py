@@ -455,6 +455,11 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
         """This callback's own store (its publisher, its caches)."""
         return self._store
 
+    @override
+    def sibling_replay_store(self) -> LaminStore:
+        """A store of its own (this callback's publisher) for another callback's journal."""
+        return LaminStore(publisher=lambda: self._artifact_publisher, retry=self.retry)
+
     # -- training thread ----------------------------------------------------------------------
 
     @override

@@ -135,6 +135,14 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         """
         return None
 
+    def sibling_replay_store(self) -> ArtifactStore:
+        """A new store like :meth:`replay_store`, for the records named :attr:`store_name`
+        of another callback's journal that this callback replays at ``setup``: one per
+        journal. Only called where :meth:`replay_store` is not None."""
+        store = self.replay_store()
+        assert store is not None
+        return store
+
     @property
     def persistence_stats(self) -> PersistenceStats:
         """Counters of the persistence pipeline (cumulative over stages)."""
@@ -479,7 +487,14 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         if not work:
             return 0
         mine = self.replay_store()
-        resolver = StoreResolver({self.store_name: mine} if mine is not None else None)
+        # Another callback's journal (one the user dropped, or moved elsewhere) is replayed
+        # through a store of its own, as that callback had: see StoreResolver.
+        resolver = StoreResolver(
+            {self.store_name: mine} if mine is not None else None,
+            per_journal=True,
+            own=own.path if own is not None else None,
+            make={self.store_name: self.sibling_replay_store} if mine is not None else None,
+        )
         return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
 
     # -- committer thread ---------------------------------------------------------------

@@ -131,29 +131,42 @@ class StoreResolver:
     """Finds the store of each record, making one store per (name, context), and with
     ``per_journal`` per journal too.
 
-    ``per_journal`` (``lamin-lightning flush``): each journal is one callback's, and its
-    replay gets a store of its own, as the callback had. Stores of several callbacks
-    committing under one folder take turns at its flags as in training (see
-    ``LaminStore._apply_flags``); one store for all of them would flag the best of the
-    callback whose save commits last, not the last save that was its callback's best.
+    ``per_journal`` (``lamin-lightning flush``, a callback's replay at ``setup``): each
+    journal is one callback's, and its replay gets a store of its own, as the callback
+    had. Stores of several callbacks committing under one folder take turns at its flags
+    as in training (see ``LaminStore._apply_flags``); one store for all of them would
+    flag the best of the callback whose save commits last, not the last save that was
+    its callback's best. ``own``: the journal the ``overrides`` replay (a callback's
+    own); the others get a store of their own, from ``make`` where it names the store
+    (the callback's kind of store), else from the registry.
     """
 
     def __init__(
-        self, overrides: Mapping[str, ArtifactStore] | None = None, *, per_journal: bool = False
+        self,
+        overrides: Mapping[str, ArtifactStore] | None = None,
+        *,
+        per_journal: bool = False,
+        own: Path | None = None,
+        make: Mapping[str, Callable[[], ArtifactStore]] | None = None,
     ) -> None:
         self._overrides = dict(overrides or {})
         self._per_journal = per_journal
+        self._own = own
+        self._make = dict(make or {})
         self._made: dict[tuple[str, str, str], ArtifactStore] = {}
 
     def __call__(self, record: JobRecord, journal: Path | None = None) -> ArtifactStore:
         override = self._overrides.get(record.store)
-        if override is not None:
+        if override is not None and (self._own is None or journal is None or journal == self._own):
             return override
         where = str(journal) if self._per_journal and journal is not None else ""
         ident = (record.store, repr(sorted(record.context.items())), where)
         store = self._made.get(ident)
         if store is None:
-            store = self._made[ident] = _factory(record.store)(record)
+            make = self._make.get(record.store)
+            store = self._made[ident] = (
+                make() if make is not None else _factory(record.store)(record)
+            )
         return store
 
     def stores(self) -> list[ArtifactStore]:

@@ -1220,6 +1220,7 @@ _GAP = pytest.mark.xfail(
     [
         pytest.param(True, "flush", "", id="one_folder-flush"),
         pytest.param(True, "rerun", "", id="one_folder-rerun"),
+        pytest.param(True, "rerun_a", "", id="one_folder-rerun_a"),
         pytest.param(False, "flush", "", id="two_folders-flush"),
         *(
             pytest.param(True, then, free, id=f"one_folder-{then}-{free}_persisted", marks=_GAP)
@@ -1259,7 +1260,8 @@ def test_two_callbacks_sigkilled_after_their_last_saves_end_with_the_flags_of_an
             assert flushed.returncode == 0, flushed.stdout + flushed.stderr
             assert "0 still pending" in flushed.stdout, flushed.stdout
     else:
-        rerun = _two_callbacks_run(tmp_path, dirpaths, "--resume", "--steps", "8")
+        which = "a" if then == "rerun_a" else "a,b"  # rerun_a: the user dropped b
+        rerun = _two_callbacks_run(tmp_path, dirpaths, "--resume", "--steps", "8", which=which)
         out, _ = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, out
     flags: dict[str, Any] = {}
@@ -1268,3 +1270,81 @@ def test_two_callbacks_sigkilled_after_their_last_saves_end_with_the_flags_of_an
         assert_checkpoint_keys_persisted(ln, prefix, _on_disk(folder, prefix))
         flags.update(_flags_by_file(ln, prefix))
     assert flags == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["exception", "ctrl_c"])
+@pytest.mark.parametrize("again", ["a,b", "a"], ids=["both_again", "a_only_again"])
+def test_two_callbacks_fit_again_in_the_same_process_end_with_the_flags_of_an_uninterrupted_fit(
+    ln: Any, tmp_path: Path, stop: str, again: str
+) -> None:
+    """Two callbacks in one folder (as ``two_callbacks_train.py``), whose uploads fail
+    after each one's first (``on_error="warn"``: training goes on), stopped at the start
+    of step 9 by an exception or Ctrl+C (Lightning's graceful shutdown, then
+    ``SystemExit``): their failed saves stay in the journals. In the same process, a new
+    trainer with two new callbacks, or with ``a`` only (resumed, nothing left to train),
+    replays them at setup: the stores share the folder's flags (``_PrefixFlags``) with
+    each other, not with the first fit's, and the flags end as an uninterrupted fit of
+    eight steps leaves them."""
+    import lightning.pytorch as pl
+    from outbox_train import SCORES
+
+    from lamin_lightning import PermanentError
+
+    class FailAfterFirst(LaminArtifactPublisher):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def create_artifact(self, local_path: Any, **kwargs: Any) -> Any:
+            if str(kwargs.get("key", "")).endswith(".ckpt"):
+                self.count += 1
+                if self.count > 1:
+                    raise PermanentError("storage refuses the upload")
+            return super().create_artifact(local_path, **kwargs)
+
+    class Stop(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+            if trainer.global_step == 8:
+                raise KeyboardInterrupt if stop == "ctrl_c" else RuntimeError("stopped")
+
+    dirpath = tmp_path / "ckpt"
+
+    def callbacks(failing: bool, which: str = "a,b") -> list[ll.Checkpoint]:
+        made = []
+        for name, monitor, mode in (("a", "score", "min"), ("b", "tier_metric", "max")):
+            if name not in which.split(","):
+                continue
+            callback = ll.Checkpoint(
+                dirpath=dirpath,
+                monitor=monitor,
+                mode=mode,
+                filename=f"{name}-{{step}}",
+                save_top_k=2,
+                save_last=True,
+                every_n_train_steps=1,
+                max_workers=2,
+                flush_timeout=120,
+                on_error="warn" if failing else "raise",  # training goes on
+            )
+            if failing:
+                callback._artifact_publisher = FailAfterFirst()
+            made.append(callback)
+        return made
+
+    first = callbacks(failing=True)
+    trainer = make_trainer(tmp_path, [*first, Stop()], max_steps=9, logger=False)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit if stop == "ctrl_c" else RuntimeError):
+            trainer.fit(TierModel(scores=SCORES), datamodule=TierData(n=9))
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl+C once it had one
+    assert len({r.key for r in _pending(dirpath)}) > 4
+    prefix = first[0].checkpoint_key_prefix
+    assert first[1].checkpoint_key_prefix == prefix
+    second = callbacks(failing=False, which=again)
+    trainer = make_trainer(tmp_path, second, max_steps=8, logger=False)
+    trainer.fit(TierModel(scores=SCORES), datamodule=TierData(n=8), ckpt_path="last")
+    assert _pending(dirpath) == []
+    assert_checkpoint_keys_persisted(ln, prefix, _on_disk(dirpath, prefix))
+    assert _flags_by_file(ln, prefix) == FLAGS_AFTER_8_STEPS
