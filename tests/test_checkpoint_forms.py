@@ -3509,3 +3509,65 @@ def test_ctrl_c_right_after_a_late_folders_journal_line_still_marks_the_folder_w
     report = flush_directory(dirpath, stores={"memory": store}, progress=False)
     assert report.failed == 0 and not report.remaining
     assert store.keys(kind="checkpoint") == keys_of(["epoch=0-step=1.ckpt"])
+
+
+def _sigint_once_after(target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """``target.name`` sends this process a SIGINT (Ctrl+C) right after its first call
+    returns; the list it returns holds True once that happened."""
+    real = getattr(target, name)
+    sent: list[bool] = []
+
+    def after(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(target, name, after)
+    return sent
+
+
+def _fit_interrupted(tmp_path: Path, callback: Any, max_steps: int = 3, **kwargs: Any) -> None:
+    """``fit`` with Python's own SIGINT handler, which the Ctrl+C sent inside ends."""
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, [callback], max_steps=max_steps, **kwargs).fit(
+                TinyModel(), loader(max_steps)
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_ctrl_c_while_a_followed_async_checkpoint_io_save_closes_still_persists_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subclass of AsyncCheckpointIO that writes each folder under a temporary name (its
+    task is followed, see _FollowedSave): a Ctrl+C in the follow's close, before it counted
+    the save as returned, left the write never finished, though its task wrote the
+    folder; its journal line never got the folder's mark, and a flush then dropped the
+    checkpoint as cut short (or, in this process, waited for the write for good). The
+    Ctrl+C is now held until the follow is closed."""
+    from lamin_lightning import _checkpoint_io, _replay
+
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1)
+    sent = _sigint_once_after(_checkpoint_io._FollowedSave, "_made_during_the_call", monkeypatch)
+    io = RenamingAsyncCheckpointIO(FolderCheckpointIO())
+    _fit_interrupted(tmp_path, callback, plugins=[io])
+    assert sent
+    monkeypatch.undo()
+    # A write never finished holds its name: the flush leaves its job after this wait.
+    monkeypatch.setattr(_replay, "WAIT_FOR_WRITES_IN_FLIGHT_S", 5.0)
+    # Lightning's teardown of the strategy waited for the folder's task (it wrote it).
+    assert io._executor is None
+    folder = dirpath / "epoch=0-step=1.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining and not report.dropped
+    assert store.keys(kind="checkpoint") == keys_of(["epoch=0-step=1.ckpt"])
+

@@ -47,6 +47,7 @@ from lamin_lightning._errors import CheckpointIOError
 from lamin_lightning._jobs import folder_identity
 from lamin_lightning._local_write import run_after_write
 from lamin_lightning._names import release_name, take_name
+from lamin_lightning._sigterm import ctrl_c_after
 
 SYNCHRONOUS_ATTRIBUTE = "lamin_lightning_synchronous"
 """Set this attribute to True on a CheckpointIO to declare that it writes before returning."""
@@ -332,7 +333,11 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
             raise
         finally:
             if followed is not None:
-                followed.close(raised)
+                # A Ctrl+C meanwhile is raised once the save counts as returned (see
+                # ctrl_c_after): raised before, its write never finished, though the tasks
+                # it queued wrote the file, and a flush dropped a folder never marked.
+                with ctrl_c_after():
+                    followed.close(raised)
 
     @override
     def teardown(self) -> None:
