@@ -3571,3 +3571,112 @@ def test_ctrl_c_while_a_followed_async_checkpoint_io_save_closes_still_persists_
     assert report.failed == 0 and not report.remaining and not report.dropped
     assert store.keys(kind="checkpoint") == keys_of(["epoch=0-step=1.ckpt"])
 
+
+class _ArmAt(pl.Callback):
+    """Sets :attr:`armed` at the save hooks of training step ``step`` (before the
+    checkpoint callback's, which Lightning runs last)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.armed = step, False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.armed = trainer.global_step == self.step
+
+
+def _assert_store_equals_folder(store: MemoryStore, dirpath: Path) -> None:
+    """One artifact per checkpoint file (or folder) in ``dirpath``, with its content, and
+    none for one that is gone (a ``last.ckpt`` link has none)."""
+    on_disk = {
+        f"checkpoints/{p.name}": p
+        for p in dirpath.iterdir()
+        if p.name.endswith(".ckpt") and not p.is_symlink()
+    }
+    assert store.keys(kind="checkpoint") == set(on_disk)
+    for key, path in on_disk.items():
+        assert store.get(key).sha256 == content_sha256(path), key  # type: ignore[union-attr]
+
+
+def _ctrl_c_points() -> list[tuple[Any, str]]:
+    from lamin_lightning import _checkpoint_io
+    from lamin_lightning._journal import Outbox
+    from lamin_lightning._submission import SubmittingCheckpoint
+    from lamin_lightning._submit import Submitter
+    from lamin_lightning._surface import HookStore
+
+    return [
+        (SubmittingCheckpoint, "_submit_hparams_once"),
+        (Submitter, "plan_staging"),
+        (SubmittingCheckpoint, "_snapshot"),
+        (SubmittingCheckpoint, "_checkpoint_record"),
+        (HookStore, "__init__"),
+        (Submitter, "ensure_pipeline"),
+        (Outbox, "append"),
+        (Submitter, "journal"),
+        (Submitter, "_journaled_job"),
+        (Submitter, "move_aside"),
+        (Submitter, "await_staging"),
+        (_checkpoint_io.WriteTracker, "waiter"),
+    ]
+
+
+@pytest.mark.parametrize("form", ["file", "late-file", "late-folder", "async-write"])
+@pytest.mark.parametrize(
+    "point", _ctrl_c_points(), ids=lambda point: f"{point[0].__name__}.{point[1]}"
+)
+def test_ctrl_c_right_after_each_step_of_a_save_hook_loses_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str, point: tuple[Any, str]
+) -> None:
+    """A sweep: Ctrl+C (SIGINT, Python's own handler) lands right after one step of the
+    training thread's part of a save hook returns (the save of a top-1 checkpoint, the
+    eviction of the previous one, the rewrite of last.ckpt), then ``lamin-lightning
+    flush``: the store equals the folder. A Ctrl+C after Lightning's write and before the
+    save's journal line (its snapshot, its staging planned, its submission begun, the
+    hparams file looked for) left the checkpoint Lightning wrote, and names in its state,
+    out of the journal: no flush persisted it. It is held until the snapshot is taken, or
+    the save is journaled and kept out."""
+    target, name = point
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    arm = _ArmAt(3)
+    real = getattr(target, name)
+    sent: list[str] = []
+
+    def after(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if arm.armed and not sent and threading.current_thread() is threading.main_thread():
+            sent.append(name)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(target, name, after)
+    plugins: list[Any] = []
+    if form == "late-file":
+        plugins = [AsyncCheckpointIO(TorchCheckpointIO())]
+    elif form == "late-folder":
+        plugins = [AsyncCheckpointIO(FolderCheckpointIO())]
+    callback = MemoryCheckpoint(
+        store,
+        dirpath=dirpath,
+        monitor="score",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        every_n_train_steps=1,
+        async_write=form == "async-write",
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        make_trainer(tmp_path, [arm, callback], max_steps=5, plugins=plugins).fit(
+            TinyModel(scores=[5.0, 3.0, 4.0, 1.0, 2.0]), loader(5)
+        )
+    except SystemExit:  # Lightning's, for a KeyboardInterrupt
+        pass
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    monkeypatch.undo()
+    if not sent:
+        pytest.skip(f"{name} is not on this form's path")
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining
+    _assert_store_equals_folder(store, dirpath)

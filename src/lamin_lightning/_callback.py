@@ -669,11 +669,20 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         if trainer.is_global_zero and not background:
             # A background write replaces the file atomically, after the previous one was
             # staged (its job comes first on the intake thread): nothing to move.
-            put_back = self._ensure_submitter().move_aside(
-                self._staging_root(filepath),
-                filepath,
-                by_rename=self._io_writes is None and self._rewrites_by_rename(trainer),
-            )
+            try:
+                # A Ctrl+C meanwhile is raised once the file is set aside and the way back
+                # known (see ctrl_c_after): raised before, the file stayed aside, its name
+                # taken, for the rest of the process.
+                with ctrl_c_after():
+                    put_back = self._ensure_submitter().move_aside(
+                        self._staging_root(filepath),
+                        filepath,
+                        by_rename=self._io_writes is None and self._rewrites_by_rename(trainer),
+                    )
+            except BaseException:
+                if put_back is not None:
+                    put_back(False)  # Ctrl+C: no rewrite, the previous file comes back
+                raise
         write: HostWrite | None = None
         io_write: PendingWrites | None = None  # a CheckpointIO still writing the file
         since = 0
@@ -686,11 +695,16 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 since = self._io_writes.mark() if self._io_writes is not None else 0
                 super()._save_checkpoint(trainer, filepath)
                 if self._io_writes is not None:
-                    io_write = self._io_writes.waiter(filepath, since)
+                    # A Ctrl+C meanwhile is raised once the wait is known (see ctrl_c_after):
+                    # raised before, the writes were forgotten, and the save was not kept.
+                    with ctrl_c_after():
+                        io_write = self._io_writes.waiter(filepath, since)
         except BaseException as error:
             if self._saving_on_exception and not isinstance(error, Exception):
                 self._write_stopped = error  # not one of our hooks': see on_exception
-            queued = self._io_writes.waiter(filepath, since) if self._io_writes else None
+            queued = io_write
+            if queued is None and self._io_writes is not None:
+                queued = self._io_writes.waiter(filepath, since)
             if queued is not None and queued.handed_over():
                 # AsyncCheckpointIO raised an earlier write's error after queuing this one:
                 # the file is written all the same, so it is persisted all the same (kept
@@ -701,19 +715,35 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 put_back(False)  # the rewrite failed: the previous file stays
             raise
         written: Callable[[], None] | None = io_write
-        if put_back is not None:
-            if io_write is None:
-                put_back(True)
-            else:
-                # Written later (AsyncCheckpointIO): the previous file stays aside until the
-                # rewrite is done, and comes back if it fails (or the process dies first).
-                written = _putting_back(io_write, put_back)
-        if not trainer.is_global_zero:
-            return
+        kept_out: int | None = None  # jobs kept out before the checkpoint's submission
         try:
+            # A Ctrl+C meanwhile is raised once the previous file is dealt with (see
+            # ctrl_c_after), and then, as one in the hparams file's submission (its wait
+            # for a slot), the checkpoint is journaled and kept out (below): raised before
+            # its submission, the checkpoint Lightning wrote, and names in its state, was
+            # never journaled, and no flush persisted it.
+            with ctrl_c_after():
+                if put_back is not None:
+                    if io_write is None:
+                        put_back(True)
+                    else:
+                        # Written later (AsyncCheckpointIO): the previous file stays aside
+                        # until the rewrite is done, and comes back if it fails (or the
+                        # process dies first).
+                        written = _putting_back(io_write, put_back)
+            if not trainer.is_global_zero:
+                return
             self._submit_hparams_once(trainer)
+            kept_out = self._ensure_submitter().kept_out
             self._submit_checkpoint(trainer, filepath, write=write or written)
-        except BaseException:
+        except BaseException as error:
+            if (
+                trainer.is_global_zero
+                and not isinstance(error, Exception)
+                and (kept_out is None or self._ensure_submitter().kept_out == kept_out)
+            ):
+                # Neither submitted nor kept out (an interrupt before its submission began).
+                self._keep_out_written_later(trainer, filepath, write or written)
             if write is None:
                 raise
             # Lightning's state names the file (best_k_models, best_model_path): it is

@@ -38,6 +38,7 @@ from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
 from lamin_lightning._replay import pending_in, unfinished
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._sigterm import ctrl_c_after
 from lamin_lightning._staging import absolute, staging_root
 from lamin_lightning._stats import PersistenceStats, StatsRecorder
 from lamin_lightning._submit import Submitter, stop_collected
@@ -287,10 +288,17 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None = None
     ) -> None:
         submitter = self._ensure_submitter()
-        staged, prepare = submitter.plan_staging(self._staging_root(filepath), filepath, write)
         snapshot: CheckpointSnapshot | None = None
         try:
-            snapshot = self._snapshot(trainer, filepath, staged)
+            # A Ctrl+C meanwhile is raised once the snapshot is taken (see ctrl_c_after), so
+            # that the save is journaled and kept out (below): raised before, the
+            # checkpoint Lightning wrote, and names in its state, was never journaled, and
+            # no flush persisted it.
+            with ctrl_c_after():
+                staged, prepare = submitter.plan_staging(
+                    self._staging_root(filepath), filepath, write
+                )
+                snapshot = self._snapshot(trainer, filepath, staged)
             values = self.collect_checkpoint_feature_values(trainer, snapshot)
             if values:
                 snapshot = _with_features(snapshot, values, self._feature_conflict)
@@ -311,7 +319,14 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 # a put-back of the previous file, which still has to happen).
                 submitter.abandon_staging(filepath, write)
             raise
-        self._submit_record(trainer, record, prepare=prepare, write=write)
+        kept_out = submitter.kept_out
+        try:
+            self._submit_record(trainer, record, prepare=prepare, write=write)
+        except BaseException as error:
+            if submitter.kept_out == kept_out and not isinstance(error, Exception):
+                # Ctrl+C before its journal line (see Submitter.submit): kept out as above.
+                self._keep_out(trainer, snapshot, filepath, staged, prepare, write)
+            raise
 
     def _checkpoint_record(
         self,
@@ -348,10 +363,11 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         return ValueError(message)
 
     def _keep_out_written_later(
-        self, trainer: pl.Trainer, filepath: str, write: Callable[[], None]
+        self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None
     ) -> None:
-        """A save whose file a CheckpointIO writes after Lightning's call raised: journaled
-        (no feature values: the save failed for Lightning) and kept out (see _keep_out)."""
+        """A save whose file a CheckpointIO writes after Lightning's call raised, or that
+        Lightning wrote and an interrupt kept from its submission: journaled (no feature
+        values) and kept out (see _keep_out)."""
         if not trainer.is_global_zero:
             return
         submitter = self._ensure_submitter()

@@ -180,9 +180,19 @@ class Submitter:
             pipeline = self.ensure_pipeline()
             if self._holding:
                 pipeline.hold()
-            spec = self._journaled_job(
-                record, store, trainer, prepare, known, outcome, journaled=journaled, write=write
-            )
+            # A Ctrl+C meanwhile is raised once the job is known (see ctrl_c_after): raised
+            # after its line and before, it passed for a save never journaled.
+            with _sigterm.ctrl_c_after():
+                spec = self._journaled_job(
+                    record,
+                    store,
+                    trainer,
+                    prepare,
+                    known,
+                    outcome,
+                    journaled=journaled,
+                    write=write,
+                )
             if beyond_limit:
                 spec = dataclasses.replace(spec, beyond_limit=True)
             spec = self._after_other_callbacks(spec)
