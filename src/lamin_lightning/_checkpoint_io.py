@@ -309,15 +309,23 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
 
     @override
     def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        write = self.tracker.begin(_path_argument(args, kwargs))
-        queue = self.queue
+        write = None
         followed = None
-        if queue is not None and _function(queue, "save_checkpoint") is not _LIGHTNINGS_QUEUE_SAVE:
-            with contextlib.suppress(Exception):
-                queue._ensure_setup()
-            followed = _FollowedSave(self.tracker, write, queue)
         raised = True
         try:
+            # A Ctrl+C meanwhile is raised once the write is known (see ctrl_c_after), and
+            # then dropped below: raised before, a write begun and never queued was waited
+            # for, for good, as the save's (kept out: the flush at exit never ended).
+            with ctrl_c_after():
+                write = self.tracker.begin(_path_argument(args, kwargs))
+            queue = self.queue
+            if (
+                queue is not None
+                and _function(queue, "save_checkpoint") is not _LIGHTNINGS_QUEUE_SAVE
+            ):
+                with contextlib.suppress(Exception):
+                    queue._ensure_setup()
+                followed = _FollowedSave(self.tracker, write, queue)
             if followed is not None:
                 followed.follow()
             super().save_checkpoint(*args, **kwargs)
@@ -328,7 +336,11 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
             # subclass's save is followed by its tasks instead, whatever it raised: one that
             # queued a task and then raised (its own error, an earlier task's) still writes
             # the file, and one that queued nothing is dropped (``_FollowedSave.close``).
-            if followed is None and error is not getattr(self.checkpoint_io, "_error", None):
+            if (
+                write is not None
+                and followed is None
+                and error is not getattr(self.checkpoint_io, "_error", None)
+            ):
                 self.tracker.drop(write)
             raise
         finally:
