@@ -717,13 +717,13 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         written: Callable[[], None] | None = io_write
         kept_out: int | None = None  # jobs kept out before the checkpoint's submission
         try:
-            # A Ctrl+C meanwhile is raised once the previous file is dealt with (see
+            # A Ctrl+C from here on is raised once the previous file is dealt with (see
             # ctrl_c_after), and then, as one in the hparams file's submission (its wait
             # for a slot), the checkpoint is journaled and kept out (below): raised before
             # its submission, the checkpoint Lightning wrote, and names in its state, was
             # never journaled, and no flush persisted it.
-            with ctrl_c_after():
-                if put_back is not None:
+            if put_back is not None:
+                with ctrl_c_after():
                     if io_write is None:
                         put_back(True)
                     else:

@@ -288,6 +288,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         self, trainer: pl.Trainer, filepath: str, write: Callable[[], None] | None = None
     ) -> None:
         submitter = self._ensure_submitter()
+        kept_out = submitter.kept_out
         snapshot: CheckpointSnapshot | None = None
         try:
             # A Ctrl+C meanwhile is raised once the snapshot is taken (see ctrl_c_after), so
@@ -319,7 +320,6 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 # a put-back of the previous file, which still has to happen).
                 submitter.abandon_staging(filepath, write)
             raise
-        kept_out = submitter.kept_out
         try:
             self._submit_record(trainer, record, prepare=prepare, write=write)
         except BaseException as error:
