@@ -3604,6 +3604,7 @@ def _ctrl_c_points() -> list[tuple[Any, str]]:
     from lamin_lightning._surface import HookStore
 
     return [
+        (ModelCheckpoint, "_save_checkpoint"),  # Lightning's write is done
         (SubmittingCheckpoint, "_submit_hparams_once"),
         (Submitter, "plan_staging"),
         (SubmittingCheckpoint, "_snapshot"),
@@ -3636,13 +3637,15 @@ def test_ctrl_c_right_after_each_step_of_a_save_hook_loses_no_checkpoint(
     out of the journal: no flush persisted it. It is held until the snapshot is taken, or
     the save is journaled and kept out. One right after a CheckpointIO's write began and
     before Lightning's save was handed it left that write, never queued, waited for (the
-    save kept out, the flush left it); it is dropped now."""
+    save kept out, the flush left it); it is dropped now. One once Lightning's own write
+    was done, before its save returned, left the file Lightning names unjournaled: it is
+    judged (a whole archive at the path, the previous file renamed away) and kept out."""
     from lamin_lightning import _replay
 
     target, name = point
     store = MemoryStore()
     dirpath = tmp_path / "ckpts"
-    arm = _ArmAt(3)
+    arm = _ArmAt(4)  # a new best (step=4.ckpt), step=2.ckpt evicted, last.ckpt rewritten
     real = getattr(target, name)
     sent: list[str] = []
 

@@ -69,6 +69,7 @@ from lamin_lightning._events import (
 from lamin_lightning._evictions import (
     Evictions,
 )
+from lamin_lightning._jobs import archive_cut_short
 from lamin_lightning._lightning_view import LightningViewCheckpoint, cancel_link
 from lamin_lightning._local_write import (
     HostWrite,
@@ -666,7 +667,9 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
             and (os.path.lexists(filepath) or being_written(filepath))
         )
         put_back: Callable[[bool], None] | None = None
+        by_rename = False
         if trainer.is_global_zero and not background:
+            by_rename = self._io_writes is None and self._rewrites_by_rename(trainer)
             # A background write replaces the file atomically, after the previous one was
             # staged (its job comes first on the intake thread): nothing to move.
             try:
@@ -675,9 +678,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 # taken, for the rest of the process.
                 with ctrl_c_after():
                     put_back = self._ensure_submitter().move_aside(
-                        self._staging_root(filepath),
-                        filepath,
-                        by_rename=self._io_writes is None and self._rewrites_by_rename(trainer),
+                        self._staging_root(filepath), filepath, by_rename=by_rename
                     )
             except BaseException:
                 if put_back is not None:
@@ -711,6 +712,19 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 # out until the flush at exit), and the previous file waits aside for it.
                 late = queued if put_back is None else _putting_back(queued, put_back)
                 self._keep_out_written_later(trainer, filepath, late)
+            elif (
+                by_rename
+                and not isinstance(error, Exception)
+                and os.path.isfile(filepath)
+                and not archive_cut_short(filepath)
+            ):
+                # Ctrl+C once Lightning's own write was done (its loggers told, say): the
+                # previous file went aside by rename, so this one is the save's, whole. It
+                # is persisted all the same (kept out until the flush at exit), as the
+                # file Lightning names: left, it was a checkpoint no flush persisted.
+                assert put_back is not None
+                put_back(True)
+                self._keep_out_written_later(trainer, filepath, None)
             elif put_back is not None:
                 put_back(False)  # the rewrite failed: the previous file stays
             raise
