@@ -3690,3 +3690,33 @@ def test_ctrl_c_right_after_each_step_of_a_save_hook_loses_no_checkpoint(
     report = flush_directory(dirpath, stores={"memory": store}, progress=False)
     assert report.failed == 0 and not report.remaining
     _assert_store_equals_folder(store, dirpath)
+
+
+def test_ctrl_c_while_a_save_follows_an_executor_hands_the_executor_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl+C right after a save of an AsyncCheckpointIO subclass began to follow its
+    executor (its ``submit`` wrapped in place, counted) and before the save noted it: the
+    close handed back only the executors noted, and this one stayed wrapped, counted as
+    followed, for good. The Ctrl+C is now held until the follow is noted."""
+    from lamin_lightning import _checkpoint_io
+
+    followed: list[Any] = []
+    real = _checkpoint_io._follow_submissions
+
+    def follow(executor: Any) -> Any:
+        in_place = real(executor)
+        if not followed:
+            followed.append(executor)
+            os.kill(os.getpid(), signal.SIGINT)
+        return in_place
+
+    monkeypatch.setattr(_checkpoint_io, "_follow_submissions", follow)
+    callback = MemoryCheckpoint(
+        MemoryStore(), dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_train_steps=1
+    )
+    _fit_interrupted(tmp_path, callback, plugins=[RenamingAsyncCheckpointIO(TorchCheckpointIO())])
+    monkeypatch.undo()
+    (executor,) = followed
+    assert "submit" not in vars(executor)
+    assert id(executor) not in _checkpoint_io._in_place

@@ -327,7 +327,10 @@ class _TrackingCheckpointIO(_WrappingCheckpointIO):
                     queue._ensure_setup()
                 followed = _FollowedSave(self.tracker, write, queue)
             if followed is not None:
-                followed.follow()
+                # Held too (see ctrl_c_after): raised between an executor followed and its
+                # follow noted, it stayed followed for good (close hands back those noted).
+                with ctrl_c_after():
+                    followed.follow()
             super().save_checkpoint(*args, **kwargs)
             raised = False
         except BaseException as error:
