@@ -2822,3 +2822,37 @@ def test_a_last_checkpoint_written_late_keeps_the_time_it_was_saved_for_ckpt_pat
     )
     again.fit(TinyModel(), loader(8), ckpt_path="last", weights_only=False)  # the probes
     assert again.ckpt_path == str(tmp_path / "B" / "last.ckpt")
+
+
+def test_ctrl_c_right_as_a_snapshot_takes_the_slots_lock_leaves_it_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl+C lands right after ``threading.Condition.__enter__`` (Python code) took the
+    snapshot slots' lock, before the ``with`` block: the block never ran, so its exit
+    never released the lock, and every later use of the slots (the write's release of
+    its slot, the next snapshot, on_exception finishing the write) hung for good (a
+    Ctrl+C sweep over async_write saves). The slots' lock is now taken as a plain lock."""
+    from lamin_lightning._local_write import Snapshotter
+
+    snapshotter = Snapshotter(1)
+    real = threading.Condition.__enter__
+
+    def enter(self: threading.Condition) -> Any:
+        result = real(self)
+        if self is snapshotter._changed:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(threading.Condition, "__enter__", enter)
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            snapshotter.acquire()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        monkeypatch.undo()
+    looked = threading.Thread(target=snapshotter.free_slots, daemon=True)
+    looked.start()
+    looked.join(30)
+    assert not looked.is_alive(), "the slots' lock stayed taken"

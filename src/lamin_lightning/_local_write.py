@@ -306,7 +306,12 @@ class Snapshotter:
     """
 
     def __init__(self, max_snapshots: int) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        # Held as ``with self._lock`` (a lock's own __enter__), not ``with self._changed``:
+        # a Ctrl+C can land right after Condition.__enter__ (Python code) took the lock
+        # and before the block, which then never released it (a snapshot's wait on the
+        # training thread, then every write's release, hung for good).
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._slots = [SnapshotSlot(index) for index in range(max_snapshots)]
         self._free: list[SnapshotSlot] = self._slots[::-1]  # slot 0 on top
         self._preparing: SnapshotSlot | None = None  # see prepare
@@ -315,13 +320,13 @@ class Snapshotter:
         self._hurry = False  # a snapshot waits for the slot being prepared
 
     def free_slots(self) -> int:
-        with self._changed:
+        with self._lock:
             return len(self._free)
 
     def acquire(self) -> tuple[SnapshotSlot, float]:
         """Take a free slot, waiting if none is free (or for the slot being prepared, which
         then stops at its next piece of work); return it and the seconds waited."""
-        with self._changed:
+        with self._lock:
             slot = self._take()
             if slot is not None:
                 return slot, 0.0
@@ -346,7 +351,7 @@ class Snapshotter:
 
     def release(self, slot: SnapshotSlot) -> None:
         """Give a slot back once its snapshot has been written."""
-        with self._changed:
+        with self._lock:
             self._free.append(slot)
             self._changed.notify_all()
 
@@ -369,7 +374,7 @@ class Snapshotter:
         (the thread returned is that one)."""
         if _save_records is None:
             return None  # snapshots are torch.save's bytes here: no buffers to reuse
-        with self._changed:
+        with self._lock:
             running = self._preparing
             if running is not None:  # made next, into the same slot, unless hurried
                 self._queued = (keys, free_others)
@@ -415,7 +420,7 @@ class Snapshotter:
                     # Pinning faulted a pinned buffer's pages in already.
                     if not key[1] and not _touch(buffer, hurried):
                         return
-                with self._changed:  # what was asked for meanwhile (see prepare)
+                with self._lock:  # what was asked for meanwhile (see prepare)
                     queued, self._queued = self._queued, None
                     if queued is None or self._hurry:
                         # Given back under this same lock: a prepare() from now on starts
@@ -431,7 +436,7 @@ class Snapshotter:
                 self._prepared(slot)
 
     def _prepared(self, slot: SnapshotSlot) -> None:
-        with self._changed:
+        with self._lock:
             self._give_back_prepared(slot)
 
     def _give_back_prepared(self, slot: SnapshotSlot) -> None:  # holding self._changed
@@ -441,12 +446,12 @@ class Snapshotter:
 
     def in_use(self) -> bool:
         """Whether a slot is taken by a snapshot or its write (a preparation aside)."""
-        with self._changed:
+        with self._lock:
             return len(self._free) + (self._preparing is not None) < len(self._slots)
 
     def stop_preparing(self) -> None:
         """Have a preparation under way stop at its next piece of work."""
-        with self._changed:
+        with self._lock:
             if self._preparing is not None:
                 self._hurry = True
 
