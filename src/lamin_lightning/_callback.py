@@ -714,7 +714,7 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
                 self._keep_out_written_later(trainer, filepath, late)
             elif (
                 by_rename
-                and not isinstance(error, Exception)
+                and isinstance(error, KeyboardInterrupt)
                 and os.path.isfile(filepath)
                 and not archive_cut_short(filepath)
             ):
@@ -753,11 +753,14 @@ class ArtifactPublishingModelCheckpoint(LightningViewCheckpoint):
         except BaseException as error:
             if (
                 trainer.is_global_zero
-                and not isinstance(error, Exception)
+                and isinstance(error, KeyboardInterrupt)
                 and (kept_out is None or self._ensure_submitter().kept_out == kept_out)
             ):
-                # Neither submitted nor kept out (an interrupt before its submission began).
-                self._keep_out_written_later(trainer, filepath, write or written)
+                # Neither submitted nor kept out (Ctrl+C before its submission began).
+                try:
+                    self._keep_out_written_later(trainer, filepath, write or written)
+                except BaseException:  # no key (the resolver raised again): as below
+                    log.debug("could not keep out the save of %s", filepath, exc_info=True)
             if write is None:
                 raise
             # Lightning's state names the file (best_k_models, best_model_path): it is

@@ -323,7 +323,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
         try:
             self._submit_record(trainer, record, prepare=prepare, write=write)
         except BaseException as error:
-            if submitter.kept_out == kept_out and not isinstance(error, Exception):
+            if submitter.kept_out == kept_out and isinstance(error, KeyboardInterrupt):
                 # Ctrl+C before its journal line (see Submitter.submit): kept out as above.
                 self._keep_out(trainer, snapshot, filepath, staged, prepare, write)
             raise
