@@ -3645,7 +3645,9 @@ def test_ctrl_c_right_after_each_step_of_a_save_hook_loses_no_checkpoint(
     target, name = point
     store = MemoryStore()
     dirpath = tmp_path / "ckpts"
-    arm = _ArmAt(4)  # a new best (step=4.ckpt), step=2.ckpt evicted, last.ckpt rewritten
+    # Step 4: a new best (step=4.ckpt), step=2.ckpt evicted, last.ckpt rewritten; step 3:
+    # only last.ckpt rewritten (the first file set aside is the previous last.ckpt).
+    arm = _ArmAt(3 if name == "move_aside" else 4)
     real = getattr(target, name)
     sent: list[str] = []
 
