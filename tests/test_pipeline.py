@@ -1059,3 +1059,39 @@ def test_a_job_not_ready_waits_without_a_worker_or_the_committer(operation: str)
 
     done = "saved" if operation == "save" else "removed"
     assert rec.delivered == [(done, "waiting"), ("saved", "behind")]
+
+
+def test_ctrl_c_right_as_the_training_thread_takes_the_intake_lock_leaves_it_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl+C lands right after ``threading.Condition.__enter__`` (Python code) took the
+    intake's lock on the training thread (a submission, a flush's wait, a look for
+    escalated errors), before the ``with`` block: the block never ran, so its exit never
+    released the lock, and the intake thread and every later flush hung for good (a
+    Ctrl+C sweep over save hooks and teardown). The lock is now taken as a plain lock."""
+    import contextlib
+    import os
+    import signal
+
+    with running() as (pipe, _):
+        real = threading.Condition.__enter__
+
+        def enter(self: threading.Condition) -> Any:
+            result = real(self)
+            if self is pipe._intake_cond and threading.current_thread() is threading.main_thread():
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        monkeypatch.setattr(threading.Condition, "__enter__", enter)
+        handler = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                pipe.take_escalated()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            monkeypatch.undo()
+        looked = threading.Thread(target=pipe.take_escalated, daemon=True)
+        looked.start()
+        looked.join(30)
+        assert not looked.is_alive(), "the intake's lock stayed taken"

@@ -164,7 +164,11 @@ class PersistencePipeline:
         self._intake: queue.SimpleQueue[tuple[JobSpec, float] | None] = queue.SimpleQueue()
         self._intake_thread: threading.Thread | None = None
         self._closing = False  # stop() began: the intake may find the event loop gone
-        self._intake_cond = threading.Condition()
+        # Taken as ``with self._intake_lock`` (the lock's own __enter__), never through
+        # Condition.__enter__ (Python code): a Ctrl+C right after that took the lock, before
+        # the block, left it held, and the intake and every flush hung for good.
+        self._intake_lock = threading.RLock()
+        self._intake_cond = threading.Condition(self._intake_lock)
         self._submitted = 0
         self._admitted = 0
         # Submitted, not yet admitted (being staged), in submission order; read and popped
@@ -205,7 +209,7 @@ class PersistencePipeline:
             if self._core is not None:
                 return
             self._closing = False
-            with self._intake_cond:
+            with self._intake_lock:
                 self._waiting.clear()  # jobs a previous run abandoned before admission
             self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"{self._name}-loop")
             portal = self._portal_cm.__enter__()
@@ -279,7 +283,7 @@ class PersistencePipeline:
                     log.info("%r was not admitted: persistence stopped", spec.key)
                 else:
                     log.exception("could not admit the job for %r", spec.key)
-            with self._intake_cond:
+            with self._intake_lock:
                 self._admitted += 1
                 self._intake_cond.notify_all()
             del item, spec, error  # hold nothing while waiting (see ThreadLane._main)
@@ -295,11 +299,11 @@ class PersistencePipeline:
         try:
             return await core.admit(spec, submitted_at, size, error)
         finally:
-            with self._intake_cond:
+            with self._intake_lock:
                 self._waiting.popleft()
 
     def _pending_now(self, core: AsyncPipeline) -> list[PendingJob]:
-        with self._intake_cond:
+        with self._intake_lock:
             waiting = list(self._waiting)
         staging = [PendingJob(-1, s.operation, s.key, "staging", s.payload) for s in waiting]
         return [*core.pending(), *staging]
@@ -340,7 +344,7 @@ class PersistencePipeline:
         waited = submitted_at - started if training else 0.0
         self._stats.add(training_stall_seconds=waited, submitted=1, pending=1)
         self._stats.record_max("max_training_stall_seconds", waited)
-        with self._intake_cond:
+        with self._intake_lock:
             self._submitted += 1
             self._waiting.append(spec)
         with self._held_lock:
@@ -453,7 +457,7 @@ class PersistencePipeline:
         )
 
     def _escalate(self, error: BaseException) -> None:
-        with self._intake_cond:
+        with self._intake_lock:
             self._escalated.append(error)
 
     def has_escalated(self) -> bool:
@@ -463,12 +467,12 @@ class PersistencePipeline:
     def take_escalated(self) -> list[BaseException]:
         """Errors (SystemExit, ...) raised by hooks on pipeline threads, to re-raise on the
         caller's thread; each is returned once. No event-loop round trip."""
-        with self._intake_cond:
+        with self._intake_lock:
             taken, self._escalated = self._escalated, []
         return taken
 
     def _wait_intake(self, timeout: float | None) -> bool:
-        with self._intake_cond:
+        with self._intake_lock:
             target = self._submitted
             return self._intake_cond.wait_for(lambda: self._admitted >= target, timeout)
 
