@@ -3722,3 +3722,33 @@ def test_ctrl_c_while_a_save_follows_an_executor_hands_the_executor_back(
     (executor,) = followed
     assert "submit" not in vars(executor)
     assert id(executor) not in _checkpoint_io._in_place
+
+
+def test_ctrl_c_while_teardown_lets_the_journal_go_leaves_it_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C lands in teardown as the callback lets its journal go (taken from the
+    submitter, not yet closed): the journal stayed locked by an object nothing held, and
+    ``lamin-lightning flush`` (or the next fit) in this process found it held by "another
+    process". The Ctrl+C is now raised once the journal is released."""
+    from lamin_lightning import _submit
+
+    real = _submit.keep_until_done
+    sent: list[bool] = []
+
+    def keep(outbox: Any, working: Any = ()) -> None:
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        real(outbox, working)
+
+    monkeypatch.setattr(_submit, "keep_until_done", keep)
+    store = MemoryStore()
+    dirpath = tmp_path / "ckpts"
+    callback = MemoryCheckpoint(store, dirpath=dirpath, save_top_k=-1, every_n_train_steps=1)
+    _fit_interrupted(tmp_path, callback)
+    assert sent
+    monkeypatch.undo()
+    report = flush_directory(dirpath, stores={"memory": store}, progress=False)
+    assert report.failed == 0 and not report.remaining
+    _assert_store_equals_folder(store, dirpath)

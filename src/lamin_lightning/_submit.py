@@ -445,13 +445,18 @@ class Submitter:
 
     def close_outbox(self, working: Sequence[threading.Thread] = ()) -> None:
         """Release this callback's journal and the foreign ones it replayed; with
-        ``working`` (threads of a stopped pipeline still running a job), once they return."""
-        outbox, self.outbox = self.outbox, None
-        self._outbox_plan, self._no_outbox = None, False
-        foreign, self.foreign = self.foreign, []
-        for journal in (outbox, *foreign):
-            if journal is not None:
-                keep_until_done(journal, working)
+        ``working`` (threads of a stopped pipeline still running a job), once they return.
+
+        A Ctrl+C meanwhile is raised once every one is released or handed to its keeper
+        (see ctrl_c_after): raised between, a journal let go here and never closed stayed
+        locked, and a flush or the next fit in this process found it held."""
+        with _sigterm.ctrl_c_after():
+            outbox, self.outbox = self.outbox, None
+            self._outbox_plan, self._no_outbox = None, False
+            foreign, self.foreign = self.foreign, []
+            for journal in (outbox, *foreign):
+                if journal is not None:
+                    keep_until_done(journal, working)
 
     # -- staging ----------------------------------------------------------------------------
 
