@@ -62,6 +62,7 @@ from lamin_lightning._options import (
     OnError,
 )
 from lamin_lightning._retry import RetryPolicy
+from lamin_lightning._sigterm import ctrl_c_after
 from lamin_lightning._submission import refuse_conflicts
 from lamin_lightning._surface import note_persisted, pipeline_job_key
 
@@ -477,22 +478,26 @@ class Checkpoint(ArtifactPublishingModelCheckpoint):
     ) -> dict[Any, Any] | None:
         """Feature values of this checkpoint, read from the trainer at save time."""
         if not self._run_values_collected:
-            self._run_values_collected = True
-            values = self._features.run_feature_values(trainer, self.monitor, self.mode)
-            # An hparam of the model named as an auto feature, with another value
-            # (max_epochs=7 against the trainer's -1): LaminDB's error at this save, as
-            # the reference raises it from add_values, not a failed job at teardown.
-            named = refuse_conflicts(values, self._feature_conflict)
-            self._run_values_pending = values
-            # Journaled with every checkpoint of this fit from now on: a replay records
-            # on the run those it does not have, should no commit of the fit have run
-            # (Ctrl+C or a kill before the first).
-            if self._run is not None:
-                auto = {str(k.name) for k in values if not isinstance(k, str)}
-                self._run_features = tuple(
-                    (name, value, name in auto) for name, value in named.items()
-                )
+            # A Ctrl+C meanwhile is raised once they are kept (see ctrl_c_after): raised
+            # between, they counted as collected and were never recorded on the run.
+            with ctrl_c_after():
+                self._collect_run_values(trainer)
         return self._features.checkpoint_feature_values(trainer, snapshot)
+
+    def _collect_run_values(self, trainer: pl.Trainer) -> None:
+        self._run_values_collected = True
+        values = self._features.run_feature_values(trainer, self.monitor, self.mode)
+        # An hparam of the model named as an auto feature, with another value
+        # (max_epochs=7 against the trainer's -1): LaminDB's error at this save, as
+        # the reference raises it from add_values, not a failed job at teardown.
+        named = refuse_conflicts(values, self._feature_conflict)
+        self._run_values_pending = values
+        # Journaled with every checkpoint of this fit from now on: a replay records
+        # on the run those it does not have, should no commit of the fit have run
+        # (Ctrl+C or a kill before the first).
+        if self._run is not None:
+            auto = {str(k.name) for k in values if not isinstance(k, str)}
+            self._run_features = tuple((name, value, name in auto) for name, value in named.items())
 
     @override
     def _run_features_to_journal(self) -> tuple[tuple[str, Any, bool], ...]:

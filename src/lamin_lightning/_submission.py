@@ -312,7 +312,12 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
                 # The feature hook raised (or Ctrl+C came): the checkpoint Lightning wrote,
                 # and names in its state, is journaled without feature values and kept
                 # from admission, for the flush at exit (or the next setup, or
-                # `lamin-lightning flush`) to persist; then the error goes on.
+                # `lamin-lightning flush`) to persist; then the error goes on. With the
+                # fit's run-level values, if they were collected: no commit of this save
+                # records them otherwise.
+                run_features = self._run_features_to_journal()
+                if run_features:
+                    snapshot = _with_run_features(snapshot, run_features)
                 self._keep_out(trainer, snapshot, filepath, staged, prepare, write)
             else:
                 # No key for it (a resolver of the user's raised): this staging will never

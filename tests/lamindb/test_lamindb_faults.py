@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -680,3 +681,40 @@ def test_callbacks_interrupted_before_their_first_commit_each_get_their_run_valu
     # A second replay (the next setup in the folder, say) adds nothing twice.
     ll.flush_directory(dirpath, progress=False)
     assert run_features(ln, fresh_run) == values
+
+
+def test_ctrl_c_while_the_first_save_collects_the_run_values_still_records_them(
+    ln: Any, fresh_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C lands while the first save reads the run-level values (trainer settings,
+    hparams): they counted as collected before they were kept, so neither that save's
+    journal line nor a later fit of the run in this process carried them, and the run
+    never got them. The read is now held whole: the save is journaled with them and the
+    flush records them."""
+    import lamin_lightning._lamin as lamin_module
+
+    real = lamin_module.refuse_conflicts
+    fired: list[bool] = []
+
+    def refuse_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        named = real(*args, **kwargs)
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return named
+
+    monkeypatch.setattr(lamin_module, "refuse_conflicts", refuse_then_ctrl_c)
+    dirpath = tmp_path / "ckpts"
+    callback = ll.Checkpoint(dirpath=dirpath, every_n_train_steps=1, max_workers=1)
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # Lightning turns a KeyboardInterrupt into SystemExit (and ignores SIGINT after).
+        with pytest.raises(SystemExit):
+            fit(callback, tmp_path, steps=2)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert fired
+    ll.flush_directory(dirpath, progress=False)
+    values = run_features(ln, fresh_run)
+    assert values.get("max_steps") == [2], values
