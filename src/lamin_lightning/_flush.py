@@ -29,7 +29,13 @@ from lamin_lightning._events import (
 from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, journal_paths, keep_until_done, read_unreadable
 from lamin_lightning._progress import drain_with_progress, progress_bar
-from lamin_lightning._replay import open_unheld, outbox_roots, pending_in, replay_jobs
+from lamin_lightning._replay import (
+    FolderFlags,
+    open_unheld,
+    outbox_roots,
+    pending_in,
+    replay_jobs,
+)
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning.store import ArtifactStore, StoreResolver
 
@@ -115,8 +121,9 @@ def flush_directory(
     outboxes: list[Outbox] = []
     put_back_in(dirpath)  # a crash mid-rewrite left the previous checkpoint aside
     broken: list[tuple[Path, OSError]] = []
+    committed: FolderFlags = {}  # read before a journal with nothing pending is deleted
     for root in roots:
-        found, busy = open_unheld(root, broken=broken)
+        found, busy = open_unheld(root, broken=broken, committed=committed)
         outboxes.extend(found)
         report.busy.extend(busy)
     for path, error in broken:  # made unwritable, a folder in its place: the others go on
@@ -177,7 +184,9 @@ def flush_directory(
     pipeline.start()
     bar = None
     try:
-        specs, report.refused = replay_jobs(work, resolver, outcome=record_outcome)
+        specs, report.refused = replay_jobs(
+            work, resolver, outcome=record_outcome, committed=committed
+        )
         sizes = {id(spec.payload): spec.size_bytes for spec in specs}
         bar = progress_bar(sum(sizes.values()), enabled=progress, unit="B", files=len(specs))
         for spec in specs:

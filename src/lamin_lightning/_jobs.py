@@ -43,6 +43,24 @@ _V1_PUBLISHERS = {
 
 
 @dataclass(frozen=True)
+class CommittedFlags:
+    """What the saves committed under a prefix before a crash left flagged, as the
+    journals of its folder record them (``_journal.folder_flags``): where a replayed
+    save starts from, as a live commit starts from the saves the callbacks of its
+    folder committed before it (see ``LaminStore._apply_flags``). Sequences are on the
+    scale of :attr:`CheckpointSnapshot.sequence` (:func:`replayed_sequence`).
+
+    Attributes:
+        last: (sequence, key, ranking, best_key) of the newest committed save.
+        best: (sequence, key) of the newest committed save that was its callback's
+            best, or None.
+    """
+
+    last: tuple[int, str, tuple[str, ...], str | None]
+    best: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True)
 class CheckpointSnapshot:
     """What a checkpoint job knows about training, frozen at submission.
 
@@ -82,6 +100,9 @@ class CheckpointSnapshot:
             made before it, by any callback. 0: unknown (a snapshot made by hand, a
             journal without times), ordered by its commit instead. Not journaled, not
             compared.
+        committed: For a replayed save of a folder where several callbacks journaled
+            committed saves: what those saves left flagged (see
+            :class:`CommittedFlags`), to take turns with. Not journaled, not compared.
     """
 
     key: str
@@ -102,6 +123,7 @@ class CheckpointSnapshot:
     auto_features: frozenset[str] = frozenset()
     run_features: tuple[tuple[str, Any, bool], ...] = ()
     sequence: int = field(default=0, compare=False)
+    committed: CommittedFlags | None = field(default=None, compare=False)
 
 
 _SEQUENCE_LOCK = threading.Lock()

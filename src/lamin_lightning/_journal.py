@@ -20,11 +20,16 @@ Lines::
 
     {"t": "job", "id": "<hex>", "entry": {...}}      # admitted (durable)
     {"t": "done", "id": "<hex>", "status": "saved"}  # finished
-    {"t": "flags", "prefix": "...", "at": 1.7e9}     # newest committed checkpoint save
+    {"t": "flags", "prefix": "...", "at": 1.7e9, ...}  # newest committed checkpoint save
 
 The ``flags`` line (also carried by the ``done`` line of a checkpoint save) records
 when the newest *committed* checkpoint of a prefix was submitted: a replayed older
-save then leaves the flags and ranks of that prefix alone.
+save then leaves the flags and ranks of that prefix alone. Written by a compaction, it
+also says what that save flagged (``key``, ``ranking``, ``best_key``) and the newest
+committed save that was its callback's best (``best``: ``[at, key]``), which a ``done``
+line's job line tells until then: the replays of several callbacks' journals of one
+folder start from what all of them committed (:func:`folder_flags`). Readers of an
+earlier version read ``at`` only.
 
 A torn last line (a crash or a full disk mid-write) is ignored when read, and cut
 off before the next append, so it never swallows the next job. The file is
@@ -52,7 +57,14 @@ from typing import IO, Any
 
 from lamin_lightning import _flocks
 from lamin_lightning._errors import OutboxInUseError
-from lamin_lightning._jobs import JobRecord, decode, encode, relocate
+from lamin_lightning._jobs import (
+    CommittedFlags,
+    JobRecord,
+    decode,
+    encode,
+    relocate,
+    replayed_sequence,
+)
 from lamin_lightning._staging import (
     STAGED_DIRNAME,
     UNIQUE_NAME,
@@ -235,15 +247,88 @@ def _whole_line(data: bytes) -> bool:
 
 
 class _State:
-    """What a journal's lines say: pending entries (raw, by id) and the flags marks."""
+    """What a journal's lines say: pending entries (raw, by id) and the flags marks.
+
+    Per prefix, beside the time of the newest committed checkpoint save
+    (:attr:`flags_at`): that save's key, ranking and best key (:attr:`last`), and the
+    time and key of the newest committed save that was its callback's best
+    (:attr:`best`), from the job line of the save a ``done`` line settles, or from a
+    compacted ``flags`` line. A prefix marked by a line that tells its time only (a
+    journal of an earlier version) is :attr:`unknown`: what it flagged is not known.
+    """
 
     def __init__(self) -> None:
         self.pending: dict[str, dict[str, Any]] = {}
         self.flags_at: dict[str, float] = {}
+        self.last: dict[str, tuple[float, str, tuple[str, ...], str | None]] = {}
+        self.best: dict[str, tuple[float, str]] = {}
+        self.unknown: set[str] = set()
 
-    def mark(self, prefix: Any, at: Any) -> None:
-        if isinstance(prefix, str) and isinstance(at, int | float):
-            self.flags_at[prefix] = max(float(at), self.flags_at.get(prefix, 0.0))
+    def mark(self, prefix: Any, at: Any, saved: Any = None) -> None:
+        """Mark the commit of a checkpoint save under ``prefix`` submitted at ``at``;
+        ``saved``: its journaled entry (None: a line that tells the time only)."""
+        if not (isinstance(prefix, str) and isinstance(at, int | float)):
+            return
+        self.flags_at[prefix] = max(float(at), self.flags_at.get(prefix, 0.0))
+        snapshot = saved.get("snapshot") if isinstance(saved, dict) else None
+        key = saved.get("key") if isinstance(saved, dict) else None
+        if not isinstance(snapshot, dict) or not isinstance(key, str):
+            self.unknown.add(prefix)
+            return
+        best = (float(at), key) if snapshot.get("is_best") is True else None
+        self._note(prefix, float(at), key, snapshot.get("ranking"), snapshot.get("best_key"), best)
+
+    def mark_line(self, item: dict[str, Any]) -> None:
+        """A ``flags`` line: the time, and (written by this version) what was flagged."""
+        prefix, at, key = item.get("prefix"), item.get("at"), item.get("key")
+        if not isinstance(key, str):  # an earlier version's line: the time only
+            self.mark(prefix, at)
+            return
+        if not (isinstance(prefix, str) and isinstance(at, int | float)):
+            return
+        self.flags_at[prefix] = max(float(at), self.flags_at.get(prefix, 0.0))
+        best = item.get("best")
+        newest_best = None
+        if (
+            isinstance(best, list)
+            and len(best) == 2
+            and isinstance(best[0], int | float)
+            and isinstance(best[1], str)
+        ):
+            newest_best = (float(best[0]), best[1])
+        self._note(prefix, float(at), key, item.get("ranking"), item.get("best_key"), newest_best)
+
+    def _note(
+        self,
+        prefix: str,
+        at: float,
+        key: str,
+        ranking: Any,
+        best_key: Any,
+        best: tuple[float, str] | None,
+    ) -> None:
+        last = self.last.get(prefix)
+        if last is None or at >= last[0]:
+            names = tuple(str(k) for k in ranking) if isinstance(ranking, list) else ()
+            self.last[prefix] = (at, key, names, best_key if isinstance(best_key, str) else None)
+        if best is not None:
+            have = self.best.get(prefix)
+            if have is None or best[0] >= have[0]:
+                self.best[prefix] = best
+
+    def flags_line(self, prefix: str, at: float) -> dict[str, Any]:
+        """The ``flags`` line of a compacted journal for ``prefix``: its time, and what
+        its newest committed save flagged where that is known (older readers read the
+        time only)."""
+        line: dict[str, Any] = {"t": "flags", "prefix": prefix, "at": at}
+        last = self.last.get(prefix)
+        if prefix in self.unknown or last is None:
+            return line
+        line.update(key=last[1], ranking=list(last[2]), best_key=last[3])
+        best = self.best.get(prefix)
+        if best is not None:
+            line["best"] = [best[0], best[1]]
+        return line
 
     def read(self, lines: Iterator[bytes], path: Path) -> _State:
         for number, line in enumerate(lines, 1):
@@ -266,10 +351,10 @@ class _State:
                     "entry"
                 ]
             elif kind == "done":
-                self.pending.pop(str(item.get("id")), None)
-                self.mark(item.get("prefix"), item.get("at"))
+                saved = self.pending.pop(str(item.get("id")), None)
+                self.mark(item.get("prefix"), item.get("at"), saved)
             elif kind == "flags":
-                self.mark(item.get("prefix"), item.get("at"))
+                self.mark_line(item)
             elif kind == "written":
                 # A background write completed the file of a pending save (see
                 # Outbox.mark_written): its entry carries the file's identity from now on.
@@ -336,6 +421,42 @@ def read_journal(
     except FileNotFoundError:
         return [], {}
     return state.records(path), state.flags_at
+
+
+def folder_flags(root: str | os.PathLike[str]) -> dict[str, tuple[frozenset[str], CommittedFlags]]:
+    """Per prefix, what the committed checkpoint saves that the journals of the working
+    folder ``root`` record left flagged (:class:`CommittedFlags`), with the names of the
+    journals that record one, without locking them: where a replay starts from.
+
+    A prefix that a journal of an earlier version marked (its time only) is left out,
+    and so is every prefix where a journal cannot be read: nothing is known of them.
+    """
+    states: list[tuple[str, _State]] = []
+    for path in journal_paths(root):
+        try:
+            with path.open("rb") as handle:
+                states.append((path.name, _State().read(iter(handle), path)))
+        except FileNotFoundError:
+            continue  # emptied and deleted meanwhile
+        except OSError:
+            return {}
+    out: dict[str, tuple[frozenset[str], CommittedFlags]] = {}
+    prefixes = {prefix for _, state in states for prefix in state.flags_at}
+    for prefix in prefixes:
+        marked = [(name, state) for name, state in states if prefix in state.flags_at]
+        if any(prefix in state.unknown or prefix not in state.last for _, state in marked):
+            continue
+        last = max((state.last[prefix] for _, state in marked), key=lambda mark: mark[0])
+        bests = [state.best[prefix] for _, state in marked if prefix in state.best]
+        best = max(bests, key=lambda mark: mark[0]) if bests else None
+        out[prefix] = (
+            frozenset(name for name, _ in marked),
+            CommittedFlags(
+                last=(replayed_sequence(last[0]), *last[1:]),
+                best=(replayed_sequence(best[0]), best[1]) if best is not None else None,
+            ),
+        )
+    return out
 
 
 _REPLACES_NOTHING = frozenset({"kept", "lost"})
@@ -787,7 +908,7 @@ class Outbox:
             ):
                 prefix = str(key).rsplit("/", 1)[0] if "/" in str(key) else ""
                 done.update(prefix=prefix, at=entry.get("time"))
-                self._state.mark(prefix, entry.get("time"))
+                self._state.mark(prefix, entry.get("time"), entry)
             self._write(done)
             del pending[job_id]
             compact = (
@@ -956,8 +1077,7 @@ class Outbox:
     def _compacted_lines(self) -> list[bytes]:
         """What a compacted journal holds: the flags marks, then the pending jobs."""
         lines = [
-            _line({"t": "flags", "prefix": prefix, "at": at})
-            for prefix, at in self._state.flags_at.items()
+            _line(self._state.flags_line(prefix, at)) for prefix, at in self._state.flags_at.items()
         ]
         lines += [
             _line({"t": "job", "id": job_id, "entry": entry})

@@ -139,15 +139,17 @@ class _PrefixFlags:
 
     Attributes:
         stores: The stores that use it (since their last ``reset``).
-        latest: (sequence, snapshot) of the last save committed under the prefix, by
-            submission order (:attr:`CheckpointSnapshot.sequence`).
+        latest: (sequence, key, ranking, best key) of the last save committed under the
+            prefix, by submission order (:attr:`CheckpointSnapshot.sequence`).
         best: (sequence, key) of the last save committed that was its callback's best.
+        Both count the saves a crashed process committed, as a replay tells them
+        (:attr:`CheckpointSnapshot.committed`).
     """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.stores: weakref.WeakSet[LaminStore] = weakref.WeakSet()
-        self.latest: tuple[int, CheckpointSnapshot] | None = None
+        self.latest: tuple[int, str, tuple[str, ...], str | None] | None = None
         self.best: tuple[int, str] | None = None
         self.reset()
 
@@ -860,8 +862,16 @@ class LaminStore:
         if not names:
             return
         flags = self._flags_of(prefix)
+        committed = snapshot.committed  # a replay's: what the crashed process committed
+        if committed is not None:
+            if flags.latest is None or committed.last[0] > flags.latest[0]:
+                flags.latest = committed.last
+            if committed.best is not None and (
+                flags.best is None or committed.best[0] > flags.best[0]
+            ):
+                flags.best = committed.best
         if flags.latest is None or sequence >= flags.latest[0]:
-            flags.latest = (sequence, snapshot)
+            flags.latest = (sequence, snapshot.key, snapshot.ranking, snapshot.best_key)
         if snapshot.is_best and (flags.best is None or sequence >= flags.best[0]):
             flags.best = (sequence, snapshot.key)
         if not flags.loaded:
@@ -875,19 +885,20 @@ class LaminStore:
             # The key's own prefix, and those above it that were loaded before it existed.
             if other is flags or (other.loaded and snapshot.key.startswith(other.prefix + "/")):
                 other.key_to_id[snapshot.key] = artifact.id
-        if len(flags.stores) > 1 and flags.latest is not None:
-            # Several callbacks in the folder: as the reference, the last save's flags,
-            # and the best of the last save that was best, whichever commits last.
-            last = flags.latest[1]
-            best_key = flags.best[1] if flags.best is not None else last.best_key
+        if (len(flags.stores) > 1 or committed is not None) and flags.latest is not None:
+            # Several callbacks in the folder (here, or committed before a crash): as
+            # the reference, the last save's flags, and the best of the last save that
+            # was best, whichever commits last.
+            _, last_key, ranking, latest_best = flags.latest
+            best_key = flags.best[1] if flags.best is not None else latest_best
         else:
-            last, best_key = snapshot, snapshot.best_key
-        ranks = {key: rank for rank, key in enumerate(last.ranking)}
+            last_key, ranking, best_key = snapshot.key, snapshot.ranking, snapshot.best_key
+        ranks = {key: rank for rank, key in enumerate(ranking)}
         changed: dict[int, dict[str, Any]] = {}
         for key, artifact_id in flags.key_to_id.items():
             want = {
                 "is_best_model": key == best_key,
-                "is_last_model": key == last.key,
+                "is_last_model": key == last_key,
                 "model_rank": ranks.get(key),
             }
             want = {n: want[n] for n in names}

@@ -15,6 +15,7 @@ record names (chosen from the registry). ``lamin-lightning flush DIR`` is
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import os
@@ -31,9 +32,10 @@ from lamin_lightning._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
 )
-from lamin_lightning._jobs import JobRecord
+from lamin_lightning._jobs import CommittedFlags, JobRecord
 from lamin_lightning._journal import (
     Outbox,
+    folder_flags,
     held_in_this_process,
     journal_paths,
     read_pending,
@@ -328,10 +330,17 @@ def open_unheld(
     root: Path,
     skip: Callable[[Path], bool] = lambda _: False,
     broken: list[tuple[Path, OSError]] | None = None,
+    committed: FolderFlags | None = None,
 ) -> tuple[list[Outbox], list[Path]]:
     """Open every journal under ``root`` that nobody holds and that has pending jobs;
     also list those another holder has. ``skip`` leaves journals alone. A journal that
-    cannot be opened raises, or, given ``broken``, is listed there and left alone."""
+    cannot be opened raises, or, given ``broken``, is listed there and left alone.
+
+    ``committed``: where to note what the journals of ``root`` say its committed saves
+    flagged (:func:`read_folder_flags`), read before a journal with nothing pending is
+    closed, which deletes it: for :func:`replay_jobs`."""
+    if committed is not None:
+        read_folder_flags(root, committed)
     opened: list[Outbox] = []
     busy: list[Path] = []
     for path in journal_paths(root):
@@ -353,6 +362,17 @@ def open_unheld(
         else:
             outbox.close()
     return opened, busy
+
+
+FolderFlags = dict[str, dict[str, tuple[frozenset[str], CommittedFlags]]]
+"""Per working folder (absolute), :func:`_journal.folder_flags`."""
+
+
+def read_folder_flags(root: Path, committed: FolderFlags) -> None:
+    """Note in ``committed`` what the journals of ``root`` say (once per folder)."""
+    where = os.path.abspath(root)
+    if where not in committed:
+        committed[where] = folder_flags(root)
 
 
 Pending = tuple[Outbox, str, JobRecord]
@@ -385,6 +405,7 @@ def unfinished(
     dirpath: Path,
     logger_layout: tuple[Path, str] | None,
     sibling_skip_digests: set[str] | None = None,
+    committed: FolderFlags | None = None,
 ) -> list[Outbox]:
     """Open the journals whose jobs a callback holding ``own`` finishes at ``setup``.
 
@@ -398,7 +419,8 @@ def unfinished(
     warning naming ``lamin-lightning flush`` (one another callback of this process holds
     is its to replay). The journals opened stay locked until the caller closes them, so
     nobody replays them twice. What a crash left aside in a
-    sibling version is put back first (:func:`_aside.put_back_in`).
+    sibling version is put back first (:func:`_aside.put_back_in`). ``committed``: see
+    :func:`open_unheld`.
     """
     in_siblings = skip_digests if sibling_skip_digests is None else sibling_skip_digests
 
@@ -410,14 +432,14 @@ def unfinished(
 
     opened: list[Outbox] = []
     for folder in dict.fromkeys([root, *outbox_roots(dirpath)]):
-        found, _ = open_unheld(folder, skip=skip)
+        found, _ = open_unheld(folder, skip=skip, committed=committed)
         opened.extend(found)
     for folder in _sibling_version_roots(dirpath, logger_layout):
         # A last.ckpt whose rewrite a crash cut short there: the previous one comes back
         # first, and the interrupted save is dropped (as the setup of that version does),
         # before its journal is opened, and locked, here.
         put_back_in(folder)
-        found, busy = open_unheld(folder, skip=skip_sibling)
+        found, busy = open_unheld(folder, skip=skip_sibling, committed=committed)
         opened.extend(found)
         for path in busy:
             if held_in_this_process(path):
@@ -528,11 +550,16 @@ def replay_jobs(
     *,
     trainer: Any = None,
     outcome: Outcome | None = None,
+    committed: FolderFlags | None = None,
 ) -> tuple[list[JobSpec], list[tuple[JobRecord, BaseException]]]:
     """The replay job of every pending record, in journal order, and the records that
-    cannot be replayed here (with why: an unknown store, another instance)."""
+    cannot be replayed here (with why: an unknown store, another instance).
+
+    ``committed``: what the journals of each folder said before those with nothing
+    pending were deleted (see :func:`open_unheld`); a folder not in it is read now."""
     specs: list[JobSpec] = []
     refused: list[tuple[JobRecord, BaseException]] = []
+    folders: FolderFlags = dict(committed or {})
     # Per journal, only the last job of a key matters: a later save replaces an earlier
     # one, a later removal deletes it. Settle the moot ones without replaying them (a
     # save evicted before the crash may have no file left to upload).
@@ -628,7 +655,7 @@ def replay_jobs(
         fresh = record.submitted_at >= outbox.flags_at(record.prefix)
         specs.append(
             build_job(
-                record,
+                _with_committed_flags(record, outbox.path, folders) if fresh else record,
                 store,
                 trainer=trainer,
                 recovered=True,
@@ -638,6 +665,24 @@ def replay_jobs(
             )
         )
     return specs, refused
+
+
+def _with_committed_flags(record: JobRecord, journal: Path, folders: FolderFlags) -> JobRecord:
+    """``record``, a replayed checkpoint save, carrying what the committed saves of its
+    folder left flagged (:attr:`CheckpointSnapshot.committed`) where the folder's other
+    journals committed saves under its prefix too (several callbacks): its commit then
+    takes turns with them at the flags, as it did live, although those saves committed
+    in the crashed process. (Read once per folder and replay, before any of its jobs
+    commits.) A journal alone under its prefix replays as before.
+    """
+    snapshot = record.checkpoint
+    if record.op != "save" or snapshot is None:
+        return record
+    read_folder_flags(journal.parent, folders)
+    found = folders[os.path.abspath(journal.parent)].get(record.prefix)
+    if found is None or not found[0] - {journal.name}:
+        return record
+    return dataclasses.replace(record, checkpoint=dataclasses.replace(snapshot, committed=found[1]))
 
 
 # What a replayed save's transfer returns instead of an artifact when the store holds a

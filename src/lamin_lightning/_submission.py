@@ -36,7 +36,7 @@ from lamin_lightning._jobs import CheckpointSnapshot, JobRecord, feature_value, 
 from lamin_lightning._options import OnError, as_float, validate_flush_timeout
 from lamin_lightning._pipeline import PendingJob
 from lamin_lightning._progress import flush_with_progress
-from lamin_lightning._replay import pending_in, unfinished
+from lamin_lightning._replay import FolderFlags, pending_in, unfinished
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._sigterm import ctrl_c_after
 from lamin_lightning._staging import absolute, staging_root
@@ -493,6 +493,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             and isinstance(other, SubmittingCheckpoint)
             and _replays(other, root, trainer)
         ]
+        committed: FolderFlags = {}  # read before a journal with nothing pending is deleted
         others = unfinished(
             own,
             root=root,
@@ -502,6 +503,7 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             },
             dirpath=Path(self.dirpath or "."),
             logger_layout=layout,
+            committed=committed,
         )
         submitter.foreign.extend(others)
         work = pending_in([*([own] if own is not None else []), *others])
@@ -516,7 +518,9 @@ class SubmittingCheckpoint(ArtifactHooks, ModelCheckpoint):
             own=own.path if own is not None else None,
             make={self.store_name: self.sibling_replay_store} if mine is not None else None,
         )
-        return submitter.replay(work, resolver, trainer=trainer, outcome=self._on_outcome)
+        return submitter.replay(
+            work, resolver, trainer=trainer, outcome=self._on_outcome, committed=committed
+        )
 
     # -- committer thread ---------------------------------------------------------------
 

@@ -38,7 +38,14 @@ from lamin_lightning._jobs import JobRecord
 from lamin_lightning._journal import Outbox, held_in_this_process, keep_until_done
 from lamin_lightning._names import release_name, take_name
 from lamin_lightning._pipeline import JobSpec
-from lamin_lightning._replay import Outcome, Pending, Settle, build_job, replay_jobs
+from lamin_lightning._replay import (
+    FolderFlags,
+    Outcome,
+    Pending,
+    Settle,
+    build_job,
+    replay_jobs,
+)
 from lamin_lightning._retry import RetryPolicy
 from lamin_lightning._staging import (
     NO_LINKS,
@@ -349,6 +356,7 @@ class Submitter:
         *,
         trainer: Any,
         outcome: Outcome | None,
+        committed: FolderFlags | None = None,
     ) -> int:
         """Queue the replay of ``pending`` ahead of any new job; return how many were queued.
 
@@ -356,7 +364,9 @@ class Submitter:
         does not wait for storage, however long the outbox, and training starts while
         they run; new jobs then queue behind them as usual.
         """
-        specs, _ = replay_jobs(pending, store_for, trainer=trainer, outcome=outcome)
+        specs, _ = replay_jobs(
+            pending, store_for, trainer=trainer, outcome=outcome, committed=committed
+        )
         pipeline = self.ensure_pipeline()
         for spec in specs:
             pipeline.submit(dataclasses.replace(spec, beyond_limit=True), training=False)

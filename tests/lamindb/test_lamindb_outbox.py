@@ -1203,17 +1203,6 @@ def _flags_of_uninterrupted_fit(
     return flags
 
 
-# Known gap: where one callback's saves were all persisted before the crash and the
-# other's are replayed, the replay knows the flags of its own journal only: a journal
-# marks the time of its newest committed save (Outbox.flags_at), not which of its saves
-# was best, nor is a replay checked against the other journals of its folder. A replay
-# of b (a persisted) flags b's best, not a-step=8; a replay of a (b persisted) turns
-# is_last_model and model_rank back to a's last save.
-_GAP = pytest.mark.xfail(
-    strict=True, reason="a replay does not see the flags of the folder's other journals"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("shared", "then", "free"),
@@ -1223,8 +1212,8 @@ _GAP = pytest.mark.xfail(
         pytest.param(True, "rerun_a", "", id="one_folder-rerun_a"),
         pytest.param(False, "flush", "", id="two_folders-flush"),
         *(
-            pytest.param(True, then, free, id=f"one_folder-{then}-{free}_persisted", marks=_GAP)
-            for then in ("flush", "rerun")
+            pytest.param(True, then, free, id=f"one_folder-{then}-{free}_persisted")
+            for then in ("flush", "rerun", "rerun_a")
             for free in "ab"
         ),
     ],
@@ -1240,7 +1229,12 @@ def test_two_callbacks_sigkilled_after_their_last_saves_end_with_the_flags_of_an
     eight steps leaves them. Before, the flush replayed both callbacks' journals through
     one store, which flagged as best the best of the callback that saved last
     (``b-step=7.ckpt``), not the last save that was its callback's best
-    (``a-step=8.ckpt``), as the fit, the reference and a rerun do."""
+    (``a-step=8.ckpt``), as the fit, the reference and a rerun do. And where one
+    callback's saves were all persisted before the crash, the replay of the other's
+    knew only its own journal: it flagged its callback's best (``a`` persisted), or its
+    callback's last save and ranking (``b`` persisted); it now starts from what every
+    journal of the folder says was committed, read before the flush (or a setup)
+    deletes a journal with nothing pending."""
     expected = _flags_of_uninterrupted_fit(ln, tmp_path, shared, 8)
     if shared:
         assert expected == FLAGS_AFTER_8_STEPS
