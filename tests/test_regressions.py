@@ -1008,3 +1008,41 @@ def test_a_journal_both_callbacks_of_the_next_logger_version_may_replay_is_repla
     assert stored.sha256 == sha256_file(local)
     assert not journal.exists() or read_pending(journal) == []
     assert not [r for r in caplog.records if "another process still holds" in r.getMessage()]
+
+
+def test_ctrl_c_right_as_a_replay_waits_for_a_name_leaves_the_names_lock_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl+C lands right after ``threading.Condition.__enter__`` (Python code) took the
+    lock of the names being written, on the training thread waiting for a background
+    write before a replay (setup, a flush in the process): the ``with`` block never ran,
+    so its exit never released the lock, and every later save, write and flush of the
+    process hung on it. The lock is now taken as a plain lock."""
+    import contextlib
+    import os
+    import signal
+
+    from lamin_lightning import _names
+
+    real = threading.Condition.__enter__
+
+    def enter(self: threading.Condition) -> Any:
+        result = real(self)
+        if self is _names._names_released and threading.current_thread() is threading.main_thread():
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(threading.Condition, "__enter__", enter)
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            _names.wait_until_written(["some.ckpt"], 0)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        monkeypatch.undo()
+    took = threading.Thread(target=_names.take_name, args=("other.ckpt",), daemon=True)
+    took.start()
+    took.join(30)
+    assert not took.is_alive(), "the names' lock stayed taken"
+    _names.release_name("other.ckpt")

@@ -56,7 +56,9 @@ def wait_until_written(paths: Iterable[str | os.PathLike[str]], timeout: float) 
     """
     names = {os.path.abspath(path) for path in paths}
     deadline = time.monotonic() + timeout
-    with _names_released:
+    # The lock itself, not the Condition: its __enter__ is Python code, and a Ctrl+C
+    # right after it took the lock, before the block, left the lock taken for good.
+    with _names_lock:
         while True:
             busy = {name for name in names if name in _names_taken}
             left = deadline - time.monotonic()
