@@ -3752,3 +3752,25 @@ def test_ctrl_c_while_teardown_lets_the_journal_go_leaves_it_released(
     report = flush_directory(dirpath, stores={"memory": store}, progress=False)
     assert report.failed == 0 and not report.remaining
     _assert_store_equals_folder(store, dirpath)
+
+
+def test_a_ctrl_c_held_inside_a_block_that_then_raises_is_not_lost() -> None:
+    """A Ctrl+C held by ``ctrl_c_after`` (a save's step on the training thread) is raised
+    even when the block then raises an error (a user's key resolver, a feature conflict,
+    a full disk): unheld, it had been raised where it landed, before that error; held and
+    dropped, the user's Ctrl+C never stopped anything, and a caller that handles the
+    error went on training."""
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised, ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise ValueError("the resolver raised")
+        assert isinstance(raised.value.__context__, ValueError)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # No Ctrl+C: the error goes on as it is.
+        with pytest.raises(ValueError), ctrl_c_after():
+            raise ValueError("the resolver raised")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, handler)

@@ -88,6 +88,12 @@ def ctrl_c_after() -> Iterator[None]:
     signal.signal(sigint, hold)
     try:
         yield
+    except Exception:
+        if received:
+            # Held, then the block raised (a user's resolver, a full disk): unheld, the
+            # Ctrl+C had been raised first, where it landed; dropped, it stopped nothing.
+            raise KeyboardInterrupt  # noqa: B904 - the error stays its __context__
+        raise
     finally:
         if signal.getsignal(sigint) is hold:
             signal.signal(sigint, signal.default_int_handler)
