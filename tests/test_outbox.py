@@ -1882,3 +1882,39 @@ def test_a_mark_after_its_journal_was_closed_reaches_the_journal_file(
     later.close()
     records = dict(read_pending(later.path))
     assert records[save].written_file == (1, 2, 3) and records[removal].handed_over
+
+
+@pytest.mark.parametrize("tail", ["torn", "whole_but_its_newline"])
+def test_a_mark_appended_after_close_deals_with_a_torn_last_line_as_open_does(
+    tmp_path: Path, tail: str
+) -> None:
+    """A mark appended to a journal no one holds (see
+    test_a_mark_after_its_journal_was_closed_reaches_the_journal_file), whose last line a
+    holder killed mid-write left torn: a part of a line is cut off, not ended with a
+    newline and left as a damaged line that every read warns about; a line whole but for
+    its newline is ended, and kept."""
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    save = outbox.append(
+        JobRecord(
+            op="save",
+            kind="checkpoint",
+            key="k/a.ckpt",
+            local_path=str(tmp_path / "a.ckpt"),
+            marks_written=True,
+        )
+    )
+    outbox.close()
+    from lamin_lightning._jobs import encode
+
+    extra = _job("save", "k/b.ckpt")
+    line = json.dumps({"t": "job", "id": "b-1", "entry": encode(extra)}).encode()
+    with open(outbox.path, "ab") as handle:
+        handle.write(line[: len(line) // 2] if tail == "torn" else line)
+    outbox.mark_written(save, (1, 2, 3))
+    raw = outbox.path.read_bytes()
+    assert raw.endswith(b"\n") and (line in raw) == (tail == "whole_but_its_newline")
+    assert all(json.loads(piece) for piece in raw.splitlines() if piece.strip())
+    records = dict(read_pending(outbox.path))
+    assert records[save].written_file == (1, 2, 3)
+    assert ("b-1" in records) == (tail == "whole_but_its_newline")

@@ -1123,10 +1123,17 @@ def _append_unheld(path: str, item: dict[str, Any]) -> bool:
         except FileNotFoundError:
             return True
         size = os.fstat(fd).st_size
-        # A torn last line (a holder killed mid-write) is ended first, as open() would.
-        data = memoryview(
-            (b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b"") + _line(item)
-        )
+        lead = b""
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            # A torn last line (a holder killed mid-write), dealt with as open() does: one
+            # whole but for its newline is ended; a part of one is cut off.
+            raw = os.pread(fd, size, 0)
+            cut = raw.rfind(b"\n") + 1
+            if _whole_line(raw[cut:]):
+                lead = b"\n"
+            else:
+                os.ftruncate(fd, cut)
+        data = memoryview(lead + _line(item))
         while data:
             data = data[os.write(fd, data) :]
         os.fsync(fd)
