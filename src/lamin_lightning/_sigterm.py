@@ -26,6 +26,12 @@ from types import FrameType
 
 log = logging.getLogger("lamin_lightning")
 
+try:  # the C module under ``signal``: the same handlers, not wrapped in enums
+    import _signal as _signals  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - another Python implementation
+    _signals = signal
+_SIGINT = int(signal.SIGINT)
+
 
 @contextmanager
 def sigterm_after_flush(flush_timeout: float | None) -> Iterator[None]:
@@ -70,11 +76,14 @@ def ctrl_c_after() -> Iterator[None]:
     file, after it did its work (kept the file, archived it) but before its journal mark,
     it left a replay keeping the evicted checkpoint's artifact, as for a removal never
     made. Held, the removal and its mark end together, or (a second Ctrl+C) neither is
-    known to have happened."""
-    sigint = signal.SIGINT
+    known to have happened.
+
+    A save's path holds a few times (each step and the journal line recording it), so the
+    handlers are read and set through ``_signal``, as ``signal`` does, without its
+    conversion of each to an enum: that doubled a hold's cost on the training thread."""
     if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(sigint) is not signal.default_int_handler
+        threading.get_ident() != threading.main_thread().ident
+        or _signals.getsignal(_SIGINT) is not signal.default_int_handler
     ):
         yield
         return
@@ -85,7 +94,7 @@ def ctrl_c_after() -> Iterator[None]:
             raise KeyboardInterrupt
         received.append(signum)
 
-    signal.signal(sigint, hold)
+    _signals.signal(_SIGINT, hold)
     try:
         yield
     except Exception:
@@ -95,7 +104,7 @@ def ctrl_c_after() -> Iterator[None]:
             raise KeyboardInterrupt  # noqa: B904 - the error stays its __context__
         raise
     finally:
-        if signal.getsignal(sigint) is hold:
-            signal.signal(sigint, signal.default_int_handler)
+        if _signals.getsignal(_SIGINT) is hold:
+            _signals.signal(_SIGINT, signal.default_int_handler)
     if received:
         raise KeyboardInterrupt
