@@ -368,3 +368,40 @@ def run_ranks(
     except subprocess.TimeoutExpired as expired:
         stderr = expired.stderr
         pytest.fail(f"{command[0]} did not finish within {timeout}s (deadlock?): {stderr!r}")
+
+
+def ctrl_c_right_after_entering(
+    monkeypatch: pytest.MonkeyPatch, condition: threading.Condition, call: Callable[[], Any]
+) -> None:
+    """Run ``call()`` on this (the main) thread with a Ctrl+C landing right after
+    ``threading.Condition.__enter__`` (Python code) took ``condition``'s lock, before the
+    ``with`` block that entered it runs; the KeyboardInterrupt, if raised, is swallowed."""
+    import contextlib
+    import signal
+
+    real = threading.Condition.__enter__
+
+    def enter(self: threading.Condition) -> Any:
+        result = real(self)
+        if self is condition and threading.current_thread() is threading.main_thread():
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(threading.Condition, "__enter__", enter)
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            call()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        monkeypatch.undo()
+
+
+def returns_on_another_thread(call: Callable[[], Any], timeout: float = 30) -> bool:
+    """Whether ``call()`` run on a thread of its own returns within ``timeout`` seconds
+    (False: it waits for a lock left taken, say)."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()

@@ -46,8 +46,10 @@ from torch.overrides import TorchFunctionMode
 from helpers import (
     TinyModel,
     checkpoint_files,
+    ctrl_c_right_after_entering,
     loader,
     make_trainer,
+    returns_on_another_thread,
     sha256_file,
     staged_files,
     wait_until,
@@ -2835,24 +2837,5 @@ def test_ctrl_c_right_as_a_snapshot_takes_the_slots_lock_leaves_it_free(
     from lamin_lightning._local_write import Snapshotter
 
     snapshotter = Snapshotter(1)
-    real = threading.Condition.__enter__
-
-    def enter(self: threading.Condition) -> Any:
-        result = real(self)
-        if self is snapshotter._changed:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(threading.Condition, "__enter__", enter)
-    handler = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            snapshotter.acquire()
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        monkeypatch.undo()
-    looked = threading.Thread(target=snapshotter.free_slots, daemon=True)
-    looked.start()
-    looked.join(30)
-    assert not looked.is_alive(), "the slots' lock stayed taken"
+    ctrl_c_right_after_entering(monkeypatch, snapshotter._changed, snapshotter.acquire)
+    assert returns_on_another_thread(snapshotter.free_slots), "the slots' lock stayed taken"

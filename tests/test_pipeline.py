@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import wait_until
+from helpers import ctrl_c_right_after_entering, returns_on_another_thread, wait_until
 from lamin_lightning import PermanentError, RetryPolicy, TransientError
 from lamin_lightning._bridge import PersistencePipeline
 from lamin_lightning._pipeline import JobSpec
@@ -1069,29 +1069,6 @@ def test_ctrl_c_right_as_the_training_thread_takes_the_intake_lock_leaves_it_fre
     escalated errors), before the ``with`` block: the block never ran, so its exit never
     released the lock, and the intake thread and every later flush hung for good (a
     Ctrl+C sweep over save hooks and teardown). The lock is now taken as a plain lock."""
-    import contextlib
-    import os
-    import signal
-
     with running() as (pipe, _):
-        real = threading.Condition.__enter__
-
-        def enter(self: threading.Condition) -> Any:
-            result = real(self)
-            if self is pipe._intake_cond and threading.current_thread() is threading.main_thread():
-                os.kill(os.getpid(), signal.SIGINT)
-            return result
-
-        monkeypatch.setattr(threading.Condition, "__enter__", enter)
-        handler = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            with contextlib.suppress(KeyboardInterrupt):
-                pipe.take_escalated()
-        finally:
-            signal.signal(signal.SIGINT, handler)
-            monkeypatch.undo()
-        looked = threading.Thread(target=pipe.take_escalated, daemon=True)
-        looked.start()
-        looked.join(30)
-        assert not looked.is_alive(), "the intake's lock stayed taken"
+        ctrl_c_right_after_entering(monkeypatch, pipe._intake_cond, pipe.take_escalated)
+        assert returns_on_another_thread(pipe.take_escalated), "the intake's lock stayed taken"

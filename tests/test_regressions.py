@@ -15,7 +15,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
-from helpers import TinyModel, loader, make_trainer, sha256_file
+from helpers import (
+    TinyModel,
+    ctrl_c_right_after_entering,
+    loader,
+    make_trainer,
+    returns_on_another_thread,
+    sha256_file,
+)
 from lamin_lightning import (
     ArtifactFailedEvent,
     ArtifactSavedEvent,
@@ -1018,31 +1025,12 @@ def test_ctrl_c_right_as_a_replay_waits_for_a_name_leaves_the_names_lock_free(
     write before a replay (setup, a flush in the process): the ``with`` block never ran,
     so its exit never released the lock, and every later save, write and flush of the
     process hung on it. The lock is now taken as a plain lock."""
-    import contextlib
-    import os
-    import signal
-
     from lamin_lightning import _names
 
-    real = threading.Condition.__enter__
-
-    def enter(self: threading.Condition) -> Any:
-        result = real(self)
-        if self is _names._names_released and threading.current_thread() is threading.main_thread():
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(threading.Condition, "__enter__", enter)
-    handler = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            _names.wait_until_written(["some.ckpt"], 0)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        monkeypatch.undo()
-    took = threading.Thread(target=_names.take_name, args=("other.ckpt",), daemon=True)
-    took.start()
-    took.join(30)
-    assert not took.is_alive(), "the names' lock stayed taken"
+    ctrl_c_right_after_entering(
+        monkeypatch, _names._names_released, lambda: _names.wait_until_written(["some.ckpt"], 0)
+    )
+    assert returns_on_another_thread(lambda: _names.take_name("other.ckpt")), (
+        "the names' lock stayed taken"
+    )
     _names.release_name("other.ckpt")
