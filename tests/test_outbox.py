@@ -56,6 +56,20 @@ def _job(op: str, key: str) -> JobRecord:
     return JobRecord(op=op, kind="checkpoint", key=key, local_path=f"/ckpt/{key}")  # type: ignore[arg-type]
 
 
+def _open_with_a_marked_save(tmp_path: Path) -> tuple[Outbox, str]:
+    """An open outbox holding one save whose background write marks its file written."""
+    outbox = Outbox(tmp_path / "outbox-a.jsonl")
+    outbox.open()
+    record = JobRecord(
+        op="save",
+        kind="checkpoint",
+        key="k/a.ckpt",
+        local_path=str(tmp_path / "a.ckpt"),
+        marks_written=True,
+    )
+    return outbox, outbox.append(record)
+
+
 def _pending_keys(path: Path) -> list[str]:
     return [record.key for _, record in read_pending(path)]
 
@@ -1763,17 +1777,7 @@ def test_marks_a_full_disk_refused_reach_the_journal_with_its_next_line_or_its_c
     dropped the save as never written, or kept the removal's artifact. Now they are written
     before the journal's next line, or, if the disk refuses every line until then, by the
     compaction at close."""
-    outbox = Outbox(tmp_path / "outbox-a.jsonl")
-    outbox.open()
-    save = outbox.append(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key="k/a.ckpt",
-            local_path=str(tmp_path / "a.ckpt"),
-            marks_written=True,
-        )
-    )
+    outbox, save = _open_with_a_marked_save(tmp_path)
     removal = outbox.append(_job("remove", "k/b.ckpt"))
     real_write = Outbox._write
 
@@ -1849,17 +1853,7 @@ def test_a_mark_after_its_journal_was_closed_reaches_the_journal_file(
     next open here, as before; a journal deleted (nothing pending) is not made again."""
     import fcntl
 
-    outbox = Outbox(tmp_path / "outbox-a.jsonl")
-    outbox.open()
-    save = outbox.append(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key="k/a.ckpt",
-            local_path=str(tmp_path / "a.ckpt"),
-            marks_written=True,
-        )
-    )
+    outbox, save = _open_with_a_marked_save(tmp_path)
     removal = outbox.append(_job("remove", "k/b.ckpt"))
     outbox.close()
     if holder == "gone":
@@ -1893,17 +1887,7 @@ def test_a_mark_appended_after_close_deals_with_a_torn_last_line_as_open_does(
     holder killed mid-write left torn: a part of a line is cut off, not ended with a
     newline and left as a damaged line that every read warns about; a line whole but for
     its newline is ended, and kept."""
-    outbox = Outbox(tmp_path / "outbox-a.jsonl")
-    outbox.open()
-    save = outbox.append(
-        JobRecord(
-            op="save",
-            kind="checkpoint",
-            key="k/a.ckpt",
-            local_path=str(tmp_path / "a.ckpt"),
-            marks_written=True,
-        )
-    )
+    outbox, save = _open_with_a_marked_save(tmp_path)
     outbox.close()
     from lamin_lightning._jobs import encode
 
