@@ -829,17 +829,13 @@ class Outbox:
                 # Under _held_lock: an opener here flocks under it too, so it either holds
                 # the journal already (the append is refused, and it adopts the mark) or
                 # opens it after the line is in.
+                appended = False
                 try:
-                    if _append_unheld(path, {"t": line["t"], "id": job_id, **line}):
-                        return
-                except OSError:
-                    _stray_marks.setdefault(path, {})[(job_id, str(line["t"]))] = (
-                        field,
-                        value,
-                        line,
-                    )
-                    raise
-                _stray_marks.setdefault(path, {})[(job_id, str(line["t"]))] = (field, value, line)
+                    appended = _append_unheld(path, {"t": line["t"], "id": job_id, **line})
+                finally:
+                    if not appended:  # held elsewhere, or the disk refused it (raised)
+                        marks = _stray_marks.setdefault(path, {})
+                        marks[(job_id, str(line["t"]))] = (field, value, line)
                 return
         holder._mark(job_id, field, value, line)
 
