@@ -22,7 +22,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,19 +187,9 @@ class Submitter:
             pipeline = self.ensure_pipeline()
             if self._holding:
                 pipeline.hold()
-            # A Ctrl+C meanwhile is raised once the job is known (see ctrl_c_after): raised
-            # after its line and before, it passed for a save never journaled.
-            with _sigterm.ctrl_c_after():
-                spec = self._journaled_job(
-                    record,
-                    store,
-                    trainer,
-                    prepare,
-                    known,
-                    outcome,
-                    journaled=journaled,
-                    write=write,
-                )
+            spec = self._journaled_job(
+                record, store, trainer, prepare, known, outcome, journaled=journaled, write=write
+            )
             if beyond_limit:
                 spec = dataclasses.replace(spec, beyond_limit=True)
             spec = self._after_other_callbacks(spec)
@@ -292,12 +282,12 @@ class Submitter:
         (``JobRecord.marks_folder``), is told where, before that write can run (or, for
         a CheckpointIO's write that already ended, with the job's own line).
 
-        A Ctrl+C between the job's line and that is held until both are done: raised
-        there, the write (Lightning's AsyncCheckpointIO's thread, which Python waits for
-        at exit) completed the folder unmarked, and a flush dropped it as cut short (crash
+        A Ctrl+C meanwhile is raised once the job is known (see ctrl_c_after): raised after
+        its line and before, it passed for a save never journaled, and a late write told
+        no job to mark completed its folder unmarked (Lightning's AsyncCheckpointIO's
+        thread, which Python waits for at exit), which a flush dropped as cut short (crash
         sweep seed 1365, ``--folder --signal INT``)."""
-        marks = record.marks_written or record.marks_folder
-        with _sigterm.ctrl_c_after() if marks and journaled is None else nullcontext():
+        with _sigterm.ctrl_c_after():
             mark_folder = getattr(write, "mark_folder_with", None)
             if record.marks_folder and journaled is None and mark_folder is not None:
                 identity = write.folder_written()  # type: ignore[union-attr]
